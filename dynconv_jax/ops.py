@@ -8,19 +8,48 @@ Every dynamic convolution in this package computes, for each sample ``b``::
 with ``a`` the kernel (expert) attention ``[B, K]``, ``s`` an optional spatial
 attention over kernel positions ``[B, *kernel_size]``, ``c`` an optional input
 channel attention ``[B, C_in]`` and ``f`` an optional output (filter) attention
-``[B, C_out]``. CondConv uses only ``a`` (sigmoid routing), DynamicConv ``a``
-(softmax attention) and the expert bias, ODConv all four attentions.
+``[B, C_out]``. CondConv (Yang et al., NeurIPS 2019) uses only ``a`` (sigmoid
+routing), DynamicConv (Chen et al., CVPR 2020) ``a`` (softmax attention) and the
+expert bias, ODConv (Li et al., ICLR 2022) all four attentions. ODConv's channel
+and filter attentions are applied to the activations (``c`` to the input, ``f``
+to the output), which is exact because they scale whole input/output channels of
+``W_b``; only ``a`` and ``s`` reach the kernel.
 
 :func:`dynamic_conv` is the one entry point the layers call. Its ``strategy``
 picks how the per-sample convolution is computed; every strategy is exact
-(equal to the naive per-sample loop up to floating-point rounding).
+(equal to the naive per-sample loop up to floating-point rounding):
 
-Layout: channels-last. ``x`` is ``[B, *spatial, C_in]``; expert kernels are
+``'vmap'``
+    The readable reference: ``jax.vmap`` of a single-sample conv, which XLA
+    lowers to one grouped convolution (``feature_group_count = B * groups``).
+    On XLA:CPU its kernel gradient (a ``batch_group_count`` convolution) is
+    catastrophically slow; with ``B == 1`` it is exactly a static conv.
+``'shifted'``
+    ``prod(kernel_size)`` strided slices of the padded input ("taps"), each
+    multiplied by that tap's per-sample kernel matrix in one batched matmul and
+    summed. The gradients are again batched matmuls (no grouped conv anywhere).
+``'patches'``
+    The same taps concatenated into an im2col tensor ``[B, S_out, T*C_in]``,
+    then a single per-sample batched matmul with ``[B, T*C_in, C_out]``.
+``'pointwise'``
+    The 1x1-kernel case (any stride / padding): one strided slice and one
+    batched matmul. Raises for larger kernels.
+``'mix'``
+    Expert-output mixing: one static conv with ``K * C_out`` outputs, then
+    ``y = sum_k a_k y_k`` (exact by linearity). Costs ``K`` static convs; raises
+    when a spatial attention is given (it does not factor out of the conv).
+
+``'auto'`` (the default) picks by backend and shape, see :func:`choose_strategy`;
+``benchmarks/`` holds the measurements behind the choice.
+
+Layout: channels-last. ``x`` is ``[B, *S, Cin]``; expert kernels are
 ``[K, *kernel_size, C_in // groups, C_out]`` (flax ``Conv`` layout with a
 leading expert axis).
 """
 from __future__ import annotations
 
+import itertools
+import math
 from typing import Optional, Sequence, Tuple, Union
 
 import jax
@@ -29,7 +58,7 @@ from jax import lax
 
 PaddingLike = Union[str, int, Sequence[int], Sequence[Tuple[int, int]]]
 
-STRATEGIES = ("vmap",)
+STRATEGIES = ("vmap", "shifted", "patches", "pointwise", "mix")
 
 
 def _tuple(value, rank: int, name: str) -> Tuple[int, ...]:
@@ -122,11 +151,181 @@ def per_sample_conv(x, kernels, *, strides, padding, dilation, groups, precision
     return jax.vmap(one)(x, kernels)
 
 
+# --------------------------------------------------------------------------- geometry
+
+
+def explicit_padding(padding, spatial_shape, kernel_size, strides, dilation) -> Tuple[Tuple[int, int], ...]:
+    """``(lo, hi)`` per spatial dimension, resolving 'SAME' / 'VALID' exactly as ``lax`` does."""
+    if isinstance(padding, str):
+        window = tuple((k - 1) * d + 1 for k, d in zip(kernel_size, dilation))
+        return tuple(tuple(p) for p in lax.padtype_to_pads(spatial_shape, window, strides, padding))
+    return tuple(padding)
+
+
+def output_shape(spatial_shape, kernel_size, strides, pads, dilation) -> Tuple[int, ...]:
+    """Output spatial shape of a convolution; raises when a dimension would be empty."""
+    out = []
+    for axis, (n, k, s, (lo, hi), d) in enumerate(zip(spatial_shape, kernel_size, strides, pads, dilation)):
+        span = n + lo + hi - (k - 1) * d
+        if span <= 0:
+            raise ValueError(
+                f"spatial dimension {axis}: input size {n} with padding ({lo}, {hi}) is smaller than the "
+                f"dilated kernel extent {(k - 1) * d + 1}: the convolution output would be empty")
+        out.append((span - 1) // s + 1)
+    return tuple(out)
+
+
+def _taps(x, kernel_size, strides, pads, dilation):
+    """The ``prod(kernel_size)`` strided input slices ("taps"), in row-major kernel order.
+
+    x: ``[B, *S, C]``. Tap ``t`` at kernel offset ``(i_1, ..., i_d)`` is the
+    ``[B, *S_out, C]`` slice ``x_pad[:, i*d : i*d + (S_out-1)*s + 1 : s, :]``, so that
+    ``conv(x, W) = sum_t tap_t @ W[t]``. Padding uses ``lax.pad`` (negative = crop).
+    """
+    out = output_shape(x.shape[1:-1], kernel_size, strides, pads, dilation)
+    xp = lax.pad(x, jnp.zeros((), x.dtype), ((0, 0, 0),) + tuple((lo, hi, 0) for lo, hi in pads) + ((0, 0, 0),))
+    taps = []
+    for offset in itertools.product(*(range(k) for k in kernel_size)):
+        start = tuple(i * d for i, d in zip(offset, dilation))
+        limit = tuple(st + (o - 1) * s + 1 for st, o, s in zip(start, out, strides))
+        taps.append(lax.slice(xp, (0,) + start + (0,), (x.shape[0],) + limit + (x.shape[-1],),
+                              (1,) + tuple(strides) + (1,)))
+    return taps, out
+
+
+# --------------------------------------------------------------------------- strategies
+# Each strategy maps (x [B, *S, Cin], experts [K, *k, Cin/g, Cout], a [B, K], s [B, *k] | None)
+# to conv outputs [B, *S_out, Cout]; channel/filter attention and bias are applied by dynamic_conv.
+
+
 def _vmap_strategy(x, experts, kernel_attention, spatial_attention, *, strides, padding, dilation, groups, precision):
-    kernels = aggregate_kernels(experts, kernel_attention.astype(experts.dtype),
-                                None if spatial_attention is None else spatial_attention.astype(experts.dtype))
+    kernels = aggregate_kernels(experts, kernel_attention, spatial_attention)
     return per_sample_conv(x, kernels, strides=strides, padding=padding, dilation=dilation, groups=groups,
                            precision=precision)
+
+
+def _grouped_kernels(experts, kernel_attention, spatial_attention, groups):
+    """Aggregated kernels as per-tap matrices ``[B, T, Cin/g, g, Cout/g]``."""
+    kernels = aggregate_kernels(experts, kernel_attention, spatial_attention)  # [B, *k, Ci, Cout]
+    b, ci, cout = kernels.shape[0], kernels.shape[-2], kernels.shape[-1]
+    return kernels.reshape(b, -1, ci, groups, cout // groups)
+
+
+def _tap_matmul(tap, w, precision):
+    """``tap [B, *S, g*Ci] x w [B, Ci, g, M] -> [B, *S, g, M]`` (per sample and group)."""
+    b, ci, g, m = w.shape
+    tap = tap.reshape(tap.shape[:-1] + (g, ci))
+    if ci == 1:  # depthwise: a broadcast multiply, no contraction
+        return tap * w[:, 0].reshape((b,) + (1,) * (tap.ndim - 3) + (g, m))
+    spatial = tap.shape[1:-2]
+    flat = tap.reshape(b, -1, g, ci)
+    y = jnp.einsum("bsgi,bigm->bsgm", flat, w, precision=precision)
+    return y.reshape((b,) + spatial + (g, m))
+
+
+def _shifted_strategy(x, experts, kernel_attention, spatial_attention, *, strides, padding, dilation, groups,
+                      precision):
+    kernel_size = experts.shape[1:-2]
+    pads = explicit_padding(padding, x.shape[1:-1], kernel_size, strides, dilation)
+    taps, _ = _taps(x, kernel_size, strides, pads, dilation)
+    w = _grouped_kernels(experts, kernel_attention, spatial_attention, groups)  # [B, T, Ci, g, M]
+    y = _tap_matmul(taps[0], w[:, 0], precision)
+    for t in range(1, len(taps)):
+        y = y + _tap_matmul(taps[t], w[:, t], precision)
+    return y.reshape(y.shape[:-2] + (-1,))
+
+
+def _pointwise_strategy(x, experts, kernel_attention, spatial_attention, *, strides, padding, dilation, groups,
+                        precision):
+    kernel_size = experts.shape[1:-2]
+    if any(k != 1 for k in kernel_size):
+        raise ValueError(f"strategy='pointwise' needs a 1x1 kernel, got kernel_size={tuple(kernel_size)}")
+    return _shifted_strategy(x, experts, kernel_attention, spatial_attention, strides=strides, padding=padding,
+                             dilation=dilation, groups=groups, precision=precision)
+
+
+def _patches_strategy(x, experts, kernel_attention, spatial_attention, *, strides, padding, dilation, groups,
+                      precision):
+    kernel_size = experts.shape[1:-2]
+    pads = explicit_padding(padding, x.shape[1:-1], kernel_size, strides, dilation)
+    taps, out = _taps(x, kernel_size, strides, pads, dilation)
+    w = _grouped_kernels(experts, kernel_attention, spatial_attention, groups)  # [B, T, Ci, g, M]
+    b, t, ci, g, m = w.shape
+    if ci == 1:  # depthwise: im2col has nothing to contract per group; the tap sum is the same arithmetic
+        return _shifted_strategy(x, experts, kernel_attention, spatial_attention, strides=strides, padding=padding,
+                                 dilation=dilation, groups=groups, precision=precision)
+    cols = jnp.stack(taps, axis=-2)  # [B, *S_out, T, g*Ci]
+    cols = cols.reshape(b, -1, t, g, ci)
+    y = jnp.einsum("bstgi,btigm->bsgm", cols, w, precision=precision)
+    return y.reshape((b,) + out + (g * m,))
+
+
+def _mix_strategy(x, experts, kernel_attention, spatial_attention, *, strides, padding, dilation, groups, precision):
+    if spatial_attention is not None:
+        raise ValueError("strategy='mix' (expert-output mixing) is exact only without a spatial attention: "
+                         "s_b multiplies kernel positions and does not factor out of the convolution; "
+                         "use 'shifted', 'patches' or 'vmap'")
+    k = experts.shape[0]
+    kernel_shape, ci, cout = experts.shape[1:-2], experts.shape[-2], experts.shape[-1]
+    m = cout // groups
+    # [K, *k, Ci, g, M] -> [*k, Ci, g, K, M]: each group's outputs stay contiguous, as feature_group_count needs.
+    stacked = experts.reshape((k,) + kernel_shape + (ci, groups, m))
+    stacked = jnp.moveaxis(stacked, 0, -2).reshape(kernel_shape + (ci, groups * k * m))
+    ys = static_conv(x, stacked, strides=strides, padding=padding, dilation=dilation, groups=groups,
+                     precision=precision)  # [B, *S_out, g*K*M]
+    ys = ys.reshape(ys.shape[:-1] + (groups, k, m))
+    y = jnp.einsum("b...gkm,bk->b...gm", ys, kernel_attention, precision=precision)
+    return y.reshape(y.shape[:-2] + (cout,))
+
+
+_IMPLS = {
+    "vmap": _vmap_strategy,
+    "shifted": _shifted_strategy,
+    "patches": _patches_strategy,
+    "pointwise": _pointwise_strategy,
+    "mix": _mix_strategy,
+}
+
+
+def applicable_strategies(kernel_size: Sequence[int], *, spatial_attention: bool) -> Tuple[str, ...]:
+    """The strategies that can compute this convolution (all of them are exact)."""
+    names = ["vmap", "shifted", "patches"]
+    if all(k == 1 for k in kernel_size):
+        names.append("pointwise")
+    if not spatial_attention:
+        names.append("mix")
+    return tuple(names)
+
+
+def choose_strategy(x_shape, experts_shape, *, strides, dilation, groups, spatial_attention: bool,
+                    backend: Optional[str] = None) -> str:
+    """What ``strategy='auto'`` runs, by backend and shape (see ``docs/performance.md``).
+
+    The rules come from ``python -m benchmarks strategies`` (forward+backward, the
+    training path). Batch 1 is a static conv (``'vmap'`` lowers to exactly that); a
+    1x1 kernel is one batched matmul; a depthwise conv is a sum of broadcast
+    multiplies over the taps; otherwise the per-sample batched matmuls of
+    ``'shifted'`` (large outputs) or ``'patches'`` (small outputs, where one larger
+    matmul beats many small ones).
+    """
+    backend = backend or jax.default_backend()
+    kernel_size = tuple(experts_shape[1:-2])
+    batch = x_shape[0]
+    ci = experts_shape[-2]
+    if batch == 1:
+        return "vmap"
+    if all(k == 1 for k in kernel_size):
+        return "pointwise"
+    if ci == 1:
+        return "shifted"
+    out_positions = math.prod(-(-n // s) for n, s in zip(x_shape[1:-1], strides))
+    del backend, dilation, groups, spatial_attention
+    return "patches" if out_positions <= _PATCHES_MAX_POSITIONS else "shifted"
+
+
+# Largest number of output positions for which 'patches' (one matmul over an im2col
+# tensor) beats 'shifted' (T matmuls) in forward+backward; from the strategy benchmark.
+_PATCHES_MAX_POSITIONS = 256
 
 
 def dynamic_conv(
@@ -158,19 +357,29 @@ def dynamic_conv(
       strides, dilation: tuples, one entry per spatial dimension.
       padding: 'SAME', 'VALID' or explicit pairs (see :func:`normalize_padding`).
       strategy: how the per-sample convolution is computed; one of
-        :data:`STRATEGIES` or 'auto'.
+        :data:`STRATEGIES` or 'auto' (see :func:`choose_strategy`).
 
     Returns ``[B, *S_out, Cout]``.
     """
+    rank = x.ndim - 2
+    if experts.ndim != rank + 3:
+        raise ValueError(f"experts shape {experts.shape} does not match x shape {x.shape}: expected "
+                         f"[K, *kernel_size ({rank} dims), Cin // groups, Cout]")
+    if x.shape[-1] != experts.shape[-2] * groups or experts.shape[-1] % groups:
+        raise ValueError(f"x has {x.shape[-1]} channels and experts {experts.shape}: with groups={groups} "
+                         f"expected Cin = groups * experts.shape[-2] and Cout divisible by groups")
     if strategy == "auto":
-        strategy = "vmap"
+        strategy = choose_strategy(x.shape, experts.shape, strides=strides, dilation=dilation, groups=groups,
+                                   spatial_attention=spatial_attention is not None)
     if strategy not in STRATEGIES:
         raise ValueError(f"strategy={strategy!r}: expected 'auto' or one of {STRATEGIES}")
-    batch_shape = (x.shape[0],) + (1,) * (x.ndim - 2)
+    batch_shape = (x.shape[0],) + (1,) * rank
     if channel_attention is not None:
         x = x * channel_attention.reshape(batch_shape + (-1,)).astype(x.dtype)
-    y = _vmap_strategy(x, experts, kernel_attention, spatial_attention, strides=strides, padding=padding,
-                       dilation=dilation, groups=groups, precision=precision)
+    attention = kernel_attention.astype(experts.dtype)
+    spatial = None if spatial_attention is None else spatial_attention.astype(experts.dtype)
+    y = _IMPLS[strategy](x, experts, attention, spatial, strides=tuple(strides), padding=padding,
+                         dilation=tuple(dilation), groups=groups, precision=precision)
     if filter_attention is not None:
         y = y * filter_attention.reshape(batch_shape + (-1,)).astype(y.dtype)
     if expert_bias is not None:
