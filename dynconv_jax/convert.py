@@ -1,0 +1,598 @@
+"""PyTorch <-> Flax checkpoint conversion for dynamic convolutions (CondConv, Yang et al.
+NeurIPS 2019; DynamicConv, Chen et al. CVPR 2020; ODConv, Li et al. ICLR 2022) and the
+models built from them.
+
+The converter is generic: it knows no layer. It pairs PyTorch state_dict keys with the
+leaves of a Flax *template* (the variables of the target model, or their
+``jax.eval_shape``) by the naming rules of DESIGN.md, and picks for every pair the one
+layout change that maps the PyTorch shape onto the template shape:
+
+==========================  =============================  ======================
+kind                        PyTorch                        Flax
+==========================  =============================  ======================
+Linear                      ``[O, I]``                     ``[I, O]``
+1x1 conv used as Dense      ``[O, I, 1, ..., 1]``          ``[I, O]``
+conv (1-D, 2-D, 3-D)        ``[O, I, *k]``                 ``[*k, I, O]``
+expert stack                ``[K, O, I, *k]``              ``[K, *k, I, O]``
+timm flattened experts      ``[K, O*I*prod(k)]``           ``[K, *k, I, O]``
+anything else               same shape                     same shape
+==========================  =============================  ======================
+
+Names: ``a.b.3.c.weight`` <-> ``a / b_3 / c / kernel`` (a numeric segment joins the
+previous one with ``_``); ``weight`` <-> ``kernel`` (or ``scale`` where the template has a
+``scale``, i.e. BatchNorm); ``running_mean`` / ``running_var`` <-> ``batch_stats`` ``mean``
+/ ``var``; ``num_batches_tracked`` is ignored when reading and written as ``0`` (or copied
+from ``like``) when writing.
+
+Dtypes: every output leaf takes the dtype of its target (the template leaf, or the ``like``
+tensor). Floating point converts to floating point (``float64 -> float32`` rounds to
+nearest), integer to integer; a float where an integer is expected, or an integer/bool
+where a float is expected, is a wrong-dtype error.
+
+Any mismatch raises :class:`ConversionError` that lists every missing, unexpected,
+mis-shaped and wrong-dtype entry at once.
+"""
+from __future__ import annotations
+
+import math
+import os
+import re
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Tuple
+
+import numpy as np
+
+__all__ = ["ConversionError", "torch_to_flax", "flax_to_torch", "save_safetensors", "load_state_dict"]
+
+#: Keys under which training scripts commonly nest the model's state_dict, tried in order.
+WRAPPER_KEYS = ("state_dict", "model_state_dict", "model", "module", "net")
+#: Prefixes that wrappers add to every key: DataParallel / DDP, torch.compile.
+KEY_PREFIXES = ("module.", "_orig_mod.")
+#: Flax leaf names a PyTorch ``weight`` may map to, tried in order.
+WEIGHT_NAMES = ("kernel", "scale", "embedding", "weight")
+#: PyTorch buffers that live in Flax's ``batch_stats`` collection.
+BATCH_STATS_NAMES = {"running_mean": "mean", "running_var": "var"}
+IGNORED_LEAVES = ("num_batches_tracked",)
+
+Path = Tuple[str, ...]  # ('params', 'layer1_0', 'conv1', 'kernel')
+
+
+class ConversionError(ValueError):
+    """A checkpoint does not fit its target. ``problems`` holds one line per problem."""
+
+    def __init__(self, message: str, problems: Iterable[str] = ()):
+        self.problems = list(problems)
+        lines = [message] + [f"  - {p}" for p in self.problems]
+        super().__init__("\n".join(lines))
+
+
+# ----------------------------------------------------------------------------- names
+
+
+def torch_module_to_flax(module_key: str) -> Tuple[str, ...]:
+    """``'layer1.0.conv1'`` -> ``('layer1_0', 'conv1')``; ``'conv.0.0'`` -> ``('conv_0_0',)``."""
+    out: List[str] = []
+    for seg in module_key.split(".") if module_key else []:
+        if seg.isdigit() and out:
+            out[-1] = f"{out[-1]}_{seg}"
+        else:
+            out.append(seg)
+    return tuple(out)
+
+
+_NUMERIC_SUFFIX = re.compile(r"^(.*?[^_\d].*?)((?:_\d+)+)$")
+
+
+def flax_module_to_torch(path: Tuple[str, ...]) -> str:
+    """Inverse of :func:`torch_module_to_flax`: ``('layer1_0', 'conv1')`` -> ``'layer1.0.conv1'``.
+
+    A trailing ``_<digits>`` group is read as a list index. A PyTorch attribute that itself
+    ends in ``_<digits>`` cannot be told apart: pass ``like=`` to :func:`flax_to_torch`.
+    """
+    segs = []
+    for name in path:
+        m = _NUMERIC_SUFFIX.match(name)
+        if m:
+            segs.append(m.group(1))
+            segs.extend(m.group(2)[1:].split("_"))
+        else:
+            segs.append(name)
+    return ".".join(segs)
+
+
+def _torch_key_for(path: Path) -> str:
+    """The PyTorch key of a Flax leaf ``(collection, *module, leaf)`` by the naming rules."""
+    module, leaf = flax_module_to_torch(path[1:-1]), path[-1]
+    if path[0] == "batch_stats":
+        leaf = {v: k for k, v in BATCH_STATS_NAMES.items()}.get(leaf, leaf)
+    elif leaf in WEIGHT_NAMES:
+        leaf = "weight"
+    return f"{module}.{leaf}" if module else leaf
+
+
+def _split_key(key: str) -> Tuple[str, str]:
+    module, _, leaf = key.rpartition(".")
+    return module, leaf
+
+
+# ----------------------------------------------------------------------------- layouts
+
+
+@dataclass(frozen=True)
+class Layout:
+    """One PyTorch <-> Flax array layout. ``matches(t_shape, f_shape)`` says whether it maps
+    one shape onto the other; ``to_flax`` / ``to_torch`` move the data."""
+
+    name: str
+    matches: Callable[[tuple, tuple], bool]
+    to_flax: Callable[[np.ndarray, tuple], np.ndarray]
+    to_torch: Callable[[np.ndarray, tuple], np.ndarray]
+    expert: bool = False
+    spatial_rank: int = 0  # of the kernel, for breaking ties (see _choose_layout)
+
+
+def _conv_perm(ndim: int, lead: int) -> Tuple[int, ...]:
+    """Axis order taking ``[*lead, O, I, *k]`` to ``[*lead, *k, I, O]`` (``lead`` = 0 or 1)."""
+    lead_axes = tuple(range(lead))
+    return lead_axes + tuple(range(lead + 2, ndim)) + (lead + 1, lead)
+
+
+def _inverse_perm(perm: Tuple[int, ...]) -> Tuple[int, ...]:
+    return tuple(int(i) for i in np.argsort(perm))
+
+
+def _permuted(shape: tuple, perm: Tuple[int, ...]) -> tuple:
+    return tuple(shape[i] for i in perm)
+
+
+def _perm_layout(name: str, ndim: int, lead: int, rank: int) -> Layout:
+    perm = _conv_perm(ndim, lead)
+    inv = _inverse_perm(perm)
+    return Layout(
+        name=name,
+        matches=lambda t, f: len(t) == ndim and len(f) == ndim and _permuted(t, perm) == tuple(f),
+        to_flax=lambda a, f: np.transpose(a, perm),
+        to_torch=lambda a, t: np.transpose(a, inv),
+        expert=lead == 1,
+        spatial_rank=rank,
+    )
+
+
+def _flat_experts_layout(rank: int) -> Layout:
+    ndim = rank + 3  # flax [K, *k, I, O]
+    perm = _conv_perm(ndim, 1)  # [K, O, I, *k] -> [K, *k, I, O]
+    inv = _inverse_perm(perm)
+
+    def matches(t, f):
+        return len(t) == 2 and len(f) == ndim and t[0] == f[0] and t[1] == math.prod(f[1:])
+
+    def to_flax(a, f):
+        oihw = _permuted(tuple(f), inv)  # [K, O, I, *k]
+        return np.transpose(a.reshape(oihw), perm)
+
+    def to_torch(a, t):
+        return np.transpose(a, inv).reshape(t)
+
+    return Layout(f"timm flattened experts {rank}-D", matches, to_flax, to_torch, expert=True, spatial_rank=rank)
+
+
+def _dense_layout() -> Layout:
+    return Layout(
+        "linear",
+        matches=lambda t, f: len(t) == 2 and len(f) == 2 and tuple(t[::-1]) == tuple(f),
+        to_flax=lambda a, f: a.T,
+        to_torch=lambda a, t: a.T,
+    )
+
+
+def _conv1x1_dense_layout() -> Layout:
+    def matches(t, f):
+        return len(t) >= 3 and len(f) == 2 and all(s == 1 for s in t[2:]) and (t[1], t[0]) == tuple(f)
+
+    return Layout(
+        "1x1 conv as dense",
+        matches=matches,
+        to_flax=lambda a, f: a.reshape(a.shape[:2]).T,
+        to_torch=lambda a, t: a.T.reshape(t),
+    )
+
+
+IDENTITY = Layout("identity", lambda t, f: tuple(t) == tuple(f), lambda a, f: a, lambda a, t: a)
+
+#: Layouts for ``weight`` <-> ``kernel`` leaves.
+KERNEL_LAYOUTS: Tuple[Layout, ...] = (
+    _dense_layout(),
+    _conv1x1_dense_layout(),
+    *(_perm_layout(f"conv {r}-D", r + 2, 0, r) for r in (1, 2, 3)),
+    *(_perm_layout(f"experts {r}-D", r + 3, 1, r) for r in (1, 2, 3)),
+    *(_flat_experts_layout(r) for r in (1, 2, 3)),
+)
+
+
+def _expert_evidence(module: Tuple[str, ...], siblings: Mapping[Path, Any]) -> bool:
+    """Whether the Flax module at ``module`` holds an expert stack: it has a routing /
+    attention sub-module (CondConv, DynamicConv, ODConv) or a ``[K, O]`` expert bias."""
+    for child in ("routing_fn", "attention"):
+        if any(p[1:len(module) + 2] == module + (child,) for p in siblings):
+            return True
+    bias = siblings.get(("params",) + module + ("bias",))
+    return bias is not None and len(bias.shape) == 2
+
+
+def _choose_layout(candidates: List[Layout], expert_hint: bool) -> Layout:
+    """Break a tie between layouts that fit the same shapes (a 2-D conv ``[O,I,h,w]`` and a
+    1-D expert stack ``[K,O,I,k]`` when K == O == I; a 3-D conv and a 2-D expert stack):
+    experts if the module has expert evidence, else the 2-D spatial interpretation."""
+    if len(candidates) == 1:
+        return candidates[0]
+    pick = [c for c in candidates if c.expert == expert_hint]
+    if len(pick) == 1:
+        return pick[0]
+    return min(candidates, key=lambda c: abs(c.spatial_rank - 2))
+
+
+def _default_torch_shape(f_shape: tuple, is_kernel: bool, expert_hint: bool) -> Tuple[tuple, Layout]:
+    """PyTorch shape and layout for a Flax leaf when no ``like`` is given."""
+    if not is_kernel:
+        return tuple(f_shape), IDENTITY
+    n = len(f_shape)
+    if n == 2:
+        return tuple(f_shape[::-1]), KERNEL_LAYOUTS[0]
+    candidates = []
+    for layout in KERNEL_LAYOUTS:
+        if layout.name.startswith(("conv ", "experts ")) and layout.spatial_rank + (3 if layout.expert else 2) == n:
+            candidates.append(layout)
+    if not candidates:
+        return tuple(f_shape), IDENTITY
+    layout = _choose_layout(candidates, expert_hint)
+    lead = 1 if layout.expert else 0
+    inv = _inverse_perm(_conv_perm(n, lead))
+    return _permuted(tuple(f_shape), inv), layout
+
+
+# ----------------------------------------------------------------------------- reading
+
+
+def _to_numpy(value, key: str) -> np.ndarray:
+    """A torch tensor / numpy / jax array as a numpy array, bit for bit (bfloat16 included)."""
+    if hasattr(value, "detach") and hasattr(value, "numpy"):  # torch.Tensor
+        t = value.detach().cpu()
+        if str(t.dtype) == "torch.bfloat16":
+            import ml_dtypes
+            import torch
+
+            return t.view(torch.int16).numpy().view(ml_dtypes.bfloat16)
+        return t.numpy()
+    if isinstance(value, (np.ndarray, np.generic)) or hasattr(value, "__array__"):
+        return np.asarray(value)
+    raise ConversionError(f"checkpoint entry {key!r} is a {type(value).__name__}, not an array")
+
+
+def _is_array(value) -> bool:
+    return hasattr(value, "shape") and hasattr(value, "dtype")
+
+
+def _load_file(path: str) -> Any:
+    if not os.path.exists(path):
+        raise ConversionError(f"checkpoint file {path!r} does not exist")
+    if path.endswith(".safetensors"):
+        from safetensors.numpy import load_file
+
+        try:
+            return load_file(path)
+        except Exception as e:  # safetensors raises its own error types for truncated/corrupt files
+            raise ConversionError(f"cannot read safetensors file {path!r}: {type(e).__name__}: {e}") from e
+    import pickle
+
+    import torch
+
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise ConversionError(
+            f"refused to load {path!r}: it contains objects other than tensors and plain containers "
+            f"(torch.load(weights_only=True) rejected it; it was not executed). If you trust the file, "
+            f"load it yourself and pass its state_dict. Detail: {str(e).splitlines()[0]}"
+        ) from e
+    except Exception as e:
+        raise ConversionError(f"cannot read checkpoint {path!r}: {type(e).__name__}: {e}") from e
+
+
+def load_state_dict(source) -> Dict[str, np.ndarray]:
+    """Read a checkpoint into a flat ``{key: numpy array}``.
+
+    ``source``: a state_dict (torch tensors / numpy / jax arrays), a ``torch.nn.Module``, or a
+    path to a ``.pt`` / ``.pth`` / ``.bin`` file (read with ``torch.load(weights_only=True)``:
+    a pickle holding anything but tensors and plain containers is refused, never executed) or
+    a ``.safetensors`` file (read without torch). Wrappers ``{'state_dict': ...}``,
+    ``{'model_state_dict': ...}``, ``{'model': ...}`` are unwrapped and a ``module.`` (DataParallel)
+    or ``_orig_mod.`` (torch.compile) prefix on every key is stripped.
+    """
+    obj = source
+    if isinstance(obj, (str, os.PathLike)):
+        obj = _load_file(os.fspath(obj))
+    elif hasattr(obj, "state_dict") and callable(obj.state_dict) and not isinstance(obj, Mapping):
+        obj = obj.state_dict()
+    if not isinstance(obj, Mapping):
+        raise ConversionError(f"checkpoint is a {type(obj).__name__}, expected a mapping of tensors")
+    seen = []
+    while not any(_is_array(v) for v in obj.values()):
+        wrapped = next((k for k in WRAPPER_KEYS if isinstance(obj.get(k), Mapping)), None)
+        if wrapped is None:
+            raise ConversionError(
+                "checkpoint holds no tensors at the top level and none of the wrapper keys "
+                f"{WRAPPER_KEYS} (path {'/'.join(seen) or '<root>'}); its keys are: {sorted(map(str, obj))[:20]}"
+            )
+        seen.append(wrapped)
+        obj = obj[wrapped]
+    non_arrays = [k for k, v in obj.items() if not _is_array(v)]
+    if non_arrays:
+        raise ConversionError("state_dict entries that are not tensors", [f"{k!r}: {type(obj[k]).__name__}" for k in non_arrays])
+    state = {str(k): v for k, v in obj.items()}
+    for prefix in KEY_PREFIXES:
+        if state and all(k.startswith(prefix) for k in state):
+            state = {k[len(prefix):]: v for k, v in state.items()}
+    return {k: _to_numpy(v, k) for k, v in state.items()}
+
+
+# ----------------------------------------------------------------------------- pairing
+
+
+def _flatten(tree: Mapping, prefix: Path = ()) -> Dict[Path, Any]:
+    out: Dict[Path, Any] = {}
+    for k, v in tree.items():
+        if isinstance(v, Mapping):
+            out.update(_flatten(v, prefix + (str(k),)))
+        else:
+            out[prefix + (str(k),)] = v
+    return out
+
+
+def _unflatten(flat: Mapping[Path, Any]) -> Dict[str, Any]:
+    out: Dict[str, Any] = {}
+    for path, v in flat.items():
+        node = out
+        for k in path[:-1]:
+            node = node.setdefault(k, {})
+        node[path[-1]] = v
+    return out
+
+
+def _flax_leaves(variables) -> Dict[Path, Any]:
+    """``{('params', ..., leaf): leaf}`` for the ``params`` and ``batch_stats`` collections."""
+    try:
+        from flax.core import meta, unfreeze
+
+        variables = meta.unbox(unfreeze(variables))
+    except ImportError:  # pragma: no cover - flax is a hard dependency of dynconv_jax
+        pass
+    if not isinstance(variables, Mapping) or "params" not in variables:
+        keys = list(variables) if isinstance(variables, Mapping) else type(variables).__name__
+        raise ConversionError(f"the Flax variables/template must be a dict with a 'params' collection, got {keys}")
+    flat = {}
+    for col in ("params", "batch_stats"):
+        if col in variables:
+            flat.update(_flatten(variables[col], (col,)))
+    return flat
+
+
+def _flax_path_for(key: str, flax: Mapping[Path, Any]) -> Path:
+    """The Flax path a PyTorch key maps to (``weight`` picks whichever of kernel/scale/... the
+    Flax side has; a name found only in ``batch_stats`` goes there)."""
+    module, leaf = _split_key(key)
+    mod = torch_module_to_flax(module)
+    if leaf in BATCH_STATS_NAMES:
+        return ("batch_stats",) + mod + (BATCH_STATS_NAMES[leaf],)
+    if leaf == "weight":
+        for name in WEIGHT_NAMES:
+            if ("params",) + mod + (name,) in flax:
+                return ("params",) + mod + (name,)
+        return ("params",) + mod + ("kernel",)
+    if ("params",) + mod + (leaf,) not in flax and ("batch_stats",) + mod + (leaf,) in flax:
+        return ("batch_stats",) + mod + (leaf,)
+    return ("params",) + mod + (leaf,)
+
+
+def _fmt_path(path: Path) -> str:
+    return f"{path[0]}:{'/'.join(path[1:])}"
+
+
+@dataclass
+class _Pair:
+    key: str
+    path: Path
+    layout: Layout
+
+
+def _check_dtype(src: np.dtype, dst: np.dtype) -> bool:
+    """Whether a value of dtype ``src`` may be cast to ``dst`` (see the module docstring)."""
+    src, dst = np.dtype(src), np.dtype(dst)
+
+    def kind(d):
+        if np.issubdtype(d, np.floating) or d.name == "bfloat16":
+            return "f"
+        if np.issubdtype(d, np.complexfloating):
+            return "c"
+        if np.issubdtype(d, np.integer):
+            return "i"
+        return d.kind
+
+    return kind(src) == kind(dst)
+
+
+def _pair(
+    torch_specs: Mapping[str, Tuple[tuple, np.dtype]],
+    flax_specs: Mapping[Path, Any],
+    direction: str,
+) -> List[_Pair]:
+    """Pair every PyTorch key with a Flax leaf and a layout, or raise ConversionError with all
+    problems. ``torch_specs``: key -> (shape, dtype); ``flax_specs``: path -> leaf with
+    ``.shape``/``.dtype``. ``direction`` ('torch->flax' / 'flax->torch') words the dtype check."""
+    problems: List[str] = []
+    pairs: List[_Pair] = []
+    claimed: Dict[Path, str] = {}
+    for key, (t_shape, t_dtype) in torch_specs.items():
+        if _split_key(key)[1] in IGNORED_LEAVES:
+            continue
+        path = _flax_path_for(key, flax_specs)
+        if path not in flax_specs:
+            problems.append(f"unexpected: torch {key!r} {list(t_shape)} -> flax {_fmt_path(path)} is not in the Flax model")
+            continue
+        if path in claimed:
+            problems.append(f"unexpected: torch {key!r} and {claimed[path]!r} both map to flax {_fmt_path(path)}")
+            continue
+        claimed[path] = key
+        leaf = flax_specs[path]
+        f_shape = tuple(leaf.shape)
+        is_kernel = path[-1] == "kernel" and _split_key(key)[1] == "weight"
+        layouts = KERNEL_LAYOUTS if is_kernel else (IDENTITY,)
+        fits = [lay for lay in layouts if lay.matches(tuple(t_shape), f_shape)]
+        if not fits:
+            if is_kernel:
+                expected = _default_torch_shape(f_shape, True, _expert_evidence(path[1:-1], flax_specs))[0]
+                hint = f" (for this Flax shape torch would be e.g. {list(expected)})"
+            else:
+                hint = ""
+            problems.append(
+                f"wrong shape: torch {key!r} {list(t_shape)} vs flax {_fmt_path(path)} {list(f_shape)}{hint}"
+            )
+            continue
+        src, dst = (t_dtype, leaf.dtype) if direction == "torch->flax" else (leaf.dtype, t_dtype)
+        if dst is not None and not _check_dtype(src, dst):
+            problems.append(
+                f"wrong dtype: torch {key!r} vs flax {_fmt_path(path)}: {np.dtype(src).name} cannot become "
+                f"{np.dtype(dst).name} ({direction})"
+            )
+            continue
+        layout = _choose_layout(fits, _expert_evidence(path[1:-1], flax_specs))
+        pairs.append(_Pair(key, path, layout))
+    for path, leaf in flax_specs.items():
+        if path not in claimed:
+            problems.append(f"missing: flax {_fmt_path(path)} {list(leaf.shape)} has no torch entry (expected {_torch_key_for(path)!r})")
+    if problems:
+        n = {w: sum(p.startswith(w) for p in problems) for w in ("missing", "unexpected", "wrong shape", "wrong dtype")}
+        summary = ", ".join(f"{v} {k}" for k, v in n.items() if v)
+        raise ConversionError(f"checkpoint does not match the model ({direction}): {summary}", problems)
+    return pairs
+
+
+# ----------------------------------------------------------------------------- public API
+
+
+def torch_to_flax(source, template) -> Dict[str, Dict[str, Any]]:
+    """Convert a PyTorch checkpoint to Flax variables shaped like ``template``.
+
+    Args:
+      source: a state_dict (torch tensors or numpy arrays), a ``torch.nn.Module``, or a path
+        to a ``.pt``/``.pth``/``.safetensors`` file (see :func:`load_state_dict`).
+      template: the Flax variables of the target model (``model.init(...)``) or their
+        ``jax.eval_shape`` (``ShapeDtypeStruct`` leaves). Its ``params`` and ``batch_stats``
+        collections are filled; other collections are ignored.
+
+    Returns ``{'params': ..., 'batch_stats': ...}`` (nested dicts of numpy arrays, each with
+    its template leaf's dtype; ``batch_stats`` is ``{}`` when the template has none).
+
+    Raises :class:`ConversionError` naming every missing, unexpected, mis-shaped and
+    wrong-dtype entry.
+    """
+    state = load_state_dict(source)
+    flax_specs = _flax_leaves(template)
+    pairs = _pair({k: (v.shape, v.dtype) for k, v in state.items()}, flax_specs, "torch->flax")
+    out: Dict[Path, np.ndarray] = {}
+    for p in pairs:
+        target = flax_specs[p.path]
+        value = p.layout.to_flax(state[p.key], tuple(target.shape))
+        out[p.path] = np.ascontiguousarray(value, dtype=np.dtype(target.dtype))
+    tree = _unflatten(out)
+    return {"params": tree.get("params", {}), "batch_stats": tree.get("batch_stats", {})}
+
+
+def _like_specs(like) -> Tuple[Dict[str, Tuple[tuple, Optional[np.dtype]]], Dict[str, Any]]:
+    """``like`` (state_dict, module, or ``{key: shape}``) -> key -> (shape, dtype or None), and
+    the ``num_batches_tracked`` values it holds."""
+    if hasattr(like, "state_dict") and callable(like.state_dict) and not isinstance(like, Mapping):
+        like = like.state_dict()
+    like = {str(k): v for k, v in like.items()}
+    for prefix in KEY_PREFIXES:
+        if like and all(k.startswith(prefix) for k in like):
+            like = {k[len(prefix):]: v for k, v in like.items()}
+    specs, counters = {}, {}
+    for k, v in like.items():
+        if _is_array(v):
+            arr = _to_numpy(v, k)
+            specs[k] = (tuple(arr.shape), arr.dtype)
+            if _split_key(k)[1] in IGNORED_LEAVES:
+                counters[k] = arr
+        else:
+            specs[k] = (tuple(int(s) for s in v), None)
+    return specs, counters
+
+
+def _flax_to_numpy(variables, like=None) -> Dict[str, np.ndarray]:
+    flat = _flax_leaves(variables)
+    arrays = {p: np.asarray(v) for p, v in flat.items()}
+    if like is None:
+        specs: Dict[str, Tuple[tuple, Optional[np.dtype]]] = {}
+        layouts: Dict[str, Layout] = {}
+        for path, a in arrays.items():
+            key = _torch_key_for(path)
+            shape, layout = _default_torch_shape(a.shape, path[-1] == "kernel", _expert_evidence(path[1:-1], arrays))
+            specs[key] = (shape, None)
+            layouts[key] = layout
+        # BatchNorm modules get a num_batches_tracked counter of 0, as a fresh nn.BatchNorm has.
+        counters = {}
+        for path in arrays:
+            if path[0] == "batch_stats" and path[-1] == "mean":
+                tmod = flax_module_to_torch(path[1:-1])
+                counters[f"{tmod}.num_batches_tracked" if tmod else "num_batches_tracked"] = np.array(0, np.int64)
+    else:
+        specs, counters = _like_specs(like)
+    pairs = _pair(specs, arrays, "flax->torch")
+    out: Dict[str, np.ndarray] = {}
+    for p in pairs:
+        shape, dtype = specs[p.key]
+        value = p.layout.to_torch(arrays[p.path], shape)
+        out[p.key] = np.ascontiguousarray(value, dtype=dtype if dtype is not None else value.dtype)
+    for k in specs:  # keep the order of `like` (or of the Flax tree)
+        if _split_key(k)[1] in IGNORED_LEAVES:
+            out[k] = np.asarray(counters.get(k, np.array(0, np.int64)))
+    for k, v in counters.items():
+        out.setdefault(k, v)
+    order = list(specs) + [k for k in out if k not in specs]
+    return {k: out[k] for k in order if k in out}
+
+
+def flax_to_torch(variables, like=None) -> Dict[str, Any]:
+    """Convert Flax variables (``{'params': ..., 'batch_stats': ...}``) to a PyTorch state_dict.
+
+    Without ``like``: keys follow the naming rules, kernels get the PyTorch layout of their
+    rank (``Dense [I,O]`` -> Linear ``[O,I]``, conv ``[*k,I,O]`` -> ``[O,I,*k]``, expert stacks
+    ``[K,*k,I,O]`` -> ``[K,O,I,*k]``, which ``dynconv_torch.CondConv2d`` also loads), and each
+    BatchNorm gets ``num_batches_tracked = 0``.
+    With ``like`` (a torch state_dict, a module, or ``{key: shape}``): keys, shapes (e.g. a
+    1x1 conv ``[O,I,1,1]`` for a Flax Dense, timm's flattened ``[K, O*I*kh*kw]``) and dtypes
+    follow it, and ``num_batches_tracked`` is copied from it (0 where it only gives shapes).
+
+    Returns torch tensors when torch is importable, else numpy arrays.
+    """
+    arrays = _flax_to_numpy(variables, like)
+    try:
+        import torch
+    except ImportError:
+        return arrays
+    out = {}
+    for k, a in arrays.items():
+        if a.dtype.name == "bfloat16":
+            out[k] = torch.from_numpy(a.view(np.int16).copy()).view(torch.bfloat16)
+        else:
+            out[k] = torch.from_numpy(np.array(a))  # own copy: writable, contiguous
+    return out
+
+
+def save_safetensors(variables, path, like=None, metadata: Optional[Mapping[str, str]] = None) -> None:
+    """Write :func:`flax_to_torch` ``(variables, like)`` to a ``.safetensors`` file (no torch
+    needed); ``safetensors.torch.load_file(path)`` then gives the PyTorch state_dict."""
+    from safetensors.numpy import save_file
+
+    arrays = _flax_to_numpy(variables, like)
+    save_file(arrays, os.fspath(path), metadata={"format": "pt", **dict(metadata or {})})
