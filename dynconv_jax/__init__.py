@@ -1,0 +1,20 @@
+"""dynconv_jax: CondConv, DynamicConv and ODConv as Flax modules, channels-last, 1-D/2-D/3-D.
+
+``dynconv_jax.models`` and ``dynconv_jax.convert`` are submodules imported on demand.
+"""
+from dynconv_jax.condconv import CondConv
+from dynconv_jax.dynamic_conv import DynamicConv
+from dynconv_jax.norm import BatchNorm
+from dynconv_jax.odconv import ODConv
+from dynconv_jax.ops import aggregate_kernels, dynamic_conv, per_sample_conv, static_conv
+
+__all__ = [
+    "BatchNorm",
+    "CondConv",
+    "DynamicConv",
+    "ODConv",
+    "aggregate_kernels",
+    "dynamic_conv",
+    "per_sample_conv",
+    "static_conv",
+]

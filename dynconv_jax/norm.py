@@ -1,0 +1,104 @@
+"""Batch normalization with PyTorch semantics (``torch.nn.BatchNorm{1,2,3}d``).
+
+Differences from ``flax.linen.BatchNorm`` that matter for exact parity with PyTorch:
+
+* running statistics update as ``running = (1 - momentum) * running + momentum * batch``
+  with PyTorch's ``momentum = 0.1`` (flax's ``momentum=0.99`` is the *decay*; here the
+  field has PyTorch's meaning);
+* ``running_var`` is updated with the **unbiased** batch variance ``var * n / (n - 1)``,
+  while the batch itself is normalised with the biased one;
+* ``epsilon = 1e-5``;
+* in training, a channel normalised over a single value raises a ``ValueError`` (PyTorch
+  raises "Expected more than 1 value per channel when training"; flax would silently
+  return the bias);
+* running statistics are stored in ``param_dtype`` (flax always uses float32), so
+  float64 parity holds for them too.
+
+Leaf names are flax's: params ``scale``, ``bias``; batch_stats ``mean``, ``var``.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Optional
+
+import jax.numpy as jnp
+from flax import linen as nn
+from jax import lax
+
+from dynconv_jax.routing import attention_dtype, layer_name
+
+
+class BatchNorm(nn.Module):
+    """PyTorch-semantics BatchNorm over all axes but ``axis`` (channels-last by default).
+
+    Use as flax's: ``BatchNorm(use_running_average=not train)(x)`` or
+    ``BatchNorm()(x, use_running_average=not train)``; training needs
+    ``mutable=['batch_stats']``.
+
+    Attributes:
+      use_running_average: normalise with the running statistics (eval) instead of the
+        batch statistics (train). May instead be passed to ``__call__``.
+      axis: the feature (channel) axis.
+      momentum: PyTorch's momentum: weight of the new batch statistic in the running average.
+      epsilon: added to the variance.
+      dtype: output dtype (default: promoted from input and params). Statistics are
+        computed in at least float32 (float64 inputs stay float64).
+      param_dtype: dtype of ``scale``/``bias`` and of the running statistics.
+    """
+
+    use_running_average: Optional[bool] = None
+    axis: int = -1
+    momentum: float = 0.1
+    epsilon: float = 1e-5
+    dtype: Optional[Any] = None
+    param_dtype: Any = jnp.float32
+    use_bias: bool = True
+    use_scale: bool = True
+    bias_init: Any = nn.initializers.zeros
+    scale_init: Any = nn.initializers.ones
+
+    @nn.compact
+    def __call__(self, x, use_running_average: Optional[bool] = None):
+        use_running_average = nn.merge_param("use_running_average", self.use_running_average, use_running_average)
+        if not 0.0 <= self.momentum <= 1.0:
+            raise ValueError(f"{layer_name(self)}: momentum={self.momentum} must be in [0, 1] (PyTorch's meaning)")
+        feature_axis = self.axis % x.ndim
+        reduction_axes = tuple(i for i in range(x.ndim) if i != feature_axis)
+        features = x.shape[feature_axis]
+        stat_shape = [1] * x.ndim
+        stat_shape[feature_axis] = features
+
+        running_mean = self.variable("batch_stats", "mean", jnp.zeros, (features,), self.param_dtype)
+        running_var = self.variable("batch_stats", "var", jnp.ones, (features,), self.param_dtype)
+        scale = self.param("scale", self.scale_init, (features,), self.param_dtype) if self.use_scale else None
+        bias = self.param("bias", self.bias_init, (features,), self.param_dtype) if self.use_bias else None
+
+        stats_dtype = attention_dtype(x.dtype)  # at least float32
+        xs = x.astype(stats_dtype)
+        if use_running_average:
+            mean, var = running_mean.value.astype(stats_dtype), running_var.value.astype(stats_dtype)
+        else:
+            count = math.prod(x.shape[a] for a in reduction_axes)
+            if count < 2 and not self.is_initializing():
+                raise ValueError(
+                    f"{layer_name(self)}: training-mode batch statistics need more than one value per channel, "
+                    f"but input shape {tuple(x.shape)} has {count} value(s) per channel (reducing axes "
+                    f"{reduction_axes}): the variance would be 0 and the output would just be the bias. "
+                    f"PyTorch raises 'Expected more than 1 value per channel when training' here. "
+                    f"Use a larger batch or use_running_average=True (train=False)."
+                )
+            mean = jnp.mean(xs, axis=reduction_axes)
+            # biased variance, mean((x - mean)^2), to normalise the batch (as PyTorch)
+            var = jnp.mean(jnp.square(xs - mean.reshape(stat_shape)), axis=reduction_axes)
+            if not self.is_initializing():
+                m = self.momentum
+                unbiased = var * (count / (count - 1))
+                running_mean.value = ((1 - m) * running_mean.value + m * mean).astype(self.param_dtype)
+                running_var.value = ((1 - m) * running_var.value + m * unbiased).astype(self.param_dtype)
+
+        y = (xs - mean.reshape(stat_shape)) * lax.rsqrt(var.reshape(stat_shape) + self.epsilon)
+        if scale is not None:
+            y = y * scale.astype(stats_dtype).reshape(stat_shape)
+        if bias is not None:
+            y = y + bias.astype(stats_dtype).reshape(stat_shape)
+        return y.astype(nn.dtypes.canonicalize_dtype(x, scale, bias, dtype=self.dtype))

@@ -1,0 +1,109 @@
+"""ODConv: omni-dimensional dynamic convolution (Li, Zhou, Yao; ICLR 2022), as the official OSVAI/ODConv.
+
+Per sample ``b``, with ``h_b = relu(bn(fc(GAP(x))))_b`` (``[A]``, BN over the batch):
+channel ``c_b = sigmoid(channel_fc(h_b)/T)`` ``[I]``, filter ``f_b = sigmoid(filter_fc(h_b)/T)`` ``[O]``,
+spatial ``s_b = sigmoid(spatial_fc(h_b)/T)`` ``[*k]``, kernel ``a_b = softmax(kernel_fc(h_b)/T)`` ``[K]``;
+``y_b = f_b * conv(c_b * x_b, sum_k a_b[k] s_b W_k)``. As the official code: no bias; the filter
+attention is skipped (1) for depthwise convs (in == groups == out), the spatial one for 1x1
+kernels, the kernel one for K == 1. Initialisation: kaiming_normal (fan_out, relu) for the experts
+(one by one) and the attention layers, zero attention biases, BN scale 1 / bias 0.
+"""
+from __future__ import annotations
+
+import math
+from typing import Tuple
+
+import jax
+import jax.numpy as jnp
+from flax import linen as nn
+
+from dynconv_jax import routing
+from dynconv_jax.norm import BatchNorm
+
+
+class _Attention(nn.Module):
+    """``pooled [B, I] -> (channel [B, I], filter [B, O] | None, spatial [B, *k] | None, kernel [B, K])``."""
+
+    in_channels: int
+    out_channels: int
+    kernel_size: Tuple[int, ...]
+    groups: int
+    num_experts: int
+    width: int
+    dtype: object
+    param_dtype: object
+    precision: object
+
+    @nn.compact
+    def __call__(self, pooled, train: bool, temperature):
+        def dense(n, name, use_bias=True):
+            return nn.Dense(n, use_bias=use_bias, dtype=self.dtype, param_dtype=self.param_dtype,
+                            precision=self.precision, kernel_init=routing.kaiming_fan_out_dense_init,
+                            bias_init=nn.initializers.zeros, name=name)
+
+        batch = pooled.shape[0]
+        h = dense(self.width, "fc", use_bias=False)(pooled)  # [B, A]
+        h = BatchNorm(use_running_average=not train, dtype=self.dtype, param_dtype=self.param_dtype, name="bn")(h)
+        h = jax.nn.relu(h)
+
+        channel = routing.sigmoid_attention(dense(self.in_channels, "channel_fc")(h), temperature)
+        filter_ = None
+        if not (self.in_channels == self.groups == self.out_channels):  # not depthwise
+            filter_ = routing.sigmoid_attention(dense(self.out_channels, "filter_fc")(h), temperature)
+        spatial = None
+        taps = math.prod(self.kernel_size)
+        if taps > 1:
+            spatial = routing.sigmoid_attention(dense(taps, "spatial_fc")(h), temperature)
+            spatial = spatial.reshape((batch, *self.kernel_size))
+        if self.num_experts > 1:
+            kernel = routing.softmax_attention(dense(self.num_experts, "kernel_fc")(h), temperature)
+        else:
+            kernel = jnp.ones((batch, 1), h.dtype)
+        return channel, filter_, spatial, kernel
+
+
+class ODConv(routing.DynamicConvBase):
+    """ODConv layer (no bias), channels-last, 1-D/2-D/3-D (rank = ``len(kernel_size)``).
+
+    Params: ``kernel [K, *k, I/g, O]``, ``attention/fc/kernel [I, A]``, ``attention/bn/{scale, bias}``
+    (batch_stats ``attention/bn/{mean, var}``), ``attention/{channel,filter,spatial,kernel}_fc/
+    {kernel [A, n], bias [n]}`` with n = I, O, prod(k), K and ``A = max(int(I * reduction), min_channels)``;
+    skipped attentions have no params.
+    Sows ``intermediates/`` ``kernel_attention [B, K]`` (ones for K == 1), ``channel_attention [B, I]``,
+    ``filter_attention [B, O]`` and ``spatial_attention [B, *k]`` (the last two only when not skipped).
+
+    Training (``train=True``) normalises the attention with batch statistics (needs a batch of
+    at least 2, as PyTorch) and updates ``batch_stats``: pass ``mutable=['batch_stats']``.
+    """
+
+    kernel_init: routing.Initializer = routing.kaiming_fan_out_expert_init
+    reduction: float = 0.0625
+    min_channels: int = 16
+
+    @nn.compact
+    def __call__(self, x, train: bool = False, temperature=None):
+        """``x [B, *S, I] -> [B, *S_out, O]``; ``temperature`` scalar (may be traced), None = 1."""
+        layer = routing.layer_name(self)
+        geometry, in_channels, experts, dtype = self._experts(x)
+        if train and x.shape[0] < 2 and not self.is_initializing():
+            raise ValueError(
+                f"{layer}: training with a batch of {x.shape[0]}: ODConv's attention BatchNorm normalises the pooled "
+                f"[B, A] vector over the batch, so it needs B >= 2 in training (PyTorch raises 'Expected more than "
+                f"1 value per channel when training'). Use a larger batch or train=False."
+            )
+        attn_dtype = routing.attention_dtype(dtype)
+        temperature = routing.temperature_scalar(temperature, layer, attn_dtype)
+        pooled = routing.global_avg_pool(x, attn_dtype)  # [B, I]
+        channel, filter_, spatial, kernel = _Attention(
+            in_channels, self.features, geometry.kernel_size, geometry.groups, self.num_experts,
+            routing.attention_width(in_channels, self.reduction, self.min_channels, layer),
+            attn_dtype, self.param_dtype, self.precision, name="attention",
+        )(pooled, train, temperature)
+        self.sow("intermediates", "kernel_attention", kernel)
+        self.sow("intermediates", "channel_attention", channel)
+        if filter_ is not None:
+            self.sow("intermediates", "filter_attention", filter_)
+        if spatial is not None:
+            self.sow("intermediates", "spatial_attention", spatial)
+        return self._convolve(x, experts, geometry, dtype, kernel, spatial_attention=spatial,
+                              channel_attention=channel, filter_attention=filter_)
