@@ -1,0 +1,15 @@
+"""PyTorch reference implementations of dynamic convolutions (NCHW).
+
+- :class:`CondConv2d` — CondConv (Yang et al., NeurIPS 2019), timm's expert layout.
+- :class:`DynamicConv2d` — DY-CNN dynamic convolution (Chen et al., CVPR 2020).
+- :class:`ODConv2d` — ODConv (Li et al., ICLR 2022), state-dict compatible with OSVAI/ODConv.
+- :func:`set_temperature` — set T on every dynamic layer of a model.
+
+This package never imports JAX.
+"""
+from .condconv import CondConv2d
+from .dynamic_conv import DynamicConv2d, DynamicConvAttention
+from .odconv import ODConv2d, ODConvAttention
+from .temperature import set_temperature
+
+__all__ = ["CondConv2d", "DynamicConv2d", "DynamicConvAttention", "ODConv2d", "ODConvAttention", "set_temperature"]
