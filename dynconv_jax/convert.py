@@ -211,10 +211,17 @@ KERNEL_LAYOUTS: Tuple[Layout, ...] = (
 
 def _expert_evidence(module: Tuple[str, ...], siblings: Mapping[Path, Any]) -> bool:
     """Whether the Flax module at ``module`` holds an expert stack: it has a routing /
-    attention sub-module (CondConv, DynamicConv, ODConv) or a ``[K, O]`` expert bias."""
-    for child in ("routing_fn", "attention"):
-        if any(p[1:len(module) + 2] == module + (child,) for p in siblings):
-            return True
+    attention sub-module (CondConv, DynamicConv, ODConv), its parent has a ``routing_fn``
+    (a block sharing one routing among its convs, as EfficientNet-CondConv does), or it has a
+    ``[K, O]`` expert bias."""
+    owners = [(module, ("routing_fn", "attention"))]
+    if module:
+        owners.append((module[:-1], ("routing_fn",)))
+    for owner, children in owners:
+        for child in children:
+            prefix = owner + (child,)
+            if any(p[1:len(prefix) + 1] == prefix for p in siblings):
+                return True
     bias = siblings.get(("params",) + module + ("bias",))
     return bias is not None and len(bias.shape) == 2
 
@@ -225,9 +232,8 @@ def _choose_layout(candidates: List[Layout], expert_hint: bool) -> Layout:
     experts if the module has expert evidence, else the 2-D spatial interpretation."""
     if len(candidates) == 1:
         return candidates[0]
-    pick = [c for c in candidates if c.expert == expert_hint]
-    if len(pick) == 1:
-        return pick[0]
+    if expert_hint:
+        candidates = [c for c in candidates if c.expert] or candidates
     return min(candidates, key=lambda c: abs(c.spatial_rank - 2))
 
 
