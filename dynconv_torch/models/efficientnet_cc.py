@@ -33,6 +33,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..condconv import CondConv2d
+from ..functional import check_temperature, global_avg_pool
+from .mobilenetv2 import make_divisible
 
 __all__ = [
     "EfficientNetCondConv", "efficientnet_cc", "block_specs", "VARIANTS",
@@ -108,12 +110,6 @@ VARIANTS: Dict[str, Tuple[float, int, bool]] = {
     "efficientnet_cc_b0_8e": (1.0, 2, False),
     "efficientnet_cc_b1_8e": (1.1, 2, False),
 }
-
-
-def make_divisible(value: float, divisor: int = 8, round_limit: float = 0.9) -> int:
-    """Nearest multiple of ``divisor`` (at least ``divisor``), never below ``round_limit * value``."""
-    rounded = max(divisor, int(value + divisor / 2) // divisor * divisor)
-    return rounded + divisor if rounded < round_limit * value else rounded
 
 
 def block_specs(stem_chs: int = 32, depth_multiplier: float = 1.0, channel_multiplier: float = 1.0,
@@ -266,13 +262,11 @@ class InvertedResidual(nn.Module):
 
     def update_temperature(self, temperature: float) -> None:
         """Routing temperature T (1 = timm / the paper); a plain attribute, not in the state_dict."""
-        if not (isinstance(temperature, (int, float)) and temperature > 0):
-            raise ValueError(f"{type(self).__name__}: temperature={temperature!r} must be a number > 0")
-        self.temperature = float(temperature)
+        self.temperature = check_temperature(temperature, type(self).__name__)
 
     def routing(self, x: Tensor) -> Tensor:
         """``[B, K]`` routing weights of the block input ``x [B, C, H, W]``."""
-        return torch.sigmoid(self.routing_fn(x.mean((2, 3))) / self.temperature)
+        return torch.sigmoid(self.routing_fn(global_avg_pool(x)) / self.temperature)
 
     def forward(self, x: Tensor) -> Tensor:
         if self.routing_fn is not None:
