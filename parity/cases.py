@@ -1,0 +1,192 @@
+"""The parity case registry: which PyTorch reference is compared with which Flax twin.
+
+A :class:`Case` names one configuration. The harness (:mod:`parity.harness`) builds both
+sides, converts the PyTorch weights into the Flax template with
+:func:`dynconv_jax.convert.torch_to_flax`, and compares forward passes, running statistics,
+gradients and SGD trajectories. Case format (for modules that add cases, such as
+``parity/efficientnet_cases.py``, which ``python -m parity`` imports when it exists)::
+
+    from parity.cases import Case, register
+
+    register(Case(
+        name="efficientnet_cc/b0_4e-tiny",   # unique; '<family>/<config>'
+        family="efficientnet_cc",            # selects with --families / --models
+        make_torch=lambda: TorchModel(...),  # float32 torch.nn.Module (the harness casts it);
+                                             # every dropout 0 (parity cannot share masks)
+        make_flax=lambda dtype, precision: FlaxModel(..., dtype=dtype, param_dtype=dtype,
+                                                     precision=precision),
+        input_shape=(2, 3, 32, 32),          # NCHW; the Flax side gets NHWC
+        temperature=None,                    # passed as apply(temperature=) / set_temperature
+        quick=True,                          # part of --quick and of the pytest subset
+    ))
+
+The Flax module is called as ``apply(variables, x, train=..., temperature=...)`` (DESIGN.md);
+``temperature`` is only passed when the case sets one. Importing this module imports neither
+torch model code nor Flax model code: factories run only when a case is run.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
+
+CHECKS = ("forward_eval", "forward_train", "running_stats", "grad_input", "grad_params", "sgd")
+
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+    """One PyTorch-vs-Flax configuration (see the module docstring for the format)."""
+
+    name: str
+    family: str
+    make_torch: Callable[[], Any]
+    make_flax: Callable[[Any, Any], Any]
+    input_shape: Tuple[int, ...]
+    temperature: Optional[float] = None
+    quick: bool = False
+    checks: Tuple[str, ...] = CHECKS
+
+    def __post_init__(self):
+        unknown = set(self.checks) - set(CHECKS)
+        if unknown:
+            raise ValueError(f"case {self.name!r}: unknown checks {sorted(unknown)}; expected a subset of {CHECKS}")
+
+
+CASES: Dict[str, Case] = {}
+
+
+def register(case: Case) -> Case:
+    """Add ``case`` to the registry (names are unique)."""
+    if case.name in CASES:
+        raise ValueError(f"parity case {case.name!r} is registered twice")
+    CASES[case.name] = case
+    return case
+
+
+def select(families: Optional[Iterable[str]] = None, quick: bool = False, match: Optional[str] = None) -> List[Case]:
+    """Registered cases, filtered by family, the quick flag and a substring of the name."""
+    families = None if families is None else set(families)
+    return [c for c in CASES.values()
+            if (families is None or c.family in families) and (c.quick or not quick) and (match is None or match in c.name)]
+
+
+# ----------------------------------------------------------------------------- layers
+
+LAYER_FAMILIES = ("condconv", "dynamic", "odconv")
+
+
+def _flax_padding(padding):
+    """PyTorch ``padding`` (int or 'same'/'valid') as the Flax layers take it."""
+    return padding.upper() if isinstance(padding, str) else padding
+
+
+def layer_case(family: str, in_ch: int, out_ch: int, k: int, *, stride=1, padding=0, dilation=1, groups=1,
+               experts=4, bias=None, temperature=None, strategy="auto", size=7, batch=3, quick=False,
+               tag="") -> Case:
+    """A CondConv / DynamicConv / ODConv layer case: ``dynconv_torch`` layer vs ``dynconv_jax`` layer."""
+    conv = dict(stride=stride, padding=padding, dilation=dilation, groups=groups)
+
+    def make_torch():
+        import dynconv_torch as dt
+
+        if family == "condconv":
+            return dt.CondConv2d(in_ch, out_ch, k, num_experts=experts, bias=bool(bias), routing_dropout=0.0, **conv)
+        if family == "dynamic":
+            return dt.DynamicConv2d(in_ch, out_ch, k, num_experts=experts, bias=bias is not False, **conv)
+        return dt.ODConv2d(in_ch, out_ch, k, kernel_num=experts, **conv)
+
+    def make_flax(dtype, precision):
+        import dynconv_jax as dj
+
+        kw = dict(features=out_ch, kernel_size=(k, k), strides=stride, padding=_flax_padding(padding),
+                  kernel_dilation=dilation, feature_group_count=groups, num_experts=experts, strategy=strategy,
+                  dtype=dtype, param_dtype=dtype, precision=precision)
+        if family == "condconv":
+            return dj.CondConv(use_bias=bool(bias), routing_dropout=0.0, **kw)
+        if family == "dynamic":
+            return dj.DynamicConv(use_bias=bias is not False, **kw)
+        return dj.ODConv(**kw)
+
+    desc = f"i{in_ch}o{out_ch}k{k}s{stride}p{padding}d{dilation}g{groups}K{experts}"
+    if bias is not None:
+        desc += f"-bias{int(bias)}"
+    if temperature is not None:
+        desc += f"-T{temperature:g}"
+    if strategy != "auto":
+        desc += f"-{strategy}"
+    return Case(name=f"{family}/{desc}{tag}", family=family, make_torch=make_torch, make_flax=make_flax,
+                input_shape=(batch, in_ch, size, size), temperature=temperature, quick=quick)
+
+
+#: The layer grid: (kwargs, quick). Covers stride, padding modes, dilation, groups, depthwise,
+#: 1x1 kernels (ODConv's spatial skip), a single expert (its kernel-attention skip), bias on/off
+#: and a temperature.
+LAYER_GRID = (
+    (dict(in_ch=8, out_ch=16, k=3, padding=1), True),
+    (dict(in_ch=8, out_ch=12, k=3, stride=2, padding=1, groups=2, temperature=3.0), True),
+    (dict(in_ch=8, out_ch=8, k=3, padding=1, groups=8), True),  # depthwise (ODConv: no filter attention)
+    (dict(in_ch=6, out_ch=10, k=1), False),                      # 1x1 (ODConv: no spatial attention)
+    (dict(in_ch=8, out_ch=8, k=3, padding=2, dilation=2, experts=1), False),
+    (dict(in_ch=5, out_ch=7, k=3, padding="same", experts=2), False),
+    (dict(in_ch=8, out_ch=16, k=5, stride=2, padding="valid", experts=3), False),
+    (dict(in_ch=4, out_ch=6, k=1, experts=1), False),             # ODConv's plain-conv fast path
+)
+
+
+def _register_layers():
+    from dynconv_jax.ops import STRATEGIES  # the exact per-sample conv strategies
+
+    for family in LAYER_FAMILIES:
+        for kwargs, quick in LAYER_GRID:
+            register(layer_case(family, quick=quick, **kwargs))
+        bias = {"condconv": True, "dynamic": False}.get(family)
+        if bias is not None:
+            register(layer_case(family, 8, 16, 3, padding=1, bias=bias))
+        for strategy in STRATEGIES:  # every strategy must equal the PyTorch reference too
+            if strategy != "vmap":
+                register(layer_case(family, 8, 16, 3, stride=2, padding=1, groups=2, strategy=strategy))
+
+
+# ----------------------------------------------------------------------------- models
+
+MODEL_FAMILIES = ("resnet18", "resnet34", "resnet50", "mobilenet_v2")
+CONV_TYPES = ("static", "condconv", "dynamic", "odconv")
+#: Tiny sizes: the full depth of each architecture, narrow channels, CIFAR stem, 16x16 inputs.
+MODEL_SIZE = {"resnet18": dict(base_width=8), "resnet34": dict(base_width=8), "resnet50": dict(base_width=8),
+              "mobilenet_v2": dict(width_mult=0.25)}
+
+
+def model_case(family: str, conv: str, *, num_experts=4, stem="cifar", temperature=None, size=16, batch=3,
+               quick=False, **extra) -> Case:
+    """A whole-model case: ``dynconv_torch.models.<family>`` vs ``dynconv_jax.models.<family>``
+    (dropout 0, 10 classes)."""
+    kwargs = dict(conv=conv, num_experts=num_experts, num_classes=10, stem=stem, dropout=0.0,
+                  **MODEL_SIZE.get(family, {}), **extra)
+
+    def make_torch():
+        import dynconv_torch.models as tm
+
+        return getattr(tm, family)(**kwargs)
+
+    def make_flax(dtype, precision):
+        import dynconv_jax.models as jm
+
+        return getattr(jm, family)(dtype=dtype, param_dtype=dtype, precision=precision, **kwargs)
+
+    desc = "-".join(f"{k}{v}" for k, v in sorted(extra.items()))
+    name = f"{family}/{conv}-K{num_experts}-{stem}" + (f"-{desc}" if desc else "") + (
+        f"-T{temperature:g}" if temperature is not None else "")
+    return Case(name=name, family=family, make_torch=make_torch, make_flax=make_flax,
+                input_shape=(batch, 3, size, size), temperature=temperature, quick=quick)
+
+
+def _register_models():
+    for family in MODEL_FAMILIES:
+        for conv in CONV_TYPES:
+            register(model_case(family, conv, quick=family in ("resnet18", "mobilenet_v2"),
+                                temperature=2.0 if conv != "static" else None))
+    # the ImageNet stem (7x7/2 conv + max-pool) once, with ODConv as the official models
+    register(model_case("resnet18", "odconv", stem="imagenet", size=32))
+
+
+_register_layers()
+_register_models()
