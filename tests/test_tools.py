@@ -1,0 +1,296 @@
+"""Tests of the user tools: exact static export, average-routing export, attention plots, ablation runner."""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+from flax import linen as nn
+
+from dynconv_jax import CondConv, DynamicConv, ODConv
+from dynconv_jax import export as jexport
+from dynconv_jax import inspect as jinspect
+from dynconv_torch import CondConv2d, DynamicConv2d, ODConv2d
+from dynconv_torch import export as texport
+from dynconv_torch import inspect as tinspect
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def rel_err(a, b) -> float:
+    """max|a - b| / max|b| (the project's definition of relative error)."""
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return float(np.max(np.abs(a - b)) / np.max(np.abs(b)))
+
+
+# Geometries: (in, out, kernel_size, strides, groups, dilation, padding). Covers strides, groups
+# (incl. depthwise: ODConv's filter attention skipped), dilation, explicit asymmetric padding,
+# a 1x1 kernel (spatial attention skipped) and a non-square kernel.
+GEOMETRIES = [
+    (8, 12, (3, 3), 1, 1, 1, "SAME"),
+    (8, 12, (3, 3), 2, 2, 1, ((1, 0), (2, 1))),
+    (8, 12, (3, 3), 1, 4, 2, "VALID"),
+    (8, 8, (3, 3), 2, 8, 1, 1),
+    (8, 12, (1, 1), 2, 2, 1, 0),
+    (6, 9, (3, 1), 1, 3, (2, 1), ((2, 2), (0, 0))),
+]
+JAX_LAYERS = {
+    "condconv": lambda **kw: CondConv(use_bias=True, **kw),
+    "dynamic": lambda **kw: DynamicConv(**kw),
+    "odconv": lambda **kw: ODConv(min_channels=4, **kw),
+}
+
+
+def randomize(variables, key, scale=0.5):
+    """Perturb every parameter (attention heads start at zero bias) so that every attention varies."""
+    params = variables["params"]
+    leaves, tree = jax.tree_util.tree_flatten(params)
+    keys = jax.random.split(key, len(leaves) + 2)
+    leaves = [leaf + scale * jax.random.normal(k, leaf.shape, leaf.dtype) for leaf, k in zip(leaves, keys)]
+    out = {"params": jax.tree_util.tree_unflatten(tree, leaves)}
+    if "batch_stats" in variables:
+        stats = variables["batch_stats"]
+        out["batch_stats"] = jax.tree_util.tree_map_with_path(
+            lambda path, v: (jax.random.uniform(keys[-1], v.shape, v.dtype, 0.5, 2.0) if "var" in str(path[-1])
+                             else 0.3 * jax.random.normal(keys[-2], v.shape, v.dtype)), stats)
+    return out
+
+
+def make_jax_layer(kind, geometry, num_experts=4, **extra):
+    cin, cout, k, s, g, d, p = geometry
+    module = JAX_LAYERS[kind](features=cout, kernel_size=k, strides=s, feature_group_count=g, kernel_dilation=d,
+                              padding=p, num_experts=num_experts, param_dtype=jnp.float64, **extra)
+    x = jax.random.normal(jax.random.key(0), (4, 7, 6, cin), jnp.float64)
+    variables = randomize(module.init(jax.random.key(1), x), jax.random.key(2))
+    return module, variables, x
+
+
+@pytest.fixture(autouse=True)
+def x64():
+    with jax.enable_x64(True):
+        yield
+
+
+@pytest.mark.parametrize("kind", list(JAX_LAYERS))
+@pytest.mark.parametrize("geometry", [GEOMETRIES[i] for i in (1, 2, 3, 5)], ids=lambda g: f"{g[0]}-{g[1]}-k{g[2]}-s{g[3]}-g{g[4]}-d{g[5]}")
+def test_jax_static_export_exact(kind, geometry):
+    module, variables, x = make_jax_layer(kind, geometry)
+    export = jexport.export_static(module, variables, x[1])
+    assert isinstance(export.module, nn.Conv)
+    y_dynamic = module.apply(variables, x[1:2])
+    y_static = export.module.apply(export.variables, x[1:2])
+    assert y_static.dtype == jnp.float64 and y_static.shape == y_dynamic.shape
+    assert rel_err(y_static, y_dynamic) <= 1e-12
+    # The fold is specific to its input: another sample routes differently.
+    assert rel_err(export.module.apply(export.variables, x[2:3]), module.apply(variables, x[2:3])) > 1e-6
+
+
+def test_jax_static_export_temperature_single_expert_1d_and_external_routing():
+    # Temperature is part of the folded routing.
+    module, variables, x = make_jax_layer("odconv", GEOMETRIES[1])
+    export = jexport.export_static(module, variables, x[:1], temperature=3.0)
+    assert rel_err(export.module.apply(export.variables, x[:1]), module.apply(variables, x[:1], temperature=3.0)) <= 1e-12
+    assert rel_err(export.module.apply(export.variables, x[:1]), module.apply(variables, x[:1])) > 1e-6
+    # ODConv with K == 1 and a 1x1 kernel (the official fast path): kernel and spatial attention skipped.
+    module, variables, x = make_jax_layer("odconv", GEOMETRIES[4], num_experts=1)
+    export = jexport.export_static(module, variables, x[:1])
+    assert rel_err(export.module.apply(export.variables, x[:1]), module.apply(variables, x[:1])) <= 1e-12
+    # A 1-D layer.
+    module = DynamicConv(features=5, kernel_size=(3,), strides=2, padding=1, param_dtype=jnp.float64)
+    x = jax.random.normal(jax.random.key(3), (2, 9, 4), jnp.float64)
+    variables = randomize(module.init(jax.random.key(4), x), jax.random.key(5))
+    export = jexport.export_static(module, variables, x[0])
+    assert rel_err(export.module.apply(export.variables, x[:1]), module.apply(variables, x[:1])) <= 1e-12
+    # CondConv with routing weights from outside.
+    module = CondConv(features=6, kernel_size=(3, 3), use_bias=True, external_routing=True, param_dtype=jnp.float64)
+    x = jax.random.normal(jax.random.key(6), (1, 5, 5, 4), jnp.float64)
+    routing = jnp.array([[0.2, 0.9, 0.1, 0.5]], jnp.float64)
+    variables = randomize(module.init(jax.random.key(7), x, routing_weights=routing), jax.random.key(8))
+    export = jexport.export_static(module, variables, x, routing_weights=routing)
+    assert rel_err(export.module.apply(export.variables, x), module.apply(variables, x, routing_weights=routing)) <= 1e-12
+
+
+def test_jax_export_errors():
+    module, variables, x = make_jax_layer("dynamic", GEOMETRIES[0])
+    with pytest.raises(ValueError, match="one sample"):
+        jexport.export_static(module, variables, x)
+    with pytest.raises(TypeError, match="CondConv, DynamicConv or ODConv"):
+        jexport.export_static(nn.Conv(4, (3, 3)), variables, x[:1])
+    with pytest.raises(ValueError, match="reduce="):
+        jexport.export_average(module, variables, x, reduce="median")
+
+
+@pytest.mark.parametrize("kind", list(JAX_LAYERS))
+def test_jax_average_export_error_is_measured(kind):
+    module, variables, x = make_jax_layer(kind, GEOMETRIES[1])
+    calibration = jax.random.normal(jax.random.key(9), (7, 7, 6, 8), jnp.float64)
+    by_attention = jexport.export_average(module, variables, calibration, batch_size=3)
+    # The reported error, recomputed in one full batch.
+    recomputed = rel_err(by_attention.module.apply(by_attention.variables, calibration),
+                         module.apply(variables, calibration))
+    assert by_attention.relative_error == pytest.approx(recomputed, rel=1e-12)
+    assert by_attention.relative_error > 1e-6  # an approximation, not exact
+    # The folded attentions are the means of what the layer sowed.
+    _, state = module.apply(variables, calibration, mutable=["intermediates"])
+    for name, value in by_attention.attentions.items():
+        np.testing.assert_allclose(value, state["intermediates"][name][0].mean(axis=0), rtol=1e-12, atol=1e-15)
+    by_kernel = jexport.export_average(module, variables, calibration, reduce="kernel", batch_size=4)
+    if kind == "odconv":  # the attentions multiply: averaging them is not averaging the kernels
+        assert rel_err(by_kernel.variables["params"]["kernel"], by_attention.variables["params"]["kernel"]) > 1e-6
+    else:  # linear in the kernel attention: both reductions agree
+        np.testing.assert_allclose(by_kernel.variables["params"]["kernel"], by_attention.variables["params"]["kernel"],
+                                   rtol=1e-10, atol=1e-14)
+    # With a single calibration sample the average export is the exact export.
+    one = jexport.export_average(module, variables, calibration[:1])
+    assert one.relative_error <= 1e-12
+
+
+# ---------------------------------------------------------------------------------------------- torch
+TORCH_LAYERS = {
+    "condconv": lambda *a, **kw: CondConv2d(*a, bias=True, **kw),
+    "dynamic": lambda *a, **kw: DynamicConv2d(*a, **kw),
+    "odconv": lambda *a, **kw: ODConv2d(*a, min_channel=4, **kw),
+}
+# (in, out, kernel, stride, groups, dilation, padding)
+TORCH_GEOMETRIES = [
+    (8, 12, 3, 1, 1, 1, 1),
+    (8, 12, 3, 2, 2, 1, (1, 0)),
+    (8, 12, 3, 1, 4, 2, 0),
+    (8, 8, 3, 2, 8, 1, 1),
+    (8, 12, 1, 2, 2, 1, 0),
+    (6, 9, (3, 1), 1, 3, (2, 1), "same"),
+]
+
+
+def make_torch_layer(kind, geometry, num_experts=4):
+    cin, cout, k, s, g, d, p = geometry
+    torch.manual_seed(0)
+    layer = TORCH_LAYERS[kind](cin, cout, k, stride=s, groups=g, dilation=d, padding=p,
+                               num_experts=num_experts).double()
+    with torch.no_grad():
+        for param in layer.parameters():
+            param.add_(0.5 * torch.randn_like(param))
+        for name, buf in layer.named_buffers():
+            if name.endswith("running_mean"):
+                buf.normal_(0.0, 0.3)
+            elif name.endswith("running_var"):
+                buf.uniform_(0.5, 2.0)
+    return layer.eval(), torch.randn(4, cin, 7, 6, dtype=torch.float64)
+
+
+@pytest.mark.parametrize("kind", list(TORCH_LAYERS))
+@pytest.mark.parametrize("geometry", TORCH_GEOMETRIES, ids=lambda g: f"{g[0]}-{g[1]}-k{g[2]}-s{g[3]}-g{g[4]}-d{g[5]}")
+def test_torch_static_export_exact(kind, geometry):
+    layer, x = make_torch_layer(kind, geometry)
+    conv = texport.export_static(layer, x[1])
+    assert type(conv) is torch.nn.Conv2d and conv.weight.dtype == torch.float64
+    with torch.no_grad():
+        assert rel_err(conv(x[1:2]), layer(x[1:2])) <= 1e-12
+        assert rel_err(conv(x[2:3]), layer(x[2:3])) > 1e-6
+
+
+def test_torch_export_single_expert_external_routing_and_errors():
+    layer, x = make_torch_layer("odconv", TORCH_GEOMETRIES[4], num_experts=1)
+    conv = texport.export_static(layer, x[:1])
+    with torch.no_grad():
+        assert rel_err(conv(x[:1]), layer(x[:1])) <= 1e-12
+    layer = CondConv2d(4, 6, 3, padding=1, bias=True, external_routing=True).double().eval()
+    x = torch.randn(1, 4, 5, 5, dtype=torch.float64)
+    routing = torch.tensor([[0.2, 0.9, 0.1, 0.5]], dtype=torch.float64)
+    conv = texport.export_static(layer, x, routing_weights=routing)
+    with torch.no_grad():
+        assert rel_err(conv(x), layer(x, routing)) <= 1e-12
+    with pytest.raises(ValueError, match="routing_weights"):
+        texport.export_static(layer, x)
+    with pytest.raises(ValueError, match="training mode"):
+        texport.export_static(layer.train(), x, routing_weights=routing)
+    with pytest.raises(ValueError, match="one sample"):
+        texport.export_static(layer.eval(), torch.randn(2, 4, 5, 5, dtype=torch.float64), routing_weights=routing)
+
+
+@pytest.mark.parametrize("kind", list(TORCH_LAYERS))
+def test_torch_average_export_error_is_measured(kind):
+    layer, _ = make_torch_layer(kind, TORCH_GEOMETRIES[1])
+    calibration = torch.randn(7, 8, 7, 6, dtype=torch.float64)
+    result = texport.export_average(layer, calibration, batch_size=3)
+    with torch.no_grad():
+        recomputed = rel_err(result.module(calibration), layer(calibration))
+    assert result.relative_error == pytest.approx(recomputed, rel=1e-12)
+    assert result.relative_error > 1e-6
+    by_kernel = texport.export_average(layer, calibration, reduce="kernel", batch_size=4)
+    if kind != "odconv":
+        torch.testing.assert_close(by_kernel.module.weight, result.module.weight, rtol=1e-10, atol=1e-14)
+    assert texport.export_average(layer, calibration[:1]).relative_error <= 1e-12
+
+
+def test_jax_and_torch_exports_agree():
+    """The same ODConv weights exported in both frameworks give the same static kernel."""
+    layer, x = make_torch_layer("odconv", TORCH_GEOMETRIES[1])
+    conv = texport.export_static(layer, x[0])
+    module = ODConv(features=12, kernel_size=(3, 3), strides=2, feature_group_count=2, padding=((1, 1), (0, 0)),
+                    min_channels=4, param_dtype=jnp.float64)
+    sd = {k: v.detach().numpy() for k, v in layer.state_dict().items()}
+
+    def dense(name):
+        return {"kernel": sd[f"attention.{name}.weight"][:, :, 0, 0].T, "bias": sd[f"attention.{name}.bias"]}
+
+    variables = {
+        "params": {"kernel": sd["weight"].transpose(0, 3, 4, 2, 1),
+                   "attention": {"fc": {"kernel": sd["attention.fc.weight"][:, :, 0, 0].T},
+                                 "bn": {"scale": sd["attention.bn.weight"], "bias": sd["attention.bn.bias"]},
+                                 **{n: dense(n) for n in ("channel_fc", "filter_fc", "spatial_fc", "kernel_fc")}}},
+        "batch_stats": {"attention": {"bn": {"mean": sd["attention.bn.running_mean"],
+                                             "var": sd["attention.bn.running_var"]}}},
+    }
+    export = jexport.export_static(module, variables, jnp.asarray(x[0].numpy().transpose(1, 2, 0)))
+    np.testing.assert_allclose(export.variables["params"]["kernel"], conv.weight.detach().numpy().transpose(2, 3, 1, 0),
+                               rtol=1e-12, atol=1e-14)
+
+
+# ---------------------------------------------------------------------------------------------- inspection
+class TwoLayers(nn.Module):
+    """A tiny model with an ODConv and a CondConv: every plot has something to draw."""
+
+    @nn.compact
+    def __call__(self, x, train=False, temperature=None):
+        x = ODConv(6, (3, 3), num_experts=3, min_channels=4, name="od")(x, train, temperature)
+        x = nn.relu(x)
+        return CondConv(5, (3, 3), strides=2, num_experts=4, name="cc")(x, train, temperature)
+
+
+def test_collect_and_plot_attentions(tmp_path):
+    model = TwoLayers()
+    x = jax.random.normal(jax.random.key(0), (6, 8, 8, 3), jnp.float32)
+    variables = randomize(model.init(jax.random.key(1), x), jax.random.key(2), scale=0.3)
+    attentions = jinspect.collect_attentions(model, variables, x)
+    assert list(attentions) == ["od", "cc"]
+    od = attentions["od"]
+    assert {k: v.shape for k, v in od.items()} == {"kernel_attention": (6, 3), "channel_attention": (6, 3),
+                                                   "filter_attention": (6, 6), "spatial_attention": (6, 3, 3)}
+    np.testing.assert_allclose(od["kernel_attention"].sum(axis=1), 1.0, rtol=1e-6)
+    assert attentions["cc"]["kernel_attention"].shape == (6, 4)
+    # Entropy: 1 for uniform routing, 0 for one expert.
+    np.testing.assert_allclose(jinspect.routing_entropy(np.array([[0.25] * 4, [1.0, 0, 0, 0]])), [1.0, 0.0],
+                               atol=1e-12)
+    paths = jinspect.plot_all(attentions, str(tmp_path / "plots"))
+    names = sorted(p.rsplit("/", 1)[-1] for p in paths)
+    assert names == ["kernel_attention.png", "odconv_od.png", "routing_entropy.png"]
+    for path in paths:
+        data = open(path, "rb").read()
+        assert data[:8] == PNG_MAGIC and len(data) > 5000
+
+
+def test_torch_hooks_collect_what_the_layers_use():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(ODConv2d(3, 6, 3, padding=1, kernel_num=3, min_channel=4), torch.nn.ReLU(),
+                                DynamicConv2d(6, 5, 3, stride=2)).eval()
+    x = torch.randn(5, 3, 8, 8)
+    attentions = tinspect.collect_attentions(model, x)
+    assert list(attentions) == ["0", "2"]
+    assert attentions["0"]["spatial_attention"].shape == (5, 3, 3)
+    with torch.no_grad():
+        expected = model[2].attentions(model[1](model[0](x)))["kernel_attention"].numpy()
+    np.testing.assert_allclose(attentions["2"]["kernel_attention"], expected, rtol=1e-6)
+    with pytest.raises(ValueError, match="training mode"):
+        tinspect.collect_attentions(model.train(), x)
