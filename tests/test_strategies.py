@@ -1,0 +1,173 @@
+"""Every per-sample conv strategy of ``dynconv_jax.ops.dynamic_conv`` equals the naive per-sample loop.
+
+Float64 (``jax.enable_x64``), relative error ``max|a - b| / max|b|`` <= 1e-12, for outputs and for
+gradients w.r.t. the input, the experts, every attention and the expert bias, over a fixed grid of
+edge cases plus a seeded random sample of configurations (1-D/2-D/3-D, groups incl. depthwise,
+dilation, stride, SAME/VALID/explicit padding, spatial/channel/filter attention).
+"""
+from __future__ import annotations
+
+import itertools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from dynconv_jax import ops
+
+TOL = 1e-12
+ARG_NAMES = ("x", "experts", "kernel_attention", "spatial_attention", "channel_attention", "filter_attention",
+             "expert_bias")
+
+
+def naive_dynamic_conv(x, experts, a, s, c, f, bias, *, strides, padding, dilation, groups):
+    """The definition, one sample at a time: W_b = sum_k a_bk s_b W_k; y_b = f_b conv(c_b x_b, W_b) + a_b bias."""
+    outs = []
+    for b in range(x.shape[0]):
+        w = sum(a[b, k] * experts[k] for k in range(experts.shape[0]))
+        if s is not None:
+            w = w * s[b][..., None, None]
+        xb = x[b] if c is None else x[b] * c[b]
+        yb = ops.static_conv(xb[None], w, strides=strides, padding=padding, dilation=dilation, groups=groups)[0]
+        if f is not None:
+            yb = yb * f[b]
+        if bias is not None:
+            yb = yb + a[b] @ bias
+        outs.append(yb)
+    return jnp.stack(outs)
+
+
+def make_case(rng, *, rank, kernel, stride, dilation, groups, padding, spatial, channel, filt, bias, batch=2,
+              cin_per_group=2, cout_per_group=3, size=6, experts=3):
+    ks = tuple(kernel) if not isinstance(kernel, int) else (kernel,) * rank
+    cin, cout = cin_per_group * groups, cout_per_group * groups
+    arrays = {
+        "x": rng.normal(size=(batch,) + (size,) * rank + (cin,)),
+        "experts": rng.normal(size=(experts,) + ks + (cin_per_group, cout)),
+        "kernel_attention": rng.random((batch, experts)),
+        "spatial_attention": rng.random((batch,) + ks) if spatial else None,
+        "channel_attention": rng.random((batch, cin)) if channel else None,
+        "filter_attention": rng.random((batch, cout)) if filt else None,
+        "expert_bias": rng.normal(size=(experts, cout)) if bias else None,
+    }
+    geom = dict(strides=(stride,) * rank, padding=ops.normalize_padding(padding, rank), dilation=(dilation,) * rank,
+                groups=groups)
+    return arrays, geom
+
+
+def rel(a, b):
+    return float(jnp.max(jnp.abs(a - b)) / jnp.max(jnp.abs(b)))
+
+
+def check_all_strategies(arrays, geom):
+    """Compare the output and every gradient of each applicable strategy (and 'auto') with the naive loop."""
+    names = [n for n in ARG_NAMES if arrays[n] is not None]
+    fixed = {n: None for n in ARG_NAMES if arrays[n] is None}
+    kernel_size = arrays["experts"].shape[1:-2]
+    strategies = ops.applicable_strategies(kernel_size, spatial_attention=arrays["spatial_attention"] is not None)
+
+    def naive(*vals):
+        kw = {**fixed, **dict(zip(names, vals))}
+        return naive_dynamic_conv(kw["x"], kw["experts"], kw["kernel_attention"], kw["spatial_attention"],
+                                  kw["channel_attention"], kw["filter_attention"], kw["expert_bias"], **geom)
+
+    def fast(strategy):
+        def f(*vals):
+            kw = {**fixed, **dict(zip(names, vals))}
+            return ops.dynamic_conv(kw.pop("x"), kw.pop("experts"), kw.pop("kernel_attention"), **kw, **geom,
+                                    strategy=strategy)
+        return f
+
+    vals = [jnp.asarray(arrays[n]) for n in names]
+    y_ref = naive(*vals)
+    cot = jnp.asarray(np.random.default_rng(1).normal(size=y_ref.shape))
+    argnums = tuple(range(len(vals)))
+    g_ref = jax.grad(lambda *v: jnp.sum(naive(*v) * cot), argnums=argnums)(*vals)
+    for strategy in strategies + ("auto",):
+        f = fast(strategy)
+        y, vjp = jax.vjp(jax.jit(f), *vals)
+        assert y.shape == y_ref.shape, strategy
+        assert rel(y, y_ref) <= TOL, (strategy, "output", rel(y, y_ref))
+        for name, g, gr in zip(names, vjp(cot), g_ref):
+            assert rel(g, gr) <= TOL, (strategy, f"d/d {name}", rel(g, gr))
+
+
+# Edge cases, each run in full: (rank, kernel, stride, dilation, groups, padding, spatial, channel, filter, bias)
+GRID = [
+    (2, 3, 1, 1, 1, "SAME", True, True, True, False),       # ODConv
+    (2, 3, 1, 1, 1, "SAME", False, False, False, True),     # DynamicConv
+    (2, 3, 2, 1, 1, "VALID", False, False, False, False),   # CondConv, strided
+    (2, 3, 2, 2, 2, ((1, 2), (0, 1)), True, True, True, False),  # explicit asymmetric, dilation, groups
+    (2, 1, 2, 1, 1, "SAME", False, True, True, True),       # pointwise, strided
+    (2, 3, 1, 1, "dw", "SAME", True, True, False, False),   # depthwise (no filter attention, as in ODConv)
+    (1, 5, 3, 1, 1, ((2, 2),), True, False, True, True),    # 1-D
+    (3, 3, 2, 1, 1, "SAME", True, True, True, False),       # 3-D
+    (2, (3, 1), 1, (1), 1, (-1, 1), False, False, False, True),  # non-square kernel, negative (cropping) padding
+]
+
+
+@pytest.mark.parametrize("case", GRID, ids=[f"grid{i}" for i in range(len(GRID))])
+def test_strategies_match_naive_loop_grid(case):
+    rank, kernel, stride, dilation, groups, padding, spatial, channel, filt, bias = case
+    rng = np.random.default_rng(hash(str(case)) % 2**32)
+    kw = dict(cin_per_group=1, cout_per_group=2, groups=4) if groups == "dw" else dict(groups=groups)
+    with jax.enable_x64(True):
+        arrays, geom = make_case(rng, rank=rank, kernel=kernel, stride=stride, dilation=dilation, padding=padding,
+                                 spatial=spatial, channel=channel, filt=filt, bias=bias, size=5 if rank == 3 else 6,
+                                 **kw)
+        check_all_strategies(arrays, geom)
+
+
+def _random_configs(n, seed=0):
+    rng = np.random.default_rng(seed)
+    for _ in range(n):
+        rank = int(rng.choice([1, 2, 2, 3]))
+        kernel = int(rng.choice([1, 2, 3])) if rank == 3 else int(rng.choice([1, 2, 3, 5]))
+        groups = int(rng.choice([1, 2, 3]))
+        padding = rng.choice(["SAME", "VALID", "explicit"])
+        if padding == "explicit":
+            padding = tuple((int(rng.integers(0, 3)), int(rng.integers(0, 3))) for _ in range(rank))
+        yield dict(rank=rank, kernel=kernel, stride=int(rng.integers(1, 4)), dilation=int(rng.integers(1, 3)),
+                   groups=groups, padding=padding, spatial=bool(rng.random() < 0.5), channel=bool(rng.random() < 0.5),
+                   filt=bool(rng.random() < 0.5), bias=bool(rng.random() < 0.5), batch=int(rng.integers(1, 4)),
+                   cin_per_group=int(rng.integers(1, 4)), cout_per_group=int(rng.integers(1, 4)),
+                   size=int(rng.integers(5, 9)) if rank < 3 else 5, experts=int(rng.integers(1, 5)))
+
+
+@pytest.mark.parametrize("config", list(_random_configs(10)), ids=lambda c: "rank{rank}-k{kernel}-s{stride}-d{dilation}-g{groups}".format(**c))
+def test_strategies_match_naive_loop_random(config):
+    rng = np.random.default_rng(abs(hash(str(sorted(config.items())))) % 2**32)
+    with jax.enable_x64(True):
+        arrays, geom = make_case(rng, **config)
+        check_all_strategies(arrays, geom)
+
+
+def test_auto_picks_only_applicable_strategies():
+    shapes = itertools.product([1, 2, 32], [(4,), (32, 32), (4, 4), (8, 8, 8)], [1, 3, 5], [1, 2], [False, True],
+                               [(64, 1), (64, 64)], ["cpu", "gpu", "tpu"])
+    for batch, spatial, k, stride, spatial_att, (cin, groups), backend in shapes:
+        rank = len(spatial)
+        x_shape = (batch,) + spatial + (cin,)
+        e_shape = (4,) + (k,) * rank + (cin // groups, 64)
+        choice = ops.choose_strategy(x_shape, e_shape, strides=(stride,) * rank, dilation=(1,) * rank, groups=groups,
+                                     spatial_attention=spatial_att, backend=backend)
+        assert choice in ops.applicable_strategies((k,) * rank, spatial_attention=spatial_att), (x_shape, e_shape)
+
+
+def test_inapplicable_strategies_raise_clear_errors():
+    x = jnp.ones((2, 5, 5, 3))
+    experts = jnp.ones((4, 3, 3, 3, 4))
+    a = jnp.ones((2, 4))
+    geom = dict(strides=(1, 1), padding="SAME", dilation=(1, 1))
+    with pytest.raises(ValueError, match="spatial attention"):
+        ops.dynamic_conv(x, experts, a, spatial_attention=jnp.ones((2, 3, 3)), strategy="mix", **geom)
+    with pytest.raises(ValueError, match="1x1 kernel"):
+        ops.dynamic_conv(x, experts, a, strategy="pointwise", **geom)
+    with pytest.raises(ValueError, match="strategy='nope'"):
+        ops.dynamic_conv(x, experts, a, strategy="nope", **geom)
+    with pytest.raises(ValueError, match="groups=2"):
+        ops.dynamic_conv(x, experts, a, groups=2, **geom)
+    with pytest.raises(ValueError, match="output would be empty"):
+        ops.dynamic_conv(x, jnp.ones((4, 7, 7, 3, 4)), a, strategy="shifted", strides=(1, 1), padding="VALID",
+                         dilation=(1, 1))
