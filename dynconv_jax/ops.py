@@ -301,31 +301,39 @@ def choose_strategy(x_shape, experts_shape, *, strides, dilation, groups, spatia
                     backend: Optional[str] = None) -> str:
     """What ``strategy='auto'`` runs, by backend and shape (see ``docs/performance.md``).
 
-    The rules come from ``python -m benchmarks strategies`` (forward+backward, the
-    training path). Batch 1 is a static conv (``'vmap'`` lowers to exactly that); a
-    1x1 kernel is one batched matmul; a depthwise conv is a sum of broadcast
-    multiplies over the taps; otherwise the per-sample batched matmuls of
-    ``'shifted'`` (large outputs) or ``'patches'`` (small outputs, where one larger
-    matmul beats many small ones).
+    The rules come from ``python -m benchmarks strategies`` on XLA:CPU, forward+backward
+    (the training path). No accelerator measurements exist yet, so GPU/TPU use the same
+    rules except that batch 1 there always takes the static conv.
+
+    - a depthwise conv (one input channel per group) is a sum of broadcast multiplies over
+      the taps ('shifted'): XLA:CPU's own depthwise conv is 20x slower even static;
+    - batch 1 is exactly a static conv ('vmap' lowers to one);
+    - a 1x1 kernel is one batched matmul ('pointwise');
+    - without a spatial attention, ungrouped, with at most ``_MIX_MAX_POSITIONS`` output
+      positions, the per-sample kernels (``B * k^d * Cin * Cout`` values) cost more memory
+      traffic than ``K`` compute-bound static convs: 'mix';
+    - otherwise one per-sample batched matmul over the im2col tensor ('patches').
     """
     backend = backend or jax.default_backend()
     kernel_size = tuple(experts_shape[1:-2])
-    batch = x_shape[0]
-    ci = experts_shape[-2]
+    batch, ci = x_shape[0], experts_shape[-2]
+    if ci == 1 and (backend == "cpu" or batch > 1):
+        return "shifted"
     if batch == 1:
         return "vmap"
     if all(k == 1 for k in kernel_size):
         return "pointwise"
-    if ci == 1:
-        return "shifted"
     out_positions = math.prod(-(-n // s) for n, s in zip(x_shape[1:-1], strides))
-    del backend, dilation, groups, spatial_attention
-    return "patches" if out_positions <= _PATCHES_MAX_POSITIONS else "shifted"
+    del dilation
+    if not spatial_attention and groups == 1 and out_positions <= _MIX_MAX_POSITIONS:
+        return "mix"
+    return "patches"
 
 
-# Largest number of output positions for which 'patches' (one matmul over an im2col
-# tensor) beats 'shifted' (T matmuls) in forward+backward; from the strategy benchmark.
-_PATCHES_MAX_POSITIONS = 256
+# Most output positions for which 'mix' (K static convs) beat the per-sample kernels of
+# 'patches' in forward+backward on XLA:CPU (measured: 8x8 C=256 B=32 mix 179 ms vs
+# patches 259 ms; 32x32 C=64 mix 278 ms vs patches 146 ms).
+_MIX_MAX_POSITIONS = 64
 
 
 def dynamic_conv(
