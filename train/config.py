@@ -1,0 +1,178 @@
+"""Training configuration: one frozen dataclass, kept apart from the code that uses it.
+
+``Config()`` is the documented default run (a dynamic ResNet-18 on the embedded digits).
+Override any field from the command line with ``--key=value`` (see :func:`parse_args`);
+:meth:`Config.validate` rejects bad values with a message that names the field.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import typing
+from typing import Optional, Sequence
+
+MODELS = ("resnet18", "resnet34", "resnet50", "resnet101", "mobilenet_v2")
+CONVS = ("static", "condconv", "dynamic", "odconv")
+OPTIMIZERS = ("sgd", "adamw")
+SCHEDULES = ("cosine", "constant")
+AUGMENTS = ("auto", "none", "crop", "crop_flip")
+STEMS = ("auto", "imagenet", "cifar")
+DTYPES = ("float32", "bfloat16")
+
+
+class UsageError(ValueError):
+    """A bad option or an unusable combination of options / workdir state; printed without traceback."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """Every knob of a training run. Defaults: the main command's digits run."""
+
+    # Data.
+    dataset: str = "digits"             # 'digits' (embedded) or any TFDS name with 'image' and 'label'
+    data_dir: Optional[str] = None      # TFDS data_dir holding the prepared dataset
+    train_split: str = "train"
+    eval_split: str = "test"
+    augment: str = "auto"               # auto: crop for digits, crop_flip for TFDS images
+    crop_padding: Optional[int] = None  # None: 1 pixel for digits, 4 for TFDS images
+    # Model (dynconv_jax.models).
+    model: str = "resnet18"
+    conv: str = "odconv"
+    num_experts: int = 4
+    stem: str = "auto"                  # auto: 'cifar' for images up to 64 px, else 'imagenet'
+    base_width: int = 16                # ResNet width of the first stage (64 in the paper)
+    width_mult: float = 1.0             # MobileNetV2 width multiplier
+    dropout: Optional[float] = None     # dropout before the classifier (None: the model's default)
+    # Optimisation.
+    batch_size: int = 64                # global batch, split over all devices of all processes
+    num_epochs: int = 12
+    num_steps: Optional[int] = None     # when set, overrides num_epochs
+    optimizer: str = "sgd"
+    learning_rate: float = 0.1          # peak learning rate (after warmup)
+    momentum: float = 0.9               # SGD momentum / AdamW beta1
+    nesterov: bool = True
+    beta2: float = 0.999                # AdamW
+    weight_decay: float = 5e-4          # not applied to BatchNorm parameters and biases
+    schedule: str = "cosine"
+    warmup_epochs: float = 1.0
+    label_smoothing: float = 0.1
+    grad_clip_norm: Optional[float] = None
+    # Temperature annealing of the dynamic attentions (DY-CNN / ODConv: 30 -> 1 over 10 epochs).
+    temp_init: float = 30.0
+    temp_final: float = 1.0
+    temp_epochs: float = 4.0
+    # Numerics and randomness.
+    dtype: str = "float32"              # 'bfloat16': bf16 compute, float32 parameters
+    seed: int = 0
+    # Outputs.
+    workdir: Optional[str] = None       # None: runs/<dataset>-<model>-<conv>-<timestamp>
+    checkpoint_every_steps: int = 200
+    keep_checkpoints: int = 3
+    resume: bool = False
+    log_every_steps: int = 50
+    progress: bool = True               # tqdm bar (off: plain log lines)
+    tensorboard: bool = True
+    export: bool = True                 # safetensors export + dynconv_torch agreement check
+    # Parallelism.
+    distributed: bool = False           # call jax.distributed.initialize() (multi-host)
+
+    def validate(self) -> "Config":
+        """Raise :class:`UsageError` naming the field for any value the run cannot use."""
+        def choice(name, allowed):
+            if getattr(self, name) not in allowed:
+                raise UsageError(f"--{name}={getattr(self, name)!r}: expected one of {', '.join(allowed)}")
+
+        def positive(name, allow_zero=False):
+            value = getattr(self, name)
+            if value is None:
+                return
+            if value < 0 or (value == 0 and not allow_zero):
+                raise UsageError(f"--{name}={value!r}: must be {'>= 0' if allow_zero else '> 0'}")
+
+        for name, allowed in (("model", MODELS), ("conv", CONVS), ("optimizer", OPTIMIZERS),
+                              ("schedule", SCHEDULES), ("augment", AUGMENTS), ("stem", STEMS),
+                              ("dtype", DTYPES)):
+            choice(name, allowed)
+        for name in ("num_experts", "base_width", "width_mult", "batch_size", "num_epochs", "num_steps",
+                     "learning_rate", "checkpoint_every_steps", "keep_checkpoints", "log_every_steps",
+                     "temp_init", "temp_final", "grad_clip_norm"):
+            positive(name)
+        for name in ("weight_decay", "warmup_epochs", "temp_epochs", "crop_padding"):
+            positive(name, allow_zero=True)
+        if self.dropout is not None and not 0.0 <= self.dropout < 1.0:
+            raise UsageError(f"--dropout={self.dropout!r}: must be in [0, 1)")
+        if not 0.0 <= self.label_smoothing < 1.0:
+            raise UsageError(f"--label_smoothing={self.label_smoothing!r}: must be in [0, 1)")
+        if not 0.0 <= self.momentum < 1.0 or not 0.0 <= self.beta2 < 1.0:
+            raise UsageError(f"--momentum={self.momentum!r} / --beta2={self.beta2!r}: must be in [0, 1)")
+        return self
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True)
+
+
+def _field_types() -> dict:
+    hints = typing.get_type_hints(Config)
+    return {f.name: hints[f.name] for f in dataclasses.fields(Config)}
+
+
+def _parse_value(name: str, text: str, annotation):
+    """Convert ``text`` to the field's type; 'none' gives None for Optional fields."""
+    optional = typing.get_origin(annotation) is typing.Union and type(None) in typing.get_args(annotation)
+    base = next(a for a in typing.get_args(annotation) if a is not type(None)) if optional else annotation
+    if optional and text.lower() in ("none", "null", ""):
+        return None
+    try:
+        if base is bool:
+            lowered = text.lower()
+            if lowered in ("1", "true", "yes", "on"):
+                return True
+            if lowered in ("0", "false", "no", "off"):
+                return False
+            raise ValueError
+        if base is int:
+            return int(text)
+        if base is float:
+            return float(text)
+        return text
+    except ValueError:
+        kind = {bool: "true/false", int: "an integer", float: "a number"}.get(base, "a string")
+        extra = " or none" if optional else ""
+        raise UsageError(f"--{name}={text!r}: expected {kind}{extra}") from None
+
+
+def parse_args(argv: Sequence[str], base: Optional[Config] = None) -> Config:
+    """``['--batch_size=32', '--conv=dynamic', '--resume']`` -> validated :class:`Config`.
+
+    A bare ``--flag`` sets a boolean field to True. Unknown keys and malformed values
+    raise :class:`UsageError` with the offending argument.
+    """
+    types = _field_types()
+    updates = {}
+    for arg in argv:
+        if not arg.startswith("--"):
+            raise UsageError(f"argument {arg!r}: expected --key=value (see python -m train --help)")
+        key, sep, value = arg[2:].partition("=")
+        key = key.replace("-", "_")
+        if key not in types:
+            close = [k for k in types if k.startswith(key[:3])]
+            hint = f" (did you mean {', '.join('--' + k for k in close)}?)" if close else ""
+            raise UsageError(f"unknown option --{key}{hint}; see python -m train --help")
+        if not sep:
+            if types[key] is not bool:
+                raise UsageError(f"--{key} needs a value: --{key}=...")
+            value = "true"
+        updates[key] = _parse_value(key, value, types[key])
+    return dataclasses.replace(base or Config(), **updates).validate()
+
+
+def usage() -> str:
+    lines = ["usage: python -m train [--key=value ...]", "", "options (default):"]
+    for f in dataclasses.fields(Config):
+        lines.append(f"  --{f.name}={f.default!r}")
+    return "\n".join(lines)
+
+
+def from_json(text: str) -> Config:
+    """Inverse of :meth:`Config.to_json` (used to check a resumed run's configuration)."""
+    return Config(**json.loads(text))

@@ -1,0 +1,243 @@
+"""The training loop: ``train_and_evaluate(config)`` (what ``python -m train`` runs)."""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import math
+import os
+import queue
+import sys
+import threading
+import time
+from typing import Any, Dict, Iterator
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from train import checkpoint as ckpt_lib
+from train import data as data_lib
+from train import metrics as metrics_lib
+from train import parallel
+from train import steps
+from train.config import Config, UsageError, from_json
+
+# Fields that may differ between a run and its resumption (they do not change the maths).
+RUNTIME_FIELDS = ("resume", "workdir", "progress", "log_every_steps", "tensorboard", "export", "distributed",
+                  "checkpoint_every_steps", "keep_checkpoints", "data_dir")
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss or the gradients became NaN/Inf; the last good checkpoint is kept."""
+
+
+def default_workdir(config: Config) -> str:
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    return os.path.join("runs", f"{config.dataset}-{config.model}-{config.conv}-{stamp}")
+
+
+def _prefetch(iterator: Iterator, size: int = 2) -> Iterator:
+    """Run ``iterator`` in a background thread, ``size`` items ahead (order unchanged)."""
+    items: queue.Queue = queue.Queue(maxsize=size)
+    done = object()
+
+    def produce():
+        try:
+            for item in iterator:
+                items.put(item)
+        except BaseException as error:  # re-raised in the consumer
+            items.put(error)
+        items.put(done)
+
+    threading.Thread(target=produce, daemon=True).start()
+    while True:
+        item = items.get()
+        if item is done:
+            return
+        if isinstance(item, BaseException):
+            raise item
+        yield item
+
+
+def _check_resumable(workdir: str, config: Config) -> None:
+    path = os.path.join(workdir, "config.json")
+    if not os.path.exists(path):
+        return
+    with open(path) as f:
+        saved = from_json(f.read())
+    diff = [f"{f.name}: {getattr(saved, f.name)!r} -> {getattr(config, f.name)!r}"
+            for f in dataclasses.fields(Config)
+            if f.name not in RUNTIME_FIELDS and getattr(saved, f.name) != getattr(config, f.name)]
+    if diff:
+        raise UsageError(f"--resume: the configuration differs from the one saved in {path} "
+                         f"({'; '.join(diff)}); an exact resume needs the same configuration")
+
+
+def evaluate(p_eval_step, state, batches: data_lib.Batches, sharding, temperature) -> Dict[str, float]:
+    """Loss and accuracy of ``state`` on the whole eval split."""
+    totals = {"loss": 0.0, "correct": 0.0, "count": 0.0}
+    for images, labels, mask in batches.eval_batches():
+        sums = jax.device_get(p_eval_step(state, *parallel.global_batch(sharding, images, labels, mask),
+                                          temperature))
+        for key in totals:
+            totals[key] += float(sums[key])
+    return {"loss": totals["loss"] / totals["count"], "accuracy": totals["correct"] / totals["count"]}
+
+
+def train_and_evaluate(config: Config) -> Dict[str, Any]:
+    """Train ``config``; returns the final metrics, the state and paths (see docs/training.md)."""
+    config.validate()
+    parallel.initialize(config.distributed)
+    primary = jax.process_index() == 0
+    workdir = config.workdir or default_workdir(config)
+    config = dataclasses.replace(config, workdir=workdir)
+    os.makedirs(workdir, exist_ok=True)
+
+    dataset = data_lib.load_dataset(config)
+    batches = data_lib.Batches(dataset, data_lib.Augment.from_config(config, dataset), config.batch_size,
+                               config.seed, jax.process_index(), jax.process_count())
+    mesh = parallel.make_mesh()
+    if config.batch_size % mesh.size:
+        raise UsageError(f"--batch_size={config.batch_size} must be divisible by the number of devices "
+                         f"({mesh.size})")
+    spe = batches.steps_per_epoch
+    total_steps = config.num_steps or config.num_epochs * spe
+
+    model = steps.create_model(config, dataset.num_classes, dataset.image_shape)
+    tx, lr_schedule = steps.create_optimizer(config, spe, total_steps)
+    temperature_fn = steps.temperature_schedule(config, spe)
+    root_key = jax.random.key(config.seed)
+    init_key, dropout_key = jax.random.split(root_key)
+    state = steps.create_train_state(init_key, model, dataset.image_shape, tx)
+
+    checkpointer = ckpt_lib.Checkpointer(workdir, config.keep_checkpoints)
+    existing = checkpointer.all_steps()
+    if existing and not config.resume:
+        raise UsageError(f"{workdir} already has checkpoints (steps {existing}); pass --resume to continue "
+                         f"that run or choose another --workdir")
+    if config.resume:
+        _check_resumable(workdir, config)
+    if primary:
+        with open(os.path.join(workdir, "config.json"), "w") as f:
+            f.write(config.to_json())
+
+    start_step = 0
+    running = {"loss": 0.0, "accuracy": 0.0, "count": 0}
+    restored = checkpointer.restore_latest(state) if config.resume else None
+    if restored is not None:
+        start_step, state, meta = restored
+        running = meta["running"]
+        print(f"resumed from {checkpointer.directory}/{start_step} (step {start_step}/{total_steps})", flush=True)
+    elif config.resume:
+        print(f"--resume: no checkpoint in {checkpointer.directory}; starting from step 0", flush=True)
+
+    repl, data_sharding = parallel.replicated(mesh), parallel.batch_sharded(mesh)
+    state = jax.device_put(state, repl)
+    dropout_key = jax.device_put(dropout_key, repl)
+    p_train_step = jax.jit(
+        functools.partial(steps.train_step, temperature_fn=temperature_fn, label_smoothing=config.label_smoothing),
+        in_shardings=(repl, data_sharding, data_sharding, repl), out_shardings=(repl, repl), donate_argnums=0)
+    p_eval_step = jax.jit(steps.eval_step, in_shardings=(repl, data_sharding, data_sharding, data_sharding, repl),
+                          out_shardings=repl)
+
+    writer = metrics_lib.MetricsWriter(workdir, start_step if restored else None, config.tensorboard, primary)
+    if primary:
+        print(f"{config.model} conv={config.conv} K={config.num_experts} on {dataset.name} "
+              f"{dataset.image_shape} ({len(dataset.train_labels)} train / {len(dataset.eval_labels)} eval), "
+              f"{jax.device_count()} device(s) [{jax.devices()[0].platform}], batch {config.batch_size}, "
+              f"{total_steps} steps ({spe}/epoch); workdir {workdir}", flush=True)
+
+    bar = None
+    if config.progress and primary:
+        from tqdm import tqdm
+
+        bar = tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True, file=sys.stderr)
+    log = bar.write if bar is not None else functools.partial(print, flush=True)
+
+    t_start = t_epoch = time.time()
+    last_good = checkpointer.all_steps()[-1] if checkpointer.all_steps() else None
+    eval_metrics = {"loss": math.nan, "accuracy": math.nan}
+    try:
+        for step, images, labels in _prefetch(batches.iterate_train(start_step, total_steps)):
+            images, labels = parallel.global_batch(data_sharding, images, labels)
+            state, metrics = p_train_step(state, images, labels, dropout_key)
+            metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
+            for name in ("loss", "grad_norm"):
+                if not math.isfinite(metrics[name]):
+                    raise TrainingDiverged(
+                        f"step {step + 1}: training {'loss (cross-entropy' if name == 'loss' else 'gradient norm ('}"
+                        f"{f', label smoothing {config.label_smoothing})' if name == 'loss' else 'of the loss)'} "
+                        f"is {metrics[name]} (loss {metrics['loss']}, grad norm {metrics['grad_norm']}, "
+                        f"lr {float(lr_schedule(step)):.4g}); stopped. Last good checkpoint: "
+                        f"{'step ' + str(last_good) if last_good is not None else 'none'} in {checkpointer.directory}")
+            n = config.batch_size
+            running["loss"] += metrics["loss"] * n
+            running["accuracy"] += metrics["accuracy"] * n
+            running["count"] += n
+            done = step + 1
+            lr = float(lr_schedule(step))
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(loss=f"{metrics['loss']:.4f}", lr=f"{lr:.4g}", T=f"{metrics['temperature']:.2f}",
+                                refresh=False)
+            if done % config.log_every_steps == 0:
+                writer.scalars(done, {"loss": metrics["loss"], "accuracy": metrics["accuracy"],
+                                      "grad_norm": metrics["grad_norm"], "learning_rate": lr,
+                                      "temperature": metrics["temperature"]}, "train")
+                if bar is None:
+                    log(f"step {done}/{total_steps} loss {metrics['loss']:.4f} acc {metrics['accuracy']:.4f} "
+                        f"lr {lr:.4g} T {metrics['temperature']:.3f}")
+            if done % spe == 0 or done == total_steps:
+                temperature = temperature_fn(done)
+                eval_metrics = evaluate(p_eval_step, state, batches, data_sharding,
+                                        jax.device_put(jnp.asarray(temperature, jnp.float32), repl))
+                if not math.isfinite(eval_metrics["loss"]):
+                    raise TrainingDiverged(f"step {done}: eval loss (cross-entropy on {config.eval_split}) is "
+                                           f"{eval_metrics['loss']}; stopped. Last good checkpoint: "
+                                           f"{'step ' + str(last_good) if last_good is not None else 'none'} "
+                                           f"in {checkpointer.directory}")
+                row = {"epoch": math.ceil(done / spe), "step": done,
+                       "train_loss": running["loss"] / running["count"],
+                       "train_accuracy": running["accuracy"] / running["count"],
+                       "eval_loss": eval_metrics["loss"], "eval_accuracy": eval_metrics["accuracy"],
+                       "learning_rate": lr, "temperature": float(temperature),
+                       "seconds": round(time.time() - t_epoch, 2)}
+                writer.epoch(row)
+                log(f"epoch {row['epoch']:>3} step {done}: train loss {row['train_loss']:.4f} "
+                    f"acc {row['train_accuracy']:.4f} | {config.eval_split} loss {row['eval_loss']:.4f} "
+                    f"acc {row['eval_accuracy']:.4f} | lr {lr:.4g} T {row['temperature']:.3f} "
+                    f"| {row['seconds']:.1f}s")
+                running = {"loss": 0.0, "accuracy": 0.0, "count": 0}
+                t_epoch = time.time()
+            if done % config.checkpoint_every_steps == 0 or done == total_steps:
+                try:
+                    checkpointer.save(done, state, {"running": running})
+                except ckpt_lib.CheckpointError as error:
+                    raise TrainingDiverged(f"{error}. Last good checkpoint: "
+                                           f"{'step ' + str(last_good) if last_good is not None else 'none'} "
+                                           f"in {checkpointer.directory}") from None
+                last_good = done
+    finally:
+        if bar is not None:
+            bar.close()
+        writer.close()
+        checkpointer.close()
+
+    elapsed = time.time() - t_start
+    result = {"workdir": workdir, "steps": total_steps, "eval_loss": eval_metrics["loss"],
+              "eval_accuracy": eval_metrics["accuracy"], "seconds": elapsed, "state": state,
+              "checkpoint_dir": checkpointer.directory}
+    if config.export and primary:
+        from train.export import export_and_verify
+
+        variables = {"params": state.params, "batch_stats": state.batch_stats}
+        result["export"] = export_and_verify(
+            config, model, variables, batches.normalize(dataset.eval_images), dataset.num_classes,
+            float(temperature_fn(total_steps)), os.path.join(workdir, "model.safetensors"))
+    if primary:
+        log(f"done: {total_steps} steps in {elapsed:.1f}s; {config.eval_split} accuracy "
+            f"{eval_metrics['accuracy']:.4f}, loss {eval_metrics['loss']:.4f}")
+        with open(os.path.join(workdir, "summary.json"), "w") as f:
+            json.dump({k: v for k, v in result.items() if k != "state"}, f, indent=2)
+    return result

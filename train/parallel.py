@@ -1,0 +1,37 @@
+"""Data parallelism with JAX's sharding API: one 'data' mesh axis over every device of every
+process; the global batch is split over it, parameters and optimiser state are replicated.
+
+Under ``jax.jit`` with these shardings, reductions over the batch (the loss mean, BatchNorm's
+batch mean and variance) are global: XLA inserts the cross-device all-reduces, so the result
+equals single-device training on the same global batch up to float summation order.
+"""
+from __future__ import annotations
+
+import numpy as np
+import jax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+
+def initialize(distributed: bool) -> None:
+    """Multi-host: ``jax.distributed.initialize()`` reads the coordinator, process count and id
+    from the environment (SLURM, Cloud TPU, or JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES /
+    JAX_PROCESS_ID)."""
+    if distributed:
+        jax.distributed.initialize()
+
+
+def make_mesh() -> Mesh:
+    return Mesh(np.asarray(jax.devices()), ("data",))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, P())
+
+
+def batch_sharded(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, P("data"))
+
+
+def global_batch(sharding: NamedSharding, *local_arrays):
+    """This process's slices of the global batch -> global ``jax.Array``s sharded on 'data'."""
+    return tuple(jax.make_array_from_process_local_data(sharding, np.asarray(a)) for a in local_arrays)

@@ -1,0 +1,174 @@
+"""Model factory, optimiser, schedules and the pure train/eval steps.
+
+Everything here is a small pure function in the style of Flax's examples, so that other
+scripts (evaluation, ablations) can build the same model and state from a
+:class:`~train.config.Config` and reuse the steps:
+
+    model = create_model(config, num_classes, image_shape)
+    tx, lr_schedule = create_optimizer(config, steps_per_epoch, total_steps)
+    state = create_train_state(jax.random.key(config.seed), model, image_shape, tx)
+    state, metrics = train_step(state, images, labels, dropout_key, temperature_fn=..., ...)
+    sums = eval_step(state, images, labels, mask, temperature)
+"""
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable, Dict, Optional, Tuple
+
+import flax
+import jax
+import jax.numpy as jnp
+import optax
+from flax.training import train_state
+
+Array = jax.Array
+
+
+class TrainState(train_state.TrainState):
+    """Flax's TrainState plus BatchNorm statistics (``{}`` for models without BatchNorm)."""
+
+    batch_stats: Any = None
+
+
+def model_kwargs(config, num_classes: int, image_shape) -> Dict[str, Any]:
+    """Keyword arguments of ``dynconv_jax.models.<config.model>`` (and of the identical
+    ``dynconv_torch.models`` constructor, minus ``dtype``); ``image_shape`` is ``(H, W, C)``."""
+    image_size, in_channels = image_shape[0], image_shape[-1]
+    kwargs: Dict[str, Any] = dict(conv=config.conv, num_experts=config.num_experts, num_classes=num_classes,
+                                  in_channels=in_channels)
+    if config.dropout is not None:
+        kwargs["dropout"] = config.dropout
+    if config.model.startswith("resnet"):
+        stem = config.stem
+        if stem == "auto":
+            stem = "cifar" if image_size <= 64 else "imagenet"
+        kwargs.update(stem=stem, base_width=config.base_width)
+    else:
+        kwargs.update(width_mult=config.width_mult)
+    return kwargs
+
+
+def create_model(config, num_classes: int, image_shape):
+    """The ``dynconv_jax.models`` network named by ``config.model`` (bf16 compute if asked)."""
+    from dynconv_jax import models
+
+    kwargs = model_kwargs(config, num_classes, image_shape)
+    if config.dtype == "bfloat16":
+        kwargs["dtype"] = jnp.bfloat16
+    return getattr(models, config.model)(**kwargs)
+
+
+def temperature_schedule(config, steps_per_epoch: int) -> Callable[[Any], Array]:
+    """Linear annealing ``temp_init -> temp_final`` over the first ``temp_epochs`` epochs, then
+    constant (DY-CNN, Chen et al. CVPR 2020, and ODConv, Li et al. ICLR 2022, use 30 -> 1 over
+    10 epochs). Returns a function of the (traced) step, so annealing never recompiles."""
+    anneal_steps = int(round(config.temp_epochs * steps_per_epoch))
+    if anneal_steps == 0:
+        return optax.constant_schedule(config.temp_final)
+    return optax.linear_schedule(config.temp_init, config.temp_final, anneal_steps)
+
+
+def learning_rate_schedule(config, steps_per_epoch: int, total_steps: int) -> optax.Schedule:
+    """Linear warmup from 0 to ``learning_rate`` over ``warmup_epochs``, then cosine decay to 0
+    at ``total_steps`` (or constant)."""
+    warmup = min(int(round(config.warmup_epochs * steps_per_epoch)), max(total_steps - 1, 0))
+    if config.schedule == "cosine":
+        main = optax.cosine_decay_schedule(config.learning_rate, max(total_steps - warmup, 1))
+    else:
+        main = optax.constant_schedule(config.learning_rate)
+    if warmup == 0:
+        return main
+    return optax.join_schedules([optax.linear_schedule(0.0, config.learning_rate, warmup), main], [warmup])
+
+
+def decay_mask(params) -> Any:
+    """True for the leaves weight decay applies to: every ``kernel`` (convolution, dense and
+    expert kernels); False for biases (including expert biases) and BatchNorm scales."""
+    flat = flax.traverse_util.flatten_dict(flax.core.unfreeze(params))
+    return flax.traverse_util.unflatten_dict({path: path[-1] == "kernel" for path in flat})
+
+
+def create_optimizer(config, steps_per_epoch: int, total_steps: int) -> Tuple[optax.GradientTransformation,
+                                                                               optax.Schedule]:
+    """SGD (+momentum, Nesterov; coupled L2 decay as in PyTorch's SGD) or AdamW (decoupled
+    decay), optional global-norm clipping first. Returns ``(tx, learning_rate_schedule)``."""
+    schedule = learning_rate_schedule(config, steps_per_epoch, total_steps)
+    parts = []
+    if config.grad_clip_norm is not None:
+        parts.append(optax.clip_by_global_norm(config.grad_clip_norm))
+    if config.optimizer == "sgd":
+        if config.weight_decay:
+            parts.append(optax.add_decayed_weights(config.weight_decay, mask=decay_mask))
+        parts.append(optax.sgd(schedule, momentum=config.momentum or None, nesterov=config.nesterov))
+    else:
+        parts.append(optax.adamw(schedule, b1=config.momentum, b2=config.beta2,
+                                 weight_decay=config.weight_decay, mask=decay_mask))
+    return optax.chain(*parts), schedule
+
+
+def create_train_state(rng: Array, model, image_shape, tx) -> TrainState:
+    """Initialise parameters and BatchNorm statistics on a ``[1, *image_shape]`` input."""
+    dummy = jnp.zeros((1,) + tuple(image_shape), jnp.float32)
+    params_key, dropout_key = jax.random.split(rng)
+    variables = jax.jit(functools.partial(model.init, train=False))(
+        {"params": params_key, "dropout": dropout_key}, dummy)
+    return TrainState.create(apply_fn=model.apply, params=variables["params"],
+                             batch_stats=variables.get("batch_stats", {}), tx=tx)
+
+
+def _variables(state: TrainState, params=None) -> Dict[str, Any]:
+    variables = {"params": state.params if params is None else params}
+    if state.batch_stats:
+        variables["batch_stats"] = state.batch_stats
+    return variables
+
+
+def cross_entropy(logits: Array, labels: Array, num_classes: int, label_smoothing: float = 0.0) -> Array:
+    """Per-example softmax cross-entropy ``[B]`` in float32, with optional label smoothing."""
+    targets = jax.nn.one_hot(labels, num_classes)
+    if label_smoothing:
+        targets = optax.smooth_labels(targets, label_smoothing)
+    return optax.softmax_cross_entropy(logits.astype(jnp.float32), targets)
+
+
+def train_step(state: TrainState, images: Array, labels: Array, dropout_key: Array, *,
+               temperature_fn: Callable, label_smoothing: float) -> Tuple[TrainState, Dict[str, Array]]:
+    """One optimisation step on a (possibly sharded) global batch.
+
+    images ``[B, H, W, C]`` float32, labels ``[B]`` int32. BatchNorm statistics are computed
+    over the whole global batch: under ``jax.jit`` with a batch sharded over devices, the
+    batch mean is a cross-device reduction. Returns the new state and scalar metrics
+    (``loss`` = training objective, ``accuracy``, ``grad_norm``, ``temperature``).
+    """
+    temperature = temperature_fn(state.step)
+    key = jax.random.fold_in(dropout_key, state.step)
+
+    def loss_fn(params):
+        logits, updates = state.apply_fn(
+            _variables(state, params), images, train=True, temperature=temperature,
+            mutable=["batch_stats"], rngs={"dropout": key})
+        loss = cross_entropy(logits, labels, logits.shape[-1], label_smoothing).mean()
+        return loss, (logits, updates)
+
+    (loss, (logits, updates)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    new_state = state.apply_gradients(grads=grads, batch_stats=updates.get("batch_stats", state.batch_stats))
+    metrics = {
+        "loss": loss,
+        "accuracy": jnp.mean(jnp.argmax(logits, -1) == labels),
+        "grad_norm": optax.global_norm(grads),
+        "temperature": jnp.asarray(temperature, jnp.float32),
+    }
+    return new_state, metrics
+
+
+def eval_step(state: TrainState, images: Array, labels: Array, mask: Array,
+              temperature: Optional[Array] = None) -> Dict[str, Array]:
+    """Sums over the real (``mask == 1``) examples of a padded batch: cross-entropy (no label
+    smoothing), number correct and count."""
+    logits = state.apply_fn(_variables(state), images, train=False, temperature=temperature)
+    loss = cross_entropy(logits, labels, logits.shape[-1])
+    return {
+        "loss": jnp.sum(loss * mask),
+        "correct": jnp.sum((jnp.argmax(logits, -1) == labels) * mask),
+        "count": jnp.sum(mask),
+    }
