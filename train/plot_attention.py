@@ -34,7 +34,9 @@ def load_run(workdir: str):
     total_steps = config.num_steps or config.num_epochs * spe
     model = steps.create_model(config, dataset.num_classes, dataset.image_shape)
     tx, _ = steps.create_optimizer(config, spe, total_steps)
-    target = steps.create_train_state(jax.random.key(config.seed), model, dataset.image_shape, tx)
+    # device_put makes the Python-int step an int32 array, the dtype the training loop saved
+    # (a Python int would restore as int64 and fail the checkpoint's checksum).
+    target = jax.device_put(steps.create_train_state(jax.random.key(config.seed), model, dataset.image_shape, tx))
     checkpointer = ckpt_lib.Checkpointer(workdir, config.keep_checkpoints)
     try:
         restored = checkpointer.restore_latest(target)
