@@ -71,7 +71,7 @@ def compare(a, b) -> Tuple[float, float]:
 
 
 def _tree_scale(tree) -> float:
-    return max([_tree_scale(v) if isinstance(v, dict) else float(np.max(np.abs(np.asarray(v, np.float64))), initial=0.0)
+    return max([_tree_scale(v) if isinstance(v, dict) else float(np.max(np.abs(np.asarray(v, np.float64)), initial=0.0))
                 for v in tree.values()], default=0.0)
 
 
@@ -94,7 +94,7 @@ def compare_trees(flax_tree: Dict, torch_tree: Dict, prefix: str = "", floor: Op
             res = compare_trees(flax_tree[k], torch_tree[k], path, floor)
         else:
             diff, _ = compare(flax_tree[k], torch_tree[k])
-            scale = max(float(np.max(np.abs(np.asarray(torch_tree[k], np.float64))), initial=0.0), floor)
+            scale = max(float(np.max(np.abs(np.asarray(torch_tree[k], np.float64)), initial=0.0)), floor)
             res = (diff, diff / scale if scale > 0 else (0.0 if diff == 0 else float("inf")), path)
         if res[1] > worst[1] or (res[1] == worst[1] and res[0] > worst[0]):
             worst = res
