@@ -508,7 +508,7 @@ def torch_to_flax(source, template) -> Dict[str, Dict[str, Any]]:
     for p in pairs:
         target = flax_specs[p.path]
         value = p.layout.to_flax(state[p.key], tuple(target.shape))
-        out[p.path] = np.ascontiguousarray(value, dtype=np.dtype(target.dtype))
+        out[p.path] = np.array(value, dtype=np.dtype(target.dtype), order="C")  # a copy: never aliases the torch tensor
     tree = _unflatten(out)
     return {"params": tree.get("params", {}), "batch_stats": tree.get("batch_stats", {})}
 
@@ -558,7 +558,7 @@ def _flax_to_numpy(variables, like=None) -> Dict[str, np.ndarray]:
     for p in pairs:
         shape, dtype = specs[p.key]
         value = p.layout.to_torch(arrays[p.path], shape)
-        out[p.key] = np.ascontiguousarray(value, dtype=dtype if dtype is not None else value.dtype)
+        out[p.key] = np.array(value, dtype=dtype if dtype is not None else value.dtype, order="C")
     for k in specs:  # keep the order of `like` (or of the Flax tree)
         if _split_key(k)[1] in IGNORED_LEAVES:
             out[k] = np.asarray(counters.get(k, np.array(0, np.int64)))

@@ -251,6 +251,16 @@ def test_flax_torch_flax_is_bit_exact():
             assert a.dtype == b.dtype and np.array_equal(a, np.asarray(b))
 
 
+def test_outputs_never_alias_the_inputs():
+    sd = TorchNet().state_dict()
+    v = torch_to_flax(sd, _template())
+    v["params"]["fc"]["bias"][0] += 1.0
+    assert not np.array_equal(v["params"]["fc"]["bias"], sd["fc.bias"].numpy())
+    back = flax_to_torch(v)
+    back["fc.bias"][0] += 1.0
+    assert back["fc.bias"][0] != v["params"]["fc"]["bias"][0]
+
+
 def test_dtype_follows_template():
     tnet = _randomize(TorchNet()).double()
     sd = tnet.state_dict()
@@ -390,6 +400,7 @@ class _Evil:
         return (open, (self.marker, "w"))
 
 
+@pytest.mark.filterwarnings("ignore:Detected pickle protocol")
 def test_pickle_with_code_is_refused_not_executed(tmp_path):
     marker = str(tmp_path / "pwned")
     path = tmp_path / "evil.pt"
