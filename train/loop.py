@@ -107,8 +107,11 @@ def train_and_evaluate(config: Config) -> Dict[str, Any]:
     model = steps.create_model(config, dataset.num_classes, dataset.image_shape)
     tx, lr_schedule = steps.create_optimizer(config, spe, total_steps)
     temperature_fn = steps.temperature_schedule(config, spe)
-    root_key = jax.random.key(config.seed)
-    init_key, dropout_key = jax.random.split(root_key)
+    # Parameters are drawn with the 'rbg' PRNG: XLA:CPU compiles a threefry init of a ResNet
+    # 5x slower (measured 2.8 s vs 13.8 s CPU for resnet18 static). Dropout keeps threefry,
+    # whose sharded random bits equal the unsharded ones.
+    init_key = jax.random.key(config.seed, impl="rbg")
+    dropout_key = jax.random.fold_in(jax.random.key(config.seed), 1)
     state = steps.create_train_state(init_key, model, dataset.image_shape, tx)
 
     checkpointer = ckpt_lib.Checkpointer(workdir, config.keep_checkpoints)

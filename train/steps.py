@@ -155,7 +155,7 @@ def train_step(state: TrainState, images: Array, labels: Array, dropout_key: Arr
     metrics = {
         "loss": loss,
         "accuracy": jnp.mean(jnp.argmax(logits, -1) == labels),
-        "grad_norm": optax.global_norm(grads),
+        "grad_norm": optax.tree.norm(grads),
         "temperature": jnp.asarray(temperature, jnp.float32),
     }
     return new_state, metrics
