@@ -111,7 +111,7 @@ def test_parity_float32():
 
 
 def test_routing_is_shared_and_temperature_applies():
-    tm = _randomized(T.efficientnet_cc_b0_4e(num_classes=10, channel_multiplier=0.25, depth_multiplier=0.5))
+    tm = _randomized(T.EfficientNetCondConv(num_classes=10, channel_multiplier=0.25, depth_multiplier=0.5))
     block = tm.blocks[5][0]
     x = torch.randn(2, block.spec.in_chs, 8, 8)
     r1 = block.routing(x)
@@ -120,7 +120,7 @@ def test_routing_is_shared_and_temperature_applies():
     logits = block.routing_fn(x.mean((2, 3)))
     torch.testing.assert_close(r1, torch.sigmoid(logits))
     torch.testing.assert_close(r2, torch.sigmoid(logits / 2.0))
-    jm = J.efficientnet_cc_b0_4e(num_classes=10, channel_multiplier=0.25, depth_multiplier=0.5)
+    jm = J.EfficientNetCondConv(num_classes=10, channel_multiplier=0.25, depth_multiplier=0.5)
     v = J.convert_torch_checkpoint(jm, tm.state_dict(), image_size=32)
     xi = jnp.asarray(np.random.default_rng(1).standard_normal((2, 32, 32, 3)), jnp.float32)
     _, state = jm.apply(v, xi, temperature=2.0, mutable=["intermediates"])
