@@ -142,7 +142,9 @@ def _register_layers():
         if bias is not None:
             register(layer_case(family, 8, 16, 3, padding=1, bias=bias))
         for strategy in STRATEGIES:  # every strategy must equal the PyTorch reference too
-            if strategy != "vmap":
+            if strategy == "pointwise":  # 1x1 kernels only
+                register(layer_case(family, 6, 10, 1, stride=2, strategy=strategy))
+            elif strategy != "vmap":
                 register(layer_case(family, 8, 16, 3, stride=2, padding=1, groups=2, strategy=strategy))
 
 
@@ -155,7 +157,7 @@ MODEL_SIZE = {"resnet18": dict(base_width=8), "resnet34": dict(base_width=8), "r
               "mobilenet_v2": dict(width_mult=0.25)}
 
 
-def model_case(family: str, conv: str, *, num_experts=4, stem="cifar", temperature=None, size=16, batch=3,
+def model_case(family: str, conv: str, *, num_experts=4, stem="cifar", temperature=None, size=16, batch=8,
                quick=False, **extra) -> Case:
     """A whole-model case: ``dynconv_torch.models.<family>`` vs ``dynconv_jax.models.<family>``
     (dropout 0, 10 classes)."""
