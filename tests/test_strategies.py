@@ -86,7 +86,7 @@ def check_all_strategies(arrays, geom):
     g_ref = jax.grad(lambda *v: jnp.sum(naive(*v) * cot), argnums=argnums)(*vals)
     for strategy in strategies + ("auto",):
         f = fast(strategy)
-        y, vjp = jax.vjp(jax.jit(f), *vals)
+        y, vjp = jax.vjp(f, *vals)
         assert y.shape == y_ref.shape, strategy
         assert rel(y, y_ref) <= TOL, (strategy, "output", rel(y, y_ref))
         for name, g, gr in zip(names, vjp(cot), g_ref):
@@ -135,7 +135,7 @@ def _random_configs(n, seed=0):
                    size=int(rng.integers(5, 9)) if rank < 3 else 5, experts=int(rng.integers(1, 5)))
 
 
-@pytest.mark.parametrize("config", list(_random_configs(10)), ids=lambda c: "rank{rank}-k{kernel}-s{stride}-d{dilation}-g{groups}".format(**c))
+@pytest.mark.parametrize("config", list(_random_configs(8)), ids=lambda c: "rank{rank}-k{kernel}-s{stride}-d{dilation}-g{groups}".format(**c))
 def test_strategies_match_naive_loop_random(config):
     rng = np.random.default_rng(abs(hash(str(sorted(config.items())))) % 2**32)
     with jax.enable_x64(True):
