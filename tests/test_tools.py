@@ -1,6 +1,8 @@
 """Tests of the user tools: exact static export, average-routing export, attention plots, ablation runner."""
 from __future__ import annotations
 
+import csv
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -294,3 +296,24 @@ def test_torch_hooks_collect_what_the_layers_use():
     np.testing.assert_allclose(attentions["2"]["kernel_attention"], expected, rtol=1e-6)
     with pytest.raises(ValueError, match="training mode"):
         tinspect.collect_attentions(model.train(), x)
+
+
+# ---------------------------------------------------------------------------------------------- ablation
+def test_ablation_runner_tiny_digits(tmp_path):
+    from train import ablate
+
+    out = tmp_path / "ablate"
+    argv = ["--dataset", "digits", "--ks", "1,2", "--out", str(out), "--conv=dynamic", "--num_steps=2",
+            "--batch_size=16", "--base_width=4", "--progress=false", "--tensorboard=false", "--export=false"]
+    assert ablate.main(argv) == 0
+    with open(out / "ablation.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [int(r["num_experts"]) for r in rows] == [1, 2]
+    params = [int(r["params"]) for r in rows]
+    macs = [int(r["macs"]) for r in rows]
+    assert params[1] > params[0] and macs[1] > macs[0]  # a second expert bank costs parameters and aggregation
+    assert all(0.0 <= float(r["eval_accuracy"]) <= 1.0 for r in rows)
+    assert (out / "K1" / "checkpoints").is_dir() and (out / "K2" / "checkpoints").is_dir()
+    assert "| 2 |" in (out / "ablation.md").read_text()
+    assert (out / "ablation.png").read_bytes()[:8] == PNG_MAGIC
+    assert ablate.main(["--ks", "1,x"]) == 2
