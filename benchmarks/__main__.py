@@ -29,7 +29,7 @@ def main(argv=None):
     else:
         from . import models as suite
         kwargs = {"threads": args.threads}
-    repeats = args.repeats or (3 if args.quick or args.suite == "models" else 7)
+    repeats = args.repeats or (3 if args.quick or args.suite == "models" else 5)
     payload, markdown = suite.run(quick=args.quick, repeats=repeats, **kwargs)
     env = environment()
     for path in write_results(args.out, args.suite + ("_quick" if args.quick else ""), env, payload, markdown):
