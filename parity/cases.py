@@ -142,7 +142,8 @@ def _register_layers():
         if bias is not None:
             register(layer_case(family, 8, 16, 3, padding=1, bias=bias))
         for strategy in STRATEGIES:  # every strategy must equal the PyTorch reference too
-            if strategy == "pointwise":  # 1x1 kernels only
+            if strategy == "pointwise" or (strategy == "mix" and family == "odconv"):
+                # pointwise: 1x1 kernels only; mix: exact only without ODConv's spatial attention (1x1)
                 register(layer_case(family, 6, 10, 1, stride=2, strategy=strategy))
             elif strategy != "vmap":
                 register(layer_case(family, 8, 16, 3, stride=2, padding=1, groups=2, strategy=strategy))
