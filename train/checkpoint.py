@@ -65,7 +65,8 @@ class Checkpointer:
 
     def save(self, step: int, state, meta: Dict[str, Any]) -> None:
         """Write ``state`` (a flax struct / pytree) at ``step``; refuse NaN/Inf."""
-        host_state = jax.device_get(serialization.to_state_dict(state))
+        # Own copies: on CPU device_get may alias device buffers that the next (donating) step reuses.
+        host_state = jax.tree.map(lambda x: np.array(x, copy=True), jax.device_get(serialization.to_state_dict(state)))
         bad = nonfinite_leaves(host_state)
         if bad:
             raise CheckpointError(f"refusing to save the state of step {step}: NaN/Inf in {', '.join(bad[:5])}"
