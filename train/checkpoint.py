@@ -77,8 +77,11 @@ class Checkpointer:
         self.manager.wait_until_finished()
 
     def _restore_step(self, step: int, target) -> Tuple[Any, Dict[str, Any]]:
+        # The dtypes a fresh state would have on device: a Python int ``step`` is int32 there
+        # (int64 only under jax_enable_x64), which is what was saved; np.asarray would say int64.
         template = jax.device_get(serialization.to_state_dict(target))
-        abstract = jax.tree.map(lambda x: np.zeros(np.shape(x), np.asarray(x).dtype), template)
+        abstract = jax.tree.map(
+            lambda x: np.zeros(np.shape(x), jax.dtypes.canonicalize_dtype(np.asarray(x).dtype)), template)
         restored = self.manager.restore(step, args=ocp.args.Composite(
             state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()))
         meta = dict(restored["meta"])
@@ -87,11 +90,8 @@ class Checkpointer:
             raise CheckpointError(f"metadata says step {meta.get('step')}")
         checksum = tree_checksum(host_state)
         if checksum != meta.get("checksum"):
-            # KNOWN ISSUE: intact checkpoints of the ResNet state currently fail this comparison
-            # (deterministically, cause not yet found), so a mismatch only warns; unreadable or
-            # truncated files still fail in the restore above and trigger the fallback.
-            print(f"WARNING: checkpoint step {step}: array checksum {checksum[:12]}... differs from the "
-                  f"recorded {str(meta.get('checksum'))[:12]}...", file=sys.stderr, flush=True)
+            raise CheckpointError(f"array checksum {checksum[:12]}... differs from the recorded "
+                                  f"{str(meta.get('checksum'))[:12]}... (the data was altered after saving)")
         return serialization.from_state_dict(target, host_state), meta
 
     def restore_latest(self, target) -> Optional[Tuple[int, Any, Dict[str, Any]]]:
