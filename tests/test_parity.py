@@ -2,7 +2,8 @@
 
 Layers: a few fixed configurations in float64 and float32 with every check (eval/train
 forward, running stats, gradients, SGD steps), plus hypothesis-drawn random configurations.
-Models: tiny ResNet-18 / MobileNetV2 per conv type, eval-mode forward in float64.
+Models: tiny ResNet-18 / MobileNetV2 per conv type, eval-mode forward in float64; train mode
+(forward, running stats, gradients, 2 SGD steps) once per conv type in float64.
 """
 import numpy as np
 import optax
@@ -53,6 +54,18 @@ def test_random_layer_configs(family, k, stride, groups, experts, out_mult, dila
 def test_models_eval_forward(family, conv):
     case = model_case(family, conv, size=8, batch=2, temperature=None if conv == "static" else 2.0)
     _assert_rows(run_case(case, "float64", checks=("forward_eval",)))
+
+
+@pytest.mark.parametrize("family,conv", [("resnet18", "static"), ("resnet18", "condconv"),
+                                         ("mobilenet_v2", "dynamic"), ("resnet18", "odconv")])
+def test_models_train_mode_float64(family, conv):
+    """Train-mode forward, running statistics, gradients and 2 SGD steps of a tiny model, float64,
+    at the model tolerances (MODEL_TOLERANCES: rounding amplified by train-mode BatchNorm)."""
+    case = model_case(family, conv, size=16, batch=8, temperature=None if conv == "static" else 2.0)
+    rows = run_case(case, "float64", checks=("forward_train", "running_stats", "grad_input", "grad_params", "sgd"),
+                    sgd=SGD)
+    _assert_rows(rows)
+    assert {r.check for r in rows} == {"forward_train", "running_stats", "grad_input", "grad_params", "sgd"}
 
 
 def test_harness_detects_a_wrong_weight():
