@@ -6,7 +6,7 @@ so whole-model PyTorch checkpoints (including the official OSVAI/ODConv ones) co
 """
 from ._conv import CONV_TYPES, ConvConfig
 from .efficientnet_cc import (
-    EfficientNetCondConv, efficientnet_cc,
+    EfficientNetCondConv,
     tf_efficientnet_cc_b0_4e, tf_efficientnet_cc_b0_8e, tf_efficientnet_cc_b1_8e,
     efficientnet_cc_b0_4e, efficientnet_cc_b0_8e, efficientnet_cc_b1_8e,
 )
@@ -15,4 +15,4 @@ from .resnet import ResNet, resnet18, resnet34, resnet50, resnet101
 
 __all__ = ["CONV_TYPES", "ConvConfig", "ResNet", "resnet18", "resnet34", "resnet50", "resnet101", "MobileNetV2",
            "mobilenet_v2",
-           "EfficientNetCondConv", "efficientnet_cc", "tf_efficientnet_cc_b0_4e", "tf_efficientnet_cc_b0_8e", "tf_efficientnet_cc_b1_8e", "efficientnet_cc_b0_4e", "efficientnet_cc_b0_8e", "efficientnet_cc_b1_8e"]
+           "EfficientNetCondConv", "tf_efficientnet_cc_b0_4e", "tf_efficientnet_cc_b0_8e", "tf_efficientnet_cc_b1_8e", "efficientnet_cc_b0_4e", "efficientnet_cc_b0_8e", "efficientnet_cc_b1_8e"]

@@ -9,7 +9,7 @@ from dynconv_torch import set_temperature
 
 from ._conv import CONV_TYPES, make_conv, static_conv
 from .efficientnet_cc import (
-    EfficientNetCondConv, efficientnet_cc,
+    EfficientNetCondConv,
     tf_efficientnet_cc_b0_4e, tf_efficientnet_cc_b0_8e, tf_efficientnet_cc_b1_8e,
     efficientnet_cc_b0_4e, efficientnet_cc_b0_8e, efficientnet_cc_b1_8e,
 )
@@ -18,4 +18,4 @@ from .resnet import ResNet, resnet18, resnet34, resnet50, resnet101
 
 __all__ = ["CONV_TYPES", "make_conv", "static_conv", "set_temperature", "ResNet", "resnet18", "resnet34",
            "resnet50", "resnet101", "MobileNetV2", "mobilenet_v2",
-           "EfficientNetCondConv", "efficientnet_cc", "tf_efficientnet_cc_b0_4e", "tf_efficientnet_cc_b0_8e", "tf_efficientnet_cc_b1_8e", "efficientnet_cc_b0_4e", "efficientnet_cc_b0_8e", "efficientnet_cc_b1_8e"]
+           "EfficientNetCondConv", "tf_efficientnet_cc_b0_4e", "tf_efficientnet_cc_b0_8e", "tf_efficientnet_cc_b1_8e", "efficientnet_cc_b0_4e", "efficientnet_cc_b0_8e", "efficientnet_cc_b1_8e"]
