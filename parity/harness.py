@@ -17,6 +17,10 @@ check:
 
 Errors: ``max_abs = max|a - b|`` and ``max_rel = max|a - b| / max|b|`` per array (``b`` the
 PyTorch value), the worst array reported. Elementwise relative error is meaningless near zero.
+Train-mode rows also report ``sens``: the same metric between two Flax runs whose inputs differ by
+one rounding unit, i.e. how much the network amplifies rounding; an error of that order is
+amplified rounding, an error far above it (in float64) a real difference. Cases may override the
+tolerances and the SGD learning rate (``Case.tolerances``, ``Case.sgd_lr``: the model cases).
 """
 from __future__ import annotations
 
