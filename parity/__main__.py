@@ -90,7 +90,8 @@ def main(argv=None) -> int:
             json.dump({"meta": meta, "worst": summarize(rows), "rows": [dataclasses.asdict(r) for r in rows]}, f,
                       indent=1)
         with open(os.path.join(args.report, "parity.md"), "w") as f:
-            f.write(f"# Parity report\n\nSGD: {dataclasses.asdict(sgd)}; {len(rows)} rows, {len(failed)} failed.\n\n")
+            f.write(f"# Parity report\n\nSGD: {dataclasses.asdict(sgd)} (a case with its own lr names it in its "
+                    f"sgd row); {len(rows)} rows, {len(failed)} failed.\n\n")
             f.write("## Worst relative error per dtype and check\n\n| dtype | " + " | ".join(CHECKS) + " |\n|"
                     + "---|" * (len(CHECKS) + 1) + "\n")
             for dtype, worst in summarize(rows).items():
