@@ -82,7 +82,7 @@ def _jax_times(batch, spatial, cin, cout, k, stride, groups, repeats):
         variables = layer.init(jax.random.PRNGKey(0), x)
         params = variables["params"]
         rest = {c: v for c, v in variables.items() if c != "params"}
-        train = kind != "static"
+        train = kind != "static" and batch > 1  # batch 1: ODConv's attention BN cannot train on one sample
 
         def apply(p, x, layer=layer, rest=rest, train=train):
             kwargs = {"train": True, "mutable": list(rest)} if train and rest else ({"train": True} if train else {})
@@ -123,7 +123,7 @@ def _torch_times(batch, spatial, cin, cout, k, stride, groups, repeats):
     sync = (lambda _: torch.cuda.synchronize()) if dev == "cuda" else (lambda _: None)
     fwd, bwd, mem = {}, {}, {}
     for kind, layer in layers.items():
-        layer = layer.to(dev).train()
+        layer = layer.to(dev).train(x.shape[0] > 1)  # batch 1: eval-mode attention (BN needs 2 samples)
 
         def f(layer=layer):
             with torch.no_grad():
@@ -179,7 +179,7 @@ def run(quick: bool, repeats: int, threads=None):
                           fmt_ratio(tb.get(kind), tb.get("static")), fmt_ratio(jb[kind], tb.get(kind))])
         print(label + ": " + ", ".join(f"{kind} jax {fmt_ms(jb[kind])} torch {fmt_ms(tb.get(kind))} ms"
                                        for kind in KINDS), flush=True)
-    md = ("float32, K = 4 experts, SAME padding (PyTorch: padding k//2), layers in training mode. "
+    md = ("float32, K = 4 experts, SAME padding (PyTorch: padding k//2), layers in training mode (batch 1: eval-mode attention, since ODConv's attention BatchNorm cannot train on one sample). "
           "fwd+bwd = loss, gradients w.r.t. input and all parameters. Ratios: dynamic / static of the same "
           "framework, and JAX / PyTorch for fwd+bwd (< 1 = JAX faster). JAX memory: XLA temporaries + outputs "
           "of the compiled fwd+bwd program.\n\n")
