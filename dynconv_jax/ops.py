@@ -38,6 +38,12 @@ picks how the per-sample convolution is computed; every strategy is exact
     Expert-output mixing: one static conv with ``K * C_out`` outputs, then
     ``y = sum_k a_k y_k`` (exact by linearity). Costs ``K`` static convs; raises
     when a spatial attention is given (it does not factor out of the conv).
+``'map'``
+    ``lax.map`` over samples of a batch-1 static conv, with a custom VJP that maps
+    again: ``dx_b`` by a static conv with the transposed kernel, ``dW_b`` by one
+    matmul of the sample's (cache-sized) im2col with ``dy_b``. On XLA:CPU batch-1
+    static convs run at the full static rate, so this is the fastest exact strategy
+    for most shapes there. Reverse mode only (``jax.grad`` to any order; no ``jax.jvp``).
 
 ``'auto'`` (the default) picks by backend and shape, see :func:`choose_strategy`;
 ``benchmarks/`` holds the measurements behind the choice.
@@ -48,6 +54,7 @@ leading expert axis).
 """
 from __future__ import annotations
 
+import functools
 import itertools
 import math
 from typing import Optional, Sequence, Tuple, Union
@@ -58,7 +65,7 @@ from jax import lax
 
 PaddingLike = Union[str, int, Sequence[int], Sequence[Tuple[int, int]]]
 
-STRATEGIES = ("vmap", "shifted", "patches", "pointwise", "mix")
+STRATEGIES = ("vmap", "shifted", "patches", "pointwise", "mix", "map")
 
 
 def _tuple(value, rank: int, name: str) -> Tuple[int, ...]:
@@ -260,6 +267,112 @@ def _patches_strategy(x, experts, kernel_attention, spatial_attention, *, stride
     return y.reshape((b,) + out + (g * m,))
 
 
+def transposed_conv_padding(spatial_shape, kernel_size, strides, pads, dilation) -> Tuple[Tuple[int, int], ...]:
+    """Padding of the input-gradient conv: ``dx = conv(dilate(dy, strides), flip(W)^T)`` with these pads.
+
+    With forward pads ``(lo, hi)`` and dilated kernel extent ``e = (k - 1) * d + 1``, the gradient conv
+    runs over ``dy`` dilated by the stride (length ``(n_out - 1) * s + 1``) and must give back the input
+    length ``n``: ``lo' = e - 1 - lo``, ``hi' = n + e - 1 - lo' - ((n_out - 1) * s + 1)``.
+    """
+    out = output_shape(spatial_shape, kernel_size, strides, pads, dilation)
+    result = []
+    for n, k, s, (lo, _), d, o in zip(spatial_shape, kernel_size, strides, pads, dilation, out):
+        extent = (k - 1) * d + 1
+        lo_t = extent - 1 - lo
+        result.append((lo_t, n + extent - 1 - lo_t - ((o - 1) * s + 1)))
+    return tuple(result)
+
+
+def transposed_kernel(kernel, groups: int):
+    """The kernel of the input-gradient conv: ``[*k, Cin/g, Cout]`` -> spatially flipped ``[*k, Cout/g, Cin]``,
+    input and output channels swapped within each group."""
+    rank = kernel.ndim - 2
+    ci, cout = kernel.shape[-2], kernel.shape[-1]
+    w = kernel.reshape(kernel.shape[:-1] + (groups, cout // groups))  # [*k, Ci, g, M]
+    w = jnp.moveaxis(w, rank, -1)                                       # [*k, g, M, Ci]
+    w = jnp.swapaxes(w, rank, rank + 1)                                 # [*k, M, g, Ci]
+    w = w.reshape(kernel.shape[:-2] + (cout // groups, groups * ci))
+    return jnp.flip(w, axis=tuple(range(rank)))
+
+
+def _map_forward(x, kernels, geometry):
+    """``lax.map`` over samples of a batch-1 static conv: x ``[B, *S, Cin]``, kernels ``[B, *k, Cin/g, Cout]``."""
+    strides, pads, dilation, groups, precision = geometry
+
+    def one(args):
+        xb, wb = args
+        return static_conv(xb[None], wb, strides=strides, padding=pads, dilation=dilation, groups=groups,
+                           precision=precision)[0]
+
+    return lax.map(one, (x, kernels))
+
+
+def _map_input_grad(kernels, dy, geometry, spatial_shape):
+    """``dx_b``: the transpose of the per-sample conv in ``x``, one static conv per sample."""
+    strides, pads, dilation, groups, precision = geometry
+    rank = len(spatial_shape)
+    grad_pads = transposed_conv_padding(spatial_shape, kernels.shape[1:-2], strides, pads, dilation)
+
+    def one(args):
+        wb, dyb = args
+        return lax.conv_general_dilated(dyb[None], transposed_kernel(wb, groups), window_strides=(1,) * rank,
+                                        padding=grad_pads, lhs_dilation=strides, rhs_dilation=dilation,
+                                        dimension_numbers=conv_dimension_numbers(rank), feature_group_count=groups,
+                                        precision=precision)[0]
+
+    return lax.map(one, (kernels, dy))
+
+
+def _map_kernel_grad(x, dy, geometry, kernel_shape):
+    """``dW_b``: the transpose of the per-sample conv in its kernel, one im2col matmul per sample."""
+    strides, pads, dilation, groups, precision = geometry
+    kernel_size, ci, cout = kernel_shape[:-2], kernel_shape[-2], kernel_shape[-1]
+
+    def one(args):
+        xb, dyb = args
+        taps, _ = _taps(xb[None], kernel_size, strides, pads, dilation)
+        cols = jnp.stack(taps, axis=-2).reshape(-1, len(taps), groups, ci)  # [S_out, T, g, Ci]
+        dyg = dyb.reshape(-1, groups, cout // groups)                        # [S_out, g, M]
+        return jnp.einsum("stgi,sgm->tigm", cols, dyg, precision=precision).reshape(kernel_shape)
+
+    return lax.map(one, (x, dy))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def mapped_conv(x, kernels, geometry):
+    """Per-sample convolution as ``lax.map`` over samples of a static conv, with its own VJP.
+
+    x: ``[B, *S, Cin]``; kernels: ``[B, *k, Cin/g, Cout]``; geometry:
+    ``(strides, explicit pads, dilation, groups, precision)``. Each step is a batch-1 static conv,
+    which XLA:CPU runs at its static-conv rate. The VJP maps again: ``dx_b`` by a static conv with
+    the transposed kernel and ``dW_b`` by one matmul of the sample's cache-sized im2col with
+    ``dy_b`` (differentiating the ``lax.map`` itself would give XLA:CPU's batch-1 kernel-gradient
+    conv, ~30x slower). Reverse mode, to any order (the VJP is made of differentiable ops);
+    forward mode (``jax.jvp``, ``jax.jacfwd``) is not defined for a custom VJP: use another strategy.
+    """
+    return _map_forward(x, kernels, geometry)
+
+
+def _mapped_conv_fwd(x, kernels, geometry):
+    return _map_forward(x, kernels, geometry), (x, kernels)
+
+
+def _mapped_conv_bwd(geometry, residuals, dy):
+    x, kernels = residuals
+    return (_map_input_grad(kernels, dy, geometry, x.shape[1:-1]),
+            _map_kernel_grad(x, dy, geometry, kernels.shape[1:]))
+
+
+mapped_conv.defvjp(_mapped_conv_fwd, _mapped_conv_bwd)
+
+
+def _map_strategy(x, experts, kernel_attention, spatial_attention, *, strides, padding, dilation, groups, precision):
+    kernel_size = experts.shape[1:-2]
+    pads = explicit_padding(padding, x.shape[1:-1], kernel_size, strides, dilation)
+    kernels = aggregate_kernels(experts, kernel_attention, spatial_attention)
+    return mapped_conv(x, kernels, (strides, pads, dilation, groups, precision))
+
+
 def _mix_strategy(x, experts, kernel_attention, spatial_attention, *, strides, padding, dilation, groups, precision):
     if spatial_attention is not None:
         raise ValueError("strategy='mix' (expert-output mixing) is exact only without a spatial attention: "
@@ -284,12 +397,13 @@ _IMPLS = {
     "patches": _patches_strategy,
     "pointwise": _pointwise_strategy,
     "mix": _mix_strategy,
+    "map": _map_strategy,
 }
 
 
 def applicable_strategies(kernel_size: Sequence[int], *, spatial_attention: bool) -> Tuple[str, ...]:
     """The strategies that can compute this convolution (all of them are exact)."""
-    names = ["vmap", "shifted", "patches"]
+    names = ["vmap", "shifted", "patches", "map"]
     if all(k == 1 for k in kernel_size):
         names.append("pointwise")
     if not spatial_attention:
@@ -301,39 +415,41 @@ def choose_strategy(x_shape, experts_shape, *, strides, dilation, groups, spatia
                     backend: Optional[str] = None) -> str:
     """What ``strategy='auto'`` runs, by backend and shape (see ``docs/performance.md``).
 
-    The rules come from ``python -m benchmarks strategies`` on XLA:CPU, forward+backward
-    (the training path). No accelerator measurements exist yet, so GPU/TPU use the same
-    rules except that batch 1 there always takes the static conv.
+    XLA:CPU rules, from ``python -m benchmarks strategies`` (forward+backward, the training path):
 
     - a depthwise conv (one input channel per group) is a sum of broadcast multiplies over
-      the taps ('shifted'): XLA:CPU's own depthwise conv is 20x slower even static;
+      the taps ('shifted'): XLA:CPU's own depthwise conv is ~2x slower even static;
     - batch 1 is exactly a static conv ('vmap' lowers to one);
-    - a 1x1 kernel is one batched matmul ('pointwise');
     - without a spatial attention, ungrouped, with at most ``_MIX_MAX_POSITIONS`` output
-      positions, the per-sample kernels (``B * k^d * Cin * Cout`` values) cost more memory
-      traffic than ``K`` compute-bound static convs: 'mix';
-    - otherwise one per-sample batched matmul over the im2col tensor ('patches').
+      positions, the per-sample kernels (``B * k^d * Cin * Cout`` values for few output rows)
+      cost more memory traffic than ``K`` compute-bound static convs: 'mix';
+    - otherwise batch-1 static convs under ``lax.map`` with their own VJP ('map').
+
+    Other backends were never measured (no accelerator was available): there every sample
+    at once is the better bet, so batch 1 takes 'vmap', a 1x1 kernel 'pointwise', few output
+    positions without spatial attention 'mix' and the rest 'patches' (batched matmuls).
     """
     backend = backend or jax.default_backend()
     kernel_size = tuple(experts_shape[1:-2])
     batch, ci = x_shape[0], experts_shape[-2]
+    out_positions = math.prod(-(-n // s) for n, s in zip(x_shape[1:-1], strides))
+    del dilation
+    few_positions = not spatial_attention and groups == 1 and out_positions <= _MIX_MAX_POSITIONS
     if ci == 1 and (backend == "cpu" or batch > 1):
         return "shifted"
     if batch == 1:
         return "vmap"
+    if backend == "cpu":
+        return "mix" if few_positions else "map"
     if all(k == 1 for k in kernel_size):
         return "pointwise"
-    out_positions = math.prod(-(-n // s) for n, s in zip(x_shape[1:-1], strides))
-    del dilation
-    if not spatial_attention and groups == 1 and out_positions <= _MIX_MAX_POSITIONS:
-        return "mix"
-    return "patches"
+    return "mix" if few_positions else "patches"
 
 
-# Most output positions for which 'mix' (K static convs) beat the per-sample kernels of
-# 'patches' in forward+backward on XLA:CPU (measured: 8x8 C=256 B=32 mix 179 ms vs
-# patches 259 ms; 32x32 C=64 mix 278 ms vs patches 146 ms).
-_MIX_MAX_POSITIONS = 64
+# Most output positions for which 'mix' (K static convs) beats per-sample kernels in
+# forward+backward on XLA:CPU (measured, B=32, K=4: 4x4 C=512 mix 461 ms vs map 1001 ms;
+# 8x8 C=256 map 260 ms vs mix 342 ms).
+_MIX_MAX_POSITIONS = 16
 
 
 def dynamic_conv(
