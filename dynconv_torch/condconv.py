@@ -14,11 +14,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .functional import (aggregate_experts, check_input, check_temperature, conv_extra_repr, conv_geometry,
+from ._layer import DynamicLayerMixin
+from .functional import (aggregate_experts, check_input, check_temperature, conv_geometry,
                          global_avg_pool, init_experts_like_conv2d, per_sample_conv2d)
 
 
-class CondConv2d(nn.Module):
+class CondConv2d(DynamicLayerMixin, nn.Module):
     """Conditionally parameterized 2-D convolution (CondConv, Yang et al., NeurIPS 2019).
 
     For each sample ``b``: ``r_b = sigmoid(routing_fn(dropout(GAP(x_b))) / T)`` (``[K]``),
@@ -75,23 +76,12 @@ class CondConv2d(nn.Module):
         if self.routing_fn is not None:
             self.routing_fn.reset_parameters()
 
-    def update_temperature(self, temperature: float) -> None:
-        """Set T (a plain attribute, not part of the state dict)."""
-        self.temperature = check_temperature(temperature, self._where())
-
-    def _where(self) -> str:
-        return f"{type(self).__name__}({self.extra_repr()})"
-
-    def extra_repr(self) -> str:
-        s = conv_extra_repr(self.in_channels, self.out_channels, self.kernel_size, self.stride, self.padding,
-                            self.dilation, self.groups)
-        s += f", bias={self.bias is not None}, num_experts={self.num_experts}"
+    def _layer_repr(self) -> str:
+        s = f", bias={self.bias is not None}, num_experts={self.num_experts}"
         if self.routing_dropout:
             s += f", routing_dropout={self.routing_dropout}"
         if self.external_routing:
             s += ", external_routing=True"
-        if self.temperature != 1.0:
-            s += f", temperature={self.temperature}"
         return s
 
     def _routing(self, x: Tensor, routing_weights: Optional[Tensor]) -> Tensor:

@@ -12,7 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .functional import (aggregate_experts, check_input, check_temperature, conv_extra_repr, conv_geometry,
+from ._layer import DynamicLayerMixin
+from .functional import (aggregate_experts, check_input, check_temperature, conv_geometry,
                          global_avg_pool, init_experts_like_conv2d, per_sample_conv2d, positive_int)
 
 
@@ -34,7 +35,7 @@ class DynamicConvAttention(nn.Module):
         return torch.softmax(logits / temperature, dim=1)
 
 
-class DynamicConv2d(nn.Module):
+class DynamicConv2d(DynamicLayerMixin, nn.Module):
     """Dynamic convolution (DY-CNN, Chen et al., CVPR 2020).
 
     For each sample ``b``: ``pi_b = softmax(fc2(relu(fc1(GAP(x_b)))) / T)`` (``[K]``),
@@ -85,20 +86,8 @@ class DynamicConv2d(nn.Module):
         init_experts_like_conv2d(self.weight, self.bias)
         self.attention.reset_parameters()
 
-    def update_temperature(self, temperature: float) -> None:
-        """Set T (a plain attribute, not part of the state dict)."""
-        self.temperature = check_temperature(temperature, self._where())
-
-    def _where(self) -> str:
-        return f"{type(self).__name__}({self.extra_repr()})"
-
-    def extra_repr(self) -> str:
-        s = conv_extra_repr(self.in_channels, self.out_channels, self.kernel_size, self.stride, self.padding,
-                            self.dilation, self.groups)
-        s += f", bias={self.bias is not None}, num_experts={self.num_experts}, hidden_channels={self.hidden_channels}"
-        if self.temperature != 1.0:
-            s += f", temperature={self.temperature}"
-        return s
+    def _layer_repr(self) -> str:
+        return f", bias={self.bias is not None}, num_experts={self.num_experts}, hidden_channels={self.hidden_channels}"
 
     def attentions(self, x: Tensor) -> Dict[str, Tensor]:
         """``{'kernel_attention': [B, K]}`` for ``x`` (named as the Flax modules sow it)."""

@@ -14,7 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .functional import (aggregate_experts, check_input, check_temperature, conv_extra_repr, conv_geometry,
+from ._layer import DynamicLayerMixin
+from .functional import (aggregate_experts, check_input, check_temperature, conv_geometry,
                          global_avg_pool, per_sample_conv2d, positive_int)
 
 
@@ -72,7 +73,7 @@ class ODConvAttention(nn.Module):
                 None if kernel is None else torch.softmax(kernel, dim=1))
 
 
-class ODConv2d(nn.Module):
+class ODConv2d(DynamicLayerMixin, nn.Module):
     """Omni-dimensional dynamic 2-D convolution (ODConv, Li et al., ICLR 2022; official OSVAI/ODConv).
 
     With ``h = relu(bn(fc(GAP(x))))`` and ``c = sigmoid(channel_fc(h)/T)`` ``[B, I]``,
@@ -163,20 +164,8 @@ class ODConv2d(nn.Module):
         self.attention.reset_parameters()
         self._initialize_experts()
 
-    def update_temperature(self, temperature: float) -> None:
-        """Set T (a plain attribute, not part of the state dict)."""
-        self.temperature = check_temperature(temperature, self._where())
-
-    def _where(self) -> str:
-        return f"{type(self).__name__}({self.extra_repr()})"
-
-    def extra_repr(self) -> str:
-        s = conv_extra_repr(self.in_planes, self.out_planes, self.kernel_size, self.stride, self.padding,
-                            self.dilation, self.groups)
-        s += f", kernel_num={self.kernel_num}, attention_channels={self.attention_channels}"
-        if self.temperature != 1.0:
-            s += f", temperature={self.temperature}"
-        return s
+    def _layer_repr(self) -> str:
+        return f", kernel_num={self.kernel_num}, attention_channels={self.attention_channels}"
 
     def _attention(self, x: Tensor):
         check_input(x, self.in_planes, self._where())
