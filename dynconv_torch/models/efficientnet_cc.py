@@ -366,43 +366,36 @@ def efficientnet_cc(name: str, **kwargs) -> EfficientNetCondConv:
     return EfficientNetCondConv(depth_multiplier=depth, experts_multiplier=experts, tf_port=tf_port, **kwargs)
 
 
-def tf_efficientnet_cc_b0_4e(num_classes: int = 1000, drop_rate: float = 0.0, drop_path_rate: float = 0.0,
-                             **kwargs) -> EfficientNetCondConv:
-    """EfficientNet-CondConv-B0, 4 experts, TF port (timm weights: 77.3% ImageNet top-1). 13,314,116 params."""
-    return efficientnet_cc("tf_efficientnet_cc_b0_4e", num_classes=num_classes, drop_rate=drop_rate,
-                           drop_path_rate=drop_path_rate, **kwargs)
+#: name -> what its entry point's docstring adds to size, experts and port.
+_NOTES: Dict[str, str] = {
+    "tf_efficientnet_cc_b0_4e": "timm weights: 77.3% ImageNet top-1; 13,314,116 params",
+    "tf_efficientnet_cc_b0_8e": "timm weights: 78.0% top-1; 24,013,284 params",
+    "tf_efficientnet_cc_b1_8e": "timm weights: 79.3% top-1 at 240px; 39,715,968 params",
+    "efficientnet_cc_b0_4e": "untrained; timm trains it with drop_rate=drop_path_rate=0.2",
+    "efficientnet_cc_b0_8e": "untrained",
+    "efficientnet_cc_b1_8e": "untrained",
+}
 
 
-def tf_efficientnet_cc_b0_8e(num_classes: int = 1000, drop_rate: float = 0.0, drop_path_rate: float = 0.0,
-                             **kwargs) -> EfficientNetCondConv:
-    """EfficientNet-CondConv-B0, 8 experts, TF port (timm weights: 78.0% top-1). 24,013,284 params."""
-    return efficientnet_cc("tf_efficientnet_cc_b0_8e", num_classes=num_classes, drop_rate=drop_rate,
-                           drop_path_rate=drop_path_rate, **kwargs)
+def _variant(name: str):
+    """The entry point of variant ``name`` (a key of :data:`VARIANTS`), documented from its name and ``_NOTES``."""
+    *_, size, experts = name.split("_")  # e.g. 'b0', '4e'
+    port = "TF port" if VARIANTS[name][2] else "PyTorch padding/eps"
+
+    def entry_point(num_classes: int = 1000, drop_rate: float = 0.0, drop_path_rate: float = 0.0,
+                    **kwargs) -> EfficientNetCondConv:
+        return efficientnet_cc(name, num_classes=num_classes, drop_rate=drop_rate, drop_path_rate=drop_path_rate,
+                               **kwargs)
+
+    entry_point.__name__ = entry_point.__qualname__ = name
+    entry_point.__doc__ = (f"EfficientNet-CondConv-{size.upper()}, {experts[:-1]} experts, {port} "
+                           f"({_NOTES[name]}).\n\n    ``kwargs``: further :class:`EfficientNetCondConv` arguments.")
+    return entry_point
 
 
-def tf_efficientnet_cc_b1_8e(num_classes: int = 1000, drop_rate: float = 0.0, drop_path_rate: float = 0.0,
-                             **kwargs) -> EfficientNetCondConv:
-    """EfficientNet-CondConv-B1, 8 experts, TF port (timm weights: 79.3% top-1, 240px). 39,715,968 params."""
-    return efficientnet_cc("tf_efficientnet_cc_b1_8e", num_classes=num_classes, drop_rate=drop_rate,
-                           drop_path_rate=drop_path_rate, **kwargs)
-
-
-def efficientnet_cc_b0_4e(num_classes: int = 1000, drop_rate: float = 0.0, drop_path_rate: float = 0.0,
-                          **kwargs) -> EfficientNetCondConv:
-    """EfficientNet-CondConv-B0, 4 experts, PyTorch padding/eps (untrained; timm trains it with 0.2/0.2)."""
-    return efficientnet_cc("efficientnet_cc_b0_4e", num_classes=num_classes, drop_rate=drop_rate,
-                           drop_path_rate=drop_path_rate, **kwargs)
-
-
-def efficientnet_cc_b0_8e(num_classes: int = 1000, drop_rate: float = 0.0, drop_path_rate: float = 0.0,
-                          **kwargs) -> EfficientNetCondConv:
-    """EfficientNet-CondConv-B0, 8 experts, PyTorch padding/eps (untrained)."""
-    return efficientnet_cc("efficientnet_cc_b0_8e", num_classes=num_classes, drop_rate=drop_rate,
-                           drop_path_rate=drop_path_rate, **kwargs)
-
-
-def efficientnet_cc_b1_8e(num_classes: int = 1000, drop_rate: float = 0.0, drop_path_rate: float = 0.0,
-                          **kwargs) -> EfficientNetCondConv:
-    """EfficientNet-CondConv-B1, 8 experts, PyTorch padding/eps (untrained)."""
-    return efficientnet_cc("efficientnet_cc_b1_8e", num_classes=num_classes, drop_rate=drop_rate,
-                           drop_path_rate=drop_path_rate, **kwargs)
+tf_efficientnet_cc_b0_4e = _variant("tf_efficientnet_cc_b0_4e")
+tf_efficientnet_cc_b0_8e = _variant("tf_efficientnet_cc_b0_8e")
+tf_efficientnet_cc_b1_8e = _variant("tf_efficientnet_cc_b1_8e")
+efficientnet_cc_b0_4e = _variant("efficientnet_cc_b0_4e")
+efficientnet_cc_b0_8e = _variant("efficientnet_cc_b0_8e")
+efficientnet_cc_b1_8e = _variant("efficientnet_cc_b1_8e")
