@@ -106,19 +106,13 @@ def fold_attentions(experts, attentions: Mapping[str, jax.Array], *, groups: int
     Returns ``(kernel [*k, Cin/g, Cout], bias [Cout] or None)``.
     """
     a = attentions["kernel_attention"]
-    s = attentions.get("spatial_attention")
-    kernel = ops.aggregate_kernels(experts, a[None].astype(experts.dtype),
-                                   None if s is None else s[None].astype(experts.dtype))[0]
-    cin_per_group, cout = kernel.shape[-2:]
-    c = attentions.get("channel_attention")
-    if c is not None:
-        # Input channel of kernel[..., i, o] is group(o) * Cin/g + i, group(o) = o // (Cout/g).
-        c_groups = c.astype(kernel.dtype).reshape(groups, cin_per_group)  # [g, Cin/g]
-        c_per_output = jnp.repeat(c_groups, cout // groups, axis=0)  # [Cout, Cin/g]
-        kernel = kernel * c_per_output.T
-    f = attentions.get("filter_attention")
-    if f is not None:
-        kernel = kernel * f.astype(kernel.dtype)
+
+    def batched(name):
+        value = attentions.get(name)
+        return None if value is None else value[None].astype(experts.dtype)
+
+    kernel = ops.aggregate_kernels(experts, a[None].astype(experts.dtype), batched("spatial_attention"),
+                                   batched("channel_attention"), batched("filter_attention"), groups=groups)[0]
     bias = None if expert_bias is None else a.astype(expert_bias.dtype) @ expert_bias
     return kernel, bias
 

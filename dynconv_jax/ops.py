@@ -11,9 +11,9 @@ channel attention ``[B, C_in]`` and ``f`` an optional output (filter) attention
 ``[B, C_out]``. CondConv (Yang et al., NeurIPS 2019) uses only ``a`` (sigmoid
 routing), DynamicConv (Chen et al., CVPR 2020) ``a`` (softmax attention) and the
 expert bias, ODConv (Li et al., ICLR 2022) all four attentions. ODConv's channel
-and filter attentions are applied to the activations (``c`` to the input, ``f``
-to the output), which is exact because they scale whole input/output channels of
-``W_b``; only ``a`` and ``s`` reach the kernel.
+and filter attentions scale whole input/output channels of ``W_b``, so each is
+applied to the per-sample kernel or to the activations (``c`` to the input, ``f``
+to the output), whichever holds fewer values; exact either way.
 
 :func:`dynamic_conv` is the one entry point the layers call. Its ``strategy``
 picks how the per-sample convolution is computed; every strategy is exact
@@ -130,15 +130,30 @@ def static_conv(x, kernel, *, strides, padding, dilation, groups, precision=None
     )
 
 
-def aggregate_kernels(experts, kernel_attention, spatial_attention=None):
-    """Per-sample kernels ``W_b = sum_k a[b,k] * s_b * W_k``.
+def aggregate_kernels(experts, kernel_attention, spatial_attention=None, channel_attention=None,
+                      filter_attention=None, groups: int = 1):
+    """Per-sample kernels ``W_b = sum_k a[b,k] * s_b * W_k``, optionally with the channel and filter
+    attentions folded in (``W_b[..., i, o] *= c_b[input channel of (i, o)] * f_b[o]``, exact).
 
-    experts: ``[K, *k, Cin/g, Cout]``; kernel_attention: ``[B, K]``;
-    spatial_attention: ``[B, *k]`` or None. Returns ``[B, *k, Cin/g, Cout]``.
+    experts: ``[K, *k, Cin/g, Cout]``; kernel_attention: ``[B, K]``; spatial_attention:
+    ``[B, *k]``; channel_attention: ``[B, Cin]``; filter_attention: ``[B, Cout]`` (each optional).
+    Returns ``[B, *k, Cin/g, Cout]``.
     """
     kernels = jnp.tensordot(kernel_attention, experts, axes=([1], [0]))
     if spatial_attention is not None:
         kernels = kernels * spatial_attention[..., None, None]
+    batch, cin_per_group, cout = kernels.shape[0], kernels.shape[-2], kernels.shape[-1]
+    scale = None
+    if channel_attention is not None:
+        # Input channel of kernel[..., i, o] is group(o) * Cin/g + i, with group(o) = o // (Cout/g).
+        c = channel_attention.reshape(batch, groups, 1, cin_per_group)
+        scale = jnp.broadcast_to(c, (batch, groups, cout // groups, cin_per_group)).reshape(batch, cout, cin_per_group)
+        scale = jnp.swapaxes(scale, 1, 2)  # [B, Cin/g, Cout]
+    if filter_attention is not None:
+        f = filter_attention[:, None, :]  # [B, 1, Cout]
+        scale = f if scale is None else scale * f
+    if scale is not None:
+        kernels = kernels * scale.reshape((batch,) + (1,) * (kernels.ndim - 3) + scale.shape[1:])
     return kernels
 
 
@@ -205,15 +220,16 @@ def _taps(x, kernel_size, strides, pads, dilation):
 # to conv outputs [B, *S_out, Cout]; channel/filter attention and bias are applied by dynamic_conv.
 
 
-def _vmap_strategy(x, experts, kernel_attention, spatial_attention, *, strides, padding, dilation, groups, precision):
-    kernels = aggregate_kernels(experts, kernel_attention, spatial_attention)
+def _vmap_strategy(x, experts, kernel_attention, spatial_attention, folded, *, strides, padding, dilation, groups,
+                   precision):
+    kernels = aggregate_kernels(experts, kernel_attention, spatial_attention, **folded, groups=groups)
     return per_sample_conv(x, kernels, strides=strides, padding=padding, dilation=dilation, groups=groups,
                            precision=precision)
 
 
-def _grouped_kernels(experts, kernel_attention, spatial_attention, groups):
+def _grouped_kernels(experts, kernel_attention, spatial_attention, folded, groups):
     """Aggregated kernels as per-tap matrices ``[B, T, Cin/g, g, Cout/g]``."""
-    kernels = aggregate_kernels(experts, kernel_attention, spatial_attention)  # [B, *k, Ci, Cout]
+    kernels = aggregate_kernels(experts, kernel_attention, spatial_attention, **folded, groups=groups)
     b, ci, cout = kernels.shape[0], kernels.shape[-2], kernels.shape[-1]
     return kernels.reshape(b, -1, ci, groups, cout // groups)
 
@@ -230,36 +246,36 @@ def _tap_matmul(tap, w, precision):
     return y.reshape((b,) + spatial + (g, m))
 
 
-def _shifted_strategy(x, experts, kernel_attention, spatial_attention, *, strides, padding, dilation, groups,
+def _shifted_strategy(x, experts, kernel_attention, spatial_attention, folded, *, strides, padding, dilation, groups,
                       precision):
     kernel_size = experts.shape[1:-2]
     pads = explicit_padding(padding, x.shape[1:-1], kernel_size, strides, dilation)
     taps, _ = _taps(x, kernel_size, strides, pads, dilation)
-    w = _grouped_kernels(experts, kernel_attention, spatial_attention, groups)  # [B, T, Ci, g, M]
+    w = _grouped_kernels(experts, kernel_attention, spatial_attention, folded, groups)  # [B, T, Ci, g, M]
     y = _tap_matmul(taps[0], w[:, 0], precision)
     for t in range(1, len(taps)):
         y = y + _tap_matmul(taps[t], w[:, t], precision)
     return y.reshape(y.shape[:-2] + (-1,))
 
 
-def _pointwise_strategy(x, experts, kernel_attention, spatial_attention, *, strides, padding, dilation, groups,
+def _pointwise_strategy(x, experts, kernel_attention, spatial_attention, folded, *, strides, padding, dilation, groups,
                         precision):
     kernel_size = experts.shape[1:-2]
     if any(k != 1 for k in kernel_size):
         raise ValueError(f"strategy='pointwise' needs a 1x1 kernel, got kernel_size={tuple(kernel_size)}")
-    return _shifted_strategy(x, experts, kernel_attention, spatial_attention, strides=strides, padding=padding,
+    return _shifted_strategy(x, experts, kernel_attention, spatial_attention, folded, strides=strides, padding=padding,
                              dilation=dilation, groups=groups, precision=precision)
 
 
-def _patches_strategy(x, experts, kernel_attention, spatial_attention, *, strides, padding, dilation, groups,
+def _patches_strategy(x, experts, kernel_attention, spatial_attention, folded, *, strides, padding, dilation, groups,
                       precision):
     kernel_size = experts.shape[1:-2]
     pads = explicit_padding(padding, x.shape[1:-1], kernel_size, strides, dilation)
     taps, out = _taps(x, kernel_size, strides, pads, dilation)
-    w = _grouped_kernels(experts, kernel_attention, spatial_attention, groups)  # [B, T, Ci, g, M]
+    w = _grouped_kernels(experts, kernel_attention, spatial_attention, folded, groups)  # [B, T, Ci, g, M]
     b, t, ci, g, m = w.shape
     if ci == 1:  # depthwise: im2col has nothing to contract per group; the tap sum is the same arithmetic
-        return _shifted_strategy(x, experts, kernel_attention, spatial_attention, strides=strides, padding=padding,
+        return _shifted_strategy(x, experts, kernel_attention, spatial_attention, folded, strides=strides, padding=padding,
                                  dilation=dilation, groups=groups, precision=precision)
     cols = jnp.stack(taps, axis=-2)  # [B, *S_out, T, g*Ci]
     cols = cols.reshape(b, -1, t, g, ci)
@@ -295,85 +311,88 @@ def transposed_kernel(kernel, groups: int):
     return jnp.flip(w, axis=tuple(range(rank)))
 
 
-def _map_forward(x, kernels, geometry):
-    """``lax.map`` over samples of a batch-1 static conv: x ``[B, *S, Cin]``, kernels ``[B, *k, Cin/g, Cout]``."""
+def _map_forward(x, kernels, bias, geometry):
+    """``lax.map`` over samples of a batch-1 static conv plus its bias.
+
+    x ``[B, *S, Cin]``, kernels ``[B, *k, Cin/g, Cout]``, bias ``[B, Cout]``.
+    """
     strides, pads, dilation, groups, precision = geometry
 
     def one(args):
-        xb, wb = args
+        xb, wb, bb = args
         return static_conv(xb[None], wb, strides=strides, padding=pads, dilation=dilation, groups=groups,
-                           precision=precision)[0]
+                           precision=precision)[0] + bb
 
-    return lax.map(one, (x, kernels))
+    return lax.map(one, (x, kernels, bias))
 
 
-def _map_input_grad(kernels, dy, geometry, spatial_shape):
-    """``dx_b``: the transpose of the per-sample conv in ``x``, one static conv per sample."""
+def _map_backward(x, kernels, dy, geometry):
+    """``(dx, dW, dbias)`` of :func:`_map_forward`, one sample per step (its slices stay in cache).
+
+    ``dx_b`` is a static conv of ``dy_b`` with the transposed kernel; ``dW_b`` one matmul of the
+    sample's im2col with ``dy_b``; ``dbias_b`` the spatial sum of ``dy_b``.
+    """
     strides, pads, dilation, groups, precision = geometry
-    rank = len(spatial_shape)
-    grad_pads = transposed_conv_padding(spatial_shape, kernels.shape[1:-2], strides, pads, dilation)
-
-    def one(args):
-        wb, dyb = args
-        return lax.conv_general_dilated(dyb[None], transposed_kernel(wb, groups), window_strides=(1,) * rank,
-                                        padding=grad_pads, lhs_dilation=strides, rhs_dilation=dilation,
-                                        dimension_numbers=conv_dimension_numbers(rank), feature_group_count=groups,
-                                        precision=precision)[0]
-
-    return lax.map(one, (kernels, dy))
-
-
-def _map_kernel_grad(x, dy, geometry, kernel_shape):
-    """``dW_b``: the transpose of the per-sample conv in its kernel, one im2col matmul per sample."""
-    strides, pads, dilation, groups, precision = geometry
+    rank = x.ndim - 2
+    kernel_shape = kernels.shape[1:]
     kernel_size, ci, cout = kernel_shape[:-2], kernel_shape[-2], kernel_shape[-1]
+    grad_pads = transposed_conv_padding(x.shape[1:-1], kernel_size, strides, pads, dilation)
 
     def one(args):
-        xb, dyb = args
+        xb, wb, dyb = args
+        dxb = lax.conv_general_dilated(dyb[None], transposed_kernel(wb, groups), window_strides=(1,) * rank,
+                                       padding=grad_pads, lhs_dilation=strides, rhs_dilation=dilation,
+                                       dimension_numbers=conv_dimension_numbers(rank), feature_group_count=groups,
+                                       precision=precision)[0]
         taps, _ = _taps(xb[None], kernel_size, strides, pads, dilation)
         cols = jnp.stack(taps, axis=-2).reshape(-1, len(taps), groups, ci)  # [S_out, T, g, Ci]
         dyg = dyb.reshape(-1, groups, cout // groups)                        # [S_out, g, M]
-        return jnp.einsum("stgi,sgm->tigm", cols, dyg, precision=precision).reshape(kernel_shape)
+        dwb = jnp.einsum("stgi,sgm->tigm", cols, dyg, precision=precision)   # [T, Ci, g, M]
+        return dxb, dwb.reshape(kernel_shape), jnp.sum(dyb, axis=tuple(range(rank)))
 
-    return lax.map(one, (x, dy))
+    return lax.map(one, (x, kernels, dy))
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
-def mapped_conv(x, kernels, geometry):
-    """Per-sample convolution as ``lax.map`` over samples of a static conv, with its own VJP.
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def mapped_conv(x, kernels, bias, geometry):
+    """Per-sample convolution plus bias as ``lax.map`` over samples of a static conv, with its own VJP.
 
-    x: ``[B, *S, Cin]``; kernels: ``[B, *k, Cin/g, Cout]``; geometry:
+    x: ``[B, *S, Cin]``; kernels: ``[B, *k, Cin/g, Cout]``; bias: ``[B, Cout]``; geometry:
     ``(strides, explicit pads, dilation, groups, precision)``. Each step is a batch-1 static conv,
-    which XLA:CPU runs at its static-conv rate. The VJP maps again: ``dx_b`` by a static conv with
-    the transposed kernel and ``dW_b`` by one matmul of the sample's cache-sized im2col with
-    ``dy_b`` (differentiating the ``lax.map`` itself would give XLA:CPU's batch-1 kernel-gradient
-    conv, ~30x slower). Reverse mode, to any order (the VJP is made of differentiable ops);
-    forward mode (``jax.jvp``, ``jax.jacfwd``) is not defined for a custom VJP: use another strategy.
+    which XLA:CPU runs at its static-conv rate. The VJP maps again (:func:`_map_backward`);
+    differentiating the ``lax.map`` itself would give XLA:CPU's batch-1 kernel-gradient conv,
+    ~30x slower. Reverse mode, to any order (the VJP is made of differentiable ops); forward
+    mode (``jax.jvp``, ``jax.jacfwd``) is not defined for a custom VJP: use another strategy.
     """
-    return _map_forward(x, kernels, geometry)
+    return _map_forward(x, kernels, bias, geometry)
 
 
-def _mapped_conv_fwd(x, kernels, geometry):
-    return _map_forward(x, kernels, geometry), (x, kernels)
+def _mapped_conv_fwd(x, kernels, bias, geometry):
+    return _map_forward(x, kernels, bias, geometry), (x, kernels)
 
 
 def _mapped_conv_bwd(geometry, residuals, dy):
     x, kernels = residuals
-    return (_map_input_grad(kernels, dy, geometry, x.shape[1:-1]),
-            _map_kernel_grad(x, dy, geometry, kernels.shape[1:]))
+    return _map_backward(x, kernels, dy, geometry)
 
 
 mapped_conv.defvjp(_mapped_conv_fwd, _mapped_conv_bwd)
 
 
-def _map_strategy(x, experts, kernel_attention, spatial_attention, *, strides, padding, dilation, groups, precision):
+def _map_strategy(x, experts, kernel_attention, spatial_attention, folded, *, strides, padding, dilation, groups,
+                  precision):
     kernel_size = experts.shape[1:-2]
     pads = explicit_padding(padding, x.shape[1:-1], kernel_size, strides, dilation)
-    kernels = aggregate_kernels(experts, kernel_attention, spatial_attention)
-    return mapped_conv(x, kernels, (strides, pads, dilation, groups, precision))
+    bias = folded.pop("bias", None)
+    kernels = aggregate_kernels(experts, kernel_attention, spatial_attention, **folded, groups=groups)
+    if bias is None:
+        bias = jnp.zeros((x.shape[0], experts.shape[-1]), kernels.dtype)
+    return mapped_conv(x, kernels, bias, (strides, pads, dilation, groups, precision))
 
 
-def _mix_strategy(x, experts, kernel_attention, spatial_attention, *, strides, padding, dilation, groups, precision):
+def _mix_strategy(x, experts, kernel_attention, spatial_attention, folded, *, strides, padding, dilation, groups,
+                   precision):
+    del folded  # always empty: dynamic_conv applies channel / filter attention to the activations here
     if spatial_attention is not None:
         raise ValueError("strategy='mix' (expert-output mixing) is exact only without a spatial attention: "
                          "s_b multiplies kernel positions and does not factor out of the convolution; "
@@ -498,15 +517,39 @@ def dynamic_conv(
     if strategy not in STRATEGIES:
         raise ValueError(f"strategy={strategy!r}: expected 'auto' or one of {STRATEGIES}")
     batch_shape = (x.shape[0],) + (1,) * rank
-    if channel_attention is not None:
+    # Channel / filter attentions scale whole input / output channels of W_b, so they can scale the
+    # per-sample kernel (B * k^d * Cin/g * Cout values) or the activations (B * S * C values):
+    # whichever is smaller ('mix' has no per-sample kernel, so always the activations).
+    kernel_size = experts.shape[1:-2]
+    kernel_values = math.prod(kernel_size) * experts.shape[-2] * experts.shape[-1]
+    per_sample_kernel = strategy != "mix"
+    fold_channel = (channel_attention is not None and per_sample_kernel
+                    and kernel_values <= math.prod(x.shape[1:]))
+    out_positions = 0
+    if filter_attention is not None and per_sample_kernel:
+        pads = explicit_padding(padding, x.shape[1:-1], kernel_size, strides, dilation)
+        out_positions = math.prod(output_shape(x.shape[1:-1], kernel_size, strides, pads, dilation))
+    fold_filter = (filter_attention is not None and per_sample_kernel
+                   and kernel_values <= out_positions * experts.shape[-1])
+    folded = {}  # what the strategy applies per sample: folded attentions (and 'map': the bias)
+    if fold_channel:
+        folded["channel_attention"] = channel_attention.astype(experts.dtype)
+    elif channel_attention is not None:
         x = x * channel_attention.reshape(batch_shape + (-1,)).astype(x.dtype)
-    attention = kernel_attention.astype(experts.dtype)
-    spatial = None if spatial_attention is None else spatial_attention.astype(experts.dtype)
-    y = _IMPLS[strategy](x, experts, attention, spatial, strides=tuple(strides), padding=padding,
-                         dilation=tuple(dilation), groups=groups, precision=precision)
-    if filter_attention is not None:
-        y = y * filter_attention.reshape(batch_shape + (-1,)).astype(y.dtype)
+    if fold_filter:
+        folded["filter_attention"] = filter_attention.astype(experts.dtype)
+    # 'map' adds the bias inside its per-sample step, unless a filter attention still scales the output.
+    fuse_bias = strategy == "map" and (filter_attention is None or fold_filter)
     if expert_bias is not None:
         bias = kernel_attention.astype(expert_bias.dtype) @ expert_bias  # [B, Cout]
+        if fuse_bias:  # added inside each sample's step, where its output is in cache
+            folded["bias"] = bias.astype(experts.dtype)
+    attention = kernel_attention.astype(experts.dtype)
+    spatial = None if spatial_attention is None else spatial_attention.astype(experts.dtype)
+    y = _IMPLS[strategy](x, experts, attention, spatial, folded, strides=tuple(strides), padding=padding,
+                         dilation=tuple(dilation), groups=groups, precision=precision)
+    if filter_attention is not None and not fold_filter:
+        y = y * filter_attention.reshape(batch_shape + (-1,)).astype(y.dtype)
+    if expert_bias is not None and not fuse_bias:
         y = y + bias.reshape(batch_shape + (-1,)).astype(y.dtype)
     return y

@@ -18,10 +18,10 @@ import pytest
 from jax import lax
 from jax.test_util import check_grads
 
+from _helpers import DIMENSION_NUMBERS, naive_dynamic_conv
 from dynconv_jax import BatchNorm, CondConv, DynamicConv, ODConv
 
 LAYERS = {"condconv": CondConv, "dynamic": DynamicConv, "odconv": ODConv}
-DIMENSION_NUMBERS = {1: ("NWC", "WIO", "NWC"), 2: ("NHWC", "HWIO", "NHWC"), 3: ("NDHWC", "DHWIO", "NDHWC")}
 
 
 def rel_err(a, b) -> float:
@@ -76,23 +76,8 @@ def naive_layer(kind, variables, x, cfg, temperature=1.0, train=False):
     """The naive per-sample loop: for each b, aggregate the kernel, convolve that one sample."""
     params = variables["params"]
     a, s, c, f = naive_attentions(kind, params, variables.get("batch_stats"), x, temperature, train)
-    experts = params["kernel"]
-    outs = []
-    for b in range(x.shape[0]):
-        w = sum(a[b, k] * experts[k] for k in range(experts.shape[0]))
-        if s is not None:
-            w = w * s[b][..., None, None]
-        xb = x[b] if c is None else x[b] * c[b]
-        y = lax.conv_general_dilated(
-            xb[None], w, window_strides=cfg["strides"], padding=cfg["padding"], rhs_dilation=cfg["dilation"],
-            dimension_numbers=DIMENSION_NUMBERS[x.ndim - 2], feature_group_count=cfg["groups"],
-        )[0]
-        if f is not None:
-            y = y * f[b]
-        if "bias" in params:
-            y = y + sum(a[b, k] * params["bias"][k] for k in range(experts.shape[0]))
-        outs.append(y)
-    return jnp.stack(outs)
+    return naive_dynamic_conv(x, params["kernel"], a, s, c, f, params.get("bias"), strides=cfg["strides"],
+                              padding=cfg["padding"], dilation=cfg["dilation"], groups=cfg["groups"])
 
 
 def make_layer(kind, cfg, **extra):

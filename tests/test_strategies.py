@@ -15,28 +15,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from _helpers import naive_dynamic_conv
 from dynconv_jax import ops
 
 TOL = 1e-12
 ARG_NAMES = ("x", "experts", "kernel_attention", "spatial_attention", "channel_attention", "filter_attention",
              "expert_bias")
-
-
-def naive_dynamic_conv(x, experts, a, s, c, f, bias, *, strides, padding, dilation, groups):
-    """The definition, one sample at a time: W_b = sum_k a_bk s_b W_k; y_b = f_b conv(c_b x_b, W_b) + a_b bias."""
-    outs = []
-    for b in range(x.shape[0]):
-        w = sum(a[b, k] * experts[k] for k in range(experts.shape[0]))
-        if s is not None:
-            w = w * s[b][..., None, None]
-        xb = x[b] if c is None else x[b] * c[b]
-        yb = ops.static_conv(xb[None], w, strides=strides, padding=padding, dilation=dilation, groups=groups)[0]
-        if f is not None:
-            yb = yb * f[b]
-        if bias is not None:
-            yb = yb + a[b] @ bias
-        outs.append(yb)
-    return jnp.stack(outs)
 
 
 def make_case(rng, *, rank, kernel, stride, dilation, groups, padding, spatial, channel, filt, bias, batch=2,

@@ -1,0 +1,31 @@
+"""Test helpers shared by several test files (import as ``from _helpers import ...``)."""
+from __future__ import annotations
+
+import jax.numpy as jnp
+from jax import lax
+
+# Channels-last dimension numbers of lax.conv_general_dilated for 1-D, 2-D and 3-D convolutions.
+DIMENSION_NUMBERS = {1: ("NWC", "WIO", "NWC"), 2: ("NHWC", "HWIO", "NHWC"), 3: ("NDHWC", "DHWIO", "NDHWC")}
+
+
+def naive_dynamic_conv(x, experts, a, s, c, f, bias, *, strides, padding, dilation, groups):
+    """The definition of a dynamic conv (CondConv / DY-CNN / ODConv), one sample at a time, straight on lax.
+
+    ``W_b = sum_k a[b, k] s_b W_k``; ``y_b = f_b * conv(c_b * x_b, W_b) + a_b @ bias``. x: ``[B, *S, Cin]``;
+    experts: ``[K, *k, Cin/g, Cout]``; a: ``[B, K]``; s: ``[B, *k]``, c: ``[B, Cin]``, f: ``[B, Cout]``
+    and bias ``[K, Cout]`` may each be None.
+    """
+    outs = []
+    for b in range(x.shape[0]):
+        w = sum(a[b, k] * experts[k] for k in range(experts.shape[0]))
+        if s is not None:
+            w = w * s[b][..., None, None]
+        xb = x[b] if c is None else x[b] * c[b]
+        yb = lax.conv_general_dilated(xb[None], w, window_strides=strides, padding=padding, rhs_dilation=dilation,
+                                      dimension_numbers=DIMENSION_NUMBERS[x.ndim - 2], feature_group_count=groups)[0]
+        if f is not None:
+            yb = yb * f[b]
+        if bias is not None:
+            yb = yb + a[b] @ bias
+        outs.append(yb)
+    return jnp.stack(outs)
