@@ -471,6 +471,29 @@ def choose_strategy(x_shape, experts_shape, *, strides, dilation, groups, spatia
 _MIX_MAX_POSITIONS = 16
 
 
+def attention_placement(x_shape, experts_shape, *, strides, padding, dilation, strategy: str,
+                        channel_attention: bool, filter_attention: bool) -> Tuple[bool, bool]:
+    """Where ODConv's channel / filter attentions go: ``(fold_channel, fold_filter)``.
+
+    Both scale whole input / output channels of ``W_b``, so each can scale the per-sample kernel
+    (``k^d * Cin/g * Cout`` values per sample) or the activations (the input's ``S * Cin`` /
+    the output's ``S_out * Cout`` values per sample): a ``True`` folds it into the kernel, chosen
+    when the kernel holds no more values (exact either way). 'mix' has no per-sample kernel,
+    so it always scales the activations. ``strategy`` is a concrete strategy, not 'auto'.
+    """
+    if strategy == "mix":
+        return False, False
+    kernel_size = tuple(experts_shape[1:-2])
+    kernel_values = math.prod(kernel_size) * experts_shape[-2] * experts_shape[-1]
+    fold_channel = channel_attention and kernel_values <= math.prod(x_shape[1:])
+    fold_filter = False
+    if filter_attention:
+        pads = explicit_padding(padding, x_shape[1:-1], kernel_size, strides, dilation)
+        out_positions = math.prod(output_shape(x_shape[1:-1], kernel_size, strides, pads, dilation))
+        fold_filter = kernel_values <= out_positions * experts_shape[-1]
+    return fold_channel, fold_filter
+
+
 def dynamic_conv(
     x,
     experts,
@@ -517,20 +540,9 @@ def dynamic_conv(
     if strategy not in STRATEGIES:
         raise ValueError(f"strategy={strategy!r}: expected 'auto' or one of {STRATEGIES}")
     batch_shape = (x.shape[0],) + (1,) * rank
-    # Channel / filter attentions scale whole input / output channels of W_b, so they can scale the
-    # per-sample kernel (B * k^d * Cin/g * Cout values) or the activations (B * S * C values):
-    # whichever is smaller ('mix' has no per-sample kernel, so always the activations).
-    kernel_size = experts.shape[1:-2]
-    kernel_values = math.prod(kernel_size) * experts.shape[-2] * experts.shape[-1]
-    per_sample_kernel = strategy != "mix"
-    fold_channel = (channel_attention is not None and per_sample_kernel
-                    and kernel_values <= math.prod(x.shape[1:]))
-    out_positions = 0
-    if filter_attention is not None and per_sample_kernel:
-        pads = explicit_padding(padding, x.shape[1:-1], kernel_size, strides, dilation)
-        out_positions = math.prod(output_shape(x.shape[1:-1], kernel_size, strides, pads, dilation))
-    fold_filter = (filter_attention is not None and per_sample_kernel
-                   and kernel_values <= out_positions * experts.shape[-1])
+    fold_channel, fold_filter = attention_placement(
+        x.shape, experts.shape, strides=strides, padding=padding, dilation=dilation, strategy=strategy,
+        channel_attention=channel_attention is not None, filter_attention=filter_attention is not None)
     folded = {}  # what the strategy applies per sample: folded attentions (and 'map': the bias)
     if fold_channel:
         folded["channel_attention"] = channel_attention.astype(experts.dtype)

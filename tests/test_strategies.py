@@ -175,3 +175,32 @@ def test_map_strategy_second_order_gradients_equal_vmap():
         for g, w in zip(got, want):
             assert float(jnp.max(jnp.abs(w))) > 0
             assert rel(g, w) <= TOL
+
+
+# ODConv's channel / filter attentions scale the per-sample kernel or the activations, whichever holds
+# fewer values (ops.attention_placement); each placement, every strategy, against the naive loop.
+PLACEMENTS = [  # (kernel, size, stride, cin_per_group, cout_per_group) -> (fold_channel, fold_filter)
+    ((3, 6, 1, 2, 3), (True, True)),     # kernel 54 values; input 72, output 108
+    ((5, 3, 1, 4, 4), (False, False)),   # kernel 400; input 36, output 36
+    ((3, 8, 4, 2, 2), (True, False)),    # kernel 36; input 128, output 2x2 positions x 2 = 8
+    ((3, 3, 1, 1, 2), (False, True)),    # kernel 18; input 9, output 18
+]
+
+
+@pytest.mark.parametrize("shape,expected", PLACEMENTS, ids=[str(e) for _, e in PLACEMENTS])
+def test_channel_and_filter_attention_placements(shape, expected):
+    kernel, size, stride, cin_per_group, cout_per_group = shape
+    rng = np.random.default_rng(zlib.crc32(str(shape).encode()))
+    with jax.enable_x64(True):
+        arrays, geom = make_case(rng, rank=2, kernel=kernel, stride=stride, dilation=1, groups=1, padding="SAME",
+                                 spatial=True, channel=True, filt=True, bias=True, size=size,
+                                 cin_per_group=cin_per_group, cout_per_group=cout_per_group)
+        for strategy in ops.applicable_strategies((kernel, kernel), spatial_attention=True):
+            placement = ops.attention_placement(arrays["x"].shape, arrays["experts"].shape, strides=geom["strides"],
+                                                padding=geom["padding"], dilation=geom["dilation"], strategy=strategy,
+                                                channel_attention=True, filter_attention=True)
+            assert placement == expected, strategy
+        assert ops.attention_placement(arrays["x"].shape, arrays["experts"].shape, strides=geom["strides"],
+                                       padding=geom["padding"], dilation=geom["dilation"], strategy="mix",
+                                       channel_attention=True, filter_attention=True) == (False, False)
+        check_all_strategies(arrays, geom)
