@@ -311,6 +311,13 @@ def transposed_kernel(kernel, groups: int):
     return jnp.flip(w, axis=tuple(range(rank)))
 
 
+def _kernels_of(experts, attentions, groups: int):
+    """:func:`aggregate_kernels` from a dict of per-sample attentions (``kernel_attention`` ``[B, K]``
+    and optionally ``spatial_attention``, ``channel_attention``, ``filter_attention``)."""
+    return aggregate_kernels(experts, attentions["kernel_attention"], attentions.get("spatial_attention"),
+                             attentions.get("channel_attention"), attentions.get("filter_attention"), groups=groups)
+
+
 def _map_forward(x, kernels, bias, geometry):
     """``lax.map`` over samples of a batch-1 static conv plus its bias.
 
@@ -324,6 +331,20 @@ def _map_forward(x, kernels, bias, geometry):
                            precision=precision)[0] + bb
 
     return lax.map(one, (x, kernels, bias))
+
+
+def _map_forward_aggregating(x, experts, attentions, bias, geometry):
+    """:func:`_map_forward` with each sample's kernel aggregated inside its step (in cache), so the
+    ``[B, *k, Cin/g, Cout]`` kernels are never written to memory: the inference path."""
+    strides, pads, dilation, groups, precision = geometry
+
+    def one(args):
+        xb, attentions_b, bb = args
+        wb = _kernels_of(experts, jax.tree_util.tree_map(lambda v: v[None], attentions_b), groups)[0]
+        return static_conv(xb[None], wb, strides=strides, padding=pads, dilation=dilation, groups=groups,
+                           precision=precision)[0] + bb
+
+    return lax.map(one, (x, attentions, bias))
 
 
 def _map_backward(x, kernels, dy, geometry):
@@ -353,27 +374,38 @@ def _map_backward(x, kernels, dy, geometry):
     return lax.map(one, (x, kernels, dy))
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
-def mapped_conv(x, kernels, bias, geometry):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def mapped_conv(x, experts, attentions, bias, geometry):
     """Per-sample convolution plus bias as ``lax.map`` over samples of a static conv, with its own VJP.
 
-    x: ``[B, *S, Cin]``; kernels: ``[B, *k, Cin/g, Cout]``; bias: ``[B, Cout]``; geometry:
-    ``(strides, explicit pads, dilation, groups, precision)``. Each step is a batch-1 static conv,
-    which XLA:CPU runs at its static-conv rate. The VJP maps again (:func:`_map_backward`);
-    differentiating the ``lax.map`` itself would give XLA:CPU's batch-1 kernel-gradient conv,
-    ~30x slower. Reverse mode, to any order (the VJP is made of differentiable ops); forward
-    mode (``jax.jvp``, ``jax.jacfwd``) is not defined for a custom VJP: use another strategy.
+    x: ``[B, *S, Cin]``; experts: ``[K, *k, Cin/g, Cout]``; attentions: dict of per-sample
+    attentions for :func:`aggregate_kernels` (``kernel_attention`` ``[B, K]``, optionally
+    ``spatial_attention``, ``channel_attention``, ``filter_attention``); bias: ``[B, Cout]``;
+    geometry: ``(strides, explicit pads, dilation, groups, precision)``. Each step is a batch-1
+    static conv, which XLA:CPU runs at its static-conv rate.
+
+    Without differentiation each step aggregates its own kernel (:func:`_map_forward_aggregating`:
+    the per-sample kernels never reach memory; 2-3x faster at 8x8 and 4x4 outputs). Under
+    differentiation the kernels are aggregated once for the batch and kept for the backward, which
+    maps again (:func:`_map_backward`): differentiating the ``lax.map`` itself would give XLA:CPU's
+    batch-1 kernel-gradient conv, ~30x slower; recomputing the kernels per step there measured
+    slower. Reverse mode, to any order (the VJP is made of differentiable ops); forward mode
+    (``jax.jvp``, ``jax.jacfwd``) is not defined for a custom VJP: use another strategy.
     """
-    return _map_forward(x, kernels, bias, geometry)
+    return _map_forward_aggregating(x, experts, attentions, bias, geometry)
 
 
-def _mapped_conv_fwd(x, kernels, bias, geometry):
-    return _map_forward(x, kernels, bias, geometry), (x, kernels)
+def _mapped_conv_fwd(x, experts, attentions, bias, geometry):
+    kernels = _kernels_of(experts, attentions, geometry[3])
+    return _map_forward(x, kernels, bias, geometry), (x, experts, attentions, kernels)
 
 
 def _mapped_conv_bwd(geometry, residuals, dy):
-    x, kernels = residuals
-    return _map_backward(x, kernels, dy, geometry)
+    x, experts, attentions, kernels = residuals
+    dx, d_kernels, d_bias = _map_backward(x, kernels, dy, geometry)
+    _, aggregation_vjp = jax.vjp(lambda e, a: _kernels_of(e, a, geometry[3]), experts, attentions)
+    d_experts, d_attentions = aggregation_vjp(d_kernels)
+    return dx, d_experts, d_attentions, d_bias
 
 
 mapped_conv.defvjp(_mapped_conv_fwd, _mapped_conv_bwd)
@@ -383,11 +415,14 @@ def _map_strategy(x, experts, kernel_attention, spatial_attention, folded, *, st
                   precision):
     kernel_size = experts.shape[1:-2]
     pads = explicit_padding(padding, x.shape[1:-1], kernel_size, strides, dilation)
-    bias = folded.pop("bias", None)
-    kernels = aggregate_kernels(experts, kernel_attention, spatial_attention, **folded, groups=groups)
+    attentions = {n: v for n, v in folded.items() if n != "bias"}
+    attentions["kernel_attention"] = kernel_attention
+    if spatial_attention is not None:
+        attentions["spatial_attention"] = spatial_attention
+    bias = folded.get("bias")
     if bias is None:
-        bias = jnp.zeros((x.shape[0], experts.shape[-1]), kernels.dtype)
-    return mapped_conv(x, kernels, bias, (strides, pads, dilation, groups, precision))
+        bias = jnp.zeros((x.shape[0], experts.shape[-1]), experts.dtype)
+    return mapped_conv(x, experts, attentions, bias, (strides, pads, dilation, groups, precision))
 
 
 def _mix_strategy(x, experts, kernel_attention, spatial_attention, folded, *, strides, padding, dilation, groups,
