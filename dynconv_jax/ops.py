@@ -36,8 +36,9 @@ picks how the per-sample convolution is computed; every strategy is exact
     batched matmul. Raises for larger kernels.
 ``'mix'``
     Expert-output mixing: one static conv with ``K * C_out`` outputs, then
-    ``y = sum_k a_k y_k`` (exact by linearity). Costs ``K`` static convs; raises
-    when a spatial attention is given (it does not factor out of the conv).
+    ``y = sum_k a_k y_k`` (exact by linearity). Costs ``K`` static convs but no
+    per-sample kernel. With a spatial attention (ODConv) ``s_b`` scales sample
+    ``b``'s im2col columns, which are then multiplied by all experts at once.
 ``'map'``
     ``lax.map`` over samples of a batch-1 static conv, with a custom VJP that maps
     again: ``dx_b`` by a static conv with the transposed kernel, ``dW_b`` by one
@@ -426,21 +427,27 @@ def _map_strategy(x, experts, kernel_attention, spatial_attention, folded, *, st
 
 
 def _mix_strategy(x, experts, kernel_attention, spatial_attention, folded, *, strides, padding, dilation, groups,
-                   precision):
+                  precision):
     del folded  # always empty: dynamic_conv applies channel / filter attention to the activations here
-    if spatial_attention is not None:
-        raise ValueError("strategy='mix' (expert-output mixing) is exact only without a spatial attention: "
-                         "s_b multiplies kernel positions and does not factor out of the convolution; "
-                         "use 'shifted', 'patches' or 'vmap'")
     k = experts.shape[0]
     kernel_shape, ci, cout = experts.shape[1:-2], experts.shape[-2], experts.shape[-1]
     m = cout // groups
     # [K, *k, Ci, g, M] -> [*k, Ci, g, K, M]: each group's outputs stay contiguous, as feature_group_count needs.
     stacked = experts.reshape((k,) + kernel_shape + (ci, groups, m))
-    stacked = jnp.moveaxis(stacked, 0, -2).reshape(kernel_shape + (ci, groups * k * m))
-    ys = static_conv(x, stacked, strides=strides, padding=padding, dilation=dilation, groups=groups,
-                     precision=precision)  # [B, *S_out, g*K*M]
-    ys = ys.reshape(ys.shape[:-1] + (groups, k, m))
+    stacked = jnp.moveaxis(stacked, 0, -2)
+    if spatial_attention is None:  # one static conv with K * Cout outputs
+        ys = static_conv(x, stacked.reshape(kernel_shape + (ci, groups * k * m)), strides=strides, padding=padding,
+                         dilation=dilation, groups=groups, precision=precision)  # [B, *S_out, g*K*M]
+        ys = ys.reshape(ys.shape[:-1] + (groups, k, m))
+    else:  # s_b scales kernel positions, i.e. sample b's im2col columns: scaled patches x stacked experts
+        pads = explicit_padding(padding, x.shape[1:-1], kernel_shape, strides, dilation)
+        taps, _ = _taps(x, kernel_shape, strides, pads, dilation)
+        s = spatial_attention.reshape(x.shape[0], -1)  # [B, T]
+        cols = jnp.stack(taps, axis=-2)  # [B, *S_out, T, g*Ci]
+        cols = cols * s.reshape((x.shape[0],) + (1,) * (cols.ndim - 3) + (-1, 1))
+        cols = cols.reshape(cols.shape[:-1] + (groups, ci))  # [B, *S_out, T, g, Ci]
+        ys = jnp.einsum("b...tgi,tigkm->b...gkm", cols, stacked.reshape((-1, ci, groups, k, m)),
+                        precision=precision)
     y = jnp.einsum("b...gkm,bk->b...gm", ys, kernel_attention, precision=precision)
     return y.reshape(y.shape[:-2] + (cout,))
 
@@ -457,11 +464,10 @@ _IMPLS = {
 
 def applicable_strategies(kernel_size: Sequence[int], *, spatial_attention: bool) -> Tuple[str, ...]:
     """The strategies that can compute this convolution (all of them are exact)."""
-    names = ["vmap", "shifted", "patches", "map"]
+    names = ["vmap", "shifted", "patches", "map", "mix"]
     if all(k == 1 for k in kernel_size):
         names.append("pointwise")
-    if not spatial_attention:
-        names.append("mix")
+    del spatial_attention  # every strategy handles it
     return tuple(names)
 
 
@@ -474,21 +480,22 @@ def choose_strategy(x_shape, experts_shape, *, strides, dilation, groups, spatia
     - a depthwise conv (one input channel per group) is a sum of broadcast multiplies over
       the taps ('shifted'): XLA:CPU's own depthwise conv is ~2x slower even static;
     - batch 1 is exactly a static conv ('vmap' lowers to one);
-    - without a spatial attention, ungrouped, with at most ``_MIX_MAX_POSITIONS`` output
-      positions, the per-sample kernels (``B * k^d * Cin * Cout`` values for few output rows)
-      cost more memory traffic than ``K`` compute-bound static convs: 'mix';
+    - ungrouped, with at most ``_MIX_MAX_POSITIONS`` output positions, the per-sample kernels
+      (``B * k^d * Cin * Cout`` values for few output rows) cost more memory traffic than ``K``
+      compute-bound static convs: 'mix' (with a spatial attention too: 4x4 C512, 356 ms vs
+      'map' 1209 ms);
     - otherwise batch-1 static convs under ``lax.map`` with their own VJP ('map').
 
     Other backends were never measured (no accelerator was available): there every sample
     at once is the better bet, so batch 1 takes 'vmap', a 1x1 kernel 'pointwise', few output
-    positions without spatial attention 'mix' and the rest 'patches' (batched matmuls).
+    positions 'mix' and the rest 'patches' (batched matmuls).
     """
     backend = backend or jax.default_backend()
     kernel_size = tuple(experts_shape[1:-2])
     batch, ci = x_shape[0], experts_shape[-2]
     out_positions = math.prod(-(-n // s) for n, s in zip(x_shape[1:-1], strides))
     del dilation
-    few_positions = not spatial_attention and groups == 1 and out_positions <= _MIX_MAX_POSITIONS
+    few_positions = groups == 1 and out_positions <= _MIX_MAX_POSITIONS
     if ci == 1 and (backend == "cpu" or batch > 1):
         return "shifted"
     if batch == 1:

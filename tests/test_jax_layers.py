@@ -535,11 +535,10 @@ def test_condconv_routing_argument_errors():
 
 
 def test_strategy_field_reaches_ops():
-    """ODConv has a spatial attention, which the 'mix' strategy cannot represent: ops must refuse."""
+    """The layer's strategy field reaches ops: 'pointwise' refuses a 3x3 kernel; 'mix' equals 'vmap'."""
     x = jnp.ones((2, 5, 5, 4))
-    layer = ODConv(4, (3, 3), strategy="mix")
-    with pytest.raises(ValueError, match="mix"):
-        layer.init(jax.random.key(0), x)
+    with pytest.raises(ValueError, match="pointwise"):
+        ODConv(4, (3, 3), strategy="pointwise").init(jax.random.key(0), x)
     y_mix = DynamicConv(4, (3, 3), strategy="mix")
     v = y_mix.init(jax.random.key(0), x)
     assert rel_err(y_mix.apply(v, x), DynamicConv(4, (3, 3), strategy="vmap").apply(v, x)) <= 1e-5
