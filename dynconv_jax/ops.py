@@ -312,6 +312,26 @@ def transposed_kernel(kernel, groups: int):
     return jnp.flip(w, axis=tuple(range(rank)))
 
 
+def _map_samples(fn, args, consts=()):
+    """``lax.map(lambda a: fn(consts, a), args)`` over the leading (batch) axis of every leaf of ``args``.
+
+    Under a mesh set with ``jax.set_mesh`` whose size divides the batch, each device maps over its
+    own shard of the batch (``jax.shard_map``, the batch split over every mesh axis, ``consts``
+    replicated): one ``lax.map`` over the global batch would make XLA gather every sample to every
+    device (checked in the compiled HLO). The result is the same either way.
+    """
+    mesh = jax.sharding.get_abstract_mesh()
+    batch = jax.tree_util.tree_leaves(args)[0].shape[0]
+
+    def local(consts, args):
+        return lax.map(lambda a: fn(consts, a), args)
+
+    if mesh.empty or mesh.size == 1 or batch % mesh.size:
+        return local(consts, args)
+    samples = jax.sharding.PartitionSpec(mesh.axis_names)
+    return jax.shard_map(local, in_specs=(jax.sharding.PartitionSpec(), samples), out_specs=samples)(consts, args)
+
+
 def _kernels_of(experts, attentions, groups: int):
     """:func:`aggregate_kernels` from a dict of per-sample attentions (``kernel_attention`` ``[B, K]``
     and optionally ``spatial_attention``, ``channel_attention``, ``filter_attention``)."""
@@ -326,12 +346,12 @@ def _map_forward(x, kernels, bias, geometry):
     """
     strides, pads, dilation, groups, precision = geometry
 
-    def one(args):
+    def one(_, args):
         xb, wb, bb = args
         return static_conv(xb[None], wb, strides=strides, padding=pads, dilation=dilation, groups=groups,
                            precision=precision)[0] + bb
 
-    return lax.map(one, (x, kernels, bias))
+    return _map_samples(one, (x, kernels, bias))
 
 
 def _map_forward_aggregating(x, experts, attentions, bias, geometry):
@@ -339,13 +359,13 @@ def _map_forward_aggregating(x, experts, attentions, bias, geometry):
     ``[B, *k, Cin/g, Cout]`` kernels are never written to memory: the inference path."""
     strides, pads, dilation, groups, precision = geometry
 
-    def one(args):
+    def one(experts, args):
         xb, attentions_b, bb = args
         wb = _kernels_of(experts, jax.tree_util.tree_map(lambda v: v[None], attentions_b), groups)[0]
         return static_conv(xb[None], wb, strides=strides, padding=pads, dilation=dilation, groups=groups,
                            precision=precision)[0] + bb
 
-    return lax.map(one, (x, attentions, bias))
+    return _map_samples(one, (x, attentions, bias), experts)
 
 
 def _map_backward(x, kernels, dy, geometry):
@@ -360,7 +380,7 @@ def _map_backward(x, kernels, dy, geometry):
     kernel_size, ci, cout = kernel_shape[:-2], kernel_shape[-2], kernel_shape[-1]
     grad_pads = transposed_conv_padding(x.shape[1:-1], kernel_size, strides, pads, dilation)
 
-    def one(args):
+    def one(_, args):
         xb, wb, dyb = args
         dxb = lax.conv_general_dilated(dyb[None], transposed_kernel(wb, groups), window_strides=(1,) * rank,
                                        padding=grad_pads, lhs_dilation=strides, rhs_dilation=dilation,
@@ -372,7 +392,7 @@ def _map_backward(x, kernels, dy, geometry):
         dwb = jnp.einsum("stgi,sgm->tigm", cols, dyg, precision=precision)   # [T, Ci, g, M]
         return dxb, dwb.reshape(kernel_shape), jnp.sum(dyb, axis=tuple(range(rank)))
 
-    return lax.map(one, (x, kernels, dy))
+    return _map_samples(one, (x, kernels, dy))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
@@ -383,7 +403,8 @@ def mapped_conv(x, experts, attentions, bias, geometry):
     attentions for :func:`aggregate_kernels` (``kernel_attention`` ``[B, K]``, optionally
     ``spatial_attention``, ``channel_attention``, ``filter_attention``); bias: ``[B, Cout]``;
     geometry: ``(strides, explicit pads, dilation, groups, precision)``. Each step is a batch-1
-    static conv, which XLA:CPU runs at its static-conv rate.
+    static conv, which XLA:CPU runs at its static-conv rate; under a mesh set with
+    ``jax.set_mesh`` each device maps over its own samples (:func:`_map_samples`).
 
     Without differentiation each step aggregates its own kernel (:func:`_map_forward_aggregating`:
     the per-sample kernels never reach memory; 2-3x faster at 8x8 and 4x4 outputs). Under
@@ -482,8 +503,8 @@ def choose_strategy(x_shape, experts_shape, *, strides, dilation, groups, spatia
     - batch 1 is exactly a static conv ('vmap' lowers to one);
     - ungrouped, with at most ``_MIX_MAX_POSITIONS`` output positions, the per-sample kernels
       (``B * k^d * Cin * Cout`` values for few output rows) cost more memory traffic than ``K``
-      compute-bound static convs: 'mix' (with a spatial attention too: 4x4 C512, 356 ms vs
-      'map' 1209 ms);
+      compute-bound static convs: 'mix' (with a spatial attention too: 4x4 C512, 400 ms vs
+      'map' 1055 ms);
     - otherwise batch-1 static convs under ``lax.map`` with their own VJP ('map').
 
     Other backends were never measured (no accelerator was available): there every sample
@@ -508,8 +529,8 @@ def choose_strategy(x_shape, experts_shape, *, strides, dilation, groups, spatia
 
 
 # Most output positions for which 'mix' (K static convs) beats per-sample kernels in
-# forward+backward on XLA:CPU (measured, B=32, K=4: 4x4 C=512 mix 461 ms vs map 1001 ms;
-# 8x8 C=256 map 260 ms vs mix 342 ms).
+# forward+backward on XLA:CPU (benchmarks/results/strategies_cpu.md, B=32, K=4: 4x4 C=512 mix 485 ms
+# vs map 860 ms; 8x8 C=256 map 232 ms vs mix 299 ms).
 _MIX_MAX_POSITIONS = 16
 
 

@@ -8,6 +8,9 @@ dilation, stride, SAME/VALID/explicit padding, spatial/channel/filter attention)
 from __future__ import annotations
 
 import itertools
+import os
+import subprocess
+import sys
 import zlib
 
 import jax
@@ -204,3 +207,43 @@ def test_channel_and_filter_attention_placements(shape, expected):
                                        padding=geom["padding"], dilation=geom["dilation"], strategy="mix",
                                        channel_attention=True, filter_attention=True) == (False, False)
         check_all_strategies(arrays, geom)
+
+
+_SHARDED_MAP_RUN = r"""
+import jax, jax.numpy as jnp, numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from dynconv_jax import ops
+mesh = Mesh(np.array(jax.devices()), ("data",))
+rng = np.random.default_rng(0)
+x, e, a, s = (jnp.asarray(rng.normal(size=(16, 6, 6, 4))), jnp.asarray(rng.normal(size=(3, 3, 3, 4, 5))),
+              jnp.asarray(rng.random((16, 3))), jnp.asarray(rng.random((16, 3, 3))))
+batch, repl = NamedSharding(mesh, P("data")), NamedSharding(mesh, P())
+args = (jax.device_put(x, batch), jax.device_put(e, repl), jax.device_put(a, batch), jax.device_put(s, batch))
+def loss(strategy):
+    return lambda *v: jnp.sum(jnp.sin(ops.dynamic_conv(v[0], v[1], v[2], spatial_attention=v[3], strides=(1, 1),
+                                                       padding="SAME", dilation=(1, 1), strategy=strategy)))
+grad = lambda strategy: jax.jit(jax.value_and_grad(loss(strategy), argnums=(0, 1, 2, 3)))
+forward = lambda strategy: jax.jit(lambda *v: ops.dynamic_conv(v[0], v[1], v[2], spatial_attention=v[3],
+                                                                strides=(1, 1), padding="SAME", dilation=(1, 1),
+                                                                strategy=strategy))
+ref, ref_y = grad("vmap")(*args), forward("vmap")(*args)
+with jax.set_mesh(mesh):
+    out, y = grad("map")(*args), forward("map")(*args)
+    hlo = grad("map").lower(*args).compile().as_text() + forward("map").lower(*args).compile().as_text()
+err = max(float(jnp.max(jnp.abs(p - q)) / jnp.max(jnp.abs(q)))
+          for p, q in zip(jax.tree_util.tree_leaves(out), jax.tree_util.tree_leaves(ref)))
+print("devices", jax.device_count(), "err", err, "all-gathers", hlo.count("all-gather("),
+      "forward_err", float(jnp.max(jnp.abs(y - ref_y)) / jnp.max(jnp.abs(ref_y))), "spec", y.sharding.spec)
+"""
+
+
+def test_map_strategy_keeps_a_sharded_batch_on_its_devices():
+    """Under jax.set_mesh (as train/ runs its steps) 'map' maps each device over its own samples:
+    exact, and the compiled program gathers nothing (one lax.map over the global batch all-gathers)."""
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_ENABLE_X64": "1"}
+    out = subprocess.run([sys.executable, "-c", _SHARDED_MAP_RUN], env=env, capture_output=True, text=True,
+                         timeout=300, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    assert out.returncode == 0, out.stdout + out.stderr
+    fields = out.stdout.split()
+    assert fields[1] == "8" and float(fields[3]) < 1e-12 and fields[5] == "0" and float(fields[7]) < 1e-12, out.stdout
+    assert "data" in out.stdout.split("spec", 1)[1], out.stdout

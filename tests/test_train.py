@@ -150,7 +150,7 @@ def test_kill_and_resume_is_bit_identical(tmp_path):
     assert strip(tmp_path / "ref" / "metrics.csv") == strip(tmp_path / "killed" / "metrics.csv")
 
 
-# Runs train_step under the loop's shardings (train/parallel.py) on the loop's batches for
+# Runs train_step under the loop's shardings and mesh (train/parallel.py) on the loop's batches for
 # n steps in a subprocess with D host devices, in float64 (x64 + float64 parameters).
 _DEVICE_RUN = """
 import functools, sys, jax, jax.numpy as jnp, numpy as np
@@ -165,9 +165,10 @@ tx, _ = steps.create_optimizer(cfg, batches.steps_per_epoch, 8)
 state = steps.create_train_state(jax.random.key(0, impl="rbg"), model, ds.image_shape, tx)
 mesh = parallel.make_mesh()
 repl, shard = parallel.replicated(mesh), parallel.batch_sharded(mesh)
-train = jax.jit(functools.partial(steps.train_step, label_smoothing=0.1,
-                                  temperature_fn=steps.temperature_schedule(cfg, batches.steps_per_epoch)),
-                in_shardings=(repl, shard, shard, repl), out_shardings=(repl, repl))
+train = parallel.under_mesh(mesh, jax.jit(
+    functools.partial(steps.train_step, label_smoothing=0.1,
+                      temperature_fn=steps.temperature_schedule(cfg, batches.steps_per_epoch)),
+    in_shardings=(repl, shard, shard, repl), out_shardings=(repl, repl)))
 state, key = jax.device_put(state, repl), jax.device_put(jax.random.key(1), repl)
 for step in range(int(sys.argv[2])):
     x, y = batches.train_batch(step)

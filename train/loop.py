@@ -138,11 +138,11 @@ def train_and_evaluate(config: Config) -> Dict[str, Any]:
     repl, data_sharding = parallel.replicated(mesh), parallel.batch_sharded(mesh)
     state = jax.device_put(state, repl)
     dropout_key = jax.device_put(dropout_key, repl)
-    p_train_step = jax.jit(
+    p_train_step = parallel.under_mesh(mesh, jax.jit(
         functools.partial(steps.train_step, temperature_fn=temperature_fn, label_smoothing=config.label_smoothing),
-        in_shardings=(repl, data_sharding, data_sharding, repl), out_shardings=(repl, repl), donate_argnums=0)
-    p_eval_step = jax.jit(steps.eval_step, in_shardings=(repl, data_sharding, data_sharding, data_sharding, repl),
-                          out_shardings=repl)
+        in_shardings=(repl, data_sharding, data_sharding, repl), out_shardings=(repl, repl), donate_argnums=0))
+    p_eval_step = parallel.under_mesh(mesh, jax.jit(
+        steps.eval_step, in_shardings=(repl, data_sharding, data_sharding, data_sharding, repl), out_shardings=repl))
 
     writer = metrics_lib.MetricsWriter(workdir, start_step if restored else None, config.tensorboard, primary)
     if primary:

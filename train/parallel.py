@@ -32,6 +32,16 @@ def batch_sharded(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, P("data"))
 
 
+def under_mesh(mesh: Mesh, fn):
+    """``fn`` called (and so traced) with ``mesh`` set (``jax.set_mesh``): what lets per-sample code see
+    the mesh, e.g. ``dynconv_jax.ops``' 'map' strategy, which then maps each device over its own
+    samples instead of gathering the batch (see docs/performance.md)."""
+    def call(*args, **kwargs):
+        with jax.set_mesh(mesh):
+            return fn(*args, **kwargs)
+    return call
+
+
 def global_batch(sharding: NamedSharding, *local_arrays):
     """This process's slices of the global batch -> global ``jax.Array``s sharded on 'data'."""
     return tuple(jax.make_array_from_process_local_data(sharding, np.asarray(a)) for a in local_arrays)
