@@ -34,6 +34,18 @@ def median_times(candidates: Dict[str, Callable[[], object]], *, repeats: int, m
     return {name: statistics.median(values) for name, values in samples.items()}
 
 
+def _cpu_model() -> str:
+    """The CPU's model name (Linux ``/proc/cpuinfo``), else what ``platform`` knows."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def environment() -> dict:
     """Device, versions and date, recorded with every result file."""
     import jax
@@ -42,6 +54,8 @@ def environment() -> dict:
         "date_utc": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "host": platform.node(),
         "cpu_count": os.cpu_count(),
+        "cpu_model": _cpu_model(),
+        "cpus_usable": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
         "python": platform.python_version(),
         "jax": jax.__version__,
         "jax_backend": jax.default_backend(),
@@ -56,7 +70,8 @@ def environment() -> dict:
         env["cudnn"] = torch.backends.cudnn.version() if torch.cuda.is_available() else None
     except ImportError:
         env["torch"] = None
-    env["device"] = env["jax_device"] if env["jax_backend"] != "cpu" else f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
+    env["device"] = (env["jax_device"] if env["jax_backend"] != "cpu"
+                     else f"cpu ({env['cpu_model']}, {env['cpus_usable']} of {os.cpu_count()} cores usable)")
     return env
 
 
