@@ -106,3 +106,41 @@ def check_input(x, in_channels: int, where: str) -> None:
                          f"(channels-last, in_channels={in_channels})")
     if not jnp.issubdtype(x.dtype, jnp.floating):
         raise ValueError(f"{where}: input dtype {x.dtype} must be floating point")
+
+
+STEMS = ("imagenet", "cifar")
+
+
+class DynamicNet(nn.Module):
+    """The fields and checks shared by the Flax models (ResNet, MobileNetV2): which convolution the
+    blocks use, the classifier, the stem, and how every layer computes. Subclasses add their
+    architecture fields and ``dropout``; see :class:`dynconv_jax.models.ResNet` for the meaning."""
+
+    conv: str = "static"
+    num_experts: int = 4
+    num_classes: int = 1000
+    stem: str = "imagenet"
+    reduction: Optional[float] = None
+    in_channels: int = 3
+    conv_options: Optional[Mapping[str, Any]] = None
+    strategy: str = "auto"
+    dtype: Any = None
+    param_dtype: Any = jnp.float32
+    precision: Any = None
+
+    def __post_init__(self):
+        where = type(self).__name__
+        check_conv_args(self.conv, self.num_experts, self.reduction, self.conv_options, where)
+        if self.stem not in STEMS:
+            raise ValueError(f"{where}: stem={self.stem!r}; expected one of {STEMS}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"{where}: dropout={self.dropout!r} must be in [0, 1)")
+        super().__post_init__()
+
+    def conv_config(self, x) -> ConvConfig:
+        """Checks the input ``x`` and returns the :class:`ConvConfig` every layer is built with."""
+        where = type(self).__name__
+        check_input(x, self.in_channels, where)
+        options = check_conv_args(self.conv, self.num_experts, self.reduction, self.conv_options, where)
+        return ConvConfig(self.conv, self.num_experts, self.reduction, self.strategy, options, self.dtype,
+                          self.param_dtype, self.precision)

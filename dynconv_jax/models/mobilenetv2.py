@@ -8,14 +8,10 @@ Flax twin of ``dynconv_torch.models.mobilenetv2`` with the same names: PyTorch's
 """
 from __future__ import annotations
 
-from typing import Any, Mapping, Optional
-
 import jax.numpy as jnp
 from flax import linen as nn
 
-from ._conv import ConvConfig, check_conv_args, check_input
-
-STEMS = ("imagenet", "cifar")
+from ._conv import ConvConfig, DynamicNet
 # (expansion t, channels c, repeats n, first stride s) per stage, as in the paper's Table 2.
 INVERTED_RESIDUAL_SETTING = ((1, 16, 1, 1), (6, 24, 2, 2), (6, 32, 3, 2), (6, 64, 4, 2), (6, 96, 3, 1),
                              (6, 160, 3, 2), (6, 320, 1, 1))
@@ -73,7 +69,7 @@ class InvertedResidual(nn.Module):
         return x + h if self.stride == 1 and self.inp == self.oup else h
 
 
-class MobileNetV2(nn.Module):
+class MobileNetV2(DynamicNet):
     """MobileNetV2 with a selectable convolution type after the stem (arguments as the torch twin).
 
     Attributes:
@@ -85,36 +81,17 @@ class MobileNetV2(nn.Module):
     """
 
     width_mult: float = 1.0
-    conv: str = "static"
-    num_experts: int = 4
-    num_classes: int = 1000
-    stem: str = "imagenet"
     dropout: float = 0.2
-    reduction: Optional[float] = None
-    in_channels: int = 3
-    conv_options: Optional[Mapping[str, Any]] = None
-    strategy: str = "auto"
-    dtype: Any = None
-    param_dtype: Any = jnp.float32
-    precision: Any = None
 
     def __post_init__(self):
-        check_conv_args(self.conv, self.num_experts, self.reduction, self.conv_options, "MobileNetV2")
-        if self.stem not in STEMS:
-            raise ValueError(f"MobileNetV2: stem={self.stem!r}; expected one of {STEMS}")
         if not self.width_mult > 0:
             raise ValueError(f"MobileNetV2: width_mult={self.width_mult!r} must be positive")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"MobileNetV2: dropout={self.dropout!r} must be in [0, 1)")
         super().__post_init__()
 
     @nn.compact
     def __call__(self, x, train: bool = False, temperature=None):
         """``x [B, H, W, in_channels]`` → logits ``[B, num_classes]``; ``temperature`` goes to every dynamic layer."""
-        check_input(x, self.in_channels, "MobileNetV2")
-        c = ConvConfig(self.conv, self.num_experts, self.reduction, self.strategy,
-                       check_conv_args(self.conv, self.num_experts, self.reduction, self.conv_options, "MobileNetV2"),
-                       self.dtype, self.param_dtype, self.precision)
+        c = self.conv_config(x)
         channels, stem_stride, stages, last_channel = stage_settings(self.width_mult, self.stem)
         x = conv_bn_relu6(c, x, "features_0", channels, 3, stem_stride, train=train, static=True)
         index = 1

@@ -11,14 +11,12 @@ in the blocks; static stem, downsample shortcut and classifier; dropout before `
 """
 from __future__ import annotations
 
-from typing import Any, Mapping, Optional, Sequence
+from typing import Sequence
 
 import jax.numpy as jnp
 from flax import linen as nn
 
-from ._conv import ConvConfig, check_conv_args, check_input
-
-STEMS = ("imagenet", "cifar")
+from ._conv import ConvConfig, DynamicNet
 
 
 class BasicBlock(nn.Module):
@@ -71,7 +69,7 @@ def _shortcut(c: ConvConfig, x, features: int, stride: int, downsample: bool, tr
 BLOCKS = {"basic": BasicBlock, "bottleneck": Bottleneck}
 
 
-class ResNet(nn.Module):
+class ResNet(DynamicNet):
     """ResNet with a selectable convolution type in its blocks (arguments as ``dynconv_torch.models.ResNet``).
 
     Attributes:
@@ -92,41 +90,22 @@ class ResNet(nn.Module):
 
     block: str = "basic"
     layers: Sequence[int] = (2, 2, 2, 2)
-    conv: str = "static"
-    num_experts: int = 4
-    num_classes: int = 1000
-    stem: str = "imagenet"
     base_width: int = 64
     dropout: float = 0.1
-    reduction: Optional[float] = None
-    in_channels: int = 3
-    conv_options: Optional[Mapping[str, Any]] = None
-    strategy: str = "auto"
-    dtype: Any = None
-    param_dtype: Any = jnp.float32
-    precision: Any = None
 
     def __post_init__(self):
-        check_conv_args(self.conv, self.num_experts, self.reduction, self.conv_options, "ResNet")
         if self.block not in BLOCKS:
             raise ValueError(f"ResNet: block={self.block!r}; expected one of {tuple(BLOCKS)}")
         if len(self.layers) != 4:
             raise ValueError(f"ResNet: layers={tuple(self.layers)} must give the blocks of 4 stages")
-        if self.stem not in STEMS:
-            raise ValueError(f"ResNet: stem={self.stem!r}; expected one of {STEMS}")
         if not isinstance(self.base_width, int) or self.base_width < 1:
             raise ValueError(f"ResNet: base_width={self.base_width!r} must be a positive int")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"ResNet: dropout={self.dropout!r} must be in [0, 1)")
         super().__post_init__()
 
     @nn.compact
     def __call__(self, x, train: bool = False, temperature=None):
         """``x [B, H, W, in_channels]`` → logits ``[B, num_classes]``; ``temperature`` goes to every dynamic layer."""
-        check_input(x, self.in_channels, "ResNet")
-        c = ConvConfig(self.conv, self.num_experts, self.reduction, self.strategy,
-                       check_conv_args(self.conv, self.num_experts, self.reduction, self.conv_options, "ResNet"),
-                       self.dtype, self.param_dtype, self.precision)
+        c = self.conv_config(x)
         if self.stem == "imagenet":
             x = nn.relu(c.batch_norm(c.static_conv(x, "conv1", self.base_width, 7, 2), "bn1", train))
             x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
