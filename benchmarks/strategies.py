@@ -55,7 +55,7 @@ def bench_shape(batch, spatial, cin, cout, k, stride, groups, *, spatial_attenti
 
     fwd = {"static": (jax.jit(static), (x, w0))}
     bwd = {"static": (jax.jit(jax.value_and_grad(lambda x, w: jnp.sum(static(x, w) ** 2), argnums=(0, 1))), (x, w0))}
-    for name in ops.applicable_strategies((k,) * rank, spatial_attention=spatial_attention):
+    for name in ops.applicable_strategies((k,) * rank):
         if name == "mix" and groups > 1 and skip_slow_cpu:
             continue  # a grouped conv with K*Cout outputs: XLA:CPU took 317 s fwd+bwd for depthwise 144 @28
         def f(x, e, a, s, name=name):

@@ -53,7 +53,7 @@ def check_all_strategies(arrays, geom):
     names = [n for n in ARG_NAMES if arrays[n] is not None]
     fixed = {n: None for n in ARG_NAMES if arrays[n] is None}
     kernel_size = arrays["experts"].shape[1:-2]
-    strategies = ops.applicable_strategies(kernel_size, spatial_attention=arrays["spatial_attention"] is not None)
+    strategies = ops.applicable_strategies(kernel_size)
 
     def naive(*vals):
         kw = {**fixed, **dict(zip(names, vals))}
@@ -142,7 +142,7 @@ def test_auto_picks_only_applicable_strategies():
         e_shape = (4,) + (k,) * rank + (cin // groups, 64)
         choice = ops.choose_strategy(x_shape, e_shape, strides=(stride,) * rank, dilation=(1,) * rank, groups=groups,
                                      spatial_attention=spatial_att, backend=backend)
-        assert choice in ops.applicable_strategies((k,) * rank, spatial_attention=spatial_att), (x_shape, e_shape)
+        assert choice in ops.applicable_strategies((k,) * rank), (x_shape, e_shape)
 
 
 def test_inapplicable_strategies_raise_clear_errors():
@@ -198,7 +198,7 @@ def test_channel_and_filter_attention_placements(shape, expected):
         arrays, geom = make_case(rng, rank=2, kernel=kernel, stride=stride, dilation=1, groups=1, padding="SAME",
                                  spatial=True, channel=True, filt=True, bias=True, size=size,
                                  cin_per_group=cin_per_group, cout_per_group=cout_per_group)
-        for strategy in set(ops.applicable_strategies((kernel, kernel), spatial_attention=True)) - {"mix"}:
+        for strategy in set(ops.applicable_strategies((kernel, kernel))) - {"mix"}:
             placement = ops.attention_placement(arrays["x"].shape, arrays["experts"].shape, strides=geom["strides"],
                                                 padding=geom["padding"], dilation=geom["dilation"], strategy=strategy,
                                                 channel_attention=True, filter_attention=True)
