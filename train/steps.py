@@ -38,6 +38,8 @@ def model_kwargs(config, num_classes: int, image_shape) -> Dict[str, Any]:
                                   in_channels=in_channels)
     if config.dropout is not None:
         kwargs["dropout"] = config.dropout
+    if config.attention_bn_init is not None:
+        kwargs["conv_options"] = {"attention_bn_init": config.attention_bn_init}
     if config.model.startswith("resnet"):
         stem = config.stem
         if stem == "auto":
@@ -131,16 +133,10 @@ def cross_entropy(logits: Array, labels: Array, num_classes: int, label_smoothin
     return optax.softmax_cross_entropy(logits.astype(jnp.float32), targets)
 
 
-def train_step(state: TrainState, images: Array, labels: Array, dropout_key: Array, *,
-               temperature_fn: Callable, label_smoothing: float) -> Tuple[TrainState, Dict[str, Array]]:
-    """One optimisation step on a (possibly sharded) global batch.
-
-    images ``[B, H, W, C]`` float32, labels ``[B]`` int32. BatchNorm statistics are computed
-    over the whole global batch: under ``jax.jit`` with a batch sharded over devices, the
-    batch mean is a cross-device reduction. Returns the new state and scalar metrics
-    (``loss`` = training objective, ``accuracy``, ``grad_norm``, ``temperature``).
-    """
-    temperature = temperature_fn(state.step)
+def loss_and_grads(state: TrainState, images: Array, labels: Array, dropout_key: Array, temperature,
+                   label_smoothing: float) -> Tuple[Array, Array, Dict[str, Any], Any]:
+    """The training objective at ``state``'s parameters on one batch (training mode, dropout key
+    ``fold_in(dropout_key, step)``) and its gradient: ``(loss, logits, batch-stat updates, grads)``."""
     key = jax.random.fold_in(dropout_key, state.step)
 
     def loss_fn(params):
@@ -151,6 +147,20 @@ def train_step(state: TrainState, images: Array, labels: Array, dropout_key: Arr
         return loss, (logits, updates)
 
     (loss, (logits, updates)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    return loss, logits, updates, grads
+
+
+def train_step(state: TrainState, images: Array, labels: Array, dropout_key: Array, *,
+               temperature_fn: Callable, label_smoothing: float) -> Tuple[TrainState, Dict[str, Array]]:
+    """One optimisation step on a (possibly sharded) global batch.
+
+    images ``[B, H, W, C]`` float32, labels ``[B]`` int32. BatchNorm statistics are computed
+    over the whole global batch: under ``jax.jit`` with a batch sharded over devices, the
+    batch mean is a cross-device reduction. Returns the new state and scalar metrics
+    (``loss`` = training objective, ``accuracy``, ``grad_norm``, ``temperature``).
+    """
+    temperature = temperature_fn(state.step)
+    loss, logits, updates, grads = loss_and_grads(state, images, labels, dropout_key, temperature, label_smoothing)
     new_state = state.apply_gradients(grads=grads, batch_stats=updates.get("batch_stats", state.batch_stats))
     metrics = {
         "loss": loss,
