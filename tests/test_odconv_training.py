@@ -50,3 +50,16 @@ def test_initial_gradient_at_temperature_one_stays_near_temperature_thirty():
             ratios[name].append(t1 / t30)
     assert max(ratios["default"]) < 1.5, ratios
     assert min(ratios["official"]) > 2.5, ratios
+
+
+def test_stage_norms_group_by_stage_and_attention():
+    from train.grad_norms import stage_norms
+
+    grads = {"conv1": {"kernel": jnp.full((2,), 3.0)},
+             "layer1_0": {"conv1": {"kernel": jnp.full((1,), 4.0), "attention": {"fc": {"kernel": jnp.ones((4,))}}}},
+             "layer1_1": {"bn1": {"scale": jnp.zeros((3,))}}, "fc": {"bias": jnp.full((1,), 1.0)}}
+    norms = {k: float(v) for k, v in stage_norms(grads).items()}
+    expected = {"global": np.sqrt(18 + 16 + 4 + 1), "conv1": np.sqrt(18), "layer1": np.sqrt(20), "attention": 2.0,
+                "fc": 1.0}
+    assert norms.keys() == expected.keys()
+    np.testing.assert_allclose([norms[k] for k in expected], list(expected.values()), rtol=1e-6)
