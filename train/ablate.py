@@ -54,9 +54,10 @@ def _parse_grid(specs: Sequence[Tuple[str, str]]) -> Grid:
     return grid
 
 
-def _split_args(argv: Sequence[str]) -> Tuple[Grid, Optional[str], List[str]]:
-    """Pull out ``--vary``/``--ks``/``--seeds`` and ``--out``; join ``--key value`` pairs into
-    ``--key=value`` for the train options."""
+def _split_args(argv: Sequence[str], default_grid: Sequence[Tuple[str, str]] = (("num_experts", "1,2,4,8"),)
+                ) -> Tuple[Grid, Optional[str], List[str]]:
+    """Pull out ``--vary``/``--ks``/``--seeds`` (``default_grid`` when none is given) and ``--out``;
+    join ``--key value`` pairs into ``--key=value`` for the train options."""
     from train.config import UsageError, _field_types
 
     types = _field_types()
@@ -85,7 +86,7 @@ def _split_args(argv: Sequence[str]) -> Tuple[Grid, Optional[str], List[str]]:
         else:
             rest.append(f"--{key}={value}" if sep else arg)
         i += 1
-    return _parse_grid(specs or [("num_experts", "1,2,4,8")]), out, rest
+    return _parse_grid(specs or list(default_grid)), out, rest
 
 
 def run_name(setting: Dict[str, object]) -> str:

@@ -122,7 +122,7 @@ def markdown(init_rows, trace_rows, keys: Sequence[str]) -> str:
     """Tables: global norm at init per temperature; stage norms at init at the lowest and highest
     temperature; per epoch of the trace, the largest global norm and its stage breakdown."""
     lines = []
-    label = lambda r: ", ".join(f"{k}={r[k]}" for k in keys)  # noqa: E731
+    label = lambda r: ", ".join(f"{k}={r[k]}" for k in keys) or "-"  # noqa: E731
     temps = sorted({r["temperature"] for r in init_rows}, reverse=True)
     stages = [k for k in init_rows[0] if k not in set(keys) | {"temperature", "global"}] if init_rows else []
     if init_rows:
@@ -186,8 +186,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                              "expected numbers, e.g. --temperatures=30,3,1 --trace_epochs=7") from None
         if not temperatures or min(temperatures) <= 0 or trace_epochs < 0:
             raise UsageError("--temperatures must be positive numbers and --trace_epochs >= 0")
-        grid, out_dir, rest = _split_args(rest + (["--vary", "seed=0"] if not any(
-            a.startswith(("--vary", "--seeds", "--ks")) for a in rest) else []))
+        grid, out_dir, rest = _split_args(rest, default_grid=())  # nothing varied: one run of the given options
         base = parse_args(rest)
         out_dir = out_dir or os.path.join("runs", "grad-norms")
         runs = grid_configs(grid, base, out_dir)
