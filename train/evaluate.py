@@ -51,19 +51,22 @@ def evaluate(model_name: str, checkpoint, dataset: str = "imagenet2012", split: 
              input_size: Optional[int] = None, crop_pct: Optional[float] = None, workers: int = 8) -> Dict[str, float]:
     """Top-1 / top-5 accuracy (fractions) of ``model_name`` with weights from ``checkpoint``
     (a timm/``dynconv_torch`` state_dict file or object) on a TFDS split."""
-    import jax
-    import jax.numpy as jnp
-    import tensorflow_datasets as tfds
-
     from dynconv_jax.models import efficientnet_cc as effnet
 
     if model_name not in effnet.VARIANTS:
         raise UsageError(f"--model {model_name!r}: expected one of {sorted(effnet.VARIANTS)}")
-    if batch_size < 1:
-        raise UsageError(f"--batch_size {batch_size} must be >= 1")
+    for flag, value in (("--batch_size", batch_size), ("--num_examples", num_examples), ("--input_size", input_size)):
+        if value is not None and value < 1:
+            raise UsageError(f"{flag} {value} must be >= 1")
+    if crop_pct is not None and not (math.isfinite(crop_pct) and 0 < crop_pct <= 1):
+        raise UsageError(f"--crop_pct {crop_pct} must be in (0, 1] (the center crop's fraction of the resized image)")
+    import jax
+    import jax.numpy as jnp
+    import tensorflow_datasets as tfds
+
     cfg = dict(effnet.DEFAULT_CFGS[model_name])
-    cfg["input_size"] = input_size or cfg["input_size"]
-    cfg["crop_pct"] = crop_pct or cfg["crop_pct"]
+    cfg["input_size"] = cfg["input_size"] if input_size is None else input_size
+    cfg["crop_pct"] = cfg["crop_pct"] if crop_pct is None else crop_pct
     try:
         source = tfds.data_source(dataset, split=split, data_dir=data_dir, download=False)
     except Exception as error:  # TFDS raises several unrelated types for "not prepared"
