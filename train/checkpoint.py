@@ -55,6 +55,10 @@ class CheckpointMismatch(CheckpointError):
     """An intact checkpoint does not fit the state the code builds (other keys, shapes or kinds of dtype)."""
 
 
+class NoIntactCheckpoint(CheckpointError):
+    """Every checkpoint failed its integrity check (each was moved aside, or left in place when read-only)."""
+
+
 class _IntegrityFailure(Exception):
     """Proof that one checkpoint is damaged: unreadable bytes or a checksum mismatch."""
 
@@ -266,7 +270,7 @@ class Checkpointer:
                 print(f"WARNING: {message}", file=sys.stderr, flush=True)
                 failures.append(message)
         if failures:
-            raise CheckpointError("no intact checkpoint left:\n  " + "\n  ".join(failures))
+            raise NoIntactCheckpoint("no intact checkpoint left:\n  " + "\n  ".join(failures))
         return None
 
     def _quarantine(self, step: int) -> str:

@@ -129,14 +129,21 @@ def train_and_evaluate(config: Config) -> Dict[str, Any]:
 
     start_step = 0
     running = {"loss": 0.0, "accuracy": 0.0, "count": 0}
-    restored = checkpointer.restore_latest(state) if config.resume else None
+    try:
+        restored = checkpointer.restore_latest(state) if config.resume else None
+    except ckpt_lib.NoIntactCheckpoint as error:
+        if not config.allow_restart:
+            raise ckpt_lib.NoIntactCheckpoint(f"{error}\n--resume refuses to train from step 0 instead: pass "
+                                              f"--allow_restart to do that") from None
+        print(f"--resume --allow_restart: {error}\nstarting from step 0", file=sys.stderr, flush=True)
+        restored = None
     if restored is not None:
         start_step, state, meta = restored
         running = meta["running"]
         print(f"resumed from {checkpointer.directory}/{start_step} (step {start_step}/{total_steps})", flush=True)
     elif config.resume:
         quarantined = checkpointer.quarantined_steps()
-        if quarantined and not config.allow_restart:
+        if quarantined and not config.allow_restart and not checkpointer.all_steps():
             raise ckpt_lib.CheckpointError(
                 f"--resume: no intact checkpoint in {checkpointer.directory}; the checkpoints of steps {quarantined} "
                 f"failed their integrity check and are in {checkpointer.corrupt_directory}. Restarting would "
