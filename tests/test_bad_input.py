@@ -41,19 +41,24 @@ def _layers():
 X = jnp.asarray(np.random.default_rng(0).normal(size=(2, 5, 5, 3)), jnp.float32)
 
 
-@functools.lru_cache(maxsize=None)
-def _initialised(cls):
-    """``(layer, variables)`` of a 3x3 layer with 4 features for ``X``: N(0, 1) parameters (BatchNorm
-    variance 1) drawn by NumPy in the shapes ``jax.eval_shape`` gives, so no init is compiled."""
-    layer = cls(features=4, kernel_size=(3, 3))
-    rng = np.random.default_rng(0)
+def _random_variables(layer, x, seed=0):
+    """N(0, 1) parameters (BatchNorm variance 1) drawn by NumPy in the shapes ``jax.eval_shape`` gives
+    (the layer's validation runs while tracing; no init is compiled)."""
+    rng = np.random.default_rng(seed)
 
     def draw(path, leaf):
         if jax.tree_util.keystr(path).endswith("['var']"):
             return jnp.ones(leaf.shape, leaf.dtype)
         return jnp.asarray(rng.normal(size=leaf.shape), leaf.dtype)
 
-    return layer, jax.tree_util.tree_map_with_path(draw, jax.eval_shape(layer.init, jax.random.key(0), X))
+    return jax.tree_util.tree_map_with_path(draw, jax.eval_shape(layer.init, jax.random.key(seed), x))
+
+
+@functools.lru_cache(maxsize=None)
+def _initialised(cls):
+    """``(layer, variables)`` of a 3x3 layer with 4 features for ``X``."""
+    layer = cls(features=4, kernel_size=(3, 3))
+    return layer, _random_variables(layer, X)
 
 
 @pytest.mark.parametrize("kernel_size", [(3.5, 3), 3.5, (True, 3)])
@@ -395,7 +400,7 @@ def test_write_failure_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
 
     monkeypatch.setattr(atomicity.AtomicRenameTemporaryPath, "finalize", disk_full)
     ckpt = Checkpointer(str(tmp_path), 3)
-    with pytest.raises(CheckpointWriteError, match=r"could not write the checkpoint of step 2 .*No space left on "
+    with pytest.raises(CheckpointWriteError, match=r"could not write the checkpoint of step 2 .*\(disk full\).*No space left on "
                                                    r"device.*the earlier checkpoints \(\[1\]\) are untouched"):
         ckpt.save(2, _state(2), {"running": {}})
     monkeypatch.undo()
@@ -438,7 +443,7 @@ def test_disk_full_on_a_small_tmpfs(tmp_path):
     out = subprocess.run(["unshare", "-rm", "sh", "-c", script, "sh", str(mount), _DISK_FULL], cwd=ROOT,
                          capture_output=True, text=True, timeout=180)
     assert out.returncode == 0, out.stdout + out.stderr
-    assert re.search(r"WRITE ERROR could not write the checkpoint of step 2 .*No space left on device.*"
+    assert re.search(r"WRITE ERROR could not write the checkpoint of step 2 to .* \(disk full\) .*No space left on device.*"
                      r"earlier checkpoints \(\[1\]\) are untouched", out.stdout), out.stdout + out.stderr
     assert "LEFT ['1']" in out.stdout and "RESTORED 1 True" in out.stdout, out.stdout + out.stderr
 
@@ -488,14 +493,25 @@ def test_sigkill_during_a_checkpoint_write(tmp_path, mode):
     assert os.listdir(tmp_path / "checkpoints") == ["1"] and not (tmp_path / "corrupt_checkpoints").exists()
 
 
-def test_resume_after_every_checkpoint_was_quarantined(tmp_path, capfd):
-    """--resume refuses to restart from step 0 once every checkpoint failed its check, unless --allow_restart."""
+def test_resume_after_every_checkpoint_was_quarantined(tmp_path, capfd, monkeypatch):
+    """--resume refuses to restart from step 0 once every checkpoint failed its check, unless --allow_restart
+    (a stand-in state replaces the model's, and the run stops right after that decision: nothing compiles)."""
+    from train import loop
     from train.checkpoint import Checkpointer, CheckpointError, NoIntactCheckpoint
     from train.config import parse_args
     from train.loop import train_and_evaluate
+
+    class Started(Exception):
+        pass
+
+    def started(*args, **kwargs):
+        raise Started
+
+    monkeypatch.setattr(loop.metrics_lib, "MetricsWriter", started)
+    monkeypatch.setattr(loop.steps, "create_train_state", lambda *args: _target())  # no model init compiled
     work = tmp_path / "run"
-    args = ["--base_width=2", "--batch_size=32", "--export=false", "--tensorboard=false", "--progress=false",
-            f"--workdir={work}", "--num_steps=2", "--checkpoint_every_steps=2", "--resume"]
+    args = ["--base_width=2", "--conv=static", "--batch_size=32", "--export=false", "--tensorboard=false",
+            "--progress=false", f"--workdir={work}", "--num_steps=2", "--checkpoint_every_steps=2", "--resume"]
     work.mkdir()
     (work / "config.json").write_text(parse_args(args).to_json())
     ckpt = Checkpointer(str(work), 3)
@@ -511,9 +527,9 @@ def test_resume_after_every_checkpoint_was_quarantined(tmp_path, capfd):
     assert os.listdir(work / "corrupt_checkpoints") == ["2"]
     with pytest.raises(CheckpointError, match=r"steps \['2'\] failed their integrity check .*pass --allow_restart"):
         train_and_evaluate(parse_args(args))
-    result = train_and_evaluate(parse_args(args + ["--allow_restart"]))
-    assert result["steps"] == 2 and os.listdir(work / "checkpoints") == ["2"]
-    assert "starting from step 0" in capfd.readouterr().out
+    with pytest.raises(Started):
+        train_and_evaluate(parse_args(args + ["--allow_restart"]))
+    assert "--resume: no checkpoint in" in capfd.readouterr().out and "starting from step 0"
 
 
 # ----------------------------------------------------------------------------- property test over layer configs
@@ -528,11 +544,11 @@ def _check_config(cls_name, rank, kernel, strides, dilation, padding, groups, in
     layer = cls(features=feat, kernel_size=kernel, strides=strides, kernel_dilation=dilation, padding=padding,
                 feature_group_count=groups, num_experts=experts)
     try:
-        variables = layer.init(jax.random.key(seed), x)
+        variables = _random_variables(layer, x, seed)
         y, sown = layer.apply(variables, x, mutable=["intermediates"])
     except ValueError as error:  # never another type; always naming the layer
         assert str(error).startswith(f"{cls_name} '"), str(error)
-        return "error"
+        return "error: " + str(error)
     assert np.all(np.isfinite(y)), "NaN/Inf for a finite input"
     att = {k: v[0] for k, v in sown["intermediates"].items()}
     params = variables["params"]
@@ -554,27 +570,32 @@ def test_layer_configs_run_exactly_or_raise_a_named_value_error():
     @st.composite
     def configs(draw):
         rank = draw(st.sampled_from([1, 2]))
-        size = st.integers(0, 3)
-        kernel = tuple(draw(size) for _ in range(rank))
-        if draw(st.integers(0, 9)) == 0:  # an occasional non-int kernel size
-            kernel = (draw(st.sampled_from([2.5, 1.0, "3"])),) + kernel[1:]
-        strides = tuple(draw(st.integers(1, 2)) for _ in range(rank))
-        dilation = tuple(draw(st.integers(1, 2)) for _ in range(rank))
-        padding = draw(st.one_of(st.sampled_from(["SAME", "VALID"]),
-                                 st.tuples(*[st.tuples(st.integers(0, 2), st.integers(0, 2))] * rank)))
-        groups = draw(st.sampled_from([1, 1, 2, 3, 0]))
-        in_ch = draw(st.integers(1, 6))
-        feat = draw(st.integers(1, 6))
-        return dict(cls_name=draw(st.sampled_from(["CondConv", "DynamicConv", "ODConv"])), rank=rank, kernel=kernel,
-                    strides=strides, dilation=dilation, padding=padding, groups=groups, in_ch=in_ch, feat=feat,
-                    experts=draw(st.integers(0, 3)), batch=draw(st.integers(0, 2)),
-                    spatial=tuple(draw(st.integers(1, 6)) for _ in range(rank)), seed=draw(st.integers(0, 2 ** 16)))
+        groups = draw(st.sampled_from([1, 1, 2, 3]))
+        config = dict(
+            cls_name=draw(st.sampled_from(["CondConv", "DynamicConv", "ODConv"])), rank=rank,
+            kernel=tuple(draw(st.integers(1, 3)) for _ in range(rank)),
+            strides=tuple(draw(st.integers(1, 2)) for _ in range(rank)),
+            dilation=tuple(draw(st.integers(1, 2)) for _ in range(rank)),
+            padding=draw(st.one_of(st.sampled_from(["SAME", "VALID"]),
+                                   st.tuples(*[st.tuples(st.integers(0, 2), st.integers(0, 2))] * rank))),
+            groups=groups, in_ch=groups * draw(st.integers(1, 3)), feat=groups * draw(st.integers(1, 2)),
+            experts=draw(st.integers(1, 3)), batch=draw(st.integers(1, 2)),
+            spatial=tuple(draw(st.integers(1, 6)) for _ in range(rank)), seed=draw(st.integers(0, 2 ** 16)))
+        # About one in three configurations gets one bad value (too small inputs come on their own).
+        bad = draw(st.sampled_from([None] * 9 + ["kernel", "groups", "in_ch", "experts", "batch"]))
+        if bad == "kernel":
+            config["kernel"] = (draw(st.sampled_from([0, -1, 2.5, 1.0, "3", None])),) + config["kernel"][1:]
+        elif bad is not None:
+            config[bad] = draw(st.sampled_from({"groups": [0, -2, 4], "in_ch": [5, 7], "experts": [0, -1],
+                                                "batch": [0]}[bad]))
+        return config
 
-    @hypothesis.settings(max_examples=45, deadline=None, derandomize=True, database=None,
+    @hypothesis.settings(max_examples=30, deadline=None, derandomize=True, database=None,
                          suppress_health_check=list(hypothesis.HealthCheck))
     @hypothesis.given(configs())
     def check(config):
         outcomes.append(_check_config(**config))
 
     check()
-    assert outcomes.count("ok") >= 10 and outcomes.count("error") >= 5, outcomes  # both sides were exercised
+    errors = [o for o in outcomes if o.startswith("error")]
+    assert outcomes.count("ok") >= 8 and len(errors) >= 4, "\n".join(outcomes)  # both sides were exercised

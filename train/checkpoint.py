@@ -71,6 +71,11 @@ def _is_environment_error(error: BaseException) -> bool:
     return isinstance(error, MemoryError) or (isinstance(error, OSError) and error.errno in _ENVIRONMENT_ERRNOS)
 
 
+def _shorten(text: str, limit: int = 400) -> str:
+    """``text`` cut in the middle: tensorstore puts the OS error (e.g. "No space left on device") at the end."""
+    return text if len(text) <= limit else f"{text[:limit // 3]} ... {text[-(2 * limit) // 3:]}"
+
+
 def tree_checksum(tree) -> str:
     """SHA-256 over the dtype, shape and bytes of every leaf, in tree order."""
     digest = hashlib.sha256()
@@ -173,9 +178,11 @@ class Checkpointer:
         except Exception as error:  # OSError, or tensorstore's ValueError wrapping one (ENOSPC, EDQUOT, ...)
             self._remove_partial(step)
             earlier = [s for s in self.all_steps() if s != step]
+            disk_full = getattr(error, "errno", None) == errno.ENOSPC or "No space left on device" in str(error)
             raise CheckpointWriteError(
-                f"could not write the checkpoint of step {step} to {self.directory} ({type(error).__name__}: "
-                f"{str(error)[:300]}); the earlier checkpoints ({earlier or 'none'}) are untouched") from error
+                f"could not write the checkpoint of step {step} to {self.directory}{' (disk full)' if disk_full else ''}"
+                f" ({type(error).__name__}: {_shorten(str(error))}); the earlier checkpoints ({earlier or 'none'}) are "
+                f"untouched") from error
 
     def _remove_partial(self, step: int) -> None:
         """Delete what a failed save of ``step`` left: Orbax temporaries (never a committed checkpoint)."""
@@ -198,7 +205,7 @@ class Checkpointer:
                 if _is_environment_error(error) or _is_environment_error(error.__cause__ or error):
                     raise CheckpointError(f"cannot read the {what} of checkpoint step {step} at {path} "
                                           f"({type(error).__name__}: {error}); left in place") from error
-                raise _IntegrityFailure(f"its {what} cannot be read ({type(error).__name__}: {str(error)[:300]})")
+                raise _IntegrityFailure(f"its {what} cannot be read ({type(error).__name__}: {_shorten(str(error))})")
 
         meta = attempt("metadata", lambda: dict(self.manager.restore(
             step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]))
