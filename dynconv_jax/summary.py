@@ -227,8 +227,9 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     parser.add_argument("--convs", nargs="+", default=list(models.CONV_TYPES), choices=models.CONV_TYPES)
     parser.add_argument("--num-experts", type=int, default=4)
     parser.add_argument("--no-cifar", action="store_true", help="skip the CIFAR (32×32, 10 classes) variants")
-    parser.add_argument("--xla-check", metavar="MODEL", choices=MODEL_NAMES, help="cross-check the analytic MACs of MODEL (static and "
-                        "every --convs type, ImageNet 224²) against XLA's cost analysis (compiles; slow on CPU)")
+    parser.add_argument("--xla-check", metavar="MODEL", choices=MODEL_NAMES, help="cross-check the analytic MACs of "
+                        "MODEL (static and every --convs type, ImageNet 224²) against XLA's cost analysis (compiles; "
+                        "slow on CPU)")
     args = parser.parse_args(argv)
     settings = [("imagenet", 224, 1000)] + ([] if args.no_cifar else [("cifar", 32, 10)])
     rows = [measure(m, c, num_experts=args.num_experts, stem=stem, resolution=res, num_classes=classes)

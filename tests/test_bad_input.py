@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import errno
 import functools
-import json
 import os
 import re
 import shutil
@@ -326,7 +325,8 @@ def test_structure_mismatch_names_keys_and_moves_nothing(tmp_path):
                                                  r"checkpoint: \['params'\]\['b'\]"):
         ckpt.restore_latest(target)
     ckpt.close()
-    assert sorted(os.listdir(tmp_path / "checkpoints")) == ["1", "2"] and not (tmp_path / "corrupt_checkpoints").exists()
+    assert sorted(os.listdir(tmp_path / "checkpoints")) == ["1", "2"]
+    assert not (tmp_path / "corrupt_checkpoints").exists()
 
 
 def test_damaged_checkpoint_is_moved_and_the_previous_restored(tmp_path, capfd):
@@ -369,7 +369,8 @@ def test_environment_error_is_not_corruption(tmp_path, monkeypatch):
                                               r"left in place"):
         ckpt.restore_latest(_target())
     ckpt.close()
-    assert sorted(os.listdir(tmp_path / "checkpoints")) == ["1", "2"] and not (tmp_path / "corrupt_checkpoints").exists()
+    assert sorted(os.listdir(tmp_path / "checkpoints")) == ["1", "2"]
+    assert not (tmp_path / "corrupt_checkpoints").exists()
 
 
 @pytest.mark.parametrize("process_index", [0, 1])
@@ -400,8 +401,8 @@ def test_write_failure_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
 
     monkeypatch.setattr(atomicity.AtomicRenameTemporaryPath, "finalize", disk_full)
     ckpt = Checkpointer(str(tmp_path), 3)
-    with pytest.raises(CheckpointWriteError, match=r"could not write the checkpoint of step 2 .*\(disk full\).*No space left on "
-                                                   r"device.*the earlier checkpoints \(\[1\]\) are untouched"):
+    with pytest.raises(CheckpointWriteError, match=r"could not write the checkpoint of step 2 .*\(disk full\).*No space "
+                                                   r"left on device.*the earlier checkpoints \(\[1\]\) are untouched"):
         ckpt.save(2, _state(2), {"running": {}})
     monkeypatch.undo()
     assert os.listdir(tmp_path / "checkpoints") == ["1"]  # the temporary directory was removed
@@ -414,7 +415,9 @@ def test_write_failure_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
 _DISK_FULL = """
 import os, sys, numpy as np
 from train.checkpoint import Checkpointer, CheckpointWriteError
-state = lambda s: {"step": np.int32(s), "params": {"w": np.random.default_rng(s).normal(size=40_000).astype(np.float32)}}
+def state(s):
+    return {"step": np.int32(s), "params": {"w": np.random.default_rng(s).normal(size=40_000).astype(np.float32)}}
+
 target = {"step": 0, "params": {"w": np.zeros(40_000, np.float32)}}
 c = Checkpointer(sys.argv[1], 3)
 c.save(1, state(1), {})
@@ -443,8 +446,8 @@ def test_disk_full_on_a_small_tmpfs(tmp_path):
     out = subprocess.run(["unshare", "-rm", "sh", "-c", script, "sh", str(mount), _DISK_FULL], cwd=ROOT,
                          capture_output=True, text=True, timeout=180)
     assert out.returncode == 0, out.stdout + out.stderr
-    assert re.search(r"WRITE ERROR could not write the checkpoint of step 2 to .* \(disk full\) .*No space left on device.*"
-                     r"earlier checkpoints \(\[1\]\) are untouched", out.stdout), out.stdout + out.stderr
+    assert re.search(r"WRITE ERROR could not write the checkpoint of step 2 to .* \(disk full\) .*No space left on "
+                     r"device.*earlier checkpoints \(\[1\]\) are untouched", out.stdout), out.stdout + out.stderr
     assert "LEFT ['1']" in out.stdout and "RESTORED 1 True" in out.stdout, out.stdout + out.stderr
 
 

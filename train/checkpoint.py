@@ -180,9 +180,9 @@ class Checkpointer:
             earlier = [s for s in self.all_steps() if s != step]
             disk_full = getattr(error, "errno", None) == errno.ENOSPC or "No space left on device" in str(error)
             raise CheckpointWriteError(
-                f"could not write the checkpoint of step {step} to {self.directory}{' (disk full)' if disk_full else ''}"
-                f" ({type(error).__name__}: {_shorten(str(error))}); the earlier checkpoints ({earlier or 'none'}) are "
-                f"untouched") from error
+                f"could not write the checkpoint of step {step} to {self.directory}"
+                f"{' (disk full)' if disk_full else ''} ({type(error).__name__}: {_shorten(str(error))}); the earlier "
+                f"checkpoints ({earlier or 'none'}) are untouched") from error
 
     def _remove_partial(self, step: int) -> None:
         """Delete what a failed save of ``step`` left: Orbax temporaries (never a committed checkpoint)."""
