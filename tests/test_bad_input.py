@@ -131,7 +131,7 @@ def test_models_refuse_num_classes_zero():
 
 def _dynamic_variables():
     from dynconv_jax import DynamicConv
-    return DynamicConv(4, (3, 3)).init(jax.random.key(0), X)
+    return _initialised(DynamicConv)[1]
 
 
 def test_safetensors_renamed_bin_loads(tmp_path):
