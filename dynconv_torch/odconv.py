@@ -185,7 +185,7 @@ class ODConv2d(DynamicLayerMixin, nn.Module):
                 f"attention_bn_init={self.attention.bn_init}")
 
     def _attention(self, x: Tensor):
-        check_input(x, self.in_planes, self._where())
+        check_input(x, self.in_planes, self._where(), self.weight.dtype)
         if self.training and x.shape[0] == 1:
             raise ValueError(
                 f"{self._where()}: got a batch of one sample in training mode; the attention's BatchNorm "
