@@ -258,10 +258,10 @@ def test_summary_rejects_an_unknown_model(capsys):
 
 def test_ablate_rejects_repeated_expert_counts(capsys):
     from train.ablate import _split_args, main
-    with pytest.raises(ValueError, match=r"--ks='1,1': each number of experts may appear once"):
+    with pytest.raises(ValueError, match=r"--vary num_experts='1,1': a value is repeated"):
         _split_args(["--ks", "1,1"])
     assert main(["--ks=2,4,2", "--out", "unused"]) == 2
-    assert "each number of experts may appear once" in capsys.readouterr().err
+    assert "a value is repeated" in capsys.readouterr().err
 
 
 # ----------------------------------------------------------------------------- checkpoints

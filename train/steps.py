@@ -39,6 +39,8 @@ def model_kwargs(config, num_classes: int, image_shape) -> Dict[str, Any]:
                                   in_channels=in_channels)
     if config.dropout is not None:
         kwargs["dropout"] = config.dropout
+    if config.attention_bn_init is not None:
+        kwargs["conv_options"] = {"attention_bn_init": config.attention_bn_init}
     if config.model.startswith("resnet"):
         stem = config.stem
         if stem == "auto":
@@ -132,6 +134,23 @@ def cross_entropy(logits: Array, labels: Array, num_classes: int, label_smoothin
     return optax.softmax_cross_entropy(logits.astype(jnp.float32), targets)
 
 
+def loss_and_grads(state: TrainState, images: Array, labels: Array, dropout_key: Array, temperature,
+                   label_smoothing: float) -> Tuple[Array, Array, Dict[str, Any], Any]:
+    """The training objective at ``state``'s parameters on one batch (training mode, dropout key
+    ``fold_in(dropout_key, step)``) and its gradient: ``(loss, logits, batch-stat updates, grads)``."""
+    key = jax.random.fold_in(dropout_key, state.step)
+
+    def loss_fn(params):
+        logits, updates = state.apply_fn(
+            _variables(state, params), images, train=True, temperature=temperature,
+            mutable=["batch_stats"], rngs={"dropout": key})
+        loss = cross_entropy(logits, labels, logits.shape[-1], label_smoothing).mean()
+        return loss, (logits, updates)
+
+    (loss, (logits, updates)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    return loss, logits, updates, grads
+
+
 def train_step(state: TrainState, images: Array, labels: Array, dropout_key: Array, *,
                temperature_fn: Callable, label_smoothing: float,
                learning_rate_fn: Optional[Callable] = None) -> Tuple[TrainState, Dict[str, Array]]:
@@ -144,16 +163,7 @@ def train_step(state: TrainState, images: Array, labels: Array, dropout_key: Arr
     ``learning_rate`` = ``learning_rate_fn(step)`` when given).
     """
     temperature = temperature_fn(state.step)
-    key = jax.random.fold_in(dropout_key, state.step)
-
-    def loss_fn(params):
-        logits, updates = state.apply_fn(
-            _variables(state, params), images, train=True, temperature=temperature,
-            mutable=["batch_stats"], rngs={"dropout": key})
-        loss = cross_entropy(logits, labels, logits.shape[-1], label_smoothing).mean()
-        return loss, (logits, updates)
-
-    (loss, (logits, updates)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    loss, logits, updates, grads = loss_and_grads(state, images, labels, dropout_key, temperature, label_smoothing)
     new_state = state.apply_gradients(grads=grads, batch_stats=updates.get("batch_stats", state.batch_stats))
     metrics = {
         "loss": loss,
