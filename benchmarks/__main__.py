@@ -17,6 +17,8 @@ def main(argv=None):
     parser.add_argument("--repeats", type=int, default=None, help="timed rounds per candidate (median is reported)")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch.set_num_threads (default: os.cpu_count(), what XLA:CPU uses)")
+    parser.add_argument("--models", default=None,
+                        help="serving: comma-separated models (default: resnet18,mobilenet_v2)")
     args = parser.parse_args(argv)
 
     from .timing import environment, write_results
@@ -29,7 +31,7 @@ def main(argv=None):
         kwargs = {"threads": args.threads}
     elif args.suite == "serving":
         from . import serving as suite
-        kwargs = {"threads": args.threads}
+        kwargs = {"threads": args.threads, "models": args.models.split(",") if args.models else None}
     else:
         from . import models as suite
         kwargs = {"threads": args.threads}

@@ -57,7 +57,7 @@ def _onnx_check(torch_model, path, shape):
                for b in CHECK_BATCHES)
 
 
-def run(quick: bool, repeats: int, threads=None):
+def run(quick: bool, repeats: int, threads=None, models=None):
     import torch
 
     from dynconv_jax.export import load_stablehlo, to_stablehlo
@@ -68,14 +68,18 @@ def run(quick: bool, repeats: int, threads=None):
     torch.set_num_threads(threads)
     tmp = tempfile.mkdtemp(prefix="dynconv_serving_")
     rng = np.random.default_rng(0)
-    models = ("resnet18",) if quick else MODELS
+    models = tuple(models or (("resnet18",) if quick else MODELS))
+    unknown = sorted(set(models) - set(MODELS))
+    if unknown:
+        raise ValueError(f"serving: unknown models {unknown}; expected some of {MODELS}")
     records, rows, checks = [], [], []
     for name in models:
         for conv in CONVS:
             t0 = time.time()
             tm = _torch_model(name, conv, quick)
             onnx_paths = {}
-            for formulation in ("matmul", "experts"):
+            # A static model has no dynamic layer: both formulations are the same graph.
+            for formulation in ("matmul",) if conv == "static" else ("matmul", "experts"):
                 path = os.path.join(tmp, f"{name}_{conv}_{formulation}.onnx")
                 start = time.time()
                 to_onnx(tm, path, (None, 3, 32, 32), formulation=formulation)
@@ -83,6 +87,8 @@ def run(quick: bool, repeats: int, threads=None):
                 checks.append({"model": name, "conv": conv, "formulation": formulation, "max_rel_error": error,
                                "export_s": time.time() - start})
                 onnx_paths[formulation] = path
+                print(f"{name} {conv} ONNX {formulation}: max rel error vs torch eager {error:.2e} "
+                      f"(batch {CHECK_BATCHES}), export {checks[-1]['export_s']:.1f}s", flush=True)
             sessions = {f: onnx_session(p, threads) for f, p in onnx_paths.items()}
             jm, jv = _jax_model(name, conv, quick)
             jitted = jax.jit(lambda v, x: jm.apply(v, x, train=False))
@@ -104,7 +110,9 @@ def run(quick: bool, repeats: int, threads=None):
                 record = {"model": name, "conv": conv, "batch": batch,
                           **{k: batch / v for k, v in times.items()}}
                 records.append(record)
-                rows.append([name, conv, batch] + [f"{record[k]:.1f}" for k in candidates])
+                rows.append([name, conv, batch] + [f"{record[k]:.1f}" if k in record else "–"
+                                                   for k in ("torch eager", "ORT matmul", "ORT experts", "JAX jit",
+                                                             "StableHLO")])
                 print(f"{name} {conv} B{batch}: " + ", ".join(f"{k} {record[k]:.1f} img/s" for k in candidates),
                       flush=True)
             print(f"{name} {conv}: {time.time() - t0:.0f}s", flush=True)
