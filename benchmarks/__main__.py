@@ -19,6 +19,8 @@ def main(argv=None):
                         help="torch.set_num_threads (default: os.cpu_count(), what XLA:CPU uses)")
     parser.add_argument("--models", default=None,
                         help="serving: comma-separated models (default: resnet18,mobilenet_v2)")
+    parser.add_argument("--formulations", action="store_true",
+                        help="serving: only compare the two ONNX formulations on single dynamic layers")
     args = parser.parse_args(argv)
 
     from .timing import environment, write_results
@@ -31,14 +33,16 @@ def main(argv=None):
         kwargs = {"threads": args.threads}
     elif args.suite == "serving":
         from . import serving as suite
-        kwargs = {"threads": args.threads, "models": args.models.split(",") if args.models else None}
+        kwargs = {"threads": args.threads, "models": args.models.split(",") if args.models else None,
+                  "formulations": args.formulations}
     else:
         from . import models as suite
         kwargs = {"threads": args.threads}
     repeats = args.repeats or (3 if args.quick or args.suite == "models" else 5)
     payload, markdown = suite.run(quick=args.quick, repeats=repeats, **kwargs)
     env = environment()
-    for path in write_results(args.out, args.suite + ("_quick" if args.quick else ""), env, payload, markdown):
+    name = args.suite + ("_formulations" if args.formulations else "") + ("_quick" if args.quick else "")
+    for path in write_results(args.out, name, env, payload, markdown):
         print("wrote", path)
 
 

@@ -6,6 +6,7 @@ graphs (both batch-independent formulations, 'matmul' and 'experts'), JAX ``jit`
 ``model.apply`` and the StableHLO module of ``dynconv_jax.export.to_stablehlo`` loaded back.
 Each exported ONNX graph is also checked against torch eager at batch 1, 2, 7 and 32 (max
 relative error), and so is ``tf_efficientnet_cc_b0_4e`` (64x64 input, check only).
+``--formulations``: only the two ONNX formulations on single dynamic layers (:func:`run_formulations`).
 """
 from __future__ import annotations
 
@@ -18,6 +19,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from .timing import markdown_table, median_times
+
+try:
+    import dynconv_torch
+except ImportError:  # the serving suite needs torch; the module stays importable without it
+    dynconv_torch = None
 
 CONVS = ("static", "condconv", "dynamic", "odconv")
 MODELS = ("resnet18", "mobilenet_v2")
@@ -57,7 +63,9 @@ def _onnx_check(torch_model, path, shape):
                for b in CHECK_BATCHES)
 
 
-def run(quick: bool, repeats: int, threads=None, models=None):
+def run(quick: bool, repeats: int, threads=None, models=None, formulations: bool = False):
+    if formulations:
+        return run_formulations(repeats, threads)
     import torch
 
     from dynconv_jax.export import load_stablehlo, to_stablehlo
@@ -134,3 +142,47 @@ def run(quick: bool, repeats: int, threads=None, models=None):
                          [[c["model"], c["conv"], c["formulation"], f"{c['max_rel_error']:.2e}",
                            f"{c['export_s']:.1f}"] for c in checks])
     return {"models": models, "batches": BATCHES, "quick": quick, "results": records, "onnx_checks": checks}, md
+
+
+# Single layers for the formulation comparison: (name, layer factory, input shape [C, H, W]).
+FORMULATION_LAYERS = (
+    ("CondConv2d 64->64 3x3, 16x16", lambda: dynconv_torch.CondConv2d(64, 64, 3, padding=1), (64, 16, 16)),
+    ("DynamicConv2d 64->64 3x3, 16x16", lambda: dynconv_torch.DynamicConv2d(64, 64, 3, padding=1), (64, 16, 16)),
+    ("ODConv2d 64->128 1x1, 16x16", lambda: dynconv_torch.ODConv2d(64, 128, 1), (64, 16, 16)),
+    ("CondConv2d depthwise 128 3x3, 16x16", lambda: dynconv_torch.CondConv2d(128, 128, 3, padding=1, groups=128),
+     (128, 16, 16)),
+)
+
+
+def run_formulations(repeats: int, threads=None):
+    """ONNX Runtime images/s of the 'matmul' and 'experts' formulations of single dynamic layers, batch 1 and 32."""
+    import torch
+
+    from dynconv_torch.export import check_onnx, onnx_session, to_onnx
+
+    threads = threads or os.cpu_count()
+    tmp = tempfile.mkdtemp(prefix="dynconv_formulations_")
+    rng = np.random.default_rng(0)
+    records, rows = [], []
+    for name, make, shape in FORMULATION_LAYERS:
+        torch.manual_seed(0)
+        layer = make().eval()
+        sessions, errors = {}, {}
+        for formulation in ("matmul", "experts"):
+            path = to_onnx(layer, os.path.join(tmp, f"{formulation}.onnx"), (None,) + shape, formulation=formulation)
+            sessions[formulation] = onnx_session(path, threads)
+            errors[formulation] = check_onnx(layer, path, torch.randn((7,) + shape), sessions[formulation])
+        for batch in BATCHES:
+            x = rng.normal(size=(batch,) + shape).astype(np.float32)
+            times = median_times({f: (lambda s=s, x=x: s.run(None, {"input": x})[0]) for f, s in sessions.items()},
+                                 repeats=repeats, sync=lambda r: r)
+            record = {"layer": name, "batch": batch, **{f"{f}_images_per_s": batch / t for f, t in times.items()},
+                      **{f"{f}_max_rel_error": e for f, e in errors.items()}}
+            records.append(record)
+            rows.append([name, batch, f"{batch / times['matmul']:.1f}", f"{batch / times['experts']:.1f}",
+                         f"{times['matmul'] / times['experts']:.2f}"])
+            print(rows[-1], flush=True)
+    md = ("ONNX Runtime (CPU provider, " f"{threads} threads) images/s of the two batch-independent formulations of "
+          "`dynconv_torch.export.to_onnx`, single layers, median of interleaved rounds.\n\n")
+    md += markdown_table(["layer", "batch", "matmul img/s", "experts img/s", "experts speed-up"], rows)
+    return {"results": records}, md
