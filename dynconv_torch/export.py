@@ -502,7 +502,7 @@ def to_onnx(model: nn.Module, path: Union[str, os.PathLike], input_shape: Sequen
             raise ValueError(f"to_onnx: input_shape={tuple(input_shape)!r} does not fit "
                              f"{type(model).__name__}: {error}") from error
     path = os.fspath(path)
-    # The TorchScript exporter: the dynamo one measured 7x slower on a small ResNet-18 (docs/tools.md).
+    # The TorchScript exporter: the dynamo one measured several times slower (docs/tools.md).
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         torch.onnx.export(served, (example,), path, dynamo=False, opset_version=opset, input_names=["input"],
