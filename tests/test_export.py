@@ -51,12 +51,13 @@ def jax_chain():
     ))
 
 
-def randomize_torch(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
-    """Perturb every parameter and BatchNorm statistic so that attentions and BN folds are non-trivial."""
+def randomize_torch(model: torch.nn.Module, seed: int = 0, scale: float = 0.3) -> torch.nn.Module:
+    """Perturb every parameter (by ``scale`` N(0, 1)) and BatchNorm statistic so that attentions and BN folds
+    are non-trivial."""
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for p in model.parameters():
-            p.add_(0.3 * torch.randn(p.shape, generator=gen, dtype=p.dtype))
+            p.add_(scale * torch.randn(p.shape, generator=gen, dtype=p.dtype))
         for m in model.modules():
             if isinstance(m, torch.nn.BatchNorm2d):
                 m.running_mean.copy_(0.3 * torch.randn(m.running_mean.shape, generator=gen))
@@ -134,7 +135,8 @@ def test_fuse_bn_torch_models_exact():
     for model in (tiny_torch_resnet("condconv"), tiny_torch_resnet("dynamic"),
                   mobilenet_v2(width_mult=0.25, conv="odconv", num_classes=5, stem="cifar"),
                   tf_efficientnet_cc_b0_4e(num_classes=5)):
-        model = randomize_torch(model).double()
+        # Milder weights than for the layers: 0.3 made the 16-block EfficientNet amplify float64 rounding to 8e-12.
+        model = randomize_torch(model, scale=0.1).double()
         fused = texport.fuse_bn(model)
         assert not any(isinstance(m, torch.nn.BatchNorm2d) and name.split(".")[-1] != "bn"  # ODConv attention BN
                        for name, m in fused.named_modules())
