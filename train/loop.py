@@ -25,7 +25,7 @@ from train.config import Config, UsageError, from_json
 
 # Fields that may differ between a run and its resumption (they do not change the maths).
 RUNTIME_FIELDS = ("resume", "workdir", "progress", "log_every_steps", "tensorboard", "export", "distributed",
-                  "checkpoint_every_steps", "keep_checkpoints", "data_dir")
+                  "checkpoint_every_steps", "keep_checkpoints", "data_dir", "allow_restart")
 
 
 class TrainingDiverged(RuntimeError):
@@ -65,7 +65,7 @@ def _check_resumable(workdir: str, config: Config) -> None:
     if not os.path.exists(path):
         return
     with open(path) as f:
-        saved = from_json(f.read())
+        saved = from_json(f.read(), path)
     diff = [f"{f.name}: {getattr(saved, f.name)!r} -> {getattr(config, f.name)!r}"
             for f in dataclasses.fields(Config)
             if f.name not in RUNTIME_FIELDS and getattr(saved, f.name) != getattr(config, f.name)]
@@ -92,6 +92,8 @@ def train_and_evaluate(config: Config) -> Dict[str, Any]:
     primary = jax.process_index() == 0
     workdir = config.workdir or default_workdir(config)
     config = dataclasses.replace(config, workdir=workdir)
+    if os.path.exists(workdir) and not os.path.isdir(workdir):
+        raise UsageError(f"--workdir={workdir!r} is a file, not a directory; choose a directory for the run")
     os.makedirs(workdir, exist_ok=True)
 
     dataset = data_lib.load_dataset(config)
@@ -127,20 +129,37 @@ def train_and_evaluate(config: Config) -> Dict[str, Any]:
 
     start_step = 0
     running = {"loss": 0.0, "accuracy": 0.0, "count": 0}
-    restored = checkpointer.restore_latest(state) if config.resume else None
+    try:
+        restored = checkpointer.restore_latest(state) if config.resume else None
+    except ckpt_lib.NoIntactCheckpoint as error:
+        if not config.allow_restart:
+            raise ckpt_lib.NoIntactCheckpoint(f"{error}\n--resume refuses to train from step 0 instead: pass "
+                                              f"--allow_restart to do that") from None
+        print(f"--resume --allow_restart: {error}\nstarting from step 0", file=sys.stderr, flush=True)
+        restored = None
     if restored is not None:
         start_step, state, meta = restored
         running = meta["running"]
         print(f"resumed from {checkpointer.directory}/{start_step} (step {start_step}/{total_steps})", flush=True)
     elif config.resume:
+        quarantined = checkpointer.quarantined_steps()
+        if quarantined and not config.allow_restart and not checkpointer.all_steps():
+            raise ckpt_lib.CheckpointError(
+                f"--resume: no intact checkpoint in {checkpointer.directory}; the checkpoints of steps {quarantined} "
+                f"failed their integrity check and are in {checkpointer.corrupt_directory}. Restarting would "
+                f"train from step 0: pass --allow_restart to do that, or restore a checkpoint by hand")
         print(f"--resume: no checkpoint in {checkpointer.directory}; starting from step 0", flush=True)
 
     repl, data_sharding = parallel.replicated(mesh), parallel.batch_sharded(mesh)
     state = jax.device_put(state, repl)
     dropout_key = jax.device_put(dropout_key, repl)
+    # The step adds its metrics to on-device sums: the host waits for the device only when it fetches
+    # them (every --log_every_steps, at epoch ends and before each checkpoint), not every step.
     p_train_step = parallel.under_mesh(mesh, jax.jit(
-        functools.partial(steps.train_step, temperature_fn=temperature_fn, label_smoothing=config.label_smoothing),
-        in_shardings=(repl, data_sharding, data_sharding, repl), out_shardings=(repl, repl), donate_argnums=0))
+        functools.partial(steps.accumulating_train_step, temperature_fn=temperature_fn,
+                          label_smoothing=config.label_smoothing, learning_rate_fn=lr_schedule),
+        in_shardings=(repl, repl, data_sharding, data_sharding, repl), out_shardings=(repl, repl),
+        donate_argnums=(0, 1)))
     p_eval_step = parallel.under_mesh(mesh, jax.jit(
         steps.eval_step, in_shardings=(repl, data_sharding, data_sharding, data_sharding, repl), out_shardings=repl))
 
@@ -161,37 +180,47 @@ def train_and_evaluate(config: Config) -> Dict[str, Any]:
     t_start = t_epoch = time.time()
     last_good = checkpointer.all_steps()[-1] if checkpointer.all_steps() else None
     eval_metrics = {"loss": math.nan, "accuracy": math.nan}
+    sums = jax.device_put(steps.zero_metric_sums(), repl)
     try:
         for step, images, labels in _prefetch(batches.iterate_train(start_step, total_steps)):
             images, labels = parallel.global_batch(data_sharding, images, labels)
-            state, metrics = p_train_step(state, images, labels, dropout_key)
-            metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
-            for name in ("loss", "grad_norm"):
-                if not math.isfinite(metrics[name]):
-                    raise TrainingDiverged(
-                        f"step {step + 1}: training {'loss (cross-entropy' if name == 'loss' else 'gradient norm ('}"
-                        f"{f', label smoothing {config.label_smoothing})' if name == 'loss' else 'of the loss)'} "
-                        f"is {metrics[name]} (loss {metrics['loss']}, grad norm {metrics['grad_norm']}, "
-                        f"lr {float(lr_schedule(step)):.4g}); stopped. Last good checkpoint: "
-                        f"{'step ' + str(last_good) if last_good is not None else 'none'} in {checkpointer.directory}")
-            n = config.batch_size
-            running["loss"] += metrics["loss"] * n
-            running["accuracy"] += metrics["accuracy"] * n
-            running["count"] += n
+            state, sums = p_train_step(state, sums, images, labels, dropout_key)
             done = step + 1
-            lr = float(lr_schedule(step))
             if bar is not None:
                 bar.update(1)
-                bar.set_postfix(loss=f"{metrics['loss']:.4f}", lr=f"{lr:.4g}", T=f"{metrics['temperature']:.2f}",
-                                refresh=False)
+            epoch_end = done % spe == 0 or done == total_steps
+            checkpoint_due = done % config.checkpoint_every_steps == 0 or done == total_steps
+            if not (done % config.log_every_steps == 0 or epoch_end or checkpoint_due):
+                continue
+            window = {k: float(v) for k, v in jax.device_get(sums).items()}  # the host waits here only
+            sums = jax.device_put(steps.zero_metric_sums(), repl)
+            if window["first_nonfinite_step"] >= 0:
+                bad = int(window["first_nonfinite_step"])
+                name = "loss" if not math.isfinite(window["nonfinite_loss"]) else "grad_norm"
+                raise TrainingDiverged(
+                    f"step {bad + 1}: training {'loss (cross-entropy' if name == 'loss' else 'gradient norm ('}"
+                    f"{f', label smoothing {config.label_smoothing})' if name == 'loss' else 'of the loss)'} "
+                    f"is {window['nonfinite_' + name]} (loss {window['nonfinite_loss']}, grad norm "
+                    f"{window['nonfinite_grad_norm']}, lr {float(lr_schedule(bad)):.4g}); found at the check after "
+                    f"step {done} (steps {done - int(window['steps']) + 1}-{done} checked together: every "
+                    f"--log_every_steps, at epoch ends and before checkpoints); stopped. Last good checkpoint: "
+                    f"{'step ' + str(last_good) if last_good is not None else 'none'} in {checkpointer.directory}")
+            n = config.batch_size
+            running["loss"] += window["loss"] * n
+            running["accuracy"] += window["accuracy"] * n
+            running["count"] += int(window["steps"]) * n
+            lr = window["learning_rate"]
             if done % config.log_every_steps == 0:
-                writer.scalars(done, {"loss": metrics["loss"], "accuracy": metrics["accuracy"],
-                                      "grad_norm": metrics["grad_norm"], "learning_rate": lr,
-                                      "temperature": metrics["temperature"]}, "train")
-                if bar is None:
-                    log(f"step {done}/{total_steps} loss {metrics['loss']:.4f} acc {metrics['accuracy']:.4f} "
-                        f"lr {lr:.4g} T {metrics['temperature']:.3f}")
-            if done % spe == 0 or done == total_steps:
+                mean = {k: window[k] / window["steps"] for k in ("loss", "accuracy")}
+                writer.scalars(done, {**mean, "grad_norm": window["last_grad_norm"], "learning_rate": lr,
+                                      "temperature": window["temperature"]}, "train")
+                if bar is not None:
+                    bar.set_postfix(loss=f"{mean['loss']:.4f}", lr=f"{lr:.4g}", T=f"{window['temperature']:.2f}",
+                                    refresh=False)
+                else:
+                    log(f"step {done}/{total_steps} loss {mean['loss']:.4f} acc {mean['accuracy']:.4f} "
+                        f"lr {lr:.4g} T {window['temperature']:.3f}")
+            if epoch_end:
                 temperature = temperature_fn(done)
                 eval_metrics = evaluate(p_eval_step, state, batches, data_sharding,
                                         jax.device_put(jnp.asarray(temperature, jnp.float32), repl))
@@ -213,11 +242,12 @@ def train_and_evaluate(config: Config) -> Dict[str, Any]:
                     f"| {row['seconds']:.1f}s")
                 running = {"loss": 0.0, "accuracy": 0.0, "count": 0}
                 t_epoch = time.time()
-            if done % config.checkpoint_every_steps == 0 or done == total_steps:
+            if checkpoint_due:
                 try:
                     checkpointer.save(done, state, {"running": running})
                 except ckpt_lib.CheckpointError as error:
-                    raise TrainingDiverged(f"{error}. Last good checkpoint: "
+                    failure = type(error) if isinstance(error, ckpt_lib.CheckpointWriteError) else TrainingDiverged
+                    raise failure(f"{error}. Last good checkpoint: "
                                            f"{'step ' + str(last_good) if last_good is not None else 'none'} "
                                            f"in {checkpointer.directory}") from None
                 last_good = done
