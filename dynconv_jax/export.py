@@ -39,7 +39,6 @@ For serving the dynamic model itself (every input exact):
 """
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import os
 from typing import Any, Callable, Dict, Mapping, NamedTuple, Optional, Sequence, Tuple, Union
@@ -411,25 +410,6 @@ def _check_serving_shape(input_shape, where: str) -> Tuple[Optional[int], ...]:
     return shape
 
 
-@contextlib.contextmanager
-def _strategy_rules(symbolic: bool):
-    """A symbolic batch cannot be timed: while exporting one, strategy 'auto' follows
-    ``ops.choose_strategy``'s fixed rules instead of measuring (``dynconv_jax.autotune``)."""
-    from dynconv_jax import autotune
-
-    previous = os.environ.get(autotune.ENV_SWITCH)
-    if symbolic:
-        os.environ[autotune.ENV_SWITCH] = "0"
-    try:
-        yield
-    finally:
-        if symbolic:
-            if previous is None:
-                os.environ.pop(autotune.ENV_SWITCH, None)
-            else:
-                os.environ[autotune.ENV_SWITCH] = previous
-
-
 def to_stablehlo(model: nn.Module, variables, input_shape: Sequence[Optional[int]],
                  temperature: Optional[float] = None, *, fuse_bn: bool = True, dtype=jnp.float32,
                  platforms: Optional[Sequence[str]] = None) -> bytes:
@@ -466,8 +446,7 @@ def to_stablehlo(model: nn.Module, variables, input_shape: Sequence[Optional[int
     def serve(x):
         return model.apply(variables, x, train=False, temperature=temperature)
 
-    with _strategy_rules(symbolic=shape[0] is None):
-        exported = jax.export.export(jax.jit(serve), platforms=platforms)(spec)
+    exported = jax.export.export(jax.jit(serve), platforms=platforms)(spec)
     payload = bytes(exported.serialize())
     return STABLEHLO_MAGIC + hashlib.sha256(payload).digest() + payload
 

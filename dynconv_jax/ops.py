@@ -526,7 +526,7 @@ def choose_strategy(x_shape, experts_shape, *, strides, dilation, groups, spatia
     out_positions = math.prod(-(-n // s) for n, s in zip(x_shape[1:-1], strides))
     del dilation
     few_positions = groups == 1 and out_positions <= _MIX_MAX_POSITIONS
-    if ci == 1 and (backend == "cpu" or batch > 1):
+    if ci == 1 and (backend == "cpu" or batch != 1):  # '!=' is decidable for a symbolic batch, '>' is not
         return "shifted"
     if batch == 1:
         return "vmap"
@@ -578,8 +578,8 @@ def _auto_strategy(x, experts, attentions, *, strides, padding, dilation, groups
     if mode == "forward":  # 'map' has a custom VJP: reverse mode only
         candidates = tuple(s for s in candidates if s != "map")
         rule = "shifted" if rule == "map" else rule
-    if not autotune.enabled():
-        return rule
+    if not autotune.enabled() or not all(isinstance(d, int) for d in x.shape):
+        return rule  # measuring off, or a symbolic dimension (jax.export): nothing concrete to time
     candidates = [rule] + [s for s in candidates if s != rule]
     batch = autotune.local_batch(x.shape[0])
     per_sample = lambda a: (batch, *a.shape[1:])  # noqa: E731  (expert_bias has no batch axis)
