@@ -30,6 +30,12 @@ kaiming_fan_out_normal = nn.initializers.variance_scaling(2.0, "fan_out", "norma
 classifier_init = nn.initializers.normal(0.01)
 
 
+def check_num_classes(num_classes: int, where: str) -> None:
+    """The classifier width must be a positive int (these models have no headless mode)."""
+    if not isinstance(num_classes, int) or isinstance(num_classes, bool) or num_classes < 1:
+        raise ValueError(f"{where}: num_classes={num_classes!r} must be an int >= 1")
+
+
 def check_conv_args(conv: str, num_experts: int, reduction: Optional[float], conv_options: Optional[Mapping[str, Any]],
                     where: str) -> Tuple[Tuple[str, Any], ...]:
     """Validate the conv-type arguments of a model; returns ``conv_options`` as sorted items."""
@@ -112,9 +118,11 @@ STEMS = ("imagenet", "cifar")
 
 
 def check_model_args(where: str, conv: str, num_experts: int, reduction: Optional[float],
-                     conv_options: Optional[Mapping[str, Any]], stem: str, dropout: float) -> Tuple[Tuple[str, Any], ...]:
+                     conv_options: Optional[Mapping[str, Any]], stem: str, dropout: float,
+                     num_classes: int) -> Tuple[Tuple[str, Any], ...]:
     """Validate the arguments every model shares (both Flax APIs); returns ``conv_options`` as sorted items."""
     options = check_conv_args(conv, num_experts, reduction, conv_options, where)
+    check_num_classes(num_classes, where)
     if stem not in STEMS:
         raise ValueError(f"{where}: stem={stem!r}; expected one of {STEMS}")
     if not 0.0 <= dropout < 1.0:
@@ -141,7 +149,7 @@ class DynamicNet(nn.Module):
 
     def __post_init__(self):
         check_model_args(type(self).__name__, self.conv, self.num_experts, self.reduction, self.conv_options,
-                         self.stem, self.dropout)
+                         self.stem, self.dropout, self.num_classes)
         super().__post_init__()
 
     def conv_config(self, x) -> ConvConfig:

@@ -64,7 +64,8 @@ class MobileNetV2(nnx.Module):
                  conv_options: Optional[Mapping[str, Any]] = None, strategy: str = "auto", dtype: Any = None,
                  param_dtype: Any = jnp.float32, precision: Any = None, rngs: nnx.Rngs):
         check_width_mult(width_mult)
-        options = check_model_args("MobileNetV2", conv, num_experts, reduction, conv_options, stem, dropout)
+        options = check_model_args("MobileNetV2", conv, num_experts, reduction, conv_options, stem, dropout,
+                                   num_classes)
         c = ConvConfig(conv, num_experts, reduction, strategy, options, dtype, param_dtype, precision)
         self.in_channels = in_channels
         channels, stem_stride, stages, last_channel = stage_settings(width_mult, stem)

@@ -86,7 +86,8 @@ class ResNet(nnx.Module):
                  conv_options: Optional[Mapping[str, Any]] = None, strategy: str = "auto", dtype: Any = None,
                  param_dtype: Any = jnp.float32, precision: Any = None, rngs: nnx.Rngs):
         check_resnet_args(block, layers, base_width)
-        options = check_model_args("ResNet", conv, num_experts, reduction, conv_options, stem, dropout)
+        options = check_model_args("ResNet", conv, num_experts, reduction, conv_options, stem, dropout,
+                                   num_classes)
         c = ConvConfig(conv, num_experts, reduction, strategy, options, dtype, param_dtype, precision)
         self.in_channels = in_channels
         self.stem = stem
