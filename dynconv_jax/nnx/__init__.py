@@ -7,4 +7,5 @@ between the two APIs and the PyTorch converter. ``dynconv_jax.nnx.models`` holds
 from dynconv_jax.nnx.convert import from_linen, linen_variables, load_linen_variables, load_torch
 from dynconv_jax.nnx.layers import BatchNorm, CondConv, DynamicConv, ODConv
 
-__all__ = ["BatchNorm", "CondConv", "DynamicConv", "ODConv", "from_linen", "linen_variables", "load_linen_variables", "load_torch"]
+__all__ = ["BatchNorm", "CondConv", "DynamicConv", "ODConv", "from_linen", "linen_variables", "load_linen_variables",
+           "load_torch"]
