@@ -16,8 +16,6 @@ from __future__ import annotations
 import math
 from typing import Tuple
 
-import jax
-import jax.numpy as jnp
 from flax import linen as nn
 
 from dynconv_jax import routing
@@ -45,26 +43,16 @@ class _Attention(nn.Module):
                             precision=self.precision, kernel_init=routing.kaiming_fan_out_dense_init,
                             bias_init=nn.initializers.zeros, name=name)
 
-        batch = pooled.shape[0]
-        h = dense(self.width, "fc", use_bias=False)(pooled)  # [B, A]
-        h = BatchNorm(use_running_average=not train, dtype=self.dtype, param_dtype=self.param_dtype,
-                      scale_init=nn.initializers.constant(self.bn_init), name="bn")(h)
-        h = jax.nn.relu(h)
-
-        channel = routing.sigmoid_attention(dense(self.in_channels, "channel_fc")(h), temperature)
-        filter_ = None
-        if not (self.in_channels == self.groups == self.out_channels):  # not depthwise
-            filter_ = routing.sigmoid_attention(dense(self.out_channels, "filter_fc")(h), temperature)
-        spatial = None
-        taps = math.prod(self.kernel_size)
-        if taps > 1:
-            spatial = routing.sigmoid_attention(dense(taps, "spatial_fc")(h), temperature)
-            spatial = spatial.reshape((batch, *self.kernel_size))
-        if self.num_experts > 1:
-            kernel = routing.softmax_attention(dense(self.num_experts, "kernel_fc")(h), temperature)
-        else:
-            kernel = jnp.ones((batch, 1), h.dtype)
-        return channel, filter_, spatial, kernel
+        heads = routing.odconv_heads(self.in_channels, self.out_channels, self.groups, self.kernel_size,
+                                     self.num_experts)
+        bn = BatchNorm(use_running_average=not train, dtype=self.dtype, param_dtype=self.param_dtype,
+                       scale_init=nn.initializers.constant(self.bn_init), name="bn")
+        return routing.odconv_attention(
+            pooled, dense(self.width, "fc", use_bias=False), bn, dense(self.in_channels, "channel_fc"),
+            dense(self.out_channels, "filter_fc") if heads.filter else None,
+            dense(math.prod(self.kernel_size), "spatial_fc") if heads.spatial else None,
+            dense(self.num_experts, "kernel_fc") if heads.kernel else None,
+            self.kernel_size, temperature)
 
 
 class ODConv(routing.DynamicConvBase):
@@ -98,16 +86,9 @@ class ODConv(routing.DynamicConvBase):
         """``x [B, *S, I] -> [B, *S_out, O]``; ``temperature`` scalar (may be traced), None = 1."""
         layer = routing.layer_name(self)
         geometry, in_channels, experts, dtype = self._experts(x)
-        if train and x.shape[0] < 2 and not self.is_initializing():
-            raise ValueError(
-                f"{layer}: training with a batch of {x.shape[0]}: ODConv's attention BatchNorm normalises the pooled "
-                f"[B, A] vector over the batch, so it needs B >= 2 in training (PyTorch raises 'Expected more than "
-                f"1 value per channel when training'). Use a larger batch or train=False."
-            )
-        if isinstance(self.attention_bn_init, bool) or not (isinstance(self.attention_bn_init, (int, float))
-                                                             and 0 < self.attention_bn_init < math.inf):
-            raise ValueError(f"{layer}: attention_bn_init={self.attention_bn_init!r} must be a finite number > 0 "
-                             "(the initial BatchNorm scale; 0 blocks every gradient through the relu)")
+        if train and not self.is_initializing():
+            routing.check_odconv_train_batch(layer, x.shape[0])
+        routing.check_attention_bn_init(layer, self.attention_bn_init)
         attn_dtype = routing.attention_dtype(dtype)
         temperature = routing.temperature_scalar(temperature, layer, attn_dtype)
         pooled = routing.global_avg_pool(x, attn_dtype)  # [B, I]

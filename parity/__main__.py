@@ -54,6 +54,9 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--report", default=None, metavar="DIR", help="write parity.json and parity.md to DIR")
     p.add_argument("--list", action="store_true", help="list the selected cases and exit")
+    p.add_argument("--api", choices=("linen", "nnx"), default="linen",
+                   help="Flax side: the Linen modules (default) or their NNX twins (dynconv_jax.nnx; layers, "
+                        "ResNet, MobileNetV2)")
     args = p.parse_args(argv)
 
     chosen = _csv(args.layers) + _csv(args.models)
@@ -63,6 +66,16 @@ def main(argv=None) -> int:
     if unknown or bad:
         p.error(f"unknown families {unknown} / values {bad}; families: {families}")
     selected = registry.select(chosen, quick=args.quick, match=args.match)
+    if args.api == "nnx":
+        from parity.nnx_api import NNX_FAMILIES, nnx_case
+
+        if args.models == p.get_default("models"):  # the default: every registered family that has a twin
+            selected = [c for c in selected if c.family in NNX_FAMILIES]
+        no_twin = sorted({c.family for c in selected} - set(NNX_FAMILIES))
+        if no_twin:
+            p.error(f"--api nnx: no NNX twin for the families {no_twin} (NNX: {', '.join(NNX_FAMILIES)}); "
+                    f"pass --models with a subset")
+        selected = [nnx_case(c) for c in selected]
     if args.list:
         print("\n".join(c.name for c in selected))
         return 0
