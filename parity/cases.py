@@ -27,6 +27,8 @@ torch model code nor Flax model code: factories run only when a case is run.
 from __future__ import annotations
 
 import dataclasses
+import importlib
+import importlib.util
 from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
 
 CHECKS = ("checkpoint", "forward_eval", "forward_train", "running_stats", "grad_input", "grad_params", "sgd",
@@ -61,8 +63,9 @@ class Case:
     #: (n = 1: full-batch training on one batch, which converges; model cases, see
     #: docs/conversion_parity.md, "Whole training runs").
     train_batches: Optional[int] = None
-    #: Part of the default ``python -m parity`` run; False: only with ``--full``.
-    default: bool = True
+    #: The dtypes this case runs in the default ``python -m parity`` run (``--full`` runs every dtype;
+    #: ``()``: only with ``--full``).
+    default: Tuple[str, ...] = ("float64", "float32")
 
     def __post_init__(self):
         unknown = set(self.checks) - set(CHECKS)
@@ -71,6 +74,18 @@ class Case:
 
 
 CASES: Dict[str, Case] = {}
+#: Modules that register further cases when present (owned by other engineers).
+EXTENSIONS = ("parity.efficientnet_cases",)
+
+
+def load_extensions() -> List[str]:
+    """Import the optional case modules that exist; returns the names imported."""
+    loaded = []
+    for name in EXTENSIONS:
+        if importlib.util.find_spec(name) is not None:
+            importlib.import_module(name)
+            loaded.append(name)
+    return loaded
 
 
 def register(case: Case) -> Case:
@@ -84,7 +99,7 @@ def register(case: Case) -> Case:
 def select(families: Optional[Iterable[str]] = None, quick: bool = False, match: Optional[str] = None,
            full: bool = True) -> List[Case]:
     """Registered cases, filtered by family, the quick flag, a substring of the name and, unless
-    ``full``, the ``default`` flag."""
+    ``full``, by being part of the default run (a non-empty ``default``)."""
     families = None if families is None else set(families)
     return [c for c in CASES.values()
             if (families is None or c.family in families) and (c.quick or not quick) and (full or c.default)
@@ -198,7 +213,7 @@ MODEL_SIZE = {"resnet18": dict(base_width=8), "resnet34": dict(base_width=8), "r
 
 
 def model_case(family: str, conv: str, *, num_experts=4, stem="cifar", temperature=None, size=16, batch=8,
-               quick=False, default=True, checks=CASE_CHECKS, train=None, **extra) -> Case:
+               quick=False, default=("float64", "float32"), checks=CASE_CHECKS, train=None, **extra) -> Case:
     """A whole-model case: ``dynconv_torch.models.<family>`` vs ``dynconv_jax.models.<family>``
     (dropout 0, 10 classes), trained as ``train`` (default :data:`MODEL_TRAIN`)."""
     kwargs = dict(conv=conv, num_experts=num_experts, num_classes=10, stem=stem, dropout=0.0,
@@ -218,8 +233,8 @@ def model_case(family: str, conv: str, *, num_experts=4, stem="cifar", temperatu
     name = f"{family}/{conv}-K{num_experts}-{stem}" + (f"-{desc}" if desc else "") + (
         f"-T{temperature:g}" if temperature is not None else "")
     return Case(name=name, family=family, make_torch=make_torch, make_flax=make_flax,
-                input_shape=(batch, 3, size, size), temperature=temperature, quick=quick, default=default,
-                checks=tuple(checks), tolerances=MODEL_TOLERANCES, **(MODEL_TRAIN if train is None else train))
+                input_shape=(batch, 3, size, size), temperature=temperature, quick=quick,
+                default=tuple(default), checks=tuple(checks), tolerances=MODEL_TOLERANCES, **(MODEL_TRAIN if train is None else train))
 
 
 def _register_models():

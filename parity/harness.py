@@ -448,6 +448,19 @@ def run_case(case: Case, dtype: str, checks=None, sgd: SGDConfig = SGDConfig(), 
                         f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''} ({where})")]
 
 
+def run_unit(unit) -> Tuple[List[Row], float]:
+    """``((case name, dtype), checks, sgd, seed) -> (rows, seconds)``: one :func:`run_case` by case
+    name, for worker processes (which import the optional case modules again)."""
+    import time
+
+    from parity.cases import CASES, load_extensions
+
+    (name, dtype), checks, sgd, seed = unit
+    load_extensions()
+    t0 = time.time()
+    return run_case(CASES[name], dtype, checks, sgd, seed=seed), time.time() - t0
+
+
 @contextlib.contextmanager
 def _torch_threads():
     """Run torch single-threaded beside XLA (results do not depend on it; CPU contention does)."""
