@@ -7,24 +7,18 @@ bound (or a case errors), 2 on bad arguments or a selection that is empty.
 from __future__ import annotations
 
 import argparse
-import concurrent.futures
 import dataclasses
 import difflib
 import json
-import multiprocessing
 import os
 import platform
 import sys
 import time
-from typing import Dict, List, Optional, Tuple
+from typing import List, Optional
 
 from parity import cases as registry
 from parity.cases import CHECKS, LAYER_FAMILIES, load_extensions
 from parity.harness import DTYPES, FLOAT32_NOISE_FACTOR, TOLERANCES, Row, SGDConfig, format_table, run_unit, summarize
-
-def _usable_cores() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-
 
 def _csv(value: str) -> List[str]:
     return [v for v in value.split(",") if v] if value not in ("", "none") else []
@@ -49,9 +43,6 @@ def _parser(families: List[str]) -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=None,
                    help="training steps of every case (default: each case's own, e.g. 20 for layers, 100 for models)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--jobs", type=int, default=min(2, _usable_cores()),
-                   help="cases run in parallel worker processes (default: min(2, usable cores) = "
-                        f"{min(2, _usable_cores())}; 1 runs in this process)")
     p.add_argument("--report", default=None, metavar="DIR", help="write parity.json and parity.md to DIR")
     p.add_argument("--list", action="store_true", help="list the selected cases and exit")
     return p
@@ -72,8 +63,6 @@ def select_cases(p: argparse.ArgumentParser, args, families: List[str]):
             p.error(f"{option}: unknown {bad}; choose from {','.join(valid)}")
         if not given:
             p.error(f"{option} is empty; choose from {','.join(valid)}")
-    if args.jobs < 1:
-        p.error(f"--jobs {args.jobs}: must be >= 1")
     if args.steps is not None and args.steps < 1:
         p.error(f"--steps {args.steps}: must be >= 1 (leave out sgd/adamw with --checks to run no training)")
     match = _csv(args.match) if args.match is not None else None
@@ -94,28 +83,15 @@ def select_cases(p: argparse.ArgumentParser, args, families: List[str]):
     return selected, dtypes, checks
 
 
-def run_units(units, checks, sgd: SGDConfig, seed: int, jobs: int, start: float) -> List[Row]:
-    """Run every (case name, dtype), ``jobs`` at a time in worker processes (1: in this process);
-    rows come back in the order of ``units``, progress goes to stderr as units finish."""
-    work = [(u, checks, sgd, seed) for u in units]
-    results: Dict[int, List[Row]] = {}
-
-    def report(i, rows, seconds):
-        results[i] = rows
-        name, dtype = units[i]
-        status = "ok" if all(r.passed for r in rows) else "FAIL " + ",".join(r.check for r in rows if not r.passed)
+def run_units(units, checks, sgd: SGDConfig, seed: int, start: float) -> List[Row]:
+    """Run every (case name, dtype); progress goes to stderr as units finish."""
+    rows: List[Row] = []
+    for name, dtype in units:
+        new, seconds = run_unit(((name, dtype), checks, sgd, seed))
+        rows.extend(new)
+        status = "ok" if all(r.passed for r in new) else "FAIL " + ",".join(r.check for r in new if not r.passed)
         print(f"[{time.time() - start:7.1f}s] {name} {dtype}: {status} ({seconds:.1f}s)", file=sys.stderr, flush=True)
-
-    if jobs <= 1 or len(work) <= 1:
-        for i, unit in enumerate(work):
-            report(i, *run_unit(unit))
-    else:
-        ctx = multiprocessing.get_context("spawn")  # never fork a process that has started XLA threads
-        with concurrent.futures.ProcessPoolExecutor(max_workers=min(jobs, len(work)), mp_context=ctx) as pool:
-            futures = {pool.submit(run_unit, unit): i for i, unit in enumerate(work)}
-            for future in concurrent.futures.as_completed(futures):
-                report(futures[future], *future.result())
-    return [row for i in range(len(work)) for row in results[i]]
+    return rows
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -131,7 +107,7 @@ def main(argv: Optional[List[str]] = None) -> int:
 
     units = [(case.name, dtype) for case in selected for dtype in dtypes if args.full or dtype in case.default]
     start = time.time()
-    rows = run_units(units, checks, sgd, args.seed, args.jobs, start)
+    rows = run_units(units, checks, sgd, args.seed, start)
     if not rows:
         print(f"the selected cases and --dtypes/--checks produced no row (e.g. running_stats of a layer without "
               f"BatchNorm); {len(selected)} cases, checks {','.join(checks)}", file=sys.stderr)
@@ -146,7 +122,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         write_report(args.report, rows, {
             "argv": sys.argv[1:] if argv is None else list(argv), "sgd": dataclasses.asdict(sgd),
             "tolerances": TOLERANCES, "float32_noise_factor": FLOAT32_NOISE_FACTOR, "extensions": loaded,
-            "platform": platform.platform(), "jobs": args.jobs, "seconds": round(time.time() - start, 1)})
+            "platform": platform.platform(), "seconds": round(time.time() - start, 1)})
     return 1 if failed else 0
 
 

@@ -237,15 +237,21 @@ def model_case(family: str, conv: str, *, num_experts=4, stem="cifar", temperatu
                 default=tuple(default), checks=tuple(checks), tolerances=MODEL_TOLERANCES, **(MODEL_TRAIN if train is None else train))
 
 
+#: The model case that also runs float32 (and AdamW) in the default run; the other model cases run
+#: float64 there and both dtypes with --full (docs/conversion_parity.md, "What the default run proves").
+DEFAULT_FLOAT32_MODEL = ("resnet18", "odconv")
+
+
 def _register_models():
     for family in MODEL_FAMILIES:
         for conv in CONV_TYPES:
-            # AdamW once (a whole run of it too), on the ODConv ResNet-18
-            checks = CHECKS if (family, conv) == ("resnet18", "odconv") else CASE_CHECKS
+            flagship = (family, conv) == DEFAULT_FLOAT32_MODEL
             register(model_case(family, conv, quick=family in ("resnet18", "mobilenet_v2"),
-                                temperature=MODEL_TEMPERATURE[conv], checks=checks))
+                                temperature=MODEL_TEMPERATURE[conv], checks=CHECKS if flagship else CASE_CHECKS,
+                                default=("float64", "float32") if flagship else ("float64",)))
     # the ImageNet stem (7x7/2 conv + max-pool) once, with ODConv as the official models
-    register(model_case("resnet18", "odconv", stem="imagenet", size=32, temperature=MODEL_TEMPERATURE["odconv"]))
+    register(model_case("resnet18", "odconv", stem="imagenet", size=32, temperature=MODEL_TEMPERATURE["odconv"],
+                        default=("float64",)))
 
 
 _register_layers()

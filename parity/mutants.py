@@ -192,7 +192,7 @@ def run_mutant(mutant: Mutant, timeout: float = 900) -> Result:
         code = ("import runpy, sys, dynconv_jax; "
                 f"assert dynconv_jax.__file__.startswith({package!r}), dynconv_jax.__file__; "
                 "sys.argv = ['parity'] + sys.argv[1:]; runpy.run_module('parity', run_name='__main__')")
-        cmd = [sys.executable, "-c", code, "--match", mutant.match, *mutant.args, "--jobs", "1", "--report", report]
+        cmd = [sys.executable, "-c", code, "--match", mutant.match, *mutant.args, "--report", report]
         proc = subprocess.run(cmd, cwd=tmp, env=env, capture_output=True, text=True, timeout=timeout)
         seconds = time.time() - start
         try:
