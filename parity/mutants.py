@@ -151,7 +151,7 @@ MUTANTS: Tuple[Mutant, ...] = (
 @dataclasses.dataclass
 class Result:
     mutant: str
-    status: str  # killed | survived | stale | error
+    status: str  # killed | survived | stale | error | timeout (control: passes | FAILS)
     failed_checks: List[str]
     exit_code: Optional[int]
     seconds: float
@@ -193,7 +193,10 @@ def run_mutant(mutant: Mutant, timeout: float = 900) -> Result:
                 f"assert dynconv_jax.__file__.startswith({package!r}), dynconv_jax.__file__; "
                 "sys.argv = ['parity'] + sys.argv[1:]; runpy.run_module('parity', run_name='__main__')")
         cmd = [sys.executable, "-c", code, "--match", mutant.match, *mutant.args, "--report", report]
-        proc = subprocess.run(cmd, cwd=tmp, env=env, capture_output=True, text=True, timeout=timeout)
+        try:
+            proc = subprocess.run(cmd, cwd=tmp, env=env, capture_output=True, text=True, timeout=timeout)
+        except subprocess.TimeoutExpired:
+            return Result(mutant.name, "timeout", [], None, time.time() - start, f"no result within {timeout:.0f} s")
         seconds = time.time() - start
         try:
             with open(os.path.join(report, "parity.json")) as f:
