@@ -101,7 +101,7 @@ def test_harness_detects_a_wrong_weight():
         pair = harness._Pair(case, "float64", 0)
         bias = pair.variables["params"]["attention"]["fc2"]["bias"]
         bias[0] += 1e-6  # one expert's logit (a shift of all logits would leave the softmax unchanged)
-        rows = harness._rows_for(pair, ("forward_eval",), SGD)
+        rows = harness._rows_for(pair, ("forward_eval",), SGD, 0)
     assert rows and not rows[0].passed and rows[0].max_rel > 1e-9
 
 
@@ -117,7 +117,7 @@ def test_model_harness_detects_a_wrong_weight():
         pair = harness._Pair(case, "float64", 0)
         bias = pair.variables["params"]["layer4_1"]["conv2"]["attention"]["kernel_fc"]["bias"]
         bias[0] += 1e-6  # one expert's logit bias (zero at init)
-        rows = harness._rows_for(pair, ("forward_eval", "forward_train"), SGD)
+        rows = harness._rows_for(pair, ("forward_eval", "forward_train"), SGD, 0)
     assert len(rows) == 2 and not any(r.passed for r in rows), "\n" + format_table(rows)
 
 
