@@ -29,7 +29,16 @@ from dynconv_jax.nnx import models as nnx_models
 from parity.nnx_api import compare_with_linen
 from test_jax_layers import GRID, randomize, rel_err
 
-jax.config.update("jax_enable_x64", True)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _x64():
+    """float64 for this module only: a global switch would leak into the other tests of the worker process."""
+    previous = jax.config.jax_enable_x64
+    jax.config.update("jax_enable_x64", True)
+    yield
+    jax.config.update("jax_enable_x64", previous)
+
 
 KINDS = ("condconv", "dynamic", "odconv")
 LINEN = {"condconv": linen_layers.CondConv, "dynamic": linen_layers.DynamicConv, "odconv": linen_layers.ODConv}
