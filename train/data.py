@@ -116,6 +116,13 @@ def load_tfds(name: str, train_split: str, eval_split: str, data_dir: Optional[s
 
 def load_dataset(config) -> Dataset:
     if config.dataset == "digits":
+        ignored = [f"--{name}={getattr(config, name)!r}" for name, default in
+                   (("train_split", "train"), ("eval_split", "test"), ("data_dir", None))
+                   if getattr(config, name) != default]
+        if ignored:  # the embedded digits have one fixed train/test split and no files to point at
+            raise UsageError(f"--dataset=digits has only its embedded 'train' and 'test' splits and reads no "
+                             f"--data_dir: {', '.join(ignored)} would be ignored; leave them out or choose a TFDS "
+                             f"--dataset")
         return load_digits_npz()
     return load_tfds(config.dataset, config.train_split, config.eval_split, config.data_dir)
 
