@@ -202,8 +202,8 @@ MODEL_TOLERANCES = {"float64": {"forward": 1e-11, "grad": 1e-9, "train": 1e-9},
 #: Whole training runs (docs/conversion_parity.md, "Whole training runs"): 100 steps of SGD
 #: (momentum 0.9, weight decay 1e-2) at lr 1e-4 on one fixed batch (full-batch training, which
 #: converges). With a fresh random batch every step, or at lr 1e-3, the tiny full-depth models train
-#: chaotically: a 1e-13 change of the weights grows to O(1) within 30-100 steps in PyTorch alone
-#: (``python -m parity.sensitivity``), so no port could match a trajectory there.
+#: chaotically: a tiny change of the weights grows to O(1) in PyTorch alone (measured with
+#: ``python -m parity.sensitivity``, docs/conversion_parity.md), so no port could match a trajectory there.
 MODEL_TRAIN = dict(sgd_lr=1e-4, train_steps=100, train_batches=1)
 #: Attention temperature of the model cases. ODConv runs at T = 30 (the initial temperature of
 #: the annealing schedule): in train mode each ODConv's attention BatchNorm normalizes [B, A]
