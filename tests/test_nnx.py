@@ -231,9 +231,9 @@ MANIFEST = json.loads(gzip.decompress((pathlib.Path(__file__).parent / "data" / 
 
 
 @pytest.mark.parametrize("name,build", [
-    ("od_resnet18_k4", lambda rngs: nnx_models.resnet18(conv="odconv", num_experts=4, rngs=rngs)),
-    ("od_resnet50_k1", lambda rngs: nnx_models.resnet50(conv="odconv", num_experts=1, rngs=rngs)),
-    ("od_mobilenetv2_050_k4", lambda rngs: nnx_models.mobilenet_v2(0.5, conv="odconv", num_experts=4, rngs=rngs)),
+    ("od_resnet18_k4", lambda rngs: nnx_models.create_model("od_resnet18", kernel_num=4, rngs=rngs)),
+    ("od_resnet50_k1", lambda rngs: nnx_models.create_model("od_resnet50", kernel_num=1, rngs=rngs)),
+    ("od_mobilenetv2_050_k4", lambda rngs: nnx_models.create_model("od_mobilenetv2_050", kernel_num=4, rngs=rngs)),
 ])
 def test_official_odconv_checkpoint_keys_convert_into_nnx_models(name, build):
     """Every key of an official checkpoint (shapes from the manifest) converts into the NNX model."""
