@@ -39,8 +39,9 @@ def model_kwargs(config, num_classes: int, image_shape) -> Dict[str, Any]:
                                   in_channels=in_channels)
     if config.dropout is not None:
         kwargs["dropout"] = config.dropout
-    if config.attention_bn_init is not None:
-        kwargs["conv_options"] = {"attention_bn_init": config.attention_bn_init}
+    options = {k: getattr(config, k) for k in ("attention_bn_init", "attention_norm") if getattr(config, k) is not None}
+    if options:
+        kwargs["conv_options"] = options
     if config.model.startswith("resnet"):
         stem = config.stem
         if stem == "auto":
