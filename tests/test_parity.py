@@ -48,6 +48,15 @@ def test_layer_grid_subset(name, dtype):
             assert r.floor is None and r.limit == r.tol
 
 
+@pytest.mark.parametrize("norm", ["layer", "none"])
+def test_odconv_attention_norms_float64_on_a_batch_of_one(norm):
+    """ODConv's attention LayerNorm / no normalisation equal the PyTorch reference, training on one sample."""
+    rows = run_case(CASES[f"odconv/i8o12k3s2p1d1g2K4-T3-{norm}norm-B1"], "float64",
+                    checks=("forward_train", "grad_input", "grad_params"), sgd=SGDConfig(steps=0))
+    _assert_rows(rows)
+    assert {r.check for r in rows} == {"forward_train", "grad_input", "grad_params"}
+
+
 @settings(max_examples=3, deadline=None)
 @given(family=st.sampled_from(["condconv", "dynamic", "odconv"]), k=st.sampled_from([1, 3]),
        stride=st.sampled_from([1, 2]), groups=st.sampled_from([1, 2]), experts=st.integers(1, 3),
