@@ -46,7 +46,7 @@ class Config:
     width_mult: float = 1.0             # MobileNetV2 width multiplier
     dropout: Optional[float] = None     # dropout before the classifier (None: the model's default)
     attention_bn_init: Optional[float] = None  # odconv: initial attention-BN scale (None: layer's 0.1; official 1.0)
-    attention_norm: Optional[str] = None  # odconv: 'batch' (None: the layer's, official) | 'layer' | 'none'
+    attention_norm: str = "batch"       # odconv: 'batch' (the official BatchNorm) | 'layer' | 'none'
     # Optimisation.
     batch_size: int = 64                # global batch, split over all devices of all processes
     num_epochs: int = 15
@@ -108,12 +108,11 @@ class Config:
             positive(name)
         for name in ("weight_decay", "warmup_epochs", "temp_epochs", "crop_padding"):
             positive(name, allow_zero=True)
-        for name in ("attention_bn_init", "attention_norm"):
-            if getattr(self, name) is not None and self.conv != "odconv":
+        choice("attention_norm", ATTENTION_NORMS)
+        for name, unset in (("attention_bn_init", None), ("attention_norm", "batch")):
+            if getattr(self, name) != unset and self.conv != "odconv":
                 raise UsageError(f"--{name}={getattr(self, name)!r} applies to --conv=odconv only, "
                                  f"not --conv={self.conv}")
-        if self.attention_norm is not None:
-            choice("attention_norm", ATTENTION_NORMS)
         if self.attention_norm == "none" and self.attention_bn_init is not None:
             raise UsageError(f"--attention_bn_init={self.attention_bn_init!r} sets the initial scale of the "
                              "attention normalisation; --attention_norm=none has none")
