@@ -81,7 +81,11 @@ def batch_norm(x, scale, bias, running_mean, running_var, *, use_running_average
     return y.astype(nn.dtypes.canonicalize_dtype(x, scale, bias, dtype=dtype)), new_mean, new_var
 
 
-def layer_norm(x, scale, bias, *, epsilon: float = 1e-5, dtype=None):
+#: ``torch.nn.LayerNorm``'s default ``eps``.
+TORCH_LAYER_NORM_EPSILON = 1e-5
+
+
+def layer_norm(x, scale, bias, *, epsilon: float = TORCH_LAYER_NORM_EPSILON, dtype=None):
     """PyTorch-semantics layer normalisation of ``x`` over its last axis (both front ends call this).
 
     ``scale``/``bias``: ``[C]`` or None. Statistics in at least float32 (float64 stays float64).
@@ -107,7 +111,7 @@ class LayerNorm(nn.Module):
       scale_init: initializer of ``scale`` (PyTorch: ones).
     """
 
-    epsilon: float = 1e-5
+    epsilon: float = TORCH_LAYER_NORM_EPSILON
     dtype: Optional[Any] = None
     param_dtype: Any = jnp.float32
     scale_init: Any = nn.initializers.ones
