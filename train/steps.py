@@ -61,7 +61,7 @@ def create_model(config, num_classes: int, image_shape):
     kwargs = model_kwargs(config, num_classes, image_shape)
     if config.dtype == "bfloat16":
         kwargs["dtype"] = jnp.bfloat16
-    return getattr(models, config.model)(**kwargs)
+    return models.create_model(config.model, **kwargs)
 
 
 def temperature_schedule(config, steps_per_epoch: int) -> Callable[[Any], Array]:
