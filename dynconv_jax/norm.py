@@ -1,4 +1,4 @@
-"""Batch normalization with PyTorch semantics (``torch.nn.BatchNorm{1,2,3}d``).
+"""Batch and layer normalization with PyTorch semantics (``torch.nn.BatchNorm{1,2,3}d``, ``torch.nn.LayerNorm``).
 
 Differences from ``flax.linen.BatchNorm`` that matter for exact parity with PyTorch:
 
@@ -15,6 +15,10 @@ Differences from ``flax.linen.BatchNorm`` that matter for exact parity with PyTo
   float64 parity holds for them too.
 
 Leaf names are flax's: params ``scale``, ``bias``; batch_stats ``mean``, ``var``.
+
+:func:`layer_norm` (ODConv's ``attention_norm='layer'``) is ``torch.nn.LayerNorm`` over the last
+axis: the biased variance ``mean((x - mean)^2)`` (not flax's fast ``E[x^2] - E[x]^2``) and
+``epsilon = 1e-5``.
 """
 from __future__ import annotations
 
@@ -75,6 +79,49 @@ def batch_norm(x, scale, bias, running_mean, running_var, *, use_running_average
     if bias is not None:
         y = y + bias.astype(stats_dtype).reshape(stat_shape)
     return y.astype(nn.dtypes.canonicalize_dtype(x, scale, bias, dtype=dtype)), new_mean, new_var
+
+
+#: ``torch.nn.LayerNorm``'s default ``eps``.
+TORCH_LAYER_NORM_EPSILON = 1e-5
+
+
+def layer_norm(x, scale, bias, *, epsilon: float = TORCH_LAYER_NORM_EPSILON, dtype=None):
+    """PyTorch-semantics layer normalisation of ``x`` over its last axis (both front ends call this).
+
+    ``scale``/``bias``: ``[C]`` or None. Statistics in at least float32 (float64 stays float64).
+    """
+    xs = x.astype(attention_dtype(x.dtype))
+    mean = jnp.mean(xs, axis=-1, keepdims=True)
+    var = jnp.mean(jnp.square(xs - mean), axis=-1, keepdims=True)  # biased, as PyTorch
+    y = (xs - mean) * lax.rsqrt(var + epsilon)
+    if scale is not None:
+        y = y * scale.astype(xs.dtype)
+    if bias is not None:
+        y = y + bias.astype(xs.dtype)
+    return y.astype(nn.dtypes.canonicalize_dtype(x, scale, bias, dtype=dtype))
+
+
+class LayerNorm(nn.Module):
+    """PyTorch-semantics LayerNorm over the last axis (``torch.nn.LayerNorm(C)``; see :func:`layer_norm`).
+
+    Attributes:
+      epsilon: added to the variance.
+      dtype: output dtype (default: promoted from input and params).
+      param_dtype: dtype of ``scale``/``bias``.
+      scale_init: initializer of ``scale`` (PyTorch: ones).
+    """
+
+    epsilon: float = TORCH_LAYER_NORM_EPSILON
+    dtype: Optional[Any] = None
+    param_dtype: Any = jnp.float32
+    scale_init: Any = nn.initializers.ones
+
+    @nn.compact
+    def __call__(self, x):
+        features = x.shape[-1]
+        scale = self.param("scale", self.scale_init, (features,), self.param_dtype)
+        bias = self.param("bias", nn.initializers.zeros, (features,), self.param_dtype)
+        return layer_norm(x, scale, bias, epsilon=self.epsilon, dtype=self.dtype)
 
 
 class BatchNorm(nn.Module):

@@ -1,6 +1,7 @@
 """ODConv: omni-dimensional dynamic convolution (Li, Zhou, Yao; ICLR 2022), as the official OSVAI/ODConv.
 
-Per sample ``b``, with ``h_b = relu(bn(fc(GAP(x))))_b`` (``[A]``, BN over the batch):
+Per sample ``b``, with ``h_b = relu(bn(fc(GAP(x))))_b`` (``[A]``, BN over the batch; a LayerNorm or
+nothing instead of the BN with ``attention_norm='layer'`` / ``'none'``):
 channel ``c_b = sigmoid(channel_fc(h_b)/T)`` ``[I]``, filter ``f_b = sigmoid(filter_fc(h_b)/T)`` ``[O]``,
 spatial ``s_b = sigmoid(spatial_fc(h_b)/T)`` ``[*k]``, kernel ``a_b = softmax(kernel_fc(h_b)/T)`` ``[K]``;
 ``y_b = f_b * conv(c_b * x_b, sum_k a_b[k] s_b W_k)``. As the official code: no bias; the filter
@@ -19,7 +20,7 @@ from typing import Tuple
 from flax import linen as nn
 
 from dynconv_jax import routing
-from dynconv_jax.norm import BatchNorm
+from dynconv_jax.norm import BatchNorm, LayerNorm
 
 
 class _Attention(nn.Module):
@@ -31,6 +32,7 @@ class _Attention(nn.Module):
     groups: int
     num_experts: int
     width: int
+    norm: str
     bn_init: float
     dtype: object
     param_dtype: object
@@ -45,10 +47,16 @@ class _Attention(nn.Module):
 
         heads = routing.odconv_heads(self.in_channels, self.out_channels, self.groups, self.kernel_size,
                                      self.num_experts)
-        bn = BatchNorm(use_running_average=not train, dtype=self.dtype, param_dtype=self.param_dtype,
-                       scale_init=nn.initializers.constant(self.bn_init), name="bn")
+        scale_init = nn.initializers.constant(self.bn_init)
+        if self.norm == "batch":
+            norm = BatchNorm(use_running_average=not train, dtype=self.dtype, param_dtype=self.param_dtype,
+                             scale_init=scale_init, name="bn")
+        elif self.norm == "layer":
+            norm = LayerNorm(dtype=self.dtype, param_dtype=self.param_dtype, scale_init=scale_init, name="ln")
+        else:
+            norm = None
         return routing.odconv_attention(
-            pooled, dense(self.width, "fc", use_bias=False), bn, dense(self.in_channels, "channel_fc"),
+            pooled, dense(self.width, "fc", use_bias=False), norm, dense(self.in_channels, "channel_fc"),
             dense(self.out_channels, "filter_fc") if heads.filter else None,
             dense(math.prod(self.kernel_size), "spatial_fc") if heads.spatial else None,
             dense(self.num_experts, "kernel_fc") if heads.kernel else None,
@@ -68,17 +76,25 @@ class ODConv(routing.DynamicConvBase):
     Attributes:
       reduction: attention width ratio, ``A = max(int(I * reduction), min_channels)``.
       min_channels: smallest attention width.
-      attention_bn_init: initial scale (γ) of the attention BatchNorm; 0.1 by default, 1.0 is
-        the official OSVAI/ODConv init (whose initial gradient explodes at T = 1,
-        docs/training.md). Only the initial value: same parameters and forward pass. Must be > 0.
+      attention_norm: normalisation of the attention's hidden vector: ``'batch'`` (the official
+        BatchNorm, parameters above), ``'layer'`` (a LayerNorm over A, per sample: params
+        ``attention/ln/{scale, bias}``, no ``batch_stats``) or ``'none'`` (``h = relu(fc(pooled))``,
+        no normalisation parameters). Only ``'batch'`` loads official checkpoints
+        (docs/training.md compares them).
+      attention_bn_init: initial scale (γ) of the attention normalisation (BatchNorm or LayerNorm;
+        unused with ``'none'``); 0.1 by default, 1.0 is the official OSVAI/ODConv init (whose
+        initial gradient explodes at T = 1, docs/training.md). Only the initial value: same
+        parameters and forward pass. Must be > 0.
 
-    Training (``train=True``) normalises the attention with batch statistics (needs a batch of
-    at least 2, as PyTorch) and updates ``batch_stats``: pass ``mutable=['batch_stats']``.
+    Training (``train=True``) with ``attention_norm='batch'`` normalises the attention with batch
+    statistics (needs a batch of at least 2, as PyTorch) and updates ``batch_stats``: pass
+    ``mutable=['batch_stats']``. ``'layer'`` and ``'none'`` train with any batch size.
     """
 
     kernel_init: routing.Initializer = routing.kaiming_fan_out_expert_init
     reduction: float = 0.0625
     min_channels: int = 16
+    attention_norm: str = "batch"
     attention_bn_init: float = 0.1
 
     @nn.compact
@@ -86,15 +102,16 @@ class ODConv(routing.DynamicConvBase):
         """``x [B, *S, I] -> [B, *S_out, O]``; ``temperature`` scalar (may be traced), None = 1."""
         layer = routing.layer_name(self)
         geometry, in_channels, experts, dtype = self._experts(x)
-        if train and not self.is_initializing():
+        routing.check_attention_norm(layer, self.attention_norm, self.attention_bn_init)
+        if train and self.attention_norm == "batch" and not self.is_initializing():
             routing.check_odconv_train_batch(layer, x.shape[0])
-        routing.check_attention_bn_init(layer, self.attention_bn_init)
         attn_dtype = routing.attention_dtype(dtype)
         temperature = routing.temperature_scalar(temperature, layer, attn_dtype)
         pooled = routing.global_avg_pool(x, attn_dtype)  # [B, I]
         channel, filter_, spatial, kernel = _Attention(
             in_channels, self.features, geometry.kernel_size, geometry.groups, self.num_experts,
-            routing.attention_width(in_channels, self.reduction, self.min_channels, layer), self.attention_bn_init,
+            routing.attention_width(in_channels, self.reduction, self.min_channels, layer), self.attention_norm,
+            self.attention_bn_init,
             attn_dtype, self.param_dtype, self.precision, name="attention",
         )(pooled, train, temperature)
         self.sow("intermediates", "kernel_attention", kernel)

@@ -138,15 +138,32 @@ def odconv_heads(in_channels: int, out_channels: int, groups: int, kernel_size: 
                        kernel=num_experts > 1)
 
 
-def odconv_attention(pooled, fc: Head, bn: Head, channel_fc: Head, filter_fc: Optional[Head],
+#: ODConv's attention normalisation (``attention_norm``): ``'batch'`` is the official BatchNorm
+#: (normalised over the batch: a training batch needs >= 2 samples); ``'layer'`` a LayerNorm over the
+#: attention width A (per sample: batch-1 training works); ``'none'`` no normalisation. Only
+#: ``'batch'`` has the official parameters (docs/training.md).
+ATTENTION_NORMS = ("batch", "layer", "none")
+
+
+def check_attention_norm(layer: str, norm: str, bn_init) -> None:
+    """ODConv's ``attention_norm`` must be one of :data:`ATTENTION_NORMS`; ``attention_bn_init`` (the
+    initial scale of that normalisation) a finite number > 0."""
+    if norm not in ATTENTION_NORMS:
+        raise ValueError(f"{layer}: attention_norm={norm!r}: expected one of {ATTENTION_NORMS}")
+    check_attention_bn_init(layer, bn_init)
+
+
+def odconv_attention(pooled, fc: Head, norm: Optional[Head], channel_fc: Head, filter_fc: Optional[Head],
                      spatial_fc: Optional[Head], kernel_fc: Optional[Head], kernel_size: Sequence[int], temperature):
-    """ODConv's four attentions from ``pooled [B, I]``, with ``h = relu(bn(fc(pooled)))`` ``[B, A]``.
+    """ODConv's four attentions from ``pooled [B, I]``, with ``h = relu(norm(fc(pooled)))`` ``[B, A]``
+    (``norm`` the attention BatchNorm or LayerNorm; None: ``h = relu(fc(pooled))``).
 
     Returns ``(channel [B, I], filter [B, O] | None, spatial [B, *k] | None, kernel [B, K])``;
     a head given as None (skipped, see :func:`odconv_heads`) gives None, the kernel one ones ``[B, 1]``.
     """
     batch = pooled.shape[0]
-    h = jax.nn.relu(bn(fc(pooled)))  # [B, A]
+    z = fc(pooled)  # [B, A]
+    h = jax.nn.relu(z if norm is None else norm(z))
     channel = sigmoid_attention(channel_fc(h), temperature)
     filter_ = None if filter_fc is None else sigmoid_attention(filter_fc(h), temperature)
     spatial = None
@@ -333,10 +350,10 @@ def check_odconv_train_batch(layer: str, batch: int) -> None:
 
 
 def check_attention_bn_init(layer: str, value) -> None:
-    """ODConv's ``attention_bn_init`` (initial attention-BatchNorm scale) must be a finite number > 0."""
+    """ODConv's ``attention_bn_init`` (initial scale of the attention normalisation) must be a finite number > 0."""
     if isinstance(value, bool) or not (isinstance(value, (int, float)) and 0 < value < math.inf):
         raise ValueError(f"{layer}: attention_bn_init={value!r} must be a finite number > 0 "
-                         "(the initial BatchNorm scale; 0 blocks every gradient through the relu)")
+                         "(the initial normalisation scale; 0 blocks every gradient through the relu)")
 
 
 def expert_bias_init(bias_init: Optional[Initializer], geometry: ConvGeometry, in_channels: int) -> Initializer:

@@ -23,6 +23,10 @@ from .functional import (aggregate_experts, check_input, check_temperature, conv
                          global_avg_pool, per_sample_conv2d, positive_int)
 
 
+#: ``attention_norm`` choices (the JAX layers' ``dynconv_jax.routing.ATTENTION_NORMS``).
+ATTENTION_NORMS = ("batch", "layer", "none")
+
+
 class ODConvAttention(nn.Module):
     """The four attentions of ODConv (official ``Attention``), computed from ``h = relu(bn(fc(GAP(x))))``.
 
@@ -33,13 +37,18 @@ class ODConvAttention(nn.Module):
     """
 
     def __init__(self, in_planes: int, out_planes: int, kernel_size: Tuple[int, int], groups: int,
-                 attention_channels: int, kernel_num: int, *, bn_init: float = 0.1, device=None, dtype=None):
+                 attention_channels: int, kernel_num: int, *, norm: str = "batch", bn_init: float = 0.1,
+                 device=None, dtype=None):
         super().__init__()
         factory = {"device": device, "dtype": dtype}
         self.kernel_size = kernel_size
+        self.norm = norm
         self.bn_init = bn_init
         self.fc = nn.Conv2d(in_planes, attention_channels, 1, bias=False, **factory)
-        self.bn = nn.BatchNorm2d(attention_channels, **factory)
+        if norm == "batch":
+            self.bn = nn.BatchNorm2d(attention_channels, **factory)
+        elif norm == "layer":  # over the attention width, per sample
+            self.ln = nn.LayerNorm(attention_channels, **factory)
         self.channel_fc = nn.Conv2d(attention_channels, in_planes, 1, bias=True, **factory)
         depthwise = in_planes == groups == out_planes
         self.filter_fc = None if depthwise else nn.Conv2d(attention_channels, out_planes, 1, bias=True, **factory)
@@ -50,20 +59,27 @@ class ODConvAttention(nn.Module):
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        """1x1 convs kaiming_normal (fan_out, relu) with zero bias; BN weight ``bn_init``, bias 0 (official: weight 1)."""
+        """1x1 convs kaiming_normal (fan_out, relu) with zero bias; BN (or LayerNorm) weight ``bn_init``,
+        bias 0 (official: weight 1)."""
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
                 if m.bias is not None:
                     nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.BatchNorm2d):
-                m.reset_running_stats()
+            elif isinstance(m, (nn.BatchNorm2d, nn.LayerNorm)):
+                if isinstance(m, nn.BatchNorm2d):
+                    m.reset_running_stats()
                 nn.init.constant_(m.weight, self.bn_init)
                 nn.init.zeros_(m.bias)
 
     def forward(self, x: Tensor, temperature: float):
         batch = x.shape[0]
-        h = F.relu(self.bn(self.fc(global_avg_pool(x)[:, :, None, None])))  # [B, A, 1, 1]
+        z = self.fc(global_avg_pool(x)[:, :, None, None])  # [B, A, 1, 1]
+        if self.norm == "batch":
+            z = self.bn(z)
+        elif self.norm == "layer":
+            z = self.ln(z.flatten(1))[:, :, None, None]
+        h = F.relu(z)
 
         def head(fc: Optional[nn.Conv2d]) -> Optional[Tensor]:
             return None if fc is None else fc(h).reshape(batch, -1) / temperature  # [B, n]
@@ -100,6 +116,12 @@ class ODConv2d(DynamicLayerMixin, nn.Module):
     drawn from the same random stream as the official layer). Only the initial value changes,
     not the parameters or the forward pass.
 
+    ``attention_norm`` (keyword only): ``'batch'`` (default, the official BatchNorm),
+    ``'layer'`` (``attention.ln``, a ``LayerNorm`` over the attention width, per sample, so
+    training works with a batch of one; its weight starts at ``attention_bn_init``) or ``'none'``
+    (``h = relu(fc(GAP(x)))``). ``'layer'``/``'none'`` change the state dict (no ``attention.bn.*``),
+    so official checkpoints load only into ``'batch'``.
+
     Attention width ``A = max(int(in_planes * reduction), min_channel)``. Skips as the official
     code: no filter attention for depthwise (``in == groups == out``), no spatial attention for
     a 1x1 kernel, no kernel attention for K == 1; a 1x1 kernel with K == 1 takes the official
@@ -120,7 +142,7 @@ class ODConv2d(DynamicLayerMixin, nn.Module):
                  kernel_num: Optional[int] = None, min_channel: Optional[int] = None, temperature: float = 1.0, *,
                  in_channels: Optional[int] = None, out_channels: Optional[int] = None,
                  num_experts: Optional[int] = None, min_channels: Optional[int] = None, attention_bn_init: float = 0.1,
-                 device=None, dtype=None):
+                 attention_norm: str = "batch", device=None, dtype=None):
         super().__init__()
         in_planes = _alias("in_planes", in_planes, "in_channels", in_channels, None)
         out_planes = _alias("out_planes", out_planes, "out_channels", out_channels, None)
@@ -139,6 +161,8 @@ class ODConv2d(DynamicLayerMixin, nn.Module):
                                                        and 0 < attention_bn_init < math.inf):
             raise ValueError(f"{where}: attention_bn_init={attention_bn_init!r} must be a finite number > 0 "
                              "(the initial BatchNorm weight; 0 blocks every gradient through the relu)")
+        if attention_norm not in ATTENTION_NORMS:
+            raise ValueError(f"{where}: attention_norm={attention_norm!r}: expected one of {ATTENTION_NORMS}")
         self.in_planes = in_planes
         self.out_planes = out_planes
         self.groups = groups
@@ -149,7 +173,8 @@ class ODConv2d(DynamicLayerMixin, nn.Module):
         self.temperature = check_temperature(temperature, where)
         factory = {"device": device, "dtype": dtype}
         self.attention = ODConvAttention(in_planes, out_planes, self.kernel_size, groups, self.attention_channels,
-                                         kernel_num, bn_init=float(attention_bn_init), **factory)
+                                         kernel_num, norm=attention_norm, bn_init=float(attention_bn_init),
+                                         **factory)
         # Drawn with randn before the kaiming init, as the official code does: the same seed then
         # gives the same initial parameters as the official layer (the random streams line up).
         self.weight = nn.Parameter(
@@ -182,11 +207,12 @@ class ODConv2d(DynamicLayerMixin, nn.Module):
 
     def _layer_repr(self) -> str:
         return (f", kernel_num={self.kernel_num}, attention_channels={self.attention_channels}, "
-                f"attention_bn_init={self.attention.bn_init}")
+                f"attention_bn_init={self.attention.bn_init}"
+                + ("" if self.attention.norm == "batch" else f", attention_norm={self.attention.norm!r}"))
 
     def _attention(self, x: Tensor):
         check_input(x, self.in_planes, self._where(), self.weight.dtype)
-        if self.training and x.shape[0] == 1:
+        if self.training and x.shape[0] == 1 and self.attention.norm == "batch":
             raise ValueError(
                 f"{self._where()}: got a batch of one sample in training mode; the attention's BatchNorm "
                 f"normalises each channel over the batch and needs more than one sample. Use a batch of "

@@ -120,8 +120,11 @@ def _flax_padding(padding):
 
 def layer_case(family: str, in_ch: int, out_ch: int, k: int, *, stride=1, padding=0, dilation=1, groups=1,
                experts=4, bias=None, temperature=None, strategy="auto", size=7, batch=3, quick=False,
-               tag="") -> Case:
-    """A CondConv / DynamicConv / ODConv layer case: ``dynconv_torch`` layer vs ``dynconv_jax`` layer."""
+               attention_norm="batch", tag="") -> Case:
+    """A CondConv / DynamicConv / ODConv layer case: ``dynconv_torch`` layer vs ``dynconv_jax`` layer
+    (``attention_norm``: ODConv's, see :class:`dynconv_jax.ODConv`)."""
+    if attention_norm != "batch" and family != "odconv":
+        raise ValueError(f"layer_case: attention_norm={attention_norm!r} is an ODConv option, not {family}'s")
     conv = dict(stride=stride, padding=padding, dilation=dilation, groups=groups)
 
     def make_torch():
@@ -131,7 +134,7 @@ def layer_case(family: str, in_ch: int, out_ch: int, k: int, *, stride=1, paddin
             return dt.CondConv2d(in_ch, out_ch, k, num_experts=experts, bias=bool(bias), routing_dropout=0.0, **conv)
         if family == "dynamic":
             return dt.DynamicConv2d(in_ch, out_ch, k, num_experts=experts, bias=bias is not False, **conv)
-        return dt.ODConv2d(in_ch, out_ch, k, kernel_num=experts, **conv)
+        return dt.ODConv2d(in_ch, out_ch, k, kernel_num=experts, attention_norm=attention_norm, **conv)
 
     def make_flax(dtype, precision):
         import dynconv_jax as dj
@@ -143,7 +146,7 @@ def layer_case(family: str, in_ch: int, out_ch: int, k: int, *, stride=1, paddin
             return dj.CondConv(use_bias=bool(bias), routing_dropout=0.0, **kw)
         if family == "dynamic":
             return dj.DynamicConv(use_bias=bias is not False, **kw)
-        return dj.ODConv(**kw)
+        return dj.ODConv(attention_norm=attention_norm, **kw)
 
     desc = f"i{in_ch}o{out_ch}k{k}s{stride}p{padding}d{dilation}g{groups}K{experts}"
     if bias is not None:
@@ -152,6 +155,10 @@ def layer_case(family: str, in_ch: int, out_ch: int, k: int, *, stride=1, paddin
         desc += f"-T{temperature:g}"
     if strategy != "auto":
         desc += f"-{strategy}"
+    if attention_norm != "batch":
+        desc += f"-{attention_norm}norm"
+    if batch != 3:
+        desc += f"-B{batch}"
     return Case(name=f"{family}/{desc}{tag}", family=family, make_torch=make_torch, make_flax=make_flax,
                 input_shape=(batch, in_ch, size, size), temperature=temperature, quick=quick)
 
@@ -178,6 +185,10 @@ def _register_layers():
     for family in LAYER_FAMILIES:
         for kwargs, quick in LAYER_GRID:
             register(layer_case(family, quick=quick, **kwargs))
+        if family == "odconv":  # the attention LayerNorm / no normalisation, on a training batch of one
+            for norm in ("layer", "none"):
+                register(layer_case(family, 8, 12, 3, stride=2, padding=1, groups=2, temperature=3.0, batch=1,
+                                    attention_norm=norm))
         bias = {"condconv": True, "dynamic": False}.get(family)
         if bias is not None:
             register(layer_case(family, 8, 16, 3, padding=1, bias=bias))

@@ -305,6 +305,22 @@ def test_every_problem_is_reported_at_once():
     assert len(info.value.problems) == 4
 
 
+def test_odconv_attention_norm_layer_converts_and_refuses_an_official_checkpoint():
+    """``attention_norm='layer'``: its own state dict converts both ways; an official (BatchNorm) one is refused."""
+    from dynconv_jax import ODConv
+    from dynconv_torch import ODConv2d
+
+    template = jax.eval_shape(lambda: ODConv(6, (3, 3), num_experts=2, attention_norm="layer").init(
+        jax.random.key(0), jnp.zeros((2, 5, 5, 4))))
+    layer_sd = ODConv2d(4, 6, 3, kernel_num=2, attention_norm="layer").state_dict()
+    flax_vars = torch_to_flax(layer_sd, template)
+    np.testing.assert_array_equal(flax_vars["params"]["attention"]["ln"]["scale"], layer_sd["attention.ln.weight"])
+    with pytest.raises(ConversionError) as info:
+        torch_to_flax(ODConv2d(4, 6, 3, kernel_num=2).state_dict(), template)
+    msg = str(info.value)
+    assert "params:attention/ln/scale" in msg and "'attention.bn.running_mean'" in msg
+
+
 @pytest.mark.parametrize("case", ["missing", "unexpected", "shape", "dtype"])
 def test_each_error_alone(case):
     sd = dict(TorchNet().state_dict())

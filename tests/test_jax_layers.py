@@ -541,6 +541,8 @@ def test_condconv_routing_argument_errors():
     for bad in (0.0, -1.0, float("nan"), True):
         with pytest.raises(ValueError, match=r"ODConv .*attention_bn_init=.* must be a finite number > 0"):
             ODConv(4, (3, 3), attention_bn_init=bad).init(jax.random.key(0), x)
+    with pytest.raises(ValueError, match=r"ODConv .*attention_norm='group': expected one of"):
+        ODConv(4, (3, 3), attention_norm="group").init(jax.random.key(0), x)
 
 
 def test_strategy_field_reaches_ops():

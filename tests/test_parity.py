@@ -48,6 +48,15 @@ def test_layer_grid_subset(name, dtype):
             assert r.floor is None and r.limit == r.tol
 
 
+def test_odconv_attention_layer_norm_float64_on_a_batch_of_one():
+    """ODConv's attention LayerNorm equals the PyTorch reference, training on one sample (``python -m parity``
+    also runs ``attention_norm='none'``, ``odconv/i8o12k3s2p1d1g2K4-T3-nonenorm-B1``)."""
+    rows = run_case(CASES["odconv/i8o12k3s2p1d1g2K4-T3-layernorm-B1"], "float64",
+                    checks=("forward_train", "grad_input", "grad_params"), sgd=SGDConfig(steps=0))
+    _assert_rows(rows)
+    assert {r.check for r in rows} == {"forward_train", "grad_input", "grad_params"}
+
+
 @settings(max_examples=3, deadline=None)
 @given(family=st.sampled_from(["condconv", "dynamic", "odconv"]), k=st.sampled_from([1, 3]),
        stride=st.sampled_from([1, 2]), groups=st.sampled_from([1, 2]), experts=st.integers(1, 3),

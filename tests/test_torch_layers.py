@@ -540,6 +540,30 @@ def test_init_odconv_official():
     assert "attention_bn_init=0.1" in repr(default)
 
 
+def test_odconv_attention_norm_layer_and_none_train_with_a_batch_of_one():
+    """``attention_norm='layer'`` / ``'none'``: their own state dict (official checkpoints refused), any batch size."""
+    torch.manual_seed(0)
+    official = ODConv2d(4, 6, 3, padding=1, kernel_num=2)
+    for norm, keys in (("layer", {"attention.ln.weight", "attention.ln.bias"}), ("none", set())):
+        torch.manual_seed(0)
+        layer = ODConv2d(4, 6, 3, padding=1, kernel_num=2, attention_norm=norm, attention_bn_init=0.5)
+        norm_keys = {k for k in layer.state_dict() if ".bn." in k or ".ln." in k}
+        assert norm_keys == keys and f"attention_norm='{norm}'" in repr(layer)
+        shared = {k: v for k, v in official.state_dict().items() if ".bn." not in k}
+        assert all(torch.equal(layer.state_dict()[k], v) for k, v in shared.items())  # same random stream
+        if norm == "layer":
+            assert torch.equal(layer.attention.ln.weight, torch.full((16,), 0.5))
+        with pytest.raises(RuntimeError, match="attention.bn"):
+            layer.load_state_dict(official.state_dict())
+        x = torch.randn(1, 4, 5, 5, requires_grad=True)
+        layer.train()(x).square().sum().backward()
+        assert torch.isfinite(x.grad).all() and x.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match=r"ODConv2d\(.*attention_norm='group'"):
+        ODConv2d(4, 4, 3, attention_norm="group")
+    with pytest.raises(ValueError, match="batch of one sample"):
+        official.train()(torch.randn(1, 4, 5, 5))
+
+
 def test_temperature():
     x = torch.randn(2, 4, 6, 6, dtype=DT)
     model = nn.Sequential(CondConv2d(4, 4, 3, padding=1, dtype=DT), nn.ReLU(), DynamicConv2d(4, 4, 3, padding=1, dtype=DT),

@@ -50,7 +50,10 @@ def test_cli_overrides_and_errors():
                         (["--label_smoothing=1.0"], "[0, 1)"), (["epochs"], "--key=value"),
                         (["--conv"], "needs a value"),
                         (["--attention_bn_init=1.0"], "applies to --conv=odconv only"),
-                        (["--conv=odconv", "--attention_bn_init=0"], "> 0")]:
+                        (["--conv=odconv", "--attention_bn_init=0"], "> 0"),
+                        (["--attention_norm=layer"], "applies to --conv=odconv only"),
+                        (["--conv=odconv", "--attention_norm=group"], "expected one of batch, layer, none"),
+                        (["--conv=odconv", "--attention_norm=none", "--attention_bn_init=1.0"], "has none")]:
         with pytest.raises(UsageError, match=__import__("re").escape(words)):
             parse_args(args)
     from train import steps
@@ -58,6 +61,9 @@ def test_cli_overrides_and_errors():
     official = parse_args(["--conv=odconv", "--attention_bn_init=1.0"])
     assert steps.model_kwargs(official, 10, (8, 8, 1))["conv_options"] == {"attention_bn_init": 1.0}
     assert "conv_options" not in steps.model_kwargs(parse_args(["--conv=odconv"]), 10, (8, 8, 1))
+    layer_norm = parse_args(["--conv=odconv", "--attention_norm=layer", "--attention_bn_init=1.0"])
+    assert steps.model_kwargs(layer_norm, 10, (8, 8, 1))["conv_options"] == {"attention_bn_init": 1.0,
+                                                                            "attention_norm": "layer"}
     proc = run_cli(["--optimizer=adam"])
     out, _ = proc.communicate(timeout=120)
     assert proc.returncode == 2 and "--optimizer='adam': expected one of sgd, adamw" in out

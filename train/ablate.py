@@ -142,9 +142,14 @@ def _settings(rows: Sequence[Dict[str, object]], keys: Sequence[str]) -> List[Tu
 
 def markdown(rows: Sequence[Dict[str, object]], grid: Grid, base) -> str:
     """The runs as a Markdown table; with several seeds, one more row per setting (seeds, mean, min)."""
+    from train.config import Config
+
     keys = [k for k, _ in grid]
     budget = f"{base.num_steps} steps" if base.num_steps else f"{base.num_epochs} epochs"
-    fixed = f"conv={base.conv}, " if "conv" not in keys else ""
+    stated = {"model", "dataset", "num_epochs", "num_steps", "batch_size", "seed", "workdir", "progress"} | set(keys)
+    default = Config()
+    fixed = "".join(f"{f.name}={getattr(base, f.name)}, " for f in dataclasses.fields(base)
+                    if f.name not in stated and getattr(base, f.name) != getattr(default, f.name))
     lines = [f"Ablation over {', '.join(keys)}: {base.model} {fixed}on {base.dataset}, {budget} each, batch "
              f"{base.batch_size}, every other option as `python -m train`'s"
              + ("" if "seed" in keys else f" (seed {base.seed})") + ".", "",

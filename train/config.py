@@ -21,6 +21,7 @@ SCHEDULES = ("cosine", "constant")
 AUGMENTS = ("auto", "none", "crop", "crop_flip")
 STEMS = ("auto", "imagenet", "cifar")
 DTYPES = ("float32", "bfloat16")
+ATTENTION_NORMS = ("batch", "layer", "none")  # = dynconv_jax.routing.ATTENTION_NORMS
 
 
 class UsageError(ValueError):
@@ -47,6 +48,7 @@ class Config:
     width_mult: float = 1.0             # MobileNetV2 width multiplier
     dropout: Optional[float] = None     # dropout before the classifier (None: the model's default)
     attention_bn_init: Optional[float] = None  # odconv: initial attention-BN scale (None: layer's 0.1; official 1.0)
+    attention_norm: str = "batch"       # odconv: 'batch' (the official BatchNorm) | 'layer' | 'none'
     # Optimisation.
     batch_size: int = 64                # global batch, split over all devices of all processes
     num_epochs: int = 15
@@ -108,9 +110,14 @@ class Config:
             positive(name)
         for name in ("weight_decay", "warmup_epochs", "temp_epochs", "crop_padding"):
             positive(name, allow_zero=True)
-        if self.attention_bn_init is not None and self.conv != "odconv":
-            raise UsageError(f"--attention_bn_init={self.attention_bn_init!r} applies to --conv=odconv only, "
-                             f"not --conv={self.conv}")
+        choice("attention_norm", ATTENTION_NORMS)
+        for name, unset in (("attention_bn_init", None), ("attention_norm", "batch")):
+            if getattr(self, name) != unset and self.conv != "odconv":
+                raise UsageError(f"--{name}={getattr(self, name)!r} applies to --conv=odconv only, "
+                                 f"not --conv={self.conv}")
+        if self.attention_norm == "none" and self.attention_bn_init is not None:
+            raise UsageError(f"--attention_bn_init={self.attention_bn_init!r} sets the initial scale of the "
+                             "attention normalisation; --attention_norm=none has none")
         if self.dropout is not None and not 0.0 <= self.dropout < 1.0:
             raise UsageError(f"--dropout={self.dropout!r}: must be in [0, 1)")
         if not 0.0 <= self.label_smoothing < 1.0:

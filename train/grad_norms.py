@@ -13,18 +13,23 @@ For every setting of the grid (``--vary``/``--seeds`` as in :mod:`train.ablate`;
 Norms are global and per stage: the parameters grouped by their top-level module with a
 trailing block index dropped (``conv1``, ``bn1``, ``layer1`` .. ``layer4``, ``fc`` for a
 ResNet), plus ``attention`` (every leaf under a dynamic layer's ``attention``).
-Writes ``DIR/init.csv``, ``DIR/trace.csv`` (one row per step) and ``DIR/grad_norms.md``.
-Used for the ODConv measurements in docs/training.md.
+Writes ``DIR/init.csv``, ``DIR/trace.csv`` (one row per step) and ``DIR/grad_norms.md`` (with
+several seeds also the seeds side by side), rewritten after every setting. The settings that
+differ only in the seed share one compilation. Used for the ODConv measurements in
+docs/training.md, e.g.::
+
+    python -m train.grad_norms --conv=odconv --seeds 0,1,2 --vary attention_bn_init=1.0,0.1 \
+        --temperatures=30,10,5,3,2,1 --trace_epochs=5 --out runs/grad-norms
 """
 from __future__ import annotations
 
 import csv
-import functools
+import dataclasses
 import math
 import os
 import re
 import sys
-from typing import Dict, List, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -69,48 +74,61 @@ def _setup(config):
     return batches, steps.temperature_schedule(config, spe), state, dropout_key, total_steps
 
 
-def at_init(config, temperatures: Sequence[float]) -> List[Dict[str, float]]:
-    """Stage norms of the first step's gradient at each temperature (one row per temperature)."""
+#: The jitted functions of one configuration but its seed (same model, optimiser and schedule): the
+#: seeds of a grid reuse one compilation. Key: ``repr`` of the configuration with seed and workdir unset.
+_JITTED: Dict[str, Tuple[Callable, Callable]] = {}
+
+
+def _jitted(config, tx) -> Tuple[Callable, Callable]:
+    """``(norms(state, images, labels, key, T), step(state, images, labels, key, T))`` for ``config``'s
+    model; ``state`` without its optimiser (``tx=None``), so states of other seeds share the compilation."""
     import jax
 
     from train import parallel, steps
 
+    key = repr(dataclasses.replace(config, seed=0, workdir=None))
+    if key not in _JITTED:
+        def norms(state, images, labels, dropout_key, temperature):
+            grads = steps.loss_and_grads(state, images, labels, dropout_key, temperature, config.label_smoothing)[3]
+            return stage_norms(grads)
+
+        def step(state, images, labels, dropout_key, temperature):
+            loss, _, updates, grads = steps.loss_and_grads(state, images, labels, dropout_key, temperature,
+                                                           config.label_smoothing)
+            new_state = state.replace(tx=tx).apply_gradients(
+                grads=grads, batch_stats=updates.get("batch_stats", state.batch_stats))
+            return new_state.replace(tx=None), {"loss": loss, **stage_norms(grads)}
+
+        mesh = parallel.make_mesh()
+        _JITTED[key] = (parallel.under_mesh(mesh, jax.jit(norms)),
+                        parallel.under_mesh(mesh, jax.jit(step, donate_argnums=0)))
+    return _JITTED[key]
+
+
+def at_init(config, temperatures: Sequence[float]) -> List[Dict[str, float]]:
+    """Stage norms of the first step's gradient at each temperature (one row per temperature)."""
     batches, _, state, dropout_key, total_steps = _setup(config)
     _, images, labels = next(iter(batches.iterate_train(0, total_steps)))
-    mesh = parallel.make_mesh()
-
-    @jax.jit
-    def norms(temperature):
-        grads = steps.loss_and_grads(state, images, labels, dropout_key, temperature, config.label_smoothing)[3]
-        return stage_norms(grads)
-
-    norms = parallel.under_mesh(mesh, norms)
-    return [{"temperature": t, **{k: float(v) for k, v in norms(np.float32(t)).items()}} for t in temperatures]
+    norms, _ = _jitted(config, state.tx)
+    state = state.replace(tx=None)
+    return [{"temperature": t, **{k: float(v) for k, v in norms(state, images, labels, dropout_key,
+                                                                  np.float32(t)).items()}} for t in temperatures]
 
 
 def trace(config, epochs: float) -> List[Dict[str, float]]:
     """Train the first ``epochs`` epochs as ``python -m train`` does; one row of stage norms per step."""
     import jax
 
-    from train import parallel, steps
-
     batches, temperature_fn, state, dropout_key, total_steps = _setup(config)
     num_steps = min(total_steps, int(round(epochs * batches.steps_per_epoch)))
-
-    @functools.partial(jax.jit, donate_argnums=0)
-    def step_fn(state, images, labels):
-        temperature = temperature_fn(state.step)
-        loss, _, updates, grads = steps.loss_and_grads(state, images, labels, dropout_key, temperature,
-                                                       config.label_smoothing)
-        new_state = state.apply_gradients(grads=grads, batch_stats=updates.get("batch_stats", state.batch_stats))
-        return new_state, {"loss": loss, "temperature": temperature, **stage_norms(grads)}
-
-    step_fn = parallel.under_mesh(parallel.make_mesh(), step_fn)
+    _, step_fn = _jitted(config, state.tx)
+    state = state.replace(tx=None)
     rows = []
     for step, images, labels in batches.iterate_train(0, num_steps):
-        state, metrics = step_fn(state, images, labels)
+        temperature = np.float32(temperature_fn(step))  # the schedule at the step count before this update
+        state, metrics = step_fn(state, images, labels, dropout_key, temperature)
         rows.append({"step": step + 1, "epoch": step // batches.steps_per_epoch + 1,
-                     **{k: float(v) for k, v in jax.device_get(metrics).items()}})
+                     "temperature": float(temperature), **{k: float(v) for k, v in jax.device_get(metrics).items()}})
     return rows
 
 
@@ -118,10 +136,56 @@ def _fmt(value: float) -> str:
     return f"{value:.3g}" if math.isfinite(value) else str(value)
 
 
+def _span(values: Sequence[float]) -> str:
+    """``'2.5'`` for one value, ``'2.5–610'`` (smallest–largest) for several."""
+    low, high = min(values), max(values)
+    return _fmt(low) if len(values) == 1 or _fmt(low) == _fmt(high) else f"{_fmt(low)}–{_fmt(high)}"
+
+
+def over_seeds(init_rows, trace_rows, keys: Sequence[str]) -> str:
+    """The seeds side by side (``'seed'`` varied): each stage's norm at init against the temperature,
+    smallest–largest over the seeds; per epoch of the trace, the median and largest global norm
+    (smallest–largest over the seeds) and each stage's largest norm over the epoch's steps and the seeds."""
+    others = [k for k in keys if k != "seed"]
+    label = lambda r: ", ".join(f"{k}={r[k]}" for k in others) or "-"  # noqa: E731
+    lines = []
+    if init_rows:
+        temps = sorted({r["temperature"] for r in init_rows}, reverse=True)
+        stages = [k for k in init_rows[0] if k not in set(keys) | {"temperature"}]
+        lines += ["Over the seeds: first-step gradient norm per stage against the temperature "
+                  "(smallest–largest over the seeds):", "",
+                  "| setting | stage | " + " | ".join(f"T={t:g}" for t in temps) + " |",
+                  "|---|---|" + "---|" * len(temps)]
+        for setting in dict.fromkeys(label(r) for r in init_rows):
+            rows = [r for r in init_rows if label(r) == setting]
+            for stage in stages:
+                lines.append(f"| {setting} | {stage} | " + " | ".join(
+                    _span([r[stage] for r in rows if r["temperature"] == t]) for t in temps) + " |")
+    if trace_rows:
+        stages = [k for k in trace_rows[0] if k not in set(keys) | {"step", "epoch", "loss", "temperature", "global"}]
+        lines += ["", "Over the seeds, training: per epoch, the temperature, the median and the largest global "
+                  "gradient norm of each seed's steps (smallest–largest over the seeds) and each stage's largest "
+                  "norm over the steps and seeds:", "",
+                  "| setting | epoch | T | median | max | " + " | ".join(stages) + " |",
+                  "|---|---|---|---|---|" + "---|" * len(stages)]
+        finite = lambda v: v if math.isfinite(v) else math.inf  # noqa: E731
+        for setting in dict.fromkeys(label(r) for r in trace_rows):
+            rows = [r for r in trace_rows if label(r) == setting]
+            for epoch in sorted({r["epoch"] for r in rows}):
+                in_epoch = [r for r in rows if r["epoch"] == epoch]
+                seeds = sorted({r["seed"] for r in in_epoch})
+                per_seed = [[finite(r["global"]) for r in in_epoch if r["seed"] == s] for s in seeds]
+                lines.append(f"| {setting} | {epoch} | {_span([r['temperature'] for r in in_epoch])} | "
+                             f"{_span([float(np.median(g)) for g in per_seed])} | {_span([max(g) for g in per_seed])} | "
+                             + " | ".join(_fmt(max(finite(r[s]) for r in in_epoch)) for s in stages) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def markdown(init_rows, trace_rows, keys: Sequence[str]) -> str:
     """Tables: global norm at init per temperature; stage norms at init at the lowest and highest
-    temperature; per epoch of the trace, the largest global norm and its stage breakdown."""
-    lines = []
+    temperature; per epoch of the trace, the largest global norm and its stage breakdown; with
+    several seeds, :func:`over_seeds` too."""
+    lines = [over_seeds(init_rows, trace_rows, keys)] if "seed" in keys else []
     label = lambda r: ", ".join(f"{k}={r[k]}" for k in keys) or "-"  # noqa: E731
     temps = sorted({r["temperature"] for r in init_rows}, reverse=True)
     stages = [k for k in init_rows[0] if k not in set(keys) | {"temperature", "global"}] if init_rows else []
@@ -205,11 +269,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             trace_rows += [{**setting, **r} for r in rows]
             print(f"{setting}: traced {len(rows)} steps, max global norm {_fmt(max(r['global'] for r in rows))}",
                   flush=True)
-    _write_csv(os.path.join(out_dir, "init.csv"), init_rows)
-    if trace_rows:
-        _write_csv(os.path.join(out_dir, "trace.csv"), trace_rows)
-    with open(os.path.join(out_dir, "grad_norms.md"), "w") as f:
-        f.write(markdown(init_rows, trace_rows, keys))
+        # rewritten after every setting: a long grid stopped early keeps what it measured
+        _write_csv(os.path.join(out_dir, "init.csv"), init_rows)
+        if trace_rows:
+            _write_csv(os.path.join(out_dir, "trace.csv"), trace_rows)
+        with open(os.path.join(out_dir, "grad_norms.md"), "w") as f:
+            f.write(markdown(init_rows, trace_rows, keys))
     print(f"wrote {out_dir}/grad_norms.md")
     return 0
 

@@ -25,10 +25,10 @@ from flax import nnx
 from flax.typing import Dtype, PrecisionLike
 
 from dynconv_jax import ops, routing
-from dynconv_jax.norm import batch_norm
+from dynconv_jax.norm import batch_norm, layer_norm
 from dynconv_jax.routing import Initializer
 
-__all__ = ["BatchNorm", "CondConv", "DynamicConv", "ODConv"]
+__all__ = ["BatchNorm", "CondConv", "DynamicConv", "LayerNorm", "ODConv"]
 
 
 def _sow(module: nnx.Module, name: str, value) -> None:
@@ -95,6 +95,31 @@ class BatchNorm(nnx.Module):
         if new_mean is not None:
             self.mean[...], self.var[...] = new_mean, new_var
         return y
+
+
+class LayerNorm(nnx.Module):
+    """PyTorch-semantics LayerNorm over the last axis (as :class:`dynconv_jax.norm.LayerNorm`).
+
+    State: params ``scale``, ``bias`` ``[num_features]``.
+
+    Attributes:
+      num_features: size of the last axis.
+      epsilon: added to the variance.
+      dtype: output dtype (default: promoted from input and params).
+    """
+
+    def __init__(self, num_features: int, *, epsilon: float = 1e-5, dtype: Optional[Dtype] = None,
+                 param_dtype: Dtype = jnp.float32, scale_init: Initializer = jax.nn.initializers.ones,
+                 rngs: nnx.Rngs):
+        shape = (num_features,)
+        self.scale = nnx.Param(scale_init(rngs.params(), shape, param_dtype))
+        self.bias = nnx.Param(jnp.zeros(shape, param_dtype))
+        self.num_features = num_features
+        self.epsilon = epsilon
+        self.dtype = dtype
+
+    def __call__(self, x):
+        return layer_norm(x, self.scale[...], self.bias[...], epsilon=self.epsilon, dtype=self.dtype)
 
 
 def _linear(in_features: int, out_features: int, *, dtype, param_dtype, precision, kernel_init, bias_init,
@@ -283,7 +308,7 @@ class _ODConvAttention(nnx.Module):
     """``pooled [B, I] -> (channel [B, I], filter [B, O] | None, spatial [B, *k] | None, kernel [B, K])``."""
 
     def __init__(self, in_features: int, out_features: int, kernel_size, groups: int, num_experts: int, width: int,
-                 bn_init: float, *, dtype, param_dtype, precision, rngs: nnx.Rngs):
+                 norm: str, bn_init: float, *, dtype, param_dtype, precision, rngs: nnx.Rngs):
         def linear(n_in, n_out, use_bias=True):
             return _linear(n_in, n_out, use_bias=use_bias, dtype=dtype, param_dtype=param_dtype, precision=precision,
                            kernel_init=routing.kaiming_fan_out_dense_init, bias_init=jax.nn.initializers.zeros,
@@ -292,15 +317,20 @@ class _ODConvAttention(nnx.Module):
         heads = routing.odconv_heads(in_features, out_features, groups, kernel_size, num_experts)
         self.kernel_size = tuple(kernel_size)
         self.fc = linear(in_features, width, use_bias=False)
-        self.bn = BatchNorm(width, dtype=dtype, param_dtype=param_dtype,
-                            scale_init=jax.nn.initializers.constant(bn_init), rngs=rngs)
+        scale_init = jax.nn.initializers.constant(bn_init)
+        if norm == "batch":
+            self.bn = BatchNorm(width, dtype=dtype, param_dtype=param_dtype, scale_init=scale_init, rngs=rngs)
+        elif norm == "layer":
+            self.ln = LayerNorm(width, dtype=dtype, param_dtype=param_dtype, scale_init=scale_init, rngs=rngs)
+        self.norm = {"batch": "bn", "layer": "ln"}.get(norm)  # attribute name of the normalisation, None: none
         self.channel_fc = linear(width, in_features)
         self.filter_fc = linear(width, out_features) if heads.filter else nnx.data(None)
         self.spatial_fc = linear(width, math.prod(kernel_size)) if heads.spatial else nnx.data(None)
         self.kernel_fc = linear(width, num_experts) if heads.kernel else nnx.data(None)
 
     def __call__(self, pooled, temperature):
-        return routing.odconv_attention(pooled, self.fc, self.bn, self.channel_fc, self.filter_fc, self.spatial_fc,
+        norm = None if self.norm is None else getattr(self, self.norm)
+        return routing.odconv_attention(pooled, self.fc, norm, self.channel_fc, self.filter_fc, self.spatial_fc,
                                         self.kernel_fc, self.kernel_size, temperature)
 
 
@@ -316,13 +346,15 @@ class ODConv(_DynamicConvBase):
     ``channel_attention [B, I]`` and, when not skipped, ``filter_attention [B, O]``,
     ``spatial_attention [B, *k]``.
 
-    In training mode (``train()``, the default of a new layer) the attention is normalised with
-    batch statistics (needs a batch of at least 2, as PyTorch) and the running statistics update;
-    ``eval()`` uses the running statistics.
+    In training mode (``train()``, the default of a new layer) the attention BatchNorm
+    (``attention_norm='batch'``) normalises with batch statistics (needs a batch of at least 2, as
+    PyTorch) and the running statistics update; ``eval()`` uses the running statistics.
 
     Attributes (beyond ``flax.nnx.Conv``'s, ``num_experts`` and ``strategy``):
       reduction, min_channels: attention width A.
-      attention_bn_init: initial scale (γ) of the attention BatchNorm; 0.1 by default, 1.0 is the
+      attention_norm: ``'batch'`` (official BatchNorm), ``'layer'`` (LayerNorm ``attention/ln``, any
+        batch size) or ``'none'``, as the Linen :class:`dynconv_jax.ODConv`.
+      attention_bn_init: initial scale (γ) of the attention normalisation; 0.1 by default, 1.0 is the
         official code's init (see the Linen :class:`dynconv_jax.ODConv` and docs/training.md).
     """
 
@@ -332,24 +364,25 @@ class ODConv(_DynamicConvBase):
                  dtype: Optional[Dtype] = None, param_dtype: Dtype = jnp.float32, precision: PrecisionLike = None,
                  kernel_init: Initializer = routing.kaiming_fan_out_expert_init, num_experts: int = 4,
                  strategy: str = "auto", reduction: float = 0.0625, min_channels: int = 16,
-                 attention_bn_init: float = 0.1, rngs: nnx.Rngs):
+                 attention_norm: str = "batch", attention_bn_init: float = 0.1, rngs: nnx.Rngs):
         super().__init__(in_features, out_features, kernel_size, strides, padding=padding,
                          kernel_dilation=kernel_dilation, feature_group_count=feature_group_count, use_bias=False,
                          dtype=dtype, param_dtype=param_dtype, precision=precision, kernel_init=kernel_init,
                          bias_init=None, num_experts=num_experts, strategy=strategy, rngs=rngs)
         self.reduction = reduction
         self.min_channels = min_channels
-        routing.check_attention_bn_init(self.layer, attention_bn_init)
+        routing.check_attention_norm(self.layer, attention_norm, attention_bn_init)
+        self.attention_norm = attention_norm
         self.attention_bn_init = attention_bn_init
         width = routing.attention_width(in_features, reduction, min_channels, self.layer)
         self.attention = _ODConvAttention(in_features, out_features, self.kernel_size, feature_group_count,
-                                          num_experts, width, attention_bn_init, dtype=_attention_dtype(dtype), param_dtype=param_dtype,
+                                          num_experts, width, attention_norm, attention_bn_init, dtype=_attention_dtype(dtype), param_dtype=param_dtype,
                                           precision=precision, rngs=rngs)
 
     def __call__(self, x, temperature=None):
         """``x [B, *S, I] -> [B, *S_out, O]``; ``temperature`` scalar (may be traced), None = 1."""
         experts, dtype, attn_dtype = self._check(x)
-        if not self.attention.bn.use_running_average:
+        if self.attention_norm == "batch" and not self.attention.bn.use_running_average:
             routing.check_odconv_train_batch(self.layer, x.shape[0])
         temperature = routing.temperature_scalar(temperature, self.layer, attn_dtype)
         pooled = routing.global_avg_pool(x, attn_dtype)  # [B, I]
