@@ -3,7 +3,8 @@
 Each checkpoint step directory holds two items: ``state`` (the train state as a plain
 dict: step, params, batch_stats, opt_state) and ``meta`` (JSON: the SHA-256 of every
 array of ``state`` plus whatever the loop needs to resume exactly, e.g. the running
-epoch metrics). Saving is synchronous and atomic (Orbax writes a temporary directory and
+epoch metrics), and a third, ``data``, when the loop passes its grain data iterator: one
+JSON file of iterator state per process (grain's Orbax handler). Saving is synchronous and atomic (Orbax writes a temporary directory and
 renames it), so a run killed at any moment leaves only complete checkpoints or ignored
 temporaries.
 
@@ -58,13 +59,14 @@ class Checkpointer:
         self.corrupt_directory = os.path.abspath(os.path.join(workdir, "corrupt_checkpoints"))
         options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True, enable_async_checkpointing=False,
                                                cleanup_tmp_directories=True)
-        self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=("state", "meta"))
+        self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=("state", "meta", "data"))
 
     def all_steps(self):
         return sorted(self.manager.all_steps())
 
-    def save(self, step: int, state, meta: Dict[str, Any]) -> None:
-        """Write ``state`` (a flax struct / pytree) at ``step``; refuse NaN/Inf."""
+    def save(self, step: int, state, meta: Dict[str, Any], data_iterator=None) -> None:
+        """Write ``state`` (a flax struct / pytree) and the state of ``data_iterator`` (a grain
+        iterator, if given) at ``step``; refuse NaN/Inf."""
         # Own copies: on CPU device_get may alias device buffers that the next (donating) step reuses.
         host_state = jax.tree.map(lambda x: np.array(x, copy=True), jax.device_get(serialization.to_state_dict(state)))
         bad = nonfinite_leaves(host_state)
@@ -72,8 +74,12 @@ class Checkpointer:
             raise CheckpointError(f"refusing to save the state of step {step}: NaN/Inf in {', '.join(bad[:5])}"
                                   f"{' ...' if len(bad) > 5 else ''}")
         meta = dict(meta, step=int(step), checksum=tree_checksum(host_state))
-        self.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(host_state),
-                                                        meta=ocp.args.JsonSave(meta)), force=True)
+        items = dict(state=ocp.args.StandardSave(host_state), meta=ocp.args.JsonSave(meta))
+        if data_iterator is not None:
+            import grain
+
+            items["data"] = grain.checkpoint.CheckpointSave(data_iterator)
+        self.manager.save(step, args=ocp.args.Composite(**items), force=True)
         self.manager.wait_until_finished()
 
     def _restore_step(self, step: int, target) -> Tuple[Any, Dict[str, Any]]:
@@ -117,6 +123,17 @@ class Checkpointer:
         if failures:
             raise CheckpointError("no readable checkpoint left:\n  " + "\n  ".join(failures))
         return None
+
+    def restore_data(self, step: int, data_iterator) -> bool:
+        """Set ``data_iterator`` (a grain iterator) to the state saved at ``step``; False (iterator
+        unchanged) when that checkpoint has no data state for this process."""
+        import grain
+
+        try:
+            self.manager.restore(step, args=ocp.args.Composite(data=grain.checkpoint.CheckpointRestore(data_iterator)))
+        except (ValueError, KeyError, FileNotFoundError):
+            return False
+        return True
 
     def _quarantine(self, step: int) -> str:
         source = os.path.join(self.directory, str(step))

@@ -15,8 +15,10 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 def initialize(distributed: bool) -> None:
     """Multi-host: ``jax.distributed.initialize()`` reads the coordinator, process count and id
     from the environment (SLURM, Cloud TPU, or JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES /
-    JAX_PROCESS_ID)."""
+    JAX_PROCESS_ID). Collectives between CPU processes go through gloo (the setting only concerns the
+    CPU backend, so GPU and TPU runs are unaffected)."""
     if distributed:
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
         jax.distributed.initialize()
 
 
