@@ -36,7 +36,7 @@ print(f"{own:.1f} {workers:.1f}")
 """
 
 
-POOL = 500  # distinct JPEGs; larger folders hard-link them under new names (10 classes, round-robin)
+POOL = 200  # distinct JPEGs; larger folders hard-link them under new names (10 classes, round-robin)
 
 
 def make_folder(num_train: int) -> str:

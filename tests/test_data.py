@@ -167,14 +167,18 @@ def test_tfds_sources_mock_data(tmp_path):
 @pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(__import__("train.presets").presets.PRESETS))
 def test_presets_run_two_steps(tmp_path, name):
-    """Every preset of train/presets.py trains 2 steps on tfds.testing.mock_data at a tiny width (base width 2,
-    width multiplier 0.1, 32-px ImageNet crops)."""
+    """Every preset of train/presets.py trains 2 steps on tfds.testing.mock_data: its data, preprocessing,
+    model architecture, optimiser and schedules, at a tiny width (base width 2, width multiplier 0.1, 32-px
+    crops) and with static convolutions: compiling the dynamic layers of 5 networks costs minutes of CPU
+    (the dynamic layers are trained by test_train.py and the models' tests)."""
     import tensorflow_datasets as tfds
     from train.loop import train_and_evaluate
     size = "--image_size=32" if "imagenet" in name else "--image_size=none"
+    preset = parse_args([f"--config={name}"])
     config = parse_args([f"--config={name}", *TINY, "--num_steps=2", "--batch_size=4", "--data_workers=0",
-                         "--width_mult=0.1", size, f"--workdir={tmp_path / name}"])
+                         "--width_mult=0.1", size, "--conv=static", f"--workdir={tmp_path / name}"])
     assert config.model in name.replace("mobilenetv2", "mobilenet_v2") and config.base_width == 2
+    assert preset.conv == ("dynamic" if name.startswith("dycnn") else "odconv") and preset.num_experts == 4
     with tfds.testing.mock_data(num_examples=8):
         result = train_and_evaluate(config)
     assert result["steps"] == 2 and np.isfinite(result["eval_loss"])

@@ -125,13 +125,15 @@ class Checkpointer:
         return None
 
     def restore_data(self, step: int, data_iterator) -> bool:
-        """Set ``data_iterator`` (a grain iterator) to the state saved at ``step``; False (iterator
-        unchanged) when that checkpoint has no data state for this process."""
+        """Set ``data_iterator`` (a grain iterator) to the state saved at ``step``; False when that checkpoint
+        has no data state this iterator can take (none saved, another process count or worker count)."""
         import grain
 
         try:
             self.manager.restore(step, args=ocp.args.Composite(data=grain.checkpoint.CheckpointRestore(data_iterator)))
-        except (ValueError, KeyError, FileNotFoundError):
+        except Exception as error:  # absent item, missing per-process file, state of another iterator layout
+            print(f"data iterator state of checkpoint step {step} not restored ({type(error).__name__}: "
+                  f"{str(error)[:200]}); restarting the data at step {step}", file=sys.stderr, flush=True)
             return False
         return True
 

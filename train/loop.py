@@ -117,6 +117,8 @@ def train_and_evaluate(config: Config) -> Dict[str, Any]:
         if not checkpointer.restore_data(start_step, batches):
             # No data state for this process count (e.g. an older checkpoint): batches are a pure
             # function of (seed, step), so starting the dataset at the step is the same.
+            if hasattr(batches, "close"):
+                batches.close()
             batches = pipeline.train_iterator(total_steps, start_step)
         print(f"resumed from {checkpointer.directory}/{start_step} (step {start_step}/{total_steps})", flush=True)
     elif config.resume:

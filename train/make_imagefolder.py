@@ -35,7 +35,8 @@ def synthetic_image(rng: np.random.Generator, label: int, num_classes: int, heig
 def write_image_folder(root: str, split_sizes: Dict[str, int], num_classes: int = 10, min_size: int = 64,
                        max_size: int = 400, seed: int = 0, modes: Sequence[Tuple[str, str]] = ALL_MODES,
                        quality: int = 90) -> Dict[str, int]:
-    """Write ``split_sizes[split]`` images per split, classes round-robin; returns the counts written."""
+    """Write ``split_sizes[split]`` images per split, classes round-robin (files that exist are kept: the
+    same seed gives the same files, so an interrupted run can be continued); returns the counts."""
     from PIL import Image
 
     rng = np.random.default_rng(seed)
@@ -46,9 +47,12 @@ def write_image_folder(root: str, split_sizes: Dict[str, int], num_classes: int 
             label = i % num_classes
             height, width = (int(v) for v in rng.integers(min_size, max_size + 1, size=2))
             mode, ext = modes[i % len(modes)]
-            img = Image.fromarray(synthetic_image(rng, label, num_classes, height, width))
-            img = img.convert(mode) if mode != "P" else img.convert("P", palette=Image.ADAPTIVE, colors=64)
             path = os.path.join(root, split, f"class_{label:03d}", f"{split}_{i:06d}{ext}")
+            pixels = synthetic_image(rng, label, num_classes, height, width)  # drawn always: same stream
+            if os.path.exists(path):
+                continue
+            img = Image.fromarray(pixels)
+            img = img.convert(mode) if mode != "P" else img.convert("P", palette=Image.ADAPTIVE, colors=64)
             img.save(path, quality=quality) if ext == ".jpg" else img.save(path)
     return dict(split_sizes)
 
