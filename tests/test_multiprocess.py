@@ -27,7 +27,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def train(args, processes: int, devices: int, timeout: int = 400):
+def train(args, processes: int, devices: int, timeout: int = 1200):
     """Run ``python -m train`` as ``processes`` processes of ``devices`` CPU devices; returns their outputs."""
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}"}
     if processes > 1:

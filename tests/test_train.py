@@ -116,7 +116,7 @@ def test_kill_and_resume_is_bit_identical(tmp_path):
     args = TINY + [f"--num_steps={total}", "--checkpoint_every_steps=3", "--dataset=imagefolder",
                    f"--data_dir={data_dir}", "--image_size=16", "--data_workers=2"]
     ref = run_cli(args + [f"--workdir={tmp_path / 'ref'}"])
-    out, _ = ref.communicate(timeout=300)
+    out, _ = ref.communicate(timeout=900)
     assert ref.returncode == 0, out
     # Killed right after step 4..8 is logged: a checkpoint (step 3 or 6) exists by then. Steps 2 and 3
     # come before the first checkpoint is written, so --resume would rightly start from scratch.
@@ -129,7 +129,7 @@ def test_kill_and_resume_is_bit_identical(tmp_path):
     proc.wait(timeout=60)
     assert proc.returncode == -signal.SIGKILL, f"not killed (kill_at={kill_at})"
     again = run_cli(args + [f"--workdir={tmp_path / 'killed'}", "--resume"])
-    out, _ = again.communicate(timeout=300)
+    out, _ = again.communicate(timeout=900)
     assert again.returncode == 0, out
     assert "resumed from" in out and "unreadable or corrupt" not in out, out  # intact checkpoints pass the checksum
     assert f"skipped unreadable image {bad}" in out, out

@@ -39,7 +39,7 @@ PRESETS: Dict[str, Dict[str, Any]] = {
                                         num_experts=4, num_epochs=150, learning_rate=0.05, weight_decay=4e-5,
                                         schedule="cosine", dropout=0.2),
     # Chen et al., "Dynamic Convolution: Attention over Convolution Kernels", CVPR 2020, Sec. 5
-    # (ImageNet implementation details for ResNet; no official code was released for it): K = 4,
+    # (ImageNet implementation details for ResNet, taken from the paper's text): K = 4,
     # 100 epochs, lr 0.1 divided by 10 at epochs 30/60/90, weight decay 1e-4, dropout 0.1 for
     # ResNet-18, temperature 30 -> 1 over the first 10 epochs.
     "dycnn_resnet18_imagenet": dict(_IMAGENET, model="resnet18", conv="dynamic", num_experts=4, num_epochs=100,
