@@ -497,6 +497,22 @@ class _EvalBatch:
         return out
 
 
+def _exit_with_parent(worker_index: int, worker_count: int) -> None:
+    """grain worker init: exit when the training process dies (a SIGKILLed or preempted run leaves no
+    orphaned workers; grain's workers otherwise wait for a stop signal that never comes)."""
+    import threading
+    import time
+
+    parent = os.getppid()
+
+    def watch():
+        while os.getppid() == parent:
+            time.sleep(1.0)
+        os._exit(1)
+
+    threading.Thread(target=watch, daemon=True, name=f"exit-with-parent-{worker_index}/{worker_count}").start()
+
+
 class Pipeline:
     """The training and eval batches of one run, for this process (see module doc).
 
@@ -535,7 +551,8 @@ class Pipeline:
             if not flags.FLAGS.is_parsed():  # grain reads its absl flags when it starts workers
                 flags.FLAGS.mark_as_parsed()
             iterator = iterator.mp_prefetch(grain.MultiprocessingOptions(num_workers=self.workers,
-                                                                         per_worker_buffer_size=2))
+                                                                         per_worker_buffer_size=2),
+                                            worker_init_fn=_exit_with_parent)
         return iter(iterator)
 
     def train_dataset(self, total_steps: int):
