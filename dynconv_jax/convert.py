@@ -42,7 +42,7 @@ from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Tuple
 
 import numpy as np
 
-__all__ = ["ConversionError", "torch_to_flax", "flax_to_torch", "save_safetensors", "load_state_dict"]
+__all__ = ["ConversionError", "torch_to_flax", "flax_to_torch", "save_safetensors", "load_state_dict", "nonfinite_keys"]
 
 #: Keys under which training scripts commonly nest the model's state_dict, tried in order.
 WRAPPER_KEYS = ("state_dict", "model_state_dict", "model", "module", "net")
@@ -278,10 +278,24 @@ def _is_array(value) -> bool:
     return hasattr(value, "shape") and hasattr(value, "dtype")
 
 
+def _sniff_format(path: str) -> Optional[str]:
+    """'safetensors', 'torch' (zip or legacy pickle) or None, from the file's first bytes, whatever its name."""
+    with open(path, "rb") as f:
+        head = f.read(9)
+    if head[:4] == b"PK\x03\x04" or head[:1] == b"\x80":
+        return "torch"
+    if len(head) == 9 and head[8:9] == b"{" and 0 < int.from_bytes(head[:8], "little") <= os.path.getsize(path) - 8:
+        return "safetensors"  # an 8-byte little-endian header length, then the JSON header
+    return None
+
+
 def _load_file(path: str) -> Any:
     if not os.path.exists(path):
         raise ConversionError(f"checkpoint file {path!r} does not exist")
-    if path.endswith(".safetensors"):
+    if os.path.isdir(path):
+        raise ConversionError(f"checkpoint {path!r} is a directory, expected a .pt/.pth/.bin/.safetensors file")
+    kind = _sniff_format(path)
+    if kind == "safetensors" or (kind is None and path.endswith(".safetensors")):
         from safetensors.numpy import load_file
 
         try:
@@ -293,7 +307,8 @@ def _load_file(path: str) -> Any:
     import torch
 
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        with open(path, "rb") as f:  # a file object: torch.load dispatches on the name otherwise
+            return torch.load(f, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         raise ConversionError(
             f"refused to load {path!r}: it contains objects other than tensors and plain containers "
@@ -485,7 +500,14 @@ def _pair(
 # ----------------------------------------------------------------------------- public API
 
 
-def torch_to_flax(source, template) -> Dict[str, Dict[str, Any]]:
+def nonfinite_keys(state: Mapping[str, np.ndarray]) -> List[str]:
+    """Keys of floating-point entries holding NaN or Inf."""
+    return [k for k, v in state.items()
+            if (np.issubdtype(v.dtype, np.floating) or v.dtype.name == "bfloat16")
+            and not np.all(np.isfinite(v.astype(np.float32)))]
+
+
+def torch_to_flax(source, template, allow_nonfinite: bool = False) -> Dict[str, Dict[str, Any]]:
     """Convert a PyTorch checkpoint to Flax variables shaped like ``template``.
 
     Args:
@@ -495,13 +517,21 @@ def torch_to_flax(source, template) -> Dict[str, Dict[str, Any]]:
         ``jax.eval_shape`` (``ShapeDtypeStruct`` leaves). Its ``params`` and ``batch_stats``
         collections are filled; other collections are ignored.
 
+      allow_nonfinite: accept entries holding NaN or Inf (refused by default: such weights
+        give NaN logits; a file overwritten or damaged in place typically shows up this way).
+
     Returns ``{'params': ..., 'batch_stats': ...}`` (nested dicts of numpy arrays, each with
     its template leaf's dtype; ``batch_stats`` is ``{}`` when the template has none).
 
     Raises :class:`ConversionError` naming every missing, unexpected, mis-shaped and
-    wrong-dtype entry.
+    wrong-dtype entry, and every entry with NaN/Inf unless ``allow_nonfinite``.
     """
     state = load_state_dict(source)
+    bad = [] if allow_nonfinite else nonfinite_keys(state)
+    if bad:
+        raise ConversionError(f"checkpoint entries hold NaN/Inf ({len(bad)} of {len(state)}; a damaged or "
+                              f"diverged checkpoint?); pass allow_nonfinite=True to convert them anyway",
+                              [f"{k} {list(state[k].shape)}" for k in bad])
     flax_specs = _flax_leaves(template)
     pairs = _pair({k: (v.shape, v.dtype) for k, v in state.items()}, flax_specs, "torch->flax")
     out: Dict[Path, np.ndarray] = {}
@@ -536,6 +566,12 @@ def _like_specs(like) -> Tuple[Dict[str, Tuple[tuple, Optional[np.dtype]]], Dict
 
 def _flax_to_numpy(variables, like=None) -> Dict[str, np.ndarray]:
     flat = _flax_leaves(variables)
+    shape_only = [_fmt_path(p) for p, v in flat.items() if not hasattr(v, "__array__")]
+    if shape_only:
+        raise ConversionError(
+            f"the Flax variables hold {len(shape_only)} leaves without values (e.g. jax.ShapeDtypeStruct from "
+            f"jax.eval_shape); flax_to_torch needs arrays: pass model.init(...) or trained variables",
+            shape_only[:10] + (["..."] if len(shape_only) > 10 else []))
     arrays = {p: np.asarray(v) for p, v in flat.items()}
     if like is None:
         specs: Dict[str, Tuple[tuple, Optional[np.dtype]]] = {}

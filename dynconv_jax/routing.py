@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import operator
 from typing import Any, Optional, Sequence, Tuple, Union
 
 import jax
@@ -65,16 +66,31 @@ def global_avg_pool(x, dtype) -> jax.Array:
     return jnp.mean(x, axis=tuple(range(1, x.ndim - 1)), dtype=dtype)
 
 
+#: The smallest temperature a traced T is used with (docs/reliability.md). A concrete T must be
+#: finite and > 0 (ValueError otherwise); a traced one cannot be checked without a host round
+#: trip, so a value below the floor, or NaN, is replaced by the floor: the attention then
+#: saturates (hard routing) instead of turning every output into NaN.
+TEMPERATURE_FLOOR = 1e-6
+
+
 def temperature_scalar(temperature, layer: str, dtype) -> jax.Array:
-    """``temperature`` (None = 1) as a scalar array; stays traced under jit, so changing it never recompiles."""
+    """``temperature`` (None = 1) as a scalar array; stays traced under jit, so changing it never recompiles.
+
+    Concrete values must be finite and > 0; traced ones are clamped to :data:`TEMPERATURE_FLOOR`
+    (NaN included), so a bad schedule value under ``jit`` cannot silently produce NaN outputs.
+    """
     if temperature is None:
         temperature = 1.0
-    if isinstance(temperature, (int, float)) and not temperature > 0:
-        raise ValueError(f"{layer}: temperature={temperature} must be > 0")
-    temperature = jnp.asarray(temperature, dtype)
-    if temperature.ndim != 0:
-        raise ValueError(f"{layer}: temperature must be a scalar, got shape {temperature.shape}")
-    return temperature
+    try:
+        value = jnp.asarray(temperature, dtype)
+    except (TypeError, ValueError):
+        raise ValueError(f"{layer}: temperature={temperature!r} must be a positive number "
+                         f"(a Python, NumPy or JAX scalar)") from None
+    if value.ndim != 0:
+        raise ValueError(f"{layer}: temperature must be a scalar, got shape {value.shape}")
+    if not isinstance(value, jax.core.Tracer) and not (math.isfinite(float(value)) and float(value) > 0):
+        raise ValueError(f"{layer}: temperature={temperature!r} must be finite and > 0")
+    return jnp.where(value >= TEMPERATURE_FLOOR, value, jnp.asarray(TEMPERATURE_FLOOR, dtype))
 
 
 def sigmoid_attention(logits, temperature):
@@ -98,8 +114,10 @@ def layer_name(module: nn.Module) -> str:
 def _positive_tuple(value, rank: int, what: str, layer: str) -> Tuple[int, ...]:
     if isinstance(value, int):
         value = (value,) * rank
-    try:
-        value = tuple(int(v) for v in value)
+    try:  # operator.index: ints (NumPy ints too) only, never a silently truncated float
+        if any(isinstance(v, bool) for v in value):
+            raise TypeError
+        value = tuple(operator.index(v) for v in value)
     except TypeError:
         raise ValueError(f"{layer}: {what}={value!r} must be an int or a sequence of {rank} ints") from None
     if len(value) != rank:
@@ -144,7 +162,8 @@ def conv_geometry(module: nn.Module) -> ConvGeometry:
     if isinstance(kernel_size, int):  # as flax.linen.Conv: an int is a 1-D kernel
         kernel_size = (kernel_size,)
     if not isinstance(kernel_size, Sequence) or not 1 <= len(kernel_size) <= 3:
-        raise ValueError(f"{layer}: kernel_size={module.kernel_size!r} must have 1, 2 or 3 entries (1-D, 2-D, 3-D)")
+        raise ValueError(f"{layer}: kernel_size={module.kernel_size!r} must be an int or a sequence of 1, 2 or 3 "
+                         f"ints (1-D, 2-D, 3-D)")
     rank = len(kernel_size)
     kernel_size = _positive_tuple(kernel_size, rank, "kernel_size", layer)
     strides = _positive_tuple(module.strides, rank, "strides", layer)
@@ -178,6 +197,8 @@ def check_input(module: nn.Module, x, geometry: ConvGeometry) -> int:
         )
     if not jnp.issubdtype(x.dtype, jnp.floating):
         raise ValueError(f"{layer}: input dtype {x.dtype} must be floating point")
+    if x.shape[0] == 0:  # as the PyTorch layers
+        raise ValueError(f"{layer}: got an empty batch (input shape {tuple(x.shape)})")
     in_channels = x.shape[-1]
     if in_channels % geometry.groups:
         raise ValueError(

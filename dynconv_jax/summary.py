@@ -186,8 +186,14 @@ class Row:
     macs: MacCount
 
 
+#: The models :func:`build` makes (the ResNets and MobileNetV2 share one signature).
+MODEL_NAMES = ("resnet18", "resnet34", "resnet50", "resnet101", "mobilenet_v2")
+
+
 def build(model_name: str, conv: str, num_experts: int, stem: str, num_classes: int) -> nn.Module:
     """The model ``model_name`` ('resnet18', 'resnet50', 'mobilenet_v2', ...) of ``dynconv_jax.models``."""
+    if model_name not in MODEL_NAMES:
+        raise ValueError(f"model {model_name!r}: expected one of {', '.join(MODEL_NAMES)}")
     return getattr(models, model_name)(conv=conv, num_experts=num_experts, stem=stem, num_classes=num_classes)
 
 
@@ -217,12 +223,13 @@ def format_table(rows: Sequence[Row]) -> str:
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m dynconv_jax.summary", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--models", nargs="+", default=["resnet18", "resnet50", "mobilenet_v2"])
+    parser.add_argument("--models", nargs="+", default=["resnet18", "resnet50", "mobilenet_v2"], choices=MODEL_NAMES)
     parser.add_argument("--convs", nargs="+", default=list(models.CONV_TYPES), choices=models.CONV_TYPES)
     parser.add_argument("--num-experts", type=int, default=4)
     parser.add_argument("--no-cifar", action="store_true", help="skip the CIFAR (32×32, 10 classes) variants")
-    parser.add_argument("--xla-check", metavar="MODEL", help="cross-check the analytic MACs of MODEL (static and "
-                        "every --convs type, ImageNet 224²) against XLA's cost analysis (compiles; slow on CPU)")
+    parser.add_argument("--xla-check", metavar="MODEL", choices=MODEL_NAMES, help="cross-check the analytic MACs of "
+                        "MODEL (static and every --convs type, ImageNet 224²) against XLA's cost analysis (compiles; "
+                        "slow on CPU)")
     args = parser.parse_args(argv)
     settings = [("imagenet", 224, 1000)] + ([] if args.no_cifar else [("cifar", 32, 10)])
     rows = [measure(m, c, num_experts=args.num_experts, stem=stem, resolution=res, num_classes=classes)

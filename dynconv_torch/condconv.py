@@ -107,14 +107,14 @@ class CondConv2d(DynamicLayerMixin, nn.Module):
 
         Named as the Flax modules sow them. Not available with ``external_routing``.
         """
-        check_input(x, self.in_channels, self._where())
+        check_input(x, self.in_channels, self._where(), self.weight.dtype)
         if self.external_routing:
             raise ValueError(f"{self._where()}: external_routing=True, the routing weights come from outside")
         return {"kernel_attention": self._routing(x, None)}
 
     def forward(self, x: Tensor, routing_weights: Optional[Tensor] = None) -> Tensor:
         """x: ``[B, I, H, W]``; routing_weights: ``[B, K]`` iff ``external_routing``. Returns ``[B, O, H', W']``."""
-        check_input(x, self.in_channels, self._where())
+        check_input(x, self.in_channels, self._where(), self.weight.dtype)
         routing = self._routing(x, routing_weights)
         weight = aggregate_experts(routing, self.weight).view((x.shape[0],) + self.weight_shape)
         bias = None if self.bias is None else aggregate_experts(routing, self.bias)

@@ -91,12 +91,12 @@ class DynamicConv2d(DynamicLayerMixin, nn.Module):
 
     def attentions(self, x: Tensor) -> Dict[str, Tensor]:
         """``{'kernel_attention': [B, K]}`` for ``x`` (named as the Flax modules sow it)."""
-        check_input(x, self.in_channels, self._where())
+        check_input(x, self.in_channels, self._where(), self.weight.dtype)
         return {"kernel_attention": self.attention(x, self.temperature)}
 
     def forward(self, x: Tensor) -> Tensor:
         """x: ``[B, I, H, W]`` -> ``[B, O, H', W']``."""
-        check_input(x, self.in_channels, self._where())
+        check_input(x, self.in_channels, self._where(), self.weight.dtype)
         pi = self.attention(x, self.temperature)  # [B, K]
         weight = aggregate_experts(pi, self.weight)  # [B, O, I/g, kh, kw]
         bias = None if self.bias is None else aggregate_experts(pi, self.bias)  # [B, O]

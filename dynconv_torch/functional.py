@@ -91,8 +91,8 @@ def check_temperature(temperature, where: str) -> float:
     return t
 
 
-def check_input(x, in_channels: int, where: str) -> None:
-    """``x`` must be a non-empty NCHW tensor with ``in_channels`` channels."""
+def check_input(x, in_channels: int, where: str, dtype: Optional[torch.dtype] = None) -> None:
+    """``x`` must be a non-empty NCHW tensor with ``in_channels`` channels (of ``dtype``, the parameters' dtype)."""
     if not isinstance(x, Tensor):
         raise TypeError(f"{where}: expected a torch.Tensor input, got {type(x).__name__}")
     if x.dim() != 4:
@@ -102,6 +102,10 @@ def check_input(x, in_channels: int, where: str) -> None:
             f"{where}: expected {in_channels} input channels (dim 1 of NCHW), got input of shape {tuple(x.shape)}")
     if x.shape[0] == 0:
         raise ValueError(f"{where}: got an empty batch (input shape {tuple(x.shape)})")
+    if dtype is not None and x.dtype != dtype and not torch.is_autocast_enabled(x.device.type):
+        alternative = f" or the layer (layer.to({x.dtype}))" if x.is_floating_point() else ""
+        raise ValueError(f"{where}: input dtype {x.dtype} differs from the layer's parameters ({dtype}); convert "
+                         f"the input (x.to({dtype})){alternative}")
 
 
 def global_avg_pool(x: Tensor) -> Tensor:

@@ -168,7 +168,7 @@ class ODConv2d(DynamicLayerMixin, nn.Module):
         return f", kernel_num={self.kernel_num}, attention_channels={self.attention_channels}"
 
     def _attention(self, x: Tensor):
-        check_input(x, self.in_planes, self._where())
+        check_input(x, self.in_planes, self._where(), self.weight.dtype)
         if self.training and x.shape[0] == 1:
             raise ValueError(
                 f"{self._where()}: got a batch of one sample in training mode; the attention's BatchNorm "

@@ -46,6 +46,8 @@ def _split_args(argv: Sequence[str]):
         raise ValueError(f"--ks={ks!r}: expected comma-separated integers, e.g. --ks 1,2,4,8") from None
     if not expert_counts or any(k < 1 for k in expert_counts):
         raise ValueError(f"--ks={ks!r}: expected positive integers")
+    if len(set(expert_counts)) != len(expert_counts):  # each K trains into DIR/K<k>: a repeat would collide
+        raise ValueError(f"--ks={ks!r}: each number of experts may appear once")
     return expert_counts, out, rest
 
 

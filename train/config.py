@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import typing
 from typing import Optional, Sequence, Tuple
 
@@ -75,6 +76,7 @@ class Config:
     checkpoint_every_steps: int = 200
     keep_checkpoints: int = 3
     resume: bool = False
+    allow_restart: bool = False         # --resume may start from step 0 after every checkpoint was quarantined
     log_every_steps: int = 50
     progress: bool = True               # tqdm bar (off: plain log lines)
     tensorboard: bool = True
@@ -95,6 +97,10 @@ class Config:
             if value < 0 or (value == 0 and not allow_zero):
                 raise UsageError(f"--{name}={value!r}: must be {'>= 0' if allow_zero else '> 0'}")
 
+        for f in dataclasses.fields(self):  # NaN/Inf would pass every range check below
+            value = getattr(self, f.name)
+            if isinstance(value, float) and not math.isfinite(value):
+                raise UsageError(f"--{f.name}={value!r}: must be a finite number")
         for name, allowed in (("model", MODELS), ("conv", CONVS), ("optimizer", OPTIMIZERS),
                               ("schedule", SCHEDULES), ("augment", AUGMENTS), ("stem", STEMS),
                               ("preprocess", PREPROCESSES),
@@ -201,8 +207,20 @@ def usage() -> str:
     return "\n".join(lines)
 
 
-def from_json(text: str) -> Config:
-    """Inverse of :meth:`Config.to_json` (used to check a resumed run's configuration)."""
-    values = json.loads(text)
+def from_json(text: str, source: str = "config.json") -> Config:
+    """Inverse of :meth:`Config.to_json` (used to check a resumed run's configuration).
+
+    Text that is not a JSON object of known fields raises :class:`UsageError` naming ``source``.
+    """
+    try:
+        fields = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise UsageError(f"{source} is not valid JSON ({error}); it is not the configuration a "
+                         f"`python -m train` run writes") from None
+    if not isinstance(fields, dict):
+        raise UsageError(f"{source} holds a JSON {type(fields).__name__}, expected an object of options")
     types = _field_types()
-    return Config(**{k: tuple(v) if typing.get_origin(types.get(k)) is tuple else v for k, v in values.items()})
+    unknown = sorted(set(fields) - set(types))
+    if unknown:
+        raise UsageError(f"{source} has unknown options {unknown} (written by another version of dynconv?)")
+    return Config(**{k: tuple(v) if typing.get_origin(types[k]) is tuple else v for k, v in fields.items()})

@@ -48,22 +48,27 @@ def preprocess(image: np.ndarray, input_size: int, crop_pct: float, mean: Sequen
 
 def evaluate(model_name: str, checkpoint, dataset: str = "imagenet2012", split: str = "validation",
              data_dir: Optional[str] = None, batch_size: int = 64, num_examples: Optional[int] = None,
-             input_size: Optional[int] = None, crop_pct: Optional[float] = None, workers: int = 8) -> Dict[str, float]:
+             input_size: Optional[int] = None, crop_pct: Optional[float] = None, workers: int = 8,
+             allow_nonfinite: bool = False) -> Dict[str, float]:
     """Top-1 / top-5 accuracy (fractions) of ``model_name`` with weights from ``checkpoint``
-    (a timm/``dynconv_torch`` state_dict file or object) on a TFDS split."""
-    import jax
-    import jax.numpy as jnp
-    import tensorflow_datasets as tfds
-
+    (a timm/``dynconv_torch`` state_dict file or object) on a TFDS split. A checkpoint with
+    NaN/Inf entries is refused unless ``allow_nonfinite``."""
     from dynconv_jax.models import efficientnet_cc as effnet
 
     if model_name not in effnet.VARIANTS:
         raise UsageError(f"--model {model_name!r}: expected one of {sorted(effnet.VARIANTS)}")
-    if batch_size < 1:
-        raise UsageError(f"--batch_size {batch_size} must be >= 1")
+    for flag, value in (("--batch_size", batch_size), ("--num_examples", num_examples), ("--input_size", input_size)):
+        if value is not None and value < 1:
+            raise UsageError(f"{flag} {value} must be >= 1")
+    if crop_pct is not None and not (math.isfinite(crop_pct) and 0 < crop_pct <= 1):
+        raise UsageError(f"--crop_pct {crop_pct} must be in (0, 1] (the center crop's fraction of the resized image)")
+    import jax
+    import jax.numpy as jnp
+    import tensorflow_datasets as tfds
+
     cfg = dict(effnet.DEFAULT_CFGS[model_name])
-    cfg["input_size"] = input_size or cfg["input_size"]
-    cfg["crop_pct"] = crop_pct or cfg["crop_pct"]
+    cfg["input_size"] = cfg["input_size"] if input_size is None else input_size
+    cfg["crop_pct"] = cfg["crop_pct"] if crop_pct is None else crop_pct
     try:
         source = tfds.data_source(dataset, split=split, data_dir=data_dir, download=False)
     except Exception as error:  # TFDS raises several unrelated types for "not prepared"
@@ -72,7 +77,7 @@ def evaluate(model_name: str, checkpoint, dataset: str = "imagenet2012", split: 
                          f"--manual_dir=... --data_dir=DIR --file_format=array_record`") from error
     num_classes = int(source.dataset_info.features["label"].num_classes)
     model = effnet.efficientnet_cc(model_name, num_classes=num_classes)
-    variables = effnet.convert_torch_checkpoint(model, checkpoint)
+    variables = effnet.convert_torch_checkpoint(model, checkpoint, allow_nonfinite=allow_nonfinite)
     apply = jax.jit(lambda v, x: model.apply(v, x, train=False))
 
     n = len(source) if num_examples is None else min(num_examples, len(source))
@@ -103,11 +108,14 @@ def main(argv=None) -> int:
     p.add_argument("--input_size", type=int, default=None, help="override the model's input size")
     p.add_argument("--crop_pct", type=float, default=None, help="override the model's crop fraction")
     p.add_argument("--workers", type=int, default=8, help="preprocessing threads")
+    p.add_argument("--allow_nonfinite", action="store_true", help="convert a checkpoint holding NaN/Inf anyway")
     args = p.parse_args(argv)
+    from dynconv_jax.convert import ConversionError
+
     try:
         result = evaluate(args.model, args.checkpoint, args.dataset, args.split, args.data_dir, args.batch_size,
-                          args.num_examples, args.input_size, args.crop_pct, args.workers)
-    except UsageError as error:
+                          args.num_examples, args.input_size, args.crop_pct, args.workers, args.allow_nonfinite)
+    except (UsageError, ConversionError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     print(f"{args.model} on {args.dataset}/{args.split} ({result['num_examples']} images): "

@@ -23,7 +23,7 @@ from train.config import Config, UsageError, from_json
 
 # Fields that may differ between a run and its resumption (they do not change the maths).
 RUNTIME_FIELDS = ("resume", "workdir", "progress", "log_every_steps", "tensorboard", "export", "distributed",
-                  "checkpoint_every_steps", "keep_checkpoints", "data_dir", "data_workers")
+                  "checkpoint_every_steps", "keep_checkpoints", "data_dir", "data_workers", "allow_restart")
 EXPORT_EXAMPLES = 512  # eval images the end-of-run export check compares Flax and PyTorch on
 
 
@@ -41,7 +41,7 @@ def _check_resumable(workdir: str, config: Config) -> None:
     if not os.path.exists(path):
         return
     with open(path) as f:
-        saved = from_json(f.read())
+        saved = from_json(f.read(), path)
     diff = [f"{f.name}: {getattr(saved, f.name)!r} -> {getattr(config, f.name)!r}"
             for f in dataclasses.fields(Config)
             if f.name not in RUNTIME_FIELDS and getattr(saved, f.name) != getattr(config, f.name)]
@@ -73,6 +73,8 @@ def train_and_evaluate(config: Config) -> Dict[str, Any]:
     primary = jax.process_index() == 0
     workdir = config.workdir or default_workdir(config)
     config = dataclasses.replace(config, workdir=workdir)
+    if os.path.exists(workdir) and not os.path.isdir(workdir):
+        raise UsageError(f"--workdir={workdir!r} is a file, not a directory; choose a directory for the run")
     os.makedirs(workdir, exist_ok=True)
 
     dataset = data_lib.load_dataset(config)
@@ -109,7 +111,14 @@ def train_and_evaluate(config: Config) -> Dict[str, Any]:
 
     start_step, skipped = 0, 0
     running = {"loss": 0.0, "accuracy": 0.0, "count": 0}
-    restored = checkpointer.restore_latest(state) if config.resume else None
+    try:
+        restored = checkpointer.restore_latest(state) if config.resume else None
+    except ckpt_lib.NoIntactCheckpoint as error:
+        if not config.allow_restart:
+            raise ckpt_lib.NoIntactCheckpoint(f"{error}\n--resume refuses to train from step 0 instead: pass "
+                                              f"--allow_restart to do that") from None
+        print(f"--resume --allow_restart: {error}\nstarting from step 0", file=sys.stderr, flush=True)
+        restored = None
     batches = pipeline.train_iterator(total_steps)
     if restored is not None:
         start_step, state, meta = restored
@@ -122,6 +131,12 @@ def train_and_evaluate(config: Config) -> Dict[str, Any]:
             batches = pipeline.train_iterator(total_steps, start_step)
         print(f"resumed from {checkpointer.directory}/{start_step} (step {start_step}/{total_steps})", flush=True)
     elif config.resume:
+        quarantined = checkpointer.quarantined_steps()
+        if quarantined and not config.allow_restart and not checkpointer.all_steps():
+            raise ckpt_lib.CheckpointError(
+                f"--resume: no intact checkpoint in {checkpointer.directory}; the checkpoints of steps {quarantined} "
+                f"failed their integrity check and are in {checkpointer.corrupt_directory}. Restarting would "
+                f"train from step 0: pass --allow_restart to do that, or restore a checkpoint by hand")
         print(f"--resume: no checkpoint in {checkpointer.directory}; starting from step 0", flush=True)
 
     repl, data_sharding = parallel.replicated(mesh), parallel.batch_sharded(mesh)
@@ -218,7 +233,8 @@ def train_and_evaluate(config: Config) -> Dict[str, Any]:
                 try:
                     checkpointer.save(done, state, {"running": running, "skipped_images": skipped}, batches)
                 except ckpt_lib.CheckpointError as error:
-                    raise TrainingDiverged(f"{error}. Last good checkpoint: "
+                    failure = type(error) if isinstance(error, ckpt_lib.CheckpointWriteError) else TrainingDiverged
+                    raise failure(f"{error}. Last good checkpoint: "
                                            f"{'step ' + str(last_good) if last_good is not None else 'none'} "
                                            f"in {checkpointer.directory}") from None
                 last_good = done

@@ -25,17 +25,19 @@ def load_run(workdir: str):
     config_path = os.path.join(workdir, "config.json")
     if not os.path.isfile(config_path):
         raise FileNotFoundError(f"{config_path} not found: --workdir must be the directory of a `python -m train` run")
+    checkpoint_dir = os.path.join(workdir, "checkpoints")
+    if not os.path.isdir(checkpoint_dir) or not os.listdir(checkpoint_dir):
+        raise FileNotFoundError(f"no checkpoint in {checkpoint_dir}: the run has not saved one yet")
     with open(config_path) as f:
-        config = from_json(f.read())
+        config = from_json(f.read(), config_path)
     dataset = data_lib.load_dataset(config)
     spe = data_lib.Pipeline(dataset, config.batch_size, config.seed).steps_per_epoch
     total_steps = config.num_steps or config.num_epochs * spe
     model = steps.create_model(config, dataset.num_classes, dataset.image_shape)
     tx, _ = steps.create_optimizer(config, spe, total_steps)
-    # device_put makes the Python-int step an int32 array, the dtype the training loop saved
-    # (a Python int would restore as int64 and fail the checkpoint's checksum).
-    target = jax.device_put(steps.create_train_state(jax.random.key(config.seed), model, dataset.image_shape, tx))
-    checkpointer = ckpt_lib.Checkpointer(workdir, config.keep_checkpoints)
+    target = steps.create_train_state(jax.random.key(config.seed), model, dataset.image_shape, tx)
+    # Read-only: a damaged checkpoint is skipped in place, nothing is created or moved in the run.
+    checkpointer = ckpt_lib.Checkpointer(workdir, config.keep_checkpoints, read_only=True)
     try:
         restored = checkpointer.restore_latest(target)
     finally:
@@ -71,9 +73,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--out", required=True, help="directory for the PNG files")
     parser.add_argument("--num_samples", type=int, default=32, help="evaluation images to route (default 32)")
     args = parser.parse_args(argv)
+    from train import checkpoint as ckpt_lib
+
     try:
         paths, summary = plot_run(args.workdir, args.out, args.num_samples)
-    except (FileNotFoundError, ValueError) as error:
+    except (FileNotFoundError, ValueError, ckpt_lib.CheckpointError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
     print(summary)

@@ -30,6 +30,12 @@ kaiming_fan_out_normal = nn.initializers.variance_scaling(2.0, "fan_out", "norma
 classifier_init = nn.initializers.normal(0.01)
 
 
+def check_num_classes(num_classes: int, where: str) -> None:
+    """The classifier width must be a positive int (these models have no headless mode)."""
+    if not isinstance(num_classes, int) or isinstance(num_classes, bool) or num_classes < 1:
+        raise ValueError(f"{where}: num_classes={num_classes!r} must be an int >= 1")
+
+
 def check_conv_args(conv: str, num_experts: int, reduction: Optional[float], conv_options: Optional[Mapping[str, Any]],
                     where: str) -> Tuple[Tuple[str, Any], ...]:
     """Validate the conv-type arguments of a model; returns ``conv_options`` as sorted items."""
@@ -131,6 +137,7 @@ class DynamicNet(nn.Module):
     def __post_init__(self):
         where = type(self).__name__
         check_conv_args(self.conv, self.num_experts, self.reduction, self.conv_options, where)
+        check_num_classes(self.num_classes, where)
         if self.stem not in STEMS:
             raise ValueError(f"{where}: stem={self.stem!r}; expected one of {STEMS}")
         if not 0.0 <= self.dropout < 1.0:

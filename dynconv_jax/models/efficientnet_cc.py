@@ -383,16 +383,18 @@ efficientnet_cc_b0_8e = _variant("efficientnet_cc_b0_8e")
 efficientnet_cc_b1_8e = _variant("efficientnet_cc_b1_8e")
 
 
-def convert_torch_checkpoint(model: EfficientNetCondConv, source, image_size: int = 64) -> Dict[str, Any]:
+def convert_torch_checkpoint(model: EfficientNetCondConv, source, image_size: int = 64,
+                             allow_nonfinite: bool = False) -> Dict[str, Any]:
     """Flax variables ``{'params', 'batch_stats'}`` for ``model`` from a PyTorch checkpoint of its timm twin.
 
     ``source``: a path to timm's ``pytorch_model.bin`` / ``.pth`` / ``.safetensors`` (also wrapped in
     ``{'state_dict': ...}`` etc., see :func:`dynconv_jax.convert.load_state_dict`), a state_dict or a
     ``dynconv_torch`` / timm module. The template is built shape-only (``jax.eval_shape``, no
-    compute); leaves take ``model.param_dtype``. Raises ``ConversionError`` on any mismatch.
+    compute); leaves take ``model.param_dtype``. Raises ``ConversionError`` on any mismatch and on
+    NaN/Inf entries unless ``allow_nonfinite``.
     """
     from dynconv_jax.convert import torch_to_flax
 
     x = jax.ShapeDtypeStruct((1, image_size, image_size, 3), model.param_dtype)
     template = jax.eval_shape(model.init, jax.random.PRNGKey(0), x)
-    return torch_to_flax(source, template)
+    return torch_to_flax(source, template, allow_nonfinite=allow_nonfinite)

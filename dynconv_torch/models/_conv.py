@@ -20,6 +20,12 @@ CONV_TYPES = ("static", "condconv", "dynamic", "odconv")
 _REDUCTION_TYPES = ("dynamic", "odconv")
 
 
+def check_num_classes(num_classes: int, where: str) -> None:
+    """The classifier width must be a positive int (these models have no headless mode)."""
+    if not isinstance(num_classes, int) or isinstance(num_classes, bool) or num_classes < 1:
+        raise ValueError(f"{where}: num_classes={num_classes!r} must be an int >= 1")
+
+
 def check_conv_args(conv: str, num_experts: int, reduction: Optional[float], conv_options: Optional[Mapping[str, Any]],
                     where: str) -> dict:
     """Validate the conv-type arguments of a model; returns ``conv_options`` as a dict."""

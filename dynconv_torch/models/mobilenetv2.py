@@ -16,7 +16,7 @@ from typing import Any, Mapping, Optional
 import torch
 from torch import nn
 
-from ._conv import check_conv_args, make_conv, static_conv
+from ._conv import check_conv_args, check_num_classes, make_conv, static_conv
 
 STEMS = ("imagenet", "cifar")
 # (expansion t, channels c, repeats n, first stride s) per stage, as in the paper's Table 2.
@@ -89,6 +89,7 @@ class MobileNetV2(nn.Module):
                  in_channels: int = 3, conv_options: Optional[Mapping[str, Any]] = None):
         super().__init__()
         options = check_conv_args(conv, num_experts, reduction, conv_options, "MobileNetV2")
+        check_num_classes(num_classes, "MobileNetV2")
         if stem not in STEMS:
             raise ValueError(f"MobileNetV2: stem={stem!r}; expected one of {STEMS}")
         if not width_mult > 0:

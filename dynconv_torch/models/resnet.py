@@ -17,7 +17,7 @@ from typing import Any, Mapping, Optional, Sequence
 import torch
 from torch import nn
 
-from ._conv import check_conv_args, make_conv, static_conv
+from ._conv import check_conv_args, check_num_classes, make_conv, static_conv
 
 STEMS = ("imagenet", "cifar")
 
@@ -97,6 +97,7 @@ class ResNet(nn.Module):
                  conv_options: Optional[Mapping[str, Any]] = None):
         super().__init__()
         options = check_conv_args(conv, num_experts, reduction, conv_options, "ResNet")
+        check_num_classes(num_classes, "ResNet")
         if block not in BLOCKS:
             raise ValueError(f"ResNet: block={block!r}; expected one of {tuple(BLOCKS)}")
         if stem not in STEMS:
