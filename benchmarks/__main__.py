@@ -1,4 +1,4 @@
-"""``python -m benchmarks {strategies,layers,models,input} [--quick] [--out DIR]``."""
+"""``python -m benchmarks {strategies,layers,models,serving,input} [--quick] [--out DIR]``."""
 from __future__ import annotations
 
 import argparse
@@ -7,16 +7,22 @@ import os
 
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__)
-    parser.add_argument("suite", choices=["strategies", "layers", "models", "input"],
+    parser.add_argument("suite", choices=["strategies", "layers", "models", "serving", "input"],
                         help="strategies: per-sample conv strategies (JAX); layers: static vs dynamic layers, "
-                             "JAX vs PyTorch; models: ResNet-18 CIFAR training throughput; input: the grain "
-                             "input pipeline on generated JPEG folders (throughput, peak RSS, data wait)")
+                             "JAX vs PyTorch; models: ResNet-18 CIFAR training throughput; serving: inference "
+                             "throughput of torch eager, ONNX Runtime, JAX jit and loaded StableHLO exports; "
+                             "input: the grain input pipeline on generated JPEG folders (throughput, peak RSS, "
+                             "data wait)")
     parser.add_argument("--quick", action="store_true", help="a small subset (smoke test, ~2 minutes on CPU)")
     parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"),
                         help="directory for the JSON + Markdown results (default: benchmarks/results)")
     parser.add_argument("--repeats", type=int, default=None, help="timed rounds per candidate (median is reported)")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch.set_num_threads (default: os.cpu_count(), what XLA:CPU uses)")
+    parser.add_argument("--models", default=None,
+                        help="serving: comma-separated models (default: resnet18,mobilenet_v2)")
+    parser.add_argument("--formulations", action="store_true",
+                        help="serving: only compare the two ONNX formulations on single dynamic layers")
     args = parser.parse_args(argv)
 
     from .timing import environment, write_results
@@ -27,6 +33,10 @@ def main(argv=None):
     elif args.suite == "layers":
         from . import layers as suite
         kwargs = {"threads": args.threads}
+    elif args.suite == "serving":
+        from . import serving as suite
+        kwargs = {"threads": args.threads, "models": args.models.split(",") if args.models else None,
+                  "formulations": args.formulations}
     elif args.suite == "input":
         from . import input as suite
         kwargs = {}
@@ -36,7 +46,8 @@ def main(argv=None):
     repeats = args.repeats or (3 if args.quick or args.suite == "models" else 5)
     payload, markdown = suite.run(quick=args.quick, repeats=repeats, **kwargs)
     env = environment()
-    for path in write_results(args.out, args.suite + ("_quick" if args.quick else ""), env, payload, markdown):
+    name = args.suite + ("_formulations" if args.formulations else "") + ("_quick" if args.quick else "")
+    for path in write_results(args.out, name, env, payload, markdown):
         print("wrote", path)
 
 

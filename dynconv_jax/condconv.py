@@ -45,33 +45,22 @@ class CondConv(routing.DynamicConvBase):
         ``external_routing``.
         """
         layer = routing.layer_name(self)
-        if not 0.0 <= self.routing_dropout < 1.0:
-            raise ValueError(f"{layer}: routing_dropout={self.routing_dropout} must be in [0, 1)")
+        routing.check_routing_dropout(layer, self.routing_dropout)
         geometry, in_channels, experts, dtype = self._experts(x)
         bias = self._expert_bias(geometry, in_channels)
 
         attn_dtype = routing.attention_dtype(dtype)
-        batch = x.shape[0]
-        if self.external_routing:
-            if routing_weights is None:
-                raise ValueError(f"{layer}: external_routing=True needs routing_weights of shape [B, K]")
-            if tuple(routing_weights.shape) != (batch, self.num_experts):
-                raise ValueError(
-                    f"{layer}: routing_weights shape {tuple(routing_weights.shape)} != "
-                    f"(batch, num_experts) = {(batch, self.num_experts)}"
-                )
-            weights = routing_weights.astype(attn_dtype)
-        else:
-            if routing_weights is not None:
-                raise ValueError(f"{layer}: routing_weights given but external_routing=False")
+        weights = routing.external_routing_weights(layer, self.external_routing, routing_weights, x.shape[0],
+                                                   self.num_experts, attn_dtype)
+        if weights is None:
             temperature = routing.temperature_scalar(temperature, layer, attn_dtype)
             pooled = routing.global_avg_pool(x, attn_dtype)  # [B, I]
-            pooled = nn.Dropout(self.routing_dropout, deterministic=not train)(pooled)
-            logits = nn.Dense(
+            routing_fn = nn.Dense(
                 self.num_experts, dtype=attn_dtype, param_dtype=self.param_dtype, precision=self.precision,
                 kernel_init=routing.torch_default_dense_init,
                 bias_init=routing.torch_default_bias_init(in_channels), name="routing_fn",
-            )(pooled)  # [B, K]
-            weights = routing.sigmoid_attention(logits, temperature)
+            )
+            dropout = nn.Dropout(self.routing_dropout, deterministic=not train)
+            weights = routing.condconv_routing(pooled, routing_fn, dropout, temperature)  # [B, K]
         self.sow("intermediates", "kernel_attention", weights)
         return self._convolve(x, experts, geometry, dtype, weights, expert_bias=bias)

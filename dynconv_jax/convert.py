@@ -380,7 +380,15 @@ def _unflatten(flat: Mapping[Path, Any]) -> Dict[str, Any]:
 
 
 def _flax_leaves(variables) -> Dict[Path, Any]:
-    """``{('params', ..., leaf): leaf}`` for the ``params`` and ``batch_stats`` collections."""
+    """``{('params', ..., leaf): leaf}`` for the ``params`` and ``batch_stats`` collections.
+
+    ``variables`` is a Linen variables dict, or an NNX module or ``nnx.State`` (its ``nnx.Param``
+    and ``nnx.BatchStat`` variables, whose paths are the Linen ones, see :mod:`dynconv_jax.nnx.convert`).
+    """
+    from dynconv_jax.nnx.convert import is_nnx, linen_variables
+
+    if is_nnx(variables):
+        variables = linen_variables(variables)
     try:
         from flax.core import meta, unfreeze
 
@@ -515,7 +523,9 @@ def torch_to_flax(source, template, allow_nonfinite: bool = False) -> Dict[str, 
         to a ``.pt``/``.pth``/``.safetensors`` file (see :func:`load_state_dict`).
       template: the Flax variables of the target model (``model.init(...)``) or their
         ``jax.eval_shape`` (``ShapeDtypeStruct`` leaves). Its ``params`` and ``batch_stats``
-        collections are filled; other collections are ignored.
+        collections are filled; other collections are ignored. An NNX model of
+        :mod:`dynconv_jax.nnx` (or its ``nnx.state``) is a template too; put the result into it with
+        :func:`dynconv_jax.nnx.load_linen_variables` (or use :func:`dynconv_jax.nnx.load_torch`).
 
       allow_nonfinite: accept entries holding NaN or Inf (refused by default: such weights
         give NaN logits; a file overwritten or damaged in place typically shows up this way).
@@ -605,7 +615,8 @@ def _flax_to_numpy(variables, like=None) -> Dict[str, np.ndarray]:
 
 
 def flax_to_torch(variables, like=None) -> Dict[str, Any]:
-    """Convert Flax variables (``{'params': ..., 'batch_stats': ...}``) to a PyTorch state_dict.
+    """Convert Flax variables (``{'params': ..., 'batch_stats': ...}``, or an NNX model of
+    :mod:`dynconv_jax.nnx` or its ``nnx.state``) to a PyTorch state_dict.
 
     Without ``like``: keys follow the naming rules, kernels get the PyTorch layout of their
     rank (``Dense [I,O]`` -> Linear ``[O,I]``, conv ``[*k,I,O]`` -> ``[O,I,*k]``, expert stacks

@@ -10,14 +10,13 @@ from __future__ import annotations
 
 from typing import Optional
 
-import jax
 from flax import linen as nn
 
 from dynconv_jax import routing
 
 
 class _Attention(nn.Module):
-    """``[B, I] -> logits [B, K]``: fc1 (I -> H), ReLU, fc2 (H -> K); PyTorch ``nn.Linear`` init."""
+    """``[B, I] -> [B, K]``: softmax(fc2(relu(fc1(.))) / T) (fc1 I -> H, fc2 H -> K); PyTorch ``nn.Linear`` init."""
 
     in_channels: int
     hidden: int
@@ -27,14 +26,14 @@ class _Attention(nn.Module):
     precision: object
 
     @nn.compact
-    def __call__(self, pooled):
+    def __call__(self, pooled, temperature):
         def dense(n, fan_in, name):
             return nn.Dense(n, dtype=self.dtype, param_dtype=self.param_dtype, precision=self.precision,
                             kernel_init=routing.torch_default_dense_init,
                             bias_init=routing.torch_default_bias_init(fan_in), name=name)
 
-        h = jax.nn.relu(dense(self.hidden, self.in_channels, "fc1")(pooled))  # [B, H]
-        return dense(self.num_experts, self.hidden, "fc2")(h)  # [B, K]
+        return routing.dynamic_attention(pooled, dense(self.hidden, self.in_channels, "fc1"),
+                                         dense(self.num_experts, self.hidden, "fc2"), temperature)
 
 
 class DynamicConv(routing.DynamicConvBase):
@@ -69,10 +68,9 @@ class DynamicConv(routing.DynamicConvBase):
         attn_dtype = routing.attention_dtype(dtype)
         temperature = routing.temperature_scalar(temperature, layer, attn_dtype)
         pooled = routing.global_avg_pool(x, attn_dtype)  # [B, I]
-        logits = _Attention(
+        attention = _Attention(
             in_channels, routing.attention_width(in_channels, self.reduction, self.min_channels, layer), self.num_experts,
             attn_dtype, self.param_dtype, self.precision, name="attention",
-        )(pooled)
-        attention = routing.softmax_attention(logits, temperature)  # [B, K]
+        )(pooled, temperature)  # [B, K]
         self.sow("intermediates", "kernel_attention", attention)
         return self._convolve(x, experts, geometry, dtype, attention, expert_bias=bias)

@@ -28,6 +28,55 @@ from jax import lax
 from dynconv_jax.routing import attention_dtype, layer_name
 
 
+def batch_norm(x, scale, bias, running_mean, running_var, *, use_running_average: bool, axis: int = -1,
+               momentum: float = 0.1, epsilon: float = 1e-5, dtype=None, layer: str = "BatchNorm",
+               check_count: bool = True):
+    """PyTorch-semantics batch normalisation of ``x`` over all axes but ``axis`` (both front ends call this).
+
+    ``scale``/``bias`` (``[C]`` or None) and the running statistics ``[C]`` are plain arrays.
+    Returns ``(y, new_running_mean, new_running_var)``; the new statistics are None with
+    ``use_running_average`` (eval), else the PyTorch update with the unbiased batch variance,
+    in the running statistics' dtype. ``check_count=False`` skips the one-value-per-channel
+    error (Linen's ``init``, which only builds shapes).
+    """
+    if not 0.0 <= momentum <= 1.0:
+        raise ValueError(f"{layer}: momentum={momentum} must be in [0, 1] (PyTorch's meaning)")
+    feature_axis = axis % x.ndim
+    reduction_axes = tuple(i for i in range(x.ndim) if i != feature_axis)
+    stat_shape = [1] * x.ndim
+    stat_shape[feature_axis] = x.shape[feature_axis]
+
+    stats_dtype = attention_dtype(x.dtype)  # at least float32
+    xs = x.astype(stats_dtype)
+    new_mean = new_var = None
+    if use_running_average:
+        mean, var = running_mean.astype(stats_dtype), running_var.astype(stats_dtype)
+    else:
+        count = math.prod(x.shape[a] for a in reduction_axes)
+        if count < 2 and check_count:
+            raise ValueError(
+                f"{layer}: training-mode batch statistics need more than one value per channel, "
+                f"but input shape {tuple(x.shape)} has {count} value(s) per channel (reducing axes "
+                f"{reduction_axes}): the variance would be 0 and the output would just be the bias. "
+                f"PyTorch raises 'Expected more than 1 value per channel when training' here. "
+                f"Use a larger batch or use_running_average=True (train=False)."
+            )
+        mean = jnp.mean(xs, axis=reduction_axes)
+        # biased variance, mean((x - mean)^2), to normalise the batch (as PyTorch)
+        var = jnp.mean(jnp.square(xs - mean.reshape(stat_shape)), axis=reduction_axes)
+        if count > 1:
+            unbiased = var * (count / (count - 1))
+            new_mean = ((1 - momentum) * running_mean + momentum * mean).astype(running_mean.dtype)
+            new_var = ((1 - momentum) * running_var + momentum * unbiased).astype(running_var.dtype)
+
+    y = (xs - mean.reshape(stat_shape)) * lax.rsqrt(var.reshape(stat_shape) + epsilon)
+    if scale is not None:
+        y = y * scale.astype(stats_dtype).reshape(stat_shape)
+    if bias is not None:
+        y = y + bias.astype(stats_dtype).reshape(stat_shape)
+    return y.astype(nn.dtypes.canonicalize_dtype(x, scale, bias, dtype=dtype)), new_mean, new_var
+
+
 class BatchNorm(nn.Module):
     """PyTorch-semantics BatchNorm over all axes but ``axis`` (channels-last by default).
 
@@ -60,45 +109,16 @@ class BatchNorm(nn.Module):
     @nn.compact
     def __call__(self, x, use_running_average: Optional[bool] = None):
         use_running_average = nn.merge_param("use_running_average", self.use_running_average, use_running_average)
-        if not 0.0 <= self.momentum <= 1.0:
-            raise ValueError(f"{layer_name(self)}: momentum={self.momentum} must be in [0, 1] (PyTorch's meaning)")
-        feature_axis = self.axis % x.ndim
-        reduction_axes = tuple(i for i in range(x.ndim) if i != feature_axis)
-        features = x.shape[feature_axis]
-        stat_shape = [1] * x.ndim
-        stat_shape[feature_axis] = features
-
+        features = x.shape[self.axis % x.ndim]
         running_mean = self.variable("batch_stats", "mean", jnp.zeros, (features,), self.param_dtype)
         running_var = self.variable("batch_stats", "var", jnp.ones, (features,), self.param_dtype)
         scale = self.param("scale", self.scale_init, (features,), self.param_dtype) if self.use_scale else None
         bias = self.param("bias", self.bias_init, (features,), self.param_dtype) if self.use_bias else None
-
-        stats_dtype = attention_dtype(x.dtype)  # at least float32
-        xs = x.astype(stats_dtype)
-        if use_running_average:
-            mean, var = running_mean.value.astype(stats_dtype), running_var.value.astype(stats_dtype)
-        else:
-            count = math.prod(x.shape[a] for a in reduction_axes)
-            if count < 2 and not self.is_initializing():
-                raise ValueError(
-                    f"{layer_name(self)}: training-mode batch statistics need more than one value per channel, "
-                    f"but input shape {tuple(x.shape)} has {count} value(s) per channel (reducing axes "
-                    f"{reduction_axes}): the variance would be 0 and the output would just be the bias. "
-                    f"PyTorch raises 'Expected more than 1 value per channel when training' here. "
-                    f"Use a larger batch or use_running_average=True (train=False)."
-                )
-            mean = jnp.mean(xs, axis=reduction_axes)
-            # biased variance, mean((x - mean)^2), to normalise the batch (as PyTorch)
-            var = jnp.mean(jnp.square(xs - mean.reshape(stat_shape)), axis=reduction_axes)
-            if not self.is_initializing():
-                m = self.momentum
-                unbiased = var * (count / (count - 1))
-                running_mean.value = ((1 - m) * running_mean.value + m * mean).astype(self.param_dtype)
-                running_var.value = ((1 - m) * running_var.value + m * unbiased).astype(self.param_dtype)
-
-        y = (xs - mean.reshape(stat_shape)) * lax.rsqrt(var.reshape(stat_shape) + self.epsilon)
-        if scale is not None:
-            y = y * scale.astype(stats_dtype).reshape(stat_shape)
-        if bias is not None:
-            y = y + bias.astype(stats_dtype).reshape(stat_shape)
-        return y.astype(nn.dtypes.canonicalize_dtype(x, scale, bias, dtype=self.dtype))
+        initializing = self.is_initializing()
+        y, new_mean, new_var = batch_norm(
+            x, scale, bias, running_mean.value, running_var.value, use_running_average=use_running_average,
+            axis=self.axis, momentum=self.momentum, epsilon=self.epsilon, dtype=self.dtype, layer=layer_name(self),
+            check_count=not initializing)
+        if new_mean is not None and not initializing:
+            running_mean.value, running_var.value = new_mean, new_var
+        return y

@@ -6,15 +6,16 @@ spatial ``s_b = sigmoid(spatial_fc(h_b)/T)`` ``[*k]``, kernel ``a_b = softmax(ke
 ``y_b = f_b * conv(c_b * x_b, sum_k a_b[k] s_b W_k)``. As the official code: no bias; the filter
 attention is skipped (1) for depthwise convs (in == groups == out), the spatial one for 1x1
 kernels, the kernel one for K == 1. Initialisation: kaiming_normal (fan_out, relu) for the experts
-(one by one) and the attention layers, zero attention biases, BN scale 1 / bias 0.
+(one by one) and the attention layers, zero attention biases, BN bias 0 and BN scale
+``attention_bn_init`` (0.1; the official code's 1.0 is ``attention_bn_init=1.0``): with scale 1
+the attention logits are O(1) before the division by T, and at T = 1 the initial gradient through
+the attention explodes (docs/training.md).
 """
 from __future__ import annotations
 
 import math
 from typing import Tuple
 
-import jax
-import jax.numpy as jnp
 from flax import linen as nn
 
 from dynconv_jax import routing
@@ -30,6 +31,7 @@ class _Attention(nn.Module):
     groups: int
     num_experts: int
     width: int
+    bn_init: float
     dtype: object
     param_dtype: object
     precision: object
@@ -41,25 +43,16 @@ class _Attention(nn.Module):
                             precision=self.precision, kernel_init=routing.kaiming_fan_out_dense_init,
                             bias_init=nn.initializers.zeros, name=name)
 
-        batch = pooled.shape[0]
-        h = dense(self.width, "fc", use_bias=False)(pooled)  # [B, A]
-        h = BatchNorm(use_running_average=not train, dtype=self.dtype, param_dtype=self.param_dtype, name="bn")(h)
-        h = jax.nn.relu(h)
-
-        channel = routing.sigmoid_attention(dense(self.in_channels, "channel_fc")(h), temperature)
-        filter_ = None
-        if not (self.in_channels == self.groups == self.out_channels):  # not depthwise
-            filter_ = routing.sigmoid_attention(dense(self.out_channels, "filter_fc")(h), temperature)
-        spatial = None
-        taps = math.prod(self.kernel_size)
-        if taps > 1:
-            spatial = routing.sigmoid_attention(dense(taps, "spatial_fc")(h), temperature)
-            spatial = spatial.reshape((batch, *self.kernel_size))
-        if self.num_experts > 1:
-            kernel = routing.softmax_attention(dense(self.num_experts, "kernel_fc")(h), temperature)
-        else:
-            kernel = jnp.ones((batch, 1), h.dtype)
-        return channel, filter_, spatial, kernel
+        heads = routing.odconv_heads(self.in_channels, self.out_channels, self.groups, self.kernel_size,
+                                     self.num_experts)
+        bn = BatchNorm(use_running_average=not train, dtype=self.dtype, param_dtype=self.param_dtype,
+                       scale_init=nn.initializers.constant(self.bn_init), name="bn")
+        return routing.odconv_attention(
+            pooled, dense(self.width, "fc", use_bias=False), bn, dense(self.in_channels, "channel_fc"),
+            dense(self.out_channels, "filter_fc") if heads.filter else None,
+            dense(math.prod(self.kernel_size), "spatial_fc") if heads.spatial else None,
+            dense(self.num_experts, "kernel_fc") if heads.kernel else None,
+            self.kernel_size, temperature)
 
 
 class ODConv(routing.DynamicConvBase):
@@ -72,6 +65,13 @@ class ODConv(routing.DynamicConvBase):
     Sows ``intermediates/`` ``kernel_attention [B, K]`` (ones for K == 1), ``channel_attention [B, I]``,
     ``filter_attention [B, O]`` and ``spatial_attention [B, *k]`` (the last two only when not skipped).
 
+    Attributes:
+      reduction: attention width ratio, ``A = max(int(I * reduction), min_channels)``.
+      min_channels: smallest attention width.
+      attention_bn_init: initial scale (γ) of the attention BatchNorm; 0.1 by default, 1.0 is
+        the official OSVAI/ODConv init (whose initial gradient explodes at T = 1,
+        docs/training.md). Only the initial value: same parameters and forward pass. Must be > 0.
+
     Training (``train=True``) normalises the attention with batch statistics (needs a batch of
     at least 2, as PyTorch) and updates ``batch_stats``: pass ``mutable=['batch_stats']``.
     """
@@ -79,24 +79,22 @@ class ODConv(routing.DynamicConvBase):
     kernel_init: routing.Initializer = routing.kaiming_fan_out_expert_init
     reduction: float = 0.0625
     min_channels: int = 16
+    attention_bn_init: float = 0.1
 
     @nn.compact
     def __call__(self, x, train: bool = False, temperature=None):
         """``x [B, *S, I] -> [B, *S_out, O]``; ``temperature`` scalar (may be traced), None = 1."""
         layer = routing.layer_name(self)
         geometry, in_channels, experts, dtype = self._experts(x)
-        if train and x.shape[0] < 2 and not self.is_initializing():
-            raise ValueError(
-                f"{layer}: training with a batch of {x.shape[0]}: ODConv's attention BatchNorm normalises the pooled "
-                f"[B, A] vector over the batch, so it needs B >= 2 in training (PyTorch raises 'Expected more than "
-                f"1 value per channel when training'). Use a larger batch or train=False."
-            )
+        if train and not self.is_initializing():
+            routing.check_odconv_train_batch(layer, x.shape[0])
+        routing.check_attention_bn_init(layer, self.attention_bn_init)
         attn_dtype = routing.attention_dtype(dtype)
         temperature = routing.temperature_scalar(temperature, layer, attn_dtype)
         pooled = routing.global_avg_pool(x, attn_dtype)  # [B, I]
         channel, filter_, spatial, kernel = _Attention(
             in_channels, self.features, geometry.kernel_size, geometry.groups, self.num_experts,
-            routing.attention_width(in_channels, self.reduction, self.min_channels, layer),
+            routing.attention_width(in_channels, self.reduction, self.min_channels, layer), self.attention_bn_init,
             attn_dtype, self.param_dtype, self.precision, name="attention",
         )(pooled, train, temperature)
         self.sow("intermediates", "kernel_attention", kernel)

@@ -46,8 +46,10 @@ picks how the per-sample convolution is computed; every strategy is exact
     static convs run at the full static rate, so this is the fastest exact strategy
     for most shapes there. Reverse mode only (``jax.grad`` to any order; no ``jax.jvp``).
 
-``'auto'`` (the default) picks by backend and shape, see :func:`choose_strategy`;
-``benchmarks/`` holds the measurements behind the choice.
+``'auto'`` (the default) measures: each applicable strategy is timed once per problem (backend,
+device, shapes, dtype, differentiated or not) and the fastest is cached on disk, see
+:mod:`dynconv_jax.autotune`. With measuring turned off (``DYNCONV_AUTOTUNE=0``) it follows the
+fixed rules of :func:`choose_strategy`.
 
 Layout: channels-last. ``x`` is ``[B, *S, Cin]``; expert kernels are
 ``[K, *kernel_size, C_in // groups, C_out]`` (flax ``Conv`` layout with a
@@ -63,6 +65,8 @@ from typing import Optional, Sequence, Tuple, Union
 import jax
 import jax.numpy as jnp
 from jax import lax
+
+from dynconv_jax import autotune
 
 PaddingLike = Union[str, int, Sequence[int], Sequence[Tuple[int, int]]]
 
@@ -522,7 +526,7 @@ def choose_strategy(x_shape, experts_shape, *, strides, dilation, groups, spatia
     out_positions = math.prod(-(-n // s) for n, s in zip(x_shape[1:-1], strides))
     del dilation
     few_positions = groups == 1 and out_positions <= _MIX_MAX_POSITIONS
-    if ci == 1 and (backend == "cpu" or batch > 1):
+    if ci == 1 and (backend == "cpu" or batch != 1):  # '!=' is decidable for a symbolic batch, '>' is not
         return "shifted"
     if batch == 1:
         return "vmap"
@@ -560,6 +564,53 @@ def attention_placement(x_shape, experts_shape, *, strides, padding, dilation, s
         out_positions = math.prod(output_shape(x_shape[1:-1], kernel_size, strides, pads, dilation))
         fold_filter = kernel_values <= out_positions * experts_shape[-1]
     return fold_channel, fold_filter
+
+
+def _auto_strategy(x, experts, attentions, *, strides, padding, dilation, groups, precision) -> str:
+    """``strategy='auto'``: the fastest measured strategy for this problem (:mod:`dynconv_jax.autotune`),
+    or :func:`choose_strategy`'s rule when measuring is off. ``attentions`` maps the names of
+    :func:`dynamic_conv`'s optional arguments to arrays or None."""
+    rule = choose_strategy(x.shape, experts.shape, strides=strides, dilation=dilation, groups=groups,
+                           spatial_attention=attentions["spatial_attention"] is not None)
+    present = {name: a for name, a in attentions.items() if a is not None}
+    mode = autotune.differentiation(x, experts, *present.values())
+    candidates = applicable_strategies(experts.shape[1:-2])
+    if mode == "forward":  # 'map' has a custom VJP: reverse mode only
+        candidates = tuple(s for s in candidates if s != "map")
+        rule = "shifted" if rule == "map" else rule
+    if not autotune.enabled() or not all(isinstance(d, int) for d in x.shape):
+        return rule  # measuring off, or a symbolic dimension (jax.export): nothing concrete to time
+    candidates = [rule] + [s for s in candidates if s != rule]
+    batch = autotune.local_batch(x.shape[0])
+    per_sample = lambda a: (batch, *a.shape[1:])  # noqa: E731  (expert_bias has no batch axis)
+    shapes = [((batch, *x.shape[1:]), x.dtype), (experts.shape, experts.dtype)] + [
+        (a.shape if name == "expert_bias" else per_sample(a), a.dtype) for name, a in present.items()]
+    key = autotune.problem_key(shapes[0][0], experts.shape, dtype=(x.dtype, experts.dtype), strides=strides, padding=padding,
+                               dilation=dilation, groups=groups, attentions=list(present), differentiated=mode)
+
+    def forward(name):
+        def run(x, experts, *values):
+            return dynamic_conv(x, experts, strides=strides, padding=padding, dilation=dilation, groups=groups,
+                                strategy=name, precision=precision, **dict(zip(present, values)))
+        return run
+
+    def timed(name):
+        if mode is None:
+            return forward(name)
+
+        def forward_backward(*args):  # the last argument is the output cotangent
+            _, vjp = jax.vjp(forward(name), *args[:-1])
+            return vjp(args[-1])
+        return forward_backward
+
+    def measure():
+        cotangent = []
+        if mode:
+            y = jax.eval_shape(forward(rule), *[jax.ShapeDtypeStruct(s, d) for s, d in shapes])
+            cotangent = [(y.shape, y.dtype)]
+        return autotune.measure(candidates, timed, autotune.random_like(shapes + cotangent))
+
+    return autotune.choose(key, candidates, rule, measure)
 
 
 def dynamic_conv(
@@ -603,8 +654,11 @@ def dynamic_conv(
         raise ValueError(f"x has {x.shape[-1]} channels and experts {experts.shape}: with groups={groups} "
                          f"expected Cin = groups * experts.shape[-2] and Cout divisible by groups")
     if strategy == "auto":
-        strategy = choose_strategy(x.shape, experts.shape, strides=strides, dilation=dilation, groups=groups,
-                                   spatial_attention=spatial_attention is not None)
+        attentions = {"kernel_attention": kernel_attention, "spatial_attention": spatial_attention,
+                      "channel_attention": channel_attention, "filter_attention": filter_attention,
+                      "expert_bias": expert_bias}
+        strategy = _auto_strategy(x, experts, attentions, strides=tuple(strides), padding=padding,
+                                  dilation=tuple(dilation), groups=groups, precision=precision)
     if strategy not in STRATEGIES:
         raise ValueError(f"strategy={strategy!r}: expected 'auto' or one of {STRATEGIES}")
     batch_shape = (x.shape[0],) + (1,) * rank

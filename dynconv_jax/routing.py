@@ -13,7 +13,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import operator
-from typing import Any, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Optional, Sequence, Tuple, Union
 
 import jax
 import jax.numpy as jnp
@@ -22,6 +22,8 @@ from flax import linen as nn
 from dynconv_jax import ops
 
 # --------------------------------------------------------------------------- initializers
+Initializer = Any
+
 # PyTorch's nn.Conv2d / nn.Linear default: kaiming_uniform_(a=sqrt(5)) = U(±1/sqrt(fan_in)),
 # i.e. variance_scaling(1/3, fan_in, uniform). ``batch_axis=(0,)`` makes each expert of an
 # ``[K, *k, I/g, O]`` bank its own convolution kernel (fan_in = I/g * prod(k)), as timm's
@@ -103,6 +105,60 @@ def softmax_attention(logits, temperature):
     return jax.nn.softmax(logits / temperature, axis=-1)
 
 
+# The attention heads of the three methods. Both front ends (``flax.linen`` and ``flax.nnx``) call
+# these with their own submodules passed as callables (``pooled [B, I] -> [B, n]``), so the maths
+# exists once.
+Head = Callable[[jax.Array], jax.Array]
+
+
+def condconv_routing(pooled, routing_fn: Head, dropout: Head, temperature) -> jax.Array:
+    """CondConv routing weights ``sigmoid(routing_fn(dropout(pooled)) / T)``: ``[B, I] -> [B, K]``."""
+    return sigmoid_attention(routing_fn(dropout(pooled)), temperature)
+
+
+def dynamic_attention(pooled, fc1: Head, fc2: Head, temperature) -> jax.Array:
+    """DynamicConv attention ``softmax(fc2(relu(fc1(pooled))) / T)``: ``[B, I] -> [B, K]``."""
+    return softmax_attention(fc2(jax.nn.relu(fc1(pooled))), temperature)
+
+
+@dataclasses.dataclass(frozen=True)
+class ODConvHeads:
+    """Which of ODConv's four attentions exist (the official skips); the channel one always does."""
+
+    filter: bool  # not depthwise (in == groups == out)
+    spatial: bool  # kernel larger than 1x1
+    kernel: bool  # more than one expert
+
+
+def odconv_heads(in_channels: int, out_channels: int, groups: int, kernel_size: Sequence[int],
+                 num_experts: int) -> ODConvHeads:
+    """The official ODConv skips: no filter attention for depthwise convs, no spatial one for 1x1
+    kernels, no kernel one for K == 1."""
+    return ODConvHeads(filter=not (in_channels == groups == out_channels), spatial=math.prod(kernel_size) > 1,
+                       kernel=num_experts > 1)
+
+
+def odconv_attention(pooled, fc: Head, bn: Head, channel_fc: Head, filter_fc: Optional[Head],
+                     spatial_fc: Optional[Head], kernel_fc: Optional[Head], kernel_size: Sequence[int], temperature):
+    """ODConv's four attentions from ``pooled [B, I]``, with ``h = relu(bn(fc(pooled)))`` ``[B, A]``.
+
+    Returns ``(channel [B, I], filter [B, O] | None, spatial [B, *k] | None, kernel [B, K])``;
+    a head given as None (skipped, see :func:`odconv_heads`) gives None, the kernel one ones ``[B, 1]``.
+    """
+    batch = pooled.shape[0]
+    h = jax.nn.relu(bn(fc(pooled)))  # [B, A]
+    channel = sigmoid_attention(channel_fc(h), temperature)
+    filter_ = None if filter_fc is None else sigmoid_attention(filter_fc(h), temperature)
+    spatial = None
+    if spatial_fc is not None:
+        spatial = sigmoid_attention(spatial_fc(h), temperature).reshape((batch, *kernel_size))
+    if kernel_fc is not None:
+        kernel = softmax_attention(kernel_fc(h), temperature)
+    else:
+        kernel = jnp.ones((batch, 1), h.dtype)
+    return channel, filter_, spatial, kernel
+
+
 # --------------------------------------------------------------------------- validation
 def layer_name(module: nn.Module) -> str:
     """``ClassName 'path/to/layer'`` for error messages."""
@@ -155,40 +211,50 @@ class ConvGeometry:
         return in_channels // self.groups * math.prod(self.kernel_size)
 
 
-def conv_geometry(module: nn.Module) -> ConvGeometry:
-    """Validate the flax.linen.Conv-style fields shared by the three layers."""
-    layer = layer_name(module)
-    kernel_size = module.kernel_size
+def validate_conv_config(layer: str, *, features, kernel_size, strides, padding, kernel_dilation,
+                         feature_group_count, num_experts, strategy, features_arg: str = "features") -> ConvGeometry:
+    """Validate the flax Conv-style fields shared by the three layers (both front ends).
+
+    ``layer`` names the layer in error messages; ``features_arg`` is the name of the output
+    width argument (``features`` in Linen, ``out_features`` in NNX).
+    """
     if isinstance(kernel_size, int):  # as flax.linen.Conv: an int is a 1-D kernel
         kernel_size = (kernel_size,)
     if not isinstance(kernel_size, Sequence) or not 1 <= len(kernel_size) <= 3:
-        raise ValueError(f"{layer}: kernel_size={module.kernel_size!r} must be an int or a sequence of 1, 2 or 3 "
+        raise ValueError(f"{layer}: kernel_size={kernel_size!r} must be an int or a sequence of 1, 2 or 3 "
                          f"ints (1-D, 2-D, 3-D)")
     rank = len(kernel_size)
     kernel_size = _positive_tuple(kernel_size, rank, "kernel_size", layer)
-    strides = _positive_tuple(module.strides, rank, "strides", layer)
-    dilation = _positive_tuple(module.kernel_dilation, rank, "kernel_dilation", layer)
+    strides = _positive_tuple(strides, rank, "strides", layer)
+    dilation = _positive_tuple(kernel_dilation, rank, "kernel_dilation", layer)
     try:
-        padding = ops.normalize_padding(module.padding, rank)
+        padding = ops.normalize_padding(padding, rank)
     except (TypeError, ValueError) as err:
         raise ValueError(f"{layer}: bad padding: {err}") from None
-    if not (isinstance(module.features, int) and module.features >= 1):
-        raise ValueError(f"{layer}: features={module.features!r} must be a positive int")
-    groups = module.feature_group_count
+    if not (isinstance(features, int) and features >= 1):
+        raise ValueError(f"{layer}: {features_arg}={features!r} must be a positive int")
+    groups = feature_group_count
     if not (isinstance(groups, int) and groups >= 1):
         raise ValueError(f"{layer}: feature_group_count={groups!r} must be a positive int")
-    if module.features % groups:
-        raise ValueError(f"{layer}: feature_group_count={groups} does not divide features={module.features}")
-    if not (isinstance(module.num_experts, int) and module.num_experts >= 1):
-        raise ValueError(f"{layer}: num_experts={module.num_experts!r} must be an int >= 1")
-    if module.strategy != "auto" and module.strategy not in ops.STRATEGIES:
-        raise ValueError(f"{layer}: strategy={module.strategy!r}: expected 'auto' or one of {ops.STRATEGIES}")
-    return ConvGeometry(module.features, kernel_size, strides, padding, dilation, groups, module.num_experts)
+    if features % groups:
+        raise ValueError(f"{layer}: feature_group_count={groups} does not divide {features_arg}={features}")
+    if not (isinstance(num_experts, int) and num_experts >= 1):
+        raise ValueError(f"{layer}: num_experts={num_experts!r} must be an int >= 1")
+    if strategy != "auto" and strategy not in ops.STRATEGIES:
+        raise ValueError(f"{layer}: strategy={strategy!r}: expected 'auto' or one of {ops.STRATEGIES}")
+    return ConvGeometry(features, kernel_size, strides, padding, dilation, groups, num_experts)
 
 
-def check_input(module: nn.Module, x, geometry: ConvGeometry) -> int:
-    """Check ``x`` is ``[B, *S, C]`` for this layer; return ``C`` (input channels)."""
-    layer = layer_name(module)
+def conv_geometry(module: nn.Module) -> ConvGeometry:
+    """:func:`validate_conv_config` of a Linen layer's fields."""
+    return validate_conv_config(
+        layer_name(module), features=module.features, kernel_size=module.kernel_size, strides=module.strides,
+        padding=module.padding, kernel_dilation=module.kernel_dilation,
+        feature_group_count=module.feature_group_count, num_experts=module.num_experts, strategy=module.strategy)
+
+
+def check_input(layer: str, x, geometry: ConvGeometry) -> int:
+    """Check ``x`` is ``[B, *S, C]`` for the layer named ``layer``; return ``C`` (input channels)."""
     rank = geometry.rank
     if x.ndim != rank + 2:
         raise ValueError(
@@ -233,9 +299,82 @@ def check_existing_param(module: nn.Module, name: str, expected_shape: Tuple[int
             )
 
 
+def check_routing_dropout(layer: str, rate: float) -> None:
+    """CondConv's ``routing_dropout`` must be in [0, 1)."""
+    if not 0.0 <= rate < 1.0:
+        raise ValueError(f"{layer}: routing_dropout={rate} must be in [0, 1)")
+
+
+def external_routing_weights(layer: str, external_routing: bool, routing_weights, batch: int, num_experts: int,
+                             dtype) -> Optional[jax.Array]:
+    """CondConv's ``routing_weights`` argument: ``[B, K]`` in ``dtype`` iff ``external_routing``, else None."""
+    if external_routing:
+        if routing_weights is None:
+            raise ValueError(f"{layer}: external_routing=True needs routing_weights of shape [B, K]")
+        if tuple(routing_weights.shape) != (batch, num_experts):
+            raise ValueError(
+                f"{layer}: routing_weights shape {tuple(routing_weights.shape)} != "
+                f"(batch, num_experts) = {(batch, num_experts)}"
+            )
+        return routing_weights.astype(dtype)
+    if routing_weights is not None:
+        raise ValueError(f"{layer}: routing_weights given but external_routing=False")
+    return None
+
+
+def check_odconv_train_batch(layer: str, batch: int) -> None:
+    """ODConv's attention BatchNorm needs a batch of at least 2 in training, as PyTorch's."""
+    if batch < 2:
+        raise ValueError(
+            f"{layer}: training with a batch of {batch}: ODConv's attention BatchNorm normalises the pooled "
+            f"[B, A] vector over the batch, so it needs B >= 2 in training (PyTorch raises 'Expected more than "
+            f"1 value per channel when training'). Use a larger batch or train=False."
+        )
+
+
+def check_attention_bn_init(layer: str, value) -> None:
+    """ODConv's ``attention_bn_init`` (initial attention-BatchNorm scale) must be a finite number > 0."""
+    if isinstance(value, bool) or not (isinstance(value, (int, float)) and 0 < value < math.inf):
+        raise ValueError(f"{layer}: attention_bn_init={value!r} must be a finite number > 0 "
+                         "(the initial BatchNorm scale; 0 blocks every gradient through the relu)")
+
+
+def expert_bias_init(bias_init: Optional[Initializer], geometry: ConvGeometry, in_channels: int) -> Initializer:
+    """The ``[K, O]`` expert bias initializer; None means PyTorch's conv default U(±1/sqrt(fan_in))."""
+    return bias_init or torch_default_bias_init(geometry.fan_in(in_channels))
+
+
+def compute_dtype(x, experts, dtype) -> Any:
+    """The dtype the convolution runs in: ``dtype``, else promoted from the input and the experts (flax's rule)."""
+    return nn.dtypes.canonicalize_dtype(x, experts, dtype=dtype)
+
+
+def convolve(x, experts, geometry: ConvGeometry, dtype, kernel_attention, *, expert_bias=None,
+             spatial_attention=None, channel_attention=None, filter_attention=None, strategy: str = "auto",
+             precision=None):
+    """``y_b = f_b * conv(c_b * x_b, sum_k a[b,k] s_b W_k) + sum_k a[b,k] bias_k`` in ``dtype``.
+
+    The one place both front ends run the dynamic convolution (:func:`dynconv_jax.ops.dynamic_conv`).
+    Attentions (computed in :func:`attention_dtype`) are cast to ``dtype`` here.
+    """
+    x, experts, expert_bias = nn.dtypes.promote_dtype(x, experts, expert_bias, dtype=dtype)
+
+    def cast(a):
+        return None if a is None else a.astype(dtype)
+
+    return ops.dynamic_conv(
+        x, experts, cast(kernel_attention),
+        spatial_attention=cast(spatial_attention),
+        channel_attention=cast(channel_attention),
+        filter_attention=cast(filter_attention),
+        expert_bias=expert_bias,
+        strides=geometry.strides, padding=geometry.padding, dilation=geometry.dilation,
+        groups=geometry.groups, strategy=strategy, precision=precision,
+    )
+
+
 
 # --------------------------------------------------------------------------- the shared layer base
-Initializer = Any
 
 
 class DynamicConvBase(nn.Module):
@@ -265,39 +404,20 @@ class DynamicConvBase(nn.Module):
         Returns ``(geometry, in_channels, experts, compute_dtype)``.
         """
         geometry = conv_geometry(self)
-        in_channels = check_input(self, x, geometry)
+        in_channels = check_input(layer_name(self), x, geometry)
         shape = geometry.expert_shape(in_channels)
         check_existing_param(self, "kernel", shape, x.shape)
         experts = self.param("kernel", self.kernel_init, shape, self.param_dtype)
-        return geometry, in_channels, experts, nn.dtypes.canonicalize_dtype(x, experts, dtype=self.dtype)
+        return geometry, in_channels, experts, compute_dtype(x, experts, self.dtype)
 
     def _expert_bias(self, geometry: ConvGeometry, in_channels: int):
-        """The ``[K, O]`` expert bias of layers with ``use_bias``/``bias_init`` fields, or None.
-
-        ``bias_init=None`` means PyTorch's conv default U(±1/sqrt(fan_in)).
-        """
+        """The ``[K, O]`` expert bias of layers with ``use_bias``/``bias_init`` fields, or None."""
         if not self.use_bias:
             return None
-        init = self.bias_init or torch_default_bias_init(geometry.fan_in(in_channels))
+        init = expert_bias_init(self.bias_init, geometry, in_channels)
         return self.param("bias", init, (self.num_experts, self.features), self.param_dtype)
 
-    def _convolve(self, x, experts, geometry, compute_dtype, kernel_attention, *, expert_bias=None,
-                  spatial_attention=None, channel_attention=None, filter_attention=None):
-        """``y_b = f_b * conv(c_b * x_b, sum_k a[b,k] s_b W_k) + sum_k a[b,k] bias_k`` in ``compute_dtype``.
-
-        Attentions (computed in :func:`attention_dtype`) are cast to ``compute_dtype`` here.
-        """
-        x, experts, expert_bias = nn.dtypes.promote_dtype(x, experts, expert_bias, dtype=compute_dtype)
-
-        def cast(a):
-            return None if a is None else a.astype(compute_dtype)
-
-        return ops.dynamic_conv(
-            x, experts, cast(kernel_attention),
-            spatial_attention=cast(spatial_attention),
-            channel_attention=cast(channel_attention),
-            filter_attention=cast(filter_attention),
-            expert_bias=expert_bias,
-            strides=geometry.strides, padding=geometry.padding, dilation=geometry.dilation,
-            groups=geometry.groups, strategy=self.strategy, precision=self.precision,
-        )
+    def _convolve(self, x, experts, geometry, dtype, kernel_attention, **attentions):
+        """:func:`convolve` with this layer's ``strategy`` and ``precision``."""
+        return convolve(x, experts, geometry, dtype, kernel_attention, strategy=self.strategy,
+                        precision=self.precision, **attentions)

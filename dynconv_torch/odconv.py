@@ -4,10 +4,14 @@ Follows the official implementation, OSVAI/ODConv ``modules/odconv.py``: the sam
 design (1x1 conv ``fc`` without bias -> BatchNorm -> ReLU, then 1x1-conv heads with bias for
 the channel, filter, spatial and kernel attentions, each divided by the temperature), the
 same skips, the same initialisation and the same parameter and buffer names and shapes, so an
-official ``ODConv2d`` state dict loads with ``strict=True``.
+official ``ODConv2d`` state dict loads with ``strict=True``. One initial value differs by
+default: the attention BatchNorm's weight (γ) starts at ``attention_bn_init=0.1``, not 1.0, since
+the official 1.0 makes the initial gradient explode at temperature 1 (docs/training.md);
+``attention_bn_init=1.0`` is the official initialisation exactly.
 """
 from __future__ import annotations
 
+import math
 from typing import Dict, Optional, Tuple
 
 import torch
@@ -29,10 +33,11 @@ class ODConvAttention(nn.Module):
     """
 
     def __init__(self, in_planes: int, out_planes: int, kernel_size: Tuple[int, int], groups: int,
-                 attention_channels: int, kernel_num: int, *, device=None, dtype=None):
+                 attention_channels: int, kernel_num: int, *, bn_init: float = 0.1, device=None, dtype=None):
         super().__init__()
         factory = {"device": device, "dtype": dtype}
         self.kernel_size = kernel_size
+        self.bn_init = bn_init
         self.fc = nn.Conv2d(in_planes, attention_channels, 1, bias=False, **factory)
         self.bn = nn.BatchNorm2d(attention_channels, **factory)
         self.channel_fc = nn.Conv2d(attention_channels, in_planes, 1, bias=True, **factory)
@@ -45,7 +50,7 @@ class ODConvAttention(nn.Module):
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        """The official init: 1x1 convs kaiming_normal (fan_out, relu) with zero bias; BN weight 1, bias 0."""
+        """1x1 convs kaiming_normal (fan_out, relu) with zero bias; BN weight ``bn_init``, bias 0 (official: weight 1)."""
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
@@ -53,7 +58,7 @@ class ODConvAttention(nn.Module):
                     nn.init.zeros_(m.bias)
             elif isinstance(m, nn.BatchNorm2d):
                 m.reset_running_stats()
-                nn.init.ones_(m.weight)
+                nn.init.constant_(m.weight, self.bn_init)
                 nn.init.zeros_(m.bias)
 
     def forward(self, x: Tensor, temperature: float):
@@ -90,6 +95,11 @@ class ODConv2d(DynamicLayerMixin, nn.Module):
     ``kernel_size``/``stride``/``dilation`` may be pairs and ``padding`` may be a pair, 'same' or
     'valid'. No bias (as in the paper).
 
+    ``attention_bn_init`` (keyword only, default 0.1) is the initial weight (γ) of the attention
+    BatchNorm; ``attention_bn_init=1.0`` gives the official initialisation (the same parameters,
+    drawn from the same random stream as the official layer). Only the initial value changes,
+    not the parameters or the forward pass.
+
     Attention width ``A = max(int(in_planes * reduction), min_channel)``. Skips as the official
     code: no filter attention for depthwise (``in == groups == out``), no spatial attention for
     a 1x1 kernel, no kernel attention for K == 1; a 1x1 kernel with K == 1 takes the official
@@ -109,7 +119,8 @@ class ODConv2d(DynamicLayerMixin, nn.Module):
                  stride=1, padding=0, dilation=1, groups: int = 1, reduction: float = 0.0625,
                  kernel_num: Optional[int] = None, min_channel: Optional[int] = None, temperature: float = 1.0, *,
                  in_channels: Optional[int] = None, out_channels: Optional[int] = None,
-                 num_experts: Optional[int] = None, min_channels: Optional[int] = None, device=None, dtype=None):
+                 num_experts: Optional[int] = None, min_channels: Optional[int] = None, attention_bn_init: float = 0.1,
+                 device=None, dtype=None):
         super().__init__()
         in_planes = _alias("in_planes", in_planes, "in_channels", in_channels, None)
         out_planes = _alias("out_planes", out_planes, "out_channels", out_channels, None)
@@ -124,6 +135,10 @@ class ODConv2d(DynamicLayerMixin, nn.Module):
         if not reduction > 0:
             raise ValueError(f"{where}: reduction must be > 0, got {reduction!r}")
         positive_int(min_channel, "min_channel", where)
+        if isinstance(attention_bn_init, bool) or not (isinstance(attention_bn_init, (int, float))
+                                                       and 0 < attention_bn_init < math.inf):
+            raise ValueError(f"{where}: attention_bn_init={attention_bn_init!r} must be a finite number > 0 "
+                             "(the initial BatchNorm weight; 0 blocks every gradient through the relu)")
         self.in_planes = in_planes
         self.out_planes = out_planes
         self.groups = groups
@@ -134,7 +149,7 @@ class ODConv2d(DynamicLayerMixin, nn.Module):
         self.temperature = check_temperature(temperature, where)
         factory = {"device": device, "dtype": dtype}
         self.attention = ODConvAttention(in_planes, out_planes, self.kernel_size, groups, self.attention_channels,
-                                         kernel_num, **factory)
+                                         kernel_num, bn_init=float(attention_bn_init), **factory)
         # Drawn with randn before the kaiming init, as the official code does: the same seed then
         # gives the same initial parameters as the official layer (the random streams line up).
         self.weight = nn.Parameter(
@@ -160,12 +175,14 @@ class ODConv2d(DynamicLayerMixin, nn.Module):
             nn.init.kaiming_normal_(self.weight[k], mode="fan_out", nonlinearity="relu")
 
     def reset_parameters(self) -> None:
-        """The official initialisation of the experts and the attention (BN running stats reset too)."""
+        """The initialisation of the experts and the attention (BN running stats reset too): the
+        official one, except the BN weight ``attention_bn_init``."""
         self.attention.reset_parameters()
         self._initialize_experts()
 
     def _layer_repr(self) -> str:
-        return f", kernel_num={self.kernel_num}, attention_channels={self.attention_channels}"
+        return (f", kernel_num={self.kernel_num}, attention_channels={self.attention_channels}, "
+                f"attention_bn_init={self.attention.bn_init}")
 
     def _attention(self, x: Tensor):
         check_input(x, self.in_planes, self._where(), self.weight.dtype)

@@ -7,4 +7,4 @@ PY=${PYTHON:-python3}
 if [ ! -x .venv/bin/python ]; then
   "$PY" -m venv .venv
 fi
-.venv/bin/python -m pip install -q --disable-pip-version-check -c constraints.txt -e '.[torch,train,dev]'
+.venv/bin/python -m pip install -q --disable-pip-version-check -c constraints.txt -e '.[torch,train,export,dev]'

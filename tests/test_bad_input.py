@@ -206,6 +206,17 @@ def test_workdir_that_is_a_file(tmp_path):
     assert path.read_text() == "not a directory"
 
 
+@pytest.mark.parametrize("flag", ["--eval_split=validation", "--train_split=train[:50%]", "--data_dir=/data"])
+def test_digits_refuse_split_and_data_dir_flags_they_would_ignore(flag):
+    """The embedded digits have one train/test split: a flag they would ignore is an error (the log would
+    otherwise call the test split 'validation')."""
+    from train.config import UsageError, parse_args
+    from train.data import load_dataset
+    with pytest.raises(UsageError, match=re.escape(flag.split("=")[0]) + ".* would be ignored"):
+        load_dataset(parse_args([flag]))
+    assert load_dataset(parse_args([])).name == "digits"
+
+
 @pytest.mark.parametrize("kwargs, words", [
     ({"num_examples": -1}, "--num_examples -1 must be >= 1"), ({"num_examples": 0}, "--num_examples 0 must be >= 1"),
     ({"input_size": 0}, "--input_size 0 must be >= 1"), ({"crop_pct": 0.0}, r"--crop_pct 0.0 must be in \(0, 1\]"),
@@ -258,10 +269,10 @@ def test_summary_rejects_an_unknown_model(capsys):
 
 def test_ablate_rejects_repeated_expert_counts(capsys):
     from train.ablate import _split_args, main
-    with pytest.raises(ValueError, match=r"--ks='1,1': each number of experts may appear once"):
+    with pytest.raises(ValueError, match=r"--vary num_experts='1,1': a value is repeated"):
         _split_args(["--ks", "1,1"])
     assert main(["--ks=2,4,2", "--out", "unused"]) == 2
-    assert "each number of experts may appear once" in capsys.readouterr().err
+    assert "a value is repeated" in capsys.readouterr().err
 
 
 # ----------------------------------------------------------------------------- checkpoints

@@ -103,14 +103,14 @@ def test_imagenet_preprocessing():
     rng = np.random.default_rng(0)
     image = rng.integers(0, 256, size=(50, 80, 3), dtype=np.uint8)
     for _ in range(50):  # random-resized-crop boxes: inside the image, 8-100 % of the area, aspect 3/4-4/3
-        left, top, right, bottom = p._resized_crop_box(50, 80, rng.random(data.NUM_UNIFORMS))
+        left, top, right, bottom = p._resized_crop_box(50, 80, p.draws(rng, 1)[0])
         w, h = right - left, bottom - top
         assert 0 <= left < right <= 80 and 0 <= top < bottom <= 50
         assert 0.08 * 4000 * 0.9 <= w * h <= 4000 and 3 / 4 * 0.9 <= w / h <= 4 / 3 * 1.1
     # Eval: shorter side -> int(32 / 0.875) = 36, centre 32x32 crop. A constant image stays constant.
     flat = np.full((50, 80, 3), 7, np.uint8)
     assert np.array_equal(p.eval(flat), np.full((32, 32, 3), 7, np.uint8))
-    assert p.train(image, rng.random(data.NUM_UNIFORMS)).shape == (32, 32, 3)
+    assert p.train(image, p.draws(rng, 1)[0]).shape == (32, 32, 3)
     gray = p.eval(rng.integers(0, 256, size=(40, 40, 1), dtype=np.uint8))
     assert np.array_equal(gray[..., 0], gray[..., 2])  # gray -> RGB repeats the channel
     x = p.normalize(np.full((1, 2, 2, 3), 255, np.uint8))

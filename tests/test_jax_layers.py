@@ -387,6 +387,11 @@ def test_default_initializers_match_the_pytorch_references():
     np.testing.assert_allclose(np.std(od["kernel"]), math.sqrt(2 / (128 * 9)), rtol=0.02)
     np.testing.assert_allclose(np.std(od["attention"]["fc"]["kernel"]), math.sqrt(2 / 16), rtol=0.05)
     assert np.all(od["attention"]["channel_fc"]["bias"] == 0)
+    assert np.all(od["attention"]["bn"]["scale"] == np.float32(0.1)) and np.all(od["attention"]["bn"]["bias"] == 0)
+    official = ODConv(128, (3, 3), attention_bn_init=1.0).init(jax.random.key(0), x)["params"]
+    assert np.all(official["attention"]["bn"]["scale"] == 1)  # the official BN init, every other leaf as the default
+    official["attention"]["bn"]["scale"] = od["attention"]["bn"]["scale"]
+    jax.tree.map(np.testing.assert_array_equal, official, od)
     custom = DynamicConv(4, (3, 3), kernel_init=nn.initializers.zeros, bias_init=nn.initializers.ones)
     p = custom.init(jax.random.key(0), x)["params"]
     assert np.all(p["kernel"] == 0) and np.all(p["bias"] == 1)
@@ -532,6 +537,9 @@ def test_condconv_routing_argument_errors():
         CondConv(4, (3, 3)).init(jax.random.key(0), x, routing_weights=jnp.ones((2, 4)))
     with pytest.raises(ValueError, match=r"CondConv .*routing_dropout=1.0"):
         CondConv(4, (3, 3), routing_dropout=1.0).init(jax.random.key(0), x)
+    for bad in (0.0, -1.0, float("nan"), True):
+        with pytest.raises(ValueError, match=r"ODConv .*attention_bn_init=.* must be a finite number > 0"):
+            ODConv(4, (3, 3), attention_bn_init=bad).init(jax.random.key(0), x)
 
 
 def test_strategy_field_reaches_ops():

@@ -1,12 +1,15 @@
-"""A fast subset of the parity grid (``python -m parity`` runs the whole grid).
+"""A fast subset of the parity grid (``python -m parity`` runs the default grid, ``--full`` all).
 
-Layers: a few fixed configurations in float64 and float32 with every check (eval/train
-forward, running stats, gradients, SGD steps), plus hypothesis-drawn random configurations.
+Layers: a few fixed configurations in float64 and float32 with every check (checkpoint file, eval/
+train forward, running stats, gradients, SGD steps), plus hypothesis-drawn random configurations.
 Models: every registered model case (ResNet-18/34/50, MobileNetV2 x static/CondConv/DynamicConv/
 ODConv, and the ImageNet-stem ODConv ResNet-18) in float64 and float32: eval and train forward and
 running stats; gradients and 2 SGD steps in float64 for ResNet-18 (every conv type) and MobileNetV2
-static.
+static; one whole 100-step float64 training run (ResNet-18 DynamicConv). The harness must fail on a
+wrong build: a subset of the mutation test (``python -m parity.mutants`` runs every mutant) and the
+command line's refusal of selections that are empty or invalid.
 """
+
 import numpy as np
 import optax
 import pytest
@@ -14,8 +17,10 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from parity.cases import CASES, CHECKS, CONV_TYPES, MODEL_FAMILIES, MODEL_TEMPERATURE, layer_case
-from parity.harness import SGDConfig, compare, compare_trees, format_table, run_case
+from parity import mutants
+from parity.__main__ import main as parity_main
+from parity.cases import CASE_CHECKS, CASES, CONV_TYPES, MODEL_FAMILIES, MODEL_TEMPERATURE, layer_case
+from parity.harness import FLOAT32_NOISE_FACTOR, SGDConfig, compare, compare_trees, format_table, run_case
 
 SGD = SGDConfig(steps=2)
 
@@ -33,9 +38,14 @@ def test_layer_grid_subset(name, dtype):
     rows = run_case(CASES[name], dtype, sgd=SGD)
     _assert_rows(rows)
     checks = {r.check for r in rows}
-    assert {"forward_eval", "forward_train", "grad_input", "grad_params", "sgd"} <= checks
+    assert {"checkpoint", "forward_eval", "forward_train", "grad_input", "grad_params", "sgd"} <= checks
     if name.startswith("odconv"):
         assert "running_stats" in checks  # the attention BatchNorm
+    for r in rows:  # float32 rows are judged against their measured noise floor, float64 rows are not
+        if dtype == "float32" and r.check != "checkpoint":
+            assert r.floor is not None and r.floor > 0 and r.limit == max(r.tol, FLOAT32_NOISE_FACTOR * r.floor)
+        else:
+            assert r.floor is None and r.limit == r.tol
 
 
 @settings(max_examples=3, deadline=None)
@@ -75,9 +85,9 @@ def test_models(name, dtype):
     batch 8, at MODEL_TOLERANCES: eval-mode and train-mode forward, running statistics; in float64
     for TRAIN_STEP_CASES also input/parameter gradients and 2 SGD steps."""
     full = dtype == "float64" and name in TRAIN_STEP_CASES
-    rows = run_case(CASES[name], dtype, checks=None if full else FORWARD_CHECKS, sgd=SGD)
+    rows = run_case(CASES[name], dtype, checks=CASE_CHECKS if full else FORWARD_CHECKS, sgd=SGD)
     _assert_rows(rows)
-    assert {r.check for r in rows} == set(CHECKS if full else FORWARD_CHECKS)
+    assert {r.check for r in rows} == set(CASE_CHECKS if full else FORWARD_CHECKS)
 
 
 def test_harness_detects_a_wrong_weight():
@@ -91,7 +101,7 @@ def test_harness_detects_a_wrong_weight():
         pair = harness._Pair(case, "float64", 0)
         bias = pair.variables["params"]["attention"]["fc2"]["bias"]
         bias[0] += 1e-6  # one expert's logit (a shift of all logits would leave the softmax unchanged)
-        rows = harness._rows_for(pair, ("forward_eval",), SGD)
+        rows = harness._rows_for(pair, ("forward_eval",), SGD, 0)
     assert rows and not rows[0].passed and rows[0].max_rel > 1e-9
 
 
@@ -107,7 +117,7 @@ def test_model_harness_detects_a_wrong_weight():
         pair = harness._Pair(case, "float64", 0)
         bias = pair.variables["params"]["layer4_1"]["conv2"]["attention"]["kernel_fc"]["bias"]
         bias[0] += 1e-6  # one expert's logit bias (zero at init)
-        rows = harness._rows_for(pair, ("forward_eval", "forward_train"), SGD)
+        rows = harness._rows_for(pair, ("forward_eval", "forward_train"), SGD, 0)
     assert len(rows) == 2 and not any(r.passed for r in rows), "\n" + format_table(rows)
 
 
@@ -146,3 +156,67 @@ def test_compare_trees_floor():
     assert compare_trees({"a": np.array([10.0]), "b": {"c": np.array([2e-12])}}, ref)[1] < 1e-10
     worst = compare_trees({"a": np.array([10.1]), "b": {"c": np.array([1e-12])}}, ref)
     assert worst[2] == "a" and abs(worst[1] - 0.01) < 1e-12
+
+
+def test_whole_training_run_float64():
+    """100 SGD steps (momentum, weight decay) of a whole model, every parameter and running statistic
+    after every step equal to PyTorch's within 1e-9 relative (the model cases' default training run)."""
+    case = CASES["resnet18/dynamic-K4-cifar-T2"]
+    rows = run_case(case, "float64", checks=("sgd",))
+    _assert_rows(rows)
+    assert len(rows) == 1 and rows[0].tol <= 1e-9 and "100 steps" in rows[0].detail
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--match", "resnet50/odconvv"], "--match 'resnet50/odconvv' selects none of the"),
+    (["--steps", "-3"], "--steps -3: must be >= 1"),
+    (["--dtypes", "float16,float64"], "--dtypes: unknown ['float16']; choose from float64,float32"),
+    (["--checks", "grads"], "--checks: unknown ['grads']; choose from checkpoint,forward_eval,"),
+    (["--dtypes", "none"], "--dtypes is empty"),
+    (["--models", "resnet19"], "unknown families ['resnet19']"),
+    (["--layers", "condconv", "--models", "none", "--checks", "adamw"], "no selected case runs these checks"),
+])
+def test_cli_refuses_invalid_or_empty_selections(argv, message, capsys):
+    with pytest.raises(SystemExit) as exc:
+        parity_main(argv)
+    assert exc.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_cli_close_names_and_empty_result(capsys):
+    with pytest.raises(SystemExit):
+        parity_main(["--match", "resnet50/odconvv"])
+    assert "close names: resnet50/odconv-K4-cifar-T30," in capsys.readouterr().err
+    # a selection whose checks yield no row (CondConv has no BatchNorm) is an error, not a green run
+    assert parity_main(["--layers", "condconv", "--models", "none", "--match", "condconv/i8o16k3s1p1d1g1K4",
+                        "--checks", "running_stats", "--dtypes", "float64"]) == 2
+
+
+def test_every_mutant_applies_to_the_current_source(tmp_path):
+    """Each injected bug still matches the source exactly (a stale mutant would test nothing)."""
+    assert len(mutants.MUTANTS) >= 12
+    for m in mutants.MUTANTS:
+        mutants.mutated_copy(m, str(tmp_path / m.name))
+
+
+#: The fast subset of the mutation test (the whole kill table: ``python -m parity.mutants``,
+#: recorded in docs/conversion_parity.md): one converter bug, one layer bug, one BatchNorm bug and the
+#: float32-only bug that the noise-aware verdict must still catch.
+FAST_MUTANTS = ("module-prefix-half-stripped", "temperature-twice", "bn-biased-running-var",
+                "float32-attention-in-bfloat16")
+
+
+@pytest.mark.parametrize("name", FAST_MUTANTS)
+def test_parity_fails_on_a_wrong_build(name):
+    mutant = next(m for m in mutants.MUTANTS if m.name == name)
+    result = mutants.run_mutant(mutant)
+    assert result.status == "killed" and result.exit_code == 1, result
+    assert mutant.expect in result.failed_checks, result
+
+
+def test_mutant_runner_passes_an_unmodified_copy():
+    """The control: the same runner on an unmodified copy exits 0 (so a kill is the bug's doing)."""
+    mutant = mutants.Mutant("control", "none", "__init__.py", "", "", "dynamic/i8o12k3s2p1d1g2K4-T3",
+                            ("--checks", "forward_eval"), "")
+    result = mutants.run_mutant(mutant)
+    assert result.status == "passes" and result.exit_code == 0, result

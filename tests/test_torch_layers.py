@@ -512,7 +512,8 @@ def test_init_experts_like_conv2d():
 
 
 def test_init_odconv_official():
-    layer = ODConv2d(64, 64, 3, kernel_num=2)
+    """``attention_bn_init=1.0`` is the official initialisation; the default differs only in the BN weight."""
+    layer = ODConv2d(64, 64, 3, kernel_num=2, attention_bn_init=1.0)
     fan_out = 64 * 9
     for k in range(2):  # kaiming_normal(fan_out, relu): std sqrt(2 / fan_out), 36864 draws per expert
         assert abs(layer.weight[k].std().item() / math.sqrt(2 / fan_out) - 1) < 0.03
@@ -525,6 +526,18 @@ def test_init_odconv_official():
     assert att.bn.num_batches_tracked.item() == 1
     layer.reset_parameters()
     assert att.bn.num_batches_tracked.item() == 0 and torch.equal(att.bn.running_mean, torch.zeros(16))
+    assert torch.equal(att.bn.weight, torch.ones(16))
+    torch.manual_seed(3)
+    official = ODConv2d(8, 16, 3, attention_bn_init=1.0)
+    torch.manual_seed(3)
+    default = ODConv2d(8, 16, 3)  # same random stream; only the BN weight differs
+    assert torch.equal(default.attention.bn.weight, torch.full((16,), 0.1))
+    changed = [k for k, v in default.state_dict().items() if not torch.equal(v, official.state_dict()[k])]
+    assert changed == ["attention.bn.weight"]
+    default.attention.bn.weight.data.fill_(7.0)
+    default.reset_parameters()
+    assert torch.equal(default.attention.bn.weight, torch.full((16,), 0.1))
+    assert "attention_bn_init=0.1" in repr(default)
 
 
 def test_temperature():
@@ -596,6 +609,9 @@ def test_layer_specific_constructor_errors():
         ODConv2d(4, 4, 3, in_channels=8)
     with pytest.raises(ValueError, match=r"ODConv2d\(.*kernel_size is required"):
         ODConv2d(in_channels=4, out_channels=4)
+    for bad in (0.0, -0.1, float("nan"), float("inf"), True, "0.1"):
+        with pytest.raises(ValueError, match=r"ODConv2d\(.*attention_bn_init=.* must be a finite number > 0"):
+            ODConv2d(4, 4, 3, attention_bn_init=bad)
 
 
 @pytest.mark.parametrize("name", list(LAYERS))

@@ -48,9 +48,16 @@ def test_cli_overrides_and_errors():
     for args, words in [(["--conv=foo"], "--conv='foo'"), (["--batch_size=abc"], "integer"),
                         (["--bogus=1"], "unknown option --bogus"), (["--batch_size=0"], "> 0"),
                         (["--label_smoothing=1.0"], "[0, 1)"), (["epochs"], "--key=value"),
-                        (["--conv"], "needs a value")]:
+                        (["--conv"], "needs a value"),
+                        (["--attention_bn_init=1.0"], "applies to --conv=odconv only"),
+                        (["--conv=odconv", "--attention_bn_init=0"], "> 0")]:
         with pytest.raises(UsageError, match=__import__("re").escape(words)):
             parse_args(args)
+    from train import steps
+
+    official = parse_args(["--conv=odconv", "--attention_bn_init=1.0"])
+    assert steps.model_kwargs(official, 10, (8, 8, 1))["conv_options"] == {"attention_bn_init": 1.0}
+    assert "conv_options" not in steps.model_kwargs(parse_args(["--conv=odconv"]), 10, (8, 8, 1))
     proc = run_cli(["--optimizer=adam"])
     out, _ = proc.communicate(timeout=120)
     assert proc.returncode == 2 and "--optimizer='adam': expected one of sgd, adamw" in out

@@ -48,6 +48,7 @@ class Config:
     base_width: int = 16                # ResNet width of the first stage (64 in the paper)
     width_mult: float = 1.0             # MobileNetV2 width multiplier
     dropout: Optional[float] = None     # dropout before the classifier (None: the model's default)
+    attention_bn_init: Optional[float] = None  # odconv: initial attention-BN scale (None: layer's 0.1; official 1.0)
     # Optimisation.
     batch_size: int = 64                # global batch, split over all devices of all processes
     num_epochs: int = 15
@@ -108,7 +109,8 @@ class Config:
             choice(name, allowed)
         for name in ("num_experts", "base_width", "width_mult", "batch_size", "num_epochs", "num_steps",
                      "learning_rate", "checkpoint_every_steps", "keep_checkpoints", "log_every_steps",
-                     "temp_init", "temp_final", "grad_clip_norm", "image_size", "decay_factor"):
+                     "temp_init", "temp_final", "grad_clip_norm", "image_size", "decay_factor",
+                     "attention_bn_init"):
             positive(name)
         for name in ("weight_decay", "warmup_epochs", "temp_epochs", "crop_padding", "data_workers"):
             positive(name, allow_zero=True)
@@ -117,6 +119,9 @@ class Config:
                              "is multiplied by --decay_factor)")
         if list(self.decay_epochs) != sorted(self.decay_epochs) or any(e <= 0 for e in self.decay_epochs):
             raise UsageError(f"--decay_epochs={','.join(map(str, self.decay_epochs))}: must be increasing and > 0")
+        if self.attention_bn_init is not None and self.conv != "odconv":
+            raise UsageError(f"--attention_bn_init={self.attention_bn_init!r} applies to --conv=odconv only, "
+                             f"not --conv={self.conv}")
         if self.dropout is not None and not 0.0 <= self.dropout < 1.0:
             raise UsageError(f"--dropout={self.dropout!r}: must be in [0, 1)")
         if not 0.0 <= self.label_smoothing < 1.0:

@@ -5,8 +5,9 @@ A training batch is a pure function of ``(seed, step)``:
 * the order of epoch ``e`` is ``permutation(seed, e)`` of the training records; step ``s`` takes the
   ``s % steps_per_epoch``-th slice of ``global_batch`` records of the order of epoch
   ``s // steps_per_epoch`` (the incomplete last batch of an epoch is dropped);
-* the augmentation of the image at position ``i`` of global batch ``s`` is drawn from a generator
-  seeded with ``(seed, s, i)``, so it does not depend on which process or worker prepares it.
+* the augmentation of the image at position ``i`` of global batch ``s`` is row ``i`` of the draws
+  made for the whole global batch from a generator seeded with ``(seed, s)``
+  (:meth:`Preprocess.draws`), so it does not depend on which process or worker prepares it.
 
 Each JAX process builds only its own slice (``process_index``) of every global batch, and the
 per-step batches form a grain ``MapDataset`` (element ``s`` = this process's part of batch ``s``),
@@ -45,10 +46,11 @@ RESIZED_CROP_RATIO = (3 / 4, 4 / 3)
 STATS_RECORDS = 10_000       # 'cifar'/'none' normalisation: channel statistics of at most this many records
 MAX_CONSECUTIVE_BAD = 16     # a run of unreadable records this long stops the run
 RESIZED_CROP_TRIES = 10
-# Each training image draws its randomness from its own row of uniforms in [0, 1): 4 per resized-crop
-# try (area, log aspect, top, left), then the flip and the two offsets of the padded crop.
+# Each training image takes its randomness from its own row of draws: 4 uniforms in [0, 1) per
+# resized-crop try (area, log aspect, top, left), the flip uniform and the two integer offsets of the
+# padded crop (see Preprocess.draws).
 _FLIP, _CROP_Y, _CROP_X = 4 * RESIZED_CROP_TRIES, 4 * RESIZED_CROP_TRIES + 1, 4 * RESIZED_CROP_TRIES + 2
-NUM_UNIFORMS = 4 * RESIZED_CROP_TRIES + 3
+NUM_DRAWS = 4 * RESIZED_CROP_TRIES + 3
 # Salts that separate the random streams derived from the one user seed.
 _ORDER_STREAM, _AUGMENT_STREAM = 0, 1
 # What decoding a broken file raises (PIL: OSError incl. UnidentifiedImageError, SyntaxError for a
@@ -234,25 +236,38 @@ class Preprocess:
                              f"images")
         return array
 
-    def train(self, image, uniforms: np.ndarray) -> np.ndarray:
+    def draws(self, rng: np.random.Generator, n: int) -> np.ndarray:
+        """The randomness of ``n`` training images, float64 ``[n, NUM_DRAWS]`` (one row per image).
+
+        The padded crop's offsets and the flip are drawn first, for all ``n`` images at once, as the
+        loop has drawn them since its first version (so the digits' batches did not change with the
+        streaming pipeline); the resized-crop uniforms come after them."""
+        out = np.empty((n, NUM_DRAWS))
+        out[:, _CROP_Y] = rng.integers(0, 2 * self.padding + 1, size=n)
+        out[:, _CROP_X] = rng.integers(0, 2 * self.padding + 1, size=n)
+        out[:, _FLIP] = rng.random(n)
+        out[:, :4 * RESIZED_CROP_TRIES] = rng.random((n, 4 * RESIZED_CROP_TRIES))
+        return out
+
+    def train(self, image, draws: np.ndarray) -> np.ndarray:
         """One training image (encoded bytes or array) -> augmented uint8 ``[S, S, C]``; all randomness
-        comes from ``uniforms`` (float64 ``[NUM_UNIFORMS]`` in [0, 1))."""
+        comes from ``draws`` (its row of :meth:`draws`)."""
         array = decode(image, self.channels)
         if self.kind == "imagenet":
             if not self.crop:
                 out = self.eval(array)
             else:
-                out = self._resize(array, self._resized_crop_box(array.shape[0], array.shape[1], uniforms),
+                out = self._resize(array, self._resized_crop_box(array.shape[0], array.shape[1], draws),
                                    (self.image_size, self.image_size))
         else:
             out = self._check_size(array)
             if self.crop and self.padding:
                 p = self.padding
-                dy, dx = (int(uniforms[i] * (2 * p + 1)) for i in (_CROP_Y, _CROP_X))
+                dy, dx = int(draws[_CROP_Y]), int(draws[_CROP_X])
                 padded = np.zeros((self.image_size + 2 * p, self.image_size + 2 * p, out.shape[-1]), np.uint8)
                 padded[p:p + self.image_size, p:p + self.image_size] = out
                 out = padded[dy:dy + self.image_size, dx:dx + self.image_size]
-        if self.flip and uniforms[_FLIP] < 0.5:
+        if self.flip and draws[_FLIP] < 0.5:
             out = out[:, ::-1]
         return np.ascontiguousarray(out)
 
@@ -270,11 +285,11 @@ class Preprocess:
         return np.ascontiguousarray(resized[top:top + self.image_size, left:left + self.image_size])
 
     @staticmethod
-    def _resized_crop_box(h: int, w: int, uniforms: np.ndarray) -> Tuple[int, int, int, int]:
+    def _resized_crop_box(h: int, w: int, draws: np.ndarray) -> Tuple[int, int, int, int]:
         """``(left, top, right, bottom)`` of a random crop covering 8-100 % of the area with aspect
         ratio 3/4-4/3 (10 tries, then the largest centred crop of clamped aspect; torchvision's rule)."""
         (a0, a1), (r0, r1) = RESIZED_CROP_AREA, (math.log(RESIZED_CROP_RATIO[0]), math.log(RESIZED_CROP_RATIO[1]))
-        for u_area, u_ratio, u_top, u_left in uniforms[:4 * RESIZED_CROP_TRIES].reshape(RESIZED_CROP_TRIES, 4):
+        for u_area, u_ratio, u_top, u_left in draws[:4 * RESIZED_CROP_TRIES].reshape(RESIZED_CROP_TRIES, 4):
             target = h * w * (a0 + (a1 - a0) * u_area)
             ratio = math.exp(r0 + (r1 - r0) * u_ratio)
             cw, ch = int(round(math.sqrt(target * ratio))), int(round(math.sqrt(target / ratio)))
@@ -377,17 +392,15 @@ def load_dataset(config) -> Dataset:
     """The sources and preprocessing named by ``config`` (``dataset``, ``data_dir``, splits, ``preprocess``,
     ``image_size``, ``augment``, ``crop_padding``)."""
     if config.dataset == "digits":
-        splits = {"train": None, "test": None}
-        if config.data_dir is not None:
-            raise UsageError(f"--data_dir={config.data_dir}: the digits are embedded in the package; --data_dir "
-                             f"applies to --dataset=imagefolder or a TFDS dataset")
-        for flag in ("train_split", "eval_split"):
-            if getattr(config, flag) not in splits:
-                raise UsageError(f"--{flag}={getattr(config, flag)!r}: the digits have the splits 'train' and 'test'")
-        train, test = load_digits_npz()
-        sources = {"train": train, "test": test}
-        train, evaluation, num_classes, channels, native = (sources[config.train_split], sources[config.eval_split],
-                                                            10, 1, 8)
+        ignored = [f"--{name}={getattr(config, name)!r}" for name, default in
+                   (("train_split", "train"), ("eval_split", "test"), ("data_dir", None))
+                   if getattr(config, name) != default]
+        if ignored:  # the embedded digits have one fixed train/test split and no files to point at
+            raise UsageError(f"--dataset=digits has only its embedded 'train' and 'test' splits and reads no "
+                             f"--data_dir: {', '.join(ignored)} would be ignored; leave them out or choose "
+                             f"--dataset=imagefolder or a TFDS --dataset")
+        train, evaluation = load_digits_npz()
+        num_classes, channels, native = 10, 1, 8
         kind = "cifar"
     elif config.dataset == "imagefolder":
         train, evaluation = open_folder(config.data_dir, config.train_split, config.eval_split)
@@ -448,11 +461,11 @@ class _TrainBatch:
     def __call__(self, step: int) -> Dict[str, np.ndarray]:
         epoch, i = divmod(int(step), self.steps_per_epoch)
         indices = self.epoch_order(epoch)[i * self.global_batch:(i + 1) * self.global_batch][self.local_slice]
-        # The whole global batch's uniforms (a fixed amount per step), of which this process uses its rows.
-        uniforms = np.random.default_rng([self.seed, _AUGMENT_STREAM, step]).random(
-            (self.global_batch, NUM_UNIFORMS))[self.local_slice]
-        images, labels, bad = zip(*(_read(self.source, int(index), lambda x, u=u: self.preprocess.train(x, u))
-                                    for index, u in zip(indices, uniforms)))
+        # The whole global batch's draws (a fixed amount per step), of which this process uses its rows.
+        draws = self.preprocess.draws(np.random.default_rng([self.seed, _AUGMENT_STREAM, step]),
+                                      self.global_batch)[self.local_slice]
+        images, labels, bad = zip(*(_read(self.source, int(index), lambda x, d=d: self.preprocess.train(x, d))
+                                    for index, d in zip(indices, draws)))
         return {"image": np.stack(images), "label": np.asarray(labels, np.int32), "bad": np.asarray(bad, np.int64),
                 "step": np.full(len(labels), step, np.int64)}
 

@@ -142,9 +142,13 @@ def train_and_evaluate(config: Config) -> Dict[str, Any]:
     repl, data_sharding = parallel.replicated(mesh), parallel.batch_sharded(mesh)
     state = jax.device_put(state, repl)
     dropout_key = jax.device_put(dropout_key, repl)
+    # The step adds its metrics to on-device sums: the host waits for the device only when it fetches
+    # them (every --log_every_steps, at epoch ends and before each checkpoint), not every step.
     p_train_step = parallel.under_mesh(mesh, jax.jit(
-        functools.partial(steps.train_step, temperature_fn=temperature_fn, label_smoothing=config.label_smoothing),
-        in_shardings=(repl, data_sharding, data_sharding, repl), out_shardings=(repl, repl), donate_argnums=0))
+        functools.partial(steps.accumulating_train_step, temperature_fn=temperature_fn,
+                          label_smoothing=config.label_smoothing, learning_rate_fn=lr_schedule),
+        in_shardings=(repl, repl, data_sharding, data_sharding, repl), out_shardings=(repl, repl),
+        donate_argnums=(0, 1)))
     p_eval_step = parallel.under_mesh(mesh, jax.jit(
         steps.eval_step, in_shardings=(repl, data_sharding, data_sharding, data_sharding, repl), out_shardings=repl))
 
@@ -167,6 +171,7 @@ def train_and_evaluate(config: Config) -> Dict[str, Any]:
     last_good = checkpointer.all_steps()[-1] if checkpointer.all_steps() else None
     eval_metrics = {"loss": math.nan, "accuracy": math.nan}
     data_wait = epoch_wait = 0.0  # seconds spent waiting for the next batch (total, this epoch)
+    sums = jax.device_put(steps.zero_metric_sums(), repl)
     try:
         for step in range(start_step, total_steps):
             t_wait = time.time()
@@ -180,34 +185,43 @@ def train_and_evaluate(config: Config) -> Dict[str, Any]:
                     f"({skipped} so far)")
             images, labels = parallel.global_batch(data_sharding, pipeline.normalize(batch["image"]), batch["label"])
             epoch_wait += time.time() - t_wait
-            state, metrics = p_train_step(state, images, labels, dropout_key)
-            metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
-            for name in ("loss", "grad_norm"):
-                if not math.isfinite(metrics[name]):
-                    raise TrainingDiverged(
-                        f"step {step + 1}: training {'loss (cross-entropy' if name == 'loss' else 'gradient norm ('}"
-                        f"{f', label smoothing {config.label_smoothing})' if name == 'loss' else 'of the loss)'} "
-                        f"is {metrics[name]} (loss {metrics['loss']}, grad norm {metrics['grad_norm']}, "
-                        f"lr {float(lr_schedule(step)):.4g}); stopped. Last good checkpoint: "
-                        f"{'step ' + str(last_good) if last_good is not None else 'none'} in {checkpointer.directory}")
-            n = config.batch_size
-            running["loss"] += metrics["loss"] * n
-            running["accuracy"] += metrics["accuracy"] * n
-            running["count"] += n
+            state, sums = p_train_step(state, sums, images, labels, dropout_key)
             done = step + 1
-            lr = float(lr_schedule(step))
             if bar is not None:
                 bar.update(1)
-                bar.set_postfix(loss=f"{metrics['loss']:.4f}", lr=f"{lr:.4g}", T=f"{metrics['temperature']:.2f}",
-                                refresh=False)
+            epoch_end = done % spe == 0 or done == total_steps
+            checkpoint_due = done % config.checkpoint_every_steps == 0 or done == total_steps
+            if not (done % config.log_every_steps == 0 or epoch_end or checkpoint_due):
+                continue
+            window = {k: float(v) for k, v in jax.device_get(sums).items()}  # the host waits here only
+            sums = jax.device_put(steps.zero_metric_sums(), repl)
+            if window["first_nonfinite_step"] >= 0:
+                bad = int(window["first_nonfinite_step"])
+                name = "loss" if not math.isfinite(window["nonfinite_loss"]) else "grad_norm"
+                raise TrainingDiverged(
+                    f"step {bad + 1}: training {'loss (cross-entropy' if name == 'loss' else 'gradient norm ('}"
+                    f"{f', label smoothing {config.label_smoothing})' if name == 'loss' else 'of the loss)'} "
+                    f"is {window['nonfinite_' + name]} (loss {window['nonfinite_loss']}, grad norm "
+                    f"{window['nonfinite_grad_norm']}, lr {float(lr_schedule(bad)):.4g}); found at the check after "
+                    f"step {done} (steps {done - int(window['steps']) + 1}-{done} checked together: every "
+                    f"--log_every_steps, at epoch ends and before checkpoints); stopped. Last good checkpoint: "
+                    f"{'step ' + str(last_good) if last_good is not None else 'none'} in {checkpointer.directory}")
+            n = config.batch_size
+            running["loss"] += window["loss"] * n
+            running["accuracy"] += window["accuracy"] * n
+            running["count"] += int(window["steps"]) * n
+            lr = window["learning_rate"]
             if done % config.log_every_steps == 0:
-                writer.scalars(done, {"loss": metrics["loss"], "accuracy": metrics["accuracy"],
-                                      "grad_norm": metrics["grad_norm"], "learning_rate": lr,
-                                      "temperature": metrics["temperature"]}, "train")
-                if bar is None:
-                    log(f"step {done}/{total_steps} loss {metrics['loss']:.4f} acc {metrics['accuracy']:.4f} "
-                        f"lr {lr:.4g} T {metrics['temperature']:.3f}")
-            if done % spe == 0 or done == total_steps:
+                mean = {k: window[k] / window["steps"] for k in ("loss", "accuracy")}
+                writer.scalars(done, {**mean, "grad_norm": window["last_grad_norm"], "learning_rate": lr,
+                                      "temperature": window["temperature"]}, "train")
+                if bar is not None:
+                    bar.set_postfix(loss=f"{mean['loss']:.4f}", lr=f"{lr:.4g}", T=f"{window['temperature']:.2f}",
+                                    refresh=False)
+                else:
+                    log(f"step {done}/{total_steps} loss {mean['loss']:.4f} acc {mean['accuracy']:.4f} "
+                        f"lr {lr:.4g} T {window['temperature']:.3f}")
+            if epoch_end:
                 temperature = temperature_fn(done)
                 eval_metrics = evaluate(p_eval_step, state, pipeline, data_sharding,
                                         jax.device_put(jnp.asarray(temperature, jnp.float32), repl))
@@ -229,7 +243,7 @@ def train_and_evaluate(config: Config) -> Dict[str, Any]:
                     f"| {row['seconds']:.1f}s, data wait {100 * epoch_wait / max(row['seconds'], 1e-9):.0f}%")
                 running = {"loss": 0.0, "accuracy": 0.0, "count": 0}
                 t_epoch, data_wait, epoch_wait = time.time(), data_wait + epoch_wait, 0.0
-            if done % config.checkpoint_every_steps == 0 or done == total_steps:
+            if checkpoint_due:
                 try:
                     checkpointer.save(done, state, {"running": running, "skipped_images": skipped}, batches)
                 except ckpt_lib.CheckpointError as error:

@@ -8,6 +8,7 @@ scripts (evaluation, ablations) can build the same model and state from a
     tx, lr_schedule = create_optimizer(config, steps_per_epoch, total_steps)
     state = create_train_state(jax.random.key(config.seed), model, image_shape, tx)
     state, metrics = train_step(state, images, labels, dropout_key, temperature_fn=..., ...)
+    state, sums = accumulating_train_step(state, sums, images, labels, dropout_key, ...)  # what the loop runs
     sums = eval_step(state, images, labels, mask, temperature)
 """
 from __future__ import annotations
@@ -38,6 +39,8 @@ def model_kwargs(config, num_classes: int, image_shape) -> Dict[str, Any]:
                                   in_channels=in_channels)
     if config.dropout is not None:
         kwargs["dropout"] = config.dropout
+    if config.attention_bn_init is not None:
+        kwargs["conv_options"] = {"attention_bn_init": config.attention_bn_init}
     if config.model.startswith("resnet"):
         stem = config.stem
         if stem == "auto":
@@ -150,16 +153,10 @@ def cross_entropy(logits: Array, labels: Array, num_classes: int, label_smoothin
     return optax.softmax_cross_entropy(logits.astype(jnp.float32), targets)
 
 
-def train_step(state: TrainState, images: Array, labels: Array, dropout_key: Array, *,
-               temperature_fn: Callable, label_smoothing: float) -> Tuple[TrainState, Dict[str, Array]]:
-    """One optimisation step on a (possibly sharded) global batch.
-
-    images ``[B, H, W, C]`` float32, labels ``[B]`` int32. BatchNorm statistics are computed
-    over the whole global batch: under ``jax.jit`` with a batch sharded over devices, the
-    batch mean is a cross-device reduction. Returns the new state and scalar metrics
-    (``loss`` = training objective, ``accuracy``, ``grad_norm``, ``temperature``).
-    """
-    temperature = temperature_fn(state.step)
+def loss_and_grads(state: TrainState, images: Array, labels: Array, dropout_key: Array, temperature,
+                   label_smoothing: float) -> Tuple[Array, Array, Dict[str, Any], Any]:
+    """The training objective at ``state``'s parameters on one batch (training mode, dropout key
+    ``fold_in(dropout_key, step)``) and its gradient: ``(loss, logits, batch-stat updates, grads)``."""
     key = jax.random.fold_in(dropout_key, state.step)
 
     def loss_fn(params):
@@ -170,6 +167,22 @@ def train_step(state: TrainState, images: Array, labels: Array, dropout_key: Arr
         return loss, (logits, updates)
 
     (loss, (logits, updates)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    return loss, logits, updates, grads
+
+
+def train_step(state: TrainState, images: Array, labels: Array, dropout_key: Array, *,
+               temperature_fn: Callable, label_smoothing: float,
+               learning_rate_fn: Optional[Callable] = None) -> Tuple[TrainState, Dict[str, Array]]:
+    """One optimisation step on a (possibly sharded) global batch.
+
+    images ``[B, H, W, C]`` float32, labels ``[B]`` int32. BatchNorm statistics are computed
+    over the whole global batch: under ``jax.jit`` with a batch sharded over devices, the
+    batch mean is a cross-device reduction. Returns the new state and scalar metrics
+    (``loss`` = training objective, ``accuracy``, ``grad_norm``, ``temperature``, and
+    ``learning_rate`` = ``learning_rate_fn(step)`` when given).
+    """
+    temperature = temperature_fn(state.step)
+    loss, logits, updates, grads = loss_and_grads(state, images, labels, dropout_key, temperature, label_smoothing)
     new_state = state.apply_gradients(grads=grads, batch_stats=updates.get("batch_stats", state.batch_stats))
     metrics = {
         "loss": loss,
@@ -177,7 +190,47 @@ def train_step(state: TrainState, images: Array, labels: Array, dropout_key: Arr
         "grad_norm": optax.tree.norm(grads),
         "temperature": jnp.asarray(temperature, jnp.float32),
     }
+    if learning_rate_fn is not None:
+        metrics["learning_rate"] = jnp.asarray(learning_rate_fn(state.step), jnp.float32)
     return new_state, metrics
+
+
+def zero_metric_sums() -> Dict[str, Array]:
+    """What :func:`accumulate_metrics` starts from: nothing summed, no non-finite step seen (-1)."""
+    return {"loss": jnp.float32(0), "accuracy": jnp.float32(0), "steps": jnp.int32(0),
+            "first_nonfinite_step": jnp.int32(-1), "nonfinite_loss": jnp.float32(0),
+            "nonfinite_grad_norm": jnp.float32(0), "last_loss": jnp.float32(0), "last_accuracy": jnp.float32(0),
+            "last_grad_norm": jnp.float32(0), "learning_rate": jnp.float32(0), "temperature": jnp.float32(0)}
+
+
+def accumulate_metrics(sums: Dict[str, Array], metrics: Dict[str, Array], step: Array) -> Dict[str, Array]:
+    """Adds one step's metrics to on-device sums, so the loop fetches them only every few steps.
+
+    Keeps the sums of ``loss`` and ``accuracy`` and the number of ``steps``; the first step (0-based
+    ``step``) whose loss or gradient norm is NaN/Inf with those two values; and the latest step's
+    values (``last_*``, ``learning_rate``, ``temperature``) for logging.
+    """
+    finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(metrics["grad_norm"])
+    first_bad = (sums["first_nonfinite_step"] < 0) & ~finite
+    return {
+        "loss": sums["loss"] + metrics["loss"],
+        "accuracy": sums["accuracy"] + metrics["accuracy"],
+        "steps": sums["steps"] + 1,
+        "first_nonfinite_step": jnp.where(first_bad, step.astype(jnp.int32), sums["first_nonfinite_step"]),
+        "nonfinite_loss": jnp.where(first_bad, metrics["loss"], sums["nonfinite_loss"]),
+        "nonfinite_grad_norm": jnp.where(first_bad, metrics["grad_norm"], sums["nonfinite_grad_norm"]),
+        "last_loss": metrics["loss"], "last_accuracy": metrics["accuracy"], "last_grad_norm": metrics["grad_norm"],
+        "learning_rate": metrics.get("learning_rate", sums["learning_rate"]),
+        "temperature": metrics["temperature"],
+    }
+
+
+def accumulating_train_step(state: TrainState, sums: Dict[str, Array], images: Array, labels: Array,
+                            dropout_key: Array, **train_step_kwargs) -> Tuple[TrainState, Dict[str, Array]]:
+    """:func:`train_step`, its metrics added to ``sums`` on the device (:func:`accumulate_metrics`)."""
+    step = state.step
+    state, metrics = train_step(state, images, labels, dropout_key, **train_step_kwargs)
+    return state, accumulate_metrics(sums, metrics, step)
 
 
 def eval_step(state: TrainState, images: Array, labels: Array, mask: Array,

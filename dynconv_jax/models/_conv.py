@@ -117,6 +117,19 @@ def check_input(x, in_channels: int, where: str) -> None:
 STEMS = ("imagenet", "cifar")
 
 
+def check_model_args(where: str, conv: str, num_experts: int, reduction: Optional[float],
+                     conv_options: Optional[Mapping[str, Any]], stem: str, dropout: float,
+                     num_classes: int) -> Tuple[Tuple[str, Any], ...]:
+    """Validate the arguments every model shares (both Flax APIs); returns ``conv_options`` as sorted items."""
+    options = check_conv_args(conv, num_experts, reduction, conv_options, where)
+    check_num_classes(num_classes, where)
+    if stem not in STEMS:
+        raise ValueError(f"{where}: stem={stem!r}; expected one of {STEMS}")
+    if not 0.0 <= dropout < 1.0:
+        raise ValueError(f"{where}: dropout={dropout!r} must be in [0, 1)")
+    return options
+
+
 class DynamicNet(nn.Module):
     """The fields and checks shared by the Flax models (ResNet, MobileNetV2): which convolution the
     blocks use, the classifier, the stem, and how every layer computes. Subclasses add their
@@ -135,13 +148,8 @@ class DynamicNet(nn.Module):
     precision: Any = None
 
     def __post_init__(self):
-        where = type(self).__name__
-        check_conv_args(self.conv, self.num_experts, self.reduction, self.conv_options, where)
-        check_num_classes(self.num_classes, where)
-        if self.stem not in STEMS:
-            raise ValueError(f"{where}: stem={self.stem!r}; expected one of {STEMS}")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"{where}: dropout={self.dropout!r} must be in [0, 1)")
+        check_model_args(type(self).__name__, self.conv, self.num_experts, self.reduction, self.conv_options,
+                         self.stem, self.dropout, self.num_classes)
         super().__post_init__()
 
     def conv_config(self, x) -> ConvConfig:

@@ -24,6 +24,12 @@ def make_divisible(value: float, divisor: int = 8) -> int:
     return rounded + divisor if rounded < 0.9 * value else rounded
 
 
+def check_width_mult(width_mult: float) -> None:
+    """``width_mult`` must be positive (both Flax APIs)."""
+    if not width_mult > 0:
+        raise ValueError(f"MobileNetV2: width_mult={width_mult!r} must be positive")
+
+
 def stage_settings(width_mult: float, stem: str):
     """Channels of the stem, ``(t, c, n, s)`` per stage, and the head width (as the torch twin)."""
     strides = [s for _, _, _, s in INVERTED_RESIDUAL_SETTING]
@@ -84,8 +90,7 @@ class MobileNetV2(DynamicNet):
     dropout: float = 0.2
 
     def __post_init__(self):
-        if not self.width_mult > 0:
-            raise ValueError(f"MobileNetV2: width_mult={self.width_mult!r} must be positive")
+        check_width_mult(self.width_mult)
         super().__post_init__()
 
     @nn.compact

@@ -69,6 +69,28 @@ def _shortcut(c: ConvConfig, x, features: int, stride: int, downsample: bool, tr
 BLOCKS = {"basic": BasicBlock, "bottleneck": Bottleneck}
 
 
+def check_resnet_args(block: str, layers: Sequence[int], base_width: int) -> None:
+    """Validate the ResNet architecture arguments (both Flax APIs)."""
+    if block not in BLOCKS:
+        raise ValueError(f"ResNet: block={block!r}; expected one of {tuple(BLOCKS)}")
+    if len(layers) != 4:
+        raise ValueError(f"ResNet: layers={tuple(layers)} must give the blocks of 4 stages")
+    if not isinstance(base_width, int) or base_width < 1:
+        raise ValueError(f"ResNet: base_width={base_width!r} must be a positive int")
+
+
+def stage_blocks(layers: Sequence[int], base_width: int, expansion: int):
+    """``(name, inplanes, planes, stride, downsample)`` of every block, in order (torchvision's rule)."""
+    inplanes = base_width
+    for i, num_blocks in enumerate(layers):
+        planes = base_width * 2 ** i
+        for j in range(num_blocks):
+            stride = 2 if i > 0 and j == 0 else 1
+            downsample = j == 0 and (stride != 1 or inplanes != planes * expansion)
+            yield f"layer{i + 1}_{j}", inplanes, planes, stride, downsample
+            inplanes = planes * expansion
+
+
 class ResNet(DynamicNet):
     """ResNet with a selectable convolution type in its blocks (arguments as ``dynconv_torch.models.ResNet``).
 
@@ -94,12 +116,7 @@ class ResNet(DynamicNet):
     dropout: float = 0.1
 
     def __post_init__(self):
-        if self.block not in BLOCKS:
-            raise ValueError(f"ResNet: block={self.block!r}; expected one of {tuple(BLOCKS)}")
-        if len(self.layers) != 4:
-            raise ValueError(f"ResNet: layers={tuple(self.layers)} must give the blocks of 4 stages")
-        if not isinstance(self.base_width, int) or self.base_width < 1:
-            raise ValueError(f"ResNet: base_width={self.base_width!r} must be a positive int")
+        check_resnet_args(self.block, self.layers, self.base_width)
         super().__post_init__()
 
     @nn.compact
@@ -112,14 +129,8 @@ class ResNet(DynamicNet):
         else:
             x = nn.relu(c.batch_norm(c.static_conv(x, "conv1", self.base_width, 3, 1), "bn1", train))
         block_cls = BLOCKS[self.block]
-        inplanes = self.base_width
-        for i, num_blocks in enumerate(self.layers):
-            planes = self.base_width * 2 ** i
-            for j in range(num_blocks):
-                stride = 2 if i > 0 and j == 0 else 1
-                downsample = j == 0 and (stride != 1 or inplanes != planes * block_cls.expansion)
-                x = block_cls(planes, stride, downsample, c, name=f"layer{i + 1}_{j}")(x, train, temperature)
-                inplanes = planes * block_cls.expansion
+        for name, _, planes, stride, downsample in stage_blocks(self.layers, self.base_width, block_cls.expansion):
+            x = block_cls(planes, stride, downsample, c, name=name)(x, train, temperature)
         x = jnp.mean(x, axis=(1, 2))
         x = nn.Dropout(self.dropout, deterministic=not train)(x)
         return c.dense(x, "fc", self.num_classes)

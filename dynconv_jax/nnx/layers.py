@@ -1,0 +1,364 @@
+"""CondConv, DynamicConv, ODConv and the PyTorch-semantics BatchNorm as ``flax.nnx`` Modules.
+
+The same layers as :mod:`dynconv_jax` (Linen) on the same core: validation, attention heads,
+kernel aggregation and the per-sample convolution are the functions of
+:mod:`dynconv_jax.routing`, :mod:`dynconv_jax.norm` and :mod:`dynconv_jax.ops` that the Linen
+layers call. Parameters are created eagerly (NNX style) with the Linen layers' shapes, names and
+initializers, so ``nnx.state(layer, nnx.Param)`` has the paths of the Linen ``params`` tree and
+``nnx.state(layer, nnx.BatchStat)`` those of ``batch_stats`` (see :mod:`dynconv_jax.nnx.convert`).
+
+Training vs inference follows NNX's convention: ``layer.train()`` / ``layer.eval()`` (or
+``nnx.view``) set ``use_running_average`` of ODConv's attention BatchNorm and ``deterministic``
+of CondConv's routing dropout. As ``nnx.BatchNorm`` and ``nnx.Dropout``, a new layer is in
+training mode. Attentions are sown as ``nnx.Intermediate`` while the call runs under
+``nnx.capture(..., nnx.Intermediate)`` (the NNX counterpart of Linen's ``mutable=['intermediates']``);
+a plain call records nothing.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional, Sequence, Union
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from flax.typing import Dtype, PrecisionLike
+
+from dynconv_jax import ops, routing
+from dynconv_jax.norm import batch_norm
+from dynconv_jax.routing import Initializer
+
+__all__ = ["BatchNorm", "CondConv", "DynamicConv", "ODConv"]
+
+
+def _sow(module: nnx.Module, name: str, value) -> None:
+    """Sow ``value`` as ``nnx.Intermediate`` only while an ``nnx.capture`` collects it.
+
+    Outside a capture, ``Module.sow`` would store (and keep appending to) a module attribute on
+    every call, which flax deprecates; Linen's layers likewise record only when asked
+    (``mutable=['intermediates']``). ``nnx.capture`` marks the modules it collects from with a
+    ``__captures__`` attribute.
+    """
+    if hasattr(module, "__captures__"):
+        module.sow(nnx.Intermediate, name, value)
+
+
+class BatchNorm(nnx.Module):
+    """PyTorch-semantics BatchNorm over all axes but ``axis`` (as :class:`dynconv_jax.norm.BatchNorm`).
+
+    State: params ``scale``, ``bias`` ``[num_features]``; batch stats ``mean``, ``var`` (running
+    statistics, updated with PyTorch's momentum and the unbiased batch variance in training).
+
+    Attributes:
+      num_features: channels (size of ``axis``).
+      use_running_average: normalise with the running statistics (inference) instead of the
+        batch statistics (training); set by ``train()`` / ``eval()``.
+      axis: the feature (channel) axis.
+      momentum: PyTorch's momentum: weight of the new batch statistic in the running average.
+      epsilon: added to the variance.
+      dtype: output dtype (default: promoted from input and params).
+      param_dtype: dtype of ``scale``/``bias`` and of the running statistics.
+    """
+
+    def __init__(self, num_features: int, *, use_running_average: bool = False, axis: int = -1,
+                 momentum: float = 0.1, epsilon: float = 1e-5, dtype: Optional[Dtype] = None,
+                 param_dtype: Dtype = jnp.float32, use_bias: bool = True, use_scale: bool = True,
+                 bias_init: Initializer = jax.nn.initializers.zeros, scale_init: Initializer = jax.nn.initializers.ones,
+                 rngs: nnx.Rngs):
+        if not 0.0 <= momentum <= 1.0:
+            raise ValueError(f"BatchNorm: momentum={momentum} must be in [0, 1] (PyTorch's meaning)")
+        shape = (num_features,)
+        self.mean = nnx.BatchStat(jnp.zeros(shape, param_dtype))
+        self.var = nnx.BatchStat(jnp.ones(shape, param_dtype))
+        self.scale = nnx.Param(scale_init(rngs.params(), shape, param_dtype)) if use_scale else nnx.data(None)
+        self.bias = nnx.Param(bias_init(rngs.params(), shape, param_dtype)) if use_bias else nnx.data(None)
+        self.num_features = num_features
+        self.use_running_average = use_running_average
+        self.axis = axis
+        self.momentum = momentum
+        self.epsilon = epsilon
+        self.dtype = dtype
+        self.param_dtype = param_dtype
+
+    def set_view(self, use_running_average: Optional[bool] = None):
+        """Used by ``nnx.view``: switch between batch and running statistics."""
+        if use_running_average is not None:
+            self.use_running_average = use_running_average
+
+    def __call__(self, x, use_running_average: Optional[bool] = None):
+        """Normalise ``x``; in training, update the running statistics."""
+        use_running_average = self.use_running_average if use_running_average is None else use_running_average
+        y, new_mean, new_var = batch_norm(
+            x, None if self.scale is None else self.scale[...], None if self.bias is None else self.bias[...],
+            self.mean[...], self.var[...], use_running_average=use_running_average, axis=self.axis,
+            momentum=self.momentum, epsilon=self.epsilon, dtype=self.dtype, layer="BatchNorm")
+        if new_mean is not None:
+            self.mean[...], self.var[...] = new_mean, new_var
+        return y
+
+
+def _linear(in_features: int, out_features: int, *, dtype, param_dtype, precision, kernel_init, bias_init,
+            rngs: nnx.Rngs, use_bias: bool = True) -> nnx.Linear:
+    return nnx.Linear(in_features, out_features, use_bias=use_bias, dtype=dtype, param_dtype=param_dtype,
+                      precision=precision, kernel_init=kernel_init, bias_init=bias_init, rngs=rngs)
+
+
+def _attention_dtype(dtype):
+    """The attention branch's compute dtype: None (promoted from input and params, at least float32
+    since the pooled input is) or at least float32 of an explicit ``dtype`` (the Linen layers' rule)."""
+    return None if dtype is None else routing.attention_dtype(dtype)
+
+
+class _DynamicConvBase(nnx.Module):
+    """Constructor fields and plumbing shared by the three NNX layers (``flax.nnx.Conv``'s fields)."""
+
+    def __init__(self, in_features: int, out_features: int, kernel_size: Union[int, Sequence[int]],
+                 strides: Union[int, Sequence[int]] = 1, *, padding: ops.PaddingLike = "SAME",
+                 kernel_dilation: Union[int, Sequence[int]] = 1, feature_group_count: int = 1,
+                 use_bias: bool, dtype: Optional[Dtype] = None, param_dtype: Dtype = jnp.float32,
+                 precision: PrecisionLike = None, kernel_init: Initializer, bias_init: Optional[Initializer],
+                 num_experts: int = 4, strategy: str = "auto", rngs: nnx.Rngs):
+        layer = f"{type(self).__name__}(in_features={in_features!r}, out_features={out_features!r}, " \
+                f"kernel_size={kernel_size!r})"
+        geometry = routing.validate_conv_config(
+            layer, features=out_features, kernel_size=kernel_size, strides=strides, padding=padding,
+            kernel_dilation=kernel_dilation, feature_group_count=feature_group_count, num_experts=num_experts,
+            strategy=strategy, features_arg="out_features")
+        if not (isinstance(in_features, int) and in_features >= 1):
+            raise ValueError(f"{layer}: in_features={in_features!r} must be a positive int")
+        if in_features % feature_group_count:
+            raise ValueError(f"{layer}: feature_group_count={feature_group_count} does not divide "
+                             f"in_features={in_features}")
+        self.layer = layer
+        self.geometry = geometry
+        self.in_features = in_features
+        self.out_features = out_features
+        self.kernel_size = geometry.kernel_size
+        self.strides = geometry.strides
+        self.padding = geometry.padding
+        self.kernel_dilation = geometry.dilation
+        self.feature_group_count = feature_group_count
+        self.use_bias = use_bias
+        self.num_experts = num_experts
+        self.strategy = strategy
+        self.dtype = dtype
+        self.param_dtype = param_dtype
+        self.precision = precision
+        self.kernel = nnx.Param(kernel_init(rngs.params(), geometry.expert_shape(in_features), param_dtype))
+        if use_bias:
+            init = routing.expert_bias_init(bias_init, geometry, in_features)
+            self.bias = nnx.Param(init(rngs.params(), (num_experts, out_features), param_dtype))
+        else:
+            self.bias = nnx.data(None)
+
+    def _check(self, x):
+        """Validate the input ``[B, *S, in_features]``; returns ``(experts, compute dtype, attention dtype)``."""
+        in_channels = routing.check_input(self.layer, x, self.geometry)
+        if in_channels != self.in_features:
+            raise ValueError(f"{self.layer}: input shape {tuple(x.shape)} has {in_channels} channels, but the layer "
+                             f"was built with in_features={self.in_features}")
+        experts = self.kernel[...]
+        dtype = routing.compute_dtype(x, experts, self.dtype)
+        return experts, dtype, routing.attention_dtype(dtype)
+
+    def _convolve(self, x, experts, dtype, kernel_attention, **attentions):
+        bias = None if self.bias is None else self.bias[...]
+        return routing.convolve(x, experts, self.geometry, dtype, kernel_attention, expert_bias=bias,
+                                strategy=self.strategy, precision=self.precision, **attentions)
+
+
+class CondConv(_DynamicConvBase):
+    """CondConv (Yang et al., NeurIPS 2019) as an NNX Module, channels-last, 1-D/2-D/3-D.
+
+    State: ``kernel [K, *k, I/g, O]``, ``bias [K, O]`` (if ``use_bias``),
+    ``routing_fn/{kernel [I, K], bias [K]}`` (absent with ``external_routing``): the Linen
+    :class:`dynconv_jax.CondConv` tree. Sows ``kernel_attention [B, K]``.
+
+    Attributes (beyond ``flax.nnx.Conv``'s, ``num_experts`` and ``strategy``):
+      use_bias: per-expert bias, mixed with the routing weights.
+      bias_init: initializer of the ``[K, O]`` bias; None = PyTorch's U(±1/sqrt(fan_in)).
+      routing_dropout: dropout rate on the pooled input of the routing function in training
+        (the ``dropout`` stream of ``rngs``, or its default stream).
+      external_routing: take the routing weights ``[B, K]`` from the caller.
+    """
+
+    def __init__(self, in_features: int, out_features: int, kernel_size: Union[int, Sequence[int]],
+                 strides: Union[int, Sequence[int]] = 1, *, padding: ops.PaddingLike = "SAME",
+                 kernel_dilation: Union[int, Sequence[int]] = 1, feature_group_count: int = 1,
+                 use_bias: bool = False, dtype: Optional[Dtype] = None, param_dtype: Dtype = jnp.float32,
+                 precision: PrecisionLike = None, kernel_init: Initializer = routing.torch_default_expert_init,
+                 bias_init: Optional[Initializer] = None, num_experts: int = 4, strategy: str = "auto",
+                 routing_dropout: float = 0.0, external_routing: bool = False, rngs: nnx.Rngs):
+        super().__init__(in_features, out_features, kernel_size, strides, padding=padding,
+                         kernel_dilation=kernel_dilation, feature_group_count=feature_group_count, use_bias=use_bias,
+                         dtype=dtype, param_dtype=param_dtype, precision=precision, kernel_init=kernel_init,
+                         bias_init=bias_init, num_experts=num_experts, strategy=strategy, rngs=rngs)
+        routing.check_routing_dropout(self.layer, routing_dropout)
+        self.routing_dropout = routing_dropout
+        self.external_routing = external_routing
+        if external_routing:
+            self.routing_fn = nnx.data(None)
+        else:
+            self.routing_fn = _linear(
+                in_features, num_experts, dtype=_attention_dtype(dtype), param_dtype=param_dtype, precision=precision,
+                kernel_init=routing.torch_default_dense_init,
+                bias_init=routing.torch_default_bias_init(in_features), rngs=rngs)
+        self.dropout = nnx.Dropout(routing_dropout, rngs=rngs if routing_dropout > 0 else None)
+
+    def __call__(self, x, temperature=None, routing_weights=None):
+        """``x [B, *S, I] -> [B, *S_out, O]``; ``temperature`` scalar (may be traced), None = 1.
+
+        ``routing_weights [B, K]`` is required iff ``external_routing`` (then ``temperature`` is unused).
+        """
+        experts, dtype, attn_dtype = self._check(x)
+        weights = routing.external_routing_weights(self.layer, self.external_routing, routing_weights, x.shape[0],
+                                                   self.num_experts, attn_dtype)
+        if weights is None:
+            temperature = routing.temperature_scalar(temperature, self.layer, attn_dtype)
+            pooled = routing.global_avg_pool(x, attn_dtype)  # [B, I]
+            weights = routing.condconv_routing(pooled, self.routing_fn, self.dropout, temperature)  # [B, K]
+        _sow(self, "kernel_attention", weights)
+        return self._convolve(x, experts, dtype, weights)
+
+
+class _DynamicAttention(nnx.Module):
+    """``[B, I] -> [B, K]``: softmax(fc2(relu(fc1(.))) / T) with PyTorch ``nn.Linear`` init."""
+
+    def __init__(self, in_features: int, hidden: int, num_experts: int, *, dtype, param_dtype, precision,
+                 rngs: nnx.Rngs):
+        def linear(n_in, n_out):
+            return _linear(n_in, n_out, dtype=dtype, param_dtype=param_dtype, precision=precision,
+                           kernel_init=routing.torch_default_dense_init,
+                           bias_init=routing.torch_default_bias_init(n_in), rngs=rngs)
+
+        self.fc1 = linear(in_features, hidden)
+        self.fc2 = linear(hidden, num_experts)
+
+    def __call__(self, pooled, temperature):
+        return routing.dynamic_attention(pooled, self.fc1, self.fc2, temperature)
+
+
+class DynamicConv(_DynamicConvBase):
+    """DynamicConv / DY-CNN (Chen et al., CVPR 2020) as an NNX Module, channels-last, 1-D/2-D/3-D.
+
+    State: ``kernel [K, *k, I/g, O]``, ``bias [K, O]`` (if ``use_bias``),
+    ``attention/fc1/{kernel [I, H], bias [H]}``, ``attention/fc2/{kernel [H, K], bias [K]}`` with
+    ``H = max(int(I * reduction), min_channels)``: the Linen :class:`dynconv_jax.DynamicConv` tree.
+    Sows ``kernel_attention [B, K]``. Behaves the same in training and inference.
+
+    Attributes (beyond ``flax.nnx.Conv``'s, ``num_experts`` and ``strategy``):
+      use_bias: per-expert bias, mixed with the attention (default True, as the paper).
+      bias_init: initializer of the ``[K, O]`` bias; None = PyTorch's U(±1/sqrt(fan_in)).
+      reduction, min_channels: hidden width of the attention MLP.
+    """
+
+    def __init__(self, in_features: int, out_features: int, kernel_size: Union[int, Sequence[int]],
+                 strides: Union[int, Sequence[int]] = 1, *, padding: ops.PaddingLike = "SAME",
+                 kernel_dilation: Union[int, Sequence[int]] = 1, feature_group_count: int = 1,
+                 use_bias: bool = True, dtype: Optional[Dtype] = None, param_dtype: Dtype = jnp.float32,
+                 precision: PrecisionLike = None, kernel_init: Initializer = routing.torch_default_expert_init,
+                 bias_init: Optional[Initializer] = None, num_experts: int = 4, strategy: str = "auto",
+                 reduction: float = 0.25, min_channels: int = 4, rngs: nnx.Rngs):
+        super().__init__(in_features, out_features, kernel_size, strides, padding=padding,
+                         kernel_dilation=kernel_dilation, feature_group_count=feature_group_count, use_bias=use_bias,
+                         dtype=dtype, param_dtype=param_dtype, precision=precision, kernel_init=kernel_init,
+                         bias_init=bias_init, num_experts=num_experts, strategy=strategy, rngs=rngs)
+        self.reduction = reduction
+        self.min_channels = min_channels
+        hidden = routing.attention_width(in_features, reduction, min_channels, self.layer)
+        self.attention = _DynamicAttention(in_features, hidden, num_experts, dtype=_attention_dtype(dtype),
+                                           param_dtype=param_dtype, precision=precision, rngs=rngs)
+
+    def __call__(self, x, temperature=None):
+        """``x [B, *S, I] -> [B, *S_out, O]``; ``temperature`` scalar (may be traced), None = 1."""
+        experts, dtype, attn_dtype = self._check(x)
+        temperature = routing.temperature_scalar(temperature, self.layer, attn_dtype)
+        pooled = routing.global_avg_pool(x, attn_dtype)  # [B, I]
+        attention = self.attention(pooled, temperature)  # [B, K]
+        _sow(self, "kernel_attention", attention)
+        return self._convolve(x, experts, dtype, attention)
+
+
+class _ODConvAttention(nnx.Module):
+    """``pooled [B, I] -> (channel [B, I], filter [B, O] | None, spatial [B, *k] | None, kernel [B, K])``."""
+
+    def __init__(self, in_features: int, out_features: int, kernel_size, groups: int, num_experts: int, width: int,
+                 bn_init: float, *, dtype, param_dtype, precision, rngs: nnx.Rngs):
+        def linear(n_in, n_out, use_bias=True):
+            return _linear(n_in, n_out, use_bias=use_bias, dtype=dtype, param_dtype=param_dtype, precision=precision,
+                           kernel_init=routing.kaiming_fan_out_dense_init, bias_init=jax.nn.initializers.zeros,
+                           rngs=rngs)
+
+        heads = routing.odconv_heads(in_features, out_features, groups, kernel_size, num_experts)
+        self.kernel_size = tuple(kernel_size)
+        self.fc = linear(in_features, width, use_bias=False)
+        self.bn = BatchNorm(width, dtype=dtype, param_dtype=param_dtype,
+                            scale_init=jax.nn.initializers.constant(bn_init), rngs=rngs)
+        self.channel_fc = linear(width, in_features)
+        self.filter_fc = linear(width, out_features) if heads.filter else nnx.data(None)
+        self.spatial_fc = linear(width, math.prod(kernel_size)) if heads.spatial else nnx.data(None)
+        self.kernel_fc = linear(width, num_experts) if heads.kernel else nnx.data(None)
+
+    def __call__(self, pooled, temperature):
+        return routing.odconv_attention(pooled, self.fc, self.bn, self.channel_fc, self.filter_fc, self.spatial_fc,
+                                        self.kernel_fc, self.kernel_size, temperature)
+
+
+class ODConv(_DynamicConvBase):
+    """ODConv (Li et al., ICLR 2022; the official OSVAI/ODConv layer) as an NNX Module, no bias.
+
+    State: ``kernel [K, *k, I/g, O]``, ``attention/fc/kernel [I, A]``, ``attention/bn/{scale, bias}``
+    (params) and ``attention/bn/{mean, var}`` (``nnx.BatchStat``),
+    ``attention/{channel,filter,spatial,kernel}_fc/{kernel [A, n], bias [n]}`` with n = I, O,
+    prod(k), K and ``A = max(int(I * reduction), min_channels)``; skipped attentions (depthwise: no
+    filter, 1x1: no spatial, K == 1: no kernel attention) have none: the Linen
+    :class:`dynconv_jax.ODConv` tree. Sows ``kernel_attention [B, K]`` (ones for K == 1),
+    ``channel_attention [B, I]`` and, when not skipped, ``filter_attention [B, O]``,
+    ``spatial_attention [B, *k]``.
+
+    In training mode (``train()``, the default of a new layer) the attention is normalised with
+    batch statistics (needs a batch of at least 2, as PyTorch) and the running statistics update;
+    ``eval()`` uses the running statistics.
+
+    Attributes (beyond ``flax.nnx.Conv``'s, ``num_experts`` and ``strategy``):
+      reduction, min_channels: attention width A.
+      attention_bn_init: initial scale (γ) of the attention BatchNorm; 0.1 by default, 1.0 is the
+        official code's init (see the Linen :class:`dynconv_jax.ODConv` and docs/training.md).
+    """
+
+    def __init__(self, in_features: int, out_features: int, kernel_size: Union[int, Sequence[int]],
+                 strides: Union[int, Sequence[int]] = 1, *, padding: ops.PaddingLike = "SAME",
+                 kernel_dilation: Union[int, Sequence[int]] = 1, feature_group_count: int = 1,
+                 dtype: Optional[Dtype] = None, param_dtype: Dtype = jnp.float32, precision: PrecisionLike = None,
+                 kernel_init: Initializer = routing.kaiming_fan_out_expert_init, num_experts: int = 4,
+                 strategy: str = "auto", reduction: float = 0.0625, min_channels: int = 16,
+                 attention_bn_init: float = 0.1, rngs: nnx.Rngs):
+        super().__init__(in_features, out_features, kernel_size, strides, padding=padding,
+                         kernel_dilation=kernel_dilation, feature_group_count=feature_group_count, use_bias=False,
+                         dtype=dtype, param_dtype=param_dtype, precision=precision, kernel_init=kernel_init,
+                         bias_init=None, num_experts=num_experts, strategy=strategy, rngs=rngs)
+        self.reduction = reduction
+        self.min_channels = min_channels
+        routing.check_attention_bn_init(self.layer, attention_bn_init)
+        self.attention_bn_init = attention_bn_init
+        width = routing.attention_width(in_features, reduction, min_channels, self.layer)
+        self.attention = _ODConvAttention(in_features, out_features, self.kernel_size, feature_group_count,
+                                          num_experts, width, attention_bn_init, dtype=_attention_dtype(dtype), param_dtype=param_dtype,
+                                          precision=precision, rngs=rngs)
+
+    def __call__(self, x, temperature=None):
+        """``x [B, *S, I] -> [B, *S_out, O]``; ``temperature`` scalar (may be traced), None = 1."""
+        experts, dtype, attn_dtype = self._check(x)
+        if not self.attention.bn.use_running_average:
+            routing.check_odconv_train_batch(self.layer, x.shape[0])
+        temperature = routing.temperature_scalar(temperature, self.layer, attn_dtype)
+        pooled = routing.global_avg_pool(x, attn_dtype)  # [B, I]
+        channel, filter_, spatial, kernel = self.attention(pooled, temperature)
+        _sow(self, "kernel_attention", kernel)
+        _sow(self, "channel_attention", channel)
+        if filter_ is not None:
+            _sow(self, "filter_attention", filter_)
+        if spatial is not None:
+            _sow(self, "spatial_attention", spatial)
+        return self._convolve(x, experts, dtype, kernel, spatial_attention=spatial, channel_attention=channel,
+                              filter_attention=filter_)
