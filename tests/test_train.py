@@ -24,6 +24,13 @@ def tiny(workdir, *extra) -> Config:
     return parse_args(TINY + [f"--workdir={workdir}", *extra])
 
 
+def compile_cache_env(directory) -> dict:
+    """Environment for subprocesses that share compiled programs through JAX's persistent cache in
+    ``directory``: a repeated or resumed run of the same configuration compiles nothing new."""
+    return {"JAX_COMPILATION_CACHE_DIR": str(directory), "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
+            "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0"}
+
+
 def run_cli(args, env=None, **kwargs):
     return subprocess.Popen([sys.executable, "-m", "train", *args], cwd=ROOT, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, env={**os.environ, **(env or {})}, **kwargs)
@@ -122,20 +129,21 @@ def test_kill_and_resume_is_bit_identical(tmp_path):
     bad.write_bytes(bad.read_bytes()[:len(bad.read_bytes()) // 3])
     args = TINY + [f"--num_steps={total}", "--checkpoint_every_steps=3", "--dataset=imagefolder",
                    f"--data_dir={data_dir}", "--image_size=16", "--data_workers=2"]
-    ref = run_cli(args + [f"--workdir={tmp_path / 'ref'}"])
+    cache = compile_cache_env(tmp_path / "jax_cache")
+    ref = run_cli(args + [f"--workdir={tmp_path / 'ref'}"], env=cache)
     out, _ = ref.communicate(timeout=900)
     assert ref.returncode == 0, out
     # Killed right after step 4..8 is logged: a checkpoint (step 3 or 6) exists by then. Steps 2 and 3
     # come before the first checkpoint is written, so --resume would rightly start from scratch.
     kill_at = random.Random().randint(4, total - 2)
-    proc = run_cli(args + [f"--workdir={tmp_path / 'killed'}"])
+    proc = run_cli(args + [f"--workdir={tmp_path / 'killed'}"], env=cache)
     for line in proc.stdout:
         if line.startswith(f"step {kill_at}/"):
             proc.send_signal(signal.SIGKILL)
             break
     proc.wait(timeout=60)
     assert proc.returncode == -signal.SIGKILL, f"not killed (kill_at={kill_at})"
-    again = run_cli(args + [f"--workdir={tmp_path / 'killed'}", "--resume"])
+    again = run_cli(args + [f"--workdir={tmp_path / 'killed'}", "--resume"], env=cache)
     out, _ = again.communicate(timeout=900)
     assert again.returncode == 0, out
     assert "resumed from" in out and "unreadable or corrupt" not in out, out  # intact checkpoints pass the checksum
