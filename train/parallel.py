@@ -7,19 +7,32 @@ equals single-device training on the same global batch up to float summation ord
 """
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import jax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 
 def initialize(distributed: bool) -> None:
-    """Multi-host: ``jax.distributed.initialize()`` reads the coordinator, process count and id
-    from the environment (SLURM, Cloud TPU, or JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES /
-    JAX_PROCESS_ID). Collectives between CPU processes go through gloo (the setting only concerns the
-    CPU backend, so GPU and TPU runs are unaffected)."""
-    if distributed:
-        jax.config.update("jax_cpu_collectives_implementation", "gloo")
-        jax.distributed.initialize()
+    """Multi-host: ``jax.distributed.initialize()`` with the coordinator, process count and id of the
+    environment: SLURM and Cloud TPU are detected by JAX; by hand, JAX_COORDINATOR_ADDRESS (read by JAX)
+    with JAX_NUM_PROCESSES and JAX_PROCESS_ID (read here: JAX itself does not read these two).
+    Collectives between CPU processes go through gloo (the setting only concerns the CPU backend, so
+    GPU and TPU runs are unaffected)."""
+    if not distributed:
+        return
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    kwargs = {}
+    for name, variable in (("num_processes", "JAX_NUM_PROCESSES"), ("process_id", "JAX_PROCESS_ID")):
+        text = os.environ.get(variable, "").strip()
+        if text:
+            try:
+                kwargs[name] = int(text)
+            except ValueError:
+                raise ValueError(f"--distributed: environment variable {variable}={text!r} is not an integer") \
+                    from None
+    jax.distributed.initialize(**kwargs)
 
 
 def make_mesh() -> Mesh:
