@@ -11,7 +11,6 @@ import time
 from typing import Any, Dict
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from train import checkpoint as ckpt_lib
@@ -140,8 +139,7 @@ def train_and_evaluate(config: Config) -> Dict[str, Any]:
         print(f"--resume: no checkpoint in {checkpointer.directory}; starting from step 0", flush=True)
 
     repl, data_sharding = parallel.replicated(mesh), parallel.batch_sharded(mesh)
-    state = jax.device_put(state, repl)
-    dropout_key = jax.device_put(dropout_key, repl)
+    state, dropout_key = parallel.replicate((state, dropout_key), repl)
     # The step adds its metrics to on-device sums: the host waits for the device only when it fetches
     # them (every --log_every_steps, at epoch ends and before each checkpoint), not every step.
     p_train_step = parallel.under_mesh(mesh, jax.jit(
@@ -171,7 +169,7 @@ def train_and_evaluate(config: Config) -> Dict[str, Any]:
     last_good = checkpointer.all_steps()[-1] if checkpointer.all_steps() else None
     eval_metrics = {"loss": math.nan, "accuracy": math.nan}
     data_wait = epoch_wait = 0.0  # seconds spent waiting for the next batch (total, this epoch)
-    sums = jax.device_put(steps.zero_metric_sums(), repl)
+    sums = parallel.replicate(steps.zero_metric_sums(), repl)
     try:
         for step in range(start_step, total_steps):
             t_wait = time.time()
@@ -194,7 +192,7 @@ def train_and_evaluate(config: Config) -> Dict[str, Any]:
             if not (done % config.log_every_steps == 0 or epoch_end or checkpoint_due):
                 continue
             window = {k: float(v) for k, v in jax.device_get(sums).items()}  # the host waits here only
-            sums = jax.device_put(steps.zero_metric_sums(), repl)
+            sums = parallel.replicate(steps.zero_metric_sums(), repl)
             if window["first_nonfinite_step"] >= 0:
                 bad = int(window["first_nonfinite_step"])
                 name = "loss" if not math.isfinite(window["nonfinite_loss"]) else "grad_norm"
@@ -224,7 +222,7 @@ def train_and_evaluate(config: Config) -> Dict[str, Any]:
             if epoch_end:
                 temperature = temperature_fn(done)
                 eval_metrics = evaluate(p_eval_step, state, pipeline, data_sharding,
-                                        jax.device_put(jnp.asarray(temperature, jnp.float32), repl))
+                                        parallel.replicate(np.float32(temperature), repl))
                 if not math.isfinite(eval_metrics["loss"]):
                     raise TrainingDiverged(f"step {done}: eval loss (cross-entropy on {config.eval_split}) is "
                                            f"{eval_metrics['loss']}; stopped. Last good checkpoint: "

@@ -11,6 +11,7 @@ import os
 
 import numpy as np
 import jax
+import jax.numpy as jnp
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 
@@ -55,6 +56,20 @@ def under_mesh(mesh: Mesh, fn):
         with jax.set_mesh(mesh):
             return fn(*args, **kwargs)
     return call
+
+
+def replicate(tree, sharding: NamedSharding):
+    """A pytree with the same values in every process -> global ``jax.Array``s with ``sharding`` (replicated).
+
+    ``jax.device_put`` refuses a sharding over devices of other processes for an array already on a
+    device, so each leaf is rebuilt from its host copy (PRNG keys through their key data)."""
+    def put(leaf):
+        if jax.dtypes.issubdtype(leaf.dtype, jax.dtypes.prng_key):
+            return jax.random.wrap_key_data(put(jax.random.key_data(leaf)), impl=jax.random.key_impl(leaf))
+        host = np.asarray(jnp.asarray(leaf))  # a Python scalar takes JAX's dtype, as with device_put
+        return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
+
+    return jax.tree.map(put, tree)
 
 
 def global_batch(sharding: NamedSharding, *local_arrays):
