@@ -64,7 +64,7 @@ def replicate(tree, sharding: NamedSharding):
     ``jax.device_put`` refuses a sharding over devices of other processes for an array already on a
     device, so each leaf is rebuilt from its host copy (PRNG keys through their key data)."""
     def put(leaf):
-        if jax.dtypes.issubdtype(leaf.dtype, jax.dtypes.prng_key):
+        if isinstance(leaf, jax.Array) and jax.dtypes.issubdtype(leaf.dtype, jax.dtypes.prng_key):
             return jax.random.wrap_key_data(put(jax.random.key_data(leaf)), impl=jax.random.key_impl(leaf))
         host = np.asarray(jnp.asarray(leaf))  # a Python scalar takes JAX's dtype, as with device_put
         return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
