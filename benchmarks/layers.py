@@ -16,9 +16,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from dynconv_spec import CONV_TYPES
+
 from .timing import fmt_ms, fmt_ratio, markdown_table, median_times
 
-KINDS = ("static", "condconv", "dynamic", "odconv")
+KINDS = CONV_TYPES
 
 # (name, batch, spatial, cin, cout, kernel, stride, groups)
 _LAYERS = [

@@ -12,9 +12,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from dynconv_spec import CONV_TYPES
+
 from .timing import markdown_table, median_times
 
-CONVS = ("static", "condconv", "dynamic", "odconv")
+CONVS = CONV_TYPES
 MODEL_ARGS = dict(num_classes=10, stem="cifar")
 
 

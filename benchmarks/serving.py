@@ -18,6 +18,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from dynconv_spec import CONV_TYPES
+
 from .timing import markdown_table, median_times
 
 try:
@@ -25,8 +27,10 @@ try:
 except ImportError:  # the serving suite needs torch; the module stays importable without it
     dynconv_torch = None
 
-CONVS = ("static", "condconv", "dynamic", "odconv")
-MODELS = ("resnet18", "mobilenet_v2")
+CONVS = CONV_TYPES
+MODELS = ("resnet18", "mobilenet_v2")  # registry names (dynconv_spec.MODEL_NAMES) with a QUICK_SIZE
+#: Narrow versions of MODELS for --quick.
+QUICK_SIZE = {"resnet18": dict(base_width=8), "mobilenet_v2": dict(width_mult=0.25)}
 BATCHES = (1, 32)
 CHECK_BATCHES = (1, 2, 7, 32)
 MODEL_ARGS = dict(num_classes=10, stem="cifar")
@@ -35,19 +39,15 @@ MODEL_ARGS = dict(num_classes=10, stem="cifar")
 def _torch_model(name, conv, quick):
     from dynconv_torch import models
 
-    kwargs = dict(MODEL_ARGS, conv=conv)
-    if quick:
-        kwargs.update(base_width=8) if name == "resnet18" else kwargs.update(width_mult=0.25)
-    return getattr(models, name)(**kwargs).eval()
+    kwargs = dict(MODEL_ARGS, conv=conv, **(QUICK_SIZE[name] if quick else {}))
+    return models.create_model(name, **kwargs).eval()
 
 
 def _jax_model(name, conv, quick):
     from dynconv_jax import models
 
-    kwargs = dict(MODEL_ARGS, conv=conv)
-    if quick:
-        kwargs.update(base_width=8) if name == "resnet18" else kwargs.update(width_mult=0.25)
-    model = getattr(models, name)(**kwargs)
+    kwargs = dict(MODEL_ARGS, conv=conv, **(QUICK_SIZE[name] if quick else {}))
+    model = models.create_model(name, **kwargs)
     variables = jax.jit(model.init)(jax.random.PRNGKey(0), jnp.zeros((1, 32, 32, 3), jnp.float32))
     return model, variables
 

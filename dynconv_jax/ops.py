@@ -416,11 +416,10 @@ def mapped_conv(x, experts, attentions, bias, geometry):
     ``jax.set_mesh`` each device maps over its own samples (:func:`_map_samples`).
 
     Without differentiation each step aggregates its own kernel (:func:`_map_forward_aggregating`:
-    the per-sample kernels never reach memory; 2-3x faster at 8x8 and 4x4 outputs). Under
-    differentiation the kernels are aggregated once for the batch and kept for the backward, which
-    maps again (:func:`_map_backward`): differentiating the ``lax.map`` itself would give XLA:CPU's
-    batch-1 kernel-gradient conv, ~30x slower; recomputing the kernels per step there measured
-    slower. Reverse mode, to any order (the VJP is made of differentiable ops); forward mode
+    the per-sample kernels never reach memory). Under differentiation the kernels are aggregated
+    once for the batch and kept for the backward, which maps again (:func:`_map_backward`) instead of
+    differentiating the ``lax.map`` itself (XLA:CPU's batch-1 kernel-gradient conv). The measured
+    reasons for both choices: docs/performance.md, "'map'". Reverse mode, to any order (the VJP is made of differentiable ops); forward mode
     (``jax.jvp``, ``jax.jacfwd``) is not defined for a custom VJP: use another strategy.
     """
     return _map_forward_aggregating(x, experts, attentions, bias, geometry)
@@ -504,16 +503,15 @@ def choose_strategy(x_shape, experts_shape, *, strides, dilation, groups, spatia
                     backend: Optional[str] = None) -> str:
     """What ``strategy='auto'`` runs, by backend and shape (see ``docs/performance.md``).
 
-    XLA:CPU rules, from ``python -m benchmarks strategies`` (forward+backward, the training path):
+    XLA:CPU rules, from ``python -m benchmarks strategies`` (forward+backward, the training path;
+    the measurements behind each rule: docs/performance.md, "The fixed rules"):
 
     - a depthwise conv (one input channel per group) is a sum of broadcast multiplies over
-      the taps ('shifted'): XLA:CPU's own depthwise conv, even static, is 15x slower forward
-      and 3x forward+backward (144 channels at 28x28, B=32);
+      the taps ('shifted'): XLA:CPU's own depthwise conv is slow, even static;
     - batch 1 is exactly a static conv ('vmap' lowers to one);
     - ungrouped, with at most ``_MIX_MAX_POSITIONS`` output positions, the per-sample kernels
       (``B * k^d * Cin * Cout`` values for few output rows) cost more memory traffic than ``K``
-      compute-bound static convs: 'mix' (with a spatial attention too: 4x4 C512, 400 ms vs
-      'map' 1055 ms);
+      compute-bound static convs: 'mix' (with a spatial attention too);
     - otherwise batch-1 static convs under ``lax.map`` with their own VJP ('map').
 
     Other backends were never measured (no accelerator was available): there every sample
@@ -538,8 +536,7 @@ def choose_strategy(x_shape, experts_shape, *, strides, dilation, groups, spatia
 
 
 # Most output positions for which 'mix' (K static convs) beats per-sample kernels in
-# forward+backward on XLA:CPU (benchmarks/results/strategies_cpu.md, B=32, K=4: 4x4 C=512 mix 485 ms
-# vs map 860 ms; 8x8 C=256 map 232 ms vs mix 299 ms).
+# forward+backward on XLA:CPU (measured: docs/performance.md, "The fixed rules", rule 3).
 _MIX_MAX_POSITIONS = 16
 
 

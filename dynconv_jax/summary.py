@@ -41,6 +41,7 @@ from flax.traverse_util import flatten_dict
 from jax import lax
 
 from dynconv_jax import CondConv, DynamicConv, ODConv, models, ops
+from dynconv_spec import CONV_MODELS
 
 DYNAMIC_LAYERS = (CondConv, DynamicConv, ODConv)
 
@@ -186,15 +187,15 @@ class Row:
     macs: MacCount
 
 
-#: The models :func:`build` makes (the ResNets and MobileNetV2 share one signature).
-MODEL_NAMES = ("resnet18", "resnet34", "resnet50", "resnet101", "mobilenet_v2")
+#: The models :func:`build` makes: the registry's conv-selectable ones (they share one signature).
+MODEL_NAMES = CONV_MODELS
 
 
 def build(model_name: str, conv: str, num_experts: int, stem: str, num_classes: int) -> nn.Module:
     """The model ``model_name`` ('resnet18', 'resnet50', 'mobilenet_v2', ...) of ``dynconv_jax.models``."""
     if model_name not in MODEL_NAMES:
         raise ValueError(f"model {model_name!r}: expected one of {', '.join(MODEL_NAMES)}")
-    return getattr(models, model_name)(conv=conv, num_experts=num_experts, stem=stem, num_classes=num_classes)
+    return models.create_model(model_name, conv=conv, num_experts=num_experts, stem=stem, num_classes=num_classes)
 
 
 def measure(model_name: str, conv: str, *, num_experts: int = 4, stem: str = "imagenet", resolution: int = 224,

@@ -31,6 +31,8 @@ import importlib
 import importlib.util
 from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
 
+from dynconv_spec import CONV_MODELS, CONV_TYPES
+
 CHECKS = ("checkpoint", "forward_eval", "forward_train", "running_stats", "grad_input", "grad_params", "sgd",
           "adamw")
 #: The checks a case runs unless it names its own (``adamw`` runs where a case asks for it).
@@ -188,7 +190,9 @@ def _register_layers():
 
 # ----------------------------------------------------------------------------- models
 
-MODEL_FAMILIES = ("resnet18", "resnet34", "resnet50", "mobilenet_v2")
+#: The conv-selectable models of the registry (dynconv_spec.CONV_MODELS) but ResNet-101, whose
+#: blocks are ResNet-50's (only the stage depth differs) at twice the depth and cost.
+MODEL_FAMILIES = tuple(name for name in CONV_MODELS if name != "resnet101")
 #: Model tolerances (relative, see parity.harness) where they differ from the layer ones: a deep
 #: network of train-mode BatchNorms (and ODConv's attention BatchNorm over the batch only)
 #: amplifies rounding; these bounds are a small multiple of the worst measured torch-vs-JAX error
@@ -198,15 +202,14 @@ MODEL_TOLERANCES = {"float64": {"forward": 1e-11, "grad": 1e-9, "train": 1e-9},
 #: Whole training runs (docs/conversion_parity.md, "Whole training runs"): 100 steps of SGD
 #: (momentum 0.9, weight decay 1e-2) at lr 1e-4 on one fixed batch (full-batch training, which
 #: converges). With a fresh random batch every step, or at lr 1e-3, the tiny full-depth models train
-#: chaotically: a 1e-13 change of the weights grows to O(1) within 30-100 steps in PyTorch alone
-#: (``python -m parity.sensitivity``), so no port could match a trajectory there.
+#: chaotically: a tiny change of the weights grows to O(1) in PyTorch alone (measured with
+#: ``python -m parity.sensitivity``, docs/conversion_parity.md), so no port could match a trajectory there.
 MODEL_TRAIN = dict(sgd_lr=1e-4, train_steps=100, train_batches=1)
 #: Attention temperature of the model cases. ODConv runs at T = 30 (the initial temperature of
 #: the annealing schedule): in train mode each ODConv's attention BatchNorm normalizes [B, A]
 #: pooled features over the batch only, which amplifies rounding, and at lower T that compounds
 #: over the layers (measured in docs/conversion_parity.md).
 MODEL_TEMPERATURE = {"static": None, "condconv": 2.0, "dynamic": 2.0, "odconv": 30.0}
-CONV_TYPES = ("static", "condconv", "dynamic", "odconv")
 #: Tiny sizes: the full depth of each architecture, narrow channels, CIFAR stem, 16x16 inputs.
 MODEL_SIZE = {"resnet18": dict(base_width=8), "resnet34": dict(base_width=8), "resnet50": dict(base_width=8),
               "mobilenet_v2": dict(width_mult=0.25)}
@@ -222,12 +225,12 @@ def model_case(family: str, conv: str, *, num_experts=4, stem="cifar", temperatu
     def make_torch():
         import dynconv_torch.models as tm
 
-        return getattr(tm, family)(**kwargs)
+        return tm.create_model(family, **kwargs)
 
     def make_flax(dtype, precision):
         import dynconv_jax.models as jm
 
-        return getattr(jm, family)(dtype=dtype, param_dtype=dtype, precision=precision, **kwargs)
+        return jm.create_model(family, dtype=dtype, param_dtype=dtype, precision=precision, **kwargs)
 
     desc = "-".join(f"{k}{v}" for k, v in sorted(extra.items()))
     name = f"{family}/{conv}-K{num_experts}-{stem}" + (f"-{desc}" if desc else "") + (

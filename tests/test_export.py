@@ -221,17 +221,9 @@ def test_onnx_layer_dynamic_batch(kind, tmp_path):
             assert group in (1, layer.groups)
 
 
-# Known bug (found 2026-11-29 by this test, not yet fixed): CondConv inside MobileNetV2 / EfficientNet-CondConv
-# exports with errors of 1e-3 to 8e-2 relative (with and without BatchNorm folding, both formulations), while
-# the single CondConv layers above are exact. Strict: the test fails once the export is fixed, so the mark goes.
-_CONDCONV_MODEL_BUG = pytest.mark.xfail(strict=True, reason="ONNX export of CondConv inside MobileNetV2/EfficientNet-CC "
-                                                             "is not exact yet (docs/tools.md)")
-
-
 @needs_onnx
 @pytest.mark.slow
-@pytest.mark.parametrize("name", ["resnet_odconv", pytest.param("mobilenet_condconv", marks=_CONDCONV_MODEL_BUG),
-                                  pytest.param("efficientnet_cc", marks=_CONDCONV_MODEL_BUG)])
+@pytest.mark.parametrize("name", ["resnet_odconv", "mobilenet_condconv", "efficientnet_cc"])
 def test_onnx_model_dynamic_batch(name, tmp_path):
     torch.manual_seed(0)
     model, shape = {
@@ -240,7 +232,9 @@ def test_onnx_model_dynamic_batch(name, tmp_path):
                                (3, 16, 16)),
         "efficientnet_cc": (lambda: tf_efficientnet_cc_b0_4e(num_classes=5), (3, 32, 32)),
     }[name]
-    model = randomize_torch(model())
+    # Perturbations of 0.1 (not 0.3): at 0.3 the float32 MobileNetV2-CondConv is ill-conditioned, its own float32
+    # output differs from float64 by ~3e-2 (docs/tools.md), so no float32 export could be judged at 1e-5.
+    model = randomize_torch(model(), scale=0.1)
     path = texport.to_onnx(model, tmp_path / "model.onnx", (None,) + shape)
     errors = check_onnx_batches(model, path, shape)
     assert max(errors.values()) <= 1e-5, errors

@@ -30,16 +30,17 @@ def rel_err(a, b) -> float:
 
 
 def randomize(variables, seed: int, dtype=jnp.float64):
-    """Replace every leaf by random values so that no attention is trivial (running var > 0)."""
-    leaves, treedef = jax.tree_util.tree_flatten_with_path(variables)
-    keys = jax.random.split(jax.random.key(seed), len(leaves))
-    out = []
-    for (path, leaf), key in zip(leaves, keys):
+    """Replace every leaf by random values so that no attention is trivial (running var > 0).
+
+    NumPy draws: an eager ``jax.random`` draw compiles one XLA program per leaf shape."""
+    rng = np.random.default_rng(seed)
+
+    def draw(path, leaf):
         if path[-1].key == "var":
-            out.append(jax.random.uniform(key, leaf.shape, dtype, 0.5, 1.5))
-        else:
-            out.append(0.5 * jax.random.normal(key, leaf.shape, dtype))
-    return jax.tree_util.tree_unflatten(treedef, out)
+            return jnp.asarray(rng.uniform(0.5, 1.5, leaf.shape), dtype)
+        return jnp.asarray(0.5 * rng.standard_normal(leaf.shape), dtype)
+
+    return jax.tree_util.tree_map_with_path(draw, variables)
 
 
 # --------------------------------------------------------------------------- naive reference

@@ -26,22 +26,24 @@ from dynconv_jax import models as jm
 from dynconv_jax import summary
 from dynconv_jax.convert import torch_module_to_flax, torch_to_flax
 from dynconv_torch import CondConv2d, DynamicConv2d, ODConv2d
+from dynconv_spec import CONV_TYPES
 from dynconv_torch import models as tm
 
-CONVS = ("static", "condconv", "dynamic", "odconv")
+CONVS = CONV_TYPES
 MANIFEST = json.loads(gzip.decompress((pathlib.Path(__file__).parent / "data" / "official_odconv_models.json.gz")
                                       .read_bytes()))
 OFFICIAL = MANIFEST["models"]
 
 
 def _official_build(name: str, framework):
-    """Our model with the options of the official ``name`` ('od_resnet18_k4', 'mobilenetv2_050', ...)."""
+    """Our model built through the registry under the official name ('od_resnet18_k4' is
+    ``create_model('od_resnet18', kernel_num=4)``; the static 'mobilenetv2_050' is ``mobilenet_v2``)."""
     entry = OFFICIAL[name]
-    base = name.split("_k")[0].replace("od_", "")
-    kwargs = {} if entry["kernel_num"] is None else {"conv": "odconv", "num_experts": entry["kernel_num"]}
-    if base.startswith("mobilenetv2"):
-        return framework.mobilenet_v2(width_mult=int(base[-3:]) / 100, **kwargs)
-    return getattr(framework, base)(**kwargs)
+    if entry["kernel_num"] is not None:
+        return framework.create_model(name.split("_k")[0], kernel_num=entry["kernel_num"])
+    if name.startswith("mobilenetv2"):
+        return framework.create_model("mobilenet_v2", width_mult=int(name[-3:]) / 100)
+    return framework.create_model(name)
 
 
 def _flax_leaf_counts(variables) -> dict:

@@ -46,17 +46,21 @@ JAX_LAYERS = {
 
 
 def randomize(variables, key, scale=0.5):
-    """Perturb every parameter (attention heads start at zero bias) so that every attention varies."""
+    """Perturb every parameter (attention heads start at zero bias) so that every attention varies.
+
+    Drawn with NumPy (seeded by ``key``): an eager ``jax.random`` draw compiles one XLA program per
+    leaf shape, which cost the suite minutes of compilation for nothing the tests check."""
+    rng = np.random.default_rng(np.asarray(jax.random.key_data(key)).ravel().tolist())
+
+    def draw(leaf, sample):
+        return jnp.asarray(sample(np.shape(leaf)), dtype=leaf.dtype)
+
     params = variables["params"]
-    leaves, tree = jax.tree_util.tree_flatten(params)
-    keys = jax.random.split(key, len(leaves) + 2)
-    leaves = [leaf + scale * jax.random.normal(k, leaf.shape, leaf.dtype) for leaf, k in zip(leaves, keys)]
-    out = {"params": jax.tree_util.tree_unflatten(tree, leaves)}
+    out = {"params": jax.tree_util.tree_map(lambda leaf: leaf + scale * draw(leaf, rng.standard_normal), params)}
     if "batch_stats" in variables:
-        stats = variables["batch_stats"]
         out["batch_stats"] = jax.tree_util.tree_map_with_path(
-            lambda path, v: (jax.random.uniform(keys[-1], v.shape, v.dtype, 0.5, 2.0) if "var" in str(path[-1])
-                             else 0.3 * jax.random.normal(keys[-2], v.shape, v.dtype)), stats)
+            lambda path, v: (draw(v, lambda shape: rng.uniform(0.5, 2.0, shape)) if "var" in str(path[-1])
+                             else 0.3 * draw(v, rng.standard_normal)), variables["batch_stats"])
     return out
 
 

@@ -12,8 +12,10 @@ import math
 import typing
 from typing import Optional, Sequence, Tuple
 
-MODELS = ("resnet18", "resnet34", "resnet50", "resnet101", "mobilenet_v2")
-CONVS = ("static", "condconv", "dynamic", "odconv")
+from dynconv_spec import CONV_MODELS, CONV_TYPES
+
+MODELS = CONV_MODELS  # the registered models that take conv= (dynconv_spec.registry)
+CONVS = CONV_TYPES
 OPTIMIZERS = ("sgd", "adamw")
 SCHEDULES = ("cosine", "constant", "step")
 AUGMENTS = ("auto", "none", "crop", "crop_flip")

@@ -50,7 +50,7 @@ def torch_twin(config, variables, num_classes: int, image_shape, temperature: fl
     from dynconv_torch import models as torch_models
 
     kwargs = model_kwargs(config, num_classes, image_shape)
-    torch_model = getattr(torch_models, config.model)(**kwargs)
+    torch_model = torch_models.create_model(config.model, **kwargs)
     save_safetensors(variables, path, like=torch_model.state_dict(),
                      metadata={"model": config.model, **{k: str(v) for k, v in kwargs.items()}})
     torch_model.load_state_dict(load_file(path), strict=True)

@@ -91,7 +91,7 @@ def train_and_evaluate(config: Config) -> Dict[str, Any]:
     tx, lr_schedule = steps.create_optimizer(config, spe, total_steps)
     temperature_fn = steps.temperature_schedule(config, spe)
     # Parameters are drawn with the 'rbg' PRNG: XLA:CPU compiles a threefry init of a ResNet
-    # 5x slower (measured 2.8 s vs 13.8 s CPU for resnet18 static). Dropout keeps threefry,
+    # several times slower (docs/performance.md, "Compile time"). Dropout keeps threefry,
     # whose sharded random bits equal the unsharded ones.
     init_key = jax.random.key(config.seed, impl="rbg")
     dropout_key = jax.random.fold_in(jax.random.key(config.seed), 1)

@@ -72,7 +72,7 @@ def build_model(config: ExampleConfig, in_channels: int, num_classes: int):
         kwargs["num_experts"] = config.num_experts
     if config.model.startswith("resnet"):
         kwargs["base_width"] = config.base_width
-    return getattr(models, config.model)(**kwargs)
+    return models.create_model(config.model, **kwargs)
 
 
 def run(config: ExampleConfig = ExampleConfig(), log=print) -> float:

@@ -73,7 +73,7 @@ def create_model(config, num_classes: int, image_shape):
         kwargs["dtype"] = jnp.bfloat16
     elif config.dtype == "float64":
         kwargs.update(dtype=jnp.float64, param_dtype=jnp.float64)
-    return getattr(models, config.model)(**kwargs)
+    return models.create_model(config.model, **kwargs)
 
 
 def temperature_schedule(config, steps_per_epoch: int) -> Callable[[Any], Array]:

@@ -17,11 +17,12 @@ from flax import linen as nn
 
 from dynconv_jax import CondConv, DynamicConv, ODConv
 from dynconv_jax.norm import BatchNorm
+from dynconv_spec import check_model_args
 
-CONV_TYPES = ("static", "condconv", "dynamic", "odconv")
-_REDUCTION_TYPES = ("dynamic", "odconv")
-_RESERVED_OPTIONS = ("features", "kernel_size", "strides", "padding", "feature_group_count", "num_experts",
-                     "reduction", "strategy", "dtype", "param_dtype", "precision", "name")
+DYNAMIC_LAYERS = {"condconv": CondConv, "dynamic": DynamicConv, "odconv": ODConv}
+#: The fields each dynamic layer takes (what ``conv_options`` may name, less the reserved ones).
+LAYER_OPTIONS = {conv: frozenset(f.name for f in dataclasses.fields(layer) if f.init)
+                 for conv, layer in DYNAMIC_LAYERS.items()}
 
 # torch.nn.init.kaiming_normal_(mode='fan_out', nonlinearity='relu'): N(0, 2 / (O * kh * kw)),
 # the init of every static conv in torchvision's and the official ODConv models.
@@ -30,28 +31,13 @@ kaiming_fan_out_normal = nn.initializers.variance_scaling(2.0, "fan_out", "norma
 classifier_init = nn.initializers.normal(0.01)
 
 
-def check_num_classes(num_classes: int, where: str) -> None:
-    """The classifier width must be a positive int (these models have no headless mode)."""
-    if not isinstance(num_classes, int) or isinstance(num_classes, bool) or num_classes < 1:
-        raise ValueError(f"{where}: num_classes={num_classes!r} must be an int >= 1")
-
-
-def check_conv_args(conv: str, num_experts: int, reduction: Optional[float], conv_options: Optional[Mapping[str, Any]],
-                    where: str) -> Tuple[Tuple[str, Any], ...]:
-    """Validate the conv-type arguments of a model; returns ``conv_options`` as sorted items."""
-    if conv not in CONV_TYPES:
-        raise ValueError(f"{where}: conv={conv!r} is not a conv type; expected one of {CONV_TYPES}")
-    if not isinstance(num_experts, int) or isinstance(num_experts, bool) or num_experts < 1:
-        raise ValueError(f"{where}: num_experts={num_experts!r} must be a positive int")
-    if reduction is not None and conv not in _REDUCTION_TYPES:
-        raise ValueError(f"{where}: reduction={reduction!r} applies to conv in {_REDUCTION_TYPES}, not conv={conv!r}")
-    options = dict(conv_options or {})
-    if options and conv == "static":
-        raise ValueError(f"{where}: conv_options={options} given with conv='static' (they are dynamic-layer options)")
-    reserved = sorted(set(_RESERVED_OPTIONS) & set(options))
-    if reserved:
-        raise ValueError(f"{where}: conv_options may not set {reserved}; the model sets them "
-                         "(use num_experts=, reduction=, strategy=, dtype=, param_dtype=, precision=)")
+def check_args(where: str, conv: str, num_experts: int, reduction: Optional[float],
+               conv_options: Optional[Mapping[str, Any]], stem: str, dropout: float,
+               num_classes: int) -> Tuple[Tuple[str, Any], ...]:
+    """:func:`dynconv_spec.check_model_args` against the Flax layers' fields (both Flax APIs);
+    returns ``conv_options`` as sorted items (hashable, for the frozen :class:`ConvConfig`)."""
+    options = check_model_args(where, conv, num_experts, reduction, conv_options, stem, dropout, num_classes,
+                               LAYER_OPTIONS)
     return tuple(sorted(options.items()))
 
 
@@ -84,7 +70,7 @@ class ConvConfig:
         """A convolution of the configured type (static, or a dynamic layer given ``train`` and ``temperature``)."""
         if self.conv == "static":
             return self.static_conv(x, name, features, kernel_size, stride, groups)
-        layer_cls = {"condconv": CondConv, "dynamic": DynamicConv, "odconv": ODConv}[self.conv]
+        layer_cls = DYNAMIC_LAYERS[self.conv]
         options = dict(self.conv_options)
         if self.reduction is not None:
             options["reduction"] = self.reduction
@@ -114,22 +100,6 @@ def check_input(x, in_channels: int, where: str) -> None:
         raise ValueError(f"{where}: input dtype {x.dtype} must be floating point")
 
 
-STEMS = ("imagenet", "cifar")
-
-
-def check_model_args(where: str, conv: str, num_experts: int, reduction: Optional[float],
-                     conv_options: Optional[Mapping[str, Any]], stem: str, dropout: float,
-                     num_classes: int) -> Tuple[Tuple[str, Any], ...]:
-    """Validate the arguments every model shares (both Flax APIs); returns ``conv_options`` as sorted items."""
-    options = check_conv_args(conv, num_experts, reduction, conv_options, where)
-    check_num_classes(num_classes, where)
-    if stem not in STEMS:
-        raise ValueError(f"{where}: stem={stem!r}; expected one of {STEMS}")
-    if not 0.0 <= dropout < 1.0:
-        raise ValueError(f"{where}: dropout={dropout!r} must be in [0, 1)")
-    return options
-
-
 class DynamicNet(nn.Module):
     """The fields and checks shared by the Flax models (ResNet, MobileNetV2): which convolution the
     blocks use, the classifier, the stem, and how every layer computes. Subclasses add their
@@ -148,14 +118,15 @@ class DynamicNet(nn.Module):
     precision: Any = None
 
     def __post_init__(self):
-        check_model_args(type(self).__name__, self.conv, self.num_experts, self.reduction, self.conv_options,
-                         self.stem, self.dropout, self.num_classes)
+        check_args(type(self).__name__, self.conv, self.num_experts, self.reduction, self.conv_options, self.stem,
+                   self.dropout, self.num_classes)
         super().__post_init__()
 
     def conv_config(self, x) -> ConvConfig:
         """Checks the input ``x`` and returns the :class:`ConvConfig` every layer is built with."""
         where = type(self).__name__
         check_input(x, self.in_channels, where)
-        options = check_conv_args(self.conv, self.num_experts, self.reduction, self.conv_options, where)
+        options = check_args(where, self.conv, self.num_experts, self.reduction, self.conv_options, self.stem,
+                             self.dropout, self.num_classes)
         return ConvConfig(self.conv, self.num_experts, self.reduction, self.strategy, options, self.dtype,
                           self.param_dtype, self.precision)

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, Optional
 
 import jax
 import jax.numpy as jnp
@@ -27,122 +27,17 @@ from flax import linen as nn
 
 from dynconv_jax import CondConv, routing
 from dynconv_jax.norm import BatchNorm
+from dynconv_spec.efficientnet_cc import (BN_EPS_TF, BN_EPS_TORCH, DEFAULT_CFGS, VARIANTS, BlockSpec, block_specs,
+                                          check_efficientnet_args, resolve_variant, variant_entry_point)
+from dynconv_spec.mobilenetv2 import make_divisible
 
-from .mobilenetv2 import make_divisible
+from ._registry import register_model
 
 __all__ = [
     "EfficientNetCondConv", "efficientnet_cc", "block_specs", "convert_torch_checkpoint", "VARIANTS", "DEFAULT_CFGS",
     "tf_efficientnet_cc_b0_4e", "tf_efficientnet_cc_b0_8e", "tf_efficientnet_cc_b1_8e",
     "efficientnet_cc_b0_4e", "efficientnet_cc_b0_8e", "efficientnet_cc_b1_8e",
 ]
-
-BN_EPS_TF = 1e-3  # TensorFlow's BatchNormalization default, kept by the tf_* ports
-BN_EPS_TORCH = 1e-5
-
-
-@dataclasses.dataclass(frozen=True)
-class StageSpec:
-    """One stage of the EfficientNet-B0 table: ``repeats`` blocks of one kind."""
-
-    block: str  # 'ds' (depthwise-separable) or 'ir' (inverted residual)
-    repeats: int
-    kernel_size: int  # depthwise kernel
-    stride: int  # of the first block of the stage
-    exp_ratio: float
-    out_chs: int
-    se_ratio: float  # squeeze ratio relative to the block input channels
-    num_experts: int  # 0: static convs; > 0: CondConv block (before the experts multiplier)
-
-
-#: EfficientNet-B0 with CondConv in the last three stages (timm ``_gen_efficientnet_condconv``).
-CONDCONV_B0_STAGES: Tuple[StageSpec, ...] = (
-    StageSpec("ds", 1, 3, 1, 1.0, 16, 0.25, 0),
-    StageSpec("ir", 2, 3, 2, 6.0, 24, 0.25, 0),
-    StageSpec("ir", 2, 5, 2, 6.0, 40, 0.25, 0),
-    StageSpec("ir", 3, 3, 2, 6.0, 80, 0.25, 0),
-    StageSpec("ir", 3, 5, 1, 6.0, 112, 0.25, 4),
-    StageSpec("ir", 4, 5, 2, 6.0, 192, 0.25, 4),
-    StageSpec("ir", 1, 3, 1, 6.0, 320, 0.25, 4),
-)
-
-
-@dataclasses.dataclass(frozen=True)
-class BlockSpec:
-    """One block, fully resolved (channels rounded, stride/experts/drop-path set)."""
-
-    block: str
-    in_chs: int
-    out_chs: int
-    kernel_size: int
-    stride: int
-    exp_ratio: float
-    se_ratio: float
-    num_experts: int
-    drop_path_rate: float
-
-    @property
-    def mid_chs(self) -> int:
-        """Expanded width of an inverted residual (the input width for 'ds')."""
-        return make_divisible(self.in_chs * self.exp_ratio) if self.block == "ir" else self.in_chs
-
-    @property
-    def se_chs(self) -> int:
-        """Squeeze width ``round(mid * (se_ratio / exp_ratio))``: the ratio is relative to the block input (timm)."""
-        return round(self.mid_chs * (self.se_ratio / (self.exp_ratio if self.block == "ir" else 1.0)))
-
-    @property
-    def has_skip(self) -> bool:
-        return self.stride == 1 and self.in_chs == self.out_chs
-
-
-#: name -> (depth multiplier, experts multiplier, TF port). Channel multiplier is 1.0 for all.
-VARIANTS: Dict[str, Tuple[float, int, bool]] = {
-    "tf_efficientnet_cc_b0_4e": (1.0, 1, True),
-    "tf_efficientnet_cc_b0_8e": (1.0, 2, True),
-    "tf_efficientnet_cc_b1_8e": (1.1, 2, True),
-    "efficientnet_cc_b0_4e": (1.0, 1, False),
-    "efficientnet_cc_b0_8e": (1.0, 2, False),
-    "efficientnet_cc_b1_8e": (1.1, 2, False),
-}
-
-_INCEPTION = dict(mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
-_IMAGENET = dict(mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))
-#: Evaluation preprocessing of each variant (timm's default cfgs): resize the shorter side to
-#: ``floor(input_size / crop_pct)`` (bicubic), center-crop ``input_size``, scale to [0, 1], normalise.
-DEFAULT_CFGS: Dict[str, Dict[str, Any]] = {
-    "tf_efficientnet_cc_b0_4e": dict(input_size=224, crop_pct=0.875, interpolation="bicubic", **_INCEPTION),
-    "tf_efficientnet_cc_b0_8e": dict(input_size=224, crop_pct=0.875, interpolation="bicubic", **_INCEPTION),
-    "tf_efficientnet_cc_b1_8e": dict(input_size=240, crop_pct=0.882, interpolation="bicubic", **_INCEPTION),
-    "efficientnet_cc_b0_4e": dict(input_size=224, crop_pct=0.875, interpolation="bicubic", **_IMAGENET),
-    "efficientnet_cc_b0_8e": dict(input_size=224, crop_pct=0.875, interpolation="bicubic", **_IMAGENET),
-    "efficientnet_cc_b1_8e": dict(input_size=240, crop_pct=0.882, interpolation="bicubic", **_IMAGENET),
-}
-
-
-def block_specs(stem_chs: int = 32, depth_multiplier: float = 1.0, channel_multiplier: float = 1.0,
-                experts_multiplier: int = 1, drop_path_rate: float = 0.0,
-                stages: Tuple[StageSpec, ...] = CONDCONV_B0_STAGES) -> List[List[BlockSpec]]:
-    """Resolve the stage table into per-block specs, stage by stage (same rule as the torch twin).
-
-    Depth scaling is EfficientNet's: ``ceil(repeats * depth_multiplier)`` blocks per stage; only
-    the first block of a stage is strided. Block ``i`` of ``n`` gets drop-path rate
-    ``drop_path_rate * i / n`` (stochastic depth grows linearly with depth).
-    """
-    if not (isinstance(experts_multiplier, int) and experts_multiplier >= 1):
-        raise ValueError(f"block_specs: experts_multiplier={experts_multiplier!r} must be an int >= 1")
-    counts = [int(math.ceil(s.repeats * depth_multiplier)) for s in stages]
-    total = sum(counts)
-    in_chs, index, out = stem_chs, 0, []
-    for stage, count in zip(stages, counts):
-        out_chs = make_divisible(stage.out_chs * channel_multiplier)
-        blocks = []
-        for j in range(count):
-            blocks.append(BlockSpec(stage.block, in_chs, out_chs, stage.kernel_size, stage.stride if j == 0 else 1,
-                                    stage.exp_ratio, stage.se_ratio, stage.num_experts * experts_multiplier,
-                                    drop_path_rate * index / total))
-            in_chs, index = out_chs, index + 1
-        out.append(blocks)
-    return out
 
 
 # --------------------------------------------------------------------------- layers
@@ -310,11 +205,7 @@ class EfficientNetCondConv(nn.Module):
     @nn.compact
     def __call__(self, x, train: bool = False, temperature=None):
         where = type(self).__name__
-        if not (isinstance(self.num_classes, int) and self.num_classes >= 0):
-            raise ValueError(f"{where}: num_classes={self.num_classes!r} must be an int >= 0")
-        for name, rate in (("drop_rate", self.drop_rate), ("drop_path_rate", self.drop_path_rate)):
-            if not 0.0 <= rate < 1.0:
-                raise ValueError(f"{where}: {name}={rate!r} must be in [0, 1)")
+        check_efficientnet_args(where, self.num_classes, self.drop_rate, self.drop_path_rate)
         if x.ndim != 4 or not jnp.issubdtype(x.dtype, jnp.floating):
             raise ValueError(f"{where}: input must be a floating-point [batch, height, width, channels] array "
                              f"(channels-last), got shape {tuple(x.shape)} dtype {x.dtype}")
@@ -342,45 +233,15 @@ class EfficientNetCondConv(nn.Module):
 
 def efficientnet_cc(name: str, **kwargs) -> EfficientNetCondConv:
     """Build a variant by name (one of :data:`VARIANTS`); ``kwargs`` are :class:`EfficientNetCondConv` fields."""
-    if name not in VARIANTS:
-        raise ValueError(f"efficientnet_cc: unknown variant {name!r}; expected one of {sorted(VARIANTS)}")
-    depth, experts, tf_port = VARIANTS[name]
-    return EfficientNetCondConv(depth_multiplier=depth, experts_multiplier=experts, tf_port=tf_port, **kwargs)
+    return EfficientNetCondConv(**resolve_variant(name), **kwargs)
 
 
-#: name -> what its entry point's docstring adds to size, experts and port.
-_NOTES: Dict[str, str] = {
-    "tf_efficientnet_cc_b0_4e": "timm weights: 77.3% ImageNet top-1; 13,314,116 params",
-    "tf_efficientnet_cc_b0_8e": "timm weights: 78.0% top-1; 24,013,284 params",
-    "tf_efficientnet_cc_b1_8e": "timm weights: 79.3% top-1 at 240px; 39,715,968 params",
-    "efficientnet_cc_b0_4e": "untrained; timm trains it with drop_rate=drop_path_rate=0.2",
-    "efficientnet_cc_b0_8e": "untrained",
-    "efficientnet_cc_b1_8e": "untrained",
-}
-
-
-def _variant(name: str):
-    """The entry point of variant ``name`` (a key of :data:`VARIANTS`), documented from its name and ``_NOTES``."""
-    *_, size, experts = name.split("_")  # e.g. 'b0', '4e'
-    port = "TF port" if VARIANTS[name][2] else "PyTorch padding/eps"
-
-    def entry_point(num_classes: int = 1000, drop_rate: float = 0.0, drop_path_rate: float = 0.0,
-                    **kwargs) -> EfficientNetCondConv:
-        return efficientnet_cc(name, num_classes=num_classes, drop_rate=drop_rate, drop_path_rate=drop_path_rate,
-                               **kwargs)
-
-    entry_point.__name__ = entry_point.__qualname__ = name
-    entry_point.__doc__ = (f"EfficientNet-CondConv-{size.upper()}, {experts[:-1]} experts, {port} "
-                           f"({_NOTES[name]}).\n\n    ``kwargs``: further :class:`EfficientNetCondConv` arguments.")
-    return entry_point
-
-
-tf_efficientnet_cc_b0_4e = _variant("tf_efficientnet_cc_b0_4e")
-tf_efficientnet_cc_b0_8e = _variant("tf_efficientnet_cc_b0_8e")
-tf_efficientnet_cc_b1_8e = _variant("tf_efficientnet_cc_b1_8e")
-efficientnet_cc_b0_4e = _variant("efficientnet_cc_b0_4e")
-efficientnet_cc_b0_8e = _variant("efficientnet_cc_b0_8e")
-efficientnet_cc_b1_8e = _variant("efficientnet_cc_b1_8e")
+tf_efficientnet_cc_b0_4e = register_model(variant_entry_point("tf_efficientnet_cc_b0_4e", EfficientNetCondConv))
+tf_efficientnet_cc_b0_8e = register_model(variant_entry_point("tf_efficientnet_cc_b0_8e", EfficientNetCondConv))
+tf_efficientnet_cc_b1_8e = register_model(variant_entry_point("tf_efficientnet_cc_b1_8e", EfficientNetCondConv))
+efficientnet_cc_b0_4e = register_model(variant_entry_point("efficientnet_cc_b0_4e", EfficientNetCondConv))
+efficientnet_cc_b0_8e = register_model(variant_entry_point("efficientnet_cc_b0_8e", EfficientNetCondConv))
+efficientnet_cc_b1_8e = register_model(variant_entry_point("efficientnet_cc_b1_8e", EfficientNetCondConv))
 
 
 def convert_torch_checkpoint(model: EfficientNetCondConv, source, image_size: int = 64,

@@ -11,33 +11,11 @@ from __future__ import annotations
 import jax.numpy as jnp
 from flax import linen as nn
 
+from dynconv_spec import check_width_mult, stage_settings
+from dynconv_spec.registry import odconv_model_args
+
 from ._conv import ConvConfig, DynamicNet
-# (expansion t, channels c, repeats n, first stride s) per stage, as in the paper's Table 2.
-INVERTED_RESIDUAL_SETTING = ((1, 16, 1, 1), (6, 24, 2, 2), (6, 32, 3, 2), (6, 64, 4, 2), (6, 96, 3, 1),
-                             (6, 160, 3, 2), (6, 320, 1, 1))
-
-
-def make_divisible(value: float, divisor: int = 8) -> int:
-    """Round a channel count to the nearest multiple of ``divisor`` (at least ``divisor``),
-    going up one step when rounding would lose more than 10 % (the TF-slim MobileNet rule)."""
-    rounded = max(divisor, int(value + divisor / 2) // divisor * divisor)
-    return rounded + divisor if rounded < 0.9 * value else rounded
-
-
-def check_width_mult(width_mult: float) -> None:
-    """``width_mult`` must be positive (both Flax APIs)."""
-    if not width_mult > 0:
-        raise ValueError(f"MobileNetV2: width_mult={width_mult!r} must be positive")
-
-
-def stage_settings(width_mult: float, stem: str):
-    """Channels of the stem, ``(t, c, n, s)`` per stage, and the head width (as the torch twin)."""
-    strides = [s for _, _, _, s in INVERTED_RESIDUAL_SETTING]
-    stem_stride = 2
-    if stem == "cifar":  # 32×32 inputs: stem and the 24-channel stage at stride 1 (total stride 8)
-        stem_stride, strides[1] = 1, 1
-    stages = [(t, make_divisible(c * width_mult), n, s) for (t, c, n, _), s in zip(INVERTED_RESIDUAL_SETTING, strides)]
-    return make_divisible(32 * width_mult), stem_stride, stages, make_divisible(1280 * max(1.0, width_mult))
+from ._registry import register_model
 
 
 def conv_bn_relu6(c: ConvConfig, x, prefix: str, features: int, kernel_size: int, stride: int = 1, groups: int = 1, *,
@@ -112,6 +90,26 @@ class MobileNetV2(DynamicNet):
         return c.dense(x, "classifier_1", self.num_classes)
 
 
+@register_model
 def mobilenet_v2(width_mult: float = 1.0, **kwargs) -> MobileNetV2:
     """MobileNetV2; keyword arguments as :class:`MobileNetV2` (conv, num_experts, num_classes, stem, ...)."""
     return MobileNetV2(width_mult=width_mult, **kwargs)
+
+
+@register_model
+def od_mobilenetv2_050(**kwargs) -> MobileNetV2:
+    """OSVAI/ODConv ``od_mobilenetv2_050(kernel_num=1, reduction=0.0625, **kwargs)``: MobileNetV2 ×0.5 with
+    ODConv (:func:`dynconv_spec.registry.odconv_model_args`; ``kwargs`` as :class:`MobileNetV2`)."""
+    return mobilenet_v2(**odconv_model_args("od_mobilenetv2_050", **kwargs))
+
+
+@register_model
+def od_mobilenetv2_075(**kwargs) -> MobileNetV2:
+    """OSVAI/ODConv ``od_mobilenetv2_075``: MobileNetV2 ×0.75 with ODConv (arguments as :func:`od_mobilenetv2_050`)."""
+    return mobilenet_v2(**odconv_model_args("od_mobilenetv2_075", **kwargs))
+
+
+@register_model
+def od_mobilenetv2_100(**kwargs) -> MobileNetV2:
+    """OSVAI/ODConv ``od_mobilenetv2_100``: MobileNetV2 ×1.0 with ODConv (arguments as :func:`od_mobilenetv2_050`)."""
+    return mobilenet_v2(**odconv_model_args("od_mobilenetv2_100", **kwargs))

@@ -16,7 +16,11 @@ from typing import Sequence
 import jax.numpy as jnp
 from flax import linen as nn
 
+from dynconv_spec import RESNET_ARCHS, check_resnet_args, stage_blocks
+from dynconv_spec.registry import odconv_model_args
+
 from ._conv import ConvConfig, DynamicNet
+from ._registry import register_model
 
 
 class BasicBlock(nn.Module):
@@ -69,28 +73,6 @@ def _shortcut(c: ConvConfig, x, features: int, stride: int, downsample: bool, tr
 BLOCKS = {"basic": BasicBlock, "bottleneck": Bottleneck}
 
 
-def check_resnet_args(block: str, layers: Sequence[int], base_width: int) -> None:
-    """Validate the ResNet architecture arguments (both Flax APIs)."""
-    if block not in BLOCKS:
-        raise ValueError(f"ResNet: block={block!r}; expected one of {tuple(BLOCKS)}")
-    if len(layers) != 4:
-        raise ValueError(f"ResNet: layers={tuple(layers)} must give the blocks of 4 stages")
-    if not isinstance(base_width, int) or base_width < 1:
-        raise ValueError(f"ResNet: base_width={base_width!r} must be a positive int")
-
-
-def stage_blocks(layers: Sequence[int], base_width: int, expansion: int):
-    """``(name, inplanes, planes, stride, downsample)`` of every block, in order (torchvision's rule)."""
-    inplanes = base_width
-    for i, num_blocks in enumerate(layers):
-        planes = base_width * 2 ** i
-        for j in range(num_blocks):
-            stride = 2 if i > 0 and j == 0 else 1
-            downsample = j == 0 and (stride != 1 or inplanes != planes * expansion)
-            yield f"layer{i + 1}_{j}", inplanes, planes, stride, downsample
-            inplanes = planes * expansion
-
-
 class ResNet(DynamicNet):
     """ResNet with a selectable convolution type in its blocks (arguments as ``dynconv_torch.models.ResNet``).
 
@@ -129,28 +111,57 @@ class ResNet(DynamicNet):
         else:
             x = nn.relu(c.batch_norm(c.static_conv(x, "conv1", self.base_width, 3, 1), "bn1", train))
         block_cls = BLOCKS[self.block]
-        for name, _, planes, stride, downsample in stage_blocks(self.layers, self.base_width, block_cls.expansion):
-            x = block_cls(planes, stride, downsample, c, name=name)(x, train, temperature)
+        for i, j, _, planes, stride, downsample in stage_blocks(self.layers, self.base_width, block_cls.expansion):
+            x = block_cls(planes, stride, downsample, c, name=f"layer{i + 1}_{j}")(x, train, temperature)
         x = jnp.mean(x, axis=(1, 2))
         x = nn.Dropout(self.dropout, deterministic=not train)(x)
         return c.dense(x, "fc", self.num_classes)
 
 
+@register_model
 def resnet18(**kwargs) -> ResNet:
     """ResNet-18; keyword arguments as :class:`ResNet` (conv, num_experts, num_classes, stem, base_width, ...)."""
-    return ResNet(block="basic", layers=(2, 2, 2, 2), **kwargs)
+    return ResNet(**RESNET_ARCHS["resnet18"], **kwargs)
 
 
+@register_model
 def resnet34(**kwargs) -> ResNet:
     """ResNet-34; keyword arguments as :class:`ResNet`."""
-    return ResNet(block="basic", layers=(3, 4, 6, 3), **kwargs)
+    return ResNet(**RESNET_ARCHS["resnet34"], **kwargs)
 
 
+@register_model
 def resnet50(**kwargs) -> ResNet:
     """ResNet-50; keyword arguments as :class:`ResNet`."""
-    return ResNet(block="bottleneck", layers=(3, 4, 6, 3), **kwargs)
+    return ResNet(**RESNET_ARCHS["resnet50"], **kwargs)
 
 
+@register_model
 def resnet101(**kwargs) -> ResNet:
     """ResNet-101; keyword arguments as :class:`ResNet`."""
-    return ResNet(block="bottleneck", layers=(3, 4, 23, 3), **kwargs)
+    return ResNet(**RESNET_ARCHS["resnet101"], **kwargs)
+
+
+@register_model
+def od_resnet18(**kwargs) -> ResNet:
+    """OSVAI/ODConv ``od_resnet18(kernel_num=1, reduction=0.0625, **kwargs)``: ResNet-18 with ODConv
+    (:func:`dynconv_spec.registry.odconv_model_args`; ``kwargs`` as :class:`ResNet`)."""
+    return resnet18(**odconv_model_args("od_resnet18", **kwargs))
+
+
+@register_model
+def od_resnet34(**kwargs) -> ResNet:
+    """OSVAI/ODConv ``od_resnet34``: ResNet-34 with ODConv (arguments as :func:`od_resnet18`)."""
+    return resnet34(**odconv_model_args("od_resnet34", **kwargs))
+
+
+@register_model
+def od_resnet50(**kwargs) -> ResNet:
+    """OSVAI/ODConv ``od_resnet50``: ResNet-50 with ODConv (arguments as :func:`od_resnet18`)."""
+    return resnet50(**odconv_model_args("od_resnet50", **kwargs))
+
+
+@register_model
+def od_resnet101(**kwargs) -> ResNet:
+    """OSVAI/ODConv ``od_resnet101``: ResNet-101 with ODConv (arguments as :func:`od_resnet18`)."""
+    return resnet101(**odconv_model_args("od_resnet101", **kwargs))

@@ -9,40 +9,24 @@ OSVAI/ODConv models.
 """
 from __future__ import annotations
 
+import inspect
 from typing import Any, Mapping, Optional
 
 from torch import nn
 
+from dynconv_spec import CONV_TYPES, check_model_args
 from dynconv_torch import CondConv2d, DynamicConv2d, ODConv2d
 
-CONV_TYPES = ("static", "condconv", "dynamic", "odconv")
-# Layer options a model forwards under its own name, per conv type.
-_REDUCTION_TYPES = ("dynamic", "odconv")
+DYNAMIC_LAYERS = {"condconv": CondConv2d, "dynamic": DynamicConv2d, "odconv": ODConv2d}
+#: The keyword arguments each dynamic layer takes (what ``conv_options`` may name, less the reserved ones).
+LAYER_OPTIONS = {conv: frozenset(inspect.signature(layer).parameters) for conv, layer in DYNAMIC_LAYERS.items()}
 
 
-def check_num_classes(num_classes: int, where: str) -> None:
-    """The classifier width must be a positive int (these models have no headless mode)."""
-    if not isinstance(num_classes, int) or isinstance(num_classes, bool) or num_classes < 1:
-        raise ValueError(f"{where}: num_classes={num_classes!r} must be an int >= 1")
-
-
-def check_conv_args(conv: str, num_experts: int, reduction: Optional[float], conv_options: Optional[Mapping[str, Any]],
-                    where: str) -> dict:
-    """Validate the conv-type arguments of a model; returns ``conv_options`` as a dict."""
-    if conv not in CONV_TYPES:
-        raise ValueError(f"{where}: conv={conv!r} is not a conv type; expected one of {CONV_TYPES}")
-    if not isinstance(num_experts, int) or isinstance(num_experts, bool) or num_experts < 1:
-        raise ValueError(f"{where}: num_experts={num_experts!r} must be a positive int")
-    if reduction is not None and conv not in _REDUCTION_TYPES:
-        raise ValueError(f"{where}: reduction={reduction!r} applies to conv in {_REDUCTION_TYPES}, not conv={conv!r}")
-    options = dict(conv_options or {})
-    if options and conv == "static":
-        raise ValueError(f"{where}: conv_options={options} given with conv='static' (they are dynamic-layer options)")
-    reserved = {"num_experts", "kernel_num", "reduction", "kernel_size", "stride", "padding", "groups"} & set(options)
-    if reserved:
-        raise ValueError(f"{where}: conv_options may not set {sorted(reserved)}; the model sets them "
-                         "(use num_experts= and reduction=)")
-    return options
+def check_args(where: str, conv: str, num_experts: int, reduction: Optional[float],
+               conv_options: Optional[Mapping[str, Any]], stem: str, dropout: float, num_classes: int) -> dict:
+    """:func:`dynconv_spec.check_model_args` against the PyTorch layers' options; returns ``conv_options``."""
+    return check_model_args(where, conv, num_experts, reduction, conv_options, stem, dropout, num_classes,
+                            LAYER_OPTIONS)
 
 
 def static_conv(in_channels: int, out_channels: int, kernel_size: int, stride: int = 1, padding: int = 0,
@@ -67,13 +51,8 @@ def make_conv(conv: str, in_channels: int, out_channels: int, kernel_size: int, 
         options["reduction"] = reduction
     if conv == "static":
         return static_conv(in_channels, out_channels, kernel_size, stride, padding, groups)
-    if conv == "condconv":
-        return CondConv2d(in_channels, out_channels, kernel_size, stride, padding, groups=groups,
-                          num_experts=num_experts, **options)
-    if conv == "dynamic":
-        return DynamicConv2d(in_channels, out_channels, kernel_size, stride, padding, groups=groups,
-                             num_experts=num_experts, **options)
-    if conv == "odconv":
-        return ODConv2d(in_channels, out_channels, kernel_size, stride, padding, groups=groups,
-                        kernel_num=num_experts, **options)
-    raise ValueError(f"conv={conv!r} is not a conv type; expected one of {CONV_TYPES}")
+    if conv not in DYNAMIC_LAYERS:
+        raise ValueError(f"make_conv: conv={conv!r} is not a conv type; expected one of {CONV_TYPES}")
+    # ODConv2d takes num_experts as a keyword alias of the official kernel_num.
+    return DYNAMIC_LAYERS[conv](in_channels, out_channels, kernel_size, stride, padding, groups=groups,
+                                num_experts=num_experts, **options)

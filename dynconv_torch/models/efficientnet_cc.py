@@ -24,17 +24,21 @@ the others use eps 1e-5 and symmetric PyTorch padding.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from functools import partial
-from typing import Dict, List, Tuple
+from typing import Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from dynconv_spec.efficientnet_cc import (BN_EPS_TF, BN_EPS_TORCH, VARIANTS, BlockSpec, block_specs,
+                                          check_efficientnet_args, resolve_variant, tf_same_padding,
+                                          variant_entry_point)
+from dynconv_spec.mobilenetv2 import make_divisible
+
 from ..condconv import CondConv2d
 from ..functional import check_temperature, global_avg_pool
-from .mobilenetv2 import make_divisible
+from ._registry import register_model
 
 __all__ = [
     "EfficientNetCondConv", "efficientnet_cc", "block_specs", "VARIANTS",
@@ -42,109 +46,8 @@ __all__ = [
     "efficientnet_cc_b0_4e", "efficientnet_cc_b0_8e", "efficientnet_cc_b1_8e",
 ]
 
-BN_EPS_TF = 1e-3  # TensorFlow's BatchNormalization default, kept by the tf_* ports
-BN_EPS_TORCH = 1e-5
-
-
-@dataclass(frozen=True)
-class StageSpec:
-    """One stage of the EfficientNet-B0 table: ``repeats`` blocks of one kind."""
-
-    block: str  # 'ds' (depthwise-separable) or 'ir' (inverted residual)
-    repeats: int
-    kernel_size: int  # depthwise kernel
-    stride: int  # of the first block of the stage
-    exp_ratio: float
-    out_chs: int
-    se_ratio: float  # squeeze ratio relative to the block input channels
-    num_experts: int  # 0: static convs; > 0: CondConv block (before the experts multiplier)
-
-
-#: EfficientNet-B0 with CondConv in the last three stages (timm ``_gen_efficientnet_condconv``).
-CONDCONV_B0_STAGES: Tuple[StageSpec, ...] = (
-    StageSpec("ds", 1, 3, 1, 1.0, 16, 0.25, 0),
-    StageSpec("ir", 2, 3, 2, 6.0, 24, 0.25, 0),
-    StageSpec("ir", 2, 5, 2, 6.0, 40, 0.25, 0),
-    StageSpec("ir", 3, 3, 2, 6.0, 80, 0.25, 0),
-    StageSpec("ir", 3, 5, 1, 6.0, 112, 0.25, 4),
-    StageSpec("ir", 4, 5, 2, 6.0, 192, 0.25, 4),
-    StageSpec("ir", 1, 3, 1, 6.0, 320, 0.25, 4),
-)
-
-
-@dataclass(frozen=True)
-class BlockSpec:
-    """One block, fully resolved (channels rounded, stride/experts/drop-path set)."""
-
-    block: str
-    in_chs: int
-    out_chs: int
-    kernel_size: int
-    stride: int
-    exp_ratio: float
-    se_ratio: float
-    num_experts: int
-    drop_path_rate: float
-
-    @property
-    def mid_chs(self) -> int:
-        """Expanded width of an inverted residual (the input width for 'ds')."""
-        return make_divisible(self.in_chs * self.exp_ratio) if self.block == "ir" else self.in_chs
-
-    @property
-    def se_chs(self) -> int:
-        """Squeeze width ``round(mid * (se_ratio / exp_ratio))``: the ratio is relative to the block input (timm)."""
-        return round(self.mid_chs * (self.se_ratio / (self.exp_ratio if self.block == "ir" else 1.0)))
-
-    @property
-    def has_skip(self) -> bool:
-        return self.stride == 1 and self.in_chs == self.out_chs
-
-
-#: name -> (depth multiplier, experts multiplier, TF port). Channel multiplier is 1.0 for all.
-VARIANTS: Dict[str, Tuple[float, int, bool]] = {
-    "tf_efficientnet_cc_b0_4e": (1.0, 1, True),
-    "tf_efficientnet_cc_b0_8e": (1.0, 2, True),
-    "tf_efficientnet_cc_b1_8e": (1.1, 2, True),
-    "efficientnet_cc_b0_4e": (1.0, 1, False),
-    "efficientnet_cc_b0_8e": (1.0, 2, False),
-    "efficientnet_cc_b1_8e": (1.1, 2, False),
-}
-
-
-def block_specs(stem_chs: int = 32, depth_multiplier: float = 1.0, channel_multiplier: float = 1.0,
-                experts_multiplier: int = 1, drop_path_rate: float = 0.0,
-                stages: Tuple[StageSpec, ...] = CONDCONV_B0_STAGES) -> List[List[BlockSpec]]:
-    """Resolve the stage table into per-block specs, stage by stage.
-
-    Depth scaling is EfficientNet's: ``ceil(repeats * depth_multiplier)`` blocks per stage; only
-    the first block of a stage is strided. Block ``i`` of ``n`` gets drop-path rate
-    ``drop_path_rate * i / n`` (stochastic depth grows linearly with depth).
-    """
-    if not (isinstance(experts_multiplier, int) and experts_multiplier >= 1):
-        raise ValueError(f"block_specs: experts_multiplier={experts_multiplier!r} must be an int >= 1")
-    counts = [int(math.ceil(s.repeats * depth_multiplier)) for s in stages]
-    total = sum(counts)
-    in_chs, index, out = stem_chs, 0, []
-    for stage, count in zip(stages, counts):
-        out_chs = make_divisible(stage.out_chs * channel_multiplier)
-        blocks = []
-        for j in range(count):
-            blocks.append(BlockSpec(stage.block, in_chs, out_chs, stage.kernel_size, stage.stride if j == 0 else 1,
-                                    stage.exp_ratio, stage.se_ratio, stage.num_experts * experts_multiplier,
-                                    drop_path_rate * index / total))
-            in_chs, index = out_chs, index + 1
-        out.append(blocks)
-    return out
-
 
 # --------------------------------------------------------------------------- padding
-def tf_same_padding(size: int, kernel_size: int, stride: int, dilation: int = 1) -> Tuple[int, int]:
-    """TensorFlow 'SAME' padding ``(before, after)`` of one spatial axis; the odd pixel goes after."""
-    total = max((math.ceil(size / stride) - 1) * stride + (kernel_size - 1) * dilation + 1 - size, 0)
-    return total // 2, total - total // 2
-
-
 def _static_padding(kernel_size: int, stride: int, tf_same: bool) -> Tuple[int, bool]:
     """``(symmetric padding, needs dynamic TF 'SAME' padding)`` as timm resolves its pad types.
 
@@ -301,12 +204,7 @@ class EfficientNetCondConv(nn.Module):
                  num_classes: int = 1000, drop_rate: float = 0.0, drop_path_rate: float = 0.0, in_chans: int = 3,
                  channel_multiplier: float = 1.0, bn_eps: float = None):
         super().__init__()
-        where = type(self).__name__
-        if not (isinstance(num_classes, int) and num_classes >= 0):
-            raise ValueError(f"{where}: num_classes={num_classes!r} must be an int >= 0")
-        for name, rate in (("drop_rate", drop_rate), ("drop_path_rate", drop_path_rate)):
-            if not 0.0 <= rate < 1.0:
-                raise ValueError(f"{where}: {name}={rate!r} must be in [0, 1)")
+        check_efficientnet_args(type(self).__name__, num_classes, drop_rate, drop_path_rate)
         bn_eps = (BN_EPS_TF if tf_port else BN_EPS_TORCH) if bn_eps is None else bn_eps
         self.num_classes, self.drop_rate = num_classes, drop_rate
         stem_chs = make_divisible(32 * channel_multiplier)
@@ -360,42 +258,12 @@ def init_weights_tf(model: nn.Module) -> None:
 
 def efficientnet_cc(name: str, **kwargs) -> EfficientNetCondConv:
     """Build a variant by name (one of :data:`VARIANTS`); ``kwargs`` go to :class:`EfficientNetCondConv`."""
-    if name not in VARIANTS:
-        raise ValueError(f"efficientnet_cc: unknown variant {name!r}; expected one of {sorted(VARIANTS)}")
-    depth, experts, tf_port = VARIANTS[name]
-    return EfficientNetCondConv(depth_multiplier=depth, experts_multiplier=experts, tf_port=tf_port, **kwargs)
+    return EfficientNetCondConv(**resolve_variant(name), **kwargs)
 
 
-#: name -> what its entry point's docstring adds to size, experts and port.
-_NOTES: Dict[str, str] = {
-    "tf_efficientnet_cc_b0_4e": "timm weights: 77.3% ImageNet top-1; 13,314,116 params",
-    "tf_efficientnet_cc_b0_8e": "timm weights: 78.0% top-1; 24,013,284 params",
-    "tf_efficientnet_cc_b1_8e": "timm weights: 79.3% top-1 at 240px; 39,715,968 params",
-    "efficientnet_cc_b0_4e": "untrained; timm trains it with drop_rate=drop_path_rate=0.2",
-    "efficientnet_cc_b0_8e": "untrained",
-    "efficientnet_cc_b1_8e": "untrained",
-}
-
-
-def _variant(name: str):
-    """The entry point of variant ``name`` (a key of :data:`VARIANTS`), documented from its name and ``_NOTES``."""
-    *_, size, experts = name.split("_")  # e.g. 'b0', '4e'
-    port = "TF port" if VARIANTS[name][2] else "PyTorch padding/eps"
-
-    def entry_point(num_classes: int = 1000, drop_rate: float = 0.0, drop_path_rate: float = 0.0,
-                    **kwargs) -> EfficientNetCondConv:
-        return efficientnet_cc(name, num_classes=num_classes, drop_rate=drop_rate, drop_path_rate=drop_path_rate,
-                               **kwargs)
-
-    entry_point.__name__ = entry_point.__qualname__ = name
-    entry_point.__doc__ = (f"EfficientNet-CondConv-{size.upper()}, {experts[:-1]} experts, {port} "
-                           f"({_NOTES[name]}).\n\n    ``kwargs``: further :class:`EfficientNetCondConv` arguments.")
-    return entry_point
-
-
-tf_efficientnet_cc_b0_4e = _variant("tf_efficientnet_cc_b0_4e")
-tf_efficientnet_cc_b0_8e = _variant("tf_efficientnet_cc_b0_8e")
-tf_efficientnet_cc_b1_8e = _variant("tf_efficientnet_cc_b1_8e")
-efficientnet_cc_b0_4e = _variant("efficientnet_cc_b0_4e")
-efficientnet_cc_b0_8e = _variant("efficientnet_cc_b0_8e")
-efficientnet_cc_b1_8e = _variant("efficientnet_cc_b1_8e")
+tf_efficientnet_cc_b0_4e = register_model(variant_entry_point("tf_efficientnet_cc_b0_4e", EfficientNetCondConv))
+tf_efficientnet_cc_b0_8e = register_model(variant_entry_point("tf_efficientnet_cc_b0_8e", EfficientNetCondConv))
+tf_efficientnet_cc_b1_8e = register_model(variant_entry_point("tf_efficientnet_cc_b1_8e", EfficientNetCondConv))
+efficientnet_cc_b0_4e = register_model(variant_entry_point("efficientnet_cc_b0_4e", EfficientNetCondConv))
+efficientnet_cc_b0_8e = register_model(variant_entry_point("efficientnet_cc_b0_8e", EfficientNetCondConv))
+efficientnet_cc_b1_8e = register_model(variant_entry_point("efficientnet_cc_b1_8e", EfficientNetCondConv))

@@ -16,29 +16,11 @@ from typing import Any, Mapping, Optional
 import torch
 from torch import nn
 
-from ._conv import check_conv_args, check_num_classes, make_conv, static_conv
+from dynconv_spec import check_width_mult, stage_settings
+from dynconv_spec.registry import odconv_model_args
 
-STEMS = ("imagenet", "cifar")
-# (expansion t, channels c, repeats n, first stride s) per stage, as in the paper's Table 2.
-INVERTED_RESIDUAL_SETTING = ((1, 16, 1, 1), (6, 24, 2, 2), (6, 32, 3, 2), (6, 64, 4, 2), (6, 96, 3, 1),
-                             (6, 160, 3, 2), (6, 320, 1, 1))
-
-
-def make_divisible(value: float, divisor: int = 8) -> int:
-    """Round a channel count to the nearest multiple of ``divisor`` (at least ``divisor``),
-    going up one step when rounding would lose more than 10 % (the TF-slim MobileNet rule)."""
-    rounded = max(divisor, int(value + divisor / 2) // divisor * divisor)
-    return rounded + divisor if rounded < 0.9 * value else rounded
-
-
-def stage_settings(width_mult: float, stem: str):
-    """Channels of the stem, the stages and the head, and the stage strides, for both frameworks' models."""
-    strides = [s for _, _, _, s in INVERTED_RESIDUAL_SETTING]
-    stem_stride = 2
-    if stem == "cifar":  # 32×32 inputs: stem and the 24-channel stage at stride 1 (total stride 8)
-        stem_stride, strides[1] = 1, 1
-    stages = [(t, make_divisible(c * width_mult), n, s) for (t, c, n, _), s in zip(INVERTED_RESIDUAL_SETTING, strides)]
-    return make_divisible(32 * width_mult), stem_stride, stages, make_divisible(1280 * max(1.0, width_mult))
+from ._conv import check_args, make_conv, static_conv
+from ._registry import register_model
 
 
 class ConvBNReLU(nn.Sequential):
@@ -88,14 +70,8 @@ class MobileNetV2(nn.Module):
                  stem: str = "imagenet", dropout: float = 0.2, reduction: Optional[float] = None,
                  in_channels: int = 3, conv_options: Optional[Mapping[str, Any]] = None):
         super().__init__()
-        options = check_conv_args(conv, num_experts, reduction, conv_options, "MobileNetV2")
-        check_num_classes(num_classes, "MobileNetV2")
-        if stem not in STEMS:
-            raise ValueError(f"MobileNetV2: stem={stem!r}; expected one of {STEMS}")
-        if not width_mult > 0:
-            raise ValueError(f"MobileNetV2: width_mult={width_mult!r} must be positive")
-        if not 0.0 <= dropout < 1.0:
-            raise ValueError(f"MobileNetV2: dropout={dropout!r} must be in [0, 1)")
+        check_width_mult(width_mult)
+        options = check_args("MobileNetV2", conv, num_experts, reduction, conv_options, stem, dropout, num_classes)
         self.conv_type, self.stem = conv, stem
         conv_layer = partial(make_conv, conv, num_experts=num_experts, reduction=reduction, conv_options=options)
         channels, stem_stride, stages, self.last_channel = stage_settings(width_mult, stem)
@@ -117,6 +93,26 @@ class MobileNetV2(nn.Module):
         return self.classifier(torch.flatten(nn.functional.adaptive_avg_pool2d(x, 1), 1))
 
 
+@register_model
 def mobilenet_v2(width_mult: float = 1.0, **kwargs) -> MobileNetV2:
     """MobileNetV2; keyword arguments as :class:`MobileNetV2` (conv, num_experts, num_classes, stem, ...)."""
     return MobileNetV2(width_mult=width_mult, **kwargs)
+
+
+@register_model
+def od_mobilenetv2_050(**kwargs) -> MobileNetV2:
+    """OSVAI/ODConv ``od_mobilenetv2_050(kernel_num=1, reduction=0.0625, **kwargs)``: MobileNetV2 ×0.5 with
+    ODConv (:func:`dynconv_spec.registry.odconv_model_args`; ``kwargs`` as :class:`MobileNetV2`)."""
+    return mobilenet_v2(**odconv_model_args("od_mobilenetv2_050", **kwargs))
+
+
+@register_model
+def od_mobilenetv2_075(**kwargs) -> MobileNetV2:
+    """OSVAI/ODConv ``od_mobilenetv2_075``: MobileNetV2 ×0.75 with ODConv (arguments as :func:`od_mobilenetv2_050`)."""
+    return mobilenet_v2(**odconv_model_args("od_mobilenetv2_075", **kwargs))
+
+
+@register_model
+def od_mobilenetv2_100(**kwargs) -> MobileNetV2:
+    """OSVAI/ODConv ``od_mobilenetv2_100``: MobileNetV2 ×1.0 with ODConv (arguments as :func:`od_mobilenetv2_050`)."""
+    return mobilenet_v2(**odconv_model_args("od_mobilenetv2_100", **kwargs))

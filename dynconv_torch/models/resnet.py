@@ -17,9 +17,11 @@ from typing import Any, Mapping, Optional, Sequence
 import torch
 from torch import nn
 
-from ._conv import check_conv_args, check_num_classes, make_conv, static_conv
+from dynconv_spec import RESNET_ARCHS, check_resnet_args, stage_blocks
+from dynconv_spec.registry import odconv_model_args
 
-STEMS = ("imagenet", "cifar")
+from ._conv import check_args, make_conv, static_conv
+from ._registry import register_model
 
 
 class BasicBlock(nn.Module):
@@ -96,23 +98,12 @@ class ResNet(nn.Module):
                  reduction: Optional[float] = None, in_channels: int = 3,
                  conv_options: Optional[Mapping[str, Any]] = None):
         super().__init__()
-        options = check_conv_args(conv, num_experts, reduction, conv_options, "ResNet")
-        check_num_classes(num_classes, "ResNet")
-        if block not in BLOCKS:
-            raise ValueError(f"ResNet: block={block!r}; expected one of {tuple(BLOCKS)}")
-        if stem not in STEMS:
-            raise ValueError(f"ResNet: stem={stem!r}; expected one of {STEMS}")
-        if not isinstance(base_width, int) or base_width < 1:
-            raise ValueError(f"ResNet: base_width={base_width!r} must be a positive int")
-        if not 0.0 <= dropout < 1.0:
-            raise ValueError(f"ResNet: dropout={dropout!r} must be in [0, 1)")
-        if len(layers) != 4:
-            raise ValueError(f"ResNet: layers={tuple(layers)} must give the blocks of 4 stages")
+        check_resnet_args(block, layers, base_width)
+        options = check_args("ResNet", conv, num_experts, reduction, conv_options, stem, dropout, num_classes)
         block_cls = BLOCKS[block]
         self.conv_type, self.stem = conv, stem
         conv_layer = partial(make_conv, conv, num_experts=num_experts, reduction=reduction, conv_options=options)
 
-        self.inplanes = base_width
         if stem == "imagenet":
             self.conv1 = static_conv(in_channels, base_width, 7, 2, 3)
             self.maxpool = nn.MaxPool2d(kernel_size=3, stride=2, padding=1)
@@ -121,26 +112,20 @@ class ResNet(nn.Module):
             self.maxpool = nn.Identity()
         self.bn1 = nn.BatchNorm2d(base_width)
         self.relu = nn.ReLU(inplace=True)
-        for i, num_blocks in enumerate(layers):
-            stage = self._make_layer(block_cls, base_width * 2 ** i, num_blocks, 1 if i == 0 else 2, conv_layer)
-            setattr(self, f"layer{i + 1}", stage)
+        stages = [[] for _ in layers]
+        for stage, _, inplanes, planes, stride, downsample in stage_blocks(layers, base_width, block_cls.expansion):
+            shortcut = None
+            if downsample:
+                shortcut = nn.Sequential(static_conv(inplanes, planes * block_cls.expansion, 1, stride, 0),
+                                         nn.BatchNorm2d(planes * block_cls.expansion))
+            stages[stage].append(block_cls(inplanes, planes, stride, shortcut, conv_layer))
+        for i, blocks in enumerate(stages):
+            setattr(self, f"layer{i + 1}", nn.Sequential(*blocks))
         self.avgpool = nn.AdaptiveAvgPool2d((1, 1))
         self.dropout = nn.Dropout(p=dropout)
-        self.fc = nn.Linear(self.inplanes, num_classes)
+        self.fc = nn.Linear(base_width * 2 ** (len(layers) - 1) * block_cls.expansion, num_classes)
         nn.init.normal_(self.fc.weight, 0.0, 0.01)
         nn.init.zeros_(self.fc.bias)
-
-    def _make_layer(self, block_cls, planes: int, num_blocks: int, stride: int, conv_layer) -> nn.Sequential:
-        downsample = None
-        if stride != 1 or self.inplanes != planes * block_cls.expansion:
-            downsample = nn.Sequential(
-                static_conv(self.inplanes, planes * block_cls.expansion, 1, stride, 0),
-                nn.BatchNorm2d(planes * block_cls.expansion),
-            )
-        blocks = [block_cls(self.inplanes, planes, stride, downsample, conv_layer)]
-        self.inplanes = planes * block_cls.expansion
-        blocks += [block_cls(self.inplanes, planes, 1, None, conv_layer) for _ in range(1, num_blocks)]
-        return nn.Sequential(*blocks)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``x [B, in_channels, H, W]`` → logits ``[B, num_classes]``."""
@@ -150,21 +135,50 @@ class ResNet(nn.Module):
         return self.fc(self.dropout(x))
 
 
+@register_model
 def resnet18(**kwargs) -> ResNet:
     """ResNet-18; keyword arguments as :class:`ResNet` (conv, num_experts, num_classes, stem, base_width, ...)."""
-    return ResNet("basic", (2, 2, 2, 2), **kwargs)
+    return ResNet(**RESNET_ARCHS["resnet18"], **kwargs)
 
 
+@register_model
 def resnet34(**kwargs) -> ResNet:
     """ResNet-34; keyword arguments as :class:`ResNet`."""
-    return ResNet("basic", (3, 4, 6, 3), **kwargs)
+    return ResNet(**RESNET_ARCHS["resnet34"], **kwargs)
 
 
+@register_model
 def resnet50(**kwargs) -> ResNet:
     """ResNet-50; keyword arguments as :class:`ResNet`."""
-    return ResNet("bottleneck", (3, 4, 6, 3), **kwargs)
+    return ResNet(**RESNET_ARCHS["resnet50"], **kwargs)
 
 
+@register_model
 def resnet101(**kwargs) -> ResNet:
     """ResNet-101; keyword arguments as :class:`ResNet`."""
-    return ResNet("bottleneck", (3, 4, 23, 3), **kwargs)
+    return ResNet(**RESNET_ARCHS["resnet101"], **kwargs)
+
+
+@register_model
+def od_resnet18(**kwargs) -> ResNet:
+    """OSVAI/ODConv ``od_resnet18(kernel_num=1, reduction=0.0625, **kwargs)``: ResNet-18 with ODConv
+    (:func:`dynconv_spec.registry.odconv_model_args`; ``kwargs`` as :class:`ResNet`)."""
+    return resnet18(**odconv_model_args("od_resnet18", **kwargs))
+
+
+@register_model
+def od_resnet34(**kwargs) -> ResNet:
+    """OSVAI/ODConv ``od_resnet34``: ResNet-34 with ODConv (arguments as :func:`od_resnet18`)."""
+    return resnet34(**odconv_model_args("od_resnet34", **kwargs))
+
+
+@register_model
+def od_resnet50(**kwargs) -> ResNet:
+    """OSVAI/ODConv ``od_resnet50``: ResNet-50 with ODConv (arguments as :func:`od_resnet18`)."""
+    return resnet50(**odconv_model_args("od_resnet50", **kwargs))
+
+
+@register_model
+def od_resnet101(**kwargs) -> ResNet:
+    """OSVAI/ODConv ``od_resnet101``: ResNet-101 with ODConv (arguments as :func:`od_resnet18`)."""
+    return resnet101(**odconv_model_args("od_resnet101", **kwargs))

@@ -11,9 +11,11 @@ from typing import Any, Mapping, Optional
 import jax.numpy as jnp
 from flax import nnx
 
-from dynconv_jax.models._conv import check_input, check_model_args
-from dynconv_jax.models.mobilenetv2 import check_width_mult, stage_settings
+from dynconv_jax.models._conv import check_args, check_input
 from dynconv_jax.nnx.models._conv import ConvConfig, apply_conv
+from dynconv_jax.nnx.models._registry import register_model
+from dynconv_spec import check_width_mult, stage_settings
+from dynconv_spec.registry import odconv_model_args
 
 
 def _conv_bn_relu6(module: nnx.Module, prefix: str, x, temperature):
@@ -64,8 +66,7 @@ class MobileNetV2(nnx.Module):
                  conv_options: Optional[Mapping[str, Any]] = None, strategy: str = "auto", dtype: Any = None,
                  param_dtype: Any = jnp.float32, precision: Any = None, rngs: nnx.Rngs):
         check_width_mult(width_mult)
-        options = check_model_args("MobileNetV2", conv, num_experts, reduction, conv_options, stem, dropout,
-                                   num_classes)
+        options = check_args("MobileNetV2", conv, num_experts, reduction, conv_options, stem, dropout, num_classes)
         c = ConvConfig(conv, num_experts, reduction, strategy, options, dtype, param_dtype, precision)
         self.in_channels = in_channels
         channels, stem_stride, stages, last_channel = stage_settings(width_mult, stem)
@@ -95,6 +96,26 @@ class MobileNetV2(nnx.Module):
         return self.classifier_1(self.dropout(x))
 
 
+@register_model
 def mobilenet_v2(width_mult: float = 1.0, **kwargs) -> MobileNetV2:
     """MobileNetV2; keyword arguments as :class:`MobileNetV2` (``rngs`` required)."""
-    return MobileNetV2(width_mult, **kwargs)
+    return MobileNetV2(width_mult=width_mult, **kwargs)
+
+
+@register_model
+def od_mobilenetv2_050(**kwargs) -> MobileNetV2:
+    """OSVAI/ODConv ``od_mobilenetv2_050(kernel_num=1, reduction=0.0625, **kwargs)``: MobileNetV2 ×0.5 with
+    ODConv (:func:`dynconv_spec.registry.odconv_model_args`; ``kwargs`` as :class:`MobileNetV2`)."""
+    return mobilenet_v2(**odconv_model_args("od_mobilenetv2_050", **kwargs))
+
+
+@register_model
+def od_mobilenetv2_075(**kwargs) -> MobileNetV2:
+    """OSVAI/ODConv ``od_mobilenetv2_075``: MobileNetV2 ×0.75 with ODConv (arguments as :func:`od_mobilenetv2_050`)."""
+    return mobilenet_v2(**odconv_model_args("od_mobilenetv2_075", **kwargs))
+
+
+@register_model
+def od_mobilenetv2_100(**kwargs) -> MobileNetV2:
+    """OSVAI/ODConv ``od_mobilenetv2_100``: MobileNetV2 ×1.0 with ODConv (arguments as :func:`od_mobilenetv2_050`)."""
+    return mobilenet_v2(**odconv_model_args("od_mobilenetv2_100", **kwargs))

@@ -12,9 +12,11 @@ from typing import Any, Mapping, Optional, Sequence
 import jax.numpy as jnp
 from flax import nnx
 
-from dynconv_jax.models._conv import check_input, check_model_args
-from dynconv_jax.models.resnet import check_resnet_args, stage_blocks
+from dynconv_jax.models._conv import check_args, check_input
 from dynconv_jax.nnx.models._conv import ConvConfig, apply_conv
+from dynconv_jax.nnx.models._registry import register_model
+from dynconv_spec import RESNET_ARCHS, check_resnet_args, stage_blocks
+from dynconv_spec.registry import odconv_model_args
 
 
 class BasicBlock(nnx.Module):
@@ -86,8 +88,7 @@ class ResNet(nnx.Module):
                  conv_options: Optional[Mapping[str, Any]] = None, strategy: str = "auto", dtype: Any = None,
                  param_dtype: Any = jnp.float32, precision: Any = None, rngs: nnx.Rngs):
         check_resnet_args(block, layers, base_width)
-        options = check_model_args("ResNet", conv, num_experts, reduction, conv_options, stem, dropout,
-                                   num_classes)
+        options = check_args("ResNet", conv, num_experts, reduction, conv_options, stem, dropout, num_classes)
         c = ConvConfig(conv, num_experts, reduction, strategy, options, dtype, param_dtype, precision)
         self.in_channels = in_channels
         self.stem = stem
@@ -96,7 +97,8 @@ class ResNet(nnx.Module):
         self.bn1 = c.batch_norm(base_width, rngs=rngs)
         block_cls = BLOCKS[block]
         self.block_names = []
-        for name, inplanes, planes, stride, downsample in stage_blocks(layers, base_width, block_cls.expansion):
+        for i, j, inplanes, planes, stride, downsample in stage_blocks(layers, base_width, block_cls.expansion):
+            name = f"layer{i + 1}_{j}"
             setattr(self, name, block_cls(inplanes, planes, stride, downsample, c, rngs=rngs))
             self.block_names.append(name)
         self.block_names = tuple(self.block_names)
@@ -115,21 +117,50 @@ class ResNet(nnx.Module):
         return self.fc(self.dropout(x))
 
 
+@register_model
 def resnet18(**kwargs) -> ResNet:
     """ResNet-18; keyword arguments as :class:`ResNet` (``rngs`` required)."""
-    return ResNet("basic", (2, 2, 2, 2), **kwargs)
+    return ResNet(**RESNET_ARCHS["resnet18"], **kwargs)
 
 
+@register_model
 def resnet34(**kwargs) -> ResNet:
     """ResNet-34; keyword arguments as :class:`ResNet`."""
-    return ResNet("basic", (3, 4, 6, 3), **kwargs)
+    return ResNet(**RESNET_ARCHS["resnet34"], **kwargs)
 
 
+@register_model
 def resnet50(**kwargs) -> ResNet:
     """ResNet-50; keyword arguments as :class:`ResNet`."""
-    return ResNet("bottleneck", (3, 4, 6, 3), **kwargs)
+    return ResNet(**RESNET_ARCHS["resnet50"], **kwargs)
 
 
+@register_model
 def resnet101(**kwargs) -> ResNet:
     """ResNet-101; keyword arguments as :class:`ResNet`."""
-    return ResNet("bottleneck", (3, 4, 23, 3), **kwargs)
+    return ResNet(**RESNET_ARCHS["resnet101"], **kwargs)
+
+
+@register_model
+def od_resnet18(**kwargs) -> ResNet:
+    """OSVAI/ODConv ``od_resnet18(kernel_num=1, reduction=0.0625, **kwargs)``: ResNet-18 with ODConv
+    (:func:`dynconv_spec.registry.odconv_model_args`; ``kwargs`` as :class:`ResNet`)."""
+    return resnet18(**odconv_model_args("od_resnet18", **kwargs))
+
+
+@register_model
+def od_resnet34(**kwargs) -> ResNet:
+    """OSVAI/ODConv ``od_resnet34``: ResNet-34 with ODConv (arguments as :func:`od_resnet18`)."""
+    return resnet34(**odconv_model_args("od_resnet34", **kwargs))
+
+
+@register_model
+def od_resnet50(**kwargs) -> ResNet:
+    """OSVAI/ODConv ``od_resnet50``: ResNet-50 with ODConv (arguments as :func:`od_resnet18`)."""
+    return resnet50(**odconv_model_args("od_resnet50", **kwargs))
+
+
+@register_model
+def od_resnet101(**kwargs) -> ResNet:
+    """OSVAI/ODConv ``od_resnet101``: ResNet-101 with ODConv (arguments as :func:`od_resnet18`)."""
+    return resnet101(**odconv_model_args("od_resnet101", **kwargs))

@@ -1,0 +1,88 @@
+"""The model names both frameworks register, and the registry they each keep.
+
+``dynconv_torch.models`` and ``dynconv_jax.models`` each hold one :class:`ModelRegistry` and fill
+it with explicit entry points (timm's habit)::
+
+    @register_model
+    def resnet18(**kwargs) -> ResNet: ...
+
+so ``create_model('resnet18', conv='odconv')`` builds the same architecture, with the same
+parameter names, in either framework. :data:`MODEL_NAMES` is the contract: a registry accepts
+only these names and the tests check that both frameworks register all of them.
+"""
+from __future__ import annotations
+
+import fnmatch
+from typing import Any, Callable, Dict, List, Optional
+
+from .efficientnet_cc import VARIANTS
+from .resnet import RESNET_ARCHS
+
+#: Models whose blocks take ``conv='static'|'condconv'|'dynamic'|'odconv'`` (and ``num_experts``,
+#: ``reduction``, ``stem``, ``conv_options``, ...): the ResNets and MobileNetV2.
+CONV_MODELS = (*RESNET_ARCHS, "mobilenet_v2")
+#: The official OSVAI/ODConv entry points (``models/od_resnet.py``, ``models/od_mobilenetv2.py``):
+#: name -> (the conv model it is, with ``conv='odconv'``, and its fixed arguments). They take the
+#: official ``kernel_num`` (default 1) and ``reduction`` (default 1/16).
+ODCONV_MODELS: Dict[str, tuple] = {
+    "od_resnet18": ("resnet18", {}),
+    "od_resnet34": ("resnet34", {}),
+    "od_resnet50": ("resnet50", {}),
+    "od_resnet101": ("resnet101", {}),
+    "od_mobilenetv2_050": ("mobilenet_v2", {"width_mult": 0.5}),
+    "od_mobilenetv2_075": ("mobilenet_v2", {"width_mult": 0.75}),
+    "od_mobilenetv2_100": ("mobilenet_v2", {"width_mult": 1.0}),
+}
+#: timm's EfficientNet-CondConv entry points.
+EFFICIENTNET_CC_MODELS = tuple(VARIANTS)
+#: Every registered name, in both frameworks.
+MODEL_NAMES = CONV_MODELS + tuple(ODCONV_MODELS) + EFFICIENTNET_CC_MODELS
+
+
+def odconv_model_args(name: str, kernel_num: int = 1, reduction: float = 0.0625,
+                      **kwargs: Any) -> Dict[str, Any]:
+    """The conv-model arguments of the official ODConv entry point ``name`` (a key of :data:`ODCONV_MODELS`).
+
+    ``kernel_num`` is the official name of ``num_experts``; ``kwargs`` are further arguments of the
+    ResNet / MobileNetV2 (``num_classes``, ``dropout``, ``stem``, ``conv_options``, ...).
+    """
+    _, fixed = ODCONV_MODELS[name]
+    clash = sorted({"conv", "num_experts", *fixed} & set(kwargs))
+    if clash:
+        raise ValueError(f"{name}: {clash} are fixed by the entry point (use kernel_num= for the experts)")
+    return dict(conv="odconv", num_experts=kernel_num, reduction=reduction, **fixed, **kwargs)
+
+
+class ModelRegistry:
+    """Entry points by name for one framework (``where``, e.g. ``'dynconv_torch.models'``)."""
+
+    def __init__(self, where: str):
+        self.where = where
+        self._entry_points: Dict[str, Callable[..., Any]] = {}
+
+    def register(self, entry_point: Callable[..., Any]) -> Callable[..., Any]:
+        """Decorator: register ``entry_point`` under its ``__name__`` (one of :data:`MODEL_NAMES`)."""
+        name = entry_point.__name__
+        if name not in MODEL_NAMES:
+            raise ValueError(f"{self.where}: {name!r} is not a model name of dynconv_spec.registry.MODEL_NAMES; "
+                             "add it there first so that both frameworks register it")
+        if name in self._entry_points:
+            raise ValueError(f"{self.where}: model {name!r} is registered twice")
+        self._entry_points[name] = entry_point
+        return entry_point
+
+    def names(self, pattern: Optional[str] = None) -> List[str]:
+        """The registered names, sorted; ``pattern`` filters them shell-style (``'od_*'``)."""
+        return sorted(n for n in self._entry_points if pattern is None or fnmatch.fnmatchcase(n, pattern))
+
+    def create(self, name: str, **kwargs: Any) -> Any:
+        """Build the model ``name`` with the entry point's keyword arguments."""
+        if name not in self._entry_points:
+            raise ValueError(f"{self.where}: unknown model {name!r}; known models: {', '.join(self.names())}")
+        return self._entry_points[name](**kwargs)
+
+    def entry_point(self, name: str) -> Callable[..., Any]:
+        """The registered entry point ``name`` (for its signature and docstring)."""
+        if name not in self._entry_points:
+            raise ValueError(f"{self.where}: unknown model {name!r}; known models: {', '.join(self.names())}")
+        return self._entry_points[name]

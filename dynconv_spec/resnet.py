@@ -1,0 +1,32 @@
+"""ResNet-18/34/50/101 (He et al., CVPR 2016): block types, stage depths and the block order
+both frameworks build (torchvision's rule, the official OSVAI/ODConv ``od_resnet*`` too)."""
+from __future__ import annotations
+
+from typing import Dict, Iterator, Sequence, Tuple
+
+#: Output channels of a block / its ``planes``.
+BLOCK_EXPANSION: Dict[str, int] = {"basic": 1, "bottleneck": 4}
+#: Entry-point name -> ``dict(block=..., layers=...)``, the architecture arguments of ``ResNet``.
+RESNET_ARCHS: Dict[str, Dict[str, object]] = {
+    "resnet18": dict(block="basic", layers=(2, 2, 2, 2)),
+    "resnet34": dict(block="basic", layers=(3, 4, 6, 3)),
+    "resnet50": dict(block="bottleneck", layers=(3, 4, 6, 3)),
+    "resnet101": dict(block="bottleneck", layers=(3, 4, 23, 3)),
+}
+
+
+def stage_blocks(layers: Sequence[int], base_width: int,
+                 expansion: int) -> Iterator[Tuple[int, int, int, int, int, bool]]:
+    """``(stage, index, inplanes, planes, stride, downsample)`` of every block, in order.
+
+    Stage ``i`` (0-based) has ``base_width * 2**i`` planes; its first block carries the stride
+    (2 from the second stage on) and a 1×1 downsample shortcut when the shape changes.
+    """
+    inplanes = base_width
+    for i, num_blocks in enumerate(layers):
+        planes = base_width * 2 ** i
+        for j in range(num_blocks):
+            stride = 2 if i > 0 and j == 0 else 1
+            downsample = j == 0 and (stride != 1 or inplanes != planes * expansion)
+            yield i, j, inplanes, planes, stride, downsample
+            inplanes = planes * expansion
