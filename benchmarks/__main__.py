@@ -1,4 +1,4 @@
-"""``python -m benchmarks {strategies,layers,models,serving} [--quick] [--out DIR]``."""
+"""``python -m benchmarks {strategies,layers,models,serving,input} [--quick] [--out DIR]``."""
 from __future__ import annotations
 
 import argparse
@@ -7,10 +7,12 @@ import os
 
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__)
-    parser.add_argument("suite", choices=["strategies", "layers", "models", "serving"],
+    parser.add_argument("suite", choices=["strategies", "layers", "models", "serving", "input"],
                         help="strategies: per-sample conv strategies (JAX); layers: static vs dynamic layers, "
                              "JAX vs PyTorch; models: ResNet-18 CIFAR training throughput; serving: inference "
-                             "throughput of torch eager, ONNX Runtime, JAX jit and loaded StableHLO exports")
+                             "throughput of torch eager, ONNX Runtime, JAX jit and loaded StableHLO exports; "
+                             "input: the grain input pipeline on generated JPEG folders (throughput, peak RSS, "
+                             "data wait)")
     parser.add_argument("--quick", action="store_true", help="a small subset (smoke test, ~2 minutes on CPU)")
     parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"),
                         help="directory for the JSON + Markdown results (default: benchmarks/results)")
@@ -35,6 +37,9 @@ def main(argv=None):
         from . import serving as suite
         kwargs = {"threads": args.threads, "models": args.models.split(",") if args.models else None,
                   "formulations": args.formulations}
+    elif args.suite == "input":
+        from . import input as suite
+        kwargs = {}
     else:
         from . import models as suite
         kwargs = {"threads": args.threads}

@@ -1,5 +1,5 @@
 """Tests of the training loop (train/): CLI, learning, NaN guard, checkpoint fallback,
-kill-and-resume bit-identity, 8-device == 1-device, mock CIFAR-10 path."""
+kill-and-resume bit-identity (image folder, 2 data workers), 8-device == 1-device, mock CIFAR-10 path."""
 from __future__ import annotations
 
 import json
@@ -22,6 +22,13 @@ TINY = ["--base_width=2", "--conv=dynamic", "--batch_size=32", "--export=false",
 
 def tiny(workdir, *extra) -> Config:
     return parse_args(TINY + [f"--workdir={workdir}", *extra])
+
+
+def compile_cache_env(directory) -> dict:
+    """Environment for subprocesses that share compiled programs through JAX's persistent cache in
+    ``directory``: a repeated or resumed run of the same configuration compiles nothing new."""
+    return {"JAX_COMPILATION_CACHE_DIR": str(directory), "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
+            "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0"}
 
 
 def run_cli(args, env=None, **kwargs):
@@ -67,25 +74,6 @@ def test_cli_overrides_and_errors():
     proc = run_cli(["--optimizer=adam"])
     out, _ = proc.communicate(timeout=120)
     assert proc.returncode == 2 and "--optimizer='adam': expected one of sgd, adamw" in out
-
-
-def test_augmentation_and_batches_are_deterministic():
-    from train import data
-    ds = data.load_digits_npz()
-    assert ds.train_images.shape == (1437, 8, 8, 1) and ds.eval_images.shape == (360, 8, 8, 1)
-    assert np.bincount(ds.eval_labels).min() >= 35  # stratified split
-    b = data.Batches(ds, data.Augment(padding=1), 64, seed=3)
-    x1, y1 = b.train_batch(25)
-    x2, y2 = data.Batches(ds, data.Augment(padding=1), 64, seed=3).train_batch(25)
-    assert np.array_equal(x1, x2) and np.array_equal(y1, y2)
-    assert not np.array_equal(x1, b.train_batch(26)[0])
-    # A crop of a padded image is a shift: every output pixel is an input pixel or padding.
-    img = np.arange(16, dtype=np.uint8).reshape(1, 4, 4, 1) + 1
-    out = data.Augment(padding=1, flip=True)(img, np.random.default_rng(0))
-    assert set(np.unique(out)) <= set(range(17))
-    # Two processes' local batches concatenate to the single-process global batch.
-    halves = [data.Batches(ds, data.Augment(padding=1), 64, 3, i, 2).train_batch(25)[0] for i in range(2)]
-    assert np.array_equal(np.concatenate(halves), x1)
 
 
 def test_learning_happens_on_digits(tmp_path):
@@ -137,25 +125,35 @@ def test_corrupt_checkpoint_falls_back(tmp_path, capfd):
 
 
 def test_kill_and_resume_is_bit_identical(tmp_path):
+    """On an image folder with a truncated JPEG, decoded by 2 grain worker processes: the data iterator's
+    state is in the checkpoints, the unreadable file is skipped (and counted) again after the resume."""
+    from train.make_imagefolder import write_image_folder
     total = 10
-    args = TINY + [f"--num_steps={total}", "--checkpoint_every_steps=3"]
-    ref = run_cli(args + [f"--workdir={tmp_path / 'ref'}"])
-    out, _ = ref.communicate(timeout=300)
+    data_dir = tmp_path / "folder"
+    write_image_folder(str(data_dir), {"train": 64, "test": 16}, num_classes=4, min_size=20, max_size=40)
+    bad = data_dir / "train" / "class_002" / "train_000014.jpg"  # a JPEG mid-epoch (record 35 of 64)
+    bad.write_bytes(bad.read_bytes()[:len(bad.read_bytes()) // 3])
+    args = TINY + [f"--num_steps={total}", "--checkpoint_every_steps=3", "--dataset=imagefolder",
+                   f"--data_dir={data_dir}", "--image_size=16", "--data_workers=2"]
+    cache = compile_cache_env(tmp_path / "jax_cache")
+    ref = run_cli(args + [f"--workdir={tmp_path / 'ref'}"], env=cache)
+    out, _ = ref.communicate(timeout=900)
     assert ref.returncode == 0, out
     # Killed right after step 4..8 is logged: a checkpoint (step 3 or 6) exists by then. Steps 2 and 3
     # come before the first checkpoint is written, so --resume would rightly start from scratch.
     kill_at = random.Random().randint(4, total - 2)
-    proc = run_cli(args + [f"--workdir={tmp_path / 'killed'}"])
+    proc = run_cli(args + [f"--workdir={tmp_path / 'killed'}"], env=cache)
     for line in proc.stdout:
         if line.startswith(f"step {kill_at}/"):
             proc.send_signal(signal.SIGKILL)
             break
     proc.wait(timeout=60)
     assert proc.returncode == -signal.SIGKILL, f"not killed (kill_at={kill_at})"
-    again = run_cli(args + [f"--workdir={tmp_path / 'killed'}", "--resume"])
-    out, _ = again.communicate(timeout=300)
+    again = run_cli(args + [f"--workdir={tmp_path / 'killed'}", "--resume"], env=cache)
+    out, _ = again.communicate(timeout=900)
     assert again.returncode == 0, out
-    assert "resumed from" in out and "WARNING" not in out, out  # intact checkpoints pass the checksum
+    assert "resumed from" in out and "unreadable or corrupt" not in out, out  # intact checkpoints pass the checksum
+    assert f"skipped unreadable image {bad}" in out, out
     (s1, a), (s2, b) = final_params(tmp_path / "ref"), final_params(tmp_path / "killed")
     assert s1 == s2 == total
     import jax
@@ -163,6 +161,8 @@ def test_kill_and_resume_is_bit_identical(tmp_path):
         assert np.array_equal(np.asarray(x), np.asarray(y)), f"{jax.tree_util.keystr(path)} differs (kill at {kill_at})"
     strip = lambda p: [r.rsplit(",", 1)[0] for r in open(p).read().splitlines()]  # drop 'seconds'
     assert strip(tmp_path / "ref" / "metrics.csv") == strip(tmp_path / "killed" / "metrics.csv")
+    skipped = [json.load(open(tmp_path / run / "summary.json"))["skipped_images"] for run in ("ref", "killed")]
+    assert skipped == [5, 5]  # once per epoch (5 epochs of 2 steps), before and after the kill
 
 
 # Runs train_step under the loop's shardings and mesh (train/parallel.py) on the loop's batches for
@@ -172,9 +172,10 @@ import functools, sys, jax, jax.numpy as jnp, numpy as np
 from dynconv_jax import models
 from train import data, parallel, steps
 from train.config import parse_args
-cfg = parse_args(["--base_width=2", "--conv=dynamic", "--batch_size=32", "--warmup_epochs=0", "--dropout=0.2"])
-ds = data.load_digits_npz()
-batches = data.Batches(ds, data.Augment(), cfg.batch_size, cfg.seed)
+cfg = parse_args(["--base_width=2", "--conv=dynamic", "--batch_size=32", "--warmup_epochs=0", "--dropout=0.2",
+                  "--augment=none"])
+ds = data.load_dataset(cfg)
+batches = data.Pipeline(ds, cfg.batch_size, cfg.seed)
 model = models.resnet18(**steps.model_kwargs(cfg, 10, ds.image_shape), param_dtype=jnp.float64)
 tx, _ = steps.create_optimizer(cfg, batches.steps_per_epoch, 8)
 state = steps.create_train_state(jax.random.key(0, impl="rbg"), model, ds.image_shape, tx)

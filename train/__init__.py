@@ -1,8 +1,10 @@
-"""Training loop for the dynconv models: optax + Orbax + TFDS data sources, data-parallel with
-``jax.sharding``. Run ``python -m train`` (see docs/training.md); reuse the pieces:
+"""Training loop for the dynconv models: optax + Orbax + a grain input pipeline, data-parallel with
+``jax.sharding`` over one or many processes. Run ``python -m train`` (see docs/training.md); reuse the pieces:
 
 * :mod:`train.config` - :class:`~train.config.Config` and ``--key=value`` parsing;
-* :mod:`train.data` - the embedded digits / TFDS loader with deterministic batches;
+* :mod:`train.data` - sources (embedded digits, image folders, TFDS ArrayRecord), preprocessing and the
+  grain pipeline whose batches are a pure function of ``(seed, step)``;
+* :mod:`train.presets` - the papers' recipes for ``--config=NAME``;
 * :mod:`train.steps` - model factory, optimiser, schedules, ``train_step``, ``eval_step``;
 * :mod:`train.checkpoint` - Orbax checkpoints with integrity checks and fallback;
 * :mod:`train.parallel` - mesh and shardings;

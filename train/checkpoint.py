@@ -3,7 +3,8 @@
 Each checkpoint step directory holds two items: ``state`` (the train state as a plain
 dict: step, params, batch_stats, opt_state) and ``meta`` (JSON: the SHA-256 of every
 array of ``state`` plus whatever the loop needs to resume exactly, e.g. the running
-epoch metrics). Saving is synchronous and atomic (Orbax writes a temporary directory and
+epoch metrics), and a third, ``data``, when the loop passes its grain data iterator: one
+JSON file of iterator state per process (grain's Orbax handler). Saving is synchronous and atomic (Orbax writes a temporary directory and
 renames it), so a run killed at any moment leaves only complete checkpoints or ignored
 temporaries; a write that fails (e.g. disk full) raises :class:`CheckpointWriteError`,
 removes its temporary directory and leaves the earlier checkpoints as they were.
@@ -135,7 +136,10 @@ class Checkpointer:
         self.read_only = read_only
         self.manager = None
         # Handlers registered up front: a fresh manager then also reads the array metadata.
-        handlers = {"state": ocp.StandardCheckpointHandler(), "meta": ocp.JsonCheckpointHandler()}
+        import grain
+
+        handlers = {"state": ocp.StandardCheckpointHandler(), "meta": ocp.JsonCheckpointHandler(),
+                    "data": grain.checkpoint.CheckpointHandler()}
         if read_only:
             if os.path.isdir(self.directory):
                 options = ocp.CheckpointManagerOptions(read_only=True, create=False, save_interval_steps=0,
@@ -156,8 +160,9 @@ class Checkpointer:
         return sorted(os.listdir(self.corrupt_directory), key=lambda n: tuple(int(p) for p in n.split(".")
                                                                              if p.isdigit()))
 
-    def save(self, step: int, state, meta: Dict[str, Any]) -> None:
-        """Write ``state`` (a flax struct / pytree) at ``step``; refuse NaN/Inf.
+    def save(self, step: int, state, meta: Dict[str, Any], data_iterator=None) -> None:
+        """Write ``state`` (a flax struct / pytree) and the state of ``data_iterator`` (a grain
+        iterator, if given) at ``step``; refuse NaN/Inf.
 
         Raises :class:`CheckpointWriteError` (the earlier checkpoints untouched) when the
         write fails, e.g. on a full disk.
@@ -171,9 +176,13 @@ class Checkpointer:
             raise CheckpointError(f"refusing to save the state of step {step}: NaN/Inf in {', '.join(bad[:5])}"
                                   f"{' ...' if len(bad) > 5 else ''}")
         meta = dict(meta, step=int(step), checksum=tree_checksum(host_state))
+        items = dict(state=ocp.args.StandardSave(host_state), meta=ocp.args.JsonSave(meta))
+        if data_iterator is not None:
+            import grain
+
+            items["data"] = grain.checkpoint.CheckpointSave(data_iterator)
         try:
-            self.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(host_state),
-                                                            meta=ocp.args.JsonSave(meta)), force=True)
+            self.manager.save(step, args=ocp.args.Composite(**items), force=True)
             self.manager.wait_until_finished()
         except Exception as error:  # OSError, or tensorstore's ValueError wrapping one (ENOSPC, EDQUOT, ...)
             self._remove_partial(step)
@@ -279,6 +288,19 @@ class Checkpointer:
         if failures:
             raise NoIntactCheckpoint("no intact checkpoint left:\n  " + "\n  ".join(failures))
         return None
+
+    def restore_data(self, step: int, data_iterator) -> bool:
+        """Set ``data_iterator`` (a grain iterator) to the state saved at ``step``; False when that checkpoint
+        has no data state this iterator can take (none saved, another process count or worker count)."""
+        import grain
+
+        try:
+            self.manager.restore(step, args=ocp.args.Composite(data=grain.checkpoint.CheckpointRestore(data_iterator)))
+        except Exception as error:  # absent item, missing per-process file, state of another iterator layout
+            print(f"data iterator state of checkpoint step {step} not restored ({type(error).__name__}: "
+                  f"{str(error)[:200]}); restarting the data at step {step}", file=sys.stderr, flush=True)
+            return False
+        return True
 
     def _quarantine(self, step: int) -> str:
         """Move checkpoint ``step`` to ``corrupt_checkpoints/``: process 0 moves once every process has read it."""

@@ -10,17 +10,18 @@ import dataclasses
 import json
 import math
 import typing
-from typing import Optional, Sequence
+from typing import Optional, Sequence, Tuple
 
 from dynconv_spec import CONV_MODELS, CONV_TYPES
 
 MODELS = CONV_MODELS  # the registered models that take conv= (dynconv_spec.registry)
 CONVS = CONV_TYPES
 OPTIMIZERS = ("sgd", "adamw")
-SCHEDULES = ("cosine", "constant")
+SCHEDULES = ("cosine", "constant", "step")
 AUGMENTS = ("auto", "none", "crop", "crop_flip")
+PREPROCESSES = ("auto", "imagenet", "cifar", "none")
 STEMS = ("auto", "imagenet", "cifar")
-DTYPES = ("float32", "bfloat16")
+DTYPES = ("float32", "bfloat16", "float64")
 ATTENTION_NORMS = ("batch", "layer", "none")  # = dynconv_jax.routing.ATTENTION_NORMS
 
 
@@ -32,13 +33,16 @@ class UsageError(ValueError):
 class Config:
     """Every knob of a training run. Defaults: the main command's digits run."""
 
-    # Data.
-    dataset: str = "digits"             # 'digits' (embedded) or any TFDS name with 'image' and 'label'
-    data_dir: Optional[str] = None      # TFDS data_dir holding the prepared dataset
+    # Data (train/data.py).
+    dataset: str = "digits"             # 'digits' (embedded), 'imagefolder' or a TFDS name with 'image' and 'label'
+    data_dir: Optional[str] = None      # imagefolder: ROOT of ROOT/<split>/<class>/*.jpg; TFDS: its data_dir
     train_split: str = "train"
     eval_split: str = "test"
-    augment: str = "auto"               # auto: crop for digits, crop_flip for TFDS images
-    crop_padding: Optional[int] = None  # None: 1 pixel for digits, 4 for TFDS images
+    preprocess: str = "auto"            # auto: cifar for digits and small fixed-size TFDS images, else imagenet
+    image_size: Optional[int] = None    # imagenet preprocessing: output side (None: 224); others: native size
+    augment: str = "auto"               # auto: crop for digits, crop_flip otherwise
+    crop_padding: Optional[int] = None  # cifar preprocessing: None = 1 pixel for digits, 4 otherwise
+    data_workers: int = 0               # grain worker processes decoding and augmenting (0: in this process)
     # Model (dynconv_jax.models).
     model: str = "resnet18"
     conv: str = "dynamic"              # default: DY-CNN (odconv compiles 2.5x slower on CPU)
@@ -59,7 +63,9 @@ class Config:
     nesterov: bool = True
     beta2: float = 0.999                # AdamW
     weight_decay: float = 5e-4          # not applied to BatchNorm parameters and biases
-    schedule: str = "cosine"
+    schedule: str = "cosine"            # step: x decay_factor at each of decay_epochs
+    decay_epochs: Tuple[float, ...] = ()
+    decay_factor: float = 0.1
     warmup_epochs: float = 1.0
     label_smoothing: float = 0.1
     grad_clip_norm: Optional[float] = 5.0  # global-norm clipping (none: off)
@@ -68,7 +74,7 @@ class Config:
     temp_final: float = 1.0
     temp_epochs: float = 5.0
     # Numerics and randomness.
-    dtype: str = "float32"              # 'bfloat16': bf16 compute, float32 parameters
+    dtype: str = "float32"              # 'bfloat16': bf16 compute, float32 parameters; 'float64' (enables x64)
     seed: int = 0
     # Outputs.
     workdir: Optional[str] = None       # None: runs/<dataset>-<model>-<conv>-<timestamp>
@@ -102,15 +108,22 @@ class Config:
                 raise UsageError(f"--{f.name}={value!r}: must be a finite number")
         for name, allowed in (("model", MODELS), ("conv", CONVS), ("optimizer", OPTIMIZERS),
                               ("schedule", SCHEDULES), ("augment", AUGMENTS), ("stem", STEMS),
+                              ("preprocess", PREPROCESSES),
                               ("dtype", DTYPES)):
             choice(name, allowed)
         for name in ("num_experts", "base_width", "width_mult", "batch_size", "num_epochs", "num_steps",
                      "learning_rate", "checkpoint_every_steps", "keep_checkpoints", "log_every_steps",
-                     "temp_init", "temp_final", "grad_clip_norm", "attention_bn_init"):
+                     "temp_init", "temp_final", "grad_clip_norm", "image_size", "decay_factor",
+                     "attention_bn_init"):
             positive(name)
-        for name in ("weight_decay", "warmup_epochs", "temp_epochs", "crop_padding"):
+        for name in ("weight_decay", "warmup_epochs", "temp_epochs", "crop_padding", "data_workers"):
             positive(name, allow_zero=True)
         choice("attention_norm", ATTENTION_NORMS)
+        if self.schedule == "step" and not self.decay_epochs:
+            raise UsageError("--schedule=step needs --decay_epochs=E1,E2,... (epochs at which the learning rate "
+                             "is multiplied by --decay_factor)")
+        if list(self.decay_epochs) != sorted(self.decay_epochs) or any(e <= 0 for e in self.decay_epochs):
+            raise UsageError(f"--decay_epochs={','.join(map(str, self.decay_epochs))}: must be increasing and > 0")
         for name, unset in (("attention_bn_init", None), ("attention_norm", "batch")):
             if getattr(self, name) != unset and self.conv != "odconv":
                 raise UsageError(f"--{name}={getattr(self, name)!r} applies to --conv=odconv only, "
@@ -142,6 +155,8 @@ def _parse_value(name: str, text: str, annotation):
     if optional and text.lower() in ("none", "null", ""):
         return None
     try:
+        if typing.get_origin(base) is tuple:
+            return tuple(float(v) for v in text.split(",") if v.strip())
         if base is bool:
             lowered = text.lower()
             if lowered in ("1", "true", "yes", "on"):
@@ -155,7 +170,8 @@ def _parse_value(name: str, text: str, annotation):
             return float(text)
         return text
     except ValueError:
-        kind = {bool: "true/false", int: "an integer", float: "a number"}.get(base, "a string")
+        kind = {bool: "true/false", int: "an integer", float: "a number"}.get(
+            base, "comma-separated numbers" if typing.get_origin(base) is tuple else "a string")
         extra = " or none" if optional else ""
         raise UsageError(f"--{name}={text!r}: expected {kind}{extra}") from None
 
@@ -163,12 +179,22 @@ def _parse_value(name: str, text: str, annotation):
 def parse_args(argv: Sequence[str], base: Optional[Config] = None) -> Config:
     """``['--batch_size=32', '--conv=dynamic', '--resume']`` -> validated :class:`Config`.
 
-    A bare ``--flag`` sets a boolean field to True. Unknown keys and malformed values
-    raise :class:`UsageError` with the offending argument.
+    A bare ``--flag`` sets a boolean field to True. ``--config=NAME`` starts from the preset
+    ``train.presets.PRESETS[NAME]`` (wherever it appears; the other flags override it). Unknown
+    keys and malformed values raise :class:`UsageError` with the offending argument.
     """
     types = _field_types()
     updates = {}
+    presets = [arg for arg in argv if arg.startswith("--config=")]
+    if len(presets) > 1:
+        raise UsageError(f"--config given {len(presets)} times ({', '.join(presets)})")
+    if presets:
+        from train.presets import preset
+
+        base = preset(presets[0].partition("=")[2], base)
     for arg in argv:
+        if arg in presets:
+            continue
         if not arg.startswith("--"):
             raise UsageError(f"argument {arg!r}: expected --key=value (see python -m train --help)")
         key, sep, value = arg[2:].partition("=")
@@ -186,7 +212,10 @@ def parse_args(argv: Sequence[str], base: Optional[Config] = None) -> Config:
 
 
 def usage() -> str:
-    lines = ["usage: python -m train [--key=value ...]", "", "options (default):"]
+    from train.presets import PRESETS
+
+    lines = ["usage: python -m train [--config=PRESET] [--key=value ...]", "",
+             f"presets (--config): {', '.join(sorted(PRESETS))}", "", "options (default):"]
     for f in dataclasses.fields(Config):
         lines.append(f"  --{f.name}={f.default!r}")
     return "\n".join(lines)
@@ -204,7 +233,8 @@ def from_json(text: str, source: str = "config.json") -> Config:
                          f"`python -m train` run writes") from None
     if not isinstance(fields, dict):
         raise UsageError(f"{source} holds a JSON {type(fields).__name__}, expected an object of options")
-    unknown = sorted(set(fields) - set(_field_types()))
+    types = _field_types()
+    unknown = sorted(set(fields) - set(types))
     if unknown:
         raise UsageError(f"{source} has unknown options {unknown} (written by another version of dynconv?)")
-    return Config(**fields)
+    return Config(**{k: tuple(v) if typing.get_origin(types[k]) is tuple else v for k, v in fields.items()})

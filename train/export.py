@@ -107,9 +107,9 @@ def export_run(workdir: str, fmt: str, out: str, batch: Optional[int] = None, ch
         raise ValueError(f"--format {fmt!r}: expected 'stablehlo' or 'onnx'")
     if batch is not None and batch < 1:
         raise ValueError(f"--batch {batch}: must be >= 1")
-    config, model, variables, dataset, batches, temperature, step = load_run(workdir)
+    config, model, variables, dataset, temperature, step = load_run(workdir)
     n = batch or check_images
-    images = np.asarray(batches.normalize(dataset.eval_images[:n]), np.float32)
+    images = np.asarray(dataset.eval_examples(n), np.float32)
     if len(images) < n:
         raise ValueError(f"--batch {n}: the run's {config.eval_split} split has only {len(images)} images")
     expected = jax_logits(model, variables, images, temperature)

@@ -55,7 +55,7 @@ def stage_norms(grads) -> Dict[str, float]:
 
 
 def _setup(config):
-    """The run's dataset batches, model, optimiser, temperature schedule, initial state and dropout key,
+    """The run's input pipeline, temperature schedule, initial state, dropout key and number of steps,
     made as :func:`train.loop.train_and_evaluate` makes them."""
     import jax
 
@@ -63,15 +63,14 @@ def _setup(config):
     from train import steps
 
     dataset = data_lib.load_dataset(config)
-    batches = data_lib.Batches(dataset, data_lib.Augment.from_config(config, dataset), config.batch_size,
-                               config.seed, 0, 1)
-    spe = batches.steps_per_epoch
+    pipeline = data_lib.Pipeline(dataset, config.batch_size, config.seed)
+    spe = pipeline.steps_per_epoch
     total_steps = config.num_steps or config.num_epochs * spe
     model = steps.create_model(config, dataset.num_classes, dataset.image_shape)
     tx, _ = steps.create_optimizer(config, spe, total_steps)
     state = steps.create_train_state(jax.random.key(config.seed, impl="rbg"), model, dataset.image_shape, tx)
     dropout_key = jax.random.fold_in(jax.random.key(config.seed), 1)
-    return batches, steps.temperature_schedule(config, spe), state, dropout_key, total_steps
+    return pipeline, steps.temperature_schedule(config, spe), state, dropout_key, total_steps
 
 
 #: The jitted functions of one configuration but its seed (same model, optimiser and schedule): the
@@ -107,8 +106,8 @@ def _jitted(config, tx) -> Tuple[Callable, Callable]:
 
 def at_init(config, temperatures: Sequence[float]) -> List[Dict[str, float]]:
     """Stage norms of the first step's gradient at each temperature (one row per temperature)."""
-    batches, _, state, dropout_key, total_steps = _setup(config)
-    _, images, labels = next(iter(batches.iterate_train(0, total_steps)))
+    pipeline, _, state, dropout_key, _ = _setup(config)
+    images, labels = pipeline.train_batch(0)
     norms, _ = _jitted(config, state.tx)
     state = state.replace(tx=None)
     return [{"temperature": t, **{k: float(v) for k, v in norms(state, images, labels, dropout_key,
@@ -119,15 +118,16 @@ def trace(config, epochs: float) -> List[Dict[str, float]]:
     """Train the first ``epochs`` epochs as ``python -m train`` does; one row of stage norms per step."""
     import jax
 
-    batches, temperature_fn, state, dropout_key, total_steps = _setup(config)
-    num_steps = min(total_steps, int(round(epochs * batches.steps_per_epoch)))
+    pipeline, temperature_fn, state, dropout_key, total_steps = _setup(config)
+    num_steps = min(total_steps, int(round(epochs * pipeline.steps_per_epoch)))
     _, step_fn = _jitted(config, state.tx)
     state = state.replace(tx=None)
     rows = []
-    for step, images, labels in batches.iterate_train(0, num_steps):
+    for step in range(num_steps):
+        images, labels = pipeline.train_batch(step)
         temperature = np.float32(temperature_fn(step))  # the schedule at the step count before this update
         state, metrics = step_fn(state, images, labels, dropout_key, temperature)
-        rows.append({"step": step + 1, "epoch": step // batches.steps_per_epoch + 1,
+        rows.append({"step": step + 1, "epoch": step // pipeline.steps_per_epoch + 1,
                      "temperature": float(temperature), **{k: float(v) for k, v in jax.device_get(metrics).items()}})
     return rows
 

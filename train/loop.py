@@ -6,14 +6,11 @@ import functools
 import json
 import math
 import os
-import queue
 import sys
-import threading
 import time
-from typing import Any, Dict, Iterator
+from typing import Any, Dict
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from train import checkpoint as ckpt_lib
@@ -25,7 +22,8 @@ from train.config import Config, UsageError, from_json
 
 # Fields that may differ between a run and its resumption (they do not change the maths).
 RUNTIME_FIELDS = ("resume", "workdir", "progress", "log_every_steps", "tensorboard", "export", "distributed",
-                  "checkpoint_every_steps", "keep_checkpoints", "data_dir", "allow_restart")
+                  "checkpoint_every_steps", "keep_checkpoints", "data_dir", "data_workers", "allow_restart")
+EXPORT_EXAMPLES = 512  # eval images the end-of-run export check compares Flax and PyTorch on
 
 
 class TrainingDiverged(RuntimeError):
@@ -35,29 +33,6 @@ class TrainingDiverged(RuntimeError):
 def default_workdir(config: Config) -> str:
     stamp = time.strftime("%Y%m%d-%H%M%S")
     return os.path.join("runs", f"{config.dataset}-{config.model}-{config.conv}-{stamp}")
-
-
-def _prefetch(iterator: Iterator, size: int = 2) -> Iterator:
-    """Run ``iterator`` in a background thread, ``size`` items ahead (order unchanged)."""
-    items: queue.Queue = queue.Queue(maxsize=size)
-    done = object()
-
-    def produce():
-        try:
-            for item in iterator:
-                items.put(item)
-        except BaseException as error:  # re-raised in the consumer
-            items.put(error)
-        items.put(done)
-
-    threading.Thread(target=produce, daemon=True).start()
-    while True:
-        item = items.get()
-        if item is done:
-            return
-        if isinstance(item, BaseException):
-            raise item
-        yield item
 
 
 def _check_resumable(workdir: str, config: Config) -> None:
@@ -74,12 +49,15 @@ def _check_resumable(workdir: str, config: Config) -> None:
                          f"({'; '.join(diff)}); an exact resume needs the same configuration")
 
 
-def evaluate(p_eval_step, state, batches: data_lib.Batches, sharding, temperature) -> Dict[str, float]:
-    """Loss and accuracy of ``state`` on the whole eval split."""
+def evaluate(p_eval_step, state, pipeline: data_lib.Pipeline, sharding, temperature) -> Dict[str, float]:
+    """Loss and accuracy of ``state`` on the whole eval split (unreadable images are left out)."""
     totals = {"loss": 0.0, "correct": 0.0, "count": 0.0}
-    for images, labels, mask in batches.eval_batches():
-        sums = jax.device_get(p_eval_step(state, *parallel.global_batch(sharding, images, labels, mask),
-                                          temperature))
+    for batch in pipeline.eval_batches():
+        for index in batch["bad"][batch["bad"] >= 0]:
+            print(f"WARNING: left out unreadable eval image {pipeline.dataset.eval.describe(int(index))}",
+                  file=sys.stderr, flush=True)
+        sums = jax.device_get(p_eval_step(state, *parallel.global_batch(
+            sharding, batch["image"], batch["label"], batch["mask"]), temperature))
         for key in totals:
             totals[key] += float(sums[key])
     return {"loss": totals["loss"] / totals["count"], "accuracy": totals["correct"] / totals["count"]}
@@ -88,6 +66,8 @@ def evaluate(p_eval_step, state, batches: data_lib.Batches, sharding, temperatur
 def train_and_evaluate(config: Config) -> Dict[str, Any]:
     """Train ``config``; returns the final metrics, the state and paths (see docs/training.md)."""
     config.validate()
+    if config.dtype == "float64":
+        jax.config.update("jax_enable_x64", True)
     parallel.initialize(config.distributed)
     primary = jax.process_index() == 0
     workdir = config.workdir or default_workdir(config)
@@ -97,13 +77,14 @@ def train_and_evaluate(config: Config) -> Dict[str, Any]:
     os.makedirs(workdir, exist_ok=True)
 
     dataset = data_lib.load_dataset(config)
-    batches = data_lib.Batches(dataset, data_lib.Augment.from_config(config, dataset), config.batch_size,
-                               config.seed, jax.process_index(), jax.process_count())
+    pipeline = data_lib.Pipeline(dataset, config.batch_size, config.seed, config.data_workers,
+                                 jax.process_index(), jax.process_count())
     mesh = parallel.make_mesh()
     if config.batch_size % mesh.size:
         raise UsageError(f"--batch_size={config.batch_size} must be divisible by the number of devices "
                          f"({mesh.size})")
-    spe = batches.steps_per_epoch
+    steps.check_image_size(config, dataset.image_shape)
+    spe = pipeline.steps_per_epoch
     total_steps = config.num_steps or config.num_epochs * spe
 
     model = steps.create_model(config, dataset.num_classes, dataset.image_shape)
@@ -127,7 +108,7 @@ def train_and_evaluate(config: Config) -> Dict[str, Any]:
         with open(os.path.join(workdir, "config.json"), "w") as f:
             f.write(config.to_json())
 
-    start_step = 0
+    start_step, skipped = 0, 0
     running = {"loss": 0.0, "accuracy": 0.0, "count": 0}
     try:
         restored = checkpointer.restore_latest(state) if config.resume else None
@@ -137,9 +118,16 @@ def train_and_evaluate(config: Config) -> Dict[str, Any]:
                                               f"--allow_restart to do that") from None
         print(f"--resume --allow_restart: {error}\nstarting from step 0", file=sys.stderr, flush=True)
         restored = None
+    batches = pipeline.train_iterator(total_steps)
     if restored is not None:
         start_step, state, meta = restored
-        running = meta["running"]
+        running, skipped = meta["running"], meta.get("skipped_images", 0)
+        if not checkpointer.restore_data(start_step, batches):
+            # No data state for this process count (e.g. an older checkpoint): batches are a pure
+            # function of (seed, step), so starting the dataset at the step is the same.
+            if hasattr(batches, "close"):
+                batches.close()
+            batches = pipeline.train_iterator(total_steps, start_step)
         print(f"resumed from {checkpointer.directory}/{start_step} (step {start_step}/{total_steps})", flush=True)
     elif config.resume:
         quarantined = checkpointer.quarantined_steps()
@@ -151,8 +139,7 @@ def train_and_evaluate(config: Config) -> Dict[str, Any]:
         print(f"--resume: no checkpoint in {checkpointer.directory}; starting from step 0", flush=True)
 
     repl, data_sharding = parallel.replicated(mesh), parallel.batch_sharded(mesh)
-    state = jax.device_put(state, repl)
-    dropout_key = jax.device_put(dropout_key, repl)
+    state, dropout_key = parallel.replicate((state, dropout_key), repl)
     # The step adds its metrics to on-device sums: the host waits for the device only when it fetches
     # them (every --log_every_steps, at epoch ends and before each checkpoint), not every step.
     p_train_step = parallel.under_mesh(mesh, jax.jit(
@@ -166,8 +153,9 @@ def train_and_evaluate(config: Config) -> Dict[str, Any]:
     writer = metrics_lib.MetricsWriter(workdir, start_step if restored else None, config.tensorboard, primary)
     if primary:
         print(f"{config.model} conv={config.conv} K={config.num_experts} on {dataset.name} "
-              f"{dataset.image_shape} ({len(dataset.train_labels)} train / {len(dataset.eval_labels)} eval), "
-              f"{jax.device_count()} device(s) [{jax.devices()[0].platform}], batch {config.batch_size}, "
+              f"{dataset.image_shape} ({len(dataset.train)} train / {len(dataset.eval)} eval), "
+              f"{jax.process_count()} process(es), {jax.device_count()} device(s) [{jax.devices()[0].platform}], "
+              f"batch {config.batch_size}, {config.data_workers} data worker(s), "
               f"{total_steps} steps ({spe}/epoch); workdir {workdir}", flush=True)
 
     bar = None
@@ -180,10 +168,21 @@ def train_and_evaluate(config: Config) -> Dict[str, Any]:
     t_start = t_epoch = time.time()
     last_good = checkpointer.all_steps()[-1] if checkpointer.all_steps() else None
     eval_metrics = {"loss": math.nan, "accuracy": math.nan}
-    sums = jax.device_put(steps.zero_metric_sums(), repl)
+    data_wait = epoch_wait = 0.0  # seconds spent waiting for the next batch (total, this epoch)
+    sums = parallel.replicate(steps.zero_metric_sums(), repl)
     try:
-        for step, images, labels in _prefetch(batches.iterate_train(start_step, total_steps)):
-            images, labels = parallel.global_batch(data_sharding, images, labels)
+        for step in range(start_step, total_steps):
+            t_wait = time.time()
+            batch = next(batches)
+            if int(batch["step"][0]) != step:
+                raise RuntimeError(f"data iterator out of step: got the batch of step {int(batch['step'][0])} "
+                                   f"at step {step}")
+            for index in batch["bad"][batch["bad"] >= 0]:
+                skipped += 1
+                log(f"WARNING: step {step + 1}: skipped unreadable image {dataset.train.describe(int(index))} "
+                    f"({skipped} so far)")
+            images, labels = parallel.global_batch(data_sharding, pipeline.normalize(batch["image"]), batch["label"])
+            epoch_wait += time.time() - t_wait
             state, sums = p_train_step(state, sums, images, labels, dropout_key)
             done = step + 1
             if bar is not None:
@@ -193,7 +192,7 @@ def train_and_evaluate(config: Config) -> Dict[str, Any]:
             if not (done % config.log_every_steps == 0 or epoch_end or checkpoint_due):
                 continue
             window = {k: float(v) for k, v in jax.device_get(sums).items()}  # the host waits here only
-            sums = jax.device_put(steps.zero_metric_sums(), repl)
+            sums = parallel.replicate(steps.zero_metric_sums(), repl)
             if window["first_nonfinite_step"] >= 0:
                 bad = int(window["first_nonfinite_step"])
                 name = "loss" if not math.isfinite(window["nonfinite_loss"]) else "grad_norm"
@@ -222,8 +221,8 @@ def train_and_evaluate(config: Config) -> Dict[str, Any]:
                         f"lr {lr:.4g} T {window['temperature']:.3f}")
             if epoch_end:
                 temperature = temperature_fn(done)
-                eval_metrics = evaluate(p_eval_step, state, batches, data_sharding,
-                                        jax.device_put(jnp.asarray(temperature, jnp.float32), repl))
+                eval_metrics = evaluate(p_eval_step, state, pipeline, data_sharding,
+                                        parallel.replicate(np.float32(temperature), repl))
                 if not math.isfinite(eval_metrics["loss"]):
                     raise TrainingDiverged(f"step {done}: eval loss (cross-entropy on {config.eval_split}) is "
                                            f"{eval_metrics['loss']}; stopped. Last good checkpoint: "
@@ -239,12 +238,12 @@ def train_and_evaluate(config: Config) -> Dict[str, Any]:
                 log(f"epoch {row['epoch']:>3} step {done}: train loss {row['train_loss']:.4f} "
                     f"acc {row['train_accuracy']:.4f} | {config.eval_split} loss {row['eval_loss']:.4f} "
                     f"acc {row['eval_accuracy']:.4f} | lr {lr:.4g} T {row['temperature']:.3f} "
-                    f"| {row['seconds']:.1f}s")
+                    f"| {row['seconds']:.1f}s, data wait {100 * epoch_wait / max(row['seconds'], 1e-9):.0f}%")
                 running = {"loss": 0.0, "accuracy": 0.0, "count": 0}
-                t_epoch = time.time()
+                t_epoch, data_wait, epoch_wait = time.time(), data_wait + epoch_wait, 0.0
             if checkpoint_due:
                 try:
-                    checkpointer.save(done, state, {"running": running})
+                    checkpointer.save(done, state, {"running": running, "skipped_images": skipped}, batches)
                 except ckpt_lib.CheckpointError as error:
                     failure = type(error) if isinstance(error, ckpt_lib.CheckpointWriteError) else TrainingDiverged
                     raise failure(f"{error}. Last good checkpoint: "
@@ -252,25 +251,31 @@ def train_and_evaluate(config: Config) -> Dict[str, Any]:
                                            f"in {checkpointer.directory}") from None
                 last_good = done
     finally:
+        if hasattr(batches, "close"):
+            batches.close()  # stops grain's worker processes
+        pipeline.close()
         if bar is not None:
             bar.close()
         writer.close()
         checkpointer.close()
 
     elapsed = time.time() - t_start
+    data_wait += epoch_wait
     result = {"workdir": workdir, "steps": total_steps, "eval_loss": eval_metrics["loss"],
               "eval_accuracy": eval_metrics["accuracy"], "seconds": elapsed, "state": state,
-              "checkpoint_dir": checkpointer.directory}
+              "checkpoint_dir": checkpointer.directory, "skipped_images": skipped,
+              "data_wait_fraction": data_wait / max(elapsed, 1e-9)}
     if config.export and primary:
         from train.export import export_and_verify
 
         variables = {"params": state.params, "batch_stats": state.batch_stats}
         result["export"] = export_and_verify(
-            config, model, variables, batches.normalize(dataset.eval_images), dataset.num_classes,
+            config, model, variables, dataset.eval_examples(EXPORT_EXAMPLES), dataset.num_classes,
             float(temperature_fn(total_steps)), os.path.join(workdir, "model.safetensors"))
     if primary:
         log(f"done: {total_steps} steps in {elapsed:.1f}s; {config.eval_split} accuracy "
-            f"{eval_metrics['accuracy']:.4f}, loss {eval_metrics['loss']:.4f}")
+            f"{eval_metrics['accuracy']:.4f}, loss {eval_metrics['loss']:.4f}"
+            + (f"; skipped {skipped} unreadable training image(s)" if skipped else ""))
         with open(os.path.join(workdir, "summary.json"), "w") as f:
             json.dump({k: v for k, v in result.items() if k != "state"}, f, indent=2)
     return result

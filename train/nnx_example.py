@@ -20,7 +20,8 @@ import optax
 from flax import nnx
 
 from dynconv_jax.nnx import models
-from train.data import load_digits_npz
+from train.config import Config
+from train.data import load_dataset
 
 
 @dataclasses.dataclass(frozen=True)
@@ -76,10 +77,9 @@ def build_model(config: ExampleConfig, in_channels: int, num_classes: int):
 
 def run(config: ExampleConfig = ExampleConfig(), log=print) -> float:
     """Train on the digits' train split, return the accuracy on its test split."""
-    data = load_digits_npz()
-    mean, std = data.channel_stats()
-    normalize = lambda x: (x.astype(np.float32) - mean) / std  # noqa: E731
-    train_x, train_y = normalize(data.train_images), data.train_labels
+    data = load_dataset(Config())  # the embedded digits, normalised with their training statistics
+    normalize = data.preprocess.normalize
+    train_x, train_y = normalize(data.train.images), data.train.labels
     model = build_model(config, data.image_shape[-1], data.num_classes)
     steps_per_epoch = len(train_x) // config.batch_size
     total = steps_per_epoch * config.epochs
@@ -98,7 +98,7 @@ def run(config: ExampleConfig = ExampleConfig(), log=print) -> float:
             metrics = train_step(model, optimizer, train_x[idx], train_y[idx], jnp.float32(temperature(step)))
             step += 1
         model.eval()
-        accuracy = float(np.mean(np.asarray(predict(model, normalize(data.eval_images))) == data.eval_labels))
+        accuracy = float(np.mean(np.asarray(predict(model, normalize(data.eval.images))) == data.eval.labels))
         log(f"epoch {epoch + 1}: loss {float(metrics['loss']):.4f}  T {float(temperature(step)):.2f}  "
             f"test accuracy {accuracy:.4f}")
     return accuracy

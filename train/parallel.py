@@ -7,17 +7,33 @@ equals single-device training on the same global batch up to float summation ord
 """
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import jax
+import jax.numpy as jnp
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 
 def initialize(distributed: bool) -> None:
-    """Multi-host: ``jax.distributed.initialize()`` reads the coordinator, process count and id
-    from the environment (SLURM, Cloud TPU, or JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES /
-    JAX_PROCESS_ID)."""
-    if distributed:
-        jax.distributed.initialize()
+    """Multi-host: ``jax.distributed.initialize()`` with the coordinator, process count and id of the
+    environment: SLURM and Cloud TPU are detected by JAX; by hand, JAX_COORDINATOR_ADDRESS (read by JAX)
+    with JAX_NUM_PROCESSES and JAX_PROCESS_ID (read here: JAX itself does not read these two).
+    Collectives between CPU processes go through gloo (the setting only concerns the CPU backend, so
+    GPU and TPU runs are unaffected)."""
+    if not distributed:
+        return
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    kwargs = {}
+    for name, variable in (("num_processes", "JAX_NUM_PROCESSES"), ("process_id", "JAX_PROCESS_ID")):
+        text = os.environ.get(variable, "").strip()
+        if text:
+            try:
+                kwargs[name] = int(text)
+            except ValueError:
+                raise ValueError(f"--distributed: environment variable {variable}={text!r} is not an integer") \
+                    from None
+    jax.distributed.initialize(**kwargs)
 
 
 def make_mesh() -> Mesh:
@@ -40,6 +56,20 @@ def under_mesh(mesh: Mesh, fn):
         with jax.set_mesh(mesh):
             return fn(*args, **kwargs)
     return call
+
+
+def replicate(tree, sharding: NamedSharding):
+    """A pytree with the same values in every process -> global ``jax.Array``s with ``sharding`` (replicated).
+
+    ``jax.device_put`` refuses a sharding over devices of other processes for an array already on a
+    device, so each leaf is rebuilt from its host copy (PRNG keys through their key data)."""
+    def put(leaf):
+        if isinstance(leaf, jax.Array) and jax.dtypes.issubdtype(leaf.dtype, jax.dtypes.prng_key):
+            return jax.random.wrap_key_data(put(jax.random.key_data(leaf)), impl=jax.random.key_impl(leaf))
+        host = np.asarray(jnp.asarray(leaf))  # a Python scalar takes JAX's dtype, as with device_put
+        return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
+
+    return jax.tree.map(put, tree)
 
 
 def global_batch(sharding: NamedSharding, *local_arrays):

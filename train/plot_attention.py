@@ -16,7 +16,7 @@ import jax
 
 
 def load_run(workdir: str):
-    """``(config, model, variables, dataset, batches, temperature, step)`` of the newest checkpoint in ``workdir``."""
+    """``(config, model, variables, dataset, temperature, step)`` of the newest checkpoint in ``workdir``."""
     from train import checkpoint as ckpt_lib
     from train import data as data_lib
     from train import steps
@@ -31,9 +31,7 @@ def load_run(workdir: str):
     with open(config_path) as f:
         config = from_json(f.read(), config_path)
     dataset = data_lib.load_dataset(config)
-    batches = data_lib.Batches(dataset, data_lib.Augment.from_config(config, dataset), config.batch_size,
-                               config.seed, 0, 1)
-    spe = batches.steps_per_epoch
+    spe = data_lib.Pipeline(dataset, config.batch_size, config.seed).steps_per_epoch
     total_steps = config.num_steps or config.num_epochs * spe
     model = steps.create_model(config, dataset.num_classes, dataset.image_shape)
     tx, _ = steps.create_optimizer(config, spe, total_steps)
@@ -51,7 +49,7 @@ def load_run(workdir: str):
     if state.batch_stats:
         variables["batch_stats"] = state.batch_stats
     temperature = float(steps.temperature_schedule(config, spe)(step))
-    return config, model, variables, dataset, batches, temperature, step
+    return config, model, variables, dataset, temperature, step
 
 
 def plot_run(workdir: str, out_dir: str, num_samples: int = 32) -> Tuple[List[str], str]:
@@ -60,8 +58,8 @@ def plot_run(workdir: str, out_dir: str, num_samples: int = 32) -> Tuple[List[st
 
     if num_samples < 2:
         raise ValueError(f"--num_samples={num_samples}: need at least 2 samples to show a distribution")
-    config, model, variables, dataset, batches, temperature, step = load_run(workdir)
-    images = batches.normalize(dataset.eval_images[:num_samples])
+    config, model, variables, dataset, temperature, step = load_run(workdir)
+    images = dataset.eval_examples(num_samples)
     attentions = collect_attentions(model, variables, images, temperature=temperature)
     paths = plot_all(attentions, out_dir)
     summary = (f"{config.model} conv={config.conv} K={config.num_experts}, checkpoint step {step}, T={temperature:.3g}, "

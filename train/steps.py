@@ -54,13 +54,28 @@ def model_kwargs(config, num_classes: int, image_shape) -> Dict[str, Any]:
     return kwargs
 
 
+def check_image_size(config, image_shape) -> None:
+    """Raise a ValueError naming ``--image_size`` if the input is smaller than the model's total
+    stride (its last feature map would be below 1x1: 8 for the CIFAR stem, 32 otherwise)."""
+    stem = model_kwargs(config, 1, image_shape).get("stem", "imagenet")
+    stride = 8 if stem == "cifar" else 32
+    if min(image_shape[:2]) < stride:
+        from train.config import UsageError
+
+        raise UsageError(f"--image_size: {image_shape[0]}x{image_shape[1]} inputs are smaller than the total stride "
+                         f"({stride}) of {config.model} with the {stem!r} stem; use --image_size >= {stride}")
+
+
 def create_model(config, num_classes: int, image_shape):
-    """The ``dynconv_jax.models`` network named by ``config.model`` (bf16 compute if asked)."""
+    """The ``dynconv_jax.models`` network named by ``config.model`` (bf16 compute, or float64 parameters
+    and compute, if asked)."""
     from dynconv_jax import models
 
     kwargs = model_kwargs(config, num_classes, image_shape)
     if config.dtype == "bfloat16":
         kwargs["dtype"] = jnp.bfloat16
+    elif config.dtype == "float64":
+        kwargs.update(dtype=jnp.float64, param_dtype=jnp.float64)
     return models.create_model(config.model, **kwargs)
 
 
@@ -76,10 +91,14 @@ def temperature_schedule(config, steps_per_epoch: int) -> Callable[[Any], Array]
 
 def learning_rate_schedule(config, steps_per_epoch: int, total_steps: int) -> optax.Schedule:
     """Linear warmup from 0 to ``learning_rate`` over ``warmup_epochs``, then cosine decay to 0
-    at ``total_steps`` (or constant)."""
+    at ``total_steps``, step decay (``x decay_factor`` at each of ``decay_epochs``, counted from the
+    start of training) or constant."""
     warmup = min(int(round(config.warmup_epochs * steps_per_epoch)), max(total_steps - 1, 0))
     if config.schedule == "cosine":
         main = optax.cosine_decay_schedule(config.learning_rate, max(total_steps - warmup, 1))
+    elif config.schedule == "step":
+        boundaries = {int(round(e * steps_per_epoch)) - warmup: config.decay_factor for e in config.decay_epochs}
+        main = optax.piecewise_constant_schedule(config.learning_rate, boundaries)
     else:
         main = optax.constant_schedule(config.learning_rate)
     if warmup == 0:
