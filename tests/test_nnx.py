@@ -282,10 +282,16 @@ def test_every_nnx_model_has_the_linen_parameter_tree():
                 {"params": variables["params"], "batch_stats": variables["batch_stats"]}), (arch, conv)
 
 
-@pytest.mark.parametrize("arch,conv", [("resnet18", "odconv"), ("resnet50", "condconv"), ("mobilenet_v2", "dynamic")])
-def test_nnx_model_equals_linen_float64(arch, conv):
-    """Loss, running statistics, gradients, eval logits (``python -m parity.nnx_api`` runs every model case)."""
-    linen, _ = model_pair(arch, conv)
+@pytest.mark.parametrize("block,conv", [("basic", "odconv"), ("bottleneck", "condconv"), ("mobilenet_v2", "dynamic")])
+def test_nnx_model_equals_linen_float64(block, conv):
+    """Loss, running statistics, gradients, eval logits, for each block kind: ResNets of one block per stage
+    (the resnet18..101 code with the shortest depths; ``python -m parity.nnx_api`` runs every registered
+    model x conv type) and MobileNetV2."""
+    if block == "mobilenet_v2":
+        linen, _ = model_pair("mobilenet_v2", conv)
+    else:
+        linen = linen_models.ResNet(block=block, layers=(1, 1, 1, 1), conv=conv, num_classes=5, stem="cifar",
+                                    dropout=0.0, base_width=4 if block == "basic" else 2, param_dtype=jnp.float64)
     x = jax.random.normal(jax.random.key(0), (2, 8, 8, 3), jnp.float64)
     errs = compare_with_linen(linen, linen.init(jax.random.key(1), x), x, temperature=2.0)
     assert max(errs.values()) <= 1e-12, errs
