@@ -35,8 +35,8 @@ def _parser(families: List[str]) -> argparse.ArgumentParser:
     p.add_argument("--dtypes", default=",".join(DTYPES), help=f"subset of {','.join(DTYPES)} (default both)")
     p.add_argument("--checks", default=",".join(CHECKS), help=f"subset of {','.join(CHECKS)} (default all)")
     p.add_argument("--full", action="store_true",
-                   help="also the cases outside the default run (the long grid: every model case in float32 too, "
-                        "and the chaotic-training demonstration)")
+                   help="also the cases outside the default run, in both dtypes (the long grid: every layer "
+                        "configuration, bias variant and strategy, every model x conv type)")
     p.add_argument("--quick", action="store_true", help="only the cases marked quick, at most 5 training steps")
     p.add_argument("--match", default=None,
                    help="only cases whose name contains one of these comma-separated substrings")

@@ -7,6 +7,9 @@ this module and registers the cases under the family ``efficientnet_cc``.
   depth, forward in eval and train mode and running statistics, once with the TF port (TF 'SAME' padding on an
   odd input, eps 1e-3, 4 experts, temperature 2) and once with PyTorch padding (8 experts);
 - ``tf_efficientnet_cc_b0_4e``: the released model's exact shape (1000 classes) in eval mode.
+
+The default ``python -m parity`` run takes ``tiny-tf-K4-T2`` (both dtypes) and the released shape
+(float64); ``--full`` all three in both dtypes.
 """
 from __future__ import annotations
 
@@ -23,7 +26,7 @@ FORWARD_CHECKS = ("forward_eval", "forward_train", "running_stats")
 
 
 def efficientnet_case(tag: str, model_kwargs: dict, input_shape, *, temperature=None, quick=False,
-                      checks=None) -> Case:
+                      checks=None, default=("float64", "float32")) -> Case:
     """``EfficientNetCondConv(**model_kwargs)`` in both frameworks (dropout and drop path 0)."""
 
     def make_torch():
@@ -38,15 +41,17 @@ def efficientnet_case(tag: str, model_kwargs: dict, input_shape, *, temperature=
 
     extra = {} if checks is None else {"checks": tuple(checks)}
     return Case(name=f"{FAMILY}/{tag}", family=FAMILY, make_torch=make_torch, make_flax=make_flax,
-                input_shape=tuple(input_shape), temperature=temperature, quick=quick, **extra)
+                input_shape=tuple(input_shape), temperature=temperature, quick=quick, default=tuple(default),
+                **extra)
 
 
 CASES = (
     efficientnet_case("tiny-tf-K4-T2", dict(TINY, tf_port=True), (2, 3, 33, 35), temperature=2.0, quick=True,
                       checks=FORWARD_CHECKS),
     efficientnet_case("tiny-torchpad-K8", dict(TINY, experts_multiplier=2), (2, 3, 32, 32),
-                      checks=("forward_eval", "forward_train")),  # float32 running var: 1.9e-5 measured
-    efficientnet_case("tf_efficientnet_cc_b0_4e", dict(tf_port=True), (2, 3, 64, 64), checks=("forward_eval",)),
+                      checks=("forward_eval", "forward_train"), default=()),  # float32 running var: 1.9e-5 measured
+    efficientnet_case("tf_efficientnet_cc_b0_4e", dict(tf_port=True), (2, 3, 64, 64), checks=("forward_eval",),
+                      default=("float64",)),
 )
 for _case in CASES:
     register(_case)
