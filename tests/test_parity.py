@@ -4,7 +4,7 @@ Layers: a few fixed configurations in float64 and float32 with every check (chec
 train forward, running stats, gradients, SGD steps), plus hypothesis-drawn random configurations.
 Models: the model cases (ResNet-18/50, MobileNetV2 x static/CondConv/DynamicConv/ODConv, and the
 ImageNet-stem ODConv ResNet-18) in float64, ResNet-18 and the deep ODConv ones in float32 (ResNet-34 and
-the rest: ``python -m parity``): eval and train forward and running stats; gradients and 2 SGD steps in float64 for ResNet-18 (every conv type) and MobileNetV2
+the rest: ``python -m parity --full``): eval and train forward and running stats; gradients and 2 SGD steps in float64 for ResNet-18 (every conv type) and MobileNetV2
 static; one whole 100-step float64 training run (ResNet-18 DynamicConv). The harness must fail on a
 wrong build: a subset of the mutation test (``python -m parity.mutants`` runs every mutant) and the
 command line's refusal of selections that are empty or invalid.
