@@ -77,7 +77,8 @@ def select_cases(p: argparse.ArgumentParser, args, families: List[str]):
         names = [c.name for c in registry.select(chosen, full=True)]
         close = list(dict.fromkeys(n for m in (match or []) for n in difflib.get_close_matches(m, names, n=5, cutoff=0.3)))
         scope = "" if args.full else " (without --full; try --full)"
-        p.error(f"--match {args.match!r} selects none of the {len(in_families)} cases of families "
+        what = f"--match {args.match!r}" if match else "--layers/--models/--quick"
+        p.error(f"{what} selects none of the {len(in_families)} cases of families "
                 f"{','.join(chosen)}{scope}" + (f"; close names: {', '.join(close)}" if close else "")
                 + "; --list --full lists every case")
     if args.api == "nnx":
