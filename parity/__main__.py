@@ -35,8 +35,8 @@ def _parser(families: List[str]) -> argparse.ArgumentParser:
     p.add_argument("--dtypes", default=",".join(DTYPES), help=f"subset of {','.join(DTYPES)} (default both)")
     p.add_argument("--checks", default=",".join(CHECKS), help=f"subset of {','.join(CHECKS)} (default all)")
     p.add_argument("--full", action="store_true",
-                   help="also the cases outside the default run (the long grid: every model case in float32 too, "
-                        "and the chaotic-training demonstration)")
+                   help="also the cases outside the default run, in both dtypes (the long grid: every layer "
+                        "configuration, bias variant and strategy, every model x conv type)")
     p.add_argument("--quick", action="store_true", help="only the cases marked quick, at most 5 training steps")
     p.add_argument("--match", default=None,
                    help="only cases whose name contains one of these comma-separated substrings")
@@ -77,7 +77,8 @@ def select_cases(p: argparse.ArgumentParser, args, families: List[str]):
         names = [c.name for c in registry.select(chosen, full=True)]
         close = list(dict.fromkeys(n for m in (match or []) for n in difflib.get_close_matches(m, names, n=5, cutoff=0.3)))
         scope = "" if args.full else " (without --full; try --full)"
-        p.error(f"--match {args.match!r} selects none of the {len(in_families)} cases of families "
+        what = f"--match {args.match!r}" if match else "--layers/--models/--quick"
+        p.error(f"{what} selects none of the {len(in_families)} cases of families "
                 f"{','.join(chosen)}{scope}" + (f"; close names: {', '.join(close)}" if close else "")
                 + "; --list --full lists every case")
     if args.api == "nnx":

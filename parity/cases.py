@@ -120,7 +120,7 @@ def _flax_padding(padding):
 
 def layer_case(family: str, in_ch: int, out_ch: int, k: int, *, stride=1, padding=0, dilation=1, groups=1,
                experts=4, bias=None, temperature=None, strategy="auto", size=7, batch=3, quick=False,
-               attention_norm="batch", tag="") -> Case:
+               attention_norm="batch", tag="", default=("float64", "float32")) -> Case:
     """A CondConv / DynamicConv / ODConv layer case: ``dynconv_torch`` layer vs ``dynconv_jax`` layer
     (``attention_norm``: ODConv's, see :class:`dynconv_jax.ODConv`)."""
     if attention_norm != "batch" and family != "odconv":
@@ -160,22 +160,25 @@ def layer_case(family: str, in_ch: int, out_ch: int, k: int, *, stride=1, paddin
     if batch != 3:
         desc += f"-B{batch}"
     return Case(name=f"{family}/{desc}{tag}", family=family, make_torch=make_torch, make_flax=make_flax,
-                input_shape=(batch, in_ch, size, size), temperature=temperature, quick=quick)
+                input_shape=(batch, in_ch, size, size), temperature=temperature, quick=quick, default=tuple(default))
 
 
-#: The layer grid: (kwargs, quick). Covers stride, padding modes, dilation, groups, depthwise,
+#: ``Case.default`` values: both dtypes, float64 only, only with ``--full``.
+BOTH, FLOAT64, FULL_ONLY = ("float64", "float32"), ("float64",), ()
+#: The layer grid: (kwargs, quick, default). Covers stride, padding modes, dilation, groups, depthwise,
 #: 1x1 kernels (ODConv's spatial skip), a single expert (its kernel-attention skip), bias on/off
-#: and a temperature.
+#: and a temperature. The default run takes the quick cases in both dtypes and the asymmetric
+#: padding of an even kernel in float64 (the time budget: docs/conversion_parity.md).
 LAYER_GRID = (
-    (dict(in_ch=8, out_ch=16, k=3, padding=1), True),
-    (dict(in_ch=8, out_ch=12, k=3, stride=2, padding=1, groups=2, temperature=3.0), True),
-    (dict(in_ch=8, out_ch=8, k=3, padding=1, groups=8), True),  # depthwise (ODConv: no filter attention)
-    (dict(in_ch=6, out_ch=10, k=1), False),                      # 1x1 (ODConv: no spatial attention)
-    (dict(in_ch=8, out_ch=8, k=3, padding=2, dilation=2, experts=1), False),
-    (dict(in_ch=5, out_ch=7, k=3, padding="same", experts=2), False),
-    (dict(in_ch=8, out_ch=16, k=5, stride=2, padding="valid", experts=3), False),
-    (dict(in_ch=4, out_ch=6, k=1, experts=1), False),             # ODConv's plain-conv fast path
-    (dict(in_ch=6, out_ch=8, k=4, padding="same", experts=2), False),  # even kernel: 'same' pads (1, 2)
+    (dict(in_ch=8, out_ch=16, k=3, padding=1), True, BOTH),
+    (dict(in_ch=8, out_ch=12, k=3, stride=2, padding=1, groups=2, temperature=3.0), True, BOTH),
+    (dict(in_ch=8, out_ch=8, k=3, padding=1, groups=8), True, BOTH),  # depthwise (ODConv: no filter attention)
+    (dict(in_ch=6, out_ch=10, k=1), False, FULL_ONLY),                 # 1x1 (ODConv: no spatial attention)
+    (dict(in_ch=8, out_ch=8, k=3, padding=2, dilation=2, experts=1), False, FULL_ONLY),
+    (dict(in_ch=5, out_ch=7, k=3, padding="same", experts=2), False, FULL_ONLY),
+    (dict(in_ch=8, out_ch=16, k=5, stride=2, padding="valid", experts=3), False, FULL_ONLY),
+    (dict(in_ch=4, out_ch=6, k=1, experts=1), False, FULL_ONLY),        # ODConv's plain-conv fast path
+    (dict(in_ch=6, out_ch=8, k=4, padding="same", experts=2), False, FLOAT64),  # even kernel: 'same' pads (1, 2)
 )
 
 
@@ -183,20 +186,21 @@ def _register_layers():
     from dynconv_jax.ops import STRATEGIES  # the exact per-sample conv strategies
 
     for family in LAYER_FAMILIES:
-        for kwargs, quick in LAYER_GRID:
-            register(layer_case(family, quick=quick, **kwargs))
+        for kwargs, quick, default in LAYER_GRID:
+            register(layer_case(family, quick=quick, default=default, **kwargs))
         if family == "odconv":  # the attention LayerNorm / no normalisation, on a training batch of one
             for norm in ("layer", "none"):
                 register(layer_case(family, 8, 12, 3, stride=2, padding=1, groups=2, temperature=3.0, batch=1,
-                                    attention_norm=norm))
+                                    attention_norm=norm, default=FLOAT64))
         bias = {"condconv": True, "dynamic": False}.get(family)
         if bias is not None:
-            register(layer_case(family, 8, 16, 3, padding=1, bias=bias))
-        for strategy in STRATEGIES:  # every strategy must equal the PyTorch reference too
+            register(layer_case(family, 8, 16, 3, padding=1, bias=bias, default=FULL_ONLY))
+        for strategy in STRATEGIES:  # every strategy must equal the PyTorch reference too (--full)
             if strategy == "pointwise":  # 1x1 kernels only
-                register(layer_case(family, 6, 10, 1, stride=2, strategy=strategy))
+                register(layer_case(family, 6, 10, 1, stride=2, strategy=strategy, default=FULL_ONLY))
             elif strategy != "vmap":
-                register(layer_case(family, 8, 16, 3, stride=2, padding=1, groups=2, strategy=strategy))
+                register(layer_case(family, 8, 16, 3, stride=2, padding=1, groups=2, strategy=strategy,
+                                    default=FULL_ONLY))
 
 
 # ----------------------------------------------------------------------------- models
@@ -251,21 +255,22 @@ def model_case(family: str, conv: str, *, num_experts=4, stem="cifar", temperatu
                 default=tuple(default), checks=tuple(checks), tolerances=MODEL_TOLERANCES, **(MODEL_TRAIN if train is None else train))
 
 
-#: The model case that also runs float32 (and AdamW) in the default run; the other model cases run
-#: float64 there and both dtypes with --full (docs/conversion_parity.md, "What the default run proves").
-DEFAULT_FLOAT32_MODEL = ("resnet18", "odconv")
+#: The model case of the default run (float64: 100 SGD and 100 AdamW steps); its float32 rows and every
+#: other model case run with --full (both dtypes; docs/conversion_parity.md, "What the default run proves",
+#: measures the time each costs).
+DEFAULT_MODEL = ("resnet18", "odconv")
 
 
 def _register_models():
     for family in MODEL_FAMILIES:
         for conv in CONV_TYPES:
-            flagship = (family, conv) == DEFAULT_FLOAT32_MODEL
+            flagship = (family, conv) == DEFAULT_MODEL
             register(model_case(family, conv, quick=family in ("resnet18", "mobilenet_v2"),
                                 temperature=MODEL_TEMPERATURE[conv], checks=CHECKS if flagship else CASE_CHECKS,
-                                default=("float64", "float32") if flagship else ("float64",)))
+                                default=FLOAT64 if flagship else FULL_ONLY))
     # the ImageNet stem (7x7/2 conv + max-pool) once, with ODConv as the official models
     register(model_case("resnet18", "odconv", stem="imagenet", size=32, temperature=MODEL_TEMPERATURE["odconv"],
-                        default=("float64",)))
+                        default=FULL_ONLY))
 
 
 _register_layers()

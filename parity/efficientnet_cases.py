@@ -7,6 +7,9 @@ this module and registers the cases under the family ``efficientnet_cc``.
   depth, forward in eval and train mode and running statistics, once with the TF port (TF 'SAME' padding on an
   odd input, eps 1e-3, 4 experts, temperature 2) and once with PyTorch padding (8 experts);
 - ``tf_efficientnet_cc_b0_4e``: the released model's exact shape (1000 classes) in eval mode.
+
+They run with ``python -m parity --full`` (both dtypes), not in the default run: one tiny unit took
+more than 100 s of CPU to compile and run (docs/conversion_parity.md, "What the default run proves").
 """
 from __future__ import annotations
 
@@ -23,7 +26,7 @@ FORWARD_CHECKS = ("forward_eval", "forward_train", "running_stats")
 
 
 def efficientnet_case(tag: str, model_kwargs: dict, input_shape, *, temperature=None, quick=False,
-                      checks=None) -> Case:
+                      checks=None, default=()) -> Case:
     """``EfficientNetCondConv(**model_kwargs)`` in both frameworks (dropout and drop path 0)."""
 
     def make_torch():
@@ -38,7 +41,8 @@ def efficientnet_case(tag: str, model_kwargs: dict, input_shape, *, temperature=
 
     extra = {} if checks is None else {"checks": tuple(checks)}
     return Case(name=f"{FAMILY}/{tag}", family=FAMILY, make_torch=make_torch, make_flax=make_flax,
-                input_shape=tuple(input_shape), temperature=temperature, quick=quick, **extra)
+                input_shape=tuple(input_shape), temperature=temperature, quick=quick, default=tuple(default),
+                **extra)
 
 
 CASES = (

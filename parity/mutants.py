@@ -3,10 +3,11 @@
 Each :class:`Mutant` is one plausible bug, written as one exact source edit of ``dynconv_jax``
 (layers, ops, BatchNorm, converter). For each, :func:`run_mutant` copies the package into a
 temporary directory, applies the edit there (the working tree is never touched), and runs
-``python -m parity`` on the cases the bug affects in a subprocess whose ``dynconv_jax`` is the
-copy. The mutant is **killed** when that run exits 1 with at least one failing row, and the
-failing checks are recorded; the edit must match the current source exactly (else the mutant
-is reported ``stale``, so a refactor cannot silently turn the test into a no-op).
+``python -m parity --full`` on the cases the bug affects (its own ``--dtypes``/``--checks``) in a
+subprocess whose ``dynconv_jax`` is the copy. The mutant is **killed** when that run exits 1 with
+at least one failing row, and the failing checks are recorded (the kill table also says whether
+the check the bug targets is among them); the edit must match the current source exactly (else
+the mutant is reported ``stale``, so a refactor cannot silently turn the test into a no-op).
 
 ``python -m parity.mutants`` runs every mutant and prints the kill table (docs/conversion_parity.md
 records it); ``--only a,b`` runs some; exit status 1 unless every mutant is killed.
@@ -193,7 +194,7 @@ def run_mutant(mutant: Mutant, timeout: float = 900) -> Result:
         code = ("import runpy, sys, dynconv_jax; "
                 f"assert dynconv_jax.__file__.startswith({package!r}), dynconv_jax.__file__; "
                 "sys.argv = ['parity'] + sys.argv[1:]; runpy.run_module('parity', run_name='__main__')")
-        cmd = [sys.executable, "-c", code, "--match", mutant.match, *mutant.args, "--report", report]
+        cmd = [sys.executable, "-c", code, "--full", "--match", mutant.match, *mutant.args, "--report", report]
         try:
             proc = subprocess.run(cmd, cwd=tmp, env=env, capture_output=True, text=True, timeout=timeout)
         except subprocess.TimeoutExpired:
@@ -224,11 +225,14 @@ def control() -> Mutant:
 def kill_table(results: List[Result]) -> str:
     """Markdown: mutant, bug, cases, exit status, failing checks, result."""
     by_name = {m.name: m for m in MUTANTS + (control(),)}
-    lines = ["| mutant | bug | `--match` | exit | failing checks | result |", "|---|---|---|---|---|---|"]
+    lines = ["| mutant | bug | `--match` | exit | failing checks | targeted check failed | result |",
+             "|---|---|---|---|---|---|---|"]
     for r in results:
         m = by_name[r.mutant]
+        targeted = "–" if not m.expect else ("yes" if m.expect in r.failed_checks else f"**no** ({m.expect})")
         lines.append(f"| `{m.name}` | {m.bug} ({m.file}) | `{m.match}` {' '.join(m.args)} | {r.exit_code} | "
-                     f"{', '.join(r.failed_checks) or '–'} | {r.status}{' — ' + r.note if r.status != 'killed' else ''} |")
+                     f"{', '.join(r.failed_checks) or '–'} | {targeted} | {r.status}"
+                     f"{' — ' + r.note if r.status != 'killed' else ''} ({r.seconds:.0f} s) |")
     killed = sum(r.status == "killed" for r in results)
     lines.append(f"\n{killed} of {sum(r.mutant != 'control' for r in results)} mutants killed.")
     return "\n".join(lines)

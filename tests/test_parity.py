@@ -4,7 +4,7 @@ Layers: a few fixed configurations in float64 and float32 with every check (chec
 train forward, running stats, gradients, SGD steps), plus hypothesis-drawn random configurations.
 Models: the model cases (ResNet-18/50, MobileNetV2 x static/CondConv/DynamicConv/ODConv, and the
 ImageNet-stem ODConv ResNet-18) in float64, ResNet-18 and the deep ODConv ones in float32 (ResNet-34 and
-the rest: ``python -m parity``): eval and train forward and running stats; gradients and 2 SGD steps in float64 for ResNet-18 (every conv type) and MobileNetV2
+the rest: ``python -m parity --full``): eval and train forward and running stats; gradients and 2 SGD steps in float64 for ResNet-18 (every conv type) and MobileNetV2
 static; one whole 100-step float64 training run (ResNet-18 DynamicConv). The harness must fail on a
 wrong build: a subset of the mutation test (``python -m parity.mutants`` runs every mutant) and the
 command line's refusal of selections that are empty or invalid.
@@ -77,6 +77,16 @@ def test_model_cases_cover_every_family_and_conv_type():
     covered = {(CASES[n].family, n.split("/")[1].split("-")[0]) for n in MODEL_CASES}
     assert covered == {(f, c) for f in MODEL_FAMILIES for c in CONV_TYPES}
     assert any("-imagenet" in n for n in MODEL_CASES)
+    for n in MODEL_CASES:  # --full: whole 100-step training runs of every model x conv type
+        assert CASES[n].train_steps == 100 and CASES[n].train_batches == 1 and "sgd" in CASES[n].checks
+    # the default run (docs/conversion_parity.md, "What the default run proves"): one whole 100-step
+    # float64 model training run, SGD and AdamW, and every layer family in both dtypes
+    default_models = [n for n in MODEL_CASES if CASES[n].default]
+    assert default_models == ["resnet18/odconv-K4-cifar-T30"]
+    flagship = CASES[default_models[0]]
+    assert flagship.default == ("float64",) and "adamw" in flagship.checks
+    for family in ("condconv", "dynamic", "odconv"):
+        assert any(c.family == family and set(c.default) == {"float64", "float32"} for c in CASES.values())
 
 
 #: Model cases whose float64 test also runs gradients and 2 SGD steps (the whole train step):
