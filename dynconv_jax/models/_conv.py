@@ -58,15 +58,17 @@ def apply_conv(layer: nn.Module, x, *, train: bool, temperature):
 
 
 class ModuleDefs(NamedTuple):
-    """The module definitions a model's layers are made from (each a partial Module class).
+    """The module definitions a model's layers are made from (each a partial Module class), in Linen
+    (:meth:`DynamicNet.module_defs`) and NNX (:func:`dynconv_jax.nnx.models._conv.module_defs`).
 
     Attributes:
-      conv: the blocks' convolutions, ``conv(features=, kernel_size=, strides=, padding=,
-        feature_group_count=, name=)``: ``nn.Conv`` or the selected dynamic layer; call the result
+      conv: the blocks' convolutions: the static conv or the dynamic layer ``conv=`` selects; Linen
+        ``conv(features=, kernel_size=, strides=, padding=, feature_group_count=, name=)``, called
         with :func:`apply_conv`.
-      static_conv: stems and shortcuts: a bias-free ``nn.Conv`` with PyTorch's kaiming fan-out init.
-      norm: PyTorch-semantics BatchNorm (batch statistics when training), ``norm(name=)``.
-      classifier: ``nn.Dense`` with the official models' N(0, 0.01²) init, ``classifier(features=, name=)``.
+      static_conv: stems and shortcuts: a bias-free static conv with PyTorch's kaiming fan-out init.
+      norm: PyTorch-semantics BatchNorm (Linen: batch statistics when training), ``norm(name=)``.
+      classifier: the dense classifier with the official models' N(0, 0.01²) init,
+        ``classifier(features=, name=)``.
     """
 
     conv: ModuleDef
