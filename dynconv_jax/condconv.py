@@ -10,18 +10,21 @@ from __future__ import annotations
 from typing import Optional
 
 from flax import linen as nn
+from flax.typing import Initializer
 
-from dynconv_jax import routing
+from dynconv_jax import attention
+from dynconv_jax.conv_base import DynamicConvBase, layer_name
+from dynconv_jax.initializers import torch_default_bias_init, torch_default_dense_init
 
 
-class CondConv(routing.DynamicConvBase):
+class CondConv(DynamicConvBase):
     """CondConv layer, channels-last, 1-D/2-D/3-D (rank = ``len(kernel_size)``).
 
     Params: ``kernel [K, *k, I/g, O]``, ``bias [K, O]`` (if ``use_bias``),
     ``routing_fn/{kernel [I, K], bias [K]}`` (absent with ``external_routing``).
     Sows ``intermediates/kernel_attention [B, K]`` (the routing weights).
 
-    Attributes (beyond :class:`~dynconv_jax.routing.DynamicConvBase`'s flax.linen.Conv fields,
+    Attributes (beyond :class:`~dynconv_jax.conv_base.DynamicConvBase`'s flax.linen.Conv fields,
     ``num_experts`` and ``strategy``):
       use_bias: per-expert bias, mixed with the routing weights.
       bias_init: initializer of the ``[K, O]`` bias; None = PyTorch's U(±1/sqrt(fan_in)).
@@ -32,7 +35,7 @@ class CondConv(routing.DynamicConvBase):
     """
 
     use_bias: bool = False
-    bias_init: Optional[routing.Initializer] = None
+    bias_init: Optional[Initializer] = None
     routing_dropout: float = 0.0
     external_routing: bool = False
 
@@ -44,23 +47,23 @@ class CondConv(routing.DynamicConvBase):
         it is unused with external routing. ``routing_weights [B, K]`` is required iff
         ``external_routing``.
         """
-        layer = routing.layer_name(self)
-        routing.check_routing_dropout(layer, self.routing_dropout)
-        geometry, in_channels, experts, dtype = self._experts(x)
-        bias = self._expert_bias(geometry, in_channels)
+        layer = layer_name(self)
+        attention.check_routing_dropout(layer, self.routing_dropout)
+        geometry, in_channels, experts, dtype = self.experts(x)
+        bias = self.expert_bias(geometry, in_channels, self.bias_init) if self.use_bias else None
 
-        attn_dtype = routing.attention_dtype(dtype)
-        weights = routing.external_routing_weights(layer, self.external_routing, routing_weights, x.shape[0],
+        attn_dtype = attention.attention_dtype(dtype)
+        weights = attention.external_routing_weights(layer, self.external_routing, routing_weights, x.shape[0],
                                                    self.num_experts, attn_dtype)
         if weights is None:
-            temperature = routing.temperature_scalar(temperature, layer, attn_dtype)
-            pooled = routing.global_avg_pool(x, attn_dtype)  # [B, I]
+            temperature = attention.temperature_scalar(temperature, layer, attn_dtype)
+            pooled = attention.global_avg_pool(x, attn_dtype)  # [B, I]
             routing_fn = nn.Dense(
                 self.num_experts, dtype=attn_dtype, param_dtype=self.param_dtype, precision=self.precision,
-                kernel_init=routing.torch_default_dense_init,
-                bias_init=routing.torch_default_bias_init(in_channels), name="routing_fn",
+                kernel_init=torch_default_dense_init, bias_init=torch_default_bias_init(in_channels),
+                name="routing_fn",
             )
             dropout = nn.Dropout(self.routing_dropout, deterministic=not train)
-            weights = routing.condconv_routing(pooled, routing_fn, dropout, temperature)  # [B, K]
+            weights = attention.condconv_routing(pooled, routing_fn, dropout, temperature)  # [B, K]
         self.sow("intermediates", "kernel_attention", weights)
-        return self._convolve(x, experts, geometry, dtype, weights, expert_bias=bias)
+        return self.convolve_experts(x, experts, geometry, dtype, weights, expert_bias=bias)

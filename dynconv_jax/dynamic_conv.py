@@ -11,32 +11,44 @@ from __future__ import annotations
 from typing import Optional
 
 from flax import linen as nn
+from flax.typing import Dtype, Initializer, PrecisionLike
 
-from dynconv_jax import routing
+from dynconv_jax import attention
+from dynconv_jax.conv_base import DynamicConvBase, layer_name
+from dynconv_jax.initializers import torch_default_bias_init, torch_default_dense_init
 
 
-class _Attention(nn.Module):
-    """``[B, I] -> [B, K]``: softmax(fc2(relu(fc1(.))) / T) (fc1 I -> H, fc2 H -> K); PyTorch ``nn.Linear`` init."""
+class DynamicConvAttention(nn.Module):
+    """``[B, I] -> [B, K]``: softmax(fc2(relu(fc1(.))) / T) (fc1 I -> H, fc2 H -> K); PyTorch ``nn.Linear`` init.
+
+    Attributes:
+      in_channels: I, the width of the pooled input.
+      hidden: H, the width of ``fc1``.
+      num_experts: K.
+      dtype: the dtype of the computation.
+      param_dtype: the dtype of the parameters.
+      precision: numerical precision of the dense layers.
+    """
 
     in_channels: int
     hidden: int
     num_experts: int
-    dtype: object
-    param_dtype: object
-    precision: object
+    dtype: Dtype
+    param_dtype: Dtype
+    precision: PrecisionLike
 
     @nn.compact
     def __call__(self, pooled, temperature):
         def dense(n, fan_in, name):
             return nn.Dense(n, dtype=self.dtype, param_dtype=self.param_dtype, precision=self.precision,
-                            kernel_init=routing.torch_default_dense_init,
-                            bias_init=routing.torch_default_bias_init(fan_in), name=name)
+                            kernel_init=torch_default_dense_init, bias_init=torch_default_bias_init(fan_in),
+                            name=name)
 
-        return routing.dynamic_attention(pooled, dense(self.hidden, self.in_channels, "fc1"),
+        return attention.dynamic_attention(pooled, dense(self.hidden, self.in_channels, "fc1"),
                                          dense(self.num_experts, self.hidden, "fc2"), temperature)
 
 
-class DynamicConv(routing.DynamicConvBase):
+class DynamicConv(DynamicConvBase):
     """DynamicConv layer, channels-last, 1-D/2-D/3-D (rank = ``len(kernel_size)``).
 
     Params: ``kernel [K, *k, I/g, O]``, ``bias [K, O]`` (if ``use_bias``),
@@ -51,7 +63,7 @@ class DynamicConv(routing.DynamicConvBase):
     """
 
     use_bias: bool = True
-    bias_init: Optional[routing.Initializer] = None
+    bias_init: Optional[Initializer] = None
     reduction: float = 0.25
     min_channels: int = 4
 
@@ -62,15 +74,16 @@ class DynamicConv(routing.DynamicConvBase):
         ``train`` is accepted for a uniform layer API; DynamicConv behaves the same in both modes.
         """
         del train
-        layer = routing.layer_name(self)
-        geometry, in_channels, experts, dtype = self._experts(x)
-        bias = self._expert_bias(geometry, in_channels)
-        attn_dtype = routing.attention_dtype(dtype)
-        temperature = routing.temperature_scalar(temperature, layer, attn_dtype)
-        pooled = routing.global_avg_pool(x, attn_dtype)  # [B, I]
-        attention = _Attention(
-            in_channels, routing.attention_width(in_channels, self.reduction, self.min_channels, layer), self.num_experts,
-            attn_dtype, self.param_dtype, self.precision, name="attention",
+        layer = layer_name(self)
+        geometry, in_channels, experts, dtype = self.experts(x)
+        bias = self.expert_bias(geometry, in_channels, self.bias_init) if self.use_bias else None
+        attn_dtype = attention.attention_dtype(dtype)
+        temperature = attention.temperature_scalar(temperature, layer, attn_dtype)
+        pooled = attention.global_avg_pool(x, attn_dtype)  # [B, I]
+        hidden = attention.attention_width(in_channels, self.reduction, self.min_channels, layer)
+        kernel_attention = DynamicConvAttention(
+            in_channels=in_channels, hidden=hidden, num_experts=self.num_experts, dtype=attn_dtype,
+            param_dtype=self.param_dtype, precision=self.precision, name="attention",
         )(pooled, temperature)  # [B, K]
-        self.sow("intermediates", "kernel_attention", attention)
-        return self._convolve(x, experts, geometry, dtype, attention, expert_bias=bias)
+        self.sow("intermediates", "kernel_attention", kernel_attention)
+        return self.convolve_experts(x, experts, geometry, dtype, kernel_attention, expert_bias=bias)

@@ -29,7 +29,8 @@ import jax.numpy as jnp
 from flax import linen as nn
 from jax import lax
 
-from dynconv_jax.routing import attention_dtype, layer_name
+from dynconv_jax.attention import attention_dtype
+from dynconv_jax.conv_base import layer_name
 
 
 def batch_norm(x, scale, bias, running_mean, running_var, *, use_running_average: bool, axis: int = -1,

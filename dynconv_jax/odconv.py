@@ -18,13 +18,31 @@ import math
 from typing import Tuple
 
 from flax import linen as nn
+from flax.typing import Dtype, Initializer, PrecisionLike
 
-from dynconv_jax import routing
+from dynconv_jax import attention
+from dynconv_jax.conv_base import DynamicConvBase, layer_name
+from dynconv_jax.initializers import kaiming_fan_out_dense_init, kaiming_fan_out_expert_init
 from dynconv_jax.norm import BatchNorm, LayerNorm
+from dynconv_spec import check_attention_norm
 
 
-class _Attention(nn.Module):
-    """``pooled [B, I] -> (channel [B, I], filter [B, O] | None, spatial [B, *k] | None, kernel [B, K])``."""
+class ODConvAttention(nn.Module):
+    """``pooled [B, I] -> (channel [B, I], filter [B, O] | None, spatial [B, *k] | None, kernel [B, K])``.
+
+    Attributes:
+      in_channels: I.
+      out_channels: O.
+      kernel_size: the layer's kernel shape ``k``.
+      groups: the layer's feature groups (a depthwise layer has no filter attention).
+      num_experts: K.
+      width: A, the width of the hidden vector ``h``.
+      norm: the normalisation of ``h``: 'batch', 'layer' or 'none' (:data:`dynconv_spec.ATTENTION_NORMS`).
+      bn_init: initial scale of that normalisation.
+      dtype: the dtype of the computation.
+      param_dtype: the dtype of the parameters.
+      precision: numerical precision of the dense layers.
+    """
 
     in_channels: int
     out_channels: int
@@ -34,18 +52,18 @@ class _Attention(nn.Module):
     width: int
     norm: str
     bn_init: float
-    dtype: object
-    param_dtype: object
-    precision: object
+    dtype: Dtype
+    param_dtype: Dtype
+    precision: PrecisionLike
 
     @nn.compact
     def __call__(self, pooled, train: bool, temperature):
         def dense(n, name, use_bias=True):
             return nn.Dense(n, use_bias=use_bias, dtype=self.dtype, param_dtype=self.param_dtype,
-                            precision=self.precision, kernel_init=routing.kaiming_fan_out_dense_init,
+                            precision=self.precision, kernel_init=kaiming_fan_out_dense_init,
                             bias_init=nn.initializers.zeros, name=name)
 
-        heads = routing.odconv_heads(self.in_channels, self.out_channels, self.groups, self.kernel_size,
+        heads = attention.odconv_heads(self.in_channels, self.out_channels, self.groups, self.kernel_size,
                                      self.num_experts)
         scale_init = nn.initializers.constant(self.bn_init)
         if self.norm == "batch":
@@ -55,7 +73,7 @@ class _Attention(nn.Module):
             norm = LayerNorm(dtype=self.dtype, param_dtype=self.param_dtype, scale_init=scale_init, name="ln")
         else:
             norm = None
-        return routing.odconv_attention(
+        return attention.odconv_attention(
             pooled, dense(self.width, "fc", use_bias=False), norm, dense(self.in_channels, "channel_fc"),
             dense(self.out_channels, "filter_fc") if heads.filter else None,
             dense(math.prod(self.kernel_size), "spatial_fc") if heads.spatial else None,
@@ -63,7 +81,7 @@ class _Attention(nn.Module):
             self.kernel_size, temperature)
 
 
-class ODConv(routing.DynamicConvBase):
+class ODConv(DynamicConvBase):
     """ODConv layer (no bias), channels-last, 1-D/2-D/3-D (rank = ``len(kernel_size)``).
 
     Params: ``kernel [K, *k, I/g, O]``, ``attention/fc/kernel [I, A]``, ``attention/bn/{scale, bias}``
@@ -91,7 +109,7 @@ class ODConv(routing.DynamicConvBase):
     ``mutable=['batch_stats']``. ``'layer'`` and ``'none'`` train with any batch size.
     """
 
-    kernel_init: routing.Initializer = routing.kaiming_fan_out_expert_init
+    kernel_init: Initializer = kaiming_fan_out_expert_init
     reduction: float = 0.0625
     min_channels: int = 16
     attention_norm: str = "batch"
@@ -100,19 +118,20 @@ class ODConv(routing.DynamicConvBase):
     @nn.compact
     def __call__(self, x, train: bool = False, temperature=None):
         """``x [B, *S, I] -> [B, *S_out, O]``; ``temperature`` scalar (may be traced), None = 1."""
-        layer = routing.layer_name(self)
-        geometry, in_channels, experts, dtype = self._experts(x)
-        routing.check_attention_norm(layer, self.attention_norm, self.attention_bn_init)
+        layer = layer_name(self)
+        geometry, in_channels, experts, dtype = self.experts(x)
+        check_attention_norm(layer, self.attention_norm, self.attention_bn_init)
         if train and self.attention_norm == "batch" and not self.is_initializing():
-            routing.check_odconv_train_batch(layer, x.shape[0])
-        attn_dtype = routing.attention_dtype(dtype)
-        temperature = routing.temperature_scalar(temperature, layer, attn_dtype)
-        pooled = routing.global_avg_pool(x, attn_dtype)  # [B, I]
-        channel, filter_, spatial, kernel = _Attention(
-            in_channels, self.features, geometry.kernel_size, geometry.groups, self.num_experts,
-            routing.attention_width(in_channels, self.reduction, self.min_channels, layer), self.attention_norm,
-            self.attention_bn_init,
-            attn_dtype, self.param_dtype, self.precision, name="attention",
+            attention.check_odconv_train_batch(layer, x.shape[0])
+        attn_dtype = attention.attention_dtype(dtype)
+        temperature = attention.temperature_scalar(temperature, layer, attn_dtype)
+        pooled = attention.global_avg_pool(x, attn_dtype)  # [B, I]
+        channel, filter_, spatial, kernel = ODConvAttention(
+            in_channels=in_channels, out_channels=self.features, kernel_size=geometry.kernel_size,
+            groups=geometry.groups, num_experts=self.num_experts,
+            width=attention.attention_width(in_channels, self.reduction, self.min_channels, layer),
+            norm=self.attention_norm, bn_init=self.attention_bn_init, dtype=attn_dtype, param_dtype=self.param_dtype,
+            precision=self.precision, name="attention",
         )(pooled, train, temperature)
         self.sow("intermediates", "kernel_attention", kernel)
         self.sow("intermediates", "channel_attention", channel)
@@ -120,5 +139,5 @@ class ODConv(routing.DynamicConvBase):
             self.sow("intermediates", "filter_attention", filter_)
         if spatial is not None:
             self.sow("intermediates", "spatial_attention", spatial)
-        return self._convolve(x, experts, geometry, dtype, kernel, spatial_attention=spatial,
-                              channel_attention=channel, filter_attention=filter_)
+        return self.convolve_experts(x, experts, geometry, dtype, kernel, spatial_attention=spatial,
+                                     channel_attention=channel, filter_attention=filter_)

@@ -5,6 +5,7 @@ layer is built, so a bad ``conv=`` or ``conv_options=`` fails the same way in Py
 """
 from __future__ import annotations
 
+import math
 from typing import Any, Collection, Dict, Mapping, Optional, Sequence
 
 #: The convolution a model's blocks use: ``conv='static'|'condconv'|'dynamic'|'odconv'``.
@@ -22,6 +23,11 @@ RESERVED_CONV_OPTIONS = frozenset({
     "num_experts", "kernel_num", "reduction", "external_routing", "strategy", "dtype", "param_dtype", "precision",
     "name", "parent", "rngs",
 })
+#: ODConv's attention normalisation (``attention_norm``): ``'batch'`` is the official BatchNorm
+#: (normalised over the batch: a training batch needs >= 2 samples); ``'layer'`` a LayerNorm over the
+#: attention width A (per sample: batch-1 training works); ``'none'`` no normalisation. Only
+#: ``'batch'`` has the official parameters (docs/training.md).
+ATTENTION_NORMS = ("batch", "layer", "none")
 
 
 def _is_int(value: Any) -> bool:
@@ -113,3 +119,13 @@ def check_width_mult(width_mult: float) -> None:
     """MobileNetV2's ``width_mult`` must be a positive number."""
     if isinstance(width_mult, bool) or not isinstance(width_mult, (int, float)) or not width_mult > 0:
         raise ValueError(f"MobileNetV2: width_mult={width_mult!r} must be positive")
+
+
+def check_attention_norm(where: str, norm: str, bn_init: float) -> None:
+    """ODConv's ``attention_norm`` must be one of :data:`ATTENTION_NORMS`; ``attention_bn_init`` (the
+    initial scale of that normalisation) a finite number > 0."""
+    if norm not in ATTENTION_NORMS:
+        raise ValueError(f"{where}: attention_norm={norm!r}: expected one of {ATTENTION_NORMS}")
+    if isinstance(bn_init, bool) or not (isinstance(bn_init, (int, float)) and 0 < bn_init < math.inf):
+        raise ValueError(f"{where}: attention_bn_init={bn_init!r} must be a finite number > 0 "
+                         "(the initial normalisation scale; 0 blocks every gradient through the relu)")

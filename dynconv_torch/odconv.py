@@ -11,20 +11,17 @@ the official 1.0 makes the initial gradient explode at temperature 1 (docs/train
 """
 from __future__ import annotations
 
-import math
 from typing import Dict, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from dynconv_spec import check_attention_norm
+
 from ._layer import DynamicLayerMixin
 from .functional import (aggregate_experts, check_input, check_temperature, conv_geometry,
                          global_avg_pool, per_sample_conv2d, positive_int)
-
-
-#: ``attention_norm`` choices (the JAX layers' ``dynconv_jax.routing.ATTENTION_NORMS``).
-ATTENTION_NORMS = ("batch", "layer", "none")
 
 
 class ODConvAttention(nn.Module):
@@ -157,12 +154,7 @@ class ODConv2d(DynamicLayerMixin, nn.Module):
         if not reduction > 0:
             raise ValueError(f"{where}: reduction must be > 0, got {reduction!r}")
         positive_int(min_channel, "min_channel", where)
-        if isinstance(attention_bn_init, bool) or not (isinstance(attention_bn_init, (int, float))
-                                                       and 0 < attention_bn_init < math.inf):
-            raise ValueError(f"{where}: attention_bn_init={attention_bn_init!r} must be a finite number > 0 "
-                             "(the initial BatchNorm weight; 0 blocks every gradient through the relu)")
-        if attention_norm not in ATTENTION_NORMS:
-            raise ValueError(f"{where}: attention_norm={attention_norm!r}: expected one of {ATTENTION_NORMS}")
+        check_attention_norm(where, attention_norm, attention_bn_init)
         self.in_planes = in_planes
         self.out_planes = out_planes
         self.groups = groups

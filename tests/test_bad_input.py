@@ -77,7 +77,7 @@ def test_bad_temperature_names_the_layer():
 
 def test_traced_temperature_is_floored_under_jit():
     """A traced T <= 0 or NaN is clamped to TEMPERATURE_FLOOR (no NaN output); +inf gives uniform attention."""
-    from dynconv_jax.routing import TEMPERATURE_FLOOR
+    from dynconv_jax.attention import TEMPERATURE_FLOOR
     for cls in _layers():
         layer, variables = _initialised(cls)
         run = jax.jit(lambda v, x, t: layer.apply(v, x, temperature=t, mutable=["intermediates"]))

@@ -49,6 +49,23 @@ def test_packages_import_one_way(package, forbidden):
     assert not _imported_roots(package) & forbidden
 
 
+def test_installed_import_names_are_the_libraries_own():
+    """The wheel (pyproject's package list, as setuptools resolves it) installs only the three
+    ``dynconv_*`` libraries, every subpackage included: the checkout tools ``train``, ``parity`` and
+    ``benchmarks`` never land in site-packages, where they would shadow a user's ``train.py``."""
+    import tomllib
+
+    from setuptools import find_packages
+
+    find = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]["find"]
+    shipped = set(find_packages(str(ROOT), include=find["include"], exclude=find.get("exclude", ())))
+    assert {name.split(".")[0] for name in shipped} == {"dynconv_spec", "dynconv_jax", "dynconv_torch"}
+    library_packages = {".".join(path.parent.relative_to(ROOT).parts)
+                        for package in ("dynconv_spec", "dynconv_jax", "dynconv_torch")
+                        for path in (ROOT / package).rglob("__init__.py")}
+    assert shipped == library_packages
+
+
 # --------------------------------------------------------------------------- check_conv_args
 ACCEPTED = {"condconv": {"routing_dropout", "use_bias"}, "dynamic": {"min_channels"}, "odconv": {"attention_bn_init"}}
 

@@ -12,7 +12,7 @@ import math
 import typing
 from typing import Optional, Sequence, Tuple
 
-from dynconv_spec import CONV_MODELS, CONV_TYPES
+from dynconv_spec import ATTENTION_NORMS, CONV_MODELS, CONV_TYPES
 
 MODELS = CONV_MODELS  # the registered models that take conv= (dynconv_spec.registry)
 CONVS = CONV_TYPES
@@ -22,7 +22,6 @@ AUGMENTS = ("auto", "none", "crop", "crop_flip")
 PREPROCESSES = ("auto", "imagenet", "cifar", "none")
 STEMS = ("auto", "imagenet", "cifar")
 DTYPES = ("float32", "bfloat16", "float64")
-ATTENTION_NORMS = ("batch", "layer", "none")  # = dynconv_jax.routing.ATTENTION_NORMS
 
 
 class UsageError(ValueError):

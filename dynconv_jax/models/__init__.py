@@ -7,7 +7,7 @@ so whole-model PyTorch checkpoints (including the official OSVAI/ODConv ones) co
 """
 from dynconv_spec import CONV_TYPES
 
-from ._conv import ConvConfig
+from ._conv import DynamicNet, ModuleDefs, apply_conv
 from ._registry import create_model, list_models, register_model
 from .efficientnet_cc import (
     EfficientNetCondConv,
@@ -18,7 +18,7 @@ from .mobilenetv2 import MobileNetV2, mobilenet_v2, od_mobilenetv2_050, od_mobil
 from .resnet import (ResNet, od_resnet18, od_resnet34, od_resnet50, od_resnet101, resnet18, resnet34, resnet50,
                      resnet101)
 
-__all__ = ["CONV_TYPES", "ConvConfig", "create_model", "list_models", "register_model", "ResNet", "resnet18",
+__all__ = ["CONV_TYPES", "DynamicNet", "ModuleDefs", "apply_conv", "create_model", "list_models", "register_model", "ResNet", "resnet18",
            "resnet34", "resnet50", "resnet101", "od_resnet18", "od_resnet34", "od_resnet50", "od_resnet101",
            "MobileNetV2", "mobilenet_v2", "od_mobilenetv2_050", "od_mobilenetv2_075", "od_mobilenetv2_100",
            "EfficientNetCondConv", "tf_efficientnet_cc_b0_4e", "tf_efficientnet_cc_b0_8e", "tf_efficientnet_cc_b1_8e",

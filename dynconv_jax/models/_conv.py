@@ -1,94 +1,45 @@
-"""The conv-type factory shared by the Flax models (twin of ``dynconv_torch.models._conv``).
+"""The conv switch and the fields shared by the Flax models (twin of ``dynconv_torch.models._conv``).
 
-Models build the convolutions of their blocks through :class:`ConvConfig`, so one switch
-``conv='static'|'condconv'|'dynamic'|'odconv'`` gives the CondConv (Yang et al., NeurIPS
-2019), DynamicConv (Chen et al., CVPR 2020) or ODConv (Li et al., ICLR 2022) version of a
-network. Stems, downsample shortcuts and classifiers use :meth:`ConvConfig.static_conv`.
-All padding is explicit and symmetric (``(k - 1) // 2``), as PyTorch pads, so outputs and
-checkpoints carry over (flax's 'SAME' pads stride-2 convolutions asymmetrically).
+One switch ``conv='static'|'condconv'|'dynamic'|'odconv'`` gives the CondConv (Yang et al., NeurIPS
+2019), DynamicConv (Chen et al., CVPR 2020) or ODConv (Li et al., ICLR 2022) version of a network.
+As in flax's ``examples/imagenet``, a model builds module definitions (``functools.partial`` of a
+Module class, :class:`ModuleDefs`) in its ``__call__`` and passes them to its blocks as fields; a
+block completes them with keywords (``features``, ``kernel_size``, ``name``, ...). Stems, downsample
+shortcuts and classifiers stay static. Padding is explicit and symmetric (``(k - 1) // 2``), as
+PyTorch pads, so outputs and checkpoints carry over (flax's 'SAME' pads stride-2 convolutions
+asymmetrically).
 """
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Mapping, Optional, Tuple
+import functools
+from typing import Any, Dict, Mapping, NamedTuple, Optional
 
 import jax.numpy as jnp
 from flax import linen as nn
+from flax.typing import Dtype, PrecisionLike
 
 from dynconv_jax import CondConv, DynamicConv, ODConv
+from dynconv_jax.initializers import classifier_init, kaiming_fan_out_normal
 from dynconv_jax.norm import BatchNorm
 from dynconv_spec import check_model_args
+
+#: A Module class or a ``functools.partial`` of one (flax's examples call it ``ModuleDef``).
+ModuleDef = Any
 
 DYNAMIC_LAYERS = {"condconv": CondConv, "dynamic": DynamicConv, "odconv": ODConv}
 #: The fields each dynamic layer takes (what ``conv_options`` may name, less the reserved ones).
 LAYER_OPTIONS = {conv: frozenset(f.name for f in dataclasses.fields(layer) if f.init)
                  for conv, layer in DYNAMIC_LAYERS.items()}
 
-# torch.nn.init.kaiming_normal_(mode='fan_out', nonlinearity='relu'): N(0, 2 / (O * kh * kw)),
-# the init of every static conv in torchvision's and the official ODConv models.
-kaiming_fan_out_normal = nn.initializers.variance_scaling(2.0, "fan_out", "normal")  # untruncated in jax
-# The official models' classifier: N(0, 0.01²) weights, zero bias.
-classifier_init = nn.initializers.normal(0.01)
-
 
 def check_args(where: str, conv: str, num_experts: int, reduction: Optional[float],
                conv_options: Optional[Mapping[str, Any]], stem: str, dropout: float,
-               num_classes: int) -> Tuple[Tuple[str, Any], ...]:
+               num_classes: int) -> Dict[str, Any]:
     """:func:`dynconv_spec.check_model_args` against the Flax layers' fields (both Flax APIs);
-    returns ``conv_options`` as sorted items (hashable, for the frozen :class:`ConvConfig`)."""
-    options = check_model_args(where, conv, num_experts, reduction, conv_options, stem, dropout, num_classes,
-                               LAYER_OPTIONS)
-    return tuple(sorted(options.items()))
-
-
-@dataclasses.dataclass(frozen=True)
-class ConvConfig:
-    """How a model builds its convolutions and norms; call its methods inside a compact ``__call__``.
-
-    The created submodules get the given ``name`` in the calling module's scope, so the
-    parameter paths follow the PyTorch attribute names (DESIGN.md naming rule).
-    """
-
-    conv: str = "static"
-    num_experts: int = 4
-    reduction: Optional[float] = None
-    strategy: str = "auto"
-    conv_options: Tuple[Tuple[str, Any], ...] = ()
-    dtype: Any = None
-    param_dtype: Any = jnp.float32
-    precision: Any = None
-
-    def static_conv(self, x, name: str, features: int, kernel_size: int, stride: int = 1, groups: int = 1):
-        """A bias-free static conv with symmetric padding ``(k - 1) // 2``: ``[B, H, W, C] -> [B, H', W', features]``."""
-        pad = (kernel_size - 1) // 2
-        return nn.Conv(features, (kernel_size, kernel_size), strides=(stride, stride), padding=((pad, pad), (pad, pad)),
-                       feature_group_count=groups, use_bias=False, kernel_init=kaiming_fan_out_normal,
-                       dtype=self.dtype, param_dtype=self.param_dtype, precision=self.precision, name=name)(x)
-
-    def conv_layer(self, x, name: str, features: int, kernel_size: int, stride: int = 1, groups: int = 1, *,
-                   train: bool, temperature=None):
-        """A convolution of the configured type (static, or a dynamic layer given ``train`` and ``temperature``)."""
-        if self.conv == "static":
-            return self.static_conv(x, name, features, kernel_size, stride, groups)
-        layer_cls = DYNAMIC_LAYERS[self.conv]
-        options = dict(self.conv_options)
-        if self.reduction is not None:
-            options["reduction"] = self.reduction
-        pad = (kernel_size - 1) // 2
-        layer = layer_cls(features=features, kernel_size=(kernel_size, kernel_size), strides=(stride, stride),
-                          padding=((pad, pad), (pad, pad)), feature_group_count=groups, num_experts=self.num_experts,
-                          strategy=self.strategy, dtype=self.dtype, param_dtype=self.param_dtype,
-                          precision=self.precision, name=name, **options)
-        return layer(x, train=train, temperature=temperature)
-
-    def batch_norm(self, x, name: str, train: bool):
-        """PyTorch-semantics BatchNorm (:class:`dynconv_jax.norm.BatchNorm`): batch statistics when training."""
-        return BatchNorm(use_running_average=not train, dtype=self.dtype, param_dtype=self.param_dtype, name=name)(x)
-
-    def dense(self, x, name: str, features: int):
-        """The classifier: ``Dense`` with the official models' N(0, 0.01²) init and zero bias."""
-        return nn.Dense(features, kernel_init=classifier_init, dtype=self.dtype, param_dtype=self.param_dtype,
-                        precision=self.precision, name=name)(x)
+    returns ``conv_options``."""
+    return check_model_args(where, conv, num_experts, reduction, conv_options, stem, dropout, num_classes,
+                            LAYER_OPTIONS)
 
 
 def check_input(x, in_channels: int, where: str) -> None:
@@ -100,33 +51,82 @@ def check_input(x, in_channels: int, where: str) -> None:
         raise ValueError(f"{where}: input dtype {x.dtype} must be floating point")
 
 
+def apply_conv(layer: nn.Module, x, *, train: bool, temperature):
+    """Call a convolution made from :attr:`ModuleDefs.conv`: a dynamic layer gets ``train`` and
+    ``temperature``, a static ``nn.Conv`` only ``x``."""
+    return layer(x) if isinstance(layer, nn.Conv) else layer(x, train=train, temperature=temperature)
+
+
+class ModuleDefs(NamedTuple):
+    """The module definitions a model's layers are made from (each a partial Module class), in Linen
+    (:meth:`DynamicNet.module_defs`) and NNX (:func:`dynconv_jax.nnx.models._conv.module_defs`).
+
+    Attributes:
+      conv: the blocks' convolutions: the static conv or the dynamic layer ``conv=`` selects; Linen
+        ``conv(features=, kernel_size=, strides=, padding=, feature_group_count=, name=)``, called
+        with :func:`apply_conv`.
+      static_conv: stems and shortcuts: a bias-free static conv with PyTorch's kaiming fan-out init.
+      norm: PyTorch-semantics BatchNorm (Linen: batch statistics when training), ``norm(name=)``.
+      classifier: the dense classifier with the official models' N(0, 0.01²) init,
+        ``classifier(features=, name=)``.
+    """
+
+    conv: ModuleDef
+    static_conv: ModuleDef
+    norm: ModuleDef
+    classifier: ModuleDef
+
+
 class DynamicNet(nn.Module):
-    """The fields and checks shared by the Flax models (ResNet, MobileNetV2): which convolution the
-    blocks use, the classifier, the stem, and how every layer computes. Subclasses add their
-    architecture fields and ``dropout``; see :class:`dynconv_jax.models.ResNet` for the meaning."""
+    """The fields and checks shared by the Flax ResNet and MobileNetV2.
+
+    Attributes:
+      conv: 'static', 'condconv', 'dynamic' or 'odconv': the blocks' convolutions.
+      num_experts: experts per dynamic layer.
+      num_classes: outputs of the classifier.
+      stem: 'imagenet' or 'cifar' (the model's own meaning, see its class).
+      dropout: dropout on the pooled features before the classifier (the model sets its default).
+      reduction: attention reduction ratio of DynamicConv / ODConv (None: the layer's default).
+      in_channels: input channels (checked against the input).
+      conv_options: further fields for every dynamic layer (e.g. ``{'routing_dropout': 0.1}``).
+      strategy: per-sample conv strategy of every dynamic layer (:func:`dynconv_jax.ops.dynamic_conv`).
+      dtype: the dtype of the computation of every layer (default: inferred from input and params).
+      param_dtype: the dtype of every parameter.
+      precision: numerical precision of every convolution and dense layer.
+    """
 
     conv: str = "static"
     num_experts: int = 4
     num_classes: int = 1000
     stem: str = "imagenet"
+    dropout: float = 0.0
     reduction: Optional[float] = None
     in_channels: int = 3
     conv_options: Optional[Mapping[str, Any]] = None
     strategy: str = "auto"
-    dtype: Any = None
-    param_dtype: Any = jnp.float32
-    precision: Any = None
+    dtype: Optional[Dtype] = None
+    param_dtype: Dtype = jnp.float32
+    precision: PrecisionLike = None
 
     def __post_init__(self):
         check_args(type(self).__name__, self.conv, self.num_experts, self.reduction, self.conv_options, self.stem,
                    self.dropout, self.num_classes)
         super().__post_init__()
 
-    def conv_config(self, x) -> ConvConfig:
-        """Checks the input ``x`` and returns the :class:`ConvConfig` every layer is built with."""
-        where = type(self).__name__
-        check_input(x, self.in_channels, where)
-        options = check_args(where, self.conv, self.num_experts, self.reduction, self.conv_options, self.stem,
-                             self.dropout, self.num_classes)
-        return ConvConfig(self.conv, self.num_experts, self.reduction, self.strategy, options, self.dtype,
-                          self.param_dtype, self.precision)
+    def module_defs(self, train: bool) -> ModuleDefs:
+        """The module definitions of this model's layers; ``train`` selects BatchNorm's statistics."""
+        options = dict(check_args(type(self).__name__, self.conv, self.num_experts, self.reduction,
+                                  self.conv_options, self.stem, self.dropout, self.num_classes))
+        numerics = dict(dtype=self.dtype, param_dtype=self.param_dtype, precision=self.precision)
+        static_conv = functools.partial(nn.Conv, use_bias=False, kernel_init=kaiming_fan_out_normal, **numerics)
+        if self.conv == "static":
+            conv = static_conv
+        else:
+            if self.reduction is not None:
+                options["reduction"] = self.reduction
+            conv = functools.partial(DYNAMIC_LAYERS[self.conv], num_experts=self.num_experts, strategy=self.strategy,
+                                     **numerics, **options)
+        norm = functools.partial(BatchNorm, use_running_average=not train, dtype=self.dtype,
+                                 param_dtype=self.param_dtype)
+        classifier = functools.partial(nn.Dense, kernel_init=classifier_init, **numerics)
+        return ModuleDefs(conv=conv, static_conv=static_conv, norm=norm, classifier=classifier)

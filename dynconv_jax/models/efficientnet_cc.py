@@ -17,20 +17,24 @@ pointwise expansion, depthwise and projection. ``tf_*`` variants use TF 'SAME' p
 """
 from __future__ import annotations
 
-import dataclasses
+import functools
 import math
 from typing import Any, Dict, Optional
 
 import jax
 import jax.numpy as jnp
 from flax import linen as nn
+from flax.typing import Dtype, Initializer, PaddingLike, PrecisionLike
 
-from dynconv_jax import CondConv, routing
+from dynconv_jax import CondConv, attention
+from dynconv_jax.conv_base import layer_name
+from dynconv_jax.initializers import uniform_init
 from dynconv_jax.norm import BatchNorm
 from dynconv_spec.efficientnet_cc import (BN_EPS_TF, BN_EPS_TORCH, DEFAULT_CFGS, VARIANTS, BlockSpec, block_specs,
                                           check_efficientnet_args, resolve_variant, variant_entry_point)
 from dynconv_spec.mobilenetv2 import make_divisible
 
+from ._conv import ModuleDef
 from ._registry import register_model
 
 __all__ = [
@@ -41,98 +45,84 @@ __all__ = [
 
 
 # --------------------------------------------------------------------------- layers
-def _padding(kernel_size: int, stride: int, tf_same: bool):
+def _padding(kernel_size: int, stride: int, tf_padding: bool) -> PaddingLike:
     """TF 'SAME' (flax's 'SAME') or PyTorch's symmetric ``((stride - 1) + (k - 1)) // 2`` (timm's default)."""
-    if tf_same:
+    if tf_padding:
         return "SAME"
     pad = ((stride - 1) + (kernel_size - 1)) // 2
     return ((pad, pad), (pad, pad))
 
 
-def _conv_init(kernel_size: int, features: int, groups: int):
+def _conv_init(kernel_size: int, features: int, groups: int) -> Initializer:
     """TF EfficientNet init (timm ``_init_weight_goog``): N(0, 2 / fan_out), fan_out = k * k * out / groups."""
     return nn.initializers.normal(math.sqrt(2.0 / (kernel_size * kernel_size * features // groups)))
 
 
-def _uniform_init(bound: float):
-    def init(key, shape, dtype=jnp.float32):
-        return jax.random.uniform(key, shape, dtype, -bound, bound)
-
-    return init
+def conv_args(features: int, kernel_size: int, stride: int = 1, groups: int = 1, *,
+              tf_padding: bool) -> Dict[str, Any]:
+    """The keyword arguments of one of timm's ``create_conv2d`` convolutions (static or CondConv): its
+    shape, TF or PyTorch padding and the TF init."""
+    return dict(features=features, kernel_size=(kernel_size, kernel_size), strides=stride,
+                padding=_padding(kernel_size, stride, tf_padding), feature_group_count=groups,
+                kernel_init=_conv_init(kernel_size, features, groups))
 
 
 class SqueezeExcite(nn.Module):
-    """Static squeeze-excitation: ``x * sigmoid(conv_expand(swish(conv_reduce(GAP(x)))))``."""
+    """Static squeeze-excitation: ``x * sigmoid(conv_expand(swish(conv_reduce(GAP(x)))))``.
+
+    Attributes:
+      se_chs: width of the squeezed vector.
+      dtype: the dtype of the computation.
+      param_dtype: the dtype of the parameters.
+      precision: numerical precision of the two 1×1 convolutions.
+    """
 
     se_chs: int
-    dtype: Any = None
-    param_dtype: Any = jnp.float32
-    precision: Any = None
+    dtype: Optional[Dtype] = None
+    param_dtype: Dtype = jnp.float32
+    precision: PrecisionLike = None
 
     @nn.compact
     def __call__(self, x):
-        def conv1x1(h, features, name):
-            return nn.Conv(features, (1, 1), kernel_init=_conv_init(1, features, 1), dtype=self.dtype,
-                           param_dtype=self.param_dtype, precision=self.precision, name=name)(h)
-
+        conv = functools.partial(nn.Conv, kernel_size=(1, 1), dtype=self.dtype, param_dtype=self.param_dtype,
+                                 precision=self.precision)
         s = jnp.mean(x, axis=(1, 2), keepdims=True)  # [B, 1, 1, C]
-        s = nn.silu(conv1x1(s, self.se_chs, "conv_reduce"))
-        return x * nn.sigmoid(conv1x1(s, x.shape[-1], "conv_expand"))
+        s = nn.silu(conv(self.se_chs, kernel_init=_conv_init(1, self.se_chs, 1), name="conv_reduce")(s))
+        expand = conv(x.shape[-1], kernel_init=_conv_init(1, x.shape[-1], 1), name="conv_expand")
+        return x * nn.sigmoid(expand(s))
 
 
-@dataclasses.dataclass(frozen=True)
-class _Config:
-    """Settings every block shares."""
-
-    bn_eps: float
-    tf_same: bool
-    strategy: str = "auto"
-    dtype: Any = None
-    param_dtype: Any = jnp.float32
-    precision: Any = None
-
-    def conv(self, x, name: str, features: int, kernel_size: int, stride: int = 1, groups: int = 1,
-             num_experts: int = 0, routing_weights=None):
-        """Bias-free static conv, or a CondConv fed ``routing_weights [B, K]`` when ``num_experts``."""
-        common = dict(strides=(stride, stride), padding=_padding(kernel_size, stride, self.tf_same),
-                      feature_group_count=groups, kernel_init=_conv_init(kernel_size, features, groups),
-                      dtype=self.dtype, param_dtype=self.param_dtype, precision=self.precision, name=name)
-        if num_experts:
-            layer = CondConv(features, (kernel_size, kernel_size), num_experts=num_experts, external_routing=True,
-                             strategy=self.strategy, **common)
-            return layer(x, routing_weights=routing_weights)
-        return nn.Conv(features, (kernel_size, kernel_size), use_bias=False, **common)(x)
-
-    def bn(self, x, name: str, train: bool):
-        return BatchNorm(use_running_average=not train, epsilon=self.bn_eps, dtype=self.dtype,
-                         param_dtype=self.param_dtype, name=name)(x)
-
-    def se(self, x, se_chs: int):
-        return SqueezeExcite(se_chs, dtype=self.dtype, param_dtype=self.param_dtype, precision=self.precision,
-                             name="se")(x)
-
-    def drop_path(self, module: nn.Module, y, rate: float, train: bool):
-        """Stochastic depth: drop whole samples with probability ``rate`` (needs the 'dropout' rng in training)."""
-        if rate == 0.0 or not train:
-            return y
-        keep = 1.0 - rate
-        mask = jax.random.bernoulli(module.make_rng("dropout"), keep, (y.shape[0],) + (1,) * (y.ndim - 1))
-        return y * (mask.astype(y.dtype) / keep)
+def drop_path(rate: float, train: bool) -> nn.Dropout:
+    """Stochastic depth: a Dropout of whole samples (broadcast over H, W, C; needs the 'dropout' rng in training)."""
+    return nn.Dropout(rate, broadcast_dims=(1, 2, 3), deterministic=not train)
 
 
 # --------------------------------------------------------------------------- blocks
 class DepthwiseSeparable(nn.Module):
-    """dw conv + BN + swish, SE, 1x1 conv + BN (timm ``DepthwiseSeparableConv``)."""
+    """dw conv + BN + swish, SE, 1x1 conv + BN (timm ``DepthwiseSeparableConv``).
+
+    Attributes:
+      spec: the block's shape (:class:`dynconv_spec.efficientnet_cc.BlockSpec`).
+      conv: module definition of the static convolutions (completed with :func:`conv_args`).
+      norm: module definition of the BatchNorms.
+      se: module definition of the squeeze-excitation.
+      tf_padding: TF 'SAME' padding (else PyTorch's symmetric padding).
+    """
 
     spec: BlockSpec
-    config: _Config
+    conv: ModuleDef
+    norm: ModuleDef
+    se: ModuleDef
+    tf_padding: bool
 
     @nn.compact
     def __call__(self, x, train: bool = False):
-        c, s = self.config, self.spec
-        y = nn.silu(c.bn(c.conv(x, "conv_dw", s.in_chs, s.kernel_size, s.stride, groups=s.in_chs), "bn1", train))
-        y = c.bn(c.conv(c.se(y, s.se_chs), "conv_pw", s.out_chs, 1), "bn2", train)
-        return c.drop_path(self, y, s.drop_path_rate, train) + x if s.has_skip else y
+        s = self.spec
+        dw_args = conv_args(s.in_chs, s.kernel_size, s.stride, groups=s.in_chs, tf_padding=self.tf_padding)
+        y = nn.silu(self.norm(name="bn1")(self.conv(**dw_args, name="conv_dw")(x)))
+        y = self.se(se_chs=s.se_chs, name="se")(y)
+        y = self.norm(name="bn2")(self.conv(**conv_args(s.out_chs, 1, tf_padding=self.tf_padding), name="conv_pw")(y))
+        return drop_path(s.drop_path_rate, train)(y) + x if s.has_skip else y
 
 
 class InvertedResidual(nn.Module):
@@ -141,30 +131,54 @@ class InvertedResidual(nn.Module):
     With ``spec.num_experts > 0`` the three convolutions are CondConv layers sharing one routing
     vector ``sigmoid(routing_fn(GAP(x)) / T)`` of the block input (timm ``CondConvResidual``),
     sown as ``intermediates/routing_weights [B, K]``.
+
+    Attributes:
+      spec: the block's shape and experts (:class:`dynconv_spec.efficientnet_cc.BlockSpec`).
+      conv: module definition of the static convolutions (blocks without experts).
+      condconv: module definition of the CondConv layers (``external_routing=True``).
+      norm: module definition of the BatchNorms.
+      se: module definition of the squeeze-excitation.
+      tf_padding: TF 'SAME' padding (else PyTorch's symmetric padding).
+      dtype: the dtype of the computation (the routing runs in at least float32).
+      param_dtype: the dtype of ``routing_fn``'s parameters.
+      precision: numerical precision of ``routing_fn``.
     """
 
     spec: BlockSpec
-    config: _Config
+    conv: ModuleDef
+    condconv: ModuleDef
+    norm: ModuleDef
+    se: ModuleDef
+    tf_padding: bool
+    dtype: Optional[Dtype] = None
+    param_dtype: Dtype = jnp.float32
+    precision: PrecisionLike = None
 
     @nn.compact
     def __call__(self, x, train: bool = False, temperature=None):
-        c, s = self.config, self.spec
-        r = None
+        s = self.spec
+        routing_weights = None
         if s.num_experts:
-            layer = routing.layer_name(self)
-            dtype = routing.attention_dtype(nn.dtypes.canonicalize_dtype(x, dtype=c.dtype))
-            logits = nn.Dense(s.num_experts, dtype=dtype, param_dtype=c.param_dtype, precision=c.precision,
-                              kernel_init=_uniform_init(1.0 / math.sqrt(s.in_chs + s.num_experts)),
-                              name="routing_fn")(routing.global_avg_pool(x, dtype))  # [B, K]
-            r = routing.sigmoid_attention(logits, routing.temperature_scalar(temperature, layer, dtype))
-            self.sow("intermediates", "routing_weights", r)
-        k = s.num_experts
-        y = nn.silu(c.bn(c.conv(x, "conv_pw", s.mid_chs, 1, num_experts=k, routing_weights=r), "bn1", train))
-        y = c.conv(y, "conv_dw", s.mid_chs, s.kernel_size, s.stride, groups=s.mid_chs, num_experts=k,
-                   routing_weights=r)
-        y = c.se(nn.silu(c.bn(y, "bn2", train)), s.se_chs)
-        y = c.bn(c.conv(y, "conv_pwl", s.out_chs, 1, num_experts=k, routing_weights=r), "bn3", train)
-        return c.drop_path(self, y, s.drop_path_rate, train) + x if s.has_skip else y
+            routing_dtype = attention.attention_dtype(nn.dtypes.canonicalize_dtype(x, dtype=self.dtype))
+            routing_fn = nn.Dense(s.num_experts, dtype=routing_dtype, param_dtype=self.param_dtype,
+                                  precision=self.precision,
+                                  kernel_init=uniform_init(1.0 / math.sqrt(s.in_chs + s.num_experts)), name="routing_fn")
+            temperature = attention.temperature_scalar(temperature, layer_name(self), routing_dtype)
+            routing_weights = attention.sigmoid_attention(
+                routing_fn(attention.global_avg_pool(x, routing_dtype)), temperature)  # [B, K]
+            self.sow("intermediates", "routing_weights", routing_weights)
+
+        def conv(h, name: str, features: int, kernel_size: int, stride: int = 1, groups: int = 1):
+            args = conv_args(features, kernel_size, stride, groups, tf_padding=self.tf_padding)
+            if s.num_experts:
+                return self.condconv(**args, num_experts=s.num_experts, name=name)(h, routing_weights=routing_weights)
+            return self.conv(**args, name=name)(h)
+
+        y = nn.silu(self.norm(name="bn1")(conv(x, "conv_pw", s.mid_chs, 1)))
+        y = conv(y, "conv_dw", s.mid_chs, s.kernel_size, s.stride, groups=s.mid_chs)
+        y = self.se(se_chs=s.se_chs, name="se")(nn.silu(self.norm(name="bn2")(y)))
+        y = self.norm(name="bn3")(conv(y, "conv_pwl", s.out_chs, 1))
+        return drop_path(s.drop_path_rate, train)(y) + x if s.has_skip else y
 
 
 # --------------------------------------------------------------------------- model
@@ -186,7 +200,9 @@ class EfficientNetCondConv(nn.Module):
       channel_multiplier: EfficientNet width scaling (1.0 for all CondConv models).
       bn_eps: override the BatchNorm eps of the variant.
       strategy: per-sample conv strategy of the CondConv layers (:func:`dynconv_jax.ops.dynamic_conv`).
-      dtype, param_dtype, precision: as in ``flax.linen.Conv``.
+      dtype: the dtype of the computation (default: inferred from input and params).
+      param_dtype: the dtype of every parameter.
+      precision: numerical precision of every convolution and dense layer.
     """
 
     depth_multiplier: float = 1.0
@@ -198,9 +214,9 @@ class EfficientNetCondConv(nn.Module):
     channel_multiplier: float = 1.0
     bn_eps: Optional[float] = None
     strategy: str = "auto"
-    dtype: Any = None
-    param_dtype: Any = jnp.float32
-    precision: Any = None
+    dtype: Optional[Dtype] = None
+    param_dtype: Dtype = jnp.float32
+    precision: PrecisionLike = None
 
     @nn.compact
     def __call__(self, x, train: bool = False, temperature=None):
@@ -209,26 +225,38 @@ class EfficientNetCondConv(nn.Module):
         if x.ndim != 4 or not jnp.issubdtype(x.dtype, jnp.floating):
             raise ValueError(f"{where}: input must be a floating-point [batch, height, width, channels] array "
                              f"(channels-last), got shape {tuple(x.shape)} dtype {x.dtype}")
+        numerics = dict(dtype=self.dtype, param_dtype=self.param_dtype, precision=self.precision)
         bn_eps = (BN_EPS_TF if self.tf_port else BN_EPS_TORCH) if self.bn_eps is None else self.bn_eps
-        c = _Config(bn_eps, self.tf_port, self.strategy, self.dtype, self.param_dtype, self.precision)
+        conv = functools.partial(nn.Conv, use_bias=False, **numerics)
+        condconv = functools.partial(CondConv, external_routing=True, strategy=self.strategy, **numerics)
+        norm = functools.partial(BatchNorm, use_running_average=not train, epsilon=bn_eps, dtype=self.dtype,
+                                 param_dtype=self.param_dtype)
+        se = functools.partial(SqueezeExcite, **numerics)
+        tf_padding = self.tf_port
+
         stem_chs = make_divisible(32 * self.channel_multiplier)
-        x = nn.silu(c.bn(c.conv(x, "conv_stem", stem_chs, 3, 2), "bn1", train))
+        x = conv(**conv_args(stem_chs, 3, 2, tf_padding=tf_padding), name="conv_stem")(x)
+        x = nn.silu(norm(name="bn1")(x))
         specs = block_specs(stem_chs, self.depth_multiplier, self.channel_multiplier, self.experts_multiplier,
                             self.drop_path_rate)
         for i, stage in enumerate(specs):
             for j, spec in enumerate(stage):
                 if spec.block == "ds":
-                    x = DepthwiseSeparable(spec, c, name=f"blocks_{i}_{j}")(x, train)
+                    x = DepthwiseSeparable(spec=spec, conv=conv, norm=norm, se=se, tf_padding=tf_padding,
+                                           name=f"blocks_{i}_{j}")(x, train=train)
                 else:
-                    x = InvertedResidual(spec, c, name=f"blocks_{i}_{j}")(x, train, temperature)
-        x = nn.silu(c.bn(c.conv(x, "conv_head", make_divisible(1280 * self.channel_multiplier), 1), "bn2", train))
+                    x = InvertedResidual(spec=spec, conv=conv, condconv=condconv, norm=norm, se=se,
+                                         tf_padding=tf_padding, **numerics, name=f"blocks_{i}_{j}")(
+                        x, train=train, temperature=temperature)
+        head_chs = make_divisible(1280 * self.channel_multiplier)
+        x = conv(**conv_args(head_chs, 1, tf_padding=tf_padding), name="conv_head")(x)
+        x = nn.silu(norm(name="bn2")(x))
         x = jnp.mean(x, axis=(1, 2))  # [B, num_features]
         x = nn.Dropout(self.drop_rate, deterministic=not train)(x)
         if not self.num_classes:
             return x
-        bound = 1.0 / math.sqrt(self.num_classes)
-        return nn.Dense(self.num_classes, kernel_init=_uniform_init(bound), dtype=self.dtype,
-                        param_dtype=self.param_dtype, precision=self.precision, name="classifier")(x)
+        return nn.Dense(self.num_classes, kernel_init=uniform_init(1.0 / math.sqrt(self.num_classes)), **numerics,
+                        name="classifier")(x)
 
 
 def efficientnet_cc(name: str, **kwargs) -> EfficientNetCondConv:

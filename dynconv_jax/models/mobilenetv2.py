@@ -14,42 +14,51 @@ from flax import linen as nn
 from dynconv_spec import check_width_mult, stage_settings
 from dynconv_spec.registry import odconv_model_args
 
-from ._conv import ConvConfig, DynamicNet
+from ._conv import DynamicNet, ModuleDef, apply_conv, check_input
 from ._registry import register_model
 
 
-def conv_bn_relu6(c: ConvConfig, x, prefix: str, features: int, kernel_size: int, stride: int = 1, groups: int = 1, *,
-                  train: bool, temperature=None, static: bool = False):
-    """PyTorch's ``ConvBNReLU`` Sequential: conv ``{prefix}_0``, BatchNorm ``{prefix}_1``, ReLU6."""
-    if static:
-        x = c.static_conv(x, f"{prefix}_0", features, kernel_size, stride, groups)
-    else:
-        x = c.conv_layer(x, f"{prefix}_0", features, kernel_size, stride, groups, train=train, temperature=temperature)
-    return nn.relu6(c.batch_norm(x, f"{prefix}_1", train))
+def conv_bn_relu6(conv: ModuleDef, norm: ModuleDef, x, prefix: str, features: int, kernel_size: int, stride: int = 1,
+                  groups: int = 1, *, train: bool, temperature=None):
+    """PyTorch's ``ConvBNReLU`` Sequential in the calling module: conv ``{prefix}_0`` (made from the
+    definition ``conv``), BatchNorm ``{prefix}_1``, ReLU6."""
+    layer = conv(features=features, kernel_size=(kernel_size, kernel_size), strides=stride,
+                 padding=(kernel_size - 1) // 2, feature_group_count=groups, name=f"{prefix}_0")
+    x = apply_conv(layer, x, train=train, temperature=temperature)
+    return nn.relu6(norm(name=f"{prefix}_1")(x))
 
 
 class InvertedResidual(nn.Module):
-    """Expansion 1×1 (absent when t = 1) → depthwise 3×3 → linear projection 1×1, residual if shapes allow."""
+    """Expansion 1×1 (absent when t = 1) → depthwise 3×3 → linear projection 1×1, residual if shapes allow.
+
+    Attributes:
+      inp: input channels.
+      oup: output channels.
+      stride: stride of the depthwise conv.
+      expand_ratio: t, the expansion of the hidden width ``round(inp * t)``.
+      conv: module definition of the convolutions (:attr:`~dynconv_jax.models._conv.ModuleDefs.conv`).
+      norm: module definition of the BatchNorms.
+    """
 
     inp: int
     oup: int
     stride: int
     expand_ratio: int
-    config: ConvConfig = ConvConfig()
+    conv: ModuleDef
+    norm: ModuleDef
 
     @nn.compact
     def __call__(self, x, train: bool = False, temperature=None):
-        c = self.config
         hidden = int(round(self.inp * self.expand_ratio))
         i = 0  # index in PyTorch's ``self.conv`` Sequential
         h = x
         if self.expand_ratio != 1:
-            h = conv_bn_relu6(c, h, "conv_0", hidden, 1, train=train, temperature=temperature)
+            h = conv_bn_relu6(self.conv, self.norm, h, "conv_0", hidden, 1, train=train, temperature=temperature)
             i = 1
-        h = conv_bn_relu6(c, h, f"conv_{i}", hidden, 3, self.stride, groups=hidden, train=train,
+        h = conv_bn_relu6(self.conv, self.norm, h, f"conv_{i}", hidden, 3, self.stride, groups=hidden, train=train,
                           temperature=temperature)
-        h = c.conv_layer(h, f"conv_{i + 1}", self.oup, 1, train=train, temperature=temperature)
-        h = c.batch_norm(h, f"conv_{i + 2}", train)
+        project = self.conv(features=self.oup, kernel_size=(1, 1), padding=0, name=f"conv_{i + 1}")
+        h = self.norm(name=f"conv_{i + 2}")(apply_conv(project, h, train=train, temperature=temperature))
         return x + h if self.stride == 1 and self.inp == self.oup else h
 
 
@@ -58,10 +67,10 @@ class MobileNetV2(DynamicNet):
 
     Attributes:
       width_mult: channel multiplier (channels rounded to multiples of 8).
-      conv, num_experts, num_classes, reduction, in_channels, conv_options, strategy, dtype,
-        param_dtype, precision: as :class:`dynconv_jax.models.ResNet`.
       stem: 'imagenet' (total stride 32) or 'cifar' (stem and second stage at stride 1, total stride 8).
       dropout: dropout before the classifier (0.2 as torchvision and the official models).
+      conv, num_experts, num_classes, reduction, in_channels, conv_options, strategy, dtype,
+        param_dtype, precision: as :class:`~dynconv_jax.models._conv.DynamicNet`.
     """
 
     width_mult: float = 1.0
@@ -74,20 +83,22 @@ class MobileNetV2(DynamicNet):
     @nn.compact
     def __call__(self, x, train: bool = False, temperature=None):
         """``x [B, H, W, in_channels]`` → logits ``[B, num_classes]``; ``temperature`` goes to every dynamic layer."""
-        c = self.conv_config(x)
+        check_input(x, self.in_channels, type(self).__name__)
+        defs = self.module_defs(train)
         channels, stem_stride, stages, last_channel = stage_settings(self.width_mult, self.stem)
-        x = conv_bn_relu6(c, x, "features_0", channels, 3, stem_stride, train=train, static=True)
+        x = conv_bn_relu6(defs.static_conv, defs.norm, x, "features_0", channels, 3, stem_stride, train=train)
         index = 1
         for t, out, n, s in stages:
             for j in range(n):
-                x = InvertedResidual(channels, out, s if j == 0 else 1, t, c, name=f"features_{index}")(
-                    x, train, temperature)
+                x = InvertedResidual(inp=channels, oup=out, stride=s if j == 0 else 1, expand_ratio=t, conv=defs.conv,
+                                     norm=defs.norm, name=f"features_{index}")(x, train=train, temperature=temperature)
                 channels = out
                 index += 1
-        x = conv_bn_relu6(c, x, f"features_{index}", last_channel, 1, train=train, temperature=temperature)
-        x = jnp.mean(x, axis=(1, 2))
+        x = conv_bn_relu6(defs.conv, defs.norm, x, f"features_{index}", last_channel, 1, train=train,
+                          temperature=temperature)
+        x = jnp.mean(x, axis=(1, 2))  # [B, C]
         x = nn.Dropout(self.dropout, deterministic=not train)(x)
-        return c.dense(x, "classifier_1", self.num_classes)
+        return defs.classifier(features=self.num_classes, name="classifier_1")(x)
 
 
 @register_model

@@ -11,7 +11,7 @@ in the blocks; static stem, downsample shortcut and classifier; dropout before `
 """
 from __future__ import annotations
 
-from typing import Sequence
+from typing import ClassVar, Sequence
 
 import jax.numpy as jnp
 from flax import linen as nn
@@ -19,55 +19,67 @@ from flax import linen as nn
 from dynconv_spec import RESNET_ARCHS, check_resnet_args, stage_blocks
 from dynconv_spec.registry import odconv_model_args
 
-from ._conv import ConvConfig, DynamicNet
+from ._conv import DynamicNet, ModuleDef, apply_conv, check_input
 from ._registry import register_model
 
 
-class BasicBlock(nn.Module):
+class ResidualBlock(nn.Module):
+    """The fields and the shortcut of :class:`BasicBlock` and :class:`Bottleneck`.
+
+    Attributes:
+      planes: width of the block (its output has ``planes * expansion`` channels).
+      conv: module definition of the block's convolutions (:attr:`~dynconv_jax.models._conv.ModuleDefs.conv`).
+      static_conv: module definition of the shortcut's 1×1 conv.
+      norm: module definition of the BatchNorms.
+      stride: stride of the block (its strided conv and the shortcut).
+      downsample: the shortcut is a 1×1 conv ``downsample_0`` + BatchNorm ``downsample_1`` (else the identity).
+    """
+
+    planes: int
+    conv: ModuleDef
+    static_conv: ModuleDef
+    norm: ModuleDef
+    stride: int = 1
+    downsample: bool = False
+    expansion: ClassVar[int] = 1
+
+    def shortcut(self, x):
+        """Identity, or the static ``downsample_0`` 1×1 conv + ``downsample_1`` BatchNorm."""
+        if not self.downsample:
+            return x
+        x = self.static_conv(features=self.planes * self.expansion, kernel_size=(1, 1), strides=self.stride,
+                             padding=0, name="downsample_0")(x)
+        return self.norm(name="downsample_1")(x)
+
+
+class BasicBlock(ResidualBlock):
     """Two 3×3 convolutions (``conv1`` carries the stride) and an identity or 1×1 shortcut."""
 
-    planes: int
-    stride: int = 1
-    downsample: bool = False
-    config: ConvConfig = ConvConfig()
-    expansion = 1
+    expansion: ClassVar[int] = 1
 
     @nn.compact
     def __call__(self, x, train: bool = False, temperature=None):
-        c = self.config
-        out = c.conv_layer(x, "conv1", self.planes, 3, self.stride, train=train, temperature=temperature)
-        out = nn.relu(c.batch_norm(out, "bn1", train))
-        out = c.conv_layer(out, "conv2", self.planes, 3, train=train, temperature=temperature)
-        out = c.batch_norm(out, "bn2", train)
-        return nn.relu(out + _shortcut(c, x, self.planes * self.expansion, self.stride, self.downsample, train))
+        conv1 = self.conv(features=self.planes, kernel_size=(3, 3), strides=self.stride, padding=1, name="conv1")
+        out = nn.relu(self.norm(name="bn1")(apply_conv(conv1, x, train=train, temperature=temperature)))
+        conv2 = self.conv(features=self.planes, kernel_size=(3, 3), padding=1, name="conv2")
+        out = self.norm(name="bn2")(apply_conv(conv2, out, train=train, temperature=temperature))
+        return nn.relu(out + self.shortcut(x))
 
 
-class Bottleneck(nn.Module):
+class Bottleneck(ResidualBlock):
     """1×1 reduce, 3×3 (carries the stride, torchvision's "ResNet v1.5"), 1×1 expand ×4."""
 
-    planes: int
-    stride: int = 1
-    downsample: bool = False
-    config: ConvConfig = ConvConfig()
-    expansion = 4
+    expansion: ClassVar[int] = 4
 
     @nn.compact
     def __call__(self, x, train: bool = False, temperature=None):
-        c = self.config
-        out = c.conv_layer(x, "conv1", self.planes, 1, train=train, temperature=temperature)
-        out = nn.relu(c.batch_norm(out, "bn1", train))
-        out = c.conv_layer(out, "conv2", self.planes, 3, self.stride, train=train, temperature=temperature)
-        out = nn.relu(c.batch_norm(out, "bn2", train))
-        out = c.conv_layer(out, "conv3", self.planes * self.expansion, 1, train=train, temperature=temperature)
-        out = c.batch_norm(out, "bn3", train)
-        return nn.relu(out + _shortcut(c, x, self.planes * self.expansion, self.stride, self.downsample, train))
-
-
-def _shortcut(c: ConvConfig, x, features: int, stride: int, downsample: bool, train: bool):
-    """Identity, or the static ``downsample_0`` 1×1 conv + ``downsample_1`` BatchNorm."""
-    if not downsample:
-        return x
-    return c.batch_norm(c.static_conv(x, "downsample_0", features, 1, stride), "downsample_1", train)
+        conv1 = self.conv(features=self.planes, kernel_size=(1, 1), padding=0, name="conv1")
+        out = nn.relu(self.norm(name="bn1")(apply_conv(conv1, x, train=train, temperature=temperature)))
+        conv2 = self.conv(features=self.planes, kernel_size=(3, 3), strides=self.stride, padding=1, name="conv2")
+        out = nn.relu(self.norm(name="bn2")(apply_conv(conv2, out, train=train, temperature=temperature)))
+        conv3 = self.conv(features=self.planes * self.expansion, kernel_size=(1, 1), padding=0, name="conv3")
+        out = self.norm(name="bn3")(apply_conv(conv3, out, train=train, temperature=temperature))
+        return nn.relu(out + self.shortcut(x))
 
 
 BLOCKS = {"basic": BasicBlock, "bottleneck": Bottleneck}
@@ -79,17 +91,11 @@ class ResNet(DynamicNet):
     Attributes:
       block: 'basic' (ResNet-18/34) or 'bottleneck' (ResNet-50/101).
       layers: blocks per stage, e.g. ``(2, 2, 2, 2)``.
-      conv: 'static', 'condconv', 'dynamic' or 'odconv' — the blocks' convolutions.
-      num_experts: experts per dynamic layer.
-      num_classes: outputs of ``fc``.
-      stem: 'imagenet' (7×7/2 conv + 3×3/2 max-pool) or 'cifar' (3×3/1 conv, no max-pool).
       base_width: channels of the first stage; later stages ×2, ×4, ×8 (64 = the standard nets).
+      stem: 'imagenet' (7×7/2 conv + 3×3/2 max-pool) or 'cifar' (3×3/1 conv, no max-pool).
       dropout: dropout on the pooled features before ``fc`` (official ODConv default 0.1).
-      reduction: attention reduction ratio of DynamicConv / ODConv (None: the layer's default).
-      in_channels: input channels (checked against the input).
-      conv_options: further fields for every dynamic layer (e.g. ``{'routing_dropout': 0.1}``).
-      strategy: per-sample conv strategy of every dynamic layer (:func:`dynconv_jax.ops.dynamic_conv`).
-      dtype, param_dtype, precision: as in ``flax.linen.Conv``, for every layer.
+      conv, num_experts, num_classes, reduction, in_channels, conv_options, strategy, dtype,
+        param_dtype, precision: as :class:`~dynconv_jax.models._conv.DynamicNet`.
     """
 
     block: str = "basic"
@@ -104,18 +110,23 @@ class ResNet(DynamicNet):
     @nn.compact
     def __call__(self, x, train: bool = False, temperature=None):
         """``x [B, H, W, in_channels]`` → logits ``[B, num_classes]``; ``temperature`` goes to every dynamic layer."""
-        c = self.conv_config(x)
+        check_input(x, self.in_channels, type(self).__name__)
+        defs = self.module_defs(train)
         if self.stem == "imagenet":
-            x = nn.relu(c.batch_norm(c.static_conv(x, "conv1", self.base_width, 7, 2), "bn1", train))
+            x = defs.static_conv(features=self.base_width, kernel_size=(7, 7), strides=2, padding=3, name="conv1")(x)
+            x = nn.relu(defs.norm(name="bn1")(x))
             x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
         else:
-            x = nn.relu(c.batch_norm(c.static_conv(x, "conv1", self.base_width, 3, 1), "bn1", train))
+            x = defs.static_conv(features=self.base_width, kernel_size=(3, 3), padding=1, name="conv1")(x)
+            x = nn.relu(defs.norm(name="bn1")(x))
         block_cls = BLOCKS[self.block]
         for i, j, _, planes, stride, downsample in stage_blocks(self.layers, self.base_width, block_cls.expansion):
-            x = block_cls(planes, stride, downsample, c, name=f"layer{i + 1}_{j}")(x, train, temperature)
-        x = jnp.mean(x, axis=(1, 2))
+            x = block_cls(planes=planes, stride=stride, downsample=downsample, conv=defs.conv,
+                          static_conv=defs.static_conv, norm=defs.norm, name=f"layer{i + 1}_{j}")(
+                x, train=train, temperature=temperature)
+        x = jnp.mean(x, axis=(1, 2))  # [B, C]
         x = nn.Dropout(self.dropout, deterministic=not train)(x)
-        return c.dense(x, "fc", self.num_classes)
+        return defs.classifier(features=self.num_classes, name="fc")(x)
 
 
 @register_model

@@ -1,9 +1,9 @@
 """CondConv, DynamicConv, ODConv and the PyTorch-semantics BatchNorm as ``flax.nnx`` Modules.
 
 The same layers as :mod:`dynconv_jax` (Linen) on the same core: validation, attention heads,
-kernel aggregation and the per-sample convolution are the functions of
-:mod:`dynconv_jax.routing`, :mod:`dynconv_jax.norm` and :mod:`dynconv_jax.ops` that the Linen
-layers call. Parameters are created eagerly (NNX style) with the Linen layers' shapes, names and
+initializers, kernel aggregation and the per-sample convolution are the functions of
+:mod:`dynconv_jax.conv_base`, :mod:`dynconv_jax.attention`, :mod:`dynconv_jax.initializers`,
+:mod:`dynconv_jax.norm` and :mod:`dynconv_jax.ops` that the Linen layers call. Parameters are created eagerly (NNX style) with the Linen layers' shapes, names and
 initializers, so ``nnx.state(layer, nnx.Param)`` has the paths of the Linen ``params`` tree and
 ``nnx.state(layer, nnx.BatchStat)`` those of ``batch_stats`` (see :mod:`dynconv_jax.nnx.convert`).
 
@@ -22,11 +22,13 @@ from typing import Optional, Sequence, Union
 import jax
 import jax.numpy as jnp
 from flax import nnx
-from flax.typing import Dtype, PrecisionLike
+from flax.typing import Dtype, Initializer, PrecisionLike
 
-from dynconv_jax import ops, routing
+from dynconv_jax import attention, conv_base, ops
+from dynconv_jax.initializers import (expert_bias_init, kaiming_fan_out_dense_init, kaiming_fan_out_expert_init,
+                                      torch_default_bias_init, torch_default_dense_init, torch_default_expert_init)
 from dynconv_jax.norm import batch_norm, layer_norm
-from dynconv_jax.routing import Initializer
+from dynconv_spec import check_attention_norm
 
 __all__ = ["BatchNorm", "CondConv", "DynamicConv", "LayerNorm", "ODConv"]
 
@@ -122,8 +124,9 @@ class LayerNorm(nnx.Module):
         return layer_norm(x, self.scale[...], self.bias[...], epsilon=self.epsilon, dtype=self.dtype)
 
 
-def _linear(in_features: int, out_features: int, *, dtype, param_dtype, precision, kernel_init, bias_init,
-            rngs: nnx.Rngs, use_bias: bool = True) -> nnx.Linear:
+def _linear(in_features: int, out_features: int, *, dtype: Optional[Dtype], param_dtype: Dtype,
+            precision: PrecisionLike, kernel_init: Initializer, bias_init: Initializer, rngs: nnx.Rngs,
+            use_bias: bool = True) -> nnx.Linear:
     return nnx.Linear(in_features, out_features, use_bias=use_bias, dtype=dtype, param_dtype=param_dtype,
                       precision=precision, kernel_init=kernel_init, bias_init=bias_init, rngs=rngs)
 
@@ -131,10 +134,10 @@ def _linear(in_features: int, out_features: int, *, dtype, param_dtype, precisio
 def _attention_dtype(dtype):
     """The attention branch's compute dtype: None (promoted from input and params, at least float32
     since the pooled input is) or at least float32 of an explicit ``dtype`` (the Linen layers' rule)."""
-    return None if dtype is None else routing.attention_dtype(dtype)
+    return None if dtype is None else attention.attention_dtype(dtype)
 
 
-class _DynamicConvBase(nnx.Module):
+class DynamicConvBase(nnx.Module):
     """Constructor fields and plumbing shared by the three NNX layers (``flax.nnx.Conv``'s fields)."""
 
     def __init__(self, in_features: int, out_features: int, kernel_size: Union[int, Sequence[int]],
@@ -145,7 +148,7 @@ class _DynamicConvBase(nnx.Module):
                  num_experts: int = 4, strategy: str = "auto", rngs: nnx.Rngs):
         layer = f"{type(self).__name__}(in_features={in_features!r}, out_features={out_features!r}, " \
                 f"kernel_size={kernel_size!r})"
-        geometry = routing.validate_conv_config(
+        geometry = conv_base.validate_conv_config(
             layer, features=out_features, kernel_size=kernel_size, strides=strides, padding=padding,
             kernel_dilation=kernel_dilation, feature_group_count=feature_group_count, num_experts=num_experts,
             strategy=strategy, features_arg="out_features")
@@ -171,28 +174,28 @@ class _DynamicConvBase(nnx.Module):
         self.precision = precision
         self.kernel = nnx.Param(kernel_init(rngs.params(), geometry.expert_shape(in_features), param_dtype))
         if use_bias:
-            init = routing.expert_bias_init(bias_init, geometry, in_features)
+            init = expert_bias_init(bias_init, geometry.fan_in(in_features))
             self.bias = nnx.Param(init(rngs.params(), (num_experts, out_features), param_dtype))
         else:
             self.bias = nnx.data(None)
 
     def _check(self, x):
         """Validate the input ``[B, *S, in_features]``; returns ``(experts, compute dtype, attention dtype)``."""
-        in_channels = routing.check_input(self.layer, x, self.geometry)
+        in_channels = conv_base.check_input(self.layer, x, self.geometry)
         if in_channels != self.in_features:
             raise ValueError(f"{self.layer}: input shape {tuple(x.shape)} has {in_channels} channels, but the layer "
                              f"was built with in_features={self.in_features}")
         experts = self.kernel[...]
-        dtype = routing.compute_dtype(x, experts, self.dtype)
-        return experts, dtype, routing.attention_dtype(dtype)
+        dtype = conv_base.compute_dtype(x, experts, self.dtype)
+        return experts, dtype, attention.attention_dtype(dtype)
 
     def _convolve(self, x, experts, dtype, kernel_attention, **attentions):
         bias = None if self.bias is None else self.bias[...]
-        return routing.convolve(x, experts, self.geometry, dtype, kernel_attention, expert_bias=bias,
+        return conv_base.convolve(x, experts, self.geometry, dtype, kernel_attention, expert_bias=bias,
                                 strategy=self.strategy, precision=self.precision, **attentions)
 
 
-class CondConv(_DynamicConvBase):
+class CondConv(DynamicConvBase):
     """CondConv (Yang et al., NeurIPS 2019) as an NNX Module, channels-last, 1-D/2-D/3-D.
 
     State: ``kernel [K, *k, I/g, O]``, ``bias [K, O]`` (if ``use_bias``),
@@ -211,14 +214,14 @@ class CondConv(_DynamicConvBase):
                  strides: Union[int, Sequence[int]] = 1, *, padding: ops.PaddingLike = "SAME",
                  kernel_dilation: Union[int, Sequence[int]] = 1, feature_group_count: int = 1,
                  use_bias: bool = False, dtype: Optional[Dtype] = None, param_dtype: Dtype = jnp.float32,
-                 precision: PrecisionLike = None, kernel_init: Initializer = routing.torch_default_expert_init,
+                 precision: PrecisionLike = None, kernel_init: Initializer = torch_default_expert_init,
                  bias_init: Optional[Initializer] = None, num_experts: int = 4, strategy: str = "auto",
                  routing_dropout: float = 0.0, external_routing: bool = False, rngs: nnx.Rngs):
         super().__init__(in_features, out_features, kernel_size, strides, padding=padding,
                          kernel_dilation=kernel_dilation, feature_group_count=feature_group_count, use_bias=use_bias,
                          dtype=dtype, param_dtype=param_dtype, precision=precision, kernel_init=kernel_init,
                          bias_init=bias_init, num_experts=num_experts, strategy=strategy, rngs=rngs)
-        routing.check_routing_dropout(self.layer, routing_dropout)
+        attention.check_routing_dropout(self.layer, routing_dropout)
         self.routing_dropout = routing_dropout
         self.external_routing = external_routing
         if external_routing:
@@ -226,8 +229,7 @@ class CondConv(_DynamicConvBase):
         else:
             self.routing_fn = _linear(
                 in_features, num_experts, dtype=_attention_dtype(dtype), param_dtype=param_dtype, precision=precision,
-                kernel_init=routing.torch_default_dense_init,
-                bias_init=routing.torch_default_bias_init(in_features), rngs=rngs)
+                kernel_init=torch_default_dense_init, bias_init=torch_default_bias_init(in_features), rngs=rngs)
         self.dropout = nnx.Dropout(routing_dropout, rngs=rngs if routing_dropout > 0 else None)
 
     def __call__(self, x, temperature=None, routing_weights=None):
@@ -236,34 +238,33 @@ class CondConv(_DynamicConvBase):
         ``routing_weights [B, K]`` is required iff ``external_routing`` (then ``temperature`` is unused).
         """
         experts, dtype, attn_dtype = self._check(x)
-        weights = routing.external_routing_weights(self.layer, self.external_routing, routing_weights, x.shape[0],
+        weights = attention.external_routing_weights(self.layer, self.external_routing, routing_weights, x.shape[0],
                                                    self.num_experts, attn_dtype)
         if weights is None:
-            temperature = routing.temperature_scalar(temperature, self.layer, attn_dtype)
-            pooled = routing.global_avg_pool(x, attn_dtype)  # [B, I]
-            weights = routing.condconv_routing(pooled, self.routing_fn, self.dropout, temperature)  # [B, K]
+            temperature = attention.temperature_scalar(temperature, self.layer, attn_dtype)
+            pooled = attention.global_avg_pool(x, attn_dtype)  # [B, I]
+            weights = attention.condconv_routing(pooled, self.routing_fn, self.dropout, temperature)  # [B, K]
         _sow(self, "kernel_attention", weights)
         return self._convolve(x, experts, dtype, weights)
 
 
-class _DynamicAttention(nnx.Module):
+class DynamicConvAttention(nnx.Module):
     """``[B, I] -> [B, K]``: softmax(fc2(relu(fc1(.))) / T) with PyTorch ``nn.Linear`` init."""
 
-    def __init__(self, in_features: int, hidden: int, num_experts: int, *, dtype, param_dtype, precision,
-                 rngs: nnx.Rngs):
+    def __init__(self, in_features: int, hidden: int, num_experts: int, *, dtype: Optional[Dtype],
+                 param_dtype: Dtype, precision: PrecisionLike, rngs: nnx.Rngs):
         def linear(n_in, n_out):
             return _linear(n_in, n_out, dtype=dtype, param_dtype=param_dtype, precision=precision,
-                           kernel_init=routing.torch_default_dense_init,
-                           bias_init=routing.torch_default_bias_init(n_in), rngs=rngs)
+                           kernel_init=torch_default_dense_init, bias_init=torch_default_bias_init(n_in), rngs=rngs)
 
         self.fc1 = linear(in_features, hidden)
         self.fc2 = linear(hidden, num_experts)
 
     def __call__(self, pooled, temperature):
-        return routing.dynamic_attention(pooled, self.fc1, self.fc2, temperature)
+        return attention.dynamic_attention(pooled, self.fc1, self.fc2, temperature)
 
 
-class DynamicConv(_DynamicConvBase):
+class DynamicConv(DynamicConvBase):
     """DynamicConv / DY-CNN (Chen et al., CVPR 2020) as an NNX Module, channels-last, 1-D/2-D/3-D.
 
     State: ``kernel [K, *k, I/g, O]``, ``bias [K, O]`` (if ``use_bias``),
@@ -281,7 +282,7 @@ class DynamicConv(_DynamicConvBase):
                  strides: Union[int, Sequence[int]] = 1, *, padding: ops.PaddingLike = "SAME",
                  kernel_dilation: Union[int, Sequence[int]] = 1, feature_group_count: int = 1,
                  use_bias: bool = True, dtype: Optional[Dtype] = None, param_dtype: Dtype = jnp.float32,
-                 precision: PrecisionLike = None, kernel_init: Initializer = routing.torch_default_expert_init,
+                 precision: PrecisionLike = None, kernel_init: Initializer = torch_default_expert_init,
                  bias_init: Optional[Initializer] = None, num_experts: int = 4, strategy: str = "auto",
                  reduction: float = 0.25, min_channels: int = 4, rngs: nnx.Rngs):
         super().__init__(in_features, out_features, kernel_size, strides, padding=padding,
@@ -290,31 +291,32 @@ class DynamicConv(_DynamicConvBase):
                          bias_init=bias_init, num_experts=num_experts, strategy=strategy, rngs=rngs)
         self.reduction = reduction
         self.min_channels = min_channels
-        hidden = routing.attention_width(in_features, reduction, min_channels, self.layer)
-        self.attention = _DynamicAttention(in_features, hidden, num_experts, dtype=_attention_dtype(dtype),
+        hidden = attention.attention_width(in_features, reduction, min_channels, self.layer)
+        self.attention = DynamicConvAttention(in_features, hidden, num_experts, dtype=_attention_dtype(dtype),
                                            param_dtype=param_dtype, precision=precision, rngs=rngs)
 
     def __call__(self, x, temperature=None):
         """``x [B, *S, I] -> [B, *S_out, O]``; ``temperature`` scalar (may be traced), None = 1."""
         experts, dtype, attn_dtype = self._check(x)
-        temperature = routing.temperature_scalar(temperature, self.layer, attn_dtype)
-        pooled = routing.global_avg_pool(x, attn_dtype)  # [B, I]
-        attention = self.attention(pooled, temperature)  # [B, K]
-        _sow(self, "kernel_attention", attention)
-        return self._convolve(x, experts, dtype, attention)
+        temperature = attention.temperature_scalar(temperature, self.layer, attn_dtype)
+        pooled = attention.global_avg_pool(x, attn_dtype)  # [B, I]
+        kernel_attention = self.attention(pooled, temperature)  # [B, K]
+        _sow(self, "kernel_attention", kernel_attention)
+        return self._convolve(x, experts, dtype, kernel_attention)
 
 
-class _ODConvAttention(nnx.Module):
+class ODConvAttention(nnx.Module):
     """``pooled [B, I] -> (channel [B, I], filter [B, O] | None, spatial [B, *k] | None, kernel [B, K])``."""
 
-    def __init__(self, in_features: int, out_features: int, kernel_size, groups: int, num_experts: int, width: int,
-                 norm: str, bn_init: float, *, dtype, param_dtype, precision, rngs: nnx.Rngs):
+    def __init__(self, in_features: int, out_features: int, kernel_size: Sequence[int], groups: int,
+                 num_experts: int, width: int, norm: str, bn_init: float, *, dtype: Optional[Dtype],
+                 param_dtype: Dtype, precision: PrecisionLike, rngs: nnx.Rngs):
         def linear(n_in, n_out, use_bias=True):
             return _linear(n_in, n_out, use_bias=use_bias, dtype=dtype, param_dtype=param_dtype, precision=precision,
-                           kernel_init=routing.kaiming_fan_out_dense_init, bias_init=jax.nn.initializers.zeros,
+                           kernel_init=kaiming_fan_out_dense_init, bias_init=jax.nn.initializers.zeros,
                            rngs=rngs)
 
-        heads = routing.odconv_heads(in_features, out_features, groups, kernel_size, num_experts)
+        heads = attention.odconv_heads(in_features, out_features, groups, kernel_size, num_experts)
         self.kernel_size = tuple(kernel_size)
         self.fc = linear(in_features, width, use_bias=False)
         scale_init = jax.nn.initializers.constant(bn_init)
@@ -330,11 +332,11 @@ class _ODConvAttention(nnx.Module):
 
     def __call__(self, pooled, temperature):
         norm = None if self.norm is None else getattr(self, self.norm)
-        return routing.odconv_attention(pooled, self.fc, norm, self.channel_fc, self.filter_fc, self.spatial_fc,
+        return attention.odconv_attention(pooled, self.fc, norm, self.channel_fc, self.filter_fc, self.spatial_fc,
                                         self.kernel_fc, self.kernel_size, temperature)
 
 
-class ODConv(_DynamicConvBase):
+class ODConv(DynamicConvBase):
     """ODConv (Li et al., ICLR 2022; the official OSVAI/ODConv layer) as an NNX Module, no bias.
 
     State: ``kernel [K, *k, I/g, O]``, ``attention/fc/kernel [I, A]``, ``attention/bn/{scale, bias}``
@@ -362,7 +364,7 @@ class ODConv(_DynamicConvBase):
                  strides: Union[int, Sequence[int]] = 1, *, padding: ops.PaddingLike = "SAME",
                  kernel_dilation: Union[int, Sequence[int]] = 1, feature_group_count: int = 1,
                  dtype: Optional[Dtype] = None, param_dtype: Dtype = jnp.float32, precision: PrecisionLike = None,
-                 kernel_init: Initializer = routing.kaiming_fan_out_expert_init, num_experts: int = 4,
+                 kernel_init: Initializer = kaiming_fan_out_expert_init, num_experts: int = 4,
                  strategy: str = "auto", reduction: float = 0.0625, min_channels: int = 16,
                  attention_norm: str = "batch", attention_bn_init: float = 0.1, rngs: nnx.Rngs):
         super().__init__(in_features, out_features, kernel_size, strides, padding=padding,
@@ -371,11 +373,11 @@ class ODConv(_DynamicConvBase):
                          bias_init=None, num_experts=num_experts, strategy=strategy, rngs=rngs)
         self.reduction = reduction
         self.min_channels = min_channels
-        routing.check_attention_norm(self.layer, attention_norm, attention_bn_init)
+        check_attention_norm(self.layer, attention_norm, attention_bn_init)
         self.attention_norm = attention_norm
         self.attention_bn_init = attention_bn_init
-        width = routing.attention_width(in_features, reduction, min_channels, self.layer)
-        self.attention = _ODConvAttention(in_features, out_features, self.kernel_size, feature_group_count,
+        width = attention.attention_width(in_features, reduction, min_channels, self.layer)
+        self.attention = ODConvAttention(in_features, out_features, self.kernel_size, feature_group_count,
                                           num_experts, width, attention_norm, attention_bn_init, dtype=_attention_dtype(dtype), param_dtype=param_dtype,
                                           precision=precision, rngs=rngs)
 
@@ -383,9 +385,9 @@ class ODConv(_DynamicConvBase):
         """``x [B, *S, I] -> [B, *S_out, O]``; ``temperature`` scalar (may be traced), None = 1."""
         experts, dtype, attn_dtype = self._check(x)
         if self.attention_norm == "batch" and not self.attention.bn.use_running_average:
-            routing.check_odconv_train_batch(self.layer, x.shape[0])
-        temperature = routing.temperature_scalar(temperature, self.layer, attn_dtype)
-        pooled = routing.global_avg_pool(x, attn_dtype)  # [B, I]
+            attention.check_odconv_train_batch(self.layer, x.shape[0])
+        temperature = attention.temperature_scalar(temperature, self.layer, attn_dtype)
+        pooled = attention.global_avg_pool(x, attn_dtype)  # [B, I]
         channel, filter_, spatial, kernel = self.attention(pooled, temperature)
         _sow(self, "kernel_attention", kernel)
         _sow(self, "channel_attention", channel)

@@ -1,71 +1,50 @@
-"""The conv-type factory of the NNX models (twin of :mod:`dynconv_jax.models._conv`).
+"""The conv switch of the NNX models (twin of :mod:`dynconv_jax.models._conv`).
 
-:class:`ConvConfig` builds each layer with its input width (NNX creates parameters eagerly):
-static convolutions (``nnx.Conv``, bias-free, symmetric padding ``(k - 1) // 2`` as PyTorch),
-the configured dynamic layer of :mod:`dynconv_jax.nnx`, the PyTorch-semantics BatchNorm and the
-classifier, with the Linen models' initializers, so the parameter paths and shapes are the Linen
-models' and whole-model checkpoints convert the same way.
+:func:`module_defs` gives the module definitions (``functools.partial`` of the constructors, ``rngs``
+bound) a model builds its layers from: the blocks' convolution (``nnx.Conv`` or the selected dynamic
+layer of :mod:`dynconv_jax.nnx`), static stem/shortcut convolutions, the PyTorch-semantics BatchNorm
+and the classifier, with the Linen models' initializers, so the parameter paths and shapes are the
+Linen models' and whole-model checkpoints convert the same way. NNX creates parameters eagerly, so
+each definition is completed with its input width: ``conv(in_features=, out_features=, kernel_size=,
+strides=, padding=, feature_group_count=)``, ``norm(num_features)``, ``classifier(in_features,
+out_features)``.
 """
 from __future__ import annotations
 
-import dataclasses
-from typing import Any, Optional, Tuple
+import functools
+from typing import Any, Mapping, Optional
 
-import jax.numpy as jnp
 from flax import nnx
+from flax.typing import Dtype, PrecisionLike
 
-from dynconv_jax.models._conv import classifier_init, kaiming_fan_out_normal
+from dynconv_jax.initializers import classifier_init, kaiming_fan_out_normal
+from dynconv_jax.models._conv import ModuleDefs, check_args
 from dynconv_jax.nnx.layers import BatchNorm, CondConv, DynamicConv, ODConv
 
 DYNAMIC_LAYERS = {"condconv": CondConv, "dynamic": DynamicConv, "odconv": ODConv}
 
 
-@dataclasses.dataclass(frozen=True)
-class ConvConfig:
-    """How an NNX model builds its convolutions, norms and classifier (fields as the Linen ConvConfig)."""
-
-    conv: str = "static"
-    num_experts: int = 4
-    reduction: Optional[float] = None
-    strategy: str = "auto"
-    conv_options: Tuple[Tuple[str, Any], ...] = ()
-    dtype: Any = None
-    param_dtype: Any = jnp.float32
-    precision: Any = None
-
-    def static_conv(self, in_features: int, features: int, kernel_size: int, stride: int = 1, groups: int = 1, *,
-                    rngs: nnx.Rngs) -> nnx.Conv:
-        """A bias-free static conv with symmetric padding ``(k - 1) // 2``."""
-        pad = (kernel_size - 1) // 2
-        return nnx.Conv(in_features, features, (kernel_size, kernel_size), strides=(stride, stride),
-                        padding=((pad, pad), (pad, pad)), feature_group_count=groups, use_bias=False,
-                        kernel_init=kaiming_fan_out_normal, dtype=self.dtype, param_dtype=self.param_dtype,
-                        precision=self.precision, rngs=rngs)
-
-    def conv_layer(self, in_features: int, features: int, kernel_size: int, stride: int = 1, groups: int = 1, *,
-                   rngs: nnx.Rngs) -> nnx.Module:
-        """A convolution of the configured type; call it with :func:`apply_conv`."""
-        if self.conv == "static":
-            return self.static_conv(in_features, features, kernel_size, stride, groups, rngs=rngs)
-        options = dict(self.conv_options)
-        if self.reduction is not None:
-            options["reduction"] = self.reduction
-        pad = (kernel_size - 1) // 2
-        return DYNAMIC_LAYERS[self.conv](
-            in_features, features, (kernel_size, kernel_size), (stride, stride), padding=((pad, pad), (pad, pad)),
-            feature_group_count=groups, num_experts=self.num_experts, strategy=self.strategy, dtype=self.dtype,
-            param_dtype=self.param_dtype, precision=self.precision, rngs=rngs, **options)
-
-    def batch_norm(self, features: int, *, rngs: nnx.Rngs) -> BatchNorm:
-        """PyTorch-semantics BatchNorm (:class:`dynconv_jax.nnx.BatchNorm`)."""
-        return BatchNorm(features, dtype=self.dtype, param_dtype=self.param_dtype, rngs=rngs)
-
-    def dense(self, in_features: int, features: int, *, rngs: nnx.Rngs) -> nnx.Linear:
-        """The classifier: N(0, 0.01²) weights, zero bias (the official models)."""
-        return nnx.Linear(in_features, features, kernel_init=classifier_init, dtype=self.dtype,
-                          param_dtype=self.param_dtype, precision=self.precision, rngs=rngs)
+def module_defs(where: str, *, conv: str, num_experts: int, reduction: Optional[float],
+                conv_options: Optional[Mapping[str, Any]], stem: str, dropout: float, num_classes: int,
+                strategy: str, dtype: Optional[Dtype], param_dtype: Dtype, precision: PrecisionLike,
+                rngs: nnx.Rngs) -> ModuleDefs:
+    """Check a model's arguments (as the Linen :class:`~dynconv_jax.models._conv.DynamicNet`, ``where``
+    names the model) and return the module definitions of its layers."""
+    options = dict(check_args(where, conv, num_experts, reduction, conv_options, stem, dropout, num_classes))
+    numerics = dict(dtype=dtype, param_dtype=param_dtype, precision=precision, rngs=rngs)
+    static_conv = functools.partial(nnx.Conv, use_bias=False, kernel_init=kaiming_fan_out_normal, **numerics)
+    if conv == "static":
+        block_conv = static_conv
+    else:
+        if reduction is not None:
+            options["reduction"] = reduction
+        block_conv = functools.partial(DYNAMIC_LAYERS[conv], num_experts=num_experts, strategy=strategy, **numerics,
+                                       **options)
+    return ModuleDefs(conv=block_conv, static_conv=static_conv,
+                      norm=functools.partial(BatchNorm, dtype=dtype, param_dtype=param_dtype, rngs=rngs),
+                      classifier=functools.partial(nnx.Linear, kernel_init=classifier_init, **numerics))
 
 
 def apply_conv(layer: nnx.Module, x, temperature):
-    """Call a layer made by :meth:`ConvConfig.conv_layer`: dynamic layers get the ``temperature``."""
+    """Call a convolution made from :attr:`ModuleDefs.conv`: dynamic layers get the ``temperature``."""
     return layer(x) if isinstance(layer, nnx.Conv) else layer(x, temperature=temperature)

@@ -10,43 +10,46 @@ from typing import Any, Mapping, Optional
 
 import jax.numpy as jnp
 from flax import nnx
+from flax.typing import Dtype, PrecisionLike
 
-from dynconv_jax.models._conv import check_args, check_input
-from dynconv_jax.nnx.models._conv import ConvConfig, apply_conv
+from dynconv_jax.models._conv import ModuleDef, check_input
+from dynconv_jax.nnx.models._conv import apply_conv, module_defs
 from dynconv_jax.nnx.models._registry import register_model
 from dynconv_spec import check_width_mult, stage_settings
 from dynconv_spec.registry import odconv_model_args
 
 
+def _add_conv_bn(module: nnx.Module, prefix: str, conv: ModuleDef, norm: ModuleDef, in_features: int,
+                 features: int, kernel_size: int, stride: int = 1, groups: int = 1) -> None:
+    """Attach a ``ConvBNReLU``'s conv and BatchNorm as ``{prefix}_0`` and ``{prefix}_1`` (the Linen paths)."""
+    setattr(module, f"{prefix}_0", conv(in_features=in_features, out_features=features,
+                                        kernel_size=(kernel_size, kernel_size), strides=stride,
+                                        padding=(kernel_size - 1) // 2, feature_group_count=groups))
+    setattr(module, f"{prefix}_1", norm(features))
+
+
 def _conv_bn_relu6(module: nnx.Module, prefix: str, x, temperature):
-    """PyTorch's ``ConvBNReLU`` Sequential: conv ``{prefix}_0``, BatchNorm ``{prefix}_1`` (the Linen paths), ReLU6."""
+    """PyTorch's ``ConvBNReLU`` Sequential: conv ``{prefix}_0``, BatchNorm ``{prefix}_1``, ReLU6."""
     conv, bn = getattr(module, f"{prefix}_0"), getattr(module, f"{prefix}_1")
     return nnx.relu6(bn(apply_conv(conv, x, temperature)))
 
 
-def _add_conv_bn(module: nnx.Module, prefix: str, conv: nnx.Module, bn: nnx.Module) -> None:
-    """Attach a ``ConvBNReLU``'s conv and BatchNorm as ``{prefix}_0`` and ``{prefix}_1``."""
-    setattr(module, f"{prefix}_0", conv)
-    setattr(module, f"{prefix}_1", bn)
-
-
 class InvertedResidual(nnx.Module):
-    """Expansion 1×1 (absent when t = 1) → depthwise 3×3 → linear projection 1×1, residual if shapes allow."""
+    """Expansion 1×1 (absent when t = 1) → depthwise 3×3 → linear projection 1×1, residual if shapes allow
+    (arguments as the Linen :class:`dynconv_jax.models.mobilenetv2.InvertedResidual`)."""
 
-    def __init__(self, inp: int, oup: int, stride: int, expand_ratio: int, config: ConvConfig, *, rngs: nnx.Rngs):
-        c = config
+    def __init__(self, inp: int, oup: int, stride: int, expand_ratio: int, *, conv: ModuleDef, norm: ModuleDef):
         hidden = int(round(inp * expand_ratio))
         i = 0  # index in PyTorch's ``self.conv`` Sequential
         self.expand = expand_ratio != 1
         if self.expand:
-            _add_conv_bn(self, "conv_0", c.conv_layer(inp, hidden, 1, rngs=rngs), c.batch_norm(hidden, rngs=rngs))
+            _add_conv_bn(self, "conv_0", conv, norm, inp, hidden, 1)
             i = 1
         self.depthwise = f"conv_{i}"
-        _add_conv_bn(self, self.depthwise, c.conv_layer(hidden, hidden, 3, stride, groups=hidden, rngs=rngs),
-                     c.batch_norm(hidden, rngs=rngs))
+        _add_conv_bn(self, self.depthwise, conv, norm, hidden, hidden, 3, stride, groups=hidden)
         self.project, self.project_bn = f"conv_{i + 1}", f"conv_{i + 2}"
-        setattr(self, self.project, c.conv_layer(hidden, oup, 1, rngs=rngs))
-        setattr(self, self.project_bn, c.batch_norm(oup, rngs=rngs))
+        setattr(self, self.project, conv(in_features=hidden, out_features=oup, kernel_size=(1, 1), padding=0))
+        setattr(self, self.project_bn, norm(oup))
         self.residual = stride == 1 and inp == oup
 
     def __call__(self, x, temperature=None):
@@ -63,27 +66,27 @@ class MobileNetV2(nnx.Module):
     def __init__(self, width_mult: float = 1.0, *, conv: str = "static", num_experts: int = 4,
                  num_classes: int = 1000, stem: str = "imagenet", dropout: float = 0.2,
                  reduction: Optional[float] = None, in_channels: int = 3,
-                 conv_options: Optional[Mapping[str, Any]] = None, strategy: str = "auto", dtype: Any = None,
-                 param_dtype: Any = jnp.float32, precision: Any = None, rngs: nnx.Rngs):
+                 conv_options: Optional[Mapping[str, Any]] = None, strategy: str = "auto",
+                 dtype: Optional[Dtype] = None, param_dtype: Dtype = jnp.float32, precision: PrecisionLike = None,
+                 rngs: nnx.Rngs):
         check_width_mult(width_mult)
-        options = check_args("MobileNetV2", conv, num_experts, reduction, conv_options, stem, dropout, num_classes)
-        c = ConvConfig(conv, num_experts, reduction, strategy, options, dtype, param_dtype, precision)
+        defs = module_defs("MobileNetV2", conv=conv, num_experts=num_experts, reduction=reduction,
+                           conv_options=conv_options, stem=stem, dropout=dropout, num_classes=num_classes,
+                           strategy=strategy, dtype=dtype, param_dtype=param_dtype, precision=precision, rngs=rngs)
         self.in_channels = in_channels
         channels, stem_stride, stages, last_channel = stage_settings(width_mult, stem)
-        _add_conv_bn(self, "features_0", c.static_conv(in_channels, channels, 3, stem_stride, rngs=rngs),
-                     c.batch_norm(channels, rngs=rngs))
+        _add_conv_bn(self, "features_0", defs.static_conv, defs.norm, in_channels, channels, 3, stem_stride)
         index = 1
         for t, out, n, s in stages:
             for j in range(n):
                 setattr(self, f"features_{index}",
-                        InvertedResidual(channels, out, s if j == 0 else 1, t, c, rngs=rngs))
+                        InvertedResidual(channels, out, s if j == 0 else 1, t, conv=defs.conv, norm=defs.norm))
                 channels = out
                 index += 1
         self.num_blocks = index - 1
-        _add_conv_bn(self, f"features_{index}", c.conv_layer(channels, last_channel, 1, rngs=rngs),
-                     c.batch_norm(last_channel, rngs=rngs))
+        _add_conv_bn(self, f"features_{index}", defs.conv, defs.norm, channels, last_channel, 1)
         self.dropout = nnx.Dropout(dropout, rngs=rngs if dropout > 0 else None)
-        self.classifier_1 = c.dense(last_channel, num_classes, rngs=rngs)
+        self.classifier_1 = defs.classifier(last_channel, num_classes)
 
     def __call__(self, x, temperature=None):
         """``x [B, H, W, in_channels]`` → logits ``[B, num_classes]``; ``temperature`` goes to every dynamic layer."""
@@ -92,7 +95,7 @@ class MobileNetV2(nnx.Module):
         for index in range(1, self.num_blocks + 1):
             x = getattr(self, f"features_{index}")(x, temperature)
         x = _conv_bn_relu6(self, f"features_{self.num_blocks + 1}", x, temperature)
-        x = jnp.mean(x, axis=(1, 2))
+        x = jnp.mean(x, axis=(1, 2))  # [B, C]
         return self.classifier_1(self.dropout(x))
 
 

@@ -7,72 +7,83 @@ inference by ``model.train()`` / ``model.eval()`` (a new model is in training mo
 """
 from __future__ import annotations
 
-from typing import Any, Mapping, Optional, Sequence
+from typing import Any, ClassVar, Mapping, Optional, Sequence
 
 import jax.numpy as jnp
 from flax import nnx
+from flax.typing import Dtype, PrecisionLike
 
-from dynconv_jax.models._conv import check_args, check_input
-from dynconv_jax.nnx.models._conv import ConvConfig, apply_conv
+from dynconv_jax.models._conv import ModuleDef, check_input
+from dynconv_jax.nnx.models._conv import apply_conv, module_defs
 from dynconv_jax.nnx.models._registry import register_model
 from dynconv_spec import RESNET_ARCHS, check_resnet_args, stage_blocks
 from dynconv_spec.registry import odconv_model_args
 
 
-class BasicBlock(nnx.Module):
-    """Two 3×3 convolutions (``conv1`` carries the stride) and an identity or 1×1 shortcut."""
+class ResidualBlock(nnx.Module):
+    """The shortcut of :class:`BasicBlock` and :class:`Bottleneck`: identity, or the static
+    ``downsample_0`` 1×1 conv + ``downsample_1`` BatchNorm."""
 
-    expansion = 1
+    expansion: ClassVar[int] = 1
 
-    def __init__(self, inplanes: int, planes: int, stride: int, downsample: bool, config: ConvConfig, *,
-                 rngs: nnx.Rngs):
-        c = config
-        self.conv1 = c.conv_layer(inplanes, planes, 3, stride, rngs=rngs)
-        self.bn1 = c.batch_norm(planes, rngs=rngs)
-        self.conv2 = c.conv_layer(planes, planes, 3, rngs=rngs)
-        self.bn2 = c.batch_norm(planes, rngs=rngs)
-        _add_shortcut(self, c, inplanes, planes * self.expansion, stride, downsample, rngs)
+    def init_shortcut(self, inplanes: int, planes: int, stride: int, downsample: bool, *, static_conv: ModuleDef,
+                      norm: ModuleDef) -> None:
+        """Create the shortcut (after the block's convolutions, the Linen and PyTorch order)."""
+        self.has_downsample = downsample
+        if downsample:
+            features = planes * self.expansion
+            self.downsample_0 = static_conv(in_features=inplanes, out_features=features, kernel_size=(1, 1),
+                                            strides=stride, padding=0)
+            self.downsample_1 = norm(features)
+
+    def shortcut(self, x):
+        return self.downsample_1(self.downsample_0(x)) if self.has_downsample else x
+
+
+class BasicBlock(ResidualBlock):
+    """Two 3×3 convolutions (``conv1`` carries the stride) and an identity or 1×1 shortcut.
+
+    Arguments as the Linen :class:`dynconv_jax.models.resnet.BasicBlock` (``inplanes``: input channels),
+    the module definitions of :func:`dynconv_jax.nnx.models._conv.module_defs`.
+    """
+
+    expansion: ClassVar[int] = 1
+
+    def __init__(self, inplanes: int, planes: int, stride: int, downsample: bool, *, conv: ModuleDef,
+                 static_conv: ModuleDef, norm: ModuleDef):
+        self.conv1 = conv(in_features=inplanes, out_features=planes, kernel_size=(3, 3), strides=stride, padding=1)
+        self.bn1 = norm(planes)
+        self.conv2 = conv(in_features=planes, out_features=planes, kernel_size=(3, 3), padding=1)
+        self.bn2 = norm(planes)
+        self.init_shortcut(inplanes, planes, stride, downsample, static_conv=static_conv, norm=norm)
 
     def __call__(self, x, temperature=None):
         out = nnx.relu(self.bn1(apply_conv(self.conv1, x, temperature)))
         out = self.bn2(apply_conv(self.conv2, out, temperature))
-        return nnx.relu(out + _shortcut(self, x))
+        return nnx.relu(out + self.shortcut(x))
 
 
-class Bottleneck(nnx.Module):
-    """1×1 reduce, 3×3 (carries the stride, torchvision's "ResNet v1.5"), 1×1 expand ×4."""
+class Bottleneck(ResidualBlock):
+    """1×1 reduce, 3×3 (carries the stride, torchvision's "ResNet v1.5"), 1×1 expand ×4 (arguments as
+    :class:`BasicBlock`)."""
 
-    expansion = 4
+    expansion: ClassVar[int] = 4
 
-    def __init__(self, inplanes: int, planes: int, stride: int, downsample: bool, config: ConvConfig, *,
-                 rngs: nnx.Rngs):
-        c = config
-        self.conv1 = c.conv_layer(inplanes, planes, 1, rngs=rngs)
-        self.bn1 = c.batch_norm(planes, rngs=rngs)
-        self.conv2 = c.conv_layer(planes, planes, 3, stride, rngs=rngs)
-        self.bn2 = c.batch_norm(planes, rngs=rngs)
-        self.conv3 = c.conv_layer(planes, planes * self.expansion, 1, rngs=rngs)
-        self.bn3 = c.batch_norm(planes * self.expansion, rngs=rngs)
-        _add_shortcut(self, c, inplanes, planes * self.expansion, stride, downsample, rngs)
+    def __init__(self, inplanes: int, planes: int, stride: int, downsample: bool, *, conv: ModuleDef,
+                 static_conv: ModuleDef, norm: ModuleDef):
+        self.conv1 = conv(in_features=inplanes, out_features=planes, kernel_size=(1, 1), padding=0)
+        self.bn1 = norm(planes)
+        self.conv2 = conv(in_features=planes, out_features=planes, kernel_size=(3, 3), strides=stride, padding=1)
+        self.bn2 = norm(planes)
+        self.conv3 = conv(in_features=planes, out_features=planes * self.expansion, kernel_size=(1, 1), padding=0)
+        self.bn3 = norm(planes * self.expansion)
+        self.init_shortcut(inplanes, planes, stride, downsample, static_conv=static_conv, norm=norm)
 
     def __call__(self, x, temperature=None):
         out = nnx.relu(self.bn1(apply_conv(self.conv1, x, temperature)))
         out = nnx.relu(self.bn2(apply_conv(self.conv2, out, temperature)))
         out = self.bn3(apply_conv(self.conv3, out, temperature))
-        return nnx.relu(out + _shortcut(self, x))
-
-
-def _add_shortcut(block: nnx.Module, c: ConvConfig, inplanes: int, features: int, stride: int, downsample: bool,
-                  rngs: nnx.Rngs) -> None:
-    """The static ``downsample_0`` 1×1 conv + ``downsample_1`` BatchNorm, if the block downsamples."""
-    block.has_downsample = downsample
-    if downsample:
-        block.downsample_0 = c.static_conv(inplanes, features, 1, stride, rngs=rngs)
-        block.downsample_1 = c.batch_norm(features, rngs=rngs)
-
-
-def _shortcut(block: nnx.Module, x):
-    return block.downsample_1(block.downsample_0(x)) if block.has_downsample else x
+        return nnx.relu(out + self.shortcut(x))
 
 
 BLOCKS = {"basic": BasicBlock, "bottleneck": Bottleneck}
@@ -85,25 +96,32 @@ class ResNet(nnx.Module):
     def __init__(self, block: str = "basic", layers: Sequence[int] = (2, 2, 2, 2), *, conv: str = "static",
                  num_experts: int = 4, num_classes: int = 1000, stem: str = "imagenet", base_width: int = 64,
                  dropout: float = 0.1, reduction: Optional[float] = None, in_channels: int = 3,
-                 conv_options: Optional[Mapping[str, Any]] = None, strategy: str = "auto", dtype: Any = None,
-                 param_dtype: Any = jnp.float32, precision: Any = None, rngs: nnx.Rngs):
+                 conv_options: Optional[Mapping[str, Any]] = None, strategy: str = "auto",
+                 dtype: Optional[Dtype] = None, param_dtype: Dtype = jnp.float32, precision: PrecisionLike = None,
+                 rngs: nnx.Rngs):
         check_resnet_args(block, layers, base_width)
-        options = check_args("ResNet", conv, num_experts, reduction, conv_options, stem, dropout, num_classes)
-        c = ConvConfig(conv, num_experts, reduction, strategy, options, dtype, param_dtype, precision)
+        defs = module_defs("ResNet", conv=conv, num_experts=num_experts, reduction=reduction,
+                           conv_options=conv_options, stem=stem, dropout=dropout, num_classes=num_classes,
+                           strategy=strategy, dtype=dtype, param_dtype=param_dtype, precision=precision, rngs=rngs)
         self.in_channels = in_channels
         self.stem = stem
-        self.conv1 = c.static_conv(in_channels, base_width, 7 if stem == "imagenet" else 3,
-                                   2 if stem == "imagenet" else 1, rngs=rngs)
-        self.bn1 = c.batch_norm(base_width, rngs=rngs)
+        if stem == "imagenet":
+            self.conv1 = defs.static_conv(in_features=in_channels, out_features=base_width, kernel_size=(7, 7),
+                                          strides=2, padding=3)
+        else:
+            self.conv1 = defs.static_conv(in_features=in_channels, out_features=base_width, kernel_size=(3, 3),
+                                          padding=1)
+        self.bn1 = defs.norm(base_width)
         block_cls = BLOCKS[block]
         self.block_names = []
         for i, j, inplanes, planes, stride, downsample in stage_blocks(layers, base_width, block_cls.expansion):
             name = f"layer{i + 1}_{j}"
-            setattr(self, name, block_cls(inplanes, planes, stride, downsample, c, rngs=rngs))
+            setattr(self, name, block_cls(inplanes, planes, stride, downsample, conv=defs.conv,
+                                          static_conv=defs.static_conv, norm=defs.norm))
             self.block_names.append(name)
         self.block_names = tuple(self.block_names)
         self.dropout = nnx.Dropout(dropout, rngs=rngs if dropout > 0 else None)
-        self.fc = c.dense(base_width * 8 * block_cls.expansion, num_classes, rngs=rngs)
+        self.fc = defs.classifier(base_width * 8 * block_cls.expansion, num_classes)
 
     def __call__(self, x, temperature=None):
         """``x [B, H, W, in_channels]`` → logits ``[B, num_classes]``; ``temperature`` goes to every dynamic layer."""
@@ -113,7 +131,7 @@ class ResNet(nnx.Module):
             x = nnx.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
         for name in self.block_names:
             x = getattr(self, name)(x, temperature)
-        x = jnp.mean(x, axis=(1, 2))
+        x = jnp.mean(x, axis=(1, 2))  # [B, C]
         return self.fc(self.dropout(x))
 
 
