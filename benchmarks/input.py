@@ -20,12 +20,13 @@ from .timing import markdown_table
 DATA_ROOT = os.environ.get("DYNCONV_BENCH_DATA", "/tmp/dynconv_input_bench")
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 IMAGE_SIZE, BATCH, RSS_STEPS = 224, 32, 100
+TRAIN_IMAGE_SIZE = 64  # the training run's crops: a 224-px step of even this small ResNet takes seconds on 2 CPU cores
 THROUGHPUT_SIDES = (350, 400)  # random sides per image: mean ~375x375 px, the area of the usual ~400x350
 RSS_SIDES = (64, 400)
 # The training run of the RSS and data-wait measurements: a ResNet-18 at 1/8 width with static convolutions
 # (the input pipeline does not depend on the conv type; a dynamic one only makes the step slower).
 TRAIN_FLAGS = ["--base_width=8", "--conv=static", "--data_workers=2", f"--batch_size={BATCH}",
-               f"--image_size={IMAGE_SIZE}", "--export=false", "--tensorboard=false", "--progress=false"]
+               "--export=false", "--tensorboard=false", "--progress=false"]
 # One run in a fresh process (argv: data dir, 'pipeline' or 'train', workdir): prints a JSON line with its
 # own peak RSS and the largest of its (waited-for) children's, i.e. the grain workers, in MiB.
 _RSS_RUN = """
@@ -33,8 +34,9 @@ import json, resource, sys
 from train import data
 from train.config import parse_args
 root, kind, workdir, flags = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4:]
+size = "--image_size=" + ("IMAGE_SIZE" if kind == "pipeline" else "TRAIN_IMAGE_SIZE")
 config = parse_args(["--dataset=imagefolder", "--data_dir=" + root, f"--num_steps={RSS_STEPS}",
-                     "--workdir=" + workdir, f"--log_every_steps={RSS_STEPS}", *flags])
+                     "--workdir=" + workdir, f"--log_every_steps={RSS_STEPS}", size, *flags])
 out = {}
 if kind == "pipeline":
     pipeline = data.Pipeline(data.load_dataset(config), config.batch_size, 0, config.data_workers)
@@ -49,7 +51,8 @@ else:
 out["main_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 out["largest_child_mib"] = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
 print(json.dumps(out))
-""".replace("RSS_STEPS", str(RSS_STEPS))
+""".replace("RSS_STEPS", str(RSS_STEPS)).replace("TRAIN_IMAGE_SIZE", str(TRAIN_IMAGE_SIZE)).replace(
+    "IMAGE_SIZE", str(IMAGE_SIZE))
 
 
 def make_folder(num_train: int, sides, num_test: int = 100) -> str:
@@ -126,31 +129,41 @@ def run(quick: bool = False, repeats: int = 1, **_):
         for n, root in roots.items():
             rss[n][kind] = peak_rss(root, kind)
             print(f"{kind} run, {n} images: {rss[n][kind]}", flush=True)
-    small, large = sizes
+    return report(raw, rates, steps, rss, load_before, os.getloadavg())
+
+
+def report(raw: float, rates: dict, steps: int, rss: dict, load_before, load_after):
+    """The JSON payload and Markdown of :func:`run`'s measurements."""
+    small, large = sorted(rss)
     growth = {kind: rss[large][kind]["main_mib"] - rss[small][kind]["main_mib"]
               + rss[large][kind]["largest_child_mib"] - rss[small][kind]["largest_child_mib"]
               for kind in ("pipeline", "train")}
-    load_after = os.getloadavg()
     payload = {"image_size": IMAGE_SIZE, "batch": BATCH, "throughput_jpeg_sides": THROUGHPUT_SIDES,
-               "rss_jpeg_sides": RSS_SIDES, "raw_decode_resize_per_s": raw,
+               "throughput_batches": steps, "rss_jpeg_sides": RSS_SIDES, "raw_decode_resize_per_s": raw,
                "pipeline_per_s": {str(w): r for w, r in rates.items()}, "rss_steps": RSS_STEPS,
-               "train_flags": TRAIN_FLAGS, "peak_rss": {str(n): v for n, v in rss.items()},
+               "train_flags": TRAIN_FLAGS + [f"--image_size={TRAIN_IMAGE_SIZE}"],
+               "peak_rss": {str(n): v for n, v in rss.items()},
                "rss_growth_mib": growth, "load_average_1_5_15": {"before": load_before, "after": load_after}}
-    rows = [["raw PIL decode + resize, 1 process", f"{raw:.0f}", "1.00×"]]
-    rows += [[f"pipeline, {w} worker(s)", f"{r:.0f}", f"{r / raw:.2f}×"] for w, r in rates.items()]
-    rss_rows = [[str(n), kind, f"{v[kind]['main_mib']:.0f}", f"{v[kind]['largest_child_mib']:.0f}",
+    rows = [["raw PIL decode + resize, 1 process", f"{raw:.1f}", "1.00×"]]
+    rows += [[f"pipeline, {w} worker(s)", f"{r:.1f}", f"{r / raw:.2f}×"] for w, r in rates.items()]
+    rss_rows = [[f"{n:,}", kind, f"{v[kind]['main_mib']:.0f}", f"{v[kind]['largest_child_mib']:.0f}",
                  f"{100 * v[kind]['data_wait_fraction']:.1f} % of {v[kind]['seconds']} s" if kind == "train" else "–"]
-                for n, v in rss.items() for kind in ("pipeline", "train")]
+                for n, v in sorted(rss.items()) for kind in ("pipeline", "train")]
     markdown = (f"Load average (1/5/15 min) {'/'.join(f'{x:.1f}' for x in load_before)} before, "
                 f"{'/'.join(f'{x:.1f}' for x in load_after)} after: other jobs shared the machine.\n\n"
                 f"Images/s, {IMAGE_SIZE}-px ImageNet-style training preprocessing (random-resized crop + flip) of "
                 f"{THROUGHPUT_SIDES[0]}–{THROUGHPUT_SIDES[1]} px JPEGs, batch {BATCH}, {steps} batches:\n\n"
                 + markdown_table(["what", "images/s", "vs raw"], rows)
                 + f"\n\nPeak RSS (MiB) of the same {RSS_STEPS}-step run on folders of {RSS_SIDES[0]}–{RSS_SIDES[1]} px "
-                  f"JPEGs, 2 workers: the pipeline alone, and training (`{' '.join(TRAIN_FLAGS)}`):\n\n"
+                  f"JPEGs, 2 workers: the pipeline alone ({IMAGE_SIZE}-px crops), and training "
+                  f"(`{' '.join(TRAIN_FLAGS)} --image_size={TRAIN_IMAGE_SIZE}`):\n\n"
                 + markdown_table(["training images", "run", "main process", "largest child (worker)", "data wait"],
                                  rss_rows)
                 + f"\n\nGrowth from {small:,} to {large:,} images (main + largest child): "
-                  + ", ".join(f"{kind} {g:+.0f} MiB" for kind, g in growth.items()) + ".")
+                  + ", ".join(f"{kind} {g:+.0f} MiB" for kind, g in growth.items())
+                + ". A child's peak RSS counts the pages it shares with the process it was forked from (Linux "
+                  "starts a forked child's high-water mark at the parent's): the training run's workers, some "
+                  "forked after compilation (the eval iterator's), report about the main process's size, an upper "
+                  "bound of their own; the data wait share is of the whole run, compilation included.")
     print(json.dumps(payload, indent=1))
     return payload, markdown
