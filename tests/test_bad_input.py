@@ -401,8 +401,10 @@ def test_quarantine_with_several_processes(tmp_path, monkeypatch, process_index)
     assert barriers == [("dynconv-quarantine-2-checked", ["1", "2"]), ("dynconv-quarantine-2-moved", moved_by_me)]
 
 
-def test_write_failure_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
-    """Disk full simulated by fault injection: the commit step of Orbax's atomic write raises ENOSPC."""
+@pytest.mark.parametrize("asynchronous", [False, True])
+def test_write_failure_keeps_the_previous_checkpoint(tmp_path, monkeypatch, asynchronous):
+    """Disk full simulated by fault injection: the commit step of Orbax's atomic write raises ENOSPC (in the
+    background thread when asynchronous: raised by the next wait)."""
     from orbax.checkpoint._src.path import atomicity
     from train.checkpoint import Checkpointer, CheckpointWriteError
     _saved(tmp_path, steps=(1,))
@@ -411,15 +413,20 @@ def test_write_failure_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(atomicity.AtomicRenameTemporaryPath, "finalize", disk_full)
-    ckpt = Checkpointer(str(tmp_path), 3)
+    ckpt = Checkpointer(str(tmp_path), 3, asynchronous=asynchronous)
     with pytest.raises(CheckpointWriteError, match=r"could not write the checkpoint of step 2 .*\(disk full\).*No space "
                                                    r"left on device.*the earlier checkpoints \(\[1\]\) are untouched"):
         ckpt.save(2, _state(2), {"running": {}})
+        ckpt.wait()  # asynchronous: the background failure is raised here
+    if asynchronous:  # or described by the loop's error messages ("Last good checkpoint: ...")
+        ckpt.save(2, _state(2), {"running": {}})
+        assert re.match(r"step 1 in .* \(could not write the checkpoint of step 2 .*\(disk full\)", ckpt.last_good())
     monkeypatch.undo()
     assert os.listdir(tmp_path / "checkpoints") == ["1"]  # the temporary directory was removed
     assert ckpt.restore_latest(_target())[0] == 1
     ckpt.save(2, _state(2), {"running": {}})  # the next write works
-    assert ckpt.all_steps() == [1, 2]
+    ckpt.wait()
+    assert ckpt.all_steps() == [1, 2] and ckpt.latest_committed == 2
     ckpt.close()
 
 
@@ -430,10 +437,11 @@ def state(s):
     return {"step": np.int32(s), "params": {"w": np.random.default_rng(s).normal(size=40_000).astype(np.float32)}}
 
 target = {"step": 0, "params": {"w": np.zeros(40_000, np.float32)}}
-c = Checkpointer(sys.argv[1], 3)
+c = Checkpointer(sys.argv[1], 3, asynchronous=True)  # as the training loop writes
 c.save(1, state(1), {})
 try:
-    c.save(2, state(2), {})
+    c.save(2, state(2), {})  # waits for step 1's write
+    c.wait()
     print("SAVED 2 (the file system was not full)")
 except CheckpointWriteError as error:
     print("WRITE ERROR", error)

@@ -164,24 +164,52 @@ def test_tfds_sources_mock_data(tmp_path):
             data.load_dataset(parse_args(["--dataset=imdb_reviews"]))
 
 
+# Trains every preset for 2 steps in one process (argv: workdir root, then one JSON list of argument lists):
+# prints one JSON line {preset: [steps, eval loss]}.
+_PRESET_RUNS = """
+import json, sys
+import tensorflow_datasets as tfds
+from train.config import parse_args
+from train.loop import train_and_evaluate
+results = {}
+for args in json.loads(sys.argv[1]):
+    config = parse_args(args)
+    with tfds.testing.mock_data(num_examples=8):
+        result = train_and_evaluate(config)
+    results[args[0]] = [result["steps"], result["eval_loss"]]
+print(json.dumps(results))
+"""
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("name", sorted(__import__("train.presets").presets.PRESETS))
-def test_presets_run_two_steps(tmp_path, name):
+def test_presets_run_two_steps(tmp_path):
     """Every preset of train/presets.py trains 2 steps on tfds.testing.mock_data: its data, preprocessing,
     model architecture, optimiser and schedules, at a tiny width (base width 2, width multiplier 0.1, 32-px
     crops) and with static convolutions: compiling the dynamic layers of 5 networks costs minutes of CPU
-    (the dynamic layers are trained by test_train.py and the models' tests)."""
-    import tensorflow_datasets as tfds
-    from train.loop import train_and_evaluate
-    size = "--image_size=32" if "imagenet" in name else "--image_size=none"
-    preset = parse_args([f"--config={name}"])
-    config = parse_args([f"--config={name}", *TINY, "--num_steps=2", "--batch_size=4", "--data_workers=0",
-                         "--width_mult=0.1", size, "--conv=static", f"--workdir={tmp_path / name}"])
-    assert config.model in name.replace("mobilenetv2", "mobilenet_v2") and config.base_width == 2
-    assert preset.conv == ("dynamic" if name.startswith("dycnn") else "odconv") and preset.num_experts == 4
-    with tfds.testing.mock_data(num_examples=8):
-        result = train_and_evaluate(config)
-    assert result["steps"] == 2 and np.isfinite(result["eval_loss"])
+    (the dynamic layers are trained by test_train.py and the models' tests). All presets run in one
+    subprocess whose XLA:CPU backend compiles at LLVM optimisation level 0: compiling the 5 networks is
+    nearly all of this test's time, and what it proves (each recipe runs and gives a finite loss) does not
+    depend on the rounding of the generated code."""
+    import json
+    import subprocess
+    import sys
+    from train.presets import PRESETS
+    runs = []
+    for name in sorted(PRESETS):
+        size = "--image_size=32" if "imagenet" in name else "--image_size=none"
+        args = [f"--config={name}", *TINY, "--num_steps=2", "--batch_size=4", "--data_workers=0", "--width_mult=0.1",
+                size, "--conv=static", f"--workdir={tmp_path / name}"]
+        preset, config = parse_args([f"--config={name}"]), parse_args(args)
+        assert config.model in name.replace("mobilenetv2", "mobilenet_v2") and config.base_width == 2
+        assert preset.conv == ("dynamic" if name.startswith("dycnn") else "odconv") and preset.num_experts == 4
+        runs.append(args)
+    env = {**os.environ, "XLA_FLAGS": os.environ.get("XLA_FLAGS", "") + " --xla_backend_optimization_level=0"}
+    out = subprocess.run([sys.executable, "-c", _PRESET_RUNS, json.dumps(runs)], env=env, capture_output=True,
+                         text=True, timeout=1200, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    results = json.loads(out.stdout.strip().splitlines()[-1])
+    assert sorted(results) == [f"--config={name}" for name in sorted(PRESETS)]
+    assert all(steps == 2 and np.isfinite(loss) for steps, loss in results.values()), results
 
 
 def test_step_schedule_and_preset_overrides():

@@ -126,22 +126,24 @@ def test_corrupt_checkpoint_falls_back(tmp_path, capfd):
 
 def test_kill_and_resume_is_bit_identical(tmp_path):
     """On an image folder with a truncated JPEG, decoded by 2 grain worker processes: the data iterator's
-    state is in the checkpoints, the unreadable file is skipped (and counted) again after the resume."""
+    state is in the (asynchronously written) checkpoints, the unreadable file is skipped (and counted) again
+    after the resume."""
     from train.make_imagefolder import write_image_folder
     total = 10
     data_dir = tmp_path / "folder"
     write_image_folder(str(data_dir), {"train": 64, "test": 16}, num_classes=4, min_size=20, max_size=40)
     bad = data_dir / "train" / "class_002" / "train_000014.jpg"  # a JPEG mid-epoch (record 35 of 64)
     bad.write_bytes(bad.read_bytes()[:len(bad.read_bytes()) // 3])
-    args = TINY + [f"--num_steps={total}", "--checkpoint_every_steps=3", "--dataset=imagefolder",
+    args = TINY + [f"--num_steps={total}", "--checkpoint_every_steps=2", "--dataset=imagefolder",
                    f"--data_dir={data_dir}", "--image_size=16", "--data_workers=2"]
     cache = compile_cache_env(tmp_path / "jax_cache")
     ref = run_cli(args + [f"--workdir={tmp_path / 'ref'}"], env=cache)
     out, _ = ref.communicate(timeout=900)
     assert ref.returncode == 0, out
-    # Killed right after step 4..8 is logged: a checkpoint (step 3 or 6) exists by then. Steps 2 and 3
-    # come before the first checkpoint is written, so --resume would rightly start from scratch.
-    kill_at = random.Random().randint(4, total - 2)
+    # Killed right after step 5..8 is logged: checkpoints are written in the background, one at a time, so
+    # by then the write of step 2 has finished (the save at step 4 waited for it) and the one of step 4, 6
+    # or 8 may be in flight. Before that, --resume could rightly start from scratch.
+    kill_at = random.Random().randint(5, total - 2)
     proc = run_cli(args + [f"--workdir={tmp_path / 'killed'}"], env=cache)
     for line in proc.stdout:
         if line.startswith(f"step {kill_at}/"):

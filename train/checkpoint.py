@@ -4,10 +4,17 @@ Each checkpoint step directory holds two items: ``state`` (the train state as a 
 dict: step, params, batch_stats, opt_state) and ``meta`` (JSON: the SHA-256 of every
 array of ``state`` plus whatever the loop needs to resume exactly, e.g. the running
 epoch metrics), and a third, ``data``, when the loop passes its grain data iterator: one
-JSON file of iterator state per process (grain's Orbax handler). Saving is synchronous and atomic (Orbax writes a temporary directory and
-renames it), so a run killed at any moment leaves only complete checkpoints or ignored
-temporaries; a write that fails (e.g. disk full) raises :class:`CheckpointWriteError`,
-removes its temporary directory and leaves the earlier checkpoints as they were.
+JSON file of iterator state per process (grain's Orbax handler). Saving is atomic (Orbax writes a
+temporary directory and renames it), so a run killed at any moment leaves only complete checkpoints or
+ignored temporaries; a write that fails (e.g. disk full) raises :class:`CheckpointWriteError`, removes its
+temporary directory and leaves the earlier checkpoints as they were.
+
+``Checkpointer(..., asynchronous=True)`` (what the training loop uses) returns from :meth:`Checkpointer.save`
+once the state is copied to host memory, checked for NaN/Inf and checksummed and the data iterator's state
+is written; the arrays are written and committed by Orbax's background thread while training goes on. One
+write at a time: the next :meth:`~Checkpointer.save`, :meth:`~Checkpointer.wait` and
+:meth:`~Checkpointer.close` wait for it, and a failure of the background write is raised there as
+:class:`CheckpointWriteError` naming its step.
 
 :meth:`Checkpointer.restore_latest` tries the newest checkpoint first and tells three
 failures apart (docs/reliability.md):
@@ -128,13 +135,15 @@ class Checkpointer:
 
     ``read_only=True`` (tools that only read a run: ``train.plot_attention``) creates,
     moves and deletes nothing in the workdir, and skips a damaged checkpoint in place.
+    ``asynchronous=True`` writes in the background (module doc).
     """
 
-    def __init__(self, workdir: str, keep: int, read_only: bool = False):
+    def __init__(self, workdir: str, keep: int, read_only: bool = False, asynchronous: bool = False):
         self.directory = os.path.abspath(os.path.join(workdir, "checkpoints"))
         self.corrupt_directory = os.path.abspath(os.path.join(workdir, "corrupt_checkpoints"))
-        self.read_only = read_only
+        self.read_only, self.asynchronous = read_only, asynchronous
         self.manager = None
+        self._pending: Optional[int] = None  # the step whose write may still run in the background
         # Handlers registered up front: a fresh manager then also reads the array metadata.
         import grain
 
@@ -146,7 +155,8 @@ class Checkpointer:
                                                        max_to_keep=None, cleanup_tmp_directories=False)
                 self.manager = ocp.CheckpointManager(self.directory, options=options, item_handlers=handlers)
         else:
-            options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True, enable_async_checkpointing=False,
+            options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
+                                                   enable_async_checkpointing=asynchronous,
                                                    cleanup_tmp_directories=True)
             self.manager = ocp.CheckpointManager(self.directory, options=options, item_handlers=handlers)
 
@@ -162,14 +172,18 @@ class Checkpointer:
 
     def save(self, step: int, state, meta: Dict[str, Any], data_iterator=None) -> None:
         """Write ``state`` (a flax struct / pytree) and the state of ``data_iterator`` (a grain
-        iterator, if given) at ``step``; refuse NaN/Inf.
+        iterator, if given) at ``step``; refuse NaN/Inf. Asynchronous: returns once the write is
+        started (the previous one finished first).
 
-        Raises :class:`CheckpointWriteError` (the earlier checkpoints untouched) when the
-        write fails, e.g. on a full disk.
+        Raises :class:`CheckpointWriteError` (the earlier checkpoints untouched) when the write
+        fails, e.g. on a full disk; asynchronous, a background failure is raised by the next call
+        of :meth:`save`, :meth:`wait` or :meth:`close`, naming the step it belongs to.
         """
         if self.read_only:
             raise CheckpointError(f"{self.directory} was opened read-only")
-        # Own copies: on CPU device_get may alias device buffers that the next (donating) step reuses.
+        self.wait()
+        # Own copies: on CPU device_get may alias device buffers that the next (donating) step reuses;
+        # the background write reads these while training goes on.
         host_state = jax.tree.map(lambda x: np.array(x, copy=True), jax.device_get(serialization.to_state_dict(state)))
         bad = nonfinite_leaves(host_state)
         if bad:
@@ -180,18 +194,53 @@ class Checkpointer:
         if data_iterator is not None:
             import grain
 
+            # grain's handler is synchronous: the iterator's state is written before save() returns.
             items["data"] = grain.checkpoint.CheckpointSave(data_iterator)
+        self._pending = step
         try:
             self.manager.save(step, args=ocp.args.Composite(**items), force=True)
+        except Exception as error:
+            self._pending = None
+            self._write_failed(step, error)
+        if not self.asynchronous:
+            self.wait()
+
+    def wait(self) -> None:
+        """Block until the write in flight (if any) is committed; :class:`CheckpointWriteError` if it failed."""
+        step, self._pending = self._pending, None
+        if step is None:
+            return
+        try:
             self.manager.wait_until_finished()
         except Exception as error:  # OSError, or tensorstore's ValueError wrapping one (ENOSPC, EDQUOT, ...)
-            self._remove_partial(step)
-            earlier = [s for s in self.all_steps() if s != step]
-            disk_full = getattr(error, "errno", None) == errno.ENOSPC or "No space left on device" in str(error)
-            raise CheckpointWriteError(
-                f"could not write the checkpoint of step {step} to {self.directory}"
-                f"{' (disk full)' if disk_full else ''} ({type(error).__name__}: {_shorten(str(error))}); the earlier "
-                f"checkpoints ({earlier or 'none'}) are untouched") from error
+            self._write_failed(step, error)
+
+    @property
+    def latest_committed(self) -> Optional[int]:
+        """The newest step on disk (not the one whose write is in flight), or None."""
+        steps = [s for s in self.all_steps() if s != self._pending]
+        return steps[-1] if steps else None
+
+    def last_good(self) -> str:
+        """``'step N in DIR'`` (or ``'none in DIR'``) once the write in flight is done, for error messages:
+        a failure of that write is described, not raised."""
+        failure = ""
+        try:
+            self.wait()
+        except CheckpointWriteError as error:
+            failure = f" ({error})"
+        step = self.latest_committed
+        return f"{'none' if step is None else f'step {step}'} in {self.directory}{failure}"
+
+    def _write_failed(self, step: int, error: Exception) -> None:
+        """Clean up after the failed write of ``step`` and raise :class:`CheckpointWriteError`."""
+        self._remove_partial(step)
+        earlier = [s for s in self.all_steps() if s != step]
+        disk_full = getattr(error, "errno", None) == errno.ENOSPC or "No space left on device" in str(error)
+        raise CheckpointWriteError(
+            f"could not write the checkpoint of step {step} to {self.directory}"
+            f"{' (disk full)' if disk_full else ''} ({type(error).__name__}: {_shorten(str(error))}); the earlier "
+            f"checkpoints ({earlier or 'none'}) are untouched") from error
 
     def _remove_partial(self, step: int) -> None:
         """Delete what a failed save of ``step`` left: Orbax temporaries (never a committed checkpoint)."""
@@ -319,5 +368,9 @@ class Checkpointer:
         return target
 
     def close(self) -> None:
-        if self.manager is not None:
-            self.manager.close()
+        """Wait for the write in flight (:class:`CheckpointWriteError` if it failed), then release Orbax."""
+        try:
+            self.wait()
+        finally:
+            if self.manager is not None:
+                self.manager.close()

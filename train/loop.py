@@ -49,6 +49,13 @@ def _check_resumable(workdir: str, config: Config) -> None:
                          f"({'; '.join(diff)}); an exact resume needs the same configuration")
 
 
+def _checkpoint_failure(error: Exception, checkpointer: ckpt_lib.Checkpointer) -> Exception:
+    """A failed write (:class:`~train.checkpoint.CheckpointWriteError`) or a refused NaN/Inf state
+    (:class:`TrainingDiverged`), naming the last good checkpoint."""
+    failure = type(error) if isinstance(error, ckpt_lib.CheckpointWriteError) else TrainingDiverged
+    return failure(f"{error}. Last good checkpoint: {checkpointer.last_good()}")
+
+
 def evaluate(p_eval_step, state, pipeline: data_lib.Pipeline, sharding, temperature) -> Dict[str, float]:
     """Loss and accuracy of ``state`` on the whole eval split (unreadable images are left out)."""
     totals = {"loss": 0.0, "correct": 0.0, "count": 0.0}
@@ -97,7 +104,8 @@ def train_and_evaluate(config: Config) -> Dict[str, Any]:
     dropout_key = jax.random.fold_in(jax.random.key(config.seed), 1)
     state = steps.create_train_state(init_key, model, dataset.image_shape, tx)
 
-    checkpointer = ckpt_lib.Checkpointer(workdir, config.keep_checkpoints)
+    # Asynchronous: a checkpoint's arrays are written while the next steps run (train/checkpoint.py).
+    checkpointer = ckpt_lib.Checkpointer(workdir, config.keep_checkpoints, asynchronous=True)
     existing = checkpointer.all_steps()
     if existing and not config.resume:
         raise UsageError(f"{workdir} already has checkpoints (steps {existing}); pass --resume to continue "
@@ -166,7 +174,6 @@ def train_and_evaluate(config: Config) -> Dict[str, Any]:
     log = bar.write if bar is not None else functools.partial(print, flush=True)
 
     t_start = t_epoch = time.time()
-    last_good = checkpointer.all_steps()[-1] if checkpointer.all_steps() else None
     eval_metrics = {"loss": math.nan, "accuracy": math.nan}
     data_wait = epoch_wait = 0.0  # seconds spent waiting for the next batch (total, this epoch)
     sums = parallel.replicate(steps.zero_metric_sums(), repl)
@@ -203,7 +210,7 @@ def train_and_evaluate(config: Config) -> Dict[str, Any]:
                     f"{window['nonfinite_grad_norm']}, lr {float(lr_schedule(bad)):.4g}); found at the check after "
                     f"step {done} (steps {done - int(window['steps']) + 1}-{done} checked together: every "
                     f"--log_every_steps, at epoch ends and before checkpoints); stopped. Last good checkpoint: "
-                    f"{'step ' + str(last_good) if last_good is not None else 'none'} in {checkpointer.directory}")
+                    f"{checkpointer.last_good()}")
             n = config.batch_size
             running["loss"] += window["loss"] * n
             running["accuracy"] += window["accuracy"] * n
@@ -226,8 +233,7 @@ def train_and_evaluate(config: Config) -> Dict[str, Any]:
                 if not math.isfinite(eval_metrics["loss"]):
                     raise TrainingDiverged(f"step {done}: eval loss (cross-entropy on {config.eval_split}) is "
                                            f"{eval_metrics['loss']}; stopped. Last good checkpoint: "
-                                           f"{'step ' + str(last_good) if last_good is not None else 'none'} "
-                                           f"in {checkpointer.directory}")
+                                           f"{checkpointer.last_good()}")
                 row = {"epoch": math.ceil(done / spe), "step": done,
                        "train_loss": running["loss"] / running["count"],
                        "train_accuracy": running["accuracy"] / running["count"],
@@ -245,11 +251,11 @@ def train_and_evaluate(config: Config) -> Dict[str, Any]:
                 try:
                     checkpointer.save(done, state, {"running": running, "skipped_images": skipped}, batches)
                 except ckpt_lib.CheckpointError as error:
-                    failure = type(error) if isinstance(error, ckpt_lib.CheckpointWriteError) else TrainingDiverged
-                    raise failure(f"{error}. Last good checkpoint: "
-                                           f"{'step ' + str(last_good) if last_good is not None else 'none'} "
-                                           f"in {checkpointer.directory}") from None
-                last_good = done
+                    raise _checkpoint_failure(error, checkpointer) from None
+        try:
+            checkpointer.wait()  # the last checkpoint is on disk before the run reports done
+        except ckpt_lib.CheckpointError as error:
+            raise _checkpoint_failure(error, checkpointer) from None
     finally:
         if hasattr(batches, "close"):
             batches.close()  # stops grain's worker processes
@@ -257,7 +263,7 @@ def train_and_evaluate(config: Config) -> Dict[str, Any]:
         if bar is not None:
             bar.close()
         writer.close()
-        checkpointer.close()
+        checkpointer.close()  # waits for a write in flight (also when the run stops with an error)
 
     elapsed = time.time() - t_start
     data_wait += epoch_wait
