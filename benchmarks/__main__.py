@@ -9,7 +9,7 @@ def main(argv=None):
     parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__)
     parser.add_argument("suite", choices=["strategies", "layers", "models", "serving", "input"],
                         help="strategies: per-sample conv strategies (JAX); layers: static vs dynamic layers, "
-                             "JAX vs PyTorch; models: ResNet-18 CIFAR training throughput; serving: inference "
+                             "JAX vs PyTorch; models: ResNet-18 and MobileNetV2 CIFAR training throughput and step memory; serving: inference "
                              "throughput of torch eager, ONNX Runtime, JAX jit and loaded StableHLO exports; "
                              "input: the grain input pipeline on generated JPEG folders (throughput, peak RSS, "
                              "data wait)")
@@ -20,7 +20,7 @@ def main(argv=None):
     parser.add_argument("--threads", type=int, default=None,
                         help="torch.set_num_threads (default: os.cpu_count(), what XLA:CPU uses)")
     parser.add_argument("--models", default=None,
-                        help="serving: comma-separated models (default: resnet18,mobilenet_v2)")
+                        help="models, serving: comma-separated models (default: resnet18,mobilenet_v2)")
     parser.add_argument("--formulations", action="store_true",
                         help="serving: only compare the two ONNX formulations on single dynamic layers")
     args = parser.parse_args(argv)
@@ -42,7 +42,7 @@ def main(argv=None):
         kwargs = {}
     else:
         from . import models as suite
-        kwargs = {"threads": args.threads}
+        kwargs = {"threads": args.threads, "models": args.models.split(",") if args.models else None}
     repeats = args.repeats or (3 if args.quick or args.suite == "models" else 5)
     payload, markdown = suite.run(quick=args.quick, repeats=repeats, **kwargs)
     env = environment()

@@ -1,8 +1,13 @@
-"""Whole-model training throughput (images/s): ResNet-18 CIFAR, static vs dynamic, JAX vs PyTorch.
+"""Whole-model training throughput (images/s) and step memory: static vs dynamic, JAX vs PyTorch.
 
-One training step = forward, cross-entropy, backward, SGD-momentum update (optax /
-torch.optim), on random 32x32x3 images, 10 classes. JAX jit-compiles the whole
-step (with ``batch_stats`` updates); PyTorch runs eager with the same thread count.
+Models: ResNet-18 and MobileNetV2, CIFAR stems, 32x32 random images, 10 classes. One
+training step = forward, cross-entropy, backward, SGD-momentum update (optax /
+torch.optim). JAX jit-compiles the whole step (with ``batch_stats`` updates); PyTorch
+runs eager with the same thread count.
+
+Memory of one training step: JAX, XLA's ``compiled.memory_analysis()`` of the jitted step
+(temporaries, and the peak estimate arguments + outputs + temporaries - aliased); PyTorch,
+``torch.cuda.max_memory_allocated`` on a GPU (not measured on CPU).
 """
 from __future__ import annotations
 
@@ -17,19 +22,31 @@ from dynconv_spec import CONV_TYPES
 from .timing import markdown_table, median_times
 
 CONVS = CONV_TYPES
+MODELS = ("resnet18", "mobilenet_v2")  # registry names
 MODEL_ARGS = dict(num_classes=10, stem="cifar")
+#: Narrow versions of MODELS for --quick.
+QUICK_SIZE = {"resnet18": dict(base_width=8), "mobilenet_v2": dict(width_mult=0.25)}
+#: The goals of the performance issue, checked per row (docs/performance.md).
+GOAL_TIME_VS_STATIC = 1.6     # dynamic step time / static step time, JAX
+GOAL_JAX_OVER_TORCH = 2.0     # JAX images/s / PyTorch images/s, dynamic models
+GOAL_MEMORY_VS_STATIC = 2.0   # peak step memory / static, JAX
 
 
-def _jax_step(conv, batch):
+def _model_kwargs(name, conv, quick):
+    return dict(MODEL_ARGS, conv=conv, **(QUICK_SIZE[name] if quick else {}))
+
+
+def _jax_step(name, conv, batch, quick):
+    """(zero-argument step, compiled memory analysis or None) for one model."""
     import optax
 
-    from dynconv_jax.models import resnet18
+    from dynconv_jax.models import create_model
 
-    model = resnet18(conv=conv, **MODEL_ARGS)
+    model = create_model(name, **_model_kwargs(name, conv, quick))
     rng = np.random.default_rng(0)
     x = jnp.asarray(rng.normal(size=(batch, 32, 32, 3)), jnp.float32)
     labels = jnp.asarray(rng.integers(0, 10, size=batch))
-    variables = model.init(jax.random.PRNGKey(0), x)
+    variables = jax.jit(model.init)(jax.random.PRNGKey(0), x)
     params, state = variables["params"], {c: v for c, v in variables.items() if c != "params"}
     tx = optax.sgd(0.1, momentum=0.9)
     opt_state = tx.init(params)
@@ -39,23 +56,31 @@ def _jax_step(conv, batch):
                                         rngs={"dropout": key})
         return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean(), new_state
 
-    @jax.jit
     def step(params, state, opt_state, x, labels, key):
         (loss, new_state), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, state, x, labels, key)
         updates, opt_state = tx.update(grads, opt_state, params)
         return optax.apply_updates(params, updates), new_state, opt_state, loss
 
     key = jax.random.PRNGKey(1)
-    return lambda: step(params, state, opt_state, x, labels, key)
+    compiled = jax.jit(step).lower(params, state, opt_state, x, labels, key).compile()
+    try:
+        analysis = compiled.memory_analysis()
+        memory = {"temp_bytes": int(analysis.temp_size_in_bytes),
+                  "peak_bytes": int(analysis.argument_size_in_bytes + analysis.output_size_in_bytes
+                                    + analysis.temp_size_in_bytes - analysis.alias_size_in_bytes)}
+    except Exception:  # memory_analysis is not implemented on every backend
+        memory = None
+    return (lambda: compiled(params, state, opt_state, x, labels, key)), memory
 
 
-def _torch_step(conv, batch):
+def _torch_step(name, conv, batch, quick):
+    """(zero-argument step, peak CUDA bytes of one step or None) for one model."""
     import torch
 
-    from dynconv_torch.models import resnet18
+    from dynconv_torch.models import create_model
 
     dev = "cuda" if torch.cuda.is_available() else "cpu"
-    model = resnet18(conv=conv, **MODEL_ARGS).to(dev).train()
+    model = create_model(name, **_model_kwargs(name, conv, quick)).to(dev).train()
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
     x = torch.randn(batch, 3, 32, 32, device=dev)
     labels = torch.randint(0, 10, (batch,), device=dev)
@@ -67,13 +92,40 @@ def _torch_step(conv, batch):
         opt.step()
         return loss
 
-    return step
+    peak = None
+    if dev == "cuda":
+        step()  # the optimizer's momentum buffers exist from here on
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        step()
+        torch.cuda.synchronize()
+        peak = int(torch.cuda.max_memory_allocated())
+    return step, peak
 
 
-def run(quick: bool, repeats: int, threads=None):
+def _mb(n):
+    return "–" if n is None else f"{n / 2**20:.1f}"
+
+
+def _ratio(a, b, fmt="{:.2f}"):
+    return "–" if a is None or b is None else fmt.format(a / b)
+
+
+def _goal(value, bound, higher_is_better=False):
+    if value is None:
+        return "–"
+    met = value >= bound if higher_is_better else value <= bound
+    return ("met" if met else "not met")
+
+
+def run(quick: bool, repeats: int, threads=None, models=None):
     backend = jax.default_backend()
     batch = 8 if quick else (32 if backend == "cpu" else 128)
     convs = ("static", "dynamic") if quick else CONVS
+    models = tuple(models or MODELS)
+    unknown = sorted(set(models) - set(MODELS))
+    if unknown:
+        raise ValueError(f"--models: unknown {unknown}; choose from {', '.join(MODELS)}")
     sync_torch = lambda _: None  # noqa: E731
     have_torch = True
     try:
@@ -86,25 +138,49 @@ def run(quick: bool, repeats: int, threads=None):
         import dynconv_torch.models  # noqa: F401
     except ImportError:
         have_torch = False
-    records, rows = [], []
-    for conv in convs:
-        tj = median_times({"jax": _jax_step(conv, batch)}, repeats=repeats, sync=jax.block_until_ready)["jax"]
-        tt = (median_times({"torch": _torch_step(conv, batch)}, repeats=repeats, sync=sync_torch)["torch"]
-              if have_torch else None)
-        records.append({"conv": conv, "batch": batch, "jax_step_s": tj, "torch_step_s": tt,
-                        "jax_images_per_s": batch / tj, "torch_images_per_s": batch / tt if tt else None})
-        print(f"resnet18-cifar {conv} B{batch}: jax {batch / tj:.1f} img/s, "
-              f"torch {batch / tt:.1f} img/s" if tt else f"resnet18-cifar {conv}: jax {batch / tj:.1f} img/s",
-              flush=True)
-    static = {r["conv"]: r for r in records}["static"]
+    records = []
+    for name in models:
+        for conv in convs:
+            jax_step, jax_memory = _jax_step(name, conv, batch, quick)
+            tj = median_times({"jax": jax_step}, repeats=repeats, sync=jax.block_until_ready)["jax"]
+            tt, torch_peak = None, None
+            if have_torch:
+                torch_step, torch_peak = _torch_step(name, conv, batch, quick)
+                tt = median_times({"torch": torch_step}, repeats=repeats, sync=sync_torch)["torch"]
+            records.append({"model": name, "conv": conv, "batch": batch, "jax_step_s": tj, "torch_step_s": tt,
+                            "jax_images_per_s": batch / tj, "torch_images_per_s": batch / tt if tt else None,
+                            "jax_memory": jax_memory, "torch_cuda_peak_bytes": torch_peak})
+            print(f"{name} {conv} B{batch}: jax {batch / tj:.1f} img/s"
+                  + (f", torch {batch / tt:.1f} img/s" if tt else "")
+                  + (f", jax step peak {_mb(jax_memory['peak_bytes'])} MiB" if jax_memory else ""), flush=True)
+    rows = []
     for r in records:
-        rows.append([r["conv"], r["batch"], f"{r['jax_images_per_s']:.1f}",
-                     f"{static['jax_step_s'] / r['jax_step_s']:.2f}",
-                     "–" if r["torch_images_per_s"] is None else f"{r['torch_images_per_s']:.1f}",
-                     "–" if r["torch_step_s"] is None else f"{static['torch_step_s'] / r['torch_step_s']:.2f}",
-                     "–" if r["torch_step_s"] is None else f"{r['torch_step_s'] / r['jax_step_s']:.2f}×"])
-    md = ("ResNet-18, CIFAR stem, 10 classes, 32x32 random images, one SGD-momentum training step "
-          "(forward, loss, backward, update), median of repeats.\n\n")
-    md += markdown_table(["conv", "batch", "JAX img/s", "JAX vs static", "torch img/s", "torch vs static",
-                          "JAX speed-up over torch"], rows)
-    return {"model": "resnet18", "model_args": MODEL_ARGS, "batch": batch, "results": records}, md
+        static = next(s for s in records if s["model"] == r["model"] and s["conv"] == "static")
+        jm, sm = r["jax_memory"] or {}, static["jax_memory"] or {}
+        time_ratio = r["jax_step_s"] / static["jax_step_s"]
+        speedup = r["torch_step_s"] / r["jax_step_s"] if r["torch_step_s"] else None
+        memory_ratio = jm["peak_bytes"] / sm["peak_bytes"] if jm and sm else None
+        dynamic = r["conv"] != "static"
+        rows.append([
+            r["model"], r["conv"], r["batch"], f"{r['jax_images_per_s']:.1f}", f"{time_ratio:.2f}",
+            _mb(jm.get("peak_bytes")), _mb(jm.get("temp_bytes")),
+            "–" if memory_ratio is None else f"{memory_ratio:.2f}",
+            "–" if r["torch_images_per_s"] is None else f"{r['torch_images_per_s']:.1f}",
+            _ratio(static["torch_step_s"], r["torch_step_s"]) if r["torch_step_s"] else "–",
+            _mb(r["torch_cuda_peak_bytes"]),
+            "–" if speedup is None else f"{speedup:.2f}×",
+            "; ".join([f"time {_goal(time_ratio, GOAL_TIME_VS_STATIC)}",
+                       f"vs torch {_goal(speedup, GOAL_JAX_OVER_TORCH, higher_is_better=True)}",
+                       f"memory {_goal(memory_ratio, GOAL_MEMORY_VS_STATIC)}"]) if dynamic else "",
+        ])
+    md = ("One training step (forward, cross-entropy, backward, SGD-momentum update) on 32x32 random images, "
+          "CIFAR stems, 10 classes, median of repeats. JAX memory: XLA's compiled memory analysis of the "
+          "jitted step (peak = arguments + outputs + temporaries - aliased; temp = temporaries). torch "
+          "memory: CUDA peak of one step (GPU only). Goals: JAX step time ≤ "
+          f"{GOAL_TIME_VS_STATIC}× static, JAX ≥ {GOAL_JAX_OVER_TORCH}× PyTorch's images/s, JAX peak memory "
+          f"≤ {GOAL_MEMORY_VS_STATIC}× static.\n\n")
+    md += markdown_table(["model", "conv", "batch", "JAX img/s", "JAX time vs static", "JAX peak MiB",
+                          "JAX temp MiB", "JAX peak vs static", "torch img/s", "torch vs static",
+                          "torch CUDA peak MiB", "JAX speed-up over torch", "goals"], rows)
+    return {"models": list(models), "model_args": MODEL_ARGS, "batch": batch, "quick": quick,
+            "results": records}, md
