@@ -286,8 +286,8 @@ def test_every_nnx_model_has_the_linen_parameter_tree():
 def test_nnx_model_equals_linen_float64(block, conv):
     """Loss, running statistics, gradients, eval logits, for each block kind: ResNets of one block per stage
     (the resnet18..101 code with the shortest depths) and MobileNetV2's wiring with static convs (with dynamic
-    ones its float64 training step compiles for ~50 s per side; the NNX layers are compared above, and
-    ``python -m parity.nnx_api`` runs every registered model x conv type)."""
+    ones its float64 training step was the file's slowest compilation, docs/performance.md; the NNX layers are
+    compared above, and ``python -m parity.nnx_api`` runs every registered model x conv type)."""
     if block == "mobilenet_v2":
         linen, _ = model_pair("mobilenet_v2", conv)
     else:
