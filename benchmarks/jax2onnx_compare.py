@@ -29,14 +29,23 @@ import numpy as np
 
 CHECK_BATCHES = (1, 2, 7, 32)
 BATCHES = (1, 32)
-#: (file stem, Flax layer factory (dynconv_jax), NHWC input shape without the batch); the same
-#: layers as benchmarks.serving.FORMULATION_LAYERS (NCHW there).
-LAYERS = (
-    ("condconv_3x3_64", lambda m: m.CondConv(64, (3, 3), padding=1), (16, 16, 64)),
-    ("dynamic_3x3_64", lambda m: m.DynamicConv(64, (3, 3), padding=1), (16, 16, 64)),
-    ("odconv_1x1_64_128", lambda m: m.ODConv(128, (1, 1)), (16, 16, 64)),
-    ("condconv_dw3x3_128", lambda m: m.CondConv(128, (3, 3), padding=1, feature_group_count=128), (16, 16, 128)),
-)
+#: The Flax twin of each layer of benchmarks.serving.FORMULATION_LAYERS (same name; its input shape,
+#: NCHW there, is used as NHWC here): (file stem, factory given the dynconv_jax module).
+FLAX_LAYERS = {
+    "CondConv2d 64->64 3x3, 16x16": ("condconv_3x3_64", lambda m: m.CondConv(64, (3, 3), padding=1)),
+    "DynamicConv2d 64->64 3x3, 16x16": ("dynamic_3x3_64", lambda m: m.DynamicConv(64, (3, 3), padding=1)),
+    "ODConv2d 64->128 1x1, 16x16": ("odconv_1x1_64_128", lambda m: m.ODConv(128, (1, 1))),
+    "CondConv2d depthwise 128 3x3, 16x16": ("condconv_dw3x3_128",
+                                            lambda m: m.CondConv(128, (3, 3), padding=1, feature_group_count=128)),
+}
+
+
+def _layers():
+    """(name, file stem, Flax factory, PyTorch factory, NCHW shape, NHWC shape) of every compared layer."""
+    from .serving import FORMULATION_LAYERS
+
+    return [(name, *FLAX_LAYERS[name], make_torch, shape, shape[1:] + shape[:1])
+            for name, make_torch, shape in FORMULATION_LAYERS]
 
 
 def export(out_dir: str, strategy: str):
@@ -49,7 +58,7 @@ def export(out_dir: str, strategy: str):
     os.makedirs(out_dir, exist_ok=True)
     report = {"jax": jax.__version__, "strategy": strategy, "layers": {}}
     rng = np.random.default_rng(0)
-    for stem, make, shape in LAYERS:
+    for _, stem, make, _, _, shape in _layers():
         layer = make(dynconv_jax).clone(strategy=strategy)
         variables = jax.jit(layer.init)(jax.random.PRNGKey(0), jnp.zeros((2,) + shape, jnp.float32))
         served = lambda x, layer=layer, variables=variables: layer.apply(variables, x)  # noqa: E731
@@ -77,15 +86,18 @@ def compare(out_dir: str, threads, repeats: int, results_dir: str):
 
     from dynconv_torch.export import check_onnx, onnx_session, to_onnx
 
-    from .serving import FORMULATION_LAYERS
     from .timing import environment, markdown_table, median_times, write_results
 
-    with open(os.path.join(out_dir, "export.json")) as f:
+    report_path = os.path.join(out_dir, "export.json")
+    if not os.path.isfile(report_path):
+        raise SystemExit(f"compare: {report_path} does not exist; run the 'export' step with --dir {out_dir} "
+                         "first (in the jax2onnx environment, see --help)")
+    with open(report_path) as f:
         report = json.load(f)
     threads = threads or os.cpu_count()
     rng = np.random.default_rng(0)
     records, rows = [], []
-    for (stem, _, shape), (name, make_torch, torch_shape) in zip(LAYERS, FORMULATION_LAYERS):
+    for name, stem, _, make_torch, torch_shape, shape in _layers():
         entry = report["layers"][stem]
         record = {"layer": name, "jax2onnx_converted": entry["converted"], "jax2onnx_seconds": entry["seconds"],
                   "jax2onnx_error": entry.get("error")}

@@ -22,9 +22,10 @@ from dynconv_spec import CONV_TYPES
 from .timing import markdown_table, median_times
 
 CONVS = CONV_TYPES
-MODELS = ("resnet18", "mobilenet_v2")  # registry names
+#: The benchmark models of this suite and of ``serving``: registry names (dynconv_spec.MODEL_NAMES),
+#: CIFAR stems, 10 classes, and narrow versions for --quick.
+MODELS = ("resnet18", "mobilenet_v2")
 MODEL_ARGS = dict(num_classes=10, stem="cifar")
-#: Narrow versions of MODELS for --quick.
 QUICK_SIZE = {"resnet18": dict(base_width=8), "mobilenet_v2": dict(width_mult=0.25)}
 #: The goals of the performance issue, checked per row (docs/performance.md).
 GOAL_TIME_VS_STATIC = 1.6     # dynamic step time / static step time, JAX
@@ -32,8 +33,17 @@ GOAL_JAX_OVER_TORCH = 2.0     # JAX images/s / PyTorch images/s, dynamic models
 GOAL_MEMORY_VS_STATIC = 2.0   # peak step memory / static, JAX
 
 
-def _model_kwargs(name, conv, quick):
+def model_kwargs(name, conv, quick):
+    """``create_model`` keyword arguments of benchmark model ``name`` with ``conv`` layers."""
     return dict(MODEL_ARGS, conv=conv, **(QUICK_SIZE[name] if quick else {}))
+
+
+def check_models(models):
+    """``models`` as a tuple; a ValueError names ``--models`` and the choices if one is not a benchmark model."""
+    unknown = sorted(set(models) - set(MODELS))
+    if unknown:
+        raise ValueError(f"--models: unknown {unknown}; choose from {', '.join(MODELS)}")
+    return tuple(models)
 
 
 def _jax_step(name, conv, batch, quick):
@@ -42,7 +52,7 @@ def _jax_step(name, conv, batch, quick):
 
     from dynconv_jax.models import create_model
 
-    model = create_model(name, **_model_kwargs(name, conv, quick))
+    model = create_model(name, **model_kwargs(name, conv, quick))
     rng = np.random.default_rng(0)
     x = jnp.asarray(rng.normal(size=(batch, 32, 32, 3)), jnp.float32)
     labels = jnp.asarray(rng.integers(0, 10, size=batch))
@@ -80,7 +90,7 @@ def _torch_step(name, conv, batch, quick):
     from dynconv_torch.models import create_model
 
     dev = "cuda" if torch.cuda.is_available() else "cpu"
-    model = create_model(name, **_model_kwargs(name, conv, quick)).to(dev).train()
+    model = create_model(name, **model_kwargs(name, conv, quick)).to(dev).train()
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
     x = torch.randn(batch, 3, 32, 32, device=dev)
     labels = torch.randint(0, 10, (batch,), device=dev)
@@ -103,29 +113,30 @@ def _torch_step(name, conv, batch, quick):
     return step, peak
 
 
-def _mb(n):
-    return "–" if n is None else f"{n / 2**20:.1f}"
+def _fmt(value, spec="{:.2f}"):
+    """``value`` formatted by ``spec``, or a dash where it was not measured."""
+    return "–" if value is None else spec.format(value)
 
 
-def _ratio(a, b, fmt="{:.2f}"):
-    return "–" if a is None or b is None else fmt.format(a / b)
+def _mib(n):
+    return None if n is None else n / 2**20
+
+
+def _ratio(a, b):
+    return None if a is None or b is None else a / b
 
 
 def _goal(value, bound, higher_is_better=False):
     if value is None:
         return "–"
-    met = value >= bound if higher_is_better else value <= bound
-    return ("met" if met else "not met")
+    return "met" if (value >= bound if higher_is_better else value <= bound) else "not met"
 
 
 def run(quick: bool, repeats: int, threads=None, models=None):
     backend = jax.default_backend()
     batch = 8 if quick else (32 if backend == "cpu" else 128)
     convs = ("static", "dynamic") if quick else CONVS
-    models = tuple(models or MODELS)
-    unknown = sorted(set(models) - set(MODELS))
-    if unknown:
-        raise ValueError(f"--models: unknown {unknown}; choose from {', '.join(MODELS)}")
+    models = check_models(models or MODELS)
     sync_torch = lambda _: None  # noqa: E731
     have_torch = True
     try:
@@ -152,27 +163,23 @@ def run(quick: bool, repeats: int, threads=None, models=None):
                             "jax_memory": jax_memory, "torch_cuda_peak_bytes": torch_peak})
             print(f"{name} {conv} B{batch}: jax {batch / tj:.1f} img/s"
                   + (f", torch {batch / tt:.1f} img/s" if tt else "")
-                  + (f", jax step peak {_mb(jax_memory['peak_bytes'])} MiB" if jax_memory else ""), flush=True)
+                  + (f", jax step peak {_mib(jax_memory['peak_bytes']):.1f} MiB" if jax_memory else ""), flush=True)
     rows = []
     for r in records:
         static = next(s for s in records if s["model"] == r["model"] and s["conv"] == "static")
-        jm, sm = r["jax_memory"] or {}, static["jax_memory"] or {}
+        peak = (r["jax_memory"] or {}).get("peak_bytes")
         time_ratio = r["jax_step_s"] / static["jax_step_s"]
-        speedup = r["torch_step_s"] / r["jax_step_s"] if r["torch_step_s"] else None
-        memory_ratio = jm["peak_bytes"] / sm["peak_bytes"] if jm and sm else None
-        dynamic = r["conv"] != "static"
-        rows.append([
-            r["model"], r["conv"], r["batch"], f"{r['jax_images_per_s']:.1f}", f"{time_ratio:.2f}",
-            _mb(jm.get("peak_bytes")), _mb(jm.get("temp_bytes")),
-            "–" if memory_ratio is None else f"{memory_ratio:.2f}",
-            "–" if r["torch_images_per_s"] is None else f"{r['torch_images_per_s']:.1f}",
-            _ratio(static["torch_step_s"], r["torch_step_s"]) if r["torch_step_s"] else "–",
-            _mb(r["torch_cuda_peak_bytes"]),
-            "–" if speedup is None else f"{speedup:.2f}×",
-            "; ".join([f"time {_goal(time_ratio, GOAL_TIME_VS_STATIC)}",
-                       f"vs torch {_goal(speedup, GOAL_JAX_OVER_TORCH, higher_is_better=True)}",
-                       f"memory {_goal(memory_ratio, GOAL_MEMORY_VS_STATIC)}"]) if dynamic else "",
-        ])
+        speedup = _ratio(r["torch_step_s"], r["jax_step_s"])
+        memory_ratio = _ratio(peak, (static["jax_memory"] or {}).get("peak_bytes"))
+        goals = "; ".join([f"time {_goal(time_ratio, GOAL_TIME_VS_STATIC)}",
+                           f"vs torch {_goal(speedup, GOAL_JAX_OVER_TORCH, higher_is_better=True)}",
+                           f"memory {_goal(memory_ratio, GOAL_MEMORY_VS_STATIC)}"])
+        rows.append([r["model"], r["conv"], r["batch"], _fmt(r["jax_images_per_s"], "{:.1f}"), _fmt(time_ratio),
+                     _fmt(_mib(peak), "{:.1f}"), _fmt(_mib((r["jax_memory"] or {}).get("temp_bytes")), "{:.1f}"),
+                     _fmt(memory_ratio), _fmt(r["torch_images_per_s"], "{:.1f}"),
+                     _fmt(_ratio(static["torch_step_s"], r["torch_step_s"])),
+                     _fmt(_mib(r["torch_cuda_peak_bytes"]), "{:.1f}"), _fmt(speedup, "{:.2f}×"),
+                     goals if r["conv"] != "static" else ""])
     md = ("One training step (forward, cross-entropy, backward, SGD-momentum update) on 32x32 random images, "
           "CIFAR stems, 10 classes, median of repeats. JAX memory: XLA's compiled memory analysis of the "
           "jitted step (peak = arguments + outputs + temporaries - aliased; temp = temporaries). torch "

@@ -20,6 +20,7 @@ import numpy as np
 
 from dynconv_spec import CONV_TYPES
 
+from .models import MODELS, check_models, model_kwargs
 from .timing import markdown_table, median_times
 
 try:
@@ -28,26 +29,20 @@ except ImportError:  # the serving suite needs torch; the module stays importabl
     dynconv_torch = None
 
 CONVS = CONV_TYPES
-MODELS = ("resnet18", "mobilenet_v2")  # registry names (dynconv_spec.MODEL_NAMES) with a QUICK_SIZE
-#: Narrow versions of MODELS for --quick.
-QUICK_SIZE = {"resnet18": dict(base_width=8), "mobilenet_v2": dict(width_mult=0.25)}
 BATCHES = (1, 32)
 CHECK_BATCHES = (1, 2, 7, 32)
-MODEL_ARGS = dict(num_classes=10, stem="cifar")
 
 
 def _torch_model(name, conv, quick):
     from dynconv_torch import models
 
-    kwargs = dict(MODEL_ARGS, conv=conv, **(QUICK_SIZE[name] if quick else {}))
-    return models.create_model(name, **kwargs).eval()
+    return models.create_model(name, **model_kwargs(name, conv, quick)).eval()
 
 
 def _jax_model(name, conv, quick):
     from dynconv_jax import models
 
-    kwargs = dict(MODEL_ARGS, conv=conv, **(QUICK_SIZE[name] if quick else {}))
-    model = models.create_model(name, **kwargs)
+    model = models.create_model(name, **model_kwargs(name, conv, quick))
     variables = jax.jit(model.init)(jax.random.PRNGKey(0), jnp.zeros((1, 32, 32, 3), jnp.float32))
     return model, variables
 
@@ -76,10 +71,7 @@ def run(quick: bool, repeats: int, threads=None, models=None, formulations: bool
     torch.set_num_threads(threads)
     tmp = tempfile.mkdtemp(prefix="dynconv_serving_")
     rng = np.random.default_rng(0)
-    models = tuple(models or (("resnet18",) if quick else MODELS))
-    unknown = sorted(set(models) - set(MODELS))
-    if unknown:
-        raise ValueError(f"serving: unknown models {unknown}; expected some of {MODELS}")
+    models = check_models(models or (("resnet18",) if quick else MODELS))
     records, rows, checks = [], [], []
     for name in models:
         for conv in CONVS:
