@@ -370,11 +370,13 @@ def fuse_batchnorm(model: nn.Module, variables, input_shape: Optional[Sequence[i
 
     Args:
       model: a Flax (linen) model or layer.
-      variables: its ``{'params', 'batch_stats', ...}``.
+      variables: its ``{'params', 'batch_stats', ...}``, or an NNX module / ``nnx.State`` with the same
+        parameter tree (:mod:`dynconv_jax.nnx`: the fused result is then a Linen variables dict).
       input_shape: an input shape to trace the model with (default ``(1, 32, 32, model.in_channels)``).
 
     Returns the fused variables (a new tree; ``variables`` is not modified).
     """
+    variables = _linen_variables(model, variables, "fuse_batchnorm")
     if "params" not in variables:
         raise ValueError(f"fuse_batchnorm: variables have no 'params' collection (keys: {sorted(variables)})")
     params, stats = variables["params"], variables.get("batch_stats", {})
@@ -400,6 +402,18 @@ def fuse_batchnorm(model: nn.Module, variables, input_shape: Optional[Sequence[i
     return fused
 
 
+def _linen_variables(model, variables, where: str):
+    """``variables`` as a Linen variables dict: an NNX module or ``nnx.State`` of the same parameter tree
+    (:mod:`dynconv_jax.nnx`) is read with :func:`dynconv_jax.nnx.linen_variables`; ``model`` must be Linen."""
+    from dynconv_jax.nnx.convert import is_nnx, linen_variables
+
+    if is_nnx(model):
+        raise TypeError(f"{where}: model is an NNX module ({type(model).__name__}); pass its Linen twin as model "
+                        f"(same arguments, e.g. dynconv_jax.models.resnet18 for dynconv_jax.nnx.models.resnet18) "
+                        f"and the NNX module or its nnx.state as variables")
+    return linen_variables(variables) if is_nnx(variables) else variables
+
+
 # --------------------------------------------------------------------------- StableHLO
 def _check_serving_shape(input_shape, where: str) -> Tuple[Optional[int], ...]:
     shape = tuple(input_shape) if isinstance(input_shape, (tuple, list)) else None
@@ -420,8 +434,9 @@ def to_stablehlo(model: nn.Module, variables, input_shape: Sequence[Optional[int
     ``input_shape`` becomes a symbolic dimension, so one file serves every batch size.
 
     Args:
-      model: a Flax (linen) model or dynamic layer (inference: ``train=False``).
-      variables: its variables.
+      model: a Flax (linen) model or dynamic layer (inference: ``train=False``). An NNX model is
+        exported through its Linen twin: pass the Linen model here and the NNX module as ``variables``.
+      variables: its variables, or an NNX module / ``nnx.State`` with the same parameter tree.
       input_shape: ``(None, *spatial, channels)`` (or a fixed batch size instead of None).
       temperature: the attention temperature baked in (None: the layers' default).
       fuse_bn: fold BatchNorms into the preceding convs first (:func:`fuse_batchnorm`).
@@ -431,6 +446,7 @@ def to_stablehlo(model: nn.Module, variables, input_shape: Sequence[Optional[int
     Returns the serialised module (bytes: a header and a checksum, then ``jax.export``'s payload).
     """
     shape = _check_serving_shape(input_shape, "to_stablehlo")
+    variables = _linen_variables(model, variables, "to_stablehlo")
     concrete = (1,) + shape[1:]
     try:
         jax.eval_shape(lambda v, x: model.apply(v, x, train=False, temperature=temperature), variables,

@@ -164,6 +164,18 @@ def test_stablehlo_symbolic_batch_serves_every_batch(tmp_path):
     for batch in (1, 3, 17, 64):
         assert rel_err(served(x[:batch]), reference(x[:batch])) <= 1e-6, batch
 
+    # An NNX model exports through its Linen twin: the same outputs, bit for bit.
+    from flax import nnx
+
+    from dynconv_jax.nnx import load_linen_variables
+    from dynconv_jax.nnx.models.resnet import ResNet as NnxResNet
+    nnx_model = load_linen_variables(NnxResNet(block="basic", layers=(1, 1, 1, 1), conv="odconv", base_width=4,
+                                               num_classes=5, stem="cifar", rngs=nnx.Rngs(0)), variables)
+    served_nnx = jexport.load_stablehlo(jexport.to_stablehlo(model, nnx_model, (None, 8, 8, 3), temperature=2.0))
+    np.testing.assert_array_equal(served_nnx(x[:3]), served(x[:3]))
+    with pytest.raises(TypeError, match="Linen twin"):
+        jexport.to_stablehlo(nnx_model, None, (None, 8, 8, 3))
+
     # Bad input: corrupted weights (checksum), another file, a wrong rank, a batch of zero.
     corrupt = bytearray(blob)
     corrupt[len(blob) // 2] ^= 0xFF
