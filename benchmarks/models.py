@@ -19,7 +19,7 @@ import numpy as np
 
 from dynconv_spec import CONV_TYPES
 
-from .timing import markdown_table, median_times
+from .timing import fmt_ratio, markdown_table, median_times
 
 CONVS = CONV_TYPES
 #: The benchmark models of this suite and of ``serving``: registry names (dynconv_spec.MODEL_NAMES),
@@ -178,7 +178,7 @@ def run(quick: bool, repeats: int, threads=None, models=None):
                      _fmt(_mib(peak), "{:.1f}"), _fmt(_mib((r["jax_memory"] or {}).get("temp_bytes")), "{:.1f}"),
                      _fmt(memory_ratio), _fmt(r["torch_images_per_s"], "{:.1f}"),
                      _fmt(_ratio(static["torch_step_s"], r["torch_step_s"])),
-                     _fmt(_mib(r["torch_cuda_peak_bytes"]), "{:.1f}"), _fmt(speedup, "{:.2f}×"),
+                     _fmt(_mib(r["torch_cuda_peak_bytes"]), "{:.1f}"), fmt_ratio(r["torch_step_s"], r["jax_step_s"]),
                      goals if r["conv"] != "static" else ""])
     md = ("One training step (forward, cross-entropy, backward, SGD-momentum update) on 32x32 random images, "
           "CIFAR stems, 10 classes, median of repeats. JAX memory: XLA's compiled memory analysis of the "
