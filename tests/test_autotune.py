@@ -168,6 +168,27 @@ jax.distributed.shutdown()
 """
 
 
+def test_a_losing_candidate_is_called_once(monkeypatch):
+    """A candidate whose warm-up call already takes over _GIVE_UP_FACTOR x the best so far is not called again
+    (on XLA:CPU such a call can take a minute); the others get a warm-up and ``repeats`` timed calls."""
+    names = ["fast", "slow", "close"]
+    cost = {"fast": 1.0, "slow": 10.0, "close": 2.0}  # seconds per call, on a fake clock
+    calls = dict.fromkeys(names, 0)
+
+    def make_fn(name):
+        return lambda x: x + names.index(name)  # the output tells which candidate ran
+
+    def fake_time_call(compiled, args):
+        name = names[int(compiled(*args)[0])]
+        calls[name] += 1
+        return cost[name]
+
+    monkeypatch.setattr(autotune, "_time_call", fake_time_call)
+    seconds = autotune.measure(names, make_fn, [np.zeros(2, np.float32)], repeats=3)
+    assert seconds == cost
+    assert calls == {"fast": 4, "slow": 1, "close": 4}
+
+
 def test_two_processes_make_process_zeros_choice(tmp_path):
     """Process 1's own cache says one strategy, process 0 measures another: both run process 0's."""
     key = autotune.problem_key((4, 6, 6, 8), (4, 3, 3, 8, 8), dtype=("float32", "float32"), strides=(1, 1),
