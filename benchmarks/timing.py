@@ -50,6 +50,8 @@ def environment() -> dict:
     """Device, versions and date, recorded with every result file."""
     import jax
 
+    from dynconv_jax import autotune
+
     env = {
         "date_utc": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "host": platform.node(),
@@ -60,6 +62,8 @@ def environment() -> dict:
         "jax": jax.__version__,
         "jax_backend": jax.default_backend(),
         "jax_device": str(jax.devices()[0].device_kind),
+        # What strategy='auto' did in this run: measured (and cached) choices, or the fixed rules.
+        "strategy_auto": "measured" if autotune.enabled() else "fixed rules (DYNCONV_AUTOTUNE=0)",
     }
     try:
         import torch
@@ -105,7 +109,7 @@ def write_results(out_dir: str, name: str, env: dict, payload: dict, markdown: s
     header = (f"# {name} benchmark — {env['device']}\n\n"
               f"{env['date_utc']}; jax {env['jax']} ({env['jax_backend']}), torch {env.get('torch')} "
               f"({env.get('torch_device')}, {env.get('torch_threads')} threads), python {env['python']}, "
-              f"{env['cpu_count']} CPU cores.\n\n")
+              f"{env['cpu_count']} CPU cores; strategy='auto': {env['strategy_auto']}.\n\n")
     with open(stem + ".md", "w") as f:
         f.write(header + markdown + "\n")
     return [stem + ".json", stem + ".md"]
