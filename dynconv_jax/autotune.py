@@ -133,8 +133,8 @@ def measure(candidates: Sequence[str], make_fn: Callable[[str], Callable], args:
     ``make_fn(name)`` returns the function to time for strategy ``name``; each is compiled for
     ``args`` on its own. The first candidate is the baseline. One whose warm-up call (allocation and
     first touch included) takes more than ``_GIVE_UP_FACTOR`` times the best so far is not called
-    again and keeps that time; one whose first timed call does is not repeated. (On XLA:CPU a losing
-    candidate's call can take a minute: 'mix' of a depthwise layer under differentiation.) A
+    again and keeps that time; one whose first timed call does is not repeated (a losing candidate's
+    call can cost far more than compiling it: docs/performance.md, "How 'auto' chooses"). A
     candidate that fails to compile or run is left out (with a warning).
     """
     seconds: Dict[str, float] = {}

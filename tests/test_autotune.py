@@ -170,7 +170,7 @@ jax.distributed.shutdown()
 
 def test_a_losing_candidate_is_called_once(monkeypatch):
     """A candidate whose warm-up call already takes over _GIVE_UP_FACTOR x the best so far is not called again
-    (on XLA:CPU such a call can take a minute); the others get a warm-up and ``repeats`` timed calls."""
+    (a losing call can cost more than compiling); the others get a warm-up and ``repeats`` timed calls."""
     names = ["fast", "slow", "close"]
     cost = {"fast": 1.0, "slow": 10.0, "close": 2.0}  # seconds per call, on a fake clock
     calls = dict.fromkeys(names, 0)
