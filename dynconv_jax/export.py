@@ -43,6 +43,7 @@ import hashlib
 import os
 from typing import Any, Callable, Dict, Mapping, NamedTuple, Optional, Sequence, Tuple, Union
 
+import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -414,6 +415,34 @@ def _linen_variables(model, variables, where: str):
     return linen_variables(variables) if is_nnx(variables) else variables
 
 
+def _variables_mismatch(model, variables, x_spec) -> Optional[str]:
+    """The first difference between ``variables`` and the tree ``model.init`` makes for an input like
+    ``x_spec`` (a missing or unexpected path, or both shapes of one), or None when there is none or the
+    model cannot be initialised on that input (then the input is what does not fit)."""
+    from flax.core import unfreeze
+    from flax.traverse_util import flatten_dict
+
+    rngs = {"params": jax.random.key(0), "dropout": jax.random.key(1)}
+    try:
+        expected = jax.eval_shape(lambda x: model.init(rngs, x, train=False), x_spec)
+    except (ValueError, TypeError):
+        return None
+    if not isinstance(variables, Mapping):
+        return f"variables are a {type(variables).__name__}, not a variables dict"
+    want = flatten_dict(unfreeze(expected), sep="/")
+    have = {path: leaf for path, leaf in flatten_dict(unfreeze(dict(variables)), sep="/").items()
+            if path.split("/")[0] in unfreeze(expected)}
+    for path in want:
+        if path not in have:
+            return f"{path} is missing from variables"
+        if tuple(np.shape(have[path])) != tuple(want[path].shape):
+            return f"{path} has shape {tuple(np.shape(have[path]))} in variables, {tuple(want[path].shape)} for this input"
+    for path in have:
+        if path not in want:
+            return f"variables hold {path}, which the model does not have"
+    return None
+
+
 # --------------------------------------------------------------------------- StableHLO
 def _check_serving_shape(input_shape, where: str) -> Tuple[Optional[int], ...]:
     shape = tuple(input_shape) if isinstance(input_shape, (tuple, list)) else None
@@ -451,7 +480,11 @@ def to_stablehlo(model: nn.Module, variables, input_shape: Sequence[Optional[int
     try:
         jax.eval_shape(lambda v, x: model.apply(v, x, train=False, temperature=temperature), variables,
                        jax.ShapeDtypeStruct(concrete, dtype))
-    except (ValueError, TypeError) as error:
+    except (ValueError, TypeError, flax.errors.FlaxError) as error:
+        mismatch = _variables_mismatch(model, variables, jax.ShapeDtypeStruct(concrete, dtype))
+        if mismatch:
+            raise ValueError(f"to_stablehlo: variables and input_shape={tuple(input_shape)!r} do not fit together "
+                             f"in {type(model).__name__}: {mismatch}") from error
         raise ValueError(f"to_stablehlo: input_shape={tuple(input_shape)!r} does not fit "
                          f"{type(model).__name__}: {error}") from error
     if fuse_bn:

@@ -198,6 +198,17 @@ def test_stablehlo_single_layer_fixed_and_symbolic_batch():
     assert rel_err(served(x[:1]), layer.apply(variables, x[:1])) <= 1e-6
     fixed = jexport.load_stablehlo(jexport.to_stablehlo(layer, variables, (5, 9, 9, 4)))
     assert rel_err(fixed(x), layer.apply(variables, x)) <= 1e-6
+
+    # Variables that do not fit name the parameter; an input the model cannot take names input_shape.
+    with pytest.raises(ValueError, match=r"do not fit together in CondConv: params/bias has shape "
+                                         r"\(4, 6\) in variables, \(4, 7\) for this input"):
+        jexport.to_stablehlo(CondConv(7, (3, 3), strides=2, use_bias=True), variables, (None, 9, 9, 4))
+    params = dict(variables["params"])
+    del params["bias"]
+    with pytest.raises(ValueError, match="params/bias is missing from variables"):
+        jexport.to_stablehlo(layer, {"params": params}, (None, 9, 9, 4))
+    with pytest.raises(ValueError, match=r"input_shape=\(None, 9, 4\) does not fit CondConv: .* has rank 3, expected 4"):
+        jexport.to_stablehlo(layer, variables, (None, 9, 4))
     with pytest.raises(ValueError):
         fixed(x[:2])  # a fixed-batch export rejects another batch size
 
