@@ -415,28 +415,30 @@ def _linen_variables(model, variables, where: str):
     return linen_variables(variables) if is_nnx(variables) else variables
 
 
+# What a model raises when its variables or its input do not fit it (flax's scope errors are FlaxErrors).
+_MODEL_FIT_ERRORS = (ValueError, TypeError, flax.errors.FlaxError)
+
+
 def _variables_mismatch(model, variables, x_spec) -> Optional[str]:
     """The first difference between ``variables`` and the tree ``model.init`` makes for an input like
     ``x_spec`` (a missing or unexpected path, or both shapes of one), or None when there is none or the
     model cannot be initialised on that input (then the input is what does not fit)."""
-    from flax.core import unfreeze
-    from flax.traverse_util import flatten_dict
-
     rngs = {"params": jax.random.key(0), "dropout": jax.random.key(1)}
     try:
-        expected = jax.eval_shape(lambda x: model.init(rngs, x, train=False), x_spec)
-    except (ValueError, TypeError):
+        expected = flax.core.unfreeze(jax.eval_shape(lambda x: model.init(rngs, x, train=False), x_spec))
+    except _MODEL_FIT_ERRORS:
         return None
     if not isinstance(variables, Mapping):
         return f"variables are a {type(variables).__name__}, not a variables dict"
-    want = flatten_dict(unfreeze(expected), sep="/")
-    have = {path: leaf for path, leaf in flatten_dict(unfreeze(dict(variables)), sep="/").items()
-            if path.split("/")[0] in unfreeze(expected)}
-    for path in want:
+    want = flax.traverse_util.flatten_dict(expected, sep="/")
+    have = {path: tuple(np.shape(leaf))
+            for path, leaf in flax.traverse_util.flatten_dict(flax.core.unfreeze(dict(variables)), sep="/").items()
+            if path.split("/")[0] in expected}
+    for path, leaf in want.items():
         if path not in have:
             return f"{path} is missing from variables"
-        if tuple(np.shape(have[path])) != tuple(want[path].shape):
-            return f"{path} has shape {tuple(np.shape(have[path]))} in variables, {tuple(want[path].shape)} for this input"
+        if have[path] != tuple(leaf.shape):
+            return f"{path} has shape {have[path]} in variables, {tuple(leaf.shape)} for this input"
     for path in have:
         if path not in want:
             return f"variables hold {path}, which the model does not have"
@@ -477,11 +479,11 @@ def to_stablehlo(model: nn.Module, variables, input_shape: Sequence[Optional[int
     shape = _check_serving_shape(input_shape, "to_stablehlo")
     variables = _linen_variables(model, variables, "to_stablehlo")
     concrete = (1,) + shape[1:]
+    one_sample = jax.ShapeDtypeStruct(concrete, dtype)
     try:
-        jax.eval_shape(lambda v, x: model.apply(v, x, train=False, temperature=temperature), variables,
-                       jax.ShapeDtypeStruct(concrete, dtype))
-    except (ValueError, TypeError, flax.errors.FlaxError) as error:
-        mismatch = _variables_mismatch(model, variables, jax.ShapeDtypeStruct(concrete, dtype))
+        jax.eval_shape(lambda v, x: model.apply(v, x, train=False, temperature=temperature), variables, one_sample)
+    except _MODEL_FIT_ERRORS as error:
+        mismatch = _variables_mismatch(model, variables, one_sample)
         if mismatch:
             raise ValueError(f"to_stablehlo: variables and input_shape={tuple(input_shape)!r} do not fit together "
                              f"in {type(model).__name__}: {mismatch}") from error
