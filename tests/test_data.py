@@ -115,6 +115,12 @@ def test_imagenet_preprocessing():
     assert np.array_equal(gray[..., 0], gray[..., 2])  # gray -> RGB repeats the channel
     x = p.normalize(np.full((1, 2, 2, 3), 255, np.uint8))
     assert np.allclose(x[0, 0, 0], (255 - np.array(data.IMAGENET_MEAN)) / np.array(data.IMAGENET_STD))
+    # The loop normalises inside its jitted steps: the same bits as on the host (every uint8 value).
+    import jax
+    every_value = np.arange(256, dtype=np.uint8).reshape(1, 16, 16, 1).repeat(3, -1)
+    for q in (p, data.load_dataset(parse_args([])).preprocess):  # ImageNet's and the digits' statistics
+        x = every_value[..., :q.channels]
+        assert np.array_equal(np.asarray(jax.jit(q.normalize)(x)), q.normalize(x))
 
 
 def test_bad_data_options_name_the_path_or_flag(tmp_path):

@@ -83,6 +83,41 @@ def test_learning_happens_on_digits(tmp_path):
     assert len(rows) == 3
     # Chance is 10% / loss 2.30; measured: ~0.5 accuracy after 2 epochs at this size.
     assert result["eval_accuracy"] > 0.3, result
+    summary = json.load(open(tmp_path / "run" / "summary.json"))
+    assert 0 <= summary["data_wait_fraction"] <= summary["host_data_wait_fraction"] < 1
+    assert summary["first_batch_seconds"] >= 0
+    assert 0 < summary["step_seconds"] < summary["seconds"]
+
+
+def test_data_wait_clock_keeps_the_first_step_and_pauses_apart(monkeypatch):
+    from train import metrics
+    now = [0.0]
+    monkeypatch.setattr(metrics.time, "perf_counter", lambda: now[0])
+
+    def step(wait, run, devices_busy=False):
+        clock.waiting()
+        now[0] += wait
+        clock.ready(devices_busy)
+        clock.dispatched()
+        now[0] += run
+
+    clock = metrics.DataWaitClock()
+    step(5.0, 20.0)              # first batch (workers starting) and first step (compiling): apart
+    assert clock.summary() == {"data_wait_fraction": 0.0, "host_data_wait_fraction": 0.0,
+                               "first_batch_seconds": 5.0, "steady_seconds": 20.0}
+    step(1.0, 3.0)
+    with clock.paused():         # evaluation: not step time
+        now[0] += 100.0
+    step(1.0, 3.0)
+    timing = clock.summary()
+    assert timing["steady_seconds"] == 28.0
+    assert timing["data_wait_fraction"] == timing["host_data_wait_fraction"] == 2 / 28
+    assert clock.epoch_fraction() == 2.0 / 28.0
+    step(2.0, 2.0)
+    assert clock.epoch_fraction() == 0.5 and clock.summary()["data_wait_fraction"] == 4 / 32
+    step(4.0, 0.0, devices_busy=True)  # the devices were still running the previous step: not starved
+    timing = clock.summary()
+    assert timing["data_wait_fraction"] == 4 / 36 and timing["host_data_wait_fraction"] == 8 / 36
 
 
 def test_nan_guard_keeps_last_good_checkpoint(tmp_path):

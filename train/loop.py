@@ -154,11 +154,13 @@ def train_and_evaluate(config: Config) -> Dict[str, Any]:
     # them (every --log_every_steps, at epoch ends and before each checkpoint), not every step.
     p_train_step = parallel.under_mesh(mesh, jax.jit(
         functools.partial(steps.accumulating_train_step, temperature_fn=temperature_fn,
-                          label_smoothing=config.label_smoothing, learning_rate_fn=lr_schedule),
+                          label_smoothing=config.label_smoothing, learning_rate_fn=lr_schedule,
+                          normalize=pipeline.normalize),
         in_shardings=(repl, repl, data_sharding, data_sharding, repl), out_shardings=(repl, repl),
         donate_argnums=(0, 1)))
     p_eval_step = parallel.under_mesh(mesh, jax.jit(
-        steps.eval_step, in_shardings=(repl, data_sharding, data_sharding, data_sharding, repl), out_shardings=repl))
+        functools.partial(steps.eval_step, normalize=pipeline.normalize),
+        in_shardings=(repl, data_sharding, data_sharding, data_sharding, repl), out_shardings=repl))
 
     writer = metrics_lib.MetricsWriter(workdir, start_step if restored else None, config.tensorboard, primary)
     if primary:
@@ -177,11 +179,11 @@ def train_and_evaluate(config: Config) -> Dict[str, Any]:
 
     t_start = t_epoch = time.time()
     eval_metrics = {"loss": math.nan, "accuracy": math.nan}
-    data_wait = epoch_wait = 0.0  # seconds spent waiting for the next batch (total, this epoch)
+    clock = metrics_lib.DataWaitClock()
     sums = parallel.replicate(steps.zero_metric_sums(), repl)
     try:
         for step in range(start_step, total_steps):
-            t_wait = time.time()
+            clock.waiting()
             batch = next(batches)
             if int(batch["step"][0]) != step:
                 raise RuntimeError(f"data iterator out of step: got the batch of step {int(batch['step'][0])} "
@@ -190,9 +192,10 @@ def train_and_evaluate(config: Config) -> Dict[str, Any]:
                 skipped += 1
                 log(f"WARNING: step {step + 1}: skipped unreadable image {dataset.train.describe(int(index))} "
                     f"({skipped} so far)")
-            images, labels = parallel.global_batch(data_sharding, pipeline.normalize(batch["image"]), batch["label"])
-            epoch_wait += time.time() - t_wait
+            images, labels = parallel.global_batch(data_sharding, batch["image"], batch["label"])  # uint8
+            clock.ready(devices_busy=not state.step.is_ready())  # state: the previous step's output
             state, sums = p_train_step(state, sums, images, labels, dropout_key)
+            clock.dispatched()
             done = step + 1
             if bar is not None:
                 bar.update(1)
@@ -230,8 +233,9 @@ def train_and_evaluate(config: Config) -> Dict[str, Any]:
                         f"lr {lr:.4g} T {window['temperature']:.3f}")
             if epoch_end:
                 temperature = temperature_fn(done)
-                eval_metrics = evaluate(p_eval_step, state, pipeline, data_sharding,
-                                        parallel.replicate(np.float32(temperature), repl))
+                with clock.paused():
+                    eval_metrics = evaluate(p_eval_step, state, pipeline, data_sharding,
+                                            parallel.replicate(np.float32(temperature), repl))
                 if not math.isfinite(eval_metrics["loss"]):
                     raise TrainingDiverged(f"step {done}: eval loss (cross-entropy on {config.eval_split}) is "
                                            f"{eval_metrics['loss']}; stopped. Last good checkpoint: "
@@ -246,14 +250,16 @@ def train_and_evaluate(config: Config) -> Dict[str, Any]:
                 log(f"epoch {row['epoch']:>3} step {done}: train loss {row['train_loss']:.4f} "
                     f"acc {row['train_accuracy']:.4f} | {config.eval_split} loss {row['eval_loss']:.4f} "
                     f"acc {row['eval_accuracy']:.4f} | lr {lr:.4g} T {row['temperature']:.3f} "
-                    f"| {row['seconds']:.1f}s, data wait {100 * epoch_wait / max(row['seconds'], 1e-9):.0f}%")
+                    f"| {row['seconds']:.1f}s, data wait {100 * clock.epoch_fraction():.0f}%")
                 running = {"loss": 0.0, "accuracy": 0.0, "count": 0}
-                t_epoch, data_wait, epoch_wait = time.time(), data_wait + epoch_wait, 0.0
+                t_epoch = time.time()
             if checkpoint_due:
                 try:
-                    checkpointer.save(done, state, {"running": running, "skipped_images": skipped}, batches)
+                    with clock.paused():
+                        checkpointer.save(done, state, {"running": running, "skipped_images": skipped}, batches)
                 except ckpt_lib.CheckpointError as error:
                     raise _checkpoint_failure(error, checkpointer) from None
+        data_timing = clock.summary()
         try:
             checkpointer.wait()  # the last checkpoint is on disk before the run reports done
         except ckpt_lib.CheckpointError as error:
@@ -268,11 +274,11 @@ def train_and_evaluate(config: Config) -> Dict[str, Any]:
         checkpointer.close()  # waits for a write in flight (also when the run stops with an error)
 
     elapsed = time.time() - t_start
-    data_wait += epoch_wait
     result = {"workdir": workdir, "steps": total_steps, "eval_loss": eval_metrics["loss"],
               "eval_accuracy": eval_metrics["accuracy"], "seconds": elapsed, "state": state,
               "checkpoint_dir": checkpointer.directory, "skipped_images": skipped,
-              "data_wait_fraction": data_wait / max(elapsed, 1e-9)}
+              **{k: data_timing[k] for k in ("data_wait_fraction", "host_data_wait_fraction", "first_batch_seconds")},
+              "step_seconds": data_timing["steady_seconds"] / max(total_steps - start_step - 1, 1)}
     if config.export and primary:
         from train.export import export_and_verify
 

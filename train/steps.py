@@ -174,17 +174,20 @@ def loss_and_grads(state: TrainState, images: Array, labels: Array, dropout_key:
 
 
 def train_step(state: TrainState, images: Array, labels: Array, dropout_key: Array, *,
-               temperature_fn: Callable, label_smoothing: float,
-               learning_rate_fn: Optional[Callable] = None) -> Tuple[TrainState, Dict[str, Array]]:
+               temperature_fn: Callable, label_smoothing: float, learning_rate_fn: Optional[Callable] = None,
+               normalize: Optional[Callable] = None) -> Tuple[TrainState, Dict[str, Array]]:
     """One optimisation step on a (possibly sharded) global batch.
 
-    images ``[B, H, W, C]`` float32, labels ``[B]`` int32. BatchNorm statistics are computed
+    images ``[B, H, W, C]`` float32, or raw (e.g. the input pipeline's uint8) turned into the model's
+    input by ``normalize`` inside the step; labels ``[B]`` int32. BatchNorm statistics are computed
     over the whole global batch: under ``jax.jit`` with a batch sharded over devices, the
     batch mean is a cross-device reduction. Returns the new state and scalar metrics
     (``loss`` = training objective, ``accuracy``, ``grad_norm``, ``temperature``, and
     ``learning_rate`` = ``learning_rate_fn(step)`` when given).
     """
     temperature = temperature_fn(state.step)
+    if normalize is not None:
+        images = normalize(images)
     loss, logits, updates, grads = loss_and_grads(state, images, labels, dropout_key, temperature, label_smoothing)
     new_state = state.apply_gradients(grads=grads, batch_stats=updates.get("batch_stats", state.batch_stats))
     metrics = {
@@ -236,10 +239,12 @@ def accumulating_train_step(state: TrainState, sums: Dict[str, Array], images: A
     return state, accumulate_metrics(sums, metrics, step)
 
 
-def eval_step(state: TrainState, images: Array, labels: Array, mask: Array,
-              temperature: Optional[Array] = None) -> Dict[str, Array]:
+def eval_step(state: TrainState, images: Array, labels: Array, mask: Array, temperature: Optional[Array] = None, *,
+              normalize: Optional[Callable] = None) -> Dict[str, Array]:
     """Sums over the real (``mask == 1``) examples of a padded batch: cross-entropy (no label
-    smoothing), number correct and count."""
+    smoothing), number correct and count. ``normalize``: as in :func:`train_step`."""
+    if normalize is not None:
+        images = normalize(images)
     logits = state.apply_fn(_variables(state), images, train=False, temperature=temperature)
     loss = cross_entropy(logits, labels, logits.shape[-1])
     return {
