@@ -1,7 +1,9 @@
 """Input pipeline (train/data.py): images/s of ImageNet-style decode + random-resized crop at 224 from
-~400x350 JPEGs for 0/1/2 grain workers, next to the raw single-process PIL decode+resize rate; peak RSS of
-the same 100-step run (the pipeline alone, and a whole training run) on a folder of 2,000 and of 20,000
-distinct 64-400 px JPEGs; and the fraction of those training runs spent waiting for data.
+~400x350 JPEGs for 0/1/2 grain workers, next to the raw PIL decode+resize rate of one process and of two
+processes decoding at once; peak RSS of the same 100-step run (the pipeline
+alone, and a whole training run) on a folder of 2,000 and of 20,000 distinct 64-400 px JPEGs; and, in
+those training runs, the share of the steady training steps' time spent waiting for data next to the
+pipeline's own rate.
 
 The folders are generated once under ``$DYNCONV_BENCH_DATA`` (default ``/tmp/dynconv_input_bench``), never
 in the repository.
@@ -11,15 +13,19 @@ from __future__ import annotations
 import io
 import json
 import os
+import statistics
 import subprocess
 import sys
 import time
+from typing import Optional
 
 from .timing import markdown_table
 
 DATA_ROOT = os.environ.get("DYNCONV_BENCH_DATA", "/tmp/dynconv_input_bench")
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 IMAGE_SIZE, BATCH, RSS_STEPS = 224, 32, 100
+THROUGHPUT_BATCHES = 100
+WORKERS = (0, 1, 2)
 TRAIN_IMAGE_SIZE = 64  # the training run's crops: a 224-px step of even this small ResNet takes seconds on 2 CPU cores
 THROUGHPUT_SIDES = (350, 400)  # random sides per image: mean ~375x375 px, the area of the usual ~400x350
 RSS_SIDES = (64, 400)
@@ -28,31 +34,36 @@ RSS_SIDES = (64, 400)
 TRAIN_FLAGS = ["--base_width=8", "--conv=static", "--data_workers=2", f"--batch_size={BATCH}",
                "--export=false", "--tensorboard=false", "--progress=false"]
 # One run in a fresh process (argv: data dir, 'pipeline' or 'train', workdir): prints a JSON line with its
-# own peak RSS and the largest of its (waited-for) children's, i.e. the grain workers, in MiB.
+# own peak RSS and the largest of its (waited-for) children's, i.e. the grain workers, in MiB; the pipeline
+# run also its images/s after the first batch, the training run its data wait (train/metrics.DataWaitClock).
 _RSS_RUN = """
-import json, resource, sys
+import json, resource, sys, time
 from train import data
 from train.config import parse_args
 root, kind, workdir, flags = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4:]
-size = "--image_size=" + ("IMAGE_SIZE" if kind == "pipeline" else "TRAIN_IMAGE_SIZE")
 config = parse_args(["--dataset=imagefolder", "--data_dir=" + root, f"--num_steps={RSS_STEPS}",
-                     "--workdir=" + workdir, f"--log_every_steps={RSS_STEPS}", size, *flags])
-out = {}
+                     "--workdir=" + workdir, f"--log_every_steps={RSS_STEPS}", "--image_size=TRAIN_IMAGE_SIZE",
+                     *flags])
 if kind == "pipeline":
     pipeline = data.Pipeline(data.load_dataset(config), config.batch_size, 0, config.data_workers)
     iterator = pipeline.train_iterator(RSS_STEPS)
+    next(iterator)
+    start = time.perf_counter()
     for batch in iterator:
-        pipeline.normalize(batch["image"])
+        pass
+    out = {"images_per_s": round((RSS_STEPS - 1) * config.batch_size / (time.perf_counter() - start), 1)}
     iterator.close()
 else:
     from train.loop import train_and_evaluate
     result = train_and_evaluate(config)
-    out = {"seconds": round(result["seconds"], 1), "data_wait_fraction": round(result["data_wait_fraction"], 4)}
+    out = {"seconds": round(result["seconds"], 1), "data_wait_fraction": round(result["data_wait_fraction"], 5),
+           "host_data_wait_fraction": round(result["host_data_wait_fraction"], 4),
+           "first_batch_seconds": round(result["first_batch_seconds"], 2),
+           "images_per_s": round(config.batch_size / result["step_seconds"], 1)}
 out["main_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 out["largest_child_mib"] = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
 print(json.dumps(out))
-""".replace("RSS_STEPS", str(RSS_STEPS)).replace("TRAIN_IMAGE_SIZE", str(TRAIN_IMAGE_SIZE)).replace(
-    "IMAGE_SIZE", str(IMAGE_SIZE))
+""".replace("RSS_STEPS", str(RSS_STEPS)).replace("TRAIN_IMAGE_SIZE", str(TRAIN_IMAGE_SIZE))
 
 
 def make_folder(num_train: int, sides, num_test: int = 100) -> str:
@@ -69,7 +80,8 @@ def make_folder(num_train: int, sides, num_test: int = 100) -> str:
 
 
 def raw_rate(root: str, count: int) -> float:
-    """Images/s of one process: read, PIL-decode to RGB, bilinear resize to 224x224."""
+    """Images/s of one process: read, PIL-decode to RGB, bilinear resize to 224x224 (``count`` <= images;
+    the benchmark reports the median of 3 passes)."""
     from PIL import Image
 
     from train import data
@@ -82,18 +94,29 @@ def raw_rate(root: str, count: int) -> float:
     return count / (time.perf_counter() - start)
 
 
+def parallel_raw_rate(root: str, count: int, processes: int) -> float:
+    """Summed images/s of ``processes`` processes running :func:`raw_rate` at once."""
+    from concurrent.futures import ProcessPoolExecutor
+
+    with ProcessPoolExecutor(processes) as pool:
+        return sum(pool.map(raw_rate, [root] * processes, [count] * processes))
+
+
 def pipeline_rate(root: str, workers: int, steps: int) -> float:
-    """Images/s of ``Pipeline.train_iterator`` (after its first batch, i.e. with the workers started)."""
+    """Images/s of ``Pipeline.train_iterator``'s uint8 batches (what the loop sends to the devices), timed
+    after its first ``2 + 3 * workers`` batches (the workers started and their buffers drained)."""
     from train import data
     from train.config import parse_args
 
     config = parse_args(["--dataset=imagefolder", f"--data_dir={root}", f"--image_size={IMAGE_SIZE}"])
     pipeline = data.Pipeline(data.load_dataset(config), BATCH, 0, workers)
-    iterator = pipeline.train_iterator(steps + 1)
-    next(iterator)
+    warmup = 2 + 3 * workers
+    iterator = pipeline.train_iterator(warmup + steps + 1)  # one more: the timing never waits for its end
+    for _ in range(warmup):
+        next(iterator)
     start = time.perf_counter()
-    for batch in iterator:
-        pipeline.normalize(batch["image"])
+    for _ in range(steps):
+        next(iterator)
     elapsed = time.perf_counter() - start
     if hasattr(iterator, "close"):
         iterator.close()
@@ -112,58 +135,91 @@ def peak_rss(root: str, kind: str) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def run(quick: bool = False, repeats: int = 1, **_):
+def run(quick: bool = False, repeats: Optional[int] = None, **_):
+    """Throughput: ``repeats`` (default 3) interleaved rounds of every measurement, medians reported (a
+    VM's speed drifts between minutes, and one busy core may run faster than two); then the RSS runs."""
+    repeats = repeats or (1 if quick else 3)
     load_before = os.getloadavg()
     sizes = (200, 2000) if quick else (2000, 20000)
     fast = make_folder(256 if quick else 1024, THROUGHPUT_SIDES)
-    steps = 6 if quick else 30
-    raw = raw_rate(fast, steps * BATCH)
-    print(f"raw decode + resize: {raw:.1f} images/s", flush=True)
-    rates = {}
-    for w in (0, 1, 2):
-        rates[w] = pipeline_rate(fast, w, steps)
-        print(f"pipeline, {w} workers: {rates[w]:.1f} images/s", flush=True)
+    steps, count = (6, 256) if quick else (THROUGHPUT_BATCHES, 1024)
+    rounds = {"raw": [], "raw_at_once": [], **{w: [] for w in WORKERS}}
+    for r in range(repeats):
+        rounds["raw"].append(raw_rate(fast, count))
+        rounds["raw_at_once"].append(parallel_raw_rate(fast, count, max(WORKERS)))
+        for w in WORKERS:
+            rounds[w].append(pipeline_rate(fast, w, steps))
+        print(f"round {r + 1}: " + ", ".join(f"{k}: {v[-1]:.1f}" for k, v in rounds.items()), flush=True)
     roots = {n: make_folder(n, RSS_SIDES) for n in sizes}
     rss = {n: {} for n in sizes}
     for kind in ("pipeline", "train"):
         for n, root in roots.items():
             rss[n][kind] = peak_rss(root, kind)
             print(f"{kind} run, {n} images: {rss[n][kind]}", flush=True)
-    return report(raw, rates, steps, rss, load_before, os.getloadavg())
+    return report(rounds, steps, rss, load_before, os.getloadavg())
 
 
-def report(raw: float, rates: dict, steps: int, rss: dict, load_before, load_after):
+def report(rounds: dict, steps: int, rss: dict, load_before, load_after):
     """The JSON payload and Markdown of :func:`run`'s measurements."""
+    median = {k: statistics.median(v) for k, v in rounds.items()}
+    raw, at_once = median["raw"], median["raw_at_once"]
     small, large = sorted(rss)
     growth = {kind: rss[large][kind]["main_mib"] - rss[small][kind]["main_mib"]
               + rss[large][kind]["largest_child_mib"] - rss[small][kind]["largest_child_mib"]
               for kind in ("pipeline", "train")}
     payload = {"image_size": IMAGE_SIZE, "batch": BATCH, "throughput_jpeg_sides": THROUGHPUT_SIDES,
-               "throughput_batches": steps, "rss_jpeg_sides": RSS_SIDES, "raw_decode_resize_per_s": raw,
-               "pipeline_per_s": {str(w): r for w, r in rates.items()}, "rss_steps": RSS_STEPS,
+               "throughput_batches": steps, "rounds": {str(k): v for k, v in rounds.items()},
+               "raw_decode_resize_per_s": raw, "raw_decode_resize_at_once_per_s": at_once,
+               "raw_processes_at_once": max(WORKERS),
+               "pipeline_per_s": {str(w): median[w] for w in WORKERS}, "rss_steps": RSS_STEPS,
                "train_flags": TRAIN_FLAGS + [f"--image_size={TRAIN_IMAGE_SIZE}"],
                "peak_rss": {str(n): v for n, v in rss.items()},
                "rss_growth_mib": growth, "load_average_1_5_15": {"before": load_before, "after": load_after}}
-    rows = [["raw PIL decode + resize, 1 process", f"{raw:.1f}", "1.00×"]]
-    rows += [[f"pipeline, {w} worker(s)", f"{r:.1f}", f"{r / raw:.2f}×"] for w, r in rates.items()]
-    rss_rows = [[f"{n:,}", kind, f"{v[kind]['main_mib']:.0f}", f"{v[kind]['largest_child_mib']:.0f}",
-                 f"{100 * v[kind]['data_wait_fraction']:.1f} % of {v[kind]['seconds']} s" if kind == "train" else "–"]
-                for n, v in sorted(rss.items()) for kind in ("pipeline", "train")]
+    reference = {w: at_once if w == max(WORKERS) else raw * max(w, 1) for w in WORKERS}
+
+    def spread(key):
+        return f"{min(rounds[key]):.0f}–{max(rounds[key]):.0f}"
+
+    rows = [["raw PIL decode + resize, 1 process", f"{raw:.1f}", spread("raw"), "1.00×", "–"],
+            [f"raw PIL decode + resize, {max(WORKERS)} processes at once (summed)", f"{at_once:.1f}",
+             spread("raw_at_once"), f"{at_once / raw:.2f}×", "–"]]
+    rows += [[f"pipeline, {w} worker(s)", f"{median[w]:.1f}", spread(w), f"{median[w] / raw:.2f}×",
+              f"{median[w] / (raw * max(w, 1)):.2f} / {median[w] / reference[w]:.2f}"] for w in WORKERS]
+    rss_rows = []
+    for n, v in sorted(rss.items()):
+        pipe, train = v["pipeline"], v["train"]
+        rss_rows.append([f"{n:,}", "pipeline", f"{pipe['main_mib']:.0f}", f"{pipe['largest_child_mib']:.0f}",
+                         f"{pipe['images_per_s']:.0f}", "–"])
+        rss_rows.append([f"{n:,}", "train", f"{train['main_mib']:.0f}", f"{train['largest_child_mib']:.0f}",
+                         f"{train['images_per_s']:.0f}", f"{100 * train['data_wait_fraction']:.2f} % (host "
+                         f"{100 * train['host_data_wait_fraction']:.1f} %; first batch "
+                         f"{train['first_batch_seconds']} s; run {train['seconds']} s)"])
     markdown = (f"Load average (1/5/15 min) {'/'.join(f'{x:.1f}' for x in load_before)} before, "
-                f"{'/'.join(f'{x:.1f}' for x in load_after)} after: other jobs shared the machine.\n\n"
+                f"{'/'.join(f'{x:.1f}' for x in load_after)} after.\n\n"
                 f"Images/s, {IMAGE_SIZE}-px ImageNet-style training preprocessing (random-resized crop + flip) of "
-                f"{THROUGHPUT_SIDES[0]}–{THROUGHPUT_SIDES[1]} px JPEGs, batch {BATCH}, {steps} batches:\n\n"
-                + markdown_table(["what", "images/s", "vs raw"], rows)
+                f"{THROUGHPUT_SIDES[0]}–{THROUGHPUT_SIDES[1]} px JPEGs, batch {BATCH}, uint8 batches as the loop "
+                f"sends them to the devices, {steps} batches after the workers' start; median (and range) of "
+                f"{len(rounds['raw'])} interleaved rounds. Last column: the pipeline over raw × workers, and over "
+                f"what raw decoding does with as many processes busy at once (raw × workers for fewer than "
+                f"{max(WORKERS)}; the measured row above for {max(WORKERS)}):\n\n"
+                + markdown_table(["what", "images/s", "range", "vs raw (1 process)",
+                                  "vs raw × workers / vs raw at once (goal ≥ 0.90)"], rows)
                 + f"\n\nPeak RSS (MiB) of the same {RSS_STEPS}-step run on folders of {RSS_SIDES[0]}–{RSS_SIDES[1]} px "
-                  f"JPEGs, 2 workers: the pipeline alone ({IMAGE_SIZE}-px crops), and training "
-                  f"(`{' '.join(TRAIN_FLAGS)} --image_size={TRAIN_IMAGE_SIZE}`):\n\n"
-                + markdown_table(["training images", "run", "main process", "largest child (worker)", "data wait"],
-                                 rss_rows)
+                  f"JPEGs ({TRAIN_IMAGE_SIZE}-px crops, 2 workers): the pipeline alone, and training "
+                  f"(`{' '.join(TRAIN_FLAGS)} --image_size={TRAIN_IMAGE_SIZE}`). Images/s: the pipeline's after its "
+                  f"first batch; training's from the mean step time after the first step (evaluation and "
+                  f"checkpoints left out). Data wait: the share of that steady step time the devices waited for data "
+                  f"(`data_wait_fraction`: the loop's waits for a batch that ended with the devices done with "
+                  f"every earlier step), and in brackets every wait of the host (`host_data_wait_fraction`, "
+                  f"also while the devices still ran earlier steps); the first batch's wait (workers starting) "
+                  f"apart:\n\n"
+                + markdown_table(["training images", "run", "main process", "largest child (worker)", "images/s",
+                                  "data wait"], rss_rows)
                 + f"\n\nGrowth from {small:,} to {large:,} images (main + largest child): "
                   + ", ".join(f"{kind} {g:+.0f} MiB" for kind, g in growth.items())
                 + ". A child's peak RSS counts the pages it shares with the process it was forked from (Linux "
                   "starts a forked child's high-water mark at the parent's): the training run's workers, some "
                   "forked after compilation (the eval iterator's), report about the main process's size, an upper "
-                  "bound of their own; the data wait share is of the whole run, compilation included.")
+                  "bound of their own.")
     print(json.dumps(payload, indent=1))
     return payload, markdown
