@@ -201,6 +201,12 @@ def decode(image, channels: int) -> np.ndarray:
     raise ValueError(f"cannot convert an image with {array.shape[-1]} channels to {channels}")
 
 
+def _array(img) -> np.ndarray:
+    """PIL image -> uint8 ``[H, W, C]`` (a channel axis also for mode 'L')."""
+    out = np.asarray(img)
+    return out[..., None] if out.ndim == 2 else out
+
+
 @dataclasses.dataclass(frozen=True)
 class Preprocess:
     """Per-image training augmentation and eval transform to uint8 ``[image_size, image_size, channels]``,
@@ -252,13 +258,16 @@ class Preprocess:
     def train(self, image, draws: np.ndarray) -> np.ndarray:
         """One training image (encoded bytes or array) -> augmented uint8 ``[S, S, C]``; all randomness
         comes from ``draws`` (its row of :meth:`draws`)."""
-        if self.kind == "imagenet":
+        from PIL import Image
+
+        flip = self.flip and draws[_FLIP] < 0.5
+        if self.kind == "imagenet" and self.crop:  # in PIL from decoding to the flip: no array copies between
             img = self._pil_image(image)
-            if not self.crop:
-                out = self._imagenet_eval(img)
-            else:
-                box = self._resized_crop_box(img.height, img.width, draws)
-                out = self._resize(img, box, (self.image_size, self.image_size))
+            box = self._resized_crop_box(img.height, img.width, draws)
+            img = img.resize((self.image_size, self.image_size), Image.BILINEAR, box=box)
+            return _array(img.transpose(Image.Transpose.FLIP_LEFT_RIGHT) if flip else img)
+        if self.kind == "imagenet":
+            out = self._imagenet_eval(self._pil_image(image))
         else:
             out = self._check_size(decode(image, self.channels))
             if self.crop and self.padding:
@@ -267,9 +276,7 @@ class Preprocess:
                 padded = np.zeros((self.image_size + 2 * p, self.image_size + 2 * p, out.shape[-1]), np.uint8)
                 padded[p:p + self.image_size, p:p + self.image_size] = out
                 out = padded[dy:dy + self.image_size, dx:dx + self.image_size]
-        if self.flip and draws[_FLIP] < 0.5:
-            out = out[:, ::-1]
-        return np.ascontiguousarray(out)
+        return np.ascontiguousarray(out[:, ::-1] if flip else out)
 
     def eval(self, image) -> np.ndarray:
         """One eval image -> uint8 ``[S, S, C]`` (deterministic)."""
@@ -283,19 +290,23 @@ class Preprocess:
         from PIL import Image
 
         if isinstance(image, (bytes, bytearray)):
-            with Image.open(io.BytesIO(image)) as img:
-                return img.convert("RGB" if self.channels == 3 else "L")
+            img = Image.open(io.BytesIO(image))  # in memory: nothing to close
+            mode = "RGB" if self.channels == 3 else "L"
+            img.load()
+            return img if img.mode == mode else img.convert(mode)
         array = decode(image, self.channels)
         return Image.fromarray(array[..., 0] if array.shape[-1] == 1 else array)
 
     def _imagenet_eval(self, img) -> np.ndarray:
         """Resize the shorter side of PIL image ``img`` to ``image_size / 0.875``, centre crop."""
+        from PIL import Image
+
         w, h = img.size
         short = int(self.image_size / EVAL_CROP_FRACTION)
         # torchvision Resize(int): the shorter side becomes ``short``, the longer one is truncated.
         size = (short, int(short * h / w)) if w <= h else (int(short * w / h), short)  # (width, height)
         top, left = int(round((size[1] - self.image_size) / 2.0)), int(round((size[0] - self.image_size) / 2.0))
-        resized = self._resize(img, (0, 0, w, h), size)
+        resized = _array(img.resize(size, Image.BILINEAR))
         return np.ascontiguousarray(resized[top:top + self.image_size, left:left + self.image_size])
 
     @staticmethod
@@ -319,15 +330,6 @@ class Preprocess:
             cw, ch = w, h
         top, left = (h - ch) // 2, (w - cw) // 2
         return left, top, left + cw, top + ch
-
-    @staticmethod
-    def _resize(img, box, size) -> np.ndarray:
-        """Bilinear resize of the ``box`` region of PIL image ``img`` to ``size = (width, height)``: uint8
-        ``[height, width, C]``."""
-        from PIL import Image
-
-        out = np.asarray(img.resize(size, Image.BILINEAR, box=box))
-        return out[..., None] if out.ndim == 2 else out
 
     def normalize(self, images):
         """uint8 ``[..., C]`` -> float32 ``(x - mean) / std``, each value looked up in the float32 table of
