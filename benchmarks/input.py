@@ -1,9 +1,9 @@
 """Input pipeline (train/data.py): images/s of ImageNet-style decode + random-resized crop at 224 from
-~400x350 JPEGs for 0/1/2 grain workers, next to the raw PIL decode+resize rate of one process and of two
-processes decoding at once; peak RSS of the same 100-step run (the pipeline
-alone, and a whole training run) on a folder of 2,000 and of 20,000 distinct 64-400 px JPEGs; and, in
-those training runs, the share of the steady training steps' time spent waiting for data next to the
-pipeline's own rate.
+~400x350 JPEGs for 0/1/2 grain workers (and 4, 8, ... while a core stays free), next to the raw PIL
+decode+resize rate of one process and of as many processes as the most workers, decoding at once; peak
+RSS of the same 100-step run (the pipeline alone, and a whole training run) on a folder of 2,000 and of
+20,000 distinct 64-400 px JPEGs; and, in those training runs, the share of the steady training steps'
+time spent waiting for data next to the pipeline's own rate.
 
 The folders are generated once under ``$DYNCONV_BENCH_DATA`` (default ``/tmp/dynconv_input_bench``), never
 in the repository.
@@ -25,7 +25,8 @@ DATA_ROOT = os.environ.get("DYNCONV_BENCH_DATA", "/tmp/dynconv_input_bench")
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 IMAGE_SIZE, BATCH, RSS_STEPS = 224, 32, 100
 THROUGHPUT_BATCHES = 100
-WORKERS = (0, 1, 2)
+# Worker counts: 0, 1, 2, then powers of two that leave a core to the main process (a host with many cores).
+WORKERS = (0, 1, 2) + tuple(2 ** k for k in range(2, 8) if 2 ** k < len(os.sched_getaffinity(0)))
 TRAIN_IMAGE_SIZE = 64  # the training run's crops: a 224-px step of even this small ResNet takes seconds on 2 CPU cores
 THROUGHPUT_SIDES = (350, 400)  # random sides per image: mean ~375x375 px, the area of the usual ~400x350
 RSS_SIDES = (64, 400)
