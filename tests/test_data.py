@@ -230,3 +230,26 @@ def test_step_schedule_and_preset_overrides():
         parse_args(["--config=nope"])
     with pytest.raises(UsageError, match="--schedule=step needs --decay_epochs"):
         parse_args(["--schedule=step"])
+
+
+def test_input_benchmark_measures_and_reports_on_a_tiny_folder(tmp_path, monkeypatch):
+    """benchmarks/input.py on 64 small JPEGs: raw decoding (one process, two at once), the pipeline with 0
+    and 1 worker, and the report's rows and ratios. The rates are only checked to be measured: speed is
+    the benchmark's job, not a test's."""
+    from benchmarks import input as bench
+    monkeypatch.setattr(bench, "DATA_ROOT", str(tmp_path))
+    monkeypatch.setattr(bench, "WORKERS", (0, 1))
+    root = bench.make_folder(64, (40, 60), num_test=10)
+    rounds = {"raw": [bench.raw_rate(root, 32)], "raw_at_once": [bench.parallel_raw_rate(root, 16, 1)],
+              0: [bench.pipeline_rate(root, 0, 2)], 1: [bench.pipeline_rate(root, 1, 2)]}
+    assert all(rates[0] > 0 for rates in rounds.values()), rounds
+    run = {"main_mib": 300.0, "largest_child_mib": 200.0}
+    rss = {n: {"pipeline": dict(run, images_per_s=900.0),
+               "train": dict(run, seconds=20.0, data_wait_fraction=0.0002, host_data_wait_fraction=0.04,
+                             first_batch_seconds=0.7, images_per_s=150.0)} for n in (64, 640)}
+    payload, markdown = bench.report(rounds, 2, rss, (0.0,) * 3, (0.0,) * 3)
+    # The most workers (1 here) are compared with raw decoding by as many processes at once.
+    ratios = rounds[1][0] / rounds["raw"][0], rounds[1][0] / rounds["raw_at_once"][0]
+    assert f"| pipeline, 1 worker(s) | {rounds[1][0]:.1f} |" in markdown
+    assert "{:.2f} / {:.2f}".format(*ratios) in markdown
+    assert "0.02 % (host 4.0 %; first batch 0.7 s" in markdown and payload["rss_growth_mib"]["train"] == 0
