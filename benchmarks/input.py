@@ -81,8 +81,7 @@ def make_folder(num_train: int, sides, num_test: int = 100) -> str:
 
 
 def raw_rate(root: str, count: int) -> float:
-    """Images/s of one process: read, PIL-decode to RGB, bilinear resize to 224x224 (``count`` <= images;
-    the benchmark reports the median of 3 passes)."""
+    """Images/s of one process: read, PIL-decode to RGB, bilinear resize to 224x224 (``count`` <= images)."""
     from PIL import Image
 
     from train import data
@@ -137,8 +136,8 @@ def peak_rss(root: str, kind: str) -> dict:
 
 
 def run(quick: bool = False, repeats: Optional[int] = None, **_):
-    """Throughput: ``repeats`` (default 3) interleaved rounds of every measurement, medians reported (a
-    VM's speed drifts between minutes, and one busy core may run faster than two); then the RSS runs."""
+    """Throughput: ``repeats`` interleaved rounds of every measurement (the CLI: 5, 3 with ``--quick``),
+    medians reported (a VM's speed drifts between minutes); then the RSS runs."""
     repeats = repeats or (1 if quick else 3)
     load_before = os.getloadavg()
     sizes = (200, 2000) if quick else (2000, 20000)
