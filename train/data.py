@@ -178,16 +178,24 @@ def open_folder(root: Optional[str], train_split: str, eval_split: str) -> Tuple
 
 
 # ------------------------------------------------------------------------------------ preprocessing
+def _decode_pil(data: bytes, channels: int):
+    """Encoded image bytes -> a PIL image in mode 'RGB' (``channels=3``) or 'L', decoded once (no
+    conversion copy when the file already has that mode); raises one of :data:`DECODE_ERRORS`."""
+    from PIL import Image
+
+    img = Image.open(io.BytesIO(data))  # in memory: nothing to close
+    img.load()
+    mode = "RGB" if channels == 3 else "L"
+    return img if img.mode == mode else img.convert(mode)
+
+
 def decode(image, channels: int) -> np.ndarray:
     """An encoded image (bytes) or a decoded array -> uint8 ``[H, W, channels]``.
 
     Grayscale, grayscale+alpha, RGBA, palette and CMYK images become RGB for ``channels=3``;
     raises one of :data:`DECODE_ERRORS` for an unreadable or truncated file."""
-    from PIL import Image
-
     if isinstance(image, (bytes, bytearray)):
-        with Image.open(io.BytesIO(image)) as img:
-            array = np.asarray(img.convert("RGB" if channels == 3 else "L"))
+        array = np.asarray(_decode_pil(image, channels))
     else:
         array = np.asarray(image)
     if array.ndim == 2:
@@ -290,10 +298,7 @@ class Preprocess:
         from PIL import Image
 
         if isinstance(image, (bytes, bytearray)):
-            img = Image.open(io.BytesIO(image))  # in memory: nothing to close
-            mode = "RGB" if self.channels == 3 else "L"
-            img.load()
-            return img if img.mode == mode else img.convert(mode)
+            return _decode_pil(image, self.channels)
         array = decode(image, self.channels)
         return Image.fromarray(array[..., 0] if array.shape[-1] == 1 else array)
 
