@@ -113,6 +113,20 @@ def test_fuse_batchnorm_flax_model_exact():
         assert rel_err(apply(fused, x), apply(variables, x)) <= 1e-12
 
 
+def test_train_export_jax_logits_batches_with_a_padded_last_batch():
+    from train.export import jax_logits
+
+    with jax.enable_x64(True):
+        model = jax_chain()
+        x = jax.random.normal(jax.random.key(0), (5, 8, 8, 8), jnp.float64)
+        variables = randomize(jax.jit(model.init)(jax.random.key(1), x), jax.random.key(2), scale=0.2)
+        whole = np.asarray(model.apply(variables, x), np.float32)
+        for batch_size in (2, 5, 256):  # padded last batch, exact fit, fewer images than a batch
+            logits = jax_logits(model, variables, np.asarray(x), temperature=None, batch_size=batch_size)
+            assert logits.shape == whole.shape and logits.dtype == np.float32
+            np.testing.assert_allclose(logits, whole, rtol=1e-6, atol=1e-6)
+
+
 @pytest.mark.parametrize("kind", sorted(torch_layers()))
 def test_fuse_bn_torch_layer_exact(kind):
     torch.manual_seed(0)

@@ -24,10 +24,16 @@ from train.steps import model_kwargs
 
 
 def jax_logits(model, variables, images: np.ndarray, temperature: float, batch_size: int = 256) -> np.ndarray:
-    """Eval-mode logits ``[N, num_classes]`` in float32, in batches."""
+    """Eval-mode logits ``[N, num_classes]`` in float32, in batches of one shape (the last one padded
+    with its final image), so the model compiles once."""
     apply = jax.jit(lambda v, x: model.apply(v, x, train=False, temperature=temperature))
-    return np.concatenate([np.asarray(apply(variables, images[i:i + batch_size]), np.float32)
-                           for i in range(0, len(images), batch_size)])
+    batch_size = min(batch_size, len(images))
+    out = []
+    for i in range(0, len(images), batch_size):
+        chunk = images[i:i + batch_size]
+        padded = np.concatenate([chunk, np.repeat(chunk[-1:], batch_size - len(chunk), axis=0)])
+        out.append(np.asarray(apply(variables, padded), np.float32)[:len(chunk)])
+    return np.concatenate(out)
 
 
 def torch_logits(torch_model, images: np.ndarray, batch_size: int = 256) -> np.ndarray:
