@@ -253,3 +253,8 @@ def test_input_benchmark_measures_and_reports_on_a_tiny_folder(tmp_path, monkeyp
     assert f"| pipeline, 1 worker(s) | {rounds[1][0]:.1f} |" in markdown
     assert "{:.2f} / {:.2f}".format(*ratios) in markdown
     assert "0.02 % (host 4.0 %; first batch 0.7 s" in markdown and payload["rss_growth_mib"]["train"] == 0
+    # Two rounds on a VM whose speed halved: ratios of the medians, and the median of each round's ratio.
+    drift = {"raw": [200.0, 100.0], "raw_at_once": [200.0, 100.0], 0: [200.0, 90.0], 1: [170.0, 95.0]}
+    payload, markdown = bench.report(drift, 2, rss, (0.0,) * 3, (0.0,) * 3)
+    assert "| pipeline, 1 worker(s) | 132.5 | 95–170 | 0.88× | 0.88 / 0.88 | 0.90 |" in markdown
+    assert payload["pipeline_over_reference_per_round_median"] == pytest.approx({"0": 0.95, "1": 0.9})
