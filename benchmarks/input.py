@@ -144,6 +144,7 @@ def run(quick: bool = False, repeats: Optional[int] = None, **_):
     fast = make_folder(256 if quick else 1024, THROUGHPUT_SIDES)
     steps, count = (6, 256) if quick else (THROUGHPUT_BATCHES, 1024)
     rounds = {"raw": [], "raw_at_once": [], **{w: [] for w in WORKERS}}
+    raw_rate(fast, count)  # untimed warm-up: a process's first pass decodes slower (docs/training.md)
     for r in range(repeats):
         rounds["raw"].append(raw_rate(fast, count))
         rounds["raw_at_once"].append(parallel_raw_rate(fast, count, max(WORKERS)))
