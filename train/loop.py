@@ -104,10 +104,9 @@ def train_and_evaluate(config: Config) -> Dict[str, Any]:
     dropout_key = jax.random.fold_in(jax.random.key(config.seed), 1)
     state = steps.create_train_state(init_key, model, dataset.image_shape, tx)
 
-    # Asynchronous: a checkpoint's arrays are written while the next steps run (train/checkpoint.py).
-    # Single-process only: a 2-process run with asynchronous saves hung (docs/training.md).
-    checkpointer = ckpt_lib.Checkpointer(workdir, config.keep_checkpoints,
-                                         asynchronous=jax.process_count() == 1)
+    # Asynchronous: a checkpoint's arrays are written while the next steps run (train/checkpoint.py), in
+    # multi-process runs too (Orbax's background threads synchronise through the distributed client).
+    checkpointer = ckpt_lib.Checkpointer(workdir, config.keep_checkpoints, asynchronous=True)
     existing = checkpointer.all_steps()
     if existing and not config.resume:
         raise UsageError(f"{workdir} already has checkpoints (steps {existing}); pass --resume to continue "
