@@ -176,12 +176,15 @@ def report(rounds: dict, steps: int, rss: dict, load_before, load_after):
                "train_flags": TRAIN_FLAGS + [f"--image_size={TRAIN_IMAGE_SIZE}"],
                "peak_rss": {str(n): v for n, v in rss.items()},
                "rss_growth_mib": growth, "load_average_1_5_15": {"before": load_before, "after": load_after}}
-    reference = {w: at_once if w == max(WORKERS) else raw * max(w, 1) for w in WORKERS}
+
+    def reference(w, raw_per_s, at_once_per_s):
+        """What ``w`` workers are compared with: raw × workers, or the measured raw at once for the most."""
+        return at_once_per_s if w == max(WORKERS) else raw_per_s * max(w, 1)
+
     # The same ratios round by round (each pipeline rate over the raw rates of its own round), then their
     # median: the VM's speed drifts between minutes, and a round's measurements are seconds apart.
-    per_round = {w: statistics.median(
-        rate / (at_once_r if w == max(WORKERS) else raw_r * max(w, 1))
-        for rate, raw_r, at_once_r in zip(rounds[w], rounds["raw"], rounds["raw_at_once"])) for w in WORKERS}
+    per_round = {w: statistics.median(rate / reference(w, raw_r, at_once_r) for rate, raw_r, at_once_r
+                                      in zip(rounds[w], rounds["raw"], rounds["raw_at_once"])) for w in WORKERS}
     payload["pipeline_over_reference_per_round_median"] = {str(w): per_round[w] for w in WORKERS}
 
     def spread(key):
@@ -191,7 +194,7 @@ def report(rounds: dict, steps: int, rss: dict, load_before, load_after):
             [f"raw PIL decode + resize, {max(WORKERS)} processes at once (summed)", f"{at_once:.1f}",
              spread("raw_at_once"), f"{at_once / raw:.2f}×", "–", "–"]]
     rows += [[f"pipeline, {w} worker(s)", f"{median[w]:.1f}", spread(w), f"{median[w] / raw:.2f}×",
-              f"{median[w] / (raw * max(w, 1)):.2f} / {median[w] / reference[w]:.2f}",
+              f"{median[w] / (raw * max(w, 1)):.2f} / {median[w] / reference(w, raw, at_once):.2f}",
               f"{per_round[w]:.2f}"] for w in WORKERS]
     rss_rows = []
     for n, v in sorted(rss.items()):
