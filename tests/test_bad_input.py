@@ -9,6 +9,7 @@ configurations.
 """
 from __future__ import annotations
 
+import concurrent.futures
 import errno
 import functools
 import os
@@ -529,8 +530,13 @@ def test_resume_after_every_checkpoint_was_quarantined(tmp_path, capfd, monkeypa
     def started(*args, **kwargs):
         raise Started
 
+    def stand_in(*args):  # the initial state without compiling anything
+        initial_state = concurrent.futures.Future()
+        initial_state.set_result(_target())
+        return initial_state, None, None
+
     monkeypatch.setattr(loop.metrics_lib, "MetricsWriter", started)
-    monkeypatch.setattr(loop.steps, "create_train_state", lambda *args: _target())  # no model init compiled
+    monkeypatch.setattr(loop, "_compile_ahead", stand_in)
     work = tmp_path / "run"
     args = ["--base_width=2", "--conv=static", "--batch_size=32", "--export=false", "--tensorboard=false",
             "--progress=false", f"--workdir={work}", "--num_steps=2", "--checkpoint_every_steps=2", "--resume"]

@@ -54,6 +54,10 @@ def test_digits_batches_are_a_pure_function_of_seed_and_step():
     # Eval: one padded batch shape, every eval image once.
     batches = list(pipeline.eval_batches())
     assert [b["image"].shape for b in batches] == [(64, 8, 8, 1)] * 6 and sum(b["mask"].sum() for b in batches) == 360
+    # What the loop compiles its steps for, before any batch exists: the batches' global shapes and dtypes.
+    train_inputs, eval_inputs = pipeline.model_inputs(train=True), pipeline.model_inputs(train=False)
+    assert train_inputs == tuple((first[k].shape, first[k].dtype) for k in ("image", "label"))
+    assert eval_inputs == tuple((batches[0][k].shape, batches[0][k].dtype) for k in ("image", "label", "mask"))
 
 
 def test_folder_source_workers_processes_and_unreadable_images(tmp_path, capfd):
@@ -90,6 +94,7 @@ def test_folder_source_workers_processes_and_unreadable_images(tmp_path, capfd):
     flagged = np.concatenate([b["bad"] for b in reference])
     assert sorted(flagged[flagged >= 0]) == [bad_index] * 3  # once per epoch
     assert all(b["image"].dtype == np.uint8 and b["image"].shape == (12, 16, 16, 3) for b in reference)
+    assert data.Pipeline(ds, 12, 1, 0, 1, 2).model_inputs() == (((12, 16, 16, 3), np.uint8), ((12,), np.int32))
     # Eval: the unreadable image is masked out, the split is padded to whole batches.
     corrupt(os.path.join(root, "test", "class_000", "test_000000.jpg"))
     evals = list(serial.eval_batches())

@@ -586,6 +586,14 @@ class Pipeline:
         self.normalize = dataset.preprocess.normalize
         self._eval_iterator = None
 
+    def model_inputs(self, train: bool = True) -> Tuple[Tuple[Tuple[int, ...], np.dtype], ...]:
+        """Global ``(shape, dtype)`` of the arrays the steps take from a batch: ``(image, label)`` for
+        training, ``(image, label, mask)`` for eval (what the loop compiles its steps for before the
+        first batch exists)."""
+        image = ((self.global_batch,) + self.dataset.image_shape, np.dtype(np.uint8))
+        label = ((self.global_batch,), np.dtype(np.int32))
+        return (image, label) if train else (image, label, ((self.global_batch,), np.dtype(np.float32)))
+
     def _iterate(self, dataset):
         """grain iterator over ``dataset`` (a ``MapDataset`` of batches), in order, prepared by
         ``self.workers`` processes (or a thread of this one), two batches ahead."""

@@ -8,6 +8,7 @@ import math
 import os
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Dict
 
 import jax
@@ -70,6 +71,31 @@ def evaluate(p_eval_step, state, pipeline: data_lib.Pipeline, sharding, temperat
     return {"loss": totals["loss"] / totals["count"], "accuracy": totals["correct"] / totals["count"]}
 
 
+def _compile_ahead(mesh, pipeline: data_lib.Pipeline, model, tx, init_key, dropout_key, train_step, eval_step):
+    """Start compiling the run's three XLA programs at once: the parameter init, then ``train_step`` and
+    ``eval_step`` (jitted, with the run's shardings) for the replicated state and the pipeline's global
+    batches. Each is lowered here, one after the other, and compiled in a thread of its own (XLA compiles
+    without holding the GIL), so they share the cores and the caller goes on meanwhile; the init is run in
+    its thread once compiled. Returns futures of the initial :class:`~train.steps.TrainState` and of the
+    two compiled steps (``jax.stages.Compiled``: called with other shapes, dtypes or shardings, they raise
+    instead of compiling again). See docs/performance.md, "Start-up"."""
+    repl, batch = parallel.replicated(mesh), parallel.batch_sharded(mesh)
+    compiler = ThreadPoolExecutor(max_workers=3, thread_name_prefix="compile")
+    init = jax.jit(steps.init_variables_fn(model, pipeline.dataset.image_shape)).lower(init_key)
+    initial_state = compiler.submit(lambda: steps.train_state_from_variables(init.compile()(init_key), model, tx))
+    state = parallel.abstract(jax.eval_shape(
+        functools.partial(steps.train_state_from_variables, model=model, tx=tx), init.out_info), repl)
+    inputs = {train: [jax.ShapeDtypeStruct(shape, dtype, sharding=batch)
+                      for shape, dtype in pipeline.model_inputs(train)] for train in (True, False)}
+    compiled_train_step = parallel.compile_ahead(
+        compiler, mesh, train_step, state, parallel.abstract(jax.eval_shape(steps.zero_metric_sums), repl),
+        *inputs[True], parallel.abstract(dropout_key, repl))
+    compiled_eval_step = parallel.compile_ahead(
+        compiler, mesh, eval_step, state, *inputs[False], jax.ShapeDtypeStruct((), np.float32, sharding=repl))
+    compiler.shutdown(wait=False)  # the compiles run on; nothing more is submitted
+    return initial_state, compiled_train_step, compiled_eval_step
+
+
 def train_and_evaluate(config: Config) -> Dict[str, Any]:
     """Train ``config``; returns the final metrics, the state and paths (see docs/training.md)."""
     config.validate()
@@ -97,13 +123,6 @@ def train_and_evaluate(config: Config) -> Dict[str, Any]:
     model = steps.create_model(config, dataset.num_classes, dataset.image_shape)
     tx, lr_schedule = steps.create_optimizer(config, spe, total_steps)
     temperature_fn = steps.temperature_schedule(config, spe)
-    # Parameters are drawn with the 'rbg' PRNG: XLA:CPU compiles a threefry init of a ResNet
-    # several times slower (docs/performance.md, "Compile time"). Dropout keeps threefry,
-    # whose sharded random bits equal the unsharded ones.
-    init_key = jax.random.key(config.seed, impl="rbg")
-    dropout_key = jax.random.fold_in(jax.random.key(config.seed), 1)
-    state = steps.create_train_state(init_key, model, dataset.image_shape, tx)
-
     # Asynchronous: a checkpoint's arrays are written while the next steps run (train/checkpoint.py), in
     # multi-process runs too (Orbax's background threads synchronise through the distributed client).
     checkpointer = ckpt_lib.Checkpointer(workdir, config.keep_checkpoints, asynchronous=True)
@@ -116,6 +135,27 @@ def train_and_evaluate(config: Config) -> Dict[str, Any]:
     if primary:
         with open(os.path.join(workdir, "config.json"), "w") as f:
             f.write(config.to_json())
+
+    # Parameters are drawn with the 'rbg' PRNG: XLA:CPU compiles a threefry init of a ResNet
+    # several times slower (docs/performance.md, "Compile time"). Dropout keeps threefry,
+    # whose sharded random bits equal the unsharded ones.
+    init_key = jax.random.key(config.seed, impl="rbg")
+    dropout_key = jax.random.fold_in(jax.random.key(config.seed), 1)
+    repl, data_sharding = parallel.replicated(mesh), parallel.batch_sharded(mesh)
+    # The step adds its metrics to on-device sums: the host waits for the device only when it fetches
+    # them (every --log_every_steps, at epoch ends and before each checkpoint), not every step.
+    train_step = jax.jit(
+        functools.partial(steps.accumulating_train_step, temperature_fn=temperature_fn,
+                          label_smoothing=config.label_smoothing, learning_rate_fn=lr_schedule,
+                          normalize=pipeline.normalize),
+        in_shardings=(repl, repl, data_sharding, data_sharding, repl), out_shardings=(repl, repl),
+        donate_argnums=(0, 1))
+    eval_step = jax.jit(
+        functools.partial(steps.eval_step, normalize=pipeline.normalize),
+        in_shardings=(repl, data_sharding, data_sharding, data_sharding, repl), out_shardings=repl)
+    initial_state, compiled_train_step, compiled_eval_step = _compile_ahead(
+        mesh, pipeline, model, tx, init_key, dropout_key, train_step, eval_step)
+    state = initial_state.result()
 
     start_step, skipped = 0, 0
     running = {"loss": 0.0, "accuracy": 0.0, "count": 0}
@@ -147,19 +187,7 @@ def train_and_evaluate(config: Config) -> Dict[str, Any]:
                 f"train from step 0: pass --allow_restart to do that, or restore a checkpoint by hand")
         print(f"--resume: no checkpoint in {checkpointer.directory}; starting from step 0", flush=True)
 
-    repl, data_sharding = parallel.replicated(mesh), parallel.batch_sharded(mesh)
     state, dropout_key = parallel.replicate((state, dropout_key), repl)
-    # The step adds its metrics to on-device sums: the host waits for the device only when it fetches
-    # them (every --log_every_steps, at epoch ends and before each checkpoint), not every step.
-    p_train_step = parallel.under_mesh(mesh, jax.jit(
-        functools.partial(steps.accumulating_train_step, temperature_fn=temperature_fn,
-                          label_smoothing=config.label_smoothing, learning_rate_fn=lr_schedule,
-                          normalize=pipeline.normalize),
-        in_shardings=(repl, repl, data_sharding, data_sharding, repl), out_shardings=(repl, repl),
-        donate_argnums=(0, 1)))
-    p_eval_step = parallel.under_mesh(mesh, jax.jit(
-        functools.partial(steps.eval_step, normalize=pipeline.normalize),
-        in_shardings=(repl, data_sharding, data_sharding, data_sharding, repl), out_shardings=repl))
 
     writer = metrics_lib.MetricsWriter(workdir, start_step if restored else None, config.tensorboard, primary)
     if primary:
@@ -169,6 +197,7 @@ def train_and_evaluate(config: Config) -> Dict[str, Any]:
               f"batch {config.batch_size}, {config.data_workers} data worker(s), "
               f"{total_steps} steps ({spe}/epoch); workdir {workdir}", flush=True)
 
+    p_train_step, p_eval_step = compiled_train_step.result(), compiled_eval_step.result()
     bar = None
     if config.progress and primary:
         from tqdm import tqdm

@@ -8,6 +8,7 @@ equals single-device training on the same global batch up to float summation ord
 from __future__ import annotations
 
 import os
+from concurrent.futures import Executor, Future
 
 import numpy as np
 import jax
@@ -56,6 +57,23 @@ def under_mesh(mesh: Mesh, fn):
         with jax.set_mesh(mesh):
             return fn(*args, **kwargs)
     return call
+
+
+def abstract(tree, sharding: NamedSharding):
+    """``jax.ShapeDtypeStruct`` of each leaf of ``tree`` (arrays, or their shapes from ``jax.eval_shape``),
+    placed with ``sharding`` and strongly typed, like the arrays :func:`replicate` and
+    :func:`global_batch` make."""
+    return jax.tree.map(lambda leaf: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=sharding), tree)
+
+
+def compile_ahead(compiler: Executor, mesh: Mesh, jitted, *abstract_args) -> "Future[jax.stages.Compiled]":
+    """Lower ``jitted`` for ``abstract_args`` (see :func:`abstract`) here, with ``mesh`` set as in
+    :func:`under_mesh`, and compile it in a thread of ``compiler``: XLA compiles without holding
+    the GIL, so several programs compile at once while this thread goes on. The compiled program,
+    called with arrays of other shapes, dtypes or shardings, raises instead of compiling again."""
+    with jax.set_mesh(mesh):
+        lowered = jitted.lower(*abstract_args)
+    return compiler.submit(lowered.compile)
 
 
 def replicate(tree, sharding: NamedSharding):

@@ -131,14 +131,26 @@ def create_optimizer(config, steps_per_epoch: int, total_steps: int) -> Tuple[op
     return optax.chain(*parts), schedule
 
 
-def create_train_state(rng: Array, model, image_shape, tx) -> TrainState:
-    """Initialise parameters and BatchNorm statistics on a ``[1, *image_shape]`` input."""
-    dummy = jnp.zeros((1,) + tuple(image_shape), jnp.float32)
-    params_key, dropout_key = jax.random.split(rng)
-    variables = jax.jit(functools.partial(model.init, train=False))(
-        {"params": params_key, "dropout": dropout_key}, dummy)
+def init_variables_fn(model, image_shape) -> Callable[[Array], Dict[str, Any]]:
+    """``rng -> variables``: ``model.init`` in eval mode on a ``[1, *image_shape]`` zero input, its
+    'params' and 'dropout' streams split from ``rng``. Pure: ``jax.jit`` it, or lower it ahead of time."""
+    def init(rng: Array) -> Dict[str, Any]:
+        params_key, dropout_key = jax.random.split(rng)
+        dummy = jnp.zeros((1,) + tuple(image_shape), jnp.float32)
+        return model.init({"params": params_key, "dropout": dropout_key}, dummy, train=False)
+
+    return init
+
+
+def train_state_from_variables(variables: Dict[str, Any], model, tx) -> TrainState:
+    """Step 0 of training ``variables`` (``params`` and, if any, ``batch_stats``) with ``tx``."""
     return TrainState.create(apply_fn=model.apply, params=variables["params"],
                              batch_stats=variables.get("batch_stats", {}), tx=tx)
+
+
+def create_train_state(rng: Array, model, image_shape, tx) -> TrainState:
+    """Initialise parameters and BatchNorm statistics on a ``[1, *image_shape]`` input."""
+    return train_state_from_variables(jax.jit(init_variables_fn(model, image_shape))(rng), model, tx)
 
 
 def _variables(state: TrainState, params=None) -> Dict[str, Any]:
