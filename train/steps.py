@@ -13,7 +13,6 @@ scripts (evaluation, ablations) can build the same model and state from a
 """
 from __future__ import annotations
 
-import functools
 from typing import Any, Callable, Dict, Optional, Tuple
 
 import flax
