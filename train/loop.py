@@ -75,14 +75,14 @@ def _compile_ahead(mesh, pipeline: data_lib.Pipeline, model, tx, init_key, dropo
     """Start compiling the run's three XLA programs at once: the parameter init, then ``train_step`` and
     ``eval_step`` (jitted, with the run's shardings) for the replicated state and the pipeline's global
     batches. Each is lowered here, one after the other, and compiled in a thread of its own (XLA compiles
-    without holding the GIL), so they share the cores and the caller goes on meanwhile; the init is run in
-    its thread once compiled. Returns futures of the initial :class:`~train.steps.TrainState` and of the
-    two compiled steps (``jax.stages.Compiled``: called with other shapes, dtypes or shardings, they raise
-    instead of compiling again). See docs/performance.md, "Start-up"."""
+    without holding the GIL), so they share the cores and the caller goes on meanwhile. Returns futures of
+    the three ``jax.stages.Compiled`` programs (the init takes ``init_key``; called with other shapes,
+    dtypes or shardings, a compiled program raises instead of compiling again). See docs/performance.md,
+    "Start-up"."""
     repl, batch = parallel.replicated(mesh), parallel.batch_sharded(mesh)
     compiler = ThreadPoolExecutor(max_workers=3, thread_name_prefix="compile")
     init = jax.jit(steps.init_variables_fn(model, pipeline.dataset.image_shape)).lower(init_key)
-    initial_state = compiler.submit(lambda: steps.train_state_from_variables(init.compile()(init_key), model, tx))
+    compiled_init = compiler.submit(init.compile)
     state = parallel.abstract(jax.eval_shape(
         functools.partial(steps.train_state_from_variables, model=model, tx=tx), init.out_info), repl)
     inputs = {train: [jax.ShapeDtypeStruct(shape, dtype, sharding=batch)
@@ -93,7 +93,7 @@ def _compile_ahead(mesh, pipeline: data_lib.Pipeline, model, tx, init_key, dropo
     compiled_eval_step = parallel.compile_ahead(
         compiler, mesh, eval_step, state, *inputs[False], jax.ShapeDtypeStruct((), np.float32, sharding=repl))
     compiler.shutdown(wait=False)  # the compiles run on; nothing more is submitted
-    return initial_state, compiled_train_step, compiled_eval_step
+    return compiled_init, compiled_train_step, compiled_eval_step
 
 
 def train_and_evaluate(config: Config) -> Dict[str, Any]:
@@ -153,9 +153,9 @@ def train_and_evaluate(config: Config) -> Dict[str, Any]:
     eval_step = jax.jit(
         functools.partial(steps.eval_step, normalize=pipeline.normalize),
         in_shardings=(repl, data_sharding, data_sharding, data_sharding, repl), out_shardings=repl)
-    initial_state, compiled_train_step, compiled_eval_step = _compile_ahead(
+    compiled_init, compiled_train_step, compiled_eval_step = _compile_ahead(
         mesh, pipeline, model, tx, init_key, dropout_key, train_step, eval_step)
-    state = initial_state.result()
+    state = steps.train_state_from_variables(compiled_init.result()(init_key), model, tx)
 
     start_step, skipped = 0, 0
     running = {"loss": 0.0, "accuracy": 0.0, "count": 0}

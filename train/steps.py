@@ -225,11 +225,13 @@ def accumulate_metrics(sums: Dict[str, Array], metrics: Dict[str, Array], step: 
 
     Keeps the sums of ``loss`` and ``accuracy`` and the number of ``steps``; the first step (0-based
     ``step``) whose loss or gradient norm is NaN/Inf with those two values; and the latest step's
-    values (``last_*``, ``learning_rate``, ``temperature``) for logging.
+    values (``last_*``, ``learning_rate``, ``temperature``) for logging. Every entry keeps the dtype
+    of ``sums`` (float32 and int32 from :func:`zero_metric_sums`), also where the metrics are float64
+    (under ``jax_enable_x64``), so the step's output sums fit its compiled input.
     """
     finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(metrics["grad_norm"])
     first_bad = (sums["first_nonfinite_step"] < 0) & ~finite
-    return {
+    new_sums = {
         "loss": sums["loss"] + metrics["loss"],
         "accuracy": sums["accuracy"] + metrics["accuracy"],
         "steps": sums["steps"] + 1,
@@ -240,6 +242,7 @@ def accumulate_metrics(sums: Dict[str, Array], metrics: Dict[str, Array], step: 
         "learning_rate": metrics.get("learning_rate", sums["learning_rate"]),
         "temperature": metrics["temperature"],
     }
+    return {key: value.astype(sums[key].dtype) for key, value in new_sums.items()}
 
 
 def accumulating_train_step(state: TrainState, sums: Dict[str, Array], images: Array, labels: Array,
