@@ -101,6 +101,33 @@ def test_metric_sums_keep_their_dtypes_under_x64(tmp_path):
     assert result["steps"] == 3 and np.isfinite(result["eval_loss"])
 
 
+def test_config_json_is_never_seen_half_written(tmp_path):
+    """A resumed multi-process run: process 0 rewrites config.json while the others check it. A reader
+    racing 2,000 rewrites always finds a whole configuration (a plain rewrite truncates the file first,
+    and a reader that saw it empty stopped its process with 'config.json is not valid JSON')."""
+    import threading
+    from train import loop
+    config = tiny(tmp_path)
+    loop._write_config(str(tmp_path), config)
+    done, errors = threading.Event(), []
+
+    def read():
+        while not done.is_set():
+            try:
+                loop._check_resumable(str(tmp_path), config)
+            except UsageError as error:
+                errors.append(error)
+
+    reader = threading.Thread(target=read)
+    reader.start()
+    for _ in range(2000):
+        loop._write_config(str(tmp_path), config)
+    done.set()
+    reader.join()
+    assert not errors, errors[0]
+    assert os.listdir(tmp_path) == ["config.json"]
+
+
 def test_data_wait_clock_keeps_the_first_step_and_pauses_apart(monkeypatch):
     from train import metrics
     now = [0.0]

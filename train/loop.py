@@ -50,6 +50,15 @@ def _check_resumable(workdir: str, config: Config) -> None:
                          f"({'; '.join(diff)}); an exact resume needs the same configuration")
 
 
+def _write_config(workdir: str, config: Config) -> None:
+    """``workdir/config.json``, replaced in one step: the other processes of a resumed multi-process run
+    read it (:func:`_check_resumable`) while process 0 writes it, and must never see it half written."""
+    partial_path = os.path.join(workdir, f".config.json.{os.getpid()}")
+    with open(partial_path, "w") as f:
+        f.write(config.to_json())
+    os.replace(partial_path, os.path.join(workdir, "config.json"))
+
+
 def _checkpoint_failure(error: Exception, checkpointer: ckpt_lib.Checkpointer) -> Exception:
     """A failed write (:class:`~train.checkpoint.CheckpointWriteError`) or a refused NaN/Inf state
     (:class:`TrainingDiverged`), naming the last good checkpoint."""
@@ -133,8 +142,7 @@ def train_and_evaluate(config: Config) -> Dict[str, Any]:
     if config.resume:
         _check_resumable(workdir, config)
     if primary:
-        with open(os.path.join(workdir, "config.json"), "w") as f:
-            f.write(config.to_json())
+        _write_config(workdir, config)
 
     # Parameters are drawn with the 'rbg' PRNG: XLA:CPU compiles a threefry init of a ResNet
     # several times slower (docs/performance.md, "Compile time"). Dropout keeps threefry,
