@@ -53,6 +53,8 @@ _FLIP, _CROP_Y, _CROP_X = 4 * RESIZED_CROP_TRIES, 4 * RESIZED_CROP_TRIES + 1, 4 
 NUM_DRAWS = 4 * RESIZED_CROP_TRIES + 3
 # Salts that separate the random streams derived from the one user seed.
 _ORDER_STREAM, _AUGMENT_STREAM = 0, 1
+# The dtypes of the batch arrays the steps take (the loop compiles them for these before any batch exists).
+BATCH_DTYPES = {"image": np.dtype(np.uint8), "label": np.dtype(np.int32), "mask": np.dtype(np.float32)}
 # What decoding a broken file raises (PIL: OSError incl. UnidentifiedImageError, SyntaxError for a
 # broken PNG chunk, zlib.error, EOFError, ValueError for bad headers).
 DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, zlib.error)
@@ -500,8 +502,8 @@ class _TrainBatch:
                                       self.global_batch)[self.local_slice]
         images, labels, bad = zip(*(_read(self.source, int(index), lambda x, d=d: self.preprocess.train(x, d))
                                     for index, d in zip(indices, draws)))
-        return {"image": np.stack(images), "label": np.asarray(labels, np.int32), "bad": np.asarray(bad, np.int64),
-                "step": np.full(len(labels), step, np.int64)}
+        return {"image": np.stack(images), "label": np.asarray(labels, BATCH_DTYPES["label"]),
+                "bad": np.asarray(bad, np.int64), "step": np.full(len(labels), step, np.int64)}
 
 
 def _read(source, index: int, transform):
@@ -529,9 +531,10 @@ class _EvalBatch:
     def __call__(self, batch: int) -> Dict[str, np.ndarray]:
         p = self.preprocess
         positions = np.arange(batch * self.global_batch, (batch + 1) * self.global_batch)[self.local_slice]
-        out = {"image": np.zeros((len(positions), p.image_size, p.image_size, p.channels), np.uint8),
-               "label": np.zeros(len(positions), np.int32), "mask": np.zeros(len(positions), np.float32),
-               "bad": np.full(len(positions), -1, np.int64)}
+        shapes = {"image": (len(positions), p.image_size, p.image_size, p.channels), "label": len(positions),
+                  "mask": len(positions)}
+        out = {key: np.zeros(shape, BATCH_DTYPES[key]) for key, shape in shapes.items()}
+        out["bad"] = np.full(len(positions), -1, np.int64)
         for row, position in enumerate(positions):
             if position >= len(self.source):
                 break
@@ -590,9 +593,9 @@ class Pipeline:
         """Global ``(shape, dtype)`` of the arrays the steps take from a batch: ``(image, label)`` for
         training, ``(image, label, mask)`` for eval (what the loop compiles its steps for before the
         first batch exists)."""
-        image = ((self.global_batch,) + self.dataset.image_shape, np.dtype(np.uint8))
-        label = ((self.global_batch,), np.dtype(np.int32))
-        return (image, label) if train else (image, label, ((self.global_batch,), np.dtype(np.float32)))
+        shapes = {"image": (self.global_batch,) + self.dataset.image_shape, "label": (self.global_batch,),
+                  "mask": (self.global_batch,)}
+        return tuple((shapes[key], BATCH_DTYPES[key]) for key in ("image", "label") + (() if train else ("mask",)))
 
     def _iterate(self, dataset):
         """grain iterator over ``dataset`` (a ``MapDataset`` of batches), in order, prepared by

@@ -88,19 +88,18 @@ def _compile_ahead(mesh, pipeline: data_lib.Pipeline, model, tx, init_key, dropo
     the three ``jax.stages.Compiled`` programs (the init takes ``init_key``; called with other shapes,
     dtypes or shardings, a compiled program raises instead of compiling again). See docs/performance.md,
     "Start-up"."""
-    repl, batch = parallel.replicated(mesh), parallel.batch_sharded(mesh)
     compiler = ThreadPoolExecutor(max_workers=3, thread_name_prefix="compile")
     init = jax.jit(steps.init_variables_fn(model, pipeline.dataset.image_shape)).lower(init_key)
     compiled_init = compiler.submit(init.compile)
     state = parallel.abstract(jax.eval_shape(
-        functools.partial(steps.train_state_from_variables, model=model, tx=tx), init.out_info), repl)
-    inputs = {train: [jax.ShapeDtypeStruct(shape, dtype, sharding=batch)
-                      for shape, dtype in pipeline.model_inputs(train)] for train in (True, False)}
+        functools.partial(steps.train_state_from_variables, model=model, tx=tx), init.out_info))
+    inputs = {train: [jax.ShapeDtypeStruct(shape, dtype) for shape, dtype in pipeline.model_inputs(train)]
+              for train in (True, False)}
     compiled_train_step = parallel.compile_ahead(
-        compiler, mesh, train_step, state, parallel.abstract(jax.eval_shape(steps.zero_metric_sums), repl),
-        *inputs[True], parallel.abstract(dropout_key, repl))
+        compiler, mesh, train_step, state, parallel.abstract(jax.eval_shape(steps.zero_metric_sums)),
+        *inputs[True], parallel.abstract(dropout_key))
     compiled_eval_step = parallel.compile_ahead(
-        compiler, mesh, eval_step, state, *inputs[False], jax.ShapeDtypeStruct((), np.float32, sharding=repl))
+        compiler, mesh, eval_step, state, *inputs[False], jax.ShapeDtypeStruct((), np.float32))
     compiler.shutdown(wait=False)  # the compiles run on; nothing more is submitted
     return compiled_init, compiled_train_step, compiled_eval_step
 

@@ -59,15 +59,16 @@ def under_mesh(mesh: Mesh, fn):
     return call
 
 
-def abstract(tree, sharding: NamedSharding):
+def abstract(tree):
     """``jax.ShapeDtypeStruct`` of each leaf of ``tree`` (arrays, or their shapes from ``jax.eval_shape``),
-    placed with ``sharding`` and strongly typed, like the arrays :func:`replicate` and
-    :func:`global_batch` make."""
-    return jax.tree.map(lambda leaf: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=sharding), tree)
+    strongly typed like the arrays :func:`replicate` and :func:`global_batch` make (``jax.eval_shape``
+    marks a Python scalar's result weakly typed). No sharding: a step jitted with ``in_shardings`` is
+    lowered with those."""
+    return jax.tree.map(lambda leaf: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype), tree)
 
 
 def compile_ahead(compiler: Executor, mesh: Mesh, jitted, *abstract_args) -> "Future[jax.stages.Compiled]":
-    """Lower ``jitted`` for ``abstract_args`` (see :func:`abstract`) here, with ``mesh`` set as in
+    """Lower ``jitted`` (with its ``in_shardings``) for ``abstract_args`` (see :func:`abstract`) here, with ``mesh`` set as in
     :func:`under_mesh`, and compile it in a thread of ``compiler``: XLA compiles without holding
     the GIL, so several programs compile at once while this thread goes on. The compiled program,
     called with arrays of other shapes, dtypes or shardings, raises instead of compiling again."""
