@@ -560,6 +560,52 @@ def test_resume_after_every_checkpoint_was_quarantined(tmp_path, capfd, monkeypa
     assert "--resume: no checkpoint in" in capfd.readouterr().out and "starting from step 0"
 
 
+def test_a_run_that_stops_with_an_error_closes_what_it_opened(tmp_path, monkeypatch):
+    """An error before the first step (the metrics writer's) or in a step (after the data workers started)
+    still closes the asynchronous checkpointer and stops the grain workers: a notebook or a sweep that calls
+    ``train_and_evaluate`` again keeps no Orbax threads or orphaned worker processes. A stand-in state and
+    stand-in steps replace the model's: nothing compiles."""
+    import multiprocessing
+
+    from train import loop
+    from train.checkpoint import Checkpointer
+    from train.config import parse_args
+    from train.loop import train_and_evaluate
+
+    closed, workers = [], []
+    close = Checkpointer.close
+    monkeypatch.setattr(Checkpointer, "close", lambda self: (closed.append(self.directory), close(self))[1])
+
+    def failing_step(*args):
+        workers.extend(multiprocessing.active_children())
+        raise RuntimeError("device lost")
+
+    def stand_in(*args):
+        init, step = concurrent.futures.Future(), concurrent.futures.Future()
+        init.set_result(lambda key: {"params": _target()["params"]})
+        step.set_result(failing_step)
+        return init, step, step
+
+    monkeypatch.setattr(loop, "_compile_ahead", stand_in)
+    args = ["--base_width=2", "--conv=static", "--batch_size=32", "--export=false", "--tensorboard=false",
+            "--progress=false", "--num_steps=2", "--data_workers=1"]
+    def failing_writer(*args, **kwargs):
+        raise OSError("disk full")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(loop.metrics_lib, "MetricsWriter", failing_writer)
+        with pytest.raises(OSError, match="disk full"):
+            train_and_evaluate(parse_args(args + [f"--workdir={tmp_path / 'writer'}"]))
+    assert closed == [str(tmp_path / "writer" / "checkpoints")]
+    with pytest.raises(RuntimeError, match="device lost"):
+        train_and_evaluate(parse_args(args + [f"--workdir={tmp_path / 'step'}"]))
+    assert closed[1:] == [str(tmp_path / "step" / "checkpoints")]
+    assert workers and "grain" in workers[0].name  # the step ran after the worker process started
+    for worker in workers:
+        worker.join(timeout=30)
+        assert not worker.is_alive(), worker
+
+
 # ----------------------------------------------------------------------------- property test over layer configs
 
 

@@ -1,6 +1,7 @@
 """The training loop: ``train_and_evaluate(config)`` (what ``python -m train`` runs)."""
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import json
@@ -57,6 +58,12 @@ def _write_config(workdir: str, config: Config) -> None:
     with open(partial_path, "w") as f:
         f.write(config.to_json())
     os.replace(partial_path, os.path.join(workdir, "config.json"))
+
+
+def _close_iterator(batches) -> None:
+    """Stop the worker processes of a grain iterator (one without workers has nothing to stop)."""
+    if hasattr(batches, "close"):
+        batches.close()
 
 
 def _checkpoint_failure(error: Exception, checkpointer: ckpt_lib.Checkpointer) -> Exception:
@@ -131,92 +138,100 @@ def train_and_evaluate(config: Config) -> Dict[str, Any]:
     model = steps.create_model(config, dataset.num_classes, dataset.image_shape)
     tx, lr_schedule = steps.create_optimizer(config, spe, total_steps)
     temperature_fn = steps.temperature_schedule(config, spe)
-    # Asynchronous: a checkpoint's arrays are written while the next steps run (train/checkpoint.py), in
-    # multi-process runs too (Orbax's background threads synchronise through the distributed client).
-    checkpointer = ckpt_lib.Checkpointer(workdir, config.keep_checkpoints, asynchronous=True)
-    existing = checkpointer.all_steps()
-    if existing and not config.resume:
-        raise UsageError(f"{workdir} already has checkpoints (steps {existing}); pass --resume to continue "
-                         f"that run or choose another --workdir")
-    if config.resume:
-        _check_resumable(workdir, config)
-    if primary:
-        _write_config(workdir, config)
+    # Everything opened from here on is closed on every way out, in reverse order: the progress bar, the
+    # metrics writer, the data iterators (their worker processes stop) and last the checkpointer (it waits
+    # for a write in flight, also when the run stops with an error).
+    with contextlib.ExitStack() as cleanup:
+        # Asynchronous: a checkpoint's arrays are written while the next steps run (train/checkpoint.py), in
+        # multi-process runs too (Orbax's background threads synchronise through the distributed client).
+        checkpointer = ckpt_lib.Checkpointer(workdir, config.keep_checkpoints, asynchronous=True)
+        cleanup.callback(checkpointer.close)
+        cleanup.callback(pipeline.close)  # the eval iterator's worker processes
+        existing = checkpointer.all_steps()
+        if existing and not config.resume:
+            raise UsageError(f"{workdir} already has checkpoints (steps {existing}); pass --resume to continue "
+                             f"that run or choose another --workdir")
+        if config.resume:
+            _check_resumable(workdir, config)
+        if primary:
+            _write_config(workdir, config)
 
-    # Parameters are drawn with the 'rbg' PRNG: XLA:CPU compiles a threefry init of a ResNet
-    # several times slower (docs/performance.md, "Compile time"). Dropout keeps threefry,
-    # whose sharded random bits equal the unsharded ones.
-    init_key = jax.random.key(config.seed, impl="rbg")
-    dropout_key = jax.random.fold_in(jax.random.key(config.seed), 1)
-    repl, data_sharding = parallel.replicated(mesh), parallel.batch_sharded(mesh)
-    # The step adds its metrics to on-device sums: the host waits for the device only when it fetches
-    # them (every --log_every_steps, at epoch ends and before each checkpoint), not every step.
-    train_step = jax.jit(
-        functools.partial(steps.accumulating_train_step, temperature_fn=temperature_fn,
-                          label_smoothing=config.label_smoothing, learning_rate_fn=lr_schedule,
-                          normalize=pipeline.normalize),
-        in_shardings=(repl, repl, data_sharding, data_sharding, repl), out_shardings=(repl, repl),
-        donate_argnums=(0, 1))
-    eval_step = jax.jit(
-        functools.partial(steps.eval_step, normalize=pipeline.normalize),
-        in_shardings=(repl, data_sharding, data_sharding, data_sharding, repl), out_shardings=repl)
-    compiled_init, compiled_train_step, compiled_eval_step = _compile_ahead(
-        mesh, pipeline, model, tx, init_key, dropout_key, train_step, eval_step)
-    state = steps.train_state_from_variables(compiled_init.result()(init_key), model, tx)
+        # Parameters are drawn with the 'rbg' PRNG: XLA:CPU compiles a threefry init of a ResNet
+        # several times slower (docs/performance.md, "Compile time"). Dropout keeps threefry,
+        # whose sharded random bits equal the unsharded ones.
+        init_key = jax.random.key(config.seed, impl="rbg")
+        dropout_key = jax.random.fold_in(jax.random.key(config.seed), 1)
+        repl, data_sharding = parallel.replicated(mesh), parallel.batch_sharded(mesh)
+        # The step adds its metrics to on-device sums: the host waits for the device only when it fetches
+        # them (every --log_every_steps, at epoch ends and before each checkpoint), not every step.
+        train_step = jax.jit(
+            functools.partial(steps.accumulating_train_step, temperature_fn=temperature_fn,
+                              label_smoothing=config.label_smoothing, learning_rate_fn=lr_schedule,
+                              normalize=pipeline.normalize),
+            in_shardings=(repl, repl, data_sharding, data_sharding, repl), out_shardings=(repl, repl),
+            donate_argnums=(0, 1))
+        eval_step = jax.jit(
+            functools.partial(steps.eval_step, normalize=pipeline.normalize),
+            in_shardings=(repl, data_sharding, data_sharding, data_sharding, repl), out_shardings=repl)
+        compiled_init, compiled_train_step, compiled_eval_step = _compile_ahead(
+            mesh, pipeline, model, tx, init_key, dropout_key, train_step, eval_step)
+        state = steps.train_state_from_variables(compiled_init.result()(init_key), model, tx)
 
-    start_step, skipped = 0, 0
-    running = {"loss": 0.0, "accuracy": 0.0, "count": 0}
-    try:
-        restored = checkpointer.restore_latest(state) if config.resume else None
-    except ckpt_lib.NoIntactCheckpoint as error:
-        if not config.allow_restart:
-            raise ckpt_lib.NoIntactCheckpoint(f"{error}\n--resume refuses to train from step 0 instead: pass "
-                                              f"--allow_restart to do that") from None
-        print(f"--resume --allow_restart: {error}\nstarting from step 0", file=sys.stderr, flush=True)
-        restored = None
-    batches = pipeline.train_iterator(total_steps)
-    if restored is not None:
-        start_step, state, meta = restored
-        running, skipped = meta["running"], meta.get("skipped_images", 0)
-        if not checkpointer.restore_data(start_step, batches):
-            # No data state for this process count (e.g. an older checkpoint): batches are a pure
-            # function of (seed, step), so starting the dataset at the step is the same.
-            if hasattr(batches, "close"):
-                batches.close()
-            batches = pipeline.train_iterator(total_steps, start_step)
-        print(f"resumed from {checkpointer.directory}/{start_step} (step {start_step}/{total_steps})", flush=True)
-    elif config.resume:
-        quarantined = checkpointer.quarantined_steps()
-        if quarantined and not config.allow_restart and not checkpointer.all_steps():
-            raise ckpt_lib.CheckpointError(
-                f"--resume: no intact checkpoint in {checkpointer.directory}; the checkpoints of steps {quarantined} "
-                f"failed their integrity check and are in {checkpointer.corrupt_directory}. Restarting would "
-                f"train from step 0: pass --allow_restart to do that, or restore a checkpoint by hand")
-        print(f"--resume: no checkpoint in {checkpointer.directory}; starting from step 0", flush=True)
+        start_step, skipped = 0, 0
+        running = {"loss": 0.0, "accuracy": 0.0, "count": 0}
+        try:
+            restored = checkpointer.restore_latest(state) if config.resume else None
+        except ckpt_lib.NoIntactCheckpoint as error:
+            if not config.allow_restart:
+                raise ckpt_lib.NoIntactCheckpoint(f"{error}\n--resume refuses to train from step 0 instead: pass "
+                                                  f"--allow_restart to do that") from None
+            print(f"--resume --allow_restart: {error}\nstarting from step 0", file=sys.stderr, flush=True)
+            restored = None
+        batches = pipeline.train_iterator(total_steps)
+        cleanup.callback(lambda: _close_iterator(batches))  # the one in use when the run stops
+        if restored is not None:
+            start_step, state, meta = restored
+            running, skipped = meta["running"], meta.get("skipped_images", 0)
+            if not checkpointer.restore_data(start_step, batches):
+                # No data state for this process count (e.g. an older checkpoint): batches are a pure
+                # function of (seed, step), so starting the dataset at the step is the same.
+                _close_iterator(batches)
+                batches = pipeline.train_iterator(total_steps, start_step)
+            print(f"resumed from {checkpointer.directory}/{start_step} (step {start_step}/{total_steps})", flush=True)
+        elif config.resume:
+            quarantined = checkpointer.quarantined_steps()
+            if quarantined and not config.allow_restart and not checkpointer.all_steps():
+                raise ckpt_lib.CheckpointError(
+                    f"--resume: no intact checkpoint in {checkpointer.directory}; the checkpoints of steps "
+                    f"{quarantined} failed their integrity check and are in {checkpointer.corrupt_directory}. "
+                    f"Restarting would train from step 0: pass --allow_restart to do that, or restore a checkpoint "
+                    f"by hand")
+            print(f"--resume: no checkpoint in {checkpointer.directory}; starting from step 0", flush=True)
 
-    state, dropout_key = parallel.replicate((state, dropout_key), repl)
+        state, dropout_key = parallel.replicate((state, dropout_key), repl)
 
-    writer = metrics_lib.MetricsWriter(workdir, start_step if restored else None, config.tensorboard, primary)
-    if primary:
-        print(f"{config.model} conv={config.conv} K={config.num_experts} on {dataset.name} "
-              f"{dataset.image_shape} ({len(dataset.train)} train / {len(dataset.eval)} eval), "
-              f"{jax.process_count()} process(es), {jax.device_count()} device(s) [{jax.devices()[0].platform}], "
-              f"batch {config.batch_size}, {config.data_workers} data worker(s), "
-              f"{total_steps} steps ({spe}/epoch); workdir {workdir}", flush=True)
+        writer = metrics_lib.MetricsWriter(workdir, start_step if restored else None, config.tensorboard, primary)
+        cleanup.callback(writer.close)
+        if primary:
+            print(f"{config.model} conv={config.conv} K={config.num_experts} on {dataset.name} "
+                  f"{dataset.image_shape} ({len(dataset.train)} train / {len(dataset.eval)} eval), "
+                  f"{jax.process_count()} process(es), {jax.device_count()} device(s) [{jax.devices()[0].platform}], "
+                  f"batch {config.batch_size}, {config.data_workers} data worker(s), "
+                  f"{total_steps} steps ({spe}/epoch); workdir {workdir}", flush=True)
 
-    p_train_step, p_eval_step = compiled_train_step.result(), compiled_eval_step.result()
-    bar = None
-    if config.progress and primary:
-        from tqdm import tqdm
+        p_train_step, p_eval_step = compiled_train_step.result(), compiled_eval_step.result()
+        bar = None
+        if config.progress and primary:
+            from tqdm import tqdm
 
-        bar = tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True, file=sys.stderr)
-    log = bar.write if bar is not None else functools.partial(print, flush=True)
+            bar = tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True, file=sys.stderr)
+            cleanup.callback(bar.close)
+        log = bar.write if bar is not None else functools.partial(print, flush=True)
 
-    t_start = t_epoch = time.time()
-    eval_metrics = {"loss": math.nan, "accuracy": math.nan}
-    clock = metrics_lib.DataWaitClock()
-    sums = parallel.replicate(steps.zero_metric_sums(), repl)
-    try:
+        t_start = t_epoch = time.time()
+        eval_metrics = {"loss": math.nan, "accuracy": math.nan}
+        clock = metrics_lib.DataWaitClock()
+        sums = parallel.replicate(steps.zero_metric_sums(), repl)
         for step in range(start_step, total_steps):
             clock.waiting()
             batch = next(batches)
@@ -299,14 +314,6 @@ def train_and_evaluate(config: Config) -> Dict[str, Any]:
             checkpointer.wait()  # the last checkpoint is on disk before the run reports done
         except ckpt_lib.CheckpointError as error:
             raise _checkpoint_failure(error, checkpointer) from None
-    finally:
-        if hasattr(batches, "close"):
-            batches.close()  # stops grain's worker processes
-        pipeline.close()
-        if bar is not None:
-            bar.close()
-        writer.close()
-        checkpointer.close()  # waits for a write in flight (also when the run stops with an error)
 
     elapsed = time.time() - t_start
     result = {"workdir": workdir, "steps": total_steps, "eval_loss": eval_metrics["loss"],
