@@ -302,18 +302,20 @@ def test_onnx_errors(tmp_path):
 # --------------------------------------------------------------------------- CLI
 @needs_onnx
 @pytest.mark.slow
-def test_train_export_cli(tmp_path):
-    from tests.test_train import TINY
+def test_train_export_cli(tmp_path, capsys):
+    """``train.export``'s command line on a 2-step run of the loop, in this process (each ``python -m`` costs
+    its imports); the module entry point runs once, for a workdir without a run."""
+    from tests.test_train import tiny
+    from train import export as train_export
+    from train.loop import train_and_evaluate
 
     run = tmp_path / "run"
-    subprocess.run([sys.executable, "-m", "train", *TINY, f"--workdir={run}", "--num_steps=2"], cwd=ROOT, check=True,
-                   capture_output=True)
+    train_and_evaluate(tiny(run, "--num_steps=2"))
     for fmt in ("stablehlo", "onnx"):
         out = tmp_path / f"model.{fmt}"
-        done = subprocess.run([sys.executable, "-m", "train.export", "--workdir", str(run), "--format", fmt,
-                               "--out", str(out)], cwd=ROOT, capture_output=True, text=True)
-        assert done.returncode == 0, done.stderr
-        line = [l for l in done.stdout.splitlines() if l.startswith("export:")][-1]
+        capsys.readouterr()
+        assert train_export.main(["--workdir", str(run), "--format", fmt, "--out", str(out)]) == 0
+        line = [l for l in capsys.readouterr().out.splitlines() if l.startswith("export:")][-1]
         diff = float(line.split("max relative logit diff ")[1].split(",")[0])
         assert diff <= 1e-5, line  # (predictions of a 2-step model may tie, so agreement is not asserted)
     done = subprocess.run([sys.executable, "-m", "train.export", "--workdir", str(tmp_path / "nothing"), "--format",
