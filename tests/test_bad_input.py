@@ -589,6 +589,7 @@ def test_a_run_that_stops_with_an_error_closes_what_it_opened(tmp_path, monkeypa
     monkeypatch.setattr(loop, "_compile_ahead", stand_in)
     args = ["--base_width=2", "--conv=static", "--batch_size=32", "--export=false", "--tensorboard=false",
             "--progress=false", "--num_steps=2", "--data_workers=1"]
+
     def failing_writer(*args, **kwargs):
         raise OSError("disk full")
 

@@ -520,20 +520,24 @@ def _read(source, index: int, transform):
     raise UsageError(f"{MAX_CONSECUTIVE_BAD} consecutive unreadable images starting at {source.describe(index)}")
 
 
+def _batch_shapes(rows: int, image_shape: Tuple[int, ...]) -> Dict[str, Tuple[int, ...]]:
+    """Shapes of a batch's model inputs with ``rows`` rows (their dtypes: :data:`BATCH_DTYPES`)."""
+    return {"image": (rows,) + tuple(image_shape), "label": (rows,), "mask": (rows,)}
+
+
 class _EvalBatch:
     """Eval batch ``b`` -> this process's part ``{'image', 'label', 'mask', 'bad'}``: padding past the end of the
     split and unreadable images get mask 0 (and a zero image)."""
 
     def __init__(self, dataset: Dataset, global_batch: int, local_slice: slice):
-        self.source, self.preprocess = dataset.eval, dataset.preprocess
+        self.source, self.preprocess, self.image_shape = dataset.eval, dataset.preprocess, dataset.image_shape
         self.global_batch, self.local_slice = global_batch, local_slice
 
     def __call__(self, batch: int) -> Dict[str, np.ndarray]:
         p = self.preprocess
         positions = np.arange(batch * self.global_batch, (batch + 1) * self.global_batch)[self.local_slice]
-        shapes = {"image": (len(positions), p.image_size, p.image_size, p.channels), "label": len(positions),
-                  "mask": len(positions)}
-        out = {key: np.zeros(shape, BATCH_DTYPES[key]) for key, shape in shapes.items()}
+        out = {key: np.zeros(shape, BATCH_DTYPES[key])
+               for key, shape in _batch_shapes(len(positions), self.image_shape).items()}
         out["bad"] = np.full(len(positions), -1, np.int64)
         for row, position in enumerate(positions):
             if position >= len(self.source):
@@ -593,8 +597,7 @@ class Pipeline:
         """Global ``(shape, dtype)`` of the arrays the steps take from a batch: ``(image, label)`` for
         training, ``(image, label, mask)`` for eval (what the loop compiles its steps for before the
         first batch exists)."""
-        shapes = {"image": (self.global_batch,) + self.dataset.image_shape, "label": (self.global_batch,),
-                  "mask": (self.global_batch,)}
+        shapes = _batch_shapes(self.global_batch, self.dataset.image_shape)
         return tuple((shapes[key], BATCH_DTYPES[key]) for key in ("image", "label") + (() if train else ("mask",)))
 
     def _iterate(self, dataset):

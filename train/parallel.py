@@ -68,9 +68,9 @@ def abstract(tree):
 
 
 def compile_ahead(compiler: Executor, mesh: Mesh, jitted, *abstract_args) -> "Future[jax.stages.Compiled]":
-    """Lower ``jitted`` (with its ``in_shardings``) for ``abstract_args`` (see :func:`abstract`) here, with ``mesh`` set as in
-    :func:`under_mesh`, and compile it in a thread of ``compiler``: XLA compiles without holding
-    the GIL, so several programs compile at once while this thread goes on. The compiled program,
+    """Lower ``jitted`` (with its ``in_shardings``) for ``abstract_args`` (see :func:`abstract`) here,
+    with ``mesh`` set as in :func:`under_mesh`, and compile it in a thread of ``compiler``: XLA compiles
+    without holding the GIL, so several programs compile at once while this thread goes on. The compiled program,
     called with arrays of other shapes, dtypes or shardings, raises instead of compiling again."""
     with jax.set_mesh(mesh):
         lowered = jitted.lower(*abstract_args)
