@@ -516,6 +516,29 @@ def test_sigkill_during_a_checkpoint_write(tmp_path, mode):
     assert os.listdir(tmp_path / "checkpoints") == ["1"] and not (tmp_path / "corrupt_checkpoints").exists()
 
 
+def test_reopening_a_run_removes_unfinished_writes_before_it_returns(tmp_path, monkeypatch):
+    """Orbax removes the temporaries of unfinished writes in a background thread; the Checkpointer waits for
+    it, so a run opened, read and closed (no save) leaves no temporary behind, however slow the removal."""
+    import asyncio
+
+    from orbax.checkpoint._src.path import async_path
+
+    from train.checkpoint import Checkpointer
+    _saved(tmp_path, steps=(1,))
+    shutil.copytree(tmp_path / "checkpoints" / "1", tmp_path / "checkpoints" / "2.orbax-checkpoint-tmp")
+    remove = async_path.rmtree
+
+    async def slow_remove(path):
+        await asyncio.sleep(2)
+        await remove(path)
+
+    monkeypatch.setattr(async_path, "rmtree", slow_remove)
+    ckpt = Checkpointer(str(tmp_path), 3)
+    step, _, _ = ckpt.restore_latest(_target())
+    ckpt.close()
+    assert step == 1 and os.listdir(tmp_path / "checkpoints") == ["1"]
+
+
 def test_resume_after_every_checkpoint_was_quarantined(tmp_path, capfd, monkeypatch):
     """--resume refuses to restart from step 0 once every checkpoint failed its check, unless --allow_restart
     (a stand-in state replaces the model's, and the run stops right after that decision: nothing compiles)."""

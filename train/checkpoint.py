@@ -159,6 +159,10 @@ class Checkpointer:
                                                    enable_async_checkpointing=asynchronous,
                                                    cleanup_tmp_directories=True)
             self.manager = ocp.CheckpointManager(self.directory, options=options, item_handlers=handlers)
+            # Orbax removes the temporaries of unfinished writes in a background thread that only its next
+            # save waits for; wait here, so that a checkpointer opened, read and closed (a resume that fails,
+            # train.export) does not leave the removal half done or the thread running at exit.
+            self.manager._maybe_await_cleanup_tmp_directory()
 
     def all_steps(self) -> List[int]:
         return sorted(self.manager.all_steps()) if self.manager is not None else []
