@@ -60,17 +60,33 @@ from __future__ import annotations
 import functools
 import itertools
 import math
+import os
+import warnings
 from typing import Optional, Sequence, Tuple, Union
 
 import jax
 import jax.numpy as jnp
 from jax import lax
 
-from dynconv_jax import autotune
+from dynconv_jax import plan
 
 PaddingLike = Union[str, int, Sequence[int], Sequence[Tuple[int, int]]]
 
-STRATEGIES = ("vmap", "shifted", "patches", "pointwise", "mix", "map")
+
+
+def warn_retired_switch(environ=os.environ) -> None:
+    """Warn when ``DYNCONV_AUTOTUNE`` asks for what it once did: 'auto' measured unless it was 0/false/off/no.
+    It is no longer read; measuring is :func:`dynconv_jax.autotune.tune` (called once, at import)."""
+    value = environ.get("DYNCONV_AUTOTUNE")
+    if value is not None and value.strip().lower() not in ("0", "false", "off", "no"):
+        warnings.warn(f"DYNCONV_AUTOTUNE={value!r} is no longer read: strategy='auto' follows fixed rules and "
+                      "never measures; measure on request with dynconv_jax.autotune.tune and run its plan "
+                      "(docs/performance.md)")
+
+
+warn_retired_switch()
+
+STRATEGIES = plan.STRATEGIES
 
 
 def _tuple(value, rank: int, name: str) -> Tuple[int, ...]:
@@ -363,18 +379,45 @@ def _map_forward(x, kernels, bias, geometry):
     return _map_samples(one, (x, kernels, bias))
 
 
+def _sample_kernel(experts, attentions_b, groups: int):
+    """Sample ``b``'s aggregated kernel ``[*k, Cin/g, Cout]`` from its attentions (no batch axis)."""
+    return _kernels_of(experts, jax.tree_util.tree_map(lambda v: v[None], attentions_b), groups)[0]
+
+
 def _map_forward_aggregating(x, experts, attentions, bias, geometry):
     """:func:`_map_forward` with each sample's kernel aggregated inside its step (in cache), so the
-    ``[B, *k, Cin/g, Cout]`` kernels are never written to memory: the inference path."""
+    ``[B, *k, Cin/g, Cout]`` kernels are never written to memory: the inference path. ``bias`` may be None."""
     strides, pads, dilation, groups, precision = geometry
 
     def one(experts, args):
         xb, attentions_b, bb = args
-        wb = _kernels_of(experts, jax.tree_util.tree_map(lambda v: v[None], attentions_b), groups)[0]
-        return static_conv(xb[None], wb, strides=strides, padding=pads, dilation=dilation, groups=groups,
-                           precision=precision)[0] + bb
+        yb = static_conv(xb[None], _sample_kernel(experts, attentions_b, groups), strides=strides, padding=pads,
+                         dilation=dilation, groups=groups, precision=precision)[0]
+        return yb if bb is None else yb + bb
 
     return _map_samples(one, (x, attentions, bias), experts)
+
+
+def _input_gradient_conv(dyb, wb, input_spatial, geometry):
+    """``dx_b``: sample ``b``'s output gradient ``[*S_out, Cout]`` convolved with its spatially flipped,
+    channel-swapped kernel ``wb`` (``lhs_dilation`` = stride)."""
+    strides, pads, dilation, groups, precision = geometry
+    rank = dyb.ndim - 1
+    grad_pads = transposed_conv_padding(input_spatial, wb.shape[:-2], strides, pads, dilation)
+    return lax.conv_general_dilated(dyb[None], transposed_kernel(wb, groups), window_strides=(1,) * rank,
+                                    padding=grad_pads, lhs_dilation=strides, rhs_dilation=dilation,
+                                    dimension_numbers=conv_dimension_numbers(rank), feature_group_count=groups,
+                                    precision=precision)[0]
+
+
+def _sample_kernel_gradient(xb, dyb, kernel_shape, geometry):
+    """``G_b = im2col(x_b)^T dy_b`` as ``[T, Cin/g, g, Cout/g]`` (``T = prod(kernel_size)``): one matmul."""
+    strides, pads, dilation, groups, precision = geometry
+    kernel_size, ci, cout = kernel_shape[:-2], kernel_shape[-2], kernel_shape[-1]
+    cols, _ = _im2col(xb[None], kernel_size, strides, pads, dilation)
+    cols = cols.reshape(-1, cols.shape[-2], groups, ci)                    # [S_out, T, g, Ci]
+    dyg = dyb.reshape(-1, groups, cout // groups)                          # [S_out, g, M]
+    return jnp.einsum("stgi,sgm->tigm", cols, dyg, precision=precision)   # [T, Ci, g, M]
 
 
 def _map_backward(x, kernels, dy, geometry):
@@ -383,23 +426,13 @@ def _map_backward(x, kernels, dy, geometry):
     ``dx_b`` is a static conv of ``dy_b`` with the transposed kernel; ``dW_b`` one matmul of the
     sample's im2col with ``dy_b``; ``dbias_b`` the spatial sum of ``dy_b``.
     """
-    strides, pads, dilation, groups, precision = geometry
-    rank = x.ndim - 2
     kernel_shape = kernels.shape[1:]
-    kernel_size, ci, cout = kernel_shape[:-2], kernel_shape[-2], kernel_shape[-1]
-    grad_pads = transposed_conv_padding(x.shape[1:-1], kernel_size, strides, pads, dilation)
 
     def one(_, args):
         xb, wb, dyb = args
-        dxb = lax.conv_general_dilated(dyb[None], transposed_kernel(wb, groups), window_strides=(1,) * rank,
-                                       padding=grad_pads, lhs_dilation=strides, rhs_dilation=dilation,
-                                       dimension_numbers=conv_dimension_numbers(rank), feature_group_count=groups,
-                                       precision=precision)[0]
-        cols, _ = _im2col(xb[None], kernel_size, strides, pads, dilation)
-        cols = cols.reshape(-1, cols.shape[-2], groups, ci)                  # [S_out, T, g, Ci]
-        dyg = dyb.reshape(-1, groups, cout // groups)                        # [S_out, g, M]
-        dwb = jnp.einsum("stgi,sgm->tigm", cols, dyg, precision=precision)   # [T, Ci, g, M]
-        return dxb, dwb.reshape(kernel_shape), jnp.sum(dyb, axis=tuple(range(rank)))
+        dxb = _input_gradient_conv(dyb, wb, x.shape[1:-1], geometry)
+        dwb = _sample_kernel_gradient(xb, dyb, kernel_shape, geometry)
+        return dxb, dwb.reshape(kernel_shape), jnp.sum(dyb, axis=tuple(range(dyb.ndim - 1)))
 
     return _map_samples(one, (x, kernels, dy))
 
@@ -455,6 +488,136 @@ def _map_strategy(x, experts, kernel_attention, spatial_attention, folded, *, st
     return mapped_conv(x, experts, attentions, bias, (strides, pads, dilation, groups, precision))
 
 
+# Samples per step of 'lean': at most this many, and at most _LEAN_CHUNK_VALUES kernel values per chunk
+# (measured: docs/performance.md, "'lean'").
+_LEAN_MAX_CHUNK = 8
+_LEAN_CHUNK_VALUES = 2 ** 23
+
+
+def _chunk_size(batch: int, kernel_values: int) -> int:
+    """The largest divisor of ``batch`` within ``_LEAN_MAX_CHUNK`` and ``_LEAN_CHUNK_VALUES // kernel_values``."""
+    limit = max(1, min(_LEAN_MAX_CHUNK, _LEAN_CHUNK_VALUES // kernel_values))
+    return max(c for c in range(1, min(limit, batch) + 1) if batch % c == 0)
+
+
+def _scan_chunks(fn, carry, args, consts, kernel_values: int):
+    """``lax.scan`` of ``fn(consts, carry, chunk) -> (carry, outputs)`` over chunks of samples (the leading
+    axis of every leaf of ``args``); returns ``(carry, outputs)`` with the outputs' chunks joined again.
+
+    Under a mesh set with ``jax.set_mesh`` whose size divides the batch, each device scans its own samples
+    (``jax.shard_map``, as :func:`_map_samples`) and the carries are summed over the devices."""
+    mesh = jax.sharding.get_abstract_mesh()
+    batch = jax.tree_util.tree_leaves(args)[0].shape[0]
+
+    def local(consts, args):
+        b = jax.tree_util.tree_leaves(args)[0].shape[0]
+        c = _chunk_size(b, kernel_values)
+        chunks = jax.tree_util.tree_map(lambda v: v.reshape((b // c, c) + v.shape[1:]), args)
+        total, outputs = lax.scan(lambda acc, chunk: fn(consts, acc, chunk), carry, chunks)
+        return total, jax.tree_util.tree_map(lambda v: v.reshape((b,) + v.shape[2:]), outputs)
+
+    if mesh.empty or mesh.size == 1 or batch % mesh.size:
+        return local(consts, args)
+    samples, replicated = jax.sharding.PartitionSpec(mesh.axis_names), jax.sharding.PartitionSpec()
+
+    def per_device(consts, args):
+        total, outputs = local(consts, args)
+        return lax.psum(total, mesh.axis_names), outputs
+
+    return jax.shard_map(per_device, in_specs=(replicated, samples), out_specs=(replicated, samples))(consts, args)
+
+
+def _chunk_kernels(experts, attentions_c):
+    """A chunk's kernels ``sum_k a_bk W_k`` as ``[c, T, Cin/g * Cout]`` (one matmul with the flattened experts),
+    unscaled and scaled by the spatial attention (``(unscaled, scaled)``; the same array without one)."""
+    k, taps = experts.shape[0], math.prod(experts.shape[1:-2])
+    unscaled = (attentions_c["kernel_attention"] @ experts.reshape(k, -1)).reshape(-1, taps, experts.shape[-2]
+                                                                                   * experts.shape[-1])
+    s = attentions_c.get("spatial_attention")
+    return unscaled, unscaled if s is None else unscaled * s.reshape(s.shape[0], taps, 1)
+
+
+def _lean_forward(x, experts, attentions, geometry):
+    """:func:`lean_conv`'s output: per chunk, the kernels in one matmul, then one batch-1 static conv per sample."""
+    strides, pads, dilation, groups, precision = geometry
+
+    def chunk(experts, carry, args):
+        xc, attentions_c = args
+        kernels = _chunk_kernels(experts, attentions_c)[1].reshape((-1,) + experts.shape[1:])
+        conv = functools.partial(static_conv, strides=strides, padding=pads, dilation=dilation, groups=groups,
+                                 precision=precision)
+        return carry, lax.map(lambda a: conv(a[0][None], a[1])[0], (xc, kernels))
+
+    return _scan_chunks(chunk, (), (x, attentions), experts, math.prod(experts.shape[1:]))[1]
+
+
+def _lean_backward(x, experts, attentions, dy, geometry):
+    """``(dx, d_experts, d_attentions)`` of :func:`lean_conv`, chunk by chunk.
+
+    Per chunk of ``c`` samples: the kernels again (:func:`_chunk_kernels`), ``dx_b`` by the transposed conv
+    of each sample, the per-sample kernel gradients ``G_b`` (:func:`_sample_kernel_gradient`; only the
+    chunk's ``c`` of them exist at once), and from them ``da_bk = <s_b G_b, W_k>``, ``ds_bt = <G_bt, U_bt>``
+    (``U_b = sum_k a_bk W_k``) and the experts' gradient ``dW_k += sum_b a_bk s_b G_b`` in the scan's carry.
+    """
+    k, kernel_shape = experts.shape[0], experts.shape[1:]
+    flat = experts.reshape(k, -1)
+
+    def chunk(experts, d_experts, args):
+        xc, attentions_c, dyc = args
+        unscaled, kernels = _chunk_kernels(experts, attentions_c)
+        dxc = lax.map(lambda a: _input_gradient_conv(a[1], a[0].reshape(kernel_shape), x.shape[1:-1], geometry),
+                      (kernels, dyc))
+        g = lax.map(lambda a: _sample_kernel_gradient(a[0], a[1], kernel_shape, geometry), (xc, dyc))
+        g = g.reshape(unscaled.shape)                                           # [c, T, Ci*Co]
+        s = attentions_c.get("spatial_attention")
+        scaled = g if s is None else g * s.reshape(s.shape[0], -1, 1)
+        scaled = scaled.reshape(g.shape[0], -1)
+        d_attentions = {"kernel_attention": scaled @ flat.T}
+        if s is not None:
+            d_attentions["spatial_attention"] = jnp.sum(g * unscaled, axis=-1).reshape(s.shape)
+        return d_experts + attentions_c["kernel_attention"].T @ scaled, (dxc, d_attentions)
+
+    d_experts, (dx, d_attentions) = _scan_chunks(chunk, jnp.zeros_like(flat), (x, attentions, dy), experts,
+                                                 math.prod(kernel_shape))
+    return dx, d_experts.reshape(experts.shape), d_attentions
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def lean_conv(x, experts, attentions, geometry):
+    """Per-sample convolution whose forward and backward hold only a few samples' kernels at once.
+
+    x: ``[B, *S, Cin]``; experts: ``[K, *k, Cin/g, Cout]``; attentions: ``kernel_attention`` ``[B, K]`` and
+    optionally ``spatial_attention`` ``[B, *k]``; geometry as :func:`mapped_conv`. Both passes scan over
+    chunks of samples (:func:`_scan_chunks`, at most ``_LEAN_MAX_CHUNK``): the forward
+    (:func:`_lean_forward`) saves only its inputs; the backward (:func:`_lean_backward`) uses
+    ``dL/dW_k = sum_b a_bk G_b`` with each chunk's per-sample kernel gradients ``G_b`` reduced at once, so
+    neither the ``[B, *k, Cin/g, Cout]`` kernels nor their gradients ever exist for the whole batch.
+    Reverse mode to any order; no forward mode (a custom VJP).
+    """
+    return _lean_forward(x, experts, attentions, geometry)
+
+
+def _lean_conv_fwd(x, experts, attentions, geometry):
+    return lean_conv(x, experts, attentions, geometry), (x, experts, attentions)
+
+
+def _lean_conv_bwd(geometry, residuals, dy):
+    return _lean_backward(*residuals, dy, geometry)
+
+
+lean_conv.defvjp(_lean_conv_fwd, _lean_conv_bwd)
+
+
+def _lean_strategy(x, experts, kernel_attention, spatial_attention, folded, *, strides, padding, dilation, groups,
+                   precision):
+    del folded  # always empty: dynamic_conv applies channel / filter attention and bias to the activations here
+    pads = explicit_padding(padding, x.shape[1:-1], experts.shape[1:-2], strides, dilation)
+    attentions = {"kernel_attention": kernel_attention}
+    if spatial_attention is not None:
+        attentions["spatial_attention"] = spatial_attention
+    return lean_conv(x, experts, attentions, (strides, pads, dilation, groups, precision))
+
+
 def _mix_strategy(x, experts, kernel_attention, spatial_attention, folded, *, strides, padding, dilation, groups,
                   precision):
     del folded  # always empty: dynamic_conv applies channel / filter attention to the activations here
@@ -487,13 +650,14 @@ _IMPLS = {
     "pointwise": _pointwise_strategy,
     "mix": _mix_strategy,
     "map": _map_strategy,
+    "lean": _lean_strategy,
 }
 
 
 def applicable_strategies(kernel_size: Sequence[int]) -> Tuple[str, ...]:
     """The strategies that can compute a convolution with this kernel (all of them are exact; every
     one handles every attention, 'pointwise' only 1x1 kernels)."""
-    names = ["vmap", "shifted", "patches", "map", "mix"]
+    names = ["vmap", "shifted", "patches", "map", "mix", "lean"]
     if all(k == 1 for k in kernel_size):
         names.append("pointwise")
     return tuple(names)
@@ -550,7 +714,7 @@ def attention_placement(x_shape, experts_shape, *, strides, padding, dilation, s
     when the kernel holds no more values (exact either way). 'mix' has no per-sample kernel,
     so it always scales the activations. ``strategy`` is a concrete strategy, not 'auto'.
     """
-    if strategy == "mix":
+    if strategy in ("mix", "lean"):
         return False, False
     kernel_size = tuple(experts_shape[1:-2])
     kernel_values = math.prod(kernel_size) * experts_shape[-2] * experts_shape[-1]
@@ -563,51 +727,57 @@ def attention_placement(x_shape, experts_shape, *, strides, padding, dilation, s
     return fold_channel, fold_filter
 
 
-def _auto_strategy(x, experts, attentions, *, strides, padding, dilation, groups, precision) -> str:
-    """``strategy='auto'``: the fastest measured strategy for this problem (:mod:`dynconv_jax.autotune`),
-    or :func:`choose_strategy`'s rule when measuring is off. ``attentions`` maps the names of
-    :func:`dynamic_conv`'s optional arguments to arrays or None."""
+#: What a ``strategy`` argument may be (for error messages).
+STRATEGY_CHOICES = f"'auto', a dynconv_jax.plan.Plan or one of {STRATEGIES}"
+
+
+def is_strategy(strategy) -> bool:
+    """Whether ``strategy`` is 'auto', a :class:`~dynconv_jax.plan.Plan` or one of :data:`STRATEGIES`."""
+    return isinstance(strategy, plan.Plan) or (isinstance(strategy, str) and (strategy == "auto"
+                                                                             or strategy in STRATEGIES))
+
+
+def _local_batch(batch: int) -> int:
+    """The per-device batch a strategy runs on under the current mesh (``jax.set_mesh``)."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or mesh.size == 1 or batch % mesh.size:
+        return batch
+    return batch // mesh.size
+
+
+def _resolve_strategy(strategy, arrays, *, strides, padding, dilation, groups, precision):
+    """``(concrete strategy, arrays)`` for ``strategy`` 'auto' (:func:`choose_strategy`'s rule) or a
+    :class:`~dynconv_jax.plan.Plan` (its entry for this problem, else the rule with a warning).
+
+    ``arrays`` maps the names of :func:`dynamic_conv`'s array arguments to arrays or None. Nothing is
+    measured here. While :func:`dynconv_jax.autotune.tune` traces, the problem is recorded, and the
+    arrays come back through the recording's probe (which notices differentiation)."""
+    x, experts = arrays["x"], arrays["experts"]
     rule = choose_strategy(x.shape, experts.shape, strides=strides, dilation=dilation, groups=groups,
-                           spatial_attention=attentions["spatial_attention"] is not None)
-    present = {name: a for name, a in attentions.items() if a is not None}
-    mode = autotune.differentiation(x, experts, *present.values())
-    candidates = applicable_strategies(experts.shape[1:-2])
-    if mode == "forward":  # 'map' has a custom VJP: reverse mode only
-        candidates = tuple(s for s in candidates if s != "map")
-        rule = "shifted" if rule == "map" else rule
-    if not autotune.enabled() or not all(isinstance(d, int) for d in x.shape):
-        return rule  # measuring off, or a symbolic dimension (jax.export): nothing concrete to time
-    candidates = [rule] + [s for s in candidates if s != rule]
-    batch = autotune.local_batch(x.shape[0])
-    per_sample = lambda a: (batch, *a.shape[1:])  # noqa: E731  (expert_bias has no batch axis)
-    shapes = [((batch, *x.shape[1:]), x.dtype), (experts.shape, experts.dtype)] + [
-        (a.shape if name == "expert_bias" else per_sample(a), a.dtype) for name, a in present.items()]
-    key = autotune.problem_key(shapes[0][0], experts.shape, dtype=(x.dtype, experts.dtype), strides=strides, padding=padding,
-                               dilation=dilation, groups=groups, attentions=list(present), differentiated=mode)
-
-    def forward(name):
-        def run(x, experts, *values):
-            return dynamic_conv(x, experts, strides=strides, padding=padding, dilation=dilation, groups=groups,
-                                strategy=name, precision=precision, **dict(zip(present, values)))
-        return run
-
-    def timed(name):
-        if mode is None:
-            return forward(name)
-
-        def forward_backward(*args):  # the last argument is the output cotangent
-            _, vjp = jax.vjp(forward(name), *args[:-1])
-            return vjp(args[-1])
-        return forward_backward
-
-    def measure():
-        cotangent = []
-        if mode:
-            y = jax.eval_shape(forward(rule), *[jax.ShapeDtypeStruct(s, d) for s, d in shapes])
-            cotangent = [(y.shape, y.dtype)]
-        return autotune.measure(candidates, timed, autotune.random_like(shapes + cotangent))
-
-    return autotune.choose(key, candidates, rule, measure)
+                           spatial_attention=arrays["spatial_attention"] is not None)
+    recording = plan.recording()
+    if not (recording or isinstance(strategy, plan.Plan)):
+        return rule, arrays
+    present = {name: a for name, a in arrays.items() if a is not None}
+    if not all(isinstance(d, int) for a in present.values() for d in a.shape):  # jax.export's symbolic batch
+        if isinstance(strategy, plan.Plan):
+            plan.warn_missing(f"with symbolic shape {x.shape}", rule)
+        return rule, arrays
+    attentions = [n for n in present if n not in ("x", "experts")]
+    key = plan.problem_key(x.shape, experts.shape, dtype=(x.dtype, experts.dtype), strides=strides,
+                           padding=padding, dilation=dilation, groups=groups, attentions=attentions)
+    choice = strategy.strategy_for(key) if isinstance(strategy, plan.Plan) else rule
+    if choice is None:
+        plan.warn_missing(key, rule)
+        choice = rule
+    if recording:
+        batch = _local_batch(x.shape[0])  # timed as each device runs it
+        shapes = tuple((n, a.shape if n in ("experts", "expert_bias") else (batch, *a.shape[1:]),
+                        jnp.dtype(a.dtype).name) for n, a in present.items())
+        static = dict(strides=strides, padding=padding, dilation=dilation, groups=groups, precision=precision)
+        probed = recording.observe(key, plan.Problem(shapes, static, rule), present)
+        arrays = {**arrays, **probed}
+    return choice, arrays
 
 
 def dynamic_conv(
@@ -650,14 +820,17 @@ def dynamic_conv(
     if x.shape[-1] != experts.shape[-2] * groups or experts.shape[-1] % groups:
         raise ValueError(f"x has {x.shape[-1]} channels and experts {experts.shape}: with groups={groups} "
                          f"expected Cin = groups * experts.shape[-2] and Cout divisible by groups")
-    if strategy == "auto":
-        attentions = {"kernel_attention": kernel_attention, "spatial_attention": spatial_attention,
-                      "channel_attention": channel_attention, "filter_attention": filter_attention,
-                      "expert_bias": expert_bias}
-        strategy = _auto_strategy(x, experts, attentions, strides=tuple(strides), padding=padding,
-                                  dilation=tuple(dilation), groups=groups, precision=precision)
-    if strategy not in STRATEGIES:
-        raise ValueError(f"strategy={strategy!r}: expected 'auto' or one of {STRATEGIES}")
+    if not is_strategy(strategy):
+        raise ValueError(f"strategy={strategy!r}: expected {STRATEGY_CHOICES}")
+    if strategy == "auto" or isinstance(strategy, plan.Plan):
+        arrays = {"x": x, "experts": experts, "kernel_attention": kernel_attention,
+                  "spatial_attention": spatial_attention, "channel_attention": channel_attention,
+                  "filter_attention": filter_attention, "expert_bias": expert_bias}
+        strategy, arrays = _resolve_strategy(strategy, arrays, strides=tuple(strides), padding=padding,
+                                             dilation=tuple(dilation), groups=groups, precision=precision)
+        x, experts, kernel_attention, spatial_attention, channel_attention, filter_attention, expert_bias = (
+            arrays[n] for n in ("x", "experts", "kernel_attention", "spatial_attention", "channel_attention",
+                                "filter_attention", "expert_bias"))
     batch_shape = (x.shape[0],) + (1,) * rank
     fold_channel, fold_filter = attention_placement(
         x.shape, experts.shape, strides=strides, padding=padding, dilation=dilation, strategy=strategy,

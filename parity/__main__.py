@@ -109,9 +109,6 @@ def run_units(units, checks, sgd: SGDConfig, seed: int, start: float) -> List[Ro
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    # strategy='auto' follows the fixed rules unless DYNCONV_AUTOTUNE is set: measured picks depend on the
-    # machine and its load, every strategy sums in its own order, and a float32 row must not change with them.
-    os.environ.setdefault("DYNCONV_AUTOTUNE", "0")
     loaded = load_extensions()
     families = sorted({c.family for c in registry.CASES.values()})
     p = _parser(families)

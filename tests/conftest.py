@@ -2,11 +2,6 @@
 the tests start)."""
 import os
 
-# strategy='auto' measures every applicable strategy the first time it meets a problem
-# (dynconv_jax.autotune): in the suite that would compile each candidate for every test shape.
-# The suite runs the fixed rules instead; tests/test_autotune.py turns measuring on with a cache of its own.
-os.environ.setdefault("DYNCONV_AUTOTUNE", "0")
-
 # Compilation, not computation, is most of the suite's time on CPU (docs/performance.md, "Compile time"):
 # JAX's partitionable threefry (the default since 0.5) compiles each random draw of a new shape for
 # seconds on XLA:CPU, the non-partitionable one (the earlier default) in a fraction of that. Random
