@@ -509,7 +509,7 @@ def _scan_chunks(fn, carry, args, consts, kernel_values: int):
     mesh = jax.sharding.get_abstract_mesh()
     batch = jax.tree_util.tree_leaves(args)[0].shape[0]
 
-    def local(consts, args):
+    def local(consts, carry, args):
         b = jax.tree_util.tree_leaves(args)[0].shape[0]
         c = _chunk_size(b, kernel_values)
         chunks = jax.tree_util.tree_map(lambda v: v.reshape((b // c, c) + v.shape[1:]), args)
@@ -517,11 +517,11 @@ def _scan_chunks(fn, carry, args, consts, kernel_values: int):
         return total, jax.tree_util.tree_map(lambda v: v.reshape((b,) + v.shape[2:]), outputs)
 
     if mesh.empty or mesh.size == 1 or batch % mesh.size:
-        return local(consts, args)
+        return local(consts, carry, args)
     samples, replicated = jax.sharding.PartitionSpec(mesh.axis_names), jax.sharding.PartitionSpec()
 
-    def per_device(consts, args):
-        total, outputs = local(consts, args)
+    def per_device(consts, args):  # each device's carry starts equal and becomes its own (varying) sum
+        total, outputs = local(consts, lax.pcast(carry, mesh.axis_names, to="varying"), args)
         return lax.psum(total, mesh.axis_names), outputs
 
     return jax.shard_map(per_device, in_specs=(replicated, samples), out_specs=(replicated, samples))(consts, args)

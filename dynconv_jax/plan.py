@@ -100,9 +100,10 @@ class Plan:
         return rule / chosen if chosen else None
 
     def to_json(self) -> str:
-        entries = [{"problem": json.loads(key), "strategy": strategy, **self.measurements.get(key, {})}
-                   for key, strategy in self.choices]
-        return json.dumps({"format": FORMAT, "entries": entries}, indent=1, sort_keys=True)
+        """The plan as JSON text: its format tag and one line per problem."""
+        entries = [json.dumps({"problem": json.loads(key), "strategy": strategy, **self.measurements.get(key, {})},
+                              sort_keys=True) for key, strategy in self.choices]
+        return '{"format": "%s", "entries": [\n%s\n]}' % (FORMAT, ",\n".join(entries))
 
     @classmethod
     def from_json(cls, text: str) -> "Plan":

@@ -168,8 +168,10 @@ def test_inapplicable_strategies_raise_clear_errors():
                          dilation=(1, 1))
 
 
-def test_map_strategy_second_order_gradients_equal_vmap():
-    """'map' has a custom VJP; its VJP is differentiable, so grad-of-grad (gradient penalties, MAML) is exact."""
+@pytest.mark.parametrize("strategy", ["map", "lean"])
+def test_custom_vjp_strategies_second_order_gradients_equal_vmap(strategy):
+    """'map' and 'lean' have a custom VJP made of differentiable ops, so grad-of-grad (gradient penalties,
+    MAML) is exact."""
     with jax.enable_x64(True):
         arrays, geom = make_case(np.random.default_rng(5), rank=2, kernel=3, stride=2, dilation=2, groups=2,
                                  padding="SAME", spatial=True, channel=False, filt=False, bias=False, batch=3)
@@ -180,11 +182,23 @@ def test_map_strategy_second_order_gradients_equal_vmap():
                 return jnp.sum(ops.dynamic_conv(x, experts, a, spatial_attention=s, **geom, strategy=strategy) ** 3)
             return lambda x, experts: jnp.sum(jax.grad(inner)(x, experts) ** 2)
 
-        got = jax.grad(penalty("map"), argnums=(0, 1))(x, experts)
+        got = jax.grad(penalty(strategy), argnums=(0, 1))(x, experts)
         want = jax.grad(penalty("vmap"), argnums=(0, 1))(x, experts)
         for g, w in zip(got, want):
             assert float(jnp.max(jnp.abs(w))) > 0
             assert rel(g, w) <= TOL
+
+
+def test_lean_strategy_over_several_chunks(monkeypatch):
+    """'lean' scans over chunks of samples (at most _LEAN_MAX_CHUNK), the experts' gradient summed over them:
+    3 chunks of 4 samples, against the naive loop."""
+    monkeypatch.setattr(ops, "_LEAN_MAX_CHUNK", 4)
+    assert ops._chunk_size(12, 10) == 4 and ops._chunk_size(7, 10) == 1 and ops._chunk_size(12, 2 ** 22) == 2
+    with jax.enable_x64(True):
+        arrays, geom = make_case(np.random.default_rng(12), rank=2, kernel=3, stride=1, dilation=1, groups=2,
+                                 padding="SAME", spatial=True, channel=True, filt=True, bias=True, batch=12)
+        monkeypatch.setattr(ops, "applicable_strategies", lambda kernel_size: ("lean",))
+        check_all_strategies(arrays, geom)
 
 
 # ODConv's channel / filter attentions scale the per-sample kernel or the activations, whichever holds
@@ -234,23 +248,27 @@ forward = lambda strategy: jax.jit(lambda *v: ops.dynamic_conv(v[0], v[1], v[2],
                                                                 strides=(1, 1), padding="SAME", dilation=(1, 1),
                                                                 strategy=strategy))
 ref, ref_y = grad("vmap")(*args), forward("vmap")(*args)
-with jax.set_mesh(mesh):
-    out, y = grad("map")(*args), forward("map")(*args)
-    hlo = grad("map").lower(*args).compile().as_text() + forward("map").lower(*args).compile().as_text()
-err = max(float(jnp.max(jnp.abs(p - q)) / jnp.max(jnp.abs(q)))
-          for p, q in zip(jax.tree_util.tree_leaves(out), jax.tree_util.tree_leaves(ref)))
-print("devices", jax.device_count(), "err", err, "all-gathers", hlo.count("all-gather("),
-      "forward_err", float(jnp.max(jnp.abs(y - ref_y)) / jnp.max(jnp.abs(ref_y))), "spec", y.sharding.spec)
+for strategy in ("map", "lean"):
+    with jax.set_mesh(mesh):
+        out, y = grad(strategy)(*args), forward(strategy)(*args)
+        hlo = grad(strategy).lower(*args).compile().as_text() + forward(strategy).lower(*args).compile().as_text()
+    err = max(float(jnp.max(jnp.abs(p - q)) / jnp.max(jnp.abs(q)))
+              for p, q in zip(jax.tree_util.tree_leaves(out), jax.tree_util.tree_leaves(ref)))
+    print(strategy, "devices", jax.device_count(), "err", err, "all-gathers", hlo.count("all-gather("),
+          "forward_err", float(jnp.max(jnp.abs(y - ref_y)) / jnp.max(jnp.abs(ref_y))), "spec", y.sharding.spec)
 """
 
 
-def test_map_strategy_keeps_a_sharded_batch_on_its_devices():
-    """Under jax.set_mesh (as train/ runs its steps) 'map' maps each device over its own samples:
-    exact, and the compiled program gathers nothing (one lax.map over the global batch all-gathers)."""
+def test_map_and_lean_strategies_keep_a_sharded_batch_on_its_devices():
+    """Under jax.set_mesh (as train/ runs its steps) 'map' and 'lean' map (scan) each device over its own
+    samples: exact, and the compiled program gathers nothing (one lax.map over the global batch all-gathers)."""
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_ENABLE_X64": "1"}
     out = subprocess.run([sys.executable, "-c", _SHARDED_MAP_RUN], env=env, capture_output=True, text=True,
                          timeout=300, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     assert out.returncode == 0, out.stdout + out.stderr
-    fields = out.stdout.split()
-    assert fields[1] == "8" and float(fields[3]) < 1e-12 and fields[5] == "0" and float(fields[7]) < 1e-12, out.stdout
-    assert "data" in out.stdout.split("spec", 1)[1], out.stdout
+    lines = [line for line in out.stdout.splitlines() if line.startswith(("map ", "lean "))]
+    assert [line.split()[0] for line in lines] == ["map", "lean"], out.stdout
+    for line in lines:
+        fields = line.split()
+        assert fields[2] == "8" and float(fields[4]) < 1e-12 and fields[6] == "0" and float(fields[8]) < 1e-12, line
+        assert "data" in line.split("spec", 1)[1], line
