@@ -98,10 +98,11 @@ def markdown_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
     return "\n".join(lines)
 
 
-def write_results(out_dir: str, name: str, env: dict, payload: dict, markdown: str) -> List[str]:
-    """Write ``<name>_<device>.json`` and ``.md``; returns the paths."""
+def write_results(out_dir: str, name: str, env: dict, payload: dict, markdown: str,
+                  tag: Optional[str] = None) -> List[str]:
+    """Write ``<name>_<tag>.json`` and ``.md`` (``tag``: default :func:`device_tag`); returns the paths."""
     os.makedirs(out_dir, exist_ok=True)
-    stem = os.path.join(out_dir, f"{name}_{device_tag(env)}")
+    stem = os.path.join(out_dir, f"{name}_{tag or device_tag(env)}")
     with open(stem + ".json", "w") as f:
         json.dump({"environment": env, **payload}, f, indent=1)
     header = (f"# {name} benchmark — {env['device']}\n\n"

@@ -37,19 +37,29 @@ picks how the per-sample convolution is computed; every strategy is exact
 ``'mix'``
     Expert-output mixing: one static conv with ``K * C_out`` outputs, then
     ``y = sum_k a_k y_k`` (exact by linearity). Costs ``K`` static convs but no
-    per-sample kernel. With a spatial attention (ODConv) ``s_b`` scales sample
-    ``b``'s im2col columns, which are then multiplied by all experts at once.
+    per-sample kernel; its gradient is ``dW_k = sum_b a_bk G_b`` as one static
+    kernel-gradient conv of ``x`` with ``dy`` scaled per sample, and
+    ``da_bk = <dy_b, y_bk>``. With a spatial attention (ODConv) ``s_b`` scales
+    sample ``b``'s im2col columns, which are then multiplied by all experts at once
+    (one matmul; also without a spatial attention at ``_MIX_MAX_POSITIONS`` output
+    positions or fewer, where XLA:CPU's conv with ``K * C_out`` outputs is slower).
 ``'map'``
     ``lax.map`` over samples of a batch-1 static conv, with a custom VJP that maps
     again: ``dx_b`` by a static conv with the transposed kernel, ``dW_b`` by one
     matmul of the sample's (cache-sized) im2col with ``dy_b``. On XLA:CPU batch-1
-    static convs run at the full static rate, so this is the fastest exact strategy
-    for most shapes there. Reverse mode only (``jax.grad`` to any order; no ``jax.jvp``).
+    static convs run at the full static rate. Under differentiation it keeps the
+    whole batch's per-sample kernels and builds their gradients. Reverse mode only
+    (``jax.grad`` to any order; no ``jax.jvp``).
+``'lean'``
+    'map''s batch-1 convs over chunks of a few samples (:func:`lean_conv`): each chunk's
+    kernels come from one matmul with the experts, and the backward reduces each chunk's
+    per-sample kernel gradients at once (``dW_k = sum_b a_bk G_b`` accumulated over the
+    chunks), so neither the per-sample kernels nor their gradients ever exist for the whole
+    batch; it saves only its inputs. Reverse mode only.
 
-``'auto'`` (the default) measures: each applicable strategy is timed once per problem (backend,
-device, shapes, dtype, differentiated or not) and the fastest is cached on disk, see
-:mod:`dynconv_jax.autotune`. With measuring turned off (``DYNCONV_AUTOTUNE=0``) it follows the
-fixed rules of :func:`choose_strategy`.
+``'auto'`` (the default) follows the fixed per-backend rules of :func:`choose_strategy` and never
+measures. A :class:`~dynconv_jax.plan.Plan` (``strategy=plan``) runs measured choices instead: it is
+made on request by :func:`dynconv_jax.autotune.tune`.
 
 Layout: channels-last. ``x`` is ``[B, *S, Cin]``; expert kernels are
 ``[K, *kernel_size, C_in // groups, C_out]`` (flax ``Conv`` layout with a
@@ -488,15 +498,15 @@ def _map_strategy(x, experts, kernel_attention, spatial_attention, folded, *, st
     return mapped_conv(x, experts, attentions, bias, (strides, pads, dilation, groups, precision))
 
 
-# Samples per step of 'lean': at most this many, and at most _LEAN_CHUNK_VALUES kernel values per chunk
-# (measured: docs/performance.md, "'lean'").
-_LEAN_MAX_CHUNK = 8
-_LEAN_CHUNK_VALUES = 2 ** 23
+# Most per-sample kernel values a chunk of 'lean' holds (16 MiB in float32; measured: docs/performance.md,
+# "'lean'": smaller chunks cost per-step overhead with small kernels, larger ones memory with large kernels).
+_LEAN_CHUNK_VALUES = 2 ** 22
 
 
 def _chunk_size(batch: int, kernel_values: int) -> int:
-    """The largest divisor of ``batch`` within ``_LEAN_MAX_CHUNK`` and ``_LEAN_CHUNK_VALUES // kernel_values``."""
-    limit = max(1, min(_LEAN_MAX_CHUNK, _LEAN_CHUNK_VALUES // kernel_values))
+    """Samples per chunk of 'lean': the largest divisor of ``batch`` whose kernels hold at most
+    ``_LEAN_CHUNK_VALUES`` values (at least 1)."""
+    limit = max(1, _LEAN_CHUNK_VALUES // kernel_values)
     return max(c for c in range(1, min(limit, batch) + 1) if batch % c == 0)
 
 
@@ -588,7 +598,7 @@ def lean_conv(x, experts, attentions, geometry):
 
     x: ``[B, *S, Cin]``; experts: ``[K, *k, Cin/g, Cout]``; attentions: ``kernel_attention`` ``[B, K]`` and
     optionally ``spatial_attention`` ``[B, *k]``; geometry as :func:`mapped_conv`. Both passes scan over
-    chunks of samples (:func:`_scan_chunks`, at most ``_LEAN_MAX_CHUNK``): the forward
+    chunks of samples (:func:`_scan_chunks`, :func:`_chunk_size`): the forward
     (:func:`_lean_forward`) saves only its inputs; the backward (:func:`_lean_backward`) uses
     ``dL/dW_k = sum_b a_bk G_b`` with each chunk's per-sample kernel gradients ``G_b`` reduced at once, so
     neither the ``[B, *k, Cin/g, Cout]`` kernels nor their gradients ever exist for the whole batch.
@@ -627,15 +637,18 @@ def _mix_strategy(x, experts, kernel_attention, spatial_attention, folded, *, st
     # [K, *k, Ci, g, M] -> [*k, Ci, g, K, M]: each group's outputs stay contiguous, as feature_group_count needs.
     stacked = experts.reshape((k,) + kernel_shape + (ci, groups, m))
     stacked = jnp.moveaxis(stacked, 0, -2)
-    if spatial_attention is None:  # one static conv with K * Cout outputs
+    pads = explicit_padding(padding, x.shape[1:-1], kernel_shape, strides, dilation)
+    positions = math.prod(output_shape(x.shape[1:-1], kernel_shape, strides, pads, dilation))
+    few_positions = positions <= _MIX_MAX_POSITIONS
+    if spatial_attention is None and not few_positions:  # one static conv with K * Cout outputs
         ys = static_conv(x, stacked.reshape(kernel_shape + (ci, groups * k * m)), strides=strides, padding=padding,
                          dilation=dilation, groups=groups, precision=precision)  # [B, *S_out, g*K*M]
         ys = ys.reshape(ys.shape[:-1] + (groups, k, m))
-    else:  # s_b scales kernel positions, i.e. sample b's im2col columns: scaled patches x stacked experts
-        pads = explicit_padding(padding, x.shape[1:-1], kernel_shape, strides, dilation)
+    else:  # im2col x stacked experts in one matmul; s_b scales kernel positions, i.e. sample b's columns
         cols, _ = _im2col(x, kernel_shape, strides, pads, dilation)  # [B, *S_out, T, g*Ci]
-        s = spatial_attention.reshape(x.shape[0], -1)  # [B, T]
-        cols = cols * s.reshape((x.shape[0],) + (1,) * (cols.ndim - 3) + (-1, 1))
+        if spatial_attention is not None:
+            s = spatial_attention.reshape(x.shape[0], -1)  # [B, T]
+            cols = cols * s.reshape((x.shape[0],) + (1,) * (cols.ndim - 3) + (-1, 1))
         cols = cols.reshape(cols.shape[:-1] + (groups, ci))  # [B, *S_out, T, g, Ci]
         ys = jnp.einsum("b...tgi,tigkm->b...gkm", cols, stacked.reshape((-1, ci, groups, k, m)),
                         precision=precision)
@@ -665,10 +678,10 @@ def applicable_strategies(kernel_size: Sequence[int]) -> Tuple[str, ...]:
 
 def choose_strategy(x_shape, experts_shape, *, strides, dilation, groups, spatial_attention: bool,
                     backend: Optional[str] = None) -> str:
-    """What ``strategy='auto'`` runs, by backend and shape (see ``docs/performance.md``).
+    """What ``strategy='auto'`` runs: fixed rules by backend and shape; nothing is measured.
 
-    XLA:CPU rules, from ``python -m benchmarks strategies`` (forward+backward, the training path;
-    the measurements behind each rule: docs/performance.md, "The fixed rules"):
+    XLA:CPU, measured (``python -m benchmarks strategies`` and ``plans``, forward+backward; the numbers
+    behind each rule: docs/performance.md, "The fixed rules"):
 
     - a depthwise conv (one input channel per group) is a sum of broadcast multiplies over
       the taps ('shifted'): XLA:CPU's own depthwise conv is slow, even static;
@@ -676,24 +689,31 @@ def choose_strategy(x_shape, experts_shape, *, strides, dilation, groups, spatia
     - ungrouped, with at most ``_MIX_MAX_POSITIONS`` output positions, the per-sample kernels
       (``B * k^d * Cin * Cout`` values for few output rows) cost more memory traffic than ``K``
       compute-bound static convs: 'mix' (with a spatial attention too);
-    - otherwise batch-1 static convs under ``lax.map`` with their own VJP ('map').
+    - otherwise 'lean': batch-1 static convs over chunks of samples, whose backward never holds the
+      whole batch's per-sample kernels or kernel gradients (as fast as 'map' or faster, a fraction
+      of its memory).
 
-    Other backends were never measured (no accelerator was available): there every sample
-    at once is the better bet, so batch 1 takes 'vmap', a 1x1 kernel 'pointwise', few output
-    positions 'mix' and the rest 'patches' (batched matmuls).
+    GPU and TPU: **unmeasured** (no accelerator was lent to this project), written from published
+    evidence: on CUDA the backward of a grouped convolution costs as much as the dense one
+    (jax-ml/jax#13800), so 'vmap' (one grouped conv over ``B * groups`` groups) is taken only at batch 1,
+    where it is a static conv; a grouped conv also cannot fill a TPU's matrix units; 'map' and 'lean'
+    step through the samples one by one (one small kernel launch each). So every sample at once:
+    depthwise 'shifted' (broadcast multiplies), a 1x1 kernel 'pointwise' (one batched matmul), few
+    output positions 'mix' (K dense convs, no per-sample kernel) and the rest 'patches' (one batched
+    matmul over the im2col columns).
     """
     backend = backend or jax.default_backend()
     kernel_size = tuple(experts_shape[1:-2])
     batch, ci = x_shape[0], experts_shape[-2]
     out_positions = math.prod(-(-n // s) for n, s in zip(x_shape[1:-1], strides))
-    del dilation
+    del dilation, spatial_attention
     few_positions = groups == 1 and out_positions <= _MIX_MAX_POSITIONS
     if ci == 1 and (backend == "cpu" or batch != 1):  # '!=' is decidable for a symbolic batch, '>' is not
         return "shifted"
     if batch == 1:
         return "vmap"
     if backend == "cpu":
-        return "mix" if few_positions else "map"
+        return "mix" if few_positions else "lean"
     if all(k == 1 for k in kernel_size):
         return "pointwise"
     return "mix" if few_positions else "patches"
@@ -793,7 +813,7 @@ def dynamic_conv(
     padding,
     dilation: Sequence[int],
     groups: int = 1,
-    strategy: str = "auto",
+    strategy: Union[str, "plan.Plan"] = "auto",
     precision=None,
 ):
     """``y_b = f_b * conv(c_b * x_b, sum_k a[b,k] s_b W_k) + sum_k a[b,k] bias_k``.
@@ -808,8 +828,8 @@ def dynamic_conv(
       expert_bias: ``[K, Cout]`` or None.
       strides, dilation: tuples, one entry per spatial dimension.
       padding: 'SAME', 'VALID' or explicit pairs (see :func:`normalize_padding`).
-      strategy: how the per-sample convolution is computed; one of
-        :data:`STRATEGIES` or 'auto' (see :func:`choose_strategy`).
+      strategy: how the per-sample convolution is computed: one of :data:`STRATEGIES`, 'auto' (the
+        fixed rules of :func:`choose_strategy`) or a :class:`~dynconv_jax.plan.Plan` (measured choices).
 
     Returns ``[B, *S_out, Cout]``.
     """

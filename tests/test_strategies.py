@@ -190,13 +190,14 @@ def test_custom_vjp_strategies_second_order_gradients_equal_vmap(strategy):
 
 
 def test_lean_strategy_over_several_chunks(monkeypatch):
-    """'lean' scans over chunks of samples (at most _LEAN_MAX_CHUNK), the experts' gradient summed over them:
-    3 chunks of 4 samples, against the naive loop."""
-    monkeypatch.setattr(ops, "_LEAN_MAX_CHUNK", 4)
-    assert ops._chunk_size(12, 10) == 4 and ops._chunk_size(7, 10) == 1 and ops._chunk_size(12, 2 ** 22) == 2
+    """'lean' scans over chunks of samples (at most _LEAN_CHUNK_VALUES kernel values each), the experts' gradient
+    summed over them: 3 chunks of 2 samples, against the naive loop."""
+    monkeypatch.setattr(ops, "_LEAN_CHUNK_VALUES", 2 * 108)
+    assert [ops._chunk_size(b, 108) for b in (6, 7, 1)] == [2, 1, 1] and ops._chunk_size(6, 54) == 3
     with jax.enable_x64(True):
         arrays, geom = make_case(np.random.default_rng(12), rank=2, kernel=3, stride=1, dilation=1, groups=2,
-                                 padding="SAME", spatial=True, channel=True, filt=True, bias=True, batch=12)
+                                 padding="SAME", spatial=True, channel=True, filt=True, bias=True, batch=6)
+        assert np.prod(arrays["experts"].shape[1:]) == 108
         monkeypatch.setattr(ops, "applicable_strategies", lambda kernel_size: ("lean",))
         check_all_strategies(arrays, geom)
 
