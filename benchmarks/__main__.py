@@ -29,6 +29,9 @@ def _parser():
                         help="models, plans, serving: comma-separated models (default: resnet18,mobilenet_v2)")
     parser.add_argument("--formulations", action="store_true",
                         help="serving: only compare the two ONNX formulations on single dynamic layers")
+    parser.add_argument("--convs", default=None,
+                        help="models, plans: comma-separated conv types (default: all; 'static' is always timed "
+                             "in models, as the reference)")
     parser.add_argument("--plans", default=None, metavar="DIR",
                         help="plans: reuse the plans saved in DIR by an earlier run instead of measuring")
     parser.add_argument("--dry-run", action="store_true",
@@ -39,6 +42,7 @@ def _parser():
 def _suite(args):
     """``(module, keyword arguments of its run)`` for the parsed command line."""
     models = args.models.split(",") if args.models else None
+    convs = args.convs.split(",") if args.convs else None
     if args.suite == "strategies":
         from . import strategies as suite
         return suite, {}
@@ -53,12 +57,12 @@ def _suite(args):
         return suite, {}
     if args.suite == "plans":
         from . import plans as suite
-        return suite, {"models": models, "plans_dir": args.plans, "out_dir": args.out}
+        return suite, {"models": models, "convs": convs, "plans_dir": args.plans, "out_dir": args.out}
     if args.suite == "gpu":
         from . import gpu as suite
         return suite, {"threads": args.threads, "dry_run": args.dry_run}
     from . import models as suite
-    return suite, {"threads": args.threads, "models": models}
+    return suite, {"threads": args.threads, "models": models, "convs": convs}
 
 
 def main(argv=None):

@@ -275,10 +275,11 @@ def table(records):
                            "goals"], rows)
 
 
-def run(quick: bool, repeats: int, threads=None, models=None):
+def run(quick: bool, repeats: int, threads=None, models=None, convs=None):
     backend = jax.default_backend()
     batch = 8 if quick else (32 if backend == "cpu" else 128)
-    convs = ("static", "dynamic") if quick else CONVS
+    convs = ("static",) + tuple(c for c in convs if c != "static") if convs else (
+        ("static", "dynamic") if quick else CONVS)
     have_torch, sync_torch = setup_torch(threads)
     records = []
     for name in check_models(models or MODELS):

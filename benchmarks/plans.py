@@ -70,10 +70,10 @@ def _problem_rows(name, conv, plan):
     return rows
 
 
-def run(quick: bool, repeats: int, models=None, plans_dir=None, out_dir=None):
+def run(quick: bool, repeats: int, models=None, convs=None, plans_dir=None, out_dir=None):
     backend = jax.default_backend()
     batch = 8 if quick else 32
-    convs = ("dynamic",) if quick else CONVS
+    convs = convs or (("dynamic",) if quick else CONVS)
     save_dir = os.path.join(out_dir, f"plans_{backend}") if out_dir else None
     records, problem_rows, rows = [], [], []
     for name in check_models(models or MODELS):

@@ -45,30 +45,32 @@ def measure(candidates: Sequence[str], make_fn: Callable[[str], Callable], args:
     """Seconds per call of each candidate (the best of ``repeats`` after one warm-up call).
 
     ``make_fn(name)`` returns the function to time for strategy ``name``; each is compiled for
-    ``args`` on its own. The first candidate is the baseline. One whose warm-up call (allocation and
-    first touch included) takes more than ``_GIVE_UP_FACTOR`` times the best so far is not called
-    again and keeps that time; one whose first timed call does is not repeated (a losing candidate's
-    call can cost far more than compiling it: docs/performance.md, "Measuring: a plan"). A candidate
-    that fails to compile or run is left out (with a warning).
+    ``args`` on its own. A candidate whose warm-up call (allocation and first touch included) takes
+    more than ``_GIVE_UP_FACTOR`` times the fastest warm-up so far is not called again and keeps that
+    time; one whose first timed call takes more than that factor times the best so far is not repeated
+    (a losing candidate's call can cost far more than compiling it: docs/performance.md, "Measuring on
+    request"). A candidate that fails to compile or run is left out (with a warning).
     """
     seconds: Dict[str, float] = {}
+    warmups: Dict[str, float] = {}
 
-    def losing(call_seconds: float) -> bool:
-        return bool(seconds) and call_seconds > _GIVE_UP_FACTOR * min(seconds.values())
+    def losing(call_seconds: float, so_far: Dict[str, float]) -> bool:
+        return bool(so_far) and call_seconds > _GIVE_UP_FACTOR * min(so_far.values())
 
     for name in candidates:
         try:
             compiled = jax.jit(make_fn(name)).lower(*args).compile()
-            best = _time_call(compiled, args)  # warm-up: allocation, first touch
-            if not losing(best):
+            warm = _time_call(compiled, args)  # allocation, first touch: compared with the other warm-ups
+            best = warm
+            if not losing(warm, warmups):
                 best = _time_call(compiled, args)
-                if not losing(best):
+                if not losing(best, seconds):
                     for _ in range(repeats - 1):
                         best = min(best, _time_call(compiled, args))
         except Exception as err:  # a strategy XLA cannot run here is not a candidate
             warnings.warn(f"dynconv autotune: strategy {name!r} failed to run ({type(err).__name__}: {err}); skipped")
             continue
-        seconds[name] = best
+        warmups[name], seconds[name] = warm, best
     return seconds
 
 

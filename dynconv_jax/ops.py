@@ -55,7 +55,9 @@ picks how the per-sample convolution is computed; every strategy is exact
     kernels come from one matmul with the experts, and the backward reduces each chunk's
     per-sample kernel gradients at once (``dW_k = sum_b a_bk G_b`` accumulated over the
     chunks), so neither the per-sample kernels nor their gradients ever exist for the whole
-    batch; it saves only its inputs. Reverse mode only.
+    batch; it saves only its inputs. A depthwise conv (one input channel per group) is
+    'shifted''s broadcast multiplies with a fused backward instead (:func:`depthwise_conv`).
+    Reverse mode only.
 
 ``'auto'`` (the default) follows the fixed per-backend rules of :func:`choose_strategy` and never
 measures. A :class:`~dynconv_jax.plan.Plan` (``strategy=plan``) runs measured choices instead: it is
@@ -498,9 +500,9 @@ def _map_strategy(x, experts, kernel_attention, spatial_attention, folded, *, st
     return mapped_conv(x, experts, attentions, bias, (strides, pads, dilation, groups, precision))
 
 
-# Most per-sample kernel values a chunk of 'lean' holds (16 MiB in float32; measured: docs/performance.md,
+# Most per-sample kernel values a chunk of 'lean' holds (8 MiB in float32; measured: docs/performance.md,
 # "'lean'": smaller chunks cost per-step overhead with small kernels, larger ones memory with large kernels).
-_LEAN_CHUNK_VALUES = 2 ** 22
+_LEAN_CHUNK_VALUES = 2 ** 21
 
 
 def _chunk_size(batch: int, kernel_values: int) -> int:
@@ -618,10 +620,81 @@ def _lean_conv_bwd(geometry, residuals, dy):
 lean_conv.defvjp(_lean_conv_fwd, _lean_conv_bwd)
 
 
+def _weighted_taps(x, kernels, kernel_size, strides, pads, dilation):
+    """``sum_t tap_t(x) * kernels[:, t]``: x ``[B, *S, g]`` (one input channel per group), kernels ``[B, T, g, M]``
+    -> ``[B, *S_out, g, M]`` (broadcast multiplies, one fused loop)."""
+    taps, _ = _taps(x, kernel_size, strides, pads, dilation)
+    spread = (x.shape[0],) + (1,) * (x.ndim - 2) + kernels.shape[2:]
+    return sum(tap[..., None] * kernels[:, t].reshape(spread) for t, tap in enumerate(taps))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def depthwise_conv(x, kernels, geometry):
+    """Per-sample depthwise convolution (one input channel per group) whose backward is two fused tap sums.
+
+    x: ``[B, *S, g]``; kernels: ``[B, T, g, M]`` (``T = prod(kernel_size)``, ``M`` outputs per group);
+    geometry: ``(kernel_size, strides, explicit pads, dilation)``. Returns ``[B, *S_out, g, M]``. The
+    forward saves only its inputs; the backward forms the kernels' gradient as one reduction per tap and
+    the input's as the taps of the output gradient (dilated by the stride, padded as
+    :func:`transposed_conv_padding`) times the flipped kernels, so autodiff's ``T`` padded copies of the
+    gradient never exist. Reverse mode to any order; no forward mode (a custom VJP).
+    """
+    return _weighted_taps(x, kernels, *geometry)
+
+
+def _tap_reductions(x, dy, kernel_size, strides, pads, dilation):
+    """``[B, T, g, M]``: ``sum over positions of tap_t(x)[..., None] * dy`` for each tap ``t``, one tap per step of a
+    ``lax.map`` (a slice of the padded input read in place; all ``T`` products at once would each be written)."""
+    rank = x.ndim - 2
+    out = dy.shape[1:1 + rank]
+    xp = lax.pad(x, jnp.zeros((), x.dtype), ((0, 0, 0),) + tuple((lo, hi, 0) for lo, hi in pads) + ((0, 0, 0),))
+    extent = tuple((o - 1) * s + 1 for o, s in zip(out, strides))
+    starts = jnp.asarray([[i * d for i, d in zip(offset, dilation)]
+                          for offset in itertools.product(*(range(k) for k in kernel_size))], jnp.int32)
+
+    def one(start):
+        zero = jnp.zeros((), start.dtype)
+        window = lax.dynamic_slice(xp, (zero, *start, zero), (x.shape[0],) + extent + (x.shape[-1],))
+        tap = lax.slice(window, (0,) * window.ndim, window.shape, (1,) + tuple(strides) + (1,))
+        return jnp.sum(tap[..., None] * dy, axis=tuple(range(1, rank + 1)))
+
+    return jnp.moveaxis(lax.map(one, starts), 0, 1)
+
+
+def _depthwise_conv_fwd(x, kernels, geometry):
+    return depthwise_conv(x, kernels, geometry), (x, kernels)
+
+
+def _depthwise_conv_bwd(geometry, residuals, dy):
+    x, kernels = residuals
+    kernel_size, strides, pads, dilation = geometry
+    rank = x.ndim - 2
+    d_kernels = _tap_reductions(x, dy, kernel_size, strides, pads, dilation)
+    grad_pads = transposed_conv_padding(x.shape[1:-1], kernel_size, strides, pads, dilation)
+    dilated = lax.pad(dy, jnp.zeros((), dy.dtype), ((0, 0, 0),) + tuple((lo, hi, s - 1) for (lo, hi), s
+                                                                         in zip(grad_pads, strides)) + ((0, 0, 0),) * 2)
+    flipped = jnp.flip(kernels.reshape(kernels.shape[:1] + tuple(kernel_size) + kernels.shape[2:]),
+                       axis=tuple(range(1, rank + 1))).reshape(kernels.shape)
+    grad_taps, _ = _taps(dilated.reshape(dilated.shape[:-2] + (-1,)), kernel_size, (1,) * rank, ((0, 0),) * rank,
+                         dilation)
+    spread = (x.shape[0],) + (1,) * rank + kernels.shape[2:]
+    dx = sum(jnp.sum(tap.reshape(tap.shape[:-1] + kernels.shape[2:]) * flipped[:, t].reshape(spread), axis=-1)
+             for t, tap in enumerate(grad_taps))
+    return dx, d_kernels
+
+
+depthwise_conv.defvjp(_depthwise_conv_fwd, _depthwise_conv_bwd)
+
+
 def _lean_strategy(x, experts, kernel_attention, spatial_attention, folded, *, strides, padding, dilation, groups,
                    precision):
     del folded  # always empty: dynamic_conv applies channel / filter attention and bias to the activations here
-    pads = explicit_padding(padding, x.shape[1:-1], experts.shape[1:-2], strides, dilation)
+    kernel_size = experts.shape[1:-2]
+    pads = explicit_padding(padding, x.shape[1:-1], kernel_size, strides, dilation)
+    if experts.shape[-2] == 1:  # depthwise: broadcast multiplies of taps, with a fused backward
+        kernels = _grouped_kernels(experts, kernel_attention, spatial_attention, {}, groups)[:, :, 0]  # [B, T, g, M]
+        y = depthwise_conv(x, kernels, (kernel_size, strides, pads, dilation))
+        return y.reshape(y.shape[:-2] + (-1,))
     attentions = {"kernel_attention": kernel_attention}
     if spatial_attention is not None:
         attentions["spatial_attention"] = spatial_attention
@@ -634,26 +707,27 @@ def _mix_strategy(x, experts, kernel_attention, spatial_attention, folded, *, st
     k = experts.shape[0]
     kernel_shape, ci, cout = experts.shape[1:-2], experts.shape[-2], experts.shape[-1]
     m = cout // groups
-    # [K, *k, Ci, g, M] -> [*k, Ci, g, K, M]: each group's outputs stay contiguous, as feature_group_count needs.
-    stacked = experts.reshape((k,) + kernel_shape + (ci, groups, m))
-    stacked = jnp.moveaxis(stacked, 0, -2)
     pads = explicit_padding(padding, x.shape[1:-1], kernel_shape, strides, dilation)
     positions = math.prod(output_shape(x.shape[1:-1], kernel_shape, strides, pads, dilation))
-    few_positions = positions <= _MIX_MAX_POSITIONS
-    if spatial_attention is None and not few_positions:  # one static conv with K * Cout outputs
+    if spatial_attention is None and positions > _MIX_MAX_POSITIONS:  # one static conv with K * Cout outputs
+        # [K, *k, Ci, g, M] -> [*k, Ci, g, K, M]: each group's outputs stay contiguous, as feature_group_count needs.
+        stacked = jnp.moveaxis(experts.reshape((k,) + kernel_shape + (ci, groups, m)), 0, -2)
         ys = static_conv(x, stacked.reshape(kernel_shape + (ci, groups * k * m)), strides=strides, padding=padding,
                          dilation=dilation, groups=groups, precision=precision)  # [B, *S_out, g*K*M]
-        ys = ys.reshape(ys.shape[:-1] + (groups, k, m))
-    else:  # im2col x stacked experts in one matmul; s_b scales kernel positions, i.e. sample b's columns
-        cols, _ = _im2col(x, kernel_shape, strides, pads, dilation)  # [B, *S_out, T, g*Ci]
-        if spatial_attention is not None:
-            s = spatial_attention.reshape(x.shape[0], -1)  # [B, T]
-            cols = cols * s.reshape((x.shape[0],) + (1,) * (cols.ndim - 3) + (-1, 1))
-        cols = cols.reshape(cols.shape[:-1] + (groups, ci))  # [B, *S_out, T, g, Ci]
-        ys = jnp.einsum("b...tgi,tigkm->b...gkm", cols, stacked.reshape((-1, ci, groups, k, m)),
-                        precision=precision)
-    y = jnp.einsum("b...gkm,bk->b...gm", ys, kernel_attention, precision=precision)
-    return y.reshape(y.shape[:-2] + (cout,))
+        y = jnp.einsum("b...gkm,bk->b...gm", ys.reshape(ys.shape[:-1] + (groups, k, m)), kernel_attention,
+                       precision=precision)
+        return y.reshape(y.shape[:-2] + (cout,))
+    # im2col x each expert, one matmul per expert (no transposed copy of the experts is made or kept);
+    # s_b scales kernel positions, i.e. sample b's columns
+    cols, out = _im2col(x, kernel_shape, strides, pads, dilation)  # [B, *S_out, T, g*Ci]
+    if spatial_attention is not None:
+        s = spatial_attention.reshape(x.shape[0], -1)  # [B, T]
+        cols = cols * s.reshape((x.shape[0],) + (1,) * (cols.ndim - 3) + (-1, 1))
+    cols = cols.reshape((x.shape[0], -1, cols.shape[-2], groups, ci))  # [B, P, T, g, Ci]
+    taps = experts.reshape((k, -1, ci, groups, m))                    # [K, T, Ci, g, M]
+    y = sum(kernel_attention[:, e, None, None, None] * jnp.einsum("bptgi,tigm->bpgm", cols, taps[e],
+                                                                   precision=precision) for e in range(k))
+    return y.reshape((x.shape[0],) + out + (cout,))
 
 
 _IMPLS = {
@@ -684,7 +758,8 @@ def choose_strategy(x_shape, experts_shape, *, strides, dilation, groups, spatia
     behind each rule: docs/performance.md, "The fixed rules"):
 
     - a depthwise conv (one input channel per group) is a sum of broadcast multiplies over
-      the taps ('shifted'): XLA:CPU's own depthwise conv is slow, even static;
+      the taps, with a fused backward ('lean', :func:`depthwise_conv`): XLA:CPU's own depthwise
+      conv is slow, even static, and autodiff of the taps ('shifted') writes each tap's product;
     - batch 1 is exactly a static conv ('vmap' lowers to one);
     - ungrouped, with at most ``_MIX_MAX_POSITIONS`` output positions, the per-sample kernels
       (``B * k^d * Cin * Cout`` values for few output rows) cost more memory traffic than ``K``
@@ -698,7 +773,8 @@ def choose_strategy(x_shape, experts_shape, *, strides, dilation, groups, spatia
     (jax-ml/jax#13800), so 'vmap' (one grouped conv over ``B * groups`` groups) is taken only at batch 1,
     where it is a static conv; a grouped conv also cannot fill a TPU's matrix units; 'map' and 'lean'
     step through the samples one by one (one small kernel launch each). So every sample at once:
-    depthwise 'shifted' (broadcast multiplies), a 1x1 kernel 'pointwise' (one batched matmul), few
+    depthwise 'lean' (broadcast multiplies of the taps, no per-sample loop), a 1x1 kernel 'pointwise'
+    (one batched matmul), few
     output positions 'mix' (K dense convs, no per-sample kernel) and the rest 'patches' (one batched
     matmul over the im2col columns).
     """
@@ -709,7 +785,7 @@ def choose_strategy(x_shape, experts_shape, *, strides, dilation, groups, spatia
     del dilation, spatial_attention
     few_positions = groups == 1 and out_positions <= _MIX_MAX_POSITIONS
     if ci == 1 and (backend == "cpu" or batch != 1):  # '!=' is decidable for a symbolic batch, '>' is not
-        return "shifted"
+        return "lean"
     if batch == 1:
         return "vmap"
     if backend == "cpu":
