@@ -28,8 +28,11 @@ CONVS = ("condconv", "dynamic", "odconv")
 
 def _skipped(problem, backend):
     """Strategies not measured for ``problem`` on ``backend`` (see the module docstring)."""
-    experts = dict((n, s) for n, s, _ in problem.arrays)["experts"]
-    return ("mix",) if backend == "cpu" and experts[-2] == 1 else ()
+    shapes = {n: s for n, s, _ in problem.arrays}
+    if backend != "cpu":
+        return ()
+    skip = ("mix",) if shapes["experts"][-2] == 1 else ()
+    return skip + (("vmap",) if shapes["x"][0] > 1 else ())
 
 
 def tune_step(step, args, backend):
