@@ -25,6 +25,7 @@ from flax import nnx
 from flax.typing import Dtype, Initializer, PrecisionLike
 
 from dynconv_jax import attention, conv_base, ops
+from dynconv_jax._compat import nnx_capturing
 from dynconv_jax.initializers import (expert_bias_init, kaiming_fan_out_dense_init, kaiming_fan_out_expert_init,
                                       torch_default_bias_init, torch_default_dense_init, torch_default_expert_init)
 from dynconv_jax.norm import TORCH_BATCH_NORM_MOMENTUM, batch_norm, check_batch_norm_args, layer_norm
@@ -38,10 +39,9 @@ def _sow(module: nnx.Module, name: str, value) -> None:
 
     Outside a capture, ``Module.sow`` would store (and keep appending to) a module attribute on
     every call, which flax deprecates; Linen's layers likewise record only when asked
-    (``mutable=['intermediates']``). ``nnx.capture`` marks the modules it collects from with a
-    ``__captures__`` attribute.
+    (``mutable=['intermediates']``). Whether a capture runs: :func:`dynconv_jax._compat.nnx_capturing`.
     """
-    if hasattr(module, "__captures__"):
+    if nnx_capturing(module):
         module.sow(nnx.Intermediate, name, value)
 
 
