@@ -1,4 +1,4 @@
-"""dynconv as users install it, at the oldest versions it declares (slow: it builds a venv).
+"""dynconv as users install it, at the oldest versions it declares (slow: it builds a venv), and its metadata.
 
 ``python -m build`` makes the sdist and, from it, the wheel (from a copy of the sources, so the checkout
 gets no ``build/`` or ``*.egg-info``). A new venv gets the wheel alone, with ``constraints-oldest.txt``
@@ -8,10 +8,13 @@ same venv gets the ``train`` and ``dev`` extras at their oldest (optax, orbax-ch
 a smoke subset of this suite against them: the compat module's details, layers, sown attentions, Orbax
 checkpoints and the grain pipeline. The newest end of the range is ``constraints.txt``, the venv the
 whole suite runs in. pip installs from the package index and its cache (nothing else is downloaded).
+The core dependencies are exactly the libraries the three packages import (a quick test).
 """
 from __future__ import annotations
 
+import ast
 import os
+import pathlib
 import re
 import shutil
 import subprocess
@@ -35,7 +38,10 @@ SMOKE = (
     "tests/test_data.py::test_digits_batches_are_a_pure_function_of_seed_and_step",
 )
 
-pytestmark = pytest.mark.slow
+#: Imports of the libraries that their core dependencies do not bring, with the extra that does.
+OPTIONAL_IMPORTS = {"torch": "torch", "onnxruntime": "export", "matplotlib": "train"}
+#: Imported but not declared: a dependency of jax (bfloat16 tensors read from torch).
+THROUGH_JAX = {"ml_dtypes"}
 
 
 def _run(args, **kwargs) -> subprocess.CompletedProcess:
@@ -64,11 +70,45 @@ def dist(tmp_path_factory):
     return {"wheel": str(next(out.glob("*.whl"))), "sdist": str(next(out.glob("*.tar.gz")))}
 
 
-def _version() -> str:
+def _project() -> dict:
     with open(os.path.join(ROOT, "pyproject.toml"), "rb") as f:
-        return tomllib.load(f)["project"]["version"]
+        return tomllib.load(f)["project"]
 
 
+def _requirement_name(requirement: str) -> str:
+    return re.split(r"[<>=!~;\[ ]", requirement, maxsplit=1)[0].lower().replace("-", "_")
+
+
+def _imported_libraries() -> set:
+    """Top-level names of the other libraries the three packages import (lazy imports too)."""
+    roots = set()
+    for package in PACKAGES:
+        for path in sorted(pathlib.Path(ROOT, package).rglob("*.py")):
+            for node in ast.walk(ast.parse(path.read_text(), str(path))):
+                if isinstance(node, ast.Import):
+                    roots.update(alias.name.split(".")[0] for alias in node.names)
+                elif isinstance(node, ast.ImportFrom) and node.level == 0:
+                    roots.add(node.module.split(".")[0])
+    return roots - set(sys.stdlib_module_names) - set(PACKAGES)
+
+
+def test_core_dependencies_are_what_the_libraries_import():
+    """No core dependency that no ``dynconv_*`` module imports (optax was one), none missing; the optional
+    imports are in their extras."""
+    project = _project()
+    core = {_requirement_name(r) for r in project["dependencies"]}
+    imported = _imported_libraries()
+    assert core == imported - set(OPTIONAL_IMPORTS) - THROUGH_JAX
+    for module, extra in OPTIONAL_IMPORTS.items():
+        assert module in imported and module in {_requirement_name(r)
+                                                 for r in project["optional-dependencies"][extra]}
+
+
+def _version() -> str:
+    return _project()["version"]
+
+
+@pytest.mark.slow
 def test_the_sdist_and_the_wheel_hold_the_three_libraries_typed(dist):
     with zipfile.ZipFile(dist["wheel"]) as wheel:
         names = wheel.namelist()
@@ -106,13 +146,13 @@ def _check_the_oldest_versions(python: str) -> None:
                       "print(*(version(name) for name in sys.argv[1:]))", *bounds]).stdout.split()
     with open(os.path.join(ROOT, "constraints-oldest.txt")) as f:
         pins = dict(line.strip().split("==") for line in f if "==" in line and not line.startswith("#"))
-    with open(os.path.join(ROOT, "pyproject.toml"), "rb") as f:
-        project = tomllib.load(f)["project"]
+    project = _project()
     declared = project["dependencies"] + project["optional-dependencies"]["train"]
     for name, version in zip(bounds, installed):
         assert version == pins[name] and f"{name}>={version}" in declared, (name, version)
 
 
+@pytest.mark.slow
 def test_the_wheel_in_a_new_venv_at_the_oldest_supported_versions(tmp_path, dist):
     """One venv (most of the time is its installs): the wheel alone, then with the train and dev extras,
     running the smoke subset from the checkout."""
