@@ -22,7 +22,8 @@ from dynconv_jax.nnx import ODConv
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 CHECKED = ("dynconv_spec", "dynconv_jax", "dynconv_torch", "train", "parity", "benchmarks")
 OWN_ROOTS = frozenset(CHECKED)
-COMPAT_MODULES = {"dynconv_jax/_compat.py", "train/_compat.py"}
+#: The compat modules (one per package at most; train/, parity/ and benchmarks/ need none).
+COMPAT_MODULES = {"dynconv_jax/_compat.py"}
 # Until the autotune rework lands (issue 32, item 1): dynconv_jax/autotune.py imports jax._src.distributed and
 # jax._src.interpreters.ad. That branch removes both; the exemption goes at its merge.
 EXEMPT = COMPAT_MODULES | {"dynconv_jax/autotune.py"}
