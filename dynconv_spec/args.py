@@ -23,6 +23,12 @@ RESERVED_CONV_OPTIONS = frozenset({
     "num_experts", "kernel_num", "reduction", "external_routing", "strategy", "dtype", "param_dtype", "precision",
     "name", "parent", "rngs",
 })
+#: The official OSVAI/ODConv spelling of an argument -> this library's spelling (``nn.Conv2d``'s and timm's),
+#: the one of every generic API (layers, models, ``conv_options``, tools) in both frameworks. The official
+#: spellings are taken only where the official code is mirrored: ``dynconv_torch.ODConv2d`` and the
+#: ``od_*`` entry points (see :func:`one_spelling`).
+OFFICIAL_ODCONV_SPELLINGS = {"in_planes": "in_channels", "out_planes": "out_channels", "kernel_num": "num_experts",
+                             "min_channel": "min_channels"}
 #: ODConv's attention normalisation (``attention_norm``): ``'batch'`` is the official BatchNorm
 #: (normalised over the batch: a training batch needs >= 2 samples); ``'layer'`` a LayerNorm over the
 #: attention width A (per sample: batch-1 training works); ``'none'`` no normalisation. Only
@@ -45,6 +51,18 @@ def check_rate(value: float, name: str, where: str) -> None:
     """A dropout-like probability in [0, 1)."""
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value < 1.0:
         raise ValueError(f"{where}: {name}={value!r} must be in [0, 1)")
+
+
+def one_spelling(where: str, official: str, official_value: Any, value: Any, default: Any = None) -> Any:
+    """The argument given under its official ODConv name ``official`` or this library's name
+    (:data:`OFFICIAL_ODCONV_SPELLINGS`), ``default`` if neither; a ``ValueError`` if both are given."""
+    name = OFFICIAL_ODCONV_SPELLINGS[official]
+    if official_value is not None and value is not None:
+        raise ValueError(f"{where}: {official}={official_value!r} and {name}={value!r} are two spellings of one "
+                         f"argument ({official} is the official ODConv name, {name} this library's); give one")
+    if official_value is not None:
+        return official_value
+    return default if value is None else value
 
 
 def check_conv_args(conv: str, num_experts: int, reduction: Optional[float],
@@ -82,6 +100,11 @@ def check_conv_args(conv: str, num_experts: int, reduction: Optional[float],
     if reserved:
         raise ValueError(f"{where}: conv_options may not set {reserved}; the model sets them "
                          "(use num_experts=, reduction= and the model's own arguments)")
+    official = sorted(set(options) & set(OFFICIAL_ODCONV_SPELLINGS))
+    if official:
+        generic = [OFFICIAL_ODCONV_SPELLINGS[name] for name in official]
+        raise ValueError(f"{where}: conv_options {official} use the official ODConv spelling, which only ODConv2d "
+                         f"and the od_* entry points take; the models take {generic}")
     if accepted is not None and conv != "static":
         unknown = sorted(set(options) - set(accepted[conv]))
         if unknown:

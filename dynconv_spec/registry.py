@@ -15,6 +15,7 @@ from __future__ import annotations
 import fnmatch
 from typing import Any, Callable, Dict, List, Optional
 
+from .args import one_spelling
 from .efficientnet_cc import VARIANTS
 from .resnet import RESNET_ARCHS
 
@@ -23,7 +24,7 @@ from .resnet import RESNET_ARCHS
 CONV_MODELS = (*RESNET_ARCHS, "mobilenet_v2")
 #: The official OSVAI/ODConv entry points (``models/od_resnet.py``, ``models/od_mobilenetv2.py``):
 #: name -> (the conv model it is, with ``conv='odconv'``, and its fixed arguments). They take the
-#: official ``kernel_num`` (default 1) and ``reduction`` (default 1/16).
+#: official ``kernel_num`` (or ``num_experts``; default 1) and ``reduction`` (default 1/16).
 ODCONV_MODELS: Dict[str, tuple] = {
     "od_resnet18": ("resnet18", {}),
     "od_resnet34": ("resnet34", {}),
@@ -39,18 +40,20 @@ EFFICIENTNET_CC_MODELS = tuple(VARIANTS)
 MODEL_NAMES = CONV_MODELS + tuple(ODCONV_MODELS) + EFFICIENTNET_CC_MODELS
 
 
-def odconv_model_args(name: str, kernel_num: int = 1, reduction: float = 0.0625,
-                      **kwargs: Any) -> Dict[str, Any]:
+def odconv_model_args(name: str, kernel_num: Optional[int] = None, reduction: float = 0.0625, *,
+                      num_experts: Optional[int] = None, **kwargs: Any) -> Dict[str, Any]:
     """The conv-model arguments of the official ODConv entry point ``name`` (a key of :data:`ODCONV_MODELS`).
 
-    ``kernel_num`` is the official name of ``num_experts``; ``kwargs`` are further arguments of the
-    ResNet / MobileNetV2 (``num_classes``, ``dropout``, ``stem``, ``conv_options``, ...).
+    The experts: the official ``kernel_num`` or this library's ``num_experts`` (one of them; default 1, the
+    official default); ``kwargs`` are further arguments of the ResNet / MobileNetV2 (``num_classes``,
+    ``dropout``, ``stem``, ``conv_options``, ...).
     """
     _, fixed = ODCONV_MODELS[name]
-    clash = sorted({"conv", "num_experts", *fixed} & set(kwargs))
+    clash = sorted({"conv", *fixed} & set(kwargs))
     if clash:
-        raise ValueError(f"{name}: {clash} are fixed by the entry point (use kernel_num= for the experts)")
-    return dict(conv="odconv", num_experts=kernel_num, reduction=reduction, **fixed, **kwargs)
+        raise ValueError(f"{name}: {clash} are fixed by the entry point")
+    experts = one_spelling(name, "kernel_num", kernel_num, num_experts, default=1)
+    return dict(conv="odconv", num_experts=experts, reduction=reduction, **fixed, **kwargs)
 
 
 class ModelRegistry:

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from dynconv_spec import check_attention_norm
+from dynconv_spec import check_attention_norm, one_spelling
 
 from ._layer import DynamicLayerMixin
 from .functional import (aggregate_experts, check_input, check_temperature, conv_geometry,
@@ -103,8 +103,9 @@ class ODConv2d(DynamicLayerMixin, nn.Module):
     Positional arguments, their names and defaults are the official ones
     (``in_planes, out_planes, kernel_size, stride, padding, dilation, groups, reduction,
     kernel_num``), then ``min_channel`` (16, fixed in the official code) and ``temperature``.
-    ``in_channels``, ``out_channels``, ``num_experts`` and ``min_channels`` are accepted as
-    keyword aliases (if both spellings are given they must agree). Beyond the official layer,
+    This library's spellings ``in_channels``, ``out_channels``, ``num_experts`` and ``min_channels``
+    (those of ``CondConv2d``, ``DynamicConv2d`` and the models) are accepted as keywords and readable as
+    attributes; giving both spellings of one argument is a ``ValueError``. Beyond the official layer,
     ``kernel_size``/``stride``/``dilation`` may be pairs and ``padding`` may be a pair, 'same' or
     'valid'. No bias (as in the paper).
 
@@ -141,10 +142,10 @@ class ODConv2d(DynamicLayerMixin, nn.Module):
                  num_experts: Optional[int] = None, min_channels: Optional[int] = None, attention_bn_init: float = 0.1,
                  attention_norm: str = "batch", device=None, dtype=None):
         super().__init__()
-        in_planes = _alias("in_planes", in_planes, "in_channels", in_channels, None)
-        out_planes = _alias("out_planes", out_planes, "out_channels", out_channels, None)
-        kernel_num = _alias("kernel_num", kernel_num, "num_experts", num_experts, 4)
-        min_channel = _alias("min_channel", min_channel, "min_channels", min_channels, 16)
+        in_planes = one_spelling("ODConv2d", "in_planes", in_planes, in_channels)
+        out_planes = one_spelling("ODConv2d", "out_planes", out_planes, out_channels)
+        kernel_num = one_spelling("ODConv2d", "kernel_num", kernel_num, num_experts, default=4)
+        min_channel = one_spelling("ODConv2d", "min_channel", min_channel, min_channels, default=16)
         where = (f"ODConv2d(in_planes={in_planes!r}, out_planes={out_planes!r}, kernel_size={kernel_size!r}, "
                  f"groups={groups!r}, kernel_num={kernel_num!r})")
         if kernel_size is None:
@@ -173,7 +174,7 @@ class ODConv2d(DynamicLayerMixin, nn.Module):
             torch.randn((kernel_num, out_planes, in_planes // groups) + self.kernel_size, **factory))
         self._initialize_experts()
 
-    # nn.Conv2d-style names for code that treats the three layers alike.
+    # This library's names (nn.Conv2d's), for code that treats the three layers alike.
     @property
     def in_channels(self) -> int:
         return self.in_planes
@@ -185,6 +186,10 @@ class ODConv2d(DynamicLayerMixin, nn.Module):
     @property
     def num_experts(self) -> int:
         return self.kernel_num
+
+    @property
+    def min_channels(self) -> int:
+        return self.min_channel
 
     @torch.no_grad()
     def _initialize_experts(self) -> None:
@@ -244,11 +249,3 @@ class ODConv2d(DynamicLayerMixin, nn.Module):
         if filt is not None:
             out = out * filt[:, :, None, None]
         return out
-
-
-def _alias(name: str, value, alias: str, alias_value, default):
-    """Resolve an official argument name and its ``nn.Conv2d``-style alias."""
-    if value is not None and alias_value is not None and value != alias_value:
-        raise ValueError(f"ODConv2d: {name}={value!r} and its alias {alias}={alias_value!r} disagree")
-    resolved = value if value is not None else alias_value
-    return default if resolved is None else resolved

@@ -151,9 +151,11 @@ def randomize_batchnorm(module, generator) -> None:
     """Random affine parameters and running statistics for every BatchNorm of a torch module."""
     import torch
 
+    # torch's public BatchNorm classes (their base class, torch.nn.modules.batchnorm._BatchNorm, is private)
+    batch_norms = (torch.nn.BatchNorm1d, torch.nn.BatchNorm2d, torch.nn.BatchNorm3d, torch.nn.SyncBatchNorm)
     with torch.no_grad():
         for m in module.modules():
-            if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+            if isinstance(m, batch_norms):
                 n = m.num_features
                 dtype = m.running_mean.dtype
                 m.running_mean.copy_(0.3 * torch.randn(n, generator=generator, dtype=dtype))

@@ -464,6 +464,28 @@ def test_batchnorm_one_value_per_channel_raises():
     bn.apply(variables, jnp.ones((1, 2, 5)), use_running_average=False, mutable=["batch_stats"])  # 2 values
 
 
+def test_batchnorm_refuses_momentum_and_torch_momentum_is_one_minus_flax_momentum():
+    """``momentum`` means the decay in flax and the new batch's weight in PyTorch: both front ends refuse it,
+    naming ``torch_momentum``; ``torch_momentum=1 - m`` gives flax's ``momentum=m`` running mean."""
+    from dynconv_jax import nnx as dnnx
+    from flax import linen, nnx
+
+    for build in (lambda: BatchNorm(momentum=0.9), lambda: dnnx.BatchNorm(3, momentum=0.9, rngs=nnx.Rngs(0))):
+        with pytest.raises(TypeError, match=r"momentum=0.9 is not an argument.*decay.*torch_momentum=1 - m"):
+            build()
+    with pytest.raises(ValueError, match=r"torch_momentum=1.5 must be a number in \[0, 1\]"):
+        BatchNorm(torch_momentum=1.5)
+    x = jnp.asarray(np.random.default_rng(0).normal(loc=5.0, size=(8, 3)), jnp.float32)
+    ours = BatchNorm(use_running_average=False, torch_momentum=0.1)
+    flax_bn = linen.BatchNorm(use_running_average=False, momentum=0.9)
+    means = [bn.apply(bn.init(jax.random.key(0), x), x, mutable=["batch_stats"])[1]["batch_stats"]["mean"]
+             for bn in (ours, flax_bn)]
+    np.testing.assert_allclose(means[0], means[1], rtol=1e-6)
+    nnx_bn = dnnx.BatchNorm(3, torch_momentum=0.1, rngs=nnx.Rngs(0))
+    nnx_bn(x)
+    np.testing.assert_allclose(nnx_bn.mean[...], means[1], rtol=1e-6)
+
+
 def test_odconv_training_with_a_batch_of_one_raises():
     layer = ODConv(4, (3, 3), min_channels=4)
     x = jnp.ones((1, 5, 5, 4))

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
+from dynconv_spec import OFFICIAL_ODCONV_SPELLINGS
 from dynconv_torch import CondConv2d, DynamicConv2d, ODConv2d, set_temperature
 
 DT = torch.float64
@@ -441,13 +442,17 @@ def test_odconv_state_dict_equals_official(args):
     assert all(torch.equal(v, sd[k]) for k, v in layer.state_dict().items())
 
 
-def test_odconv_keyword_aliases():
+def test_odconv_takes_the_official_and_the_library_spellings_but_not_both():
     a = ODConv2d(in_channels=8, out_channels=16, kernel_size=3, num_experts=2, min_channels=4, reduction=0.25)
     assert (a.in_planes, a.out_planes, a.kernel_num, a.min_channel, a.attention_channels) == (8, 16, 2, 4, 4)
-    assert (a.in_channels, a.out_channels, a.num_experts) == (8, 16, 2)
+    assert (a.in_channels, a.out_channels, a.num_experts, a.min_channels) == (8, 16, 2, 4)
     b = ODConv2d(8, 16, 3, 1, 0, 1, 1, 0.25, 2, 4)
     assert _shapes(a) == _shapes(b)
-    assert ODConv2d(8, 16, 3, kernel_num=2, num_experts=2).kernel_num == 2  # both given and equal: fine
+    for official, generic in OFFICIAL_ODCONV_SPELLINGS.items():  # both given, even equal: which one was meant?
+        args = {"in_planes": 8, "out_planes": 16, "kernel_size": 3, official: 4, generic: 4}
+        with pytest.raises(ValueError, match=rf"ODConv2d: {official}=4 and {generic}=4 are two spellings of one "
+                                             rf"argument \({official} is the official ODConv name"):
+            ODConv2d(**args)
 
 
 # Measured from timm's CondConv2d (timm/layers/cond_conv2d.py, huggingface/pytorch-image-models) with
@@ -627,9 +632,7 @@ def test_layer_specific_constructor_errors():
         DynamicConv2d(4, 4, 3, reduction=0.0)
     with pytest.raises(ValueError, match=r"ODConv2d\(.*min_channel must be an int >= 1"):
         ODConv2d(4, 4, 3, min_channel=0)
-    with pytest.raises(ValueError, match=r"kernel_num=4 and its alias num_experts=2 disagree"):
-        ODConv2d(4, 4, 3, kernel_num=4, num_experts=2)
-    with pytest.raises(ValueError, match=r"in_planes=4 and its alias in_channels=8 disagree"):
+    with pytest.raises(ValueError, match=r"in_planes=4 and in_channels=8 are two spellings of one argument"):
         ODConv2d(4, 4, 3, in_channels=8)
     with pytest.raises(ValueError, match=r"ODConv2d\(.*kernel_size is required"):
         ODConv2d(in_channels=4, out_channels=4)

@@ -130,6 +130,23 @@ def _sync(name: str) -> None:
         multihost_utils.sync_global_devices(name)
 
 
+def _remove_unfinished_writes(directory: str) -> None:
+    """Remove the temporary directories of writes that never committed (a run killed mid-write) from
+    ``directory``, before the manager opens it: process 0 removes, every process waits for it.
+
+    What is temporary is Orbax's own public test (``orbax.checkpoint.utils.is_tmp_checkpoint``). Orbax's
+    ``cleanup_tmp_directories`` option would remove them in a background thread that only its next save
+    waits for (through a private method), so a run reopened and stopped before its first save (a refused
+    --resume, an error) could leave the removal half done, or the thread running at exit.
+    """
+    if jax.process_index() == 0 and os.path.isdir(directory):
+        for name in sorted(os.listdir(directory)):
+            path = os.path.join(directory, name)
+            if os.path.isdir(path) and ocp.utils.is_tmp_checkpoint(path):
+                shutil.rmtree(path)
+    _sync("dynconv-remove-unfinished-writes")
+
+
 class Checkpointer:
     """Save every ``every`` steps (and at the end), keep the newest ``keep``.
 
@@ -155,18 +172,11 @@ class Checkpointer:
                                                        max_to_keep=None, cleanup_tmp_directories=False)
                 self.manager = ocp.CheckpointManager(self.directory, options=options, item_handlers=handlers)
         else:
+            _remove_unfinished_writes(self.directory)
             options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
                                                    enable_async_checkpointing=asynchronous,
-                                                   cleanup_tmp_directories=True)
+                                                   cleanup_tmp_directories=False)
             self.manager = ocp.CheckpointManager(self.directory, options=options, item_handlers=handlers)
-            # Orbax removes the temporaries of unfinished writes in a background thread that only its next
-            # save waits for; wait here, so that a run reopened and stopped before its first save (a refused
-            # --resume, an error) does not leave the removal half done or the thread running at exit. The
-            # method is Orbax's own (0.12.8, the pinned version); tests/test_bad_input.py fails if a later
-            # Orbax drops it.
-            await_cleanup = getattr(self.manager, "_maybe_await_cleanup_tmp_directory", None)
-            if await_cleanup is not None:
-                await_cleanup()
 
     def all_steps(self) -> List[int]:
         return sorted(self.manager.all_steps()) if self.manager is not None else []

@@ -25,9 +25,10 @@ from flax import nnx
 from flax.typing import Dtype, Initializer, PrecisionLike
 
 from dynconv_jax import attention, conv_base, ops
+from dynconv_jax._compat import nnx_capturing
 from dynconv_jax.initializers import (expert_bias_init, kaiming_fan_out_dense_init, kaiming_fan_out_expert_init,
                                       torch_default_bias_init, torch_default_dense_init, torch_default_expert_init)
-from dynconv_jax.norm import batch_norm, layer_norm
+from dynconv_jax.norm import TORCH_BATCH_NORM_MOMENTUM, batch_norm, check_batch_norm_args, layer_norm
 from dynconv_spec import check_attention_norm
 
 __all__ = ["BatchNorm", "CondConv", "DynamicConv", "LayerNorm", "ODConv"]
@@ -38,10 +39,9 @@ def _sow(module: nnx.Module, name: str, value) -> None:
 
     Outside a capture, ``Module.sow`` would store (and keep appending to) a module attribute on
     every call, which flax deprecates; Linen's layers likewise record only when asked
-    (``mutable=['intermediates']``). ``nnx.capture`` marks the modules it collects from with a
-    ``__captures__`` attribute.
+    (``mutable=['intermediates']``). Whether a capture runs: :func:`dynconv_jax._compat.nnx_capturing`.
     """
-    if hasattr(module, "__captures__"):
+    if nnx_capturing(module):
         module.sow(nnx.Intermediate, name, value)
 
 
@@ -50,25 +50,35 @@ class BatchNorm(nnx.Module):
 
     State: params ``scale``, ``bias`` ``[num_features]``; batch stats ``mean``, ``var`` (running
     statistics, updated with PyTorch's momentum and the unbiased batch variance in training).
+    Unlike ``flax.nnx.BatchNorm`` there is no ``momentum``: ``torch_momentum`` has PyTorch's meaning
+    (``momentum=`` raises a ``TypeError`` explaining both).
+
+    >>> import jax.numpy as jnp
+    >>> from flax import nnx
+    >>> from dynconv_jax.nnx import BatchNorm
+    >>> bn = BatchNorm(3, rngs=nnx.Rngs(0))  # training mode, as a new nnx.BatchNorm
+    >>> y = bn(jnp.arange(12.0).reshape(4, 3))
+    >>> bn.mean[...].tolist()  # 0.9 * 0 + 0.1 * the batch mean
+    [0.45000001788139343, 0.550000011920929, 0.6500000357627869]
 
     Attributes:
       num_features: channels (size of ``axis``).
       use_running_average: normalise with the running statistics (inference) instead of the
         batch statistics (training); set by ``train()`` / ``eval()``.
       axis: the feature (channel) axis.
-      momentum: PyTorch's momentum: weight of the new batch statistic in the running average.
+      torch_momentum: PyTorch's ``momentum``: the weight of the new batch statistic in the running
+        average (0.1; flax's ``momentum=m`` is ``torch_momentum=1 - m``).
       epsilon: added to the variance.
       dtype: output dtype (default: promoted from input and params).
       param_dtype: dtype of ``scale``/``bias`` and of the running statistics.
     """
 
     def __init__(self, num_features: int, *, use_running_average: bool = False, axis: int = -1,
-                 momentum: float = 0.1, epsilon: float = 1e-5, dtype: Optional[Dtype] = None,
-                 param_dtype: Dtype = jnp.float32, use_bias: bool = True, use_scale: bool = True,
-                 bias_init: Initializer = jax.nn.initializers.zeros, scale_init: Initializer = jax.nn.initializers.ones,
-                 rngs: nnx.Rngs):
-        if not 0.0 <= momentum <= 1.0:
-            raise ValueError(f"BatchNorm: momentum={momentum} must be in [0, 1] (PyTorch's meaning)")
+                 torch_momentum: float = TORCH_BATCH_NORM_MOMENTUM, epsilon: float = 1e-5,
+                 dtype: Optional[Dtype] = None, param_dtype: Dtype = jnp.float32, use_bias: bool = True,
+                 use_scale: bool = True, bias_init: Initializer = jax.nn.initializers.zeros,
+                 scale_init: Initializer = jax.nn.initializers.ones, rngs: nnx.Rngs, momentum: None = None):
+        check_batch_norm_args("BatchNorm", torch_momentum, momentum)  # momentum= is refused, with the reason
         shape = (num_features,)
         self.mean = nnx.BatchStat(jnp.zeros(shape, param_dtype))
         self.var = nnx.BatchStat(jnp.ones(shape, param_dtype))
@@ -77,7 +87,7 @@ class BatchNorm(nnx.Module):
         self.num_features = num_features
         self.use_running_average = use_running_average
         self.axis = axis
-        self.momentum = momentum
+        self.torch_momentum = torch_momentum
         self.epsilon = epsilon
         self.dtype = dtype
         self.param_dtype = param_dtype
@@ -93,7 +103,7 @@ class BatchNorm(nnx.Module):
         y, new_mean, new_var = batch_norm(
             x, None if self.scale is None else self.scale[...], None if self.bias is None else self.bias[...],
             self.mean[...], self.var[...], use_running_average=use_running_average, axis=self.axis,
-            momentum=self.momentum, epsilon=self.epsilon, dtype=self.dtype, layer="BatchNorm")
+            torch_momentum=self.torch_momentum, epsilon=self.epsilon, dtype=self.dtype, layer="BatchNorm")
         if new_mean is not None:
             self.mean[...], self.var[...] = new_mean, new_var
         return y

@@ -108,7 +108,8 @@ def mobilenet_v2(width_mult: float = 1.0, **kwargs) -> MobileNetV2:
 @register_model
 def od_mobilenetv2_050(**kwargs) -> MobileNetV2:
     """OSVAI/ODConv ``od_mobilenetv2_050(kernel_num=1, reduction=0.0625, **kwargs)``: MobileNetV2 ×0.5 with
-    ODConv (:func:`dynconv_spec.registry.odconv_model_args`; ``kwargs`` as :class:`MobileNetV2`)."""
+    ODConv (:func:`dynconv_spec.registry.odconv_model_args`: ``num_experts=`` in place of the official ``kernel_num=``
+    works too; ``kwargs`` as :class:`MobileNetV2`)."""
     return mobilenet_v2(**odconv_model_args("od_mobilenetv2_050", **kwargs))
 
 

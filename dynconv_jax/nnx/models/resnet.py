@@ -162,7 +162,8 @@ def resnet101(**kwargs) -> ResNet:
 @register_model
 def od_resnet18(**kwargs) -> ResNet:
     """OSVAI/ODConv ``od_resnet18(kernel_num=1, reduction=0.0625, **kwargs)``: ResNet-18 with ODConv
-    (:func:`dynconv_spec.registry.odconv_model_args`; ``kwargs`` as :class:`ResNet`)."""
+    (:func:`dynconv_spec.registry.odconv_model_args`: ``num_experts=`` in place of the official ``kernel_num=``
+    works too; ``kwargs`` as :class:`ResNet`)."""
     return resnet18(**odconv_model_args("od_resnet18", **kwargs))
 
 
