@@ -5,13 +5,17 @@ and stems (:mod:`.args`, with the argument checks), the architecture tables (:mo
 :mod:`.mobilenetv2`, :mod:`.efficientnet_cc`) and the model names of both registries
 (:mod:`.registry`).
 """
-from .args import (ATTENTION_NORMS, CONV_TYPES, REDUCTION_TYPES, RESERVED_CONV_OPTIONS, STEMS, check_attention_norm, check_conv_args, check_model_args,
-                   check_num_classes, check_rate, check_resnet_args, check_width_mult)
+from .args import (ATTENTION_NORMS, CONV_TYPES, MAX_EXPERT_BANK_PARAMETERS, REDUCTION_TYPES, RESERVED_CONV_OPTIONS,
+                   STEMS, TEMPERATURE_FLOOR, check_attention_norm, check_conv_args, check_expert_bank,
+                   check_model_args, check_num_classes, check_rate, check_resnet_args, check_temperature,
+                   check_width_mult)
 from .mobilenetv2 import INVERTED_RESIDUAL_SETTING, make_divisible, stage_settings
 from .registry import CONV_MODELS, EFFICIENTNET_CC_MODELS, MODEL_NAMES, ODCONV_MODELS, ModelRegistry, odconv_model_args
 from .resnet import BLOCK_EXPANSION, RESNET_ARCHS, stage_blocks
 
-__all__ = ["ATTENTION_NORMS", "CONV_TYPES", "REDUCTION_TYPES", "RESERVED_CONV_OPTIONS", "STEMS", "check_attention_norm", "check_conv_args", "check_model_args",
-           "check_num_classes", "check_rate", "check_resnet_args", "check_width_mult", "INVERTED_RESIDUAL_SETTING",
+__all__ = ["ATTENTION_NORMS", "CONV_TYPES", "MAX_EXPERT_BANK_PARAMETERS", "REDUCTION_TYPES", "RESERVED_CONV_OPTIONS",
+           "STEMS", "TEMPERATURE_FLOOR", "check_attention_norm", "check_conv_args", "check_expert_bank",
+           "check_model_args", "check_num_classes", "check_rate", "check_resnet_args", "check_temperature",
+           "check_width_mult", "INVERTED_RESIDUAL_SETTING",
            "make_divisible", "stage_settings", "CONV_MODELS", "EFFICIENTNET_CC_MODELS", "MODEL_NAMES",
            "ODCONV_MODELS", "ModelRegistry", "odconv_model_args", "BLOCK_EXPANSION", "RESNET_ARCHS", "stage_blocks"]
