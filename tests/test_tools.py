@@ -384,7 +384,9 @@ def test_cli_usage_errors_exit_2_before_any_work(tmp_path, monkeypatch, capsys, 
     def work(*args, **kwargs):
         raise AssertionError("the work started before the arguments were checked")
 
-    for target in ("train.plot_attention.load_run", "train.ablate.run_grid", "parity.__main__.run_units"):
+    for target in ("train.plot_attention.load_run", "train.ablate.run_grid", "parity.__main__.run_units",
+                   "benchmarks.layers.run", "benchmarks.models.run", "benchmarks.serving.run",
+                   "dynconv_jax.summary.measure", "train.evaluate.preprocess"):
         monkeypatch.setattr(target, work)
     (tmp_path / "file").write_text("not a folder")
     argv = [a.format(tmp=tmp_path, file=tmp_path / "file") for a in argv]
