@@ -161,7 +161,7 @@ def check_temperature(temperature: Any, where: str) -> float:
                          f"or framework scalar)") from None
     if not (math.isfinite(value) and value > 0):
         raise ValueError(f"{where}: temperature={temperature!r} must be finite and > 0")
-    if value < TEMPERATURE_FLOOR:
+    if value < TEMPERATURE_FLOOR * (1 - 2**-8):  # the floor rounded to float32 or bfloat16 passes
         raise ValueError(
             f"{where}: temperature={temperature!r} is below {TEMPERATURE_FLOOR:g}, the smallest temperature the "
             f"layers support (dynconv_spec.TEMPERATURE_FLOOR): the attention is already hard routing there, and "

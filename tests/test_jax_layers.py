@@ -13,6 +13,7 @@ import random
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import ml_dtypes
 import numpy as np
 import pytest
 from jax import lax
@@ -599,6 +600,8 @@ def test_concrete_temperature_is_checked_inside_a_trace(kind):
             jax.eval_shape(lambda v: layer.apply(v, x, temperature=bad), shapes)  # noqa: B023
     with pytest.raises(ValueError, match=rf"^{name} .*traced temperature of dtype bool"):
         jax.jit(lambda v, x, t: layer.apply(v, x, temperature=t)).lower(shapes, x, jnp.bool_(True))
-    static.lower(shapes, x, 1e-6)  # the floor itself is fine, and so is a huge T (the uniform limit)
+    for floor in (1e-6, np.float32(1e-6), ml_dtypes.bfloat16(1e-6)):  # the floor itself is fine, rounded too ...
+        static.lower(shapes, x, floor)
+    # ... and so is a huge T (the uniform limit)
     out = jax.eval_shape(lambda v: layer.apply(v, x, temperature=1e39, mutable=["intermediates"]), shapes)
     assert out[0].shape == (2, 5, 5, 4)
