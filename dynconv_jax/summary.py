@@ -232,6 +232,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
                         "MODEL (static and every --convs type, ImageNet 224²) against XLA's cost analysis (compiles; "
                         "slow on CPU)")
     args = parser.parse_args(argv)
+    if args.num_experts < 1:
+        parser.error(f"--num-experts {args.num_experts}: must be >= 1")  # exit 2, before any model is built
     settings = [("imagenet", 224, 1000)] + ([] if args.no_cifar else [("cifar", 32, 10)])
     rows = [measure(m, c, num_experts=args.num_experts, stem=stem, resolution=res, num_classes=classes)
             for stem, res, classes in settings for m in args.models for c in args.convs]

@@ -152,3 +152,53 @@ def check_attention_norm(where: str, norm: str, bn_init: float) -> None:
     if isinstance(bn_init, bool) or not (isinstance(bn_init, (int, float)) and 0 < bn_init < math.inf):
         raise ValueError(f"{where}: attention_bn_init={bn_init!r} must be a finite number > 0 "
                          "(the initial normalisation scale; 0 blocks every gradient through the relu)")
+
+
+# --------------------------------------------------------------------------- layer arguments
+#: The smallest attention temperature the layers of both frameworks use. A concrete T below it is
+#: refused (at T = 1e-6 the attention is already hard routing, and a much smaller T rounds to 0 or
+#: overflows ``logits / T`` in float32); a traced T (JAX, under ``jit``) cannot be checked, so one
+#: below the floor, or NaN, is raised to it.
+TEMPERATURE_FLOOR = 1e-6
+#: The largest expert bank ``[K, *kernel, I/g, O]`` one layer may hold: 2**31 - 1 parameters (8 GiB in
+#: float32). The largest bank of the registered models at K = 8 holds ~19 M; a count past the limit is a
+#: mistake (``num_experts=10**9``) refused before anything is allocated, instead of an out-of-memory
+#: error from XLA or PyTorch that names no layer.
+MAX_EXPERT_BANK_PARAMETERS = 2**31 - 1
+
+
+def check_temperature(temperature: Any, where: str) -> float:
+    """A concrete attention temperature T as a float: a real number (not a bool), finite, and at least
+    :data:`TEMPERATURE_FLOOR`. ``temperature`` is anything ``float()`` reads (a Python, NumPy, JAX or
+    torch scalar); ``where`` names the layer."""
+    dtype = str(getattr(temperature, "dtype", ""))  # NumPy, JAX and torch scalars have one
+    if isinstance(temperature, bool) or dtype.endswith("bool"):
+        raise ValueError(f"{where}: temperature={temperature!r} is a bool; pass a positive number (T = 1 is the "
+                         f"default)")
+    try:
+        if "complex" in dtype or isinstance(temperature, complex):
+            raise TypeError
+        value = float(temperature)
+    except (TypeError, ValueError):
+        raise ValueError(f"{where}: temperature={temperature!r} must be a positive number (a Python, NumPy "
+                         f"or framework scalar)") from None
+    if not (math.isfinite(value) and value > 0):
+        raise ValueError(f"{where}: temperature={temperature!r} must be finite and > 0")
+    if value < TEMPERATURE_FLOOR * (1 - 2**-8):  # the floor rounded to float32 or bfloat16 passes
+        raise ValueError(
+            f"{where}: temperature={temperature!r} is below {TEMPERATURE_FLOOR:g}, the smallest temperature the "
+            f"layers support (dynconv_spec.TEMPERATURE_FLOOR): the attention is already hard routing there, and "
+            f"a smaller T rounds to 0 or overflows logits / T in float32")
+    return value
+
+
+def check_expert_bank(where: str, shape: Sequence[int]) -> None:
+    """Refuse an expert bank of more than :data:`MAX_EXPERT_BANK_PARAMETERS` parameters, naming the layer.
+
+    ``shape``: the bank's shape with the expert count K first (either framework's layout)."""
+    count = math.prod(shape)
+    if count > MAX_EXPERT_BANK_PARAMETERS:
+        raise ValueError(
+            f"{where}: the expert bank {list(shape)} (num_experts={shape[0]}) would hold {count:.3g} parameters, "
+            f"{count * 4 / 2**30:.3g} GiB in float32; one layer may hold at most 2**31 - 1 "
+            f"(dynconv_spec.MAX_EXPERT_BANK_PARAMETERS). Is num_experts or a channel count a typo?")

@@ -48,7 +48,7 @@ class CondConv2d(DynamicLayerMixin, nn.Module):
         where = (f"CondConv2d(in_channels={in_channels!r}, out_channels={out_channels!r}, "
                  f"kernel_size={kernel_size!r}, groups={groups!r}, num_experts={num_experts!r})")
         self.kernel_size, self.stride, self.padding, self.dilation = conv_geometry(
-            where, in_channels, out_channels, kernel_size, stride, padding, dilation, groups, num_experts)
+            where, in_channels, out_channels, kernel_size, stride, padding, dilation, groups, num_experts, dtype)
         if not 0.0 <= routing_dropout < 1.0:
             raise ValueError(f"{where}: routing_dropout must be in [0, 1), got {routing_dropout!r}")
         self.in_channels = in_channels

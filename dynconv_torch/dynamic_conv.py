@@ -59,7 +59,7 @@ class DynamicConv2d(DynamicLayerMixin, nn.Module):
         where = (f"DynamicConv2d(in_channels={in_channels!r}, out_channels={out_channels!r}, "
                  f"kernel_size={kernel_size!r}, groups={groups!r}, num_experts={num_experts!r})")
         self.kernel_size, self.stride, self.padding, self.dilation = conv_geometry(
-            where, in_channels, out_channels, kernel_size, stride, padding, dilation, groups, num_experts)
+            where, in_channels, out_channels, kernel_size, stride, padding, dilation, groups, num_experts, dtype)
         if not reduction > 0:
             raise ValueError(f"{where}: reduction must be > 0, got {reduction!r}")
         positive_int(min_channels, "min_channels", where)

@@ -151,7 +151,7 @@ class ODConv2d(DynamicLayerMixin, nn.Module):
         if kernel_size is None:
             raise ValueError(f"{where}: kernel_size is required")
         self.kernel_size, self.stride, self.padding, self.dilation = conv_geometry(
-            where, in_planes, out_planes, kernel_size, stride, padding, dilation, groups, kernel_num)
+            where, in_planes, out_planes, kernel_size, stride, padding, dilation, groups, kernel_num, dtype)
         if not reduction > 0:
             raise ValueError(f"{where}: reduction must be > 0, got {reduction!r}")
         positive_int(min_channel, "min_channel", where)

@@ -16,6 +16,7 @@ import sys
 import time
 from typing import List, Optional
 
+from dynconv_spec.paths import check_output_dir
 from parity import cases as registry
 from parity.cases import CHECKS, LAYER_FAMILIES, load_extensions
 from parity.harness import DTYPES, FLOAT32_NOISE_FACTOR, TOLERANCES, Row, SGDConfig, format_table, run_unit, summarize
@@ -117,6 +118,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     p = _parser(families)
     args = p.parse_args(argv)
     selected, dtypes, checks = select_cases(p, args, families)
+    if args.report:
+        try:
+            check_output_dir(args.report, "--report")
+        except ValueError as error:
+            p.error(str(error))  # exit 2, before the grid runs
     if args.list:
         print("\n".join(c.name for c in selected))
         return 0

@@ -589,7 +589,7 @@ def test_temperature():
     for bad in (0.0, -1.0, float("nan"), float("inf"), "hot"):
         with pytest.raises(ValueError, match="temperature"):
             model[3].update_temperature(bad)
-    with pytest.raises(ValueError, match=r"^CondConv2d\(4, 4.*temperature must be finite"):
+    with pytest.raises(ValueError, match=r"^CondConv2d\(4, 4.*temperature=0.0 must be finite"):
         set_temperature(model, 0.0)
 
 
@@ -617,7 +617,14 @@ LAYERS = {
     ((4, 6, 3), dict(stride=0), r"stride must be"),
     ((4, 6, 3), dict(dilation=(1, 0)), r"dilation must be"),
     ((0, 6, 3), {}, r"in_channels must be an int >= 1"),
-    ((4, 6, 3), dict(temperature=0.0), r"temperature must be finite and > 0"),
+    ((4, 6, 3), dict(temperature=0.0), r"temperature=0.0 must be finite and > 0"),
+    # issue 35: the Flax layers' rules (dynconv_spec), before anything is allocated
+    ((4, 6, 3), dict(temperature=True), r"temperature=True is a bool"),
+    ((4, 6, 3), dict(temperature=1e-300), r"temperature=1e-300 is below 1e-06, the smallest temperature"),
+    ((4, 6, 3), dict(dtype=torch.int32), r"dtype=torch.int32 must be a real floating-point dtype"),
+    ((4, 6, 3), dict(dtype=torch.complex64), r"dtype=torch.complex64 must be a real floating-point dtype"),
+    ((4, 6, 3), dict(num_experts=10**9), r"expert bank \[1000000000, 6, 4, 3, 3\] \(num_experts=1000000000\) would "
+                                          r"hold 2.16e\+11 parameters"),
 ])
 def test_constructor_errors(name, args, kwargs, match):
     with pytest.raises(ValueError, match=match) as info:

@@ -219,6 +219,7 @@ def write_outputs(rows: Sequence[Dict[str, object]], grid: Grid, base, out_dir: 
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    from dynconv_spec.paths import check_output_dir
     from train.config import UsageError, parse_args, usage
 
     argv = sys.argv[1:] if argv is None else argv
@@ -229,8 +230,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         grid, out_dir, rest = _split_args(argv)
         base = parse_args(rest)
-        out_dir = out_dir or os.path.join("runs", f"ablate-{base.dataset}-{base.model}-" +
-                                          "-".join(k for k, _ in grid))
+        out_dir = check_output_dir(out_dir or os.path.join("runs", f"ablate-{base.dataset}-{base.model}-" +
+                                                           "-".join(k for k, _ in grid)), "--out")
         runs = grid_configs(grid, base, out_dir)  # every configuration checked before the first run
     except (UsageError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)

@@ -52,7 +52,9 @@ def evaluate(model_name: str, checkpoint, dataset: str = "imagenet2012", split: 
              allow_nonfinite: bool = False) -> Dict[str, float]:
     """Top-1 / top-5 accuracy (fractions) of ``model_name`` with weights from ``checkpoint``
     (a timm/``dynconv_torch`` state_dict file or object) on a TFDS split. A checkpoint with
-    NaN/Inf entries is refused unless ``allow_nonfinite``."""
+    NaN/Inf entries is refused unless ``allow_nonfinite``. The arguments and the checkpoint (read with
+    :func:`dynconv_jax.convert.load_state_dict`) are checked before the dataset is opened."""
+    from dynconv_jax.convert import load_state_dict
     from dynconv_jax.models import efficientnet_cc as effnet
 
     if model_name not in effnet.VARIANTS:
@@ -62,6 +64,7 @@ def evaluate(model_name: str, checkpoint, dataset: str = "imagenet2012", split: 
             raise UsageError(f"{flag} {value} must be >= 1")
     if crop_pct is not None and not (math.isfinite(crop_pct) and 0 < crop_pct <= 1):
         raise UsageError(f"--crop_pct {crop_pct} must be in (0, 1] (the center crop's fraction of the resized image)")
+    state_dict = load_state_dict(checkpoint)  # a ConversionError names the file, before the dataset is opened
     import jax
     import jax.numpy as jnp
     import tensorflow_datasets as tfds
@@ -77,7 +80,7 @@ def evaluate(model_name: str, checkpoint, dataset: str = "imagenet2012", split: 
                          f"--manual_dir=... --data_dir=DIR --file_format=array_record`") from error
     num_classes = int(source.dataset_info.features["label"].num_classes)
     model = effnet.efficientnet_cc(model_name, num_classes=num_classes)
-    variables = effnet.convert_torch_checkpoint(model, checkpoint, allow_nonfinite=allow_nonfinite)
+    variables = effnet.convert_torch_checkpoint(model, state_dict, allow_nonfinite=allow_nonfinite)
     apply = jax.jit(lambda v, x: model.apply(v, x, train=False))
 
     n = len(source) if num_examples is None else min(num_examples, len(source))

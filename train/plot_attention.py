@@ -14,6 +14,9 @@ from typing import List, Optional, Sequence, Tuple
 
 import jax
 
+from dynconv_spec.paths import check_output_dir
+from train.config import UsageError
+
 
 def load_run(workdir: str):
     """``(config, model, variables, dataset, temperature, step)`` of the newest checkpoint in ``workdir``."""
@@ -52,12 +55,23 @@ def load_run(workdir: str):
     return config, model, variables, dataset, temperature, step
 
 
+def check_plot_args(out_dir: str, num_samples: int) -> None:
+    """:class:`~train.config.UsageError` for fewer than 2 samples or an ``out_dir`` that cannot be created
+    or written."""
+    if num_samples < 2:
+        raise UsageError(f"--num_samples={num_samples}: need at least 2 samples to show a distribution")
+    try:
+        check_output_dir(out_dir, "--out")
+    except ValueError as error:
+        raise UsageError(str(error)) from None
+
+
 def plot_run(workdir: str, out_dir: str, num_samples: int = 32) -> Tuple[List[str], str]:
-    """Write the attention plots of the run in ``workdir`` to ``out_dir``; returns ``(paths, summary line)``."""
+    """Write the attention plots of the run in ``workdir`` to ``out_dir``; returns ``(paths, summary line)``.
+    The arguments are checked (:func:`check_plot_args`) before the run is loaded."""
     from dynconv_jax.inspect import collect_attentions, plot_all
 
-    if num_samples < 2:
-        raise ValueError(f"--num_samples={num_samples}: need at least 2 samples to show a distribution")
+    check_plot_args(out_dir, num_samples)
     config, model, variables, dataset, temperature, step = load_run(workdir)
     images = dataset.eval_examples(num_samples)
     attentions = collect_attentions(model, variables, images, temperature=temperature)
@@ -75,6 +89,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parser.parse_args(argv)
     from train import checkpoint as ckpt_lib
 
+    try:
+        check_plot_args(args.out, args.num_samples)
+    except UsageError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
     try:
         paths, summary = plot_run(args.workdir, args.out, args.num_samples)
     except (FileNotFoundError, ValueError, ckpt_lib.CheckpointError) as error:

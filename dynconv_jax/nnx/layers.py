@@ -29,7 +29,7 @@ from dynconv_jax._compat import nnx_capturing
 from dynconv_jax.initializers import (expert_bias_init, kaiming_fan_out_dense_init, kaiming_fan_out_expert_init,
                                       torch_default_bias_init, torch_default_dense_init, torch_default_expert_init)
 from dynconv_jax.norm import TORCH_BATCH_NORM_MOMENTUM, batch_norm, check_batch_norm_args, layer_norm
-from dynconv_spec import check_attention_norm
+from dynconv_spec import check_attention_norm, check_expert_bank
 
 __all__ = ["BatchNorm", "CondConv", "DynamicConv", "LayerNorm", "ODConv"]
 
@@ -161,8 +161,8 @@ class DynamicConvBase(nnx.Module):
         geometry = conv_base.validate_conv_config(
             layer, features=out_features, kernel_size=kernel_size, strides=strides, padding=padding,
             kernel_dilation=kernel_dilation, feature_group_count=feature_group_count, num_experts=num_experts,
-            strategy=strategy, features_arg="out_features")
-        if not (isinstance(in_features, int) and in_features >= 1):
+            strategy=strategy, dtype=dtype, param_dtype=param_dtype, features_arg="out_features")
+        if not (isinstance(in_features, int) and not isinstance(in_features, bool) and in_features >= 1):
             raise ValueError(f"{layer}: in_features={in_features!r} must be a positive int")
         if in_features % feature_group_count:
             raise ValueError(f"{layer}: feature_group_count={feature_group_count} does not divide "
@@ -182,6 +182,7 @@ class DynamicConvBase(nnx.Module):
         self.dtype = dtype
         self.param_dtype = param_dtype
         self.precision = precision
+        check_expert_bank(layer, geometry.expert_shape(in_features))
         self.kernel = nnx.Param(kernel_init(rngs.params(), geometry.expert_shape(in_features), param_dtype))
         if use_bias:
             init = expert_bias_init(bias_init, geometry.fan_in(in_features))
