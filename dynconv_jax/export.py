@@ -225,7 +225,9 @@ def export_average(module, variables, calibration_x, *, reduce: str = "attention
     on inputs unlike the calibration set.
 
     Args:
-      module, variables, temperature: as for :func:`export_static`.
+      module: as for :func:`export_static`.
+      variables: as for :func:`export_static`.
+      temperature: as for :func:`export_static`.
       calibration_x: ``[N, *S, Cin]``.
       reduce: ``'attention'`` or ``'kernel'``.
       batch_size: calibration samples per forward pass (``reduce='kernel'`` holds

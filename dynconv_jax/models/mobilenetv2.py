@@ -69,8 +69,10 @@ class MobileNetV2(DynamicNet):
       width_mult: channel multiplier (channels rounded to multiples of 8).
       stem: 'imagenet' (total stride 32) or 'cifar' (stem and second stage at stride 1, total stride 8).
       dropout: dropout before the classifier (0.2 as torchvision and the official models).
-      conv, num_experts, num_classes, reduction, in_channels, conv_options, strategy, dtype,
-        param_dtype, precision: as :class:`~dynconv_jax.models._conv.DynamicNet`.
+
+    The other fields (``conv``, ``num_experts``, ``num_classes``, ``reduction``, ``in_channels``,
+    ``conv_options``, ``strategy``, ``dtype``, ``param_dtype``, ``precision``) are those of
+    :class:`~dynconv_jax.models._conv.DynamicNet`.
     """
 
     width_mult: float = 1.0

@@ -94,8 +94,10 @@ class ResNet(DynamicNet):
       base_width: channels of the first stage; later stages ×2, ×4, ×8 (64 = the standard nets).
       stem: 'imagenet' (7×7/2 conv + 3×3/2 max-pool) or 'cifar' (3×3/1 conv, no max-pool).
       dropout: dropout on the pooled features before ``fc`` (official ODConv default 0.1).
-      conv, num_experts, num_classes, reduction, in_channels, conv_options, strategy, dtype,
-        param_dtype, precision: as :class:`~dynconv_jax.models._conv.DynamicNet`.
+
+    The other fields (``conv``, ``num_experts``, ``num_classes``, ``reduction``, ``in_channels``,
+    ``conv_options``, ``strategy``, ``dtype``, ``param_dtype``, ``precision``) are those of
+    :class:`~dynconv_jax.models._conv.DynamicNet`.
     """
 
     block: str = "basic"
