@@ -227,6 +227,7 @@ class EfficientNetCondConv(nn.Module):
         return F.silu(self.bn2(self.conv_head(x)))
 
     def forward_head(self, x: Tensor, pre_logits: bool = False) -> Tensor:
+        """Head features -> logits (global average pool, dropout, classifier); ``pre_logits``: the pooled features."""
         x = F.dropout(x.mean((2, 3)), self.drop_rate, self.training)
         return x if pre_logits else self.classifier(x)
 
