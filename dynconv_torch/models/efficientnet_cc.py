@@ -198,6 +198,16 @@ class EfficientNetCondConv(nn.Module):
         in_chans: input channels.
         channel_multiplier: EfficientNet width scaling (1.0 for all CondConv models).
         bn_eps: override the BatchNorm eps of the variant.
+
+    Example:
+
+      >>> import torch
+      >>> from dynconv_torch.models import EfficientNetCondConv
+      >>> model = EfficientNetCondConv(tf_port=True, num_classes=10).eval()  # B0, 4 experts, timm's names
+      >>> tuple(model.state_dict()["blocks.5.0.conv_pw.weight"].shape)       # timm's [K, O * I]
+      (4, 75264)
+      >>> model(torch.zeros(2, 3, 64, 64)).shape
+      torch.Size([2, 10])
     """
 
     def __init__(self, depth_multiplier: float = 1.0, experts_multiplier: int = 1, tf_port: bool = False,
