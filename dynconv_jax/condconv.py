@@ -33,8 +33,7 @@ class CondConv(DynamicConvBase):
       external_routing: take the routing weights ``[B, K]`` from the caller (timm's
         ``CondConv2d.forward(x, routing_weights)``) instead of computing them.
 
-    Example:
-
+    Examples:
       >>> import jax, jax.numpy as jnp
       >>> from dynconv_jax import CondConv
       >>> layer = CondConv(features=8, kernel_size=(3, 3), num_experts=3)

@@ -60,8 +60,7 @@ Path = Tuple[str, ...]  # ('params', 'layer1_0', 'conv1', 'kernel')
 class ConversionError(ValueError):
     """A checkpoint does not fit its target. ``problems`` holds one line per problem.
 
-    Example:
-
+    Examples:
       >>> import jax, jax.numpy as jnp, numpy as np
       >>> from dynconv_jax import CondConv
       >>> from dynconv_jax.convert import ConversionError, torch_to_flax
@@ -342,8 +341,7 @@ def load_state_dict(source) -> Dict[str, np.ndarray]:
     ``{'model_state_dict': ...}``, ``{'model': ...}`` are unwrapped and a ``module.`` (DataParallel)
     or ``_orig_mod.`` (torch.compile) prefix on every key is stripped.
 
-    Example:
-
+    Examples:
       >>> import torch
       >>> from dynconv_jax.convert import load_state_dict
       >>> wrapped = {"state_dict": {"module.fc.weight": torch.ones(2, 3)}}   # a DataParallel training checkpoint
@@ -533,8 +531,7 @@ def _pair(
 def nonfinite_keys(state: Mapping[str, np.ndarray]) -> List[str]:
     """Keys of floating-point entries holding NaN or Inf.
 
-    Example:
-
+    Examples:
       >>> import numpy as np
       >>> from dynconv_jax.convert import nonfinite_keys
       >>> nonfinite_keys({"a": np.ones(2), "b": np.array([1.0, np.nan]), "steps": np.array([3])})
@@ -566,8 +563,7 @@ def torch_to_flax(source, template, allow_nonfinite: bool = False) -> Dict[str, 
     Raises :class:`ConversionError` naming every missing, unexpected, mis-shaped and
     wrong-dtype entry, and every entry with NaN/Inf unless ``allow_nonfinite``.
 
-    Example:
-
+    Examples:
       >>> import jax, jax.numpy as jnp
       >>> from dynconv_jax import ODConv
       >>> from dynconv_jax.convert import torch_to_flax
@@ -671,8 +667,7 @@ def flax_to_torch(variables, like=None) -> Dict[str, Any]:
 
     Returns torch tensors when torch is importable, else numpy arrays.
 
-    Example:
-
+    Examples:
       >>> import jax, jax.numpy as jnp
       >>> from dynconv_jax import DynamicConv
       >>> from dynconv_jax.convert import flax_to_torch
@@ -700,8 +695,7 @@ def save_safetensors(variables, path, like=None, metadata: Optional[Mapping[str,
     """Write :func:`flax_to_torch` ``(variables, like)`` to a ``.safetensors`` file (no torch
     needed); ``safetensors.torch.load_file(path)`` then gives the PyTorch state_dict.
 
-    Example:
-
+    Examples:
       >>> import os, tempfile
       >>> import jax, jax.numpy as jnp
       >>> from safetensors.numpy import load_file

@@ -61,8 +61,7 @@ class DynamicConv(DynamicConvBase):
       bias_init: initializer of the ``[K, O]`` bias; None = PyTorch's U(±1/sqrt(fan_in)).
       reduction, min_channels: hidden width of the attention MLP.
 
-    Example:
-
+    Examples:
       >>> import jax, jax.numpy as jnp
       >>> from dynconv_jax import DynamicConv
       >>> layer = DynamicConv(features=8, kernel_size=(3, 3), num_experts=3)

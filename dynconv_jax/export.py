@@ -56,8 +56,7 @@ from dynconv_jax.inspect import ATTENTION_NAMES
 class StaticExport(NamedTuple):
     """A plain conv and its variables: ``module.apply(variables, x)``.
 
-    Example:
-
+    Examples:
       >>> import jax, jax.numpy as jnp
       >>> from dynconv_jax import ODConv
       >>> layer = ODConv(features=8, kernel_size=(3, 3), num_experts=3)
@@ -81,8 +80,7 @@ class AverageExport(NamedTuple):
     ``attentions`` are the averaged attentions that were folded (``reduce='attention'``)
     or None (``reduce='kernel'``).
 
-    Example:
-
+    Examples:
       >>> import jax, jax.numpy as jnp
       >>> from dynconv_jax import ODConv
       >>> layer = ODConv(features=8, kernel_size=(3, 3), num_experts=3)
@@ -118,8 +116,7 @@ def layer_attentions(intermediates: Mapping[str, Any]) -> Dict[str, jax.Array]:
     Returns ``{name: array [B, ...]}`` for the names in :data:`ATTENTION_NAMES` that are
     present (skipped ODConv attentions are absent and mean the constant 1).
 
-    Example:
-
+    Examples:
       >>> import jax, jax.numpy as jnp
       >>> from dynconv_jax import ODConv
       >>> layer = ODConv(features=8, kernel_size=(3, 3), num_experts=3)
@@ -159,8 +156,7 @@ def fold_attentions(experts, attentions: Mapping[str, jax.Array], *, groups: int
 
     Returns ``(kernel [*k, Cin/g, Cout], bias [Cout] or None)``.
 
-    Example:
-
+    Examples:
       >>> import jax.numpy as jnp
       >>> from dynconv_jax.export import fold_attentions
       >>> experts = jnp.stack([jnp.ones((1, 1, 2, 2)), 3 * jnp.ones((1, 1, 2, 2))])    # [K, *k, Cin, Cout]
@@ -234,8 +230,7 @@ def export_static(module, variables, x, *, temperature: Optional[float] = None, 
 
     Returns a :class:`StaticExport` ``(module, variables)``.
 
-    Example:
-
+    Examples:
       >>> import jax, jax.numpy as jnp
       >>> from dynconv_jax import ODConv
       >>> layer = ODConv(features=8, kernel_size=(3, 3), num_experts=3)
@@ -295,8 +290,7 @@ def export_average(module, variables, calibration_x, *, reduce: str = "attention
 
     Returns an :class:`AverageExport` ``(module, variables, relative_error, attentions)``.
 
-    Example:
-
+    Examples:
       >>> import jax, jax.numpy as jnp
       >>> from dynconv_jax import ODConv
       >>> layer = ODConv(features=8, kernel_size=(3, 3), num_experts=3)
@@ -389,8 +383,7 @@ def conv_batchnorm_pairs(model: nn.Module, variables, input_shape: Optional[Sequ
     (``flax.linen.Conv``, CondConv, DynamicConv or ODConv). A conv whose output also feeds
     another module is left alone. Paths are module scope paths (``('layer1_0', 'conv1')``).
 
-    Example:
-
+    Examples:
       >>> import jax, jax.numpy as jnp
       >>> from flax import linen as nn
       >>> from dynconv_jax import BatchNorm, DynamicConv
@@ -468,8 +461,7 @@ def fuse_batchnorm(model: nn.Module, variables, input_shape: Optional[Sequence[i
 
     Returns the fused variables (a new tree; ``variables`` is not modified).
 
-    Example:
-
+    Examples:
       >>> import jax, jax.numpy as jnp
       >>> from flax import linen as nn
       >>> from dynconv_jax import BatchNorm, DynamicConv
@@ -586,8 +578,7 @@ def to_stablehlo(model: nn.Module, variables, input_shape: Sequence[Optional[int
 
     Returns the serialised module (bytes: a header and a checksum, then ``jax.export``'s payload).
 
-    Example:
-
+    Examples:
       >>> import jax, jax.numpy as jnp
       >>> from flax import linen as nn
       >>> from dynconv_jax import BatchNorm, DynamicConv
@@ -643,8 +634,7 @@ def load_stablehlo(blob: Union[bytes, bytearray, str, os.PathLike]) -> Callable[
     ValueError for a file or bytes that are not such an export or whose checksum does not
     match (corrupted).
 
-    Example:
-
+    Examples:
       >>> import jax, jax.numpy as jnp
       >>> from flax import linen as nn
       >>> from dynconv_jax import BatchNorm, DynamicConv

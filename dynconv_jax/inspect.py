@@ -34,8 +34,7 @@ def attentions_from_intermediates(intermediates: Mapping[str, Any]) -> Attention
     for the top module). A layer applied several times has its sown values concatenated
     along the batch axis. Order follows the collection (module creation order).
 
-    Example:
-
+    Examples:
       >>> import jax, jax.numpy as jnp
       >>> from flax import linen as nn
       >>> from dynconv_jax import CondConv, ODConv
@@ -77,8 +76,7 @@ def collect_attentions(model, variables, x, *, train: bool = False, temperature:
     pass ``rngs=`` for CondConv's routing dropout then). Works for a single layer or
     any model built from them. Returns ``{layer_path: {name: np.ndarray [B, ...]}}``.
 
-    Example:
-
+    Examples:
       >>> import jax, jax.numpy as jnp
       >>> from flax import linen as nn
       >>> from dynconv_jax import CondConv, ODConv
@@ -109,8 +107,7 @@ def routing_entropy(kernel_attention: np.ndarray) -> np.ndarray:
     so this measures how the routing mass is spread over the K experts: 1 = uniform
     (no specialization), 0 = a single expert. Needs K >= 2.
 
-    Example:
-
+    Examples:
       >>> import numpy as np
       >>> from dynconv_jax.inspect import routing_entropy
       >>> entropy = routing_entropy(np.array([[0.25, 0.25, 0.25, 0.25], [1.0, 0.0, 0.0, 0.0]]))
@@ -166,8 +163,7 @@ def plot_kernel_attention(attentions: Attentions, path: str, *, ncols: int = 4) 
     Boxes show quartiles over the samples, dots the samples. Layers with a single expert
     (no routing) are left out. Returns ``path``.
 
-    Example:
-
+    Examples:
       >>> import jax, jax.numpy as jnp
       >>> from flax import linen as nn
       >>> from dynconv_jax import CondConv, ODConv
@@ -211,8 +207,7 @@ def plot_routing_entropy(attentions: Attentions, path: str) -> str:
 
     1 = uniform over the experts, 0 = one expert. Returns ``path``.
 
-    Example:
-
+    Examples:
       >>> import jax, jax.numpy as jnp
       >>> from flax import linen as nn
       >>> from dynconv_jax import CondConv, ODConv
@@ -254,8 +249,7 @@ def plot_odconv_attentions(layer: Mapping[str, np.ndarray], path: str, *, title:
     filter, 1×1 spatial, single expert) is the constant 1 and is marked as such.
     Returns ``path``.
 
-    Example:
-
+    Examples:
       >>> import jax, jax.numpy as jnp
       >>> from flax import linen as nn
       >>> from dynconv_jax import CondConv, ODConv
@@ -338,8 +332,7 @@ def plot_all(attentions: Attentions, out_dir: str) -> List[str]:
     ``kernel_attention.png`` and ``routing_entropy.png`` (if any layer has K >= 2) and
     ``odconv_<layer>.png`` for each ODConv layer (one with a channel attention).
 
-    Example:
-
+    Examples:
       >>> import jax, jax.numpy as jnp
       >>> from flax import linen as nn
       >>> from dynconv_jax import CondConv, ODConv

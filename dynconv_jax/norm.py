@@ -142,8 +142,7 @@ class BatchNorm(nn.Module):
         computed in at least float32 (float64 inputs stay float64).
       param_dtype: dtype of ``scale``/``bias`` and of the running statistics.
 
-    Example:
-
+    Examples:
       >>> import jax, jax.numpy as jnp
       >>> from dynconv_jax import BatchNorm
       >>> bn = BatchNorm(use_running_average=False)

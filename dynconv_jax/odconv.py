@@ -108,8 +108,7 @@ class ODConv(DynamicConvBase):
     statistics (needs a batch of at least 2, as PyTorch) and updates ``batch_stats``: pass
     ``mutable=['batch_stats']``. ``'layer'`` and ``'none'`` train with any batch size.
 
-    Example:
-
+    Examples:
       >>> import jax, jax.numpy as jnp
       >>> from dynconv_jax import ODConv
       >>> layer = ODConv(features=8, kernel_size=(3, 3), num_experts=3)

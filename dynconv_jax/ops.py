@@ -123,8 +123,7 @@ def conv_dimension_numbers(rank: int) -> lax.ConvDimensionNumbers:
 def static_conv(x, kernel, *, strides, padding, dilation, groups, precision=None):
     """A plain (static) convolution, channels-last: ``x [B, *S, Cin]``, ``kernel [*k, Cin/g, Cout]``.
 
-    Example:
-
+    Examples:
       >>> import jax.numpy as jnp
       >>> from dynconv_jax import static_conv
       >>> y = static_conv(jnp.ones((1, 5, 5, 2)), jnp.ones((3, 3, 2, 4)), strides=(2, 2), padding="VALID",
@@ -154,8 +153,7 @@ def aggregate_kernels(experts, kernel_attention, spatial_attention=None, channel
     ``[B, *k]``; channel_attention: ``[B, Cin]``; filter_attention: ``[B, Cout]`` (each optional).
     Returns ``[B, *k, Cin/g, Cout]``.
 
-    Example:
-
+    Examples:
       >>> import jax.numpy as jnp
       >>> from dynconv_jax import aggregate_kernels
       >>> experts = jnp.stack([jnp.zeros((1, 1, 2, 2)), jnp.ones((1, 1, 2, 2))])  # K = 2 experts [1, 1, I, O]
@@ -188,8 +186,7 @@ def per_sample_conv(x, kernels, *, strides, padding, dilation, groups, precision
     one grouped convolution (``feature_group_count = B * groups``), the trick the
     PyTorch references write by hand.
 
-    Example:
-
+    Examples:
       >>> import jax.numpy as jnp
       >>> from dynconv_jax import per_sample_conv
       >>> x = jnp.ones((2, 5, 5, 1))
@@ -672,8 +669,7 @@ def dynamic_conv(
 
     Returns ``[B, *S_out, Cout]``.
 
-    Example:
-
+    Examples:
       >>> import jax.numpy as jnp
       >>> from dynconv_jax import dynamic_conv
       >>> x = jnp.ones((2, 8, 8, 4))                 # [B, H, W, Cin]

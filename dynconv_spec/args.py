@@ -37,8 +37,7 @@ def _is_int(value: Any) -> bool:
 def check_num_classes(num_classes: int, where: str, *, allow_zero: bool = False) -> None:
     """The classifier width: an int >= 1 (>= 0 with ``allow_zero``: 0 drops the classifier).
 
-    Example:
-
+    Examples:
       >>> from dynconv_spec import check_num_classes
       >>> check_num_classes(0, "EfficientNet", allow_zero=True)   # 0: the pooled features, no classifier
       >>> check_num_classes(0, "resnet18")
@@ -53,8 +52,7 @@ def check_num_classes(num_classes: int, where: str, *, allow_zero: bool = False)
 def check_rate(value: float, name: str, where: str) -> None:
     """A dropout-like probability in [0, 1).
 
-    Example:
-
+    Examples:
       >>> from dynconv_spec import check_rate
       >>> check_rate(0.2, "dropout", "resnet18")
       >>> check_rate(1.0, "dropout", "resnet18")
@@ -82,8 +80,7 @@ def check_conv_args(conv: str, num_experts: int, reduction: Optional[float],
         (``{'condconv': {...}, ...}``); an option outside them is rejected here, by name, instead
         of as a ``TypeError`` from the first layer built.
 
-    Example:
-
+    Examples:
       >>> from dynconv_spec import check_conv_args
       >>> check_conv_args("odconv", 4, 0.0625, {"attention_bn_init": 1.0}, "resnet18")
       {'attention_bn_init': 1.0}
@@ -123,8 +120,7 @@ def check_model_args(where: str, conv: str, num_experts: int, reduction: Optiona
                      accepted: Optional[Mapping[str, Collection[str]]] = None) -> Dict[str, Any]:
     """Validate the arguments every conv-selectable model (ResNet, MobileNetV2) shares; returns ``conv_options``.
 
-    Example:
-
+    Examples:
       >>> from dynconv_spec import check_model_args
       >>> check_model_args("resnet18", conv="dynamic", num_experts=4, reduction=None, conv_options=None,
       ...                  stem="cifar", dropout=0.1, num_classes=10)
@@ -141,8 +137,7 @@ def check_model_args(where: str, conv: str, num_experts: int, reduction: Optiona
 def check_resnet_args(block: str, layers: Sequence[int], base_width: int) -> None:
     """Validate the ResNet architecture arguments (see :mod:`dynconv_spec.resnet`).
 
-    Example:
-
+    Examples:
       >>> from dynconv_spec import check_resnet_args
       >>> check_resnet_args("basic", (2, 2, 2, 2), 64)
       >>> check_resnet_args("basic", (2, 2, 2), 64)
@@ -162,8 +157,7 @@ def check_resnet_args(block: str, layers: Sequence[int], base_width: int) -> Non
 def check_width_mult(width_mult: float) -> None:
     """MobileNetV2's ``width_mult`` must be a positive number.
 
-    Example:
-
+    Examples:
       >>> from dynconv_spec import check_width_mult
       >>> check_width_mult(0.5)
       >>> check_width_mult(0)
@@ -178,8 +172,7 @@ def check_attention_norm(where: str, norm: str, bn_init: float) -> None:
     """ODConv's ``attention_norm`` must be one of :data:`ATTENTION_NORMS`; ``attention_bn_init`` (the
     initial scale of that normalisation) a finite number > 0.
 
-    Example:
-
+    Examples:
       >>> from dynconv_spec import check_attention_norm
       >>> check_attention_norm("ODConv", "layer", 0.1)
       >>> check_attention_norm("ODConv", "group", 0.1)

@@ -157,7 +157,7 @@ def variant_entry_point(name: str, build: Callable[..., Any]) -> Callable[..., A
                            f"{'TF port (BN eps 1e-3, TF SAME padding)' if tf_port else 'PyTorch padding and eps'}; "
                            f"{weights} (docs/efficientnet_cc.md).\n\n"
                            "    ``kwargs``: further ``EfficientNetCondConv`` arguments.\n\n"
-                           "    Example:\n\n"
+                           "    Examples:\n"
                            f"      >>> from {build.__module__} import {name}\n"
                            f"      >>> model = {name}(num_classes=10)\n"
                            "      >>> model.num_classes\n"

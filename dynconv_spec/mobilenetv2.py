@@ -12,8 +12,7 @@ def make_divisible(value: float, divisor: int = 8) -> int:
     """Round a channel count to the nearest multiple of ``divisor`` (at least ``divisor``),
     going up one step when rounding would lose more than 10 % (the TF-slim MobileNet rule).
 
-    Example:
-
+    Examples:
       >>> from dynconv_spec import make_divisible
       >>> make_divisible(32 * 0.75), make_divisible(3)
       (24, 8)
@@ -25,8 +24,7 @@ def make_divisible(value: float, divisor: int = 8) -> int:
 def stage_settings(width_mult: float, stem: str) -> Tuple[int, int, List[Tuple[int, int, int, int]], int]:
     """``(stem channels, stem stride, [(t, c, n, s)] per stage, head channels)`` for ``width_mult`` and ``stem``.
 
-    Example:
-
+    Examples:
       >>> from dynconv_spec import stage_settings
       >>> stem_channels, stem_stride, stages, head = stage_settings(0.5, "cifar")
       >>> stem_channels, stem_stride, stages[1], head

@@ -46,8 +46,7 @@ def odconv_model_args(name: str, kernel_num: int = 1, reduction: float = 0.0625,
     ``kernel_num`` is the official name of ``num_experts``; ``kwargs`` are further arguments of the
     ResNet / MobileNetV2 (``num_classes``, ``dropout``, ``stem``, ``conv_options``, ...).
 
-    Example:
-
+    Examples:
       >>> from dynconv_spec import odconv_model_args
       >>> odconv_model_args("od_mobilenetv2_050", kernel_num=4)
       {'conv': 'odconv', 'num_experts': 4, 'reduction': 0.0625, 'width_mult': 0.5}
@@ -62,8 +61,7 @@ def odconv_model_args(name: str, kernel_num: int = 1, reduction: float = 0.0625,
 class ModelRegistry:
     """Entry points by name for one framework (``where``, e.g. ``'dynconv_torch.models'``).
 
-    Example:
-
+    Examples:
       >>> from dynconv_spec import ModelRegistry
       >>> registry = ModelRegistry("mylib.models")
       >>> @registry.register
@@ -80,8 +78,7 @@ class ModelRegistry:
     def register(self, entry_point: Callable[..., Any]) -> Callable[..., Any]:
         """Decorator: register ``entry_point`` under its ``__name__`` (one of :data:`MODEL_NAMES`).
 
-        Example:
-
+        Examples:
           >>> from dynconv_spec import ModelRegistry
           >>> registry = ModelRegistry("mylib.models")
           >>> registry.register(lambda **kwargs: None)
@@ -100,8 +97,7 @@ class ModelRegistry:
     def names(self, pattern: Optional[str] = None) -> List[str]:
         """The registered names, sorted; ``pattern`` filters them shell-style (``'od_*'``).
 
-        Example:
-
+        Examples:
           >>> import dynconv_jax.models as jm
           >>> jm.list_models("od_resnet*")              # the registry's names, as list_models
           ['od_resnet101', 'od_resnet18', 'od_resnet34', 'od_resnet50']
@@ -111,8 +107,7 @@ class ModelRegistry:
     def create(self, name: str, **kwargs: Any) -> Any:
         """Build the model ``name`` with the entry point's keyword arguments.
 
-        Example:
-
+        Examples:
           >>> import dynconv_jax.models as jm
           >>> model = jm.create_model("resnet18", conv="odconv", num_experts=4, num_classes=10)
           >>> model.conv, model.num_experts, model.num_classes

@@ -22,8 +22,7 @@ def stage_blocks(layers: Sequence[int], base_width: int,
     Stage ``i`` (0-based) has ``base_width * 2**i`` planes; its first block carries the stride
     (2 from the second stage on) and a 1×1 downsample shortcut when the shape changes.
 
-    Example:
-
+    Examples:
       >>> from dynconv_spec import stage_blocks
       >>> list(stage_blocks((2, 2, 2, 2), base_width=64, expansion=1))[:3]
       [(0, 0, 64, 64, 1, False), (0, 1, 64, 64, 1, False), (1, 0, 64, 128, 2, True)]

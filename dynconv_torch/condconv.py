@@ -40,8 +40,7 @@ class CondConv2d(DynamicLayerMixin, nn.Module):
     and ``routing_fn.bias [K]`` unless ``external_routing``. ``load_state_dict`` also accepts a
     ``[K, O, I/g, kh, kw]`` weight (a pre-hook flattens it).
 
-    Example:
-
+    Examples:
       >>> import torch
       >>> from dynconv_torch import CondConv2d
       >>> layer = CondConv2d(4, 8, 3, padding=1, num_experts=3)

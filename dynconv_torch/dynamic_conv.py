@@ -20,8 +20,7 @@ from .functional import (aggregate_experts, check_input, check_temperature, conv
 class DynamicConvAttention(nn.Module):
     """The kernel attention of DY-CNN: ``softmax(fc2(relu(fc1(GAP(x)))) / T)``, ``[B, K]``.
 
-    Example:
-
+    Examples:
       >>> import torch
       >>> from dynconv_torch import DynamicConvAttention
       >>> attention = DynamicConvAttention(4, 8, num_experts=3)
@@ -62,8 +61,7 @@ class DynamicConv2d(DynamicLayerMixin, nn.Module):
     ``attention.fc1.{weight [H, I], bias [H]}``, ``attention.fc2.{weight [K, H], bias [K]}``.
     Experts are initialised like ``nn.Conv2d`` kernels, the attention MLP like ``nn.Linear``.
 
-    Example:
-
+    Examples:
       >>> import torch
       >>> from dynconv_torch import DynamicConv2d
       >>> layer = DynamicConv2d(4, 8, 3, padding="same", num_experts=3)

@@ -59,8 +59,7 @@ class AverageExport(NamedTuple):
     calibration set. ``attentions`` are the averaged attentions that were folded
     (``reduce='attention'``) or None (``reduce='kernel'``).
 
-    Example:
-
+    Examples:
       >>> import torch
       >>> from dynconv_torch import ODConv2d
       >>> layer = ODConv2d(4, 8, 3, padding=1, kernel_num=3).eval()
@@ -88,8 +87,7 @@ def _check_layer(layer: nn.Module, what: str) -> None:
 def experts_oihw(layer: nn.Module) -> Tensor:
     """The expert kernels as ``[K, O, I/g, kh, kw]`` (CondConv2d stores them flattened, timm layout).
 
-    Example:
-
+    Examples:
       >>> from dynconv_torch import CondConv2d
       >>> from dynconv_torch.export import experts_oihw
       >>> layer = CondConv2d(4, 8, 3, num_experts=3)
@@ -109,8 +107,7 @@ def fold_attentions(experts: Tensor, attentions: Dict[str, Tensor], groups: int,
     ``channel_attention [B, I]``, ``filter_attention [B, O]``; expert_bias: ``[K, O]`` or None.
     Returns ``(weight [B, O, I/g, kh, kw], bias [B, O] or None)``.
 
-    Example:
-
+    Examples:
       >>> import torch
       >>> from dynconv_torch import ODConv2d
       >>> layer = ODConv2d(4, 8, 3, padding=1, kernel_num=3).eval()
@@ -181,8 +178,7 @@ def export_static(layer: nn.Module, x: Tensor, routing_weights: Optional[Tensor]
     x: ``[1, I, H, W]`` or ``[I, H, W]``; routing_weights: ``[1, K]`` for a CondConv2d with
     ``external_routing``.
 
-    Example:
-
+    Examples:
       >>> import torch
       >>> from dynconv_torch import ODConv2d
       >>> layer = ODConv2d(4, 8, 3, padding=1, kernel_num=3).eval()
@@ -218,8 +214,7 @@ def export_average(layer: nn.Module, calibration_x: Tensor, *, reduce: str = "at
     calibration_x: ``[N, I, H, W]``; routing_weights: ``[N, K]`` with ``external_routing``.
     ``reduce='kernel'`` holds ``batch_size`` folded kernels in memory at once.
 
-    Example:
-
+    Examples:
       >>> import torch
       >>> from dynconv_torch import ODConv2d
       >>> layer = ODConv2d(4, 8, 3, padding=1, kernel_num=3).eval()
@@ -278,8 +273,7 @@ def export_average(layer: nn.Module, calibration_x: Tensor, *, reduce: str = "at
 class ChannelBias(nn.Module):
     """``x + bias[None, :, None, None]``: what is left of a BatchNorm folded into a conv without a bias slot.
 
-    Example:
-
+    Examples:
       >>> import torch
       >>> from dynconv_torch.export import ChannelBias
       >>> ChannelBias(torch.tensor([1.0, -1.0]))(torch.zeros(1, 2, 1, 1)).flatten()
@@ -314,8 +308,7 @@ def conv_batchnorm_pairs(model: nn.Module) -> Tuple[Tuple[str, str], ...]:
     Found by ``torch.fx`` symbolic tracing with convs (``nn.Conv2d`` and the dynamic layers,
     subclasses included) and BatchNorms kept as leaves; a model fx cannot trace raises.
 
-    Example:
-
+    Examples:
       >>> import torch
       >>> from dynconv_torch.models import resnet18
       >>> model = resnet18(conv="odconv", num_experts=2, stem="cifar", base_width=4, num_classes=10).eval()
@@ -357,8 +350,7 @@ def fuse_bn(model: nn.Module) -> nn.Module:
     float64, tested for the three layers, ResNet, MobileNetV2 and EfficientNet-CondConv); the
     BatchNorms become ``nn.Identity`` or :class:`ChannelBias`. ``model`` is not modified.
 
-    Example:
-
+    Examples:
       >>> import torch
       >>> from dynconv_torch.models import resnet18
       >>> model = resnet18(conv="odconv", num_experts=2, stem="cifar", base_width=4, num_classes=10).eval()
@@ -441,8 +433,7 @@ def batched_conv2d(x: Tensor, weight: Tensor, bias: Optional[Tensor], stride, di
     folded-batch grouped conv of :func:`dynconv_torch.functional.per_sample_conv2d`.
     bias: ``[B, O]`` or None. Returns ``[B, O, H', W']``.
 
-    Example:
-
+    Examples:
       >>> import torch
       >>> from dynconv_torch.export import batched_conv2d
       >>> x = torch.ones(2, 1, 3, 3)
@@ -479,8 +470,7 @@ class PortableDynamicConv(nn.Module):
 
     ``forward(x, routing_weights=None)`` takes the layer's arguments.
 
-    Example:
-
+    Examples:
       >>> import torch
       >>> from dynconv_torch import ODConv2d
       >>> layer = ODConv2d(4, 8, 3, padding=1, kernel_num=3).eval()
@@ -542,8 +532,7 @@ class PortableDynamicConv(nn.Module):
 def portable(model: nn.Module, formulation: str = "matmul") -> nn.Module:
     """A copy of ``model`` with every dynamic layer wrapped in :class:`PortableDynamicConv` (same function).
 
-    Example:
-
+    Examples:
       >>> import torch
       >>> from dynconv_torch.models import resnet18
       >>> model = resnet18(conv="odconv", num_experts=2, stem="cifar", base_width=4, num_classes=10).eval()
@@ -595,8 +584,7 @@ def to_onnx(model: nn.Module, path: Union[str, os.PathLike], input_shape: Sequen
 
     Returns the path written. Needs ``onnx`` (``pip install 'dynconv[export]'``).
 
-    Example:
-
+    Examples:
       >>> import torch
       >>> from dynconv_torch import ODConv2d
       >>> layer = ODConv2d(4, 8, 3, padding=1, kernel_num=3).eval()
@@ -638,8 +626,7 @@ def to_onnx(model: nn.Module, path: Union[str, os.PathLike], input_shape: Sequen
 def onnx_session(path: Union[str, os.PathLike], threads: Optional[int] = None):
     """An ``onnxruntime.InferenceSession`` on CPU for ``path``; a ValueError names a file that is not a valid model.
 
-    Example:
-
+    Examples:
       >>> import torch
       >>> from dynconv_torch import ODConv2d
       >>> layer = ODConv2d(4, 8, 3, padding=1, kernel_num=3).eval()
@@ -670,8 +657,7 @@ def onnx_session(path: Union[str, os.PathLike], threads: Optional[int] = None):
 def check_onnx(model: nn.Module, path: Union[str, os.PathLike], x: Tensor, session=None) -> float:
     """``max|onnxruntime(x) - model(x)| / max|model(x)|`` for the eval-mode ``model`` and its export at ``path``.
 
-    Example:
-
+    Examples:
       >>> import torch
       >>> from dynconv_torch import ODConv2d
       >>> layer = ODConv2d(4, 8, 3, padding=1, kernel_num=3).eval()

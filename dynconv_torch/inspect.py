@@ -30,8 +30,7 @@ def collect_attentions(model: nn.Module, x: torch.Tensor, *args, **kwargs) -> Di
     routing dropout would draw differently and ODConv's BatchNorm would update twice.
     A layer called several times has its attentions concatenated along the batch axis.
 
-    Example:
-
+    Examples:
       >>> import torch
       >>> from dynconv_torch import CondConv2d, ODConv2d
       >>> from dynconv_torch.inspect import collect_attentions

@@ -32,8 +32,7 @@ class ODConvAttention(nn.Module):
     depthwise convolution (``in == groups == out``), spatial for a 1x1 kernel, kernel for K == 1.
     The skipped heads have no parameters, as in the official code.
 
-    Example:
-
+    Examples:
       >>> import torch
       >>> from dynconv_torch import ODConvAttention
       >>> attention = ODConvAttention(16, 32, (3, 3), groups=1, attention_channels=16, kernel_num=4).eval()
@@ -142,8 +141,7 @@ class ODConv2d(DynamicLayerMixin, nn.Module):
     The attention BatchNorm normalises over the batch in training, so a training-mode batch
     needs at least two samples (a ValueError says so).
 
-    Example:
-
+    Examples:
       >>> import torch
       >>> from dynconv_torch import ODConv2d
       >>> layer = ODConv2d(16, 32, 3, padding=1, kernel_num=4)   # the official OSVAI/ODConv arguments

@@ -17,8 +17,7 @@ def set_temperature(module: nn.Module, temperature: float) -> int:
     were updated, so a caller can check that a model has dynamic layers at all. Each layer
     validates ``temperature`` (finite, > 0) and raises ValueError otherwise.
 
-    Example:
-
+    Examples:
       >>> import torch
       >>> from dynconv_torch import DynamicConv2d, ODConv2d, set_temperature
       >>> model = torch.nn.Sequential(ODConv2d(4, 8, 3, padding=1), DynamicConv2d(8, 8, 3, padding=1))

@@ -55,8 +55,7 @@ def apply_conv(layer: nn.Module, x, *, train: bool, temperature):
     """Call a convolution made from :attr:`ModuleDefs.conv`: a dynamic layer gets ``train`` and
     ``temperature``, a static ``nn.Conv`` only ``x``.
 
-    Example:
-
+    Examples:
       >>> import jax, jax.numpy as jnp
       >>> from flax import linen as nn
       >>> from dynconv_jax import CondConv
@@ -85,8 +84,7 @@ class ModuleDefs(NamedTuple):
       classifier: the dense classifier with the official models' N(0, 0.01²) init,
         ``classifier(features=, name=)``.
 
-    Example:
-
+    Examples:
       >>> from dynconv_jax.models import ModuleDefs, resnet18
       >>> defs = resnet18(conv="odconv").module_defs(train=False)
       >>> isinstance(defs, ModuleDefs), defs.conv.func.__name__        # the dynamic layer conv= selects
@@ -116,8 +114,7 @@ class DynamicNet(nn.Module):
       param_dtype: the dtype of every parameter.
       precision: numerical precision of every convolution and dense layer.
 
-    Example:
-
+    Examples:
       >>> from dynconv_jax.models import DynamicNet, ResNet
       >>> issubclass(ResNet, DynamicNet), ResNet(conv="odconv").num_experts   # the shared fields
       (True, 4)

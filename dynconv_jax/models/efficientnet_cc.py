@@ -204,8 +204,7 @@ class EfficientNetCondConv(nn.Module):
       param_dtype: the dtype of every parameter.
       precision: numerical precision of every convolution and dense layer.
 
-    Example:
-
+    Examples:
       >>> import jax, jax.numpy as jnp
       >>> from dynconv_jax.models import EfficientNetCondConv
       >>> model = EfficientNetCondConv(tf_port=True, num_classes=10)          # B0, 4 experts, as timm's tf_ port

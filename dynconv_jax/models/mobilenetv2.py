@@ -74,8 +74,7 @@ class MobileNetV2(DynamicNet):
     ``conv_options``, ``strategy``, ``dtype``, ``param_dtype``, ``precision``) are those of
     :class:`~dynconv_jax.models._conv.DynamicNet`.
 
-    Example:
-
+    Examples:
       >>> import jax, jax.numpy as jnp
       >>> from dynconv_jax.models import MobileNetV2
       >>> model = MobileNetV2(width_mult=0.25, conv="dynamic", stem="cifar", num_classes=10)
@@ -117,8 +116,7 @@ class MobileNetV2(DynamicNet):
 def mobilenet_v2(width_mult: float = 1.0, **kwargs) -> MobileNetV2:
     """MobileNetV2; keyword arguments as :class:`MobileNetV2` (conv, num_experts, num_classes, stem, ...).
 
-    Example:
-
+    Examples:
       >>> from dynconv_jax.models import mobilenet_v2
       >>> model = mobilenet_v2(width_mult=0.5, conv="condconv", num_experts=8)
       >>> model.width_mult, model.conv, model.num_experts
@@ -132,8 +130,7 @@ def od_mobilenetv2_050(**kwargs) -> MobileNetV2:
     """OSVAI/ODConv ``od_mobilenetv2_050(kernel_num=1, reduction=0.0625, **kwargs)``: MobileNetV2 ×0.5 with
     ODConv (:func:`dynconv_spec.registry.odconv_model_args`; ``kwargs`` as :class:`MobileNetV2`).
 
-    Example:
-
+    Examples:
       >>> from dynconv_jax.models import od_mobilenetv2_050
       >>> model = od_mobilenetv2_050(kernel_num=4)
       >>> model.conv, model.num_experts, model.width_mult
@@ -146,8 +143,7 @@ def od_mobilenetv2_050(**kwargs) -> MobileNetV2:
 def od_mobilenetv2_075(**kwargs) -> MobileNetV2:
     """OSVAI/ODConv ``od_mobilenetv2_075``: MobileNetV2 ×0.75 with ODConv (arguments as :func:`od_mobilenetv2_050`).
 
-    Example:
-
+    Examples:
       >>> from dynconv_jax.models import od_mobilenetv2_075
       >>> model = od_mobilenetv2_075(kernel_num=4)
       >>> model.conv, model.num_experts, model.width_mult
@@ -160,8 +156,7 @@ def od_mobilenetv2_075(**kwargs) -> MobileNetV2:
 def od_mobilenetv2_100(**kwargs) -> MobileNetV2:
     """OSVAI/ODConv ``od_mobilenetv2_100``: MobileNetV2 ×1.0 with ODConv (arguments as :func:`od_mobilenetv2_050`).
 
-    Example:
-
+    Examples:
       >>> from dynconv_jax.models import od_mobilenetv2_100
       >>> model = od_mobilenetv2_100(kernel_num=4)
       >>> model.conv, model.num_experts, model.width_mult

@@ -99,8 +99,7 @@ class ResNet(DynamicNet):
     ``conv_options``, ``strategy``, ``dtype``, ``param_dtype``, ``precision``) are those of
     :class:`~dynconv_jax.models._conv.DynamicNet`.
 
-    Example:
-
+    Examples:
       >>> import jax, jax.numpy as jnp
       >>> from dynconv_jax.models import ResNet
       >>> model = ResNet(block="basic", layers=(1, 1, 1, 1), base_width=8, stem="cifar", conv="condconv", num_classes=10)
@@ -145,8 +144,7 @@ class ResNet(DynamicNet):
 def resnet18(**kwargs) -> ResNet:
     """ResNet-18; keyword arguments as :class:`ResNet` (conv, num_experts, num_classes, stem, base_width, ...).
 
-    Example:
-
+    Examples:
       >>> import jax, jax.numpy as jnp
       >>> from dynconv_jax.models import resnet18
       >>> model = resnet18(conv="odconv", num_experts=4, num_classes=10, stem="cifar", base_width=16)
@@ -164,8 +162,7 @@ def resnet18(**kwargs) -> ResNet:
 def resnet34(**kwargs) -> ResNet:
     """ResNet-34; keyword arguments as :class:`ResNet`.
 
-    Example:
-
+    Examples:
       >>> from dynconv_jax.models import resnet34
       >>> model = resnet34(conv="dynamic", num_experts=4)     # a Linen module: nothing is built until init
       >>> model.block, model.layers
@@ -178,8 +175,7 @@ def resnet34(**kwargs) -> ResNet:
 def resnet50(**kwargs) -> ResNet:
     """ResNet-50; keyword arguments as :class:`ResNet`.
 
-    Example:
-
+    Examples:
       >>> from dynconv_jax.models import resnet50
       >>> model = resnet50(conv="dynamic", num_experts=4)     # a Linen module: nothing is built until init
       >>> model.block, model.layers
@@ -192,8 +188,7 @@ def resnet50(**kwargs) -> ResNet:
 def resnet101(**kwargs) -> ResNet:
     """ResNet-101; keyword arguments as :class:`ResNet`.
 
-    Example:
-
+    Examples:
       >>> from dynconv_jax.models import resnet101
       >>> model = resnet101(conv="dynamic", num_experts=4)     # a Linen module: nothing is built until init
       >>> model.block, model.layers
@@ -207,8 +202,7 @@ def od_resnet18(**kwargs) -> ResNet:
     """OSVAI/ODConv ``od_resnet18(kernel_num=1, reduction=0.0625, **kwargs)``: ResNet-18 with ODConv
     (:func:`dynconv_spec.registry.odconv_model_args`; ``kwargs`` as :class:`ResNet`).
 
-    Example:
-
+    Examples:
       >>> from dynconv_jax.models import od_resnet18
       >>> model = od_resnet18(kernel_num=4)                      # the official entry point's arguments
       >>> model.conv, model.num_experts, model.reduction, model.layers
@@ -221,8 +215,7 @@ def od_resnet18(**kwargs) -> ResNet:
 def od_resnet34(**kwargs) -> ResNet:
     """OSVAI/ODConv ``od_resnet34``: ResNet-34 with ODConv (arguments as :func:`od_resnet18`).
 
-    Example:
-
+    Examples:
       >>> from dynconv_jax.models import od_resnet34
       >>> model = od_resnet34(kernel_num=4)                      # the official entry point's arguments
       >>> model.conv, model.num_experts, model.reduction, model.layers
@@ -235,8 +228,7 @@ def od_resnet34(**kwargs) -> ResNet:
 def od_resnet50(**kwargs) -> ResNet:
     """OSVAI/ODConv ``od_resnet50``: ResNet-50 with ODConv (arguments as :func:`od_resnet18`).
 
-    Example:
-
+    Examples:
       >>> from dynconv_jax.models import od_resnet50
       >>> model = od_resnet50(kernel_num=4)                      # the official entry point's arguments
       >>> model.conv, model.num_experts, model.reduction, model.layers
@@ -249,8 +241,7 @@ def od_resnet50(**kwargs) -> ResNet:
 def od_resnet101(**kwargs) -> ResNet:
     """OSVAI/ODConv ``od_resnet101``: ResNet-101 with ODConv (arguments as :func:`od_resnet18`).
 
-    Example:
-
+    Examples:
       >>> from dynconv_jax.models import od_resnet101
       >>> model = od_resnet101(kernel_num=4)                      # the official entry point's arguments
       >>> model.conv, model.num_experts, model.reduction, model.layers

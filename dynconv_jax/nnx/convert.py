@@ -56,8 +56,7 @@ def linen_variables(model_or_state) -> Dict[str, Dict[str, Any]]:
     ``batch_stats`` is ``{}`` for a model without BatchNorm. Other variable types (RNG state,
     intermediates) are left out, as Linen keeps them out of these collections.
 
-    Example:
-
+    Examples:
       >>> from flax import nnx
       >>> from dynconv_jax.nnx import ODConv, linen_variables
       >>> variables = linen_variables(ODConv(4, 8, (3, 3), num_experts=2, rngs=nnx.Rngs(0)))
@@ -75,8 +74,7 @@ def load_linen_variables(model: nnx.Module, variables: Mapping[str, Any]) -> nnx
     (a ``ValueError`` lists each missing, unexpected and mis-shaped path); values take the model's
     dtypes. Collections other than ``params``/``batch_stats`` are ignored.
 
-    Example:
-
+    Examples:
       >>> import jax, jax.numpy as jnp
       >>> from flax import nnx
       >>> from dynconv_jax import DynamicConv as LinenDynamicConv
@@ -123,8 +121,7 @@ def load_torch(model: nnx.Module, source) -> nnx.Module:
     """Load a PyTorch checkpoint (a state_dict, ``nn.Module``, ``.pt``/``.pth``/``.safetensors`` path; see
     :func:`dynconv_jax.convert.torch_to_flax`) into the NNX ``model`` in place; returns the model.
 
-    Example:
-
+    Examples:
       >>> import torch
       >>> from flax import nnx
       >>> from dynconv_jax.nnx import ODConv, load_torch
@@ -146,8 +143,7 @@ def from_linen(module, in_features: int, *, rngs: nnx.Rngs) -> nnx.Module:
     :mod:`dynconv_jax.models` ``ResNet`` / ``MobileNetV2``; ``in_features``: the input channels
     (NNX creates parameters eagerly). Fill it with :func:`load_linen_variables`.
 
-    Example:
-
+    Examples:
       >>> from flax import nnx
       >>> from dynconv_jax import ODConv
       >>> from dynconv_jax.nnx import from_linen

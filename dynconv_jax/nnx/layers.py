@@ -61,8 +61,7 @@ class BatchNorm(nnx.Module):
       dtype: output dtype (default: promoted from input and params).
       param_dtype: dtype of ``scale``/``bias`` and of the running statistics.
 
-    Example:
-
+    Examples:
       >>> import jax.numpy as jnp
       >>> from flax import nnx
       >>> from dynconv_jax.nnx import BatchNorm
@@ -219,8 +218,7 @@ class CondConv(DynamicConvBase):
         (the ``dropout`` stream of ``rngs``, or its default stream).
       external_routing: take the routing weights ``[B, K]`` from the caller.
 
-    Example:
-
+    Examples:
       >>> import jax.numpy as jnp
       >>> from flax import nnx
       >>> from dynconv_jax.nnx import CondConv
@@ -298,8 +296,7 @@ class DynamicConv(DynamicConvBase):
       bias_init: initializer of the ``[K, O]`` bias; None = PyTorch's U(±1/sqrt(fan_in)).
       reduction, min_channels: hidden width of the attention MLP.
 
-    Example:
-
+    Examples:
       >>> import jax.numpy as jnp
       >>> from flax import nnx
       >>> from dynconv_jax.nnx import DynamicConv
@@ -389,8 +386,7 @@ class ODConv(DynamicConvBase):
       attention_bn_init: initial scale (γ) of the attention normalisation; 0.1 by default, 1.0 is the
         official code's init (see the Linen :class:`dynconv_jax.ODConv` and docs/training.md).
 
-    Example:
-
+    Examples:
       >>> import jax.numpy as jnp
       >>> from flax import nnx
       >>> from dynconv_jax.nnx import ODConv

@@ -33,8 +33,7 @@ def static_conv(in_channels: int, out_channels: int, kernel_size: int, stride: i
                 groups: int = 1) -> nn.Conv2d:
     """A bias-free ``nn.Conv2d`` with the He (fan-out) normal init of torchvision and the official models.
 
-    Example:
-
+    Examples:
       >>> from dynconv_torch.models import static_conv
       >>> conv = static_conv(3, 64, 7, stride=2, padding=3)          # a ResNet stem
       >>> conv.bias is None, tuple(conv.weight.shape)
@@ -54,8 +53,7 @@ def make_conv(conv: str, in_channels: int, out_channels: int, kernel_size: int, 
     for CondConv, ``bias`` / ``min_channels`` for DynamicConv); ``reduction=None`` keeps the
     layer's default (1/16 for ODConv, 1/4 for DynamicConv).
 
-    Example:
-
+    Examples:
       >>> from dynconv_torch.models import make_conv
       >>> conv = make_conv("odconv", 16, 32, 3, padding=1, num_experts=4)
       >>> type(conv).__name__, tuple(conv.weight.shape)

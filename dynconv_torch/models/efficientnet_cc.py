@@ -199,8 +199,7 @@ class EfficientNetCondConv(nn.Module):
         channel_multiplier: EfficientNet width scaling (1.0 for all CondConv models).
         bn_eps: override the BatchNorm eps of the variant.
 
-    Example:
-
+    Examples:
       >>> import torch
       >>> from dynconv_torch.models import EfficientNetCondConv
       >>> model = EfficientNetCondConv(tf_port=True, num_classes=10).eval()  # B0, 4 experts, timm's names

@@ -65,8 +65,7 @@ class MobileNetV2(nn.Module):
       in_channels: input channels.
       conv_options: further keyword arguments for every dynamic layer.
 
-    Example:
-
+    Examples:
       >>> import torch
       >>> from dynconv_torch.models import MobileNetV2
       >>> model = MobileNetV2(width_mult=0.25, conv="dynamic", stem="cifar", num_classes=10)
@@ -105,8 +104,7 @@ class MobileNetV2(nn.Module):
 def mobilenet_v2(width_mult: float = 1.0, **kwargs) -> MobileNetV2:
     """MobileNetV2; keyword arguments as :class:`MobileNetV2` (conv, num_experts, num_classes, stem, ...).
 
-    Example:
-
+    Examples:
       >>> from dynconv_torch.models import mobilenet_v2
       >>> sum(p.numel() for p in mobilenet_v2().parameters())      # torchvision's MobileNetV2
       3504872
@@ -119,8 +117,7 @@ def od_mobilenetv2_050(**kwargs) -> MobileNetV2:
     """OSVAI/ODConv ``od_mobilenetv2_050(kernel_num=1, reduction=0.0625, **kwargs)``: MobileNetV2 ×0.5 with
     ODConv (:func:`dynconv_spec.registry.odconv_model_args`; ``kwargs`` as :class:`MobileNetV2`).
 
-    Example:
-
+    Examples:
       >>> from dynconv_torch.models import od_mobilenetv2_050
       >>> sum(p.numel() for p in od_mobilenetv2_050().parameters())            # kernel_num=1, as the official model
       2425537
@@ -132,8 +129,7 @@ def od_mobilenetv2_050(**kwargs) -> MobileNetV2:
 def od_mobilenetv2_075(**kwargs) -> MobileNetV2:
     """OSVAI/ODConv ``od_mobilenetv2_075``: MobileNetV2 ×0.75 with ODConv (arguments as :func:`od_mobilenetv2_050`).
 
-    Example:
-
+    Examples:
       >>> from dynconv_torch.models import od_mobilenetv2_075
       >>> sum(p.numel() for p in od_mobilenetv2_075().parameters())            # kernel_num=1, as the official model
       3507113
@@ -145,8 +141,7 @@ def od_mobilenetv2_075(**kwargs) -> MobileNetV2:
 def od_mobilenetv2_100(**kwargs) -> MobileNetV2:
     """OSVAI/ODConv ``od_mobilenetv2_100``: MobileNetV2 ×1.0 with ODConv (arguments as :func:`od_mobilenetv2_050`).
 
-    Example:
-
+    Examples:
       >>> from dynconv_torch.models import od_mobilenetv2_100
       >>> sum(p.numel() for p in od_mobilenetv2_100().parameters())            # kernel_num=1, as the official model
       4940185

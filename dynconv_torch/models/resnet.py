@@ -92,8 +92,7 @@ class ResNet(nn.Module):
       in_channels: input channels (3 for RGB).
       conv_options: further keyword arguments for every dynamic layer.
 
-    Example:
-
+    Examples:
       >>> import torch
       >>> from dynconv_torch.models import ResNet
       >>> model = ResNet(block="basic", layers=(1, 1, 1, 1), base_width=8, stem="cifar", conv="condconv", num_classes=10)
@@ -147,8 +146,7 @@ class ResNet(nn.Module):
 def resnet18(**kwargs) -> ResNet:
     """ResNet-18; keyword arguments as :class:`ResNet` (conv, num_experts, num_classes, stem, base_width, ...).
 
-    Example:
-
+    Examples:
       >>> from dynconv_torch.models import resnet18
       >>> model = resnet18()                                   # conv='static': torchvision's network
       >>> sum(p.numel() for p in model.parameters())
@@ -161,8 +159,7 @@ def resnet18(**kwargs) -> ResNet:
 def resnet34(**kwargs) -> ResNet:
     """ResNet-34; keyword arguments as :class:`ResNet`.
 
-    Example:
-
+    Examples:
       >>> from dynconv_torch.models import resnet34
       >>> model = resnet34()                                   # conv='static': torchvision's network
       >>> sum(p.numel() for p in model.parameters())
@@ -175,8 +172,7 @@ def resnet34(**kwargs) -> ResNet:
 def resnet50(**kwargs) -> ResNet:
     """ResNet-50; keyword arguments as :class:`ResNet`.
 
-    Example:
-
+    Examples:
       >>> from dynconv_torch.models import resnet50
       >>> model = resnet50()                                   # conv='static': torchvision's network
       >>> sum(p.numel() for p in model.parameters())
@@ -189,8 +185,7 @@ def resnet50(**kwargs) -> ResNet:
 def resnet101(**kwargs) -> ResNet:
     """ResNet-101; keyword arguments as :class:`ResNet`.
 
-    Example:
-
+    Examples:
       >>> from dynconv_torch.models import resnet101
       >>> model = resnet101()                                   # conv='static': torchvision's network
       >>> sum(p.numel() for p in model.parameters())
@@ -204,8 +199,7 @@ def od_resnet18(**kwargs) -> ResNet:
     """OSVAI/ODConv ``od_resnet18(kernel_num=1, reduction=0.0625, **kwargs)``: ResNet-18 with ODConv
     (:func:`dynconv_spec.registry.odconv_model_args`; ``kwargs`` as :class:`ResNet`).
 
-    Example:
-
+    Examples:
       >>> from dynconv_torch.models import od_resnet18
       >>> model = od_resnet18()                                   # kernel_num=1, reduction=1/16: the official 1x model
       >>> sum(p.numel() for p in model.parameters())         # the official definition's count
@@ -218,8 +212,7 @@ def od_resnet18(**kwargs) -> ResNet:
 def od_resnet34(**kwargs) -> ResNet:
     """OSVAI/ODConv ``od_resnet34``: ResNet-34 with ODConv (arguments as :func:`od_resnet18`).
 
-    Example:
-
+    Examples:
       >>> from dynconv_torch.models import od_resnet34
       >>> model = od_resnet34()                                   # kernel_num=1, reduction=1/16: the official 1x model
       >>> sum(p.numel() for p in model.parameters())         # the official definition's count
@@ -232,8 +225,7 @@ def od_resnet34(**kwargs) -> ResNet:
 def od_resnet50(**kwargs) -> ResNet:
     """OSVAI/ODConv ``od_resnet50``: ResNet-50 with ODConv (arguments as :func:`od_resnet18`).
 
-    Example:
-
+    Examples:
       >>> from dynconv_torch.models import od_resnet50
       >>> model = od_resnet50()                                   # kernel_num=1, reduction=1/16: the official 1x model
       >>> sum(p.numel() for p in model.parameters())         # the official definition's count
@@ -246,8 +238,7 @@ def od_resnet50(**kwargs) -> ResNet:
 def od_resnet101(**kwargs) -> ResNet:
     """OSVAI/ODConv ``od_resnet101``: ResNet-101 with ODConv (arguments as :func:`od_resnet18`).
 
-    Example:
-
+    Examples:
       >>> from dynconv_torch.models import od_resnet101
       >>> model = od_resnet101()                                   # kernel_num=1, reduction=1/16: the official 1x model
       >>> sum(p.numel() for p in model.parameters())         # the official definition's count

@@ -63,8 +63,7 @@ class MobileNetV2(nnx.Module):
     """MobileNetV2 with a selectable convolution type after the stem (arguments as the Linen
     :class:`dynconv_jax.models.MobileNetV2`), plus ``rngs``.
 
-    Example:
-
+    Examples:
       >>> from flax import nnx
       >>> from dynconv_jax.nnx.models import MobileNetV2
       >>> model = nnx.eval_shape(lambda: MobileNetV2(width_mult=0.25, stem="cifar", num_classes=10,
@@ -113,8 +112,7 @@ class MobileNetV2(nnx.Module):
 def mobilenet_v2(width_mult: float = 1.0, **kwargs) -> MobileNetV2:
     """MobileNetV2; keyword arguments as :class:`MobileNetV2` (``rngs`` required).
 
-    Example:
-
+    Examples:
       >>> from flax import nnx
       >>> from dynconv_jax.nnx.models import mobilenet_v2
       >>> model = nnx.eval_shape(lambda: mobilenet_v2(width_mult=0.5, num_classes=10, rngs=nnx.Rngs(0)))
@@ -129,8 +127,7 @@ def od_mobilenetv2_050(**kwargs) -> MobileNetV2:
     """OSVAI/ODConv ``od_mobilenetv2_050(kernel_num=1, reduction=0.0625, **kwargs)``: MobileNetV2 ×0.5 with
     ODConv (:func:`dynconv_spec.registry.odconv_model_args`; ``kwargs`` as :class:`MobileNetV2`).
 
-    Example:
-
+    Examples:
       >>> from flax import nnx
       >>> from dynconv_jax.nnx.models import od_mobilenetv2_050
       >>> model = nnx.eval_shape(lambda: od_mobilenetv2_050(kernel_num=4, rngs=nnx.Rngs(0)))    # shapes only
@@ -144,8 +141,7 @@ def od_mobilenetv2_050(**kwargs) -> MobileNetV2:
 def od_mobilenetv2_075(**kwargs) -> MobileNetV2:
     """OSVAI/ODConv ``od_mobilenetv2_075``: MobileNetV2 ×0.75 with ODConv (arguments as :func:`od_mobilenetv2_050`).
 
-    Example:
-
+    Examples:
       >>> from flax import nnx
       >>> from dynconv_jax.nnx.models import od_mobilenetv2_075
       >>> model = nnx.eval_shape(lambda: od_mobilenetv2_075(kernel_num=4, rngs=nnx.Rngs(0)))    # shapes only
@@ -159,8 +155,7 @@ def od_mobilenetv2_075(**kwargs) -> MobileNetV2:
 def od_mobilenetv2_100(**kwargs) -> MobileNetV2:
     """OSVAI/ODConv ``od_mobilenetv2_100``: MobileNetV2 ×1.0 with ODConv (arguments as :func:`od_mobilenetv2_050`).
 
-    Example:
-
+    Examples:
       >>> from flax import nnx
       >>> from dynconv_jax.nnx.models import od_mobilenetv2_100
       >>> model = nnx.eval_shape(lambda: od_mobilenetv2_100(kernel_num=4, rngs=nnx.Rngs(0)))    # shapes only

@@ -93,8 +93,7 @@ class ResNet(nnx.Module):
     """ResNet with a selectable convolution type in its blocks (arguments as the Linen
     :class:`dynconv_jax.models.ResNet`; see it for their meaning), plus ``rngs``.
 
-    Example:
-
+    Examples:
       >>> import jax.numpy as jnp
       >>> from flax import nnx
       >>> from dynconv_jax.nnx.models import ResNet
@@ -151,8 +150,7 @@ class ResNet(nnx.Module):
 def resnet18(**kwargs) -> ResNet:
     """ResNet-18; keyword arguments as :class:`ResNet` (``rngs`` required).
 
-    Example:
-
+    Examples:
       >>> from flax import nnx
       >>> from dynconv_jax.nnx.models import resnet18
       >>> model = nnx.eval_shape(lambda: resnet18(num_classes=10, rngs=nnx.Rngs(0)))   # shapes only
@@ -166,8 +164,7 @@ def resnet18(**kwargs) -> ResNet:
 def resnet34(**kwargs) -> ResNet:
     """ResNet-34; keyword arguments as :class:`ResNet`.
 
-    Example:
-
+    Examples:
       >>> from flax import nnx
       >>> from dynconv_jax.nnx.models import resnet34
       >>> model = nnx.eval_shape(lambda: resnet34(num_classes=10, rngs=nnx.Rngs(0)))   # shapes only
@@ -181,8 +178,7 @@ def resnet34(**kwargs) -> ResNet:
 def resnet50(**kwargs) -> ResNet:
     """ResNet-50; keyword arguments as :class:`ResNet`.
 
-    Example:
-
+    Examples:
       >>> from flax import nnx
       >>> from dynconv_jax.nnx.models import resnet50
       >>> model = nnx.eval_shape(lambda: resnet50(num_classes=10, rngs=nnx.Rngs(0)))   # shapes only
@@ -196,8 +192,7 @@ def resnet50(**kwargs) -> ResNet:
 def resnet101(**kwargs) -> ResNet:
     """ResNet-101; keyword arguments as :class:`ResNet`.
 
-    Example:
-
+    Examples:
       >>> from flax import nnx
       >>> from dynconv_jax.nnx.models import resnet101
       >>> model = nnx.eval_shape(lambda: resnet101(num_classes=10, rngs=nnx.Rngs(0)))   # shapes only
@@ -212,8 +207,7 @@ def od_resnet18(**kwargs) -> ResNet:
     """OSVAI/ODConv ``od_resnet18(kernel_num=1, reduction=0.0625, **kwargs)``: ResNet-18 with ODConv
     (:func:`dynconv_spec.registry.odconv_model_args`; ``kwargs`` as :class:`ResNet`).
 
-    Example:
-
+    Examples:
       >>> from flax import nnx
       >>> from dynconv_jax.nnx.models import od_resnet18
       >>> model = nnx.eval_shape(lambda: od_resnet18(kernel_num=4, rngs=nnx.Rngs(0)))    # shapes only
@@ -227,8 +221,7 @@ def od_resnet18(**kwargs) -> ResNet:
 def od_resnet34(**kwargs) -> ResNet:
     """OSVAI/ODConv ``od_resnet34``: ResNet-34 with ODConv (arguments as :func:`od_resnet18`).
 
-    Example:
-
+    Examples:
       >>> from flax import nnx
       >>> from dynconv_jax.nnx.models import od_resnet34
       >>> model = nnx.eval_shape(lambda: od_resnet34(kernel_num=4, rngs=nnx.Rngs(0)))    # shapes only
@@ -242,8 +235,7 @@ def od_resnet34(**kwargs) -> ResNet:
 def od_resnet50(**kwargs) -> ResNet:
     """OSVAI/ODConv ``od_resnet50``: ResNet-50 with ODConv (arguments as :func:`od_resnet18`).
 
-    Example:
-
+    Examples:
       >>> from flax import nnx
       >>> from dynconv_jax.nnx.models import od_resnet50
       >>> model = nnx.eval_shape(lambda: od_resnet50(kernel_num=4, rngs=nnx.Rngs(0)))    # shapes only
@@ -257,8 +249,7 @@ def od_resnet50(**kwargs) -> ResNet:
 def od_resnet101(**kwargs) -> ResNet:
     """OSVAI/ODConv ``od_resnet101``: ResNet-101 with ODConv (arguments as :func:`od_resnet18`).
 
-    Example:
-
+    Examples:
       >>> from flax import nnx
       >>> from dynconv_jax.nnx.models import od_resnet101
       >>> model = nnx.eval_shape(lambda: od_resnet101(kernel_num=4, rngs=nnx.Rngs(0)))    # shapes only
