@@ -580,21 +580,14 @@ def to_stablehlo(model: nn.Module, variables, input_shape: Sequence[Optional[int
 
     Examples:
       >>> import jax, jax.numpy as jnp
-      >>> from flax import linen as nn
-      >>> from dynconv_jax import BatchNorm, DynamicConv
-      >>> class Net(nn.Module):
-      ...     @nn.compact
-      ...     def __call__(self, x, train=False, temperature=None):
-      ...         x = DynamicConv(8, (3, 3), num_experts=2, name="conv")(x, train=train, temperature=temperature)
-      ...         x = BatchNorm(use_running_average=not train, name="bn")(x)
-      ...         return nn.Dense(10, name="fc")(x.mean((1, 2)))
-      >>> model = Net()
+      >>> from dynconv_jax import DynamicConv
+      >>> model = DynamicConv(features=10, kernel_size=(3, 3), num_experts=2)
       >>> variables = model.init(jax.random.key(0), jnp.zeros((1, 16, 16, 3)))
       >>> from dynconv_jax.export import to_stablehlo, load_stablehlo
       >>> blob = to_stablehlo(model, variables, (None, 16, 16, 3))                  # a symbolic batch
       >>> serve = load_stablehlo(blob)
       >>> serve(jnp.zeros((5, 16, 16, 3))).shape
-      (5, 10)
+      (5, 16, 16, 10)
     """
     shape = _check_serving_shape(input_shape, "to_stablehlo")
     variables = _linen_variables(model, variables, "to_stablehlo")
@@ -636,15 +629,8 @@ def load_stablehlo(blob: Union[bytes, bytearray, str, os.PathLike]) -> Callable[
 
     Examples:
       >>> import jax, jax.numpy as jnp
-      >>> from flax import linen as nn
-      >>> from dynconv_jax import BatchNorm, DynamicConv
-      >>> class Net(nn.Module):
-      ...     @nn.compact
-      ...     def __call__(self, x, train=False, temperature=None):
-      ...         x = DynamicConv(8, (3, 3), num_experts=2, name="conv")(x, train=train, temperature=temperature)
-      ...         x = BatchNorm(use_running_average=not train, name="bn")(x)
-      ...         return nn.Dense(10, name="fc")(x.mean((1, 2)))
-      >>> model = Net()
+      >>> from dynconv_jax import DynamicConv
+      >>> model = DynamicConv(features=10, kernel_size=(3, 3), num_experts=2)
       >>> variables = model.init(jax.random.key(0), jnp.zeros((1, 16, 16, 3)))
       >>> import os, tempfile
       >>> from dynconv_jax.export import to_stablehlo, load_stablehlo
@@ -652,7 +638,7 @@ def load_stablehlo(blob: Union[bytes, bytearray, str, os.PathLike]) -> Callable[
       >>> with open(path, "wb") as f:
       ...     _ = f.write(to_stablehlo(model, variables, (None, 16, 16, 3)))
       >>> load_stablehlo(path)(jnp.zeros((2, 16, 16, 3))).shape                    # no model code needed
-      (2, 10)
+      (2, 16, 16, 10)
     """
     source = "blob"
     if isinstance(blob, (str, os.PathLike)):

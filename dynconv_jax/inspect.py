@@ -164,19 +164,12 @@ def plot_kernel_attention(attentions: Attentions, path: str, *, ncols: int = 4) 
     (no routing) are left out. Returns ``path``.
 
     Examples:
-      >>> import jax, jax.numpy as jnp
-      >>> from flax import linen as nn
-      >>> from dynconv_jax import CondConv, ODConv
-      >>> class Net(nn.Module):
-      ...     @nn.compact
-      ...     def __call__(self, x, train=False, temperature=None):
-      ...         x = ODConv(8, (3, 3), num_experts=3, name="od")(x, train=train, temperature=temperature)
-      ...         return CondConv(8, (1, 1), num_experts=2, name="cc")(x, temperature=temperature)
-      >>> x = jax.random.normal(jax.random.key(0), (4, 8, 8, 4))
-      >>> variables = Net().init(jax.random.key(1), x)
       >>> import os, tempfile
-      >>> from dynconv_jax.inspect import collect_attentions
-      >>> attentions = collect_attentions(Net(), variables, x)
+      >>> import numpy as np
+      >>> rng = np.random.default_rng(0)
+      >>> odconv = {"kernel_attention": rng.dirichlet(np.ones(4), 8), "channel_attention": rng.random((8, 16)),
+      ...           "filter_attention": rng.random((8, 32)), "spatial_attention": rng.random((8, 3, 3))}  # [B, ...]
+      >>> attentions = {"layer1_0/conv1": odconv, "layer1_0/conv2": {"kernel_attention": rng.random((8, 4))}}
       >>> out = tempfile.mkdtemp()
       >>> from dynconv_jax.inspect import plot_kernel_attention
       >>> os.path.basename(plot_kernel_attention(attentions, os.path.join(out, "kernel_attention.png")))
@@ -208,19 +201,12 @@ def plot_routing_entropy(attentions: Attentions, path: str) -> str:
     1 = uniform over the experts, 0 = one expert. Returns ``path``.
 
     Examples:
-      >>> import jax, jax.numpy as jnp
-      >>> from flax import linen as nn
-      >>> from dynconv_jax import CondConv, ODConv
-      >>> class Net(nn.Module):
-      ...     @nn.compact
-      ...     def __call__(self, x, train=False, temperature=None):
-      ...         x = ODConv(8, (3, 3), num_experts=3, name="od")(x, train=train, temperature=temperature)
-      ...         return CondConv(8, (1, 1), num_experts=2, name="cc")(x, temperature=temperature)
-      >>> x = jax.random.normal(jax.random.key(0), (4, 8, 8, 4))
-      >>> variables = Net().init(jax.random.key(1), x)
       >>> import os, tempfile
-      >>> from dynconv_jax.inspect import collect_attentions
-      >>> attentions = collect_attentions(Net(), variables, x)
+      >>> import numpy as np
+      >>> rng = np.random.default_rng(0)
+      >>> odconv = {"kernel_attention": rng.dirichlet(np.ones(4), 8), "channel_attention": rng.random((8, 16)),
+      ...           "filter_attention": rng.random((8, 32)), "spatial_attention": rng.random((8, 3, 3))}  # [B, ...]
+      >>> attentions = {"layer1_0/conv1": odconv, "layer1_0/conv2": {"kernel_attention": rng.random((8, 4))}}
       >>> out = tempfile.mkdtemp()
       >>> from dynconv_jax.inspect import plot_routing_entropy
       >>> os.path.basename(plot_routing_entropy(attentions, os.path.join(out, "routing_entropy.png")))
@@ -250,23 +236,16 @@ def plot_odconv_attentions(layer: Mapping[str, np.ndarray], path: str, *, title:
     Returns ``path``.
 
     Examples:
-      >>> import jax, jax.numpy as jnp
-      >>> from flax import linen as nn
-      >>> from dynconv_jax import CondConv, ODConv
-      >>> class Net(nn.Module):
-      ...     @nn.compact
-      ...     def __call__(self, x, train=False, temperature=None):
-      ...         x = ODConv(8, (3, 3), num_experts=3, name="od")(x, train=train, temperature=temperature)
-      ...         return CondConv(8, (1, 1), num_experts=2, name="cc")(x, temperature=temperature)
-      >>> x = jax.random.normal(jax.random.key(0), (4, 8, 8, 4))
-      >>> variables = Net().init(jax.random.key(1), x)
       >>> import os, tempfile
-      >>> from dynconv_jax.inspect import collect_attentions
-      >>> attentions = collect_attentions(Net(), variables, x)
+      >>> import numpy as np
+      >>> rng = np.random.default_rng(0)
+      >>> odconv = {"kernel_attention": rng.dirichlet(np.ones(4), 8), "channel_attention": rng.random((8, 16)),
+      ...           "filter_attention": rng.random((8, 32)), "spatial_attention": rng.random((8, 3, 3))}  # [B, ...]
+      >>> attentions = {"layer1_0/conv1": odconv, "layer1_0/conv2": {"kernel_attention": rng.random((8, 4))}}
       >>> out = tempfile.mkdtemp()
       >>> from dynconv_jax.inspect import plot_odconv_attentions
-      >>> os.path.basename(plot_odconv_attentions(attentions['od'], os.path.join(out, "od.png"), title="od"))
-      'od.png'
+      >>> os.path.basename(plot_odconv_attentions(odconv, os.path.join(out, "odconv.png"), title="layer1_0/conv1"))
+      'odconv.png'
     """
     fig = _figure(11.0, 7.5)
     (ax_c, ax_f), (ax_s, ax_k) = fig.subplots(2, 2)
@@ -333,23 +312,16 @@ def plot_all(attentions: Attentions, out_dir: str) -> List[str]:
     ``odconv_<layer>.png`` for each ODConv layer (one with a channel attention).
 
     Examples:
-      >>> import jax, jax.numpy as jnp
-      >>> from flax import linen as nn
-      >>> from dynconv_jax import CondConv, ODConv
-      >>> class Net(nn.Module):
-      ...     @nn.compact
-      ...     def __call__(self, x, train=False, temperature=None):
-      ...         x = ODConv(8, (3, 3), num_experts=3, name="od")(x, train=train, temperature=temperature)
-      ...         return CondConv(8, (1, 1), num_experts=2, name="cc")(x, temperature=temperature)
-      >>> x = jax.random.normal(jax.random.key(0), (4, 8, 8, 4))
-      >>> variables = Net().init(jax.random.key(1), x)
       >>> import os, tempfile
-      >>> from dynconv_jax.inspect import collect_attentions
-      >>> attentions = collect_attentions(Net(), variables, x)
+      >>> import numpy as np
+      >>> rng = np.random.default_rng(0)
+      >>> odconv = {"kernel_attention": rng.dirichlet(np.ones(4), 8), "channel_attention": rng.random((8, 16)),
+      ...           "filter_attention": rng.random((8, 32)), "spatial_attention": rng.random((8, 3, 3))}  # [B, ...]
+      >>> attentions = {"layer1_0/conv1": odconv, "layer1_0/conv2": {"kernel_attention": rng.random((8, 4))}}
       >>> out = tempfile.mkdtemp()
       >>> from dynconv_jax.inspect import plot_all
       >>> sorted(os.path.basename(path) for path in plot_all(attentions, out))
-      ['kernel_attention.png', 'odconv_od.png', 'routing_entropy.png']
+      ['kernel_attention.png', 'odconv_layer1_0_conv1.png', 'routing_entropy.png']
     """
     paths = []
     if any(att["kernel_attention"].shape[1] >= 2 for att in attentions.values()):
