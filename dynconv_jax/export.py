@@ -54,7 +54,19 @@ from dynconv_jax.inspect import ATTENTION_NAMES
 
 
 class StaticExport(NamedTuple):
-    """A plain conv and its variables: ``module.apply(variables, x)``."""
+    """A plain conv and its variables: ``module.apply(variables, x)``.
+
+    Examples:
+      >>> import jax, jax.numpy as jnp
+      >>> from dynconv_jax import ODConv
+      >>> layer = ODConv(features=8, kernel_size=(3, 3), num_experts=3)
+      >>> x = jax.random.normal(jax.random.key(0), (1, 8, 8, 4))
+      >>> variables = layer.init(jax.random.key(1), x)
+      >>> from dynconv_jax.export import StaticExport, export_static
+      >>> exported = export_static(layer, variables, x)
+      >>> isinstance(exported, StaticExport), type(exported.module).__name__, sorted(exported.variables['params'])
+      (True, 'Conv', ['kernel'])
+    """
 
     module: nn.Conv
     variables: Dict[str, Any]
@@ -67,6 +79,17 @@ class AverageExport(NamedTuple):
     calibration set (maxima over every sample, position and channel).
     ``attentions`` are the averaged attentions that were folded (``reduce='attention'``)
     or None (``reduce='kernel'``).
+
+    Examples:
+      >>> import jax, jax.numpy as jnp
+      >>> from dynconv_jax import ODConv
+      >>> layer = ODConv(features=8, kernel_size=(3, 3), num_experts=3)
+      >>> x = jax.random.normal(jax.random.key(0), (1, 8, 8, 4))
+      >>> variables = layer.init(jax.random.key(1), x)
+      >>> from dynconv_jax.export import AverageExport, export_average
+      >>> result = export_average(layer, variables, jax.random.normal(jax.random.key(2), (16, 8, 8, 4)))
+      >>> isinstance(result, AverageExport), result.module.apply(result.variables, x).shape
+      (True, (1, 8, 8, 8))
     """
 
     module: nn.Conv
@@ -92,6 +115,17 @@ def layer_attentions(intermediates: Mapping[str, Any]) -> Dict[str, jax.Array]:
     ``layer.apply(..., mutable=['intermediates'])``): leaves are tuples of sown values.
     Returns ``{name: array [B, ...]}`` for the names in :data:`ATTENTION_NAMES` that are
     present (skipped ODConv attentions are absent and mean the constant 1).
+
+    Examples:
+      >>> import jax, jax.numpy as jnp
+      >>> from dynconv_jax import ODConv
+      >>> layer = ODConv(features=8, kernel_size=(3, 3), num_experts=3)
+      >>> x = jax.random.normal(jax.random.key(0), (1, 8, 8, 4))
+      >>> variables = layer.init(jax.random.key(1), x)
+      >>> from dynconv_jax.export import layer_attentions
+      >>> _, state = layer.apply(variables, x, mutable=['intermediates'])
+      >>> sorted((name, a.shape) for name, a in layer_attentions(state['intermediates']).items())
+      [('channel_attention', (1, 4)), ('filter_attention', (1, 8)), ('kernel_attention', (1, 3)), ('spatial_attention', (1, 3, 3))]
     """
     out = {}
     for name in ATTENTION_NAMES:
@@ -121,6 +155,14 @@ def fold_attentions(experts, attentions: Mapping[str, jax.Array], *, groups: int
       expert_bias: ``[K, Cout]`` or None.
 
     Returns ``(kernel [*k, Cin/g, Cout], bias [Cout] or None)``.
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> from dynconv_jax.export import fold_attentions
+      >>> experts = jnp.stack([jnp.ones((1, 1, 2, 2)), 3 * jnp.ones((1, 1, 2, 2))])    # [K, *k, Cin, Cout]
+      >>> kernel, bias = fold_attentions(experts, {"kernel_attention": jnp.array([0.5, 0.5])})
+      >>> kernel.shape, float(kernel[0, 0, 0, 0]), bias
+      ((1, 1, 2, 2), 2.0, None)
     """
     a = attentions["kernel_attention"]
 
@@ -187,6 +229,18 @@ def export_static(module, variables, x, *, temperature: Optional[float] = None, 
       routing_weights: ``[1, K]`` for a CondConv with ``external_routing``.
 
     Returns a :class:`StaticExport` ``(module, variables)``.
+
+    Examples:
+      >>> import jax, jax.numpy as jnp
+      >>> from dynconv_jax import ODConv
+      >>> layer = ODConv(features=8, kernel_size=(3, 3), num_experts=3)
+      >>> x = jax.random.normal(jax.random.key(0), (1, 8, 8, 4))
+      >>> variables = layer.init(jax.random.key(1), x)
+      >>> from dynconv_jax.export import export_static
+      >>> conv, conv_variables = export_static(layer, variables, x)          # a plain flax nn.Conv
+      >>> y = conv.apply(conv_variables, x)
+      >>> float(jnp.abs(y - layer.apply(variables, x)).max()) < 1e-5         # exact for this input
+      True
     """
     _check_layer(module)
     experts = variables["params"]["kernel"]
@@ -225,7 +279,9 @@ def export_average(module, variables, calibration_x, *, reduce: str = "attention
     on inputs unlike the calibration set.
 
     Args:
-      module, variables, temperature: as for :func:`export_static`.
+      module: as for :func:`export_static`.
+      variables: as for :func:`export_static`.
+      temperature: as for :func:`export_static`.
       calibration_x: ``[N, *S, Cin]``.
       reduce: ``'attention'`` or ``'kernel'``.
       batch_size: calibration samples per forward pass (``reduce='kernel'`` holds
@@ -233,6 +289,18 @@ def export_average(module, variables, calibration_x, *, reduce: str = "attention
       routing_weights: ``[N, K]`` for a CondConv with ``external_routing``.
 
     Returns an :class:`AverageExport` ``(module, variables, relative_error, attentions)``.
+
+    Examples:
+      >>> import jax, jax.numpy as jnp
+      >>> from dynconv_jax import ODConv
+      >>> layer = ODConv(features=8, kernel_size=(3, 3), num_experts=3)
+      >>> x = jax.random.normal(jax.random.key(0), (1, 8, 8, 4))
+      >>> variables = layer.init(jax.random.key(1), x)
+      >>> from dynconv_jax.export import export_average
+      >>> calibration = jax.random.normal(jax.random.key(2), (16, 8, 8, 4))
+      >>> result = export_average(layer, variables, calibration, reduce="attention")
+      >>> result.relative_error > 0, result.attentions['kernel_attention'].shape    # an approximation; its error
+      (True, (3,))
     """
     _check_layer(module)
     if reduce not in ("attention", "kernel"):
@@ -314,6 +382,22 @@ def conv_batchnorm_pairs(model: nn.Module, variables, input_shape: Optional[Sequ
     and matching the array each BatchNorm call receives with the array a conv call returned
     (``flax.linen.Conv``, CondConv, DynamicConv or ODConv). A conv whose output also feeds
     another module is left alone. Paths are module scope paths (``('layer1_0', 'conv1')``).
+
+    Examples:
+      >>> import jax, jax.numpy as jnp
+      >>> from flax import linen as nn
+      >>> from dynconv_jax import BatchNorm, DynamicConv
+      >>> class Net(nn.Module):
+      ...     @nn.compact
+      ...     def __call__(self, x, train=False, temperature=None):
+      ...         x = DynamicConv(8, (3, 3), num_experts=2, name="conv")(x, train=train, temperature=temperature)
+      ...         x = BatchNorm(use_running_average=not train, name="bn")(x)
+      ...         return nn.Dense(10, name="fc")(x.mean((1, 2)))
+      >>> model = Net()
+      >>> variables = model.init(jax.random.key(0), jnp.zeros((1, 16, 16, 3)))
+      >>> from dynconv_jax.export import conv_batchnorm_pairs
+      >>> conv_batchnorm_pairs(model, variables, (1, 16, 16, 3))
+      ((('conv',), ('bn',), 1e-05),)
     """
     convs, norms = _conv_types(), _norm_types()
     calls = []  # (module, its input, its output), in call order; the arrays kept alive for `is`
@@ -376,6 +460,24 @@ def fuse_batchnorm(model: nn.Module, variables, input_shape: Optional[Sequence[i
       input_shape: an input shape to trace the model with (default ``(1, 32, 32, model.in_channels)``).
 
     Returns the fused variables (a new tree; ``variables`` is not modified).
+
+    Examples:
+      >>> import jax, jax.numpy as jnp
+      >>> from flax import linen as nn
+      >>> from dynconv_jax import BatchNorm, DynamicConv
+      >>> class Net(nn.Module):
+      ...     @nn.compact
+      ...     def __call__(self, x, train=False, temperature=None):
+      ...         x = DynamicConv(8, (3, 3), num_experts=2, name="conv")(x, train=train, temperature=temperature)
+      ...         x = BatchNorm(use_running_average=not train, name="bn")(x)
+      ...         return nn.Dense(10, name="fc")(x.mean((1, 2)))
+      >>> model = Net()
+      >>> variables = model.init(jax.random.key(0), jnp.zeros((1, 16, 16, 3)))
+      >>> from dynconv_jax.export import fuse_batchnorm
+      >>> x = jax.random.normal(jax.random.key(1), (2, 16, 16, 3))
+      >>> fused = fuse_batchnorm(model, variables, (1, 16, 16, 3))                   # same model, new variables
+      >>> bool(jnp.allclose(model.apply(fused, x), model.apply(variables, x), atol=1e-5))
+      True
     """
     variables = _linen_variables(model, variables, "fuse_batchnorm")
     if "params" not in variables:
@@ -475,6 +577,17 @@ def to_stablehlo(model: nn.Module, variables, input_shape: Sequence[Optional[int
       platforms: lowering platforms, e.g. ``('cpu', 'cuda')`` (default: the current backend).
 
     Returns the serialised module (bytes: a header and a checksum, then ``jax.export``'s payload).
+
+    Examples:
+      >>> import jax, jax.numpy as jnp
+      >>> from dynconv_jax import DynamicConv
+      >>> model = DynamicConv(features=10, kernel_size=(3, 3), num_experts=2)
+      >>> variables = model.init(jax.random.key(0), jnp.zeros((1, 16, 16, 3)))
+      >>> from dynconv_jax.export import to_stablehlo, load_stablehlo
+      >>> blob = to_stablehlo(model, variables, (None, 16, 16, 3))                  # a symbolic batch
+      >>> serve = load_stablehlo(blob)
+      >>> serve(jnp.zeros((5, 16, 16, 3))).shape
+      (5, 16, 16, 10)
     """
     shape = _check_serving_shape(input_shape, "to_stablehlo")
     variables = _linen_variables(model, variables, "to_stablehlo")
@@ -513,6 +626,19 @@ def load_stablehlo(blob: Union[bytes, bytearray, str, os.PathLike]) -> Callable[
     Needs neither the model's code nor its variables (they are in the module). Raises
     ValueError for a file or bytes that are not such an export or whose checksum does not
     match (corrupted).
+
+    Examples:
+      >>> import jax, jax.numpy as jnp
+      >>> from dynconv_jax import DynamicConv
+      >>> model = DynamicConv(features=10, kernel_size=(3, 3), num_experts=2)
+      >>> variables = model.init(jax.random.key(0), jnp.zeros((1, 16, 16, 3)))
+      >>> import os, tempfile
+      >>> from dynconv_jax.export import to_stablehlo, load_stablehlo
+      >>> path = os.path.join(tempfile.mkdtemp(), "model.stablehlo")
+      >>> with open(path, "wb") as f:
+      ...     _ = f.write(to_stablehlo(model, variables, (None, 16, 16, 3)))
+      >>> load_stablehlo(path)(jnp.zeros((2, 16, 16, 3))).shape                    # no model code needed
+      (2, 16, 16, 10)
     """
     source = "blob"
     if isinstance(blob, (str, os.PathLike)):

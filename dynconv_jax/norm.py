@@ -172,6 +172,16 @@ class BatchNorm(nn.Module):
       dtype: output dtype (default: promoted from input and params). Statistics are
         computed in at least float32 (float64 inputs stay float64).
       param_dtype: dtype of ``scale``/``bias`` and of the running statistics.
+
+    Examples:
+      >>> import jax, jax.numpy as jnp
+      >>> from dynconv_jax import BatchNorm
+      >>> bn = BatchNorm(use_running_average=False)
+      >>> x = jnp.arange(8.0).reshape(4, 2)
+      >>> variables = bn.init(jax.random.key(0), x)
+      >>> y, updates = bn.apply(variables, x, mutable=['batch_stats'])
+      >>> updates['batch_stats']['var']          # 0.9 * 1 + 0.1 * the unbiased batch variance, as PyTorch
+      Array([1.5666666, 1.5666666], dtype=float32)
     """
 
     use_running_average: Optional[bool] = None

@@ -58,6 +58,16 @@ class AverageExport(NamedTuple):
     ``relative_error`` is ``max|y_static - y_dynamic| / max|y_dynamic|`` over the whole
     calibration set. ``attentions`` are the averaged attentions that were folded
     (``reduce='attention'``) or None (``reduce='kernel'``).
+
+    Examples:
+      >>> import torch
+      >>> from dynconv_torch import ODConv2d
+      >>> layer = ODConv2d(4, 8, 3, padding=1, kernel_num=3).eval()
+      >>> x = torch.randn(1, 4, 8, 8)
+      >>> from dynconv_torch.export import AverageExport, export_average
+      >>> result = export_average(layer, torch.randn(16, 4, 8, 8), reduce="kernel")
+      >>> isinstance(result, AverageExport), result.attentions is None
+      (True, True)
     """
 
     module: nn.Conv2d
@@ -75,7 +85,15 @@ def _check_layer(layer: nn.Module, what: str) -> None:
 
 
 def experts_oihw(layer: nn.Module) -> Tensor:
-    """The expert kernels as ``[K, O, I/g, kh, kw]`` (CondConv2d stores them flattened, timm layout)."""
+    """The expert kernels as ``[K, O, I/g, kh, kw]`` (CondConv2d stores them flattened, timm layout).
+
+    Examples:
+      >>> from dynconv_torch import CondConv2d
+      >>> from dynconv_torch.export import experts_oihw
+      >>> layer = CondConv2d(4, 8, 3, num_experts=3)
+      >>> tuple(layer.weight.shape), tuple(experts_oihw(layer).shape)      # timm's flat layout, unflattened
+      ((3, 288), (3, 8, 4, 3, 3))
+    """
     if isinstance(layer, CondConv2d):
         return layer.weight.view((layer.num_experts,) + layer.weight_shape)
     return layer.weight
@@ -88,6 +106,17 @@ def fold_attentions(experts: Tensor, attentions: Dict[str, Tensor], groups: int,
     returns them): ``kernel_attention [B, K]`` and optionally ``spatial_attention [B, kh, kw]``,
     ``channel_attention [B, I]``, ``filter_attention [B, O]``; expert_bias: ``[K, O]`` or None.
     Returns ``(weight [B, O, I/g, kh, kw], bias [B, O] or None)``.
+
+    Examples:
+      >>> import torch
+      >>> from dynconv_torch import ODConv2d
+      >>> layer = ODConv2d(4, 8, 3, padding=1, kernel_num=3).eval()
+      >>> x = torch.randn(1, 4, 8, 8)
+      >>> from dynconv_torch.export import experts_oihw, fold_attentions
+      >>> with torch.no_grad():
+      ...     kernels, biases = fold_attentions(experts_oihw(layer), layer.attentions(x), groups=1, expert_bias=None)
+      >>> tuple(kernels.shape), biases                                   # one folded kernel per sample
+      ((1, 8, 4, 3, 3), None)
     """
     a = attentions["kernel_attention"].to(experts.dtype)
     weight = aggregate_experts(a, experts)  # [B, O, I/g, kh, kw]
@@ -148,6 +177,16 @@ def export_static(layer: nn.Module, x: Tensor, routing_weights: Optional[Tensor]
 
     x: ``[1, I, H, W]`` or ``[I, H, W]``; routing_weights: ``[1, K]`` for a CondConv2d with
     ``external_routing``.
+
+    Examples:
+      >>> import torch
+      >>> from dynconv_torch import ODConv2d
+      >>> layer = ODConv2d(4, 8, 3, padding=1, kernel_num=3).eval()
+      >>> x = torch.randn(1, 4, 8, 8)
+      >>> from dynconv_torch.export import export_static
+      >>> conv = export_static(layer, x)                                  # a plain nn.Conv2d
+      >>> type(conv).__name__, torch.allclose(conv(x), layer(x), atol=1e-5)
+      ('Conv2d', True)
     """
     _check_layer(layer, "export_static")
     if x.dim() == 3:
@@ -174,6 +213,16 @@ def export_average(layer: nn.Module, calibration_x: Tensor, *, reduce: str = "at
 
     calibration_x: ``[N, I, H, W]``; routing_weights: ``[N, K]`` with ``external_routing``.
     ``reduce='kernel'`` holds ``batch_size`` folded kernels in memory at once.
+
+    Examples:
+      >>> import torch
+      >>> from dynconv_torch import ODConv2d
+      >>> layer = ODConv2d(4, 8, 3, padding=1, kernel_num=3).eval()
+      >>> x = torch.randn(1, 4, 8, 8)
+      >>> from dynconv_torch.export import export_average
+      >>> result = export_average(layer, torch.randn(16, 4, 8, 8))
+      >>> type(result.module).__name__, result.relative_error > 0      # an approximation, with its measured error
+      ('Conv2d', True)
     """
     _check_layer(layer, "export_average")
     if reduce not in ("attention", "kernel"):
@@ -222,7 +271,14 @@ def export_average(layer: nn.Module, calibration_x: Tensor, *, reduce: str = "at
 
 # --------------------------------------------------------------------------- BatchNorm folding
 class ChannelBias(nn.Module):
-    """``x + bias[None, :, None, None]``: what is left of a BatchNorm folded into a conv without a bias slot."""
+    """``x + bias[None, :, None, None]``: what is left of a BatchNorm folded into a conv without a bias slot.
+
+    Examples:
+      >>> import torch
+      >>> from dynconv_torch.export import ChannelBias
+      >>> ChannelBias(torch.tensor([1.0, -1.0]))(torch.zeros(1, 2, 1, 1)).flatten()
+      tensor([ 1., -1.])
+    """
 
     def __init__(self, bias: Tensor):
         super().__init__()
@@ -251,6 +307,14 @@ def conv_batchnorm_pairs(model: nn.Module) -> Tuple[Tuple[str, str], ...]:
 
     Found by ``torch.fx`` symbolic tracing with convs (``nn.Conv2d`` and the dynamic layers,
     subclasses included) and BatchNorms kept as leaves; a model fx cannot trace raises.
+
+    Examples:
+      >>> import torch
+      >>> from dynconv_torch.models import resnet18
+      >>> model = resnet18(conv="odconv", num_experts=2, stem="cifar", base_width=4, num_classes=10).eval()
+      >>> from dynconv_torch.export import conv_batchnorm_pairs
+      >>> conv_batchnorm_pairs(model)[:2]
+      (('conv1', 'bn1'), ('layer1.0.conv1', 'layer1.0.bn1'))
     """
     if isinstance(model, (nn.Conv2d, nn.BatchNorm2d) + DYNAMIC_LAYERS):
         return ()
@@ -285,6 +349,16 @@ def fuse_bn(model: nn.Module) -> nn.Module:
     computes the same function as ``model`` up to float rounding (≤ 1e-12 relative in
     float64, tested for the three layers, ResNet, MobileNetV2 and EfficientNet-CondConv); the
     BatchNorms become ``nn.Identity`` or :class:`ChannelBias`. ``model`` is not modified.
+
+    Examples:
+      >>> import torch
+      >>> from dynconv_torch.models import resnet18
+      >>> model = resnet18(conv="odconv", num_experts=2, stem="cifar", base_width=4, num_classes=10).eval()
+      >>> from dynconv_torch.export import fuse_bn
+      >>> x = torch.randn(2, 3, 16, 16)
+      >>> fused = fuse_bn(model)                                        # a copy; model untouched
+      >>> torch.allclose(fused(x), model(x), atol=1e-5)
+      True
     """
     _check_eval(model, "fuse_bn")
     fused = copy.deepcopy(model)
@@ -358,6 +432,14 @@ def batched_conv2d(x: Tensor, weight: Tensor, bias: Optional[Tensor], stride, di
     depthwise conv): no operator's attributes depend on the batch size, unlike the
     folded-batch grouped conv of :func:`dynconv_torch.functional.per_sample_conv2d`.
     bias: ``[B, O]`` or None. Returns ``[B, O, H', W']``.
+
+    Examples:
+      >>> import torch
+      >>> from dynconv_torch.export import batched_conv2d
+      >>> x = torch.ones(2, 1, 3, 3)
+      >>> weight = torch.stack([torch.ones(1, 1, 3, 3), 2 * torch.ones(1, 1, 3, 3)])   # [B, O, I, kh, kw]
+      >>> batched_conv2d(x, weight, None, stride=(1, 1), dilation=(1, 1), groups=1).flatten()
+      tensor([ 9., 18.])
     """
     out_channels, in_per_group, kh, kw = weight.shape[1:]
     patches, out_h, out_w = _patches(x, (kh, kw), stride, dilation)  # [B, I, T, L]
@@ -387,6 +469,16 @@ class PortableDynamicConv(nn.Module):
       spatial attention (ODConv with a kernel larger than 1x1): such a layer uses 'matmul'.
 
     ``forward(x, routing_weights=None)`` takes the layer's arguments.
+
+    Examples:
+      >>> import torch
+      >>> from dynconv_torch import ODConv2d
+      >>> layer = ODConv2d(4, 8, 3, padding=1, kernel_num=3).eval()
+      >>> x = torch.randn(1, 4, 8, 8)
+      >>> from dynconv_torch.export import PortableDynamicConv
+      >>> portable_layer = PortableDynamicConv(layer)                  # batch-independent operations only
+      >>> torch.allclose(portable_layer(x), layer(x), atol=1e-5)
+      True
     """
 
     def __init__(self, layer: nn.Module, formulation: str = "matmul"):
@@ -438,7 +530,17 @@ class PortableDynamicConv(nn.Module):
 
 
 def portable(model: nn.Module, formulation: str = "matmul") -> nn.Module:
-    """A copy of ``model`` with every dynamic layer wrapped in :class:`PortableDynamicConv` (same function)."""
+    """A copy of ``model`` with every dynamic layer wrapped in :class:`PortableDynamicConv` (same function).
+
+    Examples:
+      >>> import torch
+      >>> from dynconv_torch.models import resnet18
+      >>> model = resnet18(conv="odconv", num_experts=2, stem="cifar", base_width=4, num_classes=10).eval()
+      >>> from dynconv_torch.export import portable
+      >>> x = torch.randn(2, 3, 16, 16)
+      >>> torch.allclose(portable(model)(x), model(x), atol=1e-5)
+      True
+    """
     if isinstance(model, DYNAMIC_LAYERS):
         return PortableDynamicConv(copy.deepcopy(model), formulation)
     out = copy.deepcopy(model)
@@ -481,6 +583,17 @@ def to_onnx(model: nn.Module, path: Union[str, os.PathLike], input_shape: Sequen
       formulation: 'matmul' or 'experts' (see :class:`PortableDynamicConv`).
 
     Returns the path written. Needs ``onnx`` (``pip install 'dynconv[export]'``).
+
+    Examples:
+      >>> import torch
+      >>> from dynconv_torch import ODConv2d
+      >>> layer = ODConv2d(4, 8, 3, padding=1, kernel_num=3).eval()
+      >>> x = torch.randn(1, 4, 8, 8)
+      >>> import os, tempfile
+      >>> from dynconv_torch.export import to_onnx, check_onnx
+      >>> path = to_onnx(layer, os.path.join(tempfile.mkdtemp(), "layer.onnx"), (None, 4, 8, 8))
+      >>> check_onnx(layer, path, torch.randn(3, 4, 8, 8)) < 1e-5     # any batch size
+      True
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"to_onnx: expected a torch.nn.Module, got {type(model).__name__}")
@@ -511,7 +624,19 @@ def to_onnx(model: nn.Module, path: Union[str, os.PathLike], input_shape: Sequen
 
 
 def onnx_session(path: Union[str, os.PathLike], threads: Optional[int] = None):
-    """An ``onnxruntime.InferenceSession`` on CPU for ``path``; a ValueError names a file that is not a valid model."""
+    """An ``onnxruntime.InferenceSession`` on CPU for ``path``; a ValueError names a file that is not a valid model.
+
+    Examples:
+      >>> import torch
+      >>> from dynconv_torch import ODConv2d
+      >>> layer = ODConv2d(4, 8, 3, padding=1, kernel_num=3).eval()
+      >>> x = torch.randn(1, 4, 8, 8)
+      >>> import os, tempfile
+      >>> from dynconv_torch.export import to_onnx, onnx_session
+      >>> session = onnx_session(to_onnx(layer, os.path.join(tempfile.mkdtemp(), "layer.onnx"), (None, 4, 8, 8)))
+      >>> session.run(None, {"input": x.numpy()})[0].shape
+      (1, 8, 8, 8)
+    """
     import onnxruntime as ort
 
     path = os.fspath(path)
@@ -530,7 +655,19 @@ def onnx_session(path: Union[str, os.PathLike], threads: Optional[int] = None):
 
 @torch.no_grad()
 def check_onnx(model: nn.Module, path: Union[str, os.PathLike], x: Tensor, session=None) -> float:
-    """``max|onnxruntime(x) - model(x)| / max|model(x)|`` for the eval-mode ``model`` and its export at ``path``."""
+    """``max|onnxruntime(x) - model(x)| / max|model(x)|`` for the eval-mode ``model`` and its export at ``path``.
+
+    Examples:
+      >>> import torch
+      >>> from dynconv_torch import ODConv2d
+      >>> layer = ODConv2d(4, 8, 3, padding=1, kernel_num=3).eval()
+      >>> x = torch.randn(1, 4, 8, 8)
+      >>> import os, tempfile
+      >>> from dynconv_torch.export import to_onnx, check_onnx
+      >>> path = to_onnx(layer, os.path.join(tempfile.mkdtemp(), "layer.onnx"), (2, 4, 8, 8))   # a fixed batch of 2
+      >>> check_onnx(layer, path, torch.randn(2, 4, 8, 8)) < 1e-5          # max|ORT - eager| / max|eager|
+      True
+    """
     session = session or onnx_session(path)
     expected = model(x.float()).numpy()
     actual = session.run(None, {session.get_inputs()[0].name: x.float().numpy()})[0]

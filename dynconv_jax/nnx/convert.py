@@ -55,6 +55,13 @@ def linen_variables(model_or_state) -> Dict[str, Dict[str, Any]]:
 
     ``batch_stats`` is ``{}`` for a model without BatchNorm. Other variable types (RNG state,
     intermediates) are left out, as Linen keeps them out of these collections.
+
+    Examples:
+      >>> from flax import nnx
+      >>> from dynconv_jax.nnx import ODConv, linen_variables
+      >>> variables = linen_variables(ODConv(4, 8, (3, 3), num_experts=2, rngs=nnx.Rngs(0)))
+      >>> sorted(variables), variables['params']['kernel'].shape      # the Linen layer's tree
+      (['batch_stats', 'params'], (2, 3, 3, 4, 8))
     """
     return _nest({key: var.get_value() for key, var in _flat(model_or_state, "linen_variables").items()})
 
@@ -66,6 +73,16 @@ def load_linen_variables(model: nnx.Module, variables: Mapping[str, Any]) -> nnx
     Every parameter and batch statistic of the model must be given with its shape, nothing else
     (a ``ValueError`` lists each missing, unexpected and mis-shaped path); values take the model's
     dtypes. Collections other than ``params``/``batch_stats`` are ignored.
+
+    Examples:
+      >>> import jax, jax.numpy as jnp
+      >>> from flax import nnx
+      >>> from dynconv_jax import DynamicConv as LinenDynamicConv
+      >>> from dynconv_jax.nnx import DynamicConv, load_linen_variables
+      >>> variables = LinenDynamicConv(8, (3, 3), num_experts=2).init(jax.random.key(1), jnp.ones((1, 8, 8, 4)))
+      >>> layer = load_linen_variables(DynamicConv(4, 8, (3, 3), num_experts=2, rngs=nnx.Rngs(0)), variables)
+      >>> bool((layer.kernel[...] == variables['params']['kernel']).all())
+      True
     """
     targets = _flat(model, "load_linen_variables")
     given = {}
@@ -102,7 +119,18 @@ def load_linen_variables(model: nnx.Module, variables: Mapping[str, Any]) -> nnx
 
 def load_torch(model: nnx.Module, source) -> nnx.Module:
     """Load a PyTorch checkpoint (a state_dict, ``nn.Module``, ``.pt``/``.pth``/``.safetensors`` path; see
-    :func:`dynconv_jax.convert.torch_to_flax`) into the NNX ``model`` in place; returns the model."""
+    :func:`dynconv_jax.convert.torch_to_flax`) into the NNX ``model`` in place; returns the model.
+
+    Examples:
+      >>> import torch
+      >>> from flax import nnx
+      >>> from dynconv_jax.nnx import ODConv, load_torch
+      >>> from dynconv_torch import ODConv2d
+      >>> torch_layer = ODConv2d(4, 8, 3, padding=1, kernel_num=2)       # or a state_dict, or a .pth file
+      >>> layer = load_torch(ODConv(4, 8, (3, 3), num_experts=2, rngs=nnx.Rngs(0)), torch_layer)
+      >>> bool((layer.kernel[...] == torch_layer.weight.detach().permute(0, 3, 4, 2, 1).numpy()).all())
+      True
+    """
     from dynconv_jax.convert import torch_to_flax
 
     return load_linen_variables(model, torch_to_flax(source, model))
@@ -114,6 +142,14 @@ def from_linen(module, in_features: int, *, rngs: nnx.Rngs) -> nnx.Module:
     ``module``: a :class:`dynconv_jax.CondConv` / ``DynamicConv`` / ``ODConv`` / ``BatchNorm`` or a
     :mod:`dynconv_jax.models` ``ResNet`` / ``MobileNetV2``; ``in_features``: the input channels
     (NNX creates parameters eagerly). Fill it with :func:`load_linen_variables`.
+
+    Examples:
+      >>> from flax import nnx
+      >>> from dynconv_jax import ODConv
+      >>> from dynconv_jax.nnx import from_linen
+      >>> layer = from_linen(ODConv(features=8, kernel_size=(3, 3), num_experts=2), in_features=4, rngs=nnx.Rngs(0))
+      >>> type(layer).__module__, layer.kernel[...].shape
+      ('dynconv_jax.nnx.layers', (2, 3, 3, 4, 8))
     """
     import dataclasses
 
