@@ -71,7 +71,19 @@ def check_rate(value: float, name: str, where: str) -> None:
 
 def one_spelling(where: str, official: str, official_value: Any, value: Any, default: Any = None) -> Any:
     """The argument given under its official ODConv name ``official`` or this library's name
-    (:data:`OFFICIAL_ODCONV_SPELLINGS`), ``default`` if neither; a ``ValueError`` if both are given."""
+    (:data:`OFFICIAL_ODCONV_SPELLINGS`), ``default`` if neither; a ``ValueError`` if both are given.
+
+    Examples:
+      >>> from dynconv_spec import one_spelling
+      >>> one_spelling("od_resnet18", "kernel_num", 4, None)      # kernel_num=4 given
+      4
+      >>> one_spelling("od_resnet18", "kernel_num", None, None, 1)  # neither: the default
+      1
+      >>> one_spelling("od_resnet18", "kernel_num", 4, 4)
+      Traceback (most recent call last):
+      ...
+      ValueError: od_resnet18: kernel_num=4 and num_experts=4 are two spellings of one argument ...
+    """
     name = OFFICIAL_ODCONV_SPELLINGS[official]
     if official_value is not None and value is not None:
         raise ValueError(f"{where}: {official}={official_value!r} and {name}={value!r} are two spellings of one "
@@ -210,22 +222,31 @@ def check_attention_norm(where: str, norm: str, bn_init: float) -> None:
 
 
 # --------------------------------------------------------------------------- layer arguments
-#: The smallest attention temperature the layers of both frameworks use. A concrete T below it is
-#: refused (at T = 1e-6 the attention is already hard routing, and a much smaller T rounds to 0 or
-#: overflows ``logits / T`` in float32); a traced T (JAX, under ``jit``) cannot be checked, so one
-#: below the floor, or NaN, is raised to it.
 TEMPERATURE_FLOOR = 1e-6
-#: The largest expert bank ``[K, *kernel, I/g, O]`` one layer may hold: 2**31 - 1 parameters (8 GiB in
-#: float32). The largest bank of the registered models at K = 8 holds ~19 M; a count past the limit is a
-#: mistake (``num_experts=10**9``) refused before anything is allocated, instead of an out-of-memory
-#: error from XLA or PyTorch that names no layer.
+"""The smallest attention temperature the layers of both frameworks use. A concrete T below it is refused (at
+T = 1e-6 the attention is already hard routing, and a much smaller T rounds to 0 or overflows ``logits / T`` in
+float32); a traced T (JAX, under ``jit``) cannot be checked, so one below the floor, or NaN, is raised to it."""
 MAX_EXPERT_BANK_PARAMETERS = 2**31 - 1
+"""The largest expert bank ``[K, *kernel, I/g, O]`` one layer may hold: 2**31 - 1 parameters (8 GiB in float32).
+The largest bank of the registered models at K = 8 holds ~19 M; a count past the limit is a mistake
+(``num_experts=10**9``) refused before anything is allocated, instead of an out-of-memory error from XLA or
+PyTorch that names no layer."""
 
 
 def check_temperature(temperature: Any, where: str) -> float:
     """A concrete attention temperature T as a float: a real number (not a bool), finite, and at least
     :data:`TEMPERATURE_FLOOR`. ``temperature`` is anything ``float()`` reads (a Python, NumPy, JAX or
-    torch scalar); ``where`` names the layer."""
+    torch scalar); ``where`` names the layer.
+
+    Examples:
+      >>> from dynconv_spec import check_temperature
+      >>> check_temperature(30, "ODConv 'conv1'")
+      30.0
+      >>> check_temperature(0.0, "ODConv 'conv1'")
+      Traceback (most recent call last):
+      ...
+      ValueError: ODConv 'conv1': temperature=0.0 must be finite and > 0
+    """
     dtype = str(getattr(temperature, "dtype", ""))  # NumPy, JAX and torch scalars have one
     if isinstance(temperature, bool) or dtype.endswith("bool"):
         raise ValueError(f"{where}: temperature={temperature!r} is a bool; pass a positive number (T = 1 is the "
@@ -250,7 +271,16 @@ def check_temperature(temperature: Any, where: str) -> float:
 def check_expert_bank(where: str, shape: Sequence[int]) -> None:
     """Refuse an expert bank of more than :data:`MAX_EXPERT_BANK_PARAMETERS` parameters, naming the layer.
 
-    ``shape``: the bank's shape with the expert count K first (either framework's layout)."""
+    ``shape``: the bank's shape with the expert count K first (either framework's layout).
+
+    Examples:
+      >>> from dynconv_spec import check_expert_bank
+      >>> check_expert_bank("CondConv 'conv1'", (4, 3, 3, 64, 64))          # 147,456 parameters: fine
+      >>> check_expert_bank("CondConv 'conv1'", (10**9, 3, 3, 64, 64))
+      Traceback (most recent call last):
+      ...
+      ValueError: CondConv 'conv1': the expert bank [1000000000, 3, 3, 64, 64] (num_experts=1000000000) ...
+    """
     count = math.prod(shape)
     if count > MAX_EXPERT_BANK_PARAMETERS:
         raise ValueError(
