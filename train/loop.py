@@ -17,6 +17,7 @@ import numpy as np
 
 from train import checkpoint as ckpt_lib
 from train import data as data_lib
+from train import pipeline as pipeline_lib
 from train import metrics as metrics_lib
 from train import parallel
 from train import steps
@@ -73,7 +74,7 @@ def _checkpoint_failure(error: Exception, checkpointer: ckpt_lib.Checkpointer) -
     return failure(f"{error}. Last good checkpoint: {checkpointer.last_good()}")
 
 
-def evaluate(p_eval_step, state, pipeline: data_lib.Pipeline, sharding, temperature) -> Dict[str, float]:
+def evaluate(p_eval_step, state, pipeline: pipeline_lib.Pipeline, sharding, temperature) -> Dict[str, float]:
     """Loss and accuracy of ``state`` on the whole eval split (unreadable images are left out)."""
     totals = {"loss": 0.0, "correct": 0.0, "count": 0.0}
     for batch in pipeline.eval_batches():
@@ -87,7 +88,7 @@ def evaluate(p_eval_step, state, pipeline: data_lib.Pipeline, sharding, temperat
     return {"loss": totals["loss"] / totals["count"], "accuracy": totals["correct"] / totals["count"]}
 
 
-def _compile_ahead(mesh, pipeline: data_lib.Pipeline, model, tx, init_key, dropout_key, train_step, eval_step):
+def _compile_ahead(mesh, pipeline: pipeline_lib.Pipeline, model, tx, init_key, dropout_key, train_step, eval_step):
     """Start compiling the run's three XLA programs at once: the parameter init, then ``train_step`` and
     ``eval_step`` (jitted, with the run's shardings) for the replicated state and the pipeline's global
     batches. Each is lowered here, one after the other, and compiled in a thread of its own (XLA compiles
@@ -125,8 +126,8 @@ def train_and_evaluate(config: Config) -> Dict[str, Any]:
     os.makedirs(workdir, exist_ok=True)
 
     dataset = data_lib.load_dataset(config)
-    pipeline = data_lib.Pipeline(dataset, config.batch_size, config.seed, config.data_workers,
-                                 jax.process_index(), jax.process_count())
+    pipeline = pipeline_lib.Pipeline(dataset, config.batch_size, config.seed, config.data_workers,
+                                     jax.process_index(), jax.process_count())
     mesh = parallel.make_mesh()
     if config.batch_size % mesh.size:
         raise UsageError(f"--batch_size={config.batch_size} must be divisible by the number of devices "
