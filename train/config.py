@@ -13,6 +13,7 @@ import typing
 from typing import Optional, Sequence, Tuple
 
 from dynconv_spec import ATTENTION_NORMS, CONV_MODELS, CONV_TYPES
+from train.presets import PRESETS
 
 MODELS = CONV_MODELS  # the registered models that take conv= (dynconv_spec.registry)
 CONVS = CONV_TYPES
@@ -188,8 +189,6 @@ def parse_args(argv: Sequence[str], base: Optional[Config] = None) -> Config:
     if len(presets) > 1:
         raise UsageError(f"--config given {len(presets)} times ({', '.join(presets)})")
     if presets:
-        from train.presets import preset
-
         base = preset(presets[0].partition("=")[2], base)
     for arg in argv:
         if arg in presets:
@@ -210,9 +209,14 @@ def parse_args(argv: Sequence[str], base: Optional[Config] = None) -> Config:
     return dataclasses.replace(base or Config(), **updates).validate()
 
 
-def usage() -> str:
-    from train.presets import PRESETS
+def preset(name: str, base: Optional[Config] = None) -> Config:
+    """``base`` (default: ``Config()``) with the fields of preset ``name`` (:data:`train.presets.PRESETS`)."""
+    if name not in PRESETS:
+        raise UsageError(f"--config={name!r}: unknown preset; expected one of {', '.join(sorted(PRESETS))}")
+    return dataclasses.replace(base or Config(), **PRESETS[name])
 
+
+def usage() -> str:
     lines = ["usage: python -m train [--config=PRESET] [--key=value ...]", "",
              f"presets (--config): {', '.join(sorted(PRESETS))}", "", "options (default):"]
     for f in dataclasses.fields(Config):

@@ -19,6 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from dynconv_jax import BatchNorm, CondConv, DynamicConv, ODConv
+from dynconv_jax.variables import is_nnx, linen_variables
 
 # The modules whose calls conv_batchnorm_pairs records: the convs, and the BatchNorms that may follow one.
 CONV_TYPES = (nn.Conv, CondConv, DynamicConv, ODConv)
@@ -135,8 +136,6 @@ def fuse_batchnorm(model: nn.Module, variables, input_shape: Optional[Sequence[i
 def as_linen_variables(model, variables, where: str):
     """``variables`` as a Linen variables dict: an NNX module or ``nnx.State`` of the same parameter tree
     (:mod:`dynconv_jax.nnx`) is read with :func:`dynconv_jax.nnx.linen_variables`; ``model`` must be Linen."""
-    from dynconv_jax.nnx.convert import is_nnx, linen_variables
-
     if is_nnx(model):
         raise TypeError(f"{where}: model is an NNX module ({type(model).__name__}); pass its Linen twin as model "
                         f"(same arguments, e.g. dynconv_jax.models.resnet18 for dynconv_jax.nnx.models.resnet18) "
