@@ -14,15 +14,16 @@ from typing import List, Optional, Sequence, Tuple
 
 import jax
 
+from dynconv_jax.inspect import collect_attentions, plot_all
+from train import checkpoint as ckpt_lib
+from train import data as data_lib
+from train import steps
+from train.config import from_json
+from train.pipeline import Pipeline
+
 
 def load_run(workdir: str):
     """``(config, model, variables, dataset, temperature, step)`` of the newest checkpoint in ``workdir``."""
-    from train import checkpoint as ckpt_lib
-    from train import data as data_lib
-    from train import steps
-    from train.pipeline import Pipeline
-    from train.config import from_json
-
     config_path = os.path.join(workdir, "config.json")
     if not os.path.isfile(config_path):
         raise FileNotFoundError(f"{config_path} not found: --workdir must be the directory of a `python -m train` run")
@@ -55,8 +56,6 @@ def load_run(workdir: str):
 
 def plot_run(workdir: str, out_dir: str, num_samples: int = 32) -> Tuple[List[str], str]:
     """Write the attention plots of the run in ``workdir`` to ``out_dir``; returns ``(paths, summary line)``."""
-    from dynconv_jax.inspect import collect_attentions, plot_all
-
     if num_samples < 2:
         raise ValueError(f"--num_samples={num_samples}: need at least 2 samples to show a distribution")
     config, model, variables, dataset, temperature, step = load_run(workdir)
@@ -74,8 +73,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--out", required=True, help="directory for the PNG files")
     parser.add_argument("--num_samples", type=int, default=32, help="evaluation images to route (default 32)")
     args = parser.parse_args(argv)
-    from train import checkpoint as ckpt_lib
-
     try:
         paths, summary = plot_run(args.workdir, args.out, args.num_samples)
     except (FileNotFoundError, ValueError, ckpt_lib.CheckpointError) as error:
