@@ -182,7 +182,7 @@ def write_outputs(rows: Sequence[Dict[str, object]], grid: Grid, base, out_dir: 
     with open(md_path, "w") as f:
         f.write(markdown(rows, grid, base))
 
-    from matplotlib.figure import Figure
+    from matplotlib.figure import Figure  # here: only the plot needs matplotlib, slow to import
 
     others = [k for k in keys if k != "seed"]
     settings = _settings(rows, others)
