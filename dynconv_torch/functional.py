@@ -21,7 +21,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-IntPair = Union[int, Tuple[int, int]]
 Padding = Union[str, int, Tuple[int, int]]
 
 PADDING_STRINGS = ("same", "valid")

@@ -39,7 +39,7 @@ import dataclasses
 import os
 import tempfile
 import traceback
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
 
 import numpy as np
 
@@ -515,11 +515,3 @@ def summarize(rows: List[Row]) -> Dict[str, Dict[str, Optional[float]]]:
         if cur is None or not (r.max_rel <= cur):
             out[r.dtype][r.check] = r.max_rel
     return out
-
-
-def noise_ratios(rows: List[Row]) -> List[Tuple[float, Row]]:
-    """``(max_rel / floor, row)`` of every float32 row with a floor, largest first (how close a
-    correct build comes to :data:`FLOAT32_NOISE_FACTOR`)."""
-    out = [(r.max_rel / r.floor if r.floor else float("inf") if r.max_rel else 0.0, r)
-           for r in rows if r.floor is not None]
-    return sorted(out, key=lambda t: -t[0])
