@@ -42,6 +42,9 @@ from dataclasses import dataclass
 from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Tuple
 
 import numpy as np
+from flax.core import meta, unfreeze
+
+from dynconv_jax.variables import is_nnx, linen_variables
 
 from dynconv_spec.paths import check_output_file
 
@@ -478,18 +481,11 @@ def _flax_leaves(variables) -> Dict[Path, Any]:
     """``{('params', ..., leaf): leaf}`` for the ``params`` and ``batch_stats`` collections.
 
     ``variables`` is a Linen variables dict, or an NNX module or ``nnx.State`` (its ``nnx.Param``
-    and ``nnx.BatchStat`` variables, whose paths are the Linen ones, see :mod:`dynconv_jax.nnx.convert`).
+    and ``nnx.BatchStat`` variables, whose paths are the Linen ones, see :mod:`dynconv_jax.variables`).
     """
-    from dynconv_jax.nnx.convert import is_nnx, linen_variables
-
     if is_nnx(variables):
         variables = linen_variables(variables)
-    try:
-        from flax.core import meta, unfreeze
-
-        variables = meta.unbox(unfreeze(variables))
-    except ImportError:  # pragma: no cover - flax is a hard dependency of dynconv_jax
-        pass
+    variables = meta.unbox(unfreeze(variables))
     if not isinstance(variables, Mapping) or "params" not in variables:
         keys = list(variables) if isinstance(variables, Mapping) else type(variables).__name__
         raise ConversionError(f"the Flax variables/template must be a dict with a 'params' collection, got {keys}")

@@ -73,16 +73,6 @@ PaddingLike = Union[str, int, Sequence[int], Sequence[Tuple[int, int]]]
 STRATEGIES = ("vmap", "shifted", "patches", "pointwise", "mix", "map")
 
 
-def _tuple(value, rank: int, name: str) -> Tuple[int, ...]:
-    """Broadcast an int or sequence to a tuple of ``rank`` ints."""
-    if isinstance(value, int):
-        return (value,) * rank
-    value = tuple(int(v) for v in value)
-    if len(value) != rank:
-        raise ValueError(f"{name}={value} has {len(value)} entries, expected {rank} (one per spatial dimension)")
-    return value
-
-
 def normalize_padding(padding: PaddingLike, rank: int) -> Union[str, Tuple[Tuple[int, int], ...]]:
     """Return 'SAME' / 'VALID' or explicit ``((lo, hi),) * rank`` pairs, as ``lax`` takes them.
 

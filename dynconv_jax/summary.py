@@ -32,7 +32,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import math
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, List, Mapping, Optional, Sequence, Tuple
 
 import jax
 import jax.numpy as jnp

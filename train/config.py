@@ -16,6 +16,7 @@ import typing
 from typing import Optional, Sequence, Tuple
 
 from dynconv_spec import ATTENTION_NORMS, CONV_MODELS, CONV_TYPES
+from train.presets import PRESETS
 
 MODELS = CONV_MODELS  # the registered models that take conv= (dynconv_spec.registry)
 CONVS = CONV_TYPES
@@ -249,8 +250,6 @@ def _preset_line(fields: dict) -> str:
 
 def build_parser() -> argparse.ArgumentParser:
     """The ``python -m train`` parser: one option per :class:`Config` field, in its help group."""
-    from train.presets import PRESETS
-
     width = max(map(len, PRESETS))
     presets = "\n".join(f"  {name:<{width}}  {_preset_line(fields)}" for name, fields in sorted(PRESETS.items()))
     parser = _Parser(
@@ -304,11 +303,23 @@ def parse_args(argv: Sequence[str], base: Optional[Config] = None) -> Config:
     values = vars(build_parser().parse_args(argv))
     values.pop("help", None)
     if "config" in values:
-        from train.presets import preset
-
         base = preset(values.pop("config"), base)
     updates = {key: _parse_value(key, text, types[key]) for key, text in values.items()}
     return dataclasses.replace(base or Config(), **updates).validate()
+
+
+def preset(name: str, base: Optional[Config] = None) -> Config:
+    """``base`` (default: ``Config()``) with the fields of preset ``name`` (:data:`train.presets.PRESETS`).
+
+    Examples:
+      >>> from train.config import preset
+      >>> config = preset("odconv_resnet18_imagenet")
+      >>> config.conv, config.num_experts, config.num_epochs, config.decay_epochs
+      ('odconv', 4, 100, (30.0, 60.0, 90.0))
+    """
+    if name not in PRESETS:
+        raise UsageError(f"--config={name!r}: unknown preset; expected one of {', '.join(sorted(PRESETS))}")
+    return dataclasses.replace(base or Config(), **PRESETS[name])
 
 
 def usage() -> str:

@@ -21,6 +21,9 @@ import numpy as np
 
 from train.config import UsageError
 
+# JAX, TFDS, PIL and the models are imported in the functions that use them: --help and a usage error
+# answer without loading them.
+
 
 def preprocess(image: np.ndarray, input_size: int, crop_pct: float, mean: Sequence[float], std: Sequence[float]):
     """uint8 ``[H, W, C]`` -> float32 ``[input_size, input_size, 3]`` (timm's center-crop eval transform)."""

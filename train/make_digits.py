@@ -19,6 +19,7 @@ TEST_SIZE = 360
 
 
 def build(path: str = PATH) -> None:
+    # Here: scikit-learn is needed only to regenerate the embedded file.
     from sklearn.datasets import load_digits
     from sklearn.model_selection import train_test_split
 
