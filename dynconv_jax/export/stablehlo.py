@@ -114,6 +114,7 @@ def to_stablehlo(model: nn.Module, variables, input_shape: Sequence[Optional[int
 # A serialised export: this header, the SHA-256 of the jax.export payload, the payload. The
 # digest catches a corrupted weight, which the payload's own format would load silently.
 STABLEHLO_MAGIC = b"dynconv.stablehlo.v1\n"
+"""The first bytes of every :func:`to_stablehlo` file (a format version; :func:`load_stablehlo` checks it)."""
 
 
 def load_stablehlo(blob: Union[bytes, bytearray, str, os.PathLike]) -> Callable[[jax.Array], jax.Array]:

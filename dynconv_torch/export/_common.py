@@ -10,6 +10,7 @@ from ..dynamic_conv import DynamicConv2d
 from ..odconv import ODConv2d
 
 DYNAMIC_LAYERS = (CondConv2d, DynamicConv2d, ODConv2d)
+"""The dynamic layer classes the exports replace (what :func:`~dynconv_torch.export.portable` wraps)."""
 
 
 def check_layer(layer: nn.Module, what: str) -> None:

@@ -18,6 +18,7 @@ from .portable import portable
 
 # Opsets the export is tested with (torch's exporter, onnxruntime); the default is the newest.
 ONNX_OPSETS = tuple(range(17, 21))
+"""The ONNX opsets :func:`~dynconv_torch.export.to_onnx` accepts (tested with onnxruntime)."""
 
 
 def _check_input_shape(input_shape, what: str) -> Tuple[Optional[int], int, int, int]:

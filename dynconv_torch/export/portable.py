@@ -21,6 +21,8 @@ from .static import fold_attentions
 
 
 FORMULATIONS = ("matmul", "experts")
+"""How a :class:`PortableDynamicConv` computes: ``'matmul'`` (per-sample kernels, batched matmuls over im2col
+patches) or ``'experts'`` (one static conv of all experts, then the attention-weighted sum)."""
 
 
 def _explicit_padding(layer: nn.Module) -> Tuple[int, int, int, int]:
