@@ -16,10 +16,30 @@ SUITES = {
 }
 
 
+def _check_args(parser, args):
+    """Usage errors exit 2 (``parser.error``) before any suite is imported; a given value is never replaced."""
+    for flag, value in (("--repeats", args.repeats), ("--threads", args.threads)):
+        if value is not None and value < 1:
+            parser.error(f"{flag} {value}: must be >= 1")
+    if args.models is not None and args.suite in ("models", "plans", "serving"):
+        from .models import check_models
+
+        try:
+            check_models([m for m in args.models.split(",") if m])
+        except ValueError as error:
+            parser.error(str(error))
+    if args.convs is not None:
+        from dynconv_spec import CONV_TYPES
+
+        unknown = sorted(set(args.convs.split(",")) - set(CONV_TYPES))
+        if unknown:
+            parser.error(f"--convs: unknown {unknown}; choose from {', '.join(CONV_TYPES)}")
+
+
 def _parser():
     parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__)
     parser.add_argument("suite", choices=list(SUITES), help="; ".join(f"{k}: {v}" for k, v in SUITES.items()))
-    parser.add_argument("--quick", action="store_true", help="a small subset (smoke test, ~2 minutes on CPU)")
+    parser.add_argument("--quick", action="store_true", help="a small subset (a smoke test; still minutes on CPU)")
     parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"),
                         help="directory for the JSON + Markdown results (default: benchmarks/results)")
     parser.add_argument("--repeats", type=int, default=None, help="timed rounds per candidate (median is reported)")
@@ -66,7 +86,9 @@ def _suite(args):
 
 
 def main(argv=None):
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args = parser.parse_args(argv)
+    _check_args(parser, args)
 
     from .timing import environment, write_results
 
@@ -75,7 +97,7 @@ def main(argv=None):
         for path in suite.run_all(args.out, repeats=args.repeats, **kwargs):
             print("wrote", path)
         return
-    repeats = args.repeats or (3 if args.quick else 5)
+    repeats = args.repeats if args.repeats is not None else (3 if args.quick else 5)
     payload, markdown = suite.run(quick=args.quick, repeats=repeats, **kwargs)
     env = environment()
     name = args.suite + ("_formulations" if args.formulations else "") + ("_quick" if args.quick else "")

@@ -7,9 +7,12 @@
 
 This package never imports JAX.
 """
+from dynconv_spec import __version__
+
 from .condconv import CondConv2d
 from .dynamic_conv import DynamicConv2d, DynamicConvAttention
 from .odconv import ODConv2d, ODConvAttention
 from .temperature import set_temperature
 
-__all__ = ["CondConv2d", "DynamicConv2d", "DynamicConvAttention", "ODConv2d", "ODConvAttention", "set_temperature"]
+__all__ = ["__version__", "CondConv2d", "DynamicConv2d", "DynamicConvAttention", "ODConv2d", "ODConvAttention",
+           "set_temperature"]
