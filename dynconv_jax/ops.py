@@ -72,8 +72,6 @@ from __future__ import annotations
 import functools
 import itertools
 import math
-import os
-import warnings
 from typing import Optional, Sequence, Tuple, Union
 
 import jax
@@ -83,21 +81,6 @@ from jax import lax
 from dynconv_jax import plan
 
 PaddingLike = Union[str, int, Sequence[int], Sequence[Tuple[int, int]]]
-
-
-
-def warn_retired_switch(environ=os.environ) -> None:
-    """Warn when ``DYNCONV_AUTOTUNE`` asks for what it once did: 'auto' measured unless it was 0/false/off/no.
-    It is no longer read; measuring is :func:`dynconv_jax.autotune.tune` (called once, at import)."""
-    value = environ.get("DYNCONV_AUTOTUNE")
-    if value is not None and value.strip().lower() not in ("0", "false", "off", "no"):
-        warnings.warn(f"DYNCONV_AUTOTUNE={value!r} is no longer read: strategy='auto' follows fixed rules and "
-                      "never measures; measure on request with dynconv_jax.autotune.tune and run its plan "
-                      "(docs/performance.md)")
-
-
-warn_retired_switch()
-
 STRATEGIES = plan.STRATEGIES
 
 

@@ -6,7 +6,6 @@ import json
 import os
 import subprocess
 import sys
-import warnings
 from pathlib import Path
 
 import jax
@@ -159,14 +158,11 @@ def test_plan_json_round_trip_and_bad_plans(tmp_path):
         DynamicConv(features=8, kernel_size=(3, 3), strategy="fastest").init(jax.random.key(0), jnp.ones((1, 4, 4, 2)))
 
 
-def test_the_retired_switch_warns_unless_it_asks_for_the_rules():
-    for value in ("1", "fasle", "on"):
-        with pytest.warns(UserWarning, match=f"DYNCONV_AUTOTUNE='{value}' is no longer read.*autotune.tune"):
-            ops.warn_retired_switch({"DYNCONV_AUTOTUNE": value})
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        for environ in ({}, {"DYNCONV_AUTOTUNE": "0"}, {"DYNCONV_AUTOTUNE": " Off "}):
-            ops.warn_retired_switch(environ)
+def test_the_retired_switch_is_not_read():
+    """``DYNCONV_AUTOTUNE`` (which once turned measuring off) is read nowhere: no value changes what 'auto' runs."""
+    sources = [p for d in ("dynconv_jax", "train", "parity", "benchmarks", "scripts", "tests")
+               for p in (ROOT / d).rglob("*") if p.suffix in (".py", ".sh") and p != Path(__file__)]
+    assert [str(p) for p in sources if "DYNCONV_AUTOTUNE" in p.read_text()] == []
 
 
 def test_a_losing_candidate_is_called_once(monkeypatch):
@@ -190,31 +186,34 @@ def test_a_losing_candidate_is_called_once(monkeypatch):
     assert calls == {"fast": 4, "slow": 1, "close": 4}
 
 
-_FIRST_STEP = r"""
-import hashlib, sys
+_FIRST_STEPS = r"""
+import hashlib
 import jax, jax.numpy as jnp, numpy as np, optax
 from dynconv_jax.models import create_model
 digest = hashlib.sha256()
-for name, kwargs in (("mobilenet_v2", dict(conv="condconv", width_mult=0.25)),
-                     ("resnet18", dict(conv="odconv", base_width=8))):
+for name, kwargs in (("mobilenet_v2", dict(conv="condconv", width_mult=0.1)),
+                     ("resnet18", dict(conv="odconv", base_width=4))):
     model = create_model(name, num_classes=10, stem="cifar", **kwargs)
     rng = np.random.default_rng(0)
     x = jnp.asarray(rng.normal(size=(4, 8, 8, 3)), jnp.float32)
     labels = jnp.asarray(rng.integers(0, 10, size=4))
-    variables = jax.jit(model.init)(jax.random.key(0), x)
+    variables = jax.jit(model.init)(jax.random.key(0, impl="rbg"), x)  # threefry: minutes of XLA:CPU compile
     params, rest = variables["params"], {c: v for c, v in variables.items() if c != "params"}
     tx = optax.sgd(0.1, momentum=0.9)
 
-    def step(params, rest, opt_state):
+    def step(params, rest, opt_state, key):
         def loss(params):
-            logits, new_rest = model.apply({"params": params, **rest}, x, train=True, mutable=list(rest))
+            logits, new_rest = model.apply({"params": params, **rest}, x, train=True, mutable=list(rest),
+                                           rngs={"dropout": key})
             return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean(), new_rest
         (value, new_rest), grads = jax.value_and_grad(loss, has_aux=True)(params)
         updates, opt_state = tx.update(grads, opt_state, params)
         return optax.apply_updates(params, updates), new_rest, opt_state, value
 
-    out = jax.jit(step)(params, rest, tx.init(params))
-    for leaf in jax.tree_util.tree_leaves(out):
+    state, step = (params, rest, tx.init(params)), jax.jit(step)
+    for i in range(3):
+        *state, value = step(*state, jax.random.key(i, impl="rbg"))
+    for leaf in jax.tree_util.tree_leaves((state, value)):
         digest.update(np.asarray(leaf).tobytes())
 print("DIGEST", digest.hexdigest())
 """
@@ -222,14 +221,15 @@ print("DIGEST", digest.hexdigest())
 
 @pytest.mark.slow
 def test_two_fresh_processes_give_the_same_bits_and_write_nothing(tmp_path):
-    """No environment variable set: the first jitted training step of MobileNetV2-CondConv and ResNet-18-ODConv
-    gives bit-identical results in two fresh processes, and nothing is written under $XDG_CACHE_HOME or ~."""
+    """No environment variable set: three jitted training steps of (narrow) MobileNetV2-CondConv and
+        ResNet-18-ODConv give bit-identical parameters, state and loss in two fresh processes, and nothing is
+    written under $XDG_CACHE_HOME or ~."""
     cache, home = tmp_path / "cache", tmp_path / "home"
     cache.mkdir()
     home.mkdir()
     env = {"PATH": os.environ.get("PATH", ""), "HOME": str(home), "XDG_CACHE_HOME": str(cache),
            "PYTHONPATH": str(ROOT)}
-    procs = [subprocess.Popen([sys.executable, "-c", _FIRST_STEP], cwd=tmp_path, env=env, text=True,
+    procs = [subprocess.Popen([sys.executable, "-c", _FIRST_STEPS], cwd=tmp_path, env=env, text=True,
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT) for _ in range(2)]
     outs = [p.communicate(timeout=600)[0] for p in procs]
     digests = []
