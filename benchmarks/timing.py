@@ -62,6 +62,8 @@ def environment() -> dict:
         "jax_device": str(jax.devices()[0].device_kind),
         # strategy='auto' follows fixed rules (ops.choose_strategy); a suite that runs a plan says so itself.
         "strategy_auto": "fixed rules",
+        # The machine's load when the file is written (1, 5, 15 min): a busy machine slows every timing.
+        "load_average": [round(v, 2) for v in os.getloadavg()] if hasattr(os, "getloadavg") else None,
     }
     try:
         import torch
@@ -108,7 +110,8 @@ def write_results(out_dir: str, name: str, env: dict, payload: dict, markdown: s
     header = (f"# {name} benchmark — {env['device']}\n\n"
               f"{env['date_utc']}; jax {env['jax']} ({env['jax_backend']}), torch {env.get('torch')} "
               f"({env.get('torch_device')}, {env.get('torch_threads')} threads), python {env['python']}, "
-              f"{env['cpu_count']} CPU cores; strategy='auto': {env['strategy_auto']}.\n\n")
+              f"{env['cpu_count']} CPU cores, load average {env.get('load_average')} (1/5/15 min) at the end; "
+              f"strategy='auto': {env['strategy_auto']}.\n\n")
     with open(stem + ".md", "w") as f:
         f.write(header + markdown + "\n")
     return [stem + ".json", stem + ".md"]

@@ -11,11 +11,9 @@ shapes, forward and backward where the function differentiates it. The result is
 model with ``strategy=plan``. Every strategy is exact, but each sums in its own order: a plan changes
 the rounding of a run, and the run's bits are then those of the plan, not of the machine's load.
 
-Example::
-
-    plan = autotune.tune(train_step, state, batch)   # compiles and times the candidates: minutes on CPU
-    plan.save("run/strategy_plan.json")
-    model = create_model("resnet18", conv="odconv", strategy=Plan.load("run/strategy_plan.json"))
+For a whole model: ``plan = autotune.tune(train_step, state, batch)`` (compiles and times every candidate
+of every problem: minutes on CPU), ``plan.save("run/strategy_plan.json")``, then
+``create_model(..., strategy=Plan.load("run/strategy_plan.json"))`` (docs/performance.md).
 """
 from __future__ import annotations
 
@@ -28,6 +26,8 @@ import jax
 import numpy as np
 
 from dynconv_jax import ops, plan
+
+__all__ = ["tune", "record", "measure_problem"]
 
 # A candidate whose first call takes this many times the best so far is not called again.
 _GIVE_UP_FACTOR = 4.0
@@ -84,7 +84,18 @@ def record(fn: Callable, *args, **kwargs) -> plan.Recording:
     """The problems ``fn(*args, **kwargs)`` meets, traced once (``jax.make_jaxpr``; nothing runs).
 
     ``jax.jit`` functions inside ``fn`` are traced afresh (``jax.disable_jit``), so a function traced
-    before still reports its problems."""
+    before still reports its problems.
+
+    Examples:
+      >>> import jax, jax.numpy as jnp
+      >>> from dynconv_jax import CondConv, autotune
+      >>> layer = CondConv(features=4, kernel_size=(3, 3))
+      >>> x = jnp.ones((2, 6, 6, 3))
+      >>> variables = layer.init(jax.random.key(0), x)
+      >>> problems = autotune.record(jax.grad(lambda v: layer.apply(v, x).sum()), variables).problems
+      >>> [(p.rule, p.count, p.differentiated) for p in problems.values()]
+      [('lean', 1, True)]
+    """
     recording = plan.Recording()
     with recording.active(), jax.disable_jit():
         jax.make_jaxpr(functools.partial(fn, **kwargs))(*args)
@@ -116,7 +127,19 @@ def _timed_function(problem: plan.Problem, strategy: str) -> Callable:
 def measure_problem(problem: plan.Problem, strategies: Optional[Sequence[str]] = None,
                     repeats: int = _REPEATS) -> Dict[str, float]:
     """Seconds per call of each applicable strategy (of ``strategies``, default all) for ``problem``,
-    the rules' choice first, each compiled on its own and timed on one device (no mesh in view)."""
+    the rules' choice first, each compiled on its own and timed on one device (no mesh in view).
+
+    Examples:
+      >>> import jax, jax.numpy as jnp
+      >>> from dynconv_jax import CondConv, autotune
+      >>> layer = CondConv(features=4, kernel_size=(3, 3))
+      >>> x = jnp.ones((2, 6, 6, 3))
+      >>> variables = layer.init(jax.random.key(0), x)
+      >>> problems = autotune.record(lambda v: layer.apply(v, x), variables).problems
+      >>> seconds = autotune.measure_problem(next(iter(problems.values())), strategies=("map", "shifted"))
+      >>> sorted(seconds)
+      ['map', 'shifted']
+    """
     shapes = [(shape, dtype) for _, shape, dtype in problem.arrays]
     kernel_size = dict((n, s) for n, s, _ in problem.arrays)["experts"][1:-2]
     candidates = [s for s in ops.applicable_strategies(kernel_size) if strategies is None or s in strategies]
@@ -140,8 +163,7 @@ def tune(fn: Callable, *args, strategies: Optional[Sequence[str]] = None, repeat
     hold every candidate's seconds, the rules' choice and the calls per problem
     (:meth:`~dynconv_jax.plan.Plan.estimated_speedup`).
 
-    Example::
-
+    Examples:
       >>> import jax, jax.numpy as jnp
       >>> from dynconv_jax import CondConv, autotune
       >>> layer = CondConv(features=4, kernel_size=(3, 3))

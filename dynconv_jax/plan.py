@@ -29,6 +29,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+__all__ = ["Plan", "problem_key"]
+
 FORMAT = "dynconv.plan.v1"
 #: The strategies of :func:`dynconv_jax.ops.dynamic_conv` (all exact; see its module docstring).
 STRATEGIES = ("vmap", "shifted", "patches", "pointwise", "mix", "map", "lean")
@@ -37,7 +39,16 @@ STRATEGIES = ("vmap", "shifted", "patches", "pointwise", "mix", "map", "lean")
 def problem_key(x_shape, experts_shape, *, dtype: Sequence, strides, padding, dilation, groups,
                 attentions: Sequence[str], device=None) -> str:
     """The key of one problem: a canonical JSON string (readable in a saved plan). ``dtype`` holds the
-    input's and the experts' dtypes; ``attentions`` the names of the optional arguments present."""
+    input's and the experts' dtypes; ``attentions`` the names of the optional arguments present.
+
+    Examples:
+      >>> import json
+      >>> from dynconv_jax.plan import problem_key
+      >>> key = problem_key((8, 16, 16, 32), (4, 3, 3, 32, 64), dtype=("float32", "float32"), strides=(1, 1),
+      ...                   padding="SAME", dilation=(1, 1), groups=1, attentions=["kernel_attention"])
+      >>> json.loads(key)["experts"]
+      [4, 3, 3, 32, 64]
+    """
     device = device or jax.devices()[0]
     return json.dumps({
         "backend": device.platform, "device_kind": device.device_kind,
@@ -59,12 +70,13 @@ class Plan:
         candidate, the ``rule``'s choice, ``differentiated`` (timed forward+backward), ``count`` (calls
         of the problem in the tuned function). Informational; not compared or hashed.
 
-    Example::
-
-      >>> from dynconv_jax.plan import Plan
-      >>> plan = Plan.from_json(Plan({"k": "map"}).to_json())
-      >>> plan.strategy_for("k")
-      'map'
+    Examples:
+      >>> from dynconv_jax.plan import Plan, problem_key
+      >>> key = problem_key((8, 16, 16, 32), (4, 3, 3, 32, 64), dtype=("float32", "float32"), strides=(1, 1),
+      ...                   padding="SAME", dilation=(1, 1), groups=1, attentions=["kernel_attention"])
+      >>> plan = Plan.from_json(Plan({key: "lean"}).to_json())
+      >>> plan.strategy_for(key)
+      'lean'
     """
 
     choices: Tuple[Tuple[str, str], ...]
