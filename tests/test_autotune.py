@@ -47,7 +47,12 @@ def _key(x_shape=(4, 6, 6, 8)):
                        dilation=(1, 1), groups=1, attentions=["kernel_attention", "expert_bias"])
 
 
-def test_auto_runs_the_rule_and_measures_nothing(ran, no_measuring):
+def test_auto_runs_the_rule_and_measures_nothing(ran, no_measuring, tmp_path, monkeypatch):
+    """layer.init and jitted calls with strategy='auto' run the rule, time nothing (autotune.measure, the only
+    timer, fails if called) and write nothing under $HOME or $XDG_CACHE_HOME."""
+    for var in ("HOME", "XDG_CACHE_HOME"):
+        (tmp_path / var).mkdir()
+        monkeypatch.setenv(var, str(tmp_path / var))
     layer, x, variables = _layer_and_input()
     rule = ops.choose_strategy(x.shape, (4, 3, 3, 8, 8), strides=(1, 1), dilation=(1, 1), groups=1,
                                spatial_attention=False)
@@ -55,6 +60,7 @@ def test_auto_runs_the_rule_and_measures_nothing(ran, no_measuring):
     jax.jit(layer.apply)(variables, x)
     jax.jit(jax.grad(lambda v: jnp.sum(layer.apply(v, x))))(variables)
     assert ran == [rule, rule]
+    assert sorted(tmp_path.rglob("*")) == [tmp_path / "HOME", tmp_path / "XDG_CACHE_HOME"]
 
 
 # Two model families, narrow (tracing, not size, is what this test is about).
