@@ -1,4 +1,4 @@
-"""Input pipeline (train/data.py): images/s of ImageNet-style decode + random-resized crop at 224 from
+"""Input pipeline (train/pipeline.py): images/s of ImageNet-style decode + random-resized crop at 224 from
 ~400x350 JPEGs for 0/1/2 grain workers (and 4, 8, ... while a core stays free), next to the raw PIL
 decode+resize rate of one process and of as many processes as the most workers, decoding at once; peak
 RSS of the same 100-step run (the pipeline alone, and a whole training run) on a folder of 2,000 and of
@@ -41,12 +41,13 @@ _RSS_RUN = """
 import json, resource, sys, time
 from train import data
 from train.config import parse_args
+from train.pipeline import Pipeline
 root, kind, workdir, flags = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4:]
 config = parse_args(["--dataset=imagefolder", "--data_dir=" + root, f"--num_steps={RSS_STEPS}",
                      "--workdir=" + workdir, f"--log_every_steps={RSS_STEPS}", "--image_size=TRAIN_IMAGE_SIZE",
                      *flags])
 if kind == "pipeline":
-    pipeline = data.Pipeline(data.load_dataset(config), config.batch_size, 0, config.data_workers)
+    pipeline = Pipeline(data.load_dataset(config), config.batch_size, 0, config.data_workers)
     iterator = pipeline.train_iterator(RSS_STEPS)
     next(iterator)
     start = time.perf_counter()
@@ -84,9 +85,9 @@ def raw_rate(root: str, count: int) -> float:
     """Images/s of one process: read, PIL-decode to RGB, bilinear resize to 224x224 (``count`` <= images)."""
     from PIL import Image
 
-    from train import data
+    from train.sources import open_folder
 
-    source = data.open_folder(root, "train", "test")[0]
+    source = open_folder(root, "train", "test")[0]
     start = time.perf_counter()
     for index in range(count):
         with Image.open(io.BytesIO(source[index]["image"])) as img:
@@ -107,9 +108,10 @@ def pipeline_rate(root: str, workers: int, steps: int) -> float:
     after its first ``2 + 3 * workers`` batches (the workers started and their buffers drained)."""
     from train import data
     from train.config import parse_args
+    from train.pipeline import Pipeline
 
     config = parse_args(["--dataset=imagefolder", f"--data_dir={root}", f"--image_size={IMAGE_SIZE}"])
-    pipeline = data.Pipeline(data.load_dataset(config), BATCH, 0, workers)
+    pipeline = Pipeline(data.load_dataset(config), BATCH, 0, workers)
     warmup = 2 + 3 * workers
     iterator = pipeline.train_iterator(warmup + steps + 1)  # one more: the timing never waits for its end
     for _ in range(warmup):

@@ -247,11 +247,12 @@ _DEVICE_RUN = """
 import functools, sys, jax, jax.numpy as jnp, numpy as np
 from dynconv_jax import models
 from train import data, parallel, steps
+from train.pipeline import Pipeline
 from train.config import parse_args
 cfg = parse_args(["--base_width=2", "--conv=dynamic", "--batch_size=32", "--warmup_epochs=0", "--dropout=0.2",
                   "--augment=none"])
 ds = data.load_dataset(cfg)
-batches = data.Pipeline(ds, cfg.batch_size, cfg.seed)
+batches = Pipeline(ds, cfg.batch_size, cfg.seed)
 model = models.resnet18(**steps.model_kwargs(cfg, 10, ds.image_shape), param_dtype=jnp.float64)
 tx, _ = steps.create_optimizer(cfg, batches.steps_per_epoch, 8)
 state = steps.create_train_state(jax.random.key(0, impl="rbg"), model, ds.image_shape, tx)

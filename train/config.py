@@ -32,7 +32,7 @@ class UsageError(ValueError):
 class Config:
     """Every knob of a training run. Defaults: the main command's digits run."""
 
-    # Data (train/data.py).
+    # Data (train/data.py, sources.py, preprocess.py, pipeline.py).
     dataset: str = "digits"             # 'digits' (embedded), 'imagefolder' or a TFDS name with 'image' and 'label'
     data_dir: Optional[str] = None      # imagefolder: ROOT of ROOT/<split>/<class>/*.jpg; TFDS: its data_dir
     train_split: str = "train"

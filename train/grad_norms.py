@@ -61,9 +61,10 @@ def _setup(config):
 
     from train import data as data_lib
     from train import steps
+    from train.pipeline import Pipeline
 
     dataset = data_lib.load_dataset(config)
-    pipeline = data_lib.Pipeline(dataset, config.batch_size, config.seed)
+    pipeline = Pipeline(dataset, config.batch_size, config.seed)
     spe = pipeline.steps_per_epoch
     total_steps = config.num_steps or config.num_epochs * spe
     model = steps.create_model(config, dataset.num_classes, dataset.image_shape)

@@ -23,6 +23,7 @@ def load_run(workdir: str):
     from train import checkpoint as ckpt_lib
     from train import data as data_lib
     from train import steps
+    from train.pipeline import Pipeline
     from train.config import from_json
 
     config_path = os.path.join(workdir, "config.json")
@@ -34,7 +35,7 @@ def load_run(workdir: str):
     with open(config_path) as f:
         config = from_json(f.read(), config_path)
     dataset = data_lib.load_dataset(config)
-    spe = data_lib.Pipeline(dataset, config.batch_size, config.seed).steps_per_epoch
+    spe = Pipeline(dataset, config.batch_size, config.seed).steps_per_epoch
     total_steps = config.num_steps or config.num_epochs * spe
     model = steps.create_model(config, dataset.num_classes, dataset.image_shape)
     tx, _ = steps.create_optimizer(config, spe, total_steps)
