@@ -161,6 +161,83 @@ def test_bad_data_options_name_the_path_or_flag(tmp_path):
         error("--dataset=imagefolder", f"--data_dir={root}")
     os.makedirs(os.path.join(root, "empty"))
     assert "no class folders in" in error("--dataset=imagefolder", f"--data_dir={root}", "--eval_split=empty")
+    # One class: every prediction would be right ('accuracy 1.0000' said nothing).
+    one = tmp_path / "one"
+    for split in ("train", "test"):
+        os.makedirs(one / split / "cats")
+        for name in ("a", "b", "c"):
+            os.symlink(os.path.join(root, "train", "class_000", "train_000000.jpg"), one / split / "cats" / f"{name}.jpg")
+    assert "one class folder in" in error("--dataset=imagefolder", f"--data_dir={one}")
+    # TFDS: an empty name, a --data_dir that does not exist (was: 'already prepared ... in TFRECORD format'),
+    # an unknown name (was: TFDS's whole registry, 4,000 characters).
+    assert "--dataset='': name a data set" in error("--dataset=")
+    assert error("--dataset=mnist", "--data_dir=/nonexistent") == "--data_dir=/nonexistent: no such directory"
+    unknown = error("--dataset=cifar_10")
+    assert unknown.startswith("--dataset='cifar_10': no TFDS dataset of that name (did you mean cifar10")
+    assert len(unknown) < 300 and "abstract_reasoning" not in unknown
+
+
+def test_image_folder_links_are_followed_once_and_loops_not_at_all(tmp_path, capfd):
+    """A symbolic link back up the tree (``loop -> ..``) used to list the folders again and again under the
+    wrong labels (12 files became 5,412 records); a link to the class folder itself, or to a folder listed
+    already, would list its files twice. Each real folder is listed once, the links skipped are named."""
+    root = folder(tmp_path, train=6, test=3)
+    train = os.path.join(root, "train")
+    os.symlink("..", os.path.join(train, "class_000", "loop"))           # the split folder: holds every class
+    os.symlink(".", os.path.join(train, "class_001", "self"))
+    first = os.path.join(train, "class_002", sorted(os.listdir(os.path.join(train, "class_002")))[0])
+    with open(first, "rb") as f:
+        image = f.read()
+    extra = os.path.join(train, "class_002", "more")
+    os.makedirs(extra)
+    with open(os.path.join(extra, "extra.jpg"), "wb") as f:
+        f.write(image)
+    os.symlink("more", os.path.join(train, "class_002", "more_again"))   # a folder listed already
+    os.symlink(os.path.join(tmp_path, "elsewhere"), os.path.join(train, "class_001", "outside"))
+    os.makedirs(tmp_path / "elsewhere")
+    with open(tmp_path / "elsewhere" / "linked.jpg", "wb") as f:        # a link out of the tree is followed
+        f.write(image)
+    ds = data.load_dataset(parse_args(["--dataset=imagefolder", f"--data_dir={root}", "--image_size=16"]))
+    names = [os.path.relpath(p, train) for p in ds.train.paths]
+    assert len(names) == 8 and len(set(map(os.path.realpath, ds.train.paths))) == 8, names
+    assert ds.train.labels.tolist() == [0, 0, 1, 1, 1, 2, 2, 2], names
+    assert names[4] == "class_001/outside/linked.jpg"  # after the class folder's own files, as before
+    assert names[7] == "class_002/more/extra.jpg"
+    err = capfd.readouterr().err
+    for link in ("class_000/loop", "class_001/self", "class_002/more_again"):
+        assert f"not following {os.path.join(train, link)}" in err, err
+
+
+def test_sixteen_bit_and_oversized_images(tmp_path, monkeypatch):
+    """A 16-bit PNG is scaled to 8 bits (PIL's convert clipped it: 99 % of a gradient became 255); an image
+    over PIL's decompression-bomb limit is an unreadable image like any other (skipped and named), not an
+    error that stops the run."""
+    import io
+    from PIL import Image
+    gradient = np.arange(256 * 256, dtype=np.uint32).reshape(256, 256).astype(np.uint16)
+    png = io.BytesIO()
+    Image.fromarray(gradient).save(png, format="PNG")
+    assert Image.open(io.BytesIO(png.getvalue())).mode == "I;16"
+    expected = ((gradient.astype(np.uint32) * 255 + 32767) // 65535).astype(np.uint8)
+    for channels in (1, 3):
+        decoded = preprocess.decode(png.getvalue(), channels)
+        assert decoded.shape == (256, 256, channels) and np.array_equal(decoded[..., 0], expected)
+    assert np.array_equal(preprocess.decode(gradient, 1)[..., 0], expected)  # a 16-bit array (TFDS)
+    p = preprocess.Preprocess("imagenet", 32, 3, crop=True, flip=False, padding=0, mean=preprocess.IMAGENET_MEAN,
+                              std=preprocess.IMAGENET_STD)
+    assert p.eval(png.getvalue()).mean() < 200  # resized from the scaled image, not from a white one
+    # A decompression bomb (PIL's limit lowered, so that a small file is one): unreadable, skipped, named.
+    root = folder(tmp_path, train=6, test=3)
+    bomb = os.path.join(root, "test", "class_001", "test_000001.jpg")
+    Image.new("RGB", (64, 64)).save(bomb, format="PNG")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)
+    with open(bomb, "rb") as f:
+        with pytest.raises(Image.DecompressionBombError):
+            preprocess.decode(f.read(), 3)
+    ds = data.load_dataset(parse_args(["--dataset=imagefolder", f"--data_dir={root}", "--image_size=16"]))
+    batches = list(Pipeline(ds, 2, seed=0).eval_batches())
+    bad = [int(i) for b in batches for i in b["bad"] if i >= 0]
+    assert bad == [ds.eval.paths.index(bomb)] and sum(b["mask"].sum() for b in batches) == len(ds.eval) - 1
 
 
 def test_tfds_sources_mock_data(tmp_path):
@@ -265,3 +342,4 @@ def test_input_benchmark_measures_and_reports_on_a_tiny_folder(tmp_path, monkeyp
     payload, markdown = bench.report(drift, 2, rss, (0.0,) * 3, (0.0,) * 3)
     assert "| pipeline, 1 worker(s) | 132.5 | 95–170 | 0.88× | 0.88 / 0.88 | 0.90 |" in markdown
     assert payload["pipeline_over_reference_per_round_median"] == pytest.approx({"0": 0.95, "1": 0.9})
+

@@ -105,6 +105,9 @@ class Config:
             value = getattr(self, f.name)
             if isinstance(value, float) and not math.isfinite(value):
                 raise UsageError(f"--{f.name}={value!r}: must be a finite number")
+        if not self.dataset.strip():
+            raise UsageError(f"--dataset={self.dataset!r}: name a data set: 'digits' (embedded), 'imagefolder' "
+                             f"(with --data_dir) or a TFDS name such as 'cifar10'")
         for name, allowed in (("model", MODELS), ("conv", CONVS), ("optimizer", OPTIMIZERS),
                               ("schedule", SCHEDULES), ("augment", AUGMENTS), ("stem", STEMS),
                               ("preprocess", PREPROCESSES),
