@@ -343,3 +343,103 @@ def test_input_benchmark_measures_and_reports_on_a_tiny_folder(tmp_path, monkeyp
     assert "| pipeline, 1 worker(s) | 132.5 | 95–170 | 0.88× | 0.88 / 0.88 | 0.90 |" in markdown
     assert payload["pipeline_over_reference_per_round_median"] == pytest.approx({"0": 0.95, "1": 0.9})
 
+
+def test_dead_child_is_read_without_reaping_it():
+    """The watchdog's view of a dead child: its status, read without reaping it (``multiprocessing`` or
+    ``subprocess`` still collect it), and a signal named."""
+    import signal
+    import subprocess
+    import sys
+    import time
+    from train import worker_watchdog as watchdog
+    before = watchdog.child_processes()
+    failed = subprocess.Popen([sys.executable, "-c", "import os; os._exit(3)"])
+    killed = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        assert {failed.pid, killed.pid} <= watchdog.child_processes()
+        killed.send_signal(signal.SIGKILL)
+        deadline = time.monotonic() + 60
+        while len({pid for pid, _ in _dead(watchdog, before)}) < 2 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert sorted(_dead(watchdog, before)) == sorted([(failed.pid, 3), (killed.pid, -signal.SIGKILL)])
+        assert watchdog.dead_child(before | {failed.pid, killed.pid}) is None
+        assert (failed.wait(), killed.wait()) == (3, -signal.SIGKILL)  # not reaped by the watchdog
+        assert watchdog.dead_child(before) is None
+    finally:
+        killed.kill()
+        killed.wait()
+    assert (watchdog.how_it_ended(1), watchdog.how_it_ended(-9)) == ("exited with status 1", "was killed by SIGKILL")
+
+
+def _dead(watchdog, exclude):
+    """Every dead, unreaped child not in ``exclude`` (``dead_child`` gives one at a time)."""
+    found = []
+    while (dead := watchdog.dead_child(exclude | {pid for pid, _ in found})) is not None:
+        found.append(dead)
+    return found
+
+
+def _next_within(iterator, seconds):
+    """``next(iterator)`` in a thread: its batch or its exception, or TimeoutError if it hangs."""
+    import concurrent.futures
+    pool = concurrent.futures.ThreadPoolExecutor(1)
+    try:
+        return pool.submit(next, iterator).result(timeout=seconds)
+    finally:
+        pool.shutdown(wait=False)
+
+
+@pytest.mark.slow
+def test_a_killed_worker_ends_the_pipeline_with_a_clear_error(monkeypatch):
+    """A grain worker SIGKILLed mid-run (what the out-of-memory killer does): next() raises WorkerDied naming
+    the signal and the likely cause, and close() returns. grain's own check finds this death (the watchdog's
+    scan is held off here); a death while the worker starts is the script test below."""
+    import signal
+    from train import worker_watchdog as watchdog
+    monkeypatch.setattr(watchdog, "POLL_SECONDS", 120.0)
+    pipeline = Pipeline(data.load_dataset(parse_args([])), 64, seed=0, workers=1)
+    before = watchdog.child_processes()
+    iterator = pipeline.train_iterator(10_000)
+    try:
+        assert int(_next_within(iterator, 300)["step"][0]) == 0
+        (worker,) = watchdog.child_processes() - before
+        os.kill(worker, signal.SIGKILL)
+        with pytest.raises(watchdog.WorkerDied) as info:
+            for _ in range(10):  # the batches already prefetched, then the error
+                _next_within(iterator, 60)
+        message = str(info.value)
+        assert "was killed by SIGKILL" in message and "out-of-memory killer" in message, message
+        with pytest.raises(watchdog.WorkerDied):  # and again, at once
+            next(iterator)
+    finally:
+        iterator.close()
+
+
+_NO_MAIN_GUARD = """
+from train import data
+from train.config import parse_args
+from train.pipeline import Pipeline
+pipeline = Pipeline(data.load_dataset(parse_args([])), 64, seed=0, workers=1)
+for batch in pipeline.train_iterator(5):  # without `if __name__ == '__main__':` each worker runs this again
+    pass
+print("all batches")
+"""
+
+
+@pytest.mark.slow
+def test_a_script_without_main_guard_fails_instead_of_hanging(tmp_path):
+    """The documented mistake: a script that starts grain workers without the `__main__` guard. Its worker
+    stops as it starts (it re-imports the script), while the training process writes the pickled pipeline into
+    the worker's pipe: without the watchdog the script waits forever."""
+    import subprocess
+    import sys
+    script = tmp_path / "no_guard.py"
+    script.write_text(_NO_MAIN_GUARD)
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "PYTHONPATH": repo}, cwd=str(tmp_path))
+    assert out.returncode != 0 and "all batches" not in out.stdout
+    last = out.stderr.strip().splitlines()
+    died = [line for line in last if line.startswith("train.worker_watchdog.WorkerDied: ")]
+    assert died and "exited with status 1 after 0 batch(es)" in died[0], out.stderr[-3000:]
+    assert "if __name__ == '__main__':" in died[0]

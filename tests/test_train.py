@@ -76,6 +76,23 @@ def test_cli_overrides_and_errors():
     assert proc.returncode == 2 and "--optimizer='adam': expected one of sgd, adamw" in out
 
 
+@pytest.mark.parametrize("error, code", [
+    ("usage", 2),        # found after the start: the data (--data_dir, a one-class folder), the workdir, --resume
+    ("diverged", 1), ("checkpoint", 1), ("worker", 1)])
+def test_cli_errors_after_the_start_are_one_line(monkeypatch, capsys, error, code):
+    """``python -m train``: an error raised by the run is one line on stderr, no traceback; usage errors exit 2
+    (a missing --data_dir exited 1), the others 1."""
+    from train import __main__ as cli, loop
+    from train.checkpoint import CheckpointError
+    from train.worker_watchdog import WorkerDied
+    raised = {"usage": UsageError("--data_dir=/x: no such directory"), "diverged": loop.TrainingDiverged("nan"),
+              "checkpoint": CheckpointError("disk"), "worker": WorkerDied("a grain data worker process ... died")}
+    monkeypatch.setattr(loop, "train_and_evaluate", lambda config: (_ for _ in ()).throw(raised[error]))
+    assert cli.main(["--num_steps=1"]) == code
+    err = capsys.readouterr().err
+    assert err == f"error: {raised[error]}\n"
+
+
 def test_learning_happens_on_digits(tmp_path):
     from train.loop import train_and_evaluate
     result = train_and_evaluate(tiny(tmp_path / "run", "--num_epochs=2", "--base_width=4"))

@@ -18,10 +18,14 @@ def main(argv=None) -> int:
         return 2
     from train.checkpoint import CheckpointError
     from train.loop import TrainingDiverged, train_and_evaluate
+    from train.worker_watchdog import WorkerDied
 
     try:
         train_and_evaluate(config)
-    except (TrainingDiverged, CheckpointError, UsageError) as error:
+    except UsageError as error:  # found once the run started: the data, the workdir, a --resume refused
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    except (TrainingDiverged, CheckpointError, WorkerDied) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
     return 0
