@@ -163,10 +163,11 @@ def test_bad_data_options_name_the_path_or_flag(tmp_path):
     assert "no class folders in" in error("--dataset=imagefolder", f"--data_dir={root}", "--eval_split=empty")
     # One class: every prediction would be right ('accuracy 1.0000' said nothing).
     one = tmp_path / "one"
+    image = os.path.join(root, "train", "class_000", "train_000000.jpg")
     for split in ("train", "test"):
         os.makedirs(one / split / "cats")
-        for name in ("a", "b", "c"):
-            os.symlink(os.path.join(root, "train", "class_000", "train_000000.jpg"), one / split / "cats" / f"{name}.jpg")
+        for name in ("a.jpg", "b.jpg", "c.jpg"):
+            os.symlink(image, one / split / "cats" / name)
     assert "one class folder in" in error("--dataset=imagefolder", f"--data_dir={one}")
     # TFDS: an empty name, a --data_dir that does not exist (was: 'already prepared ... in TFRECORD format'),
     # an unknown name (was: TFDS's whole registry, 4,000 characters).
