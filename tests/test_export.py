@@ -163,6 +163,11 @@ def test_fuse_bn_errors():
         texport.fuse_bn(tiny_torch_resnet("dynamic"))
     with pytest.raises(ValueError, match="no 'params'"):
         jexport.fuse_batchnorm(jax_chain(), {"batch_stats": {}}, (1, 4, 4, 8))
+    # Params without batch_stats: was flax's ScopeCollectionNotFound from inside the trace.
+    chain = ConvBNChain((nn.Conv(4, (3, 3)),))
+    params = chain.init(jax.random.key(0), jnp.ones((1, 4, 4, 3)))["params"]
+    with pytest.raises(ValueError, match=r"fuse_batchnorm: variables hold the collections \['params'\].*batch_stats"):
+        jexport.fuse_batchnorm(chain, {"params": params}, (1, 4, 4, 3))
 
 
 # --------------------------------------------------------------------------- StableHLO
@@ -225,6 +230,26 @@ def test_stablehlo_single_layer_fixed_and_symbolic_batch():
         jexport.to_stablehlo(layer, variables, (None, 9, 4))
     with pytest.raises(ValueError):
         fixed(x[:2])  # a fixed-batch export rejects another batch size
+
+
+@pytest.mark.parametrize("option, value, message", [
+    ("temperature", "hot", "temperature='hot' must be a positive number"),   # was blamed on input_shape
+    ("temperature", np.ones(3), "temperature must be a scalar, got shape (3,)"),
+    ("temperature", [1.0, 2.0], "temperature must be a scalar, got shape (2,)"),
+    ("temperature", 0.0, "temperature=0.0 must be finite and > 0"),
+    ("temperature", True, "temperature=True is a bool"),
+    ("platforms", ("bogus",), "platforms=('bogus',) has unknown ['bogus']"),  # was a file that failed when called
+    ("platforms", "cpu", "platforms='cpu'; expected a non-empty tuple"),
+    ("platforms", (), "platforms=(); expected a non-empty tuple"),
+    ("platforms", ("cpu", "cpu"), "has a name twice")])
+def test_stablehlo_bad_options_are_named_before_tracing(monkeypatch, option, value, message):
+    layer = CondConv(6, (3, 3))
+    variables = layer.init(jax.random.key(1), jnp.ones((1, 9, 9, 4)))
+    monkeypatch.setattr(jax, "eval_shape", None)  # nothing is traced before the options are checked
+    with pytest.raises(ValueError) as info:
+        jexport.to_stablehlo(layer, variables, (None, 9, 9, 4), **{option: value})
+    assert str(info.value).startswith("to_stablehlo: ") and message in str(info.value), str(info.value)
+    assert "input_shape" not in str(info.value)
 
 
 # --------------------------------------------------------------------------- ONNX
@@ -297,6 +322,27 @@ def test_onnx_errors(tmp_path):
     (tmp_path / "truncated.onnx").write_bytes(data[: len(data) // 3])
     with pytest.raises(ValueError, match="not a valid ONNX model"):
         texport.onnx_session(tmp_path / "truncated.onnx")
+
+
+@needs_onnx
+def test_onnx_paths_and_train_mode_checks_come_first(tmp_path, monkeypatch):
+    """to_onnx checks its path before the tracing (a directory, a missing folder); check_onnx refuses a model in
+    training mode, which reported a false error of 0.86 on a ResNet and updated its BatchNorm running statistics."""
+    from dynconv_torch.export import onnx as onnx_export
+    layer = ODConv2d(8, 12, 3, padding=1, min_channel=4).eval()
+    with monkeypatch.context() as patch:
+        patch.setattr(onnx_export, "portable", None)  # the export's work: never reached
+        for path, words in [(tmp_path, "is a directory"), (tmp_path / "nope" / "a.onnx", "does not exist")]:
+            with pytest.raises(ValueError, match=f"to_onnx: path=.*{words}"):
+                texport.to_onnx(layer, path, (None, 8, 7, 6))
+    model = tiny_torch_resnet("dynamic").eval()
+    path = texport.to_onnx(model, tmp_path / "resnet.onnx", (None, 3, 16, 16))
+    model.train()
+    running = {name: b.clone() for name, b in model.named_buffers()}
+    with pytest.raises(ValueError, match="check_onnx: the model is in training mode"):
+        texport.check_onnx(model, path, torch.randn(4, 3, 16, 16))
+    assert all(torch.equal(b, running[name]) for name, b in model.named_buffers())
+    assert texport.check_onnx(model.eval(), path, torch.randn(4, 3, 16, 16)) <= 1e-5
 
 
 # --------------------------------------------------------------------------- CLI
