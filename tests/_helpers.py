@@ -1,7 +1,11 @@
 """Test helpers shared by several test files (import as ``from _helpers import ...``)."""
 from __future__ import annotations
 
+import shutil
+import subprocess
+
 import jax.numpy as jnp
+import pytest
 from jax import lax
 
 # Channels-last dimension numbers of lax.conv_general_dilated for 1-D, 2-D and 3-D convolutions.
@@ -29,3 +33,14 @@ def naive_dynamic_conv(x, experts, a, s, c, f, bias, *, strides, padding, dilati
             yb = yb + a[b] @ bias
         outs.append(yb)
     return jnp.stack(outs)
+
+
+def skip_without_private_tmpfs(mount, size: str) -> None:
+    """Skip the calling test unless a tmpfs of ``size`` can be mounted at ``mount`` in a private user and mount
+    namespace (``unshare -rm``): how the disk-full tests get a real full disk without privileges."""
+    if shutil.which("unshare") is None:
+        pytest.skip("unshare is not installed")
+    probe = subprocess.run(["unshare", "-rm", "sh", "-c", f"mount -t tmpfs -o size={size} tmpfs {mount}"],
+                           capture_output=True, text=True)
+    if probe.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here ({probe.stderr.strip()})")

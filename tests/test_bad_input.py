@@ -30,7 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from _helpers import naive_dynamic_conv
+from _helpers import naive_dynamic_conv, skip_without_private_tmpfs
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -192,12 +192,12 @@ def test_nonfinite_flags_name_the_flag(flag, value):
 
 def test_garbage_config_json_on_resume(tmp_path):
     from train.config import Config, UsageError, from_json
-    from train.loop import _check_resumable
+    from train.workdir import check_resumable
     for text, words in [("{not json", "is not valid JSON"), ("[1, 2]", "holds a JSON list"),
                         ('{"bogus_option": 1}', r"has unknown options \['bogus_option'\]")]:
         (tmp_path / "config.json").write_text(text)
         with pytest.raises(UsageError, match=rf"config.json {words}"):
-            _check_resumable(str(tmp_path), Config())
+            check_resumable(str(tmp_path), Config())
         with pytest.raises(UsageError, match=words):
             from_json(text)
 
@@ -463,12 +463,7 @@ def test_disk_full_on_a_small_tmpfs(tmp_path):
     """A real full disk: a 256 KiB tmpfs (mounted in a private user+mount namespace) holds one checkpoint, not two."""
     mount = tmp_path / "tmpfs"
     mount.mkdir()
-    if shutil.which("unshare") is None:
-        pytest.skip("unshare is not installed")
-    probe = subprocess.run(["unshare", "-rm", "sh", "-c", f"mount -t tmpfs -o size=256k tmpfs {mount}"],
-                           capture_output=True, text=True)
-    if probe.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here ({probe.stderr.strip()})")
+    skip_without_private_tmpfs(mount, "256k")
     script = f'mount -t tmpfs -o size=256k tmpfs "$1" && exec "{sys.executable}" -c "$2" "$1/run"'
     out = subprocess.run(["unshare", "-rm", "sh", "-c", script, "sh", str(mount), _DISK_FULL], cwd=ROOT,
                          capture_output=True, text=True, timeout=180)
