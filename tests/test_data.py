@@ -169,6 +169,12 @@ def test_bad_data_options_name_the_path_or_flag(tmp_path):
         for name in ("a.jpg", "b.jpg", "c.jpg"):
             os.symlink(image, one / split / "cats" / name)
     assert "one class folder in" in error("--dataset=imagefolder", f"--data_dir={one}")
+    # An eval split in which no image can be read: refused before training (was a ZeroDivisionError after it).
+    broken = folder(tmp_path / "broken", train=6, test=3)
+    for path in data.load_dataset(parse_args(["--dataset=imagefolder", f"--data_dir={broken}"])).eval.paths:
+        corrupt(path)
+    assert error("--dataset=imagefolder", f"--data_dir={broken}").startswith(
+        f"no image of the eval split 'test' ({os.path.join(broken, 'test')}) can be read (3 record(s) tried)")
     # TFDS: an empty name, a --data_dir that does not exist (was: 'already prepared ... in TFRECORD format'),
     # an unknown name (was: TFDS's whole registry, 4,000 characters).
     assert "--dataset='': name a data set" in error("--dataset=")
