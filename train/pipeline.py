@@ -28,7 +28,7 @@ from train.config import UsageError
 from train.data import Dataset
 from train.preprocess import DECODE_ERRORS
 from train.sources import MAX_CONSECUTIVE_BAD
-from train.worker_watchdog import WatchedIterator, exit_with_parent
+from train.worker_watchdog import WatchedIterator, worker_init
 
 # Salts that separate the random streams derived from the one user seed.
 _ORDER_STREAM, _AUGMENT_STREAM = 0, 1
@@ -154,7 +154,7 @@ class Pipeline:
             flags.FLAGS.mark_as_parsed()
         iterator = iterator.mp_prefetch(grain.MultiprocessingOptions(num_workers=self.workers,
                                                                      per_worker_buffer_size=2),
-                                        worker_init_fn=exit_with_parent)
+                                        worker_init_fn=worker_init)
         return WatchedIterator(iter(iterator), what)
 
     def train_dataset(self, total_steps: int):

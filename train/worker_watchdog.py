@@ -1,8 +1,9 @@
 """The grain workers' watchdogs, both ways: a dead training process leaves no worker behind, a dead worker never
 leaves the training process waiting.
 
-* In each worker, :func:`exit_with_parent` (grain's ``worker_init_fn``): a SIGKILLed or preempted training
-  process leaves no worker processes behind (grain's workers otherwise wait for a stop signal that never comes).
+* In each worker, :func:`worker_init` (grain's ``worker_init_fn``): a SIGKILLed training process leaves no worker
+  processes behind (grain's workers otherwise wait for a stop signal that never comes), and SIGTERM, a
+  preemption notice, is left to the training process.
 * In the training process, :class:`WatchedIterator` wraps the grain iterator: when a worker dies, ``next()``
   raises :class:`WorkerDied` naming the process, how it died (its exit status or signal) and the likely cause,
   within about a second. grain itself notices a worker that dies while it runs (its error is given the same
@@ -40,8 +41,16 @@ class WorkerDied(RuntimeError):
     """A grain data worker process died; the message names it, how it died and the likely cause."""
 
 
+def worker_init(worker_index: int, worker_count: int) -> None:
+    """grain's ``worker_init_fn``: :func:`exit_with_parent`, and SIGTERM ignored. A preemption notice sent to
+    every process of the job (SLURM, a shutting-down VM) must not end the workers before the training process
+    has saved its checkpoint (:mod:`train.preemption`); they stop when it stops them, or when it ends."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    exit_with_parent(worker_index, worker_count)
+
+
 def exit_with_parent(worker_index: int, worker_count: int) -> None:
-    """grain worker init (``worker_init_fn``): exit when the training process dies."""
+    """Exit this worker when the training process dies."""
     parent = os.getppid()
 
     def watch():
