@@ -210,6 +210,9 @@ def test_corrupt_checkpoint_falls_back(tmp_path, capfd):
     meta = json.loads(meta_file.read_text())
     meta["checksum"] = "0" * 64
     meta_file.write_text(json.dumps(meta))
+    # Without its summary, as if the run had stopped after its last checkpoint: --resume restores (with its
+    # summary, the finished run's --resume reports it complete and reads no checkpoint).
+    os.remove(work / "summary.json")
     result = train_and_evaluate(tiny(work, *args, "--resume"))
     err = capfd.readouterr()
     assert "checkpoint step 6" in err.err and "falling back to the previous checkpoint" in err.err
