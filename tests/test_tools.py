@@ -322,6 +322,12 @@ def test_ablation_runner_tiny_digits(tmp_path):
     assert (out / "K1" / "checkpoints").is_dir() and (out / "K2" / "checkpoints").is_dir()
     assert "| 2 |" in (out / "ablation.md").read_text()
     assert (out / "ablation.png").read_bytes()[:8] == PNG_MAGIC
+    # --resume over the finished sweep: each run is complete (its saved summary; nothing trained), same rows.
+    assert ablate.main(argv + ["--resume"]) == 0
+    with open(out / "ablation.csv") as f:
+        again = list(csv.DictReader(f))
+    assert [{k: r[k] for k in ("eval_accuracy", "params", "macs")} for r in again] == \
+        [{k: r[k] for k in ("eval_accuracy", "params", "macs")} for r in rows]
     assert ablate.main(["--ks", "1,x"]) == 2
 
 
