@@ -27,7 +27,7 @@ def main(argv=None):
                              "throughput of torch eager, ONNX Runtime, JAX jit and loaded StableHLO exports; "
                              "input: the grain input pipeline on generated JPEG folders (throughput, peak RSS, "
                              "data wait)")
-    parser.add_argument("--quick", action="store_true", help="a small subset (smoke test, ~2 minutes on CPU)")
+    parser.add_argument("--quick", action="store_true", help="a small subset (a smoke test; still minutes on CPU)")
     parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"),
                         help="directory for the JSON + Markdown results (default: benchmarks/results)")
     parser.add_argument("--repeats", type=int, default=None, help="timed rounds per candidate (median is reported)")

@@ -42,6 +42,9 @@ from dataclasses import dataclass
 from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Tuple
 
 import numpy as np
+from flax.core import meta, unfreeze
+
+from dynconv_jax.variables import is_nnx, linen_variables
 
 from dynconv_spec.paths import check_output_file
 
@@ -67,7 +70,19 @@ Path = Tuple[str, ...]  # ('params', 'layer1_0', 'conv1', 'kernel')
 
 
 class ConversionError(ValueError):
-    """A checkpoint does not fit its target. ``problems`` holds one line per problem."""
+    """A checkpoint does not fit its target. ``problems`` holds one line per problem.
+
+    Examples:
+      >>> import jax, jax.numpy as jnp, numpy as np
+      >>> from dynconv_jax import CondConv
+      >>> from dynconv_jax.convert import ConversionError, torch_to_flax
+      >>> template = jax.eval_shape(CondConv(8, (3, 3), num_experts=2).init, jax.random.key(0), jnp.ones((1, 4, 4, 4)))
+      >>> try:
+      ...     torch_to_flax({"weight": np.zeros((2, 288), np.float32)}, template)
+      ... except ConversionError as error:
+      ...     print(error.problems)
+      ["missing: flax params:routing_fn/bias [2] has no torch entry (expected 'routing_fn.bias')", "missing: flax params:routing_fn/kernel [4, 2] has no torch entry (expected 'routing_fn.weight')"]
+    """
 
     def __init__(self, message: str, problems: Iterable[str] = ()):
         self.problems = list(problems)
@@ -418,6 +433,14 @@ def load_state_dict(source) -> Dict[str, np.ndarray]:
     ``{'model': ..., 'optimizer': ...}``, ...), and ``module.`` (DataParallel / DDP) and ``_orig_mod.``
     (torch.compile) prefixes on every key are stripped, nested ones too. Meta-device tensors (no data)
     are refused.
+
+    Examples:
+      >>> import torch
+      >>> from dynconv_jax.convert import load_state_dict
+      >>> wrapped = {"state_dict": {"module.fc.weight": torch.ones(2, 3)}}   # a DataParallel training checkpoint
+      >>> state = load_state_dict(wrapped)
+      >>> list(state), type(state["fc.weight"]).__name__
+      (['fc.weight'], 'ndarray')
     """
     obj = source
     if isinstance(obj, (str, os.PathLike)):
@@ -458,18 +481,11 @@ def _flax_leaves(variables) -> Dict[Path, Any]:
     """``{('params', ..., leaf): leaf}`` for the ``params`` and ``batch_stats`` collections.
 
     ``variables`` is a Linen variables dict, or an NNX module or ``nnx.State`` (its ``nnx.Param``
-    and ``nnx.BatchStat`` variables, whose paths are the Linen ones, see :mod:`dynconv_jax.nnx.convert`).
+    and ``nnx.BatchStat`` variables, whose paths are the Linen ones, see :mod:`dynconv_jax.variables`).
     """
-    from dynconv_jax.nnx.convert import is_nnx, linen_variables
-
     if is_nnx(variables):
         variables = linen_variables(variables)
-    try:
-        from flax.core import meta, unfreeze
-
-        variables = meta.unbox(unfreeze(variables))
-    except ImportError:  # pragma: no cover - flax is a hard dependency of dynconv_jax
-        pass
+    variables = meta.unbox(unfreeze(variables))
     if not isinstance(variables, Mapping) or "params" not in variables:
         keys = list(variables) if isinstance(variables, Mapping) else type(variables).__name__
         raise ConversionError(f"the Flax variables/template must be a dict with a 'params' collection, got {keys}")
@@ -601,7 +617,14 @@ def _pair(
 
 
 def nonfinite_keys(state: Mapping[str, np.ndarray]) -> List[str]:
-    """Keys of floating-point entries holding NaN or Inf."""
+    """Keys of floating-point entries holding NaN or Inf.
+
+    Examples:
+      >>> import numpy as np
+      >>> from dynconv_jax.convert import nonfinite_keys
+      >>> nonfinite_keys({"a": np.ones(2), "b": np.array([1.0, np.nan]), "steps": np.array([3])})
+      ['b']
+    """
     return [k for k, v in state.items()
             if (np.issubdtype(v.dtype, np.floating) or v.dtype.name == "bfloat16")
             and not np.all(np.isfinite(v.astype(np.float32)))]
@@ -634,6 +657,18 @@ def torch_to_flax(source, template, allow_nonfinite: bool = False) -> Dict[str, 
 
     Raises :class:`ConversionError` naming every missing, unexpected, mis-shaped and
     wrong-dtype entry, and every entry with NaN/Inf unless ``allow_nonfinite``.
+
+    Examples:
+      >>> import jax, jax.numpy as jnp
+      >>> from dynconv_jax import ODConv
+      >>> from dynconv_jax.convert import torch_to_flax
+      >>> from dynconv_torch import ODConv2d
+      >>> torch_layer = ODConv2d(4, 8, 3, padding=1, kernel_num=2)        # or a state_dict, or a file
+      >>> layer = ODConv(features=8, kernel_size=(3, 3), num_experts=2)
+      >>> template = jax.eval_shape(layer.init, jax.random.key(0), jnp.ones((1, 8, 8, 4)))
+      >>> variables = torch_to_flax(torch_layer, template)
+      >>> variables['params']['kernel'].shape                             # torch [K, O, I, kh, kw]
+      (2, 3, 3, 4, 8)
     """
     state = load_state_dict(source)
     if not allow_nonfinite:
@@ -729,6 +764,16 @@ def flax_to_torch(variables, like=None, allow_nonfinite: bool = False) -> Dict[s
     :func:`torch_to_flax` refuses such a checkpoint, unless ``allow_nonfinite``.
 
     Returns torch tensors when torch is importable, else numpy arrays.
+
+    Examples:
+      >>> import jax, jax.numpy as jnp
+      >>> from dynconv_jax import DynamicConv
+      >>> from dynconv_jax.convert import flax_to_torch
+      >>> layer = DynamicConv(features=8, kernel_size=(3, 3), num_experts=2)
+      >>> variables = layer.init(jax.random.key(0), jnp.ones((1, 8, 8, 4)))
+      >>> state_dict = flax_to_torch(variables)
+      >>> tuple(state_dict["weight"].shape), sorted(state_dict)[:2]       # dynconv_torch.DynamicConv2d's names
+      ((2, 8, 4, 3, 3), ['attention.fc1.bias', 'attention.fc1.weight'])
     """
     arrays = _flax_to_numpy(variables, like, allow_nonfinite)
     try:
@@ -765,6 +810,18 @@ def save_safetensors(variables, path, like=None, metadata: Optional[Mapping[str,
 
     ``path`` (a file in an existing, writable folder) and ``metadata`` (``str -> str``) are checked
     before anything is converted (``ValueError``); the file is written atomically by safetensors.
+
+    Examples:
+      >>> import os, tempfile
+      >>> import jax, jax.numpy as jnp
+      >>> from safetensors.numpy import load_file
+      >>> from dynconv_jax import CondConv
+      >>> from dynconv_jax.convert import save_safetensors
+      >>> variables = CondConv(8, (3, 3), num_experts=2).init(jax.random.key(0), jnp.ones((1, 8, 8, 4)))
+      >>> path = os.path.join(tempfile.mkdtemp(), "layer.safetensors")
+      >>> save_safetensors(variables, path, metadata={"source": "example"})
+      >>> sorted(load_file(path))
+      ['routing_fn.bias', 'routing_fn.weight', 'weight']
     """
     from safetensors.numpy import save_file
 

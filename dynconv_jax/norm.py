@@ -153,15 +153,6 @@ class BatchNorm(nn.Module):
     ``mutable=['batch_stats']``. Unlike ``flax.linen.BatchNorm`` there is no ``momentum``:
     ``torch_momentum`` has PyTorch's meaning (``momentum=`` raises a ``TypeError`` explaining both).
 
-    >>> import jax, jax.numpy as jnp
-    >>> from dynconv_jax import BatchNorm
-    >>> x = jnp.arange(12.0).reshape(4, 3)
-    >>> bn = BatchNorm(use_running_average=False)
-    >>> variables = bn.init(jax.random.key(0), x)
-    >>> y, updates = bn.apply(variables, x, mutable=['batch_stats'])
-    >>> updates['batch_stats']['mean'].tolist()  # 0.9 * 0 + 0.1 * the batch mean
-    [0.45000001788139343, 0.550000011920929, 0.6500000357627869]
-
     Attributes:
       use_running_average: normalise with the running statistics (eval) instead of the
         batch statistics (train). May instead be passed to ``__call__``.
@@ -172,6 +163,18 @@ class BatchNorm(nn.Module):
       dtype: output dtype (default: promoted from input and params). Statistics are
         computed in at least float32 (float64 inputs stay float64).
       param_dtype: dtype of ``scale``/``bias`` and of the running statistics.
+
+    Examples:
+      >>> import jax, jax.numpy as jnp
+      >>> from dynconv_jax import BatchNorm
+      >>> bn = BatchNorm(use_running_average=False)
+      >>> x = jnp.arange(8.0).reshape(4, 2)
+      >>> variables = bn.init(jax.random.key(0), x)
+      >>> y, updates = bn.apply(variables, x, mutable=['batch_stats'])
+      >>> updates['batch_stats']['var']          # 0.9 * 1 + 0.1 * the unbiased batch variance, as PyTorch
+      Array([1.5666666, 1.5666666], dtype=float32)
+      >>> updates['batch_stats']['mean']         # 0.9 * 0 + 0.1 * the batch mean
+      Array([0.3, 0.4], dtype=float32)
     """
 
     use_running_average: Optional[bool] = None

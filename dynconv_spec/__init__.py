@@ -17,10 +17,18 @@ from .mobilenetv2 import INVERTED_RESIDUAL_SETTING, make_divisible, stage_settin
 from .registry import CONV_MODELS, EFFICIENTNET_CC_MODELS, MODEL_NAMES, ODCONV_MODELS, ModelRegistry, odconv_model_args
 from .resnet import BLOCK_EXPANSION, RESNET_ARCHS, stage_blocks
 
-try:
-    __version__ = metadata.version("dynconv")
-except metadata.PackageNotFoundError:  # imported from a checkout that was never installed
-    __version__ = "0+unknown"
+
+
+def _installed_version() -> str:
+    try:
+        return metadata.version("dynconv")
+    except metadata.PackageNotFoundError:  # imported from a checkout that was never installed
+        return "0+unknown"
+
+
+__version__ = _installed_version()
+"""The installed distribution's version (``dynconv``), the same for all three packages (``'0+unknown'`` in a
+checkout that was never installed)."""
 
 __all__ = ["__version__", "ATTENTION_NORMS", "CONV_TYPES", "MAX_EXPERT_BANK_PARAMETERS", "OFFICIAL_ODCONV_SPELLINGS",
            "REDUCTION_TYPES", "RESERVED_CONV_OPTIONS", "STEMS", "TEMPERATURE_FLOOR", "check_attention_norm",

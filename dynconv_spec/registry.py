@@ -19,12 +19,9 @@ from .args import one_spelling
 from .efficientnet_cc import VARIANTS
 from .resnet import RESNET_ARCHS
 
-#: Models whose blocks take ``conv='static'|'condconv'|'dynamic'|'odconv'`` (and ``num_experts``,
-#: ``reduction``, ``stem``, ``conv_options``, ...): the ResNets and MobileNetV2.
 CONV_MODELS = (*RESNET_ARCHS, "mobilenet_v2")
-#: The official OSVAI/ODConv entry points (``models/od_resnet.py``, ``models/od_mobilenetv2.py``):
-#: name -> (the conv model it is, with ``conv='odconv'``, and its fixed arguments). They take the
-#: official ``kernel_num`` (or ``num_experts``; default 1) and ``reduction`` (default 1/16).
+"""Models whose blocks take ``conv='static'|'condconv'|'dynamic'|'odconv'`` (and ``num_experts``, ``reduction``,
+``stem``, ``conv_options``, ...): the ResNets and MobileNetV2."""
 ODCONV_MODELS: Dict[str, tuple] = {
     "od_resnet18": ("resnet18", {}),
     "od_resnet34": ("resnet34", {}),
@@ -34,10 +31,13 @@ ODCONV_MODELS: Dict[str, tuple] = {
     "od_mobilenetv2_075": ("mobilenet_v2", {"width_mult": 0.75}),
     "od_mobilenetv2_100": ("mobilenet_v2", {"width_mult": 1.0}),
 }
-#: timm's EfficientNet-CondConv entry points.
+"""The official OSVAI/ODConv entry points (``models/od_resnet.py``, ``models/od_mobilenetv2.py``): name -> (the
+conv model it is, with ``conv='odconv'``, and its fixed arguments). They take the official ``kernel_num``
+(or ``num_experts``; default 1) and ``reduction`` (default 1/16)."""
 EFFICIENTNET_CC_MODELS = tuple(VARIANTS)
-#: Every registered name, in both frameworks.
+"""timm's EfficientNet-CondConv entry points."""
 MODEL_NAMES = CONV_MODELS + tuple(ODCONV_MODELS) + EFFICIENTNET_CC_MODELS
+"""Every registered name, in both frameworks."""
 
 
 def odconv_model_args(name: str, kernel_num: Optional[int] = None, reduction: float = 0.0625, *,
@@ -47,6 +47,11 @@ def odconv_model_args(name: str, kernel_num: Optional[int] = None, reduction: fl
     The experts: the official ``kernel_num`` or this library's ``num_experts`` (one of them; default 1, the
     official default); ``kwargs`` are further arguments of the ResNet / MobileNetV2 (``num_classes``,
     ``dropout``, ``stem``, ``conv_options``, ...).
+
+    Examples:
+      >>> from dynconv_spec import odconv_model_args
+      >>> odconv_model_args("od_mobilenetv2_050", kernel_num=4)
+      {'conv': 'odconv', 'num_experts': 4, 'reduction': 0.0625, 'width_mult': 0.5}
     """
     _, fixed = ODCONV_MODELS[name]
     clash = sorted({"conv", *fixed} & set(kwargs))
@@ -57,14 +62,32 @@ def odconv_model_args(name: str, kernel_num: Optional[int] = None, reduction: fl
 
 
 class ModelRegistry:
-    """Entry points by name for one framework (``where``, e.g. ``'dynconv_torch.models'``)."""
+    """Entry points by name for one framework (``where``, e.g. ``'dynconv_torch.models'``).
+
+    Examples:
+      >>> from dynconv_spec import ModelRegistry
+      >>> registry = ModelRegistry("mylib.models")
+      >>> @registry.register
+      ... def resnet18(**kwargs):          # a name of MODEL_NAMES
+      ...     return ("my resnet18", kwargs)
+      >>> registry.names("res*"), registry.create("resnet18", num_classes=10)
+      (['resnet18'], ('my resnet18', {'num_classes': 10}))
+    """
 
     def __init__(self, where: str):
         self.where = where
         self._entry_points: Dict[str, Callable[..., Any]] = {}
 
     def register(self, entry_point: Callable[..., Any]) -> Callable[..., Any]:
-        """Decorator: register ``entry_point`` under its ``__name__`` (one of :data:`MODEL_NAMES`)."""
+        """Decorator: register ``entry_point`` under its ``__name__`` (one of :data:`MODEL_NAMES`).
+
+        Examples:
+          >>> from dynconv_spec import ModelRegistry
+          >>> registry = ModelRegistry("mylib.models")
+          >>> registry.register(lambda **kwargs: None)
+          Traceback (most recent call last):
+          ValueError: ...
+        """
         name = entry_point.__name__
         if name not in MODEL_NAMES:
             raise ValueError(f"{self.where}: {name!r} is not a model name of dynconv_spec.registry.MODEL_NAMES; "
@@ -75,11 +98,24 @@ class ModelRegistry:
         return entry_point
 
     def names(self, pattern: Optional[str] = None) -> List[str]:
-        """The registered names, sorted; ``pattern`` filters them shell-style (``'od_*'``)."""
+        """The registered names, sorted; ``pattern`` filters them shell-style (``'od_*'``).
+
+        Examples:
+          >>> import dynconv_jax.models as jm
+          >>> jm.list_models("od_resnet*")              # the registry's names, as list_models
+          ['od_resnet101', 'od_resnet18', 'od_resnet34', 'od_resnet50']
+        """
         return sorted(n for n in self._entry_points if pattern is None or fnmatch.fnmatchcase(n, pattern))
 
     def create(self, name: str, **kwargs: Any) -> Any:
-        """Build the model ``name`` with the entry point's keyword arguments."""
+        """Build the model ``name`` with the entry point's keyword arguments.
+
+        Examples:
+          >>> import dynconv_jax.models as jm
+          >>> model = jm.create_model("resnet18", conv="odconv", num_experts=4, num_classes=10)
+          >>> model.conv, model.num_experts, model.num_classes
+          ('odconv', 4, 10)
+        """
         if name not in self._entry_points:
             raise ValueError(f"{self.where}: unknown model {name!r}; known models: {', '.join(self.names())}")
         return self._entry_points[name](**kwargs)

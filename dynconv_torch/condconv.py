@@ -39,6 +39,15 @@ class CondConv2d(DynamicLayerMixin, nn.Module):
     kernel flattened in row-major order), ``bias [K, O]`` if ``bias``, ``routing_fn.weight [K, I]``
     and ``routing_fn.bias [K]`` unless ``external_routing``. ``load_state_dict`` also accepts a
     ``[K, O, I/g, kh, kw]`` weight (a pre-hook flattens it).
+
+    Examples:
+      >>> import torch
+      >>> from dynconv_torch import CondConv2d
+      >>> layer = CondConv2d(4, 8, 3, padding=1, num_experts=3)
+      >>> layer.weight.shape                      # timm's layout: [K, O * I/g * kh * kw]
+      torch.Size([3, 288])
+      >>> layer(torch.ones(2, 4, 16, 16)).shape
+      torch.Size([2, 8, 16, 16])
     """
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0, dilation=1,

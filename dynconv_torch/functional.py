@@ -23,7 +23,6 @@ from torch import Tensor, nn
 
 import dynconv_spec
 
-IntPair = Union[int, Tuple[int, int]]
 Padding = Union[str, int, Tuple[int, int]]
 
 PADDING_STRINGS = ("same", "valid")

@@ -31,6 +31,14 @@ class ODConvAttention(nn.Module):
     kernel [B, K] | None)``; ``None`` marks a skipped attention (the constant 1): filter for a
     depthwise convolution (``in == groups == out``), spatial for a 1x1 kernel, kernel for K == 1.
     The skipped heads have no parameters, as in the official code.
+
+    Examples:
+      >>> import torch
+      >>> from dynconv_torch import ODConvAttention
+      >>> attention = ODConvAttention(16, 32, (3, 3), groups=1, attention_channels=16, kernel_num=4).eval()
+      >>> channel, filter, spatial, kernel = attention(torch.randn(2, 16, 8, 8), temperature=1.0)
+      >>> kernel.shape, kernel.sum(1).allclose(torch.ones(2))     # softmax over the K experts
+      (torch.Size([2, 4]), True)
     """
 
     def __init__(self, in_planes: int, out_planes: int, kernel_size: Tuple[int, int], groups: int,
@@ -133,6 +141,15 @@ class ODConv2d(DynamicLayerMixin, nn.Module):
 
     The attention BatchNorm normalises over the batch in training, so a training-mode batch
     needs at least two samples (a ValueError says so).
+
+    Examples:
+      >>> import torch
+      >>> from dynconv_torch import ODConv2d
+      >>> layer = ODConv2d(16, 32, 3, padding=1, kernel_num=4)   # the official OSVAI/ODConv arguments
+      >>> layer.weight.shape                                     # [K, O, I/g, kh, kw]
+      torch.Size([4, 32, 16, 3, 3])
+      >>> layer(torch.ones(2, 16, 8, 8)).shape
+      torch.Size([2, 32, 8, 8])
     """
 
     def __init__(self, in_planes: Optional[int] = None, out_planes: Optional[int] = None, kernel_size=None,

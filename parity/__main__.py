@@ -43,7 +43,7 @@ def _parser(families: List[str]) -> argparse.ArgumentParser:
                    help="only cases whose name contains one of these comma-separated substrings")
     p.add_argument("--steps", type=int, default=None,
                    help="training steps of every case (default: each case's own, e.g. 20 for layers, 100 for models)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of every case's weights and inputs (default: 0)")
     p.add_argument("--report", default=None, metavar="DIR", help="write parity.json and parity.md to DIR")
     p.add_argument("--list", action="store_true", help="list the selected cases and exit")
     p.add_argument("--api", choices=("linen", "nnx"), default="linen",

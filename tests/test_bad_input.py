@@ -1,9 +1,9 @@
-"""Bad input and faults (issue 18, docs/reliability.md): every case gets a clear error that names
+"""Bad input and faults (docs/reliability.md): every case gets a clear error that names
 the argument, file or layer, or the right behaviour; nothing silently wrong; no intact
 checkpoint is ever set aside.
 
 Earlier error tests stay beside the code they test (test_jax_layers, test_torch_layers,
-test_convert, test_train, test_tools); this module holds the cases of issue 18, the
+test_convert, test_train, test_tools); this module holds the other bad-input cases, the
 checkpoint faults (SIGKILL and disk full during a write) and a property test over layer
 configurations.
 

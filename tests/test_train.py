@@ -54,8 +54,8 @@ def test_cli_overrides_and_errors():
         ("dynamic", 32, 1.5, True, False)
     for args, words in [(["--conv=foo"], "--conv='foo'"), (["--batch_size=abc"], "integer"),
                         (["--bogus=1"], "unknown option --bogus"), (["--batch_size=0"], "> 0"),
-                        (["--label_smoothing=1.0"], "[0, 1)"), (["epochs"], "--key=value"),
-                        (["--conv"], "needs a value"),
+                        (["--label_smoothing=1.0"], "[0, 1)"), (["epochs"], "unrecognized arguments: epochs"),
+                        (["--conv"], "--conv: expected one argument"),
                         (["--attention_bn_init=1.0"], "applies to --conv=odconv only"),
                         (["--conv=odconv", "--attention_bn_init=0"], "> 0"),
                         (["--attention_norm=layer"], "applies to --conv=odconv only"),

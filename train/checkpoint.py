@@ -45,10 +45,12 @@ import shutil
 import sys
 from typing import Any, Dict, List, Optional, Tuple
 
+import grain
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
 from flax import serialization
+from jax.experimental import multihost_utils
 
 
 class CheckpointError(RuntimeError):
@@ -125,8 +127,6 @@ def _same_kind(a: np.dtype, b: np.dtype) -> bool:
 def _sync(name: str) -> None:
     """A barrier over all processes (nothing with one process)."""
     if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
-
         multihost_utils.sync_global_devices(name)
 
 
@@ -172,8 +172,6 @@ class Checkpointer:
         self.manager = None
         self._pending: Optional[int] = None  # the step whose write may still run in the background
         # Handlers registered up front: a fresh manager then also reads the array metadata.
-        import grain
-
         handlers = {"state": ocp.StandardCheckpointHandler(), "meta": ocp.JsonCheckpointHandler(),
                     "data": grain.checkpoint.CheckpointHandler()}
         if read_only:
@@ -220,8 +218,6 @@ class Checkpointer:
         meta = dict(meta, step=int(step), checksum=tree_checksum(host_state))
         items = dict(state=ocp.args.StandardSave(host_state), meta=ocp.args.JsonSave(meta))
         if data_iterator is not None:
-            import grain
-
             # grain's handler is synchronous: the iterator's state is written before save() returns.
             items["data"] = grain.checkpoint.CheckpointSave(data_iterator)
         self._pending = step
@@ -369,8 +365,6 @@ class Checkpointer:
     def restore_data(self, step: int, data_iterator) -> bool:
         """Set ``data_iterator`` (a grain iterator) to the state saved at ``step``; False when that checkpoint
         has no data state this iterator can take (none saved, another process count or worker count)."""
-        import grain
-
         try:
             self.manager.restore(step, args=ocp.args.Composite(data=grain.checkpoint.CheckpointRestore(data_iterator)))
         except Exception as error:  # absent item, missing per-process file, state of another iterator layout

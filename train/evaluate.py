@@ -21,6 +21,9 @@ import numpy as np
 
 from train.config import UsageError
 
+# JAX, TFDS, PIL and the models are imported in the functions that use them: --help and a usage error
+# answer without loading them.
+
 
 def preprocess(image: np.ndarray, input_size: int, crop_pct: float, mean: Sequence[float], std: Sequence[float]):
     """uint8 ``[H, W, C]`` -> float32 ``[input_size, input_size, 3]`` (timm's center-crop eval transform)."""
@@ -103,10 +106,10 @@ def main(argv=None) -> int:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True, help="e.g. tf_efficientnet_cc_b0_4e")
     p.add_argument("--checkpoint", required=True, help="PyTorch checkpoint: .bin/.pth/.pt/.safetensors")
-    p.add_argument("--dataset", default="imagenet2012")
-    p.add_argument("--split", default="validation")
-    p.add_argument("--data_dir", default=None)
-    p.add_argument("--batch_size", type=int, default=64)
+    p.add_argument("--dataset", default="imagenet2012", help="TFDS data set (default: imagenet2012)")
+    p.add_argument("--split", default="validation", help="TFDS split to evaluate (default: validation)")
+    p.add_argument("--data_dir", default=None, help="TFDS data_dir of the prepared data set (default: TFDS's)")
+    p.add_argument("--batch_size", type=int, default=64, help="images per evaluation batch (default: 64)")
     p.add_argument("--num_examples", type=int, default=None, help="evaluate only the first N examples")
     p.add_argument("--input_size", type=int, default=None, help="override the model's input size")
     p.add_argument("--crop_pct", type=float, default=None, help="override the model's crop fraction")

@@ -14,18 +14,17 @@ from typing import List, Optional, Sequence, Tuple
 
 import jax
 
+from dynconv_jax.inspect import collect_attentions, plot_all
 from dynconv_spec.paths import check_output_dir
-from train.config import UsageError
+from train import checkpoint as ckpt_lib
+from train import data as data_lib
+from train import steps
+from train.config import UsageError, from_json
+from train.pipeline import Pipeline
 
 
 def load_run(workdir: str):
     """``(config, model, variables, dataset, temperature, step)`` of the newest checkpoint in ``workdir``."""
-    from train import checkpoint as ckpt_lib
-    from train import data as data_lib
-    from train import steps
-    from train.pipeline import Pipeline
-    from train.config import from_json
-
     config_path = os.path.join(workdir, "config.json")
     if not os.path.isfile(config_path):
         raise FileNotFoundError(f"{config_path} not found: --workdir must be the directory of a `python -m train` run")
@@ -70,8 +69,6 @@ def check_plot_args(out_dir: str, num_samples: int) -> None:
 def plot_run(workdir: str, out_dir: str, num_samples: int = 32) -> Tuple[List[str], str]:
     """Write the attention plots of the run in ``workdir`` to ``out_dir``; returns ``(paths, summary line)``.
     The arguments are checked (:func:`check_plot_args`) before the run is loaded."""
-    from dynconv_jax.inspect import collect_attentions, plot_all
-
     check_plot_args(out_dir, num_samples)
     config, model, variables, dataset, temperature, step = load_run(workdir)
     images = dataset.eval_examples(num_samples)
@@ -88,8 +85,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--out", required=True, help="directory for the PNG files")
     parser.add_argument("--num_samples", type=int, default=32, help="evaluation images to route (default 32)")
     args = parser.parse_args(argv)
-    from train import checkpoint as ckpt_lib
-
     try:
         check_plot_args(args.out, args.num_samples)
     except UsageError as error:

@@ -99,7 +99,7 @@ class TfdsSource:
     """A split of a TFDS dataset prepared as ArrayRecord, read with ``tfds.data_source``."""
 
     def __init__(self, name: str, split: str, data_dir: Optional[str]):
-        import tensorflow_datasets as tfds
+        import tensorflow_datasets as tfds  # here: seconds to import, and only TFDS datasets need it
 
         self.name, self.split = name, split
         if data_dir is not None and not os.path.isdir(data_dir):

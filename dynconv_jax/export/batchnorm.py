@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from dynconv_jax import BatchNorm, CondConv, DynamicConv, ODConv
+from dynconv_jax.variables import is_nnx, linen_variables
 
 # The modules whose calls conv_batchnorm_pairs records: the convs, and the BatchNorms that may follow one.
 CONV_TYPES = (nn.Conv, CondConv, DynamicConv, ODConv)
@@ -44,6 +45,22 @@ def conv_batchnorm_pairs(model: nn.Module, variables, input_shape: Optional[Sequ
     and matching the array each BatchNorm call receives with the array a conv call returned
     (``flax.linen.Conv``, CondConv, DynamicConv or ODConv). A conv whose output also feeds
     another module is left alone. Paths are module scope paths (``('layer1_0', 'conv1')``).
+
+    Examples:
+      >>> import jax, jax.numpy as jnp
+      >>> from flax import linen as nn
+      >>> from dynconv_jax import BatchNorm, DynamicConv
+      >>> class Net(nn.Module):
+      ...     @nn.compact
+      ...     def __call__(self, x, train=False, temperature=None):
+      ...         x = DynamicConv(8, (3, 3), num_experts=2, name="conv")(x, train=train, temperature=temperature)
+      ...         x = BatchNorm(use_running_average=not train, name="bn")(x)
+      ...         return nn.Dense(10, name="fc")(x.mean((1, 2)))
+      >>> model = Net()
+      >>> variables = model.init(jax.random.key(0), jnp.zeros((1, 16, 16, 3)))
+      >>> from dynconv_jax.export import conv_batchnorm_pairs
+      >>> conv_batchnorm_pairs(model, variables, (1, 16, 16, 3))
+      ((('conv',), ('bn',), 1e-05),)
     """
     convs, norms = CONV_TYPES, NORM_TYPES
     calls = []  # (module, its input, its output), in call order; the arrays kept alive for `is`
@@ -106,6 +123,24 @@ def fuse_batchnorm(model: nn.Module, variables, input_shape: Optional[Sequence[i
       input_shape: an input shape to trace the model with (default ``(1, 32, 32, model.in_channels)``).
 
     Returns the fused variables (a new tree; ``variables`` is not modified).
+
+    Examples:
+      >>> import jax, jax.numpy as jnp
+      >>> from flax import linen as nn
+      >>> from dynconv_jax import BatchNorm, DynamicConv
+      >>> class Net(nn.Module):
+      ...     @nn.compact
+      ...     def __call__(self, x, train=False, temperature=None):
+      ...         x = DynamicConv(8, (3, 3), num_experts=2, name="conv")(x, train=train, temperature=temperature)
+      ...         x = BatchNorm(use_running_average=not train, name="bn")(x)
+      ...         return nn.Dense(10, name="fc")(x.mean((1, 2)))
+      >>> model = Net()
+      >>> variables = model.init(jax.random.key(0), jnp.zeros((1, 16, 16, 3)))
+      >>> from dynconv_jax.export import fuse_batchnorm
+      >>> x = jax.random.normal(jax.random.key(1), (2, 16, 16, 3))
+      >>> fused = fuse_batchnorm(model, variables, (1, 16, 16, 3))                   # same model, new variables
+      >>> bool(jnp.allclose(model.apply(fused, x), model.apply(variables, x), atol=1e-5))
+      True
     """
     variables = as_linen_variables(model, variables, "fuse_batchnorm")
     if "params" not in variables:
@@ -142,8 +177,6 @@ def fuse_batchnorm(model: nn.Module, variables, input_shape: Optional[Sequence[i
 def as_linen_variables(model, variables, where: str):
     """``variables`` as a Linen variables dict: an NNX module or ``nnx.State`` of the same parameter tree
     (:mod:`dynconv_jax.nnx`) is read with :func:`dynconv_jax.nnx.linen_variables`; ``model`` must be Linen."""
-    from dynconv_jax.nnx.convert import is_nnx, linen_variables
-
     if is_nnx(model):
         raise TypeError(f"{where}: model is an NNX module ({type(model).__name__}); pass its Linen twin as model "
                         f"(same arguments, e.g. dynconv_jax.models.resnet18 for dynconv_jax.nnx.models.resnet18) "

@@ -98,6 +98,17 @@ def to_stablehlo(model: nn.Module, variables, input_shape: Sequence[Optional[int
         (default: the current backend).
 
     Returns the serialised module (bytes: a header and a checksum, then ``jax.export``'s payload).
+
+    Examples:
+      >>> import jax, jax.numpy as jnp
+      >>> from dynconv_jax import DynamicConv
+      >>> model = DynamicConv(features=10, kernel_size=(3, 3), num_experts=2)
+      >>> variables = model.init(jax.random.key(0), jnp.zeros((1, 16, 16, 3)))
+      >>> from dynconv_jax.export import to_stablehlo, load_stablehlo
+      >>> blob = to_stablehlo(model, variables, (None, 16, 16, 3))                  # a symbolic batch
+      >>> serve = load_stablehlo(blob)
+      >>> serve(jnp.zeros((5, 16, 16, 3))).shape
+      (5, 16, 16, 10)
     """
     shape = _check_serving_shape(input_shape, "to_stablehlo")
     _check_serving_options(temperature, platforms)
@@ -129,6 +140,7 @@ def to_stablehlo(model: nn.Module, variables, input_shape: Sequence[Optional[int
 # A serialised export: this header, the SHA-256 of the jax.export payload, the payload. The
 # digest catches a corrupted weight, which the payload's own format would load silently.
 STABLEHLO_MAGIC = b"dynconv.stablehlo.v1\n"
+"""The first bytes of every :func:`to_stablehlo` file (a format version; :func:`load_stablehlo` checks it)."""
 
 
 def load_stablehlo(blob: Union[bytes, bytearray, str, os.PathLike]) -> Callable[[jax.Array], jax.Array]:
@@ -137,6 +149,19 @@ def load_stablehlo(blob: Union[bytes, bytearray, str, os.PathLike]) -> Callable[
     Needs neither the model's code nor its variables (they are in the module). Raises
     ValueError for a file or bytes that are not such an export or whose checksum does not
     match (corrupted).
+
+    Examples:
+      >>> import jax, jax.numpy as jnp
+      >>> from dynconv_jax import DynamicConv
+      >>> model = DynamicConv(features=10, kernel_size=(3, 3), num_experts=2)
+      >>> variables = model.init(jax.random.key(0), jnp.zeros((1, 16, 16, 3)))
+      >>> import os, tempfile
+      >>> from dynconv_jax.export import to_stablehlo, load_stablehlo
+      >>> path = os.path.join(tempfile.mkdtemp(), "model.stablehlo")
+      >>> with open(path, "wb") as f:
+      ...     _ = f.write(to_stablehlo(model, variables, (None, 16, 16, 3)))
+      >>> load_stablehlo(path)(jnp.zeros((2, 16, 16, 3))).shape                    # no model code needed
+      (2, 16, 16, 10)
     """
     source = "blob"
     if isinstance(blob, (str, os.PathLike)):

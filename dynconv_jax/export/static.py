@@ -40,7 +40,19 @@ from dynconv_jax.odconv import ODConv
 
 
 class StaticExport(NamedTuple):
-    """A plain conv and its variables: ``module.apply(variables, x)``."""
+    """A plain conv and its variables: ``module.apply(variables, x)``.
+
+    Examples:
+      >>> import jax, jax.numpy as jnp
+      >>> from dynconv_jax import ODConv
+      >>> layer = ODConv(features=8, kernel_size=(3, 3), num_experts=3)
+      >>> x = jax.random.normal(jax.random.key(0), (1, 8, 8, 4))
+      >>> variables = layer.init(jax.random.key(1), x)
+      >>> from dynconv_jax.export import StaticExport, export_static
+      >>> exported = export_static(layer, variables, x)
+      >>> isinstance(exported, StaticExport), type(exported.module).__name__, sorted(exported.variables['params'])
+      (True, 'Conv', ['kernel'])
+    """
 
     module: nn.Conv
     variables: Dict[str, Any]
@@ -53,6 +65,17 @@ class AverageExport(NamedTuple):
     calibration set (maxima over every sample, position and channel).
     ``attentions`` are the averaged attentions that were folded (``reduce='attention'``)
     or None (``reduce='kernel'``).
+
+    Examples:
+      >>> import jax, jax.numpy as jnp
+      >>> from dynconv_jax import ODConv
+      >>> layer = ODConv(features=8, kernel_size=(3, 3), num_experts=3)
+      >>> x = jax.random.normal(jax.random.key(0), (1, 8, 8, 4))
+      >>> variables = layer.init(jax.random.key(1), x)
+      >>> from dynconv_jax.export import AverageExport, export_average
+      >>> result = export_average(layer, variables, jax.random.normal(jax.random.key(2), (16, 8, 8, 4)))
+      >>> isinstance(result, AverageExport), result.module.apply(result.variables, x).shape
+      (True, (1, 8, 8, 8))
     """
 
     module: nn.Conv
@@ -75,6 +98,17 @@ def layer_attentions(intermediates: Mapping[str, Any]) -> Dict[str, jax.Array]:
     ``layer.apply(..., mutable=['intermediates'])``): leaves are tuples of sown values.
     Returns ``{name: array [B, ...]}`` for the names in :data:`ATTENTION_NAMES` that are
     present (skipped ODConv attentions are absent and mean the constant 1).
+
+    Examples:
+      >>> import jax, jax.numpy as jnp
+      >>> from dynconv_jax import ODConv
+      >>> layer = ODConv(features=8, kernel_size=(3, 3), num_experts=3)
+      >>> x = jax.random.normal(jax.random.key(0), (1, 8, 8, 4))
+      >>> variables = layer.init(jax.random.key(1), x)
+      >>> from dynconv_jax.export import layer_attentions
+      >>> _, state = layer.apply(variables, x, mutable=['intermediates'])
+      >>> sorted((name, a.shape) for name, a in layer_attentions(state['intermediates']).items())
+      [('channel_attention', (1, 4)), ('filter_attention', (1, 8)), ('kernel_attention', (1, 3)), ('spatial_attention', (1, 3, 3))]
     """
     out = {}
     for name in ATTENTION_NAMES:
@@ -104,6 +138,14 @@ def fold_attentions(experts, attentions: Mapping[str, jax.Array], *, groups: int
       expert_bias: ``[K, Cout]`` or None.
 
     Returns ``(kernel [*k, Cin/g, Cout], bias [Cout] or None)``.
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> from dynconv_jax.export import fold_attentions
+      >>> experts = jnp.stack([jnp.ones((1, 1, 2, 2)), 3 * jnp.ones((1, 1, 2, 2))])    # [K, *k, Cin, Cout]
+      >>> kernel, bias = fold_attentions(experts, {"kernel_attention": jnp.array([0.5, 0.5])})
+      >>> kernel.shape, float(kernel[0, 0, 0, 0]), bias
+      ((1, 1, 2, 2), 2.0, None)
     """
     a = attentions["kernel_attention"]
 
@@ -170,6 +212,18 @@ def export_static(module, variables, x, *, temperature: Optional[float] = None, 
       routing_weights: ``[1, K]`` for a CondConv with ``external_routing``.
 
     Returns a :class:`StaticExport` ``(module, variables)``.
+
+    Examples:
+      >>> import jax, jax.numpy as jnp
+      >>> from dynconv_jax import ODConv
+      >>> layer = ODConv(features=8, kernel_size=(3, 3), num_experts=3)
+      >>> x = jax.random.normal(jax.random.key(0), (1, 8, 8, 4))
+      >>> variables = layer.init(jax.random.key(1), x)
+      >>> from dynconv_jax.export import export_static
+      >>> conv, conv_variables = export_static(layer, variables, x)          # a plain flax nn.Conv
+      >>> y = conv.apply(conv_variables, x)
+      >>> float(jnp.abs(y - layer.apply(variables, x)).max()) < 1e-5         # exact for this input
+      True
     """
     _check_layer(module)
     experts = variables["params"]["kernel"]
@@ -208,7 +262,9 @@ def export_average(module, variables, calibration_x, *, reduce: str = "attention
     on inputs unlike the calibration set.
 
     Args:
-      module, variables, temperature: as for :func:`export_static`.
+      module: as for :func:`export_static`.
+      variables: as for :func:`export_static`.
+      temperature: as for :func:`export_static`.
       calibration_x: ``[N, *S, Cin]``.
       reduce: ``'attention'`` or ``'kernel'``.
       batch_size: calibration samples per forward pass (``reduce='kernel'`` holds
@@ -216,6 +272,18 @@ def export_average(module, variables, calibration_x, *, reduce: str = "attention
       routing_weights: ``[N, K]`` for a CondConv with ``external_routing``.
 
     Returns an :class:`AverageExport` ``(module, variables, relative_error, attentions)``.
+
+    Examples:
+      >>> import jax, jax.numpy as jnp
+      >>> from dynconv_jax import ODConv
+      >>> layer = ODConv(features=8, kernel_size=(3, 3), num_experts=3)
+      >>> x = jax.random.normal(jax.random.key(0), (1, 8, 8, 4))
+      >>> variables = layer.init(jax.random.key(1), x)
+      >>> from dynconv_jax.export import export_average
+      >>> calibration = jax.random.normal(jax.random.key(2), (16, 8, 8, 4))
+      >>> result = export_average(layer, variables, calibration, reduce="attention")
+      >>> result.relative_error > 0, result.attentions['kernel_attention'].shape    # an approximation; its error
+      (True, (3,))
     """
     _check_layer(module)
     _check_calibration(variables, calibration_x, reduce)

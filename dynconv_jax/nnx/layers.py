@@ -71,6 +71,15 @@ class BatchNorm(nnx.Module):
       epsilon: added to the variance.
       dtype: output dtype (default: promoted from input and params).
       param_dtype: dtype of ``scale``/``bias`` and of the running statistics.
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> from flax import nnx
+      >>> from dynconv_jax.nnx import BatchNorm
+      >>> bn = BatchNorm(2, rngs=nnx.Rngs(0))
+      >>> y = bn(jnp.arange(8.0).reshape(4, 2))      # training mode: normalised with the batch statistics
+      >>> bn.var[...]                                # 0.9 * 1 + 0.1 * the unbiased batch variance
+      Array([1.5666666, 1.5666666], dtype=float32)
     """
 
     def __init__(self, num_features: int, *, use_running_average: bool = False, axis: int = -1,
@@ -219,6 +228,16 @@ class CondConv(DynamicConvBase):
       routing_dropout: dropout rate on the pooled input of the routing function in training
         (the ``dropout`` stream of ``rngs``, or its default stream).
       external_routing: take the routing weights ``[B, K]`` from the caller.
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> from flax import nnx
+      >>> from dynconv_jax.nnx import CondConv
+      >>> layer = CondConv(4, 8, (3, 3), num_experts=3, rngs=nnx.Rngs(0))  # as nnx.Conv(in, out, kernel_size)
+      >>> layer.kernel[...].shape
+      (3, 3, 3, 4, 8)
+      >>> layer(jnp.ones((2, 8, 8, 4))).shape
+      (2, 8, 8, 8)
     """
 
     def __init__(self, in_features: int, out_features: int, kernel_size: Union[int, Sequence[int]],
@@ -287,6 +306,14 @@ class DynamicConv(DynamicConvBase):
       use_bias: per-expert bias, mixed with the attention (default True, as the paper).
       bias_init: initializer of the ``[K, O]`` bias; None = PyTorch's U(±1/sqrt(fan_in)).
       reduction, min_channels: hidden width of the attention MLP.
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> from flax import nnx
+      >>> from dynconv_jax.nnx import DynamicConv
+      >>> layer = DynamicConv(4, 8, (3, 3), num_experts=3, rngs=nnx.Rngs(0))
+      >>> layer(jnp.ones((2, 8, 8, 4)), temperature=30.0).shape
+      (2, 8, 8, 8)
     """
 
     def __init__(self, in_features: int, out_features: int, kernel_size: Union[int, Sequence[int]],
@@ -369,6 +396,17 @@ class ODConv(DynamicConvBase):
         batch size) or ``'none'``, as the Linen :class:`dynconv_jax.ODConv`.
       attention_bn_init: initial scale (γ) of the attention normalisation; 0.1 by default, 1.0 is the
         official code's init (see the Linen :class:`dynconv_jax.ODConv` and docs/training.md).
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> from flax import nnx
+      >>> from dynconv_jax.nnx import ODConv
+      >>> layer = ODConv(4, 8, (3, 3), num_experts=3, rngs=nnx.Rngs(0))
+      >>> y = layer(jnp.ones((2, 8, 8, 4)), temperature=30.0)   # training mode: batch statistics
+      >>> layer.eval()                                          # running statistics from now on
+      >>> y, inter = nnx.capture(layer, nnx.Intermediate)(jnp.ones((2, 8, 8, 4)))
+      >>> inter['kernel_attention'][0].shape                    # [B, K]
+      (2, 3)
     """
 
     def __init__(self, in_features: int, out_features: int, kernel_size: Union[int, Sequence[int]],

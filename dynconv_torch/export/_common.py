@@ -10,6 +10,7 @@ from ..dynamic_conv import DynamicConv2d
 from ..odconv import ODConv2d
 
 DYNAMIC_LAYERS = (CondConv2d, DynamicConv2d, ODConv2d)
+"""The dynamic layer classes the exports replace (what :func:`~dynconv_torch.export.portable` wraps)."""
 
 
 def check_layer(layer: nn.Module, what: str) -> None:
@@ -29,7 +30,15 @@ def check_eval(model: nn.Module, what: str) -> None:
 
 
 def experts_oihw(layer: nn.Module) -> Tensor:
-    """The expert kernels as ``[K, O, I/g, kh, kw]`` (CondConv2d stores them flattened, timm layout)."""
+    """The expert kernels as ``[K, O, I/g, kh, kw]`` (CondConv2d stores them flattened, timm layout).
+
+    Examples:
+      >>> from dynconv_torch import CondConv2d
+      >>> from dynconv_torch.export import experts_oihw
+      >>> layer = CondConv2d(4, 8, 3, num_experts=3)
+      >>> tuple(layer.weight.shape), tuple(experts_oihw(layer).shape)      # timm's flat layout, unflattened
+      ((3, 288), (3, 8, 4, 3, 3))
+    """
     if isinstance(layer, CondConv2d):
         return layer.weight.view((layer.num_experts,) + layer.weight_shape)
     return layer.weight

@@ -23,7 +23,14 @@ from ._common import DYNAMIC_LAYERS, check_eval, expert_bias_of, experts_oihw, s
 
 
 class ChannelBias(nn.Module):
-    """``x + bias[None, :, None, None]``: what is left of a BatchNorm folded into a conv without a bias slot."""
+    """``x + bias[None, :, None, None]``: what is left of a BatchNorm folded into a conv without a bias slot.
+
+    Examples:
+      >>> import torch
+      >>> from dynconv_torch.export import ChannelBias
+      >>> ChannelBias(torch.tensor([1.0, -1.0]))(torch.zeros(1, 2, 1, 1)).flatten()
+      tensor([ 1., -1.])
+    """
 
     def __init__(self, bias: Tensor):
         super().__init__()
@@ -45,6 +52,14 @@ def conv_batchnorm_pairs(model: nn.Module) -> Tuple[Tuple[str, str], ...]:
 
     Found by ``torch.fx`` symbolic tracing with convs (``nn.Conv2d`` and the dynamic layers,
     subclasses included) and BatchNorms kept as leaves; a model fx cannot trace raises.
+
+    Examples:
+      >>> import torch
+      >>> from dynconv_torch.models import resnet18
+      >>> model = resnet18(conv="odconv", num_experts=2, stem="cifar", base_width=4, num_classes=10).eval()
+      >>> from dynconv_torch.export import conv_batchnorm_pairs
+      >>> conv_batchnorm_pairs(model)[:2]
+      (('conv1', 'bn1'), ('layer1.0.conv1', 'layer1.0.bn1'))
     """
     if isinstance(model, (nn.Conv2d, nn.BatchNorm2d) + DYNAMIC_LAYERS):
         return ()
@@ -74,6 +89,16 @@ def fuse_bn(model: nn.Module) -> nn.Module:
     computes the same function as ``model`` up to float rounding (≤ 1e-12 relative in
     float64, tested for the three layers, ResNet, MobileNetV2 and EfficientNet-CondConv); the
     BatchNorms become ``nn.Identity`` or :class:`ChannelBias`. ``model`` is not modified.
+
+    Examples:
+      >>> import torch
+      >>> from dynconv_torch.models import resnet18
+      >>> model = resnet18(conv="odconv", num_experts=2, stem="cifar", base_width=4, num_classes=10).eval()
+      >>> from dynconv_torch.export import fuse_bn
+      >>> x = torch.randn(2, 3, 16, 16)
+      >>> fused = fuse_bn(model)                                        # a copy; model untouched
+      >>> torch.allclose(fused(x), model(x), atol=1e-5)
+      True
     """
     check_eval(model, "fuse_bn")
     fused = copy.deepcopy(model)

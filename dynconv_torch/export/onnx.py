@@ -20,6 +20,7 @@ from .portable import portable
 
 # Opsets the export is tested with (torch's exporter, onnxruntime); the default is the newest.
 ONNX_OPSETS = tuple(range(17, 21))
+"""The ONNX opsets :func:`~dynconv_torch.export.to_onnx` accepts (tested with onnxruntime)."""
 
 
 def _check_input_shape(input_shape, what: str) -> Tuple[Optional[int], int, int, int]:
@@ -50,6 +51,17 @@ def to_onnx(model: nn.Module, path: Union[str, os.PathLike], input_shape: Sequen
       formulation: 'matmul' or 'experts' (see :class:`PortableDynamicConv`).
 
     Returns the path written. Needs ``onnx`` (``pip install 'dynconv[export]'``).
+
+    Examples:
+      >>> import torch
+      >>> from dynconv_torch import ODConv2d
+      >>> layer = ODConv2d(4, 8, 3, padding=1, kernel_num=3).eval()
+      >>> x = torch.randn(1, 4, 8, 8)
+      >>> import os, tempfile
+      >>> from dynconv_torch.export import to_onnx, check_onnx
+      >>> path = to_onnx(layer, os.path.join(tempfile.mkdtemp(), "layer.onnx"), (None, 4, 8, 8))
+      >>> check_onnx(layer, path, torch.randn(3, 4, 8, 8)) < 1e-5     # any batch size
+      True
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"to_onnx: expected a torch.nn.Module, got {type(model).__name__}")
@@ -80,7 +92,19 @@ def to_onnx(model: nn.Module, path: Union[str, os.PathLike], input_shape: Sequen
 
 
 def onnx_session(path: Union[str, os.PathLike], threads: Optional[int] = None):
-    """An ``onnxruntime.InferenceSession`` on CPU for ``path``; a ValueError names a file that is not a valid model."""
+    """An ``onnxruntime.InferenceSession`` on CPU for ``path``; a ValueError names a file that is not a valid model.
+
+    Examples:
+      >>> import torch
+      >>> from dynconv_torch import ODConv2d
+      >>> layer = ODConv2d(4, 8, 3, padding=1, kernel_num=3).eval()
+      >>> x = torch.randn(1, 4, 8, 8)
+      >>> import os, tempfile
+      >>> from dynconv_torch.export import to_onnx, onnx_session
+      >>> session = onnx_session(to_onnx(layer, os.path.join(tempfile.mkdtemp(), "layer.onnx"), (None, 4, 8, 8)))
+      >>> session.run(None, {"input": x.numpy()})[0].shape
+      (1, 8, 8, 8)
+    """
     import onnxruntime as ort
 
     path = os.fspath(path)
@@ -102,7 +126,19 @@ def check_onnx(model: nn.Module, path: Union[str, os.PathLike], x: Tensor, sessi
     """``max|onnxruntime(x) - model(x)| / max|model(x)|`` for the eval-mode ``model`` and its export at ``path``.
 
     A model in training mode is refused: it would compare batch statistics with the export's running ones (a
-    false error) and update the caller's BatchNorm running statistics."""
+    false error) and update the caller's BatchNorm running statistics.
+
+    Examples:
+      >>> import torch
+      >>> from dynconv_torch import ODConv2d
+      >>> layer = ODConv2d(4, 8, 3, padding=1, kernel_num=3).eval()
+      >>> x = torch.randn(1, 4, 8, 8)
+      >>> import os, tempfile
+      >>> from dynconv_torch.export import to_onnx, check_onnx
+      >>> path = to_onnx(layer, os.path.join(tempfile.mkdtemp(), "layer.onnx"), (2, 4, 8, 8))   # a fixed batch of 2
+      >>> check_onnx(layer, path, torch.randn(2, 4, 8, 8)) < 1e-5          # max|ORT - eager| / max|eager|
+      True
+    """
     check_eval(model, "check_onnx")
     session = session or onnx_session(path)
     expected = model(x.float()).numpy()

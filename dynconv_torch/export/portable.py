@@ -21,6 +21,8 @@ from .static import fold_attentions
 
 
 FORMULATIONS = ("matmul", "experts")
+"""How a :class:`PortableDynamicConv` computes: ``'matmul'`` (per-sample kernels, batched matmuls over im2col
+patches) or ``'experts'`` (one static conv of all experts, then the attention-weighted sum)."""
 
 
 def _explicit_padding(layer: nn.Module) -> Tuple[int, int, int, int]:
@@ -55,6 +57,14 @@ def batched_conv2d(x: Tensor, weight: Tensor, bias: Optional[Tensor], stride, di
     depthwise conv): no operator's attributes depend on the batch size, unlike the
     folded-batch grouped conv of :func:`dynconv_torch.functional.per_sample_conv2d`.
     bias: ``[B, O]`` or None. Returns ``[B, O, H', W']``.
+
+    Examples:
+      >>> import torch
+      >>> from dynconv_torch.export import batched_conv2d
+      >>> x = torch.ones(2, 1, 3, 3)
+      >>> weight = torch.stack([torch.ones(1, 1, 3, 3), 2 * torch.ones(1, 1, 3, 3)])   # [B, O, I, kh, kw]
+      >>> batched_conv2d(x, weight, None, stride=(1, 1), dilation=(1, 1), groups=1).flatten()
+      tensor([ 9., 18.])
     """
     out_channels, in_per_group, kh, kw = weight.shape[1:]
     patches, out_h, out_w = _patches(x, (kh, kw), stride, dilation)  # [B, I, T, L]
@@ -84,6 +94,16 @@ class PortableDynamicConv(nn.Module):
       spatial attention (ODConv with a kernel larger than 1x1): such a layer uses 'matmul'.
 
     ``forward(x, routing_weights=None)`` takes the layer's arguments.
+
+    Examples:
+      >>> import torch
+      >>> from dynconv_torch import ODConv2d
+      >>> layer = ODConv2d(4, 8, 3, padding=1, kernel_num=3).eval()
+      >>> x = torch.randn(1, 4, 8, 8)
+      >>> from dynconv_torch.export import PortableDynamicConv
+      >>> portable_layer = PortableDynamicConv(layer)                  # batch-independent operations only
+      >>> torch.allclose(portable_layer(x), layer(x), atol=1e-5)
+      True
     """
 
     def __init__(self, layer: nn.Module, formulation: str = "matmul"):
@@ -133,7 +153,17 @@ class PortableDynamicConv(nn.Module):
 
 
 def portable(model: nn.Module, formulation: str = "matmul") -> nn.Module:
-    """A copy of ``model`` with every dynamic layer wrapped in :class:`PortableDynamicConv` (same function)."""
+    """A copy of ``model`` with every dynamic layer wrapped in :class:`PortableDynamicConv` (same function).
+
+    Examples:
+      >>> import torch
+      >>> from dynconv_torch.models import resnet18
+      >>> model = resnet18(conv="odconv", num_experts=2, stem="cifar", base_width=4, num_classes=10).eval()
+      >>> from dynconv_torch.export import portable
+      >>> x = torch.randn(2, 3, 16, 16)
+      >>> torch.allclose(portable(model)(x), model(x), atol=1e-5)
+      True
+    """
     if isinstance(model, DYNAMIC_LAYERS):
         return PortableDynamicConv(copy.deepcopy(model), formulation)
     out = copy.deepcopy(model)

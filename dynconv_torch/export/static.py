@@ -34,6 +34,16 @@ class AverageExport(NamedTuple):
     ``relative_error`` is ``max|y_static - y_dynamic| / max|y_dynamic|`` over the whole
     calibration set. ``attentions`` are the averaged attentions that were folded
     (``reduce='attention'``) or None (``reduce='kernel'``).
+
+    Examples:
+      >>> import torch
+      >>> from dynconv_torch import ODConv2d
+      >>> layer = ODConv2d(4, 8, 3, padding=1, kernel_num=3).eval()
+      >>> x = torch.randn(1, 4, 8, 8)
+      >>> from dynconv_torch.export import AverageExport, export_average
+      >>> result = export_average(layer, torch.randn(16, 4, 8, 8), reduce="kernel")
+      >>> isinstance(result, AverageExport), result.attentions is None
+      (True, True)
     """
 
     module: nn.Conv2d
@@ -48,6 +58,17 @@ def fold_attentions(experts: Tensor, attentions: Dict[str, Tensor], groups: int,
     returns them): ``kernel_attention [B, K]`` and optionally ``spatial_attention [B, kh, kw]``,
     ``channel_attention [B, I]``, ``filter_attention [B, O]``; expert_bias: ``[K, O]`` or None.
     Returns ``(weight [B, O, I/g, kh, kw], bias [B, O] or None)``.
+
+    Examples:
+      >>> import torch
+      >>> from dynconv_torch import ODConv2d
+      >>> layer = ODConv2d(4, 8, 3, padding=1, kernel_num=3).eval()
+      >>> x = torch.randn(1, 4, 8, 8)
+      >>> from dynconv_torch.export import experts_oihw, fold_attentions
+      >>> with torch.no_grad():
+      ...     kernels, biases = fold_attentions(experts_oihw(layer), layer.attentions(x), groups=1, expert_bias=None)
+      >>> tuple(kernels.shape), biases                                   # one folded kernel per sample
+      ((1, 8, 4, 3, 3), None)
     """
     a = attentions["kernel_attention"].to(experts.dtype)
     weight = aggregate_experts(a, experts)  # [B, O, I/g, kh, kw]
@@ -95,6 +116,16 @@ def export_static(layer: nn.Module, x: Tensor, routing_weights: Optional[Tensor]
 
     x: ``[1, I, H, W]`` or ``[I, H, W]``; routing_weights: ``[1, K]`` for a CondConv2d with
     ``external_routing``.
+
+    Examples:
+      >>> import torch
+      >>> from dynconv_torch import ODConv2d
+      >>> layer = ODConv2d(4, 8, 3, padding=1, kernel_num=3).eval()
+      >>> x = torch.randn(1, 4, 8, 8)
+      >>> from dynconv_torch.export import export_static
+      >>> conv = export_static(layer, x)                                  # a plain nn.Conv2d
+      >>> type(conv).__name__, torch.allclose(conv(x), layer(x), atol=1e-5)
+      ('Conv2d', True)
     """
     check_layer(layer, "export_static")
     if x.dim() == 3:
@@ -121,6 +152,16 @@ def export_average(layer: nn.Module, calibration_x: Tensor, *, reduce: str = "at
 
     calibration_x: ``[N, I, H, W]``; routing_weights: ``[N, K]`` with ``external_routing``.
     ``reduce='kernel'`` holds ``batch_size`` folded kernels in memory at once.
+
+    Examples:
+      >>> import torch
+      >>> from dynconv_torch import ODConv2d
+      >>> layer = ODConv2d(4, 8, 3, padding=1, kernel_num=3).eval()
+      >>> x = torch.randn(1, 4, 8, 8)
+      >>> from dynconv_torch.export import export_average
+      >>> result = export_average(layer, torch.randn(16, 4, 8, 8))
+      >>> type(result.module).__name__, result.relative_error > 0      # an approximation, with its measured error
+      ('Conv2d', True)
     """
     check_layer(layer, "export_average")
     _check_calibration(calibration_x, reduce)
