@@ -386,6 +386,17 @@ def _dead(watchdog, exclude):
     return found
 
 
+def _spawned_workers(pids):
+    """The ``multiprocessing`` spawn workers among ``pids`` (their command line runs ``spawn_main``)."""
+    def command(pid):
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                return f.read()
+        except OSError:
+            return b""
+    return {pid for pid in pids if b"spawn_main" in command(pid)}
+
+
 def _next_within(iterator, seconds):
     """``next(iterator)`` in a thread: its batch or its exception, or TimeoutError if it hangs."""
     import concurrent.futures
@@ -409,7 +420,7 @@ def test_a_killed_worker_ends_the_pipeline_with_a_clear_error(monkeypatch):
     iterator = pipeline.train_iterator(10_000)
     try:
         assert int(_next_within(iterator, 300)["step"][0]) == 0
-        (worker,) = watchdog.child_processes() - before
+        (worker,) = _spawned_workers(watchdog.child_processes() - before)  # not multiprocessing's resource tracker
         os.kill(worker, signal.SIGKILL)
         with pytest.raises(watchdog.WorkerDied) as info:
             for _ in range(10):  # the batches already prefetched, then the error
