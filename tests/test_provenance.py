@@ -23,8 +23,8 @@ PROVENANCE = {
     "a date": re.compile(rf"\b(19|20)\d\d-[01]\d\b|\b({MONTHS}) (\d{{1,2}}, )?(19|20)\d\d\b"),
     "a clock time": re.compile(r"\bUTC\b|\b[0-2]\d:[0-5]\d[–-][0-2]\d:[0-5]\d\b"),
     "a machine description": re.compile(
-        r"\bVMs?\b|\bthis (machine|computer|host|box)\b|\b(project|development|shared) machine\b"
-        r"|\b\d+-core\b|\bXeon\b|\bEPYC\b|\blscpu\b|\bload average\b", re.IGNORECASE),
+        r"\bVMs?\b|(?i:\bthis (machine|computer|host|box)\b|\b(project|development|shared) machine\b"
+        r"|\b\d+-core\b|\bXeon\b|\bEPYC\b|\blscpu\b|\bload average\b)"),
     "a measured run time": re.compile(r"\b\d+ min \d+ s\b"),
     # 7 to 40 hex digits with a digit and a letter in them: what `git log --oneline` prints
     "a commit hash": re.compile(r"\b(?=[0-9a-f]*\d)(?=[0-9a-f]*[a-f])[0-9a-f]{7,40}\b"),
