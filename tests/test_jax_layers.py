@@ -598,7 +598,7 @@ def test_bad_dtypes_bools_and_sizes_name_the_layer(kind, kwargs, match):
 @pytest.mark.parametrize("kind", list(LAYERS))
 def test_concrete_temperature_is_checked_inside_a_trace(kind):
     """A Python or NumPy temperature is concrete even under jit (a closure constant, a static argument):
-    it is checked as in eager mode. Only a traced T is clamped (tests/test_bad_input.py)."""
+    it is checked as in eager mode. Only a traced T is clamped (tests/test_layer_checks.py)."""
     layer = LAYERS[kind](4, (3, 3))
     x = jnp.ones((2, 5, 5, 4))
     shapes = jax.eval_shape(layer.init, jax.random.key(0), x)
