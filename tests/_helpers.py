@@ -4,7 +4,9 @@ from __future__ import annotations
 import shutil
 import subprocess
 
+import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 from jax import lax
 
@@ -33,6 +35,19 @@ def naive_dynamic_conv(x, experts, a, s, c, f, bias, *, strides, padding, dilati
             yb = yb + a[b] @ bias
         outs.append(yb)
     return jnp.stack(outs)
+
+
+def random_variables(layer, x, seed=0):
+    """N(0, 1) parameters (BatchNorm variance 1) drawn by NumPy in the shapes ``jax.eval_shape`` gives
+    (the layer's validation runs while tracing; no init is compiled)."""
+    rng = np.random.default_rng(seed)
+
+    def draw(path, leaf):
+        if jax.tree_util.keystr(path).endswith("['var']"):
+            return jnp.ones(leaf.shape, leaf.dtype)
+        return jnp.asarray(rng.normal(size=leaf.shape), leaf.dtype)
+
+    return jax.tree_util.tree_map_with_path(draw, jax.eval_shape(layer.init, jax.random.key(seed), x))
 
 
 def skip_without_private_tmpfs(mount, size: str) -> None:

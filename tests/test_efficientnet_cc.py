@@ -92,16 +92,14 @@ def _parity(name, dtype, shape=(2, 3, 67, 61)):
     return np.abs(out - ref).max() / np.abs(ref).max()
 
 
-def test_parity_float64_tf_port_odd_input():
+def test_parity_float64_tf_port_odd_input(float64):
     # Measured 1.8e-15 (67x61 input: TF 'SAME' pads stride-2 convs asymmetrically).
-    with jax.enable_x64(True):
-        assert _parity("tf_efficientnet_cc_b0_4e", "float64") <= 1e-10
+    assert _parity("tf_efficientnet_cc_b0_4e", "float64") <= 1e-10
 
 
-def test_parity_float64_pytorch_padding_8_experts():
+def test_parity_float64_pytorch_padding_8_experts(float64):
     # Measured 1.8e-13: the randomized 8-expert network amplifies rounding more than the 4-expert one.
-    with jax.enable_x64(True):
-        assert _parity("efficientnet_cc_b0_8e", "float64", shape=(2, 3, 64, 64)) <= 1e-10
+    assert _parity("efficientnet_cc_b0_8e", "float64", shape=(2, 3, 64, 64)) <= 1e-10
 
 
 def test_parity_float32():

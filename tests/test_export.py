@@ -81,50 +81,47 @@ def tiny_torch_resnet(conv):
 
 
 # --------------------------------------------------------------------------- BatchNorm folding
-def test_fuse_batchnorm_flax_layers_exact():
-    with jax.enable_x64(True):
-        model = jax_chain()
-        x = jax.random.normal(jax.random.key(0), (5, 7, 6, 8), jnp.float64)
-        variables = randomize(jax.jit(model.init)(jax.random.key(1), x), jax.random.key(2))
-        pairs = jexport.conv_batchnorm_pairs(model, variables, x.shape)
-        assert [(c, b) for c, b, _ in pairs] == [((f"convs_{i}",), (f"bn{i}",)) for i in range(4)]
-        fused = jexport.fuse_batchnorm(model, variables, x.shape)
-        apply = jax.jit(lambda v, x: model.apply(v, x, temperature=1.7))
-        assert rel_err(apply(fused, x), apply(variables, x)) <= 1e-12
-        for i in range(4):
-            name = f"convs_{i}"
-            np.testing.assert_array_equal(fused["params"][f"bn{i}"]["scale"], 1.0)
-            np.testing.assert_array_equal(fused["batch_stats"][f"bn{i}"]["mean"], 0.0)
-            # the conv weights did change: the fold is not the identity
-            assert rel_err(fused["params"][name]["kernel"], variables["params"][name]["kernel"]) > 1e-3
+def test_fuse_batchnorm_flax_layers_exact(float64):
+    model = jax_chain()
+    x = jax.random.normal(jax.random.key(0), (5, 7, 6, 8), jnp.float64)
+    variables = randomize(jax.jit(model.init)(jax.random.key(1), x), jax.random.key(2))
+    pairs = jexport.conv_batchnorm_pairs(model, variables, x.shape)
+    assert [(c, b) for c, b, _ in pairs] == [((f"convs_{i}",), (f"bn{i}",)) for i in range(4)]
+    fused = jexport.fuse_batchnorm(model, variables, x.shape)
+    apply = jax.jit(lambda v, x: model.apply(v, x, temperature=1.7))
+    assert rel_err(apply(fused, x), apply(variables, x)) <= 1e-12
+    for i in range(4):
+        name = f"convs_{i}"
+        np.testing.assert_array_equal(fused["params"][f"bn{i}"]["scale"], 1.0)
+        np.testing.assert_array_equal(fused["batch_stats"][f"bn{i}"]["mean"], 0.0)
+        # the conv weights did change: the fold is not the identity
+        assert rel_err(fused["params"][name]["kernel"], variables["params"][name]["kernel"]) > 1e-3
 
 
-def test_fuse_batchnorm_flax_model_exact():
-    with jax.enable_x64(True):
-        model = JaxResNet(block="basic", layers=(1, 1, 1, 1), conv="odconv", base_width=4, num_classes=5,
-                          stem="cifar", param_dtype=jnp.float64)
-        x = jax.random.normal(jax.random.key(0), (3, 8, 8, 3), jnp.float64)
-        variables = randomize(jax.jit(model.init)(jax.random.key(1), x), jax.random.key(2), scale=0.2)
-        pairs = jexport.conv_batchnorm_pairs(model, variables)
-        # stem, 2 per block, 3 downsample shortcuts
-        assert len(pairs) == 1 + 2 * 4 + 3
-        fused = jexport.fuse_batchnorm(model, variables)
-        apply = jax.jit(lambda v, x: model.apply(v, x))
-        assert rel_err(apply(fused, x), apply(variables, x)) <= 1e-12
+def test_fuse_batchnorm_flax_model_exact(float64):
+    model = JaxResNet(block="basic", layers=(1, 1, 1, 1), conv="odconv", base_width=4, num_classes=5,
+                      stem="cifar", param_dtype=jnp.float64)
+    x = jax.random.normal(jax.random.key(0), (3, 8, 8, 3), jnp.float64)
+    variables = randomize(jax.jit(model.init)(jax.random.key(1), x), jax.random.key(2), scale=0.2)
+    pairs = jexport.conv_batchnorm_pairs(model, variables)
+    # stem, 2 per block, 3 downsample shortcuts
+    assert len(pairs) == 1 + 2 * 4 + 3
+    fused = jexport.fuse_batchnorm(model, variables)
+    apply = jax.jit(lambda v, x: model.apply(v, x))
+    assert rel_err(apply(fused, x), apply(variables, x)) <= 1e-12
 
 
-def test_train_export_jax_logits_batches_with_a_padded_last_batch():
+def test_train_export_jax_logits_batches_with_a_padded_last_batch(float64):
     from train.export import jax_logits
 
-    with jax.enable_x64(True):
-        model = jax_chain()
-        x = jax.random.normal(jax.random.key(0), (5, 8, 8, 8), jnp.float64)
-        variables = randomize(jax.jit(model.init)(jax.random.key(1), x), jax.random.key(2), scale=0.2)
-        whole = np.asarray(model.apply(variables, x), np.float32)
-        for batch_size in (2, 5, 256):  # padded last batch, exact fit, fewer images than a batch
-            logits = jax_logits(model, variables, np.asarray(x), temperature=None, batch_size=batch_size)
-            assert logits.shape == whole.shape and logits.dtype == np.float32
-            np.testing.assert_allclose(logits, whole, rtol=1e-6, atol=1e-6)
+    model = jax_chain()
+    x = jax.random.normal(jax.random.key(0), (5, 8, 8, 8), jnp.float64)
+    variables = randomize(jax.jit(model.init)(jax.random.key(1), x), jax.random.key(2), scale=0.2)
+    whole = np.asarray(model.apply(variables, x), np.float32)
+    for batch_size in (2, 5, 256):  # padded last batch, exact fit, fewer images than a batch
+        logits = jax_logits(model, variables, np.asarray(x), temperature=None, batch_size=batch_size)
+        assert logits.shape == whole.shape and logits.dtype == np.float32
+        np.testing.assert_allclose(logits, whole, rtol=1e-6, atol=1e-6)
 
 
 @pytest.mark.parametrize("kind", sorted(torch_layers()))

@@ -21,12 +21,11 @@ import torch
 from flax import linen as nn
 from flax.traverse_util import flatten_dict
 
-from dynconv_jax import CondConv, DynamicConv, ODConv
+from dynconv_jax import CondConv, DynamicConv, ODConv, summary
 from dynconv_jax import models as jm
-from dynconv_jax import summary
 from dynconv_jax.convert import torch_module_to_flax, torch_to_flax
-from dynconv_torch import CondConv2d, DynamicConv2d, ODConv2d
 from dynconv_spec import CONV_TYPES
+from dynconv_torch import CondConv2d, DynamicConv2d, ODConv2d
 from dynconv_torch import models as tm
 
 CONVS = CONV_TYPES
@@ -279,3 +278,14 @@ def test_summary_cli_prints_table(capsys):
     static, odconv = OFFICIAL["resnet18"]["num_params"], OFFICIAL["od_resnet18_k4"]["num_params"]
     assert f"| {static / 1e6:.2f} M | 1.00 |" in rows[0]
     assert f"| {odconv / 1e6:.2f} M | {odconv / static:.2f} |" in rows[1]
+
+
+def test_models_refuse_num_classes_zero():
+    from dynconv_jax import models as jax_models
+    from dynconv_torch import models as torch_models
+    for name in ("resnet18", "mobilenet_v2"):
+        for bad in (0, -1, 2.0, True):
+            with pytest.raises(ValueError, match=r"num_classes=.* must be an int >= 1"):
+                getattr(jax_models, name)(num_classes=bad)
+            with pytest.raises(ValueError, match=r"num_classes=.* must be an int >= 1"):
+                getattr(torch_models, name)(num_classes=bad)

@@ -31,13 +31,8 @@ from test_jax_layers import GRID, randomize, rel_err
 
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _x64():
-    """float64 for this module only: a global switch would leak into the other tests of the worker process."""
-    previous = jax.config.jax_enable_x64
-    jax.config.update("jax_enable_x64", True)
-    yield
-    jax.config.update("jax_enable_x64", previous)
+# float64 throughout (the conftest fixture: switched on and off around each test, not for the worker process).
+pytestmark = pytest.mark.usefixtures("float64")
 
 
 KINDS = ("condconv", "dynamic", "odconv")

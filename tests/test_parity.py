@@ -119,38 +119,34 @@ def test_models(name, dtype):
     assert {r.check for r in rows} == set(CASE_CHECKS if full else FORWARD_CHECKS)
 
 
-def test_harness_detects_a_wrong_weight():
+def test_harness_detects_a_wrong_weight(float64):
     """The harness must be able to fail: perturb one converted parameter and the rows fail."""
-    import jax
 
     from parity import harness
 
     case = CASES["dynamic/i8o16k3s1p1d1g1K4"]
-    with jax.enable_x64(True):
-        pair = harness._Pair(case, "float64", 0)
-        bias = pair.variables["params"]["attention"]["fc2"]["bias"]
-        bias[0] += 1e-6  # one expert's logit (a shift of all logits would leave the softmax unchanged)
-        rows = harness._rows_for(pair, ("forward_eval",), SGD, 0)
+    pair = harness._Pair(case, "float64", 0)
+    bias = pair.variables["params"]["attention"]["fc2"]["bias"]
+    bias[0] += 1e-6  # one expert's logit (a shift of all logits would leave the softmax unchanged)
+    rows = harness._rows_for(pair, ("forward_eval",), SGD, 0)
     assert rows and not rows[0].passed and rows[0].max_rel > 1e-9
 
 
-def test_model_harness_detects_a_wrong_weight():
+def test_model_harness_detects_a_wrong_weight(float64):
     """At the (looser) model tolerances a 1e-6 change of one converted ODConv attention
     weight deep in the network still fails, in eval and in train mode."""
-    import jax
 
     from parity import harness
 
     case = CASES[f"resnet18/odconv-K4-cifar-T{MODEL_TEMPERATURE['odconv']:g}"]
-    with jax.enable_x64(True):
-        pair = harness._Pair(case, "float64", 0)
-        bias = pair.variables["params"]["layer4_1"]["conv2"]["attention"]["kernel_fc"]["bias"]
-        bias[0] += 1e-6  # one expert's logit bias (zero at init)
-        rows = harness._rows_for(pair, ("forward_eval", "forward_train"), SGD, 0)
+    pair = harness._Pair(case, "float64", 0)
+    bias = pair.variables["params"]["layer4_1"]["conv2"]["attention"]["kernel_fc"]["bias"]
+    bias[0] += 1e-6  # one expert's logit bias (zero at init)
+    rows = harness._rows_for(pair, ("forward_eval", "forward_train"), SGD, 0)
     assert len(rows) == 2 and not any(r.passed for r in rows), "\n" + format_table(rows)
 
 
-def test_optax_chain_is_torch_sgd_and_order_matters():
+def test_optax_chain_is_torch_sgd_and_order_matters(float64):
     """add_decayed_weights before sgd(momentum) is torch.optim.SGD(weight_decay, momentum)."""
     rng = np.random.default_rng(0)
     p0 = rng.standard_normal(5)
@@ -166,16 +162,14 @@ def test_optax_chain_is_torch_sgd_and_order_matters():
             p = optax.apply_updates(p, u)
         return np.asarray(p)
 
-    import jax
 
     for g in grads:
         pt.grad = torch.tensor(g)
         opt.step()
     ref = pt.detach().numpy()
-    with jax.enable_x64(True):
-        ours = run(optax.chain(optax.add_decayed_weights(wd), optax.sgd(lr, momentum=mom)))
-        decay_after_momentum = run(optax.chain(optax.trace(decay=mom), optax.add_decayed_weights(wd),
-                                               optax.scale(-lr)))
+    ours = run(optax.chain(optax.add_decayed_weights(wd), optax.sgd(lr, momentum=mom)))
+    decay_after_momentum = run(optax.chain(optax.trace(decay=mom), optax.add_decayed_weights(wd),
+                                           optax.scale(-lr)))
     assert compare(ours, ref)[1] < 1e-15
     assert compare(decay_after_momentum, ref)[1] > 1e-4
 

@@ -74,10 +74,7 @@ def make_jax_layer(kind, geometry, num_experts=4, **extra):
     return module, variables, x
 
 
-@pytest.fixture(autouse=True)
-def x64():
-    with jax.enable_x64(True):
-        yield
+pytestmark = pytest.mark.usefixtures("float64")
 
 
 @pytest.mark.parametrize("kind", list(JAX_LAYERS))

@@ -111,15 +111,13 @@ def test_learning_happens_on_digits(tmp_path):
     assert 0 < summary["step_seconds"] < summary["seconds"]
 
 
-def test_metric_sums_keep_their_dtypes_under_x64(tmp_path):
+def test_metric_sums_keep_their_dtypes_under_x64(tmp_path, float64):
     """The compiled train step takes back the metric sums it returned (here 3 steps between fetches).
     Under ``jax_enable_x64`` (which float64 runs turn on for the process; here a float32 run inside
-    ``jax.enable_x64``) the loss and gradient norm are float64, and the sums must stay float32: the
+    float64 fixture) the loss and gradient norm are float64, and the sums must stay float32: the
     compiled step refuses other dtypes."""
-    import jax
     from train.loop import train_and_evaluate
-    with jax.enable_x64(True):
-        result = train_and_evaluate(tiny(tmp_path / "run", "--conv=static", "--num_steps=3", "--log_every_steps=3"))
+    result = train_and_evaluate(tiny(tmp_path / "run", "--conv=static", "--num_steps=3", "--log_every_steps=3"))
     assert result["steps"] == 3 and np.isfinite(result["eval_loss"])
 
 
