@@ -87,6 +87,7 @@ def test_cli_overrides_and_errors():
 def test_cli_errors_after_the_start_are_one_line(monkeypatch, capsys, error, code):
     """``python -m train``: an error raised by the run is one line on stderr, no traceback; usage errors exit 2
     (a missing --data_dir exited 1), the others 1."""
+    import logging
     from train import __main__ as cli, loop
     from train.checkpoint import CheckpointError
     from train.worker_watchdog import WorkerDied
@@ -96,6 +97,7 @@ def test_cli_errors_after_the_start_are_one_line(monkeypatch, capsys, error, cod
     assert cli.main(["--num_steps=1"]) == code
     err = capsys.readouterr().err
     assert err == f"error: {raised[error]}\n"
+    assert cli._orbax_failure_reports in logging.getLogger("absl").filters  # Orbax's own reports kept off stderr
 
 
 def test_learning_happens_on_digits(tmp_path):
@@ -521,19 +523,22 @@ _FULL_TMPFS = ('mount -t tmpfs -o size=16k tmpfs "$1" && head -c 12288 /dev/zero
 
 
 @pytest.mark.slow
-def test_a_full_disk_while_config_json_is_written_is_one_line(tmp_path):
+def test_a_full_or_read_only_disk_is_one_line(tmp_path):
     """A real full disk: a 16 KiB tmpfs (private user and mount namespace) with one page left, which the lock
-    file takes; config.json's write fails: one line, exit 1, and no '.config.json.<pid>' left."""
+    file takes; config.json's write fails: one line, exit 1, and no '.config.json.<pid>' left. The same file
+    system remounted read-only: a new --workdir there is a usage error before the run starts (exit 2; it was an
+    OSError traceback)."""
     from _helpers import skip_without_private_tmpfs
     mount = tmp_path / "tmpfs"
     mount.mkdir()
     skip_without_private_tmpfs(mount, "16k")
-    script = _FULL_TMPFS + ' ; echo "exit $?"; ls -A "$1/run"'
+    script = (_FULL_TMPFS + ' ; echo "exit $?"; ls -A "$1/run"; mount -o remount,ro "$1" && '
+              '"$2" -m train --workdir="$1/new" --progress=false; echo "exit $?"')
     out = subprocess.run(["unshare", "-rm", "sh", "-c", script, "sh", str(mount), sys.executable], cwd=ROOT,
                          capture_output=True, text=True, timeout=300)
-    assert out.stderr == f"error: could not write {mount}/run/config.json (disk full): No space left on device\n", \
-        out.stderr
-    assert out.stdout.split() == ["exit", "1", ".lock", "checkpoints"], out.stdout
+    assert out.stderr == (f"error: could not write {mount}/run/config.json (disk full): No space left on device\n"
+                          f"error: --workdir='{mount}/new' cannot be written: '{mount}' is not writable\n"), out.stderr
+    assert out.stdout.split() == ["exit", "1", ".lock", "checkpoints", "exit", "2"], out.stdout
 
 
 def test_the_cli_keeps_orbax_failure_reports_off_the_terminal():
