@@ -480,8 +480,7 @@ def test_sigterm_saves_a_checkpoint_and_resume_finishes_the_run(tmp_path, monkey
     summary is evaluated again; a --resume that fails keeps config.json as it was."""
     total, work = 40, tmp_path / "run"
     args = TINY + [f"--num_steps={total}", "--checkpoint_every_steps=1000", "--data_workers=1", f"--workdir={work}"]
-    cache = compile_cache_env(tmp_path / "jax_cache")
-    proc = run_cli(args, env=cache, start_new_session=True)
+    proc = run_cli(args, start_new_session=True)  # the suite's compilation cache
     for line in proc.stdout:
         if line.startswith("step 3/"):
             os.killpg(proc.pid, signal.SIGTERM)
@@ -493,7 +492,7 @@ def test_sigterm_saves_a_checkpoint_and_resume_finishes_the_run(tmp_path, monkey
     assert "--resume to continue" in out and "Traceback" not in out, out
     with open(work / "metrics.csv", "a") as f:
         f.write("garbage\n")
-    resumed = run_cli(args + ["--resume"], env=cache)
+    resumed = run_cli(args + ["--resume"])
     out = resumed.communicate(timeout=600)[0]
     assert resumed.returncode == 0, out
     assert f"(step {stopped}/{total})" in out and "left out 1 line(s) that are not metrics rows" in out, out
@@ -505,7 +504,7 @@ def test_sigterm_saves_a_checkpoint_and_resume_finishes_the_run(tmp_path, monkey
     assert "is already complete (step 40/40)" in capsys.readouterr().out
     assert (work / "summary.json").read_text() == summary
     os.remove(work / "summary.json")  # as if the run had stopped between its last checkpoint and its summary
-    again = run_cli(args + ["--resume", "--data_workers=0"], env=cache)  # the workers may change on --resume
+    again = run_cli(args + ["--resume", "--data_workers=0"])  # the workers may change on --resume
     out = again.communicate(timeout=600)[0]
     assert again.returncode == 0 and "evaluating its last checkpoint" in out, out
     assert json.loads((work / "summary.json").read_text())["eval_accuracy"] == accuracy
