@@ -189,6 +189,7 @@ def test_a_losing_candidate_is_called_once(monkeypatch):
     assert calls == {"fast": 4, "slow": 1, "close": 4}
 
 
+@pytest.mark.slow
 def test_two_processes_make_process_zeros_choice(tmp_path):
     """Process 1's own cache says one strategy, process 0 measures another: both run process 0's."""
     key = autotune.problem_key((4, 6, 6, 8), (4, 3, 3, 8, 8), dtype=("float32", "float32"), strides=(1, 1),

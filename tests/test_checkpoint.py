@@ -63,6 +63,7 @@ def _damage_arrays(step_dir):
     assert damaged, "no array data file found"
 
 
+@pytest.mark.slow
 def test_restore_normalises_dtypes_under_x64(tmp_path):
     """Saved without x64 (step int32), restored with JAX_ENABLE_X64=1 (template int64): intact, nothing moved."""
     _saved(tmp_path)
@@ -209,6 +210,7 @@ print("RESTORED", step, np.array_equal(restored["params"]["w"], state(1)["params
 """
 
 
+@pytest.mark.slow
 def test_disk_full_on_a_small_tmpfs(tmp_path):
     """A real full disk: a 256 KiB tmpfs (mounted in a private user+mount namespace) holds one checkpoint, not two."""
     mount = tmp_path / "tmpfs"
@@ -242,6 +244,7 @@ print("SAVED 2", flush=True)
 """
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mode", ["write", "commit"])
 def test_sigkill_during_a_checkpoint_write(tmp_path, mode):
     """SIGKILL while step 2 is written (as soon as its temporary directory appears), or just before its
@@ -293,6 +296,7 @@ def test_reopening_a_run_removes_unfinished_writes_before_it_returns(tmp_path, m
     assert step == 1 and os.listdir(tmp_path / "checkpoints") == ["1"]
 
 
+@pytest.mark.slow
 def test_resume_after_every_checkpoint_was_quarantined(tmp_path, capfd, monkeypatch):
     """--resume refuses to restart from step 0 once every checkpoint failed its check, unless --allow_restart
     (a stand-in state replaces the model's, and the run stops right after that decision: nothing compiles)."""
@@ -337,6 +341,7 @@ def test_resume_after_every_checkpoint_was_quarantined(tmp_path, capfd, monkeypa
     assert "--resume: no checkpoint in" in capfd.readouterr().out and "starting from step 0"
 
 
+@pytest.mark.slow
 def test_a_run_that_stops_with_an_error_closes_what_it_opened(tmp_path, monkeypatch):
     """An error before the first step (the metrics writer's) or in a step (after the data workers started)
     still closes the asynchronous checkpointer and stops the grain workers: a notebook or a sweep that calls

@@ -98,6 +98,7 @@ def test_fuse_batchnorm_flax_layers_exact(float64):
         assert rel_err(fused["params"][name]["kernel"], variables["params"][name]["kernel"]) > 1e-3
 
 
+@pytest.mark.slow
 def test_fuse_batchnorm_flax_model_exact(float64):
     model = JaxResNet(block="basic", layers=(1, 1, 1, 1), conv="odconv", base_width=4, num_classes=5,
                       stem="cifar", param_dtype=jnp.float64)
@@ -140,6 +141,7 @@ def test_fuse_bn_torch_layer_exact(kind):
         assert fused[0].bias is not None and model[0].bias is None
 
 
+@pytest.mark.slow
 def test_fuse_bn_torch_models_exact():
     torch.manual_seed(0)
     x = torch.randn(3, 3, 16, 16, dtype=torch.float64)
@@ -168,6 +170,7 @@ def test_fuse_bn_errors():
 
 
 # --------------------------------------------------------------------------- StableHLO
+@pytest.mark.slow
 def test_stablehlo_symbolic_batch_serves_every_batch(tmp_path):
     model = JaxResNet(block="basic", layers=(1, 1, 1, 1), conv="odconv", base_width=4, num_classes=5, stem="cifar")
     x = jax.random.normal(jax.random.key(0), (64, 8, 8, 3), jnp.float32)

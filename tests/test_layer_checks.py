@@ -116,6 +116,7 @@ def _check_config(cls_name, rank, kernel, strides, dilation, padding, groups, in
     return "ok"
 
 
+@pytest.mark.slow
 def test_layer_configs_run_exactly_or_raise_a_named_value_error():
     """Hypothesis: every layer configuration (valid or not) either equals the naive per-sample loop,
     finite, or raises a ValueError that names the layer."""

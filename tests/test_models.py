@@ -86,6 +86,7 @@ def test_torch_state_dict_equals_official(name):
     assert sum(p.numel() for p in model.parameters()) == OFFICIAL[name]["num_params"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["od_resnet18_k4", "od_resnet50_k1", "od_mobilenetv2_050_k4",
                                   "od_mobilenetv2_100_k1", "resnet34", "mobilenetv2_075"])
 def test_flax_variables_match_official_checkpoint(name):
@@ -270,6 +271,7 @@ def test_summary_analytic_macs_agree_with_xla():
         assert (analytic.attention > 0) == (analytic.aggregation > 0) == (conv != "static")
 
 
+@pytest.mark.slow
 def test_summary_cli_prints_table(capsys):
     summary.main(["--models", "resnet18", "--convs", "static", "odconv", "--no-cifar"])
     out = capsys.readouterr().out

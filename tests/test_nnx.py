@@ -259,6 +259,7 @@ MANIFEST = json.loads(gzip.decompress((pathlib.Path(__file__).parent / "data" / 
                                       .read_bytes()))["models"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name,build", [
     ("od_resnet18_k4", lambda rngs: nnx_models.create_model("od_resnet18", kernel_num=4, rngs=rngs)),
     ("od_resnet50_k1", lambda rngs: nnx_models.create_model("od_resnet50", kernel_num=1, rngs=rngs)),
@@ -285,6 +286,7 @@ def model_pair(arch, conv):
     return getattr(linen_models, arch)(**kwargs), lambda rngs: getattr(nnx_models, arch)(rngs=rngs, **kwargs)
 
 
+@pytest.mark.slow
 def test_every_nnx_model_has_the_linen_parameter_tree():
     """Every conv type of each block kind (basic, bottleneck, inverted residual): resnet34/101 are resnet18/50
     with other depths from the same spec table (their trees are compared by ``python -m parity.nnx_api``)."""
@@ -299,6 +301,7 @@ def test_every_nnx_model_has_the_linen_parameter_tree():
                 {"params": variables["params"], "batch_stats": variables["batch_stats"]}), (arch, conv)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("block,conv", [("basic", "odconv"), ("bottleneck", "condconv"), ("mobilenet_v2", "static")])
 def test_nnx_model_equals_linen_float64(block, conv):
     """Loss, running statistics, gradients, eval logits, for each block kind: ResNets of one block per stage
@@ -316,6 +319,7 @@ def test_nnx_model_equals_linen_float64(block, conv):
 
 
 # --------------------------------------------------------------------------- the training example
+@pytest.mark.slow
 def test_nnx_training_example_learns_the_digits():
     from train.nnx_example import ExampleConfig, run
 
@@ -324,6 +328,7 @@ def test_nnx_training_example_learns_the_digits():
 
 
 # --------------------------------------------------------------------------- parity against torch
+@pytest.mark.slow
 def test_parity_cli_runs_torch_against_nnx(capsys):
     pytest.importorskip("torch")
     from parity.__main__ import main

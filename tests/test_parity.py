@@ -57,6 +57,7 @@ def test_odconv_attention_layer_norm_float64_on_a_batch_of_one():
     assert {r.check for r in rows} == {"forward_train", "grad_input", "grad_params"}
 
 
+@pytest.mark.slow
 @settings(max_examples=3, deadline=None)
 @given(family=st.sampled_from(["condconv", "dynamic", "odconv"]), k=st.sampled_from([1, 3]),
        stride=st.sampled_from([1, 2]), groups=st.sampled_from([1, 2]), experts=st.integers(1, 3),
@@ -108,6 +109,7 @@ SUITE_MODEL_CASES = [(n, "float64") for n in MODEL_CASES if not n.startswith(
     (n, "float32") for n in MODEL_CASES if n.startswith(("resnet18/", "resnet50/odconv")) and "imagenet" not in n]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name,dtype", SUITE_MODEL_CASES)
 def test_models(name, dtype):
     """Model x conv type cases (and the ImageNet-stem ODConv ResNet-18): tiny widths, 16x16 inputs,
@@ -132,6 +134,7 @@ def test_harness_detects_a_wrong_weight(float64):
     assert rows and not rows[0].passed and rows[0].max_rel > 1e-9
 
 
+@pytest.mark.slow
 def test_model_harness_detects_a_wrong_weight(float64):
     """At the (looser) model tolerances a 1e-6 change of one converted ODConv attention
     weight deep in the network still fails, in eval and in train mode."""
@@ -181,6 +184,7 @@ def test_compare_trees_floor():
     assert worst[2] == "a" and abs(worst[1] - 0.01) < 1e-12
 
 
+@pytest.mark.slow
 def test_whole_training_run_float64():
     """100 SGD steps (momentum, weight decay) of a whole model, every parameter and running statistic
     after every step equal to PyTorch's within 1e-9 relative (the model cases' default training run)."""
@@ -229,6 +233,7 @@ FAST_MUTANTS = ("module-prefix-half-stripped", "temperature-twice", "bn-biased-r
                 "float32-attention-in-bfloat16")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", FAST_MUTANTS)
 def test_parity_fails_on_a_wrong_build(name):
     mutant = next(m for m in mutants.MUTANTS if m.name == name)
@@ -237,6 +242,7 @@ def test_parity_fails_on_a_wrong_build(name):
     assert mutant.expect in result.failed_checks, result
 
 
+@pytest.mark.slow
 def test_mutant_runner_passes_an_unmodified_copy():
     """The control: the same runner on an unmodified copy exits 0 (so a kill is the bug's doing)."""
     mutant = mutants.Mutant("control", "none", "__init__.py", "", "", "dynamic/i8o12k3s2p1d1g2K4-T3",

@@ -104,6 +104,7 @@ GRID = [
 ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", GRID, ids=[f"grid{i}" for i in range(len(GRID))])
 def test_strategies_match_naive_loop_grid(case, float64):
     rank, kernel, stride, dilation, groups, padding, spatial, channel, filt, bias = case
@@ -238,6 +239,7 @@ print("devices", jax.device_count(), "err", err, "all-gathers", hlo.count("all-g
 """
 
 
+@pytest.mark.slow
 def test_map_strategy_keeps_a_sharded_batch_on_its_devices():
     """Under jax.set_mesh (as train/ runs its steps) 'map' maps each device over its own samples:
     exact, and the compiled program gathers nothing (one lax.map over the global batch all-gathers)."""

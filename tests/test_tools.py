@@ -264,6 +264,7 @@ class TwoLayers(nn.Module):
         return CondConv(5, (3, 3), strides=2, num_experts=4, name="cc")(x, train, temperature)
 
 
+@pytest.mark.slow
 def test_collect_and_plot_attentions(tmp_path):
     model = TwoLayers()
     x = jax.random.normal(jax.random.key(0), (6, 8, 8, 3), jnp.float32)
@@ -302,6 +303,7 @@ def test_torch_hooks_collect_what_the_layers_use():
 
 
 # ---------------------------------------------------------------------------------------------- ablation
+@pytest.mark.slow
 def test_ablation_runner_tiny_digits(tmp_path):
     from train import ablate
 
@@ -328,6 +330,7 @@ def test_ablation_runner_tiny_digits(tmp_path):
     assert ablate.main(["--ks", "1,x"]) == 2
 
 
+@pytest.mark.slow
 def test_ablation_grid_of_conv_types_and_seeds(tmp_path):
     """``--vary``/``--seeds`` make the product of settings (validated up front) and the per-seed table."""
     from train import ablate

@@ -100,6 +100,7 @@ def test_cli_errors_after_the_start_are_one_line(monkeypatch, capsys, error, cod
     assert cli._orbax_failure_reports in logging.getLogger("absl").filters  # Orbax's own reports kept off stderr
 
 
+@pytest.mark.slow
 def test_learning_happens_on_digits(tmp_path):
     from train.loop import train_and_evaluate
     result = train_and_evaluate(tiny(tmp_path / "run", "--num_epochs=2", "--base_width=4"))
@@ -181,6 +182,7 @@ def test_data_wait_clock_keeps_the_first_step_and_pauses_apart(monkeypatch):
     assert timing["data_wait_fraction"] == 4 / 36 and timing["host_data_wait_fraction"] == 8 / 36
 
 
+@pytest.mark.slow
 def test_nan_guard_keeps_last_good_checkpoint(tmp_path):
     from train.loop import TrainingDiverged, train_and_evaluate
     config = tiny(tmp_path / "run", "--num_steps=12", "--checkpoint_every_steps=1", "--learning_rate=1e12",
@@ -193,6 +195,7 @@ def test_nan_guard_keeps_last_good_checkpoint(tmp_path):
         assert not nonfinite_leaves(final_params(tmp_path / "run")[1])
 
 
+@pytest.mark.slow
 def test_corrupt_checkpoint_falls_back(tmp_path, capfd):
     from train.loop import train_and_evaluate
     work = tmp_path / "run"
@@ -223,6 +226,7 @@ def test_corrupt_checkpoint_falls_back(tmp_path, capfd):
     assert result["steps"] == 6
 
 
+@pytest.mark.slow
 def test_kill_and_resume_is_bit_identical(tmp_path):
     """On an image folder with a truncated JPEG, decoded by 2 grain worker processes: the data iterator's
     state is in the (asynchronously written) checkpoints, the unreadable file is skipped (and counted) again
@@ -297,6 +301,7 @@ np.savez(sys.argv[1], *jax.tree.leaves(jax.device_get((state.params, state.batch
 """
 
 
+@pytest.mark.slow
 def test_eight_devices_equal_one(tmp_path):
     """8-device data parallelism == 1 device on the same global batch (BatchNorm statistics,
     loss mean and dropout masks all global). In float64 the two agree to 2.3e-14 relative
@@ -314,6 +319,7 @@ def test_eight_devices_equal_one(tmp_path):
     assert worst < 1e-10, worst
 
 
+@pytest.mark.slow
 def test_mock_cifar10_path_bf16_writes_metrics(tmp_path):
     """The TFDS path (``tfds.testing.mock_data`` CIFAR-10) with bf16 compute, TensorBoard on."""
     import tensorflow_datasets as tfds
@@ -348,6 +354,7 @@ time.sleep(600)
 """
 
 
+@pytest.mark.slow
 def test_one_run_per_workdir_and_a_dead_holder_leaves_no_lock(tmp_path):
     """Two runs on one workdir interleaved metrics.csv and mixed their checkpoints: the second is refused before it
     writes anything, naming the holder; a holder killed with SIGKILL leaves the folder free (the kernel drops an
@@ -379,6 +386,7 @@ def test_one_run_per_workdir_and_a_dead_holder_leaves_no_lock(tmp_path):
         holder.wait()
 
 
+@pytest.mark.slow
 def test_run_folder_writes_fail_in_one_line_and_keep_what_was_saved(tmp_path, monkeypatch):
     """A --workdir under a file is a usage error naming it, before anything is created; a full disk while
     config.json is written (here the rename fails with ENOSPC) leaves the old file and no '.config.json.<pid>'."""
@@ -404,6 +412,7 @@ def test_run_folder_writes_fail_in_one_line_and_keep_what_was_saved(tmp_path, mo
     assert os.listdir(work) == ["config.json"] and (work / "config.json").read_text() == saved
 
 
+@pytest.mark.slow
 def test_metrics_csv_garbage_rows_do_not_stop_a_resume(tmp_path, capfd):
     """A line of garbage in metrics.csv (an edit, a crash mid-write) used to stop --resume with a ValueError:
     it is left out, named by its line number, and the rows up to the resumed step are kept."""
@@ -419,6 +428,7 @@ def test_metrics_csv_garbage_rows_do_not_stop_a_resume(tmp_path, capfd):
     assert "left out 3 line(s) that are not metrics rows (line(s) 5, 6, 7)" in capfd.readouterr().err
 
 
+@pytest.mark.slow
 def test_summary_is_strict_json_and_a_failed_export_keeps_it(tmp_path, monkeypatch):
     """summary.json never holds NaN (a finished run's --resume wrote 'NaN', not JSON); an export that fails on a
     full disk still leaves the summary (with the error) and ends the run with one line."""
