@@ -1,8 +1,8 @@
 """``python -m parity``: run the parity grid, print the table, optionally write a report.
 
-The default run (every case marked ``default``, every check, both dtypes) is the one the README
-states; ``--full`` adds the long grid. Exits 0 when every row passes, 1 if any row fails its
-bound (or a case errors), 2 on bad arguments or a selection that is empty.
+The default run (every case marked ``default``, every check, both dtypes) is the one
+docs/conversion_parity.md describes; ``--full`` adds the long grid. Exits 0 when every row passes, 1 if any
+row fails its bound (or a case errors), 2 on bad arguments or a selection that is empty.
 """
 from __future__ import annotations
 
