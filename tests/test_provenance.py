@@ -30,8 +30,6 @@ PROVENANCE = {
     "a commit hash": re.compile(r"\b(?=[0-9a-f]*\d)(?=[0-9a-f]*[a-f])[0-9a-f]{7,40}\b"),
 }
 
-# docs/performance.md is cleaned on the `perf` branch, which owns that page; this exemption goes when it merges.
-EXEMPT = {"docs/performance.md"}
 
 
 def prose_lines(path: Path) -> List[str]:
@@ -57,7 +55,7 @@ def provenance(path: Path) -> List[str]:
     return found
 
 
-@pytest.mark.parametrize("path", [p for p in doc_files() if str(p.relative_to(ROOT)) not in EXEMPT],
+@pytest.mark.parametrize("path", doc_files(),
                          ids=lambda p: str(p.relative_to(ROOT)))
 def test_no_provenance_in_prose(path):
     found = provenance(path)
