@@ -187,6 +187,7 @@ def test_custom_vjp_strategies_second_order_gradients_equal_vmap(strategy, float
         assert rel(g, w) <= TOL
 
 
+@pytest.mark.slow
 def test_lean_strategy_over_several_chunks(monkeypatch, float64):
     """'lean' scans over chunks of samples (at most _LEAN_CHUNK_VALUES kernel values each), the experts' gradient
     summed over them: 3 chunks of 2 samples, against the naive loop."""
