@@ -68,6 +68,7 @@ TRACED_MODELS = (("resnet18", {"conv": "odconv", "base_width": 8}),
                  ("mobilenet_v2", {"conv": "condconv", "width_mult": 0.25}))
 
 
+@pytest.mark.slow  # traces two whole models: seconds on CPU
 def test_eval_shape_of_a_model_compiles_nothing(no_measuring):
     """Tracing a model (jax.eval_shape of its init and of a training gradient) compiles and runs nothing."""
     from dynconv_jax.models import create_model
