@@ -8,10 +8,10 @@ from __future__ import annotations
 import math
 from typing import Any, Collection, Dict, Mapping, Optional, Sequence
 
-#: The convolution a model's blocks use: ``conv='static'|'condconv'|'dynamic'|'odconv'``.
-CONV_TYPES = ("static", "condconv", "dynamic", "odconv")
+#: The convolution a model's blocks use: ``conv='static'|'condconv'|'dynamic'|'odconv'|'kernelwarehouse'``.
+CONV_TYPES = ("static", "condconv", "dynamic", "odconv", "kernelwarehouse")
 #: Conv types with an attention reduction ratio (``reduction=``).
-REDUCTION_TYPES = ("dynamic", "odconv")
+REDUCTION_TYPES = ("dynamic", "odconv", "kernelwarehouse")
 #: ``stem='imagenet'`` (stride-4 stem of the ImageNet nets) or ``'cifar'`` (stride 1, for 32×32 inputs).
 STEMS = ("imagenet", "cifar")
 #: Layer arguments a model sets itself, in either framework's spelling: ``conv_options`` may not

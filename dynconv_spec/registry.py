@@ -16,6 +16,7 @@ import fnmatch
 from typing import Any, Callable, Dict, List, Optional
 
 from .efficientnet_cc import VARIANTS
+from .kernelwarehouse import KW_CONV
 from .resnet import RESNET_ARCHS
 
 #: Models whose blocks take ``conv='static'|'condconv'|'dynamic'|'odconv'`` (and ``num_experts``,
@@ -33,10 +34,20 @@ ODCONV_MODELS: Dict[str, tuple] = {
     "od_mobilenetv2_075": ("mobilenet_v2", {"width_mult": 0.75}),
     "od_mobilenetv2_100": ("mobilenet_v2", {"width_mult": 1.0}),
 }
+#: The official OSVAI/KernelWarehouse entry points (``models/kw_resnet.py``, ``models/kw_mobilenetv2.py``):
+#: name -> (the conv model it is, with ``conv='kernelwarehouse'``, its fixed arguments, and the defaults
+#: of its official arguments that differ from the conv model's). The official ``KW_MobileNetV2`` has no
+#: working default ``sharing_range`` (None); ours is the 1× config's ``('layer', 'pwconv')``.
+KW_MODELS: Dict[str, tuple] = {
+    "kw_resnet18": ("resnet18", {}, {"sharing_range": ("layer", "conv")}),
+    "kw_resnet50": ("resnet50", {}, {"sharing_range": ("layer", "conv")}),
+    "kw_mobilenetv2_050": ("mobilenet_v2", {"width_mult": 0.5}, {"sharing_range": ("layer", "pwconv"), "dropout": 0.0}),
+    "kw_mobilenetv2_100": ("mobilenet_v2", {"width_mult": 1.0}, {"sharing_range": ("layer", "pwconv"), "dropout": 0.0}),
+}
 #: timm's EfficientNet-CondConv entry points.
 EFFICIENTNET_CC_MODELS = tuple(VARIANTS)
 #: Every registered name, in both frameworks.
-MODEL_NAMES = CONV_MODELS + tuple(ODCONV_MODELS) + EFFICIENTNET_CC_MODELS
+MODEL_NAMES = CONV_MODELS + tuple(ODCONV_MODELS) + tuple(KW_MODELS) + EFFICIENTNET_CC_MODELS
 
 
 def odconv_model_args(name: str, kernel_num: int = 1, reduction: float = 0.0625,
@@ -51,6 +62,33 @@ def odconv_model_args(name: str, kernel_num: int = 1, reduction: float = 0.0625,
     if clash:
         raise ValueError(f"{name}: {clash} are fixed by the entry point (use kernel_num= for the experts)")
     return dict(conv="odconv", num_experts=kernel_num, reduction=reduction, **fixed, **kwargs)
+
+
+def kw_model_args(name: str, reduction: float = 0.0625, cell_num_ratio=1.0, cell_inplane_ratio=1.0,
+                  cell_outplane_ratio=1.0, sharing_range=None, nonlocal_basis_ratio: float = 1.0,
+                  spatial_partition=True, drop_path_rate: float = 0.0, **kwargs: Any) -> Dict[str, Any]:
+    """The conv-model arguments of the official KernelWarehouse entry point ``name`` (a key of :data:`KW_MODELS`).
+
+    The official arguments (``reduction``, ``cell_num_ratio``, ``cell_inplane_ratio``,
+    ``cell_outplane_ratio``, ``sharing_range``, ``nonlocal_basis_ratio``; the configs of
+    :data:`dynconv_spec.kernelwarehouse.OFFICIAL_CONFIGS`) become ``reduction`` and ``conv_options``;
+    ``kwargs`` are further arguments of the ResNet / MobileNetV2 (``num_classes``, ``dropout``, ``stem``, ...).
+    ``drop_path_rate`` (the official stochastic depth, a training-only option) must be 0 here.
+    """
+    _, fixed, defaults = KW_MODELS[name]
+    clash = sorted({"conv", "num_experts", "conv_options", *fixed} & set(kwargs))
+    if clash:
+        raise ValueError(f"{name}: {clash} are fixed by the entry point (KernelWarehouse options are its own "
+                         f"arguments: cell_num_ratio=, sharing_range=, ...)")
+    if drop_path_rate:
+        raise ValueError(f"{name}: drop_path_rate={drop_path_rate!r}: stochastic depth is not implemented; the "
+                         f"models equal the official ones at drop_path_rate=0 (and in inference at any rate)")
+    options = dict(cell_num_ratio=cell_num_ratio, cell_inplane_ratio=cell_inplane_ratio,
+                   cell_outplane_ratio=cell_outplane_ratio,
+                   sharing_range=defaults["sharing_range"] if sharing_range is None else sharing_range,
+                   nonlocal_basis_ratio=nonlocal_basis_ratio, spatial_partition=spatial_partition)
+    extra = {k: v for k, v in defaults.items() if k != "sharing_range" and k not in kwargs}
+    return dict(conv=KW_CONV, reduction=reduction, conv_options=options, **fixed, **extra, **kwargs)
 
 
 class ModelRegistry:
