@@ -25,7 +25,7 @@ from dynconv_jax import CondConv, DynamicConv, ODConv
 from dynconv_jax import models as jm
 from dynconv_jax import summary
 from dynconv_jax.convert import torch_module_to_flax, torch_to_flax
-from dynconv_torch import CondConv2d, DynamicConv2d, ODConv2d
+from dynconv_torch import CondConv2d, DynamicConv2d, KWConv2d, ODConv2d
 from dynconv_spec import CONV_TYPES
 from dynconv_torch import models as tm
 
@@ -113,7 +113,7 @@ def test_torch_and_flax_names_correspond(arch, extra, conv):
     assert _weight_names(_flax_leaf_counts(variables)) == torch_names
     out = jax.eval_shape(lambda v: flax_model.apply(v, jnp.zeros((2, 8, 8, 3))), variables)
     assert out.shape == (2, 7)
-    dynamic = sum(isinstance(m, (CondConv2d, DynamicConv2d, ODConv2d)) for m in torch_model.modules())
+    dynamic = sum(isinstance(m, (CondConv2d, DynamicConv2d, ODConv2d, KWConv2d)) for m in torch_model.modules())
     assert (dynamic > 0) == (conv != "static")
 
 
