@@ -285,9 +285,18 @@ def export_average(module, variables, calibration_x, *, reduce: str = "attention
 
 # --------------------------------------------------------------------------- BatchNorm folding
 def _conv_types():
-    from dynconv_jax import CondConv, DynamicConv, ODConv
+    from dynconv_jax import CondConv, DynamicConv, KWConv, ODConv
 
-    return (nn.Conv, CondConv, DynamicConv, ODConv)
+    return (nn.Conv, CondConv, DynamicConv, ODConv, KWConv)  # KWConv: recorded to be refused
+
+
+def _refuse_kernelwarehouse(modules, where: str) -> None:
+    """KernelWarehouse layers are not folded yet: a clear error instead of a model left half-folded."""
+    from dynconv_jax import KWConv
+
+    if any(isinstance(m, KWConv) for m in modules):
+        raise ValueError(f"{where}: the model has KernelWarehouse layers (KWConv), whose BatchNorms are not folded "
+                         f"yet; export it unfolded (to_stablehlo(..., fuse_bn=False) is exact at any batch)")
 
 
 def _norm_types():
@@ -330,6 +339,7 @@ def conv_batchnorm_pairs(model: nn.Module, variables, input_shape: Optional[Sequ
     with nn.intercept_methods(record):
         jax.eval_shape(lambda v, x: model.apply(v, x, **apply_kwargs), variables,
                        jax.ShapeDtypeStruct(shape, params_dtype))
+    _refuse_kernelwarehouse([module for module, _, _ in calls], "conv_batchnorm_pairs / fuse_batchnorm")
     pairs = []
     for conv, _, out in calls:
         if not isinstance(conv, convs):

@@ -47,6 +47,7 @@ from torch import Tensor, nn
 from .condconv import CondConv2d
 from .dynamic_conv import DynamicConv2d
 from .functional import aggregate_experts
+from .kernelwarehouse import KWConv1d, KWConv2d, KWConv3d
 from .odconv import ODConv2d
 
 DYNAMIC_LAYERS = (CondConv2d, DynamicConv2d, ODConv2d)
@@ -239,6 +240,13 @@ class _LeafTracer(torch.fx.Tracer):
         return isinstance(m, (nn.Conv2d, nn.BatchNorm2d) + DYNAMIC_LAYERS) or super().is_leaf_module(m, qualname)
 
 
+def _refuse_kernelwarehouse(model: nn.Module, what: str) -> None:
+    """KernelWarehouse layers have no folding or batch-independent form here yet: a clear error."""
+    if any(isinstance(m, (KWConv1d, KWConv2d, KWConv3d)) for m in model.modules()):
+        raise ValueError(f"{what}: the model has KernelWarehouse layers (KWConv*), which BatchNorm folding and the "
+                         f"batch-independent ONNX export do not support yet")
+
+
 def _check_eval(model: nn.Module, what: str) -> None:
     training = [name or type(model).__name__ for name, m in model.named_modules() if m.training]
     if training:
@@ -287,6 +295,7 @@ def fuse_bn(model: nn.Module) -> nn.Module:
     BatchNorms become ``nn.Identity`` or :class:`ChannelBias`. ``model`` is not modified.
     """
     _check_eval(model, "fuse_bn")
+    _refuse_kernelwarehouse(model, "fuse_bn")
     fused = copy.deepcopy(model)
     for conv_name, bn_name in conv_batchnorm_pairs(fused):
         conv, bn = fused.get_submodule(conv_name), fused.get_submodule(bn_name)
@@ -439,6 +448,7 @@ class PortableDynamicConv(nn.Module):
 
 def portable(model: nn.Module, formulation: str = "matmul") -> nn.Module:
     """A copy of ``model`` with every dynamic layer wrapped in :class:`PortableDynamicConv` (same function)."""
+    _refuse_kernelwarehouse(model, "portable")
     if isinstance(model, DYNAMIC_LAYERS):
         return PortableDynamicConv(copy.deepcopy(model), formulation)
     out = copy.deepcopy(model)
@@ -485,6 +495,7 @@ def to_onnx(model: nn.Module, path: Union[str, os.PathLike], input_shape: Sequen
     if not isinstance(model, nn.Module):
         raise TypeError(f"to_onnx: expected a torch.nn.Module, got {type(model).__name__}")
     _check_eval(model, "to_onnx")
+    _refuse_kernelwarehouse(model, "to_onnx")
     shape = _check_input_shape(input_shape, "to_onnx")
     if opset is None:
         opset = ONNX_OPSETS[-1]

@@ -12,7 +12,7 @@ import math
 import typing
 from typing import Optional, Sequence, Tuple
 
-from dynconv_spec import ATTENTION_NORMS, CONV_MODELS, CONV_TYPES
+from dynconv_spec import ATTENTION_NORMS, CONV_MODELS, CONV_TYPES, KW_CONV
 
 MODELS = CONV_MODELS  # the registered models that take conv= (dynconv_spec.registry)
 CONVS = CONV_TYPES
@@ -118,6 +118,10 @@ class Config:
         for name in ("weight_decay", "warmup_epochs", "temp_epochs", "crop_padding", "data_workers"):
             positive(name, allow_zero=True)
         choice("attention_norm", ATTENTION_NORMS)
+        if self.conv == KW_CONV:
+            raise UsageError(f"--conv={KW_CONV}: KernelWarehouse is not part of python -m train yet (its warm-up "
+                             f"weight tau runs from 1 to 0 instead of a temperature, and its warehouse options have no "
+                             f"flags); build it with dynconv_jax.models (conv='{KW_CONV}' or kw_resnet18, ...)")
         if self.schedule == "step" and not self.decay_epochs:
             raise UsageError("--schedule=step needs --decay_epochs=E1,E2,... (epochs at which the learning rate "
                              "is multiplied by --decay_factor)")
