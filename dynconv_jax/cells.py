@@ -11,7 +11,9 @@ these with :func:`dynconv_jax.ops.assembled_conv`; the geometry is a
 """
 from __future__ import annotations
 
+import functools
 import math
+from typing import Tuple
 
 import jax
 import jax.numpy as jnp
@@ -58,24 +60,30 @@ def mix_cells(x, attention, cells, layer: KWLayer, *, strides, padding, dilation
     return y.reshape(batch, *out_shape, -1)
 
 
+@functools.lru_cache(maxsize=256)
+def _cell_std(plan: WarehousePlan, index: int) -> Tuple[float, ...]:
+    """Per cell of warehouse ``index``: ``sqrt(2 / fan_out)`` of the layer it is allocated to."""
+    warehouse = plan.warehouses[index]
+    std = [0.0] * warehouse.num_cells
+    for _, layer in plan.layers:
+        if layer.warehouse == index:
+            fan_out = (layer.end_cell - layer.start_cell) * warehouse.cell_shape[0] * math.prod(warehouse.cell_shape[2:])
+            std[layer.start_cell:layer.end_cell] = [math.sqrt(2.0 / fan_out)] * (layer.end_cell - layer.start_cell)
+    return tuple(std)
+
+
 def warehouse_init(plan: WarehousePlan, index: int):
     """Initializer of warehouse ``index`` (``[N, Oc, Ic, *kc]``), the official one: each layer's cells
     ``[start, end)`` kaiming-normal with ``fan_out = (end - start) * Oc * prod(kc)`` (ReLU gain)."""
     warehouse = plan.warehouses[index]
-    fan = [0] * warehouse.num_cells
-    for _, layer in plan.layers:
-        if layer.warehouse == index:
-            for cell in range(layer.start_cell, layer.end_cell):
-                fan[cell] = (layer.end_cell - layer.start_cell) * warehouse.cell_shape[0] * math.prod(
-                    warehouse.cell_shape[2:])
-    std = jnp.asarray([math.sqrt(2.0 / f) for f in fan])
+    std = _cell_std(plan, index)
 
     def init(key, shape, dtype=jnp.float32):
         if tuple(shape) != (warehouse.num_cells, *warehouse.cell_shape):
             raise ValueError(f"warehouse {index} has shape {(warehouse.num_cells, *warehouse.cell_shape)}, "
                              f"asked for {tuple(shape)}")
-        noise = jax.random.normal(key, shape, dtype)
-        return noise * std.reshape((-1,) + (1,) * (len(shape) - 1)).astype(dtype)
+        scale = jnp.asarray(std, dtype).reshape((-1,) + (1,) * (len(shape) - 1))
+        return jax.random.normal(key, shape, dtype) * scale
 
     return init
 

@@ -47,7 +47,7 @@ class WarehouseManager(nn.Module):
     does (:func:`dynconv_jax.cells.warehouse_init`). Calling it with a warehouse index returns that warehouse.
 
     Attributes:
-      plan: the warehouse plan of the model (e.g. :func:`dynconv_spec.kernelwarehouse.model_plan`).
+      plan: the warehouse plan of the model (e.g. :func:`dynconv_spec.kernelwarehouse.resnet_plan`).
       param_dtype: the dtype of the warehouses.
 
     Example::
@@ -70,15 +70,25 @@ class WarehouseManager(nn.Module):
     plan: WarehousePlan
     param_dtype: Dtype = jnp.float32
 
-    def _init(self, key) -> Dict[str, jax.Array]:
-        keys = jax.random.split(key, len(self.plan.warehouses))
-        return {str(i): cells.warehouse_init(self.plan, i)(k, (w.num_cells, *w.cell_shape), self.param_dtype)
-                for i, (k, w) in enumerate(zip(keys, self.plan.warehouses))}
-
     @nn.compact
     def __call__(self, index: int):
         """Warehouse ``index`` ``[N, Oc, Ic, *kc]``."""
-        return self.param("weights", self._init)[str(index)]
+        return _Warehouses(self.plan, self.param_dtype, name="weights")(index)
+
+
+class _Warehouses(nn.Module):
+    """The ``weights`` of a :class:`WarehouseManager`: one param per warehouse, named by its index (each
+    call touches only the warehouse it asks for, so Linen's shape check of an existing param evaluates
+    that warehouse's initializer alone)."""
+
+    plan: WarehousePlan
+    param_dtype: Dtype
+
+    @nn.compact
+    def __call__(self, index: int):
+        warehouse = self.plan.warehouses[index]
+        return self.param(str(index), cells.warehouse_init(self.plan, index), (warehouse.num_cells,
+                                                                               *warehouse.cell_shape), self.param_dtype)
 
 
 class KWAttention(nn.Module):

@@ -16,10 +16,10 @@ from __future__ import annotations
 import dataclasses
 import math
 import numbers
-from typing import Dict, Iterator, List, Optional, Sequence, Tuple, Union
+from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 from .mobilenetv2 import stage_settings
-from .resnet import BLOCK_EXPANSION, RESNET_ARCHS, stage_blocks
+from .resnet import BLOCK_EXPANSION, stage_blocks
 
 #: The conv type name (``conv='kernelwarehouse'``).
 KW_CONV = "kernelwarehouse"
@@ -502,14 +502,26 @@ def mobilenetv2_convs(width_mult: float = 1.0, stem: str = "imagenet",
     return tuple(convs), tuple(s.path for s in convs)
 
 
-def model_plan(arch: str, options: KWOptions, *, width_mult: float = 1.0, base_width: int = 64,
-               in_channels: int = 3, stem: str = "imagenet", where: str = "KernelWarehouse") -> WarehousePlan:
-    """The plan of a KernelWarehouse ResNet (``arch`` a key of ``RESNET_ARCHS``) or ``'mobilenet_v2'``."""
-    if arch == "mobilenet_v2":
-        convs, order = mobilenetv2_convs(width_mult, stem, in_channels)
-    else:
-        spec = RESNET_ARCHS[arch]
-        convs, order = resnet_convs(spec["block"], spec["layers"], base_width, in_channels, stem)
+#: ``sharing_range`` of the models when ``conv_options`` sets none: the official ``KW_ResNet``'s default,
+#: and for MobileNetV2 (whose official default, None, does not run) the official 1× config's.
+DEFAULT_SHARING = {"resnet": ("layer", "conv"), "mobilenet_v2": ("layer", "pwconv")}
+
+
+def resnet_plan(block: str, layers: Sequence[int], base_width: int, in_channels: int, stem: str,
+                reduction: Optional[float], conv_options, where: str = "ResNet") -> WarehousePlan:
+    """The warehouse plan of a ResNet with ``conv='kernelwarehouse'`` (the official ``KW_ResNet``):
+    :func:`resnet_convs` with the options of the model's ``reduction`` and ``conv_options``."""
+    options = kw_options(where, reduction, **{"sharing_range": DEFAULT_SHARING["resnet"], **(conv_options or {})})
+    convs, order = resnet_convs(block, layers, base_width, in_channels, stem)
+    return plan_warehouses(convs, options, order, where)
+
+
+def mobilenetv2_plan(width_mult: float, stem: str, in_channels: int, reduction: Optional[float], conv_options,
+                     where: str = "MobileNetV2") -> WarehousePlan:
+    """The warehouse plan of a MobileNetV2 with ``conv='kernelwarehouse'`` (the official ``KW_MobileNetV2``)."""
+    options = kw_options(where, reduction,
+                         **{"sharing_range": DEFAULT_SHARING["mobilenet_v2"], **(conv_options or {})})
+    convs, order = mobilenetv2_convs(width_mult, stem, in_channels)
     return plan_warehouses(convs, options, order, where)
 
 
@@ -584,8 +596,3 @@ def warmup_temperature(iteration: int, epoch: int, iters_per_epoch: int, temp_ep
     total = iters_per_epoch * temp_epoch
     current = iters_per_epoch * epoch + iteration
     return temp_end + max(0.0, (temp_init_value - temp_end) * ((total - current) / max(1.0, total)))
-
-
-def iter_kw_layers(plan: WarehousePlan) -> Iterator[KWLayer]:
-    """The plan's KernelWarehouse layers, in module order."""
-    return (layer for _, layer in plan.layers)

@@ -35,14 +35,14 @@ ODCONV_MODELS: Dict[str, tuple] = {
     "od_mobilenetv2_100": ("mobilenet_v2", {"width_mult": 1.0}),
 }
 #: The official OSVAI/KernelWarehouse entry points (``models/kw_resnet.py``, ``models/kw_mobilenetv2.py``):
-#: name -> (the conv model it is, with ``conv='kernelwarehouse'``, its fixed arguments, and the defaults
-#: of its official arguments that differ from the conv model's). The official ``KW_MobileNetV2`` has no
-#: working default ``sharing_range`` (None); ours is the 1× config's ``('layer', 'pwconv')``.
+#: name -> (the conv model it is, with ``conv='kernelwarehouse'``, its fixed arguments, and the defaults of
+#: its official arguments that differ from the conv model's). ``sharing_range`` defaults to the conv
+#: model's (:data:`dynconv_spec.kernelwarehouse.DEFAULT_SHARING`).
 KW_MODELS: Dict[str, tuple] = {
-    "kw_resnet18": ("resnet18", {}, {"sharing_range": ("layer", "conv")}),
-    "kw_resnet50": ("resnet50", {}, {"sharing_range": ("layer", "conv")}),
-    "kw_mobilenetv2_050": ("mobilenet_v2", {"width_mult": 0.5}, {"sharing_range": ("layer", "pwconv"), "dropout": 0.0}),
-    "kw_mobilenetv2_100": ("mobilenet_v2", {"width_mult": 1.0}, {"sharing_range": ("layer", "pwconv"), "dropout": 0.0}),
+    "kw_resnet18": ("resnet18", {}, {}),
+    "kw_resnet50": ("resnet50", {}, {}),
+    "kw_mobilenetv2_050": ("mobilenet_v2", {"width_mult": 0.5}, {"dropout": 0.0}),
+    "kw_mobilenetv2_100": ("mobilenet_v2", {"width_mult": 1.0}, {"dropout": 0.0}),
 }
 #: timm's EfficientNet-CondConv entry points.
 EFFICIENTNET_CC_MODELS = tuple(VARIANTS)
@@ -84,10 +84,11 @@ def kw_model_args(name: str, reduction: float = 0.0625, cell_num_ratio=1.0, cell
         raise ValueError(f"{name}: drop_path_rate={drop_path_rate!r}: stochastic depth is not implemented; the "
                          f"models equal the official ones at drop_path_rate=0 (and in inference at any rate)")
     options = dict(cell_num_ratio=cell_num_ratio, cell_inplane_ratio=cell_inplane_ratio,
-                   cell_outplane_ratio=cell_outplane_ratio,
-                   sharing_range=defaults["sharing_range"] if sharing_range is None else sharing_range,
-                   nonlocal_basis_ratio=nonlocal_basis_ratio, spatial_partition=spatial_partition)
-    extra = {k: v for k, v in defaults.items() if k != "sharing_range" and k not in kwargs}
+                   cell_outplane_ratio=cell_outplane_ratio, nonlocal_basis_ratio=nonlocal_basis_ratio,
+                   spatial_partition=spatial_partition)
+    if sharing_range is not None:
+        options["sharing_range"] = sharing_range
+    extra = {k: v for k, v in defaults.items() if k not in kwargs}
     return dict(conv=KW_CONV, reduction=reduction, conv_options=options, **fixed, **extra, **kwargs)
 
 

@@ -292,12 +292,11 @@ class WarehouseManager(nn.Module):
     :func:`dynconv_spec.kernelwarehouse.plan_warehouses`; :attr:`plan` holds the result after
     :meth:`allocate`.
 
-    Example::
+    Example (a network that owns the manager registers it as a submodule, as the official models do)::
 
         >>> manager = WarehouseManager(cell_num_ratio=1, sharing_range=("layer",))
         >>> net = nn.Sequential(manager.reserve(8, 16, 3, padding=1, warehouse_name="stage0_layer0"),
         ...                     manager.reserve(16, 16, 3, padding=1, warehouse_name="stage0_layer1"))
-        >>> net.manager = manager
         >>> manager.store(); manager.allocate(net)
         >>> net(torch.randn(2, 8, 6, 6)).shape
         torch.Size([2, 16, 6, 6])

@@ -15,7 +15,7 @@ import jax.numpy as jnp
 from flax import linen as nn
 
 from dynconv_spec import KW_CONV, check_width_mult, stage_settings
-from dynconv_spec.kernelwarehouse import WarehousePlan, kw_options, mobilenetv2_convs, plan_warehouses
+from dynconv_spec.kernelwarehouse import WarehousePlan, mobilenetv2_plan
 from dynconv_spec.registry import kw_model_args, odconv_model_args
 
 from ._conv import DynamicNet, ModuleDef, apply_conv, check_input
@@ -108,8 +108,7 @@ class MobileNetV2(DynamicNet):
 
     def kw_plan(self) -> WarehousePlan:
         """The warehouse plan of the official ``KW_MobileNetV2`` at this width (``conv='kernelwarehouse'``)."""
-        convs, order = mobilenetv2_convs(self.width_mult, self.stem, self.in_channels)
-        return plan_warehouses(convs, kw_options("MobileNetV2", self.reduction, **(self.conv_options or {})), order)
+        return mobilenetv2_plan(self.width_mult, self.stem, self.in_channels, self.reduction, self.conv_options)
 
 
 @register_model

@@ -19,7 +19,7 @@ import jax.numpy as jnp
 from flax import linen as nn
 
 from dynconv_spec import RESNET_ARCHS, check_resnet_args, stage_blocks
-from dynconv_spec.kernelwarehouse import WarehousePlan, kw_options, plan_warehouses, resnet_convs
+from dynconv_spec.kernelwarehouse import WarehousePlan, resnet_plan
 from dynconv_spec.registry import kw_model_args, odconv_model_args
 
 from ._conv import DynamicNet, ModuleDef, apply_conv, check_input
@@ -134,8 +134,8 @@ class ResNet(DynamicNet):
 
     def kw_plan(self) -> WarehousePlan:
         """The warehouse plan of the official ``KW_ResNet`` of this depth and width (``conv='kernelwarehouse'``)."""
-        convs, order = resnet_convs(self.block, self.layers, self.base_width, self.in_channels, self.stem)
-        return plan_warehouses(convs, kw_options("ResNet", self.reduction, **(self.conv_options or {})), order)
+        return resnet_plan(self.block, self.layers, self.base_width, self.in_channels, self.stem, self.reduction,
+                           self.conv_options)
 
 
 @register_model

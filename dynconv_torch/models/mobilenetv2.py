@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from dynconv_spec import KW_CONV, check_width_mult, stage_settings
-from dynconv_spec.kernelwarehouse import kw_options, mobilenetv2_convs, plan_warehouses
+from dynconv_spec.kernelwarehouse import mobilenetv2_plan
 from dynconv_spec.registry import kw_model_args, odconv_model_args
 
 from ._conv import KWBuilder, check_args, make_conv, static_conv
@@ -81,9 +81,7 @@ class MobileNetV2(nn.Module):
         conv_layer = partial(make_conv, conv, num_experts=num_experts, reduction=reduction, conv_options=options)
         stem_conv, builder = static_conv, None
         if conv == KW_CONV:  # every convolution as the warehouse plan says
-            convs, order = mobilenetv2_convs(width_mult, stem, in_channels)
-            builder = KWBuilder(plan_warehouses(convs, kw_options("MobileNetV2", reduction, **options), order),
-                                "MobileNetV2")
+            builder = KWBuilder(mobilenetv2_plan(width_mult, stem, in_channels, reduction, options), "MobileNetV2")
             self.warehouse_manager = builder.manager
             conv_layer = stem_conv = builder.conv
         channels, stem_stride, stages, self.last_channel = stage_settings(width_mult, stem)

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from dynconv_spec import KW_CONV, RESNET_ARCHS, check_resnet_args, stage_blocks
-from dynconv_spec.kernelwarehouse import kw_options, plan_warehouses, resnet_convs
+from dynconv_spec.kernelwarehouse import resnet_plan
 from dynconv_spec.registry import kw_model_args, odconv_model_args
 
 from ._conv import KWBuilder, check_args, make_conv, static_conv
@@ -111,8 +111,7 @@ class ResNet(nn.Module):
         stem_conv = shortcut_conv = static_conv
         builder = None
         if conv == KW_CONV:  # every convolution as the warehouse plan says, reserved in the official order
-            convs, order = resnet_convs(block, layers, base_width, in_channels, stem)
-            builder = KWBuilder(plan_warehouses(convs, kw_options("ResNet", reduction, **options), order), "ResNet")
+            builder = KWBuilder(resnet_plan(block, layers, base_width, in_channels, stem, reduction, options), "ResNet")
             self.warehouse_manager = builder.manager
             conv_layer = stem_conv = shortcut_conv = builder.conv
 

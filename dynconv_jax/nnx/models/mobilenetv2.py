@@ -17,7 +17,7 @@ from dynconv_jax.models._conv import ModuleDef, check_input
 from dynconv_jax.nnx.models._conv import apply_conv, module_defs
 from dynconv_jax.nnx.models._registry import register_model
 from dynconv_spec import KW_CONV, check_width_mult, stage_settings
-from dynconv_spec.kernelwarehouse import kw_options, mobilenetv2_convs, plan_warehouses
+from dynconv_spec.kernelwarehouse import mobilenetv2_plan
 from dynconv_spec.registry import kw_model_args, odconv_model_args
 
 
@@ -72,15 +72,10 @@ class MobileNetV2(nnx.Module):
                  dtype: Optional[Dtype] = None, param_dtype: Dtype = jnp.float32, precision: PrecisionLike = None,
                  rngs: nnx.Rngs):
         check_width_mult(width_mult)
-
-        def kw_plan():
-            convs, order = mobilenetv2_convs(width_mult, stem, in_channels)
-            return plan_warehouses(convs, kw_options("MobileNetV2", reduction, **(conv_options or {})), order)
-
         defs = module_defs("MobileNetV2", conv=conv, num_experts=num_experts, reduction=reduction,
                            conv_options=conv_options, stem=stem, dropout=dropout, num_classes=num_classes,
                            strategy=strategy, dtype=dtype, param_dtype=param_dtype, precision=precision, rngs=rngs,
-                           kw_plan=kw_plan)
+                           kw_plan=lambda: mobilenetv2_plan(width_mult, stem, in_channels, reduction, conv_options))
         self.in_channels = in_channels
         channels, stem_stride, stages, last_channel = stage_settings(width_mult, stem)
         _add_conv_bn(self, "features_0", defs.static_conv, defs.norm, in_channels, channels, 3, stem_stride)

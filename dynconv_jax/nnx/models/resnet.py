@@ -17,7 +17,7 @@ from dynconv_jax.models._conv import ModuleDef, check_input
 from dynconv_jax.nnx.models._conv import apply_conv, module_defs
 from dynconv_jax.nnx.models._registry import register_model
 from dynconv_spec import KW_CONV, RESNET_ARCHS, check_resnet_args, stage_blocks
-from dynconv_spec.kernelwarehouse import kw_options, plan_warehouses, resnet_convs
+from dynconv_spec.kernelwarehouse import resnet_plan
 from dynconv_spec.registry import kw_model_args, odconv_model_args
 
 
@@ -103,15 +103,11 @@ class ResNet(nnx.Module):
                  dtype: Optional[Dtype] = None, param_dtype: Dtype = jnp.float32, precision: PrecisionLike = None,
                  rngs: nnx.Rngs):
         check_resnet_args(block, layers, base_width)
-
-        def kw_plan():
-            convs, order = resnet_convs(block, layers, base_width, in_channels, stem)
-            return plan_warehouses(convs, kw_options("ResNet", reduction, **(conv_options or {})), order)
-
         defs = module_defs("ResNet", conv=conv, num_experts=num_experts, reduction=reduction,
                            conv_options=conv_options, stem=stem, dropout=dropout, num_classes=num_classes,
                            strategy=strategy, dtype=dtype, param_dtype=param_dtype, precision=precision, rngs=rngs,
-                           kw_plan=kw_plan)
+                           kw_plan=lambda: resnet_plan(block, layers, base_width, in_channels, stem, reduction,
+                                                       conv_options))
         self.in_channels = in_channels
         self.stem = stem
         if stem == "imagenet":
