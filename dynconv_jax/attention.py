@@ -47,21 +47,25 @@ def global_avg_pool(x, dtype: Dtype) -> jax.Array:
 TEMPERATURE_FLOOR = 1e-6
 
 
+def _scalar(value, layer: str, dtype: Dtype, what: str) -> jax.Array:
+    """``value`` as a scalar array of ``dtype``, or a ValueError naming ``layer`` (``what``: what it must be)."""
+    try:
+        array = jnp.asarray(value, dtype)
+    except (TypeError, ValueError):
+        raise ValueError(f"{layer}: temperature={value!r} must be {what}") from None
+    if array.ndim != 0:
+        raise ValueError(f"{layer}: temperature must be a scalar, got shape {array.shape}")
+    return array
+
+
 def temperature_scalar(temperature, layer: str, dtype: Dtype) -> jax.Array:
     """``temperature`` (None = 1) as a scalar array; stays traced under jit, so changing it never recompiles.
 
     Concrete values must be finite and > 0; traced ones are clamped to :data:`TEMPERATURE_FLOOR`
     (NaN included), so a bad schedule value under ``jit`` cannot silently produce NaN outputs.
     """
-    if temperature is None:
-        temperature = 1.0
-    try:
-        value = jnp.asarray(temperature, dtype)
-    except (TypeError, ValueError):
-        raise ValueError(f"{layer}: temperature={temperature!r} must be a positive number "
-                         f"(a Python, NumPy or JAX scalar)") from None
-    if value.ndim != 0:
-        raise ValueError(f"{layer}: temperature must be a scalar, got shape {value.shape}")
+    value = _scalar(1.0 if temperature is None else temperature, layer, dtype,
+                    "a positive number (a Python, NumPy or JAX scalar)")
     if not isinstance(value, jax.core.Tracer) and not (math.isfinite(float(value)) and float(value) > 0):
         raise ValueError(f"{layer}: temperature={temperature!r} must be finite and > 0")
     return jnp.where(value >= TEMPERATURE_FLOOR, value, jnp.asarray(TEMPERATURE_FLOOR, dtype))
@@ -136,15 +140,8 @@ def kw_warmup_scalar(temperature, layer: str, dtype: Dtype) -> jax.Array:
     """KernelWarehouse's warm-up weight tau (passed as ``temperature``; None = 0, the official start
     value outside training) as a scalar array, traced under jit. A concrete tau must be in [0, 1]; a
     traced one is clipped to [0, 1] (NaN becomes 0)."""
-    if temperature is None:
-        temperature = 0.0
-    try:
-        value = jnp.asarray(temperature, dtype)
-    except (TypeError, ValueError):
-        raise ValueError(f"{layer}: temperature={temperature!r} (the warm-up weight tau) must be a number in "
-                         f"[0, 1]") from None
-    if value.ndim != 0:
-        raise ValueError(f"{layer}: temperature must be a scalar, got shape {value.shape}")
+    value = _scalar(0.0 if temperature is None else temperature, layer, dtype,
+                    "a number in [0, 1] (the warm-up weight tau)")
     if not isinstance(value, jax.core.Tracer) and not 0.0 <= float(value) <= 1.0:
         raise ValueError(f"{layer}: temperature={temperature!r} (the warm-up weight tau) must be in [0, 1]; "
                          f"KernelWarehouse blends (1 - tau) * attention + tau * one-hot, it does not divide by T")

@@ -67,7 +67,8 @@ def _cell_std(plan: WarehousePlan, index: int) -> Tuple[float, ...]:
     std = [0.0] * warehouse.num_cells
     for _, layer in plan.layers:
         if layer.warehouse == index:
-            fan_out = (layer.end_cell - layer.start_cell) * warehouse.cell_shape[0] * math.prod(warehouse.cell_shape[2:])
+            cells = layer.end_cell - layer.start_cell
+            fan_out = cells * warehouse.cell_shape[0] * math.prod(warehouse.cell_shape[2:])
             std[layer.start_cell:layer.end_cell] = [math.sqrt(2.0 / fan_out)] * (layer.end_cell - layer.start_cell)
     return tuple(std)
 

@@ -19,7 +19,6 @@ from __future__ import annotations
 import functools
 from typing import Dict, Optional, Sequence, Tuple, Union
 
-import jax
 import jax.numpy as jnp
 from flax import linen as nn
 from flax.typing import Dtype, PrecisionLike
@@ -54,8 +53,9 @@ class WarehouseManager(nn.Module):
 
         >>> import jax, jax.numpy as jnp
         >>> from dynconv_spec.kernelwarehouse import ConvSpec, KWOptions, plan_warehouses
-        >>> plan = plan_warehouses([ConvSpec("conv1", 8, 16, (3, 3), 1, "stage0_layer0"),
-        ...                         ConvSpec("conv2", 16, 16, (3, 3), 1, "stage0_layer1")], KWOptions(sharing_range=("layer",)))
+        >>> convs = [ConvSpec("conv1", 8, 16, (3, 3), 1, "stage0_layer0"),
+        ...          ConvSpec("conv2", 16, 16, (3, 3), 1, "stage0_layer1")]
+        >>> plan = plan_warehouses(convs, KWOptions(sharing_range=("layer",)))
         >>> class Net(nn.Module):
         ...     @nn.compact
         ...     def __call__(self, x, train=False, temperature=None):

@@ -112,8 +112,8 @@ def _dynamic_layer_macs(module: nn.Module, params: Mapping, x_shape: Tuple[int, 
     count = MacCount(conv=_conv_macs(module, x_shape, y_shape, padded_taps))
     attention = params.get("attention", params.get("routing_fn", {}))
     if isinstance(module, KWConv):  # cells [B, M, N]: every one of the M cells mixes N warehouse cells
-        kernel_elements = math.prod(module.kernel_size if not isinstance(module.kernel_size, int)
-                                    else (module.kernel_size,)) * x_shape[-1] // module.feature_group_count * y_shape[-1]
+        taps = math.prod((module.kernel_size,) if isinstance(module.kernel_size, int) else module.kernel_size)
+        kernel_elements = taps * x_shape[-1] // module.feature_group_count * y_shape[-1]
         num_experts = cell_attention[-1]
     else:
         experts = params["kernel"]  # [K, *k, I/g, O]

@@ -458,8 +458,10 @@ def resnet_convs(block: str, layers: Sequence[int], base_width: int = 64, in_cha
             names = [f"stage{stage}_layer{layer_idx}_conv{c}" for c in (0, 1, 2)]
             static_first = False
             layer_idx += 1
-        widths = [(inplanes, planes, 1), (planes, planes, 3), (planes, planes * expansion, 1)] if block == "bottleneck" \
-            else [(inplanes, planes, 3), (planes, planes, 3)]
+        if block == "bottleneck":
+            widths = [(inplanes, planes, 1), (planes, planes, 3), (planes, planes * expansion, 1)]
+        else:
+            widths = [(inplanes, planes, 3), (planes, planes, 3)]
         for c, (cin, cout, k) in enumerate(widths):
             name = None if c == 0 and static_first else names[c]
             block_convs.append(ConvSpec(f"{prefix}.conv{c + 1}", cin, cout, (k, k), 1, name))
@@ -489,7 +491,8 @@ def mobilenetv2_convs(width_mult: float = 1.0, stem: str = "imagenet",
             hidden = int(round(channels * t))
             prefix, sub = f"features.{index}.conv", 0
             if t != 1:
-                convs.append(ConvSpec(f"{prefix}.0.0", channels, hidden, (1, 1), 1, f"stage{s}_layer{layer_idx}_pwconv0"))
+                convs.append(ConvSpec(f"{prefix}.0.0", channels, hidden, (1, 1), 1,
+                                      f"stage{s}_layer{layer_idx}_pwconv0"))
                 sub = 1
             convs.append(ConvSpec(f"{prefix}.{sub}.0", hidden, hidden, (3, 3), hidden,
                                   f"stage{s}_layer{layer_idx}_dwconv0"))

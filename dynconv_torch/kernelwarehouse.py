@@ -129,7 +129,8 @@ class _KWConvNd(nn.Module):
                  warehouse_manager: Optional["WarehouseManager"] = None, *, temperature: float = 0.0,
                  device=None, dtype=None, **options):
         super().__init__()
-        where = f"{type(self).__name__}(in_planes={in_planes!r}, out_planes={out_planes!r}, kernel_size={kernel_size!r})"
+        where = (f"{type(self).__name__}(in_planes={in_planes!r}, out_planes={out_planes!r}, "
+                 f"kernel_size={kernel_size!r})")
         positive_int(in_planes, "in_planes", where)
         positive_int(out_planes, "out_planes", where)
         positive_int(groups, "groups", where)
@@ -265,13 +266,14 @@ class KWConv3d(_KWConvNd):
 
 class KWLinear(nn.Module):
     """The official ``KWLinear``: a :class:`KWConv1d` with a 1-wide kernel over ``[..., in_planes]``
-    (its state under ``conv.``)."""
+    (its state under ``conv.``); ``kernel_size`` defaults to 1 here, the other arguments are
+    :class:`KWConv1d`'s."""
 
     dimension = 1
 
-    def __init__(self, *args, **kwargs):
+    def __init__(self, in_planes: int, out_planes: int, kernel_size=1, *args, **kwargs):
         super().__init__()
-        self.conv = KWConv1d(*args, **kwargs)
+        self.conv = KWConv1d(in_planes, out_planes, kernel_size, *args, **kwargs)
 
     def forward(self, x: Tensor) -> Tensor:
         shape = x.shape

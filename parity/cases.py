@@ -183,8 +183,8 @@ LAYER_GRID = (
 
 
 def kw_layer_case(in_ch: int, out_ch: int, k: int, *, stride=1, padding=0, dilation=1, groups=1, bias=False,
-                  temperature=None, strategy="auto", rank=2, size=7, batch=3, quick=False, default=("float64", "float32"),
-                  **options) -> Case:
+                  temperature=None, strategy="auto", rank=2, size=7, batch=3, quick=False,
+                  default=("float64", "float32"), **options) -> Case:
     """A KernelWarehouse layer case: ``dynconv_torch.KWConv{rank}d`` (a warehouse of its own, ``options`` of
     :class:`dynconv_spec.kernelwarehouse.KWOptions`) vs ``dynconv_jax.KWConv``; ``temperature`` is the
     warm-up weight tau."""

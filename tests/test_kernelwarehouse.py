@@ -21,8 +21,10 @@ from dynconv_spec import kernelwarehouse as kw
 from dynconv_torch import KWConv1d, KWConv2d, KWConv3d, KWLinear, WarehouseManager, set_temperature
 from dynconv_torch import models as tm
 
+from _helpers import flax_leaf_counts, torch_to_flax_names, weight_names
+
 sys.path.insert(0, str(pathlib.Path(__file__).parent / "data"))
-from make_official_kw import TAUS, run_golden  # noqa: E402  (the generating script's procedure)
+from make_official_kw import TAUS, relative_error, run_golden  # noqa: E402  (the generating script's procedure)
 
 DATA = json.loads(gzip.decompress((pathlib.Path(__file__).parent / "data" / "official_kw_models.json.gz").read_bytes()))
 MANIFESTS = DATA["manifests"]
@@ -47,7 +49,8 @@ def test_official_config_state_dict_and_plan(config):
     count, and a plan whose warehouses are the official ``weights.{i}``."""
     entry = MANIFESTS[config]
     name, args = kw.config_model_args(config)
-    assert (name, args) == (entry["model"], {k: tuple(v) if isinstance(v, list) else v for k, v in entry["args"].items()})
+    recorded = {k: tuple(v) if isinstance(v, list) else v for k, v in entry["args"].items()}  # JSON lists
+    assert (name, args) == (entry["model"], recorded)
     with torch.device("meta"):
         model = tm.create_model(name, **args)
     ours = {k: list(v.shape) for k, v in model.state_dict().items()}
@@ -78,20 +81,23 @@ SLOW_GOLDEN = ("resnet_basic_2111_1x", "resnet_basic_1111_4x")
                                   for n in sorted(GOLDEN)])
 def test_outputs_equal_official_code_in_float64(name):
     """Logits in eval and train mode at tau = 1, 0.5, 0, and every BatchNorm's running statistics after
-    those forwards, equal the official model's (same state_dict, float64) to 1e-12 relative."""
+    those forwards, equal the official model's (same state_dict, float64): within 1e-12 relative, or ten
+    times the value's reproducibility floor where the official code run with another thread count
+    differs from itself by more (a randomly filled deep network in train mode amplifies rounding)."""
     golden = GOLDEN[name]
     torch.manual_seed(0)
     ours = run_golden(_torch_golden_model(golden["spec"]).double(), set_temperature)
+    floors = golden["floors"]
     assert sorted(ours["logits"]) == sorted(golden["logits"]) == sorted(
         f"{m}_tau{t:g}" for t in TAUS for m in ("eval", "train"))
     for key, ref in golden["logits"].items():
-        ref, got = torch.tensor(ref, dtype=torch.float64), torch.tensor(ours["logits"][key], dtype=torch.float64)
-        assert ((got - ref).abs().max() / ref.abs().max()).item() <= 1e-12, key
+        assert relative_error(ours["logits"][key], ref) <= max(1e-12, 10 * floors[key]), key
+        ref = torch.tensor(ref, dtype=torch.float64)
         assert (ref - ref.mean(0)).abs().max() > 1e-3 * ref.abs().max(), f"{key}: logits do not depend on the input"
     assert sorted(ours["running_stat_sums"]) == sorted(golden["running_stat_sums"])
-    for key, ref in golden["running_stat_sums"].items():
-        got = ours["running_stat_sums"][key]
-        assert all(abs(g - r) <= 1e-12 * max(1.0, abs(r)) for g, r in zip(got, ref)), key
+    keys = sorted(golden["running_stat_sums"])  # the JSON file keeps its keys sorted, the model its own order
+    assert relative_error([ours["running_stat_sums"][k] for k in keys],
+                          [golden["running_stat_sums"][k] for k in keys]) <= max(1e-12, 10 * floors["running_stat_sums"])
 
 
 def test_warmup_schedule_is_official():
@@ -273,20 +279,6 @@ def test_every_strategy_is_exact_and_traced_temperature_jit_grad_vmap():
 
 
 # --------------------------------------------------------------------------- models: trees, conversion
-def _torch_names_to_flax(state_dict) -> dict:
-    from dynconv_jax.convert import torch_module_to_flax
-
-    out = {}
-    for key, value in state_dict.items():
-        module, leaf = key.rsplit(".", 1)
-        if leaf == "num_batches_tracked":
-            continue
-        collection = "batch_stats" if leaf in ("running_mean", "running_var") else "params"
-        leaf = {"running_mean": "mean", "running_var": "var", "weight": "w"}.get(leaf, leaf)
-        out[(collection, *torch_module_to_flax(module), leaf)] = int(value.numel())
-    return out
-
-
 @pytest.mark.parametrize("name,kwargs", [
     ("kw_resnet50", dict(base_width=8, cell_num_ratio=0.5, cell_inplane_ratio=0.5, cell_outplane_ratio=0.5,
                          nonlocal_basis_ratio=0.0625)),
@@ -299,7 +291,6 @@ def test_models_have_one_tree_in_torch_linen_nnx_and_convert_strictly(name, kwar
     import jax
     import jax.numpy as jnp
     from flax import nnx
-    from flax.traverse_util import flatten_dict
 
     from dynconv_jax import models as jm
     from dynconv_jax import nnx as dn
@@ -309,9 +300,8 @@ def test_models_have_one_tree_in_torch_linen_nnx_and_convert_strictly(name, kwar
     torch_model = tm.create_model(name, num_classes=5, **kwargs)
     linen = jm.create_model(name, num_classes=5, **kwargs)
     template = jax.eval_shape(linen.init, jax.random.key(0), jnp.zeros((1, 16, 16, 3)))
-    flat = {k[:-1] + ("w" if k[-1] in ("kernel", "scale") else k[-1],): int(v.size)
-            for col in ("params", "batch_stats") for k, v in flatten_dict({col: template[col]}).items()}
-    assert flat == _torch_names_to_flax(torch_model.state_dict())
+    assert weight_names(flax_leaf_counts(template)) == torch_to_flax_names(
+        {k: v.shape for k, v in torch_model.state_dict().items()})
     nnx_model = nnx.eval_shape(lambda: nm.create_model(name, num_classes=5, rngs=nnx.Rngs(0), **kwargs))
     assert jax.tree_util.tree_map(jnp.shape, dn.linen_variables(nnx_model)) == jax.tree_util.tree_map(
         jnp.shape, {"params": template["params"], "batch_stats": template["batch_stats"]})

@@ -32,7 +32,8 @@ def _assert_rows(rows):
 
 
 @pytest.mark.parametrize("name", ["condconv/i8o12k3s2p1d1g2K4-T3", "dynamic/i8o12k3s2p1d1g2K4-T3",
-                                  "odconv/i8o12k3s2p1d1g2K4-T3", "kernelwarehouse/i8o12k3s2p1d1g2-cell_num_ratio4-T0.7"])
+                                  "odconv/i8o12k3s2p1d1g2K4-T3",
+                                  "kernelwarehouse/i8o12k3s2p1d1g2-cell_num_ratio4-T0.7"])
 @pytest.mark.parametrize("dtype", ["float64", "float32"])
 def test_layer_grid_subset(name, dtype):
     rows = run_case(CASES[name], dtype, sgd=SGD)

@@ -57,7 +57,8 @@ class KWAttention(nnx.Module):
                  rngs: nnx.Rngs):
         def linear(n_in, n_out, use_bias=True):
             return _linear(n_in, n_out, use_bias=use_bias, dtype=dtype, param_dtype=param_dtype, precision=precision,
-                           kernel_init=allow_empty(kaiming_fan_out_dense_init), bias_init=nnx.initializers.zeros, rngs=rngs)
+                           kernel_init=allow_empty(kaiming_fan_out_dense_init), bias_init=nnx.initializers.zeros,
+                           rngs=rngs)
 
         self.layer = layer
         self.fc1 = linear(layer.spec.in_channels, layer.hidden, use_bias=False)
@@ -77,8 +78,8 @@ class KWAttention(nnx.Module):
             map_to_cell = functools.partial(attention.kw_map_to_cell, fc3=self.fc3, basis_bias=self.basis_bias[...],
                                             num_local_cells=layer.num_local_cells, num_basis=layer.num_basis,
                                             start_cell=layer.start_cell)
-        return attention.kw_attention(pooled, self.fc1, self.norm1, self.fc2, map_to_cell, jnp.asarray(layer.temp_bias()),
-                                      tau, layer.num_mixtures, NORMALIZATION_EPS)
+        return attention.kw_attention(pooled, self.fc1, self.norm1, self.fc2, map_to_cell,
+                                      jnp.asarray(layer.temp_bias()), tau, layer.num_mixtures, NORMALIZATION_EPS)
 
 
 class KWConv(nnx.Module):
