@@ -5,6 +5,20 @@ import argparse
 import os
 
 
+def _check_args(parser, args):
+    """Usage errors exit 2 (``parser.error``) before any suite is imported; a given value is never replaced."""
+    for flag, value in (("--repeats", args.repeats), ("--threads", args.threads)):
+        if value is not None and value < 1:
+            parser.error(f"{flag} {value}: must be >= 1")
+    if args.models is not None and args.suite in ("models", "serving"):
+        from .models import check_models
+
+        try:
+            check_models([m for m in args.models.split(",") if m])
+        except ValueError as error:
+            parser.error(str(error))
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__)
     parser.add_argument("suite", choices=["strategies", "layers", "models", "serving", "input"],
@@ -13,7 +27,7 @@ def main(argv=None):
                              "throughput of torch eager, ONNX Runtime, JAX jit and loaded StableHLO exports; "
                              "input: the grain input pipeline on generated JPEG folders (throughput, peak RSS, "
                              "data wait)")
-    parser.add_argument("--quick", action="store_true", help="a small subset (smoke test, ~2 minutes on CPU)")
+    parser.add_argument("--quick", action="store_true", help="a small subset (a smoke test; still minutes on CPU)")
     parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"),
                         help="directory for the JSON + Markdown results (default: benchmarks/results)")
     parser.add_argument("--repeats", type=int, default=None, help="timed rounds per candidate (median is reported)")
@@ -24,6 +38,7 @@ def main(argv=None):
     parser.add_argument("--formulations", action="store_true",
                         help="serving: only compare the two ONNX formulations on single dynamic layers")
     args = parser.parse_args(argv)
+    _check_args(parser, args)
 
     from .timing import environment, write_results
 
@@ -43,7 +58,7 @@ def main(argv=None):
     else:
         from . import models as suite
         kwargs = {"threads": args.threads, "models": args.models.split(",") if args.models else None}
-    repeats = args.repeats or (3 if args.quick or args.suite == "models" else 5)
+    repeats = args.repeats if args.repeats is not None else (3 if args.quick or args.suite == "models" else 5)
     payload, markdown = suite.run(quick=args.quick, repeats=repeats, **kwargs)
     env = environment()
     name = args.suite + ("_formulations" if args.formulations else "") + ("_quick" if args.quick else "")

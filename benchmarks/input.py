@@ -1,4 +1,4 @@
-"""Input pipeline (train/data.py): images/s of ImageNet-style decode + random-resized crop at 224 from
+"""Input pipeline (train/pipeline.py): images/s of ImageNet-style decode + random-resized crop at 224 from
 ~400x350 JPEGs for 0/1/2 grain workers (and 4, 8, ... while a core stays free), next to the raw PIL
 decode+resize rate of one process and of as many processes as the most workers, decoding at once; peak
 RSS of the same 100-step run (the pipeline alone, and a whole training run) on a folder of 2,000 and of
@@ -41,12 +41,13 @@ _RSS_RUN = """
 import json, resource, sys, time
 from train import data
 from train.config import parse_args
+from train.pipeline import Pipeline
 root, kind, workdir, flags = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4:]
 config = parse_args(["--dataset=imagefolder", "--data_dir=" + root, f"--num_steps={RSS_STEPS}",
                      "--workdir=" + workdir, f"--log_every_steps={RSS_STEPS}", "--image_size=TRAIN_IMAGE_SIZE",
                      *flags])
 if kind == "pipeline":
-    pipeline = data.Pipeline(data.load_dataset(config), config.batch_size, 0, config.data_workers)
+    pipeline = Pipeline(data.load_dataset(config), config.batch_size, 0, config.data_workers)
     iterator = pipeline.train_iterator(RSS_STEPS)
     next(iterator)
     start = time.perf_counter()
@@ -84,9 +85,9 @@ def raw_rate(root: str, count: int) -> float:
     """Images/s of one process: read, PIL-decode to RGB, bilinear resize to 224x224 (``count`` <= images)."""
     from PIL import Image
 
-    from train import data
+    from train.sources import open_folder
 
-    source = data.open_folder(root, "train", "test")[0]
+    source = open_folder(root, "train", "test")[0]
     start = time.perf_counter()
     for index in range(count):
         with Image.open(io.BytesIO(source[index]["image"])) as img:
@@ -107,9 +108,10 @@ def pipeline_rate(root: str, workers: int, steps: int) -> float:
     after its first ``2 + 3 * workers`` batches (the workers started and their buffers drained)."""
     from train import data
     from train.config import parse_args
+    from train.pipeline import Pipeline
 
     config = parse_args(["--dataset=imagefolder", f"--data_dir={root}", f"--image_size={IMAGE_SIZE}"])
-    pipeline = data.Pipeline(data.load_dataset(config), BATCH, 0, workers)
+    pipeline = Pipeline(data.load_dataset(config), BATCH, 0, workers)
     warmup = 2 + 3 * workers
     iterator = pipeline.train_iterator(warmup + steps + 1)  # one more: the timing never waits for its end
     for _ in range(warmup):
@@ -160,32 +162,13 @@ def run(quick: bool = False, repeats: Optional[int] = None, **_):
     return report(rounds, steps, rss, load_before, os.getloadavg())
 
 
-def report(rounds: dict, steps: int, rss: dict, load_before, load_after):
-    """The JSON payload and Markdown of :func:`run`'s measurements."""
-    median = {k: statistics.median(v) for k, v in rounds.items()}
+def _reference(w, raw_per_s, at_once_per_s):
+    """What ``w`` workers are compared with: raw × workers, or the measured raw at once for the most."""
+    return at_once_per_s if w == max(WORKERS) else raw_per_s * max(w, 1)
+
+
+def _throughput_rows(rounds: dict, median: dict, per_round: dict) -> list:
     raw, at_once = median["raw"], median["raw_at_once"]
-    small, large = sorted(rss)
-    growth = {kind: rss[large][kind]["main_mib"] - rss[small][kind]["main_mib"]
-              + rss[large][kind]["largest_child_mib"] - rss[small][kind]["largest_child_mib"]
-              for kind in ("pipeline", "train")}
-    payload = {"image_size": IMAGE_SIZE, "batch": BATCH, "throughput_jpeg_sides": THROUGHPUT_SIDES,
-               "throughput_batches": steps, "rounds": {str(k): v for k, v in rounds.items()},
-               "raw_decode_resize_per_s": raw, "raw_decode_resize_at_once_per_s": at_once,
-               "raw_processes_at_once": max(WORKERS),
-               "pipeline_per_s": {str(w): median[w] for w in WORKERS}, "rss_steps": RSS_STEPS,
-               "train_flags": TRAIN_FLAGS + [f"--image_size={TRAIN_IMAGE_SIZE}"],
-               "peak_rss": {str(n): v for n, v in rss.items()},
-               "rss_growth_mib": growth, "load_average_1_5_15": {"before": load_before, "after": load_after}}
-
-    def reference(w, raw_per_s, at_once_per_s):
-        """What ``w`` workers are compared with: raw × workers, or the measured raw at once for the most."""
-        return at_once_per_s if w == max(WORKERS) else raw_per_s * max(w, 1)
-
-    # The same ratios round by round (each pipeline rate over the raw rates of its own round), then their
-    # median: the VM's speed drifts between minutes, and a round's measurements are seconds apart.
-    per_round = {w: statistics.median(rate / reference(w, raw_r, at_once_r) for rate, raw_r, at_once_r
-                                      in zip(rounds[w], rounds["raw"], rounds["raw_at_once"])) for w in WORKERS}
-    payload["pipeline_over_reference_per_round_median"] = {str(w): per_round[w] for w in WORKERS}
 
     def spread(key):
         return f"{min(rounds[key]):.0f}–{max(rounds[key]):.0f}"
@@ -194,46 +177,79 @@ def report(rounds: dict, steps: int, rss: dict, load_before, load_after):
             [f"raw PIL decode + resize, {max(WORKERS)} processes at once (summed)", f"{at_once:.1f}",
              spread("raw_at_once"), f"{at_once / raw:.2f}×", "–", "–"]]
     rows += [[f"pipeline, {w} worker(s)", f"{median[w]:.1f}", spread(w), f"{median[w] / raw:.2f}×",
-              f"{median[w] / (raw * max(w, 1)):.2f} / {median[w] / reference(w, raw, at_once):.2f}",
+              f"{median[w] / (raw * max(w, 1)):.2f} / {median[w] / _reference(w, raw, at_once):.2f}",
               f"{per_round[w]:.2f}"] for w in WORKERS]
-    rss_rows = []
+    return rows
+
+
+def _rss_rows(rss: dict) -> list:
+    rows = []
     for n, v in sorted(rss.items()):
         pipe, train = v["pipeline"], v["train"]
-        rss_rows.append([f"{n:,}", "pipeline", f"{pipe['main_mib']:.0f}", f"{pipe['largest_child_mib']:.0f}",
-                         f"{pipe['images_per_s']:.0f}", "–"])
-        rss_rows.append([f"{n:,}", "train", f"{train['main_mib']:.0f}", f"{train['largest_child_mib']:.0f}",
-                         f"{train['images_per_s']:.0f}", f"{100 * train['data_wait_fraction']:.2f} % (host "
-                         f"{100 * train['host_data_wait_fraction']:.1f} %; first batch "
-                         f"{train['first_batch_seconds']} s; run {train['seconds']} s)"])
-    markdown = (f"Load average (1/5/15 min) {'/'.join(f'{x:.1f}' for x in load_before)} before, "
-                f"{'/'.join(f'{x:.1f}' for x in load_after)} after.\n\n"
-                f"Images/s, {IMAGE_SIZE}-px ImageNet-style training preprocessing (random-resized crop + flip) of "
-                f"{THROUGHPUT_SIDES[0]}–{THROUGHPUT_SIDES[1]} px JPEGs, batch {BATCH}, uint8 batches as the loop "
-                f"sends them to the devices, {steps} batches after the workers' start; median (and range) of "
-                f"{len(rounds['raw'])} interleaved rounds. Next to last column: the pipeline over raw × workers, "
-                f"and over what raw decoding does with as many processes busy at once (raw × workers for fewer "
-                f"than {max(WORKERS)}; the measured row above for {max(WORKERS)}), from the medians. Last column: "
-                f"the second ratio taken in each round (the pipeline over the raw rates of its own round, seconds "
-                f"apart) and its median over the rounds, which the VM's drift between minutes moves less:\n\n"
-                + markdown_table(["what", "images/s", "range", "vs raw (1 process)",
-                                  "vs raw × workers / vs raw at once (goal ≥ 0.90)",
-                                  "vs raw at once, per round (median)"], rows)
-                + f"\n\nPeak RSS (MiB) of the same {RSS_STEPS}-step run on folders of {RSS_SIDES[0]}–{RSS_SIDES[1]} px "
-                  f"JPEGs ({TRAIN_IMAGE_SIZE}-px crops, 2 workers): the pipeline alone, and training "
-                  f"(`{' '.join(TRAIN_FLAGS)} --image_size={TRAIN_IMAGE_SIZE}`). Images/s: the pipeline's after its "
-                  f"first batch; training's from the mean step time after the first step (evaluation and "
-                  f"checkpoints left out). Data wait: the share of that steady step time the devices waited for data "
-                  f"(`data_wait_fraction`: the loop's waits for a batch that ended with the devices done with "
-                  f"every earlier step), and in brackets every wait of the host (`host_data_wait_fraction`, "
-                  f"also while the devices still ran earlier steps); the first batch's wait (workers starting) "
-                  f"apart:\n\n"
-                + markdown_table(["training images", "run", "main process", "largest child (worker)", "images/s",
-                                  "data wait"], rss_rows)
-                + f"\n\nGrowth from {small:,} to {large:,} images (main + largest child): "
-                  + ", ".join(f"{kind} {g:+.0f} MiB" for kind, g in growth.items())
-                + ". A child's peak RSS counts the pages it shares with the process it was forked from (Linux "
-                  "starts a forked child's high-water mark at the parent's): the training run's workers, some "
-                  "forked after compilation (the eval iterator's), report about the main process's size, an upper "
-                  "bound of their own.")
+        rows.append([f"{n:,}", "pipeline", f"{pipe['main_mib']:.0f}", f"{pipe['largest_child_mib']:.0f}",
+                     f"{pipe['images_per_s']:.0f}", "–"])
+        rows.append([f"{n:,}", "train", f"{train['main_mib']:.0f}", f"{train['largest_child_mib']:.0f}",
+                     f"{train['images_per_s']:.0f}", f"{100 * train['data_wait_fraction']:.2f} % (host "
+                     f"{100 * train['host_data_wait_fraction']:.1f} %; first batch "
+                     f"{train['first_batch_seconds']} s; run {train['seconds']} s)"])
+    return rows
+
+
+def _markdown(rounds: dict, steps: int, rss: dict, growth: dict, per_round: dict, median: dict, load_before,
+              load_after) -> str:
+    small, large = sorted(rss)
+    return (f"Load average (1/5/15 min) {'/'.join(f'{x:.1f}' for x in load_before)} before, "
+            f"{'/'.join(f'{x:.1f}' for x in load_after)} after.\n\n"
+            f"Images/s, {IMAGE_SIZE}-px ImageNet-style training preprocessing (random-resized crop + flip) of "
+            f"{THROUGHPUT_SIDES[0]}–{THROUGHPUT_SIDES[1]} px JPEGs, batch {BATCH}, uint8 batches as the loop "
+            f"sends them to the devices, {steps} batches after the workers' start; median (and range) of "
+            f"{len(rounds['raw'])} interleaved rounds. Next to last column: the pipeline over raw × workers, "
+            f"and over what raw decoding does with as many processes busy at once (raw × workers for fewer "
+            f"than {max(WORKERS)}; the measured row above for {max(WORKERS)}), from the medians. Last column: "
+            f"the second ratio taken in each round (the pipeline over the raw rates of its own round, seconds "
+            f"apart) and its median over the rounds, which the VM's drift between minutes moves less:\n\n"
+            + markdown_table(["what", "images/s", "range", "vs raw (1 process)",
+                              "vs raw × workers / vs raw at once (goal ≥ 0.90)",
+                              "vs raw at once, per round (median)"], _throughput_rows(rounds, median, per_round))
+            + f"\n\nPeak RSS (MiB) of the same {RSS_STEPS}-step run on folders of {RSS_SIDES[0]}–{RSS_SIDES[1]} px "
+              f"JPEGs ({TRAIN_IMAGE_SIZE}-px crops, 2 workers): the pipeline alone, and training "
+              f"(`{' '.join(TRAIN_FLAGS)} --image_size={TRAIN_IMAGE_SIZE}`). Images/s: the pipeline's after its "
+              f"first batch; training's from the mean step time after the first step (evaluation and "
+              f"checkpoints left out). Data wait: the share of that steady step time the devices waited for data "
+              f"(`data_wait_fraction`: the loop's waits for a batch that ended with the devices done with "
+              f"every earlier step), and in brackets every wait of the host (`host_data_wait_fraction`, "
+              f"also while the devices still ran earlier steps); the first batch's wait (workers starting) "
+              f"apart:\n\n"
+            + markdown_table(["training images", "run", "main process", "largest child (worker)", "images/s",
+                              "data wait"], _rss_rows(rss))
+            + f"\n\nGrowth from {small:,} to {large:,} images (main + largest child): "
+              + ", ".join(f"{kind} {g:+.0f} MiB" for kind, g in growth.items())
+            + ". A child's peak RSS counts the pages it shares with the process it was forked from (Linux "
+              "starts a forked child's high-water mark at the parent's): the training run's workers, some "
+              "forked after compilation (the eval iterator's), report about the main process's size, an upper "
+              "bound of their own.")
+
+
+def report(rounds: dict, steps: int, rss: dict, load_before, load_after):
+    """The JSON payload and Markdown of :func:`run`'s measurements."""
+    median = {k: statistics.median(v) for k, v in rounds.items()}
+    small, large = sorted(rss)
+    growth = {kind: rss[large][kind]["main_mib"] - rss[small][kind]["main_mib"]
+              + rss[large][kind]["largest_child_mib"] - rss[small][kind]["largest_child_mib"]
+              for kind in ("pipeline", "train")}
+    # The same ratios round by round (each pipeline rate over the raw rates of its own round), then their
+    # median: the VM's speed drifts between minutes, and a round's measurements are seconds apart.
+    per_round = {w: statistics.median(rate / _reference(w, raw_r, at_once_r) for rate, raw_r, at_once_r
+                                      in zip(rounds[w], rounds["raw"], rounds["raw_at_once"])) for w in WORKERS}
+    payload = {"image_size": IMAGE_SIZE, "batch": BATCH, "throughput_jpeg_sides": THROUGHPUT_SIDES,
+               "throughput_batches": steps, "rounds": {str(k): v for k, v in rounds.items()},
+               "raw_decode_resize_per_s": median["raw"], "raw_decode_resize_at_once_per_s": median["raw_at_once"],
+               "raw_processes_at_once": max(WORKERS),
+               "pipeline_per_s": {str(w): median[w] for w in WORKERS}, "rss_steps": RSS_STEPS,
+               "train_flags": TRAIN_FLAGS + [f"--image_size={TRAIN_IMAGE_SIZE}"],
+               "peak_rss": {str(n): v for n, v in rss.items()},
+               "rss_growth_mib": growth, "load_average_1_5_15": {"before": load_before, "after": load_after},
+               "pipeline_over_reference_per_round_median": {str(w): per_round[w] for w in WORKERS}}
+    markdown = _markdown(rounds, steps, rss, growth, per_round, median, load_before, load_after)
     print(json.dumps(payload, indent=1))
     return payload, markdown

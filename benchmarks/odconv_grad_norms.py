@@ -30,12 +30,10 @@ def first_batch():
 
     from train import data as data_lib
     from train.config import Config
+    from train.pipeline import Pipeline
 
     config = Config()
-    dataset = data_lib.load_dataset(config)
-    batches = data_lib.Batches(dataset, data_lib.Augment.from_config(config, dataset), config.batch_size,
-                               config.seed, 0, 1)
-    _, images, labels = next(iter(batches.iterate_train(0, batches.steps_per_epoch)))
+    images, labels = Pipeline(data_lib.load_dataset(config), config.batch_size, config.seed).train_batch(0)
     return (torch.from_numpy(np.asarray(images)).permute(0, 3, 1, 2).contiguous(),
             torch.from_numpy(np.asarray(labels)).long())
 

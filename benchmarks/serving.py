@@ -59,14 +59,78 @@ def _onnx_check(torch_model, path, shape):
                for b in CHECK_BATCHES)
 
 
+def _export_onnx(tm, name: str, conv: str, tmp: str, checks: list) -> dict:
+    """``{formulation: path}`` of ``tm``'s ONNX graphs, each checked against torch eager (into ``checks``)."""
+    from dynconv_torch.export import to_onnx
+
+    onnx_paths = {}
+    # A static model has no dynamic layer: both formulations are the same graph.
+    for formulation in ("matmul",) if conv == "static" else ("matmul", "experts"):
+        path = os.path.join(tmp, f"{name}_{conv}_{formulation}.onnx")
+        start = time.time()
+        to_onnx(tm, path, (None, 3, 32, 32), formulation=formulation)
+        error = _onnx_check(tm, path, (3, 32, 32))
+        checks.append({"model": name, "conv": conv, "formulation": formulation, "max_rel_error": error,
+                       "export_s": time.time() - start})
+        onnx_paths[formulation] = path
+        print(f"{name} {conv} ONNX {formulation}: max rel error vs torch eager {error:.2e} "
+              f"(batch {CHECK_BATCHES}), export {checks[-1]['export_s']:.1f}s", flush=True)
+    return onnx_paths
+
+
+def _time_batch(x: np.ndarray, tm, sessions: dict, jitted, jv, loaded, repeats: int) -> dict:
+    """``{candidate: images/s}`` of torch eager, each ONNX Runtime session, JAX jit and StableHLO on ``x``."""
+    import torch
+
+    batch = x.shape[0]
+    xt, xj = torch.from_numpy(x), jnp.asarray(x.transpose(0, 2, 3, 1))
+
+    def eager(xt=xt):
+        with torch.no_grad():
+            return tm(xt)
+
+    candidates = {"torch eager": eager,
+                  **{f"ORT {f}": (lambda s=s, x=x: s.run(None, {"input": x})[0]) for f, s in sessions.items()},
+                  "JAX jit": lambda xj=xj: jitted(jv, xj),
+                  "StableHLO": lambda xj=xj: loaded(xj)}
+    times = median_times(candidates, repeats=repeats, sync=jax.block_until_ready)
+    return {k: batch / v for k, v in times.items()}
+
+
+def _check_efficientnet(tmp: str) -> dict:
+    """The ONNX check of ``tf_efficientnet_cc_b0_4e`` (64x64 input; exactness only, not timed)."""
+    from dynconv_torch.export import to_onnx
+    from dynconv_torch.models import tf_efficientnet_cc_b0_4e
+
+    effnet = tf_efficientnet_cc_b0_4e().eval()
+    path = os.path.join(tmp, "tf_efficientnet_cc_b0_4e.onnx")
+    start = time.time()
+    to_onnx(effnet, path, (None, 3, 64, 64))
+    return {"model": "tf_efficientnet_cc_b0_4e", "conv": "condconv", "formulation": "matmul",
+            "max_rel_error": _onnx_check(effnet, path, (3, 64, 64)), "export_s": time.time() - start}
+
+
+def _serving_markdown(rows: list, checks: list, repeats: int, threads: int) -> str:
+    header = ["model", "conv", "batch", "torch eager", "ORT matmul", "ORT experts", "JAX jit", "StableHLO"]
+    md = ("Inference images/s (higher is better), 32x32 random images, CIFAR stems, 10 classes, eval mode, "
+          f"median of {repeats} interleaved rounds; {threads} threads for torch and ONNX Runtime (CPU provider). "
+          "ORT matmul / experts: the two batch-independent formulations of `dynconv_torch.export.to_onnx`.\n\n")
+    md += markdown_table(header, rows)
+    md += ("\n\nONNX Runtime vs torch eager, max relative error over batch 1, 2, 7, 32 (float32), "
+           "and the time of `to_onnx`:\n\n")
+    md += markdown_table(["model", "conv", "formulation", "max rel error", "export s"],
+                         [[c["model"], c["conv"], c["formulation"], f"{c['max_rel_error']:.2e}",
+                           f"{c['export_s']:.1f}"] for c in checks])
+    return md
+
+
 def run(quick: bool, repeats: int, threads=None, models=None, formulations: bool = False):
     if formulations:
         return run_formulations(repeats, threads)
     import torch
 
     from dynconv_jax.export import load_stablehlo, to_stablehlo
-    from dynconv_torch.export import onnx_session, to_onnx
-    from dynconv_torch.models import tf_efficientnet_cc_b0_4e
+    from dynconv_torch.export import onnx_session
 
     threads = threads or os.cpu_count()
     torch.set_num_threads(threads)
@@ -78,62 +142,23 @@ def run(quick: bool, repeats: int, threads=None, models=None, formulations: bool
         for conv in CONVS:
             t0 = time.time()
             tm = _torch_model(name, conv, quick)
-            onnx_paths = {}
-            # A static model has no dynamic layer: both formulations are the same graph.
-            for formulation in ("matmul",) if conv == "static" else ("matmul", "experts"):
-                path = os.path.join(tmp, f"{name}_{conv}_{formulation}.onnx")
-                start = time.time()
-                to_onnx(tm, path, (None, 3, 32, 32), formulation=formulation)
-                error = _onnx_check(tm, path, (3, 32, 32))
-                checks.append({"model": name, "conv": conv, "formulation": formulation, "max_rel_error": error,
-                               "export_s": time.time() - start})
-                onnx_paths[formulation] = path
-                print(f"{name} {conv} ONNX {formulation}: max rel error vs torch eager {error:.2e} "
-                      f"(batch {CHECK_BATCHES}), export {checks[-1]['export_s']:.1f}s", flush=True)
-            sessions = {f: onnx_session(p, threads) for f, p in onnx_paths.items()}
+            sessions = {f: onnx_session(p, threads) for f, p in _export_onnx(tm, name, conv, tmp, checks).items()}
             jm, jv = _jax_model(name, conv, quick)
             jitted = jax.jit(lambda v, x: jm.apply(v, x, train=False))
             loaded = load_stablehlo(to_stablehlo(jm, jv, (None, 32, 32, 3)))
             for batch in BATCHES:
                 x = rng.normal(size=(batch, 3, 32, 32)).astype(np.float32)
-                xt, xj = torch.from_numpy(x), jnp.asarray(x.transpose(0, 2, 3, 1))
-
-                def eager(xt=xt):
-                    with torch.no_grad():
-                        return tm(xt)
-
-                candidates = {"torch eager": eager,
-                              **{f"ORT {f}": (lambda s=s, x=x: s.run(None, {"input": x})[0])
-                                 for f, s in sessions.items()},
-                              "JAX jit": lambda xj=xj: jitted(jv, xj),
-                              "StableHLO": lambda xj=xj: loaded(xj)}
-                times = median_times(candidates, repeats=repeats, sync=jax.block_until_ready)
                 record = {"model": name, "conv": conv, "batch": batch,
-                          **{k: batch / v for k, v in times.items()}}
+                          **_time_batch(x, tm, sessions, jitted, jv, loaded, repeats)}
                 records.append(record)
                 rows.append([name, conv, batch] + [f"{record[k]:.1f}" if k in record else "–"
                                                    for k in ("torch eager", "ORT matmul", "ORT experts", "JAX jit",
                                                              "StableHLO")])
-                print(f"{name} {conv} B{batch}: " + ", ".join(f"{k} {record[k]:.1f} img/s" for k in candidates),
-                      flush=True)
+                print(f"{name} {conv} B{batch}: " + ", ".join(
+                    f"{k} {record[k]:.1f} img/s" for k in record if k not in ("model", "conv", "batch")), flush=True)
             print(f"{name} {conv}: {time.time() - t0:.0f}s", flush=True)
-    effnet = tf_efficientnet_cc_b0_4e().eval()
-    path = os.path.join(tmp, "tf_efficientnet_cc_b0_4e.onnx")
-    start = time.time()
-    to_onnx(effnet, path, (None, 3, 64, 64))
-    checks.append({"model": "tf_efficientnet_cc_b0_4e", "conv": "condconv", "formulation": "matmul",
-                   "max_rel_error": _onnx_check(effnet, path, (3, 64, 64)), "export_s": time.time() - start})
-
-    header = ["model", "conv", "batch", "torch eager", "ORT matmul", "ORT experts", "JAX jit", "StableHLO"]
-    md = ("Inference images/s (higher is better), 32x32 random images, CIFAR stems, 10 classes, eval mode, "
-          f"median of {repeats} interleaved rounds; {threads} threads for torch and ONNX Runtime (CPU provider). "
-          "ORT matmul / experts: the two batch-independent formulations of `dynconv_torch.export.to_onnx`.\n\n")
-    md += markdown_table(header, rows)
-    md += ("\n\nONNX Runtime vs torch eager, max relative error over batch 1, 2, 7, 32 (float32), "
-           "and the time of `to_onnx`:\n\n")
-    md += markdown_table(["model", "conv", "formulation", "max rel error", "export s"],
-                         [[c["model"], c["conv"], c["formulation"], f"{c['max_rel_error']:.2e}",
-                           f"{c['export_s']:.1f}"] for c in checks])
+    checks.append(_check_efficientnet(tmp))
+    md = _serving_markdown(rows, checks, repeats, threads)
     return {"models": models, "batches": BATCHES, "quick": quick, "results": records, "onnx_checks": checks}, md
 
 

@@ -8,8 +8,10 @@ from dynconv_jax.kernelwarehouse import KWConv, WarehouseManager
 from dynconv_jax.norm import BatchNorm
 from dynconv_jax.odconv import ODConv
 from dynconv_jax.ops import aggregate_kernels, dynamic_conv, per_sample_conv, static_conv
+from dynconv_spec import __version__
 
 __all__ = [
+    "__version__",
     "BatchNorm",
     "CondConv",
     "DynamicConv",

@@ -15,7 +15,10 @@ from typing import Callable, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax.typing import Dtype
+
+import dynconv_spec
 
 # --------------------------------------------------------------------------- pooling, width, dtype
 def attention_width(in_channels: int, reduction: float, min_channels: int, layer: str = "") -> int:
@@ -40,11 +43,12 @@ def global_avg_pool(x, dtype: Dtype) -> jax.Array:
 
 
 # --------------------------------------------------------------------------- temperature
-#: The smallest temperature a traced T is used with (docs/reliability.md). A concrete T must be
-#: finite and > 0 (ValueError otherwise); a traced one cannot be checked without a host round
-#: trip, so a value below the floor, or NaN, is replaced by the floor: the attention then
-#: saturates (hard routing) instead of turning every output into NaN.
-TEMPERATURE_FLOOR = 1e-6
+#: The smallest temperature the layers use (docs/reliability.md, :data:`dynconv_spec.TEMPERATURE_FLOOR`).
+#: A concrete T must be a finite number >= the floor (ValueError otherwise, also inside a trace); a
+#: traced one cannot be checked without a host round trip, so a value below the floor, or NaN, is
+#: replaced by the floor: the attention then saturates (hard routing) instead of turning every output
+#: into NaN.
+TEMPERATURE_FLOOR = dynconv_spec.TEMPERATURE_FLOOR
 
 
 def _scalar(value, layer: str, dtype: Dtype, what: str) -> jax.Array:
@@ -59,15 +63,25 @@ def _scalar(value, layer: str, dtype: Dtype, what: str) -> jax.Array:
 
 
 def temperature_scalar(temperature, layer: str, dtype: Dtype) -> jax.Array:
-    """``temperature`` (None = 1) as a scalar array; stays traced under jit, so changing it never recompiles.
+    """``temperature`` (None = 1) as a scalar array in ``dtype``; a traced one stays traced, so changing it
+    under ``jit`` never recompiles.
 
-    Concrete values must be finite and > 0; traced ones are clamped to :data:`TEMPERATURE_FLOOR`
-    (NaN included), so a bad schedule value under ``jit`` cannot silently produce NaN outputs.
+    A concrete value (Python, NumPy, or a JAX array that is not a tracer: a ``static_argnums`` value or a
+    constant inside ``jit`` is concrete too) is checked by :func:`dynconv_spec.check_temperature`. A
+    traced one is checked for its shape and dtype only; its value is clamped to
+    :data:`TEMPERATURE_FLOOR` (NaN included), so a bad schedule value under ``jit`` cannot silently
+    produce NaN outputs.
     """
-    value = _scalar(1.0 if temperature is None else temperature, layer, dtype,
-                    "a positive number (a Python, NumPy or JAX scalar)")
-    if not isinstance(value, jax.core.Tracer) and not (math.isfinite(float(value)) and float(value) > 0):
-        raise ValueError(f"{layer}: temperature={temperature!r} must be finite and > 0")
+    if temperature is None:
+        temperature = 1.0
+    if np.ndim(temperature) != 0:
+        raise ValueError(f"{layer}: temperature must be a scalar, got shape {np.shape(temperature)}")
+    if not isinstance(temperature, jax.core.Tracer):
+        value = dynconv_spec.check_temperature(temperature, layer)
+        return jnp.asarray(min(value, float(jnp.finfo(dtype).max)), dtype)  # past the max: inf, the same limit
+    if not jnp.issubdtype(temperature.dtype, jnp.integer) and not jnp.issubdtype(temperature.dtype, jnp.floating):
+        raise ValueError(f"{layer}: a traced temperature of dtype {temperature.dtype} must be a real number")
+    value = jnp.asarray(temperature, dtype)
     return jnp.where(value >= TEMPERATURE_FLOOR, value, jnp.asarray(TEMPERATURE_FLOOR, dtype))
 
 

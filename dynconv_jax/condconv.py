@@ -32,6 +32,17 @@ class CondConv(DynamicConvBase):
         training (needs ``rngs={'dropout': key}`` when > 0).
       external_routing: take the routing weights ``[B, K]`` from the caller (timm's
         ``CondConv2d.forward(x, routing_weights)``) instead of computing them.
+
+    Examples:
+      >>> import jax, jax.numpy as jnp
+      >>> from dynconv_jax import CondConv
+      >>> layer = CondConv(features=8, kernel_size=(3, 3), num_experts=3)
+      >>> x = jnp.ones((2, 16, 16, 4))
+      >>> variables = jax.eval_shape(layer.init, jax.random.key(0), x)  # shapes only: nothing computed
+      >>> variables['params']['kernel'].shape                          # [K, kh, kw, I, O]
+      (3, 3, 3, 4, 8)
+      >>> jax.eval_shape(layer.apply, variables, x).shape
+      (2, 16, 16, 8)
     """
 
     use_bias: bool = False

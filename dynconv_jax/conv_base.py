@@ -18,6 +18,7 @@ from flax.typing import Dtype, Initializer, PrecisionLike
 
 from dynconv_jax import ops
 from dynconv_jax.initializers import expert_bias_init, torch_default_expert_init
+from dynconv_spec import check_expert_bank
 
 
 # --------------------------------------------------------------------------- validation
@@ -72,12 +73,32 @@ class ConvGeometry:
         return in_channels // self.groups * math.prod(self.kernel_size)
 
 
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def check_dtypes(layer: str, dtype, param_dtype) -> None:
+    """``dtype`` (None: inferred) and ``param_dtype`` must be real floating-point dtypes: the layers draw
+    their parameters from random uniform/normal initialisers and compute softmax/sigmoid attentions."""
+    for name, value in (("dtype", dtype), ("param_dtype", param_dtype)):
+        if value is None and name == "dtype":
+            continue
+        try:
+            real_float = jnp.issubdtype(jnp.dtype(value), jnp.floating)
+        except TypeError:
+            real_float = False
+        if not real_float:
+            raise ValueError(f"{layer}: {name}={getattr(value, '__name__', value)!r} must be a real floating-point "
+                             f"dtype (float32, bfloat16, float16 or float64)")
+
+
 def validate_conv_config(layer: str, *, features, kernel_size, strides, padding, kernel_dilation,
-                         feature_group_count, num_experts, strategy, features_arg: str = "features") -> ConvGeometry:
+                         feature_group_count, num_experts, strategy, dtype=None, param_dtype=jnp.float32,
+                         features_arg: str = "features") -> ConvGeometry:
     """Validate the flax Conv-style fields shared by the three layers (both front ends).
 
     ``layer`` names the layer in error messages; ``features_arg`` is the name of the output
-    width argument (``features`` in Linen, ``out_features`` in NNX).
+    width argument (``features`` in Linen, ``out_features`` in NNX). Ints are ints, never bools.
     """
     if isinstance(kernel_size, int):  # as flax.linen.Conv: an int is a 1-D kernel
         kernel_size = (kernel_size,)
@@ -92,17 +113,18 @@ def validate_conv_config(layer: str, *, features, kernel_size, strides, padding,
         padding = ops.normalize_padding(padding, rank)
     except (TypeError, ValueError) as err:
         raise ValueError(f"{layer}: bad padding: {err}") from None
-    if not (isinstance(features, int) and features >= 1):
+    if not (_is_int(features) and features >= 1):
         raise ValueError(f"{layer}: {features_arg}={features!r} must be a positive int")
     groups = feature_group_count
-    if not (isinstance(groups, int) and groups >= 1):
+    if not (_is_int(groups) and groups >= 1):
         raise ValueError(f"{layer}: feature_group_count={groups!r} must be a positive int")
     if features % groups:
         raise ValueError(f"{layer}: feature_group_count={groups} does not divide {features_arg}={features}")
-    if not (isinstance(num_experts, int) and num_experts >= 1):
+    if not (_is_int(num_experts) and num_experts >= 1):
         raise ValueError(f"{layer}: num_experts={num_experts!r} must be an int >= 1")
     if strategy != "auto" and strategy not in ops.STRATEGIES:
         raise ValueError(f"{layer}: strategy={strategy!r}: expected 'auto' or one of {ops.STRATEGIES}")
+    check_dtypes(layer, dtype, param_dtype)
     return ConvGeometry(features, kernel_size, strides, padding, dilation, groups, num_experts)
 
 
@@ -111,7 +133,8 @@ def conv_geometry(module: nn.Module) -> ConvGeometry:
     return validate_conv_config(
         layer_name(module), features=module.features, kernel_size=module.kernel_size, strides=module.strides,
         padding=module.padding, kernel_dilation=module.kernel_dilation,
-        feature_group_count=module.feature_group_count, num_experts=module.num_experts, strategy=module.strategy)
+        feature_group_count=module.feature_group_count, num_experts=module.num_experts, strategy=module.strategy,
+        dtype=module.dtype, param_dtype=module.param_dtype)
 
 
 def check_input(layer: str, x, geometry: ConvGeometry) -> int:
@@ -236,6 +259,7 @@ class DynamicConvBase(nn.Module):
         geometry = conv_geometry(self)
         in_channels = check_input(layer_name(self), x, geometry)
         shape = geometry.expert_shape(in_channels)
+        check_expert_bank(layer_name(self), shape)
         check_existing_param(self, "kernel", shape, x.shape)
         experts = self.param("kernel", self.kernel_init, shape, self.param_dtype)
         return geometry, in_channels, experts, compute_dtype(x, experts, self.dtype)

@@ -37,28 +37,52 @@ from __future__ import annotations
 import math
 import os
 import re
+import zipfile
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Tuple
 
 import numpy as np
+from flax.core import meta, unfreeze
+
+from dynconv_jax.variables import is_nnx, linen_variables
+
+from dynconv_spec.paths import check_output_file
 
 __all__ = ["ConversionError", "torch_to_flax", "flax_to_torch", "save_safetensors", "load_state_dict", "nonfinite_keys"]
 
-#: Keys under which training scripts commonly nest the model's state_dict, tried in order.
-WRAPPER_KEYS = ("state_dict", "model_state_dict", "model", "module", "net")
-#: Prefixes that wrappers add to every key: DataParallel / DDP, torch.compile.
+#: Keys under which training scripts commonly nest the model's state_dict, tried in order (timm, the
+#: torchvision references, Lightning, plain ``torch.save({'model_state_dict': ...})``). The EMA copies of
+#: timm (``state_dict_ema``) and torchvision/DeiT (``model_ema``) come last: used only when the checkpoint
+#: holds no other, as timm's ``load_checkpoint`` does by default.
+WRAPPER_KEYS = ("state_dict", "model_state_dict", "model", "module", "net", "state_dict_ema", "model_ema")
+#: Prefixes that wrappers add to every key: DataParallel / DDP, torch.compile; stripped as long as every
+#: key has one (``module._orig_mod.``, ``_orig_mod.module.``, ``module.module.``).
 KEY_PREFIXES = ("module.", "_orig_mod.")
 #: Flax leaf names a PyTorch ``weight`` may map to, tried in order.
 WEIGHT_NAMES = ("kernel", "scale", "embedding", "weight")
 #: PyTorch buffers that live in Flax's ``batch_stats`` collection.
 BATCH_STATS_NAMES = {"running_mean": "mean", "running_var": "var"}
 IGNORED_LEAVES = ("num_batches_tracked",)
+#: The largest JSON header safetensors reads (its ``MAX_HEADER_SIZE``).
+SAFETENSORS_MAX_HEADER = 100_000_000
 
 Path = Tuple[str, ...]  # ('params', 'layer1_0', 'conv1', 'kernel')
 
 
 class ConversionError(ValueError):
-    """A checkpoint does not fit its target. ``problems`` holds one line per problem."""
+    """A checkpoint does not fit its target. ``problems`` holds one line per problem.
+
+    Examples:
+      >>> import jax, jax.numpy as jnp, numpy as np
+      >>> from dynconv_jax import CondConv
+      >>> from dynconv_jax.convert import ConversionError, torch_to_flax
+      >>> template = jax.eval_shape(CondConv(8, (3, 3), num_experts=2).init, jax.random.key(0), jnp.ones((1, 4, 4, 4)))
+      >>> try:
+      ...     torch_to_flax({"weight": np.zeros((2, 288), np.float32)}, template)
+      ... except ConversionError as error:
+      ...     print(error.problems)
+      ["missing: flax params:routing_fn/bias [2] has no torch entry (expected 'routing_fn.bias')", "missing: flax params:routing_fn/kernel [4, 2] has no torch entry (expected 'routing_fn.weight')"]
+    """
 
     def __init__(self, message: str, problems: Iterable[str] = ()):
         self.problems = list(problems)
@@ -279,14 +303,47 @@ def _is_array(value) -> bool:
 
 
 def _sniff_format(path: str) -> Optional[str]:
-    """'safetensors', 'torch' (zip or legacy pickle) or None, from the file's first bytes, whatever its name."""
+    """'safetensors', 'torch' (zip or legacy pickle), 'npz' or None, from the file's first bytes, whatever its name."""
     with open(path, "rb") as f:
         head = f.read(9)
-    if head[:4] == b"PK\x03\x04" or head[:1] == b"\x80":
-        return "torch"
-    if len(head) == 9 and head[8:9] == b"{" and 0 < int.from_bytes(head[:8], "little") <= os.path.getsize(path) - 8:
-        return "safetensors"  # an 8-byte little-endian header length, then the JSON header
-    return None
+    if head[:4] == b"PK\x03\x04":  # a zip: torch.save's (``<name>/data.pkl``) or numpy.savez's (``*.npy``)
+        try:
+            with zipfile.ZipFile(path) as archive:
+                names = archive.namelist()
+        except zipfile.BadZipFile:
+            return "torch"  # torch.load reports the damage
+        return "npz" if names and all(n.endswith(".npy") for n in names) else "torch"
+    # safetensors: an 8-byte little-endian header length (at most 100 MB, safetensors' limit), then the JSON
+    # header. The length's first byte may be 0x80, a pickle's first byte; a pickle's bytes 2-7 make its
+    # "length" far larger.
+    declared = int.from_bytes(head[:8], "little") if len(head) == 9 and head[8:9] == b"{" else 0
+    if 0 < declared <= SAFETENSORS_MAX_HEADER:
+        return "safetensors"  # a truncated one too: _load_safetensors says so
+    return "torch" if head[:1] == b"\x80" else None
+
+
+def _load_safetensors(path: str) -> Dict[str, np.ndarray]:
+    from safetensors.numpy import load_file
+
+    with open(path, "rb") as f:
+        declared = int.from_bytes(f.read(8), "little")
+    available = os.path.getsize(path) - 8
+    if declared > available:
+        raise ConversionError(f"{path!r} is a truncated safetensors file: its header declares {declared} bytes of "
+                              f"JSON, the file holds {max(available, 0)} after the 8-byte length")
+    try:
+        return load_file(path)
+    except Exception as e:  # safetensors raises its own error types for truncated/corrupt files
+        raise ConversionError(f"cannot read safetensors file {path!r}: {type(e).__name__}: {e}") from e
+
+
+def _load_npz(path: str) -> Dict[str, np.ndarray]:
+    try:
+        with np.load(path, allow_pickle=False) as archive:  # object arrays would need pickle: refused
+            return {key: archive[key] for key in archive.files}
+    except (ValueError, OSError, zipfile.BadZipFile) as e:
+        raise ConversionError(f"cannot read the .npz file {path!r} (arrays only, no pickled objects): "
+                              f"{type(e).__name__}: {e}") from e
 
 
 def _load_file(path: str) -> Any:
@@ -294,14 +351,18 @@ def _load_file(path: str) -> Any:
         raise ConversionError(f"checkpoint file {path!r} does not exist")
     if os.path.isdir(path):
         raise ConversionError(f"checkpoint {path!r} is a directory, expected a .pt/.pth/.bin/.safetensors file")
+    if os.path.getsize(path) == 0:
+        raise ConversionError(f"checkpoint file {path!r} is empty (0 bytes)")
     kind = _sniff_format(path)
-    if kind == "safetensors" or (kind is None and path.endswith(".safetensors")):
-        from safetensors.numpy import load_file
-
-        try:
-            return load_file(path)
-        except Exception as e:  # safetensors raises its own error types for truncated/corrupt files
-            raise ConversionError(f"cannot read safetensors file {path!r}: {type(e).__name__}: {e}") from e
+    if kind == "safetensors":
+        return _load_safetensors(path)
+    if kind == "npz":
+        return _load_npz(path)
+    if kind is None:
+        with open(path, "rb") as f:
+            head = f.read(16)
+        raise ConversionError(f"{path!r} is not a checkpoint file: neither a PyTorch file (zip or pickle), a "
+                              f"safetensors file nor an .npz; it starts with {head!r}")
     import pickle
 
     import torch
@@ -319,15 +380,67 @@ def _load_file(path: str) -> Any:
         raise ConversionError(f"cannot read checkpoint {path!r}: {type(e).__name__}: {e}") from e
 
 
+def _unwrap(obj: Mapping) -> Mapping:
+    """The state_dict inside a training checkpoint: descend into the first of :data:`WRAPPER_KEYS` while
+    the mapping holds anything but tensors (``{'state_dict': ..., 'epoch': tensor(3), 'optimizer': ...}``)."""
+    seen = []
+    while not (obj and all(_is_array(v) for v in obj.values())):
+        wrapped = next((k for k in WRAPPER_KEYS if isinstance(obj.get(k), Mapping)), None)
+        if wrapped is not None:
+            seen.append(wrapped)
+            obj = obj[wrapped]
+            continue
+        if any(_is_array(v) for v in obj.values()):
+            raise ConversionError("state_dict entries that are not tensors",
+                                  [f"{k!r}: {type(v).__name__}" for k, v in obj.items() if not _is_array(v)])
+        raise ConversionError(
+            "checkpoint holds no tensors at the top level and none of the wrapper keys "
+            f"{WRAPPER_KEYS} (path {'/'.join(seen) or '<root>'}); its keys are: {sorted(map(str, obj))[:20]}")
+    return obj
+
+
+def _strip_wrapper_prefixes(state: Dict[str, Any]) -> Dict[str, Any]:
+    """Remove the :data:`KEY_PREFIXES` every key has, as often as they are nested."""
+    stripped = True
+    while stripped:
+        stripped = False
+        for prefix in KEY_PREFIXES:
+            if state and all(k.startswith(prefix) for k in state):
+                state = {k[len(prefix):]: v for k, v in state.items()}
+                stripped = True
+    return state
+
+
+def _check_no_meta_tensors(state: Mapping[str, Any]) -> None:
+    meta = [k for k, v in state.items() if getattr(getattr(v, "device", None), "type", None) == "meta"]
+    if meta:
+        raise ConversionError(
+            f"{len(meta)} of {len(state)} checkpoint entries are meta-device tensors: shapes without data (a model "
+            f"built under torch.device('meta') or with empty weights, never loaded); load or initialise its "
+            f"weights first (e.g. model.to_empty(device='cpu'), then load_state_dict)",
+            meta[:10] + (["..."] if len(meta) > 10 else []))
+
+
 def load_state_dict(source) -> Dict[str, np.ndarray]:
     """Read a checkpoint into a flat ``{key: numpy array}``.
 
     ``source``: a state_dict (torch tensors / numpy / jax arrays), a ``torch.nn.Module``, or a
     path to a ``.pt`` / ``.pth`` / ``.bin`` file (read with ``torch.load(weights_only=True)``:
-    a pickle holding anything but tensors and plain containers is refused, never executed) or
-    a ``.safetensors`` file (read without torch). Wrappers ``{'state_dict': ...}``,
-    ``{'model_state_dict': ...}``, ``{'model': ...}`` are unwrapped and a ``module.`` (DataParallel)
-    or ``_orig_mod.`` (torch.compile) prefix on every key is stripped.
+    a pickle holding anything but tensors and plain containers is refused, never executed), a
+    ``.safetensors`` file (read without torch) or an ``.npz`` (``numpy.load(allow_pickle=False)``);
+    files are recognised by their first bytes, not their names. A training checkpoint's state_dict
+    is found under the first of :data:`WRAPPER_KEYS` (``{'state_dict': ..., 'epoch': ...}``,
+    ``{'model': ..., 'optimizer': ...}``, ...), and ``module.`` (DataParallel / DDP) and ``_orig_mod.``
+    (torch.compile) prefixes on every key are stripped, nested ones too. Meta-device tensors (no data)
+    are refused.
+
+    Examples:
+      >>> import torch
+      >>> from dynconv_jax.convert import load_state_dict
+      >>> wrapped = {"state_dict": {"module.fc.weight": torch.ones(2, 3)}}   # a DataParallel training checkpoint
+      >>> state = load_state_dict(wrapped)
+      >>> list(state), type(state["fc.weight"]).__name__
+      (['fc.weight'], 'ndarray')
     """
     obj = source
     if isinstance(obj, (str, os.PathLike)):
@@ -336,23 +449,8 @@ def load_state_dict(source) -> Dict[str, np.ndarray]:
         obj = obj.state_dict()
     if not isinstance(obj, Mapping):
         raise ConversionError(f"checkpoint is a {type(obj).__name__}, expected a mapping of tensors")
-    seen = []
-    while not any(_is_array(v) for v in obj.values()):
-        wrapped = next((k for k in WRAPPER_KEYS if isinstance(obj.get(k), Mapping)), None)
-        if wrapped is None:
-            raise ConversionError(
-                "checkpoint holds no tensors at the top level and none of the wrapper keys "
-                f"{WRAPPER_KEYS} (path {'/'.join(seen) or '<root>'}); its keys are: {sorted(map(str, obj))[:20]}"
-            )
-        seen.append(wrapped)
-        obj = obj[wrapped]
-    non_arrays = [k for k, v in obj.items() if not _is_array(v)]
-    if non_arrays:
-        raise ConversionError("state_dict entries that are not tensors", [f"{k!r}: {type(obj[k]).__name__}" for k in non_arrays])
-    state = {str(k): v for k, v in obj.items()}
-    for prefix in KEY_PREFIXES:
-        if state and all(k.startswith(prefix) for k in state):
-            state = {k[len(prefix):]: v for k, v in state.items()}
+    state = _strip_wrapper_prefixes({str(k): v for k, v in _unwrap(obj).items()})
+    _check_no_meta_tensors(state)
     return {k: _to_numpy(v, k) for k, v in state.items()}
 
 
@@ -383,18 +481,11 @@ def _flax_leaves(variables) -> Dict[Path, Any]:
     """``{('params', ..., leaf): leaf}`` for the ``params`` and ``batch_stats`` collections.
 
     ``variables`` is a Linen variables dict, or an NNX module or ``nnx.State`` (its ``nnx.Param``
-    and ``nnx.BatchStat`` variables, whose paths are the Linen ones, see :mod:`dynconv_jax.nnx.convert`).
+    and ``nnx.BatchStat`` variables, whose paths are the Linen ones, see :mod:`dynconv_jax.variables`).
     """
-    from dynconv_jax.nnx.convert import is_nnx, linen_variables
-
     if is_nnx(variables):
         variables = linen_variables(variables)
-    try:
-        from flax.core import meta, unfreeze
-
-        variables = meta.unbox(unfreeze(variables))
-    except ImportError:  # pragma: no cover - flax is a hard dependency of dynconv_jax
-        pass
+    variables = meta.unbox(unfreeze(variables))
     if not isinstance(variables, Mapping) or "params" not in variables:
         keys = list(variables) if isinstance(variables, Mapping) else type(variables).__name__
         raise ConversionError(f"the Flax variables/template must be a dict with a 'params' collection, got {keys}")
@@ -449,14 +540,31 @@ def _check_dtype(src: np.dtype, dst: np.dtype) -> bool:
     return kind(src) == kind(dst)
 
 
+def _prefix_hint(keys: Iterable[str], flax_specs: Mapping[Path, Any]) -> str:
+    """A hint for a checkpoint whose every key starts with a module the Flax model does not have (a
+    wrapper's attribute, e.g. a Lightning module's ``model.``), or ''."""
+    keys = list(keys)
+    firsts = {k.split(".", 1)[0] for k in keys}
+    if len(firsts) != 1 or not all("." in k for k in keys):
+        return ""
+    first = firsts.pop()
+    if any(len(path) > 2 and path[1] == first for path in flax_specs):
+        return ""
+    return (f"; every checkpoint key starts with {first + '.'!r}, which is no module of the Flax model (the "
+            f"attribute of a wrapper?): strip it, e.g. {{k.removeprefix({first + '.'!r}): v for k, v in "
+            f"state_dict.items()}}")
+
+
 def _pair(
     torch_specs: Mapping[str, Tuple[tuple, np.dtype]],
     flax_specs: Mapping[Path, Any],
     direction: str,
+    hint: str = "",
 ) -> List[_Pair]:
     """Pair every PyTorch key with a Flax leaf and a layout, or raise ConversionError with all
     problems. ``torch_specs``: key -> (shape, dtype); ``flax_specs``: path -> leaf with
-    ``.shape``/``.dtype``. ``direction`` ('torch->flax' / 'flax->torch') words the dtype check."""
+    ``.shape``/``.dtype``. ``direction`` ('torch->flax' / 'flax->torch') words the dtype check;
+    ``hint`` ends the first line of the error."""
     problems: List[str] = []
     pairs: List[_Pair] = []
     claimed: Dict[Path, str] = {}
@@ -501,7 +609,7 @@ def _pair(
     if problems:
         n = {w: sum(p.startswith(w) for p in problems) for w in ("missing", "unexpected", "wrong shape", "wrong dtype")}
         summary = ", ".join(f"{v} {k}" for k, v in n.items() if v)
-        raise ConversionError(f"checkpoint does not match the model ({direction}): {summary}", problems)
+        raise ConversionError(f"checkpoint does not match the model ({direction}): {summary}{hint}", problems)
     return pairs
 
 
@@ -509,10 +617,24 @@ def _pair(
 
 
 def nonfinite_keys(state: Mapping[str, np.ndarray]) -> List[str]:
-    """Keys of floating-point entries holding NaN or Inf."""
+    """Keys of floating-point entries holding NaN or Inf.
+
+    Examples:
+      >>> import numpy as np
+      >>> from dynconv_jax.convert import nonfinite_keys
+      >>> nonfinite_keys({"a": np.ones(2), "b": np.array([1.0, np.nan]), "steps": np.array([3])})
+      ['b']
+    """
     return [k for k, v in state.items()
             if (np.issubdtype(v.dtype, np.floating) or v.dtype.name == "bfloat16")
             and not np.all(np.isfinite(v.astype(np.float32)))]
+
+
+def _refuse_nonfinite(arrays: Mapping[str, np.ndarray], what: str, why: str) -> None:
+    bad = nonfinite_keys(arrays)
+    if bad:
+        raise ConversionError(f"{what} hold NaN/Inf ({len(bad)} of {len(arrays)}; {why}); pass allow_nonfinite=True "
+                              f"to convert them anyway", [f"{k} {list(arrays[k].shape)}" for k in bad])
 
 
 def torch_to_flax(source, template, allow_nonfinite: bool = False) -> Dict[str, Dict[str, Any]]:
@@ -535,15 +657,25 @@ def torch_to_flax(source, template, allow_nonfinite: bool = False) -> Dict[str, 
 
     Raises :class:`ConversionError` naming every missing, unexpected, mis-shaped and
     wrong-dtype entry, and every entry with NaN/Inf unless ``allow_nonfinite``.
+
+    Examples:
+      >>> import jax, jax.numpy as jnp
+      >>> from dynconv_jax import ODConv
+      >>> from dynconv_jax.convert import torch_to_flax
+      >>> from dynconv_torch import ODConv2d
+      >>> torch_layer = ODConv2d(4, 8, 3, padding=1, kernel_num=2)        # or a state_dict, or a file
+      >>> layer = ODConv(features=8, kernel_size=(3, 3), num_experts=2)
+      >>> template = jax.eval_shape(layer.init, jax.random.key(0), jnp.ones((1, 8, 8, 4)))
+      >>> variables = torch_to_flax(torch_layer, template)
+      >>> variables['params']['kernel'].shape                             # torch [K, O, I, kh, kw]
+      (2, 3, 3, 4, 8)
     """
     state = load_state_dict(source)
-    bad = [] if allow_nonfinite else nonfinite_keys(state)
-    if bad:
-        raise ConversionError(f"checkpoint entries hold NaN/Inf ({len(bad)} of {len(state)}; a damaged or "
-                              f"diverged checkpoint?); pass allow_nonfinite=True to convert them anyway",
-                              [f"{k} {list(state[k].shape)}" for k in bad])
+    if not allow_nonfinite:
+        _refuse_nonfinite(state, "checkpoint entries", "a damaged or diverged checkpoint?")
     flax_specs = _flax_leaves(template)
-    pairs = _pair({k: (v.shape, v.dtype) for k, v in state.items()}, flax_specs, "torch->flax")
+    pairs = _pair({k: (v.shape, v.dtype) for k, v in state.items()}, flax_specs, "torch->flax",
+                  _prefix_hint(state, flax_specs))
     out: Dict[Path, np.ndarray] = {}
     for p in pairs:
         target = flax_specs[p.path]
@@ -555,16 +687,16 @@ def torch_to_flax(source, template, allow_nonfinite: bool = False) -> Dict[str, 
 
 def _like_specs(like) -> Tuple[Dict[str, Tuple[tuple, Optional[np.dtype]]], Dict[str, Any]]:
     """``like`` (state_dict, module, or ``{key: shape}``) -> key -> (shape, dtype or None), and
-    the ``num_batches_tracked`` values it holds."""
+    the ``num_batches_tracked`` values it holds. Meta-device tensors give their shapes and dtypes (a
+    model built under ``torch.device('meta')`` is a valid ``like``; its counters are 0)."""
     if hasattr(like, "state_dict") and callable(like.state_dict) and not isinstance(like, Mapping):
         like = like.state_dict()
-    like = {str(k): v for k, v in like.items()}
-    for prefix in KEY_PREFIXES:
-        if like and all(k.startswith(prefix) for k in like):
-            like = {k[len(prefix):]: v for k, v in like.items()}
+    like = _strip_wrapper_prefixes({str(k): v for k, v in like.items()})
     specs, counters = {}, {}
     for k, v in like.items():
-        if _is_array(v):
+        if getattr(getattr(v, "device", None), "type", None) == "meta":
+            specs[k] = (tuple(v.shape), _to_numpy(v.new_empty((0,), device="cpu"), k).dtype)
+        elif _is_array(v):
             arr = _to_numpy(v, k)
             specs[k] = (tuple(arr.shape), arr.dtype)
             if _split_key(k)[1] in IGNORED_LEAVES:
@@ -574,7 +706,7 @@ def _like_specs(like) -> Tuple[Dict[str, Tuple[tuple, Optional[np.dtype]]], Dict
     return specs, counters
 
 
-def _flax_to_numpy(variables, like=None) -> Dict[str, np.ndarray]:
+def _flax_to_numpy(variables, like=None, allow_nonfinite: bool = False) -> Dict[str, np.ndarray]:
     flat = _flax_leaves(variables)
     shape_only = [_fmt_path(p) for p, v in flat.items() if not hasattr(v, "__array__")]
     if shape_only:
@@ -583,6 +715,9 @@ def _flax_to_numpy(variables, like=None) -> Dict[str, np.ndarray]:
             f"jax.eval_shape); flax_to_torch needs arrays: pass model.init(...) or trained variables",
             shape_only[:10] + (["..."] if len(shape_only) > 10 else []))
     arrays = {p: np.asarray(v) for p, v in flat.items()}
+    if not allow_nonfinite:
+        _refuse_nonfinite({_fmt_path(p): a for p, a in arrays.items()}, "the Flax variables",
+                          "a diverged run? torch_to_flax would refuse the result")
     if like is None:
         specs: Dict[str, Tuple[tuple, Optional[np.dtype]]] = {}
         layouts: Dict[str, Layout] = {}
@@ -614,7 +749,7 @@ def _flax_to_numpy(variables, like=None) -> Dict[str, np.ndarray]:
     return {k: out[k] for k in order if k in out}
 
 
-def flax_to_torch(variables, like=None) -> Dict[str, Any]:
+def flax_to_torch(variables, like=None, allow_nonfinite: bool = False) -> Dict[str, Any]:
     """Convert Flax variables (``{'params': ..., 'batch_stats': ...}``, or an NNX model of
     :mod:`dynconv_jax.nnx` or its ``nnx.state``) to a PyTorch state_dict.
 
@@ -625,10 +760,22 @@ def flax_to_torch(variables, like=None) -> Dict[str, Any]:
     With ``like`` (a torch state_dict, a module, or ``{key: shape}``): keys, shapes (e.g. a
     1x1 conv ``[O,I,1,1]`` for a Flax Dense, timm's flattened ``[K, O*I*kh*kw]``) and dtypes
     follow it, and ``num_batches_tracked`` is copied from it (0 where it only gives shapes).
+    Variables holding NaN or Inf are refused (:class:`ConversionError` listing them), as
+    :func:`torch_to_flax` refuses such a checkpoint, unless ``allow_nonfinite``.
 
     Returns torch tensors when torch is importable, else numpy arrays.
+
+    Examples:
+      >>> import jax, jax.numpy as jnp
+      >>> from dynconv_jax import DynamicConv
+      >>> from dynconv_jax.convert import flax_to_torch
+      >>> layer = DynamicConv(features=8, kernel_size=(3, 3), num_experts=2)
+      >>> variables = layer.init(jax.random.key(0), jnp.ones((1, 8, 8, 4)))
+      >>> state_dict = flax_to_torch(variables)
+      >>> tuple(state_dict["weight"].shape), sorted(state_dict)[:2]       # dynconv_torch.DynamicConv2d's names
+      ((2, 8, 4, 3, 3), ['attention.fc1.bias', 'attention.fc1.weight'])
     """
-    arrays = _flax_to_numpy(variables, like)
+    arrays = _flax_to_numpy(variables, like, allow_nonfinite)
     try:
         import torch
     except ImportError:
@@ -642,10 +789,43 @@ def flax_to_torch(variables, like=None) -> Dict[str, Any]:
     return out
 
 
-def save_safetensors(variables, path, like=None, metadata: Optional[Mapping[str, str]] = None) -> None:
-    """Write :func:`flax_to_torch` ``(variables, like)`` to a ``.safetensors`` file (no torch
-    needed); ``safetensors.torch.load_file(path)`` then gives the PyTorch state_dict."""
+def _check_metadata(metadata) -> Dict[str, str]:
+    """safetensors stores ``str -> str`` metadata; anything else is refused before the work starts."""
+    if metadata is None:
+        return {}
+    if not isinstance(metadata, Mapping):
+        raise ValueError(f"save_safetensors: metadata must be a mapping of str to str, got "
+                         f"{type(metadata).__name__}")
+    bad = [f"{k!r}: {v!r}" for k, v in metadata.items() if not (isinstance(k, str) and isinstance(v, str))]
+    if bad:
+        raise ValueError(f"save_safetensors: metadata keys and values must be strings (safetensors stores "
+                         f"str -> str); these are not: {', '.join(bad[:5])}; convert them (str(v), json.dumps(v))")
+    return dict(metadata)
+
+
+def save_safetensors(variables, path, like=None, metadata: Optional[Mapping[str, str]] = None,
+                     allow_nonfinite: bool = False) -> None:
+    """Write :func:`flax_to_torch` ``(variables, like, allow_nonfinite)`` to a ``.safetensors`` file (no
+    torch needed); ``safetensors.torch.load_file(path)`` then gives the PyTorch state_dict.
+
+    ``path`` (a file in an existing, writable folder) and ``metadata`` (``str -> str``) are checked
+    before anything is converted (``ValueError``); the file is written atomically by safetensors.
+
+    Examples:
+      >>> import os, tempfile
+      >>> import jax, jax.numpy as jnp
+      >>> from safetensors.numpy import load_file
+      >>> from dynconv_jax import CondConv
+      >>> from dynconv_jax.convert import save_safetensors
+      >>> variables = CondConv(8, (3, 3), num_experts=2).init(jax.random.key(0), jnp.ones((1, 8, 8, 4)))
+      >>> path = os.path.join(tempfile.mkdtemp(), "layer.safetensors")
+      >>> save_safetensors(variables, path, metadata={"source": "example"})
+      >>> sorted(load_file(path))
+      ['routing_fn.bias', 'routing_fn.weight', 'weight']
+    """
     from safetensors.numpy import save_file
 
-    arrays = _flax_to_numpy(variables, like)
-    save_file(arrays, os.fspath(path), metadata={"format": "pt", **dict(metadata or {})})
+    path = check_output_file(path, "save_safetensors: path")
+    metadata = _check_metadata(metadata)
+    arrays = _flax_to_numpy(variables, like, allow_nonfinite)
+    save_file(arrays, path, metadata={"format": "pt", **metadata})

@@ -60,6 +60,17 @@ class DynamicConv(DynamicConvBase):
       use_bias: per-expert bias, mixed with the attention (default True, as the paper).
       bias_init: initializer of the ``[K, O]`` bias; None = PyTorch's U(±1/sqrt(fan_in)).
       reduction, min_channels: hidden width of the attention MLP.
+
+    Examples:
+      >>> import jax, jax.numpy as jnp
+      >>> from dynconv_jax import DynamicConv
+      >>> layer = DynamicConv(features=8, kernel_size=(3, 3), num_experts=3)
+      >>> x = jnp.ones((2, 16, 16, 4))
+      >>> variables = jax.eval_shape(layer.init, jax.random.key(0), x)
+      >>> variables['params']['kernel'].shape, variables['params']['bias'].shape  # experts and their biases
+      ((3, 3, 3, 4, 8), (3, 8))
+      >>> jax.eval_shape(lambda v: layer.apply(v, x, temperature=30.0), variables).shape
+      (2, 16, 16, 8)
     """
 
     use_bias: bool = True

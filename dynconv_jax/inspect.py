@@ -33,6 +33,23 @@ def attentions_from_intermediates(intermediates: Mapping[str, Any]) -> Attention
     becomes an entry keyed by its ``/``-joined path (``'layer1_0/conv1'``; :data:`ROOT`
     for the top module). A layer applied several times has its sown values concatenated
     along the batch axis. Order follows the collection (module creation order).
+
+    Examples:
+      >>> import jax, jax.numpy as jnp
+      >>> from flax import linen as nn
+      >>> from dynconv_jax import CondConv, ODConv
+      >>> class Net(nn.Module):
+      ...     @nn.compact
+      ...     def __call__(self, x, train=False, temperature=None):
+      ...         x = ODConv(8, (3, 3), num_experts=3, name="od")(x, train=train, temperature=temperature)
+      ...         return CondConv(8, (1, 1), num_experts=2, name="cc")(x, temperature=temperature)
+      >>> x = jax.random.normal(jax.random.key(0), (4, 8, 8, 4))
+      >>> variables = Net().init(jax.random.key(1), x)
+      >>> from dynconv_jax.inspect import attentions_from_intermediates
+      >>> _, state = Net().apply(variables, x, mutable=['intermediates'])
+      >>> attentions = attentions_from_intermediates(state['intermediates'])
+      >>> sorted(attentions['od'])
+      ['channel_attention', 'filter_attention', 'kernel_attention', 'spatial_attention']
     """
     out: Attentions = {}
 
@@ -58,6 +75,22 @@ def collect_attentions(model, variables, x, *, train: bool = False, temperature:
     is called with ``intermediates`` mutable (and ``batch_stats`` too when ``train``;
     pass ``rngs=`` for CondConv's routing dropout then). Works for a single layer or
     any model built from them. Returns ``{layer_path: {name: np.ndarray [B, ...]}}``.
+
+    Examples:
+      >>> import jax, jax.numpy as jnp
+      >>> from flax import linen as nn
+      >>> from dynconv_jax import CondConv, ODConv
+      >>> class Net(nn.Module):
+      ...     @nn.compact
+      ...     def __call__(self, x, train=False, temperature=None):
+      ...         x = ODConv(8, (3, 3), num_experts=3, name="od")(x, train=train, temperature=temperature)
+      ...         return CondConv(8, (1, 1), num_experts=2, name="cc")(x, temperature=temperature)
+      >>> x = jax.random.normal(jax.random.key(0), (4, 8, 8, 4))
+      >>> variables = Net().init(jax.random.key(1), x)
+      >>> from dynconv_jax.inspect import collect_attentions
+      >>> attentions = collect_attentions(Net(), variables, x, temperature=1.0)
+      >>> sorted(attentions), attentions['od']['kernel_attention'].shape, attentions['od']['spatial_attention'].shape
+      (['cc', 'od'], (4, 3), (4, 3, 3))
     """
     mutable = ["intermediates", "batch_stats"] if train else ["intermediates"]
     _, state = model.apply(variables, x, train=train, temperature=temperature, mutable=mutable, **apply_kwargs)
@@ -73,6 +106,13 @@ def routing_entropy(kernel_attention: np.ndarray) -> np.ndarray:
     The weights are normalized to sum to one first (CondConv's sigmoid weights do not),
     so this measures how the routing mass is spread over the K experts: 1 = uniform
     (no specialization), 0 = a single expert. Needs K >= 2.
+
+    Examples:
+      >>> import numpy as np
+      >>> from dynconv_jax.inspect import routing_entropy
+      >>> entropy = routing_entropy(np.array([[0.25, 0.25, 0.25, 0.25], [1.0, 0.0, 0.0, 0.0]]))
+      >>> np.allclose(entropy, [1.0, 0.0])                   # uniform routing; one expert
+      True
     """
     a = np.asarray(kernel_attention, dtype=np.float64)
     if a.ndim != 2 or a.shape[1] < 2:
@@ -122,6 +162,18 @@ def plot_kernel_attention(attentions: Attentions, path: str, *, ncols: int = 4) 
 
     Boxes show quartiles over the samples, dots the samples. Layers with a single expert
     (no routing) are left out. Returns ``path``.
+
+    Examples:
+      >>> import os, tempfile
+      >>> import numpy as np
+      >>> rng = np.random.default_rng(0)
+      >>> odconv = {"kernel_attention": rng.dirichlet(np.ones(4), 8), "channel_attention": rng.random((8, 16)),
+      ...           "filter_attention": rng.random((8, 32)), "spatial_attention": rng.random((8, 3, 3))}  # [B, ...]
+      >>> attentions = {"layer1_0/conv1": odconv, "layer1_0/conv2": {"kernel_attention": rng.random((8, 4))}}
+      >>> out = tempfile.mkdtemp()
+      >>> from dynconv_jax.inspect import plot_kernel_attention
+      >>> os.path.basename(plot_kernel_attention(attentions, os.path.join(out, "kernel_attention.png")))
+      'kernel_attention.png'
     """
     layers = _routed_layers(attentions)
     ncols = min(ncols, len(layers))
@@ -147,6 +199,18 @@ def plot_routing_entropy(attentions: Attentions, path: str) -> str:
     """Normalized routing entropy (see :func:`routing_entropy`) per layer, over the samples.
 
     1 = uniform over the experts, 0 = one expert. Returns ``path``.
+
+    Examples:
+      >>> import os, tempfile
+      >>> import numpy as np
+      >>> rng = np.random.default_rng(0)
+      >>> odconv = {"kernel_attention": rng.dirichlet(np.ones(4), 8), "channel_attention": rng.random((8, 16)),
+      ...           "filter_attention": rng.random((8, 32)), "spatial_attention": rng.random((8, 3, 3))}  # [B, ...]
+      >>> attentions = {"layer1_0/conv1": odconv, "layer1_0/conv2": {"kernel_attention": rng.random((8, 4))}}
+      >>> out = tempfile.mkdtemp()
+      >>> from dynconv_jax.inspect import plot_routing_entropy
+      >>> os.path.basename(plot_routing_entropy(attentions, os.path.join(out, "routing_entropy.png")))
+      'routing_entropy.png'
     """
     layers = _routed_layers(attentions)
     values = np.stack([routing_entropy(attentions[name]["kernel_attention"]) for name in layers], axis=1)
@@ -170,6 +234,18 @@ def plot_odconv_attentions(layer: Mapping[str, np.ndarray], path: str, *, title:
     brackets), the kernel attention as boxes per expert. A skipped attention (depthwise
     filter, 1×1 spatial, single expert) is the constant 1 and is marked as such.
     Returns ``path``.
+
+    Examples:
+      >>> import os, tempfile
+      >>> import numpy as np
+      >>> rng = np.random.default_rng(0)
+      >>> odconv = {"kernel_attention": rng.dirichlet(np.ones(4), 8), "channel_attention": rng.random((8, 16)),
+      ...           "filter_attention": rng.random((8, 32)), "spatial_attention": rng.random((8, 3, 3))}  # [B, ...]
+      >>> attentions = {"layer1_0/conv1": odconv, "layer1_0/conv2": {"kernel_attention": rng.random((8, 4))}}
+      >>> out = tempfile.mkdtemp()
+      >>> from dynconv_jax.inspect import plot_odconv_attentions
+      >>> os.path.basename(plot_odconv_attentions(odconv, os.path.join(out, "odconv.png"), title="layer1_0/conv1"))
+      'odconv.png'
     """
     fig = _figure(11.0, 7.5)
     (ax_c, ax_f), (ax_s, ax_k) = fig.subplots(2, 2)
@@ -234,6 +310,18 @@ def plot_all(attentions: Attentions, out_dir: str) -> List[str]:
 
     ``kernel_attention.png`` and ``routing_entropy.png`` (if any layer has K >= 2) and
     ``odconv_<layer>.png`` for each ODConv layer (one with a channel attention).
+
+    Examples:
+      >>> import os, tempfile
+      >>> import numpy as np
+      >>> rng = np.random.default_rng(0)
+      >>> odconv = {"kernel_attention": rng.dirichlet(np.ones(4), 8), "channel_attention": rng.random((8, 16)),
+      ...           "filter_attention": rng.random((8, 32)), "spatial_attention": rng.random((8, 3, 3))}  # [B, ...]
+      >>> attentions = {"layer1_0/conv1": odconv, "layer1_0/conv2": {"kernel_attention": rng.random((8, 4))}}
+      >>> out = tempfile.mkdtemp()
+      >>> from dynconv_jax.inspect import plot_all
+      >>> sorted(os.path.basename(path) for path in plot_all(attentions, out))
+      ['kernel_attention.png', 'odconv_layer1_0_conv1.png', 'routing_entropy.png']
     """
     paths = []
     if any(att["kernel_attention"].shape[1] >= 2 for att in attentions.values()):

@@ -49,22 +49,23 @@ class WarehouseManager(nn.Module):
       plan: the warehouse plan of the model (e.g. :func:`dynconv_spec.kernelwarehouse.resnet_plan`).
       param_dtype: the dtype of the warehouses.
 
-    Example::
-
-        >>> import jax, jax.numpy as jnp
-        >>> from dynconv_spec.kernelwarehouse import ConvSpec, KWOptions, plan_warehouses
-        >>> convs = [ConvSpec("conv1", 8, 16, (3, 3), 1, "stage0_layer0"),
-        ...          ConvSpec("conv2", 16, 16, (3, 3), 1, "stage0_layer1")]
-        >>> plan = plan_warehouses(convs, KWOptions(sharing_range=("layer",)))
-        >>> class Net(nn.Module):
-        ...     @nn.compact
-        ...     def __call__(self, x, train=False, temperature=None):
-        ...         manager = WarehouseManager(plan, name="warehouse_manager")
-        ...         x = KWConv(16, (3, 3), padding=1, warehouse_manager=manager, name="conv1")(x, train, temperature)
-        ...         return KWConv(16, (3, 3), padding=1, warehouse_manager=manager, name="conv2")(x, train, temperature)
-        >>> variables = Net().init(jax.random.key(0), jnp.ones((2, 6, 6, 8)))
-        >>> jax.tree_util.tree_map(jnp.shape, variables["params"]["warehouse_manager"])
-        {'weights': {'0': (27, 16, 8, 1, 1)}}
+    Examples:
+      >>> from flax import linen as nn
+      >>> from dynconv_jax import KWConv, WarehouseManager
+      >>> import jax, jax.numpy as jnp
+      >>> from dynconv_spec.kernelwarehouse import ConvSpec, KWOptions, plan_warehouses
+      >>> convs = [ConvSpec("conv1", 8, 16, (3, 3), 1, "stage0_layer0"),
+      ...          ConvSpec("conv2", 16, 16, (3, 3), 1, "stage0_layer1")]
+      >>> plan = plan_warehouses(convs, KWOptions(sharing_range=("layer",)))
+      >>> class Net(nn.Module):
+      ...     @nn.compact
+      ...     def __call__(self, x, train=False, temperature=None):
+      ...         manager = WarehouseManager(plan, name="warehouse_manager")
+      ...         x = KWConv(16, (3, 3), padding=1, warehouse_manager=manager, name="conv1")(x, train, temperature)
+      ...         return KWConv(16, (3, 3), padding=1, warehouse_manager=manager, name="conv2")(x, train, temperature)
+      >>> variables = Net().init(jax.random.key(0), jnp.ones((2, 6, 6, 8)))
+      >>> jax.tree_util.tree_map(jnp.shape, variables["params"]["warehouse_manager"])
+      {'weights': {'0': (27, 16, 8, 1, 1)}}
     """
 
     plan: WarehousePlan
@@ -155,14 +156,14 @@ class KWConv(nn.Module):
     Training (``train=True``) normalises the attention with batch statistics (a batch of at least 2)
     and updates ``batch_stats``: pass ``mutable=['batch_stats']``.
 
-    Example::
-
-        >>> import jax, jax.numpy as jnp
-        >>> layer = KWConv(16, (3, 3), padding=1, cell_num_ratio=2.0)
-        >>> x = jnp.ones((2, 8, 8, 4))
-        >>> variables = layer.init(jax.random.key(0), x)
-        >>> layer.apply(variables, x, temperature=0.5).shape
-        (2, 8, 8, 16)
+    Examples:
+      >>> from dynconv_jax import KWConv
+      >>> import jax, jax.numpy as jnp
+      >>> layer = KWConv(16, (3, 3), padding=1, cell_num_ratio=2.0)
+      >>> x = jnp.ones((2, 8, 8, 4))
+      >>> variables = layer.init(jax.random.key(0), x)
+      >>> layer.apply(variables, x, temperature=0.5).shape
+      (2, 8, 8, 16)
     """
 
     features: int

@@ -2,9 +2,11 @@
 
 Differences from ``flax.linen.BatchNorm`` that matter for exact parity with PyTorch:
 
-* running statistics update as ``running = (1 - momentum) * running + momentum * batch``
-  with PyTorch's ``momentum = 0.1`` (flax's ``momentum=0.99`` is the *decay*; here the
-  field has PyTorch's meaning);
+* running statistics update as ``running = (1 - torch_momentum) * running + torch_momentum * batch``
+  with PyTorch's ``momentum = 0.1``. The field is ``torch_momentum``, never ``momentum``: flax's
+  ``BatchNorm.momentum`` is the *decay* (0.99), PyTorch's the weight of the new batch (0.1), so a
+  ``momentum=`` meant for either would be wrong for the other; it is refused with a ``TypeError``
+  that says so (:func:`check_batch_norm_args`);
 * ``running_var`` is updated with the **unbiased** batch variance ``var * n / (n - 1)``,
   while the batch itself is normalised with the biased one;
 * ``epsilon = 1e-5``;
@@ -22,6 +24,7 @@ axis: the biased variance ``mean((x - mean)^2)`` (not flax's fast ``E[x^2] - E[x
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Any, Optional
 
@@ -33,9 +36,27 @@ from dynconv_jax.attention import attention_dtype
 from dynconv_jax.conv_base import layer_name
 
 
+#: PyTorch's ``BatchNorm`` momentum: the weight of the new batch statistic in the running average.
+TORCH_BATCH_NORM_MOMENTUM = 0.1
+
+
+def check_batch_norm_args(layer: str, torch_momentum: float, momentum: Optional[float] = None) -> None:
+    """Refuse a ``momentum=`` (its meaning differs between flax and PyTorch); ``torch_momentum`` in [0, 1]."""
+    if momentum is not None:
+        raise TypeError(
+            f"{layer}: momentum={momentum!r} is not an argument of this PyTorch-semantics BatchNorm. flax's "
+            f"BatchNorm.momentum is the decay of the running average (default 0.99); PyTorch's momentum is the "
+            f"weight of the new batch (default 0.1). Pass torch_momentum= with PyTorch's meaning "
+            f"(flax's momentum=m is torch_momentum=1 - m).")
+    if isinstance(torch_momentum, bool) or not (isinstance(torch_momentum, (int, float))
+                                                and 0.0 <= torch_momentum <= 1.0):
+        raise ValueError(f"{layer}: torch_momentum={torch_momentum!r} must be a number in [0, 1] "
+                         "(PyTorch's meaning: the weight of the new batch)")
+
+
 def batch_norm(x, scale, bias, running_mean, running_var, *, use_running_average: bool, axis: int = -1,
-               momentum: float = 0.1, epsilon: float = 1e-5, dtype=None, layer: str = "BatchNorm",
-               check_count: bool = True):
+               torch_momentum: float = TORCH_BATCH_NORM_MOMENTUM, epsilon: float = 1e-5, dtype=None,
+               layer: str = "BatchNorm", check_count: bool = True):
     """PyTorch-semantics batch normalisation of ``x`` over all axes but ``axis`` (both front ends call this).
 
     ``scale``/``bias`` (``[C]`` or None) and the running statistics ``[C]`` are plain arrays.
@@ -44,8 +65,7 @@ def batch_norm(x, scale, bias, running_mean, running_var, *, use_running_average
     in the running statistics' dtype. ``check_count=False`` skips the one-value-per-channel
     error (Linen's ``init``, which only builds shapes).
     """
-    if not 0.0 <= momentum <= 1.0:
-        raise ValueError(f"{layer}: momentum={momentum} must be in [0, 1] (PyTorch's meaning)")
+    check_batch_norm_args(layer, torch_momentum)
     feature_axis = axis % x.ndim
     reduction_axes = tuple(i for i in range(x.ndim) if i != feature_axis)
     stat_shape = [1] * x.ndim
@@ -71,8 +91,8 @@ def batch_norm(x, scale, bias, running_mean, running_var, *, use_running_average
         var = jnp.mean(jnp.square(xs - mean.reshape(stat_shape)), axis=reduction_axes)
         if count > 1:
             unbiased = var * (count / (count - 1))
-            new_mean = ((1 - momentum) * running_mean + momentum * mean).astype(running_mean.dtype)
-            new_var = ((1 - momentum) * running_var + momentum * unbiased).astype(running_var.dtype)
+            new_mean = ((1 - torch_momentum) * running_mean + torch_momentum * mean).astype(running_mean.dtype)
+            new_var = ((1 - torch_momentum) * running_var + torch_momentum * unbiased).astype(running_var.dtype)
 
     y = (xs - mean.reshape(stat_shape)) * lax.rsqrt(var.reshape(stat_shape) + epsilon)
     if scale is not None:
@@ -130,22 +150,36 @@ class BatchNorm(nn.Module):
 
     Use as flax's: ``BatchNorm(use_running_average=not train)(x)`` or
     ``BatchNorm()(x, use_running_average=not train)``; training needs
-    ``mutable=['batch_stats']``.
+    ``mutable=['batch_stats']``. Unlike ``flax.linen.BatchNorm`` there is no ``momentum``:
+    ``torch_momentum`` has PyTorch's meaning (``momentum=`` raises a ``TypeError`` explaining both).
 
     Attributes:
       use_running_average: normalise with the running statistics (eval) instead of the
         batch statistics (train). May instead be passed to ``__call__``.
       axis: the feature (channel) axis.
-      momentum: PyTorch's momentum: weight of the new batch statistic in the running average.
+      torch_momentum: PyTorch's ``momentum``: the weight of the new batch statistic in the running
+        average (0.1; flax's ``momentum=m`` is ``torch_momentum=1 - m``).
       epsilon: added to the variance.
       dtype: output dtype (default: promoted from input and params). Statistics are
         computed in at least float32 (float64 inputs stay float64).
       param_dtype: dtype of ``scale``/``bias`` and of the running statistics.
+
+    Examples:
+      >>> import jax, jax.numpy as jnp
+      >>> from dynconv_jax import BatchNorm
+      >>> bn = BatchNorm(use_running_average=False)
+      >>> x = jnp.arange(8.0).reshape(4, 2)
+      >>> variables = bn.init(jax.random.key(0), x)
+      >>> y, updates = bn.apply(variables, x, mutable=['batch_stats'])
+      >>> updates['batch_stats']['var']          # 0.9 * 1 + 0.1 * the unbiased batch variance, as PyTorch
+      Array([1.5666666, 1.5666666], dtype=float32)
+      >>> updates['batch_stats']['mean']         # 0.9 * 0 + 0.1 * the batch mean
+      Array([0.3, 0.4], dtype=float32)
     """
 
     use_running_average: Optional[bool] = None
     axis: int = -1
-    momentum: float = 0.1
+    torch_momentum: float = TORCH_BATCH_NORM_MOMENTUM
     epsilon: float = 1e-5
     dtype: Optional[Any] = None
     param_dtype: Any = jnp.float32
@@ -153,6 +187,12 @@ class BatchNorm(nn.Module):
     use_scale: bool = True
     bias_init: Any = nn.initializers.zeros
     scale_init: Any = nn.initializers.ones
+    #: Refused (an init-only argument, not a field): see :func:`check_batch_norm_args`.
+    momentum: dataclasses.InitVar[Optional[float]] = None
+
+    def __post_init__(self, momentum: Optional[float]) -> None:
+        check_batch_norm_args(type(self).__name__, self.torch_momentum, momentum)
+        super().__post_init__()
 
     @nn.compact
     def __call__(self, x, use_running_average: Optional[bool] = None):
@@ -165,8 +205,8 @@ class BatchNorm(nn.Module):
         initializing = self.is_initializing()
         y, new_mean, new_var = batch_norm(
             x, scale, bias, running_mean.value, running_var.value, use_running_average=use_running_average,
-            axis=self.axis, momentum=self.momentum, epsilon=self.epsilon, dtype=self.dtype, layer=layer_name(self),
-            check_count=not initializing)
+            axis=self.axis, torch_momentum=self.torch_momentum, epsilon=self.epsilon, dtype=self.dtype,
+            layer=layer_name(self), check_count=not initializing)
         if new_mean is not None and not initializing:
             running_mean.value, running_var.value = new_mean, new_var
         return y

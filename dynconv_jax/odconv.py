@@ -107,6 +107,18 @@ class ODConv(DynamicConvBase):
     Training (``train=True``) with ``attention_norm='batch'`` normalises the attention with batch
     statistics (needs a batch of at least 2, as PyTorch) and updates ``batch_stats``: pass
     ``mutable=['batch_stats']``. ``'layer'`` and ``'none'`` train with any batch size.
+
+    Examples:
+      >>> import jax, jax.numpy as jnp
+      >>> from dynconv_jax import ODConv
+      >>> layer = ODConv(features=8, kernel_size=(3, 3), num_experts=3)
+      >>> x = jnp.ones((2, 16, 16, 4))
+      >>> variables = jax.eval_shape(layer.init, jax.random.key(0), x)
+      >>> sorted(variables), sorted(variables['params']['attention'])     # the official names
+      (['batch_stats', 'params'], ['bn', 'channel_fc', 'fc', 'filter_fc', 'kernel_fc', 'spatial_fc'])
+      >>> y, updates = jax.eval_shape(lambda v: layer.apply(v, x, train=True, mutable=['batch_stats']), variables)
+      >>> y.shape
+      (2, 16, 16, 8)
     """
 
     kernel_init: Initializer = kaiming_fan_out_expert_init

@@ -73,16 +73,6 @@ PaddingLike = Union[str, int, Sequence[int], Sequence[Tuple[int, int]]]
 STRATEGIES = ("vmap", "shifted", "patches", "pointwise", "mix", "map")
 
 
-def _tuple(value, rank: int, name: str) -> Tuple[int, ...]:
-    """Broadcast an int or sequence to a tuple of ``rank`` ints."""
-    if isinstance(value, int):
-        return (value,) * rank
-    value = tuple(int(v) for v in value)
-    if len(value) != rank:
-        raise ValueError(f"{name}={value} has {len(value)} entries, expected {rank} (one per spatial dimension)")
-    return value
-
-
 def normalize_padding(padding: PaddingLike, rank: int) -> Union[str, Tuple[Tuple[int, int], ...]]:
     """Return 'SAME' / 'VALID' or explicit ``((lo, hi),) * rank`` pairs, as ``lax`` takes them.
 
@@ -121,7 +111,16 @@ def conv_dimension_numbers(rank: int) -> lax.ConvDimensionNumbers:
 
 
 def static_conv(x, kernel, *, strides, padding, dilation, groups, precision=None):
-    """A plain (static) convolution, channels-last: ``x [B, *S, Cin]``, ``kernel [*k, Cin/g, Cout]``."""
+    """A plain (static) convolution, channels-last: ``x [B, *S, Cin]``, ``kernel [*k, Cin/g, Cout]``.
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> from dynconv_jax import static_conv
+      >>> y = static_conv(jnp.ones((1, 5, 5, 2)), jnp.ones((3, 3, 2, 4)), strides=(2, 2), padding="VALID",
+      ...                 dilation=(1, 1), groups=1)
+      >>> y.shape, float(y[0, 0, 0, 0])
+      ((1, 2, 2, 4), 18.0)
+    """
     rank = x.ndim - 2
     return lax.conv_general_dilated(
         x,
@@ -145,6 +144,14 @@ def aggregate_kernels(experts, kernel_attention, spatial_attention=None, channel
     ``kernel_attention`` None: ``experts`` already are the per-sample kernels ``[B, *k, Cin/g, Cout]``
     (a method that assembles its kernels otherwise, see :func:`assembled_conv`).
     Returns ``[B, *k, Cin/g, Cout]``.
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> from dynconv_jax import aggregate_kernels
+      >>> experts = jnp.stack([jnp.zeros((1, 1, 2, 2)), jnp.ones((1, 1, 2, 2))])  # K = 2 experts [1, 1, I, O]
+      >>> kernels = aggregate_kernels(experts, jnp.array([[0.25, 0.75]]))          # one sample's attention
+      >>> kernels.shape, float(kernels[0, 0, 0, 0, 0])                              # [B, kh, kw, I, O]
+      ((1, 1, 1, 2, 2), 0.75)
     """
     kernels = experts if kernel_attention is None else jnp.tensordot(kernel_attention, experts, axes=([1], [0]))
     if spatial_attention is not None:
@@ -170,6 +177,15 @@ def per_sample_conv(x, kernels, *, strides, padding, dilation, groups, precision
     x: ``[B, *S, Cin]``; kernels: ``[B, *k, Cin/g, Cout]``. XLA lowers the vmap to
     one grouped convolution (``feature_group_count = B * groups``), the trick the
     PyTorch references write by hand.
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> from dynconv_jax import per_sample_conv
+      >>> x = jnp.ones((2, 5, 5, 1))
+      >>> kernels = jnp.stack([jnp.ones((3, 3, 1, 1)), 2 * jnp.ones((3, 3, 1, 1))])  # one kernel per sample
+      >>> y = per_sample_conv(x, kernels, strides=(1, 1), padding="VALID", dilation=(1, 1), groups=1)
+      >>> y[:, 0, 0, 0]
+      Array([ 9., 18.], dtype=float32)
     """
 
     def one(xb, kb):
@@ -647,6 +663,16 @@ def dynamic_conv(
         :data:`STRATEGIES` or 'auto' (see :func:`choose_strategy`).
 
     Returns ``[B, *S_out, Cout]``.
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> from dynconv_jax import dynamic_conv
+      >>> x = jnp.ones((2, 8, 8, 4))                 # [B, H, W, Cin]
+      >>> experts = jnp.ones((3, 3, 3, 4, 6))        # [K, kh, kw, Cin, Cout]
+      >>> attention = jnp.full((2, 3), 1 / 3)        # [B, K]
+      >>> y = dynamic_conv(x, experts, attention, strides=(1, 1), padding="SAME", dilation=(1, 1))
+      >>> y.shape, float(y[0, 4, 4, 0])              # 3x3 taps x 4 channels, each weight 1
+      ((2, 8, 8, 6), 36.0)
     """
     rank = x.ndim - 2
     if experts.ndim != rank + 3:

@@ -33,7 +33,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import math
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, List, Mapping, Optional, Sequence, Tuple
 
 import jax
 import jax.numpy as jnp
@@ -237,14 +237,18 @@ def format_table(rows: Sequence[Row]) -> str:
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m dynconv_jax.summary", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--models", nargs="+", default=["resnet18", "resnet50", "mobilenet_v2"], choices=MODEL_NAMES)
-    parser.add_argument("--convs", nargs="+", default=list(models.CONV_TYPES), choices=models.CONV_TYPES)
-    parser.add_argument("--num-experts", type=int, default=4)
+    parser.add_argument("--models", nargs="+", default=["resnet18", "resnet50", "mobilenet_v2"], choices=MODEL_NAMES,
+                        metavar="MODEL", help="models to count (default: resnet18 resnet50 mobilenet_v2)")
+    parser.add_argument("--convs", nargs="+", default=list(models.CONV_TYPES), choices=models.CONV_TYPES,
+                        metavar="CONV", help=f"conv types to count (default: all of {' '.join(models.CONV_TYPES)})")
+    parser.add_argument("--num-experts", type=int, default=4, help="experts K of the dynamic convs (default: 4)")
     parser.add_argument("--no-cifar", action="store_true", help="skip the CIFAR (32×32, 10 classes) variants")
     parser.add_argument("--xla-check", metavar="MODEL", choices=MODEL_NAMES, help="cross-check the analytic MACs of "
                         "MODEL (static and every --convs type, ImageNet 224²) against XLA's cost analysis (compiles; "
                         "slow on CPU)")
     args = parser.parse_args(argv)
+    if args.num_experts < 1:
+        parser.error(f"--num-experts {args.num_experts}: must be >= 1")  # exit 2, before any model is built
     settings = [("imagenet", 224, 1000)] + ([] if args.no_cifar else [("cifar", 32, 10)])
     rows = [measure(m, c, num_experts=args.num_experts, stem=stem, resolution=res, num_classes=classes)
             for stem, res, classes in settings for m in args.models for c in args.convs]

@@ -156,5 +156,10 @@ def variant_entry_point(name: str, build: Callable[..., Any]) -> Callable[..., A
     entry_point.__doc__ = (f"EfficientNet-CondConv-{size.upper()}, {experts[:-1]} experts per CondConv layer, "
                            f"{'TF port (BN eps 1e-3, TF SAME padding)' if tf_port else 'PyTorch padding and eps'}; "
                            f"{weights} (docs/efficientnet_cc.md).\n\n"
-                           "    ``kwargs``: further ``EfficientNetCondConv`` arguments.")
+                           "    ``kwargs``: further ``EfficientNetCondConv`` arguments.\n\n"
+                           "    Examples:\n"
+                           f"      >>> from {build.__module__} import {name}\n"
+                           f"      >>> model = {name}(num_classes=10)\n"
+                           "      >>> model.num_classes\n"
+                           "      10\n")
     return entry_point

@@ -21,22 +21,22 @@ from typing import Dict, List, Optional, Sequence, Tuple, Union
 from .mobilenetv2 import stage_settings
 from .resnet import BLOCK_EXPANSION, stage_blocks
 
-#: The conv type name (``conv='kernelwarehouse'``).
 KW_CONV = "kernelwarehouse"
-#: The official attention's smallest hidden width (``max(int(in * reduction), 16)``).
+"""The conv type name (``conv='kernelwarehouse'``)."""
 MIN_HIDDEN = 16
-#: The official smallest basis size when ``nonlocal_basis_ratio < 1``.
+"""The official attention's smallest hidden width (``max(int(in * reduction), 16)``)."""
 MIN_BASIS = 16
-#: Added to the sum of |attention| of each mixture before dividing by it.
+"""The official smallest basis size when ``nonlocal_basis_ratio < 1``."""
 NORMALIZATION_EPS = 1e-3
-#: The official default of the warm-up length (``main.py --temp_epoch``); the MobileNetV2 configs use 15.
+"""Added to the sum of |attention| of each mixture before dividing by it."""
 TEMP_EPOCH = 20
-#: The official start value of the warm-up (``main.py --temp_init_value``).
+"""The official default of the warm-up length (``main.py --temp_epoch``); the MobileNetV2 configs use 15."""
 TEMP_INIT_VALUE = 1.0
-#: Warehouse-level options of a KernelWarehouse model (``conv_options`` of ``conv='kernelwarehouse'``;
-#: ``reduction`` is the models' own argument).
+"""The official start value of the warm-up (``main.py --temp_init_value``)."""
 KW_OPTIONS = ("cell_num_ratio", "cell_inplane_ratio", "cell_outplane_ratio", "sharing_range",
               "nonlocal_basis_ratio", "spatial_partition")
+"""Warehouse-level options of a KernelWarehouse model (``conv_options`` of ``conv='kernelwarehouse'``; ``reduction``
+is the models' own argument)."""
 
 Ratio = Union[float, Tuple[float, ...]]
 
@@ -505,9 +505,9 @@ def mobilenetv2_convs(width_mult: float = 1.0, stem: str = "imagenet",
     return tuple(convs), tuple(s.path for s in convs)
 
 
-#: ``sharing_range`` of the models when ``conv_options`` sets none: the official ``KW_ResNet``'s default,
-#: and for MobileNetV2 (whose official default, None, does not run) the official 1× config's.
 DEFAULT_SHARING = {"resnet": ("layer", "conv"), "mobilenet_v2": ("layer", "pwconv")}
+"""``sharing_range`` of the models when ``conv_options`` sets none: the official ``KW_ResNet``'s default, and for
+MobileNetV2 (whose official default, None, does not run) the official 1× config's."""
 
 
 def resnet_plan(block: str, layers: Sequence[int], base_width: int, in_channels: int, stem: str,
@@ -528,11 +528,6 @@ def mobilenetv2_plan(width_mult: float, stem: str, in_channels: int, reduction: 
     return plan_warehouses(convs, options, order, where)
 
 
-#: The official configs (``configs/*/kw*.json`` of OSVAI/KernelWarehouse): the entry point, its
-#: KernelWarehouse arguments, and the training-only values ``drop_path`` (stochastic depth),
-#: ``dropout`` (``main.py``'s default 0 where a config sets none) and ``temp_epoch`` (the warm-up
-#: length; ``main.py``'s default 20 where a config sets none). The MobileNetV2 1/2× models are the
-#: separate ``kw1d2x_mobilenetv2_*`` entry points of the official code, not configs of these.
 OFFICIAL_CONFIGS: Dict[str, Dict[str, object]] = {
     "kw1d4x_resnet18": dict(model="kw_resnet18", reduction=0.0625, cell_num_ratio=0.25, cell_inplane_ratio=0.5,
                             cell_outplane_ratio=0.5, sharing_range="layer_conv", drop_path=0.0, dropout=0.0,
@@ -571,13 +566,18 @@ OFFICIAL_CONFIGS: Dict[str, Dict[str, object]] = {
                                  cell_outplane_ratio=1.0, sharing_range=("layer",), drop_path=0.0, dropout=0.0,
                                  temp_epoch=15),
 }
-#: Parameters of the official models (num_classes=1000), measured from the official definitions.
+"""The official configs (``configs/*/kw*.json`` of OSVAI/KernelWarehouse): the entry point, its KernelWarehouse
+arguments, and the training-only values ``drop_path`` (stochastic depth), ``dropout`` (``main.py``'s default 0
+where a config sets none) and ``temp_epoch`` (the warm-up length; ``main.py``'s default 20 where a config sets
+none). The MobileNetV2 1/2× models are the separate ``kw1d2x_mobilenetv2_*`` entry points of the official code,
+not configs of these."""
 OFFICIAL_PARAMS: Dict[str, int] = {
     "kw1d4x_resnet18": 4_031_768, "kw1d2x_resnet18": 7_431_044, "kw1x_resnet18": 11_932_148,
     "kw2x_resnet18": 23_242_127, "kw4x_resnet18": 45_862_085, "kw1d2x_resnet50": 17_638_264,
     "kw1x_resnet50": 28_052_310, "kw4x_resnet50": 102_015_144, "kw1x_mobilenetv2_050": 2_854_522,
     "kw4x_mobilenetv2_050": 4_648_587, "kw1x_mobilenetv2_100": 5_168_146, "kw4x_mobilenetv2_100": 11_379_382,
 }
+"""Parameters of the official models (num_classes=1000), measured from the official definitions."""
 
 
 def config_model_args(config: str) -> Tuple[str, Dict[str, object]]:

@@ -15,16 +15,14 @@ from __future__ import annotations
 import fnmatch
 from typing import Any, Callable, Dict, List, Optional
 
+from .args import one_spelling
 from .efficientnet_cc import VARIANTS
 from .kernelwarehouse import KW_CONV
 from .resnet import RESNET_ARCHS
 
-#: Models whose blocks take ``conv='static'|'condconv'|'dynamic'|'odconv'`` (and ``num_experts``,
-#: ``reduction``, ``stem``, ``conv_options``, ...): the ResNets and MobileNetV2.
 CONV_MODELS = (*RESNET_ARCHS, "mobilenet_v2")
-#: The official OSVAI/ODConv entry points (``models/od_resnet.py``, ``models/od_mobilenetv2.py``):
-#: name -> (the conv model it is, with ``conv='odconv'``, and its fixed arguments). They take the
-#: official ``kernel_num`` (default 1) and ``reduction`` (default 1/16).
+"""Models whose blocks take ``conv='static'|'condconv'|'dynamic'|'odconv'`` (and ``num_experts``, ``reduction``,
+``stem``, ``conv_options``, ...): the ResNets and MobileNetV2."""
 ODCONV_MODELS: Dict[str, tuple] = {
     "od_resnet18": ("resnet18", {}),
     "od_resnet34": ("resnet34", {}),
@@ -34,34 +32,44 @@ ODCONV_MODELS: Dict[str, tuple] = {
     "od_mobilenetv2_075": ("mobilenet_v2", {"width_mult": 0.75}),
     "od_mobilenetv2_100": ("mobilenet_v2", {"width_mult": 1.0}),
 }
-#: The official OSVAI/KernelWarehouse entry points (``models/kw_resnet.py``, ``models/kw_mobilenetv2.py``):
-#: name -> (the conv model it is, with ``conv='kernelwarehouse'``, its fixed arguments, and the defaults of
-#: its official arguments that differ from the conv model's). ``sharing_range`` defaults to the conv
-#: model's (:data:`dynconv_spec.kernelwarehouse.DEFAULT_SHARING`).
+"""The official OSVAI/ODConv entry points (``models/od_resnet.py``, ``models/od_mobilenetv2.py``): name -> (the
+conv model it is, with ``conv='odconv'``, and its fixed arguments). They take the official ``kernel_num``
+(or ``num_experts``; default 1) and ``reduction`` (default 1/16)."""
 KW_MODELS: Dict[str, tuple] = {
     "kw_resnet18": ("resnet18", {}, {}),
     "kw_resnet50": ("resnet50", {}, {}),
     "kw_mobilenetv2_050": ("mobilenet_v2", {"width_mult": 0.5}, {"dropout": 0.0}),
     "kw_mobilenetv2_100": ("mobilenet_v2", {"width_mult": 1.0}, {"dropout": 0.0}),
 }
-#: timm's EfficientNet-CondConv entry points.
+"""The official OSVAI/KernelWarehouse entry points (``models/kw_resnet.py``, ``models/kw_mobilenetv2.py``):
+name -> (the conv model it is, with ``conv='kernelwarehouse'``, its fixed arguments, and the defaults of its
+official arguments that differ from the conv model's). ``sharing_range`` defaults to the conv model's
+(:data:`dynconv_spec.kernelwarehouse.DEFAULT_SHARING`)."""
 EFFICIENTNET_CC_MODELS = tuple(VARIANTS)
-#: Every registered name, in both frameworks.
+"""timm's EfficientNet-CondConv entry points."""
 MODEL_NAMES = CONV_MODELS + tuple(ODCONV_MODELS) + tuple(KW_MODELS) + EFFICIENTNET_CC_MODELS
+"""Every registered name, in both frameworks."""
 
 
-def odconv_model_args(name: str, kernel_num: int = 1, reduction: float = 0.0625,
-                      **kwargs: Any) -> Dict[str, Any]:
+def odconv_model_args(name: str, kernel_num: Optional[int] = None, reduction: float = 0.0625, *,
+                      num_experts: Optional[int] = None, **kwargs: Any) -> Dict[str, Any]:
     """The conv-model arguments of the official ODConv entry point ``name`` (a key of :data:`ODCONV_MODELS`).
 
-    ``kernel_num`` is the official name of ``num_experts``; ``kwargs`` are further arguments of the
-    ResNet / MobileNetV2 (``num_classes``, ``dropout``, ``stem``, ``conv_options``, ...).
+    The experts: the official ``kernel_num`` or this library's ``num_experts`` (one of them; default 1, the
+    official default); ``kwargs`` are further arguments of the ResNet / MobileNetV2 (``num_classes``,
+    ``dropout``, ``stem``, ``conv_options``, ...).
+
+    Examples:
+      >>> from dynconv_spec import odconv_model_args
+      >>> odconv_model_args("od_mobilenetv2_050", kernel_num=4)
+      {'conv': 'odconv', 'num_experts': 4, 'reduction': 0.0625, 'width_mult': 0.5}
     """
     _, fixed = ODCONV_MODELS[name]
-    clash = sorted({"conv", "num_experts", *fixed} & set(kwargs))
+    clash = sorted({"conv", *fixed} & set(kwargs))
     if clash:
-        raise ValueError(f"{name}: {clash} are fixed by the entry point (use kernel_num= for the experts)")
-    return dict(conv="odconv", num_experts=kernel_num, reduction=reduction, **fixed, **kwargs)
+        raise ValueError(f"{name}: {clash} are fixed by the entry point")
+    experts = one_spelling(name, "kernel_num", kernel_num, num_experts, default=1)
+    return dict(conv="odconv", num_experts=experts, reduction=reduction, **fixed, **kwargs)
 
 
 def kw_model_args(name: str, reduction: float = 0.0625, cell_num_ratio=1.0, cell_inplane_ratio=1.0,
@@ -74,6 +82,13 @@ def kw_model_args(name: str, reduction: float = 0.0625, cell_num_ratio=1.0, cell
     :data:`dynconv_spec.kernelwarehouse.OFFICIAL_CONFIGS`) become ``reduction`` and ``conv_options``;
     ``kwargs`` are further arguments of the ResNet / MobileNetV2 (``num_classes``, ``dropout``, ``stem``, ...).
     ``drop_path_rate`` (the official stochastic depth, a training-only option) must be 0 here.
+    
+
+    Examples:
+      >>> from dynconv_spec import kw_model_args
+      >>> args = kw_model_args("kw_resnet18", cell_num_ratio=4.0, num_classes=10)
+      >>> args["conv"], args["conv_options"]["cell_num_ratio"], args["num_classes"]
+      ('kernelwarehouse', 4.0, 10)
     """
     _, fixed, defaults = KW_MODELS[name]
     clash = sorted({"conv", "num_experts", "conv_options", *fixed} & set(kwargs))
@@ -93,14 +108,32 @@ def kw_model_args(name: str, reduction: float = 0.0625, cell_num_ratio=1.0, cell
 
 
 class ModelRegistry:
-    """Entry points by name for one framework (``where``, e.g. ``'dynconv_torch.models'``)."""
+    """Entry points by name for one framework (``where``, e.g. ``'dynconv_torch.models'``).
+
+    Examples:
+      >>> from dynconv_spec import ModelRegistry
+      >>> registry = ModelRegistry("mylib.models")
+      >>> @registry.register
+      ... def resnet18(**kwargs):          # a name of MODEL_NAMES
+      ...     return ("my resnet18", kwargs)
+      >>> registry.names("res*"), registry.create("resnet18", num_classes=10)
+      (['resnet18'], ('my resnet18', {'num_classes': 10}))
+    """
 
     def __init__(self, where: str):
         self.where = where
         self._entry_points: Dict[str, Callable[..., Any]] = {}
 
     def register(self, entry_point: Callable[..., Any]) -> Callable[..., Any]:
-        """Decorator: register ``entry_point`` under its ``__name__`` (one of :data:`MODEL_NAMES`)."""
+        """Decorator: register ``entry_point`` under its ``__name__`` (one of :data:`MODEL_NAMES`).
+
+        Examples:
+          >>> from dynconv_spec import ModelRegistry
+          >>> registry = ModelRegistry("mylib.models")
+          >>> registry.register(lambda **kwargs: None)
+          Traceback (most recent call last):
+          ValueError: ...
+        """
         name = entry_point.__name__
         if name not in MODEL_NAMES:
             raise ValueError(f"{self.where}: {name!r} is not a model name of dynconv_spec.registry.MODEL_NAMES; "
@@ -111,11 +144,24 @@ class ModelRegistry:
         return entry_point
 
     def names(self, pattern: Optional[str] = None) -> List[str]:
-        """The registered names, sorted; ``pattern`` filters them shell-style (``'od_*'``)."""
+        """The registered names, sorted; ``pattern`` filters them shell-style (``'od_*'``).
+
+        Examples:
+          >>> import dynconv_jax.models as jm
+          >>> jm.list_models("od_resnet*")              # the registry's names, as list_models
+          ['od_resnet101', 'od_resnet18', 'od_resnet34', 'od_resnet50']
+        """
         return sorted(n for n in self._entry_points if pattern is None or fnmatch.fnmatchcase(n, pattern))
 
     def create(self, name: str, **kwargs: Any) -> Any:
-        """Build the model ``name`` with the entry point's keyword arguments."""
+        """Build the model ``name`` with the entry point's keyword arguments.
+
+        Examples:
+          >>> import dynconv_jax.models as jm
+          >>> model = jm.create_model("resnet18", conv="odconv", num_experts=4, num_classes=10)
+          >>> model.conv, model.num_experts, model.num_classes
+          ('odconv', 4, 10)
+        """
         if name not in self._entry_points:
             raise ValueError(f"{self.where}: unknown model {name!r}; known models: {', '.join(self.names())}")
         return self._entry_points[name](**kwargs)

@@ -4,15 +4,15 @@ from __future__ import annotations
 
 from typing import Dict, Iterator, Sequence, Tuple
 
-#: Output channels of a block / its ``planes``.
 BLOCK_EXPANSION: Dict[str, int] = {"basic": 1, "bottleneck": 4}
-#: Entry-point name -> ``dict(block=..., layers=...)``, the architecture arguments of ``ResNet``.
+"""Output channels of a block / its ``planes``."""
 RESNET_ARCHS: Dict[str, Dict[str, object]] = {
     "resnet18": dict(block="basic", layers=(2, 2, 2, 2)),
     "resnet34": dict(block="basic", layers=(3, 4, 6, 3)),
     "resnet50": dict(block="bottleneck", layers=(3, 4, 6, 3)),
     "resnet101": dict(block="bottleneck", layers=(3, 4, 23, 3)),
 }
+"""Entry-point name -> ``dict(block=..., layers=...)``, the architecture arguments of ``ResNet``."""
 
 
 def stage_blocks(layers: Sequence[int], base_width: int,
@@ -21,6 +21,11 @@ def stage_blocks(layers: Sequence[int], base_width: int,
 
     Stage ``i`` (0-based) has ``base_width * 2**i`` planes; its first block carries the stride
     (2 from the second stage on) and a 1×1 downsample shortcut when the shape changes.
+
+    Examples:
+      >>> from dynconv_spec import stage_blocks
+      >>> list(stage_blocks((2, 2, 2, 2), base_width=64, expansion=1))[:3]
+      [(0, 0, 64, 64, 1, False), (0, 1, 64, 64, 1, False), (1, 0, 64, 128, 2, True)]
     """
     inplanes = base_width
     for i, num_blocks in enumerate(layers):

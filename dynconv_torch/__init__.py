@@ -9,11 +9,13 @@
 
 This package never imports JAX.
 """
+from dynconv_spec import __version__
+
 from .condconv import CondConv2d
 from .dynamic_conv import DynamicConv2d, DynamicConvAttention
 from .kernelwarehouse import KWAttention, KWConv1d, KWConv2d, KWConv3d, KWLinear, WarehouseManager
 from .odconv import ODConv2d, ODConvAttention
 from .temperature import set_temperature
 
-__all__ = ["CondConv2d", "DynamicConv2d", "DynamicConvAttention", "ODConv2d", "ODConvAttention", "KWAttention",
-           "KWConv1d", "KWConv2d", "KWConv3d", "KWLinear", "WarehouseManager", "set_temperature"]
+__all__ = ["__version__", "CondConv2d", "DynamicConv2d", "DynamicConvAttention", "ODConv2d", "ODConvAttention",
+           "KWAttention", "KWConv1d", "KWConv2d", "KWConv3d", "KWLinear", "WarehouseManager", "set_temperature"]

@@ -39,6 +39,15 @@ class CondConv2d(DynamicLayerMixin, nn.Module):
     kernel flattened in row-major order), ``bias [K, O]`` if ``bias``, ``routing_fn.weight [K, I]``
     and ``routing_fn.bias [K]`` unless ``external_routing``. ``load_state_dict`` also accepts a
     ``[K, O, I/g, kh, kw]`` weight (a pre-hook flattens it).
+
+    Examples:
+      >>> import torch
+      >>> from dynconv_torch import CondConv2d
+      >>> layer = CondConv2d(4, 8, 3, padding=1, num_experts=3)
+      >>> layer.weight.shape                      # timm's layout: [K, O * I/g * kh * kw]
+      torch.Size([3, 288])
+      >>> layer(torch.ones(2, 4, 16, 16)).shape
+      torch.Size([2, 8, 16, 16])
     """
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0, dilation=1,
@@ -48,7 +57,7 @@ class CondConv2d(DynamicLayerMixin, nn.Module):
         where = (f"CondConv2d(in_channels={in_channels!r}, out_channels={out_channels!r}, "
                  f"kernel_size={kernel_size!r}, groups={groups!r}, num_experts={num_experts!r})")
         self.kernel_size, self.stride, self.padding, self.dilation = conv_geometry(
-            where, in_channels, out_channels, kernel_size, stride, padding, dilation, groups, num_experts)
+            where, in_channels, out_channels, kernel_size, stride, padding, dilation, groups, num_experts, dtype)
         if not 0.0 <= routing_dropout < 1.0:
             raise ValueError(f"{where}: routing_dropout must be in [0, 1), got {routing_dropout!r}")
         self.in_channels = in_channels

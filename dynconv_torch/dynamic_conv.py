@@ -18,7 +18,16 @@ from .functional import (aggregate_experts, check_input, check_temperature, conv
 
 
 class DynamicConvAttention(nn.Module):
-    """The kernel attention of DY-CNN: ``softmax(fc2(relu(fc1(GAP(x)))) / T)``, ``[B, K]``."""
+    """The kernel attention of DY-CNN: ``softmax(fc2(relu(fc1(GAP(x)))) / T)``, ``[B, K]``.
+
+    Examples:
+      >>> import torch
+      >>> from dynconv_torch import DynamicConvAttention
+      >>> attention = DynamicConvAttention(4, 8, num_experts=3)
+      >>> a = attention(torch.randn(2, 4, 16, 16), temperature=30.0)
+      >>> a.shape, torch.allclose(a.sum(1), torch.ones(2))
+      (torch.Size([2, 3]), True)
+    """
 
     def __init__(self, in_channels: int, hidden_channels: int, num_experts: int, *, device=None, dtype=None):
         super().__init__()
@@ -26,6 +35,7 @@ class DynamicConvAttention(nn.Module):
         self.fc2 = nn.Linear(hidden_channels, num_experts, device=device, dtype=dtype)
 
     def reset_parameters(self) -> None:
+        """Both layers of the attention MLP as ``nn.Linear`` initialises them."""
         self.fc1.reset_parameters()
         self.fc2.reset_parameters()
 
@@ -50,6 +60,14 @@ class DynamicConv2d(DynamicLayerMixin, nn.Module):
     State dict: ``weight [K, O, I/g, kh, kw]``, ``bias [K, O]`` (if ``bias``),
     ``attention.fc1.{weight [H, I], bias [H]}``, ``attention.fc2.{weight [K, H], bias [K]}``.
     Experts are initialised like ``nn.Conv2d`` kernels, the attention MLP like ``nn.Linear``.
+
+    Examples:
+      >>> import torch
+      >>> from dynconv_torch import DynamicConv2d
+      >>> layer = DynamicConv2d(4, 8, 3, padding="same", num_experts=3)
+      >>> layer.temperature = 30.0                # or dynconv_torch.set_temperature(model, 30.0)
+      >>> layer(torch.ones(2, 4, 16, 16)).shape
+      torch.Size([2, 8, 16, 16])
     """
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0, dilation=1,
@@ -59,7 +77,7 @@ class DynamicConv2d(DynamicLayerMixin, nn.Module):
         where = (f"DynamicConv2d(in_channels={in_channels!r}, out_channels={out_channels!r}, "
                  f"kernel_size={kernel_size!r}, groups={groups!r}, num_experts={num_experts!r})")
         self.kernel_size, self.stride, self.padding, self.dilation = conv_geometry(
-            where, in_channels, out_channels, kernel_size, stride, padding, dilation, groups, num_experts)
+            where, in_channels, out_channels, kernel_size, stride, padding, dilation, groups, num_experts, dtype)
         if not reduction > 0:
             raise ValueError(f"{where}: reduction must be > 0, got {reduction!r}")
         positive_int(min_channels, "min_channels", where)

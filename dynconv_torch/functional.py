@@ -21,7 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-IntPair = Union[int, Tuple[int, int]]
+import dynconv_spec
+
 Padding = Union[str, int, Tuple[int, int]]
 
 PADDING_STRINGS = ("same", "valid")
@@ -67,8 +68,10 @@ def conv_padding(padding, stride: Tuple[int, ...], where: str) -> Union[str, Tup
     return int_tuple(padding, "padding", where, 0, len(stride))
 
 
-def conv_geometry(where: str, in_channels, out_channels, kernel_size, stride, padding, dilation, groups, num_experts):
-    """Validate the ``nn.Conv2d``-style arguments of a dynamic convolution.
+def conv_geometry(where: str, in_channels, out_channels, kernel_size, stride, padding, dilation, groups, num_experts,
+                  dtype=None):
+    """Validate the ``nn.Conv2d``-style arguments of a dynamic convolution, its ``dtype`` (None or a real
+    floating-point dtype) and the size of its expert bank (:func:`dynconv_spec.check_expert_bank`).
 
     Returns ``(kernel_size, stride, padding, dilation)`` normalised to pairs (padding may
     stay 'same' / 'valid'). Raises ValueError saying what is wrong and in which layer.
@@ -81,21 +84,20 @@ def conv_geometry(where: str, in_channels, out_channels, kernel_size, stride, pa
         raise ValueError(f"{where}: in_channels={in_channels} must be divisible by groups={groups}")
     if out_channels % groups:
         raise ValueError(f"{where}: out_channels={out_channels} must be divisible by groups={groups}")
+    if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+        raise ValueError(f"{where}: dtype={dtype!r} must be a real floating-point dtype (torch.float32, "
+                         f"torch.bfloat16, torch.float16 or torch.float64)")
     kernel_size = int_pair(kernel_size, "kernel_size", where, minimum=1)
     stride = int_pair(stride, "stride", where, minimum=1)
     dilation = int_pair(dilation, "dilation", where, minimum=1)
+    dynconv_spec.check_expert_bank(where, (num_experts, out_channels, in_channels // groups) + kernel_size)
     return kernel_size, stride, conv_padding(padding, stride, where), dilation
 
 
 def check_temperature(temperature, where: str) -> float:
-    """The softmax/sigmoid temperature T as a float; must be finite and > 0."""
-    try:
-        t = float(temperature)
-    except (TypeError, ValueError):
-        raise ValueError(f"{where}: temperature must be a positive number, got {temperature!r}") from None
-    if not math.isfinite(t) or t <= 0:
-        raise ValueError(f"{where}: temperature must be finite and > 0, got {temperature!r}")
-    return t
+    """The softmax/sigmoid temperature T as a float (:func:`dynconv_spec.check_temperature`: a real number,
+    not a bool, finite and at least :data:`dynconv_spec.TEMPERATURE_FLOOR`, as the Flax layers require)."""
+    return dynconv_spec.check_temperature(temperature, where)
 
 
 _LAYOUTS = {1: "NCL", 2: "NCHW", 3: "NCDHW"}

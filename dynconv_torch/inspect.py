@@ -29,6 +29,15 @@ def collect_attentions(model: nn.Module, x: torch.Tensor, *args, **kwargs) -> Di
     external routing). The dynamic layers must be in eval mode: in training mode the
     routing dropout would draw differently and ODConv's BatchNorm would update twice.
     A layer called several times has its attentions concatenated along the batch axis.
+
+    Examples:
+      >>> import torch
+      >>> from dynconv_torch import CondConv2d, ODConv2d
+      >>> from dynconv_torch.inspect import collect_attentions
+      >>> model = torch.nn.Sequential(ODConv2d(4, 8, 3, padding=1, kernel_num=3), CondConv2d(8, 8, 1, num_experts=2))
+      >>> attentions = collect_attentions(model.eval(), torch.randn(4, 4, 8, 8))
+      >>> sorted(attentions), attentions['0']['kernel_attention'].shape              # named_modules names
+      (['0', '1'], (4, 3))
     """
     layers = [(name or ROOT, m) for name, m in model.named_modules() if isinstance(m, DYNAMIC_LAYERS)]
     if not layers:

@@ -55,6 +55,14 @@ class KWAttention(nn.Module):
     Parameters (official names): ``fc1`` (no bias), ``norm1`` (BatchNorm1d), ``fc2`` (bias, or none
     with a basis), ``fc3`` and ``basis_bias`` (only with ``nonlocal_basis_ratio < 1``).
     ``temp_bias`` (the warm-up target) is a buffer outside the state dict.
+
+    Examples:
+      >>> import torch
+      >>> from dynconv_spec.kernelwarehouse import single_layer_plan
+      >>> from dynconv_torch import KWAttention
+      >>> layer = single_layer_plan(8, 16, (3, 3)).layers[0][1]        # 9 mixtures of 9 cells
+      >>> KWAttention(layer).eval()(torch.randn(2, 8, 5, 5), 0.0).shape  # x, warm-up tau
+      torch.Size([18, 9])
     """
 
     def __init__(self, layer: KWLayer, device=None, dtype=None):
@@ -240,7 +248,14 @@ class _KWConvNd(nn.Module):
 
 
 class KWConv1d(_KWConvNd):
-    """KernelWarehouse 1-D convolution, ``[B, I, L]`` (arguments as :class:`KWConv2d`)."""
+    """KernelWarehouse 1-D convolution, ``[B, I, L]`` (arguments as :class:`KWConv2d`).
+
+    Examples:
+      >>> import torch
+      >>> from dynconv_torch import KWConv1d
+      >>> KWConv1d(8, 16, 3, padding=1)(torch.randn(2, 8, 10)).shape
+      torch.Size([2, 16, 10])
+    """
 
     dimension = 1
 
@@ -248,18 +263,26 @@ class KWConv1d(_KWConvNd):
 class KWConv2d(_KWConvNd):
     """KernelWarehouse 2-D convolution (official ``KWConv2d``), NCHW.
 
-    Example::
-
-        >>> layer = KWConv2d(8, 16, 3, padding=1, cell_num_ratio=2.0)   # a warehouse of its own
-        >>> layer(torch.randn(2, 8, 10, 10)).shape
-        torch.Size([2, 16, 10, 10])
+    Examples:
+      >>> import torch
+      >>> from dynconv_torch import KWConv2d
+      >>> layer = KWConv2d(8, 16, 3, padding=1, cell_num_ratio=2.0)   # a warehouse of its own
+      >>> layer(torch.randn(2, 8, 10, 10)).shape
+      torch.Size([2, 16, 10, 10])
     """
 
     dimension = 2
 
 
 class KWConv3d(_KWConvNd):
-    """KernelWarehouse 3-D convolution, ``[B, I, D, H, W]`` (arguments as :class:`KWConv2d`)."""
+    """KernelWarehouse 3-D convolution, ``[B, I, D, H, W]`` (arguments as :class:`KWConv2d`).
+
+    Examples:
+      >>> import torch
+      >>> from dynconv_torch import KWConv3d
+      >>> KWConv3d(4, 8, 3, padding=1)(torch.randn(2, 4, 5, 5, 5)).shape
+      torch.Size([2, 8, 5, 5, 5])
+    """
 
     dimension = 3
 
@@ -267,7 +290,14 @@ class KWConv3d(_KWConvNd):
 class KWLinear(nn.Module):
     """The official ``KWLinear``: a :class:`KWConv1d` with a 1-wide kernel over ``[..., in_planes]``
     (its state under ``conv.``); ``kernel_size`` defaults to 1 here, the other arguments are
-    :class:`KWConv1d`'s."""
+    :class:`KWConv1d`'s.
+
+    Examples:
+      >>> import torch
+      >>> from dynconv_torch import KWLinear
+      >>> KWLinear(12, 5)(torch.randn(2, 3, 12)).shape
+      torch.Size([2, 3, 5])
+    """
 
     dimension = 1
 
@@ -294,14 +324,18 @@ class WarehouseManager(nn.Module):
     :func:`dynconv_spec.kernelwarehouse.plan_warehouses`; :attr:`plan` holds the result after
     :meth:`allocate`.
 
-    Example (a network that owns the manager registers it as a submodule, as the official models do)::
+    A network that owns the manager registers it as a submodule, as the official models do.
 
-        >>> manager = WarehouseManager(cell_num_ratio=1, sharing_range=("layer",))
-        >>> net = nn.Sequential(manager.reserve(8, 16, 3, padding=1, warehouse_name="stage0_layer0"),
-        ...                     manager.reserve(16, 16, 3, padding=1, warehouse_name="stage0_layer1"))
-        >>> manager.store(); manager.allocate(net)
-        >>> net(torch.randn(2, 8, 6, 6)).shape
-        torch.Size([2, 16, 6, 6])
+    Examples:
+      >>> import torch
+      >>> from torch import nn
+      >>> from dynconv_torch import WarehouseManager
+      >>> manager = WarehouseManager(cell_num_ratio=1, sharing_range=("layer",))
+      >>> net = nn.Sequential(manager.reserve(8, 16, 3, padding=1, warehouse_name="stage0_layer0"),
+      ...                     manager.reserve(16, 16, 3, padding=1, warehouse_name="stage0_layer1"))
+      >>> manager.store(); manager.allocate(net)
+      >>> net(torch.randn(2, 8, 6, 6)).shape
+      torch.Size([2, 16, 6, 6])
     """
 
     def __init__(self, reduction=0.0625, cell_num_ratio=1, cell_inplane_ratio=1, cell_outplane_ratio=1,

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from dynconv_spec import check_attention_norm
+from dynconv_spec import check_attention_norm, one_spelling
 
 from ._layer import DynamicLayerMixin
 from .functional import (aggregate_experts, check_input, check_temperature, conv_geometry,
@@ -31,6 +31,14 @@ class ODConvAttention(nn.Module):
     kernel [B, K] | None)``; ``None`` marks a skipped attention (the constant 1): filter for a
     depthwise convolution (``in == groups == out``), spatial for a 1x1 kernel, kernel for K == 1.
     The skipped heads have no parameters, as in the official code.
+
+    Examples:
+      >>> import torch
+      >>> from dynconv_torch import ODConvAttention
+      >>> attention = ODConvAttention(16, 32, (3, 3), groups=1, attention_channels=16, kernel_num=4).eval()
+      >>> channel, filter, spatial, kernel = attention(torch.randn(2, 16, 8, 8), temperature=1.0)
+      >>> kernel.shape, kernel.sum(1).allclose(torch.ones(2))     # softmax over the K experts
+      (torch.Size([2, 4]), True)
     """
 
     def __init__(self, in_planes: int, out_planes: int, kernel_size: Tuple[int, int], groups: int,
@@ -103,8 +111,9 @@ class ODConv2d(DynamicLayerMixin, nn.Module):
     Positional arguments, their names and defaults are the official ones
     (``in_planes, out_planes, kernel_size, stride, padding, dilation, groups, reduction,
     kernel_num``), then ``min_channel`` (16, fixed in the official code) and ``temperature``.
-    ``in_channels``, ``out_channels``, ``num_experts`` and ``min_channels`` are accepted as
-    keyword aliases (if both spellings are given they must agree). Beyond the official layer,
+    This library's spellings ``in_channels``, ``out_channels``, ``num_experts`` and ``min_channels``
+    (those of ``CondConv2d``, ``DynamicConv2d`` and the models) are accepted as keywords and readable as
+    attributes; giving both spellings of one argument is a ``ValueError``. Beyond the official layer,
     ``kernel_size``/``stride``/``dilation`` may be pairs and ``padding`` may be a pair, 'same' or
     'valid'. No bias (as in the paper).
 
@@ -132,6 +141,15 @@ class ODConv2d(DynamicLayerMixin, nn.Module):
 
     The attention BatchNorm normalises over the batch in training, so a training-mode batch
     needs at least two samples (a ValueError says so).
+
+    Examples:
+      >>> import torch
+      >>> from dynconv_torch import ODConv2d
+      >>> layer = ODConv2d(16, 32, 3, padding=1, kernel_num=4)   # the official OSVAI/ODConv arguments
+      >>> layer.weight.shape                                     # [K, O, I/g, kh, kw]
+      torch.Size([4, 32, 16, 3, 3])
+      >>> layer(torch.ones(2, 16, 8, 8)).shape
+      torch.Size([2, 32, 8, 8])
     """
 
     def __init__(self, in_planes: Optional[int] = None, out_planes: Optional[int] = None, kernel_size=None,
@@ -141,16 +159,16 @@ class ODConv2d(DynamicLayerMixin, nn.Module):
                  num_experts: Optional[int] = None, min_channels: Optional[int] = None, attention_bn_init: float = 0.1,
                  attention_norm: str = "batch", device=None, dtype=None):
         super().__init__()
-        in_planes = _alias("in_planes", in_planes, "in_channels", in_channels, None)
-        out_planes = _alias("out_planes", out_planes, "out_channels", out_channels, None)
-        kernel_num = _alias("kernel_num", kernel_num, "num_experts", num_experts, 4)
-        min_channel = _alias("min_channel", min_channel, "min_channels", min_channels, 16)
+        in_planes = one_spelling("ODConv2d", "in_planes", in_planes, in_channels)
+        out_planes = one_spelling("ODConv2d", "out_planes", out_planes, out_channels)
+        kernel_num = one_spelling("ODConv2d", "kernel_num", kernel_num, num_experts, default=4)
+        min_channel = one_spelling("ODConv2d", "min_channel", min_channel, min_channels, default=16)
         where = (f"ODConv2d(in_planes={in_planes!r}, out_planes={out_planes!r}, kernel_size={kernel_size!r}, "
                  f"groups={groups!r}, kernel_num={kernel_num!r})")
         if kernel_size is None:
             raise ValueError(f"{where}: kernel_size is required")
         self.kernel_size, self.stride, self.padding, self.dilation = conv_geometry(
-            where, in_planes, out_planes, kernel_size, stride, padding, dilation, groups, kernel_num)
+            where, in_planes, out_planes, kernel_size, stride, padding, dilation, groups, kernel_num, dtype)
         if not reduction > 0:
             raise ValueError(f"{where}: reduction must be > 0, got {reduction!r}")
         positive_int(min_channel, "min_channel", where)
@@ -173,7 +191,7 @@ class ODConv2d(DynamicLayerMixin, nn.Module):
             torch.randn((kernel_num, out_planes, in_planes // groups) + self.kernel_size, **factory))
         self._initialize_experts()
 
-    # nn.Conv2d-style names for code that treats the three layers alike.
+    # This library's names (nn.Conv2d's), for code that treats the three layers alike.
     @property
     def in_channels(self) -> int:
         return self.in_planes
@@ -185,6 +203,10 @@ class ODConv2d(DynamicLayerMixin, nn.Module):
     @property
     def num_experts(self) -> int:
         return self.kernel_num
+
+    @property
+    def min_channels(self) -> int:
+        return self.min_channel
 
     @torch.no_grad()
     def _initialize_experts(self) -> None:
@@ -244,11 +266,3 @@ class ODConv2d(DynamicLayerMixin, nn.Module):
         if filt is not None:
             out = out * filt[:, :, None, None]
         return out
-
-
-def _alias(name: str, value, alias: str, alias_value, default):
-    """Resolve an official argument name and its ``nn.Conv2d``-style alias."""
-    if value is not None and alias_value is not None and value != alias_value:
-        raise ValueError(f"ODConv2d: {name}={value!r} and its alias {alias}={alias_value!r} disagree")
-    resolved = value if value is not None else alias_value
-    return default if resolved is None else resolved

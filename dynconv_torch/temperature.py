@@ -16,6 +16,13 @@ def set_temperature(module: nn.Module, temperature: float) -> int:
     same protocol (the official OSVAI/ODConv ``ODConv2d`` included). Returns how many modules
     were updated, so a caller can check that a model has dynamic layers at all. Each layer
     validates ``temperature`` (finite, > 0) and raises ValueError otherwise.
+
+    Examples:
+      >>> import torch
+      >>> from dynconv_torch import DynamicConv2d, ODConv2d, set_temperature
+      >>> model = torch.nn.Sequential(ODConv2d(4, 8, 3, padding=1), DynamicConv2d(8, 8, 3, padding=1))
+      >>> set_temperature(model, 30.0)           # how many layers were set
+      2
     """
     updated = 0
     for m in module.modules():

@@ -16,6 +16,7 @@ import sys
 import time
 from typing import List, Optional
 
+from dynconv_spec.paths import check_output_dir
 from parity import cases as registry
 from parity.cases import CHECKS, LAYER_FAMILIES, load_extensions
 from parity.harness import DTYPES, FLOAT32_NOISE_FACTOR, TOLERANCES, Row, SGDConfig, format_table, run_unit, summarize
@@ -42,7 +43,7 @@ def _parser(families: List[str]) -> argparse.ArgumentParser:
                    help="only cases whose name contains one of these comma-separated substrings")
     p.add_argument("--steps", type=int, default=None,
                    help="training steps of every case (default: each case's own, e.g. 20 for layers, 100 for models)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of every case's weights and inputs (default: 0)")
     p.add_argument("--report", default=None, metavar="DIR", help="write parity.json and parity.md to DIR")
     p.add_argument("--list", action="store_true", help="list the selected cases and exit")
     p.add_argument("--api", choices=("linen", "nnx"), default="linen",
@@ -117,6 +118,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     p = _parser(families)
     args = p.parse_args(argv)
     selected, dtypes, checks = select_cases(p, args, families)
+    if args.report:
+        try:
+            check_output_dir(args.report, "--report")
+        except ValueError as error:
+            p.error(str(error))  # exit 2, before the grid runs
     if args.list:
         print("\n".join(c.name for c in selected))
         return 0

@@ -134,7 +134,7 @@ def layer_case(family: str, in_ch: int, out_ch: int, k: int, *, stride=1, paddin
             return dt.CondConv2d(in_ch, out_ch, k, num_experts=experts, bias=bool(bias), routing_dropout=0.0, **conv)
         if family == "dynamic":
             return dt.DynamicConv2d(in_ch, out_ch, k, num_experts=experts, bias=bias is not False, **conv)
-        return dt.ODConv2d(in_ch, out_ch, k, kernel_num=experts, attention_norm=attention_norm, **conv)
+        return dt.ODConv2d(in_ch, out_ch, k, num_experts=experts, attention_norm=attention_norm, **conv)
 
     def make_flax(dtype, precision):
         import dynconv_jax as dj

@@ -39,7 +39,7 @@ import dataclasses
 import os
 import tempfile
 import traceback
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
 
 import numpy as np
 
@@ -151,9 +151,11 @@ def randomize_batchnorm(module, generator) -> None:
     """Random affine parameters and running statistics for every BatchNorm of a torch module."""
     import torch
 
+    # torch's public BatchNorm classes (their base class, torch.nn.modules.batchnorm._BatchNorm, is private)
+    batch_norms = (torch.nn.BatchNorm1d, torch.nn.BatchNorm2d, torch.nn.BatchNorm3d, torch.nn.SyncBatchNorm)
     with torch.no_grad():
         for m in module.modules():
-            if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+            if isinstance(m, batch_norms):
                 n = m.num_features
                 dtype = m.running_mean.dtype
                 m.running_mean.copy_(0.3 * torch.randn(n, generator=generator, dtype=dtype))
@@ -359,66 +361,83 @@ def _checkpoint_row(pair: _Pair) -> Row:
                f"{where or 'every leaf'} (DataParallel .pt vs in-memory state_dict)", None, 0.0)
 
 
-def _rows_for(pair: _Pair, checks, sgd: SGDConfig, steps: int) -> List[Row]:
+def _row(pair: _Pair, check: str, result: Tuple[float, float, str], floor: Optional[float] = None) -> Row:
+    """The row of ``check`` from ``(max_abs, max_rel, detail)``, judged against the pair's limit."""
+    max_abs, max_rel, detail = result
+    limit = pair.limit(check, floor)
+    return Row(pair.case.name, check, pair.dtype, max_abs, max_rel, tolerance(pair.case, pair.dtype, check),
+               bool(max_rel <= limit), detail, floor, limit)
+
+
+def _forward_eval_row(pair: _Pair) -> Row:
+    import torch
+
+    with torch.no_grad():
+        y_t = pair.torch_fresh().eval()(torch.from_numpy(pair.x0)).numpy()
+        floor = None
+        if pair.noise:
+            y_64 = pair.torch_fresh(reference=True).eval()(torch.from_numpy(pair.x0.astype(np.float64))).numpy()
+            floor = compare(y_t, y_64)[1]
+    y_f = pair.flax.eval_fn()(pair.variables, _nhwc(pair.x0))
+    return _row(pair, "forward_eval", (*compare(_nchw(np.asarray(y_f)), y_t), "output"), floor)
+
+
+def _train_floors(pair: _Pair, checks, m, target: np.ndarray, y_t: np.ndarray, gx_t: np.ndarray) -> Dict[str, float]:
+    """The reference's own float32 error on each training check: the same step rerun in float64 (``m`` is
+    the float32 module after its step)."""
+    m64 = pair.torch_fresh(reference=True)
+    y_64, gx_64 = _torch_train_step(m64, pair.x0.astype(np.float64), target.astype(np.float64))
+    floors = {"forward_train": compare(y_t, y_64)[1], "grad_input": compare(gx_t, gx_64)[1]}
+    if "running_stats" in checks and pair.variables["batch_stats"]:
+        floors["running_stats"] = compare_trees(pair.to_flax(m.state_dict(), True)["batch_stats"],
+                                                pair.to_flax(m64.state_dict(), True)["batch_stats"])[1]
+    if "grad_params" in checks:
+        floors["grad_params"] = compare_trees(pair.torch_grads_to_flax(m, True),
+                                              pair.torch_grads_to_flax(m64, True))[1]
+    return floors
+
+
+def _train_rows(pair: _Pair, checks, train_checks, sgd: SGDConfig, steps: int) -> List[Row]:
+    """The rows of one training forward/backward from the initial weights, then the optimiser runs."""
     import jax
     import torch
 
-    case, dtype = pair.case, pair.dtype
-    rows: List[Row] = []
-
-    def add(check, result, floor=None):
-        max_abs, max_rel, detail = result
-        limit = pair.limit(check, floor)
-        rows.append(Row(case.name, check, dtype, max_abs, max_rel, tolerance(case, dtype, check),
-                        bool(max_rel <= limit), detail, floor, limit))
-
-    if "checkpoint" in checks:
-        rows.append(_checkpoint_row(pair))
-    x_nhwc = _nhwc(pair.x0)
-    if "forward_eval" in checks:
-        with torch.no_grad():
-            y_t = pair.torch_fresh().eval()(torch.from_numpy(pair.x0)).numpy()
-            floor = None
-            if pair.noise:
-                y_64 = pair.torch_fresh(reference=True).eval()(torch.from_numpy(pair.x0.astype(np.float64))).numpy()
-                floor = compare(y_t, y_64)[1]
-        y_f = pair.flax.eval_fn()(pair.variables, x_nhwc)
-        add("forward_eval", (*compare(_nchw(np.asarray(y_f)), y_t), "output"), floor)
-
-    train_checks = {"forward_train", "running_stats", "grad_input", "grad_params", "sgd", "adamw"} & set(checks)
-    if not train_checks:
-        return rows
     train_fn = pair.flax.train_fn(grads=bool({"grad_input", "grad_params", "sgd", "adamw"} & train_checks))
     params, stats = pair.variables["params"], pair.variables["batch_stats"]
-
-    # One training forward/backward from the initial weights.
     m = pair.torch_fresh()
-    target = pair.rng.standard_normal(m.eval()(torch.from_numpy(pair.x0)).shape).astype(dtype)
+    target = pair.rng.standard_normal(m.eval()(torch.from_numpy(pair.x0)).shape).astype(pair.dtype)
     y_t, gx_t = _torch_train_step(m, pair.x0, target)
-    y_f, stats_f, g_f, gx_f = train_fn(params, stats, x_nhwc, _nhwc(target))
-    floors = {}
-    if pair.noise:  # the reference's own float32 error on each check
-        m64 = pair.torch_fresh(reference=True)
-        y_64, gx_64 = _torch_train_step(m64, pair.x0.astype(np.float64), target.astype(np.float64))
-        floors = {"forward_train": compare(y_t, y_64)[1], "grad_input": compare(gx_t, gx_64)[1]}
-        if "running_stats" in checks and stats:
-            floors["running_stats"] = compare_trees(pair.to_flax(m.state_dict(), True)["batch_stats"],
-                                                    pair.to_flax(m64.state_dict(), True)["batch_stats"])[1]
-        if "grad_params" in checks:
-            floors["grad_params"] = compare_trees(pair.torch_grads_to_flax(m, True),
-                                                  pair.torch_grads_to_flax(m64, True))[1]
+    y_f, stats_f, g_f, gx_f = train_fn(params, stats, _nhwc(pair.x0), _nhwc(target))
+    floors = _train_floors(pair, checks, m, target, y_t, gx_t) if pair.noise else {}
+    rows = []
     if "forward_train" in checks:
-        add("forward_train", (*compare(_nchw(np.asarray(y_f)), y_t), "output"), floors.get("forward_train"))
+        rows.append(_row(pair, "forward_train", (*compare(_nchw(np.asarray(y_f)), y_t), "output"),
+                         floors.get("forward_train")))
     if "running_stats" in checks and stats:
-        add("running_stats", compare_trees(jax.device_get(stats_f), pair.to_flax(m.state_dict())["batch_stats"]),
-            floors.get("running_stats"))
+        rows.append(_row(pair, "running_stats", compare_trees(jax.device_get(stats_f),
+                                                              pair.to_flax(m.state_dict())["batch_stats"]),
+                         floors.get("running_stats")))
     if "grad_input" in checks:
-        add("grad_input", (*compare(_nchw(np.asarray(gx_f)), gx_t), "input"), floors.get("grad_input"))
+        rows.append(_row(pair, "grad_input", (*compare(_nchw(np.asarray(gx_f)), gx_t), "input"),
+                         floors.get("grad_input")))
     if "grad_params" in checks:
-        add("grad_params", compare_trees(jax.device_get(g_f), pair.torch_grads_to_flax(m)), floors.get("grad_params"))
+        rows.append(_row(pair, "grad_params", compare_trees(jax.device_get(g_f), pair.torch_grads_to_flax(m)),
+                         floors.get("grad_params")))
     for check in ("sgd", "adamw"):
         if check in checks and steps > 0:
             rows.append(_training_row(pair, check, train_fn, sgd, steps, target.shape))
+    return rows
+
+
+def _rows_for(pair: _Pair, checks, sgd: SGDConfig, steps: int) -> List[Row]:
+    rows: List[Row] = []
+    if "checkpoint" in checks:
+        rows.append(_checkpoint_row(pair))
+    if "forward_eval" in checks:
+        rows.append(_forward_eval_row(pair))
+    train_checks = {"forward_train", "running_stats", "grad_input", "grad_params", "sgd", "adamw"} & set(checks)
+    if train_checks:
+        rows += _train_rows(pair, checks, train_checks, sgd, steps)
     return rows
 
 
@@ -498,11 +517,3 @@ def summarize(rows: List[Row]) -> Dict[str, Dict[str, Optional[float]]]:
         if cur is None or not (r.max_rel <= cur):
             out[r.dtype][r.check] = r.max_rel
     return out
-
-
-def noise_ratios(rows: List[Row]) -> List[Tuple[float, Row]]:
-    """``(max_rel / floor, row)`` of every float32 row with a floor, largest first (how close a
-    correct build comes to :data:`FLOAT32_NOISE_FACTOR`)."""
-    out = [(r.max_rel / r.floor if r.floor else float("inf") if r.max_rel else 0.0, r)
-           for r in rows if r.floor is not None]
-    return sorted(out, key=lambda t: -t[0])

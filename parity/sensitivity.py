@@ -69,7 +69,7 @@ def main(argv=None) -> int:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--match", default="resnet50/static",
                    help="model cases whose name contains this (default resnet50/static)")
-    p.add_argument("--steps", type=int, default=100)
+    p.add_argument("--steps", type=int, default=100, help="training steps of each of the two runs (default: 100)")
     args = p.parse_args(argv)
     names = [n for n, c in registry.CASES.items() if c.family in registry.MODEL_FAMILIES and args.match in n]
     if not names:

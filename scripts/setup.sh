@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Creates .venv (if missing) and installs dynconv with every extra, pinned by constraints.txt.
+# Creates .venv (if missing) and installs dynconv with every extra (docs: the suite builds the API site),
+# pinned by constraints.txt.
 # Idempotent: a second run only checks that everything is installed.
 # The venv gets the pip pinned in constraints.txt: pip 23's link evaluation made resolving the pins from
 # the package index about 10 s slower (docs/training.md, "Main command"). It is installed by the
@@ -19,4 +20,4 @@ if [ ! -x .venv/bin/python ]; then
     .venv/bin/python -m pip install "${PIP_OPTIONS[@]}" pip
   fi
 fi
-.venv/bin/python -m pip install "${PIP_OPTIONS[@]}" -e '.[torch,train,export,dev]'
+.venv/bin/python -m pip install "${PIP_OPTIONS[@]}" -e '.[torch,train,export,dev,docs]'

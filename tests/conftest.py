@@ -13,3 +13,25 @@ os.environ.setdefault("DYNCONV_AUTOTUNE", "0")
 # streams differ; no test depends on a particular stream. (XLA's LLVM level 0 would save more but changes
 # the rounding of some convolutions, which a bit-identity test caught: not used.)
 os.environ.setdefault("JAX_THREEFRY_PARTITIONABLE", "0")
+
+
+# The docs summary line (tests/test_docs.py): blocks run / skipped with a reason / failed. Counted on
+# the process that writes the report, so it adds up xdist workers' results too.
+_DOC_BLOCKS = {"run": 0, "skipped": 0, "failed": 0}
+
+
+def pytest_runtest_logreport(report):
+    if "test_docs.py::test_doc_block[" not in report.nodeid:
+        return
+    if report.failed:
+        _DOC_BLOCKS["failed"] += 1
+    elif report.skipped:
+        _DOC_BLOCKS["skipped"] += 1
+    elif report.when == "call":
+        _DOC_BLOCKS["run"] += 1
+
+
+def pytest_terminal_summary(terminalreporter):
+    if any(_DOC_BLOCKS.values()):
+        terminalreporter.write_line("docs blocks: {run} run, {skipped} skipped with a reason (-ra lists them), "
+                                    "{failed} failed".format(**_DOC_BLOCKS))

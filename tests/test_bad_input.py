@@ -1,11 +1,16 @@
-"""Bad input and faults (issue 18, docs/reliability.md): every case gets a clear error that names
+"""Bad input and faults (docs/reliability.md): every case gets a clear error that names
 the argument, file or layer, or the right behaviour; nothing silently wrong; no intact
 checkpoint is ever set aside.
 
 Earlier error tests stay beside the code they test (test_jax_layers, test_torch_layers,
-test_convert, test_train, test_tools); this module holds the cases of issue 18, the
+test_convert, test_train, test_tools); this module holds the other bad-input cases, the
 checkpoint faults (SIGKILL and disk full during a write) and a property test over layer
 configurations.
+
+The checkpoint fault tests inject faults inside Orbax through its private modules
+(``orbax.checkpoint._src.path.atomicity``: a commit that raises or stalls; ``async_path.rmtree``: a slowed
+removal): Orbax has no public hook at those points. Library and tool code use Orbax's public API only
+(tests/test_compat.py greps for it).
 """
 from __future__ import annotations
 
@@ -387,7 +392,8 @@ def test_environment_error_is_not_corruption(tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("process_index", [0, 1])
 def test_quarantine_with_several_processes(tmp_path, monkeypatch, process_index):
-    """Every process checks, waits at a barrier, process 0 alone moves, all wait again, then go on."""
+    """Every process waits for process 0's removal of unfinished writes (none here) when it opens the run; then
+    every process checks, waits at a barrier, process 0 alone moves, all wait again, then go on."""
     from train import checkpoint as ckpt_lib
     _saved(tmp_path)
     _damage_arrays(tmp_path / "checkpoints" / "2")
@@ -399,7 +405,8 @@ def test_quarantine_with_several_processes(tmp_path, monkeypatch, process_index)
     assert ckpt.restore_latest(_target())[0] == 1
     ckpt.close()
     moved_by_me = ["1"] if process_index == 0 else ["1", "2"]
-    assert barriers == [("dynconv-quarantine-2-checked", ["1", "2"]), ("dynconv-quarantine-2-moved", moved_by_me)]
+    assert barriers == [("dynconv-remove-unfinished-writes", ["1", "2"]), ("dynconv-quarantine-2-checked", ["1", "2"]),
+                        ("dynconv-quarantine-2-moved", moved_by_me)]
 
 
 @pytest.mark.parametrize("asynchronous", [False, True])
@@ -517,8 +524,9 @@ def test_sigkill_during_a_checkpoint_write(tmp_path, mode):
 
 
 def test_reopening_a_run_removes_unfinished_writes_before_it_returns(tmp_path, monkeypatch):
-    """Orbax removes the temporaries of unfinished writes in a background thread; the Checkpointer waits for
-    it, so a run opened, read and closed (no save) leaves no temporary behind, however slow the removal."""
+    """A run opened, read and closed (no save) leaves no temporary of an unfinished write behind: the Checkpointer
+    removes them before it returns. Orbax's own removal (cleanup_tmp_directories) runs in a background thread that
+    only its next save waits for; made slow here, it would still be running at the end (CI once caught it)."""
     import asyncio
 
     from orbax.checkpoint._src.path import async_path
@@ -534,6 +542,7 @@ def test_reopening_a_run_removes_unfinished_writes_before_it_returns(tmp_path, m
 
     monkeypatch.setattr(async_path, "rmtree", slow_remove)
     ckpt = Checkpointer(str(tmp_path), 3)
+    assert os.listdir(tmp_path / "checkpoints") == ["1"]
     step, _, _ = ckpt.restore_latest(_target())
     ckpt.close()
     assert step == 1 and os.listdir(tmp_path / "checkpoints") == ["1"]

@@ -402,7 +402,7 @@ def test_truncated_safetensors_is_refused(tmp_path):
     save_safetensors(v, path)
     data = path.read_bytes()
     path.write_bytes(data[: len(data) // 2])
-    with pytest.raises(ConversionError, match="cannot read safetensors file"):
+    with pytest.raises(ConversionError, match=r"is a truncated safetensors file: its header declares"):
         torch_to_flax(str(path), _template())
 
 
@@ -444,3 +444,123 @@ def test_missing_file_and_non_tensor_entries(tmp_path):
         load_state_dict({"a.weight": torch.zeros(1), "b": 3})
     with pytest.raises(ConversionError, match="no tensors at the top level"):
         load_state_dict({"epoch": 1, "opt": {"lr": 0.1}})
+
+
+# ----------------------------------------------------------------------------- issue 35: wrappers, odd files, writing
+
+
+def _wrapped(sd, form):
+    """``sd`` the way a training script or a wrapper saves it."""
+    return {
+        "DataParallel of DataParallel": {f"module.module.{k}": v for k, v in sd.items()},
+        "torch.compile of DataParallel": {f"_orig_mod.module.{k}": v for k, v in sd.items()},
+        "tensor epoch beside the state_dict": {"state_dict": sd, "epoch": torch.tensor(3), "best": torch.tensor(0.5)},
+        "timm EMA only": {"state_dict_ema": sd, "epoch": 3},
+        "torchvision model and EMA": {"model": sd, "model_ema": {k: v + 1 for k, v in sd.items()}, "epoch": 3},
+    }[form]
+
+
+@pytest.mark.parametrize("form", ["DataParallel of DataParallel", "torch.compile of DataParallel",
+                                  "tensor epoch beside the state_dict", "timm EMA only", "torchvision model and EMA"])
+def test_common_wrappers_are_unwrapped(form):
+    """Nested wrapper prefixes (310 missing + 310 unexpected before) and a tensor beside the state_dict
+    ('state_dict entries that are not tensors' before); the EMA copy is used only when it is the only one."""
+    sd = _randomize(TorchNet()).state_dict()
+    v = torch_to_flax(_wrapped(sd, form), _template())
+    np.testing.assert_array_equal(v["params"]["fc"]["kernel"], sd["fc.weight"].numpy().T)
+
+
+def test_an_unknown_common_prefix_is_named_in_the_error():
+    sd = _randomize(TorchNet()).state_dict()
+    with pytest.raises(ConversionError, match=r"21 missing, 21 unexpected; every checkpoint key starts with 'model\.', "
+                                              r"which is no module of the Flax model"):
+        torch_to_flax({f"model.{k}": v for k, v in sd.items()}, _template())
+
+
+def test_meta_tensors_are_refused_as_a_source_and_serve_as_like():
+    with torch.device("meta"):
+        meta = TorchNet()
+    with pytest.raises(ConversionError, match=r"23 of 23 checkpoint entries are meta-device tensors"):
+        torch_to_flax(meta.state_dict(), _template())
+    variables = torch_to_flax(_randomize(TorchNet()).state_dict(), _template())
+    state = flax_to_torch(variables, like=meta)  # like needs shapes and dtypes only
+    assert list(state) == list(meta.state_dict()) and int(state["bn.num_batches_tracked"]) == 0
+
+
+def _odd_file(path, kind, sd):
+    """Write ``kind`` to ``path``."""
+    if kind == "text":
+        path.write_text("hello world\n")
+    elif kind == "empty":
+        path.write_bytes(b"")
+    elif kind == "npz":
+        np.savez(path, **{k: v.numpy() for k, v in sd.items()})
+    elif kind in ("safetensors", "truncated safetensors"):
+        from safetensors.torch import save_file
+        save_file(sd, str(path))
+        data = path.read_bytes()
+        assert data[0] == 0x80  # the header length's first byte is a pickle's first byte
+        path.write_bytes(data if kind == "safetensors" else data[:100])
+    elif kind == "npz with objects":
+        with open(path, "wb") as f:
+            np.savez(f, a=np.array([object()], dtype=object))
+
+
+@pytest.mark.parametrize("kind,name,match", [
+    ("text", "model.pt", r"'.*model.pt' is not a checkpoint file: neither a PyTorch file \(zip or pickle\), a "
+                         r"safetensors file nor an .npz; it starts with b'hello world\\n'"),
+    ("empty", "model.pt", r"model.pt' is empty \(0 bytes\)"),
+    ("truncated safetensors", "pytorch_model.bin", r"is a truncated safetensors file: its header declares \d+ bytes "
+                                                   r"of JSON, the file holds 92 after the 8-byte length"),
+    ("npz with objects", "weights.npz", r"cannot read the .npz file .*arrays only, no pickled objects"),
+    ("npz", "weights.npz", None),  # an .npz of arrays converts
+    ("safetensors", "pytorch_model.bin", None),  # was read as a pickle: 1 in 256 header lengths start with 0x80
+])
+def test_files_that_are_not_checkpoints(tmp_path, kind, name, match):
+    """A text file named .pt was 'KeyError: 101', a truncated safetensors header named .bin 'refused ... objects
+    other than tensors', an .npz a torch zip error."""
+    sd = _randomize(TorchNet()).state_dict()
+    path = tmp_path / name
+    _odd_file(path, kind, sd)
+    if match is None:
+        np.testing.assert_array_equal(torch_to_flax(path, _template())["params"]["fc"]["kernel"], sd["fc.weight"].T)
+    else:
+        with pytest.raises(ConversionError, match=match):
+            torch_to_flax(path, _template())
+
+
+@pytest.mark.parametrize("target,metadata,match", [
+    ("dir", None, r"save_safetensors: path='.*' is a directory"),
+    ("missing/model.safetensors", None, r"cannot be written: the folder '.*missing' does not exist"),
+    ("file/model.safetensors", None, r"cannot be written: '.*file' is a file, not a folder"),
+    ("model.safetensors", {"epoch": 3}, r"metadata keys and values must be strings .*'epoch': 3"),
+    ("model.safetensors", {3: "x"}, r"metadata keys and values must be strings .*3: 'x'"),
+    ("model.safetensors", "epoch=3", r"metadata must be a mapping of str to str, got str"),
+])
+def test_save_safetensors_checks_path_and_metadata_before_converting(tmp_path, target, metadata, match):
+    (tmp_path / "dir").mkdir()
+    (tmp_path / "file").write_text("x")
+    shape_only = _template()  # would fail later, in the conversion: the checks come first
+    with pytest.raises(ValueError, match=match):
+        save_safetensors(shape_only, tmp_path / target, metadata=metadata)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["dir", "file"]
+
+
+def test_nonfinite_weights_are_refused_both_ways(tmp_path):
+    """flax_to_torch / save_safetensors wrote NaN weights that torch_to_flax then refused; both directions
+    now refuse by default and take allow_nonfinite=True, and what they write converts back."""
+    variables = jax.tree.map(np.array, torch_to_flax(_randomize(TorchNet()).state_dict(), _template()))
+    variables["params"]["fc"]["kernel"][0, 0] = np.nan
+    variables["batch_stats"]["bn"]["var"][1] = np.inf
+    path = tmp_path / "model.safetensors"
+    for write in (lambda: flax_to_torch(variables), lambda: save_safetensors(variables, path)):
+        with pytest.raises(ConversionError, match=r"the Flax variables hold NaN/Inf \(2 of 21; .*\n  - "
+                                                  r"params:fc/kernel \[6, 7\]\n  - batch_stats:bn/var \[5\]"):
+            write()
+    assert not path.exists()
+    save_safetensors(variables, path, allow_nonfinite=True)
+    with pytest.raises(ConversionError, match=r"checkpoint entries hold NaN/Inf \(2 of 23"):
+        torch_to_flax(path, _template())
+    back = torch_to_flax(path, _template(), allow_nonfinite=True)
+    assert np.isnan(back["params"]["fc"]["kernel"][0, 0]) and np.isinf(back["batch_stats"]["bn"]["var"][1])
+    assert torch.isnan(flax_to_torch(variables, allow_nonfinite=True)["fc.weight"][0, 0])

@@ -1,6 +1,7 @@
-"""Tests of the input pipeline (train/data.py): batches a pure function of (seed, step) for any number of
-grain workers and processes, the sources (digits, image folder, TFDS), preprocessing, unreadable images,
-the errors of bad data options, and the presets (train/presets.py) running 2 steps."""
+"""Tests of the input pipeline (train/data.py, sources.py, preprocess.py, pipeline.py): batches a pure
+function of (seed, step) for any number of grain workers and processes, the sources (digits, image folder,
+TFDS), preprocessing, unreadable images, the errors of bad data options, and the presets (train/presets.py)
+running 2 steps."""
 from __future__ import annotations
 
 import os
@@ -8,7 +9,8 @@ import os
 import numpy as np
 import pytest
 
-from train import data
+from train import data, preprocess
+from train.pipeline import Pipeline
 from train.config import UsageError, parse_args
 from train.make_imagefolder import write_image_folder
 
@@ -33,16 +35,16 @@ def test_digits_batches_are_a_pure_function_of_seed_and_step():
     ds = data.load_dataset(parse_args([]))
     assert ds.image_shape == (8, 8, 1) and (len(ds.train), len(ds.eval)) == (1437, 360)
     assert ds.preprocess.kind == "cifar" and ds.preprocess.crop and not ds.preprocess.flip
-    pipeline = data.Pipeline(ds, 64, seed=3)
+    pipeline = Pipeline(ds, 64, seed=3)
     x, y = pipeline.train_batch(25)
-    again = data.Pipeline(data.load_dataset(parse_args([])), 64, seed=3).train_batch(25)
+    again = Pipeline(data.load_dataset(parse_args([])), 64, seed=3).train_batch(25)
     assert np.array_equal(x, again[0]) and np.array_equal(y, again[1])
     assert not np.array_equal(x, pipeline.train_batch(26)[0])
     # An epoch visits every record once (step 22 starts epoch 1 with a new order).
     labels = np.concatenate([pipeline.train_batch(s)[1] for s in range(pipeline.steps_per_epoch)])
     assert len(labels) == 22 * 64 and np.bincount(labels).sum() == 1408
     # Two processes' local batches concatenate to the single-process global batch.
-    halves = [data.Pipeline(ds, 64, 3, 0, i, 2).train_batch(25) for i in range(2)]
+    halves = [Pipeline(ds, 64, 3, 0, i, 2).train_batch(25) for i in range(2)]
     assert np.array_equal(np.concatenate([h[0] for h in halves]), x)
     # The iterator gives the same batches and its grain state counts steps; a restored state resumes.
     iterator = pipeline.train_iterator(30, start_step=24)
@@ -79,13 +81,13 @@ def test_folder_source_workers_processes_and_unreadable_images(tmp_path, capfd):
     # 0 workers, 2 workers, 2 processes x 0 workers: the same batches; the corrupt file is replaced by the
     # next record and reported, every time its batch is built.
     steps = 6  # 3 epochs of 24 images at batch 12
-    serial = data.Pipeline(ds, 12, seed=1)
+    serial = Pipeline(ds, 12, seed=1)
     reference = list(serial.train_iterator(steps))
-    parallel = data.Pipeline(ds, 12, seed=1, workers=2)
+    parallel = Pipeline(ds, 12, seed=1, workers=2)
     iterator = parallel.train_iterator(steps)
     workers = list(iterator)
     iterator.close()
-    halves = [list(data.Pipeline(ds, 12, 1, 0, p, 2).train_iterator(steps)) for p in range(2)]
+    halves = [list(Pipeline(ds, 12, 1, 0, p, 2).train_iterator(steps)) for p in range(2)]
     bad_index = ds.train.paths.index(bad)
     for step, (a, b) in enumerate(zip(reference, workers)):
         for key in ("image", "label", "bad", "step"):
@@ -94,7 +96,7 @@ def test_folder_source_workers_processes_and_unreadable_images(tmp_path, capfd):
     flagged = np.concatenate([b["bad"] for b in reference])
     assert sorted(flagged[flagged >= 0]) == [bad_index] * 3  # once per epoch
     assert all(b["image"].dtype == np.uint8 and b["image"].shape == (12, 16, 16, 3) for b in reference)
-    assert data.Pipeline(ds, 12, 1, 0, 1, 2).model_inputs() == (((12, 16, 16, 3), np.uint8), ((12,), np.int32))
+    assert Pipeline(ds, 12, 1, 0, 1, 2).model_inputs() == (((12, 16, 16, 3), np.uint8), ((12,), np.int32))
     # Eval: the unreadable image is masked out, the split is padded to whole batches.
     corrupt(os.path.join(root, "test", "class_000", "test_000000.jpg"))
     evals = list(serial.eval_batches())
@@ -103,8 +105,8 @@ def test_folder_source_workers_processes_and_unreadable_images(tmp_path, capfd):
 
 
 def test_imagenet_preprocessing():
-    p = data.Preprocess("imagenet", 32, 3, crop=True, flip=True, padding=0, mean=data.IMAGENET_MEAN,
-                        std=data.IMAGENET_STD)
+    p = preprocess.Preprocess("imagenet", 32, 3, crop=True, flip=True, padding=0, mean=preprocess.IMAGENET_MEAN,
+                        std=preprocess.IMAGENET_STD)
     rng = np.random.default_rng(0)
     image = rng.integers(0, 256, size=(50, 80, 3), dtype=np.uint8)
     for _ in range(50):  # random-resized-crop boxes: inside the image, 8-100 % of the area, aspect 3/4-4/3
@@ -119,7 +121,7 @@ def test_imagenet_preprocessing():
     gray = p.eval(rng.integers(0, 256, size=(40, 40, 1), dtype=np.uint8))
     assert np.array_equal(gray[..., 0], gray[..., 2])  # gray -> RGB repeats the channel
     x = p.normalize(np.full((1, 2, 2, 3), 255, np.uint8))
-    assert np.allclose(x[0, 0, 0], (255 - np.array(data.IMAGENET_MEAN)) / np.array(data.IMAGENET_STD))
+    assert np.allclose(x[0, 0, 0], (255 - np.array(preprocess.IMAGENET_MEAN)) / np.array(preprocess.IMAGENET_STD))
     # The loop normalises inside its jitted steps: the same bits as on the host (every uint8 value).
     import jax
     every_value = np.arange(256, dtype=np.uint8).reshape(1, 16, 16, 1).repeat(3, -1)
@@ -134,7 +136,7 @@ def test_bad_data_options_name_the_path_or_flag(tmp_path):
     def error(*args):
         with pytest.raises(UsageError) as info:
             config = parse_args(list(args))
-            data.Pipeline(data.load_dataset(config), 2, 0, config.data_workers)
+            Pipeline(data.load_dataset(config), 2, 0, config.data_workers)
         return str(info.value)
 
     assert "no such directory" in error("--dataset=imagefolder", f"--data_dir={tmp_path / 'nope'}")
@@ -166,11 +168,11 @@ def test_tfds_sources_mock_data(tmp_path):
     with tfds.testing.mock_data(num_examples=8):
         ds = data.load_dataset(parse_args(["--dataset=cifar10"]))
         assert ds.preprocess.kind == "cifar" and ds.image_shape == (32, 32, 3) and ds.preprocess.flip
-        x, y = data.Pipeline(ds, 4, 0).train_batch(1)
+        x, y = Pipeline(ds, 4, 0).train_batch(1)
         assert x.shape == (4, 32, 32, 3) and x.dtype == np.float32
         ds = data.load_dataset(parse_args(["--dataset=imagenet2012", "--eval_split=validation", "--image_size=24"]))
         assert ds.preprocess.kind == "imagenet" and ds.num_classes == 1000
-        assert data.Pipeline(ds, 4, 0).train_batch(0)[0].shape == (4, 24, 24, 3)
+        assert Pipeline(ds, 4, 0).train_batch(0)[0].shape == (4, 24, 24, 3)
         with pytest.raises(UsageError, match="'imdb_reviews' has features .*needs 'image' and 'label'"):
             data.load_dataset(parse_args(["--dataset=imdb_reviews"]))
 

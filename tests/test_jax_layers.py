@@ -13,6 +13,7 @@ import random
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import ml_dtypes
 import numpy as np
 import pytest
 from jax import lax
@@ -464,6 +465,28 @@ def test_batchnorm_one_value_per_channel_raises():
     bn.apply(variables, jnp.ones((1, 2, 5)), use_running_average=False, mutable=["batch_stats"])  # 2 values
 
 
+def test_batchnorm_refuses_momentum_and_torch_momentum_is_one_minus_flax_momentum():
+    """``momentum`` means the decay in flax and the new batch's weight in PyTorch: both front ends refuse it,
+    naming ``torch_momentum``; ``torch_momentum=1 - m`` gives flax's ``momentum=m`` running mean."""
+    from dynconv_jax import nnx as dnnx
+    from flax import linen, nnx
+
+    for build in (lambda: BatchNorm(momentum=0.9), lambda: dnnx.BatchNorm(3, momentum=0.9, rngs=nnx.Rngs(0))):
+        with pytest.raises(TypeError, match=r"momentum=0.9 is not an argument.*decay.*torch_momentum=1 - m"):
+            build()
+    with pytest.raises(ValueError, match=r"torch_momentum=1.5 must be a number in \[0, 1\]"):
+        BatchNorm(torch_momentum=1.5)
+    x = jnp.asarray(np.random.default_rng(0).normal(loc=5.0, size=(8, 3)), jnp.float32)
+    ours = BatchNorm(use_running_average=False, torch_momentum=0.1)
+    flax_bn = linen.BatchNorm(use_running_average=False, momentum=0.9)
+    means = [bn.apply(bn.init(jax.random.key(0), x), x, mutable=["batch_stats"])[1]["batch_stats"]["mean"]
+             for bn in (ours, flax_bn)]
+    np.testing.assert_allclose(means[0], means[1], rtol=1e-6)
+    nnx_bn = dnnx.BatchNorm(3, torch_momentum=0.1, rngs=nnx.Rngs(0))
+    nnx_bn(x)
+    np.testing.assert_allclose(nnx_bn.mean[...], means[1], rtol=1e-6)
+
+
 def test_odconv_training_with_a_batch_of_one_raises():
     layer = ODConv(4, (3, 3), min_channels=4)
     x = jnp.ones((1, 5, 5, 4))
@@ -553,3 +576,54 @@ def test_strategy_field_reaches_ops():
     y_mix = DynamicConv(4, (3, 3), strategy="mix")
     v = y_mix.init(jax.random.key(0), x)
     assert rel_err(y_mix.apply(v, x), DynamicConv(4, (3, 3), strategy="vmap").apply(v, x)) <= 1e-5
+
+
+# --------------------------------------------------------------------------- issue 35: checks that held only eagerly
+BAD_CONFIGS = [  # (layer arguments, the message after the layer's name); refused before any parameter is drawn
+    (dict(param_dtype=jnp.int32), r"param_dtype='int32' must be a real floating-point dtype"),
+    (dict(param_dtype=jnp.complex64), r"param_dtype='complex64' must be a real floating-point dtype"),
+    (dict(dtype=jnp.int8), r"dtype='int8' must be a real floating-point dtype"),
+    (dict(dtype="nope"), r"dtype='nope' must be a real floating-point dtype"),
+    (dict(num_experts=True), r"num_experts=True must be an int >= 1"),
+    (dict(feature_group_count=True), r"feature_group_count=True must be a positive int"),
+    (dict(num_experts=10**9), r"the expert bank \[1000000000, 3, 3, 4, 4\] \(num_experts=1000000000\) would hold "
+                              r"1.44e\+11 parameters, 536 GiB in float32; one layer may hold at most 2\*\*31 - 1"),
+]
+
+
+@pytest.mark.parametrize("kind", list(LAYERS))
+@pytest.mark.parametrize("kwargs,match", BAD_CONFIGS, ids=[str(k) for k, _ in BAD_CONFIGS])
+def test_bad_dtypes_bools_and_sizes_name_the_layer(kind, kwargs, match):
+    """Errors from inside jax.random (an int or complex param_dtype), an int8 dtype, a bool taken as 1 and
+    an out-of-memory error from XLA (num_experts=10**9): each is now a ValueError naming the layer."""
+    cls = LAYERS[kind]
+    with pytest.raises(ValueError, match=rf"^{cls.__name__} '<top level>': {match}"):
+        jax.eval_shape(cls(4, (3, 3), **kwargs).init, jax.random.key(0), jnp.ones((2, 5, 5, 4)))
+
+
+@pytest.mark.parametrize("kind", list(LAYERS))
+def test_concrete_temperature_is_checked_inside_a_trace(kind):
+    """A Python or NumPy temperature is concrete even under jit (a closure constant, a static argument):
+    it is checked as in eager mode. Only a traced T is clamped (tests/test_bad_input.py)."""
+    layer = LAYERS[kind](4, (3, 3))
+    x = jnp.ones((2, 5, 5, 4))
+    shapes = jax.eval_shape(layer.init, jax.random.key(0), x)
+    name = type(layer).__name__
+    with pytest.raises(ValueError, match=rf"^{name} .*temperature=-2.0 must be finite and > 0"):
+        jax.jit(lambda v, x: layer.apply(v, x, temperature=-2.0)).lower(shapes, x)
+    static = jax.jit(lambda v, x, t: layer.apply(v, x, temperature=t), static_argnums=2)
+    with pytest.raises(ValueError, match=rf"^{name} .*temperature=0.0 must be finite and > 0"):
+        static.lower(shapes, x, 0.0)
+    with pytest.raises(ValueError, match=rf"^{name} .*temperature=np.float32\(nan\) must be finite"):
+        static.lower(shapes, x, np.float32("nan"))
+    for bad, match in ((True, r"temperature=True is a bool"), (np.bool_(True), r"is a bool"), (1j, r"positive number"),
+                       (1e-300, r"temperature=1e-300 is below 1e-06, the smallest temperature the layers support")):
+        with pytest.raises(ValueError, match=rf"^{name} .*{match}"):
+            jax.eval_shape(lambda v: layer.apply(v, x, temperature=bad), shapes)  # noqa: B023
+    with pytest.raises(ValueError, match=rf"^{name} .*traced temperature of dtype bool"):
+        jax.jit(lambda v, x, t: layer.apply(v, x, temperature=t)).lower(shapes, x, jnp.bool_(True))
+    for floor in (1e-6, np.float32(1e-6), ml_dtypes.bfloat16(1e-6)):  # the floor itself is fine, rounded too ...
+        static.lower(shapes, x, floor)
+    # ... and so is a huge T (the uniform limit)
+    out = jax.eval_shape(lambda v: layer.apply(v, x, temperature=1e39, mutable=["intermediates"]), shapes)
+    assert out[0].shape == (2, 5, 5, 4)

@@ -4,7 +4,7 @@ The official key/shape manifests and parameter counts in ``tests/data/official_o
 were measured by constructing OSVAI/ODConv's own ``models/od_resnet.py``, ``models/od_mobilenetv2.py``,
 ``models/resnet.py`` and ``models/mobilenetv2.py`` (commit recorded in the file's ``source``) with
 torch 2.13.0, num_classes=1000 and reduction=0.0625 (od_resnet18 with kernel_num=4: 44,901,640
-parameters, as REFERENCE.md).
+parameters).
 """
 from __future__ import annotations
 
@@ -125,7 +125,7 @@ def test_converted_model_gives_same_logits(arch, conv, extra):
     variables = torch_to_flax(torch_model, _init_shapes(flax_model))
     got = np.asarray(jax.jit(lambda v, x: flax_model.apply(v, x, temperature=3.0))(variables, x.transpose(0, 2, 3, 1)))
     assert got.shape == expected.shape == (2, 5)
-    # float32, measured max|diff| / max|y| ≤ 1e-6 here; 1e-5 as REFERENCE.md's float32 bound
+    # float32, measured max|diff| / max|y| ≤ 1e-6 here; 1e-5 is parity's float32 forward tolerance
     assert np.abs(got - expected).max() <= 1e-5 * np.abs(expected).max()
 
 

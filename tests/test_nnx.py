@@ -150,6 +150,28 @@ def test_nnx_errors_match_linen():
                                               "routing_fn": dnnx.linen_variables(ext)["params"]}})
 
 
+@pytest.mark.parametrize("kind", list(NNX))
+def test_nnx_refuses_bad_dtypes_bools_sizes_and_temperatures_as_linen(kind):
+    """Issue 35, as tests/test_jax_layers.py for Linen: the constructor refuses before drawing a parameter
+    (no error from inside jax.random, no XLA out-of-memory); a concrete temperature is checked under nnx.jit."""
+    from test_jax_layers import BAD_CONFIGS
+
+    cls = NNX[kind]
+    for kwargs, match in BAD_CONFIGS:
+        where = rf"{cls.__name__}\(in_features=4, out_features=4, kernel_size=\(3, 3\)\)"
+        with pytest.raises(ValueError, match=rf"^{where}: {match}"):
+            cls(4, 4, (3, 3), rngs=nnx.Rngs(0), **kwargs)
+    with pytest.raises(ValueError, match=r"in_features=True must be a positive int"):
+        cls(True, 4, (3, 3), rngs=nnx.Rngs(0))
+    layer = cls(4, 4, (3, 3), rngs=nnx.Rngs(0))
+    x = jnp.ones((2, 5, 5, 4))
+    with pytest.raises(ValueError, match=r"temperature=-2.0 must be finite and > 0"):
+        nnx.jit(lambda m, x: m(x, temperature=-2.0))(layer, x)
+    for bad, match in ((True, "is a bool"), (1e-300, "is below 1e-06")):
+        with pytest.raises(ValueError, match=rf"temperature={bad!r} {match}"):
+            layer(x, temperature=bad)
+
+
 def test_nnx_sow_capture_train_eval_and_dropout():
     x = jax.random.normal(jax.random.key(0), (4, 5, 5, 6), jnp.float32)
     od = dnnx.ODConv(6, 6, (3, 3), feature_group_count=6, num_experts=1, rngs=nnx.Rngs(0))  # depthwise, K = 1

@@ -85,6 +85,9 @@ ACCEPTED = {"condconv": {"routing_dropout", "use_bias"}, "dynamic": {"min_channe
     (("dynamic", 4, None, {"strides": 2, "groups": 2}), r"may not set \['groups', 'strides'\]"),
     (("condconv", 4, None, {"external_routing": True}), r"may not set \['external_routing'\]"),
     (("condconv", 4, None, {"bias": True}), r"conv_options \['bias'\] are not options of the conv='condconv' layer"),
+    # the official ODConv spelling only where the official code is mirrored (ODConv2d, od_*), not in the models
+    (("odconv", 4, None, {"min_channel": 4}), r"conv_options \['min_channel'\] use the official ODConv spelling.*"
+                                              r"the models take \['min_channels'\]"),
 ])
 def test_check_conv_args_rejects_by_name(args, match):
     with pytest.raises(ValueError, match=match):
@@ -163,8 +166,11 @@ def test_odconv_entry_points_take_the_official_arguments():
     assert model.features[0][0].out_channels == dynconv_spec.make_divisible(32 * 0.5)
     flax_model = jm.create_model("od_resnet50", kernel_num=4, reduction=0.25)
     assert (flax_model.conv, flax_model.num_experts, flax_model.reduction) == ("odconv", 4, 0.25)
-    with pytest.raises(ValueError, match=r"od_resnet18: \['conv', 'num_experts'\] are fixed"):
-        tm.create_model("od_resnet18", conv="dynamic", num_experts=2)
+    assert jm.create_model("od_resnet18", num_experts=3).num_experts == 3  # this library's spelling works too
+    with pytest.raises(ValueError, match=r"od_resnet18: kernel_num=2 and num_experts=2 are two spellings"):
+        tm.create_model("od_resnet18", kernel_num=2, num_experts=2)
+    with pytest.raises(ValueError, match=r"od_resnet18: \['conv'\] are fixed"):
+        tm.create_model("od_resnet18", conv="dynamic")
     with pytest.raises(ValueError, match=r"\['width_mult'\] are fixed"):
         jm.create_model("od_mobilenetv2_100", width_mult=0.5)
 

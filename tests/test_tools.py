@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import csv
 import os
+import re
 
 import jax
 import jax.numpy as jnp
@@ -348,3 +349,55 @@ def test_ablation_grid_of_conv_types_and_seeds(tmp_path):
                 ["--vary", "conv=static", "--attention_bn_init=1.0"], ["--vary", "workdir=a,b"]):
         assert ablate.main(bad + ["--out", str(tmp_path / "bad")]) == 2, bad
     assert not (tmp_path / "bad").exists()
+
+
+# ---------------------------------------------------------------------------------------------- command lines
+CLI_USAGE_ERRORS = [  # (module, argv; {tmp}: an empty folder, {file}: a file in it), the one line on stderr
+    ("train.export", ["--format", "onnx", "--out", "{tmp}/m.onnx", "--batch", "0"], r"error: --batch 0: must be >= 1"),
+    ("train.export", ["--format", "onnx", "--out", "{tmp}"], r"error: --out='.*' is a directory"),
+    ("train.export", ["--format", "stablehlo", "--out", "{file}/m.bin"],
+     r"error: --out='.*file/m.bin' cannot be written: '.*file' is a file, not a folder"),
+    ("train.export", ["--format", "stablehlo", "--out", "{tmp}/missing/m.bin"],
+     r"error: --out='.*' cannot be written: the folder '.*missing' does not exist"),
+    ("train.plot_attention", ["--out", "{tmp}/plots", "--num_samples", "0"], r"error: --num_samples=0: need at least"),
+    ("train.plot_attention", ["--out", "{file}/plots"], r"error: --out='.*' cannot be created: '.*file' is a file"),
+    ("train.ablate", ["--out", "{file}", "--num_steps=1"], r"error: --out='.*file' is a file, not a folder"),
+    ("parity", ["--layers", "condconv", "--models", "none", "--quick", "--report", "{file}/report"],
+     r"error: --report='.*report' cannot be created: '.*file' is a file"),
+    ("train.evaluate", ["--model", "tf_efficientnet_cc_b0_4e", "--checkpoint", "{tmp}/nope.bin"],
+     r"error: checkpoint file '.*nope.bin' does not exist"),
+    ("dynconv_jax.summary", ["--num-experts", "0"], r"error: --num-experts 0: must be >= 1"),
+    ("benchmarks", ["serving", "--models", "bogus"], r"error: --models: unknown \['bogus'\]; choose from resnet18"),
+    ("benchmarks", ["layers", "--repeats", "0"], r"error: --repeats 0: must be >= 1"),
+    ("benchmarks", ["models", "--threads", "0"], r"error: --threads 0: must be >= 1"),
+]
+
+
+@pytest.mark.parametrize("module,argv,match", CLI_USAGE_ERRORS, ids=[f"{m} {' '.join(a[-2:])}"
+                                                                     for m, a, _ in CLI_USAGE_ERRORS])
+def test_cli_usage_errors_exit_2_before_any_work(tmp_path, monkeypatch, capsys, module, argv, match):
+    """Issue 35: each usage error exits 2 with one line naming the flag (not 1, not a traceback, a given value
+    never replaced by the default), before the work starts (output paths were checked only after it) and
+    without creating anything."""
+    import importlib
+
+    def work(*args, **kwargs):
+        raise AssertionError("the work started before the arguments were checked")
+
+    for target in ("train.plot_attention.load_run", "train.ablate.run_grid", "parity.__main__.run_units",
+                   "benchmarks.layers.run", "benchmarks.models.run", "benchmarks.serving.run",
+                   "dynconv_jax.summary.measure", "train.evaluate.preprocess"):
+        monkeypatch.setattr(target, work)
+    (tmp_path / "file").write_text("not a folder")
+    argv = [a.format(tmp=tmp_path, file=tmp_path / "file") for a in argv]
+    if module.startswith("train.") and module not in ("train.ablate", "train.evaluate"):
+        argv = ["--workdir", str(tmp_path / "run")] + argv
+    main = importlib.import_module(module + (".__main__" if module in ("parity", "benchmarks") else "")).main
+    try:
+        code = main(argv)
+    except SystemExit as exit_:  # argparse's parser.error
+        code = exit_.code
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err, err
+    assert re.search(match, err.strip().splitlines()[-1]), err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file"]

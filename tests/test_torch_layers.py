@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
+from dynconv_spec import OFFICIAL_ODCONV_SPELLINGS
 from dynconv_torch import CondConv2d, DynamicConv2d, ODConv2d, set_temperature
 
 DT = torch.float64
@@ -441,13 +442,17 @@ def test_odconv_state_dict_equals_official(args):
     assert all(torch.equal(v, sd[k]) for k, v in layer.state_dict().items())
 
 
-def test_odconv_keyword_aliases():
+def test_odconv_takes_the_official_and_the_library_spellings_but_not_both():
     a = ODConv2d(in_channels=8, out_channels=16, kernel_size=3, num_experts=2, min_channels=4, reduction=0.25)
     assert (a.in_planes, a.out_planes, a.kernel_num, a.min_channel, a.attention_channels) == (8, 16, 2, 4, 4)
-    assert (a.in_channels, a.out_channels, a.num_experts) == (8, 16, 2)
+    assert (a.in_channels, a.out_channels, a.num_experts, a.min_channels) == (8, 16, 2, 4)
     b = ODConv2d(8, 16, 3, 1, 0, 1, 1, 0.25, 2, 4)
     assert _shapes(a) == _shapes(b)
-    assert ODConv2d(8, 16, 3, kernel_num=2, num_experts=2).kernel_num == 2  # both given and equal: fine
+    for official, generic in OFFICIAL_ODCONV_SPELLINGS.items():  # both given, even equal: which one was meant?
+        args = {"in_planes": 8, "out_planes": 16, "kernel_size": 3, official: 4, generic: 4}
+        with pytest.raises(ValueError, match=rf"ODConv2d: {official}=4 and {generic}=4 are two spellings of one "
+                                             rf"argument \({official} is the official ODConv name"):
+            ODConv2d(**args)
 
 
 # Measured from timm's CondConv2d (timm/layers/cond_conv2d.py, huggingface/pytorch-image-models) with
@@ -584,7 +589,7 @@ def test_temperature():
     for bad in (0.0, -1.0, float("nan"), float("inf"), "hot"):
         with pytest.raises(ValueError, match="temperature"):
             model[3].update_temperature(bad)
-    with pytest.raises(ValueError, match=r"^CondConv2d\(4, 4.*temperature must be finite"):
+    with pytest.raises(ValueError, match=r"^CondConv2d\(4, 4.*temperature=0.0 must be finite"):
         set_temperature(model, 0.0)
 
 
@@ -612,7 +617,14 @@ LAYERS = {
     ((4, 6, 3), dict(stride=0), r"stride must be"),
     ((4, 6, 3), dict(dilation=(1, 0)), r"dilation must be"),
     ((0, 6, 3), {}, r"in_channels must be an int >= 1"),
-    ((4, 6, 3), dict(temperature=0.0), r"temperature must be finite and > 0"),
+    ((4, 6, 3), dict(temperature=0.0), r"temperature=0.0 must be finite and > 0"),
+    # issue 35: the Flax layers' rules (dynconv_spec), before anything is allocated
+    ((4, 6, 3), dict(temperature=True), r"temperature=True is a bool"),
+    ((4, 6, 3), dict(temperature=1e-300), r"temperature=1e-300 is below 1e-06, the smallest temperature"),
+    ((4, 6, 3), dict(dtype=torch.int32), r"dtype=torch.int32 must be a real floating-point dtype"),
+    ((4, 6, 3), dict(dtype=torch.complex64), r"dtype=torch.complex64 must be a real floating-point dtype"),
+    ((4, 6, 3), dict(num_experts=10**9), r"expert bank \[1000000000, 6, 4, 3, 3\] \(num_experts=1000000000\) would "
+                                          r"hold 2.16e\+11 parameters"),
 ])
 def test_constructor_errors(name, args, kwargs, match):
     with pytest.raises(ValueError, match=match) as info:
@@ -627,9 +639,7 @@ def test_layer_specific_constructor_errors():
         DynamicConv2d(4, 4, 3, reduction=0.0)
     with pytest.raises(ValueError, match=r"ODConv2d\(.*min_channel must be an int >= 1"):
         ODConv2d(4, 4, 3, min_channel=0)
-    with pytest.raises(ValueError, match=r"kernel_num=4 and its alias num_experts=2 disagree"):
-        ODConv2d(4, 4, 3, kernel_num=4, num_experts=2)
-    with pytest.raises(ValueError, match=r"in_planes=4 and its alias in_channels=8 disagree"):
+    with pytest.raises(ValueError, match=r"in_planes=4 and in_channels=8 are two spellings of one argument"):
         ODConv2d(4, 4, 3, in_channels=8)
     with pytest.raises(ValueError, match=r"ODConv2d\(.*kernel_size is required"):
         ODConv2d(in_channels=4, out_channels=4)

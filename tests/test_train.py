@@ -54,8 +54,8 @@ def test_cli_overrides_and_errors():
         ("dynamic", 32, 1.5, True, False)
     for args, words in [(["--conv=foo"], "--conv='foo'"), (["--batch_size=abc"], "integer"),
                         (["--bogus=1"], "unknown option --bogus"), (["--batch_size=0"], "> 0"),
-                        (["--label_smoothing=1.0"], "[0, 1)"), (["epochs"], "--key=value"),
-                        (["--conv"], "needs a value"),
+                        (["--label_smoothing=1.0"], "[0, 1)"), (["epochs"], "unrecognized arguments: epochs"),
+                        (["--conv"], "--conv: expected one argument"),
                         (["--attention_bn_init=1.0"], "applies to --conv=odconv only"),
                         (["--conv=odconv", "--attention_bn_init=0"], "> 0"),
                         (["--attention_norm=layer"], "applies to --conv=odconv only"),
@@ -247,11 +247,12 @@ _DEVICE_RUN = """
 import functools, sys, jax, jax.numpy as jnp, numpy as np
 from dynconv_jax import models
 from train import data, parallel, steps
+from train.pipeline import Pipeline
 from train.config import parse_args
 cfg = parse_args(["--base_width=2", "--conv=dynamic", "--batch_size=32", "--warmup_epochs=0", "--dropout=0.2",
                   "--augment=none"])
 ds = data.load_dataset(cfg)
-batches = data.Pipeline(ds, cfg.batch_size, cfg.seed)
+batches = Pipeline(ds, cfg.batch_size, cfg.seed)
 model = models.resnet18(**steps.model_kwargs(cfg, 10, ds.image_shape), param_dtype=jnp.float64)
 tx, _ = steps.create_optimizer(cfg, batches.steps_per_epoch, 8)
 state = steps.create_train_state(jax.random.key(0, impl="rbg"), model, ds.image_shape, tx)

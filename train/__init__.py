@@ -2,8 +2,10 @@
 ``jax.sharding`` over one or many processes. Run ``python -m train`` (see docs/training.md); reuse the pieces:
 
 * :mod:`train.config` - :class:`~train.config.Config` and ``--key=value`` parsing;
-* :mod:`train.data` - sources (embedded digits, image folders, TFDS ArrayRecord), preprocessing and the
-  grain pipeline whose batches are a pure function of ``(seed, step)``;
+* :mod:`train.data` - the data set a configuration names (:func:`~train.data.load_dataset`), from
+  :mod:`train.sources` (embedded digits, image folders, TFDS ArrayRecord) and :mod:`train.preprocess`;
+* :mod:`train.pipeline` - the grain pipeline whose batches are a pure function of ``(seed, step)``
+  (:mod:`train.worker_watchdog` stops its workers with the run);
 * :mod:`train.presets` - the papers' recipes for ``--config=NAME``;
 * :mod:`train.steps` - model factory, optimiser, schedules, ``train_step``, ``eval_step``;
 * :mod:`train.checkpoint` - Orbax checkpoints with integrity checks and fallback;

@@ -16,6 +16,7 @@ def main(argv=None) -> int:
     except UsageError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    # Here: --help and usage errors answer without loading JAX.
     from train.checkpoint import CheckpointError
     from train.loop import TrainingDiverged, train_and_evaluate
 

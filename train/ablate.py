@@ -25,6 +25,9 @@ import os
 import sys
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
+from dynconv_spec.paths import check_output_dir
+from train.config import Config, UsageError, _field_types, _parse_value, parse_args, usage
+
 METRICS = ("eval_accuracy", "eval_loss", "params", "macs", "train_seconds")
 SHORTHANDS = {"ks": "num_experts", "seeds": "seed"}
 
@@ -33,8 +36,6 @@ Grid = List[Tuple[str, List]]  # [(config field, [values])], first field outermo
 
 def _parse_grid(specs: Sequence[Tuple[str, str]]) -> Grid:
     """``[('conv', 'static,odconv'), ('seed', '0,1')]`` -> ``[('conv', ['static', 'odconv']), ('seed', [0, 1])]``."""
-    from train.config import UsageError, _field_types, _parse_value
-
     types = _field_types()
     grid: Grid = []
     for key, text in specs:
@@ -58,8 +59,6 @@ def _split_args(argv: Sequence[str], default_grid: Sequence[Tuple[str, str]] = (
                 ) -> Tuple[Grid, Optional[str], List[str]]:
     """Pull out ``--vary``/``--ks``/``--seeds`` (``default_grid`` when none is given) and ``--out``;
     join ``--key value`` pairs into ``--key=value`` for the train options."""
-    from train.config import UsageError, _field_types
-
     types = _field_types()
     specs, out, rest = [], None, []
     argv = list(argv)
@@ -111,6 +110,7 @@ def run_grid(runs: Sequence[Tuple[Dict[str, object], object]],
              on_row: Optional[Callable[[List[Dict[str, object]]], None]] = None) -> List[Dict[str, object]]:
     """Train the :func:`grid_configs` runs one after the other; one row per run (the varied
     options and :data:`METRICS`). ``on_row(rows so far)`` is called after each run."""
+    # Here: JAX and the models load when a grid runs, not for --help or a usage error.
     from dynconv_jax.summary import count_macs, count_params
     from train import data as data_lib
     from train import steps
@@ -142,8 +142,6 @@ def _settings(rows: Sequence[Dict[str, object]], keys: Sequence[str]) -> List[Tu
 
 def markdown(rows: Sequence[Dict[str, object]], grid: Grid, base) -> str:
     """The runs as a Markdown table; with several seeds, one more row per setting (seeds, mean, min)."""
-    from train.config import Config
-
     keys = [k for k, _ in grid]
     budget = f"{base.num_steps} steps" if base.num_steps else f"{base.num_epochs} epochs"
     stated = {"model", "dataset", "num_epochs", "num_steps", "batch_size", "seed", "workdir", "progress"} | set(keys)
@@ -185,7 +183,7 @@ def write_outputs(rows: Sequence[Dict[str, object]], grid: Grid, base, out_dir: 
     with open(md_path, "w") as f:
         f.write(markdown(rows, grid, base))
 
-    from matplotlib.figure import Figure
+    from matplotlib.figure import Figure  # here: only the plot needs matplotlib, slow to import
 
     others = [k for k in keys if k != "seed"]
     settings = _settings(rows, others)
@@ -219,8 +217,6 @@ def write_outputs(rows: Sequence[Dict[str, object]], grid: Grid, base, out_dir: 
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    from train.config import UsageError, parse_args, usage
-
     argv = sys.argv[1:] if argv is None else argv
     if "-h" in argv or "--help" in argv:
         print(__doc__)
@@ -229,8 +225,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         grid, out_dir, rest = _split_args(argv)
         base = parse_args(rest)
-        out_dir = out_dir or os.path.join("runs", f"ablate-{base.dataset}-{base.model}-" +
-                                          "-".join(k for k, _ in grid))
+        out_dir = check_output_dir(out_dir or os.path.join("runs", f"ablate-{base.dataset}-{base.model}-" +
+                                                           "-".join(k for k, _ in grid)), "--out")
         runs = grid_configs(grid, base, out_dir)  # every configuration checked before the first run
     except (UsageError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)

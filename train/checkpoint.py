@@ -45,10 +45,12 @@ import shutil
 import sys
 from typing import Any, Dict, List, Optional, Tuple
 
+import grain
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
 from flax import serialization
+from jax.experimental import multihost_utils
 
 
 class CheckpointError(RuntimeError):
@@ -125,9 +127,24 @@ def _same_kind(a: np.dtype, b: np.dtype) -> bool:
 def _sync(name: str) -> None:
     """A barrier over all processes (nothing with one process)."""
     if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
-
         multihost_utils.sync_global_devices(name)
+
+
+def _remove_unfinished_writes(directory: str) -> None:
+    """Remove the temporary directories of writes that never committed (a run killed mid-write) from
+    ``directory``, before the manager opens it: process 0 removes, every process waits for it.
+
+    What is temporary is Orbax's own public test (``orbax.checkpoint.utils.is_tmp_checkpoint``). Orbax's
+    ``cleanup_tmp_directories`` option would remove them in a background thread that only its next save
+    waits for (through a private method), so a run reopened and stopped before its first save (a refused
+    --resume, an error) could leave the removal half done, or the thread running at exit.
+    """
+    if jax.process_index() == 0 and os.path.isdir(directory):
+        for name in sorted(os.listdir(directory)):
+            path = os.path.join(directory, name)
+            if os.path.isdir(path) and ocp.utils.is_tmp_checkpoint(path):
+                shutil.rmtree(path)
+    _sync("dynconv-remove-unfinished-writes")
 
 
 class Checkpointer:
@@ -145,8 +162,6 @@ class Checkpointer:
         self.manager = None
         self._pending: Optional[int] = None  # the step whose write may still run in the background
         # Handlers registered up front: a fresh manager then also reads the array metadata.
-        import grain
-
         handlers = {"state": ocp.StandardCheckpointHandler(), "meta": ocp.JsonCheckpointHandler(),
                     "data": grain.checkpoint.CheckpointHandler()}
         if read_only:
@@ -155,18 +170,11 @@ class Checkpointer:
                                                        max_to_keep=None, cleanup_tmp_directories=False)
                 self.manager = ocp.CheckpointManager(self.directory, options=options, item_handlers=handlers)
         else:
+            _remove_unfinished_writes(self.directory)
             options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
                                                    enable_async_checkpointing=asynchronous,
-                                                   cleanup_tmp_directories=True)
+                                                   cleanup_tmp_directories=False)
             self.manager = ocp.CheckpointManager(self.directory, options=options, item_handlers=handlers)
-            # Orbax removes the temporaries of unfinished writes in a background thread that only its next
-            # save waits for; wait here, so that a run reopened and stopped before its first save (a refused
-            # --resume, an error) does not leave the removal half done or the thread running at exit. The
-            # method is Orbax's own (0.12.8, the pinned version); tests/test_bad_input.py fails if a later
-            # Orbax drops it.
-            await_cleanup = getattr(self.manager, "_maybe_await_cleanup_tmp_directory", None)
-            if await_cleanup is not None:
-                await_cleanup()
 
     def all_steps(self) -> List[int]:
         return sorted(self.manager.all_steps()) if self.manager is not None else []
@@ -200,8 +208,6 @@ class Checkpointer:
         meta = dict(meta, step=int(step), checksum=tree_checksum(host_state))
         items = dict(state=ocp.args.StandardSave(host_state), meta=ocp.args.JsonSave(meta))
         if data_iterator is not None:
-            import grain
-
             # grain's handler is synchronous: the iterator's state is written before save() returns.
             items["data"] = grain.checkpoint.CheckpointSave(data_iterator)
         self._pending = step
@@ -349,8 +355,6 @@ class Checkpointer:
     def restore_data(self, step: int, data_iterator) -> bool:
         """Set ``data_iterator`` (a grain iterator) to the state saved at ``step``; False when that checkpoint
         has no data state this iterator can take (none saved, another process count or worker count)."""
-        import grain
-
         try:
             self.manager.restore(step, args=ocp.args.Composite(data=grain.checkpoint.CheckpointRestore(data_iterator)))
         except Exception as error:  # absent item, missing per-process file, state of another iterator layout

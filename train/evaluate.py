@@ -21,6 +21,9 @@ import numpy as np
 
 from train.config import UsageError
 
+# JAX, TFDS, PIL and the models are imported in the functions that use them: --help and a usage error
+# answer without loading them.
+
 
 def preprocess(image: np.ndarray, input_size: int, crop_pct: float, mean: Sequence[float], std: Sequence[float]):
     """uint8 ``[H, W, C]`` -> float32 ``[input_size, input_size, 3]`` (timm's center-crop eval transform)."""
@@ -52,7 +55,9 @@ def evaluate(model_name: str, checkpoint, dataset: str = "imagenet2012", split: 
              allow_nonfinite: bool = False) -> Dict[str, float]:
     """Top-1 / top-5 accuracy (fractions) of ``model_name`` with weights from ``checkpoint``
     (a timm/``dynconv_torch`` state_dict file or object) on a TFDS split. A checkpoint with
-    NaN/Inf entries is refused unless ``allow_nonfinite``."""
+    NaN/Inf entries is refused unless ``allow_nonfinite``. The arguments and the checkpoint (read with
+    :func:`dynconv_jax.convert.load_state_dict`) are checked before the dataset is opened."""
+    from dynconv_jax.convert import load_state_dict
     from dynconv_jax.models import efficientnet_cc as effnet
 
     if model_name not in effnet.VARIANTS:
@@ -62,6 +67,7 @@ def evaluate(model_name: str, checkpoint, dataset: str = "imagenet2012", split: 
             raise UsageError(f"{flag} {value} must be >= 1")
     if crop_pct is not None and not (math.isfinite(crop_pct) and 0 < crop_pct <= 1):
         raise UsageError(f"--crop_pct {crop_pct} must be in (0, 1] (the center crop's fraction of the resized image)")
+    state_dict = load_state_dict(checkpoint)  # a ConversionError names the file, before the dataset is opened
     import jax
     import jax.numpy as jnp
     import tensorflow_datasets as tfds
@@ -77,7 +83,7 @@ def evaluate(model_name: str, checkpoint, dataset: str = "imagenet2012", split: 
                          f"--manual_dir=... --data_dir=DIR --file_format=array_record`") from error
     num_classes = int(source.dataset_info.features["label"].num_classes)
     model = effnet.efficientnet_cc(model_name, num_classes=num_classes)
-    variables = effnet.convert_torch_checkpoint(model, checkpoint, allow_nonfinite=allow_nonfinite)
+    variables = effnet.convert_torch_checkpoint(model, state_dict, allow_nonfinite=allow_nonfinite)
     apply = jax.jit(lambda v, x: model.apply(v, x, train=False))
 
     n = len(source) if num_examples is None else min(num_examples, len(source))
@@ -100,10 +106,10 @@ def main(argv=None) -> int:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True, help="e.g. tf_efficientnet_cc_b0_4e")
     p.add_argument("--checkpoint", required=True, help="PyTorch checkpoint: .bin/.pth/.pt/.safetensors")
-    p.add_argument("--dataset", default="imagenet2012")
-    p.add_argument("--split", default="validation")
-    p.add_argument("--data_dir", default=None)
-    p.add_argument("--batch_size", type=int, default=64)
+    p.add_argument("--dataset", default="imagenet2012", help="TFDS data set (default: imagenet2012)")
+    p.add_argument("--split", default="validation", help="TFDS split to evaluate (default: validation)")
+    p.add_argument("--data_dir", default=None, help="TFDS data_dir of the prepared data set (default: TFDS's)")
+    p.add_argument("--batch_size", type=int, default=64, help="images per evaluation batch (default: 64)")
     p.add_argument("--num_examples", type=int, default=None, help="evaluate only the first N examples")
     p.add_argument("--input_size", type=int, default=None, help="override the model's input size")
     p.add_argument("--crop_pct", type=float, default=None, help="override the model's crop fraction")

@@ -20,6 +20,8 @@ import jax
 import numpy as np
 
 from dynconv_jax.convert import save_safetensors
+from dynconv_spec.paths import check_output_file
+from train.config import UsageError
 from train.steps import model_kwargs
 
 
@@ -100,19 +102,30 @@ def _relative(expected: np.ndarray, actual: np.ndarray) -> float:
     return diff / scale if scale > 0 else diff
 
 
+def check_export_args(fmt: str, out: str, batch: Optional[int]) -> None:
+    """:class:`~train.config.UsageError` for a format other than 'stablehlo'/'onnx', a batch < 1, or an
+    ``out`` that is not a file in an existing, writable folder."""
+    if fmt not in ("stablehlo", "onnx"):
+        raise UsageError(f"--format {fmt!r}: expected 'stablehlo' or 'onnx'")
+    if batch is not None and not (isinstance(batch, int) and batch >= 1):
+        raise UsageError(f"--batch {batch}: must be >= 1")
+    try:
+        check_output_file(out, "--out")
+    except ValueError as error:
+        raise UsageError(str(error)) from None
+
+
 def export_run(workdir: str, fmt: str, out: str, batch: Optional[int] = None, check_images: int = 32) -> Dict[str, Any]:
     """Export the newest checkpoint of the run in ``workdir`` to ``out`` (``fmt``: 'stablehlo' or 'onnx')
     and compare the export with the live Flax model on the first evaluation images, run
     through the export in batches of ``batch`` (or of 1 and all of them when the batch is dynamic).
 
-    Returns ``{'path', 'format', 'batch', 'images', 'max_rel_diff', 'agreement'}``.
+    Returns ``{'path', 'format', 'batch', 'images', 'max_rel_diff', 'agreement'}``. The arguments are
+    checked (:func:`check_export_args`) before the run is loaded.
     """
     from train.plot_attention import load_run
 
-    if fmt not in ("stablehlo", "onnx"):
-        raise ValueError(f"--format {fmt!r}: expected 'stablehlo' or 'onnx'")
-    if batch is not None and batch < 1:
-        raise ValueError(f"--batch {batch}: must be >= 1")
+    check_export_args(fmt, out, batch)
     config, model, variables, dataset, temperature, step = load_run(workdir)
     n = batch or check_images
     images = np.asarray(dataset.eval_examples(n), np.float32)
@@ -160,6 +173,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--batch", type=int, default=None,
                         help="fix the batch size of the export (default: dynamic) and check on N images")
     args = parser.parse_args(argv)
+    try:
+        check_export_args(args.format, args.out, args.batch)
+    except UsageError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
     try:
         export_run(args.workdir, args.format, args.out, args.batch)
     except (FileNotFoundError, ValueError, ImportError) as error:

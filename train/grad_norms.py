@@ -33,6 +33,12 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
+from train.ablate import _split_args, grid_configs
+from train.config import UsageError, parse_args, usage
+
+# JAX, flax and the training modules are imported in the functions that use them: --help and a usage
+# error answer without loading them.
+
 DEFAULT_TEMPERATURES = "30,10,3,2,1"
 
 
@@ -61,9 +67,10 @@ def _setup(config):
 
     from train import data as data_lib
     from train import steps
+    from train.pipeline import Pipeline
 
     dataset = data_lib.load_dataset(config)
-    pipeline = data_lib.Pipeline(dataset, config.batch_size, config.seed)
+    pipeline = Pipeline(dataset, config.batch_size, config.seed)
     spe = pipeline.steps_per_epoch
     total_steps = config.num_steps or config.num_epochs * spe
     model = steps.create_model(config, dataset.num_classes, dataset.image_shape)
@@ -225,9 +232,6 @@ def _write_csv(path: str, rows: Sequence[Dict[str, object]]) -> None:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    from train.ablate import _split_args, grid_configs
-    from train.config import UsageError, parse_args, usage
-
     argv = list(sys.argv[1:] if argv is None else argv)
     if "-h" in argv or "--help" in argv:
         print(__doc__)

@@ -1,4 +1,12 @@
-"""The training loop: ``train_and_evaluate(config)`` (what ``python -m train`` runs)."""
+"""The training loop: ``train_and_evaluate(config)`` (what ``python -m train`` runs), in named steps.
+
+:func:`set_up` (data, mesh, model, optimiser, schedules); :func:`open_checkpointer` (refuses to write over
+another run, checks a resumed run's configuration); :func:`compile_steps` (the init, train and eval programs,
+compiled at once); :func:`restore_checkpoint` (the state and the data iterator to start from);
+:func:`train_steps` (the step loop: every ``--log_every_steps``, at epoch ends and before checkpoints it fetches
+the metrics, :func:`check_finite`, logs, :func:`end_epoch` evaluates and :func:`save_checkpoint` saves);
+:func:`finish` (the summary and the export).
+"""
 from __future__ import annotations
 
 import contextlib
@@ -9,8 +17,8 @@ import math
 import os
 import sys
 import time
-from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Dict
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any, Callable, Dict
 
 import jax
 import numpy as np
@@ -19,8 +27,10 @@ from train import checkpoint as ckpt_lib
 from train import data as data_lib
 from train import metrics as metrics_lib
 from train import parallel
+from train import pipeline as pipeline_lib
 from train import steps
 from train.config import Config, UsageError, from_json
+from train.export import export_and_verify
 
 # Fields that may differ between a run and its resumption (they do not change the maths).
 RUNTIME_FIELDS = ("resume", "workdir", "progress", "log_every_steps", "tensorboard", "export", "distributed",
@@ -73,7 +83,7 @@ def _checkpoint_failure(error: Exception, checkpointer: ckpt_lib.Checkpointer) -
     return failure(f"{error}. Last good checkpoint: {checkpointer.last_good()}")
 
 
-def evaluate(p_eval_step, state, pipeline: data_lib.Pipeline, sharding, temperature) -> Dict[str, float]:
+def evaluate(p_eval_step, state, pipeline: pipeline_lib.Pipeline, sharding, temperature) -> Dict[str, float]:
     """Loss and accuracy of ``state`` on the whole eval split (unreadable images are left out)."""
     totals = {"loss": 0.0, "correct": 0.0, "count": 0.0}
     for batch in pipeline.eval_batches():
@@ -87,7 +97,7 @@ def evaluate(p_eval_step, state, pipeline: data_lib.Pipeline, sharding, temperat
     return {"loss": totals["loss"] / totals["count"], "accuracy": totals["correct"] / totals["count"]}
 
 
-def _compile_ahead(mesh, pipeline: data_lib.Pipeline, model, tx, init_key, dropout_key, train_step, eval_step):
+def _compile_ahead(mesh, pipeline: pipeline_lib.Pipeline, model, tx, init_key, dropout_key, train_step, eval_step):
     """Start compiling the run's three XLA programs at once: the parameter init, then ``train_step`` and
     ``eval_step`` (jitted, with the run's shardings) for the replicated state and the pipeline's global
     batches. Each is lowered here, one after the other, and compiled in a thread of its own (XLA compiles
@@ -111,13 +121,74 @@ def _compile_ahead(mesh, pipeline: data_lib.Pipeline, model, tx, init_key, dropo
     return compiled_init, compiled_train_step, compiled_eval_step
 
 
-def train_and_evaluate(config: Config) -> Dict[str, Any]:
-    """Train ``config``; returns the final metrics, the state and paths (see docs/training.md)."""
+@dataclasses.dataclass(frozen=True)
+class Run:
+    """What :func:`set_up` builds for a run; the steps below read it and change none of it.
+
+    Attributes:
+      config: the validated configuration, ``workdir`` filled in.
+      primary: this is process 0 (it writes ``config.json``, the logs, the summary and the export).
+      dataset: the sources and their preprocessing.
+      pipeline: this process's batches.
+      mesh: the devices of all processes.
+      total_steps: the steps the run trains for.
+      model: the Flax model.
+      tx: the optax optimiser.
+      learning_rate_fn: the learning-rate schedule (of the step).
+      temperature_fn: the attention temperature schedule (of the step).
+    """
+
+    config: Config
+    primary: bool
+    dataset: data_lib.Dataset
+    pipeline: pipeline_lib.Pipeline
+    mesh: Any
+    total_steps: int
+    model: Any
+    tx: Any
+    learning_rate_fn: Callable
+    temperature_fn: Callable
+
+
+@dataclasses.dataclass(frozen=True)
+class Programs:
+    """The run's three XLA programs (futures of ``jax.stages.Compiled``, compiling in threads), and the
+    keys and shardings they are called with."""
+
+    init: Future
+    train_step: Future
+    eval_step: Future
+    init_key: Any
+    dropout_key: Any
+    replicated: Any
+    data_sharding: Any
+
+
+@dataclasses.dataclass
+class Progress:
+    """Where the run stands: the state after ``step`` steps, the training batches from there on, the
+    loss/accuracy sums of the epoch so far (``running``), the unreadable training images replaced so far,
+    and the metrics of the last evaluation."""
+
+    step: int
+    state: Any
+    batches: Any
+    running: Dict[str, float]
+    skipped: int = 0
+    restored: bool = False
+    eval_metrics: Dict[str, float] = dataclasses.field(
+        default_factory=lambda: {"loss": math.nan, "accuracy": math.nan})
+    train_start: float = 0.0  # time.time() when the first step started (the programs compiled)
+    epoch_start: float = 0.0
+
+
+def set_up(config: Config) -> Run:
+    """Validate ``config``, start the distributed runtime, create the workdir and build the run's data,
+    mesh, model, optimiser and schedules; a configuration the run cannot use raises :class:`UsageError`."""
     config.validate()
     if config.dtype == "float64":
         jax.config.update("jax_enable_x64", True)
     parallel.initialize(config.distributed)
-    primary = jax.process_index() == 0
     workdir = config.workdir or default_workdir(config)
     config = dataclasses.replace(config, workdir=workdir)
     if os.path.exists(workdir) and not os.path.isdir(workdir):
@@ -125,8 +196,8 @@ def train_and_evaluate(config: Config) -> Dict[str, Any]:
     os.makedirs(workdir, exist_ok=True)
 
     dataset = data_lib.load_dataset(config)
-    pipeline = data_lib.Pipeline(dataset, config.batch_size, config.seed, config.data_workers,
-                                 jax.process_index(), jax.process_count())
+    pipeline = pipeline_lib.Pipeline(dataset, config.batch_size, config.seed, config.data_workers,
+                                     jax.process_index(), jax.process_count())
     mesh = parallel.make_mesh()
     if config.batch_size % mesh.size:
         raise UsageError(f"--batch_size={config.batch_size} must be divisible by the number of devices "
@@ -134,204 +205,296 @@ def train_and_evaluate(config: Config) -> Dict[str, Any]:
     steps.check_image_size(config, dataset.image_shape)
     spe = pipeline.steps_per_epoch
     total_steps = config.num_steps or config.num_epochs * spe
-
     model = steps.create_model(config, dataset.num_classes, dataset.image_shape)
     tx, lr_schedule = steps.create_optimizer(config, spe, total_steps)
-    temperature_fn = steps.temperature_schedule(config, spe)
+    return Run(config, jax.process_index() == 0, dataset, pipeline, mesh, total_steps, model, tx, lr_schedule,
+               steps.temperature_schedule(config, spe))
+
+
+def open_checkpointer(run: Run, cleanup: contextlib.ExitStack) -> ckpt_lib.Checkpointer:
+    """The run's checkpointer, closed by ``cleanup`` (after the pipeline's eval workers); refuses a workdir
+    with checkpoints unless ``--resume``, checks a resumed run's configuration, writes ``config.json``."""
+    config, workdir = run.config, run.config.workdir
+    # Asynchronous: a checkpoint's arrays are written while the next steps run (train/checkpoint.py), in
+    # multi-process runs too (Orbax's background threads synchronise through the distributed client).
+    checkpointer = ckpt_lib.Checkpointer(workdir, config.keep_checkpoints, asynchronous=True)
+    cleanup.callback(checkpointer.close)
+    cleanup.callback(run.pipeline.close)  # the eval iterator's worker processes
+    existing = checkpointer.all_steps()
+    if existing and not config.resume:
+        raise UsageError(f"{workdir} already has checkpoints (steps {existing}); pass --resume to continue "
+                         f"that run or choose another --workdir")
+    if config.resume:
+        _check_resumable(workdir, config)
+    if run.primary:
+        _write_config(workdir, config)
+    return checkpointer
+
+
+def compile_steps(run: Run) -> Programs:
+    """Jit the train and eval steps with the run's shardings and start compiling them and the init."""
+    # Parameters are drawn with the 'rbg' PRNG: XLA:CPU compiles a threefry init of a ResNet
+    # several times slower (docs/performance.md, "Compile time"). Dropout keeps threefry,
+    # whose sharded random bits equal the unsharded ones.
+    config, pipeline = run.config, run.pipeline
+    init_key = jax.random.key(config.seed, impl="rbg")
+    dropout_key = jax.random.fold_in(jax.random.key(config.seed), 1)
+    repl, data_sharding = parallel.replicated(run.mesh), parallel.batch_sharded(run.mesh)
+    # The step adds its metrics to on-device sums: the host waits for the device only when it fetches
+    # them (every --log_every_steps, at epoch ends and before each checkpoint), not every step.
+    train_step = jax.jit(
+        functools.partial(steps.accumulating_train_step, temperature_fn=run.temperature_fn,
+                          label_smoothing=config.label_smoothing, learning_rate_fn=run.learning_rate_fn,
+                          normalize=pipeline.normalize),
+        in_shardings=(repl, repl, data_sharding, data_sharding, repl), out_shardings=(repl, repl),
+        donate_argnums=(0, 1))
+    eval_step = jax.jit(
+        functools.partial(steps.eval_step, normalize=pipeline.normalize),
+        in_shardings=(repl, data_sharding, data_sharding, data_sharding, repl), out_shardings=repl)
+    compiled = _compile_ahead(run.mesh, pipeline, run.model, run.tx, init_key, dropout_key, train_step, eval_step)
+    return Programs(*compiled, init_key, dropout_key, repl, data_sharding)
+
+
+def _restore_latest(checkpointer: ckpt_lib.Checkpointer, state, config: Config):
+    """``checkpointer.restore_latest(state)`` with ``--resume`` (None without it, or when every checkpoint
+    failed its check and ``--allow_restart`` lets the run start again)."""
+    if not config.resume:
+        return None
+    try:
+        return checkpointer.restore_latest(state)
+    except ckpt_lib.NoIntactCheckpoint as error:
+        if not config.allow_restart:
+            raise ckpt_lib.NoIntactCheckpoint(f"{error}\n--resume refuses to train from step 0 instead: pass "
+                                              f"--allow_restart to do that") from None
+        print(f"--resume --allow_restart: {error}\nstarting from step 0", file=sys.stderr, flush=True)
+        return None
+
+
+def restore_checkpoint(run: Run, checkpointer: ckpt_lib.Checkpointer, state,
+                       cleanup: contextlib.ExitStack) -> Progress:
+    """Where to start: the newest intact checkpoint's state, metrics and data iterator with ``--resume``,
+    else ``state`` at step 0 (the iterator in use when the run stops is closed by ``cleanup``)."""
+    config = run.config
+    restored = _restore_latest(checkpointer, state, config)
+    progress = Progress(0, state, run.pipeline.train_iterator(run.total_steps),
+                        {"loss": 0.0, "accuracy": 0.0, "count": 0})
+    cleanup.callback(lambda: _close_iterator(progress.batches))
+    if restored is not None:
+        progress.step, progress.state, meta = restored
+        progress.running, progress.skipped, progress.restored = meta["running"], meta.get("skipped_images", 0), True
+        if not checkpointer.restore_data(progress.step, progress.batches):
+            # No data state for this process count (e.g. an older checkpoint): batches are a pure
+            # function of (seed, step), so starting the dataset at the step is the same.
+            _close_iterator(progress.batches)
+            progress.batches = run.pipeline.train_iterator(run.total_steps, progress.step)
+        print(f"resumed from {checkpointer.directory}/{progress.step} (step {progress.step}/{run.total_steps})",
+              flush=True)
+    elif config.resume:
+        quarantined = checkpointer.quarantined_steps()
+        if quarantined and not config.allow_restart and not checkpointer.all_steps():
+            raise ckpt_lib.CheckpointError(
+                f"--resume: no intact checkpoint in {checkpointer.directory}; the checkpoints of steps "
+                f"{quarantined} failed their integrity check and are in {checkpointer.corrupt_directory}. "
+                f"Restarting would train from step 0: pass --allow_restart to do that, or restore a checkpoint "
+                f"by hand")
+        print(f"--resume: no checkpoint in {checkpointer.directory}; starting from step 0", flush=True)
+    return progress
+
+
+def _announce(run: Run) -> None:
+    config, dataset = run.config, run.dataset
+    print(f"{config.model} conv={config.conv} K={config.num_experts} on {dataset.name} "
+          f"{dataset.image_shape} ({len(dataset.train)} train / {len(dataset.eval)} eval), "
+          f"{jax.process_count()} process(es), {jax.device_count()} device(s) [{jax.devices()[0].platform}], "
+          f"batch {config.batch_size}, {config.data_workers} data worker(s), "
+          f"{run.total_steps} steps ({run.pipeline.steps_per_epoch}/epoch); workdir {config.workdir}", flush=True)
+
+
+def _progress_bar(run: Run, start_step: int, cleanup: contextlib.ExitStack):
+    """``(bar, log)``: a tqdm bar on process 0 with ``--progress`` (else None), and the function that prints
+    a line (above the bar when there is one)."""
+    bar = None
+    if run.config.progress and run.primary:
+        from tqdm import tqdm  # here: only a run that shows a bar needs it
+
+        bar = tqdm(total=run.total_steps, initial=start_step, unit="step", dynamic_ncols=True, file=sys.stderr)
+        cleanup.callback(bar.close)
+    return bar, (bar.write if bar is not None else functools.partial(print, flush=True))
+
+
+def _next_batch(run: Run, progress: Progress, step: int, log) -> Dict[str, np.ndarray]:
+    """This process's batch of ``step``; its replaced unreadable images are counted and named."""
+    batch = next(progress.batches)
+    if int(batch["step"][0]) != step:
+        raise RuntimeError(f"data iterator out of step: got the batch of step {int(batch['step'][0])} "
+                           f"at step {step}")
+    for index in batch["bad"][batch["bad"] >= 0]:
+        progress.skipped += 1
+        log(f"WARNING: step {step + 1}: skipped unreadable image {run.dataset.train.describe(int(index))} "
+            f"({progress.skipped} so far)")
+    return batch
+
+
+def train_steps(run: Run, programs: Programs, progress: Progress, checkpointer: ckpt_lib.Checkpointer,
+                writer: metrics_lib.MetricsWriter, bar, log) -> Dict[str, float]:
+    """Train from ``progress.step`` to the end, updating ``progress``. The host fetches the metric sums
+    every ``--log_every_steps``, at epoch ends and before each checkpoint (and waits for the devices only
+    then); there it checks them, logs, evaluates at epoch ends and saves. Returns the data-wait summary."""
+    config, repl = run.config, programs.replicated
+    p_train_step, p_eval_step = programs.train_step.result(), programs.eval_step.result()
+    clock = metrics_lib.DataWaitClock()
+    sums = parallel.replicate(steps.zero_metric_sums(), repl)
+    progress.train_start = progress.epoch_start = time.time()
+    for step in range(progress.step, run.total_steps):
+        clock.waiting()
+        batch = _next_batch(run, progress, step, log)
+        images, labels = parallel.global_batch(programs.data_sharding, batch["image"], batch["label"])  # uint8
+        clock.ready(devices_busy=not progress.state.step.is_ready())  # state: the previous step's output
+        progress.state, sums = p_train_step(progress.state, sums, images, labels, programs.dropout_key)
+        clock.dispatched()
+        progress.step = done = step + 1
+        if bar is not None:
+            bar.update(1)
+        epoch_end = done % run.pipeline.steps_per_epoch == 0 or done == run.total_steps
+        checkpoint_due = done % config.checkpoint_every_steps == 0 or done == run.total_steps
+        if not (done % config.log_every_steps == 0 or epoch_end or checkpoint_due):
+            continue
+        window = {k: float(v) for k, v in jax.device_get(sums).items()}  # the host waits here only
+        sums = parallel.replicate(steps.zero_metric_sums(), repl)
+        check_finite(run, window, done, checkpointer)
+        for key in ("loss", "accuracy"):
+            progress.running[key] += window[key] * config.batch_size
+        progress.running["count"] += int(window["steps"]) * config.batch_size
+        if done % config.log_every_steps == 0:
+            _log_train(run, window, done, writer, bar, log)
+        if epoch_end:
+            temperature = run.temperature_fn(done)
+            with clock.paused():
+                progress.eval_metrics = evaluate(p_eval_step, progress.state, run.pipeline, programs.data_sharding,
+                                                 parallel.replicate(np.float32(temperature), repl))
+            end_epoch(run, progress, window, temperature, checkpointer, writer, log, clock)
+        if checkpoint_due:
+            with clock.paused():
+                save_checkpoint(checkpointer, progress)
+    return clock.summary()
+
+
+def check_finite(run: Run, window: Dict[str, float], done: int, checkpointer: ckpt_lib.Checkpointer) -> None:
+    """Raise :class:`TrainingDiverged` when a step of the fetched ``window`` of metric sums (the steps up to
+    ``done``) had a NaN/Inf loss or gradient norm, naming the first such step and the last good checkpoint."""
+    if window["first_nonfinite_step"] < 0:
+        return
+    bad = int(window["first_nonfinite_step"])
+    name = "loss" if not math.isfinite(window["nonfinite_loss"]) else "grad_norm"
+    smoothing = run.config.label_smoothing
+    raise TrainingDiverged(
+        f"step {bad + 1}: training {'loss (cross-entropy' if name == 'loss' else 'gradient norm ('}"
+        f"{f', label smoothing {smoothing})' if name == 'loss' else 'of the loss)'} "
+        f"is {window['nonfinite_' + name]} (loss {window['nonfinite_loss']}, grad norm "
+        f"{window['nonfinite_grad_norm']}, lr {float(run.learning_rate_fn(bad)):.4g}); found at the check after "
+        f"step {done} (steps {done - int(window['steps']) + 1}-{done} checked together: every "
+        f"--log_every_steps, at epoch ends and before checkpoints); stopped. Last good checkpoint: "
+        f"{checkpointer.last_good()}")
+
+
+def _log_train(run: Run, window: Dict[str, float], done: int, writer: metrics_lib.MetricsWriter, bar, log) -> None:
+    """The mean loss and accuracy of the steps since the last fetch, to the metrics and the bar (or a line)."""
+    lr = window["learning_rate"]
+    mean = {k: window[k] / window["steps"] for k in ("loss", "accuracy")}
+    writer.scalars(done, {**mean, "grad_norm": window["last_grad_norm"], "learning_rate": lr,
+                          "temperature": window["temperature"]}, "train")
+    if bar is not None:
+        bar.set_postfix(loss=f"{mean['loss']:.4f}", lr=f"{lr:.4g}", T=f"{window['temperature']:.2f}", refresh=False)
+    else:
+        log(f"step {done}/{run.total_steps} loss {mean['loss']:.4f} acc {mean['accuracy']:.4f} "
+            f"lr {lr:.4g} T {window['temperature']:.3f}")
+
+
+def end_epoch(run: Run, progress: Progress, window: Dict[str, float], temperature,
+              checkpointer: ckpt_lib.Checkpointer, writer: metrics_lib.MetricsWriter, log,
+              clock: metrics_lib.DataWaitClock) -> None:
+    """After the epoch's evaluation (``progress.eval_metrics``): refuse a NaN/Inf eval loss, write and log the
+    epoch's row and start the next epoch's sums."""
+    config, done, eval_metrics = run.config, progress.step, progress.eval_metrics
+    if not math.isfinite(eval_metrics["loss"]):
+        raise TrainingDiverged(f"step {done}: eval loss (cross-entropy on {config.eval_split}) is "
+                               f"{eval_metrics['loss']}; stopped. Last good checkpoint: {checkpointer.last_good()}")
+    running, lr = progress.running, window["learning_rate"]
+    row = {"epoch": math.ceil(done / run.pipeline.steps_per_epoch), "step": done,
+           "train_loss": running["loss"] / running["count"], "train_accuracy": running["accuracy"] / running["count"],
+           "eval_loss": eval_metrics["loss"], "eval_accuracy": eval_metrics["accuracy"],
+           "learning_rate": lr, "temperature": float(temperature),
+           "seconds": round(time.time() - progress.epoch_start, 2)}
+    writer.epoch(row)
+    log(f"epoch {row['epoch']:>3} step {done}: train loss {row['train_loss']:.4f} "
+        f"acc {row['train_accuracy']:.4f} | {config.eval_split} loss {row['eval_loss']:.4f} "
+        f"acc {row['eval_accuracy']:.4f} | lr {lr:.4g} T {row['temperature']:.3f} "
+        f"| {row['seconds']:.1f}s, data wait {100 * clock.epoch_fraction():.0f}%")
+    progress.running = {"loss": 0.0, "accuracy": 0.0, "count": 0}
+    progress.epoch_start = time.time()
+
+
+def save_checkpoint(checkpointer: ckpt_lib.Checkpointer, progress: Progress) -> None:
+    """Start saving the state, the epoch's metric sums and the data iterator at ``progress.step``."""
+    try:
+        checkpointer.save(progress.step, progress.state,
+                          {"running": progress.running, "skipped_images": progress.skipped}, progress.batches)
+    except ckpt_lib.CheckpointError as error:
+        raise _checkpoint_failure(error, checkpointer) from None
+
+
+def wait_for_checkpoints(checkpointer: ckpt_lib.Checkpointer) -> None:
+    """Return once the last checkpoint is on disk (the run reports done only then)."""
+    try:
+        checkpointer.wait()
+    except ckpt_lib.CheckpointError as error:
+        raise _checkpoint_failure(error, checkpointer) from None
+
+
+def train_and_evaluate(config: Config) -> Dict[str, Any]:
+    """Train ``config``; returns the final metrics, the state and paths (see docs/training.md)."""
+    run = set_up(config)
     # Everything opened from here on is closed on every way out, in reverse order: the progress bar, the
     # metrics writer, the data iterators (their worker processes stop) and last the checkpointer (it waits
     # for a write in flight, also when the run stops with an error).
     with contextlib.ExitStack() as cleanup:
-        # Asynchronous: a checkpoint's arrays are written while the next steps run (train/checkpoint.py), in
-        # multi-process runs too (Orbax's background threads synchronise through the distributed client).
-        checkpointer = ckpt_lib.Checkpointer(workdir, config.keep_checkpoints, asynchronous=True)
-        cleanup.callback(checkpointer.close)
-        cleanup.callback(pipeline.close)  # the eval iterator's worker processes
-        existing = checkpointer.all_steps()
-        if existing and not config.resume:
-            raise UsageError(f"{workdir} already has checkpoints (steps {existing}); pass --resume to continue "
-                             f"that run or choose another --workdir")
-        if config.resume:
-            _check_resumable(workdir, config)
-        if primary:
-            _write_config(workdir, config)
-
-        # Parameters are drawn with the 'rbg' PRNG: XLA:CPU compiles a threefry init of a ResNet
-        # several times slower (docs/performance.md, "Compile time"). Dropout keeps threefry,
-        # whose sharded random bits equal the unsharded ones.
-        init_key = jax.random.key(config.seed, impl="rbg")
-        dropout_key = jax.random.fold_in(jax.random.key(config.seed), 1)
-        repl, data_sharding = parallel.replicated(mesh), parallel.batch_sharded(mesh)
-        # The step adds its metrics to on-device sums: the host waits for the device only when it fetches
-        # them (every --log_every_steps, at epoch ends and before each checkpoint), not every step.
-        train_step = jax.jit(
-            functools.partial(steps.accumulating_train_step, temperature_fn=temperature_fn,
-                              label_smoothing=config.label_smoothing, learning_rate_fn=lr_schedule,
-                              normalize=pipeline.normalize),
-            in_shardings=(repl, repl, data_sharding, data_sharding, repl), out_shardings=(repl, repl),
-            donate_argnums=(0, 1))
-        eval_step = jax.jit(
-            functools.partial(steps.eval_step, normalize=pipeline.normalize),
-            in_shardings=(repl, data_sharding, data_sharding, data_sharding, repl), out_shardings=repl)
-        compiled_init, compiled_train_step, compiled_eval_step = _compile_ahead(
-            mesh, pipeline, model, tx, init_key, dropout_key, train_step, eval_step)
-        state = steps.train_state_from_variables(compiled_init.result()(init_key), model, tx)
-
-        start_step, skipped = 0, 0
-        running = {"loss": 0.0, "accuracy": 0.0, "count": 0}
-        try:
-            restored = checkpointer.restore_latest(state) if config.resume else None
-        except ckpt_lib.NoIntactCheckpoint as error:
-            if not config.allow_restart:
-                raise ckpt_lib.NoIntactCheckpoint(f"{error}\n--resume refuses to train from step 0 instead: pass "
-                                                  f"--allow_restart to do that") from None
-            print(f"--resume --allow_restart: {error}\nstarting from step 0", file=sys.stderr, flush=True)
-            restored = None
-        batches = pipeline.train_iterator(total_steps)
-        cleanup.callback(lambda: _close_iterator(batches))  # the one in use when the run stops
-        if restored is not None:
-            start_step, state, meta = restored
-            running, skipped = meta["running"], meta.get("skipped_images", 0)
-            if not checkpointer.restore_data(start_step, batches):
-                # No data state for this process count (e.g. an older checkpoint): batches are a pure
-                # function of (seed, step), so starting the dataset at the step is the same.
-                _close_iterator(batches)
-                batches = pipeline.train_iterator(total_steps, start_step)
-            print(f"resumed from {checkpointer.directory}/{start_step} (step {start_step}/{total_steps})", flush=True)
-        elif config.resume:
-            quarantined = checkpointer.quarantined_steps()
-            if quarantined and not config.allow_restart and not checkpointer.all_steps():
-                raise ckpt_lib.CheckpointError(
-                    f"--resume: no intact checkpoint in {checkpointer.directory}; the checkpoints of steps "
-                    f"{quarantined} failed their integrity check and are in {checkpointer.corrupt_directory}. "
-                    f"Restarting would train from step 0: pass --allow_restart to do that, or restore a checkpoint "
-                    f"by hand")
-            print(f"--resume: no checkpoint in {checkpointer.directory}; starting from step 0", flush=True)
-
-        state, dropout_key = parallel.replicate((state, dropout_key), repl)
-
-        writer = metrics_lib.MetricsWriter(workdir, start_step if restored else None, config.tensorboard, primary)
+        checkpointer = open_checkpointer(run, cleanup)
+        programs = compile_steps(run)
+        state = steps.train_state_from_variables(programs.init.result()(programs.init_key), run.model, run.tx)
+        progress = restore_checkpoint(run, checkpointer, state, cleanup)
+        start_step = progress.step
+        progress.state, dropout_key = parallel.replicate((progress.state, programs.dropout_key), programs.replicated)
+        programs = dataclasses.replace(programs, dropout_key=dropout_key)
+        writer = metrics_lib.MetricsWriter(run.config.workdir, start_step if progress.restored else None,
+                                           run.config.tensorboard, run.primary)
         cleanup.callback(writer.close)
-        if primary:
-            print(f"{config.model} conv={config.conv} K={config.num_experts} on {dataset.name} "
-                  f"{dataset.image_shape} ({len(dataset.train)} train / {len(dataset.eval)} eval), "
-                  f"{jax.process_count()} process(es), {jax.device_count()} device(s) [{jax.devices()[0].platform}], "
-                  f"batch {config.batch_size}, {config.data_workers} data worker(s), "
-                  f"{total_steps} steps ({spe}/epoch); workdir {workdir}", flush=True)
+        if run.primary:
+            _announce(run)
+        bar, log = _progress_bar(run, start_step, cleanup)
+        data_timing = train_steps(run, programs, progress, checkpointer, writer, bar, log)
+        wait_for_checkpoints(checkpointer)
+    return finish(run, progress, checkpointer, data_timing, start_step, time.time() - progress.train_start, log)
 
-        p_train_step, p_eval_step = compiled_train_step.result(), compiled_eval_step.result()
-        bar = None
-        if config.progress and primary:
-            from tqdm import tqdm
 
-            bar = tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True, file=sys.stderr)
-            cleanup.callback(bar.close)
-        log = bar.write if bar is not None else functools.partial(print, flush=True)
-
-        t_start = t_epoch = time.time()
-        eval_metrics = {"loss": math.nan, "accuracy": math.nan}
-        clock = metrics_lib.DataWaitClock()
-        sums = parallel.replicate(steps.zero_metric_sums(), repl)
-        for step in range(start_step, total_steps):
-            clock.waiting()
-            batch = next(batches)
-            if int(batch["step"][0]) != step:
-                raise RuntimeError(f"data iterator out of step: got the batch of step {int(batch['step'][0])} "
-                                   f"at step {step}")
-            for index in batch["bad"][batch["bad"] >= 0]:
-                skipped += 1
-                log(f"WARNING: step {step + 1}: skipped unreadable image {dataset.train.describe(int(index))} "
-                    f"({skipped} so far)")
-            images, labels = parallel.global_batch(data_sharding, batch["image"], batch["label"])  # uint8
-            clock.ready(devices_busy=not state.step.is_ready())  # state: the previous step's output
-            state, sums = p_train_step(state, sums, images, labels, dropout_key)
-            clock.dispatched()
-            done = step + 1
-            if bar is not None:
-                bar.update(1)
-            epoch_end = done % spe == 0 or done == total_steps
-            checkpoint_due = done % config.checkpoint_every_steps == 0 or done == total_steps
-            if not (done % config.log_every_steps == 0 or epoch_end or checkpoint_due):
-                continue
-            window = {k: float(v) for k, v in jax.device_get(sums).items()}  # the host waits here only
-            sums = parallel.replicate(steps.zero_metric_sums(), repl)
-            if window["first_nonfinite_step"] >= 0:
-                bad = int(window["first_nonfinite_step"])
-                name = "loss" if not math.isfinite(window["nonfinite_loss"]) else "grad_norm"
-                raise TrainingDiverged(
-                    f"step {bad + 1}: training {'loss (cross-entropy' if name == 'loss' else 'gradient norm ('}"
-                    f"{f', label smoothing {config.label_smoothing})' if name == 'loss' else 'of the loss)'} "
-                    f"is {window['nonfinite_' + name]} (loss {window['nonfinite_loss']}, grad norm "
-                    f"{window['nonfinite_grad_norm']}, lr {float(lr_schedule(bad)):.4g}); found at the check after "
-                    f"step {done} (steps {done - int(window['steps']) + 1}-{done} checked together: every "
-                    f"--log_every_steps, at epoch ends and before checkpoints); stopped. Last good checkpoint: "
-                    f"{checkpointer.last_good()}")
-            n = config.batch_size
-            running["loss"] += window["loss"] * n
-            running["accuracy"] += window["accuracy"] * n
-            running["count"] += int(window["steps"]) * n
-            lr = window["learning_rate"]
-            if done % config.log_every_steps == 0:
-                mean = {k: window[k] / window["steps"] for k in ("loss", "accuracy")}
-                writer.scalars(done, {**mean, "grad_norm": window["last_grad_norm"], "learning_rate": lr,
-                                      "temperature": window["temperature"]}, "train")
-                if bar is not None:
-                    bar.set_postfix(loss=f"{mean['loss']:.4f}", lr=f"{lr:.4g}", T=f"{window['temperature']:.2f}",
-                                    refresh=False)
-                else:
-                    log(f"step {done}/{total_steps} loss {mean['loss']:.4f} acc {mean['accuracy']:.4f} "
-                        f"lr {lr:.4g} T {window['temperature']:.3f}")
-            if epoch_end:
-                temperature = temperature_fn(done)
-                with clock.paused():
-                    eval_metrics = evaluate(p_eval_step, state, pipeline, data_sharding,
-                                            parallel.replicate(np.float32(temperature), repl))
-                if not math.isfinite(eval_metrics["loss"]):
-                    raise TrainingDiverged(f"step {done}: eval loss (cross-entropy on {config.eval_split}) is "
-                                           f"{eval_metrics['loss']}; stopped. Last good checkpoint: "
-                                           f"{checkpointer.last_good()}")
-                row = {"epoch": math.ceil(done / spe), "step": done,
-                       "train_loss": running["loss"] / running["count"],
-                       "train_accuracy": running["accuracy"] / running["count"],
-                       "eval_loss": eval_metrics["loss"], "eval_accuracy": eval_metrics["accuracy"],
-                       "learning_rate": lr, "temperature": float(temperature),
-                       "seconds": round(time.time() - t_epoch, 2)}
-                writer.epoch(row)
-                log(f"epoch {row['epoch']:>3} step {done}: train loss {row['train_loss']:.4f} "
-                    f"acc {row['train_accuracy']:.4f} | {config.eval_split} loss {row['eval_loss']:.4f} "
-                    f"acc {row['eval_accuracy']:.4f} | lr {lr:.4g} T {row['temperature']:.3f} "
-                    f"| {row['seconds']:.1f}s, data wait {100 * clock.epoch_fraction():.0f}%")
-                running = {"loss": 0.0, "accuracy": 0.0, "count": 0}
-                t_epoch = time.time()
-            if checkpoint_due:
-                try:
-                    with clock.paused():
-                        checkpointer.save(done, state, {"running": running, "skipped_images": skipped}, batches)
-                except ckpt_lib.CheckpointError as error:
-                    raise _checkpoint_failure(error, checkpointer) from None
-        data_timing = clock.summary()
-        try:
-            checkpointer.wait()  # the last checkpoint is on disk before the run reports done
-        except ckpt_lib.CheckpointError as error:
-            raise _checkpoint_failure(error, checkpointer) from None
-
-    elapsed = time.time() - t_start
-    result = {"workdir": workdir, "steps": total_steps, "eval_loss": eval_metrics["loss"],
-              "eval_accuracy": eval_metrics["accuracy"], "seconds": elapsed, "state": state,
-              "checkpoint_dir": checkpointer.directory, "skipped_images": skipped,
+def finish(run: Run, progress: Progress, checkpointer: ckpt_lib.Checkpointer, data_timing: Dict[str, float],
+           start_step: int, elapsed: float, log) -> Dict[str, Any]:
+    """The run's result (metrics, state, paths, data-wait timing); on process 0 also the export (with
+    ``--export``) and ``summary.json``."""
+    config, total_steps, eval_metrics = run.config, run.total_steps, progress.eval_metrics
+    result = {"workdir": config.workdir, "steps": total_steps, "eval_loss": eval_metrics["loss"],
+              "eval_accuracy": eval_metrics["accuracy"], "seconds": elapsed, "state": progress.state,
+              "checkpoint_dir": checkpointer.directory, "skipped_images": progress.skipped,
               **{k: data_timing[k] for k in ("data_wait_fraction", "host_data_wait_fraction", "first_batch_seconds")},
               "step_seconds": data_timing["steady_seconds"] / max(total_steps - start_step - 1, 1)}
-    if config.export and primary:
-        from train.export import export_and_verify
-
-        variables = {"params": state.params, "batch_stats": state.batch_stats}
+    if config.export and run.primary:
+        variables = {"params": progress.state.params, "batch_stats": progress.state.batch_stats}
         result["export"] = export_and_verify(
-            config, model, variables, dataset.eval_examples(EXPORT_EXAMPLES), dataset.num_classes,
-            float(temperature_fn(total_steps)), os.path.join(workdir, "model.safetensors"))
-    if primary:
+            config, run.model, variables, run.dataset.eval_examples(EXPORT_EXAMPLES), run.dataset.num_classes,
+            float(run.temperature_fn(total_steps)), os.path.join(config.workdir, "model.safetensors"))
+    if run.primary:
         log(f"done: {total_steps} steps in {elapsed:.1f}s; {config.eval_split} accuracy "
             f"{eval_metrics['accuracy']:.4f}, loss {eval_metrics['loss']:.4f}"
-            + (f"; skipped {skipped} unreadable training image(s)" if skipped else ""))
-        with open(os.path.join(workdir, "summary.json"), "w") as f:
+            + (f"; skipped {progress.skipped} unreadable training image(s)" if progress.skipped else ""))
+        with open(os.path.join(config.workdir, "summary.json"), "w") as f:
             json.dump({k: v for k, v in result.items() if k != "state"}, f, indent=2)
     return result

@@ -9,6 +9,7 @@ byte-for-byte reproducible for a given scikit-learn version.
 """
 from __future__ import annotations
 
+import argparse
 import os
 
 import numpy as np
@@ -18,6 +19,7 @@ TEST_SIZE = 360
 
 
 def build(path: str = PATH) -> None:
+    # Here: scikit-learn is needed only to regenerate the embedded file.
     from sklearn.datasets import load_digits
     from sklearn.model_selection import train_test_split
 
@@ -29,7 +31,14 @@ def build(path: str = PATH) -> None:
     np.savez_compressed(path, train_image=x_train, train_label=y_train, test_image=x_test, test_label=y_test)
 
 
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m train.make_digits", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", default=PATH, help="file to write (default: the embedded train/data/digits.npz)")
+    out = parser.parse_args(argv).out
+    build(out)
+    with np.load(out) as data:
+        print(out, {k: data[k].shape for k in data.files})
+
+
 if __name__ == "__main__":
-    build()
-    with np.load(PATH) as data:
-        print(PATH, {k: data[k].shape for k in data.files})
+    main()

@@ -60,13 +60,13 @@ def write_image_folder(root: str, split_sizes: Dict[str, int], num_classes: int 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m train.make_imagefolder", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", required=True)
-    parser.add_argument("--train", type=int, default=2000)
-    parser.add_argument("--test", type=int, default=200)
-    parser.add_argument("--classes", type=int, default=10)
-    parser.add_argument("--min_size", type=int, default=64)
-    parser.add_argument("--max_size", type=int, default=400)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", required=True, help="ROOT folder to write (ROOT/<split>/<class>/...)")
+    parser.add_argument("--train", type=int, default=2000, help="training images (default: 2000)")
+    parser.add_argument("--test", type=int, default=200, help="test images (default: 200)")
+    parser.add_argument("--classes", type=int, default=10, help="classes (default: 10)")
+    parser.add_argument("--min_size", type=int, default=64, help="smallest image side in pixels (default: 64)")
+    parser.add_argument("--max_size", type=int, default=400, help="largest image side in pixels (default: 400)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the images and their sizes (default: 0)")
     args = parser.parse_args(argv)
     counts = write_image_folder(args.out, {"train": args.train, "test": args.test}, args.classes, args.min_size,
                                 args.max_size, args.seed)

@@ -31,7 +31,7 @@ class MetricsWriter:
             writer.writeheader()
             writer.writerows(rows)
         if tensorboard:
-            from tensorboardX import SummaryWriter
+            from tensorboardX import SummaryWriter  # here: only --tensorboard runs need it
 
             self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
 

@@ -14,14 +14,17 @@ from typing import List, Optional, Sequence, Tuple
 
 import jax
 
+from dynconv_jax.inspect import collect_attentions, plot_all
+from dynconv_spec.paths import check_output_dir
+from train import checkpoint as ckpt_lib
+from train import data as data_lib
+from train import steps
+from train.config import UsageError, from_json
+from train.pipeline import Pipeline
+
 
 def load_run(workdir: str):
     """``(config, model, variables, dataset, temperature, step)`` of the newest checkpoint in ``workdir``."""
-    from train import checkpoint as ckpt_lib
-    from train import data as data_lib
-    from train import steps
-    from train.config import from_json
-
     config_path = os.path.join(workdir, "config.json")
     if not os.path.isfile(config_path):
         raise FileNotFoundError(f"{config_path} not found: --workdir must be the directory of a `python -m train` run")
@@ -31,7 +34,7 @@ def load_run(workdir: str):
     with open(config_path) as f:
         config = from_json(f.read(), config_path)
     dataset = data_lib.load_dataset(config)
-    spe = data_lib.Pipeline(dataset, config.batch_size, config.seed).steps_per_epoch
+    spe = Pipeline(dataset, config.batch_size, config.seed).steps_per_epoch
     total_steps = config.num_steps or config.num_epochs * spe
     model = steps.create_model(config, dataset.num_classes, dataset.image_shape)
     tx, _ = steps.create_optimizer(config, spe, total_steps)
@@ -52,12 +55,21 @@ def load_run(workdir: str):
     return config, model, variables, dataset, temperature, step
 
 
-def plot_run(workdir: str, out_dir: str, num_samples: int = 32) -> Tuple[List[str], str]:
-    """Write the attention plots of the run in ``workdir`` to ``out_dir``; returns ``(paths, summary line)``."""
-    from dynconv_jax.inspect import collect_attentions, plot_all
-
+def check_plot_args(out_dir: str, num_samples: int) -> None:
+    """:class:`~train.config.UsageError` for fewer than 2 samples or an ``out_dir`` that cannot be created
+    or written."""
     if num_samples < 2:
-        raise ValueError(f"--num_samples={num_samples}: need at least 2 samples to show a distribution")
+        raise UsageError(f"--num_samples={num_samples}: need at least 2 samples to show a distribution")
+    try:
+        check_output_dir(out_dir, "--out")
+    except ValueError as error:
+        raise UsageError(str(error)) from None
+
+
+def plot_run(workdir: str, out_dir: str, num_samples: int = 32) -> Tuple[List[str], str]:
+    """Write the attention plots of the run in ``workdir`` to ``out_dir``; returns ``(paths, summary line)``.
+    The arguments are checked (:func:`check_plot_args`) before the run is loaded."""
+    check_plot_args(out_dir, num_samples)
     config, model, variables, dataset, temperature, step = load_run(workdir)
     images = dataset.eval_examples(num_samples)
     attentions = collect_attentions(model, variables, images, temperature=temperature)
@@ -73,8 +85,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--out", required=True, help="directory for the PNG files")
     parser.add_argument("--num_samples", type=int, default=32, help="evaluation images to route (default 32)")
     args = parser.parse_args(argv)
-    from train import checkpoint as ckpt_lib
-
+    try:
+        check_plot_args(args.out, args.num_samples)
+    except UsageError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
     try:
         paths, summary = plot_run(args.workdir, args.out, args.num_samples)
     except (FileNotFoundError, ValueError, ckpt_lib.CheckpointError) as error:

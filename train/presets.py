@@ -1,16 +1,15 @@
-"""The papers' training recipes as data: ``python -m train --config=NAME [--key=value ...]``.
+"""The papers' training recipes as plain data: ``python -m train --config=NAME [--key=value ...]``.
 
-Each preset is a dict of :class:`~train.config.Config` fields applied over the defaults; flags
-given with it override it. The values are read from the official code / papers cited next to
-each preset; where the recipe leaves something open (label smoothing, clipping, warmup) the
-preset says what it chose. ImageNet presets expect ``imagenet2012`` prepared as ArrayRecord
+Each preset is a dict of :class:`~train.config.Config` fields that :func:`train.config.preset` applies
+over the defaults; flags given with it override it. The values are read from the official code /
+papers cited next to each preset; where the recipe leaves something open (label smoothing, clipping,
+warmup) the preset says what it chose. ImageNet presets expect ``imagenet2012`` prepared as ArrayRecord
 (``tfds build imagenet2012 --manual_dir=... --data_dir=DIR --file_format=array_record``) and
 ``--data_dir=DIR``; they also run on an image folder with ``--dataset=imagefolder``.
 """
 from __future__ import annotations
 
-import dataclasses
-from typing import Any, Dict, Optional
+from typing import Any, Dict
 
 # Shared by the ImageNet recipes of OSVAI/ODConv (README "Training", main.py) and DY-CNN: 224 px
 # random-resized crop + flip, Resize(256)/CenterCrop(224) eval, batch 256, SGD momentum 0.9 (no
@@ -45,7 +44,7 @@ PRESETS: Dict[str, Dict[str, Any]] = {
     "dycnn_resnet18_imagenet": dict(_IMAGENET, model="resnet18", conv="dynamic", num_experts=4, num_epochs=100,
                                     learning_rate=0.1, weight_decay=1e-4, schedule="step",
                                     decay_epochs=(30.0, 60.0, 90.0), decay_factor=0.1, dropout=0.1),
-    # ODConv ResNet-18 on CIFAR-10 (REFERENCE.md: the seed's recipe, RandomCrop(32, pad 4) + flip):
+    # ODConv ResNet-18 on CIFAR-10, a standard CIFAR-10 ResNet recipe (RandomCrop(32, pad 4) + flip):
     # 200 epochs, batch 128, SGD 0.9, lr 0.1, cosine, wd 5e-4, CIFAR stem, full width.
     "odconv_resnet18_cifar10": dict(dataset="cifar10", train_split="train", eval_split="test", preprocess="cifar",
                                     augment="crop_flip", crop_padding=4, model="resnet18", conv="odconv",
@@ -54,12 +53,3 @@ PRESETS: Dict[str, Dict[str, Any]] = {
                                     schedule="cosine", warmup_epochs=0.0, weight_decay=5e-4, label_smoothing=0.0,
                                     grad_clip_norm=None, temp_init=30.0, temp_final=1.0, temp_epochs=10.0),
 }
-
-
-def preset(name: str, base: Optional[Any] = None):
-    """``base`` (default: ``Config()``) with the fields of preset ``name``."""
-    from train.config import Config, UsageError
-
-    if name not in PRESETS:
-        raise UsageError(f"--config={name!r}: unknown preset; expected one of {', '.join(sorted(PRESETS))}")
-    return dataclasses.replace(base or Config(), **PRESETS[name])

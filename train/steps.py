@@ -21,6 +21,9 @@ import jax.numpy as jnp
 import optax
 from flax.training import train_state
 
+from dynconv_jax import models
+from train.config import UsageError
+
 Array = jax.Array
 
 
@@ -59,8 +62,6 @@ def check_image_size(config, image_shape) -> None:
     stem = model_kwargs(config, 1, image_shape).get("stem", "imagenet")
     stride = 8 if stem == "cifar" else 32
     if min(image_shape[:2]) < stride:
-        from train.config import UsageError
-
         raise UsageError(f"--image_size: {image_shape[0]}x{image_shape[1]} inputs are smaller than the total stride "
                          f"({stride}) of {config.model} with the {stem!r} stem; use --image_size >= {stride}")
 
@@ -68,8 +69,6 @@ def check_image_size(config, image_shape) -> None:
 def create_model(config, num_classes: int, image_shape):
     """The ``dynconv_jax.models`` network named by ``config.model`` (bf16 compute, or float64 parameters
     and compute, if asked)."""
-    from dynconv_jax import models
-
     kwargs = model_kwargs(config, num_classes, image_shape)
     if config.dtype == "bfloat16":
         kwargs["dtype"] = jnp.bfloat16

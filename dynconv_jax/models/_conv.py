@@ -56,7 +56,21 @@ def check_input(x, in_channels: int, where: str) -> None:
 
 def apply_conv(layer: nn.Module, x, *, train: bool, temperature):
     """Call a convolution made from :attr:`ModuleDefs.conv`: a dynamic layer gets ``train`` and
-    ``temperature``, a static ``nn.Conv`` only ``x``."""
+    ``temperature``, a static ``nn.Conv`` only ``x``.
+
+    Examples:
+      >>> import jax, jax.numpy as jnp
+      >>> from flax import linen as nn
+      >>> from dynconv_jax import CondConv
+      >>> from dynconv_jax.models import apply_conv
+      >>> x = jnp.ones((1, 4, 4, 2))
+      >>> for layer in (nn.Conv(3, (1, 1)), CondConv(3, (1, 1))):           # static: x only; dynamic: + train, T
+      ...     variables = layer.init(jax.random.key(0), x)
+      ...     y = layer.apply(variables, x, method=lambda m, x: apply_conv(m, x, train=False, temperature=1.0))
+      ...     print(type(layer).__name__, y.shape)
+      Conv (1, 4, 4, 3)
+      CondConv (1, 4, 4, 3)
+    """
     return layer(x) if isinstance(layer, nn.Conv) else layer(x, train=train, temperature=temperature)
 
 
@@ -72,6 +86,12 @@ class ModuleDefs(NamedTuple):
       norm: PyTorch-semantics BatchNorm (Linen: batch statistics when training), ``norm(name=)``.
       classifier: the dense classifier with the official models' N(0, 0.01²) init,
         ``classifier(features=, name=)``.
+
+    Examples:
+      >>> from dynconv_jax.models import ModuleDefs, resnet18
+      >>> defs = resnet18(conv="odconv").module_defs(train=False)
+      >>> isinstance(defs, ModuleDefs), defs.conv.func.__name__        # the dynamic layer conv= selects
+      (True, 'ODConv')
     """
 
     conv: ModuleDef
@@ -105,6 +125,11 @@ class DynamicNet(nn.Module):
       dtype: the dtype of the computation of every layer (default: inferred from input and params).
       param_dtype: the dtype of every parameter.
       precision: numerical precision of every convolution and dense layer.
+
+    Examples:
+      >>> from dynconv_jax.models import DynamicNet, ResNet
+      >>> issubclass(ResNet, DynamicNet), ResNet(conv="odconv").num_experts   # the shared fields
+      (True, 4)
     """
 
     conv: str = "static"

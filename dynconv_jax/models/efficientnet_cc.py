@@ -203,6 +203,17 @@ class EfficientNetCondConv(nn.Module):
       dtype: the dtype of the computation (default: inferred from input and params).
       param_dtype: the dtype of every parameter.
       precision: numerical precision of every convolution and dense layer.
+
+    Examples:
+      >>> import jax, jax.numpy as jnp
+      >>> from dynconv_jax.models import EfficientNetCondConv
+      >>> model = EfficientNetCondConv(tf_port=True, num_classes=10)          # B0, 4 experts, as timm's tf_ port
+      >>> x = jnp.zeros((2, 64, 64, 3))
+      >>> variables = jax.eval_shape(model.init, jax.random.key(0), x)        # shapes only
+      >>> variables['params']['blocks_5_0']['conv_pw']['kernel'].shape        # [K, 1, 1, I, O]
+      (4, 1, 1, 112, 672)
+      >>> jax.eval_shape(model.apply, variables, x).shape
+      (2, 10)
     """
 
     depth_multiplier: float = 1.0

@@ -73,8 +73,19 @@ class MobileNetV2(DynamicNet):
       width_mult: channel multiplier (channels rounded to multiples of 8).
       stem: 'imagenet' (total stride 32) or 'cifar' (stem and second stage at stride 1, total stride 8).
       dropout: dropout before the classifier (0.2 as torchvision and the official models).
-      conv, num_experts, num_classes, reduction, in_channels, conv_options, strategy, dtype,
-        param_dtype, precision: as :class:`~dynconv_jax.models._conv.DynamicNet`.
+
+    The other fields (``conv``, ``num_experts``, ``num_classes``, ``reduction``, ``in_channels``,
+    ``conv_options``, ``strategy``, ``dtype``, ``param_dtype``, ``precision``) are those of
+    :class:`~dynconv_jax.models._conv.DynamicNet`.
+
+    Examples:
+      >>> import jax, jax.numpy as jnp
+      >>> from dynconv_jax.models import MobileNetV2
+      >>> model = MobileNetV2(width_mult=0.25, conv="dynamic", stem="cifar", num_classes=10)
+      >>> x = jnp.zeros((2, 32, 32, 3))
+      >>> variables = jax.eval_shape(model.init, jax.random.key(0), x)
+      >>> jax.eval_shape(model.apply, variables, x).shape
+      (2, 10)
     """
 
     width_mult: float = 1.0
@@ -113,26 +124,55 @@ class MobileNetV2(DynamicNet):
 
 @register_model
 def mobilenet_v2(width_mult: float = 1.0, **kwargs) -> MobileNetV2:
-    """MobileNetV2; keyword arguments as :class:`MobileNetV2` (conv, num_experts, num_classes, stem, ...)."""
+    """MobileNetV2; keyword arguments as :class:`MobileNetV2` (conv, num_experts, num_classes, stem, ...).
+
+    Examples:
+      >>> from dynconv_jax.models import mobilenet_v2
+      >>> model = mobilenet_v2(width_mult=0.5, conv="condconv", num_experts=8)
+      >>> model.width_mult, model.conv, model.num_experts
+      (0.5, 'condconv', 8)
+    """
     return MobileNetV2(width_mult=width_mult, **kwargs)
 
 
 @register_model
 def od_mobilenetv2_050(**kwargs) -> MobileNetV2:
     """OSVAI/ODConv ``od_mobilenetv2_050(kernel_num=1, reduction=0.0625, **kwargs)``: MobileNetV2 ×0.5 with
-    ODConv (:func:`dynconv_spec.registry.odconv_model_args`; ``kwargs`` as :class:`MobileNetV2`)."""
+    ODConv (:func:`dynconv_spec.registry.odconv_model_args`: ``num_experts=`` in place of the official ``kernel_num=``
+    works too; ``kwargs`` as :class:`MobileNetV2`).
+
+    Examples:
+      >>> from dynconv_jax.models import od_mobilenetv2_050
+      >>> model = od_mobilenetv2_050(kernel_num=4)
+      >>> model.conv, model.num_experts, model.width_mult
+      ('odconv', 4, 0.5)
+    """
     return mobilenet_v2(**odconv_model_args("od_mobilenetv2_050", **kwargs))
 
 
 @register_model
 def od_mobilenetv2_075(**kwargs) -> MobileNetV2:
-    """OSVAI/ODConv ``od_mobilenetv2_075``: MobileNetV2 ×0.75 with ODConv (arguments as :func:`od_mobilenetv2_050`)."""
+    """OSVAI/ODConv ``od_mobilenetv2_075``: MobileNetV2 ×0.75 with ODConv (arguments as :func:`od_mobilenetv2_050`).
+
+    Examples:
+      >>> from dynconv_jax.models import od_mobilenetv2_075
+      >>> model = od_mobilenetv2_075(kernel_num=4)
+      >>> model.conv, model.num_experts, model.width_mult
+      ('odconv', 4, 0.75)
+    """
     return mobilenet_v2(**odconv_model_args("od_mobilenetv2_075", **kwargs))
 
 
 @register_model
 def od_mobilenetv2_100(**kwargs) -> MobileNetV2:
-    """OSVAI/ODConv ``od_mobilenetv2_100``: MobileNetV2 ×1.0 with ODConv (arguments as :func:`od_mobilenetv2_050`)."""
+    """OSVAI/ODConv ``od_mobilenetv2_100``: MobileNetV2 ×1.0 with ODConv (arguments as :func:`od_mobilenetv2_050`).
+
+    Examples:
+      >>> from dynconv_jax.models import od_mobilenetv2_100
+      >>> model = od_mobilenetv2_100(kernel_num=4)
+      >>> model.conv, model.num_experts, model.width_mult
+      ('odconv', 4, 1.0)
+    """
     return mobilenet_v2(**odconv_model_args("od_mobilenetv2_100", **kwargs))
 
 
@@ -140,12 +180,26 @@ def od_mobilenetv2_100(**kwargs) -> MobileNetV2:
 def kw_mobilenetv2_050(**kwargs) -> MobileNetV2:
     """OSVAI/KernelWarehouse ``kw_mobilenetv2_050(reduction=0.0625, cell_num_ratio=1, ..., sharing_range=('layer',
     'pwconv'), dropout=0.0, **kwargs)``: MobileNetV2 ×0.5 with KernelWarehouse
-    (:func:`dynconv_spec.registry.kw_model_args`; ``kwargs`` as :class:`MobileNetV2`)."""
+    (:func:`dynconv_spec.registry.kw_model_args`; ``kwargs`` as :class:`MobileNetV2`).
+
+    Examples:
+      >>> from dynconv_jax.models import kw_mobilenetv2_050
+      >>> model = kw_mobilenetv2_050()
+      >>> model.conv, model.width_mult, model.dropout                # the official models' dropout is 0
+      ('kernelwarehouse', 0.5, 0.0)
+    """
     return mobilenet_v2(**kw_model_args("kw_mobilenetv2_050", **kwargs))
 
 
 @register_model
 def kw_mobilenetv2_100(**kwargs) -> MobileNetV2:
     """OSVAI/KernelWarehouse ``kw_mobilenetv2_100``: MobileNetV2 ×1.0 with KernelWarehouse (arguments as
-    :func:`kw_mobilenetv2_050`)."""
+    :func:`kw_mobilenetv2_050`).
+
+    Examples:
+      >>> from dynconv_jax.models import kw_mobilenetv2_100
+      >>> model = kw_mobilenetv2_100()
+      >>> model.conv, model.width_mult, model.dropout                # the official models' dropout is 0
+      ('kernelwarehouse', 1.0, 0.0)
+    """
     return mobilenet_v2(**kw_model_args("kw_mobilenetv2_100", **kwargs))

@@ -98,8 +98,19 @@ class ResNet(DynamicNet):
       base_width: channels of the first stage; later stages ×2, ×4, ×8 (64 = the standard nets).
       stem: 'imagenet' (7×7/2 conv + 3×3/2 max-pool) or 'cifar' (3×3/1 conv, no max-pool).
       dropout: dropout on the pooled features before ``fc`` (official ODConv default 0.1).
-      conv, num_experts, num_classes, reduction, in_channels, conv_options, strategy, dtype,
-        param_dtype, precision: as :class:`~dynconv_jax.models._conv.DynamicNet`.
+
+    The other fields (``conv``, ``num_experts``, ``num_classes``, ``reduction``, ``in_channels``,
+    ``conv_options``, ``strategy``, ``dtype``, ``param_dtype``, ``precision``) are those of
+    :class:`~dynconv_jax.models._conv.DynamicNet`.
+
+    Examples:
+      >>> import jax, jax.numpy as jnp
+      >>> from dynconv_jax.models import ResNet
+      >>> model = ResNet(block="basic", layers=(1, 1, 1, 1), base_width=8, stem="cifar", conv="condconv", num_classes=10)
+      >>> x = jnp.zeros((2, 32, 32, 3))
+      >>> variables = jax.eval_shape(model.init, jax.random.key(0), x)
+      >>> jax.eval_shape(lambda v: model.apply(v, x, temperature=1.0), variables).shape
+      (2, 10)
     """
 
     block: str = "basic"
@@ -140,50 +151,112 @@ class ResNet(DynamicNet):
 
 @register_model
 def resnet18(**kwargs) -> ResNet:
-    """ResNet-18; keyword arguments as :class:`ResNet` (conv, num_experts, num_classes, stem, base_width, ...)."""
+    """ResNet-18; keyword arguments as :class:`ResNet` (conv, num_experts, num_classes, stem, base_width, ...).
+
+    Examples:
+      >>> import jax, jax.numpy as jnp
+      >>> from dynconv_jax.models import resnet18
+      >>> model = resnet18(conv="odconv", num_experts=4, num_classes=10, stem="cifar", base_width=16)
+      >>> x = jnp.zeros((8, 32, 32, 3))
+      >>> variables = jax.eval_shape(model.init, jax.random.key(0), x)
+      >>> logits, updates = jax.eval_shape(lambda v: model.apply(v, x, train=True, temperature=30.0,
+      ...     mutable=['batch_stats'], rngs={'dropout': jax.random.key(1)}), variables)
+      >>> logits.shape
+      (8, 10)
+    """
     return ResNet(**RESNET_ARCHS["resnet18"], **kwargs)
 
 
 @register_model
 def resnet34(**kwargs) -> ResNet:
-    """ResNet-34; keyword arguments as :class:`ResNet`."""
+    """ResNet-34; keyword arguments as :class:`ResNet`.
+
+    Examples:
+      >>> from dynconv_jax.models import resnet34
+      >>> model = resnet34(conv="dynamic", num_experts=4)     # a Linen module: nothing is built until init
+      >>> model.block, model.layers
+      ('basic', (3, 4, 6, 3))
+    """
     return ResNet(**RESNET_ARCHS["resnet34"], **kwargs)
 
 
 @register_model
 def resnet50(**kwargs) -> ResNet:
-    """ResNet-50; keyword arguments as :class:`ResNet`."""
+    """ResNet-50; keyword arguments as :class:`ResNet`.
+
+    Examples:
+      >>> from dynconv_jax.models import resnet50
+      >>> model = resnet50(conv="dynamic", num_experts=4)     # a Linen module: nothing is built until init
+      >>> model.block, model.layers
+      ('bottleneck', (3, 4, 6, 3))
+    """
     return ResNet(**RESNET_ARCHS["resnet50"], **kwargs)
 
 
 @register_model
 def resnet101(**kwargs) -> ResNet:
-    """ResNet-101; keyword arguments as :class:`ResNet`."""
+    """ResNet-101; keyword arguments as :class:`ResNet`.
+
+    Examples:
+      >>> from dynconv_jax.models import resnet101
+      >>> model = resnet101(conv="dynamic", num_experts=4)     # a Linen module: nothing is built until init
+      >>> model.block, model.layers
+      ('bottleneck', (3, 4, 23, 3))
+    """
     return ResNet(**RESNET_ARCHS["resnet101"], **kwargs)
 
 
 @register_model
 def od_resnet18(**kwargs) -> ResNet:
     """OSVAI/ODConv ``od_resnet18(kernel_num=1, reduction=0.0625, **kwargs)``: ResNet-18 with ODConv
-    (:func:`dynconv_spec.registry.odconv_model_args`; ``kwargs`` as :class:`ResNet`)."""
+    (:func:`dynconv_spec.registry.odconv_model_args`: ``num_experts=`` in place of the official ``kernel_num=``
+    works too; ``kwargs`` as :class:`ResNet`).
+
+    Examples:
+      >>> from dynconv_jax.models import od_resnet18
+      >>> model = od_resnet18(kernel_num=4)                      # the official entry point's arguments
+      >>> model.conv, model.num_experts, model.reduction, model.layers
+      ('odconv', 4, 0.0625, (2, 2, 2, 2))
+    """
     return resnet18(**odconv_model_args("od_resnet18", **kwargs))
 
 
 @register_model
 def od_resnet34(**kwargs) -> ResNet:
-    """OSVAI/ODConv ``od_resnet34``: ResNet-34 with ODConv (arguments as :func:`od_resnet18`)."""
+    """OSVAI/ODConv ``od_resnet34``: ResNet-34 with ODConv (arguments as :func:`od_resnet18`).
+
+    Examples:
+      >>> from dynconv_jax.models import od_resnet34
+      >>> model = od_resnet34(kernel_num=4)                      # the official entry point's arguments
+      >>> model.conv, model.num_experts, model.reduction, model.layers
+      ('odconv', 4, 0.0625, (3, 4, 6, 3))
+    """
     return resnet34(**odconv_model_args("od_resnet34", **kwargs))
 
 
 @register_model
 def od_resnet50(**kwargs) -> ResNet:
-    """OSVAI/ODConv ``od_resnet50``: ResNet-50 with ODConv (arguments as :func:`od_resnet18`)."""
+    """OSVAI/ODConv ``od_resnet50``: ResNet-50 with ODConv (arguments as :func:`od_resnet18`).
+
+    Examples:
+      >>> from dynconv_jax.models import od_resnet50
+      >>> model = od_resnet50(kernel_num=4)                      # the official entry point's arguments
+      >>> model.conv, model.num_experts, model.reduction, model.layers
+      ('odconv', 4, 0.0625, (3, 4, 6, 3))
+    """
     return resnet50(**odconv_model_args("od_resnet50", **kwargs))
 
 
 @register_model
 def od_resnet101(**kwargs) -> ResNet:
-    """OSVAI/ODConv ``od_resnet101``: ResNet-101 with ODConv (arguments as :func:`od_resnet18`)."""
+    """OSVAI/ODConv ``od_resnet101``: ResNet-101 with ODConv (arguments as :func:`od_resnet18`).
+
+    Examples:
+      >>> from dynconv_jax.models import od_resnet101
+      >>> model = od_resnet101(kernel_num=4)                      # the official entry point's arguments
+      >>> model.conv, model.num_experts, model.reduction, model.layers
+      ('odconv', 4, 0.0625, (3, 4, 23, 3))
+    """
     return resnet101(**odconv_model_args("od_resnet101", **kwargs))
 
 
@@ -191,11 +264,25 @@ def od_resnet101(**kwargs) -> ResNet:
 def kw_resnet18(**kwargs) -> ResNet:
     """OSVAI/KernelWarehouse ``kw_resnet18(reduction=0.0625, cell_num_ratio=1, cell_inplane_ratio=1,
     cell_outplane_ratio=1, sharing_range=('layer', 'conv'), nonlocal_basis_ratio=1, **kwargs)``: ResNet-18
-    with KernelWarehouse (:func:`dynconv_spec.registry.kw_model_args`; ``kwargs`` as :class:`ResNet`)."""
+    with KernelWarehouse (:func:`dynconv_spec.registry.kw_model_args`; ``kwargs`` as :class:`ResNet`).
+
+    Examples:
+      >>> from dynconv_jax.models import kw_resnet18
+      >>> model = kw_resnet18(cell_num_ratio=4.0)                # the official KW 4x config's budget
+      >>> model.conv, model.conv_options["cell_num_ratio"], model.layers
+      ('kernelwarehouse', 4.0, (2, 2, 2, 2))
+    """
     return resnet18(**kw_model_args("kw_resnet18", **kwargs))
 
 
 @register_model
 def kw_resnet50(**kwargs) -> ResNet:
-    """OSVAI/KernelWarehouse ``kw_resnet50``: ResNet-50 with KernelWarehouse (arguments as :func:`kw_resnet18`)."""
+    """OSVAI/KernelWarehouse ``kw_resnet50``: ResNet-50 with KernelWarehouse (arguments as :func:`kw_resnet18`).
+
+    Examples:
+      >>> from dynconv_jax.models import kw_resnet50
+      >>> model = kw_resnet50(cell_num_ratio=0.5, cell_inplane_ratio=0.5, cell_outplane_ratio=0.5)
+      >>> model.conv, model.conv_options["cell_num_ratio"], model.layers
+      ('kernelwarehouse', 0.5, (3, 4, 6, 3))
+    """
     return resnet50(**kw_model_args("kw_resnet50", **kwargs))

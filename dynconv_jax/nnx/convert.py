@@ -1,62 +1,20 @@
-"""Variables between the two Flax APIs: an NNX model's state as a Linen variables dict and back.
+"""Variables between the two Flax APIs: Linen variables into an NNX model, a PyTorch checkpoint into an NNX
+model, and the NNX twin of a Linen layer or model.
 
-The NNX modules of :mod:`dynconv_jax.nnx` have the Linen modules' parameter paths, so the Linen
-``params`` collection is ``nnx.state(model, nnx.Param)`` as a plain nested dict and
-``batch_stats`` is ``nnx.state(model, nnx.BatchStat)``. :func:`dynconv_jax.convert.torch_to_flax`
-and :func:`~dynconv_jax.convert.flax_to_torch` accept an NNX module or its state wherever they
-take Linen variables (through :func:`linen_variables`).
+The other way, an NNX model's state as a Linen variables dict, is :func:`dynconv_jax.variables.linen_variables`
+(also ``dynconv_jax.nnx.linen_variables``), which :func:`dynconv_jax.convert.torch_to_flax` and
+:func:`~dynconv_jax.convert.flax_to_torch` use wherever they take Linen variables.
 """
 from __future__ import annotations
 
-from typing import Any, Dict, Mapping, Tuple
+import dataclasses
+from typing import Any, Mapping
 
 import jax.numpy as jnp
 from flax import nnx
 
-# Linen collection -> NNX variable type
-COLLECTIONS = {"params": nnx.Param, "batch_stats": nnx.BatchStat}
-
-Path = Tuple[str, ...]
-
-
-def _flat(model_or_state, where: str) -> Dict[Tuple[str, Path], nnx.Variable]:
-    """``{(collection, path): Variable}`` for the Param and BatchStat variables."""
-    if isinstance(model_or_state, nnx.Module):
-        state = nnx.state(model_or_state)
-    elif isinstance(model_or_state, nnx.State):
-        state = model_or_state
-    else:
-        raise TypeError(f"{where}: expected an nnx.Module or nnx.State, got {type(model_or_state).__name__}")
-    out = {}
-    for path, var in nnx.to_flat_state(state):
-        for collection, var_type in COLLECTIONS.items():
-            if isinstance(var, var_type):
-                out[(collection, tuple(str(p) for p in path))] = var
-    return out
-
-
-def _nest(flat: Mapping[Tuple[str, Path], Any]) -> Dict[str, Dict[str, Any]]:
-    out: Dict[str, Dict[str, Any]] = {collection: {} for collection in COLLECTIONS}
-    for (collection, path), value in flat.items():
-        node = out[collection]
-        for key in path[:-1]:
-            node = node.setdefault(key, {})
-        node[path[-1]] = value
-    return out
-
-
-def is_nnx(obj) -> bool:
-    """Whether ``obj`` is an NNX module or state (what :func:`linen_variables` takes)."""
-    return isinstance(obj, (nnx.Module, nnx.State))
-
-
-def linen_variables(model_or_state) -> Dict[str, Dict[str, Any]]:
-    """``{'params': ..., 'batch_stats': ...}`` (nested dicts of arrays) of an NNX module or its ``nnx.state``.
-
-    ``batch_stats`` is ``{}`` for a model without BatchNorm. Other variable types (RNG state,
-    intermediates) are left out, as Linen keeps them out of these collections.
-    """
-    return _nest({key: var.get_value() for key, var in _flat(model_or_state, "linen_variables").items()})
+from dynconv_jax.convert import torch_to_flax
+from dynconv_jax.variables import COLLECTIONS, flat_variables
 
 
 def load_linen_variables(model: nnx.Module, variables: Mapping[str, Any]) -> nnx.Module:
@@ -66,8 +24,18 @@ def load_linen_variables(model: nnx.Module, variables: Mapping[str, Any]) -> nnx
     Every parameter and batch statistic of the model must be given with its shape, nothing else
     (a ``ValueError`` lists each missing, unexpected and mis-shaped path); values take the model's
     dtypes. Collections other than ``params``/``batch_stats`` are ignored.
+
+    Examples:
+      >>> import jax, jax.numpy as jnp
+      >>> from flax import nnx
+      >>> from dynconv_jax import DynamicConv as LinenDynamicConv
+      >>> from dynconv_jax.nnx import DynamicConv, load_linen_variables
+      >>> variables = LinenDynamicConv(8, (3, 3), num_experts=2).init(jax.random.key(1), jnp.ones((1, 8, 8, 4)))
+      >>> layer = load_linen_variables(DynamicConv(4, 8, (3, 3), num_experts=2, rngs=nnx.Rngs(0)), variables)
+      >>> bool((layer.kernel[...] == variables['params']['kernel']).all())
+      True
     """
-    targets = _flat(model, "load_linen_variables")
+    targets = flat_variables(model, "load_linen_variables")
     given = {}
     for collection in COLLECTIONS:
         stack = [((), variables.get(collection) or {})]
@@ -102,9 +70,18 @@ def load_linen_variables(model: nnx.Module, variables: Mapping[str, Any]) -> nnx
 
 def load_torch(model: nnx.Module, source) -> nnx.Module:
     """Load a PyTorch checkpoint (a state_dict, ``nn.Module``, ``.pt``/``.pth``/``.safetensors`` path; see
-    :func:`dynconv_jax.convert.torch_to_flax`) into the NNX ``model`` in place; returns the model."""
-    from dynconv_jax.convert import torch_to_flax
+    :func:`dynconv_jax.convert.torch_to_flax`) into the NNX ``model`` in place; returns the model.
 
+    Examples:
+      >>> import torch
+      >>> from flax import nnx
+      >>> from dynconv_jax.nnx import ODConv, load_torch
+      >>> from dynconv_torch import ODConv2d
+      >>> torch_layer = ODConv2d(4, 8, 3, padding=1, kernel_num=2)       # or a state_dict, or a .pth file
+      >>> layer = load_torch(ODConv(4, 8, (3, 3), num_experts=2, rngs=nnx.Rngs(0)), torch_layer)
+      >>> bool((layer.kernel[...] == torch_layer.weight.detach().permute(0, 3, 4, 2, 1).numpy()).all())
+      True
+    """
     return load_linen_variables(model, torch_to_flax(source, model))
 
 
@@ -114,9 +91,16 @@ def from_linen(module, in_features: int, *, rngs: nnx.Rngs) -> nnx.Module:
     ``module``: a :class:`dynconv_jax.CondConv` / ``DynamicConv`` / ``ODConv`` / ``KWConv`` / ``BatchNorm`` or a
     :mod:`dynconv_jax.models` ``ResNet`` / ``MobileNetV2``; ``in_features``: the input channels
     (NNX creates parameters eagerly). Fill it with :func:`load_linen_variables`.
-    """
-    import dataclasses
 
+    Examples:
+      >>> from flax import nnx
+      >>> from dynconv_jax import ODConv
+      >>> from dynconv_jax.nnx import from_linen
+      >>> layer = from_linen(ODConv(features=8, kernel_size=(3, 3), num_experts=2), in_features=4, rngs=nnx.Rngs(0))
+      >>> type(layer).__module__, layer.kernel[...].shape
+      ('dynconv_jax.nnx.layers', (2, 3, 3, 4, 8))
+    """
+    # Here: importing dynconv_jax.nnx does not import its models (as dynconv_jax does not import its own).
     from dynconv_jax.nnx import kernelwarehouse, layers, models
 
     name = type(module).__name__

@@ -31,12 +31,13 @@ class WarehouseManager(nnx.Module):
     ``nnx.List`` of ``nnx.Param`` ``[N, Oc, Ic, *kc]``), initialised as the official code; calling it
     with an index returns that warehouse (the Linen :class:`dynconv_jax.kernelwarehouse.WarehouseManager`).
 
-    Example::
-
-        >>> from dynconv_spec.kernelwarehouse import ConvSpec, plan_warehouses
-        >>> plan = plan_warehouses([ConvSpec("conv", 8, 16, (3, 3), 1, "layer")])
-        >>> WarehouseManager(plan, rngs=nnx.Rngs(0))(0).shape
-        (9, 16, 8, 1, 1)
+    Examples:
+      >>> from flax import nnx
+      >>> from dynconv_jax.nnx import WarehouseManager
+      >>> from dynconv_spec.kernelwarehouse import ConvSpec, plan_warehouses
+      >>> plan = plan_warehouses([ConvSpec("conv", 8, 16, (3, 3), 1, "layer")])
+      >>> WarehouseManager(plan, rngs=nnx.Rngs(0))(0).shape
+      (9, 16, 8, 1, 1)
     """
 
     def __init__(self, plan: WarehousePlan, *, param_dtype: Dtype = jnp.float32, rngs: nnx.Rngs):
@@ -96,12 +97,13 @@ class KWConv(nnx.Module):
       layer: the layer's place in a model's warehouse plan (``plan.layers``); the model then passes its
         :class:`WarehouseManager` at every call. None: a warehouse of its own.
 
-    Example::
-
-        >>> import jax.numpy as jnp
-        >>> layer = KWConv(4, 16, (3, 3), padding=1, cell_num_ratio=2.0, rngs=nnx.Rngs(0))
-        >>> layer(jnp.ones((2, 8, 8, 4)), temperature=0.5).shape
-        (2, 8, 8, 16)
+    Examples:
+      >>> from flax import nnx
+      >>> from dynconv_jax.nnx import KWConv
+      >>> import jax.numpy as jnp
+      >>> layer = KWConv(4, 16, (3, 3), padding=1, cell_num_ratio=2.0, rngs=nnx.Rngs(0))
+      >>> layer(jnp.ones((2, 8, 8, 4)), temperature=0.5).shape
+      (2, 8, 8, 16)
     """
 
     def __init__(self, in_features: int, out_features: int, kernel_size: Union[int, Sequence[int]],

@@ -25,10 +25,11 @@ from flax import nnx
 from flax.typing import Dtype, Initializer, PrecisionLike
 
 from dynconv_jax import attention, conv_base, ops
+from dynconv_jax._compat import nnx_capturing
 from dynconv_jax.initializers import (expert_bias_init, kaiming_fan_out_dense_init, kaiming_fan_out_expert_init,
                                       torch_default_bias_init, torch_default_dense_init, torch_default_expert_init)
-from dynconv_jax.norm import batch_norm, layer_norm
-from dynconv_spec import check_attention_norm
+from dynconv_jax.norm import TORCH_BATCH_NORM_MOMENTUM, batch_norm, check_batch_norm_args, layer_norm
+from dynconv_spec import check_attention_norm, check_expert_bank
 
 __all__ = ["BatchNorm", "CondConv", "DynamicConv", "LayerNorm", "ODConv"]
 
@@ -38,10 +39,9 @@ def _sow(module: nnx.Module, name: str, value) -> None:
 
     Outside a capture, ``Module.sow`` would store (and keep appending to) a module attribute on
     every call, which flax deprecates; Linen's layers likewise record only when asked
-    (``mutable=['intermediates']``). ``nnx.capture`` marks the modules it collects from with a
-    ``__captures__`` attribute.
+    (``mutable=['intermediates']``). Whether a capture runs: :func:`dynconv_jax._compat.nnx_capturing`.
     """
-    if hasattr(module, "__captures__"):
+    if nnx_capturing(module):
         module.sow(nnx.Intermediate, name, value)
 
 
@@ -50,25 +50,44 @@ class BatchNorm(nnx.Module):
 
     State: params ``scale``, ``bias`` ``[num_features]``; batch stats ``mean``, ``var`` (running
     statistics, updated with PyTorch's momentum and the unbiased batch variance in training).
+    Unlike ``flax.nnx.BatchNorm`` there is no ``momentum``: ``torch_momentum`` has PyTorch's meaning
+    (``momentum=`` raises a ``TypeError`` explaining both).
+
+    >>> import jax.numpy as jnp
+    >>> from flax import nnx
+    >>> from dynconv_jax.nnx import BatchNorm
+    >>> bn = BatchNorm(3, rngs=nnx.Rngs(0))  # training mode, as a new nnx.BatchNorm
+    >>> y = bn(jnp.arange(12.0).reshape(4, 3))
+    >>> bn.mean[...].tolist()  # 0.9 * 0 + 0.1 * the batch mean
+    [0.45000001788139343, 0.550000011920929, 0.6500000357627869]
 
     Attributes:
       num_features: channels (size of ``axis``).
       use_running_average: normalise with the running statistics (inference) instead of the
         batch statistics (training); set by ``train()`` / ``eval()``.
       axis: the feature (channel) axis.
-      momentum: PyTorch's momentum: weight of the new batch statistic in the running average.
+      torch_momentum: PyTorch's ``momentum``: the weight of the new batch statistic in the running
+        average (0.1; flax's ``momentum=m`` is ``torch_momentum=1 - m``).
       epsilon: added to the variance.
       dtype: output dtype (default: promoted from input and params).
       param_dtype: dtype of ``scale``/``bias`` and of the running statistics.
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> from flax import nnx
+      >>> from dynconv_jax.nnx import BatchNorm
+      >>> bn = BatchNorm(2, rngs=nnx.Rngs(0))
+      >>> y = bn(jnp.arange(8.0).reshape(4, 2))      # training mode: normalised with the batch statistics
+      >>> bn.var[...]                                # 0.9 * 1 + 0.1 * the unbiased batch variance
+      Array([1.5666666, 1.5666666], dtype=float32)
     """
 
     def __init__(self, num_features: int, *, use_running_average: bool = False, axis: int = -1,
-                 momentum: float = 0.1, epsilon: float = 1e-5, dtype: Optional[Dtype] = None,
-                 param_dtype: Dtype = jnp.float32, use_bias: bool = True, use_scale: bool = True,
-                 bias_init: Initializer = jax.nn.initializers.zeros, scale_init: Initializer = jax.nn.initializers.ones,
-                 rngs: nnx.Rngs):
-        if not 0.0 <= momentum <= 1.0:
-            raise ValueError(f"BatchNorm: momentum={momentum} must be in [0, 1] (PyTorch's meaning)")
+                 torch_momentum: float = TORCH_BATCH_NORM_MOMENTUM, epsilon: float = 1e-5,
+                 dtype: Optional[Dtype] = None, param_dtype: Dtype = jnp.float32, use_bias: bool = True,
+                 use_scale: bool = True, bias_init: Initializer = jax.nn.initializers.zeros,
+                 scale_init: Initializer = jax.nn.initializers.ones, rngs: nnx.Rngs, momentum: None = None):
+        check_batch_norm_args("BatchNorm", torch_momentum, momentum)  # momentum= is refused, with the reason
         shape = (num_features,)
         self.mean = nnx.BatchStat(jnp.zeros(shape, param_dtype))
         self.var = nnx.BatchStat(jnp.ones(shape, param_dtype))
@@ -77,7 +96,7 @@ class BatchNorm(nnx.Module):
         self.num_features = num_features
         self.use_running_average = use_running_average
         self.axis = axis
-        self.momentum = momentum
+        self.torch_momentum = torch_momentum
         self.epsilon = epsilon
         self.dtype = dtype
         self.param_dtype = param_dtype
@@ -93,7 +112,7 @@ class BatchNorm(nnx.Module):
         y, new_mean, new_var = batch_norm(
             x, None if self.scale is None else self.scale[...], None if self.bias is None else self.bias[...],
             self.mean[...], self.var[...], use_running_average=use_running_average, axis=self.axis,
-            momentum=self.momentum, epsilon=self.epsilon, dtype=self.dtype, layer="BatchNorm")
+            torch_momentum=self.torch_momentum, epsilon=self.epsilon, dtype=self.dtype, layer="BatchNorm")
         if new_mean is not None:
             self.mean[...], self.var[...] = new_mean, new_var
         return y
@@ -151,8 +170,8 @@ class DynamicConvBase(nnx.Module):
         geometry = conv_base.validate_conv_config(
             layer, features=out_features, kernel_size=kernel_size, strides=strides, padding=padding,
             kernel_dilation=kernel_dilation, feature_group_count=feature_group_count, num_experts=num_experts,
-            strategy=strategy, features_arg="out_features")
-        if not (isinstance(in_features, int) and in_features >= 1):
+            strategy=strategy, dtype=dtype, param_dtype=param_dtype, features_arg="out_features")
+        if not (isinstance(in_features, int) and not isinstance(in_features, bool) and in_features >= 1):
             raise ValueError(f"{layer}: in_features={in_features!r} must be a positive int")
         if in_features % feature_group_count:
             raise ValueError(f"{layer}: feature_group_count={feature_group_count} does not divide "
@@ -172,6 +191,7 @@ class DynamicConvBase(nnx.Module):
         self.dtype = dtype
         self.param_dtype = param_dtype
         self.precision = precision
+        check_expert_bank(layer, geometry.expert_shape(in_features))
         self.kernel = nnx.Param(kernel_init(rngs.params(), geometry.expert_shape(in_features), param_dtype))
         if use_bias:
             init = expert_bias_init(bias_init, geometry.fan_in(in_features))
@@ -208,6 +228,16 @@ class CondConv(DynamicConvBase):
       routing_dropout: dropout rate on the pooled input of the routing function in training
         (the ``dropout`` stream of ``rngs``, or its default stream).
       external_routing: take the routing weights ``[B, K]`` from the caller.
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> from flax import nnx
+      >>> from dynconv_jax.nnx import CondConv
+      >>> layer = CondConv(4, 8, (3, 3), num_experts=3, rngs=nnx.Rngs(0))  # as nnx.Conv(in, out, kernel_size)
+      >>> layer.kernel[...].shape
+      (3, 3, 3, 4, 8)
+      >>> layer(jnp.ones((2, 8, 8, 4))).shape
+      (2, 8, 8, 8)
     """
 
     def __init__(self, in_features: int, out_features: int, kernel_size: Union[int, Sequence[int]],
@@ -276,6 +306,14 @@ class DynamicConv(DynamicConvBase):
       use_bias: per-expert bias, mixed with the attention (default True, as the paper).
       bias_init: initializer of the ``[K, O]`` bias; None = PyTorch's U(±1/sqrt(fan_in)).
       reduction, min_channels: hidden width of the attention MLP.
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> from flax import nnx
+      >>> from dynconv_jax.nnx import DynamicConv
+      >>> layer = DynamicConv(4, 8, (3, 3), num_experts=3, rngs=nnx.Rngs(0))
+      >>> layer(jnp.ones((2, 8, 8, 4)), temperature=30.0).shape
+      (2, 8, 8, 8)
     """
 
     def __init__(self, in_features: int, out_features: int, kernel_size: Union[int, Sequence[int]],
@@ -358,6 +396,17 @@ class ODConv(DynamicConvBase):
         batch size) or ``'none'``, as the Linen :class:`dynconv_jax.ODConv`.
       attention_bn_init: initial scale (γ) of the attention normalisation; 0.1 by default, 1.0 is the
         official code's init (see the Linen :class:`dynconv_jax.ODConv` and docs/training.md).
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> from flax import nnx
+      >>> from dynconv_jax.nnx import ODConv
+      >>> layer = ODConv(4, 8, (3, 3), num_experts=3, rngs=nnx.Rngs(0))
+      >>> y = layer(jnp.ones((2, 8, 8, 4)), temperature=30.0)   # training mode: batch statistics
+      >>> layer.eval()                                          # running statistics from now on
+      >>> y, inter = nnx.capture(layer, nnx.Intermediate)(jnp.ones((2, 8, 8, 4)))
+      >>> inter['kernel_attention'][0].shape                    # [B, K]
+      (2, 3)
     """
 
     def __init__(self, in_features: int, out_features: int, kernel_size: Union[int, Sequence[int]],

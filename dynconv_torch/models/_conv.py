@@ -35,7 +35,14 @@ def check_args(where: str, conv: str, num_experts: int, reduction: Optional[floa
 
 def static_conv(in_channels: int, out_channels: int, kernel_size: int, stride: int = 1, padding: int = 0,
                 groups: int = 1) -> nn.Conv2d:
-    """A bias-free ``nn.Conv2d`` with the He (fan-out) normal init of torchvision and the official models."""
+    """A bias-free ``nn.Conv2d`` with the He (fan-out) normal init of torchvision and the official models.
+
+    Examples:
+      >>> from dynconv_torch.models import static_conv
+      >>> conv = static_conv(3, 64, 7, stride=2, padding=3)          # a ResNet stem
+      >>> conv.bias is None, tuple(conv.weight.shape)
+      (True, (64, 3, 7, 7))
+    """
     layer = nn.Conv2d(in_channels, out_channels, kernel_size, stride, padding, groups=groups, bias=False)
     nn.init.kaiming_normal_(layer.weight, mode="fan_out", nonlinearity="relu")
     return layer
@@ -49,6 +56,14 @@ def make_conv(conv: str, in_channels: int, out_channels: int, kernel_size: int, 
     ``conv_options`` are extra keyword arguments of the dynamic layer (e.g. ``routing_dropout``
     for CondConv, ``bias`` / ``min_channels`` for DynamicConv); ``reduction=None`` keeps the
     layer's default (1/16 for ODConv, 1/4 for DynamicConv).
+
+    Examples:
+      >>> from dynconv_torch.models import make_conv
+      >>> conv = make_conv("odconv", 16, 32, 3, padding=1, num_experts=4)
+      >>> type(conv).__name__, tuple(conv.weight.shape)
+      ('ODConv2d', (4, 32, 16, 3, 3))
+      >>> type(make_conv("static", 16, 32, 3)).__name__
+      'Conv2d'
     """
     options = dict(conv_options or {})
     if reduction is not None:

@@ -198,6 +198,15 @@ class EfficientNetCondConv(nn.Module):
         in_chans: input channels.
         channel_multiplier: EfficientNet width scaling (1.0 for all CondConv models).
         bn_eps: override the BatchNorm eps of the variant.
+
+    Examples:
+      >>> import torch
+      >>> from dynconv_torch.models import EfficientNetCondConv
+      >>> model = EfficientNetCondConv(tf_port=True, num_classes=10).eval()  # B0, 4 experts, timm's names
+      >>> tuple(model.state_dict()["blocks.5.0.conv_pw.weight"].shape)       # timm's [K, O * I]
+      (4, 75264)
+      >>> model(torch.zeros(2, 3, 64, 64)).shape
+      torch.Size([2, 10])
     """
 
     def __init__(self, depth_multiplier: float = 1.0, experts_multiplier: int = 1, tf_port: bool = False,
@@ -227,6 +236,7 @@ class EfficientNetCondConv(nn.Module):
         return F.silu(self.bn2(self.conv_head(x)))
 
     def forward_head(self, x: Tensor, pre_logits: bool = False) -> Tensor:
+        """Head features -> logits (global average pool, dropout, classifier); ``pre_logits``: the pooled features."""
         x = F.dropout(x.mean((2, 3)), self.drop_rate, self.training)
         return x if pre_logits else self.classifier(x)
 

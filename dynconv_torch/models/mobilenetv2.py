@@ -69,6 +69,13 @@ class MobileNetV2(nn.Module):
       in_channels: input channels.
       conv_options: further keyword arguments for every dynamic layer (KernelWarehouse: the warehouse
         options, as :class:`~dynconv_torch.models.ResNet`).
+
+    Examples:
+      >>> import torch
+      >>> from dynconv_torch.models import MobileNetV2
+      >>> model = MobileNetV2(width_mult=0.25, conv="dynamic", stem="cifar", num_classes=10)
+      >>> model(torch.zeros(2, 3, 32, 32)).shape
+      torch.Size([2, 10])
     """
 
     def __init__(self, width_mult: float = 1.0, conv: str = "static", num_experts: int = 4, num_classes: int = 1000,
@@ -112,26 +119,51 @@ class MobileNetV2(nn.Module):
 
 @register_model
 def mobilenet_v2(width_mult: float = 1.0, **kwargs) -> MobileNetV2:
-    """MobileNetV2; keyword arguments as :class:`MobileNetV2` (conv, num_experts, num_classes, stem, ...)."""
+    """MobileNetV2; keyword arguments as :class:`MobileNetV2` (conv, num_experts, num_classes, stem, ...).
+
+    Examples:
+      >>> from dynconv_torch.models import mobilenet_v2
+      >>> sum(p.numel() for p in mobilenet_v2().parameters())      # torchvision's MobileNetV2
+      3504872
+    """
     return MobileNetV2(width_mult=width_mult, **kwargs)
 
 
 @register_model
 def od_mobilenetv2_050(**kwargs) -> MobileNetV2:
     """OSVAI/ODConv ``od_mobilenetv2_050(kernel_num=1, reduction=0.0625, **kwargs)``: MobileNetV2 ×0.5 with
-    ODConv (:func:`dynconv_spec.registry.odconv_model_args`; ``kwargs`` as :class:`MobileNetV2`)."""
+    ODConv (:func:`dynconv_spec.registry.odconv_model_args`: ``num_experts=`` in place of the official ``kernel_num=``
+    works too; ``kwargs`` as :class:`MobileNetV2`).
+
+    Examples:
+      >>> from dynconv_torch.models import od_mobilenetv2_050
+      >>> sum(p.numel() for p in od_mobilenetv2_050().parameters())            # kernel_num=1, as the official model
+      2425537
+    """
     return mobilenet_v2(**odconv_model_args("od_mobilenetv2_050", **kwargs))
 
 
 @register_model
 def od_mobilenetv2_075(**kwargs) -> MobileNetV2:
-    """OSVAI/ODConv ``od_mobilenetv2_075``: MobileNetV2 ×0.75 with ODConv (arguments as :func:`od_mobilenetv2_050`)."""
+    """OSVAI/ODConv ``od_mobilenetv2_075``: MobileNetV2 ×0.75 with ODConv (arguments as :func:`od_mobilenetv2_050`).
+
+    Examples:
+      >>> from dynconv_torch.models import od_mobilenetv2_075
+      >>> sum(p.numel() for p in od_mobilenetv2_075().parameters())            # kernel_num=1, as the official model
+      3507113
+    """
     return mobilenet_v2(**odconv_model_args("od_mobilenetv2_075", **kwargs))
 
 
 @register_model
 def od_mobilenetv2_100(**kwargs) -> MobileNetV2:
-    """OSVAI/ODConv ``od_mobilenetv2_100``: MobileNetV2 ×1.0 with ODConv (arguments as :func:`od_mobilenetv2_050`)."""
+    """OSVAI/ODConv ``od_mobilenetv2_100``: MobileNetV2 ×1.0 with ODConv (arguments as :func:`od_mobilenetv2_050`).
+
+    Examples:
+      >>> from dynconv_torch.models import od_mobilenetv2_100
+      >>> sum(p.numel() for p in od_mobilenetv2_100().parameters())            # kernel_num=1, as the official model
+      4940185
+    """
     return mobilenet_v2(**odconv_model_args("od_mobilenetv2_100", **kwargs))
 
 
@@ -141,12 +173,24 @@ def kw_mobilenetv2_050(**kwargs) -> MobileNetV2:
     cell_outplane_ratio=1, sharing_range=('layer', 'pwconv'), nonlocal_basis_ratio=1, dropout=0.0, **kwargs)``:
     MobileNetV2 ×0.5 with KernelWarehouse (:func:`dynconv_spec.registry.kw_model_args`; ``kwargs`` as
     :class:`MobileNetV2`). The official 4× config uses ``sharing_range=('layer',)``
-    (:data:`dynconv_spec.kernelwarehouse.OFFICIAL_CONFIGS`)."""
+    (:data:`dynconv_spec.kernelwarehouse.OFFICIAL_CONFIGS`).
+
+    Examples:
+      >>> from dynconv_torch.models import kw_mobilenetv2_050
+      >>> sum(p.numel() for p in kw_mobilenetv2_050().parameters())         # the official KW 1x count
+      2854522
+    """
     return mobilenet_v2(**kw_model_args("kw_mobilenetv2_050", **kwargs))
 
 
 @register_model
 def kw_mobilenetv2_100(**kwargs) -> MobileNetV2:
     """OSVAI/KernelWarehouse ``kw_mobilenetv2_100``: MobileNetV2 ×1.0 with KernelWarehouse (arguments as
-    :func:`kw_mobilenetv2_050`)."""
+    :func:`kw_mobilenetv2_050`).
+
+    Examples:
+      >>> from dynconv_torch.models import kw_mobilenetv2_100
+      >>> sum(p.numel() for p in kw_mobilenetv2_100().parameters())         # the official KW 1x count
+      5168146
+    """
     return mobilenet_v2(**kw_model_args("kw_mobilenetv2_100", **kwargs))

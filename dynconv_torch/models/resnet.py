@@ -96,6 +96,13 @@ class ResNet(nn.Module):
       in_channels: input channels (3 for RGB).
       conv_options: further keyword arguments for every dynamic layer (KernelWarehouse: the warehouse
         options ``cell_num_ratio``, ``sharing_range``, ..., of ``dynconv_spec.kernelwarehouse.KWOptions``).
+
+    Examples:
+      >>> import torch
+      >>> from dynconv_torch.models import ResNet
+      >>> model = ResNet(block="basic", layers=(1, 1, 1, 1), base_width=8, stem="cifar", conv="condconv", num_classes=10)
+      >>> model(torch.zeros(2, 3, 32, 32)).shape
+      torch.Size([2, 10])
     """
 
     def __init__(self, block: str, layers: Sequence[int], conv: str = "static", num_experts: int = 4,
@@ -150,50 +157,107 @@ class ResNet(nn.Module):
 
 @register_model
 def resnet18(**kwargs) -> ResNet:
-    """ResNet-18; keyword arguments as :class:`ResNet` (conv, num_experts, num_classes, stem, base_width, ...)."""
+    """ResNet-18; keyword arguments as :class:`ResNet` (conv, num_experts, num_classes, stem, base_width, ...).
+
+    Examples:
+      >>> from dynconv_torch.models import resnet18
+      >>> model = resnet18()                                   # conv='static': torchvision's network
+      >>> sum(p.numel() for p in model.parameters())
+      11689512
+    """
     return ResNet(**RESNET_ARCHS["resnet18"], **kwargs)
 
 
 @register_model
 def resnet34(**kwargs) -> ResNet:
-    """ResNet-34; keyword arguments as :class:`ResNet`."""
+    """ResNet-34; keyword arguments as :class:`ResNet`.
+
+    Examples:
+      >>> from dynconv_torch.models import resnet34
+      >>> model = resnet34()                                   # conv='static': torchvision's network
+      >>> sum(p.numel() for p in model.parameters())
+      21797672
+    """
     return ResNet(**RESNET_ARCHS["resnet34"], **kwargs)
 
 
 @register_model
 def resnet50(**kwargs) -> ResNet:
-    """ResNet-50; keyword arguments as :class:`ResNet`."""
+    """ResNet-50; keyword arguments as :class:`ResNet`.
+
+    Examples:
+      >>> from dynconv_torch.models import resnet50
+      >>> model = resnet50()                                   # conv='static': torchvision's network
+      >>> sum(p.numel() for p in model.parameters())
+      25557032
+    """
     return ResNet(**RESNET_ARCHS["resnet50"], **kwargs)
 
 
 @register_model
 def resnet101(**kwargs) -> ResNet:
-    """ResNet-101; keyword arguments as :class:`ResNet`."""
+    """ResNet-101; keyword arguments as :class:`ResNet`.
+
+    Examples:
+      >>> from dynconv_torch.models import resnet101
+      >>> model = resnet101()                                   # conv='static': torchvision's network
+      >>> sum(p.numel() for p in model.parameters())
+      44549160
+    """
     return ResNet(**RESNET_ARCHS["resnet101"], **kwargs)
 
 
 @register_model
 def od_resnet18(**kwargs) -> ResNet:
     """OSVAI/ODConv ``od_resnet18(kernel_num=1, reduction=0.0625, **kwargs)``: ResNet-18 with ODConv
-    (:func:`dynconv_spec.registry.odconv_model_args`; ``kwargs`` as :class:`ResNet`)."""
+    (:func:`dynconv_spec.registry.odconv_model_args`: ``num_experts=`` in place of the official ``kernel_num=``
+    works too; ``kwargs`` as :class:`ResNet`).
+
+    Examples:
+      >>> from dynconv_torch.models import od_resnet18
+      >>> model = od_resnet18()                                   # kernel_num=1, reduction=1/16: the official 1x model
+      >>> sum(p.numel() for p in model.parameters())         # the official definition's count
+      11943944
+    """
     return resnet18(**odconv_model_args("od_resnet18", **kwargs))
 
 
 @register_model
 def od_resnet34(**kwargs) -> ResNet:
-    """OSVAI/ODConv ``od_resnet34``: ResNet-34 with ODConv (arguments as :func:`od_resnet18`)."""
+    """OSVAI/ODConv ``od_resnet34``: ResNet-34 with ODConv (arguments as :func:`od_resnet18`).
+
+    Examples:
+      >>> from dynconv_torch.models import od_resnet34
+      >>> model = od_resnet34()                                   # kernel_num=1, reduction=1/16: the official 1x model
+      >>> sum(p.numel() for p in model.parameters())         # the official definition's count
+      22290168
+    """
     return resnet34(**odconv_model_args("od_resnet34", **kwargs))
 
 
 @register_model
 def od_resnet50(**kwargs) -> ResNet:
-    """OSVAI/ODConv ``od_resnet50``: ResNet-50 with ODConv (arguments as :func:`od_resnet18`)."""
+    """OSVAI/ODConv ``od_resnet50``: ResNet-50 with ODConv (arguments as :func:`od_resnet18`).
+
+    Examples:
+      >>> from dynconv_torch.models import od_resnet50
+      >>> model = od_resnet50()                                   # kernel_num=1, reduction=1/16: the official 1x model
+      >>> sum(p.numel() for p in model.parameters())         # the official definition's count
+      28635112
+    """
     return resnet50(**odconv_model_args("od_resnet50", **kwargs))
 
 
 @register_model
 def od_resnet101(**kwargs) -> ResNet:
-    """OSVAI/ODConv ``od_resnet101``: ResNet-101 with ODConv (arguments as :func:`od_resnet18`)."""
+    """OSVAI/ODConv ``od_resnet101``: ResNet-101 with ODConv (arguments as :func:`od_resnet18`).
+
+    Examples:
+      >>> from dynconv_torch.models import od_resnet101
+      >>> model = od_resnet101()                                   # kernel_num=1, reduction=1/16: the official 1x model
+      >>> sum(p.numel() for p in model.parameters())         # the official definition's count
+      50818769
+    """
     return resnet101(**odconv_model_args("od_resnet101", **kwargs))
 
 
@@ -202,11 +266,24 @@ def kw_resnet18(**kwargs) -> ResNet:
     """OSVAI/KernelWarehouse ``kw_resnet18(reduction=0.0625, cell_num_ratio=1, cell_inplane_ratio=1,
     cell_outplane_ratio=1, sharing_range=('layer', 'conv'), nonlocal_basis_ratio=1, **kwargs)``: ResNet-18
     with KernelWarehouse (:func:`dynconv_spec.registry.kw_model_args`; ``kwargs`` as :class:`ResNet`).
-    The official configs' arguments: :data:`dynconv_spec.kernelwarehouse.OFFICIAL_CONFIGS`."""
+    The official configs' arguments: :data:`dynconv_spec.kernelwarehouse.OFFICIAL_CONFIGS`.
+
+    Examples:
+      >>> from dynconv_torch.models import kw_resnet18
+      >>> sum(p.numel() for p in kw_resnet18().parameters())         # the official KW 1x count (11.93 M)
+      11932148
+    """
     return resnet18(**kw_model_args("kw_resnet18", **kwargs))
 
 
 @register_model
 def kw_resnet50(**kwargs) -> ResNet:
-    """OSVAI/KernelWarehouse ``kw_resnet50``: ResNet-50 with KernelWarehouse (arguments as :func:`kw_resnet18`)."""
+    """OSVAI/KernelWarehouse ``kw_resnet50``: ResNet-50 with KernelWarehouse (arguments as :func:`kw_resnet18`).
+
+    Examples:
+      >>> from dynconv_torch.models import kw_resnet50
+      >>> model = kw_resnet50(base_width=8, num_classes=10)                 # a narrow one
+      >>> model.warehouse_manager.weights[0].shape
+      torch.Size([87, 8, 8, 1, 1])
+    """
     return resnet50(**kw_model_args("kw_resnet50", **kwargs))

@@ -63,7 +63,16 @@ class InvertedResidual(nnx.Module):
 
 class MobileNetV2(nnx.Module):
     """MobileNetV2 with a selectable convolution type after the stem (arguments as the Linen
-    :class:`dynconv_jax.models.MobileNetV2`), plus ``rngs``."""
+    :class:`dynconv_jax.models.MobileNetV2`), plus ``rngs``.
+
+    Examples:
+      >>> from flax import nnx
+      >>> from dynconv_jax.nnx.models import MobileNetV2
+      >>> model = nnx.eval_shape(lambda: MobileNetV2(width_mult=0.25, stem="cifar", num_classes=10,
+      ...                                            rngs=nnx.Rngs(0)))          # shapes only
+      >>> model.features_0_0.kernel.shape, model.classifier_1.kernel.shape
+      ((3, 3, 3, 8), (1280, 10))
+    """
 
     def __init__(self, width_mult: float = 1.0, *, conv: str = "static", num_experts: int = 4,
                  num_classes: int = 1000, stem: str = "imagenet", dropout: float = 0.2,
@@ -110,38 +119,87 @@ class MobileNetV2(nnx.Module):
 
 @register_model
 def mobilenet_v2(width_mult: float = 1.0, **kwargs) -> MobileNetV2:
-    """MobileNetV2; keyword arguments as :class:`MobileNetV2` (``rngs`` required)."""
+    """MobileNetV2; keyword arguments as :class:`MobileNetV2` (``rngs`` required).
+
+    Examples:
+      >>> from flax import nnx
+      >>> from dynconv_jax.nnx.models import mobilenet_v2
+      >>> model = nnx.eval_shape(lambda: mobilenet_v2(width_mult=0.5, num_classes=10, rngs=nnx.Rngs(0)))
+      >>> model.classifier_1.kernel.shape
+      (1280, 10)
+    """
     return MobileNetV2(width_mult=width_mult, **kwargs)
 
 
 @register_model
 def od_mobilenetv2_050(**kwargs) -> MobileNetV2:
     """OSVAI/ODConv ``od_mobilenetv2_050(kernel_num=1, reduction=0.0625, **kwargs)``: MobileNetV2 ×0.5 with
-    ODConv (:func:`dynconv_spec.registry.odconv_model_args`; ``kwargs`` as :class:`MobileNetV2`)."""
+    ODConv (:func:`dynconv_spec.registry.odconv_model_args`: ``num_experts=`` in place of the official ``kernel_num=``
+    works too; ``kwargs`` as :class:`MobileNetV2`).
+
+    Examples:
+      >>> from flax import nnx
+      >>> from dynconv_jax.nnx.models import od_mobilenetv2_050
+      >>> model = nnx.eval_shape(lambda: od_mobilenetv2_050(kernel_num=4, rngs=nnx.Rngs(0)))    # shapes only
+      >>> model.classifier_1.kernel.shape
+      (1280, 1000)
+    """
     return mobilenet_v2(**odconv_model_args("od_mobilenetv2_050", **kwargs))
 
 
 @register_model
 def od_mobilenetv2_075(**kwargs) -> MobileNetV2:
-    """OSVAI/ODConv ``od_mobilenetv2_075``: MobileNetV2 ×0.75 with ODConv (arguments as :func:`od_mobilenetv2_050`)."""
+    """OSVAI/ODConv ``od_mobilenetv2_075``: MobileNetV2 ×0.75 with ODConv (arguments as :func:`od_mobilenetv2_050`).
+
+    Examples:
+      >>> from flax import nnx
+      >>> from dynconv_jax.nnx.models import od_mobilenetv2_075
+      >>> model = nnx.eval_shape(lambda: od_mobilenetv2_075(kernel_num=4, rngs=nnx.Rngs(0)))    # shapes only
+      >>> model.classifier_1.kernel.shape
+      (1280, 1000)
+    """
     return mobilenet_v2(**odconv_model_args("od_mobilenetv2_075", **kwargs))
 
 
 @register_model
 def od_mobilenetv2_100(**kwargs) -> MobileNetV2:
-    """OSVAI/ODConv ``od_mobilenetv2_100``: MobileNetV2 ×1.0 with ODConv (arguments as :func:`od_mobilenetv2_050`)."""
+    """OSVAI/ODConv ``od_mobilenetv2_100``: MobileNetV2 ×1.0 with ODConv (arguments as :func:`od_mobilenetv2_050`).
+
+    Examples:
+      >>> from flax import nnx
+      >>> from dynconv_jax.nnx.models import od_mobilenetv2_100
+      >>> model = nnx.eval_shape(lambda: od_mobilenetv2_100(kernel_num=4, rngs=nnx.Rngs(0)))    # shapes only
+      >>> model.classifier_1.kernel.shape
+      (1280, 1000)
+    """
     return mobilenet_v2(**odconv_model_args("od_mobilenetv2_100", **kwargs))
 
 
 @register_model
 def kw_mobilenetv2_050(**kwargs) -> MobileNetV2:
     """OSVAI/KernelWarehouse ``kw_mobilenetv2_050``: MobileNetV2 ×0.5 with KernelWarehouse (arguments as the
-    Linen :func:`dynconv_jax.models.kw_mobilenetv2_050`, plus ``rngs``)."""
+    Linen :func:`dynconv_jax.models.kw_mobilenetv2_050`, plus ``rngs``).
+
+    Examples:
+      >>> from flax import nnx
+      >>> from dynconv_jax.nnx.models import kw_mobilenetv2_050
+      >>> model = nnx.eval_shape(lambda: kw_mobilenetv2_050(rngs=nnx.Rngs(0)))                   # shapes only
+      >>> len(model.warehouse_manager.weights), model.classifier.kernel.shape
+      (13, (1280, 1000))
+    """
     return mobilenet_v2(**kw_model_args("kw_mobilenetv2_050", **kwargs))
 
 
 @register_model
 def kw_mobilenetv2_100(**kwargs) -> MobileNetV2:
     """OSVAI/KernelWarehouse ``kw_mobilenetv2_100``: MobileNetV2 ×1.0 with KernelWarehouse (arguments as
-    :func:`kw_mobilenetv2_050`)."""
+    :func:`kw_mobilenetv2_050`).
+
+    Examples:
+      >>> from flax import nnx
+      >>> from dynconv_jax.nnx.models import kw_mobilenetv2_100
+      >>> model = nnx.eval_shape(lambda: kw_mobilenetv2_100(rngs=nnx.Rngs(0)))                   # shapes only
+      >>> len(model.warehouse_manager.weights), model.classifier.kernel.shape
+      (13, (1280, 1000))
+    """
     return mobilenet_v2(**kw_model_args("kw_mobilenetv2_100", **kwargs))

@@ -94,7 +94,18 @@ BLOCKS = {"basic": BasicBlock, "bottleneck": Bottleneck}
 
 class ResNet(nnx.Module):
     """ResNet with a selectable convolution type in its blocks (arguments as the Linen
-    :class:`dynconv_jax.models.ResNet`; see it for their meaning), plus ``rngs``."""
+    :class:`dynconv_jax.models.ResNet`; see it for their meaning), plus ``rngs``.
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> from flax import nnx
+      >>> from dynconv_jax.nnx.models import ResNet
+      >>> model = ResNet(block="basic", layers=(1, 1, 1, 1), base_width=8, stem="cifar", num_classes=10,
+      ...                rngs=nnx.Rngs(0))
+      >>> model.eval()
+      >>> model(jnp.zeros((2, 32, 32, 3))).shape
+      (2, 10)
+    """
 
     def __init__(self, block: str = "basic", layers: Sequence[int] = (2, 2, 2, 2), *, conv: str = "static",
                  num_experts: int = 4, num_classes: int = 1000, stem: str = "imagenet", base_width: int = 64,
@@ -146,61 +157,142 @@ class ResNet(nnx.Module):
 
 @register_model
 def resnet18(**kwargs) -> ResNet:
-    """ResNet-18; keyword arguments as :class:`ResNet` (``rngs`` required)."""
+    """ResNet-18; keyword arguments as :class:`ResNet` (``rngs`` required).
+
+    Examples:
+      >>> from flax import nnx
+      >>> from dynconv_jax.nnx.models import resnet18
+      >>> model = nnx.eval_shape(lambda: resnet18(num_classes=10, rngs=nnx.Rngs(0)))   # shapes only
+      >>> model.fc.kernel.shape
+      (512, 10)
+    """
     return ResNet(**RESNET_ARCHS["resnet18"], **kwargs)
 
 
 @register_model
 def resnet34(**kwargs) -> ResNet:
-    """ResNet-34; keyword arguments as :class:`ResNet`."""
+    """ResNet-34; keyword arguments as :class:`ResNet`.
+
+    Examples:
+      >>> from flax import nnx
+      >>> from dynconv_jax.nnx.models import resnet34
+      >>> model = nnx.eval_shape(lambda: resnet34(num_classes=10, rngs=nnx.Rngs(0)))   # shapes only
+      >>> model.fc.kernel.shape
+      (512, 10)
+    """
     return ResNet(**RESNET_ARCHS["resnet34"], **kwargs)
 
 
 @register_model
 def resnet50(**kwargs) -> ResNet:
-    """ResNet-50; keyword arguments as :class:`ResNet`."""
+    """ResNet-50; keyword arguments as :class:`ResNet`.
+
+    Examples:
+      >>> from flax import nnx
+      >>> from dynconv_jax.nnx.models import resnet50
+      >>> model = nnx.eval_shape(lambda: resnet50(num_classes=10, rngs=nnx.Rngs(0)))   # shapes only
+      >>> model.fc.kernel.shape
+      (2048, 10)
+    """
     return ResNet(**RESNET_ARCHS["resnet50"], **kwargs)
 
 
 @register_model
 def resnet101(**kwargs) -> ResNet:
-    """ResNet-101; keyword arguments as :class:`ResNet`."""
+    """ResNet-101; keyword arguments as :class:`ResNet`.
+
+    Examples:
+      >>> from flax import nnx
+      >>> from dynconv_jax.nnx.models import resnet101
+      >>> model = nnx.eval_shape(lambda: resnet101(num_classes=10, rngs=nnx.Rngs(0)))   # shapes only
+      >>> model.fc.kernel.shape
+      (2048, 10)
+    """
     return ResNet(**RESNET_ARCHS["resnet101"], **kwargs)
 
 
 @register_model
 def od_resnet18(**kwargs) -> ResNet:
     """OSVAI/ODConv ``od_resnet18(kernel_num=1, reduction=0.0625, **kwargs)``: ResNet-18 with ODConv
-    (:func:`dynconv_spec.registry.odconv_model_args`; ``kwargs`` as :class:`ResNet`)."""
+    (:func:`dynconv_spec.registry.odconv_model_args`: ``num_experts=`` in place of the official ``kernel_num=``
+    works too; ``kwargs`` as :class:`ResNet`).
+
+    Examples:
+      >>> from flax import nnx
+      >>> from dynconv_jax.nnx.models import od_resnet18
+      >>> model = nnx.eval_shape(lambda: od_resnet18(kernel_num=4, rngs=nnx.Rngs(0)))    # shapes only
+      >>> type(model.layer1_0.conv1).__name__, model.layer1_0.conv1.kernel.shape[0]
+      ('ODConv', 4)
+    """
     return resnet18(**odconv_model_args("od_resnet18", **kwargs))
 
 
 @register_model
 def od_resnet34(**kwargs) -> ResNet:
-    """OSVAI/ODConv ``od_resnet34``: ResNet-34 with ODConv (arguments as :func:`od_resnet18`)."""
+    """OSVAI/ODConv ``od_resnet34``: ResNet-34 with ODConv (arguments as :func:`od_resnet18`).
+
+    Examples:
+      >>> from flax import nnx
+      >>> from dynconv_jax.nnx.models import od_resnet34
+      >>> model = nnx.eval_shape(lambda: od_resnet34(kernel_num=4, rngs=nnx.Rngs(0)))    # shapes only
+      >>> type(model.layer1_0.conv1).__name__, model.layer1_0.conv1.kernel.shape[0]
+      ('ODConv', 4)
+    """
     return resnet34(**odconv_model_args("od_resnet34", **kwargs))
 
 
 @register_model
 def od_resnet50(**kwargs) -> ResNet:
-    """OSVAI/ODConv ``od_resnet50``: ResNet-50 with ODConv (arguments as :func:`od_resnet18`)."""
+    """OSVAI/ODConv ``od_resnet50``: ResNet-50 with ODConv (arguments as :func:`od_resnet18`).
+
+    Examples:
+      >>> from flax import nnx
+      >>> from dynconv_jax.nnx.models import od_resnet50
+      >>> model = nnx.eval_shape(lambda: od_resnet50(kernel_num=4, rngs=nnx.Rngs(0)))    # shapes only
+      >>> type(model.layer1_0.conv1).__name__, model.layer1_0.conv1.kernel.shape[0]
+      ('ODConv', 4)
+    """
     return resnet50(**odconv_model_args("od_resnet50", **kwargs))
 
 
 @register_model
 def od_resnet101(**kwargs) -> ResNet:
-    """OSVAI/ODConv ``od_resnet101``: ResNet-101 with ODConv (arguments as :func:`od_resnet18`)."""
+    """OSVAI/ODConv ``od_resnet101``: ResNet-101 with ODConv (arguments as :func:`od_resnet18`).
+
+    Examples:
+      >>> from flax import nnx
+      >>> from dynconv_jax.nnx.models import od_resnet101
+      >>> model = nnx.eval_shape(lambda: od_resnet101(kernel_num=4, rngs=nnx.Rngs(0)))    # shapes only
+      >>> type(model.layer1_0.conv1).__name__, model.layer1_0.conv1.kernel.shape[0]
+      ('ODConv', 4)
+    """
     return resnet101(**odconv_model_args("od_resnet101", **kwargs))
 
 
 @register_model
 def kw_resnet18(**kwargs) -> ResNet:
     """OSVAI/KernelWarehouse ``kw_resnet18``: ResNet-18 with KernelWarehouse (arguments as the Linen
-    :func:`dynconv_jax.models.kw_resnet18`, plus ``rngs``)."""
+    :func:`dynconv_jax.models.kw_resnet18`, plus ``rngs``).
+
+    Examples:
+      >>> from flax import nnx
+      >>> from dynconv_jax.nnx.models import kw_resnet18
+      >>> model = nnx.eval_shape(lambda: kw_resnet18(rngs=nnx.Rngs(0)))                 # shapes only
+      >>> type(model.layer1_0.conv1).__name__, model.warehouse_manager.weights[0].shape  # stage 1's warehouse
+      ('KWConv', (56, 64, 64, 1, 1))
+    """
     return resnet18(**kw_model_args("kw_resnet18", **kwargs))
 
 
 @register_model
 def kw_resnet50(**kwargs) -> ResNet:
-    """OSVAI/KernelWarehouse ``kw_resnet50``: ResNet-50 with KernelWarehouse (arguments as :func:`kw_resnet18`)."""
+    """OSVAI/KernelWarehouse ``kw_resnet50``: ResNet-50 with KernelWarehouse (arguments as :func:`kw_resnet18`).
+
+    Examples:
+      >>> from flax import nnx
+      >>> from dynconv_jax.nnx.models import kw_resnet50
+      >>> model = nnx.eval_shape(lambda: kw_resnet50(rngs=nnx.Rngs(0)))                 # shapes only
+      >>> type(model.layer1_0.conv2).__name__, len(model.warehouse_manager.weights)
+      ('KWConv', 4)
+    """
     return resnet50(**kw_model_args("kw_resnet50", **kwargs))
