@@ -17,12 +17,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dynconv_spec import CONV_TYPES, KW_CONV
+from dynconv_spec import CONV_TYPES
 
 from .timing import fmt_ratio, markdown_table, median_times
 
-# KernelWarehouse is not measured here yet (its rows: the next step of issue 36).
-CONVS = tuple(c for c in CONV_TYPES if c != KW_CONV)
+CONVS = CONV_TYPES  # KernelWarehouse at its default 1x budget (conv_options: the models' defaults)
 #: The benchmark models of this suite and of ``serving``: registry names (dynconv_spec.MODEL_NAMES),
 #: CIFAR stems, 10 classes, and narrow versions for --quick.
 MODELS = ("resnet18", "mobilenet_v2")

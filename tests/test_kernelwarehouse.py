@@ -14,6 +14,7 @@ import json
 import pathlib
 import sys
 
+import numpy as np
 import pytest
 import torch
 
@@ -315,3 +316,134 @@ def test_models_have_one_tree_in_torch_linen_nnx_and_convert_strictly(name, kwar
         torch_to_flax(other.state_dict(), template)
     assert any("warehouse_manager/weights/0" in p for p in error.value.problems)
     assert sum("wrong shape" in p for p in error.value.problems) > 10
+
+
+# --------------------------------------------------------------------------- training flags, exports
+def test_train_flags_warmup_schedule_and_preset():
+    """``python -m train --conv=kernelwarehouse``: the --kw_* flags become the models' warehouse options,
+    tau follows the official warm-up step for step, and the flags of the other family are refused."""
+    from train import steps
+    from train.config import UsageError, parse_args
+
+    config = parse_args(["--conv=kernelwarehouse", "--kw_ratio=0.5", "--kw_inplane_ratio=0.5",
+                         "--kw_sharing_range=layer,conv", "--kw_temp_epochs=2"])
+    kwargs = steps.model_kwargs(config, 10, (8, 8, 1))
+    assert kwargs["conv_options"] == dict(cell_num_ratio=0.5, cell_inplane_ratio=0.5, cell_outplane_ratio=1.0,
+                                          nonlocal_basis_ratio=1.0, sharing_range=("layer", "conv"))
+    tau = steps.temperature_schedule(config, 10)
+    assert [float(tau(s)) for s in range(25)] == pytest.approx(
+        [kw.warmup_temperature(s % 10 + 1, s // 10, 10, 2) for s in range(25)], abs=1e-7)
+    official = parse_args(["--config=kw_resnet18_imagenet"])
+    assert (official.kw_ratio, official.kw_temp_epochs, official.optimizer, official.num_epochs) == \
+        (4.0, 20.0, "adamw", 300)
+    assert steps.model_kwargs(official, 1000, (224, 224, 3))["conv_options"]["sharing_range"] == "layer_conv"
+    for argv, match in [(["--kw_ratio=2"], "applies to --conv=kernelwarehouse only"),
+                        (["--conv=kernelwarehouse", "--temp_init=10"], "has no softmax temperature"),
+                        (["--conv=kernelwarehouse", "--kw_temp_init=2"], r"tau must be in \[0, 1\]"),
+                        (["--conv=kernelwarehouse", "--kw_ratio=0"], "--kw_ratio=0.0: must be > 0")]:
+        with pytest.raises(UsageError, match=match):
+            parse_args(argv)
+
+
+@pytest.mark.slow  # three small compiles (a layer, a two-layer net, its StableHLO)
+def test_exports_are_exact_or_refused_with_the_reason(tmp_path):
+    """Static export of a stand-alone layer (its assembled kernel) and StableHLO of a model at any batch are
+    exact; BatchNorm folding leaves the KernelWarehouse layers' BatchNorms (shared cells) and folds the rest;
+    the ONNX export refuses KernelWarehouse by name."""
+    import jax
+    import jax.numpy as jnp
+
+    from flax import linen as nn
+
+    from dynconv_jax import KWConv
+    from dynconv_jax import WarehouseManager as JWarehouseManager
+    from dynconv_jax.export import export_static, load_stablehlo, to_stablehlo
+
+    plan = kw.plan_warehouses([kw.ConvSpec("conv1", 4, 6, (3, 3), 1, "stage0_layer0"),
+                               kw.ConvSpec("conv2", 6, 6, (3, 3), 1, "stage0_layer1")],
+                              kw.KWOptions(sharing_range=("layer",)))
+    from dynconv_torch.export import conv_batchnorm_pairs, fuse_bn, to_onnx
+
+    x = jax.random.normal(jax.random.key(1), (1, 6, 6, 4))
+    layer = KWConv(6, (3, 3), padding=1, feature_group_count=2, cell_num_ratio=2.0, use_bias=True)
+    variables = layer.init(jax.random.key(0), x)
+    conv, conv_variables = export_static(layer, variables, x, temperature=0.3)
+    np.testing.assert_allclose(conv.apply(conv_variables, x), layer.apply(variables, x, temperature=0.3),
+                               rtol=1e-5, atol=1e-6)
+
+    class Net(nn.Module):  # two layers sharing one warehouse, as in a model
+        @nn.compact
+        def __call__(self, x, train=False, temperature=None):
+            manager = JWarehouseManager(plan, name="warehouse_manager")
+            x = KWConv(6, (3, 3), padding=1, warehouse_manager=manager, name="conv1")(x, train, temperature)
+            return KWConv(6, (3, 3), padding=1, warehouse_manager=manager, name="conv2")(x, train, temperature)
+
+    model = Net()
+    images = jax.random.normal(jax.random.key(2), (3, 6, 6, 4))
+    model_variables = model.init(jax.random.key(0), images[:1])
+    run = load_stablehlo(to_stablehlo(model, model_variables, (None, 6, 6, 4), 0.3))
+    expected = model.apply(model_variables, images, temperature=0.3)
+    for batch in (1, 3):
+        np.testing.assert_allclose(run(images[:batch]), expected[:batch], rtol=1e-5, atol=1e-5)
+
+    torch_model = tm.resnet18(conv="kernelwarehouse", base_width=2, stem="cifar", num_classes=3).double().eval()
+    assert conv_batchnorm_pairs(torch_model) == (("conv1", "bn1"),)  # the static stem; every KW layer stays
+    t = torch.randn(2, 3, 8, 8, dtype=torch.float64)
+    assert (fuse_bn(torch_model)(t) - torch_model(t)).abs().max() <= 1e-12 * torch_model(t).abs().max()
+    with pytest.raises(ValueError, match="KernelWarehouse layers .*to_stablehlo"):
+        to_onnx(torch_model.float(), tmp_path / "model.onnx", (None, 3, 8, 8))
+
+
+# --------------------------------------------------------------------------- python -m train.evaluate
+@pytest.mark.slow  # compiles two small ResNet-18s (KernelWarehouse, ODConv): ~15 s on 2 cores
+def test_evaluate_official_checkpoints_on_an_image_folder_and_mock_imagenet(tmp_path):
+    """``python -m train.evaluate`` converts an official-layout KW checkpoint (an official config name, its
+    arguments narrowed by --model_args) strictly and scores the Flax model on an image folder with the
+    official preprocessing (Resize 256 bilinear / CenterCrop 224 scaled to --input_size, ImageNet mean/std):
+    top-1 and top-5 equal the PyTorch model's on the same images; an ODConv entry point on mock ImageNet."""
+    import tensorflow_datasets as tfds
+
+    from train import evaluate as ev
+    from train.make_imagefolder import write_image_folder
+
+    write_image_folder(str(tmp_path / "folder"), {"val": 6}, num_classes=3, min_size=20, max_size=40)
+    torch.manual_seed(0)
+    name, args = kw.config_model_args("kw1d2x_resnet18")
+    torch_model = tm.create_model(name, **args, base_width=4, num_classes=3).eval()
+    torch.save(torch_model.state_dict(), tmp_path / "kw1d2x_resnet18.pth")
+    argv = ["--model", "kw1d2x_resnet18", "--model_args", '{"base_width": 4}', "--checkpoint",
+            str(tmp_path / "kw1d2x_resnet18.pth"), "--dataset", "imagefolder", "--data_dir", str(tmp_path / "folder"),
+            "--split", "val", "--input_size", "32", "--batch_size", "4", "--workers", "1"]
+    result = ev._run(ev._parser().parse_args(argv))
+    source, _ = ev.open_split("imagefolder", "val", str(tmp_path / "folder"))
+    cfg = dict(ev.IMAGENET_EVAL, input_size=32)
+    x = np.stack([ev.preprocess(source[i]["image"], 32, cfg["crop_pct"], cfg["mean"], cfg["std"], "bilinear")
+                  for i in range(6)])
+    with torch.no_grad():
+        top5 = torch_model(torch.from_numpy(x.transpose(0, 3, 1, 2).copy())).argsort(-1, descending=True)[:, :5]
+    top5, labels = top5.numpy(), source.labels
+    assert result == {"top1": np.mean(top5[:, 0] == labels), "top5": np.mean(np.any(top5 == labels[:, None], -1)),
+                      "num_examples": 6}
+
+    od_model = tm.od_resnet18(kernel_num=2, base_width=4)
+    torch.save({"state_dict": od_model.state_dict()}, tmp_path / "od_resnet18_2x.pth")
+    with tfds.testing.mock_data(num_examples=2):
+        assert ev.main(["--model", "od_resnet18", "--model_args", '{"kernel_num": 2, "base_width": 4}',
+                        "--checkpoint", str(tmp_path / "od_resnet18_2x.pth"), "--input_size", "32"]) == 0
+    assert ev.main(["--model", "kw_resnet18", "--model_args", "[4]", "--checkpoint", "x.pth"]) == 2
+    assert ev.main(["--run", str(tmp_path), "--model", "kw_resnet18"]) == 2
+
+
+@pytest.mark.slow  # trains 2 steps of a tiny static ResNet first
+def test_evaluate_a_train_run_directory(tmp_path, capsys):
+    """``--run DIR`` scores the run's newest checkpoint with the run's own preprocessing: the accuracy the
+    run reported at its end."""
+    from train import evaluate as ev
+    from train.config import parse_args
+    from train.loop import train_and_evaluate
+
+    result = train_and_evaluate(parse_args(["--conv=static", "--base_width=2", "--num_steps=2", "--export=false",
+                                            "--tensorboard=false", "--progress=false", f"--workdir={tmp_path}"]))
+    assert ev.main(["--run", str(tmp_path), "--batch_size", "100"]) == 0
+    assert f"top-1 {100 * result['eval_accuracy']:.2f}%" in capsys.readouterr().out
+    assert ev.main(["--run", str(tmp_path), "--split", "train"]) == 2  # the digits have one fixed test split

@@ -29,7 +29,7 @@ from train import metrics as metrics_lib
 from train import parallel
 from train import pipeline as pipeline_lib
 from train import steps
-from train.config import Config, UsageError, from_json
+from train.config import Config, UsageError, conv_size, from_json
 from train.export import export_and_verify
 
 # Fields that may differ between a run and its resumption (they do not change the maths).
@@ -303,7 +303,8 @@ def restore_checkpoint(run: Run, checkpointer: ckpt_lib.Checkpointer, state,
 
 def _announce(run: Run) -> None:
     config, dataset = run.config, run.dataset
-    print(f"{config.model} conv={config.conv} K={config.num_experts} on {dataset.name} "
+    size = conv_size(config.conv, config.num_experts, config.kw_ratio)
+    print(f"{config.model} conv={config.conv} {size} on {dataset.name} "
           f"{dataset.image_shape} ({len(dataset.train)} train / {len(dataset.eval)} eval), "
           f"{jax.process_count()} process(es), {jax.device_count()} device(s) [{jax.devices()[0].platform}], "
           f"batch {config.batch_size}, {config.data_workers} data worker(s), "

@@ -21,19 +21,10 @@ import numpy as np
 from dynconv_jax import BatchNorm, CondConv, DynamicConv, KWConv, ODConv
 from dynconv_jax.variables import is_nnx, linen_variables
 
-# The modules whose calls conv_batchnorm_pairs records: the convs (KWConv: recorded to be refused), and the
-# BatchNorms that may follow one.
+# The modules whose calls conv_batchnorm_pairs records: the convs (KWConv only to see what its output feeds: it
+# is never folded), and the BatchNorms that may follow one.
 CONV_TYPES = (nn.Conv, CondConv, DynamicConv, ODConv, KWConv)
 NORM_TYPES = (BatchNorm, nn.BatchNorm)
-
-
-def _refuse_kernelwarehouse(modules, where: str) -> None:
-    """A clear error instead of a half-folded model: a KernelWarehouse layer's kernel is mixed from warehouse
-    cells that other layers share, so a following BatchNorm's per-channel scale has no cells of its own to go to."""
-    if any(isinstance(m, KWConv) for m in modules):
-        raise ValueError(f"{where}: the model has KernelWarehouse layers (KWConv), whose BatchNorms cannot be "
-                         f"folded (their warehouse cells are shared across layers); export it unfolded "
-                         f"(to_stablehlo(..., fuse_bn=False) is exact at any batch)")
 
 
 def _default_input_shape(model, input_shape, where: str) -> Tuple[int, ...]:
@@ -53,7 +44,9 @@ def conv_batchnorm_pairs(model: nn.Module, variables, input_shape: Optional[Sequ
     nothing is computed) on an input of ``input_shape`` (default ``(1, 32, 32, model.in_channels)``)
     and matching the array each BatchNorm call receives with the array a conv call returned
     (``flax.linen.Conv``, CondConv, DynamicConv or ODConv). A conv whose output also feeds
-    another module is left alone. Paths are module scope paths (``('layer1_0', 'conv1')``).
+    another module is left alone, and so is a KernelWarehouse layer (:class:`~dynconv_jax.KWConv`): its
+    kernel is mixed from warehouse cells that other layers share, so it has no kernel of its own to scale
+    (its BatchNorm stays; the model stays exact). Paths are module scope paths (``('layer1_0', 'conv1')``).
 
     Examples:
       >>> import jax, jax.numpy as jnp
@@ -86,10 +79,9 @@ def conv_batchnorm_pairs(model: nn.Module, variables, input_shape: Optional[Sequ
     with nn.intercept_methods(record):
         jax.eval_shape(lambda v, x: model.apply(v, x, **apply_kwargs), variables,
                        jax.ShapeDtypeStruct(shape, params_dtype))
-    _refuse_kernelwarehouse([module for module, _, _ in calls], "conv_batchnorm_pairs / fuse_batchnorm")
     pairs = []
     for conv, _, out in calls:
-        if not isinstance(conv, convs):
+        if not isinstance(conv, convs) or isinstance(conv, KWConv):
             continue
         consumers = [m for m, x, _ in calls if x is out]
         if len(consumers) == 1 and isinstance(consumers[0], norms):

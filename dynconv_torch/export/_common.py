@@ -12,6 +12,8 @@ from ..odconv import ODConv2d
 
 DYNAMIC_LAYERS = (CondConv2d, DynamicConv2d, ODConv2d)
 """The dynamic layer classes the exports replace (what :func:`~dynconv_torch.export.portable` wraps)."""
+KW_LAYERS = (KWConv1d, KWConv2d, KWConv3d)
+"""KernelWarehouse's layers: BatchNorm folding leaves them alone, the ONNX export refuses them."""
 
 
 def check_layer(layer: nn.Module, what: str) -> None:
@@ -24,12 +26,12 @@ def check_layer(layer: nn.Module, what: str) -> None:
 
 
 def refuse_kernelwarehouse(model: nn.Module, what: str) -> None:
-    """A clear error for KernelWarehouse layers, which BatchNorm folding (their warehouse cells are shared
-    across layers) and the batch-independent ONNX form do not support."""
-    if any(isinstance(m, (KWConv1d, KWConv2d, KWConv3d)) for m in model.modules()):
-        raise ValueError(f"{what}: the model has KernelWarehouse layers (KWConv*): their BatchNorms cannot be folded "
-                         f"(the warehouse cells are shared across layers) and the batch-independent ONNX export "
-                         f"does not support them")
+    """A clear error for KernelWarehouse layers, which the batch-independent ONNX form does not support."""
+    if any(isinstance(m, KW_LAYERS) for m in model.modules()):
+        raise ValueError(f"{what}: the model has KernelWarehouse layers (KWConv*d), which have no batch-independent "
+                         f"ONNX form here (their per-sample kernels are mixed from warehouse cells shared across "
+                         f"layers, run as one grouped conv over the batch); export the dynconv_jax model with "
+                         f"dynconv_jax.export.to_stablehlo (exact at any batch) instead")
 
 
 def check_eval(model: nn.Module, what: str) -> None:
