@@ -651,8 +651,7 @@ def dynamic_conv(
     Args:
       x: ``[B, *S, Cin]``.
       experts: ``[K, *k, Cin // groups, Cout]``.
-      kernel_attention: ``[B, K]`` (routing weights / expert attention); None: ``experts`` are the
-        per-sample kernels ``[B, *k, Cin // groups, Cout]`` (see :func:`assembled_conv`).
+      kernel_attention: ``[B, K]`` (routing weights / expert attention), or None: per-sample kernels (assembled_conv).
       spatial_attention: ``[B, *k]`` or None.
       channel_attention: ``[B, Cin]`` or None (scales the input channels).
       filter_attention: ``[B, Cout]`` or None (scales the output channels).
@@ -681,9 +680,6 @@ def dynamic_conv(
     if x.shape[-1] != experts.shape[-2] * groups or experts.shape[-1] % groups:
         raise ValueError(f"x has {x.shape[-1]} channels and experts {experts.shape}: with groups={groups} "
                          f"expected Cin = groups * experts.shape[-2] and Cout divisible by groups")
-    if kernel_attention is None and (strategy in ("auto", "mix") or expert_bias is not None):
-        raise ValueError("per-sample kernels (kernel_attention=None) take a strategy other than 'auto' and 'mix' "
-                         "and no expert_bias; assembled_conv chooses one")
     if strategy == "auto":
         attentions = {"kernel_attention": kernel_attention, "spatial_attention": spatial_attention,
                       "channel_attention": channel_attention, "filter_attention": filter_attention,
