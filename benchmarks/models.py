@@ -26,7 +26,7 @@ from dynconv_spec import CONV_TYPES
 
 from .timing import fmt_ratio, markdown_table, median_times
 
-CONVS = CONV_TYPES
+CONVS = CONV_TYPES  # KernelWarehouse at its default 1x budget (conv_options: the models' defaults)
 #: The benchmark models of this suite and of ``serving``: registry names (dynconv_spec.MODEL_NAMES),
 #: CIFAR stems, 10 classes, and narrow versions for --quick.
 MODELS = ("resnet18", "mobilenet_v2")
