@@ -879,6 +879,23 @@ def _resolve_strategy(strategy, arrays, *, strides, padding, dilation, groups, p
     return choice, arrays
 
 
+_ARRAY_NAMES = ("x", "experts", "kernel_attention", "spatial_attention", "channel_attention", "filter_attention",
+                "expert_bias")
+
+
+def _check_dynamic_conv_args(x, experts, groups: int, strategy) -> None:
+    """ValueErrors for experts whose rank or channels do not fit ``x`` and ``groups``, or an unknown strategy."""
+    rank = x.ndim - 2
+    if experts.ndim != rank + 3:
+        raise ValueError(f"experts shape {experts.shape} does not match x shape {x.shape}: expected "
+                         f"[K, *kernel_size ({rank} dims), Cin // groups, Cout]")
+    if x.shape[-1] != experts.shape[-2] * groups or experts.shape[-1] % groups:
+        raise ValueError(f"x has {x.shape[-1]} channels and experts {experts.shape}: with groups={groups} "
+                         f"expected Cin = groups * experts.shape[-2] and Cout divisible by groups")
+    if not is_strategy(strategy):
+        raise ValueError(f"strategy={strategy!r}: expected {STRATEGY_CHOICES}")
+
+
 def dynamic_conv(
     x,
     experts,
@@ -922,15 +939,7 @@ def dynamic_conv(
       >>> y.shape, float(y[0, 4, 4, 0])              # 3x3 taps x 4 channels, each weight 1
       ((2, 8, 8, 6), 36.0)
     """
-    rank = x.ndim - 2
-    if experts.ndim != rank + 3:
-        raise ValueError(f"experts shape {experts.shape} does not match x shape {x.shape}: expected "
-                         f"[K, *kernel_size ({rank} dims), Cin // groups, Cout]")
-    if x.shape[-1] != experts.shape[-2] * groups or experts.shape[-1] % groups:
-        raise ValueError(f"x has {x.shape[-1]} channels and experts {experts.shape}: with groups={groups} "
-                         f"expected Cin = groups * experts.shape[-2] and Cout divisible by groups")
-    if not is_strategy(strategy):
-        raise ValueError(f"strategy={strategy!r}: expected {STRATEGY_CHOICES}")
+    _check_dynamic_conv_args(x, experts, groups, strategy)
     if strategy == "auto" or isinstance(strategy, plan.Plan):
         arrays = {"x": x, "experts": experts, "kernel_attention": kernel_attention,
                   "spatial_attention": spatial_attention, "channel_attention": channel_attention,
@@ -938,9 +947,8 @@ def dynamic_conv(
         strategy, arrays = _resolve_strategy(strategy, arrays, strides=tuple(strides), padding=padding,
                                              dilation=tuple(dilation), groups=groups, precision=precision)
         x, experts, kernel_attention, spatial_attention, channel_attention, filter_attention, expert_bias = (
-            arrays[n] for n in ("x", "experts", "kernel_attention", "spatial_attention", "channel_attention",
-                                "filter_attention", "expert_bias"))
-    batch_shape = (x.shape[0],) + (1,) * rank
+            arrays[n] for n in _ARRAY_NAMES)
+    batch_shape = (x.shape[0],) + (1,) * (x.ndim - 2)
     fold_channel, fold_filter = attention_placement(
         x.shape, experts.shape, strides=strides, padding=padding, dilation=dilation, strategy=strategy,
         channel_attention=channel_attention is not None, filter_attention=filter_attention is not None)
