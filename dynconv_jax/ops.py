@@ -1001,7 +1001,8 @@ def assembled_conv(x, assemble, kernel_shape, *, mix=None, strides: Sequence[int
       strides, padding, dilation, groups, precision: as :func:`dynamic_conv`.
       strategy: 'vmap', 'shifted', 'patches', 'pointwise', 'map' (on the assembled kernels), 'mix', or
         'auto': :func:`choose_strategy`'s rule for this kernel shape with the 'mix' choice replaced by the
-        per-sample-kernel strategy the rule takes otherwise (the cost of a method's mixing differs from the
+        per-sample-kernel strategy the rule takes otherwise, and a 'lean' choice by 'map' ('shifted' when
+        depthwise), since 'lean' works from experts and attentions (the cost of a method's mixing differs from the
         expert mixing the rule was measured for). Not measured: :mod:`dynconv_jax.autotune` times expert
         problems only.
     """
@@ -1013,6 +1014,11 @@ def assembled_conv(x, assemble, kernel_shape, *, mix=None, strides: Sequence[int
             backend = jax.default_backend()
             strategy = "map" if backend == "cpu" else "pointwise" if all(k == 1 for k in kernel_shape[:-2]) \
                 else "patches"
+        elif strategy == "lean":  # 'lean' computes from experts and attentions: kernels made per sample have neither
+            depthwise = groups == x.shape[-1] and kernel_shape[-2] == 1
+            strategy = "shifted" if depthwise else "map"
+    if strategy == "lean":
+        raise ValueError("strategy='lean' needs experts and attentions, not kernels assembled per sample: use 'map'")
     if strategy == "mix":
         if mix is None:
             raise ValueError("strategy='mix' needs the method's own output mixing (mix=None)")
