@@ -82,7 +82,7 @@ def kw_model_args(name: str, reduction: float = 0.0625, cell_num_ratio=1.0, cell
     :data:`dynconv_spec.kernelwarehouse.OFFICIAL_CONFIGS`) become ``reduction`` and ``conv_options``;
     ``kwargs`` are further arguments of the ResNet / MobileNetV2 (``num_classes``, ``dropout``, ``stem``, ...).
     ``drop_path_rate`` (the official stochastic depth, a training-only option) must be 0 here.
-    
+
 
     Examples:
       >>> from dynconv_spec import kw_model_args
