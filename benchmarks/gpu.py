@@ -23,7 +23,7 @@ import jax.numpy as jnp
 from . import layers
 from .models import (DonatingStep, _mib, _ratio, compiled_memory, cuda_peak, jax_model, lower_donating,
                      model_kwargs, setup_torch, torch_candidate, training_step)
-from .timing import environment, markdown_table, median_times, write_results
+from .timing import environment, markdown_table, median_times, synced, write_results
 
 BATCHES = (32, 128, 256)
 DTYPES = ("float32", "bfloat16")
@@ -112,7 +112,7 @@ def _group(name, batch, dtype, config, have_torch, sync_torch):
             record["torch_serving_cuda_peak_bytes"] = cuda_peak(runs[f"torch serve {conv}"])
         records.append(record)
     sync = {"jax": jax.block_until_ready, "torch": sync_torch}
-    times = median_times({k: (lambda r=r, s=sync[k.split()[0]]: s(r())) for k, r in runs.items()},
+    times = median_times({k: synced(r, sync[k.split()[0]]) for k, r in runs.items()},
                          repeats=repeats, sync=lambda _: None)
     for r in records:
         for fw in ("jax", "torch"):

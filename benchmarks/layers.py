@@ -16,11 +16,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dynconv_spec import CONV_TYPES
+from dynconv_spec import CONV_TYPES, KW_CONV
 
 from .timing import fmt_ms, fmt_ratio, markdown_table, median_times
 
-KINDS = CONV_TYPES
+# KernelWarehouse layers share a model's warehouses; its rows come with the benchmarks of its models.
+KINDS = tuple(c for c in CONV_TYPES if c != KW_CONV)
 
 # (name, batch, spatial, cin, cout, kernel, stride, groups)
 _LAYERS = [

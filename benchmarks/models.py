@@ -24,9 +24,9 @@ import numpy as np
 
 from dynconv_spec import CONV_TYPES
 
-from .timing import fmt_ratio, markdown_table, median_times
+from .timing import fmt_ratio, markdown_table, median_times, synced
 
-CONVS = CONV_TYPES
+CONVS = CONV_TYPES  # KernelWarehouse at its default 1x budget (conv_options: the models' defaults)
 #: The benchmark models of this suite and of ``serving``: registry names (dynconv_spec.MODEL_NAMES),
 #: CIFAR stems, 10 classes, and narrow versions for --quick.
 MODELS = ("resnet18", "mobilenet_v2")
@@ -238,7 +238,7 @@ def measure_model(name, convs, batch, quick, repeats, have_torch, sync_torch, dt
         print(f"{name} {conv} B{batch}: first step {record['first_step_s']:.1f} s", flush=True)
     candidates = {f"{fw} {conv}": run for (fw, conv), run in runs.items()}
     sync = {"jax": jax.block_until_ready, "torch": sync_torch}
-    times = median_times({k: (lambda r=r, s=sync[k.split()[0]]: s(r())) for k, r in candidates.items()},
+    times = median_times({k: synced(r, sync[k.split()[0]]) for k, r in candidates.items()},
                          repeats=repeats, sync=lambda _: None)
     for conv, r in records.items():
         r["jax_step_s"], r["torch_step_s"] = times[f"jax {conv}"], times.get(f"torch {conv}")

@@ -115,3 +115,8 @@ def write_results(out_dir: str, name: str, env: dict, payload: dict, markdown: s
     with open(stem + ".md", "w") as f:
         f.write(header + markdown + "\n")
     return [stem + ".json", stem + ".md"]
+
+
+def synced(run, sync):
+    """``run`` followed by ``sync`` of its result (what a timing must wait for: JAX's async dispatch, CUDA)."""
+    return lambda: sync(run())

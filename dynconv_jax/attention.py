@@ -1,8 +1,9 @@
-"""The attention heads of the three dynamic convolutions, and the checks of their arguments.
+"""The attention heads of the dynamic convolutions, and the checks of their arguments.
 
 One definition of the maths both front ends (``flax.linen`` and ``flax.nnx``) run: global average
 pooling, the temperature, the sigmoid/softmax heads of CondConv (Yang et al., NeurIPS 2019),
-DynamicConv / DY-CNN (Chen et al., CVPR 2020) and ODConv (Li et al., ICLR 2022). The heads take
+DynamicConv / DY-CNN (Chen et al., CVPR 2020) and ODConv (Li et al., ICLR 2022), and the cell
+attention of KernelWarehouse (Li & Yao, ICML 2024) with its warm-up. The heads take
 the layer's own submodules as callables (``pooled [B, I] -> [B, n]``), so each front end owns its
 parameters and this module owns the computation.
 """
@@ -48,6 +49,17 @@ def global_avg_pool(x, dtype: Dtype) -> jax.Array:
 #: replaced by the floor: the attention then saturates (hard routing) instead of turning every output
 #: into NaN.
 TEMPERATURE_FLOOR = dynconv_spec.TEMPERATURE_FLOOR
+
+
+def _scalar(value, layer: str, dtype: Dtype, what: str) -> jax.Array:
+    """``value`` as a scalar array of ``dtype``, or a ValueError naming ``layer`` (``what``: what it must be)."""
+    try:
+        array = jnp.asarray(value, dtype)
+    except (TypeError, ValueError):
+        raise ValueError(f"{layer}: temperature={value!r} must be {what}") from None
+    if array.ndim != 0:
+        raise ValueError(f"{layer}: temperature must be a scalar, got shape {array.shape}")
+    return array
 
 
 def temperature_scalar(temperature, layer: str, dtype: Dtype) -> jax.Array:
@@ -138,6 +150,47 @@ def odconv_attention(pooled, fc: Head, norm: Optional[Head], channel_fc: Head, f
     return channel, filter_, spatial, kernel
 
 
+def kw_warmup_scalar(temperature, layer: str, dtype: Dtype) -> jax.Array:
+    """KernelWarehouse's warm-up weight tau (passed as ``temperature``; None = 0, the official start
+    value outside training) as a scalar array, traced under jit. A concrete tau must be in [0, 1]; a
+    traced one is clipped to [0, 1] (NaN becomes 0)."""
+    value = _scalar(0.0 if temperature is None else temperature, layer, dtype,
+                    "a number in [0, 1] (the warm-up weight tau)")
+    if not isinstance(value, jax.core.Tracer) and not 0.0 <= float(value) <= 1.0:
+        raise ValueError(f"{layer}: temperature={temperature!r} (the warm-up weight tau) must be in [0, 1]; "
+                         f"KernelWarehouse blends (1 - tau) * attention + tau * one-hot, it does not divide by T")
+    return jnp.where(jnp.isnan(value), jnp.zeros((), dtype), jnp.clip(value, 0.0, 1.0))
+
+
+def kw_map_to_cell(logits, fc3: Head, basis_bias, num_local_cells: int, num_basis: int, start_cell: int):
+    """KernelWarehouse's basis map (``nonlocal_basis_ratio < 1``): per mixture, ``[L local, basis, zero]``
+    -> ``[fc3(basis)[:start], local, fc3(basis)[start:], zero]`` plus ``basis_bias``:
+    ``[B, M * (L + basis + 1)] -> [B, M * (N + 1)]``."""
+    batch = logits.shape[0]
+    x = logits.reshape(-1, num_local_cells + num_basis + 1)
+    local, basis, zero = x[:, :num_local_cells], x[:, num_local_cells:-1], x[:, -1:]
+    nonlocal_ = fc3(basis)
+    x = jnp.concatenate([nonlocal_[:, :start_cell], local, nonlocal_[:, start_cell:], zero], axis=1)
+    return x.reshape(batch, -1) + basis_bias.reshape(1, -1)
+
+
+def kw_attention(pooled, fc1: Head, norm: Head, fc2: Head, map_to_cell: Optional[Head], temp_bias, tau,
+                 num_mixtures: int, eps: float):
+    """KernelWarehouse's cell attention ``[B, I] -> [B, M, N]``.
+
+    ``a = fc2(relu(norm(fc1(pooled))))`` (then ``map_to_cell``, the basis map, when given), per mixture
+    divided by ``sum |a| + eps`` (signed weights), blended ``(1 - tau) a + tau temp_bias`` (``temp_bias``
+    ``[M * (N + 1)]``, the warm-up one-hots) and the last, zero cell of each mixture dropped.
+    """
+    logits = fc2(jax.nn.relu(norm(fc1(pooled))))
+    if map_to_cell is not None:
+        logits = map_to_cell(logits)
+    a = logits.reshape(pooled.shape[0], num_mixtures, -1)  # [B, M, N + 1]
+    a = a / (jnp.sum(jnp.abs(a), axis=-1, keepdims=True) + eps)
+    a = (1.0 - tau) * a + tau * temp_bias.reshape(num_mixtures, -1).astype(a.dtype)
+    return a[..., :-1]
+
+
 # --------------------------------------------------------------------------- argument checks
 def check_odconv_train_batch(layer: str, batch: int) -> None:
     """ODConv's attention BatchNorm needs a batch of at least 2 in training, as PyTorch's."""
@@ -147,6 +200,15 @@ def check_odconv_train_batch(layer: str, batch: int) -> None:
             f"[B, A] vector over the batch, so it needs B >= 2 in training (PyTorch raises 'Expected more than "
             f"1 value per channel when training'). Use a larger batch or train=False."
         )
+
+
+def check_kw_train_batch(layer: str, batch: int) -> None:
+    """KernelWarehouse's attention BatchNorm (``norm1``) needs a batch of at least 2 in training, as PyTorch's."""
+    if batch < 2:
+        raise ValueError(
+            f"{layer}: training with a batch of {batch}: KernelWarehouse's attention BatchNorm (norm1) normalises "
+            f"the pooled [B, H] vector over the batch, so it needs B >= 2 in training (PyTorch raises 'Expected "
+            f"more than 1 value per channel when training'). Use a larger batch or train=False.")
 
 
 def check_routing_dropout(layer: str, rate: float) -> None:

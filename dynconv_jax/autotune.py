@@ -68,7 +68,8 @@ def measure(candidates: Sequence[str], make_fn: Callable[[str], Callable], args:
                     for _ in range(repeats - 1):
                         best = min(best, _time_call(compiled, args))
         except Exception as err:  # a strategy XLA cannot run here is not a candidate
-            warnings.warn(f"dynconv autotune: strategy {name!r} failed to run ({type(err).__name__}: {err}); skipped")
+            warnings.warn(f"dynconv autotune: strategy {name!r} failed to run ({type(err).__name__}: {err}); skipped",
+                          stacklevel=2)
             continue
         warmups[name], seconds[name] = warm, best
     return seconds

@@ -47,3 +47,13 @@ def torch_default_bias_init(fan_in: int) -> Initializer:
 def expert_bias_init(bias_init: Optional[Initializer], fan_in: int) -> Initializer:
     """The ``[K, O]`` expert bias initializer; None means PyTorch's conv default U(±1/sqrt(fan_in))."""
     return bias_init or torch_default_bias_init(fan_in)
+
+
+def allow_empty(init: Initializer) -> Initializer:
+    """``init``, but an array with a zero-sized axis is returned empty (``variance_scaling`` divides by its fans):
+    PyTorch initialises empty tensors as a no-op (a KernelWarehouse basis map onto no other cells)."""
+
+    def wrapped(key, shape, dtype=jnp.float32):
+        return jnp.zeros(shape, dtype) if 0 in tuple(shape) else init(key, shape, dtype)
+
+    return wrapped

@@ -152,6 +152,8 @@ def aggregate_kernels(experts, kernel_attention, spatial_attention=None, channel
 
     experts: ``[K, *k, Cin/g, Cout]``; kernel_attention: ``[B, K]``; spatial_attention:
     ``[B, *k]``; channel_attention: ``[B, Cin]``; filter_attention: ``[B, Cout]`` (each optional).
+    ``kernel_attention`` None: ``experts`` already are the per-sample kernels ``[B, *k, Cin/g, Cout]``
+    (a method that assembles its kernels otherwise, see :func:`assembled_conv`).
     Returns ``[B, *k, Cin/g, Cout]``.
 
     Examples:
@@ -162,7 +164,7 @@ def aggregate_kernels(experts, kernel_attention, spatial_attention=None, channel
       >>> kernels.shape, float(kernels[0, 0, 0, 0, 0])                              # [B, kh, kw, I, O]
       ((1, 1, 1, 2, 2), 0.75)
     """
-    kernels = jnp.tensordot(kernel_attention, experts, axes=([1], [0]))
+    kernels = experts if kernel_attention is None else jnp.tensordot(kernel_attention, experts, axes=([1], [0]))
     if spatial_attention is not None:
         kernels = kernels * spatial_attention[..., None, None]
     batch, cin_per_group, cout = kernels.shape[0], kernels.shape[-2], kernels.shape[-1]
@@ -399,6 +401,8 @@ def _map_forward_aggregating(x, experts, attentions, bias, geometry):
     """:func:`_map_forward` with each sample's kernel aggregated inside its step (in cache), so the
     ``[B, *k, Cin/g, Cout]`` kernels are never written to memory: the inference path. ``bias`` may be None."""
     strides, pads, dilation, groups, precision = geometry
+    if attentions["kernel_attention"] is None:  # per-sample kernels already (assembled_conv): map over them
+        return _map_forward(x, experts, bias, geometry)
 
     def one(experts, args):
         xb, attentions_b, bb = args
@@ -875,6 +879,23 @@ def _resolve_strategy(strategy, arrays, *, strides, padding, dilation, groups, p
     return choice, arrays
 
 
+_ARRAY_NAMES = ("x", "experts", "kernel_attention", "spatial_attention", "channel_attention", "filter_attention",
+                "expert_bias")
+
+
+def _check_dynamic_conv_args(x, experts, groups: int, strategy) -> None:
+    """ValueErrors for experts whose rank or channels do not fit ``x`` and ``groups``, or an unknown strategy."""
+    rank = x.ndim - 2
+    if experts.ndim != rank + 3:
+        raise ValueError(f"experts shape {experts.shape} does not match x shape {x.shape}: expected "
+                         f"[K, *kernel_size ({rank} dims), Cin // groups, Cout]")
+    if x.shape[-1] != experts.shape[-2] * groups or experts.shape[-1] % groups:
+        raise ValueError(f"x has {x.shape[-1]} channels and experts {experts.shape}: with groups={groups} "
+                         f"expected Cin = groups * experts.shape[-2] and Cout divisible by groups")
+    if not is_strategy(strategy):
+        raise ValueError(f"strategy={strategy!r}: expected {STRATEGY_CHOICES}")
+
+
 def dynamic_conv(
     x,
     experts,
@@ -896,7 +917,7 @@ def dynamic_conv(
     Args:
       x: ``[B, *S, Cin]``.
       experts: ``[K, *k, Cin // groups, Cout]``.
-      kernel_attention: ``[B, K]`` (routing weights / expert attention).
+      kernel_attention: ``[B, K]`` (routing weights / expert attention), or None: per-sample kernels (assembled_conv).
       spatial_attention: ``[B, *k]`` or None.
       channel_attention: ``[B, Cin]`` or None (scales the input channels).
       filter_attention: ``[B, Cout]`` or None (scales the output channels).
@@ -918,15 +939,7 @@ def dynamic_conv(
       >>> y.shape, float(y[0, 4, 4, 0])              # 3x3 taps x 4 channels, each weight 1
       ((2, 8, 8, 6), 36.0)
     """
-    rank = x.ndim - 2
-    if experts.ndim != rank + 3:
-        raise ValueError(f"experts shape {experts.shape} does not match x shape {x.shape}: expected "
-                         f"[K, *kernel_size ({rank} dims), Cin // groups, Cout]")
-    if x.shape[-1] != experts.shape[-2] * groups or experts.shape[-1] % groups:
-        raise ValueError(f"x has {x.shape[-1]} channels and experts {experts.shape}: with groups={groups} "
-                         f"expected Cin = groups * experts.shape[-2] and Cout divisible by groups")
-    if not is_strategy(strategy):
-        raise ValueError(f"strategy={strategy!r}: expected {STRATEGY_CHOICES}")
+    _check_dynamic_conv_args(x, experts, groups, strategy)
     if strategy == "auto" or isinstance(strategy, plan.Plan):
         arrays = {"x": x, "experts": experts, "kernel_attention": kernel_attention,
                   "spatial_attention": spatial_attention, "channel_attention": channel_attention,
@@ -934,9 +947,8 @@ def dynamic_conv(
         strategy, arrays = _resolve_strategy(strategy, arrays, strides=tuple(strides), padding=padding,
                                              dilation=tuple(dilation), groups=groups, precision=precision)
         x, experts, kernel_attention, spatial_attention, channel_attention, filter_attention, expert_bias = (
-            arrays[n] for n in ("x", "experts", "kernel_attention", "spatial_attention", "channel_attention",
-                                "filter_attention", "expert_bias"))
-    batch_shape = (x.shape[0],) + (1,) * rank
+            arrays[n] for n in _ARRAY_NAMES)
+    batch_shape = (x.shape[0],) + (1,) * (x.ndim - 2)
     fold_channel, fold_filter = attention_placement(
         x.shape, experts.shape, strides=strides, padding=padding, dilation=dilation, strategy=strategy,
         channel_attention=channel_attention is not None, filter_attention=filter_attention is not None)
@@ -953,7 +965,7 @@ def dynamic_conv(
         bias = kernel_attention.astype(expert_bias.dtype) @ expert_bias  # [B, Cout]
         if fuse_bias:  # added inside each sample's step, where its output is in cache
             folded["bias"] = bias.astype(experts.dtype)
-    attention = kernel_attention.astype(experts.dtype)
+    attention = None if kernel_attention is None else kernel_attention.astype(experts.dtype)
     spatial = None if spatial_attention is None else spatial_attention.astype(experts.dtype)
     y = _IMPLS[strategy](x, experts, attention, spatial, folded, strides=tuple(strides), padding=padding,
                          dilation=tuple(dilation), groups=groups, precision=precision)
@@ -962,3 +974,54 @@ def dynamic_conv(
     if expert_bias is not None and not fuse_bias:
         y = y + bias.reshape(batch_shape + (-1,)).astype(y.dtype)
     return y
+
+
+# --------------------------------------------------------------------------- methods with their own assembly
+
+
+def im2col(x, kernel_size: Sequence[int], *, strides, padding, dilation):
+    """The kernel taps of ``x [B, *S, C]`` stacked: ``[B, *S_out, prod(kernel_size), C]`` (row-major kernel
+    order), so that ``conv(x, W)[b, s] = sum_t cols[b, s, t] @ W[t]`` for ``W [prod(k), C, Cout]``."""
+    pads = explicit_padding(padding, x.shape[1:-1], tuple(kernel_size), tuple(strides), tuple(dilation))
+    return _im2col(x, tuple(kernel_size), tuple(strides), pads, tuple(dilation))[0]
+
+
+def assembled_conv(x, assemble, kernel_shape, *, mix=None, strides: Sequence[int], padding,
+                   dilation: Sequence[int], groups: int = 1, strategy: str = "auto", precision=None):
+    """The per-sample convolution of a method whose kernels are not an attention-weighted sum of whole
+    experts (KernelWarehouse: mixtures of cells shared between layers), by :func:`dynamic_conv`'s strategies.
+
+    Args:
+      x: ``[B, *S, Cin]``.
+      assemble: ``() -> [B, *k, Cin // groups, Cout]``, the per-sample kernels (called only when the
+        strategy needs them).
+      kernel_shape: ``(*k, Cin // groups, Cout)``.
+      mix: ``(strides=, padding=, dilation=, precision=) -> [B, *S_out, Cout]``, the method's own mixing of
+        static-conv outputs, run for ``strategy='mix'`` (None: the method has none).
+      strides, padding, dilation, groups, precision: as :func:`dynamic_conv`.
+      strategy: 'vmap', 'shifted', 'patches', 'pointwise', 'map' (on the assembled kernels), 'mix', or
+        'auto': :func:`choose_strategy`'s rule for this kernel shape with the 'mix' choice replaced by the
+        per-sample-kernel strategy the rule takes otherwise, and a 'lean' choice by 'map' ('shifted' when
+        depthwise), since 'lean' works from experts and attentions (the cost of a method's mixing differs from the
+        expert mixing the rule was measured for). Not measured: :mod:`dynconv_jax.autotune` times expert
+        problems only.
+    """
+    kernel_shape = tuple(kernel_shape)
+    if strategy == "auto":
+        strategy = choose_strategy(x.shape, (1, *kernel_shape), strides=tuple(strides), dilation=tuple(dilation),
+                                   groups=groups, spatial_attention=False)
+        if strategy == "mix":
+            backend = jax.default_backend()
+            strategy = "map" if backend == "cpu" else "pointwise" if all(k == 1 for k in kernel_shape[:-2]) \
+                else "patches"
+        elif strategy == "lean":  # 'lean' computes from experts and attentions: kernels made per sample have neither
+            depthwise = groups == x.shape[-1] and kernel_shape[-2] == 1
+            strategy = "shifted" if depthwise else "map"
+    if strategy == "lean":
+        raise ValueError("strategy='lean' needs experts and attentions, not kernels assembled per sample: use 'map'")
+    if strategy == "mix":
+        if mix is None:
+            raise ValueError("strategy='mix' needs the method's own output mixing (mix=None)")
+        return mix(strides=tuple(strides), padding=padding, dilation=tuple(dilation), precision=precision)
+    return dynamic_conv(x, assemble(), None, strides=strides, padding=padding, dilation=dilation, groups=groups,
+                        strategy=strategy, precision=precision)

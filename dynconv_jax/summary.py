@@ -2,8 +2,8 @@
 
 ``python -m dynconv_jax.summary`` prints the table of ``docs/models.md``: ResNet-18/50 and
 MobileNetV2 at 224×224 (ImageNet) and their CIFAR variants at 32×32, each with static,
-CondConv (Yang et al., NeurIPS 2019), DynamicConv (Chen et al., CVPR 2020) and ODConv
-(Li et al., ICLR 2022) convolutions.
+CondConv (Yang et al., NeurIPS 2019), DynamicConv (Chen et al., CVPR 2020), ODConv
+(Li et al., ICLR 2022) and KernelWarehouse (Li & Yao, ICML 2024) convolutions.
 
 Everything is counted from the Flax model itself: parameters from its ``params`` (running
 statistics excluded, as PyTorch's ``parameters()``), multiply-adds (MACs) by an analytic
@@ -14,7 +14,8 @@ per-layer count over the layers the model actually calls (recorded with
 * dynamic layer, per sample: the same conv MACs, plus
   - kernel aggregation ``K × E`` (E = ``prod(k) × C_in/groups × C_out``, the kernel size),
     none for ODConv's skipped kernel attention (K = 1), plus ``E`` for ODConv's spatial
-    attention, plus ``K × C_out`` for an expert bias;
+    attention, plus ``K × C_out`` for an expert bias; KernelWarehouse: ``N × E`` (every cell of
+    the kernel mixes the warehouse's ``N`` cells);
   - attention: global average pooling (``H × W × C_in`` additions, counted as MACs), every
     attention matrix ``in × out`` (its params), the attention BatchNorm (one MAC per
     channel), and ODConv's channel / filter attention products (one MAC per input / output
@@ -40,10 +41,10 @@ from flax import linen as nn
 from flax.traverse_util import flatten_dict
 from jax import lax
 
-from dynconv_jax import CondConv, DynamicConv, ODConv, models, ops
+from dynconv_jax import CondConv, DynamicConv, KWConv, ODConv, models, ops
 from dynconv_spec import CONV_MODELS
 
-DYNAMIC_LAYERS = (CondConv, DynamicConv, ODConv)
+DYNAMIC_LAYERS = (CondConv, DynamicConv, ODConv, KWConv)
 
 
 @dataclasses.dataclass
@@ -104,13 +105,19 @@ def _subtree(tree: Mapping, path: Sequence[str]) -> Mapping:
 
 
 def _dynamic_layer_macs(module: nn.Module, params: Mapping, x_shape: Tuple[int, ...], y_shape: Tuple[int, ...],
-                        padded_taps: bool) -> MacCount:
-    """MACs of one CondConv / DynamicConv / ODConv call (see the module docstring for the rules)."""
-    experts = params["kernel"]  # [K, *k, I/g, O]
-    num_experts, kernel_elements = experts.shape[0], math.prod(experts.shape[1:])
+                        padded_taps: bool, cell_attention: Optional[Tuple[int, ...]] = None) -> MacCount:
+    """MACs of one CondConv / DynamicConv / ODConv / KernelWarehouse call (see the module docstring for the
+    rules; ``cell_attention``: the shape of a KernelWarehouse layer's sown ``[B, M, N]`` cell weights)."""
     batch = x_shape[0]
     count = MacCount(conv=_conv_macs(module, x_shape, y_shape, padded_taps))
     attention = params.get("attention", params.get("routing_fn", {}))
+    if isinstance(module, KWConv):  # cells [B, M, N]: every one of the M cells mixes N warehouse cells
+        taps = math.prod((module.kernel_size,) if isinstance(module.kernel_size, int) else module.kernel_size)
+        kernel_elements = taps * x_shape[-1] // module.feature_group_count * y_shape[-1]
+        num_experts = cell_attention[-1]
+    else:
+        experts = params["kernel"]  # [K, *k, I/g, O]
+        num_experts, kernel_elements = experts.shape[0], math.prod(experts.shape[1:])
     if not isinstance(module, ODConv) or "kernel_fc" in attention:
         count.aggregation += batch * num_experts * kernel_elements
     if "spatial_fc" in attention:
@@ -150,12 +157,18 @@ def count_macs(model: nn.Module, variables: Mapping[str, Any], x_shape: Sequence
         with nn.intercept_methods(record):
             return model.apply(v, x, mutable=["batch_stats", "intermediates"], **apply_kwargs)
 
-    jax.eval_shape(run, variables, jax.ShapeDtypeStruct(tuple(x_shape), dtype))
+    _, state = jax.eval_shape(run, variables, jax.ShapeDtypeStruct(tuple(x_shape), dtype))
     dynamic_paths = [path for module, path, _, _ in calls if isinstance(module, DYNAMIC_LAYERS)]
     total = MacCount()
     for module, path, x_in, y_out in calls:
-        if isinstance(module, DYNAMIC_LAYERS):
-            part = _dynamic_layer_macs(module, _subtree(variables["params"], path), x_in, y_out, padded_taps)
+        params = _subtree(variables["params"], path)
+        if isinstance(module, KWConv) and "attention" not in params:  # a static position of the warehouse plan
+            total.conv += _conv_macs(module, x_in, y_out, padded_taps)
+        elif isinstance(module, DYNAMIC_LAYERS):
+            cells = _subtree(state.get("intermediates", {}), path).get("cell_attention") if isinstance(
+                module, KWConv) else None
+            part = _dynamic_layer_macs(module, params, x_in, y_out, padded_taps,
+                                       None if cells is None else tuple(cells[0].shape))
             total.conv += part.conv
             total.attention += part.attention
             total.aggregation += part.aggregation

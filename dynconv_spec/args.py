@@ -8,9 +8,9 @@ from __future__ import annotations
 import math
 from typing import Any, Collection, Dict, Mapping, Optional, Sequence
 
-CONV_TYPES = ("static", "condconv", "dynamic", "odconv")
-"""The convolution a model's blocks use: ``conv='static'|'condconv'|'dynamic'|'odconv'``."""
-REDUCTION_TYPES = ("dynamic", "odconv")
+CONV_TYPES = ("static", "condconv", "dynamic", "odconv", "kernelwarehouse")
+"""The convolution a model's blocks use: ``conv='static'|'condconv'|'dynamic'|'odconv'|'kernelwarehouse'``."""
+REDUCTION_TYPES = ("dynamic", "odconv", "kernelwarehouse")
 """Conv types with an attention reduction ratio (``reduction=``)."""
 STEMS = ("imagenet", "cifar")
 """``stem='imagenet'`` (stride-4 stem of the ImageNet nets) or ``'cifar'`` (stride 1, for 32×32 inputs)."""

@@ -17,6 +17,7 @@ from typing import Any, Callable, Dict, List, Optional
 
 from .args import one_spelling
 from .efficientnet_cc import VARIANTS
+from .kernelwarehouse import KW_CONV
 from .resnet import RESNET_ARCHS
 
 CONV_MODELS = (*RESNET_ARCHS, "mobilenet_v2")
@@ -34,9 +35,19 @@ ODCONV_MODELS: Dict[str, tuple] = {
 """The official OSVAI/ODConv entry points (``models/od_resnet.py``, ``models/od_mobilenetv2.py``): name -> (the
 conv model it is, with ``conv='odconv'``, and its fixed arguments). They take the official ``kernel_num``
 (or ``num_experts``; default 1) and ``reduction`` (default 1/16)."""
+KW_MODELS: Dict[str, tuple] = {
+    "kw_resnet18": ("resnet18", {}, {}),
+    "kw_resnet50": ("resnet50", {}, {}),
+    "kw_mobilenetv2_050": ("mobilenet_v2", {"width_mult": 0.5}, {"dropout": 0.0}),
+    "kw_mobilenetv2_100": ("mobilenet_v2", {"width_mult": 1.0}, {"dropout": 0.0}),
+}
+"""The official OSVAI/KernelWarehouse entry points (``models/kw_resnet.py``, ``models/kw_mobilenetv2.py``):
+name -> (the conv model it is, with ``conv='kernelwarehouse'``, its fixed arguments, and the defaults of its
+official arguments that differ from the conv model's). ``sharing_range`` defaults to the conv model's
+(:data:`dynconv_spec.kernelwarehouse.DEFAULT_SHARING`)."""
 EFFICIENTNET_CC_MODELS = tuple(VARIANTS)
 """timm's EfficientNet-CondConv entry points."""
-MODEL_NAMES = CONV_MODELS + tuple(ODCONV_MODELS) + EFFICIENTNET_CC_MODELS
+MODEL_NAMES = CONV_MODELS + tuple(ODCONV_MODELS) + tuple(KW_MODELS) + EFFICIENTNET_CC_MODELS
 """Every registered name, in both frameworks."""
 
 
@@ -59,6 +70,41 @@ def odconv_model_args(name: str, kernel_num: Optional[int] = None, reduction: fl
         raise ValueError(f"{name}: {clash} are fixed by the entry point")
     experts = one_spelling(name, "kernel_num", kernel_num, num_experts, default=1)
     return dict(conv="odconv", num_experts=experts, reduction=reduction, **fixed, **kwargs)
+
+
+def kw_model_args(name: str, reduction: float = 0.0625, cell_num_ratio=1.0, cell_inplane_ratio=1.0,
+                  cell_outplane_ratio=1.0, sharing_range=None, nonlocal_basis_ratio: float = 1.0,
+                  spatial_partition=True, drop_path_rate: float = 0.0, **kwargs: Any) -> Dict[str, Any]:
+    """The conv-model arguments of the official KernelWarehouse entry point ``name`` (a key of :data:`KW_MODELS`).
+
+    The official arguments (``reduction``, ``cell_num_ratio``, ``cell_inplane_ratio``,
+    ``cell_outplane_ratio``, ``sharing_range``, ``nonlocal_basis_ratio``; the configs of
+    :data:`dynconv_spec.kernelwarehouse.OFFICIAL_CONFIGS`) become ``reduction`` and ``conv_options``;
+    ``kwargs`` are further arguments of the ResNet / MobileNetV2 (``num_classes``, ``dropout``, ``stem``, ...).
+    ``drop_path_rate`` (the official stochastic depth, a training-only option) must be 0 here.
+
+
+    Examples:
+      >>> from dynconv_spec import kw_model_args
+      >>> args = kw_model_args("kw_resnet18", cell_num_ratio=4.0, num_classes=10)
+      >>> args["conv"], args["conv_options"]["cell_num_ratio"], args["num_classes"]
+      ('kernelwarehouse', 4.0, 10)
+    """
+    _, fixed, defaults = KW_MODELS[name]
+    clash = sorted({"conv", "num_experts", "conv_options", *fixed} & set(kwargs))
+    if clash:
+        raise ValueError(f"{name}: {clash} are fixed by the entry point (KernelWarehouse options are its own "
+                         f"arguments: cell_num_ratio=, sharing_range=, ...)")
+    if drop_path_rate:
+        raise ValueError(f"{name}: drop_path_rate={drop_path_rate!r}: stochastic depth is not implemented; the "
+                         f"models equal the official ones at drop_path_rate=0 (and in inference at any rate)")
+    options = dict(cell_num_ratio=cell_num_ratio, cell_inplane_ratio=cell_inplane_ratio,
+                   cell_outplane_ratio=cell_outplane_ratio, nonlocal_basis_ratio=nonlocal_basis_ratio,
+                   spatial_partition=spatial_partition)
+    if sharing_range is not None:
+        options["sharing_range"] = sharing_range
+    extra = {k: v for k, v in defaults.items() if k not in kwargs}
+    return dict(conv=KW_CONV, reduction=reduction, conv_options=options, **fixed, **extra, **kwargs)
 
 
 class ModelRegistry:

@@ -39,16 +39,23 @@ def positive_int(value, name: str, where: str, minimum: int = 1) -> int:
     return value
 
 
+def int_tuple(value, name: str, where: str, minimum: int, rank: int) -> Tuple[int, ...]:
+    """An int or ``rank`` ints (each >= ``minimum``) as a tuple of ``rank`` ints, as ``nn.ConvNd`` takes them."""
+    values = (value,) * rank if _is_int(value) else tuple(value) if isinstance(value, (tuple, list)) else None
+    if values is None or len(values) != rank or not all(_is_int(v) and v >= minimum for v in values):
+        what = "a pair" if rank == 2 else f"{rank} ints"
+        raise ValueError(f"{where}: {name} must be an int or {what} of ints >= {minimum}, got {value!r}")
+    return values
+
+
 def int_pair(value, name: str, where: str, minimum: int) -> Tuple[int, int]:
     """An int or a pair of ints (each >= ``minimum``) as a pair, like ``nn.Conv2d`` takes them."""
-    pair = (value, value) if _is_int(value) else tuple(value) if isinstance(value, (tuple, list)) else None
-    if pair is None or len(pair) != 2 or not all(_is_int(v) and v >= minimum for v in pair):
-        raise ValueError(f"{where}: {name} must be an int or a pair of ints >= {minimum}, got {value!r}")
-    return pair
+    return int_tuple(value, name, where, minimum, 2)
 
 
-def conv_padding(padding, stride: Tuple[int, int], where: str) -> Union[str, Tuple[int, int]]:
-    """Normalise ``padding`` as ``nn.Conv2d`` does: 'same' / 'valid' (kept as strings), an int or a pair.
+def conv_padding(padding, stride: Tuple[int, ...], where: str) -> Union[str, Tuple[int, ...]]:
+    """Normalise ``padding`` as ``nn.ConvNd`` does: 'same' / 'valid' (kept as strings), an int or one int per
+    spatial dimension (``len(stride)`` of them).
 
     'same' with a stride other than 1 raises ``nn.Conv2d``'s own error (prefixed with ``where``).
     """
@@ -58,7 +65,7 @@ def conv_padding(padding, stride: Tuple[int, int], where: str) -> Union[str, Tup
         if padding == "same" and any(s != 1 for s in stride):
             raise ValueError(f"{where}: padding='same' is not supported for strided convolutions")
         return padding
-    return int_pair(padding, "padding", where, minimum=0)
+    return int_tuple(padding, "padding", where, 0, len(stride))
 
 
 def conv_geometry(where: str, in_channels, out_channels, kernel_size, stride, padding, dilation, groups, num_experts,
@@ -93,15 +100,21 @@ def check_temperature(temperature, where: str) -> float:
     return dynconv_spec.check_temperature(temperature, where)
 
 
-def check_input(x, in_channels: int, where: str, dtype: Optional[torch.dtype] = None) -> None:
-    """``x`` must be a non-empty NCHW tensor with ``in_channels`` channels (of ``dtype``, the parameters' dtype)."""
+_LAYOUTS = {1: "NCL", 2: "NCHW", 3: "NCDHW"}
+_DIMS = {1: "[B, C, L]", 2: "[B, C, H, W]", 3: "[B, C, D, H, W]"}
+
+
+def check_input(x, in_channels: int, where: str, dtype: Optional[torch.dtype] = None, rank: int = 2) -> None:
+    """``x`` must be a non-empty ``[B, C, *spatial]`` tensor (``rank`` spatial dims, NCHW for 2) with
+    ``in_channels`` channels (of ``dtype``, the parameters' dtype)."""
     if not isinstance(x, Tensor):
         raise TypeError(f"{where}: expected a torch.Tensor input, got {type(x).__name__}")
-    if x.dim() != 4:
-        raise ValueError(f"{where}: expected a 4-D NCHW input [B, C, H, W], got shape {tuple(x.shape)}")
+    if x.dim() != rank + 2:
+        raise ValueError(f"{where}: expected a {rank + 2}-D {_LAYOUTS[rank]} input {_DIMS[rank]}, got shape "
+                         f"{tuple(x.shape)}")
     if x.shape[1] != in_channels:
-        raise ValueError(
-            f"{where}: expected {in_channels} input channels (dim 1 of NCHW), got input of shape {tuple(x.shape)}")
+        raise ValueError(f"{where}: expected {in_channels} input channels (dim 1 of {_LAYOUTS[rank]}), got input of "
+                         f"shape {tuple(x.shape)}")
     if x.shape[0] == 0:
         raise ValueError(f"{where}: got an empty batch (input shape {tuple(x.shape)})")
     if dtype is not None and x.dtype != dtype and not torch.is_autocast_enabled(x.device.type):

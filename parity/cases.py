@@ -31,7 +31,7 @@ import importlib
 import importlib.util
 from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
 
-from dynconv_spec import CONV_MODELS, CONV_TYPES
+from dynconv_spec import CONV_MODELS, CONV_TYPES, KW_CONV
 
 CHECKS = ("checkpoint", "forward_eval", "forward_train", "running_stats", "grad_input", "grad_params", "sgd",
           "adamw")
@@ -110,7 +110,7 @@ def select(families: Optional[Iterable[str]] = None, quick: bool = False, match:
 
 # ----------------------------------------------------------------------------- layers
 
-LAYER_FAMILIES = ("condconv", "dynamic", "odconv")
+LAYER_FAMILIES = ("condconv", "dynamic", "odconv", KW_CONV)
 
 
 def _flax_padding(padding):
@@ -182,10 +182,74 @@ LAYER_GRID = (
 )
 
 
+def kw_layer_case(in_ch: int, out_ch: int, k: int, *, stride=1, padding=0, dilation=1, groups=1, bias=False,
+                  temperature=None, strategy="auto", rank=2, size=7, batch=3, quick=False,
+                  default=("float64", "float32"), **options) -> Case:
+    """A KernelWarehouse layer case: ``dynconv_torch.KWConv{rank}d`` (a warehouse of its own, ``options`` of
+    :class:`dynconv_spec.kernelwarehouse.KWOptions`) vs ``dynconv_jax.KWConv``; ``temperature`` is the
+    warm-up weight tau."""
+    conv = dict(stride=stride, padding=padding, dilation=dilation, groups=groups)
+
+    def make_torch():
+        import dynconv_torch as dt
+
+        return (dt.KWConv1d, dt.KWConv2d, dt.KWConv3d)[rank - 1](in_ch, out_ch, k, bias=bias, **conv, **options)
+
+    def make_flax(dtype, precision):
+        import dynconv_jax as dj
+
+        return dj.KWConv(out_ch, (k,) * rank, strides=stride, padding=_flax_padding(padding), kernel_dilation=dilation,
+                         feature_group_count=groups, use_bias=bias, strategy=strategy, dtype=dtype, param_dtype=dtype,
+                         precision=precision, **options)
+
+    desc = f"i{in_ch}o{out_ch}k{k}s{stride}p{padding}d{dilation}g{groups}" + (f"-{rank}d" if rank != 2 else "")
+    desc += "".join(f"-{name}{value:g}" if not isinstance(value, bool) else f"-{name}{int(value)}"
+                    for name, value in sorted(options.items()))
+    if bias:
+        desc += "-bias1"
+    if temperature is not None:
+        desc += f"-T{temperature:g}"
+    if strategy != "auto":
+        desc += f"-{strategy}"
+    return Case(name=f"{KW_CONV}/{desc}", family=KW_CONV, make_torch=make_torch, make_flax=make_flax,
+                input_shape=(batch, in_ch, *(size,) * rank), temperature=temperature, quick=quick,
+                default=tuple(default))
+
+
+#: The KernelWarehouse layer grid: (kwargs, quick, default). Budgets 1×, 4×, 1/2× (the diagonal warm-up
+#: assignment), a depthwise layer with split cells (go = gi = 2, so a cell-order bug keeps its shapes),
+#: tau 0.3 (the warm-up blend, where swapped weights would differ), 1-D, 3-D, whole-kernel cells
+#: (spatial_partition=False) and a bias; every strategy with --full.
+KW_LAYER_GRID = (
+    (dict(in_ch=8, out_ch=8, k=3, padding=1, cell_inplane_ratio=0.5, cell_outplane_ratio=0.5, temperature=0.3),
+     True, BOTH),
+    (dict(in_ch=8, out_ch=12, k=3, stride=2, padding=1, groups=2, cell_num_ratio=4.0, temperature=0.7), True, BOTH),
+    (dict(in_ch=8, out_ch=8, k=3, padding=1, groups=8, cell_num_ratio=0.5, cell_outplane_ratio=0.5, bias=True),
+     True, BOTH),
+    (dict(in_ch=6, out_ch=10, k=1, cell_num_ratio=2.0), False, FULL_ONLY),
+    (dict(in_ch=8, out_ch=8, k=3, padding=2, dilation=2, spatial_partition=False, temperature=0.5), False, FULL_ONLY),
+    (dict(in_ch=6, out_ch=8, k=3, padding=1, rank=1, size=9, temperature=0.5), False, FLOAT64),
+    (dict(in_ch=4, out_ch=8, k=3, stride=2, padding=1, rank=3, size=5, cell_num_ratio=2.0, temperature=0.5), False,
+     FLOAT64),
+)
+
+
+def _register_kw_layers(strategies):
+    for kwargs, quick, default in KW_LAYER_GRID:
+        register(kw_layer_case(quick=quick, default=default, **kwargs))
+    for strategy in strategies:
+        if strategy == "pointwise":
+            register(kw_layer_case(6, 10, 1, stride=2, strategy=strategy, temperature=0.5, default=FULL_ONLY))
+        elif strategy != "vmap":  # 'mix' needs an ungrouped layer
+            register(kw_layer_case(8, 16, 3, stride=2, padding=1, groups=1 if strategy == "mix" else 2,
+                                   strategy=strategy, temperature=0.5, default=FULL_ONLY))
+
+
 def _register_layers():
     from dynconv_jax.ops import STRATEGIES  # the exact per-sample conv strategies
 
-    for family in LAYER_FAMILIES:
+    _register_kw_layers(STRATEGIES)
+    for family in LAYER_FAMILIES[:-1]:
         for kwargs, quick, default in LAYER_GRID:
             register(layer_case(family, quick=quick, default=default, **kwargs))
         if family == "odconv":  # the attention LayerNorm / no normalisation, on a training batch of one
@@ -223,8 +287,9 @@ MODEL_TRAIN = dict(sgd_lr=1e-4, train_steps=100, train_batches=1)
 #: Attention temperature of the model cases. ODConv runs at T = 30 (the initial temperature of
 #: the annealing schedule): in train mode each ODConv's attention BatchNorm normalizes [B, A]
 #: pooled features over the batch only, which amplifies rounding, and at lower T that compounds
-#: over the layers (measured in docs/conversion_parity.md).
-MODEL_TEMPERATURE = {"static": None, "condconv": 2.0, "dynamic": 2.0, "odconv": 30.0}
+#: over the layers (measured in docs/conversion_parity.md). KernelWarehouse's is its warm-up
+#: weight tau in [0, 1]: 0.3 mixes the attention and the one-hot warm-up target.
+MODEL_TEMPERATURE = {"static": None, "condconv": 2.0, "dynamic": 2.0, "odconv": 30.0, KW_CONV: 0.3}
 #: Tiny sizes: the full depth of each architecture, narrow channels, CIFAR stem, 16x16 inputs.
 MODEL_SIZE = {"resnet18": dict(base_width=8), "resnet34": dict(base_width=8), "resnet50": dict(base_width=8),
               "mobilenet_v2": dict(width_mult=0.25)}
@@ -247,8 +312,11 @@ def model_case(family: str, conv: str, *, num_experts=4, stem="cifar", temperatu
 
         return jm.create_model(family, dtype=dtype, param_dtype=dtype, precision=precision, **kwargs)
 
-    desc = "-".join(f"{k}{v}" for k, v in sorted(extra.items()))
-    name = f"{family}/{conv}-K{num_experts}-{stem}" + (f"-{desc}" if desc else "") + (
+    named = dict(extra)
+    named.update(named.pop("conv_options", {}))
+    desc = "-".join(f"{k}{v}" for k, v in sorted(named.items()))
+    experts = "" if conv == KW_CONV else f"-K{num_experts}"  # KernelWarehouse has no experts
+    name = f"{family}/{conv}{experts}-{stem}" + (f"-{desc}" if desc else "") + (
         f"-T{temperature:g}" if temperature is not None else "")
     return Case(name=name, family=family, make_torch=make_torch, make_flax=make_flax,
                 input_shape=(batch, 3, size, size), temperature=temperature, quick=quick,
@@ -271,6 +339,10 @@ def _register_models():
     # the ImageNet stem (7x7/2 conv + max-pool) once, with ODConv as the official models
     register(model_case("resnet18", "odconv", stem="imagenet", size=32, temperature=MODEL_TEMPERATURE["odconv"],
                         default=FULL_ONLY))
+    # KernelWarehouse at the official ResNet-50 1/2x config's options: split cells, the basis map
+    register(model_case("resnet50", KW_CONV, temperature=MODEL_TEMPERATURE[KW_CONV], default=FULL_ONLY,
+                        conv_options=dict(cell_num_ratio=0.5, cell_inplane_ratio=0.5, cell_outplane_ratio=0.5,
+                                          nonlocal_basis_ratio=0.0625)))
 
 
 _register_layers()

@@ -34,6 +34,8 @@ LAYER_T3 = "dynamic/i8o12k3s2p1d1g2K4-T3"    # temperature 3, stride 2, 2 groups
 SQUARE = "i8o8k3s1p2d2g1K1"                  # in == out, dilation 2, one expert
 ODCONV = "odconv/i8o16k3s1p1d1g1K4"
 EVEN = "i6o8k4s1psamed1g1K2"                 # 4x4 kernel, 'same' padding (asymmetric)
+# KernelWarehouse 8 -> 8 with 4x4 cells (2 x 2 channel blocks x 9 positions), warm-up tau 0.3
+KW = "kernelwarehouse/i8o8k3s1p1d1g1-cell_inplane_ratio0.5-cell_outplane_ratio0.5-T0.3"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -142,6 +144,21 @@ MUTANTS: Tuple[Mutant, ...] = (
     Mutant("dilation-ignored-in-grad", "the kernel gradient's im2col ignores the dilation", "ops.py",
            "start = tuple(i * d for i, d in zip(offset, dilation))", "start = tuple(offset)",
            f"dynamic/{SQUARE}", F64 + ("--checks", "grad_params"), "grad_params"),
+    Mutant("kw-cell-order", "KernelWarehouse cells assembled with the output and input channel blocks swapped "
+           "(cell (o, i) placed at (i, o))", "cells.py",
+           "order = (0, 1, *range(6, 6 + rank), 3, 5, 2, 4)", "order = (0, 1, *range(6, 6 + rank), 2, 5, 3, 4)",
+           KW, F64 + ("--checks", "forward_eval"), "forward_eval"),
+    Mutant("kw-zero-cell-missing", "KernelWarehouse's zero cell kept as a real cell (each mixture's first cell "
+           "dropped instead of the last)", "attention.py",
+           "return a[..., :-1]", "return a[..., 1:]", KW, F64 + ("--checks", "forward_eval"), "forward_eval"),
+    Mutant("kw-signed-normalisation", "KernelWarehouse attention divided by its signed sum instead of the sum of |.|",
+           "attention.py", "a = a / (jnp.sum(jnp.abs(a), axis=-1, keepdims=True) + eps)",
+           "a = a / (jnp.abs(jnp.sum(a, axis=-1, keepdims=True)) + eps)",
+           KW, F64 + ("--checks", "forward_eval"), "forward_eval"),
+    Mutant("kw-warmup-blend-swapped", "KernelWarehouse warm-up blend tau * attention + (1 - tau) * one-hot",
+           "attention.py", "a = (1.0 - tau) * a + tau * temp_bias.reshape(num_mixtures, -1).astype(a.dtype)",
+           "a = tau * a + (1.0 - tau) * temp_bias.reshape(num_mixtures, -1).astype(a.dtype)",
+           KW, F64 + ("--checks", "forward_eval"), "forward_eval"),
     Mutant("float32-attention-in-bfloat16", "attention branch computed in bfloat16 when the layer runs in float32 "
            "(a float32-only bug: judged by the noise-aware float32 verdict)", "attention.py",
            "return jnp.promote_types(dtype, jnp.float32)",

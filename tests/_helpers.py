@@ -1,6 +1,7 @@
 """Test helpers shared by several test files (import as ``from _helpers import ...``)."""
 from __future__ import annotations
 
+import math
 import shutil
 import subprocess
 
@@ -8,7 +9,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax.traverse_util import flatten_dict
 from jax import lax
+
+from dynconv_jax.convert import torch_module_to_flax
 
 # Channels-last dimension numbers of lax.conv_general_dilated for 1-D, 2-D and 3-D convolutions.
 DIMENSION_NUMBERS = {1: ("NWC", "WIO", "NWC"), 2: ("NHWC", "HWIO", "NHWC"), 3: ("NDHWC", "DHWIO", "NDHWC")}
@@ -59,3 +63,25 @@ def skip_without_private_tmpfs(mount, size: str) -> None:
                            capture_output=True, text=True)
     if probe.returncode != 0:
         pytest.skip(f"cannot mount a tmpfs here ({probe.stderr.strip()})")
+def flax_leaf_counts(variables) -> dict:
+    """``{(collection, *module path, leaf): elements}`` over params and batch_stats."""
+    return {(col,) + path: math.prod(leaf.shape)
+            for col in ("params", "batch_stats") for path, leaf in flatten_dict(variables.get(col, {})).items()}
+
+
+def torch_to_flax_names(shapes: dict) -> dict:
+    """PyTorch ``{key: shape}`` → ``{flax path: elements}`` by the DESIGN.md rules (leaf names modulo
+    weight ↔ kernel/scale, which the flax side also reduces to 'weight')."""
+    out = {}
+    for key, shape in shapes.items():
+        module, leaf = key.rsplit(".", 1)
+        if leaf == "num_batches_tracked":
+            continue
+        col = "batch_stats" if leaf in ("running_mean", "running_var") else "params"
+        leaf = {"running_mean": "mean", "running_var": "var"}.get(leaf, leaf)
+        out[(col,) + torch_module_to_flax(module) + (leaf,)] = math.prod(shape)
+    return out
+
+
+def weight_names(counts: dict) -> dict:
+    return {p[:-1] + ("weight" if p[-1] in ("kernel", "scale") else p[-1],): n for p, n in counts.items()}

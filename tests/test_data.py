@@ -4,6 +4,7 @@ TFDS), preprocessing, unreadable images, the errors of bad data options, and the
 running 2 steps."""
 from __future__ import annotations
 
+import dataclasses
 import os
 
 import numpy as np
@@ -296,9 +297,14 @@ def test_presets_run_two_steps(tmp_path):
         size = "--image_size=32" if "imagenet" in name else "--image_size=none"
         args = [f"--config={name}", *TINY, "--num_steps=2", "--batch_size=4", "--data_workers=0", "--width_mult=0.1",
                 size, "--conv=static", f"--workdir={tmp_path / name}"]
-        preset, config = parse_args([f"--config={name}"]), parse_args(args)
+        preset = parse_args([f"--config={name}"])
+        if preset.conv == "kernelwarehouse":  # its --kw_* options would not apply to --conv=static
+            args += [f"--{f.name}={'none' if f.default is None else f.default}" for f in dataclasses.fields(preset)
+                     if f.metadata["group"] == "kernelwarehouse"]
+        config = parse_args(args)
         assert config.model in name.replace("mobilenetv2", "mobilenet_v2") and config.base_width == 2
-        assert preset.conv == ("dynamic" if name.startswith("dycnn") else "odconv") and preset.num_experts == 4
+        family = {"dycnn": "dynamic", "kw": "kernelwarehouse"}.get(name.split("_")[0], "odconv")
+        assert preset.conv == family and (family == "kernelwarehouse" or preset.num_experts == 4)
         runs.append(args)
     env = {**os.environ, "XLA_FLAGS": os.environ.get("XLA_FLAGS", "") + " --xla_backend_optimization_level=0"}
     out = subprocess.run([sys.executable, "-c", _PRESET_RUNS, json.dumps(runs)], env=env, capture_output=True,

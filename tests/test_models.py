@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import gzip
 import json
-import math
 import pathlib
 
 import jax
@@ -23,10 +22,11 @@ from flax.traverse_util import flatten_dict
 
 from dynconv_jax import CondConv, DynamicConv, ODConv, summary
 from dynconv_jax import models as jm
-from dynconv_jax.convert import torch_module_to_flax, torch_to_flax
+from dynconv_jax.convert import torch_to_flax
+from dynconv_torch import CondConv2d, DynamicConv2d, KWConv2d, ODConv2d
 from dynconv_spec import CONV_TYPES
-from dynconv_torch import CondConv2d, DynamicConv2d, ODConv2d
 from dynconv_torch import models as tm
+from _helpers import flax_leaf_counts, torch_to_flax_names, weight_names
 
 CONVS = CONV_TYPES
 MANIFEST = json.loads(gzip.decompress((pathlib.Path(__file__).parent / "data" / "official_odconv_models.json.gz")
@@ -43,30 +43,6 @@ def _official_build(name: str, framework):
     if name.startswith("mobilenetv2"):
         return framework.create_model("mobilenet_v2", width_mult=int(name[-3:]) / 100)
     return framework.create_model(name)
-
-
-def _flax_leaf_counts(variables) -> dict:
-    """``{(collection, *module path, leaf): elements}`` over params and batch_stats."""
-    return {(col,) + path: math.prod(leaf.shape)
-            for col in ("params", "batch_stats") for path, leaf in flatten_dict(variables.get(col, {})).items()}
-
-
-def _torch_to_flax_names(shapes: dict) -> dict:
-    """PyTorch ``{key: shape}`` → ``{flax path: elements}`` by the DESIGN.md rules (leaf names modulo
-    weight ↔ kernel/scale, which the flax side also reduces to 'weight')."""
-    out = {}
-    for key, shape in shapes.items():
-        module, leaf = key.rsplit(".", 1)
-        if leaf == "num_batches_tracked":
-            continue
-        col = "batch_stats" if leaf in ("running_mean", "running_var") else "params"
-        leaf = {"running_mean": "mean", "running_var": "var"}.get(leaf, leaf)
-        out[(col,) + torch_module_to_flax(module) + (leaf,)] = math.prod(shape)
-    return out
-
-
-def _weight_names(counts: dict) -> dict:
-    return {p[:-1] + ("weight" if p[-1] in ("kernel", "scale") else p[-1],): n for p, n in counts.items()}
 
 
 def _init_shapes(model, shape=(2, 8, 8, 3)):
@@ -93,8 +69,8 @@ def test_flax_variables_match_official_checkpoint(name):
     """The Flax model holds exactly the leaves an official checkpoint converts to, with the same sizes."""
     variables = _init_shapes(_official_build(name, jm), (1, 32, 32, 3))
     assert summary.count_params(variables) == OFFICIAL[name]["num_params"]
-    expected = _torch_to_flax_names(OFFICIAL[name]["state_dict"])
-    assert _weight_names(_flax_leaf_counts(variables)) == expected
+    expected = torch_to_flax_names(OFFICIAL[name]["state_dict"])
+    assert weight_names(flax_leaf_counts(variables)) == expected
 
 
 # --------------------------------------------------------------------------- torch ↔ flax correspondence
@@ -109,11 +85,11 @@ def test_torch_and_flax_names_correspond(arch, extra, conv):
     torch_model = getattr(tm, arch)(**kwargs)
     flax_model = getattr(jm, arch)(**kwargs)
     variables = _init_shapes(flax_model)
-    torch_names = _torch_to_flax_names({k: v.shape for k, v in torch_model.state_dict().items()})
-    assert _weight_names(_flax_leaf_counts(variables)) == torch_names
+    torch_names = torch_to_flax_names({k: v.shape for k, v in torch_model.state_dict().items()})
+    assert weight_names(flax_leaf_counts(variables)) == torch_names
     out = jax.eval_shape(lambda v: flax_model.apply(v, jnp.zeros((2, 8, 8, 3))), variables)
     assert out.shape == (2, 7)
-    dynamic = sum(isinstance(m, (CondConv2d, DynamicConv2d, ODConv2d)) for m in torch_model.modules())
+    dynamic = sum(isinstance(m, (CondConv2d, DynamicConv2d, ODConv2d, KWConv2d)) for m in torch_model.modules())
     assert (dynamic > 0) == (conv != "static")
 
 

@@ -278,7 +278,7 @@ def test_official_odconv_checkpoint_keys_convert_into_nnx_models(name, build):
 # --------------------------------------------------------------------------- models: NNX == Linen
 ARCHS = {"resnet18": dict(base_width=4), "resnet34": dict(base_width=2), "resnet50": dict(base_width=2),
          "resnet101": dict(base_width=2), "mobilenet_v2": dict(width_mult=0.1)}
-CONVS = ("static", "condconv", "dynamic", "odconv")
+CONVS = ("static", "condconv", "dynamic", "odconv", "kernelwarehouse")
 
 
 def model_pair(arch, conv):

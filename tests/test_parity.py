@@ -2,8 +2,8 @@
 
 Layers: a few fixed configurations in float64 and float32 with every check (checkpoint file, eval/
 train forward, running stats, gradients, SGD steps), plus hypothesis-drawn random configurations.
-Models: the model cases (ResNet-18/50, MobileNetV2 x static/CondConv/DynamicConv/ODConv, and the
-ImageNet-stem ODConv ResNet-18) in float64, ResNet-18 and the deep ODConv ones in float32 (ResNet-34 and
+Models: the model cases (ResNet-18/50, MobileNetV2 x static/CondConv/DynamicConv/ODConv, ResNet-18 with
+KernelWarehouse, and the ImageNet-stem ODConv ResNet-18) in float64, ResNet-18 and the deep ODConv ones in float32 (ResNet-34 and
 the rest: ``python -m parity --full``): eval and train forward and running stats; gradients and 2 SGD steps in float64 for ResNet-18 (every conv type) and MobileNetV2
 static; one whole 100-step float64 training run (ResNet-18 DynamicConv). The harness must fail on a
 wrong build: a subset of the mutation test (``python -m parity.mutants`` runs every mutant) and the
@@ -32,14 +32,15 @@ def _assert_rows(rows):
 
 
 @pytest.mark.parametrize("name", ["condconv/i8o12k3s2p1d1g2K4-T3", "dynamic/i8o12k3s2p1d1g2K4-T3",
-                                  "odconv/i8o12k3s2p1d1g2K4-T3"])
+                                  "odconv/i8o12k3s2p1d1g2K4-T3",
+                                  "kernelwarehouse/i8o12k3s2p1d1g2-cell_num_ratio4-T0.7"])
 @pytest.mark.parametrize("dtype", ["float64", "float32"])
 def test_layer_grid_subset(name, dtype):
     rows = run_case(CASES[name], dtype, sgd=SGD)
     _assert_rows(rows)
     checks = {r.check for r in rows}
     assert {"checkpoint", "forward_eval", "forward_train", "grad_input", "grad_params", "sgd"} <= checks
-    if name.startswith("odconv"):
+    if name.startswith(("odconv", "kernelwarehouse")):
         assert "running_stats" in checks  # the attention BatchNorm
     for r in rows:  # float32 rows are judged against their measured noise floor, float64 rows are not
         if dtype == "float32" and r.check != "checkpoint":
@@ -86,7 +87,7 @@ def test_model_cases_cover_every_family_and_conv_type():
     assert default_models == ["resnet18/odconv-K4-cifar-T30"]
     flagship = CASES[default_models[0]]
     assert flagship.default == ("float64",) and "adamw" in flagship.checks
-    for family in ("condconv", "dynamic", "odconv"):
+    for family in ("condconv", "dynamic", "odconv", "kernelwarehouse"):
         assert any(c.family == family and set(c.default) == {"float64", "float32"} for c in CASES.values())
 
 
@@ -101,12 +102,16 @@ FORWARD_CHECKS = ("forward_eval", "forward_train", "running_stats")
 #: The suite's model cases (``python -m parity --full`` runs every one in both dtypes). float64: every
 #: conv type of ResNet-18 (and its ImageNet stem), every block kind with the ODConv and static convs
 #: (ResNet-50 bottlenecks, MobileNetV2 inverted residuals) and MobileNetV2-CondConv; not ResNet-34
-#: (ResNet-18's blocks at other depths) nor the ResNet-50 CondConv/DynamicConv and MobileNetV2-DynamicConv
-#: forwards (tests/test_models.py converts and compares those logits). float32, whose verdict the layer cases
-#: already test: ResNet-18 with every conv type and the deep ODConv ResNet-50.
+#: (ResNet-18's blocks at other depths) nor the ResNet-50 CondConv/DynamicConv/KernelWarehouse and
+#: MobileNetV2-DynamicConv/KernelWarehouse forwards (tests/test_models.py converts and compares those logits,
+#: tests/test_kernelwarehouse.py the KernelWarehouse trees against PyTorch and the official code). float32,
+#: whose verdict the layer cases already test: ResNet-18 with every conv type but KernelWarehouse (its layer
+#: cases run in float32 above) and the deep ODConv ResNet-50.
 SUITE_MODEL_CASES = [(n, "float64") for n in MODEL_CASES if not n.startswith(
-    ("resnet34/", "resnet50/condconv", "resnet50/dynamic", "mobilenet_v2/dynamic"))] + [
-    (n, "float32") for n in MODEL_CASES if n.startswith(("resnet18/", "resnet50/odconv")) and "imagenet" not in n]
+    ("resnet34/", "resnet50/condconv", "resnet50/dynamic", "resnet50/kernelwarehouse", "mobilenet_v2/dynamic",
+     "mobilenet_v2/kernelwarehouse"))] + [
+    (n, "float32") for n in MODEL_CASES if n.startswith(("resnet18/", "resnet50/odconv")) and "imagenet" not in n
+    and "kernelwarehouse" not in n]
 
 
 @pytest.mark.slow

@@ -75,7 +75,7 @@ ACCEPTED = {"condconv": {"routing_dropout", "use_bias"}, "dynamic": {"min_channe
     (("odconv", 0, None, None), "num_experts=0 must be a positive int"),
     (("odconv", True, None, None), "num_experts=True must be a positive int"),
     (("odconv", 2.0, None, None), "num_experts=2.0 must be a positive int"),
-    (("condconv", 4, 0.25, None), r"reduction=0.25 applies to conv in \('dynamic', 'odconv'\)"),
+    (("condconv", 4, 0.25, None), r"reduction=0.25 applies to conv in \('dynamic', 'odconv', 'kernelwarehouse'\)"),
     (("dynamic", 4, 0.0, None), r"reduction=0.0 must be a number in \(0, 1\]"),
     (("odconv", 4, 2, None), r"reduction=2 must be a number in \(0, 1\]"),
     (("static", 4, None, {"use_bias": True}), "given with conv='static'"),
@@ -131,7 +131,8 @@ def test_make_divisible_follows_the_tf_slim_rule():
 # --------------------------------------------------------------------------- registries
 def test_both_registries_list_the_spec_names():
     assert tm.list_models() == jm.list_models() == sorted(dynconv_spec.MODEL_NAMES)
-    assert set(nm.list_models()) == set(dynconv_spec.CONV_MODELS) | set(dynconv_spec.ODCONV_MODELS)
+    assert set(nm.list_models()) == set(dynconv_spec.CONV_MODELS) | set(dynconv_spec.ODCONV_MODELS) | set(
+        dynconv_spec.KW_MODELS)
     assert jm.list_models("od_*") == sorted(dynconv_spec.ODCONV_MODELS)
 
 
@@ -177,7 +178,7 @@ def test_odconv_entry_points_take_the_official_arguments():
 #: Tiny versions of the registered models (the od_mobilenetv2_* widths are fixed by their names; they
 #: are checked at full size against the official state_dicts in tests/test_models.py).
 def _tiny(name: str) -> dict:
-    if name.startswith(("resnet", "od_resnet")):
+    if name.startswith(("resnet", "od_resnet", "kw_resnet")):
         return dict(base_width=2, num_classes=3)
     if name == "mobilenet_v2":
         return dict(width_mult=0.1, num_classes=3)
@@ -200,8 +201,9 @@ def test_every_name_builds_in_both_frameworks():
         torch_counts[name] = sum(p.numel() for p in tm.create_model(name, **_tiny(name)).parameters())
         assert isinstance(jm.create_model(name, **_tiny(name)), nn.Module)
     x = jnp.zeros((1, 32, 32, 3))
-    for name in ("od_resnet18", "mobilenet_v2", "tf_efficientnet_cc_b0_4e"):
+    for name in ("od_resnet18", "mobilenet_v2", "tf_efficientnet_cc_b0_4e", "kw_resnet18"):
         shapes = jax.eval_shape(jm.create_model(name, **_tiny(name)).init, jax.random.key(0), x)
         assert _count(shapes["params"]) == torch_counts[name], name
-    nnx_model = nnx.eval_shape(lambda: nm.create_model("od_resnet18", rngs=nnx.Rngs(0), **_tiny("od_resnet18")))
-    assert _count(nnx.state(nnx_model, nnx.Param)) == torch_counts["od_resnet18"]
+    for name in ("od_resnet18", "kw_resnet18"):
+        nnx_model = nnx.eval_shape(lambda: nm.create_model(name, rngs=nnx.Rngs(0), **_tiny(name)))
+        assert _count(nnx.state(nnx_model, nnx.Param)) == torch_counts[name], name

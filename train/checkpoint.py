@@ -287,7 +287,8 @@ class Checkpointer:
                 if _is_environment_error(error) or _is_environment_error(error.__cause__ or error):
                     raise CheckpointError(f"cannot read the {what} of checkpoint step {step} at {path} "
                                           f"({type(error).__name__}: {error}); left in place") from error
-                raise _IntegrityFailure(f"its {what} cannot be read ({type(error).__name__}: {_shorten(str(error))})")
+                raise _IntegrityFailure(
+                    f"its {what} cannot be read ({type(error).__name__}: {_shorten(str(error))})") from error
 
         meta = attempt("metadata", lambda: dict(self.manager.restore(
             step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]))

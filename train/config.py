@@ -15,7 +15,7 @@ import math
 import typing
 from typing import Optional, Sequence, Tuple
 
-from dynconv_spec import ATTENTION_NORMS, CONV_MODELS, CONV_TYPES
+from dynconv_spec import ATTENTION_NORMS, CONV_MODELS, CONV_TYPES, KW_CONV
 from train.presets import PRESETS
 
 MODELS = CONV_MODELS  # the registered models that take conv= (dynconv_spec.registry)
@@ -42,6 +42,7 @@ GROUPS = {
     "model": "model (dynconv_jax.models)",
     "optimisation": "optimisation",
     "temperature": "temperature annealing of the dynamic attentions (30 -> 1, as DY-CNN and ODConv)",
+    "kernelwarehouse": "KernelWarehouse (--conv=kernelwarehouse): warehouses and the warm-up of tau (1 -> 0)",
     "numerics": "numerics and randomness",
     "checkpointing": "checkpointing and export",
     "logging": "logging",
@@ -56,7 +57,7 @@ def _option_of(group: str):
     return option
 
 
-_data, _model, _optimisation, _temperature, _numerics, _checkpointing, _logging, _parallelism = map(
+_data, _model, _optimisation, _temperature, _kernelwarehouse, _numerics, _checkpointing, _logging, _parallelism = map(
     _option_of, GROUPS)
 
 
@@ -111,6 +112,19 @@ class Config:
     temp_init: float = _temperature(30.0, "temperature at step 0")
     temp_final: float = _temperature(1.0, "temperature at the end of the annealing and after it")
     temp_epochs: float = _temperature(5.0, "epochs of linear annealing from --temp_init to --temp_final")
+    kw_ratio: float = _kernelwarehouse(1.0, "cell_num_ratio: each warehouse holds this many times its layers' cells "
+                                            "(the parameter budget: 0.25, 0.5, 1, 2, 4 = KW 1/4x ... 4x)")
+    kw_inplane_ratio: float = _kernelwarehouse(1.0, "cell_inplane_ratio: a cell's input channels, as a fraction "
+                                                    "of the layers' common divisor (the 1/2x, 1/4x configs: 0.5)")
+    kw_outplane_ratio: float = _kernelwarehouse(1.0, "cell_outplane_ratio: a cell's output channels, likewise")
+    kw_sharing_range: Optional[str] = _kernelwarehouse(None, "which layers share a warehouse: names such as "
+                                                             "layer,conv (or the official layer_conv); none: "
+                                                             "the model's default")
+    kw_basis_ratio: float = _kernelwarehouse(1.0, "nonlocal_basis_ratio: below 1, the other layers' cells go "
+                                                  "through a smaller basis")
+    kw_temp_init: float = _kernelwarehouse(1.0, "tau at step 0, in [0, 1] (official --temp_init_value)")
+    kw_temp_epochs: Optional[float] = _kernelwarehouse(None, "epochs of the linear warm-up of tau to 0 (official "
+                                                             "--temp_epoch, 20 on ImageNet; none: --temp_epochs)")
     dtype: str = _numerics("float32", "bfloat16: bf16 compute, float32 parameters; float64: enables jax "
                                       "x64")
     seed: int = _numerics(0, "seed of the initialisation, the data order and the augmentation")
@@ -160,6 +174,7 @@ class Config:
         for name in ("weight_decay", "warmup_epochs", "temp_epochs", "crop_padding", "data_workers"):
             positive(name, allow_zero=True)
         choice("attention_norm", ATTENTION_NORMS)
+        self._validate_kernelwarehouse()
         if self.schedule == "step" and not self.decay_epochs:
             raise UsageError("--schedule=step needs --decay_epochs=E1,E2,... (epochs at which the learning rate "
                              "is multiplied by --decay_factor)")
@@ -179,6 +194,29 @@ class Config:
         if not 0.0 <= self.momentum < 1.0 or not 0.0 <= self.beta2 < 1.0:
             raise UsageError(f"--momentum={self.momentum!r} / --beta2={self.beta2!r}: must be in [0, 1)")
         return self
+
+    def _validate_kernelwarehouse(self) -> None:
+        """The --kw_* options apply to --conv=kernelwarehouse only; --temp_init/--temp_final to the other convs."""
+        defaults = {f.name: f.default for f in dataclasses.fields(self)}
+        if self.conv != KW_CONV:
+            changed = [f.name for f in dataclasses.fields(self) if f.metadata["group"] == "kernelwarehouse"
+                       and getattr(self, f.name) != defaults[f.name]]
+            if changed:
+                raise UsageError(f"--{changed[0]}={getattr(self, changed[0])!r} applies to --conv={KW_CONV} only, "
+                                 f"not --conv={self.conv}")
+            return
+        for name in ("temp_init", "temp_final"):
+            if getattr(self, name) != defaults[name]:
+                raise UsageError(f"--{name}={getattr(self, name)!r}: --conv={KW_CONV} has no softmax temperature; "
+                                 f"its warm-up blends (1 - tau) * attention + tau * one-hot, tau going from "
+                                 f"--kw_temp_init to 0 over --kw_temp_epochs")
+        for name in ("kw_ratio", "kw_inplane_ratio", "kw_outplane_ratio", "kw_basis_ratio"):
+            if not getattr(self, name) > 0:
+                raise UsageError(f"--{name}={getattr(self, name)!r}: must be > 0")
+        if not 0.0 <= self.kw_temp_init <= 1.0:
+            raise UsageError(f"--kw_temp_init={self.kw_temp_init!r}: tau must be in [0, 1]")
+        if self.kw_temp_epochs is not None and self.kw_temp_epochs < 0:
+            raise UsageError(f"--kw_temp_epochs={self.kw_temp_epochs!r}: must be >= 0")
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True)
@@ -244,13 +282,19 @@ def _metavar(name: str, annotation) -> Optional[str]:
     return {bool: "BOOL", int: "INT", float: "FLOAT"}.get(base, "NAME")
 
 
+def conv_size(conv: str, num_experts: int, kw_ratio: float) -> str:
+    """How big the dynamic convs are, for log lines: ``'K=4'`` (experts), ``'KW 4x'`` (warehouse budget)."""
+    return f"KW {kw_ratio:g}x" if conv == KW_CONV else f"K={num_experts}"
+
+
 def _preset_line(fields: dict) -> str:
     """One line of a preset's recipe, from its values: model, data, length and optimiser."""
     c = {**{f.name: f.default for f in dataclasses.fields(Config)}, **fields}
     schedule = c["schedule"]
     if schedule == "step":
         schedule += " x" + _shown(c["decay_factor"]) + " at " + ",".join(f"{e:g}" for e in c["decay_epochs"])
-    return (f"{c['model']} {c['conv']} K={c['num_experts']}, {c['dataset']}, {c['num_epochs']} epochs, "
+    size = conv_size(c["conv"], c["num_experts"], c["kw_ratio"])
+    return (f"{c['model']} {c['conv']} {size}, {c['dataset']}, {c['num_epochs']} epochs, "
             f"batch {c['batch_size']}, {c['optimizer']} lr {c['learning_rate']:g} {schedule}")
 
 

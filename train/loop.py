@@ -31,7 +31,7 @@ from train import parallel
 from train import pipeline as pipeline_lib
 from train import steps
 from train import workdir as workdir_lib
-from train.config import Config, UsageError
+from train.config import Config, UsageError, conv_size
 from train.export import export_and_verify
 from train.preemption import Preempted, PreemptionNotice
 
@@ -314,7 +314,8 @@ def restore_checkpoint(run: Run, checkpointer: ckpt_lib.Checkpointer, state,
 
 def _announce(run: Run) -> None:
     config, dataset = run.config, run.dataset
-    print(f"{config.model} conv={config.conv} K={config.num_experts} on {dataset.name} "
+    size = conv_size(config.conv, config.num_experts, config.kw_ratio)
+    print(f"{config.model} conv={config.conv} {size} on {dataset.name} "
           f"{dataset.image_shape} ({len(dataset.train)} train / {len(dataset.eval)} eval), "
           f"{jax.process_count()} process(es), {jax.device_count()} device(s) [{jax.devices()[0].platform}], "
           f"batch {config.batch_size}, {config.data_workers} data worker(s), "

@@ -22,6 +22,7 @@ import optax
 from flax.training import train_state
 
 from dynconv_jax import models
+from dynconv_spec import KW_CONV
 from train.config import UsageError
 
 Array = jax.Array
@@ -44,6 +45,8 @@ def model_kwargs(config, num_classes: int, image_shape) -> Dict[str, Any]:
     options = {} if config.attention_bn_init is None else {"attention_bn_init": config.attention_bn_init}
     if config.attention_norm != "batch":
         options["attention_norm"] = config.attention_norm
+    if config.conv == KW_CONV:
+        options = kw_conv_options(config)
     if options:
         kwargs["conv_options"] = options
     if config.model.startswith("resnet"):
@@ -54,6 +57,18 @@ def model_kwargs(config, num_classes: int, image_shape) -> Dict[str, Any]:
     else:
         kwargs.update(width_mult=config.width_mult)
     return kwargs
+
+
+def kw_conv_options(config) -> Dict[str, Any]:
+    """The warehouse options (``conv_options`` of ``conv='kernelwarehouse'``) of the ``--kw_*`` flags;
+    ``--kw_sharing_range=layer,conv`` is ``('layer', 'conv')``, the official ``layer_conv`` passes as is."""
+    options: Dict[str, Any] = dict(cell_num_ratio=config.kw_ratio, cell_inplane_ratio=config.kw_inplane_ratio,
+                                   cell_outplane_ratio=config.kw_outplane_ratio,
+                                   nonlocal_basis_ratio=config.kw_basis_ratio)
+    if config.kw_sharing_range is not None:
+        text = config.kw_sharing_range
+        options["sharing_range"] = tuple(p.strip() for p in text.split(",") if p.strip()) if "," in text else text
+    return options
 
 
 def check_image_size(config, image_shape) -> None:
@@ -81,10 +96,25 @@ def temperature_schedule(config, steps_per_epoch: int) -> Callable[[Any], Array]
     """Linear annealing ``temp_init -> temp_final`` over the first ``temp_epochs`` epochs, then
     constant (DY-CNN, Chen et al. CVPR 2020, and ODConv, Li et al. ICLR 2022, use 30 -> 1 over
     10 epochs). Returns a function of the (traced) step, so annealing never recompiles."""
+    if config.conv == KW_CONV:
+        return kw_warmup_schedule(config, steps_per_epoch)
     anneal_steps = int(round(config.temp_epochs * steps_per_epoch))
     if anneal_steps == 0:
         return optax.constant_schedule(config.temp_final)
     return optax.linear_schedule(config.temp_init, config.temp_final, anneal_steps)
+
+
+def kw_warmup_schedule(config, steps_per_epoch: int) -> Callable[[Any], Array]:
+    """KernelWarehouse's warm-up weight tau (passed to the model as ``temperature``): linear from
+    ``kw_temp_init`` to 0 over ``kw_temp_epochs`` (default ``temp_epochs``) epochs, then 0, as the
+    official ``get_temperature`` (:func:`dynconv_spec.kernelwarehouse.warmup_temperature`), which the
+    official loop evaluates at the 1-based iteration: the step count plus one."""
+    epochs = config.temp_epochs if config.kw_temp_epochs is None else config.kw_temp_epochs
+    total = int(round(epochs * steps_per_epoch))
+    if total == 0:
+        return optax.constant_schedule(0.0)
+    warmup = optax.linear_schedule(config.kw_temp_init, 0.0, total)
+    return lambda step: warmup(step + 1)
 
 
 def learning_rate_schedule(config, steps_per_epoch: int, total_steps: int) -> optax.Schedule:

@@ -118,6 +118,7 @@ class WatchedIterator(grain.DatasetIterator):
 
     def __init__(self, parent: grain.DatasetIterator, what: str = "data"):
         super().__init__(parent)
+        self._source = parent  # grain keeps it as a private attribute of its own
         self._what, self._delivered, self._death = what, 0, None
         self._existing = child_processes()  # children from before this iterator: not its workers
         self._requests: queue.SimpleQueue = queue.SimpleQueue()
@@ -127,7 +128,7 @@ class WatchedIterator(grain.DatasetIterator):
     def _fetch(self) -> None:
         while self._requests.get():
             try:
-                self._replies.put((True, next(self._parent)))
+                self._replies.put((True, next(self._source)))
             except BaseException as error:  # handed to the caller, StopIteration included
                 self._replies.put((False, error))
 
@@ -164,10 +165,10 @@ class WatchedIterator(grain.DatasetIterator):
         return WorkerDied(message + "; stopped")
 
     def get_state(self):
-        return self._parent.get_state()
+        return self._source.get_state()
 
     def set_state(self, state) -> None:
-        self._parent.set_state(state)
+        self._source.set_state(state)
 
     def close(self) -> None:
         """Stop the fetching thread and the workers. After a worker died, grain's own close may wait forever
@@ -184,7 +185,7 @@ class WatchedIterator(grain.DatasetIterator):
 
     def _close_quietly(self) -> None:
         try:
-            self._parent.close()
+            self._source.close()
         except Exception:  # noqa: BLE001 - the worker's death is the error reported
             pass
 

@@ -19,11 +19,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dynconv_jax import BatchNorm, CondConv, DynamicConv, ODConv
+from dynconv_jax import BatchNorm, CondConv, DynamicConv, KWConv, ODConv
 from dynconv_jax.variables import is_nnx, linen_variables
 
-# The modules whose calls conv_batchnorm_pairs records: the convs, and the BatchNorms that may follow one.
-CONV_TYPES = (nn.Conv, CondConv, DynamicConv, ODConv)
+# The modules whose calls conv_batchnorm_pairs records: the convs (KWConv only to see what its output feeds: it
+# is never folded), and the BatchNorms that may follow one.
+CONV_TYPES = (nn.Conv, CondConv, DynamicConv, ODConv, KWConv)
 NORM_TYPES = (BatchNorm, nn.BatchNorm)
 
 
@@ -44,7 +45,9 @@ def conv_batchnorm_pairs(model: nn.Module, variables, input_shape: Optional[Sequ
     nothing is computed) on an input of ``input_shape`` (default ``(1, 32, 32, model.in_channels)``)
     and matching the array each BatchNorm call receives with the array a conv call returned
     (``flax.linen.Conv``, CondConv, DynamicConv or ODConv). A conv whose output also feeds
-    another module is left alone. Paths are module scope paths (``('layer1_0', 'conv1')``).
+    another module is left alone, and so is a KernelWarehouse layer (:class:`~dynconv_jax.KWConv`): its
+    kernel is mixed from warehouse cells that other layers share, so it has no kernel of its own to scale
+    (its BatchNorm stays; the model stays exact). Paths are module scope paths (``('layer1_0', 'conv1')``).
 
     Examples:
       >>> import jax, jax.numpy as jnp
@@ -79,7 +82,7 @@ def conv_batchnorm_pairs(model: nn.Module, variables, input_shape: Optional[Sequ
                        jax.ShapeDtypeStruct(shape, params_dtype))
     pairs = []
     for conv, _, out in calls:
-        if not isinstance(conv, convs):
+        if not isinstance(conv, convs) or isinstance(conv, KWConv):
             continue
         consumers = [m for m, x, _ in calls if x is out]
         if len(consumers) == 1 and isinstance(consumers[0], norms):

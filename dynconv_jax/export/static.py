@@ -32,11 +32,14 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from dynconv_jax import ops
+from dynconv_jax import cells, ops
 from dynconv_jax.condconv import CondConv
+from dynconv_jax.conv_base import validate_conv_config
 from dynconv_jax.dynamic_conv import DynamicConv
 from dynconv_jax.inspect import ATTENTION_NAMES
+from dynconv_jax.kernelwarehouse import KWConv
 from dynconv_jax.odconv import ODConv
+from dynconv_spec.kernelwarehouse import single_layer_plan
 
 
 class StaticExport(NamedTuple):
@@ -89,6 +92,27 @@ def _check_layer(module) -> None:
         raise TypeError(
             f"export expects a dynconv_jax CondConv, DynamicConv or ODConv module, got {type(module).__name__}"
         )
+
+
+def _export_kernelwarehouse(module: KWConv, variables, x, temperature) -> StaticExport:
+    """A stand-alone :class:`~dynconv_jax.KWConv` for one sample: its kernel assembled from the warehouse
+    cells with the cell attention of ``x`` (the layer's own maths, :func:`dynconv_jax.cells.assemble_kernels`)."""
+    if module.warehouse_manager is not None:
+        raise ValueError("export_static: a KWConv of a model's WarehouseManager shares its warehouse with other "
+                         "layers; export the stand-alone layer, or the whole model with to_stablehlo (exact at "
+                         "any batch)")
+    geometry = validate_conv_config(
+        "export_static", features=module.features, kernel_size=module.kernel_size, strides=module.strides,
+        padding=module.padding, kernel_dilation=module.kernel_dilation,
+        feature_group_count=module.feature_group_count, num_experts=1, strategy=module.strategy)
+    plan = single_layer_plan(x.shape[-1], module.features, geometry.kernel_size, geometry.groups,
+                             module._options(), "export_static")
+    _, layer = plan.entry("", "export_static")
+    _, state = module.apply(variables, x, train=False, temperature=temperature, mutable=["intermediates"])
+    cell_attention = state["intermediates"]["cell_attention"][0]
+    warehouse = variables["params"]["warehouse_manager"]["weights"]["0"]
+    kernel = cells.assemble_kernels(cell_attention.astype(warehouse.dtype), warehouse, layer)[0]
+    return _make_export(module, kernel[None], kernel, variables["params"].get("bias"))
 
 
 def layer_attentions(intermediates: Mapping[str, Any]) -> Dict[str, jax.Array]:
@@ -205,7 +229,8 @@ def export_static(module, variables, x, *, temperature: Optional[float] = None, 
     CondConv's routing input, batch statistics in ODConv's attention BN).
 
     Args:
-      module: a ``CondConv``, ``DynamicConv`` or ``ODConv``.
+      module: a ``CondConv``, ``DynamicConv``, ``ODConv`` or stand-alone ``KWConv`` (its kernel assembled
+        from the warehouse cells; ``temperature``: the warm-up weight tau).
       variables: its variables (``params``, and ``batch_stats`` for ODConv).
       x: one sample, ``[1, *S, Cin]`` or ``[*S, Cin]``.
       temperature: the attention temperature to export at (None: the layer's default).
@@ -225,9 +250,11 @@ def export_static(module, variables, x, *, temperature: Optional[float] = None, 
       >>> float(jnp.abs(y - layer.apply(variables, x)).max()) < 1e-5         # exact for this input
       True
     """
-    _check_layer(module)
-    experts = variables["params"]["kernel"]
-    rank = experts.ndim - 3
+    if isinstance(module, KWConv):
+        rank = 1 if isinstance(module.kernel_size, int) else len(module.kernel_size)
+    else:
+        _check_layer(module)
+        rank = variables["params"]["kernel"].ndim - 3
     if x.ndim == rank + 1:
         x = x[None]
     if x.ndim != rank + 2 or x.shape[0] != 1:
@@ -235,6 +262,9 @@ def export_static(module, variables, x, *, temperature: Optional[float] = None, 
             f"export_static: x has shape {x.shape}; expected one sample [1, *S, Cin] or [*S, Cin] with "
             f"{rank} spatial dimension(s) (use export_average for a calibration set)"
         )
+    if isinstance(module, KWConv):
+        return _export_kernelwarehouse(module, variables, x, temperature)
+    experts = variables["params"]["kernel"]
     _, attentions = _apply_for_attentions(module, variables, x, temperature, routing_weights)
     one = {name: value[0] for name, value in attentions.items()}
     kernel, bias = fold_attentions(experts, one, groups=module.feature_group_count,

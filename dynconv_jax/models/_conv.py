@@ -21,16 +21,19 @@ from flax.typing import Dtype, PrecisionLike
 
 from dynconv_jax import CondConv, DynamicConv, ODConv
 from dynconv_jax.initializers import classifier_init, kaiming_fan_out_normal
+from dynconv_jax.kernelwarehouse import KWConv, WarehouseManager
 from dynconv_jax.norm import BatchNorm
 from dynconv_spec import check_model_args
+from dynconv_spec.kernelwarehouse import KW_CONV, KW_OPTIONS, WarehousePlan
 
 #: A Module class or a ``functools.partial`` of one (flax's examples call it ``ModuleDef``).
 ModuleDef = Any
 
 DYNAMIC_LAYERS = {"condconv": CondConv, "dynamic": DynamicConv, "odconv": ODConv}
 #: The fields each dynamic layer takes (what ``conv_options`` may name, less the reserved ones).
-LAYER_OPTIONS = {conv: frozenset(f.name for f in dataclasses.fields(layer) if f.init)
-                 for conv, layer in DYNAMIC_LAYERS.items()}
+LAYER_OPTIONS = {**{conv: frozenset(f.name for f in dataclasses.fields(layer) if f.init)
+                    for conv, layer in DYNAMIC_LAYERS.items()},
+                 KW_CONV: frozenset(KW_OPTIONS)}  # KernelWarehouse: the warehouse options of the model's plan
 
 
 def check_args(where: str, conv: str, num_experts: int, reduction: Optional[float],
@@ -97,18 +100,27 @@ class ModuleDefs(NamedTuple):
     classifier: ModuleDef
 
 
+def kw_module_defs(plan: WarehousePlan, numerics: Mapping[str, Any], strategy: str) -> ModuleDef:
+    """The convolution definition of a KernelWarehouse model (Linen): :class:`~dynconv_jax.KWConv` sharing
+    one :class:`~dynconv_jax.WarehouseManager` (``warehouse_manager``, created in the calling model), a
+    KernelWarehouse layer or a static convolution wherever the plan says."""
+    manager = WarehouseManager(plan, param_dtype=numerics["param_dtype"], name="warehouse_manager")
+    return functools.partial(KWConv, warehouse_manager=manager, strategy=strategy, **numerics)
+
+
 class DynamicNet(nn.Module):
     """The fields and checks shared by the Flax ResNet and MobileNetV2.
 
     Attributes:
-      conv: 'static', 'condconv', 'dynamic' or 'odconv': the blocks' convolutions.
+      conv: 'static', 'condconv', 'dynamic', 'odconv' or 'kernelwarehouse': the blocks' convolutions.
       num_experts: experts per dynamic layer.
       num_classes: outputs of the classifier.
       stem: 'imagenet' or 'cifar' (the model's own meaning, see its class).
       dropout: dropout on the pooled features before the classifier (the model sets its default).
       reduction: attention reduction ratio of DynamicConv / ODConv (None: the layer's default).
       in_channels: input channels (checked against the input).
-      conv_options: further fields for every dynamic layer (e.g. ``{'routing_dropout': 0.1}``).
+      conv_options: further fields for every dynamic layer (e.g. ``{'routing_dropout': 0.1}``; KernelWarehouse:
+        the warehouse options of :class:`dynconv_spec.kernelwarehouse.KWOptions`, e.g. ``{'cell_num_ratio': 4}``).
       strategy: per-sample conv strategy of every dynamic layer (:func:`dynconv_jax.ops.dynamic_conv`).
       dtype: the dtype of the computation of every layer (default: inferred from input and params).
       param_dtype: the dtype of every parameter.
@@ -146,6 +158,8 @@ class DynamicNet(nn.Module):
         static_conv = functools.partial(nn.Conv, use_bias=False, kernel_init=kaiming_fan_out_normal, **numerics)
         if self.conv == "static":
             conv = static_conv
+        elif self.conv == KW_CONV:  # every convolution, stems and shortcuts too, as the warehouse plan says
+            conv = static_conv = kw_module_defs(self.kw_plan(), numerics, self.strategy)
         else:
             if self.reduction is not None:
                 options["reduction"] = self.reduction
@@ -155,3 +169,7 @@ class DynamicNet(nn.Module):
                                  param_dtype=self.param_dtype)
         classifier = functools.partial(nn.Dense, kernel_init=classifier_init, **numerics)
         return ModuleDefs(conv=conv, static_conv=static_conv, norm=norm, classifier=classifier)
+
+    def kw_plan(self) -> WarehousePlan:
+        """The warehouse plan of this model with ``conv='kernelwarehouse'`` (each model provides it)."""
+        raise NotImplementedError(f"{type(self).__name__} has no KernelWarehouse plan")

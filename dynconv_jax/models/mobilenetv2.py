@@ -5,14 +5,18 @@ Flax twin of ``dynconv_torch.models.mobilenetv2`` with the same names: PyTorch's
 ``features_1/conv_0_0`` here, ``features.0.1`` (stem BatchNorm) is ``features_0_1`` and
 ``classifier.1`` is ``classifier_1``. ``conv='odconv'`` is the official OSVAI/ODConv
 ``od_mobilenetv2_*`` (Li et al., ICLR 2022): every convolution after the stem is dynamic.
+``conv='kernelwarehouse'`` is the official OSVAI/KernelWarehouse ``kw_mobilenetv2_*`` (Li & Yao, ICML
+2024): every convolution, the stem's too, is a KernelWarehouse layer of ``warehouse_manager``, and the
+classifier is ``classifier`` (PyTorch's bare ``Linear``), not ``classifier_1``.
 """
 from __future__ import annotations
 
 import jax.numpy as jnp
 from flax import linen as nn
 
-from dynconv_spec import check_width_mult, stage_settings
-from dynconv_spec.registry import odconv_model_args
+from dynconv_spec import KW_CONV, check_width_mult, stage_settings
+from dynconv_spec.kernelwarehouse import WarehousePlan, mobilenetv2_plan
+from dynconv_spec.registry import kw_model_args, odconv_model_args
 
 from ._conv import DynamicNet, ModuleDef, apply_conv, check_input
 from ._registry import register_model
@@ -97,7 +101,8 @@ class MobileNetV2(DynamicNet):
         check_input(x, self.in_channels, type(self).__name__)
         defs = self.module_defs(train)
         channels, stem_stride, stages, last_channel = stage_settings(self.width_mult, self.stem)
-        x = conv_bn_relu6(defs.static_conv, defs.norm, x, "features_0", channels, 3, stem_stride, train=train)
+        x = conv_bn_relu6(defs.static_conv, defs.norm, x, "features_0", channels, 3, stem_stride, train=train,
+                          temperature=temperature)
         index = 1
         for t, out, n, s in stages:
             for j in range(n):
@@ -109,7 +114,12 @@ class MobileNetV2(DynamicNet):
                           temperature=temperature)
         x = jnp.mean(x, axis=(1, 2))  # [B, C]
         x = nn.Dropout(self.dropout, deterministic=not train)(x)
-        return defs.classifier(features=self.num_classes, name="classifier_1")(x)
+        head = "classifier" if self.conv == KW_CONV else "classifier_1"  # the official models' names
+        return defs.classifier(features=self.num_classes, name=head)(x)
+
+    def kw_plan(self) -> WarehousePlan:
+        """The warehouse plan of the official ``KW_MobileNetV2`` at this width (``conv='kernelwarehouse'``)."""
+        return mobilenetv2_plan(self.width_mult, self.stem, self.in_channels, self.reduction, self.conv_options)
 
 
 @register_model
@@ -164,3 +174,32 @@ def od_mobilenetv2_100(**kwargs) -> MobileNetV2:
       ('odconv', 4, 1.0)
     """
     return mobilenet_v2(**odconv_model_args("od_mobilenetv2_100", **kwargs))
+
+
+@register_model
+def kw_mobilenetv2_050(**kwargs) -> MobileNetV2:
+    """OSVAI/KernelWarehouse ``kw_mobilenetv2_050(reduction=0.0625, cell_num_ratio=1, ..., sharing_range=('layer',
+    'pwconv'), dropout=0.0, **kwargs)``: MobileNetV2 ×0.5 with KernelWarehouse
+    (:func:`dynconv_spec.registry.kw_model_args`; ``kwargs`` as :class:`MobileNetV2`).
+
+    Examples:
+      >>> from dynconv_jax.models import kw_mobilenetv2_050
+      >>> model = kw_mobilenetv2_050()
+      >>> model.conv, model.width_mult, model.dropout                # the official models' dropout is 0
+      ('kernelwarehouse', 0.5, 0.0)
+    """
+    return mobilenet_v2(**kw_model_args("kw_mobilenetv2_050", **kwargs))
+
+
+@register_model
+def kw_mobilenetv2_100(**kwargs) -> MobileNetV2:
+    """OSVAI/KernelWarehouse ``kw_mobilenetv2_100``: MobileNetV2 ×1.0 with KernelWarehouse (arguments as
+    :func:`kw_mobilenetv2_050`).
+
+    Examples:
+      >>> from dynconv_jax.models import kw_mobilenetv2_100
+      >>> model = kw_mobilenetv2_100()
+      >>> model.conv, model.width_mult, model.dropout                # the official models' dropout is 0
+      ('kernelwarehouse', 1.0, 0.0)
+    """
+    return mobilenet_v2(**kw_model_args("kw_mobilenetv2_100", **kwargs))

@@ -5,6 +5,8 @@ Flax twin of ``dynconv_torch.models.resnet``: same architecture, same attribute 
 checkpoints convert with :func:`dynconv_jax.convert.torch_to_flax`. ``conv='odconv'`` is the
 official OSVAI/ODConv ``od_resnet*`` (Li et al., ICLR 2022): dynamic 3×3 and 1×1 convolutions
 in the blocks; static stem, downsample shortcut and classifier; dropout before ``fc``.
+``conv='kernelwarehouse'`` is the official OSVAI/KernelWarehouse ``kw_resnet*`` (Li & Yao, ICML 2024):
+KernelWarehouse block convolutions and strided shortcuts sharing the warehouses of ``warehouse_manager``.
 
 ``model.apply(variables, x [B, H, W, C], train=False, temperature=None)``; training needs
 ``mutable=['batch_stats']`` and, with dropout, ``rngs={'dropout': key}``.
@@ -17,7 +19,8 @@ import jax.numpy as jnp
 from flax import linen as nn
 
 from dynconv_spec import RESNET_ARCHS, check_resnet_args, stage_blocks
-from dynconv_spec.registry import odconv_model_args
+from dynconv_spec.kernelwarehouse import WarehousePlan, resnet_plan
+from dynconv_spec.registry import kw_model_args, odconv_model_args
 
 from ._conv import DynamicNet, ModuleDef, apply_conv, check_input
 from ._registry import register_model
@@ -43,13 +46,14 @@ class ResidualBlock(nn.Module):
     downsample: bool = False
     expansion: ClassVar[int] = 1
 
-    def shortcut(self, x):
-        """Identity, or the static ``downsample_0`` 1×1 conv + ``downsample_1`` BatchNorm."""
+    def shortcut(self, x, train: bool, temperature):
+        """Identity, or the ``downsample_0`` 1×1 conv (static but in KernelWarehouse models) + ``downsample_1``
+        BatchNorm."""
         if not self.downsample:
             return x
-        x = self.static_conv(features=self.planes * self.expansion, kernel_size=(1, 1), strides=self.stride,
-                             padding=0, name="downsample_0")(x)
-        return self.norm(name="downsample_1")(x)
+        layer = self.static_conv(features=self.planes * self.expansion, kernel_size=(1, 1), strides=self.stride,
+                                 padding=0, name="downsample_0")
+        return self.norm(name="downsample_1")(apply_conv(layer, x, train=train, temperature=temperature))
 
 
 class BasicBlock(ResidualBlock):
@@ -63,7 +67,7 @@ class BasicBlock(ResidualBlock):
         out = nn.relu(self.norm(name="bn1")(apply_conv(conv1, x, train=train, temperature=temperature)))
         conv2 = self.conv(features=self.planes, kernel_size=(3, 3), padding=1, name="conv2")
         out = self.norm(name="bn2")(apply_conv(conv2, out, train=train, temperature=temperature))
-        return nn.relu(out + self.shortcut(x))
+        return nn.relu(out + self.shortcut(x, train, temperature))
 
 
 class Bottleneck(ResidualBlock):
@@ -79,7 +83,7 @@ class Bottleneck(ResidualBlock):
         out = nn.relu(self.norm(name="bn2")(apply_conv(conv2, out, train=train, temperature=temperature)))
         conv3 = self.conv(features=self.planes * self.expansion, kernel_size=(1, 1), padding=0, name="conv3")
         out = self.norm(name="bn3")(apply_conv(conv3, out, train=train, temperature=temperature))
-        return nn.relu(out + self.shortcut(x))
+        return nn.relu(out + self.shortcut(x, train, temperature))
 
 
 BLOCKS = {"basic": BasicBlock, "bottleneck": Bottleneck}
@@ -124,12 +128,12 @@ class ResNet(DynamicNet):
         check_input(x, self.in_channels, type(self).__name__)
         defs = self.module_defs(train)
         if self.stem == "imagenet":
-            x = defs.static_conv(features=self.base_width, kernel_size=(7, 7), strides=2, padding=3, name="conv1")(x)
-            x = nn.relu(defs.norm(name="bn1")(x))
-            x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+            stem = defs.static_conv(features=self.base_width, kernel_size=(7, 7), strides=2, padding=3, name="conv1")
         else:
-            x = defs.static_conv(features=self.base_width, kernel_size=(3, 3), padding=1, name="conv1")(x)
-            x = nn.relu(defs.norm(name="bn1")(x))
+            stem = defs.static_conv(features=self.base_width, kernel_size=(3, 3), padding=1, name="conv1")
+        x = nn.relu(defs.norm(name="bn1")(apply_conv(stem, x, train=train, temperature=temperature)))
+        if self.stem == "imagenet":
+            x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
         block_cls = BLOCKS[self.block]
         for i, j, _, planes, stride, downsample in stage_blocks(self.layers, self.base_width, block_cls.expansion):
             x = block_cls(planes=planes, stride=stride, downsample=downsample, conv=defs.conv,
@@ -138,6 +142,11 @@ class ResNet(DynamicNet):
         x = jnp.mean(x, axis=(1, 2))  # [B, C]
         x = nn.Dropout(self.dropout, deterministic=not train)(x)
         return defs.classifier(features=self.num_classes, name="fc")(x)
+
+    def kw_plan(self) -> WarehousePlan:
+        """The warehouse plan of the official ``KW_ResNet`` of this depth and width (``conv='kernelwarehouse'``)."""
+        return resnet_plan(self.block, self.layers, self.base_width, self.in_channels, self.stem, self.reduction,
+                           self.conv_options)
 
 
 @register_model
@@ -249,3 +258,31 @@ def od_resnet101(**kwargs) -> ResNet:
       ('odconv', 4, 0.0625, (3, 4, 23, 3))
     """
     return resnet101(**odconv_model_args("od_resnet101", **kwargs))
+
+
+@register_model
+def kw_resnet18(**kwargs) -> ResNet:
+    """OSVAI/KernelWarehouse ``kw_resnet18(reduction=0.0625, cell_num_ratio=1, cell_inplane_ratio=1,
+    cell_outplane_ratio=1, sharing_range=('layer', 'conv'), nonlocal_basis_ratio=1, **kwargs)``: ResNet-18
+    with KernelWarehouse (:func:`dynconv_spec.registry.kw_model_args`; ``kwargs`` as :class:`ResNet`).
+
+    Examples:
+      >>> from dynconv_jax.models import kw_resnet18
+      >>> model = kw_resnet18(cell_num_ratio=4.0)                # the official KW 4x config's budget
+      >>> model.conv, model.conv_options["cell_num_ratio"], model.layers
+      ('kernelwarehouse', 4.0, (2, 2, 2, 2))
+    """
+    return resnet18(**kw_model_args("kw_resnet18", **kwargs))
+
+
+@register_model
+def kw_resnet50(**kwargs) -> ResNet:
+    """OSVAI/KernelWarehouse ``kw_resnet50``: ResNet-50 with KernelWarehouse (arguments as :func:`kw_resnet18`).
+
+    Examples:
+      >>> from dynconv_jax.models import kw_resnet50
+      >>> model = kw_resnet50(cell_num_ratio=0.5, cell_inplane_ratio=0.5, cell_outplane_ratio=0.5)
+      >>> model.conv, model.conv_options["cell_num_ratio"], model.layers
+      ('kernelwarehouse', 0.5, (3, 4, 6, 3))
+    """
+    return resnet50(**kw_model_args("kw_resnet50", **kwargs))

@@ -88,7 +88,7 @@ def load_torch(model: nnx.Module, source) -> nnx.Module:
 def from_linen(module, in_features: int, *, rngs: nnx.Rngs) -> nnx.Module:
     """The NNX twin of a Linen layer or model of ``dynconv_jax`` (same fields, so the same parameter tree).
 
-    ``module``: a :class:`dynconv_jax.CondConv` / ``DynamicConv`` / ``ODConv`` / ``BatchNorm`` or a
+    ``module``: a :class:`dynconv_jax.CondConv` / ``DynamicConv`` / ``ODConv`` / ``KWConv`` / ``BatchNorm`` or a
     :mod:`dynconv_jax.models` ``ResNet`` / ``MobileNetV2``; ``in_features``: the input channels
     (NNX creates parameters eagerly). Fill it with :func:`load_linen_variables`.
 
@@ -101,18 +101,24 @@ def from_linen(module, in_features: int, *, rngs: nnx.Rngs) -> nnx.Module:
       ('dynconv_jax.nnx.layers', (2, 3, 3, 4, 8))
     """
     # Here: importing dynconv_jax.nnx does not import its models (as dynconv_jax does not import its own).
-    from dynconv_jax.nnx import layers, models
+    from dynconv_jax.nnx import kernelwarehouse, layers, models
 
     name = type(module).__name__
     fields = {f.name: getattr(module, f.name) for f in dataclasses.fields(module) if f.name not in ("parent", "name")}
     if name in ("CondConv", "DynamicConv", "ODConv"):
         features = fields.pop("features")
         return getattr(layers, name)(in_features, features, rngs=rngs, **fields)
+    if name == "KWConv":
+        if fields.pop("warehouse_manager") is not None:
+            raise ValueError("from_linen: a KWConv of a model's WarehouseManager has no stand-alone twin; convert "
+                             "the model")
+        features = fields.pop("features")
+        return kernelwarehouse.KWConv(in_features, features, rngs=rngs, **fields)
     if name == "BatchNorm":
         return layers.BatchNorm(in_features, rngs=rngs, **fields)
     if name in ("ResNet", "MobileNetV2"):
         if fields["in_channels"] != in_features:
             raise ValueError(f"from_linen: {name} has in_channels={fields['in_channels']}, in_features={in_features}")
         return getattr(models, name)(rngs=rngs, **fields)
-    raise TypeError(f"from_linen: no NNX twin of {name} (layers CondConv, DynamicConv, ODConv, BatchNorm; "
+    raise TypeError(f"from_linen: no NNX twin of {name} (layers CondConv, DynamicConv, ODConv, KWConv, BatchNorm; "
                     f"models ResNet, MobileNetV2)")

@@ -7,10 +7,13 @@ from torch import Tensor, nn
 
 from ..condconv import CondConv2d
 from ..dynamic_conv import DynamicConv2d
+from ..kernelwarehouse import KWConv1d, KWConv2d, KWConv3d
 from ..odconv import ODConv2d
 
 DYNAMIC_LAYERS = (CondConv2d, DynamicConv2d, ODConv2d)
 """The dynamic layer classes the exports replace (what :func:`~dynconv_torch.export.portable` wraps)."""
+KW_LAYERS = (KWConv1d, KWConv2d, KWConv3d)
+"""KernelWarehouse's layers: BatchNorm folding leaves them alone, the ONNX export refuses them."""
 
 
 def check_layer(layer: nn.Module, what: str) -> None:
@@ -20,6 +23,15 @@ def check_layer(layer: nn.Module, what: str) -> None:
     if layer.training:
         raise ValueError(f"{what}: {type(layer).__name__} is in training mode; call .eval() first (the export "
                          "folds inference-mode attentions: no routing dropout, BatchNorm running statistics)")
+
+
+def refuse_kernelwarehouse(model: nn.Module, what: str) -> None:
+    """A clear error for KernelWarehouse layers, which the batch-independent ONNX form does not support."""
+    if any(isinstance(m, KW_LAYERS) for m in model.modules()):
+        raise ValueError(f"{what}: the model has KernelWarehouse layers (KWConv*d), which have no batch-independent "
+                         f"ONNX form here (their per-sample kernels are mixed from warehouse cells shared across "
+                         f"layers, run as one grouped conv over the batch); export the dynconv_jax model with "
+                         f"dynconv_jax.export.to_stablehlo (exact at any batch) instead")
 
 
 def check_eval(model: nn.Module, what: str) -> None:

@@ -19,7 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from ..dynamic_conv import DynamicConv2d
-from ._common import DYNAMIC_LAYERS, check_eval, expert_bias_of, experts_oihw, set_submodule
+from ._common import DYNAMIC_LAYERS, KW_LAYERS, check_eval, expert_bias_of, experts_oihw, set_submodule
 
 
 class ChannelBias(nn.Module):
@@ -41,17 +41,21 @@ class ChannelBias(nn.Module):
 
 
 class _LeafTracer(torch.fx.Tracer):
-    """Keeps every conv (static or dynamic, subclasses too) and BatchNorm as one call_module node."""
+    """Keeps every conv (static or dynamic, subclasses too; KernelWarehouse's as well) and BatchNorm as one
+    call_module node."""
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        return isinstance(m, (nn.Conv2d, nn.BatchNorm2d) + DYNAMIC_LAYERS) or super().is_leaf_module(m, qualname)
+        return (isinstance(m, (nn.Conv2d, nn.BatchNorm2d) + DYNAMIC_LAYERS + KW_LAYERS)
+                or super().is_leaf_module(m, qualname))
 
 
 def conv_batchnorm_pairs(model: nn.Module) -> Tuple[Tuple[str, str], ...]:
     """``((conv_name, bn_name), ...)``: each ``BatchNorm2d`` whose only input is a conv used by nothing else.
 
     Found by ``torch.fx`` symbolic tracing with convs (``nn.Conv2d`` and the dynamic layers,
-    subclasses included) and BatchNorms kept as leaves; a model fx cannot trace raises.
+    subclasses included) and BatchNorms kept as leaves; a model fx cannot trace raises. A KernelWarehouse
+    layer (``KWConv*d``) is never paired: its kernel is mixed from warehouse cells that other layers share,
+    so it has no kernel of its own to scale (its BatchNorm stays).
 
     Examples:
       >>> import torch
@@ -85,7 +89,8 @@ def fuse_bn(model: nn.Module) -> nn.Module:
     """A copy of the eval-mode ``model`` with every conv -> BatchNorm2d pair folded (see module docstring).
 
     Works for a static ``nn.Conv2d``, CondConv2d, DynamicConv2d and ODConv2d (and their
-    subclasses) followed directly by a ``BatchNorm2d`` with running statistics. The copy
+    subclasses) followed directly by a ``BatchNorm2d`` with running statistics; the BatchNorms after
+    KernelWarehouse layers stay (:func:`conv_batchnorm_pairs`). The copy
     computes the same function as ``model`` up to float rounding (≤ 1e-12 relative in
     float64, tested for the three layers, ResNet, MobileNetV2 and EfficientNet-CondConv); the
     BatchNorms become ``nn.Identity`` or :class:`ChannelBias`. ``model`` is not modified.

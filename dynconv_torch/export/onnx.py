@@ -13,7 +13,7 @@ from torch import Tensor, nn
 from dynconv_spec.paths import check_output_file
 
 from ..condconv import CondConv2d
-from ._common import check_eval
+from ._common import check_eval, refuse_kernelwarehouse
 from .batchnorm import fuse_bn
 from .portable import portable
 
@@ -66,6 +66,7 @@ def to_onnx(model: nn.Module, path: Union[str, os.PathLike], input_shape: Sequen
     if not isinstance(model, nn.Module):
         raise TypeError(f"to_onnx: expected a torch.nn.Module, got {type(model).__name__}")
     check_eval(model, "to_onnx")
+    refuse_kernelwarehouse(model, "to_onnx")
     path = check_output_file(path, "to_onnx: path")  # before the tracing, not after it
     shape = _check_input_shape(input_shape, "to_onnx")
     if opset is None:

@@ -16,7 +16,8 @@ from torch import Tensor, nn
 
 from ..models.efficientnet_cc import _pad_tf_same
 from ..odconv import ODConv2d
-from ._common import DYNAMIC_LAYERS, check_layer, expert_bias_of, experts_oihw, routed_attentions, set_submodule
+from ._common import (DYNAMIC_LAYERS, check_layer, expert_bias_of, experts_oihw, refuse_kernelwarehouse,
+                      routed_attentions, set_submodule)
 from .static import fold_attentions
 
 
@@ -164,6 +165,7 @@ def portable(model: nn.Module, formulation: str = "matmul") -> nn.Module:
       >>> torch.allclose(portable(model)(x), model(x), atol=1e-5)
       True
     """
+    refuse_kernelwarehouse(model, "portable")
     if isinstance(model, DYNAMIC_LAYERS):
         return PortableDynamicConv(copy.deepcopy(model), formulation)
     out = copy.deepcopy(model)

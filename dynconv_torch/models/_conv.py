@@ -15,11 +15,15 @@ from typing import Any, Mapping, Optional
 from torch import nn
 
 from dynconv_spec import CONV_TYPES, check_model_args
+from dynconv_spec.kernelwarehouse import KW_CONV, KW_OPTIONS, WarehousePlan
 from dynconv_torch import CondConv2d, DynamicConv2d, ODConv2d
+from dynconv_torch.kernelwarehouse import WarehouseManager
 
 DYNAMIC_LAYERS = {"condconv": CondConv2d, "dynamic": DynamicConv2d, "odconv": ODConv2d}
-#: The keyword arguments each dynamic layer takes (what ``conv_options`` may name, less the reserved ones).
-LAYER_OPTIONS = {conv: frozenset(inspect.signature(layer).parameters) for conv, layer in DYNAMIC_LAYERS.items()}
+#: The keyword arguments each dynamic layer takes (what ``conv_options`` may name, less the reserved ones);
+#: KernelWarehouse's are its warehouse options, which the model's manager takes.
+LAYER_OPTIONS = {**{conv: frozenset(inspect.signature(layer).parameters) for conv, layer in DYNAMIC_LAYERS.items()},
+                 KW_CONV: frozenset(KW_OPTIONS)}
 
 
 def check_args(where: str, conv: str, num_experts: int, reduction: Optional[float],
@@ -66,8 +70,37 @@ def make_conv(conv: str, in_channels: int, out_channels: int, kernel_size: int, 
         options["reduction"] = reduction
     if conv == "static":
         return static_conv(in_channels, out_channels, kernel_size, stride, padding, groups)
+    if conv == KW_CONV:
+        raise ValueError("make_conv: KernelWarehouse layers share their model's warehouses; a model builds them "
+                         "with KWBuilder")
     if conv not in DYNAMIC_LAYERS:
         raise ValueError(f"make_conv: conv={conv!r} is not a conv type; expected one of {CONV_TYPES}")
     # ODConv2d takes num_experts as a keyword alias of the official kernel_num.
     return DYNAMIC_LAYERS[conv](in_channels, out_channels, kernel_size, stride, padding, groups=groups,
                                 num_experts=num_experts, **options)
+
+
+class KWBuilder:
+    """Builds a KernelWarehouse model's convolutions in the reservation order of its warehouse plan
+    (the order the official models call ``Warehouse_Manager.reserve``): each one static or reserved
+    from :attr:`manager` as the plan says, then :meth:`finish` stores the warehouses and allocates."""
+
+    def __init__(self, plan: WarehousePlan, where: str):
+        self.where = where
+        self.manager = WarehouseManager(**vars(plan.options))
+        self._queue = plan.queue("reserve")
+
+    def conv(self, in_channels: int, out_channels: int, kernel_size: int, stride: int = 1, padding: int = 0,
+             groups: int = 1) -> nn.Module:
+        """The next convolution of the plan (``make_conv``'s arguments); static ones as :func:`static_conv`."""
+        spec, _ = self._queue.take(in_channels, out_channels, (kernel_size, kernel_size), groups, self.where)
+        if spec.warehouse_name is None:
+            return static_conv(in_channels, out_channels, kernel_size, stride, padding, groups)
+        return self.manager.reserve(in_channels, out_channels, kernel_size, stride, padding, groups=groups, bias=False,
+                                    warehouse_name=spec.warehouse_name)
+
+    def finish(self, model: nn.Module) -> None:
+        """After the model is built: every planned conv built, warehouses stored, cells allocated."""
+        self._queue.finish(self.where)
+        self.manager.store()
+        self.manager.allocate(model)

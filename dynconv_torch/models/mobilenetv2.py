@@ -6,7 +6,10 @@ and the final 1×1 to 1280 channels — is dynamic; the stem conv and the classi
 static. Its state_dict equals the official one key for key (``conv='static'`` has
 torchvision's keys), so the released checkpoints load strictly. The Flax twin in
 ``dynconv_jax.models.mobilenetv2`` uses the same names (``features.1.conv.0.0`` ↔
-``features_1/conv_0_0``).
+``features_1/conv_0_0``). ``conv='kernelwarehouse'`` is the official OSVAI/KernelWarehouse
+``kw_mobilenetv2_*`` (Li & Yao, ICML 2024): every convolution, the stem's too, is a KernelWarehouse
+layer of ``warehouse_manager``, and the classifier is a bare ``Linear`` ``classifier`` after
+``dropout`` (the official layout).
 """
 from __future__ import annotations
 
@@ -16,10 +19,11 @@ from typing import Any, Mapping, Optional
 import torch
 from torch import nn
 
-from dynconv_spec import check_width_mult, stage_settings
-from dynconv_spec.registry import odconv_model_args
+from dynconv_spec import KW_CONV, check_width_mult, stage_settings
+from dynconv_spec.kernelwarehouse import mobilenetv2_plan
+from dynconv_spec.registry import kw_model_args, odconv_model_args
 
-from ._conv import check_args, make_conv, static_conv
+from ._conv import KWBuilder, check_args, make_conv, static_conv
 from ._registry import register_model
 
 
@@ -55,15 +59,16 @@ class MobileNetV2(nn.Module):
 
     Args:
       width_mult: channel multiplier (0.5, 0.75, 1.0, ...; channels rounded to multiples of 8).
-      conv: 'static', 'condconv', 'dynamic' or 'odconv'.
+      conv: 'static', 'condconv', 'dynamic', 'odconv' or 'kernelwarehouse'.
       num_experts: experts per dynamic layer (ODConv's ``kernel_num``).
       num_classes: outputs of the classifier.
       stem: 'imagenet' (stride-2 stem, total stride 32) or 'cifar' (stem and second stage at
         stride 1, total stride 8, for 32×32 inputs).
       dropout: dropout before the classifier (0.2 as torchvision and the official models).
-      reduction: attention reduction ratio of DynamicConv / ODConv (None: the layer's default).
+      reduction: attention reduction ratio of DynamicConv / ODConv / KernelWarehouse (None: the default).
       in_channels: input channels.
-      conv_options: further keyword arguments for every dynamic layer.
+      conv_options: further keyword arguments for every dynamic layer (KernelWarehouse: the warehouse
+        options, as :class:`~dynconv_torch.models.ResNet`).
 
     Examples:
       >>> import torch
@@ -81,23 +86,35 @@ class MobileNetV2(nn.Module):
         options = check_args("MobileNetV2", conv, num_experts, reduction, conv_options, stem, dropout, num_classes)
         self.conv_type, self.stem = conv, stem
         conv_layer = partial(make_conv, conv, num_experts=num_experts, reduction=reduction, conv_options=options)
+        stem_conv, builder = static_conv, None
+        if conv == KW_CONV:  # every convolution as the warehouse plan says
+            builder = KWBuilder(mobilenetv2_plan(width_mult, stem, in_channels, reduction, options), "MobileNetV2")
+            self.warehouse_manager = builder.manager
+            conv_layer = stem_conv = builder.conv
         channels, stem_stride, stages, self.last_channel = stage_settings(width_mult, stem)
 
-        features = [ConvBNReLU(static_conv, in_channels, channels, 3, stem_stride)]
+        features = [ConvBNReLU(stem_conv, in_channels, channels, 3, stem_stride)]
         for t, c, n, s in stages:
             for i in range(n):
                 features.append(InvertedResidual(channels, c, s if i == 0 else 1, t, conv_layer))
                 channels = c
         features.append(ConvBNReLU(conv_layer, channels, self.last_channel, 1))
         self.features = nn.Sequential(*features)
-        self.classifier = nn.Sequential(nn.Dropout(dropout), nn.Linear(self.last_channel, num_classes))
-        nn.init.normal_(self.classifier[1].weight, 0.0, 0.01)
-        nn.init.zeros_(self.classifier[1].bias)
+        if builder is None:
+            self.classifier = nn.Sequential(nn.Dropout(dropout), nn.Linear(self.last_channel, num_classes))
+            head = self.classifier[1]
+        else:  # the official KW_MobileNetV2's head
+            self.dropout = nn.Dropout(dropout)
+            self.classifier = head = nn.Linear(self.last_channel, num_classes)
+        nn.init.normal_(head.weight, 0.0, 0.01)
+        nn.init.zeros_(head.bias)
+        if builder is not None:
+            builder.finish(self)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``x [B, in_channels, H, W]`` → logits ``[B, num_classes]``."""
-        x = self.features(x)
-        return self.classifier(torch.flatten(nn.functional.adaptive_avg_pool2d(x, 1), 1))
+        x = torch.flatten(nn.functional.adaptive_avg_pool2d(self.features(x), 1), 1)
+        return self.classifier(self.dropout(x) if self.conv_type == KW_CONV else x)
 
 
 @register_model
@@ -148,3 +165,32 @@ def od_mobilenetv2_100(**kwargs) -> MobileNetV2:
       4940185
     """
     return mobilenet_v2(**odconv_model_args("od_mobilenetv2_100", **kwargs))
+
+
+@register_model
+def kw_mobilenetv2_050(**kwargs) -> MobileNetV2:
+    """OSVAI/KernelWarehouse ``kw_mobilenetv2_050(reduction=0.0625, cell_num_ratio=1, cell_inplane_ratio=1,
+    cell_outplane_ratio=1, sharing_range=('layer', 'pwconv'), nonlocal_basis_ratio=1, dropout=0.0, **kwargs)``:
+    MobileNetV2 ×0.5 with KernelWarehouse (:func:`dynconv_spec.registry.kw_model_args`; ``kwargs`` as
+    :class:`MobileNetV2`). The official 4× config uses ``sharing_range=('layer',)``
+    (:data:`dynconv_spec.kernelwarehouse.OFFICIAL_CONFIGS`).
+
+    Examples:
+      >>> from dynconv_torch.models import kw_mobilenetv2_050
+      >>> sum(p.numel() for p in kw_mobilenetv2_050().parameters())         # the official KW 1x count
+      2854522
+    """
+    return mobilenet_v2(**kw_model_args("kw_mobilenetv2_050", **kwargs))
+
+
+@register_model
+def kw_mobilenetv2_100(**kwargs) -> MobileNetV2:
+    """OSVAI/KernelWarehouse ``kw_mobilenetv2_100``: MobileNetV2 ×1.0 with KernelWarehouse (arguments as
+    :func:`kw_mobilenetv2_050`).
+
+    Examples:
+      >>> from dynconv_torch.models import kw_mobilenetv2_100
+      >>> sum(p.numel() for p in kw_mobilenetv2_100().parameters())         # the official KW 1x count
+      5168146
+    """
+    return mobilenet_v2(**kw_model_args("kw_mobilenetv2_100", **kwargs))

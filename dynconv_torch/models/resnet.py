@@ -5,7 +5,10 @@
 the stem, the downsample shortcut and the classifier stay static; dropout sits before
 ``fc``. Its state_dict is key-for-key and shape-for-shape the official one, so the
 released checkpoints load strictly. ``conv='static'`` has torchvision's keys.
-CondConv and DynamicConv take the same places. The Flax twin in
+CondConv and DynamicConv take the same places. ``conv='kernelwarehouse'`` is the official
+OSVAI/KernelWarehouse ``kw_resnet*`` (Li & Yao, ICML 2024): the blocks' convolutions and the
+strided downsample shortcuts are KernelWarehouse layers (ResNet-50's first ``conv1`` and the
+stride-1 shortcut stay static), sharing the warehouses of ``warehouse_manager``. The Flax twin in
 ``dynconv_jax.models.resnet`` uses the same attribute names (``layer1.0.conv1`` ↔
 ``layer1_0/conv1``).
 """
@@ -17,10 +20,11 @@ from typing import Any, Mapping, Optional, Sequence
 import torch
 from torch import nn
 
-from dynconv_spec import RESNET_ARCHS, check_resnet_args, stage_blocks
-from dynconv_spec.registry import odconv_model_args
+from dynconv_spec import KW_CONV, RESNET_ARCHS, check_resnet_args, stage_blocks
+from dynconv_spec.kernelwarehouse import resnet_plan
+from dynconv_spec.registry import kw_model_args, odconv_model_args
 
-from ._conv import check_args, make_conv, static_conv
+from ._conv import KWBuilder, check_args, make_conv, static_conv
 from ._registry import register_model
 
 
@@ -82,15 +86,16 @@ class ResNet(nn.Module):
     Args:
       block: 'basic' (ResNet-18/34) or 'bottleneck' (ResNet-50/101).
       layers: blocks per stage, e.g. ``(2, 2, 2, 2)``.
-      conv: 'static', 'condconv', 'dynamic' or 'odconv' — the blocks' convolutions.
+      conv: 'static', 'condconv', 'dynamic', 'odconv' or 'kernelwarehouse' — the blocks' convolutions.
       num_experts: experts per dynamic layer (ODConv's ``kernel_num``).
       num_classes: outputs of ``fc``.
       stem: 'imagenet' (7×7/2 conv + 3×3/2 max-pool) or 'cifar' (3×3/1 conv, no max-pool).
       base_width: channels of the first stage; later stages ×2, ×4, ×8 (64 = the standard nets).
       dropout: dropout on the pooled features before ``fc`` (official ODConv default 0.1).
-      reduction: attention reduction ratio of DynamicConv / ODConv (None: the layer's default).
+      reduction: attention reduction ratio of DynamicConv / ODConv / KernelWarehouse (None: the default).
       in_channels: input channels (3 for RGB).
-      conv_options: further keyword arguments for every dynamic layer.
+      conv_options: further keyword arguments for every dynamic layer (KernelWarehouse: the warehouse
+        options ``cell_num_ratio``, ``sharing_range``, ..., of ``dynconv_spec.kernelwarehouse.KWOptions``).
 
     Examples:
       >>> import torch
@@ -110,12 +115,18 @@ class ResNet(nn.Module):
         block_cls = BLOCKS[block]
         self.conv_type, self.stem = conv, stem
         conv_layer = partial(make_conv, conv, num_experts=num_experts, reduction=reduction, conv_options=options)
+        stem_conv = shortcut_conv = static_conv
+        builder = None
+        if conv == KW_CONV:  # every convolution as the warehouse plan says, reserved in the official order
+            builder = KWBuilder(resnet_plan(block, layers, base_width, in_channels, stem, reduction, options), "ResNet")
+            self.warehouse_manager = builder.manager
+            conv_layer = stem_conv = shortcut_conv = builder.conv
 
         if stem == "imagenet":
-            self.conv1 = static_conv(in_channels, base_width, 7, 2, 3)
+            self.conv1 = stem_conv(in_channels, base_width, 7, 2, 3)
             self.maxpool = nn.MaxPool2d(kernel_size=3, stride=2, padding=1)
         else:
-            self.conv1 = static_conv(in_channels, base_width, 3, 1, 1)
+            self.conv1 = stem_conv(in_channels, base_width, 3, 1, 1)
             self.maxpool = nn.Identity()
         self.bn1 = nn.BatchNorm2d(base_width)
         self.relu = nn.ReLU(inplace=True)
@@ -123,7 +134,7 @@ class ResNet(nn.Module):
         for stage, _, inplanes, planes, stride, downsample in stage_blocks(layers, base_width, block_cls.expansion):
             shortcut = None
             if downsample:
-                shortcut = nn.Sequential(static_conv(inplanes, planes * block_cls.expansion, 1, stride, 0),
+                shortcut = nn.Sequential(shortcut_conv(inplanes, planes * block_cls.expansion, 1, stride, 0),
                                          nn.BatchNorm2d(planes * block_cls.expansion))
             stages[stage].append(block_cls(inplanes, planes, stride, shortcut, conv_layer))
         for i, blocks in enumerate(stages):
@@ -133,6 +144,8 @@ class ResNet(nn.Module):
         self.fc = nn.Linear(base_width * 2 ** (len(layers) - 1) * block_cls.expansion, num_classes)
         nn.init.normal_(self.fc.weight, 0.0, 0.01)
         nn.init.zeros_(self.fc.bias)
+        if builder is not None:
+            builder.finish(self)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``x [B, in_channels, H, W]`` → logits ``[B, num_classes]``."""
@@ -246,3 +259,31 @@ def od_resnet101(**kwargs) -> ResNet:
       50818769
     """
     return resnet101(**odconv_model_args("od_resnet101", **kwargs))
+
+
+@register_model
+def kw_resnet18(**kwargs) -> ResNet:
+    """OSVAI/KernelWarehouse ``kw_resnet18(reduction=0.0625, cell_num_ratio=1, cell_inplane_ratio=1,
+    cell_outplane_ratio=1, sharing_range=('layer', 'conv'), nonlocal_basis_ratio=1, **kwargs)``: ResNet-18
+    with KernelWarehouse (:func:`dynconv_spec.registry.kw_model_args`; ``kwargs`` as :class:`ResNet`).
+    The official configs' arguments: :data:`dynconv_spec.kernelwarehouse.OFFICIAL_CONFIGS`.
+
+    Examples:
+      >>> from dynconv_torch.models import kw_resnet18
+      >>> sum(p.numel() for p in kw_resnet18().parameters())         # the official KW 1x count (11.93 M)
+      11932148
+    """
+    return resnet18(**kw_model_args("kw_resnet18", **kwargs))
+
+
+@register_model
+def kw_resnet50(**kwargs) -> ResNet:
+    """OSVAI/KernelWarehouse ``kw_resnet50``: ResNet-50 with KernelWarehouse (arguments as :func:`kw_resnet18`).
+
+    Examples:
+      >>> from dynconv_torch.models import kw_resnet50
+      >>> model = kw_resnet50(base_width=8, num_classes=10)                 # a narrow one
+      >>> model.warehouse_manager.weights[0].shape
+      torch.Size([87, 8, 8, 1, 1])
+    """
+    return resnet50(**kw_model_args("kw_resnet50", **kwargs))

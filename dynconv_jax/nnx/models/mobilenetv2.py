@@ -1,8 +1,9 @@
 """MobileNetV2 as an NNX Module with static or dynamic convolutions, channels-last.
 
 Twin of :mod:`dynconv_jax.models.mobilenetv2` (Linen): same arguments, architecture and
-parameter paths (``features_0_0``, ``features_1/conv_0_0``, ``classifier_1``), so Linen variables,
-PyTorch and the official OSVAI/ODConv ``od_mobilenetv2_*`` checkpoints load into it.
+parameter paths (``features_0_0``, ``features_1/conv_0_0``, ``classifier_1``; ``classifier`` and
+``warehouse_manager`` with KernelWarehouse), so Linen variables, PyTorch and the official OSVAI/ODConv
+``od_mobilenetv2_*`` and OSVAI/KernelWarehouse ``kw_mobilenetv2_*`` checkpoints load into it.
 """
 from __future__ import annotations
 
@@ -15,8 +16,9 @@ from flax.typing import Dtype, PrecisionLike
 from dynconv_jax.models._conv import ModuleDef, check_input
 from dynconv_jax.nnx.models._conv import apply_conv, module_defs
 from dynconv_jax.nnx.models._registry import register_model
-from dynconv_spec import check_width_mult, stage_settings
-from dynconv_spec.registry import odconv_model_args
+from dynconv_spec import KW_CONV, check_width_mult, stage_settings
+from dynconv_spec.kernelwarehouse import mobilenetv2_plan
+from dynconv_spec.registry import kw_model_args, odconv_model_args
 
 
 def _add_conv_bn(module: nnx.Module, prefix: str, conv: ModuleDef, norm: ModuleDef, in_features: int,
@@ -28,10 +30,10 @@ def _add_conv_bn(module: nnx.Module, prefix: str, conv: ModuleDef, norm: ModuleD
     setattr(module, f"{prefix}_1", norm(features))
 
 
-def _conv_bn_relu6(module: nnx.Module, prefix: str, x, temperature):
+def _conv_bn_relu6(module: nnx.Module, prefix: str, x, temperature, warehouse_manager):
     """PyTorch's ``ConvBNReLU`` Sequential: conv ``{prefix}_0``, BatchNorm ``{prefix}_1``, ReLU6."""
     conv, bn = getattr(module, f"{prefix}_0"), getattr(module, f"{prefix}_1")
-    return nnx.relu6(bn(apply_conv(conv, x, temperature)))
+    return nnx.relu6(bn(apply_conv(conv, x, temperature, warehouse_manager)))
 
 
 class InvertedResidual(nnx.Module):
@@ -52,10 +54,10 @@ class InvertedResidual(nnx.Module):
         setattr(self, self.project_bn, norm(oup))
         self.residual = stride == 1 and inp == oup
 
-    def __call__(self, x, temperature=None):
-        h = _conv_bn_relu6(self, "conv_0", x, temperature) if self.expand else x
-        h = _conv_bn_relu6(self, self.depthwise, h, temperature)
-        h = getattr(self, self.project_bn)(apply_conv(getattr(self, self.project), h, temperature))
+    def __call__(self, x, temperature=None, warehouse_manager=None):
+        h = _conv_bn_relu6(self, "conv_0", x, temperature, warehouse_manager) if self.expand else x
+        h = _conv_bn_relu6(self, self.depthwise, h, temperature, warehouse_manager)
+        h = getattr(self, self.project_bn)(apply_conv(getattr(self, self.project), h, temperature, warehouse_manager))
         return x + h if self.residual else h
 
 
@@ -81,7 +83,8 @@ class MobileNetV2(nnx.Module):
         check_width_mult(width_mult)
         defs = module_defs("MobileNetV2", conv=conv, num_experts=num_experts, reduction=reduction,
                            conv_options=conv_options, stem=stem, dropout=dropout, num_classes=num_classes,
-                           strategy=strategy, dtype=dtype, param_dtype=param_dtype, precision=precision, rngs=rngs)
+                           strategy=strategy, dtype=dtype, param_dtype=param_dtype, precision=precision, rngs=rngs,
+                           kw_plan=lambda: mobilenetv2_plan(width_mult, stem, in_channels, reduction, conv_options))
         self.in_channels = in_channels
         channels, stem_stride, stages, last_channel = stage_settings(width_mult, stem)
         _add_conv_bn(self, "features_0", defs.static_conv, defs.norm, in_channels, channels, 3, stem_stride)
@@ -95,17 +98,23 @@ class MobileNetV2(nnx.Module):
         self.num_blocks = index - 1
         _add_conv_bn(self, f"features_{index}", defs.conv, defs.norm, channels, last_channel, 1)
         self.dropout = nnx.Dropout(dropout, rngs=rngs if dropout > 0 else None)
-        self.classifier_1 = defs.classifier(last_channel, num_classes)
+        self.head = "classifier" if conv == KW_CONV else "classifier_1"  # the official models' names
+        setattr(self, self.head, defs.classifier(last_channel, num_classes))
+        self.warehouse_manager = nnx.data(None)
+        if conv == KW_CONV:
+            defs.conv.finish()
+            self.warehouse_manager = defs.conv.manager
 
     def __call__(self, x, temperature=None):
         """``x [B, H, W, in_channels]`` → logits ``[B, num_classes]``; ``temperature`` goes to every dynamic layer."""
         check_input(x, self.in_channels, "MobileNetV2")
-        x = _conv_bn_relu6(self, "features_0", x, temperature)
+        manager = self.warehouse_manager
+        x = _conv_bn_relu6(self, "features_0", x, temperature, manager)
         for index in range(1, self.num_blocks + 1):
-            x = getattr(self, f"features_{index}")(x, temperature)
-        x = _conv_bn_relu6(self, f"features_{self.num_blocks + 1}", x, temperature)
+            x = getattr(self, f"features_{index}")(x, temperature, manager)
+        x = _conv_bn_relu6(self, f"features_{self.num_blocks + 1}", x, temperature, manager)
         x = jnp.mean(x, axis=(1, 2))  # [B, C]
-        return self.classifier_1(self.dropout(x))
+        return getattr(self, self.head)(self.dropout(x))
 
 
 @register_model
@@ -164,3 +173,33 @@ def od_mobilenetv2_100(**kwargs) -> MobileNetV2:
       (1280, 1000)
     """
     return mobilenet_v2(**odconv_model_args("od_mobilenetv2_100", **kwargs))
+
+
+@register_model
+def kw_mobilenetv2_050(**kwargs) -> MobileNetV2:
+    """OSVAI/KernelWarehouse ``kw_mobilenetv2_050``: MobileNetV2 ×0.5 with KernelWarehouse (arguments as the
+    Linen :func:`dynconv_jax.models.kw_mobilenetv2_050`, plus ``rngs``).
+
+    Examples:
+      >>> from flax import nnx
+      >>> from dynconv_jax.nnx.models import kw_mobilenetv2_050
+      >>> model = nnx.eval_shape(lambda: kw_mobilenetv2_050(rngs=nnx.Rngs(0)))                   # shapes only
+      >>> len(model.warehouse_manager.weights), model.classifier.kernel.shape
+      (13, (1280, 1000))
+    """
+    return mobilenet_v2(**kw_model_args("kw_mobilenetv2_050", **kwargs))
+
+
+@register_model
+def kw_mobilenetv2_100(**kwargs) -> MobileNetV2:
+    """OSVAI/KernelWarehouse ``kw_mobilenetv2_100``: MobileNetV2 ×1.0 with KernelWarehouse (arguments as
+    :func:`kw_mobilenetv2_050`).
+
+    Examples:
+      >>> from flax import nnx
+      >>> from dynconv_jax.nnx.models import kw_mobilenetv2_100
+      >>> model = nnx.eval_shape(lambda: kw_mobilenetv2_100(rngs=nnx.Rngs(0)))                   # shapes only
+      >>> len(model.warehouse_manager.weights), model.classifier.kernel.shape
+      (13, (1280, 1000))
+    """
+    return mobilenet_v2(**kw_model_args("kw_mobilenetv2_100", **kwargs))

@@ -16,8 +16,9 @@ from flax.typing import Dtype, PrecisionLike
 from dynconv_jax.models._conv import ModuleDef, check_input
 from dynconv_jax.nnx.models._conv import apply_conv, module_defs
 from dynconv_jax.nnx.models._registry import register_model
-from dynconv_spec import RESNET_ARCHS, check_resnet_args, stage_blocks
-from dynconv_spec.registry import odconv_model_args
+from dynconv_spec import KW_CONV, RESNET_ARCHS, check_resnet_args, stage_blocks
+from dynconv_spec.kernelwarehouse import resnet_plan
+from dynconv_spec.registry import kw_model_args, odconv_model_args
 
 
 class ResidualBlock(nnx.Module):
@@ -36,8 +37,10 @@ class ResidualBlock(nnx.Module):
                                             strides=stride, padding=0)
             self.downsample_1 = norm(features)
 
-    def shortcut(self, x):
-        return self.downsample_1(self.downsample_0(x)) if self.has_downsample else x
+    def shortcut(self, x, temperature, warehouse_manager):
+        if not self.has_downsample:
+            return x
+        return self.downsample_1(apply_conv(self.downsample_0, x, temperature, warehouse_manager))
 
 
 class BasicBlock(ResidualBlock):
@@ -57,10 +60,10 @@ class BasicBlock(ResidualBlock):
         self.bn2 = norm(planes)
         self.init_shortcut(inplanes, planes, stride, downsample, static_conv=static_conv, norm=norm)
 
-    def __call__(self, x, temperature=None):
-        out = nnx.relu(self.bn1(apply_conv(self.conv1, x, temperature)))
-        out = self.bn2(apply_conv(self.conv2, out, temperature))
-        return nnx.relu(out + self.shortcut(x))
+    def __call__(self, x, temperature=None, warehouse_manager=None):
+        out = nnx.relu(self.bn1(apply_conv(self.conv1, x, temperature, warehouse_manager)))
+        out = self.bn2(apply_conv(self.conv2, out, temperature, warehouse_manager))
+        return nnx.relu(out + self.shortcut(x, temperature, warehouse_manager))
 
 
 class Bottleneck(ResidualBlock):
@@ -79,11 +82,11 @@ class Bottleneck(ResidualBlock):
         self.bn3 = norm(planes * self.expansion)
         self.init_shortcut(inplanes, planes, stride, downsample, static_conv=static_conv, norm=norm)
 
-    def __call__(self, x, temperature=None):
-        out = nnx.relu(self.bn1(apply_conv(self.conv1, x, temperature)))
-        out = nnx.relu(self.bn2(apply_conv(self.conv2, out, temperature)))
-        out = self.bn3(apply_conv(self.conv3, out, temperature))
-        return nnx.relu(out + self.shortcut(x))
+    def __call__(self, x, temperature=None, warehouse_manager=None):
+        out = nnx.relu(self.bn1(apply_conv(self.conv1, x, temperature, warehouse_manager)))
+        out = nnx.relu(self.bn2(apply_conv(self.conv2, out, temperature, warehouse_manager)))
+        out = self.bn3(apply_conv(self.conv3, out, temperature, warehouse_manager))
+        return nnx.relu(out + self.shortcut(x, temperature, warehouse_manager))
 
 
 BLOCKS = {"basic": BasicBlock, "bottleneck": Bottleneck}
@@ -113,7 +116,9 @@ class ResNet(nnx.Module):
         check_resnet_args(block, layers, base_width)
         defs = module_defs("ResNet", conv=conv, num_experts=num_experts, reduction=reduction,
                            conv_options=conv_options, stem=stem, dropout=dropout, num_classes=num_classes,
-                           strategy=strategy, dtype=dtype, param_dtype=param_dtype, precision=precision, rngs=rngs)
+                           strategy=strategy, dtype=dtype, param_dtype=param_dtype, precision=precision, rngs=rngs,
+                           kw_plan=lambda: resnet_plan(block, layers, base_width, in_channels, stem, reduction,
+                                                       conv_options))
         self.in_channels = in_channels
         self.stem = stem
         if stem == "imagenet":
@@ -133,15 +138,19 @@ class ResNet(nnx.Module):
         self.block_names = tuple(self.block_names)
         self.dropout = nnx.Dropout(dropout, rngs=rngs if dropout > 0 else None)
         self.fc = defs.classifier(base_width * 8 * block_cls.expansion, num_classes)
+        self.warehouse_manager = nnx.data(None)
+        if conv == KW_CONV:
+            defs.conv.finish()
+            self.warehouse_manager = defs.conv.manager
 
     def __call__(self, x, temperature=None):
         """``x [B, H, W, in_channels]`` → logits ``[B, num_classes]``; ``temperature`` goes to every dynamic layer."""
         check_input(x, self.in_channels, "ResNet")
-        x = nnx.relu(self.bn1(self.conv1(x)))
+        x = nnx.relu(self.bn1(apply_conv(self.conv1, x, temperature, self.warehouse_manager)))
         if self.stem == "imagenet":
             x = nnx.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
         for name in self.block_names:
-            x = getattr(self, name)(x, temperature)
+            x = getattr(self, name)(x, temperature, self.warehouse_manager)
         x = jnp.mean(x, axis=(1, 2))  # [B, C]
         return self.fc(self.dropout(x))
 
@@ -258,3 +267,32 @@ def od_resnet101(**kwargs) -> ResNet:
       ('ODConv', 4)
     """
     return resnet101(**odconv_model_args("od_resnet101", **kwargs))
+
+
+@register_model
+def kw_resnet18(**kwargs) -> ResNet:
+    """OSVAI/KernelWarehouse ``kw_resnet18``: ResNet-18 with KernelWarehouse (arguments as the Linen
+    :func:`dynconv_jax.models.kw_resnet18`, plus ``rngs``).
+
+    Examples:
+      >>> from flax import nnx
+      >>> from dynconv_jax.nnx.models import kw_resnet18
+      >>> model = nnx.eval_shape(lambda: kw_resnet18(rngs=nnx.Rngs(0)))                 # shapes only
+      >>> type(model.layer1_0.conv1).__name__, model.warehouse_manager.weights[0].shape  # stage 1's warehouse
+      ('KWConv', (56, 64, 64, 1, 1))
+    """
+    return resnet18(**kw_model_args("kw_resnet18", **kwargs))
+
+
+@register_model
+def kw_resnet50(**kwargs) -> ResNet:
+    """OSVAI/KernelWarehouse ``kw_resnet50``: ResNet-50 with KernelWarehouse (arguments as :func:`kw_resnet18`).
+
+    Examples:
+      >>> from flax import nnx
+      >>> from dynconv_jax.nnx.models import kw_resnet50
+      >>> model = nnx.eval_shape(lambda: kw_resnet50(rngs=nnx.Rngs(0)))                 # shapes only
+      >>> type(model.layer1_0.conv2).__name__, len(model.warehouse_manager.weights)
+      ('KWConv', 4)
+    """
+    return resnet50(**kw_model_args("kw_resnet50", **kwargs))
