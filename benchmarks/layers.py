@@ -153,18 +153,11 @@ def _torch_times(batch, spatial, cin, cout, k, stride, groups, repeats):
     return tf, tb, mem
 
 
-def run(quick: bool, repeats: int, threads=None):
-    backend = jax.default_backend()
-    try:
-        import torch
-
-        torch.set_num_threads(threads or os.cpu_count())
-        torch.backends.cudnn.benchmark = True
-    except ImportError:
-        pass
-    rows_todo, skipped = shapes(quick, backend)
+def measure(rows, repeats):
+    """``(records, table rows)`` of the layer shapes ``rows`` (``(name, batch, spatial, cin, cout, k, stride,
+    groups)``), JAX and PyTorch."""
     records, table = [], []
-    for name, batch, spatial, cin, cout, k, stride, groups in rows_todo:
+    for name, batch, spatial, cin, cout, k, stride, groups in rows:
         jf, jb, jm = _jax_times(batch, spatial, cin, cout, k, stride, groups, repeats)
         torch_res = _torch_times(batch, spatial, cin, cout, k, stride, groups, repeats)
         tf, tb, tm = torch_res if torch_res else ({}, {}, {})
@@ -177,17 +170,40 @@ def run(quick: bool, repeats: int, threads=None):
                                          "peak_bytes": tm.get(kind)} for kind in KINDS} if torch_res else None})
         for kind in KINDS:
             mb = "–" if jm[kind] is None else f"{jm[kind] / 2**20:.0f}"
+            tmb = "–" if tm.get(kind) is None else f"{tm[kind] / 2**20:.0f}"
             table.append([label, kind, fmt_ms(jf[kind]), fmt_ratio(jf[kind], jf["static"]), fmt_ms(jb[kind]),
                           fmt_ratio(jb[kind], jb["static"]), mb, fmt_ms(tf.get(kind)), fmt_ms(tb.get(kind)),
-                          fmt_ratio(tb.get(kind), tb.get("static")), fmt_ratio(jb[kind], tb.get(kind))])
+                          fmt_ratio(tb.get(kind), tb.get("static")), tmb, fmt_ratio(jb[kind], tb.get(kind))])
         print(label + ": " + ", ".join(f"{kind} jax {fmt_ms(jb[kind])} torch {fmt_ms(tb.get(kind))} ms"
                                        for kind in KINDS), flush=True)
-    md = ("float32, K = 4 experts, SAME padding (PyTorch: padding k//2), layers in training mode (batch 1: eval-mode attention, since ODConv's attention BatchNorm cannot train on one sample). "
-          "fwd+bwd = loss, gradients w.r.t. input and all parameters. Ratios: dynamic / static of the same "
-          "framework, and JAX / PyTorch for fwd+bwd (< 1 = JAX faster). JAX memory: XLA temporaries + outputs "
-          "of the compiled fwd+bwd program.\n\n")
-    md += markdown_table(["layer", "kind", "JAX fwd ms", "/static", "JAX fwd+bwd ms", "/static", "JAX MiB",
-                          "torch fwd ms", "torch fwd+bwd ms", "/static", "JAX/torch fwd+bwd"], table)
+    return records, table
+
+
+HEADER = ("float32, K = 4 experts, SAME padding (PyTorch: padding k//2), layers in training mode (batch 1: eval-mode "
+          "attention, since ODConv's attention BatchNorm cannot train on one sample). fwd+bwd = loss, gradients "
+          "w.r.t. input and all parameters. Ratios: dynamic / static of the same framework, and JAX / PyTorch for "
+          "fwd+bwd (< 1 = JAX faster). JAX memory: XLA temporaries + outputs of the compiled fwd+bwd program; "
+          "torch memory: CUDA peak of one fwd+bwd above the memory allocated before it (GPU only).\n\n")
+COLUMNS = ["layer", "kind", "JAX fwd ms", "/static", "JAX fwd+bwd ms", "/static", "JAX MiB", "torch fwd ms",
+           "torch fwd+bwd ms", "/static", "torch CUDA MiB", "JAX/torch fwd+bwd"]
+
+
+def setup_torch(threads):
+    try:
+        import torch
+
+        torch.set_num_threads(threads or os.cpu_count())
+        torch.backends.cudnn.benchmark = True
+    except ImportError:
+        pass
+
+
+def run(quick: bool, repeats: int, threads=None):
+    backend = jax.default_backend()
+    setup_torch(threads)
+    rows_todo, skipped = shapes(quick, backend)
+    records, table = measure(rows_todo, repeats)
+    md = HEADER + markdown_table(COLUMNS, table)
     if skipped:
         md += "\n\nSkipped on this backend:\n\n" + "\n".join(
             f"- {r[0]} B{r[1]}: {why}" for r, why in skipped)

@@ -50,8 +50,6 @@ def environment() -> dict:
     """Device, versions and date, recorded with every result file."""
     import jax
 
-    from dynconv_jax import autotune
-
     env = {
         "date_utc": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "host": platform.node(),
@@ -62,8 +60,10 @@ def environment() -> dict:
         "jax": jax.__version__,
         "jax_backend": jax.default_backend(),
         "jax_device": str(jax.devices()[0].device_kind),
-        # What strategy='auto' did in this run: measured (and cached) choices, or the fixed rules.
-        "strategy_auto": "measured" if autotune.enabled() else "fixed rules (DYNCONV_AUTOTUNE=0)",
+        # strategy='auto' follows fixed rules (ops.choose_strategy); a suite that runs a plan says so itself.
+        "strategy_auto": "fixed rules",
+        # The machine's load when the file is written (1, 5, 15 min): a busy machine slows every timing.
+        "load_average": [round(v, 2) for v in os.getloadavg()] if hasattr(os, "getloadavg") else None,
     }
     try:
         import torch
@@ -100,16 +100,18 @@ def markdown_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
     return "\n".join(lines)
 
 
-def write_results(out_dir: str, name: str, env: dict, payload: dict, markdown: str) -> List[str]:
-    """Write ``<name>_<device>.json`` and ``.md``; returns the paths."""
+def write_results(out_dir: str, name: str, env: dict, payload: dict, markdown: str,
+                  tag: Optional[str] = None) -> List[str]:
+    """Write ``<name>_<tag>.json`` and ``.md`` (``tag``: default :func:`device_tag`); returns the paths."""
     os.makedirs(out_dir, exist_ok=True)
-    stem = os.path.join(out_dir, f"{name}_{device_tag(env)}")
+    stem = os.path.join(out_dir, f"{name}_{tag or device_tag(env)}")
     with open(stem + ".json", "w") as f:
         json.dump({"environment": env, **payload}, f, indent=1)
     header = (f"# {name} benchmark — {env['device']}\n\n"
               f"{env['date_utc']}; jax {env['jax']} ({env['jax_backend']}), torch {env.get('torch')} "
               f"({env.get('torch_device')}, {env.get('torch_threads')} threads), python {env['python']}, "
-              f"{env['cpu_count']} CPU cores; strategy='auto': {env['strategy_auto']}.\n\n")
+              f"{env['cpu_count']} CPU cores, load average {env.get('load_average')} (1/5/15 min) at the end; "
+              f"strategy='auto': {env['strategy_auto']}.\n\n")
     with open(stem + ".md", "w") as f:
         f.write(header + markdown + "\n")
     return [stem + ".json", stem + ".md"]

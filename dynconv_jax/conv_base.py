@@ -18,6 +18,7 @@ from flax.typing import Dtype, Initializer, PrecisionLike
 
 from dynconv_jax import ops
 from dynconv_jax.initializers import expert_bias_init, torch_default_expert_init
+from dynconv_jax.plan import Plan
 from dynconv_spec import check_expert_bank
 
 
@@ -122,8 +123,8 @@ def validate_conv_config(layer: str, *, features, kernel_size, strides, padding,
         raise ValueError(f"{layer}: feature_group_count={groups} does not divide {features_arg}={features}")
     if not (_is_int(num_experts) and num_experts >= 1):
         raise ValueError(f"{layer}: num_experts={num_experts!r} must be an int >= 1")
-    if strategy != "auto" and strategy not in ops.STRATEGIES:
-        raise ValueError(f"{layer}: strategy={strategy!r}: expected 'auto' or one of {ops.STRATEGIES}")
+    if not ops.is_strategy(strategy):
+        raise ValueError(f"{layer}: strategy={strategy!r}: expected {ops.STRATEGY_CHOICES}")
     check_dtypes(layer, dtype, param_dtype)
     return ConvGeometry(features, kernel_size, strides, padding, dilation, groups, num_experts)
 
@@ -189,7 +190,7 @@ def compute_dtype(x, experts, dtype: Optional[Dtype]) -> Dtype:
 
 
 def convolve(x, experts, geometry: ConvGeometry, dtype, kernel_attention, *, expert_bias=None,
-             spatial_attention=None, channel_attention=None, filter_attention=None, strategy: str = "auto",
+             spatial_attention=None, channel_attention=None, filter_attention=None, strategy: Union[str, Plan] = "auto",
              precision=None):
     """``y_b = f_b * conv(c_b * x_b, sum_k a[b,k] s_b W_k) + sum_k a[b,k] bias_k`` in ``dtype``.
 
@@ -234,8 +235,9 @@ class DynamicConvBase(nn.Module):
       precision: numerical precision of the convolution and the attention's dense layers.
       kernel_init: initializer of the expert bank ``[K, *k, I/g, O]`` (each expert is one kernel).
       num_experts: experts K per layer.
-      strategy: how the per-sample convolution runs (:func:`dynconv_jax.ops.dynamic_conv`; 'auto'
-        times the applicable ones once per problem).
+      strategy: how the per-sample convolution runs (:func:`dynconv_jax.ops.dynamic_conv`): 'auto' (fixed
+        per-backend rules, nothing measured), a strategy name, or a :class:`~dynconv_jax.plan.Plan` made
+        by :func:`dynconv_jax.autotune.tune`.
     """
 
     features: int
@@ -249,7 +251,7 @@ class DynamicConvBase(nn.Module):
     precision: PrecisionLike = None
     kernel_init: Initializer = torch_default_expert_init
     num_experts: int = 4
-    strategy: str = "auto"
+    strategy: Union[str, Plan] = "auto"
 
     def experts(self, x):
         """Validate the configuration and the input ``x``; create the expert bank ``[K, *k, I/g, O]``.

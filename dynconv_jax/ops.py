@@ -37,19 +37,31 @@ picks how the per-sample convolution is computed; every strategy is exact
 ``'mix'``
     Expert-output mixing: one static conv with ``K * C_out`` outputs, then
     ``y = sum_k a_k y_k`` (exact by linearity). Costs ``K`` static convs but no
-    per-sample kernel. With a spatial attention (ODConv) ``s_b`` scales sample
-    ``b``'s im2col columns, which are then multiplied by all experts at once.
+    per-sample kernel; its gradient is ``dW_k = sum_b a_bk G_b`` as one static
+    kernel-gradient conv of ``x`` with ``dy`` scaled per sample, and
+    ``da_bk = <dy_b, y_bk>``. With a spatial attention (ODConv) ``s_b`` scales
+    sample ``b``'s im2col columns, which are then multiplied by all experts at once
+    (one matmul; also without a spatial attention at ``_MIX_MAX_POSITIONS`` output
+    positions or fewer, where XLA:CPU's conv with ``K * C_out`` outputs is slower).
 ``'map'``
     ``lax.map`` over samples of a batch-1 static conv, with a custom VJP that maps
     again: ``dx_b`` by a static conv with the transposed kernel, ``dW_b`` by one
     matmul of the sample's (cache-sized) im2col with ``dy_b``. On XLA:CPU batch-1
-    static convs run at the full static rate, so this is the fastest exact strategy
-    for most shapes there. Reverse mode only (``jax.grad`` to any order; no ``jax.jvp``).
+    static convs run at the full static rate. Under differentiation it keeps the
+    whole batch's per-sample kernels and builds their gradients. Reverse mode only
+    (``jax.grad`` to any order; no ``jax.jvp``).
+``'lean'``
+    'map''s batch-1 convs over chunks of a few samples (:func:`lean_conv`): each chunk's
+    kernels come from one matmul with the experts, and the backward reduces each chunk's
+    per-sample kernel gradients at once (``dW_k = sum_b a_bk G_b`` accumulated over the
+    chunks), so neither the per-sample kernels nor their gradients ever exist for the whole
+    batch; it saves only its inputs. A depthwise conv (one input channel per group) is
+    'shifted''s broadcast multiplies with a fused backward instead (:func:`depthwise_conv`).
+    Reverse mode only.
 
-``'auto'`` (the default) measures: each applicable strategy is timed once per problem (backend,
-device, shapes, dtype, differentiated or not) and the fastest is cached on disk, see
-:mod:`dynconv_jax.autotune`. With measuring turned off (``DYNCONV_AUTOTUNE=0``) it follows the
-fixed rules of :func:`choose_strategy`.
+``'auto'`` (the default) follows the fixed per-backend rules of :func:`choose_strategy` and never
+measures. A :class:`~dynconv_jax.plan.Plan` (``strategy=plan``) runs measured choices instead: it is
+made on request by :func:`dynconv_jax.autotune.tune`.
 
 Layout: channels-last. ``x`` is ``[B, *S, Cin]``; expert kernels are
 ``[K, *kernel_size, C_in // groups, C_out]`` (flax ``Conv`` layout with a
@@ -66,11 +78,10 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from dynconv_jax import autotune
+from dynconv_jax import plan
 
 PaddingLike = Union[str, int, Sequence[int], Sequence[Tuple[int, int]]]
-
-STRATEGIES = ("vmap", "shifted", "patches", "pointwise", "mix", "map")
+STRATEGIES = plan.STRATEGIES
 
 
 def normalize_padding(padding: PaddingLike, rank: int) -> Union[str, Tuple[Tuple[int, int], ...]]:
@@ -381,20 +392,47 @@ def _map_forward(x, kernels, bias, geometry):
     return _map_samples(one, (x, kernels, bias))
 
 
+def _sample_kernel(experts, attentions_b, groups: int):
+    """Sample ``b``'s aggregated kernel ``[*k, Cin/g, Cout]`` from its attentions (no batch axis)."""
+    return _kernels_of(experts, jax.tree_util.tree_map(lambda v: v[None], attentions_b), groups)[0]
+
+
 def _map_forward_aggregating(x, experts, attentions, bias, geometry):
     """:func:`_map_forward` with each sample's kernel aggregated inside its step (in cache), so the
-    ``[B, *k, Cin/g, Cout]`` kernels are never written to memory: the inference path."""
+    ``[B, *k, Cin/g, Cout]`` kernels are never written to memory: the inference path. ``bias`` may be None."""
     strides, pads, dilation, groups, precision = geometry
     if attentions["kernel_attention"] is None:  # per-sample kernels already (assembled_conv): map over them
         return _map_forward(x, experts, bias, geometry)
 
     def one(experts, args):
         xb, attentions_b, bb = args
-        wb = _kernels_of(experts, jax.tree_util.tree_map(lambda v: v[None], attentions_b), groups)[0]
-        return static_conv(xb[None], wb, strides=strides, padding=pads, dilation=dilation, groups=groups,
-                           precision=precision)[0] + bb
+        yb = static_conv(xb[None], _sample_kernel(experts, attentions_b, groups), strides=strides, padding=pads,
+                         dilation=dilation, groups=groups, precision=precision)[0]
+        return yb if bb is None else yb + bb
 
     return _map_samples(one, (x, attentions, bias), experts)
+
+
+def _input_gradient_conv(dyb, wb, input_spatial, geometry):
+    """``dx_b``: sample ``b``'s output gradient ``[*S_out, Cout]`` convolved with its spatially flipped,
+    channel-swapped kernel ``wb`` (``lhs_dilation`` = stride)."""
+    strides, pads, dilation, groups, precision = geometry
+    rank = dyb.ndim - 1
+    grad_pads = transposed_conv_padding(input_spatial, wb.shape[:-2], strides, pads, dilation)
+    return lax.conv_general_dilated(dyb[None], transposed_kernel(wb, groups), window_strides=(1,) * rank,
+                                    padding=grad_pads, lhs_dilation=strides, rhs_dilation=dilation,
+                                    dimension_numbers=conv_dimension_numbers(rank), feature_group_count=groups,
+                                    precision=precision)[0]
+
+
+def _sample_kernel_gradient(xb, dyb, kernel_shape, geometry):
+    """``G_b = im2col(x_b)^T dy_b`` as ``[T, Cin/g, g, Cout/g]`` (``T = prod(kernel_size)``): one matmul."""
+    strides, pads, dilation, groups, precision = geometry
+    kernel_size, ci, cout = kernel_shape[:-2], kernel_shape[-2], kernel_shape[-1]
+    cols, _ = _im2col(xb[None], kernel_size, strides, pads, dilation)
+    cols = cols.reshape(-1, cols.shape[-2], groups, ci)                    # [S_out, T, g, Ci]
+    dyg = dyb.reshape(-1, groups, cout // groups)                          # [S_out, g, M]
+    return jnp.einsum("stgi,sgm->tigm", cols, dyg, precision=precision)   # [T, Ci, g, M]
 
 
 def _map_backward(x, kernels, dy, geometry):
@@ -403,23 +441,13 @@ def _map_backward(x, kernels, dy, geometry):
     ``dx_b`` is a static conv of ``dy_b`` with the transposed kernel; ``dW_b`` one matmul of the
     sample's im2col with ``dy_b``; ``dbias_b`` the spatial sum of ``dy_b``.
     """
-    strides, pads, dilation, groups, precision = geometry
-    rank = x.ndim - 2
     kernel_shape = kernels.shape[1:]
-    kernel_size, ci, cout = kernel_shape[:-2], kernel_shape[-2], kernel_shape[-1]
-    grad_pads = transposed_conv_padding(x.shape[1:-1], kernel_size, strides, pads, dilation)
 
     def one(_, args):
         xb, wb, dyb = args
-        dxb = lax.conv_general_dilated(dyb[None], transposed_kernel(wb, groups), window_strides=(1,) * rank,
-                                       padding=grad_pads, lhs_dilation=strides, rhs_dilation=dilation,
-                                       dimension_numbers=conv_dimension_numbers(rank), feature_group_count=groups,
-                                       precision=precision)[0]
-        cols, _ = _im2col(xb[None], kernel_size, strides, pads, dilation)
-        cols = cols.reshape(-1, cols.shape[-2], groups, ci)                  # [S_out, T, g, Ci]
-        dyg = dyb.reshape(-1, groups, cout // groups)                        # [S_out, g, M]
-        dwb = jnp.einsum("stgi,sgm->tigm", cols, dyg, precision=precision)   # [T, Ci, g, M]
-        return dxb, dwb.reshape(kernel_shape), jnp.sum(dyb, axis=tuple(range(rank)))
+        dxb = _input_gradient_conv(dyb, wb, x.shape[1:-1], geometry)
+        dwb = _sample_kernel_gradient(xb, dyb, kernel_shape, geometry)
+        return dxb, dwb.reshape(kernel_shape), jnp.sum(dyb, axis=tuple(range(dyb.ndim - 1)))
 
     return _map_samples(one, (x, kernels, dy))
 
@@ -475,29 +503,234 @@ def _map_strategy(x, experts, kernel_attention, spatial_attention, folded, *, st
     return mapped_conv(x, experts, attentions, bias, (strides, pads, dilation, groups, precision))
 
 
+# Most per-sample kernel values a chunk of 'lean' holds (8 MiB in float32; measured: docs/performance.md,
+# "'lean'": smaller chunks cost per-step overhead with small kernels, larger ones memory with large kernels).
+_LEAN_CHUNK_VALUES = 2 ** 21
+
+
+def _chunk_size(batch: int, kernel_values: int) -> int:
+    """Samples per chunk of 'lean': the largest divisor of ``batch`` whose kernels hold at most
+    ``_LEAN_CHUNK_VALUES`` values (at least 1)."""
+    limit = max(1, _LEAN_CHUNK_VALUES // kernel_values)
+    return max(c for c in range(1, min(limit, batch) + 1) if batch % c == 0)
+
+
+def _scan_chunks(fn, carry, args, consts, kernel_values: int):
+    """``lax.scan`` of ``fn(consts, carry, chunk) -> (carry, outputs)`` over chunks of samples (the leading
+    axis of every leaf of ``args``); returns ``(carry, outputs)`` with the outputs' chunks joined again.
+
+    Under a mesh set with ``jax.set_mesh`` whose size divides the batch, each device scans its own samples
+    (``jax.shard_map``, as :func:`_map_samples`) and the carries are summed over the devices."""
+    mesh = jax.sharding.get_abstract_mesh()
+    batch = jax.tree_util.tree_leaves(args)[0].shape[0]
+
+    def local(consts, carry, args):
+        b = jax.tree_util.tree_leaves(args)[0].shape[0]
+        c = _chunk_size(b, kernel_values)
+        chunks = jax.tree_util.tree_map(lambda v: v.reshape((b // c, c) + v.shape[1:]), args)
+        total, outputs = lax.scan(lambda acc, chunk: fn(consts, acc, chunk), carry, chunks)
+        return total, jax.tree_util.tree_map(lambda v: v.reshape((b,) + v.shape[2:]), outputs)
+
+    if mesh.empty or mesh.size == 1 or batch % mesh.size:
+        return local(consts, carry, args)
+    samples, replicated = jax.sharding.PartitionSpec(mesh.axis_names), jax.sharding.PartitionSpec()
+
+    def per_device(consts, args):  # each device's carry starts equal and becomes its own (varying) sum
+        total, outputs = local(consts, lax.pcast(carry, mesh.axis_names, to="varying"), args)
+        return lax.psum(total, mesh.axis_names), outputs
+
+    return jax.shard_map(per_device, in_specs=(replicated, samples), out_specs=(replicated, samples))(consts, args)
+
+
+def _chunk_kernels(experts, attentions_c):
+    """A chunk's kernels ``sum_k a_bk W_k`` as ``[c, T, Cin/g * Cout]`` (one matmul with the flattened experts),
+    unscaled and scaled by the spatial attention (``(unscaled, scaled)``; the same array without one)."""
+    k, taps = experts.shape[0], math.prod(experts.shape[1:-2])
+    unscaled = (attentions_c["kernel_attention"] @ experts.reshape(k, -1)).reshape(-1, taps, experts.shape[-2]
+                                                                                   * experts.shape[-1])
+    s = attentions_c.get("spatial_attention")
+    return unscaled, unscaled if s is None else unscaled * s.reshape(s.shape[0], taps, 1)
+
+
+def _lean_forward(x, experts, attentions, geometry):
+    """:func:`lean_conv`'s output: per chunk, the kernels in one matmul, then one batch-1 static conv per sample."""
+    strides, pads, dilation, groups, precision = geometry
+
+    def chunk(experts, carry, args):
+        xc, attentions_c = args
+        kernels = _chunk_kernels(experts, attentions_c)[1].reshape((-1,) + experts.shape[1:])
+        conv = functools.partial(static_conv, strides=strides, padding=pads, dilation=dilation, groups=groups,
+                                 precision=precision)
+        return carry, lax.map(lambda a: conv(a[0][None], a[1])[0], (xc, kernels))
+
+    return _scan_chunks(chunk, (), (x, attentions), experts, math.prod(experts.shape[1:]))[1]
+
+
+def _lean_backward(x, experts, attentions, dy, geometry):
+    """``(dx, d_experts, d_attentions)`` of :func:`lean_conv`, chunk by chunk.
+
+    Per chunk of ``c`` samples: the kernels again (:func:`_chunk_kernels`), ``dx_b`` by the transposed conv
+    of each sample, the per-sample kernel gradients ``G_b`` (:func:`_sample_kernel_gradient`; only the
+    chunk's ``c`` of them exist at once), and from them ``da_bk = <s_b G_b, W_k>``, ``ds_bt = <G_bt, U_bt>``
+    (``U_b = sum_k a_bk W_k``) and the experts' gradient ``dW_k += sum_b a_bk s_b G_b`` in the scan's carry.
+    """
+    k, kernel_shape = experts.shape[0], experts.shape[1:]
+    flat = experts.reshape(k, -1)
+
+    def chunk(experts, d_experts, args):
+        xc, attentions_c, dyc = args
+        unscaled, kernels = _chunk_kernels(experts, attentions_c)
+        dxc = lax.map(lambda a: _input_gradient_conv(a[1], a[0].reshape(kernel_shape), x.shape[1:-1], geometry),
+                      (kernels, dyc))
+        g = lax.map(lambda a: _sample_kernel_gradient(a[0], a[1], kernel_shape, geometry), (xc, dyc))
+        g = g.reshape(unscaled.shape)                                           # [c, T, Ci*Co]
+        s = attentions_c.get("spatial_attention")
+        scaled = g if s is None else g * s.reshape(s.shape[0], -1, 1)
+        scaled = scaled.reshape(g.shape[0], -1)
+        d_attentions = {"kernel_attention": scaled @ flat.T}
+        if s is not None:
+            d_attentions["spatial_attention"] = jnp.sum(g * unscaled, axis=-1).reshape(s.shape)
+        return d_experts + attentions_c["kernel_attention"].T @ scaled, (dxc, d_attentions)
+
+    d_experts, (dx, d_attentions) = _scan_chunks(chunk, jnp.zeros_like(flat), (x, attentions, dy), experts,
+                                                 math.prod(kernel_shape))
+    return dx, d_experts.reshape(experts.shape), d_attentions
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def lean_conv(x, experts, attentions, geometry):
+    """Per-sample convolution whose forward and backward hold only a few samples' kernels at once.
+
+    x: ``[B, *S, Cin]``; experts: ``[K, *k, Cin/g, Cout]``; attentions: ``kernel_attention`` ``[B, K]`` and
+    optionally ``spatial_attention`` ``[B, *k]``; geometry as :func:`mapped_conv`. Both passes scan over
+    chunks of samples (:func:`_scan_chunks`, :func:`_chunk_size`): the forward
+    (:func:`_lean_forward`) saves only its inputs; the backward (:func:`_lean_backward`) uses
+    ``dL/dW_k = sum_b a_bk G_b`` with each chunk's per-sample kernel gradients ``G_b`` reduced at once, so
+    neither the ``[B, *k, Cin/g, Cout]`` kernels nor their gradients ever exist for the whole batch.
+    Reverse mode to any order; no forward mode (a custom VJP).
+    """
+    return _lean_forward(x, experts, attentions, geometry)
+
+
+def _lean_conv_fwd(x, experts, attentions, geometry):
+    return lean_conv(x, experts, attentions, geometry), (x, experts, attentions)
+
+
+def _lean_conv_bwd(geometry, residuals, dy):
+    return _lean_backward(*residuals, dy, geometry)
+
+
+lean_conv.defvjp(_lean_conv_fwd, _lean_conv_bwd)
+
+
+def _weighted_taps(x, kernels, kernel_size, strides, pads, dilation):
+    """``sum_t tap_t(x) * kernels[:, t]``: x ``[B, *S, g]`` (one input channel per group), kernels ``[B, T, g, M]``
+    -> ``[B, *S_out, g, M]`` (broadcast multiplies, one fused loop)."""
+    taps, _ = _taps(x, kernel_size, strides, pads, dilation)
+    spread = (x.shape[0],) + (1,) * (x.ndim - 2) + kernels.shape[2:]
+    return sum(tap[..., None] * kernels[:, t].reshape(spread) for t, tap in enumerate(taps))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def depthwise_conv(x, kernels, geometry):
+    """Per-sample depthwise convolution (one input channel per group) whose backward is two fused tap sums.
+
+    x: ``[B, *S, g]``; kernels: ``[B, T, g, M]`` (``T = prod(kernel_size)``, ``M`` outputs per group);
+    geometry: ``(kernel_size, strides, explicit pads, dilation)``. Returns ``[B, *S_out, g, M]``. The
+    forward saves only its inputs; the backward forms the kernels' gradient as one reduction per tap and
+    the input's as the taps of the output gradient (dilated by the stride, padded as
+    :func:`transposed_conv_padding`) times the flipped kernels, so autodiff's ``T`` padded copies of the
+    gradient never exist. Reverse mode to any order; no forward mode (a custom VJP).
+    """
+    return _weighted_taps(x, kernels, *geometry)
+
+
+def _tap_reductions(x, dy, kernel_size, strides, pads, dilation):
+    """``[B, T, g, M]``: ``sum over positions of tap_t(x)[..., None] * dy`` for each tap ``t``, one tap per step of a
+    ``lax.map`` (a slice of the padded input read in place; all ``T`` products at once would each be written)."""
+    rank = x.ndim - 2
+    out = dy.shape[1:1 + rank]
+    xp = lax.pad(x, jnp.zeros((), x.dtype), ((0, 0, 0),) + tuple((lo, hi, 0) for lo, hi in pads) + ((0, 0, 0),))
+    extent = tuple((o - 1) * s + 1 for o, s in zip(out, strides))
+    starts = jnp.asarray([[i * d for i, d in zip(offset, dilation)]
+                          for offset in itertools.product(*(range(k) for k in kernel_size))], jnp.int32)
+
+    def one(start):
+        zero = jnp.zeros((), start.dtype)
+        window = lax.dynamic_slice(xp, (zero, *start, zero), (x.shape[0],) + extent + (x.shape[-1],))
+        tap = lax.slice(window, (0,) * window.ndim, window.shape, (1,) + tuple(strides) + (1,))
+        return jnp.sum(tap[..., None] * dy, axis=tuple(range(1, rank + 1)))
+
+    return jnp.moveaxis(lax.map(one, starts), 0, 1)
+
+
+def _depthwise_conv_fwd(x, kernels, geometry):
+    return depthwise_conv(x, kernels, geometry), (x, kernels)
+
+
+def _depthwise_conv_bwd(geometry, residuals, dy):
+    x, kernels = residuals
+    kernel_size, strides, pads, dilation = geometry
+    rank = x.ndim - 2
+    d_kernels = _tap_reductions(x, dy, kernel_size, strides, pads, dilation)
+    grad_pads = transposed_conv_padding(x.shape[1:-1], kernel_size, strides, pads, dilation)
+    dilated = lax.pad(dy, jnp.zeros((), dy.dtype), ((0, 0, 0),) + tuple((lo, hi, s - 1) for (lo, hi), s
+                                                                         in zip(grad_pads, strides)) + ((0, 0, 0),) * 2)
+    flipped = jnp.flip(kernels.reshape(kernels.shape[:1] + tuple(kernel_size) + kernels.shape[2:]),
+                       axis=tuple(range(1, rank + 1))).reshape(kernels.shape)
+    grad_taps, _ = _taps(dilated.reshape(dilated.shape[:-2] + (-1,)), kernel_size, (1,) * rank, ((0, 0),) * rank,
+                         dilation)
+    spread = (x.shape[0],) + (1,) * rank + kernels.shape[2:]
+    dx = sum(jnp.sum(tap.reshape(tap.shape[:-1] + kernels.shape[2:]) * flipped[:, t].reshape(spread), axis=-1)
+             for t, tap in enumerate(grad_taps))
+    return dx, d_kernels
+
+
+depthwise_conv.defvjp(_depthwise_conv_fwd, _depthwise_conv_bwd)
+
+
+def _lean_strategy(x, experts, kernel_attention, spatial_attention, folded, *, strides, padding, dilation, groups,
+                   precision):
+    del folded  # always empty: dynamic_conv applies channel / filter attention and bias to the activations here
+    kernel_size = experts.shape[1:-2]
+    pads = explicit_padding(padding, x.shape[1:-1], kernel_size, strides, dilation)
+    if experts.shape[-2] == 1:  # depthwise: broadcast multiplies of taps, with a fused backward
+        kernels = _grouped_kernels(experts, kernel_attention, spatial_attention, {}, groups)[:, :, 0]  # [B, T, g, M]
+        y = depthwise_conv(x, kernels, (kernel_size, strides, pads, dilation))
+        return y.reshape(y.shape[:-2] + (-1,))
+    attentions = {"kernel_attention": kernel_attention}
+    if spatial_attention is not None:
+        attentions["spatial_attention"] = spatial_attention
+    return lean_conv(x, experts, attentions, (strides, pads, dilation, groups, precision))
+
+
 def _mix_strategy(x, experts, kernel_attention, spatial_attention, folded, *, strides, padding, dilation, groups,
                   precision):
     del folded  # always empty: dynamic_conv applies channel / filter attention to the activations here
     k = experts.shape[0]
     kernel_shape, ci, cout = experts.shape[1:-2], experts.shape[-2], experts.shape[-1]
     m = cout // groups
-    # [K, *k, Ci, g, M] -> [*k, Ci, g, K, M]: each group's outputs stay contiguous, as feature_group_count needs.
-    stacked = experts.reshape((k,) + kernel_shape + (ci, groups, m))
-    stacked = jnp.moveaxis(stacked, 0, -2)
-    if spatial_attention is None:  # one static conv with K * Cout outputs
+    pads = explicit_padding(padding, x.shape[1:-1], kernel_shape, strides, dilation)
+    positions = math.prod(output_shape(x.shape[1:-1], kernel_shape, strides, pads, dilation))
+    if spatial_attention is None and positions > _MIX_MAX_POSITIONS:  # one static conv with K * Cout outputs
+        # [K, *k, Ci, g, M] -> [*k, Ci, g, K, M]: each group's outputs stay contiguous, as feature_group_count needs.
+        stacked = jnp.moveaxis(experts.reshape((k,) + kernel_shape + (ci, groups, m)), 0, -2)
         ys = static_conv(x, stacked.reshape(kernel_shape + (ci, groups * k * m)), strides=strides, padding=padding,
                          dilation=dilation, groups=groups, precision=precision)  # [B, *S_out, g*K*M]
-        ys = ys.reshape(ys.shape[:-1] + (groups, k, m))
-    else:  # s_b scales kernel positions, i.e. sample b's im2col columns: scaled patches x stacked experts
-        pads = explicit_padding(padding, x.shape[1:-1], kernel_shape, strides, dilation)
-        cols, _ = _im2col(x, kernel_shape, strides, pads, dilation)  # [B, *S_out, T, g*Ci]
+        y = jnp.einsum("b...gkm,bk->b...gm", ys.reshape(ys.shape[:-1] + (groups, k, m)), kernel_attention,
+                       precision=precision)
+        return y.reshape(y.shape[:-2] + (cout,))
+    # im2col x each expert, one matmul per expert (no transposed copy of the experts is made or kept);
+    # s_b scales kernel positions, i.e. sample b's columns
+    cols, out = _im2col(x, kernel_shape, strides, pads, dilation)  # [B, *S_out, T, g*Ci]
+    if spatial_attention is not None:
         s = spatial_attention.reshape(x.shape[0], -1)  # [B, T]
         cols = cols * s.reshape((x.shape[0],) + (1,) * (cols.ndim - 3) + (-1, 1))
-        cols = cols.reshape(cols.shape[:-1] + (groups, ci))  # [B, *S_out, T, g, Ci]
-        ys = jnp.einsum("b...tgi,tigkm->b...gkm", cols, stacked.reshape((-1, ci, groups, k, m)),
-                        precision=precision)
-    y = jnp.einsum("b...gkm,bk->b...gm", ys, kernel_attention, precision=precision)
-    return y.reshape(y.shape[:-2] + (cout,))
+    cols = cols.reshape((x.shape[0], -1, cols.shape[-2], groups, ci))  # [B, P, T, g, Ci]
+    taps = experts.reshape((k, -1, ci, groups, m))                    # [K, T, Ci, g, M]
+    y = sum(kernel_attention[:, e, None, None, None] * jnp.einsum("bptgi,tigm->bpgm", cols, taps[e],
+                                                                   precision=precision) for e in range(k))
+    return y.reshape((x.shape[0],) + out + (cout,))
 
 
 _IMPLS = {
@@ -507,13 +740,14 @@ _IMPLS = {
     "pointwise": _pointwise_strategy,
     "mix": _mix_strategy,
     "map": _map_strategy,
+    "lean": _lean_strategy,
 }
 
 
 def applicable_strategies(kernel_size: Sequence[int]) -> Tuple[str, ...]:
     """The strategies that can compute a convolution with this kernel (all of them are exact; every
     one handles every attention, 'pointwise' only 1x1 kernels)."""
-    names = ["vmap", "shifted", "patches", "map", "mix"]
+    names = ["vmap", "shifted", "patches", "map", "mix", "lean"]
     if all(k == 1 for k in kernel_size):
         names.append("pointwise")
     return tuple(names)
@@ -521,35 +755,44 @@ def applicable_strategies(kernel_size: Sequence[int]) -> Tuple[str, ...]:
 
 def choose_strategy(x_shape, experts_shape, *, strides, dilation, groups, spatial_attention: bool,
                     backend: Optional[str] = None) -> str:
-    """What ``strategy='auto'`` runs, by backend and shape (see ``docs/performance.md``).
+    """What ``strategy='auto'`` runs: fixed rules by backend and shape; nothing is measured.
 
-    XLA:CPU rules, from ``python -m benchmarks strategies`` (forward+backward, the training path;
-    the measurements behind each rule: docs/performance.md, "The fixed rules"):
+    XLA:CPU, measured (``python -m benchmarks strategies`` and ``plans``, forward+backward; the numbers
+    behind each rule: docs/performance.md, "The fixed rules"):
 
     - a depthwise conv (one input channel per group) is a sum of broadcast multiplies over
-      the taps ('shifted'): XLA:CPU's own depthwise conv is slow, even static;
+      the taps, with a fused backward ('lean', :func:`depthwise_conv`): XLA:CPU's own depthwise
+      conv is slow, even static, and autodiff of the taps ('shifted') writes each tap's product;
     - batch 1 is exactly a static conv ('vmap' lowers to one);
     - ungrouped, with at most ``_MIX_MAX_POSITIONS`` output positions, the per-sample kernels
       (``B * k^d * Cin * Cout`` values for few output rows) cost more memory traffic than ``K``
       compute-bound static convs: 'mix' (with a spatial attention too);
-    - otherwise batch-1 static convs under ``lax.map`` with their own VJP ('map').
+    - otherwise 'lean': batch-1 static convs over chunks of samples, whose backward never holds the
+      whole batch's per-sample kernels or kernel gradients (as fast as 'map' or faster, a fraction
+      of its memory).
 
-    Other backends were never measured (no accelerator was available): there every sample
-    at once is the better bet, so batch 1 takes 'vmap', a 1x1 kernel 'pointwise', few output
-    positions 'mix' and the rest 'patches' (batched matmuls).
+    GPU and TPU: **unmeasured** (no accelerator was lent to this project), written from published
+    evidence: on CUDA the backward of a grouped convolution costs as much as the dense one
+    (jax-ml/jax#13800), so 'vmap' (one grouped conv over ``B * groups`` groups) is taken only at batch 1,
+    where it is a static conv; a grouped conv also cannot fill a TPU's matrix units; 'map' and 'lean'
+    step through the samples one by one (one small kernel launch each). So every sample at once:
+    depthwise 'lean' (broadcast multiplies of the taps, no per-sample loop), a 1x1 kernel 'pointwise'
+    (one batched matmul), few
+    output positions 'mix' (K dense convs, no per-sample kernel) and the rest 'patches' (one batched
+    matmul over the im2col columns).
     """
     backend = backend or jax.default_backend()
     kernel_size = tuple(experts_shape[1:-2])
     batch, ci = x_shape[0], experts_shape[-2]
     out_positions = math.prod(-(-n // s) for n, s in zip(x_shape[1:-1], strides))
-    del dilation
+    del dilation, spatial_attention
     few_positions = groups == 1 and out_positions <= _MIX_MAX_POSITIONS
     if ci == 1 and (backend == "cpu" or batch != 1):  # '!=' is decidable for a symbolic batch, '>' is not
-        return "shifted"
+        return "lean"
     if batch == 1:
         return "vmap"
     if backend == "cpu":
-        return "mix" if few_positions else "map"
+        return "mix" if few_positions else "lean"
     if all(k == 1 for k in kernel_size):
         return "pointwise"
     return "mix" if few_positions else "patches"
@@ -570,7 +813,7 @@ def attention_placement(x_shape, experts_shape, *, strides, padding, dilation, s
     when the kernel holds no more values (exact either way). 'mix' has no per-sample kernel,
     so it always scales the activations. ``strategy`` is a concrete strategy, not 'auto'.
     """
-    if strategy == "mix":
+    if strategy in ("mix", "lean"):
         return False, False
     kernel_size = tuple(experts_shape[1:-2])
     kernel_values = math.prod(kernel_size) * experts_shape[-2] * experts_shape[-1]
@@ -583,51 +826,74 @@ def attention_placement(x_shape, experts_shape, *, strides, padding, dilation, s
     return fold_channel, fold_filter
 
 
-def _auto_strategy(x, experts, attentions, *, strides, padding, dilation, groups, precision) -> str:
-    """``strategy='auto'``: the fastest measured strategy for this problem (:mod:`dynconv_jax.autotune`),
-    or :func:`choose_strategy`'s rule when measuring is off. ``attentions`` maps the names of
-    :func:`dynamic_conv`'s optional arguments to arrays or None."""
+#: What a ``strategy`` argument may be (for error messages).
+STRATEGY_CHOICES = f"'auto', a dynconv_jax.plan.Plan or one of {STRATEGIES}"
+
+
+def is_strategy(strategy) -> bool:
+    """Whether ``strategy`` is 'auto', a :class:`~dynconv_jax.plan.Plan` or one of :data:`STRATEGIES`."""
+    return isinstance(strategy, plan.Plan) or (isinstance(strategy, str) and (strategy == "auto"
+                                                                             or strategy in STRATEGIES))
+
+
+def _local_batch(batch: int) -> int:
+    """The per-device batch a strategy runs on under the current mesh (``jax.set_mesh``)."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or mesh.size == 1 or batch % mesh.size:
+        return batch
+    return batch // mesh.size
+
+
+def _resolve_strategy(strategy, arrays, *, strides, padding, dilation, groups, precision):
+    """``(concrete strategy, arrays)`` for ``strategy`` 'auto' (:func:`choose_strategy`'s rule) or a
+    :class:`~dynconv_jax.plan.Plan` (its entry for this problem, else the rule with a warning).
+
+    ``arrays`` maps the names of :func:`dynamic_conv`'s array arguments to arrays or None. Nothing is
+    measured here. While :func:`dynconv_jax.autotune.tune` traces, the problem is recorded, and the
+    arrays come back through the recording's probe (which notices differentiation)."""
+    x, experts = arrays["x"], arrays["experts"]
     rule = choose_strategy(x.shape, experts.shape, strides=strides, dilation=dilation, groups=groups,
-                           spatial_attention=attentions["spatial_attention"] is not None)
-    present = {name: a for name, a in attentions.items() if a is not None}
-    mode = autotune.differentiation(x, experts, *present.values())
-    candidates = applicable_strategies(experts.shape[1:-2])
-    if mode == "forward":  # 'map' has a custom VJP: reverse mode only
-        candidates = tuple(s for s in candidates if s != "map")
-        rule = "shifted" if rule == "map" else rule
-    if not autotune.enabled() or not all(isinstance(d, int) for d in x.shape):
-        return rule  # measuring off, or a symbolic dimension (jax.export): nothing concrete to time
-    candidates = [rule] + [s for s in candidates if s != rule]
-    batch = autotune.local_batch(x.shape[0])
-    per_sample = lambda a: (batch, *a.shape[1:])  # noqa: E731  (expert_bias has no batch axis)
-    shapes = [((batch, *x.shape[1:]), x.dtype), (experts.shape, experts.dtype)] + [
-        (a.shape if name == "expert_bias" else per_sample(a), a.dtype) for name, a in present.items()]
-    key = autotune.problem_key(shapes[0][0], experts.shape, dtype=(x.dtype, experts.dtype), strides=strides, padding=padding,
-                               dilation=dilation, groups=groups, attentions=list(present), differentiated=mode)
+                           spatial_attention=arrays["spatial_attention"] is not None)
+    recording = plan.recording()
+    if not (recording or isinstance(strategy, plan.Plan)):
+        return rule, arrays
+    present = {name: a for name, a in arrays.items() if a is not None}
+    if not all(isinstance(d, int) for a in present.values() for d in a.shape):  # jax.export's symbolic batch
+        if isinstance(strategy, plan.Plan):
+            plan.warn_missing(f"with symbolic shape {x.shape}", rule)
+        return rule, arrays
+    attentions = [n for n in present if n not in ("x", "experts")]
+    key = plan.problem_key(x.shape, experts.shape, dtype=(x.dtype, experts.dtype), strides=strides,
+                           padding=padding, dilation=dilation, groups=groups, attentions=attentions)
+    choice = strategy.strategy_for(key) if isinstance(strategy, plan.Plan) else rule
+    if choice is None:
+        plan.warn_missing(key, rule)
+        choice = rule
+    if recording:
+        batch = _local_batch(x.shape[0])  # timed as each device runs it
+        shapes = tuple((n, a.shape if n in ("experts", "expert_bias") else (batch, *a.shape[1:]),
+                        jnp.dtype(a.dtype).name) for n, a in present.items())
+        static = dict(strides=strides, padding=padding, dilation=dilation, groups=groups, precision=precision)
+        probed = recording.observe(key, plan.Problem(shapes, static, rule), present)
+        arrays = {**arrays, **probed}
+    return choice, arrays
 
-    def forward(name):
-        def run(x, experts, *values):
-            return dynamic_conv(x, experts, strides=strides, padding=padding, dilation=dilation, groups=groups,
-                                strategy=name, precision=precision, **dict(zip(present, values)))
-        return run
 
-    def timed(name):
-        if mode is None:
-            return forward(name)
+_ARRAY_NAMES = ("x", "experts", "kernel_attention", "spatial_attention", "channel_attention", "filter_attention",
+                "expert_bias")
 
-        def forward_backward(*args):  # the last argument is the output cotangent
-            _, vjp = jax.vjp(forward(name), *args[:-1])
-            return vjp(args[-1])
-        return forward_backward
 
-    def measure():
-        cotangent = []
-        if mode:
-            y = jax.eval_shape(forward(rule), *[jax.ShapeDtypeStruct(s, d) for s, d in shapes])
-            cotangent = [(y.shape, y.dtype)]
-        return autotune.measure(candidates, timed, autotune.random_like(shapes + cotangent))
-
-    return autotune.choose(key, candidates, rule, measure)
+def _check_dynamic_conv_args(x, experts, groups: int, strategy) -> None:
+    """ValueErrors for experts whose rank or channels do not fit ``x`` and ``groups``, or an unknown strategy."""
+    rank = x.ndim - 2
+    if experts.ndim != rank + 3:
+        raise ValueError(f"experts shape {experts.shape} does not match x shape {x.shape}: expected "
+                         f"[K, *kernel_size ({rank} dims), Cin // groups, Cout]")
+    if x.shape[-1] != experts.shape[-2] * groups or experts.shape[-1] % groups:
+        raise ValueError(f"x has {x.shape[-1]} channels and experts {experts.shape}: with groups={groups} "
+                         f"expected Cin = groups * experts.shape[-2] and Cout divisible by groups")
+    if not is_strategy(strategy):
+        raise ValueError(f"strategy={strategy!r}: expected {STRATEGY_CHOICES}")
 
 
 def dynamic_conv(
@@ -643,7 +909,7 @@ def dynamic_conv(
     padding,
     dilation: Sequence[int],
     groups: int = 1,
-    strategy: str = "auto",
+    strategy: Union[str, "plan.Plan"] = "auto",
     precision=None,
 ):
     """``y_b = f_b * conv(c_b * x_b, sum_k a[b,k] s_b W_k) + sum_k a[b,k] bias_k``.
@@ -658,8 +924,8 @@ def dynamic_conv(
       expert_bias: ``[K, Cout]`` or None.
       strides, dilation: tuples, one entry per spatial dimension.
       padding: 'SAME', 'VALID' or explicit pairs (see :func:`normalize_padding`).
-      strategy: how the per-sample convolution is computed; one of
-        :data:`STRATEGIES` or 'auto' (see :func:`choose_strategy`).
+      strategy: how the per-sample convolution is computed: one of :data:`STRATEGIES`, 'auto' (the
+        fixed rules of :func:`choose_strategy`) or a :class:`~dynconv_jax.plan.Plan` (measured choices).
 
     Returns ``[B, *S_out, Cout]``.
 
@@ -673,22 +939,16 @@ def dynamic_conv(
       >>> y.shape, float(y[0, 4, 4, 0])              # 3x3 taps x 4 channels, each weight 1
       ((2, 8, 8, 6), 36.0)
     """
-    rank = x.ndim - 2
-    if experts.ndim != rank + 3:
-        raise ValueError(f"experts shape {experts.shape} does not match x shape {x.shape}: expected "
-                         f"[K, *kernel_size ({rank} dims), Cin // groups, Cout]")
-    if x.shape[-1] != experts.shape[-2] * groups or experts.shape[-1] % groups:
-        raise ValueError(f"x has {x.shape[-1]} channels and experts {experts.shape}: with groups={groups} "
-                         f"expected Cin = groups * experts.shape[-2] and Cout divisible by groups")
-    if strategy == "auto":
-        attentions = {"kernel_attention": kernel_attention, "spatial_attention": spatial_attention,
-                      "channel_attention": channel_attention, "filter_attention": filter_attention,
-                      "expert_bias": expert_bias}
-        strategy = _auto_strategy(x, experts, attentions, strides=tuple(strides), padding=padding,
-                                  dilation=tuple(dilation), groups=groups, precision=precision)
-    if strategy not in STRATEGIES:
-        raise ValueError(f"strategy={strategy!r}: expected 'auto' or one of {STRATEGIES}")
-    batch_shape = (x.shape[0],) + (1,) * rank
+    _check_dynamic_conv_args(x, experts, groups, strategy)
+    if strategy == "auto" or isinstance(strategy, plan.Plan):
+        arrays = {"x": x, "experts": experts, "kernel_attention": kernel_attention,
+                  "spatial_attention": spatial_attention, "channel_attention": channel_attention,
+                  "filter_attention": filter_attention, "expert_bias": expert_bias}
+        strategy, arrays = _resolve_strategy(strategy, arrays, strides=tuple(strides), padding=padding,
+                                             dilation=tuple(dilation), groups=groups, precision=precision)
+        x, experts, kernel_attention, spatial_attention, channel_attention, filter_attention, expert_bias = (
+            arrays[n] for n in _ARRAY_NAMES)
+    batch_shape = (x.shape[0],) + (1,) * (x.ndim - 2)
     fold_channel, fold_filter = attention_placement(
         x.shape, experts.shape, strides=strides, padding=padding, dilation=dilation, strategy=strategy,
         channel_attention=channel_attention is not None, filter_attention=filter_attention is not None)

@@ -172,7 +172,8 @@ class _KWConvNd(nn.Module):
     @property
     def manager(self) -> "WarehouseManager":
         """The warehouse manager whose cells this layer mixes."""
-        return self.warehouse_manager if "warehouse_manager" in self._modules else self._manager[0]
+        owned = dict(self.named_children()).get("warehouse_manager")
+        return owned if owned is not None else self._manager[0]
 
     @property
     def in_channels(self) -> int:

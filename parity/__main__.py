@@ -1,8 +1,8 @@
 """``python -m parity``: run the parity grid, print the table, optionally write a report.
 
-The default run (every case marked ``default``, every check, both dtypes) is the one the README
-states; ``--full`` adds the long grid. Exits 0 when every row passes, 1 if any row fails its
-bound (or a case errors), 2 on bad arguments or a selection that is empty.
+The default run (every case marked ``default``, every check, both dtypes) is the one
+docs/conversion_parity.md describes; ``--full`` adds the long grid. Exits 0 when every row passes, 1 if any
+row fails its bound (or a case errors), 2 on bad arguments or a selection that is empty.
 """
 from __future__ import annotations
 
@@ -110,9 +110,6 @@ def run_units(units, checks, sgd: SGDConfig, seed: int, start: float) -> List[Ro
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    # strategy='auto' follows the fixed rules unless DYNCONV_AUTOTUNE is set: measured picks depend on the
-    # machine and its load, every strategy sums in its own order, and a float32 row must not change with them.
-    os.environ.setdefault("DYNCONV_AUTOTUNE", "0")
     loaded = load_extensions()
     families = sorted({c.family for c in registry.CASES.values()})
     p = _parser(families)

@@ -38,8 +38,8 @@ LANGUAGES = RUN_LANGUAGES + ("text",)
 
 
 def doc_files() -> List[Path]:
-    """README.md and every page of docs/, in a fixed order."""
-    return [ROOT / "README.md"] + sorted((ROOT / "docs").glob("*.md"))
+    """README.md, CONTRIBUTING.md and every page of docs/, in a fixed order."""
+    return [ROOT / "README.md", ROOT / "CONTRIBUTING.md"] + sorted((ROOT / "docs").glob("*.md"))
 
 
 @dataclasses.dataclass

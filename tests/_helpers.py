@@ -2,8 +2,13 @@
 from __future__ import annotations
 
 import math
+import shutil
+import subprocess
 
+import jax
 import jax.numpy as jnp
+import numpy as np
+import pytest
 from flax.traverse_util import flatten_dict
 from jax import lax
 
@@ -36,6 +41,28 @@ def naive_dynamic_conv(x, experts, a, s, c, f, bias, *, strides, padding, dilati
     return jnp.stack(outs)
 
 
+def random_variables(layer, x, seed=0):
+    """N(0, 1) parameters (BatchNorm variance 1) drawn by NumPy in the shapes ``jax.eval_shape`` gives
+    (the layer's validation runs while tracing; no init is compiled)."""
+    rng = np.random.default_rng(seed)
+
+    def draw(path, leaf):
+        if jax.tree_util.keystr(path).endswith("['var']"):
+            return jnp.ones(leaf.shape, leaf.dtype)
+        return jnp.asarray(rng.normal(size=leaf.shape), leaf.dtype)
+
+    return jax.tree_util.tree_map_with_path(draw, jax.eval_shape(layer.init, jax.random.key(seed), x))
+
+
+def skip_without_private_tmpfs(mount, size: str) -> None:
+    """Skip the calling test unless a tmpfs of ``size`` can be mounted at ``mount`` in a private user and mount
+    namespace (``unshare -rm``): how the disk-full tests get a real full disk without privileges."""
+    if shutil.which("unshare") is None:
+        pytest.skip("unshare is not installed")
+    probe = subprocess.run(["unshare", "-rm", "sh", "-c", f"mount -t tmpfs -o size={size} tmpfs {mount}"],
+                           capture_output=True, text=True)
+    if probe.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here ({probe.stderr.strip()})")
 def flax_leaf_counts(variables) -> dict:
     """``{(collection, *module path, leaf): elements}`` over params and batch_stats."""
     return {(col,) + path: math.prod(leaf.shape)

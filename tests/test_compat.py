@@ -24,17 +24,17 @@ CHECKED = ("dynconv_spec", "dynconv_jax", "dynconv_torch", "train", "parity", "b
 OWN_ROOTS = frozenset(CHECKED)
 #: The compat modules (one per package at most; train/, parity/ and benchmarks/ need none).
 COMPAT_MODULES = {"dynconv_jax/_compat.py"}
-# Until the autotune rework lands (issue 32, item 1): dynconv_jax/autotune.py imports jax._src.distributed and
-# jax._src.interpreters.ad. That branch removes both; the exemption goes at its merge.
-EXEMPT = COMPAT_MODULES | {"dynconv_jax/autotune.py"}
-#: Underscored names that are public: Python's data model and module attributes, and ``os._exit``
-#: (documented: exit without cleanup, for a forked child).
+EXEMPT = COMPAT_MODULES
+#: Underscored names that are public: Python's data model and module attributes (``object.__setattr__`` is how
+#: a frozen dataclass sets its own fields, as the dataclasses docs show), and ``os._exit`` (documented: exit
+#: without cleanup, for a forked child).
 PUBLIC_UNDERSCORED = frozenset({
     "__future__", "__version__", "__name__", "__qualname__", "__module__", "__doc__", "__dict__", "__class__", "__file__",
     "__path__", "__all__", "__spec__", "__wrapped__", "__self__", "__func__", "__code__", "__annotations__",
     "__array__", "__call__", "__init__", "__post_init__", "__enter__", "__exit__", "__iter__", "__next__",
     "__getitem__", "__len__", "__bases__", "__mro__", "__dataclass_fields__", "__cause__", "__context__",
-    "__traceback__", "__slots__", "__defaults__", "__kwdefaults__", "__globals__", "__signature__", "_exit",
+    "__traceback__", "__slots__", "__defaults__", "__kwdefaults__", "__globals__", "__signature__", "__setattr__",
+    "_exit",
 })
 
 

@@ -13,6 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
+from _helpers import random_variables
 
 from dynconv_jax.convert import (
     ConversionError,
@@ -564,3 +565,53 @@ def test_nonfinite_weights_are_refused_both_ways(tmp_path):
     back = torch_to_flax(path, _template(), allow_nonfinite=True)
     assert np.isnan(back["params"]["fc"]["kernel"][0, 0]) and np.isinf(back["batch_stats"]["bn"]["var"][1])
     assert torch.isnan(flax_to_torch(variables, allow_nonfinite=True)["fc.weight"][0, 0])
+
+
+# Bad checkpoints: renamed files, NaN/Inf weights, templates without values.
+
+_X = jnp.asarray(np.random.default_rng(0).normal(size=(2, 5, 5, 3)), jnp.float32)
+
+
+
+def _dynamic_variables():
+    """Random variables of a 3x3 DynamicConv with 4 features for ``_X`` (NumPy draws, no init compiled)."""
+    from dynconv_jax import DynamicConv
+    return random_variables(DynamicConv(features=4, kernel_size=(3, 3)), _X)
+
+
+def test_safetensors_renamed_bin_loads(tmp_path):
+    from dynconv_jax.convert import save_safetensors, torch_to_flax
+    variables = _dynamic_variables()
+    save_safetensors(variables, tmp_path / "m.safetensors")
+    os.rename(tmp_path / "m.safetensors", tmp_path / "pytorch_model.bin")
+    out = torch_to_flax(str(tmp_path / "pytorch_model.bin"), variables)
+    np.testing.assert_array_equal(out["params"]["kernel"], variables["params"]["kernel"])
+
+
+def test_nonfinite_weights_are_refused_with_their_keys(tmp_path):
+    from dynconv_jax.convert import ConversionError, flax_to_torch, save_safetensors, torch_to_flax
+    variables = _dynamic_variables()
+    state = flax_to_torch(variables)
+    state["weight"][0, 0, 0, 0, 0] = float("nan")
+    state["attention.fc1.bias"][1] = float("-inf")
+    with pytest.raises(ConversionError, match=r"hold NaN/Inf \(2 of 6.*allow_nonfinite=True") as info:
+        torch_to_flax(state, variables)
+    assert sorted(info.value.problems) == ["attention.fc1.bias [4]", "weight [4, 4, 3, 3, 3]"]
+    assert np.isnan(torch_to_flax(state, variables, allow_nonfinite=True)["params"]["kernel"]).any()
+    # A .safetensors overwritten in place with the same size: the header still parses, the data is garbage.
+    path = tmp_path / "m.safetensors"
+    save_safetensors(variables, path)
+    raw = bytearray(path.read_bytes())
+    data_start = 8 + int.from_bytes(raw[:8], "little")
+    raw[data_start:] = b"\xff" * (len(raw) - data_start)  # 0xffffffff is a float32 NaN
+    path.write_bytes(bytes(raw))
+    with pytest.raises(ConversionError, match=r"hold NaN/Inf \(6 of 6"):
+        torch_to_flax(str(path), variables)
+
+
+def test_flax_to_torch_on_a_shape_only_template():
+    from dynconv_jax import DynamicConv
+    from dynconv_jax.convert import ConversionError, flax_to_torch
+    template = jax.eval_shape(lambda: DynamicConv(4, (3, 3)).init(jax.random.key(0), _X))
+    with pytest.raises(ConversionError, match=r"6 leaves without values(.|\n)*params:kernel"):
+        flax_to_torch(template)

@@ -162,6 +162,90 @@ def test_bad_data_options_name_the_path_or_flag(tmp_path):
         error("--dataset=imagefolder", f"--data_dir={root}")
     os.makedirs(os.path.join(root, "empty"))
     assert "no class folders in" in error("--dataset=imagefolder", f"--data_dir={root}", "--eval_split=empty")
+    # One class: every prediction would be right ('accuracy 1.0000' said nothing).
+    one = tmp_path / "one"
+    image = os.path.join(root, "train", "class_000", "train_000000.jpg")
+    for split in ("train", "test"):
+        os.makedirs(one / split / "cats")
+        for name in ("a.jpg", "b.jpg", "c.jpg"):
+            os.symlink(image, one / split / "cats" / name)
+    assert "one class folder in" in error("--dataset=imagefolder", f"--data_dir={one}")
+    # An eval split in which no image can be read: refused before training (was a ZeroDivisionError after it).
+    broken = folder(tmp_path / "broken", train=6, test=3)
+    for path in data.load_dataset(parse_args(["--dataset=imagefolder", f"--data_dir={broken}"])).eval.paths:
+        corrupt(path)
+    assert error("--dataset=imagefolder", f"--data_dir={broken}").startswith(
+        f"no image of the eval split 'test' ({os.path.join(broken, 'test')}) can be read (3 record(s) tried)")
+    # TFDS: an empty name, a --data_dir that does not exist (was: 'already prepared ... in TFRECORD format'),
+    # an unknown name (was: TFDS's whole registry, 4,000 characters).
+    assert "--dataset='': name a data set" in error("--dataset=")
+    assert error("--dataset=mnist", "--data_dir=/nonexistent") == "--data_dir=/nonexistent: no such directory"
+    unknown = error("--dataset=cifar_10")
+    assert unknown.startswith("--dataset='cifar_10': no TFDS dataset of that name (did you mean cifar10")
+    assert len(unknown) < 300 and "abstract_reasoning" not in unknown
+
+
+def test_image_folder_links_are_followed_once_and_loops_not_at_all(tmp_path, capfd):
+    """A symbolic link back up the tree (``loop -> ..``) used to list the folders again and again under the
+    wrong labels (12 files became 5,412 records); a link to the class folder itself, or to a folder listed
+    already, would list its files twice. Each real folder is listed once, the links skipped are named."""
+    root = folder(tmp_path, train=6, test=3)
+    train = os.path.join(root, "train")
+    os.symlink("..", os.path.join(train, "class_000", "loop"))           # the split folder: holds every class
+    os.symlink(".", os.path.join(train, "class_001", "self"))
+    first = os.path.join(train, "class_002", sorted(os.listdir(os.path.join(train, "class_002")))[0])
+    with open(first, "rb") as f:
+        image = f.read()
+    extra = os.path.join(train, "class_002", "more")
+    os.makedirs(extra)
+    with open(os.path.join(extra, "extra.jpg"), "wb") as f:
+        f.write(image)
+    os.symlink("more", os.path.join(train, "class_002", "more_again"))   # a folder listed already
+    os.symlink(os.path.join(tmp_path, "elsewhere"), os.path.join(train, "class_001", "outside"))
+    os.makedirs(tmp_path / "elsewhere")
+    with open(tmp_path / "elsewhere" / "linked.jpg", "wb") as f:        # a link out of the tree is followed
+        f.write(image)
+    ds = data.load_dataset(parse_args(["--dataset=imagefolder", f"--data_dir={root}", "--image_size=16"]))
+    names = [os.path.relpath(p, train) for p in ds.train.paths]
+    assert len(names) == 8 and len(set(map(os.path.realpath, ds.train.paths))) == 8, names
+    assert ds.train.labels.tolist() == [0, 0, 1, 1, 1, 2, 2, 2], names
+    assert names[4] == "class_001/outside/linked.jpg"  # after the class folder's own files, as before
+    assert names[7] == "class_002/more/extra.jpg"
+    err = capfd.readouterr().err
+    for link in ("class_000/loop", "class_001/self", "class_002/more_again"):
+        assert f"not following {os.path.join(train, link)}" in err, err
+
+
+def test_sixteen_bit_and_oversized_images(tmp_path, monkeypatch):
+    """A 16-bit PNG is scaled to 8 bits (PIL's convert clipped it: 99 % of a gradient became 255); an image
+    over PIL's decompression-bomb limit is an unreadable image like any other (skipped and named), not an
+    error that stops the run."""
+    import io
+    from PIL import Image
+    gradient = np.arange(256 * 256, dtype=np.uint32).reshape(256, 256).astype(np.uint16)
+    png = io.BytesIO()
+    Image.fromarray(gradient).save(png, format="PNG")
+    assert Image.open(io.BytesIO(png.getvalue())).mode == "I;16"
+    expected = ((gradient.astype(np.uint32) * 255 + 32767) // 65535).astype(np.uint8)
+    for channels in (1, 3):
+        decoded = preprocess.decode(png.getvalue(), channels)
+        assert decoded.shape == (256, 256, channels) and np.array_equal(decoded[..., 0], expected)
+    assert np.array_equal(preprocess.decode(gradient, 1)[..., 0], expected)  # a 16-bit array (TFDS)
+    p = preprocess.Preprocess("imagenet", 32, 3, crop=True, flip=False, padding=0, mean=preprocess.IMAGENET_MEAN,
+                              std=preprocess.IMAGENET_STD)
+    assert p.eval(png.getvalue()).mean() < 200  # resized from the scaled image, not from a white one
+    # A decompression bomb (PIL's limit lowered, so that a small file is one): unreadable, skipped, named.
+    root = folder(tmp_path, train=6, test=3)
+    bomb = os.path.join(root, "test", "class_001", "test_000001.jpg")
+    Image.new("RGB", (64, 64)).save(bomb, format="PNG")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)
+    with open(bomb, "rb") as f:
+        with pytest.raises(Image.DecompressionBombError):
+            preprocess.decode(f.read(), 3)
+    ds = data.load_dataset(parse_args(["--dataset=imagefolder", f"--data_dir={root}", "--image_size=16"]))
+    batches = list(Pipeline(ds, 2, seed=0).eval_batches())
+    bad = [int(i) for b in batches for i in b["bad"] if i >= 0]
+    assert bad == [ds.eval.paths.index(bomb)] and sum(b["mask"].sum() for b in batches) == len(ds.eval) - 1
 
 
 def test_tfds_sources_mock_data(tmp_path):
@@ -271,3 +355,115 @@ def test_input_benchmark_measures_and_reports_on_a_tiny_folder(tmp_path, monkeyp
     payload, markdown = bench.report(drift, 2, rss, (0.0,) * 3, (0.0,) * 3)
     assert "| pipeline, 1 worker(s) | 132.5 | 95–170 | 0.88× | 0.88 / 0.88 | 0.90 |" in markdown
     assert payload["pipeline_over_reference_per_round_median"] == pytest.approx({"0": 0.95, "1": 0.9})
+
+
+def test_dead_child_is_read_without_reaping_it():
+    """The watchdog's view of a dead child: its status, read without reaping it (``multiprocessing`` or
+    ``subprocess`` still collect it), and a signal named."""
+    import signal
+    import subprocess
+    import sys
+    import time
+    from train import worker_watchdog as watchdog
+    before = watchdog.child_processes()
+    failed = subprocess.Popen([sys.executable, "-c", "import os; os._exit(3)"])
+    killed = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        assert {failed.pid, killed.pid} <= watchdog.child_processes()
+        killed.send_signal(signal.SIGKILL)
+        deadline = time.monotonic() + 60
+        while len({pid for pid, _ in _dead(watchdog, before)}) < 2 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert sorted(_dead(watchdog, before)) == sorted([(failed.pid, 3), (killed.pid, -signal.SIGKILL)])
+        assert watchdog.dead_child(before | {failed.pid, killed.pid}) is None
+        assert (failed.wait(), killed.wait()) == (3, -signal.SIGKILL)  # not reaped by the watchdog
+        assert watchdog.dead_child(before) is None
+    finally:
+        killed.kill()
+        killed.wait()
+    assert (watchdog.how_it_ended(1), watchdog.how_it_ended(-9)) == ("exited with status 1", "was killed by SIGKILL")
+
+
+def _dead(watchdog, exclude):
+    """Every dead, unreaped child not in ``exclude`` (``dead_child`` gives one at a time)."""
+    found = []
+    while (dead := watchdog.dead_child(exclude | {pid for pid, _ in found})) is not None:
+        found.append(dead)
+    return found
+
+
+def _spawned_workers(pids):
+    """The ``multiprocessing`` spawn workers among ``pids`` (their command line runs ``spawn_main``)."""
+    def command(pid):
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                return f.read()
+        except OSError:
+            return b""
+    return {pid for pid in pids if b"spawn_main" in command(pid)}
+
+
+def _next_within(iterator, seconds):
+    """``next(iterator)`` in a thread: its batch or its exception, or TimeoutError if it hangs."""
+    import concurrent.futures
+    pool = concurrent.futures.ThreadPoolExecutor(1)
+    try:
+        return pool.submit(next, iterator).result(timeout=seconds)
+    finally:
+        pool.shutdown(wait=False)
+
+
+@pytest.mark.slow
+def test_a_killed_worker_ends_the_pipeline_with_a_clear_error(monkeypatch):
+    """A grain worker SIGKILLed mid-run (what the out-of-memory killer does): next() raises WorkerDied naming
+    the signal and the likely cause, and close() returns. grain's own check finds this death (the watchdog's
+    scan is held off here); a death while the worker starts is the script test below."""
+    import signal
+    from train import worker_watchdog as watchdog
+    monkeypatch.setattr(watchdog, "POLL_SECONDS", 120.0)
+    pipeline = Pipeline(data.load_dataset(parse_args([])), 64, seed=0, workers=1)
+    before = watchdog.child_processes()
+    iterator = pipeline.train_iterator(10_000)
+    try:
+        assert int(_next_within(iterator, 300)["step"][0]) == 0
+        (worker,) = _spawned_workers(watchdog.child_processes() - before)  # not multiprocessing's resource tracker
+        os.kill(worker, signal.SIGKILL)
+        with pytest.raises(watchdog.WorkerDied) as info:
+            for _ in range(10):  # the batches already prefetched, then the error
+                _next_within(iterator, 60)
+        message = str(info.value)
+        assert "was killed by SIGKILL" in message and "out-of-memory killer" in message, message
+        with pytest.raises(watchdog.WorkerDied):  # and again, at once
+            next(iterator)
+    finally:
+        iterator.close()
+
+
+_NO_MAIN_GUARD = """
+from train import data
+from train.config import parse_args
+from train.pipeline import Pipeline
+pipeline = Pipeline(data.load_dataset(parse_args([])), 64, seed=0, workers=1)
+for batch in pipeline.train_iterator(5):  # without `if __name__ == '__main__':` each worker runs this again
+    pass
+print("all batches")
+"""
+
+
+@pytest.mark.slow
+def test_a_script_without_main_guard_fails_instead_of_hanging(tmp_path):
+    """The documented mistake: a script that starts grain workers without the `__main__` guard. Its worker
+    stops as it starts (it re-imports the script), while the training process writes the pickled pipeline into
+    the worker's pipe: without the watchdog the script waits forever."""
+    import subprocess
+    import sys
+    script = tmp_path / "no_guard.py"
+    script.write_text(_NO_MAIN_GUARD)
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "PYTHONPATH": repo}, cwd=str(tmp_path))
+    assert out.returncode != 0 and "all batches" not in out.stdout
+    last = out.stderr.strip().splitlines()
+    died = [line for line in last if line.startswith("train.worker_watchdog.WorkerDied: ")]
+    assert died and "exited with status 1 after 0 batch(es)" in died[0], out.stderr[-3000:]
+    assert "if __name__ == '__main__':" in died[0]

@@ -10,15 +10,16 @@ interpreter's. Blocks that need ImageNet, a GPU or minutes of work are skipped w
 from __future__ import annotations
 
 import doctest
+import fcntl
 import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 from typing import Callable, Dict
 
 import pytest
-
 from _doc_blocks import ROOT, Block, Chain, all_chains
 
 COMMAND_TIMEOUT_S = 600  # a documented command that hangs fails instead of stalling the suite (a guard, not a timing)
@@ -73,17 +74,23 @@ FIXTURES: Dict[str, Callable[[Path], None]] = {
 
 @pytest.fixture(scope="session")
 def fixture_files(tmp_path_factory):
-    """Makes each fixture file once per test process, on first use."""
-    made: Dict[str, Path] = {}
-    root = tmp_path_factory.mktemp("doc-fixtures")
+    """Makes each fixture file once per session, on first use. The xdist workers of a session share the folder
+    (pytest's session temp folder, the parent of each worker's): the first worker that needs a file makes it
+    under a lock, the others wait for it and read it (the blocks only read these files)."""
+    base = tmp_path_factory.getbasetemp()
+    root = (base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base) / "doc-fixtures"
+    root.mkdir(exist_ok=True)
 
     def get(name: str) -> Path:
-        if name not in made:
-            path = root / name
-            path.parent.mkdir(parents=True, exist_ok=True)
-            FIXTURES[name](path)
-            made[name] = path
-        return made[name]
+        path, stem = root / name, name.replace("/", "_")
+        with open(root / f"{stem}.lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+            if not (root / f"{stem}.done").exists():
+                shutil.rmtree(path, ignore_errors=True)  # what a worker that failed half-way left
+                path.parent.mkdir(parents=True, exist_ok=True)
+                FIXTURES[name](path)
+                (root / f"{stem}.done").touch()
+        return path
 
     return get
 

@@ -92,18 +92,19 @@ def _parity(name, dtype, shape=(2, 3, 67, 61)):
     return np.abs(out - ref).max() / np.abs(ref).max()
 
 
-def test_parity_float64_tf_port_odd_input():
+@pytest.mark.slow
+def test_parity_float64_tf_port_odd_input(float64):
     # Measured 1.8e-15 (67x61 input: TF 'SAME' pads stride-2 convs asymmetrically).
-    with jax.enable_x64(True):
-        assert _parity("tf_efficientnet_cc_b0_4e", "float64") <= 1e-10
+    assert _parity("tf_efficientnet_cc_b0_4e", "float64") <= 1e-10
 
 
-def test_parity_float64_pytorch_padding_8_experts():
+@pytest.mark.slow
+def test_parity_float64_pytorch_padding_8_experts(float64):
     # Measured 1.8e-13: the randomized 8-expert network amplifies rounding more than the 4-expert one.
-    with jax.enable_x64(True):
-        assert _parity("efficientnet_cc_b0_8e", "float64", shape=(2, 3, 64, 64)) <= 1e-10
+    assert _parity("efficientnet_cc_b0_8e", "float64", shape=(2, 3, 64, 64)) <= 1e-10
 
 
+@pytest.mark.slow
 def test_parity_float32():
     # Measured 6.0e-7 relative (max|a-b| / max|b|); bound 1e-5. (The randomized 8-expert models
     # measure 7e-5..1.7e-4 in float32 on these weights: conditioning, float64 agrees to 1.8e-13.)
@@ -154,6 +155,7 @@ def test_timm_checkpoint_loads_strictly_with_equal_logits(name):
         torch.testing.assert_close(mine(x), ref(x), rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.slow
 def test_evaluate_on_mock_imagenet(tmp_path):
     import tensorflow_datasets as tfds
 

@@ -81,50 +81,48 @@ def tiny_torch_resnet(conv):
 
 
 # --------------------------------------------------------------------------- BatchNorm folding
-def test_fuse_batchnorm_flax_layers_exact():
-    with jax.enable_x64(True):
-        model = jax_chain()
-        x = jax.random.normal(jax.random.key(0), (5, 7, 6, 8), jnp.float64)
-        variables = randomize(jax.jit(model.init)(jax.random.key(1), x), jax.random.key(2))
-        pairs = jexport.conv_batchnorm_pairs(model, variables, x.shape)
-        assert [(c, b) for c, b, _ in pairs] == [((f"convs_{i}",), (f"bn{i}",)) for i in range(4)]
-        fused = jexport.fuse_batchnorm(model, variables, x.shape)
-        apply = jax.jit(lambda v, x: model.apply(v, x, temperature=1.7))
-        assert rel_err(apply(fused, x), apply(variables, x)) <= 1e-12
-        for i in range(4):
-            name = f"convs_{i}"
-            np.testing.assert_array_equal(fused["params"][f"bn{i}"]["scale"], 1.0)
-            np.testing.assert_array_equal(fused["batch_stats"][f"bn{i}"]["mean"], 0.0)
-            # the conv weights did change: the fold is not the identity
-            assert rel_err(fused["params"][name]["kernel"], variables["params"][name]["kernel"]) > 1e-3
+def test_fuse_batchnorm_flax_layers_exact(float64):
+    model = jax_chain()
+    x = jax.random.normal(jax.random.key(0), (5, 7, 6, 8), jnp.float64)
+    variables = randomize(jax.jit(model.init)(jax.random.key(1), x), jax.random.key(2))
+    pairs = jexport.conv_batchnorm_pairs(model, variables, x.shape)
+    assert [(c, b) for c, b, _ in pairs] == [((f"convs_{i}",), (f"bn{i}",)) for i in range(4)]
+    fused = jexport.fuse_batchnorm(model, variables, x.shape)
+    apply = jax.jit(lambda v, x: model.apply(v, x, temperature=1.7))
+    assert rel_err(apply(fused, x), apply(variables, x)) <= 1e-12
+    for i in range(4):
+        name = f"convs_{i}"
+        np.testing.assert_array_equal(fused["params"][f"bn{i}"]["scale"], 1.0)
+        np.testing.assert_array_equal(fused["batch_stats"][f"bn{i}"]["mean"], 0.0)
+        # the conv weights did change: the fold is not the identity
+        assert rel_err(fused["params"][name]["kernel"], variables["params"][name]["kernel"]) > 1e-3
 
 
-def test_fuse_batchnorm_flax_model_exact():
-    with jax.enable_x64(True):
-        model = JaxResNet(block="basic", layers=(1, 1, 1, 1), conv="odconv", base_width=4, num_classes=5,
-                          stem="cifar", param_dtype=jnp.float64)
-        x = jax.random.normal(jax.random.key(0), (3, 8, 8, 3), jnp.float64)
-        variables = randomize(jax.jit(model.init)(jax.random.key(1), x), jax.random.key(2), scale=0.2)
-        pairs = jexport.conv_batchnorm_pairs(model, variables)
-        # stem, 2 per block, 3 downsample shortcuts
-        assert len(pairs) == 1 + 2 * 4 + 3
-        fused = jexport.fuse_batchnorm(model, variables)
-        apply = jax.jit(lambda v, x: model.apply(v, x))
-        assert rel_err(apply(fused, x), apply(variables, x)) <= 1e-12
+@pytest.mark.slow
+def test_fuse_batchnorm_flax_model_exact(float64):
+    model = JaxResNet(block="basic", layers=(1, 1, 1, 1), conv="odconv", base_width=4, num_classes=5,
+                      stem="cifar", param_dtype=jnp.float64)
+    x = jax.random.normal(jax.random.key(0), (3, 8, 8, 3), jnp.float64)
+    variables = randomize(jax.jit(model.init)(jax.random.key(1), x), jax.random.key(2), scale=0.2)
+    pairs = jexport.conv_batchnorm_pairs(model, variables)
+    # stem, 2 per block, 3 downsample shortcuts
+    assert len(pairs) == 1 + 2 * 4 + 3
+    fused = jexport.fuse_batchnorm(model, variables)
+    apply = jax.jit(lambda v, x: model.apply(v, x))
+    assert rel_err(apply(fused, x), apply(variables, x)) <= 1e-12
 
 
-def test_train_export_jax_logits_batches_with_a_padded_last_batch():
+def test_train_export_jax_logits_batches_with_a_padded_last_batch(float64):
     from train.export import jax_logits
 
-    with jax.enable_x64(True):
-        model = jax_chain()
-        x = jax.random.normal(jax.random.key(0), (5, 8, 8, 8), jnp.float64)
-        variables = randomize(jax.jit(model.init)(jax.random.key(1), x), jax.random.key(2), scale=0.2)
-        whole = np.asarray(model.apply(variables, x), np.float32)
-        for batch_size in (2, 5, 256):  # padded last batch, exact fit, fewer images than a batch
-            logits = jax_logits(model, variables, np.asarray(x), temperature=None, batch_size=batch_size)
-            assert logits.shape == whole.shape and logits.dtype == np.float32
-            np.testing.assert_allclose(logits, whole, rtol=1e-6, atol=1e-6)
+    model = jax_chain()
+    x = jax.random.normal(jax.random.key(0), (5, 8, 8, 8), jnp.float64)
+    variables = randomize(jax.jit(model.init)(jax.random.key(1), x), jax.random.key(2), scale=0.2)
+    whole = np.asarray(model.apply(variables, x), np.float32)
+    for batch_size in (2, 5, 256):  # padded last batch, exact fit, fewer images than a batch
+        logits = jax_logits(model, variables, np.asarray(x), temperature=None, batch_size=batch_size)
+        assert logits.shape == whole.shape and logits.dtype == np.float32
+        np.testing.assert_allclose(logits, whole, rtol=1e-6, atol=1e-6)
 
 
 @pytest.mark.parametrize("kind", sorted(torch_layers()))
@@ -143,6 +141,7 @@ def test_fuse_bn_torch_layer_exact(kind):
         assert fused[0].bias is not None and model[0].bias is None
 
 
+@pytest.mark.slow
 def test_fuse_bn_torch_models_exact():
     torch.manual_seed(0)
     x = torch.randn(3, 3, 16, 16, dtype=torch.float64)
@@ -163,9 +162,15 @@ def test_fuse_bn_errors():
         texport.fuse_bn(tiny_torch_resnet("dynamic"))
     with pytest.raises(ValueError, match="no 'params'"):
         jexport.fuse_batchnorm(jax_chain(), {"batch_stats": {}}, (1, 4, 4, 8))
+    # Params without batch_stats: was flax's ScopeCollectionNotFound from inside the trace.
+    chain = ConvBNChain((nn.Conv(4, (3, 3)),))
+    params = chain.init(jax.random.key(0), jnp.ones((1, 4, 4, 3)))["params"]
+    with pytest.raises(ValueError, match=r"fuse_batchnorm: variables hold the collections \['params'\].*batch_stats"):
+        jexport.fuse_batchnorm(chain, {"params": params}, (1, 4, 4, 3))
 
 
 # --------------------------------------------------------------------------- StableHLO
+@pytest.mark.slow
 def test_stablehlo_symbolic_batch_serves_every_batch(tmp_path):
     model = JaxResNet(block="basic", layers=(1, 1, 1, 1), conv="odconv", base_width=4, num_classes=5, stem="cifar")
     x = jax.random.normal(jax.random.key(0), (64, 8, 8, 3), jnp.float32)
@@ -225,6 +230,26 @@ def test_stablehlo_single_layer_fixed_and_symbolic_batch():
         jexport.to_stablehlo(layer, variables, (None, 9, 4))
     with pytest.raises(ValueError):
         fixed(x[:2])  # a fixed-batch export rejects another batch size
+
+
+@pytest.mark.parametrize("option, value, message", [
+    ("temperature", "hot", "temperature='hot' must be a positive number"),   # was blamed on input_shape
+    ("temperature", np.ones(3), "temperature must be a scalar, got shape (3,)"),
+    ("temperature", [1.0, 2.0], "temperature must be a scalar, got shape (2,)"),
+    ("temperature", 0.0, "temperature=0.0 must be finite and > 0"),
+    ("temperature", True, "temperature=True is a bool"),
+    ("platforms", ("bogus",), "platforms=('bogus',) has unknown ['bogus']"),  # was a file that failed when called
+    ("platforms", "cpu", "platforms='cpu'; expected a non-empty tuple"),
+    ("platforms", (), "platforms=(); expected a non-empty tuple"),
+    ("platforms", ("cpu", "cpu"), "has a name twice")])
+def test_stablehlo_bad_options_are_named_before_tracing(monkeypatch, option, value, message):
+    layer = CondConv(6, (3, 3))
+    variables = layer.init(jax.random.key(1), jnp.ones((1, 9, 9, 4)))
+    monkeypatch.setattr(jax, "eval_shape", None)  # nothing is traced before the options are checked
+    with pytest.raises(ValueError) as info:
+        jexport.to_stablehlo(layer, variables, (None, 9, 9, 4), **{option: value})
+    assert str(info.value).startswith("to_stablehlo: ") and message in str(info.value), str(info.value)
+    assert "input_shape" not in str(info.value)
 
 
 # --------------------------------------------------------------------------- ONNX
@@ -297,6 +322,27 @@ def test_onnx_errors(tmp_path):
     (tmp_path / "truncated.onnx").write_bytes(data[: len(data) // 3])
     with pytest.raises(ValueError, match="not a valid ONNX model"):
         texport.onnx_session(tmp_path / "truncated.onnx")
+
+
+@needs_onnx
+def test_onnx_paths_and_train_mode_checks_come_first(tmp_path, monkeypatch):
+    """to_onnx checks its path before the tracing (a directory, a missing folder); check_onnx refuses a model in
+    training mode, which reported a false error of 0.86 on a ResNet and updated its BatchNorm running statistics."""
+    from dynconv_torch.export import onnx as onnx_export
+    layer = ODConv2d(8, 12, 3, padding=1, min_channel=4).eval()
+    with monkeypatch.context() as patch:
+        patch.setattr(onnx_export, "portable", None)  # the export's work: never reached
+        for path, words in [(tmp_path, "is a directory"), (tmp_path / "nope" / "a.onnx", "does not exist")]:
+            with pytest.raises(ValueError, match=f"to_onnx: path=.*{words}"):
+                texport.to_onnx(layer, path, (None, 8, 7, 6))
+    model = tiny_torch_resnet("dynamic").eval()
+    path = texport.to_onnx(model, tmp_path / "resnet.onnx", (None, 3, 16, 16))
+    model.train()
+    running = {name: b.clone() for name, b in model.named_buffers()}
+    with pytest.raises(ValueError, match="check_onnx: the model is in training mode"):
+        texport.check_onnx(model, path, torch.randn(4, 3, 16, 16))
+    assert all(torch.equal(b, running[name]) for name, b in model.named_buffers())
+    assert texport.check_onnx(model.eval(), path, torch.randn(4, 3, 16, 16)) <= 1e-5
 
 
 # --------------------------------------------------------------------------- CLI

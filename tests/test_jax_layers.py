@@ -140,28 +140,27 @@ def _grid_id(case):
 
 
 @pytest.mark.parametrize("case", GRID, ids=[_grid_id(c) for c in GRID])
-def test_layer_equals_naive_per_sample_loop_float64(case):
+def test_layer_equals_naive_per_sample_loop_float64(case, float64):
     kind, cfg = case
-    with jax.enable_x64(True):
-        layer = make_layer(kind, cfg, param_dtype=jnp.float64)
-        x = jax.random.normal(jax.random.key(1), (cfg["batch"], *cfg["spatial"], cfg["cin"]), jnp.float64)
-        variables = randomize(layer.init(jax.random.key(0), x), seed=2)
-        temperature = 1.7
-        y = layer.apply(variables, x, temperature=temperature)
-        assert y.dtype == jnp.float64
-        ref = naive_layer(kind, variables, x, cfg, temperature)
-        assert y.shape == ref.shape
-        assert rel_err(y, ref) <= 1e-12
-        if kind == "odconv" and cfg["batch"] > 1:  # training: batch statistics + unbiased running-var update
-            y_train, state = layer.apply(variables, x, train=True, temperature=temperature, mutable=["batch_stats"])
-            assert rel_err(y_train, naive_layer(kind, variables, x, cfg, temperature, train=True)) <= 1e-12
-            z = jnp.stack([x[b].mean(axis=tuple(range(cfg["rank"]))) for b in range(x.shape[0])])
-            z = z @ variables["params"]["attention"]["fc"]["kernel"]
-            old = variables["batch_stats"]["attention"]["bn"]
-            new = state["batch_stats"]["attention"]["bn"]
-            n = cfg["batch"]
-            assert rel_err(new["mean"], 0.9 * old["mean"] + 0.1 * z.mean(0)) <= 1e-14
-            assert rel_err(new["var"], 0.9 * old["var"] + 0.1 * z.var(0) * n / (n - 1)) <= 1e-14
+    layer = make_layer(kind, cfg, param_dtype=jnp.float64)
+    x = jax.random.normal(jax.random.key(1), (cfg["batch"], *cfg["spatial"], cfg["cin"]), jnp.float64)
+    variables = randomize(layer.init(jax.random.key(0), x), seed=2)
+    temperature = 1.7
+    y = layer.apply(variables, x, temperature=temperature)
+    assert y.dtype == jnp.float64
+    ref = naive_layer(kind, variables, x, cfg, temperature)
+    assert y.shape == ref.shape
+    assert rel_err(y, ref) <= 1e-12
+    if kind == "odconv" and cfg["batch"] > 1:  # training: batch statistics + unbiased running-var update
+        y_train, state = layer.apply(variables, x, train=True, temperature=temperature, mutable=["batch_stats"])
+        assert rel_err(y_train, naive_layer(kind, variables, x, cfg, temperature, train=True)) <= 1e-12
+        z = jnp.stack([x[b].mean(axis=tuple(range(cfg["rank"]))) for b in range(x.shape[0])])
+        z = z @ variables["params"]["attention"]["fc"]["kernel"]
+        old = variables["batch_stats"]["attention"]["bn"]
+        new = state["batch_stats"]["attention"]["bn"]
+        n = cfg["batch"]
+        assert rel_err(new["mean"], 0.9 * old["mean"] + 0.1 * z.mean(0)) <= 1e-14
+        assert rel_err(new["var"], 0.9 * old["var"] + 0.1 * z.var(0) * n / (n - 1)) <= 1e-14
 
 
 # --------------------------------------------------------------------------- gradients
@@ -171,20 +170,17 @@ TINY = dict(rank=2, kernel=(3, 3), strides=(1, 1), dilation=(1, 1), groups=1, ci
 
 @pytest.mark.parametrize("kind,train", [("condconv", False), ("dynamic", False), ("odconv", False), ("odconv", True)])
 @pytest.mark.parametrize("strategy,modes", [("map", ("rev",)), ("patches", ("fwd", "rev"))])
-def test_gradients_match_finite_differences_float64(kind, train, strategy, modes):
+def test_gradients_match_finite_differences_float64(kind, train, strategy, modes, float64):
     """'map' (what 'auto' runs on CPU) has a custom VJP: reverse mode only; the others also forward mode."""
-    with jax.enable_x64(True):
-        layer = make_layer(kind, TINY, param_dtype=jnp.float64, strategy=strategy)
-        x = jax.random.normal(jax.random.key(3), (2, 4, 3, 2), jnp.float64)
-        variables = randomize(layer.init(jax.random.key(0), x), seed=4)
-        stats = {k: v for k, v in variables.items() if k != "params"}
-
-        def f(params, x, temperature):
-            y = layer.apply({"params": params, **stats}, x, train=train, temperature=temperature,
-                            mutable=["batch_stats"] if train else False)
-            return y[0] if train else y
-
-        check_grads(f, (variables["params"], x, jnp.float64(1.3)), order=1, modes=modes)
+    layer = make_layer(kind, TINY, param_dtype=jnp.float64, strategy=strategy)
+    x = jax.random.normal(jax.random.key(3), (2, 4, 3, 2), jnp.float64)
+    variables = randomize(layer.init(jax.random.key(0), x), seed=4)
+    stats = {k: v for k, v in variables.items() if k != "params"}
+    def f(params, x, temperature):
+        y = layer.apply({"params": params, **stats}, x, train=train, temperature=temperature,
+                        mutable=["batch_stats"] if train else False)
+        return y[0] if train else y
+    check_grads(f, (variables["params"], x, jnp.float64(1.3)), order=1, modes=modes)
 
 
 # --------------------------------------------------------------------------- K=1, neutral attention == nn.Conv
@@ -228,27 +224,26 @@ def neutral_variables(kind, variables, weight, bias):
 
 @pytest.mark.parametrize("kind", list(LAYERS))
 @pytest.mark.parametrize("cfg", NEUTRAL, ids=["2d-grouped", "3d-pointwise", "1d-depthwise"])
-def test_k1_neutral_attention_equals_flax_conv(kind, cfg):
-    with jax.enable_x64(True):
-        conv = nn.Conv(cfg["cout"], cfg["kernel"], strides=cfg["strides"], padding=cfg["padding"],
-                       kernel_dilation=cfg["dilation"], feature_group_count=cfg["groups"],
-                       use_bias=cfg["bias"] and kind != "odconv", param_dtype=jnp.float64)
-        x = jax.random.normal(jax.random.key(5), (cfg["batch"], *cfg["spatial"], cfg["cin"]), jnp.float64)
-        conv_vars = randomize(conv.init(jax.random.key(6), x), seed=7)
-        expected = conv.apply(conv_vars, x)
-        for strategy in ("vmap", "auto"):
-            layer = make_layer(kind, cfg, param_dtype=jnp.float64, strategy=strategy)
-            variables = randomize(layer.init(jax.random.key(0), x), seed=8)
-            variables = neutral_variables(kind, variables, conv_vars["params"]["kernel"],
-                                          conv_vars["params"].get("bias"))
-            y, state = layer.apply(variables, x, temperature=3.0, mutable=["intermediates"])
-            if strategy == "vmap":  # the same single convolution per sample: bit-identical
-                np.testing.assert_array_equal(np.asarray(y), np.asarray(expected))
-            else:  # other exact strategies sum in another order
-                assert rel_err(y, expected) <= 1e-14
-            for name, value in state["intermediates"].items():
-                if name != "kernel_attention" or kind == "condconv":
-                    assert np.all(np.asarray(value[0]) == (0.5 if kind != "dynamic" else 1.0)), name
+def test_k1_neutral_attention_equals_flax_conv(kind, cfg, float64):
+    conv = nn.Conv(cfg["cout"], cfg["kernel"], strides=cfg["strides"], padding=cfg["padding"],
+                   kernel_dilation=cfg["dilation"], feature_group_count=cfg["groups"],
+                   use_bias=cfg["bias"] and kind != "odconv", param_dtype=jnp.float64)
+    x = jax.random.normal(jax.random.key(5), (cfg["batch"], *cfg["spatial"], cfg["cin"]), jnp.float64)
+    conv_vars = randomize(conv.init(jax.random.key(6), x), seed=7)
+    expected = conv.apply(conv_vars, x)
+    for strategy in ("vmap", "auto"):
+        layer = make_layer(kind, cfg, param_dtype=jnp.float64, strategy=strategy)
+        variables = randomize(layer.init(jax.random.key(0), x), seed=8)
+        variables = neutral_variables(kind, variables, conv_vars["params"]["kernel"],
+                                      conv_vars["params"].get("bias"))
+        y, state = layer.apply(variables, x, temperature=3.0, mutable=["intermediates"])
+        if strategy == "vmap":  # the same single convolution per sample: bit-identical
+            np.testing.assert_array_equal(np.asarray(y), np.asarray(expected))
+        else:  # other exact strategies sum in another order
+            assert rel_err(y, expected) <= 1e-14
+        for name, value in state["intermediates"].items():
+            if name != "kernel_attention" or kind == "condconv":
+                assert np.all(np.asarray(value[0]) == (0.5 if kind != "dynamic" else 1.0)), name
 
 
 # --------------------------------------------------------------------------- jit, temperature, grad, bfloat16
@@ -427,32 +422,31 @@ def test_condconv_routing_dropout_and_external_routing():
 
 
 # --------------------------------------------------------------------------- BatchNorm (PyTorch semantics)
-def test_batchnorm_matches_torch_batchnorm_float64():
+def test_batchnorm_matches_torch_batchnorm_float64(float64):
     torch = pytest.importorskip("torch")
-    with jax.enable_x64(True):
-        bn = BatchNorm(param_dtype=jnp.float64)
-        x0 = np.random.default_rng(0).normal(size=(3, 4, 5, 6))
-        variables = bn.init(jax.random.key(0), jnp.asarray(x0), use_running_average=False)
-        scale, bias = np.linspace(0.5, 1.5, 6), np.linspace(-1, 1, 6)
-        variables = {"params": {"scale": jnp.asarray(scale), "bias": jnp.asarray(bias)},
-                     "batch_stats": variables["batch_stats"]}
-        tbn = torch.nn.BatchNorm2d(6).double()
-        with torch.no_grad():
-            tbn.weight.copy_(torch.from_numpy(scale))
-            tbn.bias.copy_(torch.from_numpy(bias))
-        for step in range(3):  # training steps update the running statistics
-            x = np.random.default_rng(step + 1).normal(loc=step, size=(3, 4, 5, 6))
-            y, state = bn.apply(variables, jnp.asarray(x), use_running_average=False, mutable=["batch_stats"])
-            variables = {**variables, **state}
-            ty = tbn.train()(torch.from_numpy(x).permute(0, 3, 1, 2)).permute(0, 2, 3, 1).detach().numpy()
-            assert rel_err(y, ty) <= 1e-14
-        stats = variables["batch_stats"]
-        assert rel_err(stats["mean"], tbn.running_mean.numpy()) <= 1e-14
-        assert rel_err(stats["var"], tbn.running_var.numpy()) <= 1e-14
-        x = np.random.default_rng(9).normal(size=(2, 3, 3, 6))
-        y = BatchNorm(use_running_average=True, param_dtype=jnp.float64).apply(variables, jnp.asarray(x))
-        ty = tbn.eval()(torch.from_numpy(x).permute(0, 3, 1, 2)).permute(0, 2, 3, 1).detach().numpy()
+    bn = BatchNorm(param_dtype=jnp.float64)
+    x0 = np.random.default_rng(0).normal(size=(3, 4, 5, 6))
+    variables = bn.init(jax.random.key(0), jnp.asarray(x0), use_running_average=False)
+    scale, bias = np.linspace(0.5, 1.5, 6), np.linspace(-1, 1, 6)
+    variables = {"params": {"scale": jnp.asarray(scale), "bias": jnp.asarray(bias)},
+                 "batch_stats": variables["batch_stats"]}
+    tbn = torch.nn.BatchNorm2d(6).double()
+    with torch.no_grad():
+        tbn.weight.copy_(torch.from_numpy(scale))
+        tbn.bias.copy_(torch.from_numpy(bias))
+    for step in range(3):  # training steps update the running statistics
+        x = np.random.default_rng(step + 1).normal(loc=step, size=(3, 4, 5, 6))
+        y, state = bn.apply(variables, jnp.asarray(x), use_running_average=False, mutable=["batch_stats"])
+        variables = {**variables, **state}
+        ty = tbn.train()(torch.from_numpy(x).permute(0, 3, 1, 2)).permute(0, 2, 3, 1).detach().numpy()
         assert rel_err(y, ty) <= 1e-14
+    stats = variables["batch_stats"]
+    assert rel_err(stats["mean"], tbn.running_mean.numpy()) <= 1e-14
+    assert rel_err(stats["var"], tbn.running_var.numpy()) <= 1e-14
+    x = np.random.default_rng(9).normal(size=(2, 3, 3, 6))
+    y = BatchNorm(use_running_average=True, param_dtype=jnp.float64).apply(variables, jnp.asarray(x))
+    ty = tbn.eval()(torch.from_numpy(x).permute(0, 3, 1, 2)).permute(0, 2, 3, 1).detach().numpy()
+    assert rel_err(y, ty) <= 1e-14
 
 
 def test_batchnorm_one_value_per_channel_raises():
@@ -604,7 +598,7 @@ def test_bad_dtypes_bools_and_sizes_name_the_layer(kind, kwargs, match):
 @pytest.mark.parametrize("kind", list(LAYERS))
 def test_concrete_temperature_is_checked_inside_a_trace(kind):
     """A Python or NumPy temperature is concrete even under jit (a closure constant, a static argument):
-    it is checked as in eager mode. Only a traced T is clamped (tests/test_bad_input.py)."""
+    it is checked as in eager mode. Only a traced T is clamped (tests/test_layer_checks.py)."""
     layer = LAYERS[kind](4, (3, 3))
     x = jnp.ones((2, 5, 5, 4))
     shapes = jax.eval_shape(layer.init, jax.random.key(0), x)

@@ -20,9 +20,8 @@ import torch
 from flax import linen as nn
 from flax.traverse_util import flatten_dict
 
-from dynconv_jax import CondConv, DynamicConv, ODConv
+from dynconv_jax import CondConv, DynamicConv, ODConv, summary
 from dynconv_jax import models as jm
-from dynconv_jax import summary
 from dynconv_jax.convert import torch_to_flax
 from dynconv_torch import CondConv2d, DynamicConv2d, KWConv2d, ODConv2d
 from dynconv_spec import CONV_TYPES
@@ -63,6 +62,7 @@ def test_torch_state_dict_equals_official(name):
     assert sum(p.numel() for p in model.parameters()) == OFFICIAL[name]["num_params"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["od_resnet18_k4", "od_resnet50_k1", "od_mobilenetv2_050_k4",
                                   "od_mobilenetv2_100_k1", "resnet34", "mobilenetv2_075"])
 def test_flax_variables_match_official_checkpoint(name):
@@ -247,6 +247,7 @@ def test_summary_analytic_macs_agree_with_xla():
         assert (analytic.attention > 0) == (analytic.aggregation > 0) == (conv != "static")
 
 
+@pytest.mark.slow
 def test_summary_cli_prints_table(capsys):
     summary.main(["--models", "resnet18", "--convs", "static", "odconv", "--no-cifar"])
     out = capsys.readouterr().out
@@ -255,3 +256,14 @@ def test_summary_cli_prints_table(capsys):
     static, odconv = OFFICIAL["resnet18"]["num_params"], OFFICIAL["od_resnet18_k4"]["num_params"]
     assert f"| {static / 1e6:.2f} M | 1.00 |" in rows[0]
     assert f"| {odconv / 1e6:.2f} M | {odconv / static:.2f} |" in rows[1]
+
+
+def test_models_refuse_num_classes_zero():
+    from dynconv_jax import models as jax_models
+    from dynconv_torch import models as torch_models
+    for name in ("resnet18", "mobilenet_v2"):
+        for bad in (0, -1, 2.0, True):
+            with pytest.raises(ValueError, match=r"num_classes=.* must be an int >= 1"):
+                getattr(jax_models, name)(num_classes=bad)
+            with pytest.raises(ValueError, match=r"num_classes=.* must be an int >= 1"):
+                getattr(torch_models, name)(num_classes=bad)

@@ -31,13 +31,8 @@ from test_jax_layers import GRID, randomize, rel_err
 
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _x64():
-    """float64 for this module only: a global switch would leak into the other tests of the worker process."""
-    previous = jax.config.jax_enable_x64
-    jax.config.update("jax_enable_x64", True)
-    yield
-    jax.config.update("jax_enable_x64", previous)
+# float64 throughout (the conftest fixture: switched on and off around each test, not for the worker process).
+pytestmark = pytest.mark.usefixtures("float64")
 
 
 KINDS = ("condconv", "dynamic", "odconv")
@@ -264,6 +259,7 @@ MANIFEST = json.loads(gzip.decompress((pathlib.Path(__file__).parent / "data" / 
                                       .read_bytes()))["models"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name,build", [
     ("od_resnet18_k4", lambda rngs: nnx_models.create_model("od_resnet18", kernel_num=4, rngs=rngs)),
     ("od_resnet50_k1", lambda rngs: nnx_models.create_model("od_resnet50", kernel_num=1, rngs=rngs)),
@@ -290,6 +286,7 @@ def model_pair(arch, conv):
     return getattr(linen_models, arch)(**kwargs), lambda rngs: getattr(nnx_models, arch)(rngs=rngs, **kwargs)
 
 
+@pytest.mark.slow
 def test_every_nnx_model_has_the_linen_parameter_tree():
     """Every conv type of each block kind (basic, bottleneck, inverted residual): resnet34/101 are resnet18/50
     with other depths from the same spec table (their trees are compared by ``python -m parity.nnx_api``)."""
@@ -304,6 +301,7 @@ def test_every_nnx_model_has_the_linen_parameter_tree():
                 {"params": variables["params"], "batch_stats": variables["batch_stats"]}), (arch, conv)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("block,conv", [("basic", "odconv"), ("bottleneck", "condconv"), ("mobilenet_v2", "static")])
 def test_nnx_model_equals_linen_float64(block, conv):
     """Loss, running statistics, gradients, eval logits, for each block kind: ResNets of one block per stage
@@ -321,6 +319,7 @@ def test_nnx_model_equals_linen_float64(block, conv):
 
 
 # --------------------------------------------------------------------------- the training example
+@pytest.mark.slow
 def test_nnx_training_example_learns_the_digits():
     from train.nnx_example import ExampleConfig, run
 
@@ -329,6 +328,7 @@ def test_nnx_training_example_learns_the_digits():
 
 
 # --------------------------------------------------------------------------- parity against torch
+@pytest.mark.slow
 def test_parity_cli_runs_torch_against_nnx(capsys):
     pytest.importorskip("torch")
     from parity.__main__ import main

@@ -10,12 +10,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import pytest
 
 from dynconv_jax.models import ResNet
 
 DIGITS = os.path.join(os.path.dirname(__file__), "..", "train", "data", "digits.npz")
 
 
+@pytest.mark.slow
 def test_initial_gradient_at_temperature_one_stays_near_temperature_thirty():
     data = np.load(DIGITS)
     images = data["train_image"][:32].astype(np.float32)  # [32, 8, 8, 1]

@@ -32,9 +32,9 @@ SMOKE = (
     "tests/test_compat.py",
     "tests/test_jax_layers.py::test_sown_intermediates",
     "tests/test_jax_layers.py::test_batchnorm_refuses_momentum_and_torch_momentum_is_one_minus_flax_momentum",
-    "tests/test_bad_input.py::test_reopening_a_run_removes_unfinished_writes_before_it_returns",
-    "tests/test_bad_input.py::test_damaged_checkpoint_is_moved_and_the_previous_restored",
-    "tests/test_bad_input.py::test_write_failure_keeps_the_previous_checkpoint",
+    "tests/test_checkpoint.py::test_reopening_a_run_removes_unfinished_writes_before_it_returns",
+    "tests/test_checkpoint.py::test_damaged_checkpoint_is_moved_and_the_previous_restored",
+    "tests/test_checkpoint.py::test_write_failure_keeps_the_previous_checkpoint",
     "tests/test_data.py::test_digits_batches_are_a_pure_function_of_seed_and_step",
 )
 

@@ -58,6 +58,7 @@ def test_odconv_attention_layer_norm_float64_on_a_batch_of_one():
     assert {r.check for r in rows} == {"forward_train", "grad_input", "grad_params"}
 
 
+@pytest.mark.slow
 @settings(max_examples=3, deadline=None)
 @given(family=st.sampled_from(["condconv", "dynamic", "odconv"]), k=st.sampled_from([1, 3]),
        stride=st.sampled_from([1, 2]), groups=st.sampled_from([1, 2]), experts=st.integers(1, 3),
@@ -113,6 +114,7 @@ SUITE_MODEL_CASES = [(n, "float64") for n in MODEL_CASES if not n.startswith(
     and "kernelwarehouse" not in n]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name,dtype", SUITE_MODEL_CASES)
 def test_models(name, dtype):
     """Model x conv type cases (and the ImageNet-stem ODConv ResNet-18): tiny widths, 16x16 inputs,
@@ -124,38 +126,35 @@ def test_models(name, dtype):
     assert {r.check for r in rows} == set(CASE_CHECKS if full else FORWARD_CHECKS)
 
 
-def test_harness_detects_a_wrong_weight():
+def test_harness_detects_a_wrong_weight(float64):
     """The harness must be able to fail: perturb one converted parameter and the rows fail."""
-    import jax
 
     from parity import harness
 
     case = CASES["dynamic/i8o16k3s1p1d1g1K4"]
-    with jax.enable_x64(True):
-        pair = harness._Pair(case, "float64", 0)
-        bias = pair.variables["params"]["attention"]["fc2"]["bias"]
-        bias[0] += 1e-6  # one expert's logit (a shift of all logits would leave the softmax unchanged)
-        rows = harness._rows_for(pair, ("forward_eval",), SGD, 0)
+    pair = harness._Pair(case, "float64", 0)
+    bias = pair.variables["params"]["attention"]["fc2"]["bias"]
+    bias[0] += 1e-6  # one expert's logit (a shift of all logits would leave the softmax unchanged)
+    rows = harness._rows_for(pair, ("forward_eval",), SGD, 0)
     assert rows and not rows[0].passed and rows[0].max_rel > 1e-9
 
 
-def test_model_harness_detects_a_wrong_weight():
+@pytest.mark.slow
+def test_model_harness_detects_a_wrong_weight(float64):
     """At the (looser) model tolerances a 1e-6 change of one converted ODConv attention
     weight deep in the network still fails, in eval and in train mode."""
-    import jax
 
     from parity import harness
 
     case = CASES[f"resnet18/odconv-K4-cifar-T{MODEL_TEMPERATURE['odconv']:g}"]
-    with jax.enable_x64(True):
-        pair = harness._Pair(case, "float64", 0)
-        bias = pair.variables["params"]["layer4_1"]["conv2"]["attention"]["kernel_fc"]["bias"]
-        bias[0] += 1e-6  # one expert's logit bias (zero at init)
-        rows = harness._rows_for(pair, ("forward_eval", "forward_train"), SGD, 0)
+    pair = harness._Pair(case, "float64", 0)
+    bias = pair.variables["params"]["layer4_1"]["conv2"]["attention"]["kernel_fc"]["bias"]
+    bias[0] += 1e-6  # one expert's logit bias (zero at init)
+    rows = harness._rows_for(pair, ("forward_eval", "forward_train"), SGD, 0)
     assert len(rows) == 2 and not any(r.passed for r in rows), "\n" + format_table(rows)
 
 
-def test_optax_chain_is_torch_sgd_and_order_matters():
+def test_optax_chain_is_torch_sgd_and_order_matters(float64):
     """add_decayed_weights before sgd(momentum) is torch.optim.SGD(weight_decay, momentum)."""
     rng = np.random.default_rng(0)
     p0 = rng.standard_normal(5)
@@ -171,16 +170,14 @@ def test_optax_chain_is_torch_sgd_and_order_matters():
             p = optax.apply_updates(p, u)
         return np.asarray(p)
 
-    import jax
 
     for g in grads:
         pt.grad = torch.tensor(g)
         opt.step()
     ref = pt.detach().numpy()
-    with jax.enable_x64(True):
-        ours = run(optax.chain(optax.add_decayed_weights(wd), optax.sgd(lr, momentum=mom)))
-        decay_after_momentum = run(optax.chain(optax.trace(decay=mom), optax.add_decayed_weights(wd),
-                                               optax.scale(-lr)))
+    ours = run(optax.chain(optax.add_decayed_weights(wd), optax.sgd(lr, momentum=mom)))
+    decay_after_momentum = run(optax.chain(optax.trace(decay=mom), optax.add_decayed_weights(wd),
+                                           optax.scale(-lr)))
     assert compare(ours, ref)[1] < 1e-15
     assert compare(decay_after_momentum, ref)[1] > 1e-4
 
@@ -192,6 +189,7 @@ def test_compare_trees_floor():
     assert worst[2] == "a" and abs(worst[1] - 0.01) < 1e-12
 
 
+@pytest.mark.slow
 def test_whole_training_run_float64():
     """100 SGD steps (momentum, weight decay) of a whole model, every parameter and running statistic
     after every step equal to PyTorch's within 1e-9 relative (the model cases' default training run)."""
@@ -240,6 +238,7 @@ FAST_MUTANTS = ("module-prefix-half-stripped", "temperature-twice", "bn-biased-r
                 "float32-attention-in-bfloat16")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", FAST_MUTANTS)
 def test_parity_fails_on_a_wrong_build(name):
     mutant = next(m for m in mutants.MUTANTS if m.name == name)
@@ -248,6 +247,7 @@ def test_parity_fails_on_a_wrong_build(name):
     assert mutant.expect in result.failed_checks, result
 
 
+@pytest.mark.slow
 def test_mutant_runner_passes_an_unmodified_copy():
     """The control: the same runner on an unmodified copy exits 0 (so a kill is the bug's doing)."""
     mutant = mutants.Mutant("control", "none", "__init__.py", "", "", "dynamic/i8o12k3s2p1d1g2K4-T3",

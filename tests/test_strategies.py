@@ -104,16 +104,16 @@ GRID = [
 ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", GRID, ids=[f"grid{i}" for i in range(len(GRID))])
-def test_strategies_match_naive_loop_grid(case):
+def test_strategies_match_naive_loop_grid(case, float64):
     rank, kernel, stride, dilation, groups, padding, spatial, channel, filt, bias = case
     rng = np.random.default_rng(zlib.crc32(str(case).encode()))
     kw = dict(cin_per_group=1, cout_per_group=2, groups=4) if groups == "dw" else dict(groups=groups)
-    with jax.enable_x64(True):
-        arrays, geom = make_case(rng, rank=rank, kernel=kernel, stride=stride, dilation=dilation, padding=padding,
-                                 spatial=spatial, channel=channel, filt=filt, bias=bias, size=5 if rank == 3 else 6,
-                                 **kw)
-        check_all_strategies(arrays, geom)
+    arrays, geom = make_case(rng, rank=rank, kernel=kernel, stride=stride, dilation=dilation, padding=padding,
+                             spatial=spatial, channel=channel, filt=filt, bias=bias, size=5 if rank == 3 else 6,
+                             **kw)
+    check_all_strategies(arrays, geom)
 
 
 def _random_configs(n, seed=0):
@@ -133,11 +133,10 @@ def _random_configs(n, seed=0):
 
 
 @pytest.mark.parametrize("config", list(_random_configs(8)), ids=lambda c: "rank{rank}-k{kernel}-s{stride}-d{dilation}-g{groups}".format(**c))
-def test_strategies_match_naive_loop_random(config):
+def test_strategies_match_naive_loop_random(config, float64):
     rng = np.random.default_rng(zlib.crc32(str(sorted(config.items())).encode()))
-    with jax.enable_x64(True):
-        arrays, geom = make_case(rng, **config)
-        check_all_strategies(arrays, geom)
+    arrays, geom = make_case(rng, **config)
+    check_all_strategies(arrays, geom)
 
 
 def test_auto_picks_only_applicable_strategies():
@@ -168,23 +167,37 @@ def test_inapplicable_strategies_raise_clear_errors():
                          dilation=(1, 1))
 
 
-def test_map_strategy_second_order_gradients_equal_vmap():
-    """'map' has a custom VJP; its VJP is differentiable, so grad-of-grad (gradient penalties, MAML) is exact."""
-    with jax.enable_x64(True):
-        arrays, geom = make_case(np.random.default_rng(5), rank=2, kernel=3, stride=2, dilation=2, groups=2,
-                                 padding="SAME", spatial=True, channel=False, filt=False, bias=False, batch=3)
-        x, experts, a, s = (jnp.asarray(arrays[n]) for n in ("x", "experts", "kernel_attention", "spatial_attention"))
+@pytest.mark.parametrize("strategy", ["map", "lean"])
+def test_custom_vjp_strategies_second_order_gradients_equal_vmap(strategy, float64):
+    """'map' and 'lean' have a custom VJP made of differentiable ops, so grad-of-grad (gradient penalties,
+    MAML) is exact."""
+    arrays, geom = make_case(np.random.default_rng(5), rank=2, kernel=3, stride=2, dilation=2, groups=2,
+                             padding="SAME", spatial=True, channel=False, filt=False, bias=False, batch=3)
+    x, experts, a, s = (jnp.asarray(arrays[n]) for n in ("x", "experts", "kernel_attention", "spatial_attention"))
 
-        def penalty(strategy):
-            def inner(x, experts):
-                return jnp.sum(ops.dynamic_conv(x, experts, a, spatial_attention=s, **geom, strategy=strategy) ** 3)
-            return lambda x, experts: jnp.sum(jax.grad(inner)(x, experts) ** 2)
+    def penalty(strategy):
+        def inner(x, experts):
+            return jnp.sum(ops.dynamic_conv(x, experts, a, spatial_attention=s, **geom, strategy=strategy) ** 3)
+        return lambda x, experts: jnp.sum(jax.grad(inner)(x, experts) ** 2)
 
-        got = jax.grad(penalty("map"), argnums=(0, 1))(x, experts)
-        want = jax.grad(penalty("vmap"), argnums=(0, 1))(x, experts)
-        for g, w in zip(got, want):
-            assert float(jnp.max(jnp.abs(w))) > 0
-            assert rel(g, w) <= TOL
+    got = jax.grad(penalty(strategy), argnums=(0, 1))(x, experts)
+    want = jax.grad(penalty("vmap"), argnums=(0, 1))(x, experts)
+    for g, w in zip(got, want):
+        assert float(jnp.max(jnp.abs(w))) > 0
+        assert rel(g, w) <= TOL
+
+
+@pytest.mark.slow
+def test_lean_strategy_over_several_chunks(monkeypatch, float64):
+    """'lean' scans over chunks of samples (at most _LEAN_CHUNK_VALUES kernel values each), the experts' gradient
+    summed over them: 3 chunks of 2 samples, against the naive loop."""
+    monkeypatch.setattr(ops, "_LEAN_CHUNK_VALUES", 2 * 108)
+    assert [ops._chunk_size(b, 108) for b in (6, 7, 1)] == [2, 1, 1] and ops._chunk_size(6, 54) == 3
+    arrays, geom = make_case(np.random.default_rng(12), rank=2, kernel=3, stride=1, dilation=1, groups=2,
+                             padding="SAME", spatial=True, channel=True, filt=True, bias=True, batch=6)
+    assert np.prod(arrays["experts"].shape[1:]) == 108
+    monkeypatch.setattr(ops, "applicable_strategies", lambda kernel_size: ("lean",))
+    check_all_strategies(arrays, geom)
 
 
 # ODConv's channel / filter attentions scale the per-sample kernel or the activations, whichever holds
@@ -198,22 +211,21 @@ PLACEMENTS = [  # (kernel, size, stride, cin_per_group, cout_per_group) -> (fold
 
 
 @pytest.mark.parametrize("shape,expected", PLACEMENTS, ids=[str(e) for _, e in PLACEMENTS])
-def test_channel_and_filter_attention_placements(shape, expected):
+def test_channel_and_filter_attention_placements(shape, expected, float64):
     kernel, size, stride, cin_per_group, cout_per_group = shape
     rng = np.random.default_rng(zlib.crc32(str(shape).encode()))
-    with jax.enable_x64(True):
-        arrays, geom = make_case(rng, rank=2, kernel=kernel, stride=stride, dilation=1, groups=1, padding="SAME",
-                                 spatial=True, channel=True, filt=True, bias=True, size=size,
-                                 cin_per_group=cin_per_group, cout_per_group=cout_per_group)
-        for strategy in set(ops.applicable_strategies((kernel, kernel))) - {"mix"}:
-            placement = ops.attention_placement(arrays["x"].shape, arrays["experts"].shape, strides=geom["strides"],
-                                                padding=geom["padding"], dilation=geom["dilation"], strategy=strategy,
-                                                channel_attention=True, filter_attention=True)
-            assert placement == expected, strategy
-        assert ops.attention_placement(arrays["x"].shape, arrays["experts"].shape, strides=geom["strides"],
-                                       padding=geom["padding"], dilation=geom["dilation"], strategy="mix",
-                                       channel_attention=True, filter_attention=True) == (False, False)
-        check_all_strategies(arrays, geom)
+    arrays, geom = make_case(rng, rank=2, kernel=kernel, stride=stride, dilation=1, groups=1, padding="SAME",
+                             spatial=True, channel=True, filt=True, bias=True, size=size,
+                             cin_per_group=cin_per_group, cout_per_group=cout_per_group)
+    for strategy in set(ops.applicable_strategies((kernel, kernel))) - {"mix"}:
+        placement = ops.attention_placement(arrays["x"].shape, arrays["experts"].shape, strides=geom["strides"],
+                                            padding=geom["padding"], dilation=geom["dilation"], strategy=strategy,
+                                            channel_attention=True, filter_attention=True)
+        assert placement == expected, strategy
+    assert ops.attention_placement(arrays["x"].shape, arrays["experts"].shape, strides=geom["strides"],
+                                   padding=geom["padding"], dilation=geom["dilation"], strategy="mix",
+                                   channel_attention=True, filter_attention=True) == (False, False)
+    check_all_strategies(arrays, geom)
 
 
 _SHARDED_MAP_RUN = r"""
@@ -234,23 +246,28 @@ forward = lambda strategy: jax.jit(lambda *v: ops.dynamic_conv(v[0], v[1], v[2],
                                                                 strides=(1, 1), padding="SAME", dilation=(1, 1),
                                                                 strategy=strategy))
 ref, ref_y = grad("vmap")(*args), forward("vmap")(*args)
-with jax.set_mesh(mesh):
-    out, y = grad("map")(*args), forward("map")(*args)
-    hlo = grad("map").lower(*args).compile().as_text() + forward("map").lower(*args).compile().as_text()
-err = max(float(jnp.max(jnp.abs(p - q)) / jnp.max(jnp.abs(q)))
-          for p, q in zip(jax.tree_util.tree_leaves(out), jax.tree_util.tree_leaves(ref)))
-print("devices", jax.device_count(), "err", err, "all-gathers", hlo.count("all-gather("),
-      "forward_err", float(jnp.max(jnp.abs(y - ref_y)) / jnp.max(jnp.abs(ref_y))), "spec", y.sharding.spec)
+for strategy in ("map", "lean"):
+    with jax.set_mesh(mesh):
+        out, y = grad(strategy)(*args), forward(strategy)(*args)
+        hlo = grad(strategy).lower(*args).compile().as_text() + forward(strategy).lower(*args).compile().as_text()
+    err = max(float(jnp.max(jnp.abs(p - q)) / jnp.max(jnp.abs(q)))
+              for p, q in zip(jax.tree_util.tree_leaves(out), jax.tree_util.tree_leaves(ref)))
+    print(strategy, "devices", jax.device_count(), "err", err, "all-gathers", hlo.count("all-gather("),
+          "forward_err", float(jnp.max(jnp.abs(y - ref_y)) / jnp.max(jnp.abs(ref_y))), "spec", y.sharding.spec)
 """
 
 
-def test_map_strategy_keeps_a_sharded_batch_on_its_devices():
-    """Under jax.set_mesh (as train/ runs its steps) 'map' maps each device over its own samples:
-    exact, and the compiled program gathers nothing (one lax.map over the global batch all-gathers)."""
+@pytest.mark.slow
+def test_map_and_lean_strategies_keep_a_sharded_batch_on_its_devices():
+    """Under jax.set_mesh (as train/ runs its steps) 'map' and 'lean' map (scan) each device over its own
+    samples: exact, and the compiled program gathers nothing (one lax.map over the global batch all-gathers)."""
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_ENABLE_X64": "1"}
     out = subprocess.run([sys.executable, "-c", _SHARDED_MAP_RUN], env=env, capture_output=True, text=True,
                          timeout=300, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     assert out.returncode == 0, out.stdout + out.stderr
-    fields = out.stdout.split()
-    assert fields[1] == "8" and float(fields[3]) < 1e-12 and fields[5] == "0" and float(fields[7]) < 1e-12, out.stdout
-    assert "data" in out.stdout.split("spec", 1)[1], out.stdout
+    lines = [line for line in out.stdout.splitlines() if line.startswith(("map ", "lean "))]
+    assert [line.split()[0] for line in lines] == ["map", "lean"], out.stdout
+    for line in lines:
+        fields = line.split()
+        assert fields[2] == "8" and float(fields[4]) < 1e-12 and fields[6] == "0" and float(fields[8]) < 1e-12, line
+        assert "data" in line.split("spec", 1)[1], line

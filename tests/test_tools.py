@@ -74,10 +74,7 @@ def make_jax_layer(kind, geometry, num_experts=4, **extra):
     return module, variables, x
 
 
-@pytest.fixture(autouse=True)
-def x64():
-    with jax.enable_x64(True):
-        yield
+pytestmark = pytest.mark.usefixtures("float64")
 
 
 @pytest.mark.parametrize("kind", list(JAX_LAYERS))
@@ -267,6 +264,7 @@ class TwoLayers(nn.Module):
         return CondConv(5, (3, 3), strides=2, num_experts=4, name="cc")(x, train, temperature)
 
 
+@pytest.mark.slow
 def test_collect_and_plot_attentions(tmp_path):
     model = TwoLayers()
     x = jax.random.normal(jax.random.key(0), (6, 8, 8, 3), jnp.float32)
@@ -305,6 +303,7 @@ def test_torch_hooks_collect_what_the_layers_use():
 
 
 # ---------------------------------------------------------------------------------------------- ablation
+@pytest.mark.slow
 def test_ablation_runner_tiny_digits(tmp_path):
     from train import ablate
 
@@ -322,9 +321,16 @@ def test_ablation_runner_tiny_digits(tmp_path):
     assert (out / "K1" / "checkpoints").is_dir() and (out / "K2" / "checkpoints").is_dir()
     assert "| 2 |" in (out / "ablation.md").read_text()
     assert (out / "ablation.png").read_bytes()[:8] == PNG_MAGIC
+    # --resume over the finished sweep: each run is complete (its saved summary; nothing trained), same rows.
+    assert ablate.main(argv + ["--resume"]) == 0
+    with open(out / "ablation.csv") as f:
+        again = list(csv.DictReader(f))
+    assert [{k: r[k] for k in ("eval_accuracy", "params", "macs")} for r in again] == \
+        [{k: r[k] for k in ("eval_accuracy", "params", "macs")} for r in rows]
     assert ablate.main(["--ks", "1,x"]) == 2
 
 
+@pytest.mark.slow
 def test_ablation_grid_of_conv_types_and_seeds(tmp_path):
     """``--vary``/``--seeds`` make the product of settings (validated up front) and the per-seed table."""
     from train import ablate

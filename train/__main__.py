@@ -1,6 +1,8 @@
 """``python -m train [--key=value ...]``: train, evaluate, checkpoint and export (docs/training.md)."""
 from __future__ import annotations
 
+import logging
+import os
 import sys
 
 from train.config import UsageError, parse_args, usage
@@ -19,13 +21,30 @@ def main(argv=None) -> int:
     # Here: --help and usage errors answer without loading JAX.
     from train.checkpoint import CheckpointError
     from train.loop import TrainingDiverged, train_and_evaluate
+    from train.preemption import EXIT_CODE, Preempted
+    from train.worker_watchdog import WorkerDied
+    from train.workdir import WorkdirError
 
+    logging.getLogger("absl").addFilter(_orbax_failure_reports)
     try:
         train_and_evaluate(config)
-    except (TrainingDiverged, CheckpointError, UsageError) as error:
+    except UsageError as error:  # found once the run started: the data, the workdir, a --resume refused
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    except (TrainingDiverged, CheckpointError, WorkerDied, WorkdirError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
+    except Preempted as stop:
+        print(stop, file=sys.stderr)
+        return EXIT_CODE
     return 0
+
+
+def _orbax_failure_reports(record: logging.LogRecord) -> bool:
+    """Keep Orbax's error reports (with tracebacks, from its background threads) off the terminal: the run
+    raises each failure itself, as one line naming the step, the cause and the last good checkpoint
+    (:class:`~train.checkpoint.CheckpointWriteError`). A full disk used to print ~300 lines before it."""
+    return not (record.levelno >= logging.ERROR and f"{os.sep}orbax{os.sep}" in record.pathname)
 
 
 if __name__ == "__main__":

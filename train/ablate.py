@@ -111,6 +111,8 @@ def run_grid(runs: Sequence[Tuple[Dict[str, object], object]],
     """Train the :func:`grid_configs` runs one after the other; one row per run (the varied
     options and :data:`METRICS`). ``on_row(rows so far)`` is called after each run."""
     # Here: JAX and the models load when a grid runs, not for --help or a usage error.
+    import jax
+
     from dynconv_jax.summary import count_macs, count_params
     from train import data as data_lib
     from train import steps
@@ -118,11 +120,11 @@ def run_grid(runs: Sequence[Tuple[Dict[str, object], object]],
 
     rows = []
     for setting, config in runs:
-        result = train_and_evaluate(config)
-        state = result["state"]
-        variables = {"params": state.params, "batch_stats": state.batch_stats}
+        result = train_and_evaluate(config)  # with --resume, a complete run gives its saved summary (no state)
         dataset = data_lib.load_dataset(config)
         model = steps.create_model(config, dataset.num_classes, dataset.image_shape)
+        variables = jax.eval_shape(steps.init_variables_fn(model, dataset.image_shape),
+                                   jax.random.key(0, impl="rbg"))  # the counts need the shapes only
         rows.append({**setting, "eval_accuracy": result["eval_accuracy"], "eval_loss": result["eval_loss"],
                      "params": count_params(variables),
                      "macs": count_macs(model, variables, (1,) + tuple(dataset.image_shape)).total,

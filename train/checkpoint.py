@@ -147,6 +147,16 @@ def _remove_unfinished_writes(directory: str) -> None:
     _sync("dynconv-remove-unfinished-writes")
 
 
+def committed_steps(workdir: str) -> List[int]:
+    """The steps of the committed checkpoints in ``workdir/checkpoints`` (a folder per step, named by it, as
+    Orbax names them; its temporaries left out), read from the folder alone: no Orbax manager is opened."""
+    directory = os.path.join(workdir, "checkpoints")
+    if not os.path.isdir(directory):
+        return []
+    return sorted(int(name) for name in os.listdir(directory)
+                  if name.isdigit() and not ocp.utils.is_tmp_checkpoint(os.path.join(directory, name)))
+
+
 class Checkpointer:
     """Save every ``every`` steps (and at the end), keep the newest ``keep``.
 

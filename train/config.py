@@ -26,6 +26,7 @@ AUGMENTS = ("auto", "none", "crop", "crop_flip")
 PREPROCESSES = ("auto", "imagenet", "cifar", "none")
 STEMS = ("auto", "imagenet", "cifar")
 DTYPES = ("float32", "bfloat16", "float64")
+MAX_SEED = 2**63 - 1
 # The options that take one of a few names: checked by Config.validate, listed by --help.
 CHOICES = {"model": MODELS, "conv": CONVS, "optimizer": OPTIMIZERS, "schedule": SCHEDULES, "augment": AUGMENTS,
            "stem": STEMS, "preprocess": PREPROCESSES, "dtype": DTYPES, "attention_norm": ATTENTION_NORMS}
@@ -157,6 +158,11 @@ class Config:
             value = getattr(self, f.name)
             if isinstance(value, float) and not math.isfinite(value):
                 raise UsageError(f"--{f.name}={value!r}: must be a finite number")
+        if not 0 <= self.seed <= MAX_SEED:  # NumPy's generators take no negative seed, JAX's key no larger one
+            raise UsageError(f"--seed={self.seed}: must be an integer from 0 to 2**63 - 1")
+        if not self.dataset.strip():
+            raise UsageError(f"--dataset={self.dataset!r}: name a data set: 'digits' (embedded), 'imagefolder' "
+                             f"(with --data_dir) or a TFDS name such as 'cifar10'")
         for name, allowed in CHOICES.items():
             if name != "attention_norm":  # checked after the numbers (its message reads better there)
                 choice(name, allowed)

@@ -5,6 +5,7 @@ preprocessing (:mod:`train.preprocess`), as :func:`load_dataset` chooses them; b
 from __future__ import annotations
 
 import dataclasses
+import os
 from typing import Any, Tuple
 
 import numpy as np
@@ -83,6 +84,21 @@ def _first_image_shape(source) -> Tuple[int, ...]:
     raise UsageError(f"no readable image among the first records of {source.describe(0)}")
 
 
+def check_readable(source, transform, what: str) -> None:
+    """Refuse (:class:`~train.config.UsageError`) a split in which no record can be read and transformed: its
+    evaluation would find nothing to average after all the training (a ``ZeroDivisionError`` once). Stops at the
+    first readable record (the first one, as a rule)."""
+    for index in range(len(source)):
+        try:
+            transform(source[index]["image"])
+            return
+        except DECODE_ERRORS:
+            continue
+    where = f" ({os.path.join(source.root, source.split)})" if isinstance(source, FolderSource) else ""
+    raise UsageError(f"no image of the {what} split {source.split!r}{where} can be read ({len(source)} record(s) "
+                     f"tried); choose another --{what}_split or repair the files")
+
+
 def load_dataset(config) -> Dataset:
     """The sources and preprocessing named by ``config`` (``dataset``, ``data_dir``, splits, ``preprocess``,
     ``image_size``, ``augment``, ``crop_padding``)."""
@@ -132,4 +148,5 @@ def load_dataset(config) -> Dataset:
         padding = 1 if config.dataset == "digits" else 4
     preprocess = Preprocess(kind=kind, image_size=image_size, channels=channels, crop=augment != "none" and
                             kind != "none", flip=augment == "crop_flip", padding=padding, mean=mean, std=std)
+    check_readable(evaluation, preprocess.eval, "eval")
     return Dataset(config.dataset, train, evaluation, num_classes, preprocess)

@@ -1,27 +1,28 @@
 """The training loop: ``train_and_evaluate(config)`` (what ``python -m train`` runs), in named steps.
 
-:func:`set_up` (data, mesh, model, optimiser, schedules); :func:`open_checkpointer` (refuses to write over
-another run, checks a resumed run's configuration); :func:`compile_steps` (the init, train and eval programs,
-compiled at once); :func:`restore_checkpoint` (the state and the data iterator to start from);
-:func:`train_steps` (the step loop: every ``--log_every_steps``, at epoch ends and before checkpoints it fetches
-the metrics, :func:`check_finite`, logs, :func:`end_epoch` evaluates and :func:`save_checkpoint` saves);
-:func:`finish` (the summary and the export).
+:func:`set_up` (data, mesh, model, optimiser, schedules); :func:`lock_workdir` (one run per folder);
+:func:`finished_run` (a ``--resume`` of a complete run returns its summary); :func:`train`: :func:`open_checkpointer`
+(refuses to write over another run, checks a resumed run's configuration); :func:`compile_steps` (the init, train
+and eval programs, compiled at once); :func:`restore_checkpoint` (the state and the data iterator to start from);
+:func:`train_steps` (the step loop: every ``--log_every_steps``, at epoch ends, before checkpoints and after a
+preemption notice it fetches the metrics, :func:`check_finite`, logs, :func:`end_epoch` evaluates and
+:func:`save_checkpoint` saves); :func:`finish` (the summary and the export).
 """
 from __future__ import annotations
 
 import contextlib
 import dataclasses
 import functools
-import json
 import math
 import os
 import sys
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Any, Callable, Dict
+from typing import Any, Callable, Dict, Optional
 
 import jax
 import numpy as np
+from safetensors import SafetensorError
 
 from train import checkpoint as ckpt_lib
 from train import data as data_lib
@@ -29,12 +30,11 @@ from train import metrics as metrics_lib
 from train import parallel
 from train import pipeline as pipeline_lib
 from train import steps
-from train.config import Config, UsageError, conv_size, from_json
+from train import workdir as workdir_lib
+from train.config import Config, UsageError, conv_size
 from train.export import export_and_verify
+from train.preemption import Preempted, PreemptionNotice
 
-# Fields that may differ between a run and its resumption (they do not change the maths).
-RUNTIME_FIELDS = ("resume", "workdir", "progress", "log_every_steps", "tensorboard", "export", "distributed",
-                  "checkpoint_every_steps", "keep_checkpoints", "data_dir", "data_workers", "allow_restart")
 EXPORT_EXAMPLES = 512  # eval images the end-of-run export check compares Flax and PyTorch on
 
 
@@ -45,29 +45,6 @@ class TrainingDiverged(RuntimeError):
 def default_workdir(config: Config) -> str:
     stamp = time.strftime("%Y%m%d-%H%M%S")
     return os.path.join("runs", f"{config.dataset}-{config.model}-{config.conv}-{stamp}")
-
-
-def _check_resumable(workdir: str, config: Config) -> None:
-    path = os.path.join(workdir, "config.json")
-    if not os.path.exists(path):
-        return
-    with open(path) as f:
-        saved = from_json(f.read(), path)
-    diff = [f"{f.name}: {getattr(saved, f.name)!r} -> {getattr(config, f.name)!r}"
-            for f in dataclasses.fields(Config)
-            if f.name not in RUNTIME_FIELDS and getattr(saved, f.name) != getattr(config, f.name)]
-    if diff:
-        raise UsageError(f"--resume: the configuration differs from the one saved in {path} "
-                         f"({'; '.join(diff)}); an exact resume needs the same configuration")
-
-
-def _write_config(workdir: str, config: Config) -> None:
-    """``workdir/config.json``, replaced in one step: the other processes of a resumed multi-process run
-    read it (:func:`_check_resumable`) while process 0 writes it, and must never see it half written."""
-    partial_path = os.path.join(workdir, f".config.json.{os.getpid()}")
-    with open(partial_path, "w") as f:
-        f.write(config.to_json())
-    os.replace(partial_path, os.path.join(workdir, "config.json"))
 
 
 def _close_iterator(batches) -> None:
@@ -84,16 +61,23 @@ def _checkpoint_failure(error: Exception, checkpointer: ckpt_lib.Checkpointer) -
 
 
 def evaluate(p_eval_step, state, pipeline: pipeline_lib.Pipeline, sharding, temperature) -> Dict[str, float]:
-    """Loss and accuracy of ``state`` on the whole eval split (unreadable images are left out)."""
+    """Loss and accuracy of ``state`` on the whole eval split (unreadable images are left out; when none is
+    left, a :class:`~train.config.UsageError` names the split)."""
     totals = {"loss": 0.0, "correct": 0.0, "count": 0.0}
+    unreadable = 0
     for batch in pipeline.eval_batches():
         for index in batch["bad"][batch["bad"] >= 0]:
+            unreadable += 1
             print(f"WARNING: left out unreadable eval image {pipeline.dataset.eval.describe(int(index))}",
                   file=sys.stderr, flush=True)
         sums = jax.device_get(p_eval_step(state, *parallel.global_batch(
             sharding, batch["image"], batch["label"], batch["mask"]), temperature))
         for key in totals:
             totals[key] += float(sums[key])
+    if totals["count"] == 0:  # (this process's unreadable count; the sums are global)
+        dataset = pipeline.dataset
+        raise UsageError(f"no image of the eval split {dataset.eval.split!r} of {dataset.name} could be read "
+                         f"({unreadable} unreadable here): nothing to evaluate on")
     return {"loss": totals["loss"] / totals["count"], "accuracy": totals["correct"] / totals["count"]}
 
 
@@ -181,6 +165,11 @@ class Progress:
     train_start: float = 0.0  # time.time() when the first step started (the programs compiled)
     epoch_start: float = 0.0
 
+    @property
+    def evaluated(self) -> bool:
+        """Whether ``eval_metrics`` hold an evaluation of this process (NaN until then)."""
+        return not math.isnan(self.eval_metrics["loss"])
+
 
 def set_up(config: Config) -> Run:
     """Validate ``config``, start the distributed runtime, create the workdir and build the run's data,
@@ -191,9 +180,11 @@ def set_up(config: Config) -> Run:
     parallel.initialize(config.distributed)
     workdir = config.workdir or default_workdir(config)
     config = dataclasses.replace(config, workdir=workdir)
-    if os.path.exists(workdir) and not os.path.isdir(workdir):
-        raise UsageError(f"--workdir={workdir!r} is a file, not a directory; choose a directory for the run")
-    os.makedirs(workdir, exist_ok=True)
+    workdir_lib.check_workdir(workdir)
+    try:
+        os.makedirs(workdir, exist_ok=True)
+    except OSError as error:
+        raise workdir_lib.WorkdirError(f"could not create --workdir={workdir!r}: {error.strerror}") from None
 
     dataset = data_lib.load_dataset(config)
     pipeline = pipeline_lib.Pipeline(dataset, config.batch_size, config.seed, config.data_workers,
@@ -211,9 +202,29 @@ def set_up(config: Config) -> Run:
                steps.temperature_schedule(config, spe))
 
 
+def lock_workdir(run: Run, cleanup: contextlib.ExitStack) -> None:
+    """Process 0 takes the run folder's lock (:class:`~train.workdir.WorkdirLock`, released by ``cleanup``);
+    when it cannot, every process of the run raises."""
+    error = None
+    if run.primary:
+        lock = workdir_lib.WorkdirLock(run.config.workdir)
+        try:
+            lock.acquire()
+            cleanup.callback(lock.release)
+        except (UsageError, workdir_lib.WorkdirError) as failure:
+            error = failure
+    if jax.process_count() > 1 and parallel.any_process_failed(error is not None) and error is None:
+        raise UsageError(f"--workdir={run.config.workdir!r}: process 0 could not lock the run folder (its output "
+                         f"says why)")
+    if error is not None:
+        raise error
+
+
 def open_checkpointer(run: Run, cleanup: contextlib.ExitStack) -> ckpt_lib.Checkpointer:
     """The run's checkpointer, closed by ``cleanup`` (after the pipeline's eval workers); refuses a workdir
-    with checkpoints unless ``--resume``, checks a resumed run's configuration, writes ``config.json``."""
+    with checkpoints unless ``--resume``, checks a resumed run's configuration; a run that starts from no
+    checkpoint writes ``config.json`` here, a resumed one once its checkpoint is restored
+    (:func:`train_and_evaluate`): a failed ``--resume`` leaves the saved configuration as it was."""
     config, workdir = run.config, run.config.workdir
     # Asynchronous: a checkpoint's arrays are written while the next steps run (train/checkpoint.py), in
     # multi-process runs too (Orbax's background threads synchronise through the distributed client).
@@ -225,9 +236,9 @@ def open_checkpointer(run: Run, cleanup: contextlib.ExitStack) -> ckpt_lib.Check
         raise UsageError(f"{workdir} already has checkpoints (steps {existing}); pass --resume to continue "
                          f"that run or choose another --workdir")
     if config.resume:
-        _check_resumable(workdir, config)
-    if run.primary:
-        _write_config(workdir, config)
+        workdir_lib.check_resumable(workdir, config)
+    if run.primary and not existing:
+        workdir_lib.write_config(workdir, config)
     return checkpointer
 
 
@@ -336,11 +347,26 @@ def _next_batch(run: Run, progress: Progress, step: int, log) -> Dict[str, np.nd
     return batch
 
 
+def evaluate_state(run: Run, programs: Programs, progress: Progress, p_eval_step,
+                   checkpointer: ckpt_lib.Checkpointer) -> float:
+    """Evaluate ``progress.state`` at the temperature of ``progress.step`` into ``progress.eval_metrics``;
+    returns that temperature. An eval split with no readable image stops the run, naming the last checkpoint."""
+    temperature = run.temperature_fn(progress.step)
+    try:
+        progress.eval_metrics = evaluate(p_eval_step, progress.state, run.pipeline, programs.data_sharding,
+                                         parallel.replicate(np.float32(temperature), programs.replicated))
+    except UsageError as error:
+        raise UsageError(f"step {progress.step}: {error}. Last good checkpoint: {checkpointer.last_good()}") from None
+    return temperature
+
+
 def train_steps(run: Run, programs: Programs, progress: Progress, checkpointer: ckpt_lib.Checkpointer,
-                writer: metrics_lib.MetricsWriter, bar, log) -> Dict[str, float]:
+                writer: metrics_lib.MetricsWriter, bar, log, notice: PreemptionNotice) -> Dict[str, float]:
     """Train from ``progress.step`` to the end, updating ``progress``. The host fetches the metric sums
     every ``--log_every_steps``, at epoch ends and before each checkpoint (and waits for the devices only
-    then); there it checks them, logs, evaluates at epoch ends and saves. Returns the data-wait summary."""
+    then); there it checks them, logs, evaluates at epoch ends and saves. After a preemption ``notice`` it
+    saves at the step just done and raises :class:`~train.preemption.Preempted`. Returns the data-wait
+    summary."""
     config, repl = run.config, programs.replicated
     p_train_step, p_eval_step = programs.train_step.result(), programs.eval_step.result()
     clock = metrics_lib.DataWaitClock()
@@ -357,7 +383,8 @@ def train_steps(run: Run, programs: Programs, progress: Progress, checkpointer: 
         if bar is not None:
             bar.update(1)
         epoch_end = done % run.pipeline.steps_per_epoch == 0 or done == run.total_steps
-        checkpoint_due = done % config.checkpoint_every_steps == 0 or done == run.total_steps
+        preempted = notice.reached(done) and done < run.total_steps  # asked at every step (multi-process sync)
+        checkpoint_due = done % config.checkpoint_every_steps == 0 or done == run.total_steps or preempted
         if not (done % config.log_every_steps == 0 or epoch_end or checkpoint_due):
             continue
         window = {k: float(v) for k, v in jax.device_get(sums).items()}  # the host waits here only
@@ -369,14 +396,19 @@ def train_steps(run: Run, programs: Programs, progress: Progress, checkpointer: 
         if done % config.log_every_steps == 0:
             _log_train(run, window, done, writer, bar, log)
         if epoch_end:
-            temperature = run.temperature_fn(done)
             with clock.paused():
-                progress.eval_metrics = evaluate(p_eval_step, progress.state, run.pipeline, programs.data_sharding,
-                                                 parallel.replicate(np.float32(temperature), repl))
+                temperature = evaluate_state(run, programs, progress, p_eval_step, checkpointer)
             end_epoch(run, progress, window, temperature, checkpointer, writer, log, clock)
         if checkpoint_due:
             with clock.paused():
                 save_checkpoint(checkpointer, progress)
+        if preempted:
+            wait_for_checkpoints(checkpointer)
+            raise Preempted(done, run.total_steps, checkpointer.directory)
+    if progress.step == run.total_steps and not progress.evaluated:  # a finished run resumed for its summary
+        log(f"--resume: step {progress.step}/{run.total_steps} was trained already, but the run left no summary: "
+            f"evaluating its last checkpoint")
+        evaluate_state(run, programs, progress, p_eval_step, checkpointer)
     return clock.summary()
 
 
@@ -452,17 +484,56 @@ def wait_for_checkpoints(checkpointer: ckpt_lib.Checkpointer) -> None:
         raise _checkpoint_failure(error, checkpointer) from None
 
 
+def finished_run(run: Run) -> Optional[Dict[str, Any]]:
+    """With ``--resume``, a run whose newest checkpoint is its last step and whose ``summary.json`` is complete
+    (its export written, if it exports) is done: its summary is returned as it is, and nothing is trained,
+    evaluated or written. A run whose last step was trained but whose summary is missing is evaluated and
+    summarised again by :func:`train_and_evaluate` (its last checkpoint restored, no step trained)."""
+    config = run.config
+    if not config.resume or not os.path.exists(os.path.join(config.workdir, "config.json")):
+        return None  # without the saved configuration, only a restore can tell whether the checkpoints fit
+    workdir_lib.check_resumable(config.workdir, config)
+    summary = workdir_lib.read_summary(config.workdir)
+    if (summary is None or summary.get("steps") != run.total_steps
+            or not isinstance(summary.get("eval_accuracy"), (int, float))
+            or (config.export and isinstance(summary.get("export"), dict) and "error" in summary["export"])
+            or ckpt_lib.committed_steps(config.workdir)[-1:] != [run.total_steps]):
+        return None
+    if run.primary:
+        print(f"--resume: {config.workdir} is already complete (step {run.total_steps}/{run.total_steps}); its "
+              f"summary is unchanged: {config.eval_split} accuracy {summary['eval_accuracy']:.4f}, "
+              f"{os.path.join(config.workdir, 'summary.json')}", flush=True)
+    return dict(summary, already_complete=True)
+
+
 def train_and_evaluate(config: Config) -> Dict[str, Any]:
-    """Train ``config``; returns the final metrics, the state and paths (see docs/training.md)."""
+    """Train ``config``; returns the final metrics, the state and paths (see docs/training.md). A ``--resume``
+    of a complete run returns its saved summary (:func:`finished_run`)."""
     run = set_up(config)
+    with contextlib.ExitStack() as held:  # the run folder's lock, held until the summary is written
+        lock_workdir(run, held)
+        complete = finished_run(run)
+        if complete is not None:
+            return complete
+        progress, checkpointer, data_timing, start_step, log = train(run)
+        return finish(run, progress, checkpointer, data_timing, start_step, time.time() - progress.train_start, log)
+
+
+def train(run: Run):
+    """Train from the start or the restored checkpoint to the last step; returns ``(progress, checkpointer,
+    data_timing, start_step, log)`` for :func:`finish`."""
     # Everything opened from here on is closed on every way out, in reverse order: the progress bar, the
-    # metrics writer, the data iterators (their worker processes stop) and last the checkpointer (it waits
-    # for a write in flight, also when the run stops with an error).
+    # metrics writer, the data iterators (their worker processes stop), the SIGTERM handler and last the
+    # checkpointer (it waits for a write in flight, also when the run stops with an error).
     with contextlib.ExitStack() as cleanup:
         checkpointer = open_checkpointer(run, cleanup)
+        notice = PreemptionNotice(run.config.distributed)
+        cleanup.callback(notice.close)
         programs = compile_steps(run)
         state = steps.train_state_from_variables(programs.init.result()(programs.init_key), run.model, run.tx)
         progress = restore_checkpoint(run, checkpointer, state, cleanup)
+        if progress.restored and run.primary:  # only now: a --resume that failed leaves config.json as it was
+            workdir_lib.write_config(run.config.workdir, run.config)
         start_step = progress.step
         progress.state, dropout_key = parallel.replicate((progress.state, programs.dropout_key), programs.replicated)
         programs = dataclasses.replace(programs, dropout_key=dropout_key)
@@ -472,15 +543,31 @@ def train_and_evaluate(config: Config) -> Dict[str, Any]:
         if run.primary:
             _announce(run)
         bar, log = _progress_bar(run, start_step, cleanup)
-        data_timing = train_steps(run, programs, progress, checkpointer, writer, bar, log)
+        data_timing = train_steps(run, programs, progress, checkpointer, writer, bar, log, notice)
         wait_for_checkpoints(checkpointer)
-    return finish(run, progress, checkpointer, data_timing, start_step, time.time() - progress.train_start, log)
+    return progress, checkpointer, data_timing, start_step, log
+
+
+def _export(run: Run, progress: Progress) -> Dict[str, Any]:
+    """The end-of-run export (:func:`~train.export.export_and_verify`); a write that fails (a full disk) is
+    returned as ``{'error': ...}``, so that the summary is still written (the checkpoints hold the state)."""
+    config = run.config
+    path = os.path.join(config.workdir, "model.safetensors")
+    variables = {"params": progress.state.params, "batch_stats": progress.state.batch_stats}
+    try:
+        return export_and_verify(config, run.model, variables, run.dataset.eval_examples(EXPORT_EXAMPLES),
+                                 run.dataset.num_classes, float(run.temperature_fn(run.total_steps)), path)
+    except (OSError, SafetensorError) as error:
+        return {"error": f"the export to {path} failed ({getattr(error, 'strerror', None) or error}); summary.json "
+                         f"is written and the checkpoints are intact: make room and run the same command with "
+                         f"--resume to export again"}
 
 
 def finish(run: Run, progress: Progress, checkpointer: ckpt_lib.Checkpointer, data_timing: Dict[str, float],
            start_step: int, elapsed: float, log) -> Dict[str, Any]:
     """The run's result (metrics, state, paths, data-wait timing); on process 0 also the export (with
-    ``--export``) and ``summary.json``."""
+    ``--export``) and ``summary.json`` (strict JSON). A failed export raises
+    :class:`~train.workdir.WorkdirError` after the summary is written."""
     config, total_steps, eval_metrics = run.config, run.total_steps, progress.eval_metrics
     result = {"workdir": config.workdir, "steps": total_steps, "eval_loss": eval_metrics["loss"],
               "eval_accuracy": eval_metrics["accuracy"], "seconds": elapsed, "state": progress.state,
@@ -488,14 +575,12 @@ def finish(run: Run, progress: Progress, checkpointer: ckpt_lib.Checkpointer, da
               **{k: data_timing[k] for k in ("data_wait_fraction", "host_data_wait_fraction", "first_batch_seconds")},
               "step_seconds": data_timing["steady_seconds"] / max(total_steps - start_step - 1, 1)}
     if config.export and run.primary:
-        variables = {"params": progress.state.params, "batch_stats": progress.state.batch_stats}
-        result["export"] = export_and_verify(
-            config, run.model, variables, run.dataset.eval_examples(EXPORT_EXAMPLES), run.dataset.num_classes,
-            float(run.temperature_fn(total_steps)), os.path.join(config.workdir, "model.safetensors"))
+        result["export"] = _export(run, progress)
     if run.primary:
         log(f"done: {total_steps} steps in {elapsed:.1f}s; {config.eval_split} accuracy "
             f"{eval_metrics['accuracy']:.4f}, loss {eval_metrics['loss']:.4f}"
             + (f"; skipped {progress.skipped} unreadable training image(s)" if progress.skipped else ""))
-        with open(os.path.join(config.workdir, "summary.json"), "w") as f:
-            json.dump({k: v for k, v in result.items() if k != "state"}, f, indent=2)
+        workdir_lib.write_summary(config.workdir, {k: v for k, v in result.items() if k != "state"})
+    if isinstance(result.get("export"), dict) and "error" in result["export"]:
+        raise workdir_lib.WorkdirError(result["export"]["error"])
     return result

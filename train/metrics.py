@@ -5,8 +5,9 @@ from __future__ import annotations
 import contextlib
 import csv
 import os
+import sys
 import time
-from typing import Dict, Optional
+from typing import Dict, List, Optional
 
 COLUMNS = ("epoch", "step", "train_loss", "train_accuracy", "eval_loss", "eval_accuracy",
            "learning_rate", "temperature", "seconds")
@@ -24,8 +25,7 @@ class MetricsWriter:
             return
         rows = []
         if resume_step is not None and os.path.exists(self.path):
-            with open(self.path, newline="") as f:
-                rows = [row for row in csv.DictReader(f) if int(row["step"]) <= resume_step]
+            rows = _rows_until(self.path, resume_step)
         with open(self.path, "w", newline="") as f:
             writer = csv.DictWriter(f, COLUMNS)
             writer.writeheader()
@@ -50,6 +50,30 @@ class MetricsWriter:
     def close(self) -> None:
         if self._tb is not None:
             self._tb.close()
+
+
+def _rows_until(path: str, step: int) -> List[Dict[str, str]]:
+    """The rows of ``path`` (``metrics.csv``) up to ``step``; a row that is not one the writer wrote (a column
+    missing or extra, a step that is not a number: a line edited or cut by a crash) is left out and named."""
+    rows, dropped = [], []
+    with open(path, newline="") as f:
+        reader = csv.DictReader(f)
+        try:
+            for row in reader:
+                try:
+                    valid = set(row) == set(COLUMNS) and None not in row.values() and int(row["step"]) >= 0
+                except ValueError:
+                    valid = False
+                if not valid:
+                    dropped.append(str(reader.line_num))
+                elif int(row["step"]) <= step:
+                    rows.append(row)
+        except csv.Error:  # not CSV from here on (e.g. a line of binary garbage)
+            dropped.append(f"{reader.line_num}-end")
+    if dropped:
+        print(f"WARNING: {path}: left out {len(dropped)} line(s) that are not metrics rows (line(s) "
+              f"{', '.join(dropped)})", file=sys.stderr, flush=True)
+    return rows
 
 
 class DataWaitClock:

@@ -13,6 +13,7 @@ from concurrent.futures import Executor, Future
 import numpy as np
 import jax
 import jax.numpy as jnp
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 
@@ -94,3 +95,9 @@ def replicate(tree, sharding: NamedSharding):
 def global_batch(sharding: NamedSharding, *local_arrays):
     """This process's slices of the global batch -> global ``jax.Array``s sharded on 'data'."""
     return tuple(jax.make_array_from_process_local_data(sharding, np.asarray(a)) for a in local_arrays)
+
+
+def any_process_failed(failed: bool) -> bool:
+    """Whether process 0 reports a failure (``failed`` on process 0), told to every process: a collective, so
+    every process calls it at the same point (one process alone raising would leave the others waiting)."""
+    return bool(multihost_utils.broadcast_one_to_all(np.int32(failed)))

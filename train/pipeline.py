@@ -28,7 +28,7 @@ from train.config import UsageError
 from train.data import Dataset
 from train.preprocess import DECODE_ERRORS
 from train.sources import MAX_CONSECUTIVE_BAD
-from train.worker_watchdog import exit_with_parent
+from train.worker_watchdog import WatchedIterator, worker_init
 
 # Salts that separate the random streams derived from the one user seed.
 _ORDER_STREAM, _AUGMENT_STREAM = 0, 1
@@ -143,17 +143,19 @@ class Pipeline:
         shapes = _batch_shapes(self.global_batch, self.dataset.image_shape)
         return tuple((shapes[key], BATCH_DTYPES[key]) for key in ("image", "label") + (() if train else ("mask",)))
 
-    def _iterate(self, dataset):
+    def _iterate(self, dataset, what: str):
         """grain iterator over ``dataset`` (a ``MapDataset`` of batches), in order, prepared by
-        ``self.workers`` processes (or a thread of this one), two batches ahead."""
+        ``self.workers`` processes (or a thread of this one), two batches ahead. With workers, a worker that
+        dies makes ``next()`` raise :class:`~train.worker_watchdog.WorkerDied` (``what`` names the batches)."""
         iterator = dataset.to_iter_dataset(grain.ReadOptions(num_threads=1, prefetch_buffer_size=2))
-        if self.workers:
-            if not flags.FLAGS.is_parsed():  # grain reads its absl flags when it starts workers
-                flags.FLAGS.mark_as_parsed()
-            iterator = iterator.mp_prefetch(grain.MultiprocessingOptions(num_workers=self.workers,
-                                                                         per_worker_buffer_size=2),
-                                            worker_init_fn=exit_with_parent)
-        return iter(iterator)
+        if not self.workers:
+            return iter(iterator)
+        if not flags.FLAGS.is_parsed():  # grain reads its absl flags when it starts workers
+            flags.FLAGS.mark_as_parsed()
+        iterator = iterator.mp_prefetch(grain.MultiprocessingOptions(num_workers=self.workers,
+                                                                     per_worker_buffer_size=2),
+                                        worker_init_fn=worker_init)
+        return WatchedIterator(iter(iterator), what)
 
     def train_dataset(self, total_steps: int):
         """grain ``MapDataset`` whose element ``s`` is this process's part of global batch ``s``."""
@@ -162,7 +164,7 @@ class Pipeline:
 
     def train_iterator(self, total_steps: int, start_step: int = 0):
         """grain iterator (``get_state``/``set_state``) over the batches of steps ``start_step .. total_steps-1``."""
-        return self._iterate(self.train_dataset(total_steps)[start_step:])
+        return self._iterate(self.train_dataset(total_steps)[start_step:], "training")
 
     def train_batch(self, step: int) -> Tuple[np.ndarray, np.ndarray]:
         """``(float32 images, int32 labels)`` of step ``step`` (this process's part), computed here."""
@@ -178,7 +180,7 @@ class Pipeline:
         if self._eval_iterator is None:
             dataset = grain.MapDataset.range(num_batches).repeat(None).map(
                 _EvalBatch(self.dataset, self.global_batch, self.local_slice))
-            self._eval_iterator = self._iterate(dataset)
+            self._eval_iterator = self._iterate(dataset, "eval")
         for _ in range(num_batches):
             yield next(self._eval_iterator)
 

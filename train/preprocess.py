@@ -31,15 +31,28 @@ RESIZED_CROP_TRIES = 10
 _FLIP, _CROP_Y, _CROP_X = 4 * RESIZED_CROP_TRIES, 4 * RESIZED_CROP_TRIES + 1, 4 * RESIZED_CROP_TRIES + 2
 NUM_DRAWS = 4 * RESIZED_CROP_TRIES + 3
 # What decoding a broken file raises (PIL: OSError incl. UnidentifiedImageError, SyntaxError for a
-# broken PNG chunk, zlib.error, EOFError, ValueError for bad headers).
-DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, zlib.error)
+# broken PNG chunk, zlib.error, EOFError, ValueError for bad headers, DecompressionBombError for an image of
+# more than 2 * Image.MAX_IMAGE_PIXELS pixels, which is not an OSError).
+DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, zlib.error, Image.DecompressionBombError)
+# PIL's modes of 16-bit grayscale ('I;16*': PNG, TIFF) and 32-bit integer pixels ('I': 16-bit PNGs in older
+# Pillows). PIL's convert() to 'L' clips them at 255 (a 16-bit image turns almost white): they are scaled.
+_WIDE_GRAY_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I")
+
+
+def to_8_bit(pixels: np.ndarray) -> np.ndarray:
+    """16-bit pixel values (0..65535; outside clipped) -> uint8 0..255, rounded: ``round(v * 255 / 65535)``."""
+    wide = np.clip(pixels, 0, 65535).astype(np.uint32)
+    return ((wide * 255 + 32767) // 65535).astype(np.uint8)
 
 
 def _decode_pil(data: bytes, channels: int):
     """Encoded image bytes -> a PIL image in mode 'RGB' (``channels=3``) or 'L', decoded once (no
-    conversion copy when the file already has that mode); raises one of :data:`DECODE_ERRORS`."""
+    conversion copy when the file already has that mode; 16-bit grayscale scaled to 8 bits); raises one of
+    :data:`DECODE_ERRORS`."""
     img = Image.open(io.BytesIO(data))  # in memory: nothing to close
     img.load()
+    if img.mode in _WIDE_GRAY_MODES:
+        img = Image.fromarray(to_8_bit(np.asarray(img)))
     mode = "RGB" if channels == 3 else "L"
     return img if img.mode == mode else img.convert(mode)
 
@@ -47,12 +60,14 @@ def _decode_pil(data: bytes, channels: int):
 def decode(image, channels: int) -> np.ndarray:
     """An encoded image (bytes) or a decoded array -> uint8 ``[H, W, channels]``.
 
-    Grayscale, grayscale+alpha, RGBA, palette and CMYK images become RGB for ``channels=3``;
-    raises one of :data:`DECODE_ERRORS` for an unreadable or truncated file."""
+    Grayscale, grayscale+alpha, RGBA, palette and CMYK images become RGB for ``channels=3``; 16-bit
+    images are scaled to 8 bits; raises one of :data:`DECODE_ERRORS` for an unreadable or truncated file."""
     if isinstance(image, (bytes, bytearray)):
         array = np.asarray(_decode_pil(image, channels))
     else:
         array = np.asarray(image)
+        if array.dtype == np.uint16:  # a 16-bit array (TFDS): scaled, not wrapped around by astype
+            array = to_8_bit(array)
     if array.ndim == 2:
         array = array[..., None]
     if array.shape[-1] == channels:

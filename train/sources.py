@@ -9,7 +9,9 @@ grow with the data set.
 """
 from __future__ import annotations
 
+import difflib
 import os
+import sys
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
@@ -52,8 +54,7 @@ class FolderSource:
             if not os.path.isdir(class_dir):
                 raise UsageError(f"imagefolder: class {name!r} has no folder {class_dir} in split {split!r} "
                                  f"(every class must be present in every split)")
-            found = [os.path.join(d, f) for d, _, files in sorted(os.walk(class_dir, followlinks=True))
-                     for f in sorted(files) if f.lower().endswith(IMAGE_EXTENSIONS) and not f.startswith(".")]
+            found = list_images(class_dir)
             if not found:
                 raise UsageError(f"imagefolder: no images ({', '.join(IMAGE_EXTENSIONS)}) in {class_dir}")
             self.paths += found
@@ -71,6 +72,29 @@ class FolderSource:
         return self.paths[index]
 
 
+def list_images(class_dir: str) -> List[str]:
+    """The image files under ``class_dir``, in the order of their sorted folders, then names.
+
+    Symbolic links to folders are followed (as torchvision's ImageFolder does), but each real folder is listed
+    once, and a link to a folder that holds ``class_dir`` (``loop -> ..``) is not entered: it would list the
+    class again, or the other classes under this class's label, until the path grew too long. Each link
+    skipped is named on stderr."""
+    top = os.path.realpath(class_dir)
+    listed, seen = [], set()
+    for folder, subfolders, files in os.walk(class_dir, followlinks=True):
+        real = os.path.realpath(folder)
+        holds_top = folder != class_dir and (top + os.sep).startswith(real.rstrip(os.sep) + os.sep)
+        if real in seen or holds_top:
+            why = "a folder listed already" if real in seen else "a folder that holds the class folder (a loop)"
+            print(f"WARNING: imagefolder: not following {folder}: it leads to {real}, {why}", file=sys.stderr,
+                  flush=True)
+            subfolders.clear()
+            continue
+        seen.add(real)
+        listed.append((folder, [f for f in files if f.lower().endswith(IMAGE_EXTENSIONS) and not f.startswith(".")]))
+    return [os.path.join(folder, f) for folder, files in sorted(listed) for f in sorted(files)]
+
+
 class TfdsSource:
     """A split of a TFDS dataset prepared as ArrayRecord, read with ``tfds.data_source``."""
 
@@ -78,14 +102,12 @@ class TfdsSource:
         import tensorflow_datasets as tfds  # here: seconds to import, and only TFDS datasets need it
 
         self.name, self.split = name, split
+        if data_dir is not None and not os.path.isdir(data_dir):
+            raise UsageError(f"--data_dir={data_dir}: no such directory")
         try:
             self.source = tfds.data_source(name, split=split, data_dir=data_dir, download=False)
         except Exception as error:  # TFDS raises several unrelated types for "not prepared"
-            raise UsageError(
-                f"could not open TFDS dataset {name!r} split {split!r} in data_dir={data_dir!r} "
-                f"({type(error).__name__}: {error}). Prepare it on a machine with internet: "
-                f"`tfds build {name} --data_dir=DIR --file_format=array_record`, then pass --data_dir=DIR"
-            ) from error
+            raise UsageError(_tfds_failure(tfds, name, split, data_dir, error)) from error
         features = self.source.dataset_info.features
         if "image" not in features or "label" not in features:
             raise UsageError(f"TFDS dataset {name!r} has features {sorted(features.keys())}; the training loop "
@@ -104,6 +126,22 @@ class TfdsSource:
 
     def describe(self, index: int) -> str:
         return f"TFDS {self.name} {self.split} record {index}"
+
+
+def _tfds_failure(tfds, name: str, split: str, data_dir: Optional[str], error: Exception) -> str:
+    """Why ``tfds.data_source`` failed, in one paragraph: an unknown name with the closest registered ones, else
+    the first line of TFDS's message (the rest can be its whole registry) and how to prepare the data."""
+    builders = tfds.list_builders(with_community_datasets=False)
+    base = name.split("/")[0].split(":")[0]
+    if base not in builders:
+        close = difflib.get_close_matches(base, builders + ["digits", "imagefolder"], n=3)
+        hint = f" (did you mean {', '.join(close)}?)" if close else ""
+        return (f"--dataset={name!r}: no TFDS dataset of that name{hint}; --dataset is 'digits', 'imagefolder' or "
+                f"a TFDS name (tfds.list_builders())")
+    first_line = (str(error).strip().splitlines() or [""])[0][:300]
+    return (f"could not open TFDS dataset {name!r} split {split!r} in data_dir={data_dir!r} "
+            f"({type(error).__name__}: {first_line}). Prepare it on a machine with internet: "
+            f"`tfds build {name} --data_dir=DIR --file_format=array_record`, then pass --data_dir=DIR")
 
 
 def load_digits_npz(path: str = DIGITS_PATH) -> Tuple[ArraySource, ArraySource]:
@@ -130,6 +168,9 @@ def open_folder(root: Optional[str], train_split: str, eval_split: str) -> Tuple
                                if os.path.isdir(os.path.join(split_dir, d)) and not d.startswith("."))
         if not splits[split]:
             raise UsageError(f"imagefolder: no class folders in {split_dir}")
+        if len(splits[split]) == 1:  # every prediction would be right: 'accuracy 1.0000' says nothing
+            raise UsageError(f"imagefolder: one class folder in {split_dir} ({splits[split][0]!r}); a classifier "
+                             f"needs at least 2 classes (ROOT/<split>/<class>/<image>)")
     only = sorted(set(splits[train_split]) ^ set(splits[eval_split]))
     if only:
         where = {c: (train_split if c in splits[train_split] else eval_split) for c in only}

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from typing import Any, Dict, Optional, Sequence, Tuple
 
+import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -147,8 +148,14 @@ def fuse_batchnorm(model: nn.Module, variables, input_shape: Optional[Sequence[i
     variables = as_linen_variables(model, variables, "fuse_batchnorm")
     if "params" not in variables:
         raise ValueError(f"fuse_batchnorm: variables have no 'params' collection (keys: {sorted(variables)})")
+    try:
+        pairs = conv_batchnorm_pairs(model, variables, input_shape)
+    except flax.errors.ScopeCollectionNotFound as error:  # e.g. {'params'} alone: the BatchNorms need more
+        raise ValueError(f"fuse_batchnorm: variables hold the collections {sorted(variables)}, and the model "
+                         f"reads one more: {error}. Pass all of model.init's variables (with 'batch_stats': "
+                         f"the running statistics the folding uses)") from None
     params, stats = variables["params"], variables.get("batch_stats", {})
-    for conv_path, bn_path, eps in conv_batchnorm_pairs(model, variables, input_shape):
+    for conv_path, bn_path, eps in pairs:
         conv, bn = _subtree(params, conv_path), _subtree(params, bn_path)
         running = _subtree(stats, bn_path)
         if "scale" not in bn or "bias" not in bn:

@@ -12,10 +12,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+import dynconv_spec
+
 from dynconv_jax.export.batchnorm import as_linen_variables, fuse_batchnorm
 
 # What a model raises when its variables or its input do not fit it (flax's scope errors are FlaxErrors).
 _MODEL_FIT_ERRORS = (ValueError, TypeError, flax.errors.FlaxError)
+#: The platforms ``jax.export`` lowers for (its ``platforms`` argument).
+SERVING_PLATFORMS = ("cpu", "cuda", "rocm", "tpu")
 
 
 def _variables_mismatch(model, variables, x_spec) -> Optional[str]:
@@ -53,6 +57,26 @@ def _check_serving_shape(input_shape, where: str) -> Tuple[Optional[int], ...]:
     return shape
 
 
+def _check_serving_options(temperature, platforms) -> None:
+    """``to_stablehlo``'s temperature (checked as the layers check a concrete one, before anything is traced,
+    so that a bad value is not taken for an input that does not fit) and platforms (a file lowered for an
+    unknown platform used to be written, and fail only when called)."""
+    if temperature is not None:
+        if np.ndim(temperature) != 0:
+            raise ValueError(f"to_stablehlo: temperature must be a scalar, got shape {np.shape(temperature)}")
+        dynconv_spec.check_temperature(temperature, "to_stablehlo")
+    if platforms is None:
+        return
+    if isinstance(platforms, str) or not isinstance(platforms, (tuple, list)) or not platforms:
+        raise ValueError(f"to_stablehlo: platforms={platforms!r}; expected a non-empty tuple of names from "
+                         f"{SERVING_PLATFORMS}, e.g. ('cpu', 'cuda')")
+    unknown = [p for p in platforms if p not in SERVING_PLATFORMS]
+    if unknown or len(set(platforms)) != len(platforms):
+        what = f"unknown {unknown}" if unknown else "a name twice"
+        raise ValueError(f"to_stablehlo: platforms={tuple(platforms)!r} has {what}; jax.export lowers for "
+                         f"{SERVING_PLATFORMS}")
+
+
 def to_stablehlo(model: nn.Module, variables, input_shape: Sequence[Optional[int]],
                  temperature: Optional[float] = None, *, fuse_bn: bool = True, dtype=jnp.float32,
                  platforms: Optional[Sequence[str]] = None) -> bytes:
@@ -70,7 +94,8 @@ def to_stablehlo(model: nn.Module, variables, input_shape: Sequence[Optional[int
       temperature: the attention temperature baked in (None: the layers' default).
       fuse_bn: fold BatchNorms into the preceding convs first (:func:`fuse_batchnorm`).
       dtype: the input dtype.
-      platforms: lowering platforms, e.g. ``('cpu', 'cuda')`` (default: the current backend).
+      platforms: lowering platforms, a tuple from :data:`SERVING_PLATFORMS`, e.g. ``('cpu', 'cuda')``
+        (default: the current backend).
 
     Returns the serialised module (bytes: a header and a checksum, then ``jax.export``'s payload).
 
@@ -86,6 +111,7 @@ def to_stablehlo(model: nn.Module, variables, input_shape: Sequence[Optional[int
       (5, 16, 16, 10)
     """
     shape = _check_serving_shape(input_shape, "to_stablehlo")
+    _check_serving_options(temperature, platforms)
     variables = as_linen_variables(model, variables, "to_stablehlo")
     concrete = (1,) + shape[1:]
     one_sample = jax.ShapeDtypeStruct(concrete, dtype)

@@ -10,6 +10,8 @@ from typing import Optional, Sequence, Tuple, Union
 import torch
 from torch import Tensor, nn
 
+from dynconv_spec.paths import check_output_file
+
 from ..condconv import CondConv2d
 from ._common import check_eval, refuse_kernelwarehouse
 from .batchnorm import fuse_bn
@@ -65,6 +67,7 @@ def to_onnx(model: nn.Module, path: Union[str, os.PathLike], input_shape: Sequen
         raise TypeError(f"to_onnx: expected a torch.nn.Module, got {type(model).__name__}")
     check_eval(model, "to_onnx")
     refuse_kernelwarehouse(model, "to_onnx")
+    path = check_output_file(path, "to_onnx: path")  # before the tracing, not after it
     shape = _check_input_shape(input_shape, "to_onnx")
     if opset is None:
         opset = ONNX_OPSETS[-1]
@@ -81,7 +84,6 @@ def to_onnx(model: nn.Module, path: Union[str, os.PathLike], input_shape: Sequen
         except (ValueError, RuntimeError) as error:
             raise ValueError(f"to_onnx: input_shape={tuple(input_shape)!r} does not fit "
                              f"{type(model).__name__}: {error}") from error
-    path = os.fspath(path)
     # The TorchScript exporter: the dynamo one measured several times slower (docs/tools.md).
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -124,6 +126,9 @@ def onnx_session(path: Union[str, os.PathLike], threads: Optional[int] = None):
 def check_onnx(model: nn.Module, path: Union[str, os.PathLike], x: Tensor, session=None) -> float:
     """``max|onnxruntime(x) - model(x)| / max|model(x)|`` for the eval-mode ``model`` and its export at ``path``.
 
+    A model in training mode is refused: it would compare batch statistics with the export's running ones (a
+    false error) and update the caller's BatchNorm running statistics.
+
     Examples:
       >>> import torch
       >>> from dynconv_torch import ODConv2d
@@ -135,6 +140,7 @@ def check_onnx(model: nn.Module, path: Union[str, os.PathLike], x: Tensor, sessi
       >>> check_onnx(layer, path, torch.randn(2, 4, 8, 8)) < 1e-5          # max|ORT - eager| / max|eager|
       True
     """
+    check_eval(model, "check_onnx")
     session = session or onnx_session(path)
     expected = model(x.float()).numpy()
     actual = session.run(None, {session.get_inputs()[0].name: x.float().numpy()})[0]
