@@ -999,7 +999,8 @@ def assembled_conv(x, assemble, kernel_shape, *, mix=None, strides: Sequence[int
       mix: ``(strides=, padding=, dilation=, precision=) -> [B, *S_out, Cout]``, the method's own mixing of
         static-conv outputs, run for ``strategy='mix'`` (None: the method has none).
       strides, padding, dilation, groups, precision: as :func:`dynamic_conv`.
-      strategy: 'vmap', 'shifted', 'patches', 'pointwise', 'map' (on the assembled kernels), 'mix', or
+      strategy: 'vmap', 'shifted', 'patches', 'pointwise', 'map' (on the assembled kernels; 'lean' runs as
+        'map'), 'mix', or
         'auto': :func:`choose_strategy`'s rule for this kernel shape with the 'mix' choice replaced by the
         per-sample-kernel strategy the rule takes otherwise (the cost of a method's mixing differs from the
         expert mixing the rule was measured for). Not measured: :mod:`dynconv_jax.autotune` times expert
@@ -1013,6 +1014,8 @@ def assembled_conv(x, assemble, kernel_shape, *, mix=None, strides: Sequence[int
             backend = jax.default_backend()
             strategy = "map" if backend == "cpu" else "pointwise" if all(k == 1 for k in kernel_shape[:-2]) \
                 else "patches"
+    if strategy == "lean":  # 'lean' is 'map' with each chunk's kernels mixed from experts: assembled here already
+        strategy = "map"
     if strategy == "mix":
         if mix is None:
             raise ValueError("strategy='mix' needs the method's own output mixing (mix=None)")
