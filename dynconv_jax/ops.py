@@ -999,7 +999,8 @@ def assembled_conv(x, assemble, kernel_shape, *, mix=None, strides: Sequence[int
       mix: ``(strides=, padding=, dilation=, precision=) -> [B, *S_out, Cout]``, the method's own mixing of
         static-conv outputs, run for ``strategy='mix'`` (None: the method has none).
       strides, padding, dilation, groups, precision: as :func:`dynamic_conv`.
-      strategy: 'vmap', 'shifted', 'patches', 'pointwise', 'map' (on the assembled kernels), 'mix', or
+      strategy: 'vmap', 'shifted', 'patches', 'pointwise', 'map' (on the assembled kernels; 'lean' runs as
+        'map'), 'mix', or
         'auto': :func:`choose_strategy`'s rule for this kernel shape with the 'mix' choice replaced by the
         per-sample-kernel strategy the rule takes otherwise, and a 'lean' choice by 'map' ('shifted' when
         depthwise), since 'lean' works from experts and attentions (the cost of a method's mixing differs from the
