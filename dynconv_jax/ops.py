@@ -510,7 +510,10 @@ _LEAN_CHUNK_VALUES = 2 ** 21
 
 def _chunk_size(batch: int, kernel_values: int) -> int:
     """Samples per chunk of 'lean': the largest divisor of ``batch`` whose kernels hold at most
-    ``_LEAN_CHUNK_VALUES`` values (at least 1)."""
+    ``_LEAN_CHUNK_VALUES`` values (at least 1); 1 for a symbolic batch (``jax.export``), which has no divisors
+    known while tracing."""
+    if not isinstance(batch, int):
+        return 1
     limit = max(1, _LEAN_CHUNK_VALUES // kernel_values)
     return max(c for c in range(1, min(limit, batch) + 1) if batch % c == 0)
 

@@ -217,14 +217,15 @@ def test_channel_and_filter_attention_placements(shape, expected, float64):
     arrays, geom = make_case(rng, rank=2, kernel=kernel, stride=stride, dilation=1, groups=1, padding="SAME",
                              spatial=True, channel=True, filt=True, bias=True, size=size,
                              cin_per_group=cin_per_group, cout_per_group=cout_per_group)
-    for strategy in set(ops.applicable_strategies((kernel, kernel))) - {"mix"}:
+    for strategy in set(ops.applicable_strategies((kernel, kernel))) - {"mix", "lean"}:
         placement = ops.attention_placement(arrays["x"].shape, arrays["experts"].shape, strides=geom["strides"],
                                             padding=geom["padding"], dilation=geom["dilation"], strategy=strategy,
                                             channel_attention=True, filter_attention=True)
         assert placement == expected, strategy
-    assert ops.attention_placement(arrays["x"].shape, arrays["experts"].shape, strides=geom["strides"],
-                                   padding=geom["padding"], dilation=geom["dilation"], strategy="mix",
-                                   channel_attention=True, filter_attention=True) == (False, False)
+    for strategy in ("mix", "lean"):  # no per-sample kernel ('lean' makes them chunk by chunk): the activations
+        assert ops.attention_placement(arrays["x"].shape, arrays["experts"].shape, strides=geom["strides"],
+                                       padding=geom["padding"], dilation=geom["dilation"], strategy=strategy,
+                                       channel_attention=True, filter_attention=True) == (False, False)
     check_all_strategies(arrays, geom)
 
 
