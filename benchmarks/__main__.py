@@ -1,4 +1,5 @@
 """``python -m benchmarks {strategies,layers,models,plans,serving,input,gpu} [--quick] [--out DIR]``."""
+
 from __future__ import annotations
 
 import argparse
@@ -12,7 +13,7 @@ SUITES = {
     "serving": "inference throughput of torch eager, ONNX Runtime, JAX jit and loaded StableHLO exports",
     "input": "the grain input pipeline on generated JPEG folders (throughput, peak RSS, data wait)",
     "gpu": "on a CUDA GPU, in one go: layers, models (training and serving; batch 32/128/256; float32 and "
-           "bfloat16) and memory, JAX and PyTorch (--dry-run: the same on CPU at tiny sizes)",
+    "bfloat16) and memory, JAX and PyTorch (--dry-run: the same on CPU at tiny sizes)",
 }
 
 
@@ -40,22 +41,40 @@ def _parser():
     parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__)
     parser.add_argument("suite", choices=list(SUITES), help="; ".join(f"{k}: {v}" for k, v in SUITES.items()))
     parser.add_argument("--quick", action="store_true", help="a small subset (a smoke test; still minutes on CPU)")
-    parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"),
-                        help="directory for the JSON + Markdown results (default: benchmarks/results)")
+    parser.add_argument(
+        "--out",
+        default=os.path.join(os.path.dirname(__file__), "results"),
+        help="directory for the JSON + Markdown results (default: benchmarks/results)",
+    )
     parser.add_argument("--repeats", type=int, default=None, help="timed rounds per candidate (median is reported)")
-    parser.add_argument("--threads", type=int, default=None,
-                        help="torch.set_num_threads (default: os.cpu_count(), what XLA:CPU uses)")
-    parser.add_argument("--models", default=None,
-                        help="models, plans, serving: comma-separated models (default: resnet18,mobilenet_v2)")
-    parser.add_argument("--formulations", action="store_true",
-                        help="serving: only compare the two ONNX formulations on single dynamic layers")
-    parser.add_argument("--convs", default=None,
-                        help="models, plans: comma-separated conv types (default: all; 'static' is always timed "
-                             "in models, as the reference)")
-    parser.add_argument("--plans", default=None, metavar="DIR",
-                        help="plans: reuse the plans saved in DIR by an earlier run instead of measuring")
-    parser.add_argument("--dry-run", action="store_true",
-                        help="gpu: run every table on the default backend at tiny sizes (the suite's own test)")
+    parser.add_argument(
+        "--threads", type=int, default=None, help="torch.set_num_threads (default: os.cpu_count(), what XLA:CPU uses)"
+    )
+    parser.add_argument(
+        "--models", default=None, help="models, plans, serving: comma-separated models (default: resnet18,mobilenet_v2)"
+    )
+    parser.add_argument(
+        "--formulations",
+        action="store_true",
+        help="serving: only compare the two ONNX formulations on single dynamic layers",
+    )
+    parser.add_argument(
+        "--convs",
+        default=None,
+        help="models, plans: comma-separated conv types (default: all; 'static' is always timed "
+        "in models, as the reference)",
+    )
+    parser.add_argument(
+        "--plans",
+        default=None,
+        metavar="DIR",
+        help="plans: reuse the plans saved in DIR by an earlier run instead of measuring",
+    )
+    parser.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="gpu: run every table on the default backend at tiny sizes (the suite's own test)",
+    )
     return parser
 
 
@@ -65,23 +84,30 @@ def _suite(args):
     convs = args.convs.split(",") if args.convs else None
     if args.suite == "strategies":
         from . import strategies as suite
+
         return suite, {}
     if args.suite == "layers":
         from . import layers as suite
+
         return suite, {"threads": args.threads}
     if args.suite == "serving":
         from . import serving as suite
+
         return suite, {"threads": args.threads, "models": models, "formulations": args.formulations}
     if args.suite == "input":
         from . import input as suite
+
         return suite, {}
     if args.suite == "plans":
         from . import plans as suite
+
         return suite, {"models": models, "convs": convs, "plans_dir": args.plans, "out_dir": args.out}
     if args.suite == "gpu":
         from . import gpu as suite
+
         return suite, {"threads": args.threads, "dry_run": args.dry_run}
     from . import models as suite
+
     return suite, {"threads": args.threads, "models": models, "convs": convs}
 
 

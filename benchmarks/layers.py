@@ -7,6 +7,7 @@ warm-up then interleaved rounds, median. Peak memory: XLA's compiled
 ``memory_analysis`` (temporaries of the fwd+bwd program) and, on a GPU,
 ``torch.cuda.max_memory_allocated``.
 """
+
 from __future__ import annotations
 
 import math
@@ -37,8 +38,7 @@ _LAYERS = [
     ("MobileNetV2 ImageNet project 1x1", (28, 28), 192, 32, 1, 1, 1),
 ]
 BATCHES = (1, 32, 128)
-QUICK = [("ResNet-18 CIFAR layer1 3x3", 32), ("ResNet-18 CIFAR layer3 3x3", 32),
-         ("MobileNetV2 CIFAR expand 1x1", 32)]
+QUICK = [("ResNet-18 CIFAR layer1 3x3", 32), ("ResNet-18 CIFAR layer3 3x3", 32), ("MobileNetV2 CIFAR expand 1x1", 32)]
 # On CPU, shapes whose static forward exceeds this many multiply-adds are skipped: with
 # 4 layer kinds x 2 frameworks x fwd/fwd+bwd x repeats they would push the run past ~8 minutes.
 CPU_MAX_MACS = 2.0e9
@@ -56,8 +56,13 @@ def shapes(quick: bool, backend: str):
             if backend == "cpu" and macs > CPU_MAX_MACS:
                 skipped.append((row, f"{macs / 1e9:.1f} GMAC static forward > {CPU_MAX_MACS / 1e9:.0f} on CPU"))
             elif backend == "cpu" and groups == cin and batch > 1:
-                skipped.append((row, "XLA:CPU's depthwise conv backward takes seconds per call (1.8 s static at "
-                                     "B32 28x28x144), too slow for the CPU budget"))
+                skipped.append(
+                    (
+                        row,
+                        "XLA:CPU's depthwise conv backward takes seconds per call (1.8 s static at "
+                        "B32 28x28x144), too slow for the CPU budget",
+                    )
+                )
             else:
                 chosen.append(row)
     return chosen, skipped
@@ -68,8 +73,9 @@ def _jax_layers(cin, cout, k, stride, groups):
 
     import dynconv_jax
 
-    common = dict(features=cout, kernel_size=(k, k), strides=(stride, stride), padding="SAME",
-                  feature_group_count=groups)
+    common = dict(
+        features=cout, kernel_size=(k, k), strides=(stride, stride), padding="SAME", feature_group_count=groups
+    )
     return {
         "static": nn.Conv(use_bias=False, **common),
         "condconv": dynconv_jax.CondConv(**common),
@@ -162,30 +168,76 @@ def measure(rows, repeats):
         torch_res = _torch_times(batch, spatial, cin, cout, k, stride, groups, repeats)
         tf, tb, tm = torch_res if torch_res else ({}, {}, {})
         label = f"{name} B{batch} {'x'.join(map(str, spatial))}"
-        records.append({"layer": name, "batch": batch, "spatial": spatial, "cin": cin, "cout": cout, "kernel": k,
-                        "stride": stride, "groups": groups,
-                        "jax": {kind: {"forward": jf[kind], "forward_backward": jb[kind], "peak_bytes": jm[kind]}
-                                for kind in KINDS},
-                        "torch": {kind: {"forward": tf.get(kind), "forward_backward": tb.get(kind),
-                                         "peak_bytes": tm.get(kind)} for kind in KINDS} if torch_res else None})
+        records.append(
+            {
+                "layer": name,
+                "batch": batch,
+                "spatial": spatial,
+                "cin": cin,
+                "cout": cout,
+                "kernel": k,
+                "stride": stride,
+                "groups": groups,
+                "jax": {
+                    kind: {"forward": jf[kind], "forward_backward": jb[kind], "peak_bytes": jm[kind]} for kind in KINDS
+                },
+                "torch": {
+                    kind: {"forward": tf.get(kind), "forward_backward": tb.get(kind), "peak_bytes": tm.get(kind)}
+                    for kind in KINDS
+                }
+                if torch_res
+                else None,
+            }
+        )
         for kind in KINDS:
             mb = "–" if jm[kind] is None else f"{jm[kind] / 2**20:.0f}"
             tmb = "–" if tm.get(kind) is None else f"{tm[kind] / 2**20:.0f}"
-            table.append([label, kind, fmt_ms(jf[kind]), fmt_ratio(jf[kind], jf["static"]), fmt_ms(jb[kind]),
-                          fmt_ratio(jb[kind], jb["static"]), mb, fmt_ms(tf.get(kind)), fmt_ms(tb.get(kind)),
-                          fmt_ratio(tb.get(kind), tb.get("static")), tmb, fmt_ratio(jb[kind], tb.get(kind))])
-        print(label + ": " + ", ".join(f"{kind} jax {fmt_ms(jb[kind])} torch {fmt_ms(tb.get(kind))} ms"
-                                       for kind in KINDS), flush=True)
+            table.append(
+                [
+                    label,
+                    kind,
+                    fmt_ms(jf[kind]),
+                    fmt_ratio(jf[kind], jf["static"]),
+                    fmt_ms(jb[kind]),
+                    fmt_ratio(jb[kind], jb["static"]),
+                    mb,
+                    fmt_ms(tf.get(kind)),
+                    fmt_ms(tb.get(kind)),
+                    fmt_ratio(tb.get(kind), tb.get("static")),
+                    tmb,
+                    fmt_ratio(jb[kind], tb.get(kind)),
+                ]
+            )
+        print(
+            label
+            + ": "
+            + ", ".join(f"{kind} jax {fmt_ms(jb[kind])} torch {fmt_ms(tb.get(kind))} ms" for kind in KINDS),
+            flush=True,
+        )
     return records, table
 
 
-HEADER = ("float32, K = 4 experts, SAME padding (PyTorch: padding k//2), layers in training mode (batch 1: eval-mode "
-          "attention, since ODConv's attention BatchNorm cannot train on one sample). fwd+bwd = loss, gradients "
-          "w.r.t. input and all parameters. Ratios: dynamic / static of the same framework, and JAX / PyTorch for "
-          "fwd+bwd (< 1 = JAX faster). JAX memory: XLA temporaries + outputs of the compiled fwd+bwd program; "
-          "torch memory: CUDA peak of one fwd+bwd above the memory allocated before it (GPU only).\n\n")
-COLUMNS = ["layer", "kind", "JAX fwd ms", "/static", "JAX fwd+bwd ms", "/static", "JAX MiB", "torch fwd ms",
-           "torch fwd+bwd ms", "/static", "torch CUDA MiB", "JAX/torch fwd+bwd"]
+HEADER = (
+    "float32, K = 4 experts, SAME padding (PyTorch: padding k//2), layers in training mode (batch 1: eval-mode "
+    "attention, since ODConv's attention BatchNorm cannot train on one sample). fwd+bwd = loss, gradients "
+    "w.r.t. input and all parameters. Ratios: dynamic / static of the same framework, and JAX / PyTorch for "
+    "fwd+bwd (< 1 = JAX faster). JAX memory: XLA temporaries + outputs of the compiled fwd+bwd program; "
+    "torch memory: CUDA peak of one fwd+bwd above the memory allocated before it (GPU only).\n\n"
+)
+COLUMNS = [
+    "layer",
+    "kind",
+    "JAX fwd ms",
+    "/static",
+    "JAX fwd+bwd ms",
+    "/static",
+    "JAX MiB",
+    "torch fwd ms",
+    "torch fwd+bwd ms",
+    "/static",
+    "torch CUDA MiB",
+    "JAX/torch fwd+bwd",
+]
 
 
 def setup_torch(threads):
@@ -205,6 +257,5 @@ def run(quick: bool, repeats: int, threads=None):
     records, table = measure(rows_todo, repeats)
     md = HEADER + markdown_table(COLUMNS, table)
     if skipped:
-        md += "\n\nSkipped on this backend:\n\n" + "\n".join(
-            f"- {r[0]} B{r[1]}: {why}" for r, why in skipped)
+        md += "\n\nSkipped on this backend:\n\n" + "\n".join(f"- {r[0]} B{r[1]}: {why}" for r, why in skipped)
     return {"results": records, "skipped": [{"layer": r[0], "batch": r[1], "why": why} for r, why in skipped]}, md

@@ -13,6 +13,7 @@ peak RSS reset through ``/proc/self/clear_refs``, then ``VmHWM`` - ``VmRSS``); P
 ``torch.cuda.max_memory_allocated`` on a GPU (not measured on CPU). Time to the first step: from
 building the model to the first step's result (init, tracing, compiling, one step), defaults only.
 """
+
 from __future__ import annotations
 
 import os
@@ -33,9 +34,9 @@ MODELS = ("resnet18", "mobilenet_v2")
 MODEL_ARGS = dict(num_classes=10, stem="cifar")
 QUICK_SIZE = {"resnet18": dict(base_width=8), "mobilenet_v2": dict(width_mult=0.25)}
 #: The goals of the performance issue, checked per row (docs/performance.md).
-GOAL_TIME_VS_STATIC = 1.6     # dynamic step time / static step time, JAX, ResNet-18
-GOAL_JAX_OVER_TORCH = 2.0     # JAX images/s / PyTorch images/s, dynamic models
-GOAL_MEMORY_VS_STATIC = {"resnet18": 2.0, "mobilenet_v2": 1.5}   # peak step memory / static, JAX
+GOAL_TIME_VS_STATIC = 1.6  # dynamic step time / static step time, JAX, ResNet-18
+GOAL_JAX_OVER_TORCH = 2.0  # JAX images/s / PyTorch images/s, dynamic models
+GOAL_MEMORY_VS_STATIC = {"resnet18": 2.0, "mobilenet_v2": 1.5}  # peak step memory / static, JAX
 
 
 def model_kwargs(name, conv, quick):
@@ -78,8 +79,9 @@ def training_step(model, variables, x):
     tx = optax.sgd(0.1, momentum=0.9)
 
     def loss_fn(params, state, x, labels, key):
-        logits, new_state = model.apply({"params": params, **state}, x, train=True, mutable=list(state),
-                                        rngs={"dropout": key})
+        logits, new_state = model.apply(
+            {"params": params, **state}, x, train=True, mutable=list(state), rngs={"dropout": key}
+        )
         loss = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), labels).mean()
         return loss, new_state
 
@@ -95,10 +97,16 @@ def compiled_memory(compiled):
     """XLA's memory analysis of a compiled program in bytes (None where the backend has none)."""
     try:
         analysis = compiled.memory_analysis()
-        return {"temp_bytes": int(analysis.temp_size_in_bytes),
-                "argument_bytes": int(analysis.argument_size_in_bytes),
-                "peak_bytes": int(analysis.argument_size_in_bytes + analysis.output_size_in_bytes
-                                  + analysis.temp_size_in_bytes - analysis.alias_size_in_bytes)}
+        return {
+            "temp_bytes": int(analysis.temp_size_in_bytes),
+            "argument_bytes": int(analysis.argument_size_in_bytes),
+            "peak_bytes": int(
+                analysis.argument_size_in_bytes
+                + analysis.output_size_in_bytes
+                + analysis.temp_size_in_bytes
+                - analysis.alias_size_in_bytes
+            ),
+        }
     except Exception:  # memory_analysis is not implemented on every backend
         return None
 
@@ -147,8 +155,11 @@ def jax_candidate(name, conv, batch, quick, strategy="auto", dtype=None):
     step, args = jax_training_step(name, conv, batch, quick, strategy=strategy, dtype=dtype)
     run = DonatingStep(step, args)
     jax.block_until_ready(run())
-    record = {"first_step_s": time.perf_counter() - start, "jax_memory": compiled_memory(run.compiled),
-              "jax_rss_step_bytes": step_rss_growth(run)}
+    record = {
+        "first_step_s": time.perf_counter() - start,
+        "jax_memory": compiled_memory(run.compiled),
+        "jax_rss_step_bytes": step_rss_growth(run),
+    }
     return run, record
 
 
@@ -234,12 +245,14 @@ def measure_model(name, convs, batch, quick, repeats, have_torch, sync_torch, dt
         records[conv] = {"model": name, "conv": conv, "batch": batch, **record, "torch_cuda_peak_bytes": None}
         if have_torch:
             runs[("torch", conv)], records[conv]["torch_cuda_peak_bytes"] = torch_candidate(
-                name, conv, batch, quick, dtype=torch_dtype)
+                name, conv, batch, quick, dtype=torch_dtype
+            )
         print(f"{name} {conv} B{batch}: first step {record['first_step_s']:.1f} s", flush=True)
     candidates = {f"{fw} {conv}": run for (fw, conv), run in runs.items()}
     sync = {"jax": jax.block_until_ready, "torch": sync_torch}
-    times = median_times({k: synced(r, sync[k.split()[0]]) for k, r in candidates.items()},
-                         repeats=repeats, sync=lambda _: None)
+    times = median_times(
+        {k: synced(r, sync[k.split()[0]]) for k, r in candidates.items()}, repeats=repeats, sync=lambda _: None
+    )
     for conv, r in records.items():
         r["jax_step_s"], r["torch_step_s"] = times[f"jax {conv}"], times.get(f"torch {conv}")
         r["jax_images_per_s"] = batch / r["jax_step_s"]
@@ -254,44 +267,82 @@ def _row(r, static):
     speedup = _ratio(r["torch_step_s"], r["jax_step_s"])
     memory_ratio = _ratio(peak, (static["jax_memory"] or {}).get("peak_bytes"))
     time_goal = GOAL_TIME_VS_STATIC if r["model"] == "resnet18" else None
-    goals = "; ".join([f"time {_goal(time_ratio, time_goal)}",
-                       f"vs torch {_goal(speedup, GOAL_JAX_OVER_TORCH, higher_is_better=True)}",
-                       f"memory {_goal(memory_ratio, GOAL_MEMORY_VS_STATIC.get(r['model']))}"])
-    return [r["model"], r["conv"], r["batch"], _fmt(r["jax_images_per_s"], "{:.1f}"), _fmt(time_ratio),
-            _fmt(r["first_step_s"], "{:.1f}"), _fmt(_mib(peak), "{:.0f}"),
-            _fmt(_mib((r["jax_memory"] or {}).get("temp_bytes")), "{:.0f}"), _fmt(memory_ratio),
-            _fmt(_mib(r["jax_rss_step_bytes"]), "{:.0f}"), _fmt(r["torch_images_per_s"], "{:.1f}"),
-            _fmt(_ratio(static["torch_step_s"], r["torch_step_s"])), _fmt(_mib(r["torch_cuda_peak_bytes"]), "{:.0f}"),
-            fmt_ratio(r["torch_step_s"], r["jax_step_s"]), goals if r["conv"] != "static" else ""]
+    goals = "; ".join(
+        [
+            f"time {_goal(time_ratio, time_goal)}",
+            f"vs torch {_goal(speedup, GOAL_JAX_OVER_TORCH, higher_is_better=True)}",
+            f"memory {_goal(memory_ratio, GOAL_MEMORY_VS_STATIC.get(r['model']))}",
+        ]
+    )
+    return [
+        r["model"],
+        r["conv"],
+        r["batch"],
+        _fmt(r["jax_images_per_s"], "{:.1f}"),
+        _fmt(time_ratio),
+        _fmt(r["first_step_s"], "{:.1f}"),
+        _fmt(_mib(peak), "{:.0f}"),
+        _fmt(_mib((r["jax_memory"] or {}).get("temp_bytes")), "{:.0f}"),
+        _fmt(memory_ratio),
+        _fmt(_mib(r["jax_rss_step_bytes"]), "{:.0f}"),
+        _fmt(r["torch_images_per_s"], "{:.1f}"),
+        _fmt(_ratio(static["torch_step_s"], r["torch_step_s"])),
+        _fmt(_mib(r["torch_cuda_peak_bytes"]), "{:.0f}"),
+        fmt_ratio(r["torch_step_s"], r["jax_step_s"]),
+        goals if r["conv"] != "static" else "",
+    ]
 
 
 def table(records):
     """The Markdown table of the records (each row against its model's static row)."""
-    rows = [_row(r, next(s for s in records if s["model"] == r["model"] and s["conv"] == "static"))
-            for r in records]
-    return markdown_table(["model", "conv", "batch", "JAX img/s", "JAX time vs static", "JAX first step s",
-                           "JAX peak MiB", "JAX temp MiB", "JAX peak vs static", "JAX step RSS growth MiB",
-                           "torch img/s", "torch vs static", "torch CUDA peak MiB", "JAX speed-up over torch",
-                           "goals"], rows)
+    rows = [_row(r, next(s for s in records if s["model"] == r["model"] and s["conv"] == "static")) for r in records]
+    return markdown_table(
+        [
+            "model",
+            "conv",
+            "batch",
+            "JAX img/s",
+            "JAX time vs static",
+            "JAX first step s",
+            "JAX peak MiB",
+            "JAX temp MiB",
+            "JAX peak vs static",
+            "JAX step RSS growth MiB",
+            "torch img/s",
+            "torch vs static",
+            "torch CUDA peak MiB",
+            "JAX speed-up over torch",
+            "goals",
+        ],
+        rows,
+    )
 
 
 def run(quick: bool, repeats: int, threads=None, models=None, convs=None):
     backend = jax.default_backend()
     batch = 8 if quick else (32 if backend == "cpu" else 128)
-    convs = ("static",) + tuple(c for c in convs if c != "static") if convs else (
-        ("static", "dynamic") if quick else CONVS)
+    convs = (
+        ("static",) + tuple(c for c in convs if c != "static") if convs else (("static", "dynamic") if quick else CONVS)
+    )
     have_torch, sync_torch = setup_torch(threads)
     records = []
     for name in check_models(models or MODELS):
         records += measure_model(name, convs, batch, quick, repeats, have_torch, sync_torch)
-    md = ("One training step (forward, cross-entropy, backward, SGD-momentum update) on 32x32 random images, "
-          "CIFAR stems, 10 classes, JAX with strategy='auto' (the fixed rules) and donated state, every "
-          "candidate of a model timed in interleaved rounds, median. JAX first step: building the model to the "
-          "first step's result (init, trace, compile, one step). JAX memory: XLA's compiled memory analysis of "
-          "the step (peak = arguments + outputs + temporaries - aliased; temp = temporaries) and the resident "
-          "set's growth during one step. torch memory: CUDA peak of one step (GPU only). Goals: JAX step time "
-          f"≤ {GOAL_TIME_VS_STATIC}× static (ResNet-18), JAX ≥ {GOAL_JAX_OVER_TORCH}× PyTorch's images/s, JAX "
-          f"peak memory ≤ {GOAL_MEMORY_VS_STATIC['resnet18']}× static (ResNet-18) / "
-          f"{GOAL_MEMORY_VS_STATIC['mobilenet_v2']}× (MobileNetV2).\n\n")
-    return {"models": list(models or MODELS), "model_args": MODEL_ARGS, "batch": batch, "quick": quick,
-            "results": records}, md + table(records)
+    md = (
+        "One training step (forward, cross-entropy, backward, SGD-momentum update) on 32x32 random images, "
+        "CIFAR stems, 10 classes, JAX with strategy='auto' (the fixed rules) and donated state, every "
+        "candidate of a model timed in interleaved rounds, median. JAX first step: building the model to the "
+        "first step's result (init, trace, compile, one step). JAX memory: XLA's compiled memory analysis of "
+        "the step (peak = arguments + outputs + temporaries - aliased; temp = temporaries) and the resident "
+        "set's growth during one step. torch memory: CUDA peak of one step (GPU only). Goals: JAX step time "
+        f"≤ {GOAL_TIME_VS_STATIC}× static (ResNet-18), JAX ≥ {GOAL_JAX_OVER_TORCH}× PyTorch's images/s, JAX "
+        f"peak memory ≤ {GOAL_MEMORY_VS_STATIC['resnet18']}× static (ResNet-18) / "
+        f"{GOAL_MEMORY_VS_STATIC['mobilenet_v2']}× (MobileNetV2).\n\n"
+    )
+    return {
+        "models": list(models or MODELS),
+        "model_args": MODEL_ARGS,
+        "batch": batch,
+        "quick": quick,
+        "results": records,
+    }, md + table(records)

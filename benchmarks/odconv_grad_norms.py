@@ -13,6 +13,7 @@ parameter name: ``conv1``, ``bn1``, ``layer1`` .. ``layer4``, ``fc``) plus ``att
 parameter under an ``attention`` module). Prints and writes ``DIR/odconv_grad_norms_torch.md``
 and ``.csv``. Used in docs/training.md.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -34,8 +35,10 @@ def first_batch():
 
     config = Config()
     images, labels = Pipeline(data_lib.load_dataset(config), config.batch_size, config.seed).train_batch(0)
-    return (torch.from_numpy(np.asarray(images)).permute(0, 3, 1, 2).contiguous(),
-            torch.from_numpy(np.asarray(labels)).long())
+    return (
+        torch.from_numpy(np.asarray(images)).permute(0, 3, 1, 2).contiguous(),
+        torch.from_numpy(np.asarray(labels)).long(),
+    )
 
 
 def grad_norms(model, images, labels, temperature: float) -> Dict[str, float]:
@@ -69,15 +72,31 @@ def measure(seeds: Sequence[int], temperatures: Sequence[float], bn_inits: Seque
     for bn_init in bn_inits:
         for seed in seeds:
             torch.manual_seed(seed)
-            model = resnet18(conv="odconv", num_experts=4, num_classes=10, in_channels=1, stem="cifar",
-                             base_width=16, dropout=0.0, conv_options={"attention_bn_init": bn_init})
+            model = resnet18(
+                conv="odconv",
+                num_experts=4,
+                num_classes=10,
+                in_channels=1,
+                stem="cifar",
+                base_width=16,
+                dropout=0.0,
+                conv_options={"attention_bn_init": bn_init},
+            )
             initial = {k: v.clone() for k, v in model.state_dict().items()}
             for temperature in temperatures:
                 model.load_state_dict(initial)  # train-mode forwards update the running statistics
-                rows.append({"attention_bn_init": bn_init, "seed": seed, "temperature": temperature,
-                             **grad_norms(model, images, labels, temperature)})
-                print(f"attention_bn_init={bn_init} seed={seed} T={temperature:g}: global {rows[-1]['global']:.4g}",
-                      flush=True)
+                rows.append(
+                    {
+                        "attention_bn_init": bn_init,
+                        "seed": seed,
+                        "temperature": temperature,
+                        **grad_norms(model, images, labels, temperature),
+                    }
+                )
+                print(
+                    f"attention_bn_init={bn_init} seed={seed} T={temperature:g}: global {rows[-1]['global']:.4g}",
+                    flush=True,
+                )
     return rows
 
 
@@ -88,15 +107,25 @@ def markdown(rows: Sequence[Dict]) -> str:
     temps = list(dict.fromkeys(r["temperature"] for r in rows))
     cell = {(r["attention_bn_init"], r["seed"], r["temperature"]): r for r in rows}
     head = " | ".join(f"γ={g:g}: T={t:g}" for g in inits for t in temps)
-    lines = ["Global gradient norm of the first step (dynconv_torch ResNet-18, ODConv):", "",
-             f"| seed | {head} |", "|---|" + "---|" * (len(inits) * len(temps))]
+    lines = [
+        "Global gradient norm of the first step (dynconv_torch ResNet-18, ODConv):",
+        "",
+        f"| seed | {head} |",
+        "|---|" + "---|" * (len(inits) * len(temps)),
+    ]
     for seed in seeds:
-        lines.append(f"| {seed} | " + " | ".join(f"{cell[g, seed, t]['global']:.3g}" for g in inits for t in temps)
-                     + " |")
+        lines.append(
+            f"| {seed} | " + " | ".join(f"{cell[g, seed, t]['global']:.3g}" for g in inits for t in temps) + " |"
+        )
     low = min(temps)
     stages = [k for k in rows[0] if k not in ("attention_bn_init", "seed", "temperature", "global")]
-    lines += ["", f"Per stage at T={low:g}:", "", "| γ | seed | " + " | ".join(stages) + " |",
-              "|---|---|" + "---|" * len(stages)]
+    lines += [
+        "",
+        f"Per stage at T={low:g}:",
+        "",
+        "| γ | seed | " + " | ".join(stages) + " |",
+        "|---|---|" + "---|" * len(stages),
+    ]
     for g in inits:
         for seed in seeds:
             lines.append(f"| {g:g} | {seed} | " + " | ".join(f"{cell[g, seed, low][s]:.3g}" for s in stages) + " |")
@@ -104,7 +133,9 @@ def markdown(rows: Sequence[Dict]) -> str:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.odconv_grad_norms", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks.odconv_grad_norms", description=__doc__.split("\n\n")[0]
+    )
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--temperatures", default="30,1")
     parser.add_argument("--attention_bn_init", default="1.0,0.1")

@@ -9,6 +9,7 @@ XLA:CPU the depthwise problems skip 'mix' (K static depthwise convs: 5-94 s per 
 docs/performance.md), which no rule picks either. ``--plans DIR`` reuses the plans saved by an earlier run
 (``<model>_<conv>.json``) instead of measuring again; every run saves its plans under ``<out>/plans_<device>``.
 """
+
 from __future__ import annotations
 
 import json
@@ -44,11 +45,18 @@ def tune_step(step, args, backend):
         skip = _skipped(problem, backend)
         seconds = autotune.measure_problem(problem, [s for s in ops.STRATEGIES if s not in skip])
         choices[key] = min(seconds, key=seconds.get)
-        measurements[key] = {"seconds": seconds, "rule": problem.rule, "count": problem.count,
-                             "differentiated": problem.differentiated, "not_measured": list(skip)}
-        print(f"  {_describe(key)}: rule {problem.rule}, tuned {choices[key]} "
-              + " ".join(f"{n}={t * 1e3:.1f}ms" for n, t in sorted(seconds.items(), key=lambda kv: kv[1])),
-              flush=True)
+        measurements[key] = {
+            "seconds": seconds,
+            "rule": problem.rule,
+            "count": problem.count,
+            "differentiated": problem.differentiated,
+            "not_measured": list(skip),
+        }
+        print(
+            f"  {_describe(key)}: rule {problem.rule}, tuned {choices[key]} "
+            + " ".join(f"{n}={t * 1e3:.1f}ms" for n, t in sorted(seconds.items(), key=lambda kv: kv[1])),
+            flush=True,
+        )
     return Plan(choices, measurements), time.perf_counter() - start
 
 
@@ -57,8 +65,10 @@ def _describe(key):
     p = json.loads(key)
     kernel = "x".join(map(str, p["experts"][1:-2]))
     attentions = "+".join(a.split("_")[0] for a in p["attentions"] if a != "kernel_attention") or "-"
-    return (f"{'x'.join(map(str, p['x'][1:-1]))}x{p['x'][-1]} {kernel}/{p['strides'][0]} →{p['experts'][-1]}"
-            f" g{p['groups']} {attentions}")
+    return (
+        f"{'x'.join(map(str, p['x'][1:-1]))}x{p['x'][-1]} {kernel}/{p['strides'][0]} →{p['experts'][-1]}"
+        f" g{p['groups']} {attentions}"
+    )
 
 
 def _problem_rows(name, conv, plan):
@@ -67,9 +77,18 @@ def _problem_rows(name, conv, plan):
         m = plan.measurements[key]
         seconds = m["seconds"]
         rule_s = seconds.get(m["rule"])
-        rows.append([name, conv, _describe(key), m["count"], m["rule"], choice,
-                     "–" if rule_s is None else f"{rule_s / seconds[choice]:.2f}×",
-                     ", ".join(f"{n} {t * 1e3:.1f}" for n, t in sorted(seconds.items(), key=lambda kv: kv[1]))])
+        rows.append(
+            [
+                name,
+                conv,
+                _describe(key),
+                m["count"],
+                m["rule"],
+                choice,
+                "–" if rule_s is None else f"{rule_s / seconds[choice]:.2f}×",
+                ", ".join(f"{n} {t * 1e3:.1f}" for n, t in sorted(seconds.items(), key=lambda kv: kv[1])),
+            ]
+        )
     return rows
 
 
@@ -94,24 +113,57 @@ def run(quick: bool, repeats: int, models=None, convs=None, plans_dir=None, out_
             planned_step, planned_args = jax_training_step(name, conv, batch, quick, strategy=plan)
             runs = {"rules": DonatingStep(step, args), "plan": DonatingStep(planned_step, planned_args)}
             times = median_times(runs, repeats=repeats, sync=jax.block_until_ready)
-            record = {"model": name, "conv": conv, "batch": batch, "tune_s": tune_s, "rules_step_s": times["rules"],
-                      "plan_step_s": times["plan"], "estimated_speedup": plan.estimated_speedup(),
-                      "plan": json.loads(plan.to_json())}
+            record = {
+                "model": name,
+                "conv": conv,
+                "batch": batch,
+                "tune_s": tune_s,
+                "rules_step_s": times["rules"],
+                "plan_step_s": times["plan"],
+                "estimated_speedup": plan.estimated_speedup(),
+                "plan": json.loads(plan.to_json()),
+            }
             records.append(record)
             problem_rows += _problem_rows(name, conv, plan)
             ratio = times["rules"] / times["plan"]
-            rows.append([name, conv, batch, f"{times['rules']:.3f}", f"{times['plan']:.3f}", f"{ratio:.2f}×",
-                         "met" if ratio <= 1.1 else "not met", f"{record['estimated_speedup']:.2f}×",
-                         "–" if tune_s is None else f"{tune_s:.0f}"])
+            rows.append(
+                [
+                    name,
+                    conv,
+                    batch,
+                    f"{times['rules']:.3f}",
+                    f"{times['plan']:.3f}",
+                    f"{ratio:.2f}×",
+                    "met" if ratio <= 1.1 else "not met",
+                    f"{record['estimated_speedup']:.2f}×",
+                    "–" if tune_s is None else f"{tune_s:.0f}",
+                ]
+            )
             print(f"{name} {conv}: rules {times['rules']:.3f} s, plan {times['plan']:.3f} s ({ratio:.2f}×)", flush=True)
-    md = ("Training step (SGD-momentum, CIFAR stem, 32x32) with strategy='auto' (the fixed rules) and with the plan "
-          "measured by tuning it (autotune.measure_problem per problem, forward+backward); both steps compiled, "
-          "then timed in interleaved rounds (median). Goal: the rules within 10 % of the plan (rules / plan ≤ "
-          "1.10). 'estimated' = the summed per-problem seconds of the rules' choices over the plan's.\n\n")
-    md += markdown_table(["model", "conv", "batch", "rules step s", "plan step s", "rules / plan", "within 10 %",
-                          "estimated", "tuning s"], rows)
-    md += ("\n\nPer problem (input HxWxC, kernel/stride →Cout, groups, attentions besides the kernel attention): "
-           "calls in the step, the rules' choice, the measured fastest, and every candidate's forward+backward ms "
-           "(the losers' after one call).\n\n")
+    md = (
+        "Training step (SGD-momentum, CIFAR stem, 32x32) with strategy='auto' (the fixed rules) and with the plan "
+        "measured by tuning it (autotune.measure_problem per problem, forward+backward); both steps compiled, "
+        "then timed in interleaved rounds (median). Goal: the rules within 10 % of the plan (rules / plan ≤ "
+        "1.10). 'estimated' = the summed per-problem seconds of the rules' choices over the plan's.\n\n"
+    )
+    md += markdown_table(
+        [
+            "model",
+            "conv",
+            "batch",
+            "rules step s",
+            "plan step s",
+            "rules / plan",
+            "within 10 %",
+            "estimated",
+            "tuning s",
+        ],
+        rows,
+    )
+    md += (
+        "\n\nPer problem (input HxWxC, kernel/stride →Cout, groups, attentions besides the kernel attention): "
+        "calls in the step, the rules' choice, the measured fastest, and every candidate's forward+backward ms "
+        "(the losers' after one call).\n\n"
+    )
     md += markdown_table(["model", "conv", "problem", "calls", "rule", "tuned", "rule / tuned", "ms"], problem_rows)
     return {"batch": batch, "quick": quick, "results": records}, md

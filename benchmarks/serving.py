@@ -8,6 +8,7 @@ Each exported ONNX graph is also checked against torch eager at batch 1, 2, 7 an
 relative error), and so is ``tf_efficientnet_cc_b0_4e`` (64x64 input, check only).
 ``--formulations``: only the two ONNX formulations on single dynamic layers (:func:`run_formulations`).
 """
+
 from __future__ import annotations
 
 import functools
@@ -60,8 +61,7 @@ def _onnx_check(torch_model, path, shape):
 
     session = onnx_session(path)
     gen = torch.Generator().manual_seed(0)
-    return max(check_onnx(torch_model, path, torch.randn((b,) + shape, generator=gen), session)
-               for b in CHECK_BATCHES)
+    return max(check_onnx(torch_model, path, torch.randn((b,) + shape, generator=gen), session) for b in CHECK_BATCHES)
 
 
 def _export_onnx(tm, name: str, conv: str, tmp: str, checks: list) -> dict:
@@ -75,11 +75,21 @@ def _export_onnx(tm, name: str, conv: str, tmp: str, checks: list) -> dict:
         start = time.time()
         to_onnx(tm, path, (None, 3, 32, 32), formulation=formulation)
         error = _onnx_check(tm, path, (3, 32, 32))
-        checks.append({"model": name, "conv": conv, "formulation": formulation, "max_rel_error": error,
-                       "export_s": time.time() - start})
+        checks.append(
+            {
+                "model": name,
+                "conv": conv,
+                "formulation": formulation,
+                "max_rel_error": error,
+                "export_s": time.time() - start,
+            }
+        )
         onnx_paths[formulation] = path
-        print(f"{name} {conv} ONNX {formulation}: max rel error vs torch eager {error:.2e} "
-              f"(batch {CHECK_BATCHES}), export {checks[-1]['export_s']:.1f}s", flush=True)
+        print(
+            f"{name} {conv} ONNX {formulation}: max rel error vs torch eager {error:.2e} "
+            f"(batch {CHECK_BATCHES}), export {checks[-1]['export_s']:.1f}s",
+            flush=True,
+        )
     return onnx_paths
 
 
@@ -94,10 +104,12 @@ def _time_batch(x: np.ndarray, tm, sessions: dict, jitted, jv, loaded, repeats: 
         with torch.no_grad():
             return tm(xt)
 
-    candidates = {"torch eager": eager,
-                  **{f"ORT {f}": (lambda s=s, x=x: s.run(None, {"input": x})[0]) for f, s in sessions.items()},
-                  "JAX jit": lambda xj=xj: jitted(jv, xj),
-                  "StableHLO": lambda xj=xj: loaded(xj)}
+    candidates = {
+        "torch eager": eager,
+        **{f"ORT {f}": (lambda s=s, x=x: s.run(None, {"input": x})[0]) for f, s in sessions.items()},
+        "JAX jit": lambda xj=xj: jitted(jv, xj),
+        "StableHLO": lambda xj=xj: loaded(xj),
+    }
     times = median_times(candidates, repeats=repeats, sync=jax.block_until_ready)
     return {k: batch / v for k, v in times.items()}
 
@@ -111,21 +123,34 @@ def _check_efficientnet(tmp: str) -> dict:
     path = os.path.join(tmp, "tf_efficientnet_cc_b0_4e.onnx")
     start = time.time()
     to_onnx(effnet, path, (None, 3, 64, 64))
-    return {"model": "tf_efficientnet_cc_b0_4e", "conv": "condconv", "formulation": "matmul",
-            "max_rel_error": _onnx_check(effnet, path, (3, 64, 64)), "export_s": time.time() - start}
+    return {
+        "model": "tf_efficientnet_cc_b0_4e",
+        "conv": "condconv",
+        "formulation": "matmul",
+        "max_rel_error": _onnx_check(effnet, path, (3, 64, 64)),
+        "export_s": time.time() - start,
+    }
 
 
 def _serving_markdown(rows: list, checks: list, repeats: int, threads: int) -> str:
     header = ["model", "conv", "batch", "torch eager", "ORT matmul", "ORT experts", "JAX jit", "StableHLO"]
-    md = ("Inference images/s (higher is better), 32x32 random images, CIFAR stems, 10 classes, eval mode, "
-          f"median of {repeats} interleaved rounds; {threads} threads for torch and ONNX Runtime (CPU provider). "
-          "ORT matmul / experts: the two batch-independent formulations of `dynconv_torch.export.to_onnx`.\n\n")
+    md = (
+        "Inference images/s (higher is better), 32x32 random images, CIFAR stems, 10 classes, eval mode, "
+        f"median of {repeats} interleaved rounds; {threads} threads for torch and ONNX Runtime (CPU provider). "
+        "ORT matmul / experts: the two batch-independent formulations of `dynconv_torch.export.to_onnx`.\n\n"
+    )
     md += markdown_table(header, rows)
-    md += ("\n\nONNX Runtime vs torch eager, max relative error over batch 1, 2, 7, 32 (float32), "
-           "and the time of `to_onnx`:\n\n")
-    md += markdown_table(["model", "conv", "formulation", "max rel error", "export s"],
-                         [[c["model"], c["conv"], c["formulation"], f"{c['max_rel_error']:.2e}",
-                           f"{c['export_s']:.1f}"] for c in checks])
+    md += (
+        "\n\nONNX Runtime vs torch eager, max relative error over batch 1, 2, 7, 32 (float32), "
+        "and the time of `to_onnx`:\n\n"
+    )
+    md += markdown_table(
+        ["model", "conv", "formulation", "max rel error", "export s"],
+        [
+            [c["model"], c["conv"], c["formulation"], f"{c['max_rel_error']:.2e}", f"{c['export_s']:.1f}"]
+            for c in checks
+        ],
+    )
     return md
 
 
@@ -153,14 +178,25 @@ def run(quick: bool, repeats: int, threads=None, models=None, formulations: bool
             loaded = load_stablehlo(to_stablehlo(jm, jv, (None, 32, 32, 3)))
             for batch in BATCHES:
                 x = rng.normal(size=(batch, 3, 32, 32)).astype(np.float32)
-                record = {"model": name, "conv": conv, "batch": batch,
-                          **_time_batch(x, tm, sessions, jitted, jv, loaded, repeats)}
+                record = {
+                    "model": name,
+                    "conv": conv,
+                    "batch": batch,
+                    **_time_batch(x, tm, sessions, jitted, jv, loaded, repeats),
+                }
                 records.append(record)
-                rows.append([name, conv, batch] + [f"{record[k]:.1f}" if k in record else "–"
-                                                   for k in ("torch eager", "ORT matmul", "ORT experts", "JAX jit",
-                                                             "StableHLO")])
-                print(f"{name} {conv} B{batch}: " + ", ".join(
-                    f"{k} {record[k]:.1f} img/s" for k in record if k not in ("model", "conv", "batch")), flush=True)
+                rows.append(
+                    [name, conv, batch]
+                    + [
+                        f"{record[k]:.1f}" if k in record else "–"
+                        for k in ("torch eager", "ORT matmul", "ORT experts", "JAX jit", "StableHLO")
+                    ]
+                )
+                print(
+                    f"{name} {conv} B{batch}: "
+                    + ", ".join(f"{k} {record[k]:.1f} img/s" for k in record if k not in ("model", "conv", "batch")),
+                    flush=True,
+                )
             print(f"{name} {conv}: {time.time() - t0:.0f}s", flush=True)
     checks.append(_check_efficientnet(tmp))
     md = _serving_markdown(rows, checks, repeats, threads)
@@ -172,8 +208,11 @@ FORMULATION_LAYERS = (
     ("CondConv2d 64->64 3x3, 16x16", lambda: dynconv_torch.CondConv2d(64, 64, 3, padding=1), (64, 16, 16)),
     ("DynamicConv2d 64->64 3x3, 16x16", lambda: dynconv_torch.DynamicConv2d(64, 64, 3, padding=1), (64, 16, 16)),
     ("ODConv2d 64->128 1x1, 16x16", lambda: dynconv_torch.ODConv2d(64, 128, 1), (64, 16, 16)),
-    ("CondConv2d depthwise 128 3x3, 16x16", lambda: dynconv_torch.CondConv2d(128, 128, 3, padding=1, groups=128),
-     (128, 16, 16)),
+    (
+        "CondConv2d depthwise 128 3x3, 16x16",
+        lambda: dynconv_torch.CondConv2d(128, 128, 3, padding=1, groups=128),
+        (128, 16, 16),
+    ),
 )
 
 
@@ -197,15 +236,32 @@ def run_formulations(repeats: int, threads=None):
             errors[formulation] = check_onnx(layer, path, torch.randn((7,) + shape), sessions[formulation])
         for batch in BATCHES:
             x = rng.normal(size=(batch,) + shape).astype(np.float32)
-            times = median_times({f: (lambda s=s, x=x: s.run(None, {"input": x})[0]) for f, s in sessions.items()},
-                                 repeats=repeats, sync=lambda r: r)
-            record = {"layer": name, "batch": batch, **{f"{f}_images_per_s": batch / t for f, t in times.items()},
-                      **{f"{f}_max_rel_error": e for f, e in errors.items()}}
+            times = median_times(
+                {f: (lambda s=s, x=x: s.run(None, {"input": x})[0]) for f, s in sessions.items()},
+                repeats=repeats,
+                sync=lambda r: r,
+            )
+            record = {
+                "layer": name,
+                "batch": batch,
+                **{f"{f}_images_per_s": batch / t for f, t in times.items()},
+                **{f"{f}_max_rel_error": e for f, e in errors.items()},
+            }
             records.append(record)
-            rows.append([name, batch, f"{batch / times['matmul']:.1f}", f"{batch / times['experts']:.1f}",
-                         f"{times['matmul'] / times['experts']:.2f}"])
+            rows.append(
+                [
+                    name,
+                    batch,
+                    f"{batch / times['matmul']:.1f}",
+                    f"{batch / times['experts']:.1f}",
+                    f"{times['matmul'] / times['experts']:.2f}",
+                ]
+            )
             print(rows[-1], flush=True)
-    md = ("ONNX Runtime (CPU provider, " f"{threads} threads) images/s of the two batch-independent formulations of "
-          "`dynconv_torch.export.to_onnx`, single layers, median of interleaved rounds.\n\n")
+    md = (
+        "ONNX Runtime (CPU provider, "
+        f"{threads} threads) images/s of the two batch-independent formulations of "
+        "`dynconv_torch.export.to_onnx`, single layers, median of interleaved rounds.\n\n"
+    )
     md += markdown_table(["layer", "batch", "matmul img/s", "experts img/s", "experts speed-up"], rows)
     return {"results": records}, md

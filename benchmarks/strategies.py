@@ -6,6 +6,7 @@ in the ODConv rows), forward and forward+backward (gradients w.r.t. the input,
 the experts and the attentions), jit-compiled, interleaved, median of repeats; and
 the temporaries of each compiled forward+backward (XLA's ``memory_analysis``).
 """
+
 from __future__ import annotations
 
 import jax
@@ -64,6 +65,7 @@ def bench_shape(batch, spatial, cin, cout, k, stride, groups, *, spatial_attenti
     for name in ops.applicable_strategies((k,) * rank):
         if name == "mix" and groups > 1 and skip_slow_cpu:
             continue  # a grouped conv with K*Cout outputs: XLA:CPU took 317 s fwd+bwd for depthwise 144 @28
+
         def f(x, e, a, s, name=name):
             return ops.dynamic_conv(x, e, a, spatial_attention=s, strategy=name, **geom)
 
@@ -71,15 +73,25 @@ def bench_shape(batch, spatial, cin, cout, k, stride, groups, *, spatial_attenti
         if name == "vmap" and skip_slow_cpu and batch > 1:
             continue  # its batch_group_count kernel gradient takes seconds on XLA:CPU (see docs/performance.md)
         argnums = (0, 1, 2, 3) if spatial_attention else (0, 1, 2)
-        bwd[name] = (jax.jit(jax.value_and_grad(lambda *a, f=f: jnp.sum(f(*a) ** 2), argnums=argnums)),
-                     (x, experts, att, sa))
-    tf = median_times({n: (lambda fn=fn, a=a: fn(*a)) for n, (fn, a) in fwd.items()}, repeats=repeats,
-                      sync=jax.block_until_ready)
-    tb = median_times({n: (lambda fn=fn, a=a: fn(*a)) for n, (fn, a) in bwd.items()}, repeats=repeats,
-                      sync=jax.block_until_ready)
+        bwd[name] = (
+            jax.jit(jax.value_and_grad(lambda *a, f=f: jnp.sum(f(*a) ** 2), argnums=argnums)),
+            (x, experts, att, sa),
+        )
+    tf = median_times(
+        {n: (lambda fn=fn, a=a: fn(*a)) for n, (fn, a) in fwd.items()}, repeats=repeats, sync=jax.block_until_ready
+    )
+    tb = median_times(
+        {n: (lambda fn=fn, a=a: fn(*a)) for n, (fn, a) in bwd.items()}, repeats=repeats, sync=jax.block_until_ready
+    )
     memory = {n: _temp_bytes(fn, a) for n, (fn, a) in bwd.items()}
-    auto = ops.choose_strategy(x.shape, experts.shape, strides=geom["strides"], dilation=geom["dilation"],
-                               groups=groups, spatial_attention=spatial_attention)
+    auto = ops.choose_strategy(
+        x.shape,
+        experts.shape,
+        strides=geom["strides"],
+        dilation=geom["dilation"],
+        groups=groups,
+        spatial_attention=spatial_attention,
+    )
     return {n: (tf[n], tb.get(n), memory.get(n)) for n in fwd}, auto
 
 
@@ -96,25 +108,59 @@ def run(quick: bool, repeats: int):
     shapes = [SHAPES[i] for i in QUICK_SHAPES] if quick else SHAPES
     rows, records = [], []
     for name, batch, spatial, cin, cout, k, stride, groups in shapes:
-        for spatial_attention in ((False, True) if k > 1 else (False,)):
-            times, auto = bench_shape(batch, spatial, cin, cout, k, stride, groups,
-                                      spatial_attention=spatial_attention, repeats=repeats,
-                                      skip_slow_cpu=backend == "cpu")
+        for spatial_attention in (False, True) if k > 1 else (False,):
+            times, auto = bench_shape(
+                batch,
+                spatial,
+                cin,
+                cout,
+                k,
+                stride,
+                groups,
+                spatial_attention=spatial_attention,
+                repeats=repeats,
+                skip_slow_cpu=backend == "cpu",
+            )
             label = name + (" +spatial" if spatial_attention else "")
             static_f, static_b, static_m = times["static"]
-            records.append({"shape": label, "batch": batch, "spatial": spatial, "cin": cin, "cout": cout,
-                            "kernel": k, "stride": stride, "groups": groups, "spatial_attention": spatial_attention,
-                            "auto": auto, "seconds": {n: {"forward": f, "forward_backward": b}
-                                                      for n, (f, b, _) in times.items()},
-                            "forward_backward_temp_bytes": {n: m for n, (_, _, m) in times.items()}})
+            records.append(
+                {
+                    "shape": label,
+                    "batch": batch,
+                    "spatial": spatial,
+                    "cin": cin,
+                    "cout": cout,
+                    "kernel": k,
+                    "stride": stride,
+                    "groups": groups,
+                    "spatial_attention": spatial_attention,
+                    "auto": auto,
+                    "seconds": {n: {"forward": f, "forward_backward": b} for n, (f, b, _) in times.items()},
+                    "forward_backward_temp_bytes": {n: m for n, (_, _, m) in times.items()},
+                }
+            )
             for n, (f, b, m) in times.items():
-                rows.append([label, n + (" (auto)" if n == auto else ""), fmt_ms(f), fmt_ratio(f, static_f),
-                             fmt_ms(b), fmt_ratio(b, static_b), "–" if m is None else f"{m / 2**20:.0f}"])
-            print(f"{label}: " + ", ".join(f"{n} {fmt_ms(f)}/{fmt_ms(b)} ms" for n, (f, b, _) in times.items()),
-                  flush=True)
-    md = (f"K = {NUM_EXPERTS} experts, float32, SAME padding; ratios are to the static conv of the same shape. "
-          "fwd+bwd = value and gradients w.r.t. input, experts and attentions. '–' = not run "
-          "(the 'vmap' kernel gradient on XLA:CPU takes seconds per call).\n\n")
-    md += markdown_table(["shape", "strategy", "fwd ms", "fwd / static", "fwd+bwd ms", "fwd+bwd / static",
-                          "fwd+bwd temp MiB"], rows)
+                rows.append(
+                    [
+                        label,
+                        n + (" (auto)" if n == auto else ""),
+                        fmt_ms(f),
+                        fmt_ratio(f, static_f),
+                        fmt_ms(b),
+                        fmt_ratio(b, static_b),
+                        "–" if m is None else f"{m / 2**20:.0f}",
+                    ]
+                )
+            print(
+                f"{label}: " + ", ".join(f"{n} {fmt_ms(f)}/{fmt_ms(b)} ms" for n, (f, b, _) in times.items()),
+                flush=True,
+            )
+    md = (
+        f"K = {NUM_EXPERTS} experts, float32, SAME padding; ratios are to the static conv of the same shape. "
+        "fwd+bwd = value and gradients w.r.t. input, experts and attentions. '–' = not run "
+        "(the 'vmap' kernel gradient on XLA:CPU takes seconds per call).\n\n"
+    )
+    md += markdown_table(
+        ["shape", "strategy", "fwd ms", "fwd / static", "fwd+bwd ms", "fwd+bwd / static", "fwd+bwd temp MiB"], rows
+    )
     return {"num_experts": NUM_EXPERTS, "repeats": repeats, "results": records}, md

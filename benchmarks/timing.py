@@ -1,4 +1,5 @@
 """Timing, environment and result-writing helpers shared by the benchmark suites."""
+
 from __future__ import annotations
 
 import datetime as _dt
@@ -10,8 +11,13 @@ import time
 from typing import Callable, Dict, List, Optional, Sequence
 
 
-def median_times(candidates: Dict[str, Callable[[], object]], *, repeats: int, min_time: float = 0.0,
-                 sync: Callable[[object], object]) -> Dict[str, float]:
+def median_times(
+    candidates: Dict[str, Callable[[], object]],
+    *,
+    repeats: int,
+    min_time: float = 0.0,
+    sync: Callable[[object], object],
+) -> Dict[str, float]:
     """Median wall time (seconds) of each zero-argument callable.
 
     Every candidate is warmed up first (compilation, allocator). Then the candidates
@@ -74,8 +80,11 @@ def environment() -> dict:
         env["cudnn"] = torch.backends.cudnn.version() if torch.cuda.is_available() else None
     except ImportError:
         env["torch"] = None
-    env["device"] = (env["jax_device"] if env["jax_backend"] != "cpu"
-                     else f"cpu ({env['cpu_model']}, {env['cpus_usable']} of {os.cpu_count()} cores usable)")
+    env["device"] = (
+        env["jax_device"]
+        if env["jax_backend"] != "cpu"
+        else f"cpu ({env['cpu_model']}, {env['cpus_usable']} of {os.cpu_count()} cores usable)"
+    )
     return env
 
 
@@ -100,18 +109,21 @@ def markdown_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
     return "\n".join(lines)
 
 
-def write_results(out_dir: str, name: str, env: dict, payload: dict, markdown: str,
-                  tag: Optional[str] = None) -> List[str]:
+def write_results(
+    out_dir: str, name: str, env: dict, payload: dict, markdown: str, tag: Optional[str] = None
+) -> List[str]:
     """Write ``<name>_<tag>.json`` and ``.md`` (``tag``: default :func:`device_tag`); returns the paths."""
     os.makedirs(out_dir, exist_ok=True)
     stem = os.path.join(out_dir, f"{name}_{tag or device_tag(env)}")
     with open(stem + ".json", "w") as f:
         json.dump({"environment": env, **payload}, f, indent=1)
-    header = (f"# {name} benchmark — {env['device']}\n\n"
-              f"{env['date_utc']}; jax {env['jax']} ({env['jax_backend']}), torch {env.get('torch')} "
-              f"({env.get('torch_device')}, {env.get('torch_threads')} threads), python {env['python']}, "
-              f"{env['cpu_count']} CPU cores, load average {env.get('load_average')} (1/5/15 min) at the end; "
-              f"strategy='auto': {env['strategy_auto']}.\n\n")
+    header = (
+        f"# {name} benchmark — {env['device']}\n\n"
+        f"{env['date_utc']}; jax {env['jax']} ({env['jax_backend']}), torch {env.get('torch')} "
+        f"({env.get('torch_device')}, {env.get('torch_threads')} threads), python {env['python']}, "
+        f"{env['cpu_count']} CPU cores, load average {env.get('load_average')} (1/5/15 min) at the end; "
+        f"strategy='auto': {env['strategy_auto']}.\n\n"
+    )
     with open(stem + ".md", "w") as f:
         f.write(header + markdown + "\n")
     return [stem + ".json", stem + ".md"]

@@ -2,6 +2,7 @@
 
 ``dynconv_jax.models`` and ``dynconv_jax.convert`` are submodules imported on demand.
 """
+
 from dynconv_jax.condconv import CondConv
 from dynconv_jax.dynamic_conv import DynamicConv
 from dynconv_jax.kernelwarehouse import KWConv, WarehouseManager

@@ -4,6 +4,7 @@ Each function here names the detail, the versions it was checked with, and why n
 job; tests/test_compat.py checks each against the installed version and fails (it does not fall back)
 when a release changes it. Nothing else in ``dynconv_jax`` uses a private name (the same test greps).
 """
+
 from __future__ import annotations
 
 from flax import nnx

@@ -7,6 +7,7 @@ attention of KernelWarehouse (Li & Yao, ICML 2024) with its warm-up. The heads t
 the layer's own submodules as callables (``pooled [B, I] -> [B, n]``), so each front end owns its
 parameters and this module owns the computation.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -19,6 +20,7 @@ import numpy as np
 from flax.typing import Dtype
 
 import dynconv_spec
+
 
 # --------------------------------------------------------------------------- pooling, width, dtype
 def attention_width(in_channels: int, reduction: float, min_channels: int, layer: str = "") -> int:
@@ -119,16 +121,27 @@ class ODConvHeads:
     kernel: bool  # more than one expert
 
 
-def odconv_heads(in_channels: int, out_channels: int, groups: int, kernel_size: Sequence[int],
-                 num_experts: int) -> ODConvHeads:
+def odconv_heads(
+    in_channels: int, out_channels: int, groups: int, kernel_size: Sequence[int], num_experts: int
+) -> ODConvHeads:
     """The official ODConv skips: no filter attention for depthwise convs, no spatial one for 1x1
     kernels, no kernel one for K == 1."""
-    return ODConvHeads(filter=not (in_channels == groups == out_channels), spatial=math.prod(kernel_size) > 1,
-                       kernel=num_experts > 1)
+    return ODConvHeads(
+        filter=not (in_channels == groups == out_channels), spatial=math.prod(kernel_size) > 1, kernel=num_experts > 1
+    )
 
 
-def odconv_attention(pooled, fc: Head, norm: Optional[Head], channel_fc: Head, filter_fc: Optional[Head],
-                     spatial_fc: Optional[Head], kernel_fc: Optional[Head], kernel_size: Sequence[int], temperature):
+def odconv_attention(
+    pooled,
+    fc: Head,
+    norm: Optional[Head],
+    channel_fc: Head,
+    filter_fc: Optional[Head],
+    spatial_fc: Optional[Head],
+    kernel_fc: Optional[Head],
+    kernel_size: Sequence[int],
+    temperature,
+):
     """ODConv's four attentions from ``pooled [B, I]``, with ``h = relu(norm(fc(pooled)))`` ``[B, A]``
     (``norm`` the attention BatchNorm or LayerNorm; None: ``h = relu(fc(pooled))``).
 
@@ -154,11 +167,14 @@ def kw_warmup_scalar(temperature, layer: str, dtype: Dtype) -> jax.Array:
     """KernelWarehouse's warm-up weight tau (passed as ``temperature``; None = 0, the official start
     value outside training) as a scalar array, traced under jit. A concrete tau must be in [0, 1]; a
     traced one is clipped to [0, 1] (NaN becomes 0)."""
-    value = _scalar(0.0 if temperature is None else temperature, layer, dtype,
-                    "a number in [0, 1] (the warm-up weight tau)")
+    value = _scalar(
+        0.0 if temperature is None else temperature, layer, dtype, "a number in [0, 1] (the warm-up weight tau)"
+    )
     if not isinstance(value, jax.core.Tracer) and not 0.0 <= float(value) <= 1.0:
-        raise ValueError(f"{layer}: temperature={temperature!r} (the warm-up weight tau) must be in [0, 1]; "
-                         f"KernelWarehouse blends (1 - tau) * attention + tau * one-hot, it does not divide by T")
+        raise ValueError(
+            f"{layer}: temperature={temperature!r} (the warm-up weight tau) must be in [0, 1]; "
+            f"KernelWarehouse blends (1 - tau) * attention + tau * one-hot, it does not divide by T"
+        )
     return jnp.where(jnp.isnan(value), jnp.zeros((), dtype), jnp.clip(value, 0.0, 1.0))
 
 
@@ -174,8 +190,9 @@ def kw_map_to_cell(logits, fc3: Head, basis_bias, num_local_cells: int, num_basi
     return x.reshape(batch, -1) + basis_bias.reshape(1, -1)
 
 
-def kw_attention(pooled, fc1: Head, norm: Head, fc2: Head, map_to_cell: Optional[Head], temp_bias, tau,
-                 num_mixtures: int, eps: float):
+def kw_attention(
+    pooled, fc1: Head, norm: Head, fc2: Head, map_to_cell: Optional[Head], temp_bias, tau, num_mixtures: int, eps: float
+):
     """KernelWarehouse's cell attention ``[B, I] -> [B, M, N]``.
 
     ``a = fc2(relu(norm(fc1(pooled))))`` (then ``map_to_cell``, the basis map, when given), per mixture
@@ -208,7 +225,8 @@ def check_kw_train_batch(layer: str, batch: int) -> None:
         raise ValueError(
             f"{layer}: training with a batch of {batch}: KernelWarehouse's attention BatchNorm (norm1) normalises "
             f"the pooled [B, H] vector over the batch, so it needs B >= 2 in training (PyTorch raises 'Expected "
-            f"more than 1 value per channel when training'). Use a larger batch or train=False.")
+            f"more than 1 value per channel when training'). Use a larger batch or train=False."
+        )
 
 
 def check_routing_dropout(layer: str, rate: float) -> None:
@@ -217,8 +235,9 @@ def check_routing_dropout(layer: str, rate: float) -> None:
         raise ValueError(f"{layer}: routing_dropout={rate} must be in [0, 1)")
 
 
-def external_routing_weights(layer: str, external_routing: bool, routing_weights, batch: int, num_experts: int,
-                             dtype: Dtype) -> Optional[jax.Array]:
+def external_routing_weights(
+    layer: str, external_routing: bool, routing_weights, batch: int, num_experts: int, dtype: Dtype
+) -> Optional[jax.Array]:
     """CondConv's ``routing_weights`` argument: ``[B, K]`` in ``dtype`` iff ``external_routing``, else None."""
     if external_routing:
         if routing_weights is None:

@@ -15,6 +15,7 @@ For a whole model: ``plan = autotune.tune(train_step, state, batch)`` (compiles 
 of every problem: minutes on CPU), ``plan.save("run/strategy_plan.json")``, then
 ``create_model(..., strategy=Plan.load("run/strategy_plan.json"))`` (docs/performance.md).
 """
+
 from __future__ import annotations
 
 import functools
@@ -40,8 +41,9 @@ def _time_call(compiled, args) -> float:
     return time.perf_counter() - start
 
 
-def measure(candidates: Sequence[str], make_fn: Callable[[str], Callable], args: Sequence[np.ndarray],
-            repeats: int = _REPEATS) -> Dict[str, float]:
+def measure(
+    candidates: Sequence[str], make_fn: Callable[[str], Callable], args: Sequence[np.ndarray], repeats: int = _REPEATS
+) -> Dict[str, float]:
     """Seconds per call of each candidate (the best of ``repeats`` after one warm-up call).
 
     ``make_fn(name)`` returns the function to time for strategy ``name``; each is compiled for
@@ -68,8 +70,10 @@ def measure(candidates: Sequence[str], make_fn: Callable[[str], Callable], args:
                     for _ in range(repeats - 1):
                         best = min(best, _time_call(compiled, args))
         except Exception as err:  # a strategy XLA cannot run here is not a candidate
-            warnings.warn(f"dynconv autotune: strategy {name!r} failed to run ({type(err).__name__}: {err}); skipped",
-                          stacklevel=2)
+            warnings.warn(
+                f"dynconv autotune: strategy {name!r} failed to run ({type(err).__name__}: {err}); skipped",
+                stacklevel=2,
+            )
             continue
         warmups[name], seconds[name] = warm, best
     return seconds
@@ -109,6 +113,7 @@ def _forward(problem: plan.Problem, strategy: str) -> Callable:
 
     def forward(*values):
         return ops.dynamic_conv(**dict(zip(names, values)), **problem.static, strategy=strategy)
+
     return forward
 
 
@@ -122,11 +127,13 @@ def _timed_function(problem: plan.Problem, strategy: str) -> Callable:
     def forward_backward(*args):
         _, vjp = jax.vjp(forward, *args[:-1])
         return vjp(args[-1])
+
     return forward_backward
 
 
-def measure_problem(problem: plan.Problem, strategies: Optional[Sequence[str]] = None,
-                    repeats: int = _REPEATS) -> Dict[str, float]:
+def measure_problem(
+    problem: plan.Problem, strategies: Optional[Sequence[str]] = None, repeats: int = _REPEATS
+) -> Dict[str, float]:
     """Seconds per call of each applicable strategy (of ``strategies``, default all) for ``problem``,
     the rules' choice first, each compiled on its own and timed on one device (no mesh in view).
 
@@ -153,8 +160,9 @@ def measure_problem(problem: plan.Problem, strategies: Optional[Sequence[str]] =
         return measure(candidates, lambda name: _timed_function(problem, name), args, repeats)
 
 
-def tune(fn: Callable, *args, strategies: Optional[Sequence[str]] = None, repeats: int = _REPEATS,
-         **kwargs) -> plan.Plan:
+def tune(
+    fn: Callable, *args, strategies: Optional[Sequence[str]] = None, repeats: int = _REPEATS, **kwargs
+) -> plan.Plan:
     """Measure the strategies of every dynamic convolution ``fn(*args, **kwargs)`` meets; return a plan.
 
     ``fn`` is traced once (:func:`record`; nothing of it runs), then each problem it met is timed on
@@ -175,12 +183,18 @@ def tune(fn: Callable, *args, strategies: Optional[Sequence[str]] = None, repeat
     """
     recording = record(fn, *args, **kwargs)
     if not recording.problems:
-        raise ValueError("tune: the function met no dynamic convolution with strategy='auto' or a plan "
-                         "(layers built with a fixed strategy are not tuned)")
+        raise ValueError(
+            "tune: the function met no dynamic convolution with strategy='auto' or a plan "
+            "(layers built with a fixed strategy are not tuned)"
+        )
     choices, measurements = {}, {}
     for key, problem in recording.problems.items():
         seconds = measure_problem(problem, strategies, repeats)
         choices[key] = min(seconds, key=seconds.get) if seconds else problem.rule
-        measurements[key] = {"seconds": seconds, "rule": problem.rule, "count": problem.count,
-                             "differentiated": problem.differentiated}
+        measurements[key] = {
+            "seconds": seconds,
+            "rule": problem.rule,
+            "count": problem.count,
+            "differentiated": problem.differentiated,
+        }
     return plan.Plan(choices, measurements)

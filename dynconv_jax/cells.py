@@ -9,6 +9,7 @@ covering kernel positions ``s`` (the ``(s, *kc)`` block of ``k`` in row-major or
 these with :func:`dynconv_jax.ops.assembled_conv`; the geometry is a
 :class:`dynconv_spec.kernelwarehouse.KWLayer` of the warehouse plan.
 """
+
 from __future__ import annotations
 
 import functools
@@ -46,15 +47,18 @@ def mix_cells(x, attention, cells, layer: KWLayer, *, strides, padding, dilation
     ``N`` kernels' worth of assembly for the per-sample strategies: it pays only when the output has
     fewer positions than ``O / Oc``, so ``strategy='auto'`` never takes it."""
     if layer.spec.groups != 1:
-        raise ValueError(f"strategy='mix' of a KernelWarehouse layer needs feature_group_count=1, got "
-                         f"{layer.spec.groups} (use another strategy)")
+        raise ValueError(
+            f"strategy='mix' of a KernelWarehouse layer needs feature_group_count=1, got "
+            f"{layer.spec.groups} (use another strategy)"
+        )
     batch, rank = x.shape[0], len(layer.spec.kernel_size)
     cell_out, cell_in, *cell_kernel = cells.shape[1:]
     cols = ops.im2col(x, layer.spec.kernel_size, strides=strides, padding=padding, dilation=dilation)
-    out_shape = cols.shape[1:1 + rank]
+    out_shape = cols.shape[1 : 1 + rank]
     cols = cols.reshape(batch, -1, layer.groups_spatial, math.prod(cell_kernel), layer.groups_in, cell_in)
-    z = jnp.einsum("bqstic,nuct->bqsinu", cols, cells.reshape(cells.shape[0], cell_out, cell_in, -1),
-                   precision=precision)  # [B, S, s, i, N, Oc]
+    z = jnp.einsum(
+        "bqstic,nuct->bqsinu", cols, cells.reshape(cells.shape[0], cell_out, cell_in, -1), precision=precision
+    )  # [B, S, s, i, N, Oc]
     a = attention.reshape(batch, layer.groups_spatial, layer.groups_out, layer.groups_in, -1)
     y = jnp.einsum("bqsinu,bsoin->bqou", z, a, precision=precision)  # [B, S, o, Oc]
     return y.reshape(batch, *out_shape, -1)
@@ -69,7 +73,7 @@ def _cell_std(plan: WarehousePlan, index: int) -> Tuple[float, ...]:
         if layer.warehouse == index:
             cells = layer.end_cell - layer.start_cell
             fan_out = cells * warehouse.cell_shape[0] * math.prod(warehouse.cell_shape[2:])
-            std[layer.start_cell:layer.end_cell] = [math.sqrt(2.0 / fan_out)] * (layer.end_cell - layer.start_cell)
+            std[layer.start_cell : layer.end_cell] = [math.sqrt(2.0 / fan_out)] * (layer.end_cell - layer.start_cell)
     return tuple(std)
 
 
@@ -81,8 +85,9 @@ def warehouse_init(plan: WarehousePlan, index: int):
 
     def init(key, shape, dtype=jnp.float32):
         if tuple(shape) != (warehouse.num_cells, *warehouse.cell_shape):
-            raise ValueError(f"warehouse {index} has shape {(warehouse.num_cells, *warehouse.cell_shape)}, "
-                             f"asked for {tuple(shape)}")
+            raise ValueError(
+                f"warehouse {index} has shape {(warehouse.num_cells, *warehouse.cell_shape)}, asked for {tuple(shape)}"
+            )
         scale = jnp.asarray(std, dtype).reshape((-1,) + (1,) * (len(shape) - 1))
         return jax.random.normal(key, shape, dtype) * scale
 
@@ -99,16 +104,26 @@ def convolve(x, attention, cells, layer: KWLayer, geometry, dtype, *, strategy: 
     def mix(**kwargs):
         return mix_cells(x, attention, cells, layer, **kwargs)
 
-    return ops.assembled_conv(x, lambda: assemble_kernels(attention, cells, layer, precision), kernel_shape(layer),
-                              mix=mix, groups=geometry.groups, strategy=strategy, precision=precision, **conv)
+    return ops.assembled_conv(
+        x,
+        lambda: assemble_kernels(attention, cells, layer, precision),
+        kernel_shape(layer),
+        mix=mix,
+        groups=geometry.groups,
+        strategy=strategy,
+        precision=precision,
+        **conv,
+    )
 
 
 def check_cells(where: str, cells, layer: KWLayer) -> None:
     """The warehouse array must have the plan's shape ``[N, Oc, Ic, *kc]``."""
     want = (layer.num_cells, *layer.cell_shape)
     if tuple(cells.shape) != want:
-        raise ValueError(f"{where}: warehouse {layer.warehouse} has shape {tuple(cells.shape)}, the warehouse plan "
-                         f"{want} (variables of another configuration?)")
+        raise ValueError(
+            f"{where}: warehouse {layer.warehouse} has shape {tuple(cells.shape)}, the warehouse plan "
+            f"{want} (variables of another configuration?)"
+        )
 
 
 def check_layer_geometry(where: str, layer_spec, in_channels: int, out_channels: int, kernel_size, groups: int) -> None:
@@ -116,5 +131,7 @@ def check_layer_geometry(where: str, layer_spec, in_channels: int, out_channels:
     got = (in_channels, out_channels, tuple(kernel_size), groups)
     want = (layer_spec.in_channels, layer_spec.out_channels, tuple(layer_spec.kernel_size), layer_spec.groups)
     if got != want:
-        raise ValueError(f"{where}: (in, out, kernel_size, groups) {got} differ from the warehouse plan's {want} "
-                         f"at {layer_spec.path!r}")
+        raise ValueError(
+            f"{where}: (in, out, kernel_size, groups) {got} differ from the warehouse plan's {want} "
+            f"at {layer_spec.path!r}"
+        )

@@ -5,6 +5,7 @@ sigmoids, not a softmax), ``W_b = sum_k r_b[k] W_k``, ``y_b = conv(x_b, W_b) (+ 
 Layout and initialisation follow timm's ``CondConv2d`` (experts initialised one by one with
 PyTorch's conv default) with the routing ``nn.Linear(in, K)`` of timm's CondConv blocks.
 """
+
 from __future__ import annotations
 
 from typing import Optional
@@ -64,14 +65,19 @@ class CondConv(DynamicConvBase):
         bias = self.expert_bias(geometry, in_channels, self.bias_init) if self.use_bias else None
 
         attn_dtype = attention.attention_dtype(dtype)
-        weights = attention.external_routing_weights(layer, self.external_routing, routing_weights, x.shape[0],
-                                                   self.num_experts, attn_dtype)
+        weights = attention.external_routing_weights(
+            layer, self.external_routing, routing_weights, x.shape[0], self.num_experts, attn_dtype
+        )
         if weights is None:
             temperature = attention.temperature_scalar(temperature, layer, attn_dtype)
             pooled = attention.global_avg_pool(x, attn_dtype)  # [B, I]
             routing_fn = nn.Dense(
-                self.num_experts, dtype=attn_dtype, param_dtype=self.param_dtype, precision=self.precision,
-                kernel_init=torch_default_dense_init, bias_init=torch_default_bias_init(in_channels),
+                self.num_experts,
+                dtype=attn_dtype,
+                param_dtype=self.param_dtype,
+                precision=self.precision,
+                kernel_init=torch_default_dense_init,
+                bias_init=torch_default_bias_init(in_channels),
                 name="routing_fn",
             )
             dropout = nn.Dropout(self.routing_dropout, deterministic=not train)

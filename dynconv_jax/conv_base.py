@@ -5,6 +5,7 @@ Validation runs before a layer touches its parameters, so bad input fails with a
 names the layer and the shapes involved. The NNX layers (:mod:`dynconv_jax.nnx.layers`) call the
 same functions; their own base class holds the NNX constructor.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -89,13 +90,27 @@ def check_dtypes(layer: str, dtype, param_dtype) -> None:
         except TypeError:
             real_float = False
         if not real_float:
-            raise ValueError(f"{layer}: {name}={getattr(value, '__name__', value)!r} must be a real floating-point "
-                             f"dtype (float32, bfloat16, float16 or float64)")
+            raise ValueError(
+                f"{layer}: {name}={getattr(value, '__name__', value)!r} must be a real floating-point "
+                f"dtype (float32, bfloat16, float16 or float64)"
+            )
 
 
-def validate_conv_config(layer: str, *, features, kernel_size, strides, padding, kernel_dilation,
-                         feature_group_count, num_experts, strategy, dtype=None, param_dtype=jnp.float32,
-                         features_arg: str = "features") -> ConvGeometry:
+def validate_conv_config(
+    layer: str,
+    *,
+    features,
+    kernel_size,
+    strides,
+    padding,
+    kernel_dilation,
+    feature_group_count,
+    num_experts,
+    strategy,
+    dtype=None,
+    param_dtype=jnp.float32,
+    features_arg: str = "features",
+) -> ConvGeometry:
     """Validate the flax Conv-style fields shared by the three layers (both front ends).
 
     ``layer`` names the layer in error messages; ``features_arg`` is the name of the output
@@ -104,8 +119,9 @@ def validate_conv_config(layer: str, *, features, kernel_size, strides, padding,
     if isinstance(kernel_size, int):  # as flax.linen.Conv: an int is a 1-D kernel
         kernel_size = (kernel_size,)
     if not isinstance(kernel_size, Sequence) or not 1 <= len(kernel_size) <= 3:
-        raise ValueError(f"{layer}: kernel_size={kernel_size!r} must be an int or a sequence of 1, 2 or 3 "
-                         f"ints (1-D, 2-D, 3-D)")
+        raise ValueError(
+            f"{layer}: kernel_size={kernel_size!r} must be an int or a sequence of 1, 2 or 3 ints (1-D, 2-D, 3-D)"
+        )
     rank = len(kernel_size)
     kernel_size = _positive_tuple(kernel_size, rank, "kernel_size", layer)
     strides = _positive_tuple(strides, rank, "strides", layer)
@@ -132,10 +148,18 @@ def validate_conv_config(layer: str, *, features, kernel_size, strides, padding,
 def conv_geometry(module: nn.Module) -> ConvGeometry:
     """:func:`validate_conv_config` of a Linen layer's fields."""
     return validate_conv_config(
-        layer_name(module), features=module.features, kernel_size=module.kernel_size, strides=module.strides,
-        padding=module.padding, kernel_dilation=module.kernel_dilation,
-        feature_group_count=module.feature_group_count, num_experts=module.num_experts, strategy=module.strategy,
-        dtype=module.dtype, param_dtype=module.param_dtype)
+        layer_name(module),
+        features=module.features,
+        kernel_size=module.kernel_size,
+        strides=module.strides,
+        padding=module.padding,
+        kernel_dilation=module.kernel_dilation,
+        feature_group_count=module.feature_group_count,
+        num_experts=module.num_experts,
+        strategy=module.strategy,
+        dtype=module.dtype,
+        param_dtype=module.param_dtype,
+    )
 
 
 def check_input(layer: str, x, geometry: ConvGeometry) -> int:
@@ -162,9 +186,7 @@ def check_input(layer: str, x, geometry: ConvGeometry) -> int:
     else:
         padded = tuple(s + lo + hi for s, (lo, hi) in zip(spatial, geometry.padding))
     extent = tuple((k - 1) * d + 1 for k, d in zip(geometry.kernel_size, geometry.dilation))
-    if any(s < 1 for s in spatial) or (
-        geometry.padding != "SAME" and any(p < e for p, e in zip(padded, extent))
-    ):
+    if any(s < 1 for s in spatial) or (geometry.padding != "SAME" and any(p < e for p, e in zip(padded, extent))):
         raise ValueError(
             f"{layer}: input spatial size {spatial} (padded {padded}) is smaller than the dilated kernel "
             f"extent {extent}; the output would be empty"
@@ -189,9 +211,20 @@ def compute_dtype(x, experts, dtype: Optional[Dtype]) -> Dtype:
     return nn.dtypes.canonicalize_dtype(x, experts, dtype=dtype)
 
 
-def convolve(x, experts, geometry: ConvGeometry, dtype, kernel_attention, *, expert_bias=None,
-             spatial_attention=None, channel_attention=None, filter_attention=None, strategy: Union[str, Plan] = "auto",
-             precision=None):
+def convolve(
+    x,
+    experts,
+    geometry: ConvGeometry,
+    dtype,
+    kernel_attention,
+    *,
+    expert_bias=None,
+    spatial_attention=None,
+    channel_attention=None,
+    filter_attention=None,
+    strategy: Union[str, Plan] = "auto",
+    precision=None,
+):
     """``y_b = f_b * conv(c_b * x_b, sum_k a[b,k] s_b W_k) + sum_k a[b,k] bias_k`` in ``dtype``.
 
     The one place both front ends run the dynamic convolution (:func:`dynconv_jax.ops.dynamic_conv`).
@@ -203,13 +236,19 @@ def convolve(x, experts, geometry: ConvGeometry, dtype, kernel_attention, *, exp
         return None if a is None else a.astype(dtype)
 
     return ops.dynamic_conv(
-        x, experts, cast(kernel_attention),
+        x,
+        experts,
+        cast(kernel_attention),
         spatial_attention=cast(spatial_attention),
         channel_attention=cast(channel_attention),
         filter_attention=cast(filter_attention),
         expert_bias=expert_bias,
-        strides=geometry.strides, padding=geometry.padding, dilation=geometry.dilation,
-        groups=geometry.groups, strategy=strategy, precision=precision,
+        strides=geometry.strides,
+        padding=geometry.padding,
+        dilation=geometry.dilation,
+        groups=geometry.groups,
+        strategy=strategy,
+        precision=precision,
     )
 
 
@@ -273,5 +312,13 @@ class DynamicConvBase(nn.Module):
 
     def convolve_experts(self, x, experts, geometry, dtype, kernel_attention, **attentions):
         """:func:`convolve` with this layer's ``strategy`` and ``precision``."""
-        return convolve(x, experts, geometry, dtype, kernel_attention, strategy=self.strategy,
-                        precision=self.precision, **attentions)
+        return convolve(
+            x,
+            experts,
+            geometry,
+            dtype,
+            kernel_attention,
+            strategy=self.strategy,
+            precision=self.precision,
+            **attentions,
+        )

@@ -32,6 +32,7 @@ where a float is expected, is a wrong-dtype error.
 Any mismatch raises :class:`ConversionError` that lists every missing, unexpected,
 mis-shaped and wrong-dtype entry at once.
 """
+
 from __future__ import annotations
 
 import math
@@ -45,7 +46,6 @@ import numpy as np
 from flax.core import meta, unfreeze
 
 from dynconv_jax.variables import is_nnx, linen_variables
-
 from dynconv_spec.paths import check_output_file
 
 __all__ = ["ConversionError", "torch_to_flax", "flax_to_torch", "save_safetensors", "load_state_dict", "nonfinite_keys"]
@@ -244,7 +244,7 @@ def _expert_evidence(module: Tuple[str, ...], siblings: Mapping[Path, Any]) -> b
     for owner, children in owners:
         for child in children:
             prefix = owner + (child,)
-            if any(p[1:len(prefix) + 1] == prefix for p in siblings):
+            if any(p[1 : len(prefix) + 1] == prefix for p in siblings):
                 return True
     bias = siblings.get(("params",) + module + ("bias",))
     return bias is not None and len(bias.shape) == 2
@@ -329,8 +329,10 @@ def _load_safetensors(path: str) -> Dict[str, np.ndarray]:
         declared = int.from_bytes(f.read(8), "little")
     available = os.path.getsize(path) - 8
     if declared > available:
-        raise ConversionError(f"{path!r} is a truncated safetensors file: its header declares {declared} bytes of "
-                              f"JSON, the file holds {max(available, 0)} after the 8-byte length")
+        raise ConversionError(
+            f"{path!r} is a truncated safetensors file: its header declares {declared} bytes of "
+            f"JSON, the file holds {max(available, 0)} after the 8-byte length"
+        )
     try:
         return load_file(path)
     except Exception as e:  # safetensors raises its own error types for truncated/corrupt files
@@ -342,8 +344,9 @@ def _load_npz(path: str) -> Dict[str, np.ndarray]:
         with np.load(path, allow_pickle=False) as archive:  # object arrays would need pickle: refused
             return {key: archive[key] for key in archive.files}
     except (ValueError, OSError, zipfile.BadZipFile) as e:
-        raise ConversionError(f"cannot read the .npz file {path!r} (arrays only, no pickled objects): "
-                              f"{type(e).__name__}: {e}") from e
+        raise ConversionError(
+            f"cannot read the .npz file {path!r} (arrays only, no pickled objects): {type(e).__name__}: {e}"
+        ) from e
 
 
 def _load_file(path: str) -> Any:
@@ -361,8 +364,10 @@ def _load_file(path: str) -> Any:
     if kind is None:
         with open(path, "rb") as f:
             head = f.read(16)
-        raise ConversionError(f"{path!r} is not a checkpoint file: neither a PyTorch file (zip or pickle), a "
-                              f"safetensors file nor an .npz; it starts with {head!r}")
+        raise ConversionError(
+            f"{path!r} is not a checkpoint file: neither a PyTorch file (zip or pickle), a "
+            f"safetensors file nor an .npz; it starts with {head!r}"
+        )
     import pickle
 
     import torch
@@ -391,11 +396,14 @@ def _unwrap(obj: Mapping) -> Mapping:
             obj = obj[wrapped]
             continue
         if any(_is_array(v) for v in obj.values()):
-            raise ConversionError("state_dict entries that are not tensors",
-                                  [f"{k!r}: {type(v).__name__}" for k, v in obj.items() if not _is_array(v)])
+            raise ConversionError(
+                "state_dict entries that are not tensors",
+                [f"{k!r}: {type(v).__name__}" for k, v in obj.items() if not _is_array(v)],
+            )
         raise ConversionError(
             "checkpoint holds no tensors at the top level and none of the wrapper keys "
-            f"{WRAPPER_KEYS} (path {'/'.join(seen) or '<root>'}); its keys are: {sorted(map(str, obj))[:20]}")
+            f"{WRAPPER_KEYS} (path {'/'.join(seen) or '<root>'}); its keys are: {sorted(map(str, obj))[:20]}"
+        )
     return obj
 
 
@@ -406,7 +414,7 @@ def _strip_wrapper_prefixes(state: Dict[str, Any]) -> Dict[str, Any]:
         stripped = False
         for prefix in KEY_PREFIXES:
             if state and all(k.startswith(prefix) for k in state):
-                state = {k[len(prefix):]: v for k, v in state.items()}
+                state = {k[len(prefix) :]: v for k, v in state.items()}
                 stripped = True
     return state
 
@@ -418,7 +426,8 @@ def _check_no_meta_tensors(state: Mapping[str, Any]) -> None:
             f"{len(meta)} of {len(state)} checkpoint entries are meta-device tensors: shapes without data (a model "
             f"built under torch.device('meta') or with empty weights, never loaded); load or initialise its "
             f"weights first (e.g. model.to_empty(device='cpu'), then load_state_dict)",
-            meta[:10] + (["..."] if len(meta) > 10 else []))
+            meta[:10] + (["..."] if len(meta) > 10 else []),
+        )
 
 
 def load_state_dict(source) -> Dict[str, np.ndarray]:
@@ -550,9 +559,11 @@ def _prefix_hint(keys: Iterable[str], flax_specs: Mapping[Path, Any]) -> str:
     first = firsts.pop()
     if any(len(path) > 2 and path[1] == first for path in flax_specs):
         return ""
-    return (f"; every checkpoint key starts with {first + '.'!r}, which is no module of the Flax model (the "
-            f"attribute of a wrapper?): strip it, e.g. {{k.removeprefix({first + '.'!r}): v for k, v in "
-            f"state_dict.items()}}")
+    return (
+        f"; every checkpoint key starts with {first + '.'!r}, which is no module of the Flax model (the "
+        f"attribute of a wrapper?): strip it, e.g. {{k.removeprefix({first + '.'!r}): v for k, v in "
+        f"state_dict.items()}}"
+    )
 
 
 def _pair(
@@ -573,7 +584,9 @@ def _pair(
             continue
         path = _flax_path_for(key, flax_specs)
         if path not in flax_specs:
-            problems.append(f"unexpected: torch {key!r} {list(t_shape)} -> flax {_fmt_path(path)} is not in the Flax model")
+            problems.append(
+                f"unexpected: torch {key!r} {list(t_shape)} -> flax {_fmt_path(path)} is not in the Flax model"
+            )
             continue
         if path in claimed:
             problems.append(f"unexpected: torch {key!r} and {claimed[path]!r} both map to flax {_fmt_path(path)}")
@@ -605,7 +618,9 @@ def _pair(
         pairs.append(_Pair(key, path, layout))
     for path, leaf in flax_specs.items():
         if path not in claimed:
-            problems.append(f"missing: flax {_fmt_path(path)} {list(leaf.shape)} has no torch entry (expected {_torch_key_for(path)!r})")
+            problems.append(
+                f"missing: flax {_fmt_path(path)} {list(leaf.shape)} has no torch entry (expected {_torch_key_for(path)!r})"
+            )
     if problems:
         n = {w: sum(p.startswith(w) for p in problems) for w in ("missing", "unexpected", "wrong shape", "wrong dtype")}
         summary = ", ".join(f"{v} {k}" for k, v in n.items() if v)
@@ -625,16 +640,22 @@ def nonfinite_keys(state: Mapping[str, np.ndarray]) -> List[str]:
       >>> nonfinite_keys({"a": np.ones(2), "b": np.array([1.0, np.nan]), "steps": np.array([3])})
       ['b']
     """
-    return [k for k, v in state.items()
-            if (np.issubdtype(v.dtype, np.floating) or v.dtype.name == "bfloat16")
-            and not np.all(np.isfinite(v.astype(np.float32)))]
+    return [
+        k
+        for k, v in state.items()
+        if (np.issubdtype(v.dtype, np.floating) or v.dtype.name == "bfloat16")
+        and not np.all(np.isfinite(v.astype(np.float32)))
+    ]
 
 
 def _refuse_nonfinite(arrays: Mapping[str, np.ndarray], what: str, why: str) -> None:
     bad = nonfinite_keys(arrays)
     if bad:
-        raise ConversionError(f"{what} hold NaN/Inf ({len(bad)} of {len(arrays)}; {why}); pass allow_nonfinite=True "
-                              f"to convert them anyway", [f"{k} {list(arrays[k].shape)}" for k in bad])
+        raise ConversionError(
+            f"{what} hold NaN/Inf ({len(bad)} of {len(arrays)}; {why}); pass allow_nonfinite=True "
+            f"to convert them anyway",
+            [f"{k} {list(arrays[k].shape)}" for k in bad],
+        )
 
 
 def torch_to_flax(source, template, allow_nonfinite: bool = False) -> Dict[str, Dict[str, Any]]:
@@ -674,8 +695,9 @@ def torch_to_flax(source, template, allow_nonfinite: bool = False) -> Dict[str, 
     if not allow_nonfinite:
         _refuse_nonfinite(state, "checkpoint entries", "a damaged or diverged checkpoint?")
     flax_specs = _flax_leaves(template)
-    pairs = _pair({k: (v.shape, v.dtype) for k, v in state.items()}, flax_specs, "torch->flax",
-                  _prefix_hint(state, flax_specs))
+    pairs = _pair(
+        {k: (v.shape, v.dtype) for k, v in state.items()}, flax_specs, "torch->flax", _prefix_hint(state, flax_specs)
+    )
     out: Dict[Path, np.ndarray] = {}
     for p in pairs:
         target = flax_specs[p.path]
@@ -713,11 +735,15 @@ def _flax_to_numpy(variables, like=None, allow_nonfinite: bool = False) -> Dict[
         raise ConversionError(
             f"the Flax variables hold {len(shape_only)} leaves without values (e.g. jax.ShapeDtypeStruct from "
             f"jax.eval_shape); flax_to_torch needs arrays: pass model.init(...) or trained variables",
-            shape_only[:10] + (["..."] if len(shape_only) > 10 else []))
+            shape_only[:10] + (["..."] if len(shape_only) > 10 else []),
+        )
     arrays = {p: np.asarray(v) for p, v in flat.items()}
     if not allow_nonfinite:
-        _refuse_nonfinite({_fmt_path(p): a for p, a in arrays.items()}, "the Flax variables",
-                          "a diverged run? torch_to_flax would refuse the result")
+        _refuse_nonfinite(
+            {_fmt_path(p): a for p, a in arrays.items()},
+            "the Flax variables",
+            "a diverged run? torch_to_flax would refuse the result",
+        )
     if like is None:
         specs: Dict[str, Tuple[tuple, Optional[np.dtype]]] = {}
         layouts: Dict[str, Layout] = {}
@@ -794,17 +820,19 @@ def _check_metadata(metadata) -> Dict[str, str]:
     if metadata is None:
         return {}
     if not isinstance(metadata, Mapping):
-        raise ValueError(f"save_safetensors: metadata must be a mapping of str to str, got "
-                         f"{type(metadata).__name__}")
+        raise ValueError(f"save_safetensors: metadata must be a mapping of str to str, got {type(metadata).__name__}")
     bad = [f"{k!r}: {v!r}" for k, v in metadata.items() if not (isinstance(k, str) and isinstance(v, str))]
     if bad:
-        raise ValueError(f"save_safetensors: metadata keys and values must be strings (safetensors stores "
-                         f"str -> str); these are not: {', '.join(bad[:5])}; convert them (str(v), json.dumps(v))")
+        raise ValueError(
+            f"save_safetensors: metadata keys and values must be strings (safetensors stores "
+            f"str -> str); these are not: {', '.join(bad[:5])}; convert them (str(v), json.dumps(v))"
+        )
     return dict(metadata)
 
 
-def save_safetensors(variables, path, like=None, metadata: Optional[Mapping[str, str]] = None,
-                     allow_nonfinite: bool = False) -> None:
+def save_safetensors(
+    variables, path, like=None, metadata: Optional[Mapping[str, str]] = None, allow_nonfinite: bool = False
+) -> None:
     """Write :func:`flax_to_torch` ``(variables, like, allow_nonfinite)`` to a ``.safetensors`` file (no
     torch needed); ``safetensors.torch.load_file(path)`` then gives the PyTorch state_dict.
 

@@ -6,6 +6,7 @@ over the first epochs; pass it per step as the traced ``temperature`` argument.
 Initialisation: experts and bias as ``nn.Conv2d`` (kaiming_uniform a=sqrt(5), U(±1/sqrt(fan_in)))
 expert by expert, the attention FCs as ``nn.Linear``.
 """
+
 from __future__ import annotations
 
 from typing import Optional
@@ -40,12 +41,22 @@ class DynamicConvAttention(nn.Module):
     @nn.compact
     def __call__(self, pooled, temperature):
         def dense(n, fan_in, name):
-            return nn.Dense(n, dtype=self.dtype, param_dtype=self.param_dtype, precision=self.precision,
-                            kernel_init=torch_default_dense_init, bias_init=torch_default_bias_init(fan_in),
-                            name=name)
+            return nn.Dense(
+                n,
+                dtype=self.dtype,
+                param_dtype=self.param_dtype,
+                precision=self.precision,
+                kernel_init=torch_default_dense_init,
+                bias_init=torch_default_bias_init(fan_in),
+                name=name,
+            )
 
-        return attention.dynamic_attention(pooled, dense(self.hidden, self.in_channels, "fc1"),
-                                         dense(self.num_experts, self.hidden, "fc2"), temperature)
+        return attention.dynamic_attention(
+            pooled,
+            dense(self.hidden, self.in_channels, "fc1"),
+            dense(self.num_experts, self.hidden, "fc2"),
+            temperature,
+        )
 
 
 class DynamicConv(DynamicConvBase):
@@ -93,8 +104,13 @@ class DynamicConv(DynamicConvBase):
         pooled = attention.global_avg_pool(x, attn_dtype)  # [B, I]
         hidden = attention.attention_width(in_channels, self.reduction, self.min_channels, layer)
         kernel_attention = DynamicConvAttention(
-            in_channels=in_channels, hidden=hidden, num_experts=self.num_experts, dtype=attn_dtype,
-            param_dtype=self.param_dtype, precision=self.precision, name="attention",
+            in_channels=in_channels,
+            hidden=hidden,
+            num_experts=self.num_experts,
+            dtype=attn_dtype,
+            param_dtype=self.param_dtype,
+            precision=self.precision,
+            name="attention",
         )(pooled, temperature)  # [B, K]
         self.sow("intermediates", "kernel_attention", kernel_attention)
         return self.convolve_experts(x, experts, geometry, dtype, kernel_attention, expert_bias=bias)

@@ -3,6 +3,7 @@
 Each one draws what the official PyTorch code draws (same distribution, same fan), so a model
 initialised here trains like its PyTorch twin; the values differ (different random streams).
 """
+
 from __future__ import annotations
 
 import math

@@ -13,6 +13,7 @@ structure from PyTorch forward hooks), and write PNG files. matplotlib is import
 inside the plotting functions, through its object-oriented API (no pyplot, no global
 backend change).
 """
+
 from __future__ import annotations
 
 import os
@@ -67,8 +68,9 @@ def attentions_from_intermediates(intermediates: Mapping[str, Any]) -> Attention
     return out
 
 
-def collect_attentions(model, variables, x, *, train: bool = False, temperature: Optional[float] = None,
-                       **apply_kwargs) -> Attentions:
+def collect_attentions(
+    model, variables, x, *, train: bool = False, temperature: Optional[float] = None, **apply_kwargs
+) -> Attentions:
     """Run ``model`` on the batch ``x`` and return every dynamic layer's attentions.
 
     ``model.apply(variables, x, train=train, temperature=temperature, **apply_kwargs)``
@@ -149,8 +151,14 @@ def _boxes(ax, values: np.ndarray, rng: np.random.Generator) -> None:
     """Box plot per column of ``values [B, n]`` with the samples jittered on top."""
     n = values.shape[1]
     positions = np.arange(n)
-    ax.boxplot(values, positions=positions, widths=0.6, showfliers=False,
-               medianprops={"color": "tab:red"}, boxprops={"color": "0.35"})
+    ax.boxplot(
+        values,
+        positions=positions,
+        widths=0.6,
+        showfliers=False,
+        medianprops={"color": "tab:red"},
+        boxprops={"color": "0.35"},
+    )
     jitter = rng.uniform(-0.18, 0.18, size=values.shape)
     ax.scatter((positions + jitter).ravel(), values.ravel(), s=6, alpha=0.45, color="tab:blue", linewidths=0)
     ax.set_xticks(positions, [str(i) for i in positions])
@@ -189,7 +197,7 @@ def plot_kernel_attention(attentions: Attentions, path: str, *, ncols: int = 4) 
         ax.set_ylabel("weight", fontsize=8)
         ax.tick_params(labelsize=7)
         ax.grid(axis="y", alpha=0.3)
-    for ax in axes.ravel()[len(layers):]:
+    for ax in axes.ravel()[len(layers) :]:
         ax.set_visible(False)
     fig.suptitle(f"Kernel (expert) attention per layer over {num_samples} samples")
     return _save(fig, path)
@@ -269,8 +277,15 @@ def plot_odconv_attentions(layer: Mapping[str, np.ndarray], path: str, *, title:
         mean, std = s.mean(axis=0), s.std(axis=0)
         im = ax_s.imshow(mean, cmap="viridis", vmin=0.0, vmax=1.0)
         for (i, j), m in np.ndenumerate(mean):
-            ax_s.text(j, i, f"{m:.2f}\n({std[i, j]:.2f})", ha="center", va="center", fontsize=8,
-                      color="white" if m < 0.6 else "black")
+            ax_s.text(
+                j,
+                i,
+                f"{m:.2f}\n({std[i, j]:.2f})",
+                ha="center",
+                va="center",
+                fontsize=8,
+                color="white" if m < 0.6 else "black",
+            )
         ax_s.set_xticks(range(mean.shape[1]))
         ax_s.set_yticks(range(mean.shape[0]))
         ax_s.set_title(f"spatial attention, mean (std) over {s.shape[0]} samples")
@@ -295,8 +310,15 @@ def plot_odconv_attentions(layer: Mapping[str, np.ndarray], path: str, *, title:
 
 
 def _skipped(ax, label: str) -> None:
-    ax.text(0.5, 0.5, f"{label} attention skipped\n(constant 1 for this layer)", ha="center", va="center",
-            transform=ax.transAxes, color="0.4")
+    ax.text(
+        0.5,
+        0.5,
+        f"{label} attention skipped\n(constant 1 for this layer)",
+        ha="center",
+        va="center",
+        transform=ax.transAxes,
+        color="0.4",
+    )
     ax.set_xticks([])
     ax.set_yticks([])
 
@@ -329,8 +351,11 @@ def plot_all(attentions: Attentions, out_dir: str) -> List[str]:
         paths.append(plot_routing_entropy(attentions, os.path.join(out_dir, "routing_entropy.png")))
     for name, att in attentions.items():
         if "channel_attention" in att:
-            paths.append(plot_odconv_attentions(att, os.path.join(out_dir, f"odconv_{_file_name(name)}.png"),
-                                                title=f"ODConv attentions: {name}"))
+            paths.append(
+                plot_odconv_attentions(
+                    att, os.path.join(out_dir, f"odconv_{_file_name(name)}.png"), title=f"ODConv attentions: {name}"
+                )
+            )
     if not paths:
         raise ValueError("nothing to plot: no layer has routing (K >= 2) or ODConv attentions")
     return paths

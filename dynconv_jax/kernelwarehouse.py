@@ -14,6 +14,7 @@ module sharing, so the cells are parameters of the manager alone; each layer fin
 plan by its path relative to the manager's parent. A :class:`KWConv` without a manager has a
 warehouse of its own. ``temperature`` is the warm-up weight tau (None = 0, traced under jit).
 """
+
 from __future__ import annotations
 
 import functools
@@ -28,8 +29,14 @@ from dynconv_jax.conv_base import check_input, compute_dtype, layer_name, valida
 from dynconv_jax.convert import torch_module_to_flax
 from dynconv_jax.initializers import allow_empty, kaiming_fan_out_dense_init, kaiming_fan_out_normal
 from dynconv_jax.norm import BatchNorm
-from dynconv_spec.kernelwarehouse import (NORMALIZATION_EPS, ConvSpec, KWLayer, KWOptions, WarehousePlan,
-                                          single_layer_plan)
+from dynconv_spec.kernelwarehouse import (
+    NORMALIZATION_EPS,
+    ConvSpec,
+    KWLayer,
+    KWOptions,
+    WarehousePlan,
+    single_layer_plan,
+)
 
 __all__ = ["KWAttention", "KWConv", "WarehouseManager"]
 
@@ -88,8 +95,12 @@ class _Warehouses(nn.Module):
     @nn.compact
     def __call__(self, index: int):
         warehouse = self.plan.warehouses[index]
-        return self.param(str(index), cells.warehouse_init(self.plan, index), (warehouse.num_cells,
-                                                                               *warehouse.cell_shape), self.param_dtype)
+        return self.param(
+            str(index),
+            cells.warehouse_init(self.plan, index),
+            (warehouse.num_cells, *warehouse.cell_shape),
+            self.param_dtype,
+        )
 
 
 class KWAttention(nn.Module):
@@ -113,22 +124,43 @@ class KWAttention(nn.Module):
         layer = self.layer
 
         def dense(n, name, use_bias=True):
-            return nn.Dense(n, use_bias=use_bias, dtype=self.dtype, param_dtype=self.param_dtype,
-                            precision=self.precision, kernel_init=allow_empty(kaiming_fan_out_dense_init),
-                            bias_init=nn.initializers.zeros, name=name)
+            return nn.Dense(
+                n,
+                use_bias=use_bias,
+                dtype=self.dtype,
+                param_dtype=self.param_dtype,
+                precision=self.precision,
+                kernel_init=allow_empty(kaiming_fan_out_dense_init),
+                bias_init=nn.initializers.zeros,
+                name=name,
+            )
 
         map_to_cell = None
         if layer.num_basis:
             fc3 = dense(layer.num_nonlocal_cells, "fc3", use_bias=False)
-            basis_bias = self.param("basis_bias", nn.initializers.zeros,
-                                    (layer.num_mixtures * layer.cells_per_mixture,), self.param_dtype)
-            map_to_cell = functools.partial(attention.kw_map_to_cell, fc3=fc3, basis_bias=basis_bias,
-                                            num_local_cells=layer.num_local_cells, num_basis=layer.num_basis,
-                                            start_cell=layer.start_cell)
+            basis_bias = self.param(
+                "basis_bias", nn.initializers.zeros, (layer.num_mixtures * layer.cells_per_mixture,), self.param_dtype
+            )
+            map_to_cell = functools.partial(
+                attention.kw_map_to_cell,
+                fc3=fc3,
+                basis_bias=basis_bias,
+                num_local_cells=layer.num_local_cells,
+                num_basis=layer.num_basis,
+                start_cell=layer.start_cell,
+            )
         norm = BatchNorm(use_running_average=not train, dtype=self.dtype, param_dtype=self.param_dtype, name="norm1")
-        return attention.kw_attention(pooled, dense(layer.hidden, "fc1", use_bias=False), norm,
-                                      dense(layer.fc2_features, "fc2", use_bias=not layer.num_basis), map_to_cell,
-                                      jnp.asarray(layer.temp_bias()), tau, layer.num_mixtures, NORMALIZATION_EPS)
+        return attention.kw_attention(
+            pooled,
+            dense(layer.hidden, "fc1", use_bias=False),
+            norm,
+            dense(layer.fc2_features, "fc2", use_bias=not layer.num_basis),
+            map_to_cell,
+            jnp.asarray(layer.temp_bias()),
+            tau,
+            layer.num_mixtures,
+            NORMALIZATION_EPS,
+        )
 
 
 class KWConv(nn.Module):
@@ -186,35 +218,56 @@ class KWConv(nn.Module):
     warehouse_manager: Optional[WarehouseManager] = None
 
     def _options(self) -> KWOptions:
-        return KWOptions(self.reduction, self.cell_num_ratio, self.cell_inplane_ratio, self.cell_outplane_ratio, (),
-                         self.nonlocal_basis_ratio, self.spatial_partition)
+        return KWOptions(
+            self.reduction,
+            self.cell_num_ratio,
+            self.cell_inplane_ratio,
+            self.cell_outplane_ratio,
+            (),
+            self.nonlocal_basis_ratio,
+            self.spatial_partition,
+        )
 
     def _plan_entry(self, where: str, in_channels: int, geometry):
         """``(manager, spec, layer)``: the manager and this layer's place in its plan."""
         manager = self.warehouse_manager
         if manager is None:
-            plan = single_layer_plan(in_channels, self.features, geometry.kernel_size, geometry.groups,
-                                     self._options(), where)
+            plan = single_layer_plan(
+                in_channels, self.features, geometry.kernel_size, geometry.groups, self._options(), where
+            )
             manager = WarehouseManager(plan, self.param_dtype, name="warehouse_manager")
             return (manager, *plan.entry("", where))
         if self._options() != KWOptions():
             raise ValueError(f"{where}: warehouse options given to a layer of a WarehouseManager; its plan holds them")
-        path = tuple(self.scope.path[len(manager.scope.path) - 1:])
+        path = tuple(self.scope.path[len(manager.scope.path) - 1 :])
         entries = _entries_by_flax_path(manager.plan)
         if path not in entries:
-            raise ValueError(f"{where}: no convolution at {'/'.join(path)!r} in the warehouse plan; it has "
-                             f"{['/'.join(p) for p in entries]}")
+            raise ValueError(
+                f"{where}: no convolution at {'/'.join(path)!r} in the warehouse plan; it has "
+                f"{['/'.join(p) for p in entries]}"
+            )
         spec, layer = entries[path]
         cells.check_layer_geometry(where, spec, in_channels, self.features, geometry.kernel_size, geometry.groups)
         return (manager, spec, layer)
 
     def _static(self, x, geometry, in_channels: int):
         """The plain convolution at a position the plan marks static."""
-        kernel = self.param("kernel", kaiming_fan_out_normal,
-                            (*geometry.kernel_size, in_channels // geometry.groups, self.features), self.param_dtype)
+        kernel = self.param(
+            "kernel",
+            kaiming_fan_out_normal,
+            (*geometry.kernel_size, in_channels // geometry.groups, self.features),
+            self.param_dtype,
+        )
         x, kernel = nn.dtypes.promote_dtype(x, kernel, dtype=self.dtype)
-        y = ops.static_conv(x, kernel, strides=geometry.strides, padding=geometry.padding,
-                            dilation=geometry.dilation, groups=geometry.groups, precision=self.precision)
+        y = ops.static_conv(
+            x,
+            kernel,
+            strides=geometry.strides,
+            padding=geometry.padding,
+            dilation=geometry.dilation,
+            groups=geometry.groups,
+            precision=self.precision,
+        )
         return self._add_bias(y)
 
     def _add_bias(self, y):
@@ -227,9 +280,16 @@ class KWConv(nn.Module):
         """``x [B, *S, I] -> [B, *S_out, O]``; ``temperature``: the warm-up weight tau in [0, 1] (None = 0)."""
         where = layer_name(self)
         geometry = validate_conv_config(
-            where, features=self.features, kernel_size=self.kernel_size, strides=self.strides, padding=self.padding,
-            kernel_dilation=self.kernel_dilation, feature_group_count=self.feature_group_count, num_experts=1,
-            strategy=self.strategy)
+            where,
+            features=self.features,
+            kernel_size=self.kernel_size,
+            strides=self.strides,
+            padding=self.padding,
+            kernel_dilation=self.kernel_dilation,
+            feature_group_count=self.feature_group_count,
+            num_experts=1,
+            strategy=self.strategy,
+        )
         in_channels = check_input(where, x, geometry)
         manager, _, layer = self._plan_entry(where, in_channels, geometry)
         if layer is None:
@@ -244,6 +304,7 @@ class KWConv(nn.Module):
         pooled = attention.global_avg_pool(x, attn_dtype)
         weights = KWAttention(layer, attn_dtype, self.param_dtype, self.precision, name="attention")(pooled, train, tau)
         self.sow("intermediates", "cell_attention", weights)
-        y = cells.convolve(x, weights, warehouse, layer, geometry, dtype, strategy=self.strategy,
-                           precision=self.precision)
+        y = cells.convolve(
+            x, weights, warehouse, layer, geometry, dtype, strategy=self.strategy, precision=self.precision
+        )
         return self._add_bias(y)

@@ -22,6 +22,7 @@ Leaf names are flax's: params ``scale``, ``bias``; batch_stats ``mean``, ``var``
 axis: the biased variance ``mean((x - mean)^2)`` (not flax's fast ``E[x^2] - E[x]^2``) and
 ``epsilon = 1e-5``.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -35,7 +36,6 @@ from jax import lax
 from dynconv_jax.attention import attention_dtype
 from dynconv_jax.conv_base import layer_name
 
-
 #: PyTorch's ``BatchNorm`` momentum: the weight of the new batch statistic in the running average.
 TORCH_BATCH_NORM_MOMENTUM = 0.1
 
@@ -47,16 +47,32 @@ def check_batch_norm_args(layer: str, torch_momentum: float, momentum: Optional[
             f"{layer}: momentum={momentum!r} is not an argument of this PyTorch-semantics BatchNorm. flax's "
             f"BatchNorm.momentum is the decay of the running average (default 0.99); PyTorch's momentum is the "
             f"weight of the new batch (default 0.1). Pass torch_momentum= with PyTorch's meaning "
-            f"(flax's momentum=m is torch_momentum=1 - m).")
-    if isinstance(torch_momentum, bool) or not (isinstance(torch_momentum, (int, float))
-                                                and 0.0 <= torch_momentum <= 1.0):
-        raise ValueError(f"{layer}: torch_momentum={torch_momentum!r} must be a number in [0, 1] "
-                         "(PyTorch's meaning: the weight of the new batch)")
+            f"(flax's momentum=m is torch_momentum=1 - m)."
+        )
+    if isinstance(torch_momentum, bool) or not (
+        isinstance(torch_momentum, (int, float)) and 0.0 <= torch_momentum <= 1.0
+    ):
+        raise ValueError(
+            f"{layer}: torch_momentum={torch_momentum!r} must be a number in [0, 1] "
+            "(PyTorch's meaning: the weight of the new batch)"
+        )
 
 
-def batch_norm(x, scale, bias, running_mean, running_var, *, use_running_average: bool, axis: int = -1,
-               torch_momentum: float = TORCH_BATCH_NORM_MOMENTUM, epsilon: float = 1e-5, dtype=None,
-               layer: str = "BatchNorm", check_count: bool = True):
+def batch_norm(
+    x,
+    scale,
+    bias,
+    running_mean,
+    running_var,
+    *,
+    use_running_average: bool,
+    axis: int = -1,
+    torch_momentum: float = TORCH_BATCH_NORM_MOMENTUM,
+    epsilon: float = 1e-5,
+    dtype=None,
+    layer: str = "BatchNorm",
+    check_count: bool = True,
+):
     """PyTorch-semantics batch normalisation of ``x`` over all axes but ``axis`` (both front ends call this).
 
     ``scale``/``bias`` (``[C]`` or None) and the running statistics ``[C]`` are plain arrays.
@@ -204,9 +220,19 @@ class BatchNorm(nn.Module):
         bias = self.param("bias", self.bias_init, (features,), self.param_dtype) if self.use_bias else None
         initializing = self.is_initializing()
         y, new_mean, new_var = batch_norm(
-            x, scale, bias, running_mean.value, running_var.value, use_running_average=use_running_average,
-            axis=self.axis, torch_momentum=self.torch_momentum, epsilon=self.epsilon, dtype=self.dtype,
-            layer=layer_name(self), check_count=not initializing)
+            x,
+            scale,
+            bias,
+            running_mean.value,
+            running_var.value,
+            use_running_average=use_running_average,
+            axis=self.axis,
+            torch_momentum=self.torch_momentum,
+            epsilon=self.epsilon,
+            dtype=self.dtype,
+            layer=layer_name(self),
+            check_count=not initializing,
+        )
         if new_mean is not None and not initializing:
             running_mean.value, running_var.value = new_mean, new_var
         return y

@@ -12,6 +12,7 @@ kernels, the kernel one for K == 1. Initialisation: kaiming_normal (fan_out, rel
 the attention logits are O(1) before the division by T, and at T = 1 the initial gradient through
 the attention explodes (docs/training.md).
 """
+
 from __future__ import annotations
 
 import math
@@ -59,26 +60,44 @@ class ODConvAttention(nn.Module):
     @nn.compact
     def __call__(self, pooled, train: bool, temperature):
         def dense(n, name, use_bias=True):
-            return nn.Dense(n, use_bias=use_bias, dtype=self.dtype, param_dtype=self.param_dtype,
-                            precision=self.precision, kernel_init=kaiming_fan_out_dense_init,
-                            bias_init=nn.initializers.zeros, name=name)
+            return nn.Dense(
+                n,
+                use_bias=use_bias,
+                dtype=self.dtype,
+                param_dtype=self.param_dtype,
+                precision=self.precision,
+                kernel_init=kaiming_fan_out_dense_init,
+                bias_init=nn.initializers.zeros,
+                name=name,
+            )
 
-        heads = attention.odconv_heads(self.in_channels, self.out_channels, self.groups, self.kernel_size,
-                                     self.num_experts)
+        heads = attention.odconv_heads(
+            self.in_channels, self.out_channels, self.groups, self.kernel_size, self.num_experts
+        )
         scale_init = nn.initializers.constant(self.bn_init)
         if self.norm == "batch":
-            norm = BatchNorm(use_running_average=not train, dtype=self.dtype, param_dtype=self.param_dtype,
-                             scale_init=scale_init, name="bn")
+            norm = BatchNorm(
+                use_running_average=not train,
+                dtype=self.dtype,
+                param_dtype=self.param_dtype,
+                scale_init=scale_init,
+                name="bn",
+            )
         elif self.norm == "layer":
             norm = LayerNorm(dtype=self.dtype, param_dtype=self.param_dtype, scale_init=scale_init, name="ln")
         else:
             norm = None
         return attention.odconv_attention(
-            pooled, dense(self.width, "fc", use_bias=False), norm, dense(self.in_channels, "channel_fc"),
+            pooled,
+            dense(self.width, "fc", use_bias=False),
+            norm,
+            dense(self.in_channels, "channel_fc"),
             dense(self.out_channels, "filter_fc") if heads.filter else None,
             dense(math.prod(self.kernel_size), "spatial_fc") if heads.spatial else None,
             dense(self.num_experts, "kernel_fc") if heads.kernel else None,
-            self.kernel_size, temperature)
+            self.kernel_size,
+            temperature,
+        )
 
 
 class ODConv(DynamicConvBase):
@@ -139,11 +158,18 @@ class ODConv(DynamicConvBase):
         temperature = attention.temperature_scalar(temperature, layer, attn_dtype)
         pooled = attention.global_avg_pool(x, attn_dtype)  # [B, I]
         channel, filter_, spatial, kernel = ODConvAttention(
-            in_channels=in_channels, out_channels=self.features, kernel_size=geometry.kernel_size,
-            groups=geometry.groups, num_experts=self.num_experts,
+            in_channels=in_channels,
+            out_channels=self.features,
+            kernel_size=geometry.kernel_size,
+            groups=geometry.groups,
+            num_experts=self.num_experts,
             width=attention.attention_width(in_channels, self.reduction, self.min_channels, layer),
-            norm=self.attention_norm, bn_init=self.attention_bn_init, dtype=attn_dtype, param_dtype=self.param_dtype,
-            precision=self.precision, name="attention",
+            norm=self.attention_norm,
+            bn_init=self.attention_bn_init,
+            dtype=attn_dtype,
+            param_dtype=self.param_dtype,
+            precision=self.precision,
+            name="attention",
         )(pooled, train, temperature)
         self.sow("intermediates", "kernel_attention", kernel)
         self.sow("intermediates", "channel_attention", channel)
@@ -151,5 +177,13 @@ class ODConv(DynamicConvBase):
             self.sow("intermediates", "filter_attention", filter_)
         if spatial is not None:
             self.sow("intermediates", "spatial_attention", spatial)
-        return self.convolve_experts(x, experts, geometry, dtype, kernel, spatial_attention=spatial,
-                                     channel_attention=channel, filter_attention=filter_)
+        return self.convolve_experts(
+            x,
+            experts,
+            geometry,
+            dtype,
+            kernel,
+            spatial_attention=spatial,
+            channel_attention=channel,
+            filter_attention=filter_,
+        )

@@ -67,6 +67,7 @@ Layout: channels-last. ``x`` is ``[B, *S, Cin]``; expert kernels are
 ``[K, *kernel_size, C_in // groups, C_out]`` (flax ``Conv`` layout with a
 leading expert axis).
 """
+
 from __future__ import annotations
 
 import functools
@@ -145,8 +146,9 @@ def static_conv(x, kernel, *, strides, padding, dilation, groups, precision=None
     )
 
 
-def aggregate_kernels(experts, kernel_attention, spatial_attention=None, channel_attention=None,
-                      filter_attention=None, groups: int = 1):
+def aggregate_kernels(
+    experts, kernel_attention, spatial_attention=None, channel_attention=None, filter_attention=None, groups: int = 1
+):
     """Per-sample kernels ``W_b = sum_k a[b,k] * s_b * W_k``, optionally with the channel and filter
     attentions folded in (``W_b[..., i, o] *= c_b[input channel of (i, o)] * f_b[o]``, exact).
 
@@ -226,7 +228,8 @@ def output_shape(spatial_shape, kernel_size, strides, pads, dilation) -> Tuple[i
         if span <= 0:
             raise ValueError(
                 f"spatial dimension {axis}: input size {n} with padding ({lo}, {hi}) is smaller than the "
-                f"dilated kernel extent {(k - 1) * d + 1}: the convolution output would be empty")
+                f"dilated kernel extent {(k - 1) * d + 1}: the convolution output would be empty"
+            )
         out.append((span - 1) // s + 1)
     return tuple(out)
 
@@ -244,8 +247,9 @@ def _taps(x, kernel_size, strides, pads, dilation):
     for offset in itertools.product(*(range(k) for k in kernel_size)):
         start = tuple(i * d for i, d in zip(offset, dilation))
         limit = tuple(st + (o - 1) * s + 1 for st, o, s in zip(start, out, strides))
-        taps.append(lax.slice(xp, (0,) + start + (0,), (x.shape[0],) + limit + (x.shape[-1],),
-                              (1,) + tuple(strides) + (1,)))
+        taps.append(
+            lax.slice(xp, (0,) + start + (0,), (x.shape[0],) + limit + (x.shape[-1],), (1,) + tuple(strides) + (1,))
+        )
     return taps, out
 
 
@@ -260,11 +264,13 @@ def _im2col(x, kernel_size, strides, pads, dilation):
 # to conv outputs [B, *S_out, Cout]; channel/filter attention and bias are applied by dynamic_conv.
 
 
-def _vmap_strategy(x, experts, kernel_attention, spatial_attention, folded, *, strides, padding, dilation, groups,
-                   precision):
+def _vmap_strategy(
+    x, experts, kernel_attention, spatial_attention, folded, *, strides, padding, dilation, groups, precision
+):
     kernels = aggregate_kernels(experts, kernel_attention, spatial_attention, **folded, groups=groups)
-    return per_sample_conv(x, kernels, strides=strides, padding=padding, dilation=dilation, groups=groups,
-                           precision=precision)
+    return per_sample_conv(
+        x, kernels, strides=strides, padding=padding, dilation=dilation, groups=groups, precision=precision
+    )
 
 
 def _grouped_kernels(experts, kernel_attention, spatial_attention, folded, groups):
@@ -286,8 +292,9 @@ def _tap_matmul(tap, w, precision):
     return y.reshape((b,) + spatial + (g, m))
 
 
-def _shifted_strategy(x, experts, kernel_attention, spatial_attention, folded, *, strides, padding, dilation, groups,
-                      precision):
+def _shifted_strategy(
+    x, experts, kernel_attention, spatial_attention, folded, *, strides, padding, dilation, groups, precision
+):
     kernel_size = experts.shape[1:-2]
     pads = explicit_padding(padding, x.shape[1:-1], kernel_size, strides, dilation)
     taps, _ = _taps(x, kernel_size, strides, pads, dilation)
@@ -298,23 +305,45 @@ def _shifted_strategy(x, experts, kernel_attention, spatial_attention, folded, *
     return y.reshape(y.shape[:-2] + (-1,))
 
 
-def _pointwise_strategy(x, experts, kernel_attention, spatial_attention, folded, *, strides, padding, dilation, groups,
-                        precision):
+def _pointwise_strategy(
+    x, experts, kernel_attention, spatial_attention, folded, *, strides, padding, dilation, groups, precision
+):
     kernel_size = experts.shape[1:-2]
     if any(k != 1 for k in kernel_size):
         raise ValueError(f"strategy='pointwise' needs a 1x1 kernel, got kernel_size={tuple(kernel_size)}")
-    return _shifted_strategy(x, experts, kernel_attention, spatial_attention, folded, strides=strides, padding=padding,
-                             dilation=dilation, groups=groups, precision=precision)
+    return _shifted_strategy(
+        x,
+        experts,
+        kernel_attention,
+        spatial_attention,
+        folded,
+        strides=strides,
+        padding=padding,
+        dilation=dilation,
+        groups=groups,
+        precision=precision,
+    )
 
 
-def _patches_strategy(x, experts, kernel_attention, spatial_attention, folded, *, strides, padding, dilation, groups,
-                      precision):
+def _patches_strategy(
+    x, experts, kernel_attention, spatial_attention, folded, *, strides, padding, dilation, groups, precision
+):
     kernel_size = experts.shape[1:-2]
     w = _grouped_kernels(experts, kernel_attention, spatial_attention, folded, groups)  # [B, T, Ci, g, M]
     b, t, ci, g, m = w.shape
     if ci == 1:  # depthwise: im2col has nothing to contract per group; the tap sum is the same arithmetic
-        return _shifted_strategy(x, experts, kernel_attention, spatial_attention, folded, strides=strides, padding=padding,
-                                 dilation=dilation, groups=groups, precision=precision)
+        return _shifted_strategy(
+            x,
+            experts,
+            kernel_attention,
+            spatial_attention,
+            folded,
+            strides=strides,
+            padding=padding,
+            dilation=dilation,
+            groups=groups,
+            precision=precision,
+        )
     pads = explicit_padding(padding, x.shape[1:-1], kernel_size, strides, dilation)
     cols, out = _im2col(x, kernel_size, strides, pads, dilation)  # [B, *S_out, T, g*Ci]
     cols = cols.reshape(b, -1, t, g, ci)
@@ -344,8 +373,8 @@ def transposed_kernel(kernel, groups: int):
     rank = kernel.ndim - 2
     ci, cout = kernel.shape[-2], kernel.shape[-1]
     w = kernel.reshape(kernel.shape[:-1] + (groups, cout // groups))  # [*k, Ci, g, M]
-    w = jnp.moveaxis(w, rank, -1)                                       # [*k, g, M, Ci]
-    w = jnp.swapaxes(w, rank, rank + 1)                                 # [*k, M, g, Ci]
+    w = jnp.moveaxis(w, rank, -1)  # [*k, g, M, Ci]
+    w = jnp.swapaxes(w, rank, rank + 1)  # [*k, M, g, Ci]
     w = w.reshape(kernel.shape[:-2] + (cout // groups, groups * ci))
     return jnp.flip(w, axis=tuple(range(rank)))
 
@@ -373,8 +402,14 @@ def _map_samples(fn, args, consts=()):
 def _kernels_of(experts, attentions, groups: int):
     """:func:`aggregate_kernels` from a dict of per-sample attentions (``kernel_attention`` ``[B, K]``
     and optionally ``spatial_attention``, ``channel_attention``, ``filter_attention``)."""
-    return aggregate_kernels(experts, attentions["kernel_attention"], attentions.get("spatial_attention"),
-                             attentions.get("channel_attention"), attentions.get("filter_attention"), groups=groups)
+    return aggregate_kernels(
+        experts,
+        attentions["kernel_attention"],
+        attentions.get("spatial_attention"),
+        attentions.get("channel_attention"),
+        attentions.get("filter_attention"),
+        groups=groups,
+    )
 
 
 def _map_forward(x, kernels, bias, geometry):
@@ -386,8 +421,12 @@ def _map_forward(x, kernels, bias, geometry):
 
     def one(_, args):
         xb, wb, bb = args
-        return static_conv(xb[None], wb, strides=strides, padding=pads, dilation=dilation, groups=groups,
-                           precision=precision)[0] + bb
+        return (
+            static_conv(
+                xb[None], wb, strides=strides, padding=pads, dilation=dilation, groups=groups, precision=precision
+            )[0]
+            + bb
+        )
 
     return _map_samples(one, (x, kernels, bias))
 
@@ -406,8 +445,15 @@ def _map_forward_aggregating(x, experts, attentions, bias, geometry):
 
     def one(experts, args):
         xb, attentions_b, bb = args
-        yb = static_conv(xb[None], _sample_kernel(experts, attentions_b, groups), strides=strides, padding=pads,
-                         dilation=dilation, groups=groups, precision=precision)[0]
+        yb = static_conv(
+            xb[None],
+            _sample_kernel(experts, attentions_b, groups),
+            strides=strides,
+            padding=pads,
+            dilation=dilation,
+            groups=groups,
+            precision=precision,
+        )[0]
         return yb if bb is None else yb + bb
 
     return _map_samples(one, (x, attentions, bias), experts)
@@ -419,10 +465,17 @@ def _input_gradient_conv(dyb, wb, input_spatial, geometry):
     strides, pads, dilation, groups, precision = geometry
     rank = dyb.ndim - 1
     grad_pads = transposed_conv_padding(input_spatial, wb.shape[:-2], strides, pads, dilation)
-    return lax.conv_general_dilated(dyb[None], transposed_kernel(wb, groups), window_strides=(1,) * rank,
-                                    padding=grad_pads, lhs_dilation=strides, rhs_dilation=dilation,
-                                    dimension_numbers=conv_dimension_numbers(rank), feature_group_count=groups,
-                                    precision=precision)[0]
+    return lax.conv_general_dilated(
+        dyb[None],
+        transposed_kernel(wb, groups),
+        window_strides=(1,) * rank,
+        padding=grad_pads,
+        lhs_dilation=strides,
+        rhs_dilation=dilation,
+        dimension_numbers=conv_dimension_numbers(rank),
+        feature_group_count=groups,
+        precision=precision,
+    )[0]
 
 
 def _sample_kernel_gradient(xb, dyb, kernel_shape, geometry):
@@ -430,9 +483,9 @@ def _sample_kernel_gradient(xb, dyb, kernel_shape, geometry):
     strides, pads, dilation, groups, precision = geometry
     kernel_size, ci, cout = kernel_shape[:-2], kernel_shape[-2], kernel_shape[-1]
     cols, _ = _im2col(xb[None], kernel_size, strides, pads, dilation)
-    cols = cols.reshape(-1, cols.shape[-2], groups, ci)                    # [S_out, T, g, Ci]
-    dyg = dyb.reshape(-1, groups, cout // groups)                          # [S_out, g, M]
-    return jnp.einsum("stgi,sgm->tigm", cols, dyg, precision=precision)   # [T, Ci, g, M]
+    cols = cols.reshape(-1, cols.shape[-2], groups, ci)  # [S_out, T, g, Ci]
+    dyg = dyb.reshape(-1, groups, cout // groups)  # [S_out, g, M]
+    return jnp.einsum("stgi,sgm->tigm", cols, dyg, precision=precision)  # [T, Ci, g, M]
 
 
 def _map_backward(x, kernels, dy, geometry):
@@ -489,8 +542,9 @@ def _mapped_conv_bwd(geometry, residuals, dy):
 mapped_conv.defvjp(_mapped_conv_fwd, _mapped_conv_bwd)
 
 
-def _map_strategy(x, experts, kernel_attention, spatial_attention, folded, *, strides, padding, dilation, groups,
-                  precision):
+def _map_strategy(
+    x, experts, kernel_attention, spatial_attention, folded, *, strides, padding, dilation, groups, precision
+):
     kernel_size = experts.shape[1:-2]
     pads = explicit_padding(padding, x.shape[1:-1], kernel_size, strides, dilation)
     attentions = {n: v for n, v in folded.items() if n != "bias"}
@@ -505,7 +559,7 @@ def _map_strategy(x, experts, kernel_attention, spatial_attention, folded, *, st
 
 # Most per-sample kernel values a chunk of 'lean' holds (8 MiB in float32; measured: docs/performance.md,
 # "'lean'": smaller chunks cost per-step overhead with small kernels, larger ones memory with large kernels).
-_LEAN_CHUNK_VALUES = 2 ** 21
+_LEAN_CHUNK_VALUES = 2**21
 
 
 def _chunk_size(batch: int, kernel_values: int) -> int:
@@ -549,8 +603,9 @@ def _chunk_kernels(experts, attentions_c):
     """A chunk's kernels ``sum_k a_bk W_k`` as ``[c, T, Cin/g * Cout]`` (one matmul with the flattened experts),
     unscaled and scaled by the spatial attention (``(unscaled, scaled)``; the same array without one)."""
     k, taps = experts.shape[0], math.prod(experts.shape[1:-2])
-    unscaled = (attentions_c["kernel_attention"] @ experts.reshape(k, -1)).reshape(-1, taps, experts.shape[-2]
-                                                                                   * experts.shape[-1])
+    unscaled = (attentions_c["kernel_attention"] @ experts.reshape(k, -1)).reshape(
+        -1, taps, experts.shape[-2] * experts.shape[-1]
+    )
     s = attentions_c.get("spatial_attention")
     return unscaled, unscaled if s is None else unscaled * s.reshape(s.shape[0], taps, 1)
 
@@ -562,8 +617,9 @@ def _lean_forward(x, experts, attentions, geometry):
     def chunk(experts, carry, args):
         xc, attentions_c = args
         kernels = _chunk_kernels(experts, attentions_c)[1].reshape((-1,) + experts.shape[1:])
-        conv = functools.partial(static_conv, strides=strides, padding=pads, dilation=dilation, groups=groups,
-                                 precision=precision)
+        conv = functools.partial(
+            static_conv, strides=strides, padding=pads, dilation=dilation, groups=groups, precision=precision
+        )
         return carry, lax.map(lambda a: conv(a[0][None], a[1])[0], (xc, kernels))
 
     return _scan_chunks(chunk, (), (x, attentions), experts, math.prod(experts.shape[1:]))[1]
@@ -583,10 +639,11 @@ def _lean_backward(x, experts, attentions, dy, geometry):
     def chunk(experts, d_experts, args):
         xc, attentions_c, dyc = args
         unscaled, kernels = _chunk_kernels(experts, attentions_c)
-        dxc = lax.map(lambda a: _input_gradient_conv(a[1], a[0].reshape(kernel_shape), x.shape[1:-1], geometry),
-                      (kernels, dyc))
+        dxc = lax.map(
+            lambda a: _input_gradient_conv(a[1], a[0].reshape(kernel_shape), x.shape[1:-1], geometry), (kernels, dyc)
+        )
         g = lax.map(lambda a: _sample_kernel_gradient(a[0], a[1], kernel_shape, geometry), (xc, dyc))
-        g = g.reshape(unscaled.shape)                                           # [c, T, Ci*Co]
+        g = g.reshape(unscaled.shape)  # [c, T, Ci*Co]
         s = attentions_c.get("spatial_attention")
         scaled = g if s is None else g * s.reshape(s.shape[0], -1, 1)
         scaled = scaled.reshape(g.shape[0], -1)
@@ -595,8 +652,9 @@ def _lean_backward(x, experts, attentions, dy, geometry):
             d_attentions["spatial_attention"] = jnp.sum(g * unscaled, axis=-1).reshape(s.shape)
         return d_experts + attentions_c["kernel_attention"].T @ scaled, (dxc, d_attentions)
 
-    d_experts, (dx, d_attentions) = _scan_chunks(chunk, jnp.zeros_like(flat), (x, attentions, dy), experts,
-                                                 math.prod(kernel_shape))
+    d_experts, (dx, d_attentions) = _scan_chunks(
+        chunk, jnp.zeros_like(flat), (x, attentions, dy), experts, math.prod(kernel_shape)
+    )
     return dx, d_experts.reshape(experts.shape), d_attentions
 
 
@@ -652,11 +710,13 @@ def _tap_reductions(x, dy, kernel_size, strides, pads, dilation):
     """``[B, T, g, M]``: ``sum over positions of tap_t(x)[..., None] * dy`` for each tap ``t``, one tap per step of a
     ``lax.map`` (a slice of the padded input read in place; all ``T`` products at once would each be written)."""
     rank = x.ndim - 2
-    out = dy.shape[1:1 + rank]
+    out = dy.shape[1 : 1 + rank]
     xp = lax.pad(x, jnp.zeros((), x.dtype), ((0, 0, 0),) + tuple((lo, hi, 0) for lo, hi in pads) + ((0, 0, 0),))
     extent = tuple((o - 1) * s + 1 for o, s in zip(out, strides))
-    starts = jnp.asarray([[i * d for i, d in zip(offset, dilation)]
-                          for offset in itertools.product(*(range(k) for k in kernel_size))], jnp.int32)
+    starts = jnp.asarray(
+        [[i * d for i, d in zip(offset, dilation)] for offset in itertools.product(*(range(k) for k in kernel_size))],
+        jnp.int32,
+    )
 
     def one(start):
         zero = jnp.zeros((), start.dtype)
@@ -677,23 +737,31 @@ def _depthwise_conv_bwd(geometry, residuals, dy):
     rank = x.ndim - 2
     d_kernels = _tap_reductions(x, dy, kernel_size, strides, pads, dilation)
     grad_pads = transposed_conv_padding(x.shape[1:-1], kernel_size, strides, pads, dilation)
-    dilated = lax.pad(dy, jnp.zeros((), dy.dtype), ((0, 0, 0),) + tuple((lo, hi, s - 1) for (lo, hi), s
-                                                                         in zip(grad_pads, strides)) + ((0, 0, 0),) * 2)
-    flipped = jnp.flip(kernels.reshape(kernels.shape[:1] + tuple(kernel_size) + kernels.shape[2:]),
-                       axis=tuple(range(1, rank + 1))).reshape(kernels.shape)
-    grad_taps, _ = _taps(dilated.reshape(dilated.shape[:-2] + (-1,)), kernel_size, (1,) * rank, ((0, 0),) * rank,
-                         dilation)
+    dilated = lax.pad(
+        dy,
+        jnp.zeros((), dy.dtype),
+        ((0, 0, 0),) + tuple((lo, hi, s - 1) for (lo, hi), s in zip(grad_pads, strides)) + ((0, 0, 0),) * 2,
+    )
+    flipped = jnp.flip(
+        kernels.reshape(kernels.shape[:1] + tuple(kernel_size) + kernels.shape[2:]), axis=tuple(range(1, rank + 1))
+    ).reshape(kernels.shape)
+    grad_taps, _ = _taps(
+        dilated.reshape(dilated.shape[:-2] + (-1,)), kernel_size, (1,) * rank, ((0, 0),) * rank, dilation
+    )
     spread = (x.shape[0],) + (1,) * rank + kernels.shape[2:]
-    dx = sum(jnp.sum(tap.reshape(tap.shape[:-1] + kernels.shape[2:]) * flipped[:, t].reshape(spread), axis=-1)
-             for t, tap in enumerate(grad_taps))
+    dx = sum(
+        jnp.sum(tap.reshape(tap.shape[:-1] + kernels.shape[2:]) * flipped[:, t].reshape(spread), axis=-1)
+        for t, tap in enumerate(grad_taps)
+    )
     return dx, d_kernels
 
 
 depthwise_conv.defvjp(_depthwise_conv_fwd, _depthwise_conv_bwd)
 
 
-def _lean_strategy(x, experts, kernel_attention, spatial_attention, folded, *, strides, padding, dilation, groups,
-                   precision):
+def _lean_strategy(
+    x, experts, kernel_attention, spatial_attention, folded, *, strides, padding, dilation, groups, precision
+):
     del folded  # always empty: dynamic_conv applies channel / filter attention and bias to the activations here
     kernel_size = experts.shape[1:-2]
     pads = explicit_padding(padding, x.shape[1:-1], kernel_size, strides, dilation)
@@ -707,8 +775,9 @@ def _lean_strategy(x, experts, kernel_attention, spatial_attention, folded, *, s
     return lean_conv(x, experts, attentions, (strides, pads, dilation, groups, precision))
 
 
-def _mix_strategy(x, experts, kernel_attention, spatial_attention, folded, *, strides, padding, dilation, groups,
-                  precision):
+def _mix_strategy(
+    x, experts, kernel_attention, spatial_attention, folded, *, strides, padding, dilation, groups, precision
+):
     del folded  # always empty: dynamic_conv applies channel / filter attention to the activations here
     k = experts.shape[0]
     kernel_shape, ci, cout = experts.shape[1:-2], experts.shape[-2], experts.shape[-1]
@@ -718,10 +787,18 @@ def _mix_strategy(x, experts, kernel_attention, spatial_attention, folded, *, st
     if spatial_attention is None and positions > _MIX_MAX_POSITIONS:  # one static conv with K * Cout outputs
         # [K, *k, Ci, g, M] -> [*k, Ci, g, K, M]: each group's outputs stay contiguous, as feature_group_count needs.
         stacked = jnp.moveaxis(experts.reshape((k,) + kernel_shape + (ci, groups, m)), 0, -2)
-        ys = static_conv(x, stacked.reshape(kernel_shape + (ci, groups * k * m)), strides=strides, padding=padding,
-                         dilation=dilation, groups=groups, precision=precision)  # [B, *S_out, g*K*M]
-        y = jnp.einsum("b...gkm,bk->b...gm", ys.reshape(ys.shape[:-1] + (groups, k, m)), kernel_attention,
-                       precision=precision)
+        ys = static_conv(
+            x,
+            stacked.reshape(kernel_shape + (ci, groups * k * m)),
+            strides=strides,
+            padding=padding,
+            dilation=dilation,
+            groups=groups,
+            precision=precision,
+        )  # [B, *S_out, g*K*M]
+        y = jnp.einsum(
+            "b...gkm,bk->b...gm", ys.reshape(ys.shape[:-1] + (groups, k, m)), kernel_attention, precision=precision
+        )
         return y.reshape(y.shape[:-2] + (cout,))
     # im2col x each expert, one matmul per expert (no transposed copy of the experts is made or kept);
     # s_b scales kernel positions, i.e. sample b's columns
@@ -730,9 +807,11 @@ def _mix_strategy(x, experts, kernel_attention, spatial_attention, folded, *, st
         s = spatial_attention.reshape(x.shape[0], -1)  # [B, T]
         cols = cols * s.reshape((x.shape[0],) + (1,) * (cols.ndim - 3) + (-1, 1))
     cols = cols.reshape((x.shape[0], -1, cols.shape[-2], groups, ci))  # [B, P, T, g, Ci]
-    taps = experts.reshape((k, -1, ci, groups, m))                    # [K, T, Ci, g, M]
-    y = sum(kernel_attention[:, e, None, None, None] * jnp.einsum("bptgi,tigm->bpgm", cols, taps[e],
-                                                                   precision=precision) for e in range(k))
+    taps = experts.reshape((k, -1, ci, groups, m))  # [K, T, Ci, g, M]
+    y = sum(
+        kernel_attention[:, e, None, None, None] * jnp.einsum("bptgi,tigm->bpgm", cols, taps[e], precision=precision)
+        for e in range(k)
+    )
     return y.reshape((x.shape[0],) + out + (cout,))
 
 
@@ -756,8 +835,9 @@ def applicable_strategies(kernel_size: Sequence[int]) -> Tuple[str, ...]:
     return tuple(names)
 
 
-def choose_strategy(x_shape, experts_shape, *, strides, dilation, groups, spatial_attention: bool,
-                    backend: Optional[str] = None) -> str:
+def choose_strategy(
+    x_shape, experts_shape, *, strides, dilation, groups, spatial_attention: bool, backend: Optional[str] = None
+) -> str:
     """What ``strategy='auto'`` runs: fixed rules by backend and shape; nothing is measured.
 
     XLA:CPU, measured (``python -m benchmarks strategies`` and ``plans``, forward+backward; the numbers
@@ -806,8 +886,17 @@ def choose_strategy(x_shape, experts_shape, *, strides, dilation, groups, spatia
 _MIX_MAX_POSITIONS = 16
 
 
-def attention_placement(x_shape, experts_shape, *, strides, padding, dilation, strategy: str,
-                        channel_attention: bool, filter_attention: bool) -> Tuple[bool, bool]:
+def attention_placement(
+    x_shape,
+    experts_shape,
+    *,
+    strides,
+    padding,
+    dilation,
+    strategy: str,
+    channel_attention: bool,
+    filter_attention: bool,
+) -> Tuple[bool, bool]:
     """Where ODConv's channel / filter attentions go: ``(fold_channel, fold_filter)``.
 
     Both scale whole input / output channels of ``W_b``, so each can scale the per-sample kernel
@@ -835,8 +924,9 @@ STRATEGY_CHOICES = f"'auto', a dynconv_jax.plan.Plan or one of {STRATEGIES}"
 
 def is_strategy(strategy) -> bool:
     """Whether ``strategy`` is 'auto', a :class:`~dynconv_jax.plan.Plan` or one of :data:`STRATEGIES`."""
-    return isinstance(strategy, plan.Plan) or (isinstance(strategy, str) and (strategy == "auto"
-                                                                             or strategy in STRATEGIES))
+    return isinstance(strategy, plan.Plan) or (
+        isinstance(strategy, str) and (strategy == "auto" or strategy in STRATEGIES)
+    )
 
 
 def _local_batch(batch: int) -> int:
@@ -855,8 +945,14 @@ def _resolve_strategy(strategy, arrays, *, strides, padding, dilation, groups, p
     measured here. While :func:`dynconv_jax.autotune.tune` traces, the problem is recorded, and the
     arrays come back through the recording's probe (which notices differentiation)."""
     x, experts = arrays["x"], arrays["experts"]
-    rule = choose_strategy(x.shape, experts.shape, strides=strides, dilation=dilation, groups=groups,
-                           spatial_attention=arrays["spatial_attention"] is not None)
+    rule = choose_strategy(
+        x.shape,
+        experts.shape,
+        strides=strides,
+        dilation=dilation,
+        groups=groups,
+        spatial_attention=arrays["spatial_attention"] is not None,
+    )
     recording = plan.recording()
     if not (recording or isinstance(strategy, plan.Plan)):
         return rule, arrays
@@ -866,37 +962,121 @@ def _resolve_strategy(strategy, arrays, *, strides, padding, dilation, groups, p
             plan.warn_missing(f"with symbolic shape {x.shape}", rule)
         return rule, arrays
     attentions = [n for n in present if n not in ("x", "experts")]
-    key = plan.problem_key(x.shape, experts.shape, dtype=(x.dtype, experts.dtype), strides=strides,
-                           padding=padding, dilation=dilation, groups=groups, attentions=attentions)
+    key = plan.problem_key(
+        x.shape,
+        experts.shape,
+        dtype=(x.dtype, experts.dtype),
+        strides=strides,
+        padding=padding,
+        dilation=dilation,
+        groups=groups,
+        attentions=attentions,
+    )
     choice = strategy.strategy_for(key) if isinstance(strategy, plan.Plan) else rule
     if choice is None:
         plan.warn_missing(key, rule)
         choice = rule
     if recording:
         batch = _local_batch(x.shape[0])  # timed as each device runs it
-        shapes = tuple((n, a.shape if n in ("experts", "expert_bias") else (batch, *a.shape[1:]),
-                        jnp.dtype(a.dtype).name) for n, a in present.items())
+        shapes = tuple(
+            (n, a.shape if n in ("experts", "expert_bias") else (batch, *a.shape[1:]), jnp.dtype(a.dtype).name)
+            for n, a in present.items()
+        )
         static = dict(strides=strides, padding=padding, dilation=dilation, groups=groups, precision=precision)
         probed = recording.observe(key, plan.Problem(shapes, static, rule), present)
         arrays = {**arrays, **probed}
     return choice, arrays
 
 
-_ARRAY_NAMES = ("x", "experts", "kernel_attention", "spatial_attention", "channel_attention", "filter_attention",
-                "expert_bias")
+_ARRAY_NAMES = (
+    "x",
+    "experts",
+    "kernel_attention",
+    "spatial_attention",
+    "channel_attention",
+    "filter_attention",
+    "expert_bias",
+)
 
 
 def _check_dynamic_conv_args(x, experts, groups: int, strategy) -> None:
     """ValueErrors for experts whose rank or channels do not fit ``x`` and ``groups``, or an unknown strategy."""
     rank = x.ndim - 2
     if experts.ndim != rank + 3:
-        raise ValueError(f"experts shape {experts.shape} does not match x shape {x.shape}: expected "
-                         f"[K, *kernel_size ({rank} dims), Cin // groups, Cout]")
+        raise ValueError(
+            f"experts shape {experts.shape} does not match x shape {x.shape}: expected "
+            f"[K, *kernel_size ({rank} dims), Cin // groups, Cout]"
+        )
     if x.shape[-1] != experts.shape[-2] * groups or experts.shape[-1] % groups:
-        raise ValueError(f"x has {x.shape[-1]} channels and experts {experts.shape}: with groups={groups} "
-                         f"expected Cin = groups * experts.shape[-2] and Cout divisible by groups")
+        raise ValueError(
+            f"x has {x.shape[-1]} channels and experts {experts.shape}: with groups={groups} "
+            f"expected Cin = groups * experts.shape[-2] and Cout divisible by groups"
+        )
     if not is_strategy(strategy):
         raise ValueError(f"strategy={strategy!r}: expected {STRATEGY_CHOICES}")
+
+
+def _run_strategy(
+    strategy: str,
+    x,
+    experts,
+    kernel_attention,
+    spatial_attention,
+    channel_attention,
+    filter_attention,
+    expert_bias,
+    *,
+    strides,
+    padding,
+    dilation,
+    groups: int,
+    precision,
+):
+    """:func:`dynamic_conv` with a concrete ``strategy``: the attentions placed (:func:`attention_placement`),
+    the strategy run, then what it left to the activations (filter attention, expert bias)."""
+    batch_shape = (x.shape[0],) + (1,) * (x.ndim - 2)
+    fold_channel, fold_filter = attention_placement(
+        x.shape,
+        experts.shape,
+        strides=strides,
+        padding=padding,
+        dilation=dilation,
+        strategy=strategy,
+        channel_attention=channel_attention is not None,
+        filter_attention=filter_attention is not None,
+    )
+    folded = {}  # what the strategy applies per sample: folded attentions (and 'map': the bias)
+    if fold_channel:
+        folded["channel_attention"] = channel_attention.astype(experts.dtype)
+    elif channel_attention is not None:
+        x = x * channel_attention.reshape(batch_shape + (-1,)).astype(x.dtype)
+    if fold_filter:
+        folded["filter_attention"] = filter_attention.astype(experts.dtype)
+    # 'map' adds the bias inside its per-sample step, unless a filter attention still scales the output.
+    fuse_bias = strategy == "map" and (filter_attention is None or fold_filter)
+    if expert_bias is not None:
+        bias = kernel_attention.astype(expert_bias.dtype) @ expert_bias  # [B, Cout]
+        if fuse_bias:  # added inside each sample's step, where its output is in cache
+            folded["bias"] = bias.astype(experts.dtype)
+    attention = None if kernel_attention is None else kernel_attention.astype(experts.dtype)
+    spatial = None if spatial_attention is None else spatial_attention.astype(experts.dtype)
+    y = _IMPLS[strategy](
+        x,
+        experts,
+        attention,
+        spatial,
+        folded,
+        strides=tuple(strides),
+        padding=padding,
+        dilation=tuple(dilation),
+        groups=groups,
+        precision=precision,
+    )
+    if filter_attention is not None and not fold_filter:
+        y = y * filter_attention.reshape(batch_shape + (-1,)).astype(y.dtype)
+    if expert_bias is not None and not fuse_bias:
+        y = y + bias.reshape(batch_shape + (-1,)).astype(y.dtype)
+    return y
 
 
 def dynamic_conv(
@@ -921,9 +1101,8 @@ def dynamic_conv(
       x: ``[B, *S, Cin]``.
       experts: ``[K, *k, Cin // groups, Cout]``.
       kernel_attention: ``[B, K]`` (routing weights / expert attention), or None: per-sample kernels (assembled_conv).
-      spatial_attention: ``[B, *k]`` or None.
-      channel_attention: ``[B, Cin]`` or None (scales the input channels).
-      filter_attention: ``[B, Cout]`` or None (scales the output channels).
+      spatial_attention, channel_attention, filter_attention: ``[B, *k]``, ``[B, Cin]`` (scales the input
+        channels), ``[B, Cout]`` (scales the output channels), each or None.
       expert_bias: ``[K, Cout]`` or None.
       strides, dilation: tuples, one entry per spatial dimension.
       padding: 'SAME', 'VALID' or explicit pairs (see :func:`normalize_padding`).
@@ -944,39 +1123,42 @@ def dynamic_conv(
     """
     _check_dynamic_conv_args(x, experts, groups, strategy)
     if strategy == "auto" or isinstance(strategy, plan.Plan):
-        arrays = {"x": x, "experts": experts, "kernel_attention": kernel_attention,
-                  "spatial_attention": spatial_attention, "channel_attention": channel_attention,
-                  "filter_attention": filter_attention, "expert_bias": expert_bias}
-        strategy, arrays = _resolve_strategy(strategy, arrays, strides=tuple(strides), padding=padding,
-                                             dilation=tuple(dilation), groups=groups, precision=precision)
+        arrays = {
+            "x": x,
+            "experts": experts,
+            "kernel_attention": kernel_attention,
+            "spatial_attention": spatial_attention,
+            "channel_attention": channel_attention,
+            "filter_attention": filter_attention,
+            "expert_bias": expert_bias,
+        }
+        strategy, arrays = _resolve_strategy(
+            strategy,
+            arrays,
+            strides=tuple(strides),
+            padding=padding,
+            dilation=tuple(dilation),
+            groups=groups,
+            precision=precision,
+        )
         x, experts, kernel_attention, spatial_attention, channel_attention, filter_attention, expert_bias = (
-            arrays[n] for n in _ARRAY_NAMES)
-    batch_shape = (x.shape[0],) + (1,) * (x.ndim - 2)
-    fold_channel, fold_filter = attention_placement(
-        x.shape, experts.shape, strides=strides, padding=padding, dilation=dilation, strategy=strategy,
-        channel_attention=channel_attention is not None, filter_attention=filter_attention is not None)
-    folded = {}  # what the strategy applies per sample: folded attentions (and 'map': the bias)
-    if fold_channel:
-        folded["channel_attention"] = channel_attention.astype(experts.dtype)
-    elif channel_attention is not None:
-        x = x * channel_attention.reshape(batch_shape + (-1,)).astype(x.dtype)
-    if fold_filter:
-        folded["filter_attention"] = filter_attention.astype(experts.dtype)
-    # 'map' adds the bias inside its per-sample step, unless a filter attention still scales the output.
-    fuse_bias = strategy == "map" and (filter_attention is None or fold_filter)
-    if expert_bias is not None:
-        bias = kernel_attention.astype(expert_bias.dtype) @ expert_bias  # [B, Cout]
-        if fuse_bias:  # added inside each sample's step, where its output is in cache
-            folded["bias"] = bias.astype(experts.dtype)
-    attention = None if kernel_attention is None else kernel_attention.astype(experts.dtype)
-    spatial = None if spatial_attention is None else spatial_attention.astype(experts.dtype)
-    y = _IMPLS[strategy](x, experts, attention, spatial, folded, strides=tuple(strides), padding=padding,
-                         dilation=tuple(dilation), groups=groups, precision=precision)
-    if filter_attention is not None and not fold_filter:
-        y = y * filter_attention.reshape(batch_shape + (-1,)).astype(y.dtype)
-    if expert_bias is not None and not fuse_bias:
-        y = y + bias.reshape(batch_shape + (-1,)).astype(y.dtype)
-    return y
+            arrays[n] for n in _ARRAY_NAMES
+        )
+    return _run_strategy(
+        strategy,
+        x,
+        experts,
+        kernel_attention,
+        spatial_attention,
+        channel_attention,
+        filter_attention,
+        expert_bias,
+        strides=strides,
+        padding=padding,
+        dilation=dilation,
+        groups=groups,
+        precision=precision,
+    )
 
 
 # --------------------------------------------------------------------------- methods with their own assembly
@@ -989,8 +1171,19 @@ def im2col(x, kernel_size: Sequence[int], *, strides, padding, dilation):
     return _im2col(x, tuple(kernel_size), tuple(strides), pads, tuple(dilation))[0]
 
 
-def assembled_conv(x, assemble, kernel_shape, *, mix=None, strides: Sequence[int], padding,
-                   dilation: Sequence[int], groups: int = 1, strategy: str = "auto", precision=None):
+def assembled_conv(
+    x,
+    assemble,
+    kernel_shape,
+    *,
+    mix=None,
+    strides: Sequence[int],
+    padding,
+    dilation: Sequence[int],
+    groups: int = 1,
+    strategy: str = "auto",
+    precision=None,
+):
     """The per-sample convolution of a method whose kernels are not an attention-weighted sum of whole
     experts (KernelWarehouse: mixtures of cells shared between layers), by :func:`dynamic_conv`'s strategies.
 
@@ -1012,12 +1205,19 @@ def assembled_conv(x, assemble, kernel_shape, *, mix=None, strides: Sequence[int
     """
     kernel_shape = tuple(kernel_shape)
     if strategy == "auto":
-        strategy = choose_strategy(x.shape, (1, *kernel_shape), strides=tuple(strides), dilation=tuple(dilation),
-                                   groups=groups, spatial_attention=False)
+        strategy = choose_strategy(
+            x.shape,
+            (1, *kernel_shape),
+            strides=tuple(strides),
+            dilation=tuple(dilation),
+            groups=groups,
+            spatial_attention=False,
+        )
         if strategy == "mix":
             backend = jax.default_backend()
-            strategy = "map" if backend == "cpu" else "pointwise" if all(k == 1 for k in kernel_shape[:-2]) \
-                else "patches"
+            strategy = (
+                "map" if backend == "cpu" else "pointwise" if all(k == 1 for k in kernel_shape[:-2]) else "patches"
+            )
         elif strategy == "lean":  # 'lean' computes from experts and attentions: kernels made per sample have neither
             depthwise = groups == x.shape[-1] and kernel_shape[-2] == 1
             strategy = "shifted" if depthwise else "map"
@@ -1027,5 +1227,14 @@ def assembled_conv(x, assemble, kernel_shape, *, mix=None, strides: Sequence[int
         if mix is None:
             raise ValueError("strategy='mix' needs the method's own output mixing (mix=None)")
         return mix(strides=tuple(strides), padding=padding, dilation=tuple(dilation), precision=precision)
-    return dynamic_conv(x, assemble(), None, strides=strides, padding=padding, dilation=dilation, groups=groups,
-                        strategy=strategy, precision=precision)
+    return dynamic_conv(
+        x,
+        assemble(),
+        None,
+        strides=strides,
+        padding=padding,
+        dilation=dilation,
+        groups=groups,
+        strategy=strategy,
+        precision=precision,
+    )

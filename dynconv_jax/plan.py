@@ -15,6 +15,7 @@ once and read by every process of a multi-process run, so every process compiles
 While :func:`~dynconv_jax.autotune.tune` traces a function, :class:`Recording` collects the problems
 the function's dynamic convolutions meet (:func:`recording` returns the active one).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -36,8 +37,18 @@ FORMAT = "dynconv.plan.v1"
 STRATEGIES = ("vmap", "shifted", "patches", "pointwise", "mix", "map", "lean")
 
 
-def problem_key(x_shape, experts_shape, *, dtype: Sequence, strides, padding, dilation, groups,
-                attentions: Sequence[str], device=None) -> str:
+def problem_key(
+    x_shape,
+    experts_shape,
+    *,
+    dtype: Sequence,
+    strides,
+    padding,
+    dilation,
+    groups,
+    attentions: Sequence[str],
+    device=None,
+) -> str:
     """The key of one problem: a canonical JSON string (readable in a saved plan). ``dtype`` holds the
     input's and the experts' dtypes; ``attentions`` the names of the optional arguments present.
 
@@ -50,13 +61,22 @@ def problem_key(x_shape, experts_shape, *, dtype: Sequence, strides, padding, di
       [4, 3, 3, 32, 64]
     """
     device = device or jax.devices()[0]
-    return json.dumps({
-        "backend": device.platform, "device_kind": device.device_kind,
-        "x": [int(d) for d in x_shape], "experts": [int(d) for d in experts_shape],
-        "dtype": [jnp.dtype(d).name for d in dtype], "strides": [int(s) for s in strides],
-        "padding": padding if isinstance(padding, str) else np.asarray(padding).tolist(),
-        "dilation": [int(d) for d in dilation], "groups": int(groups), "attentions": sorted(attentions),
-    }, sort_keys=True, separators=(",", ":"))
+    return json.dumps(
+        {
+            "backend": device.platform,
+            "device_kind": device.device_kind,
+            "x": [int(d) for d in x_shape],
+            "experts": [int(d) for d in experts_shape],
+            "dtype": [jnp.dtype(d).name for d in dtype],
+            "strides": [int(s) for s in strides],
+            "padding": padding if isinstance(padding, str) else np.asarray(padding).tolist(),
+            "dilation": [int(d) for d in dilation],
+            "groups": int(groups),
+            "attentions": sorted(attentions),
+        },
+        sort_keys=True,
+        separators=(",", ":"),
+    )
 
 
 @dataclasses.dataclass(frozen=True, init=False)
@@ -80,11 +100,13 @@ class Plan:
     """
 
     choices: Tuple[Tuple[str, str], ...]
-    measurements: Mapping[str, dict] = dataclasses.field(default_factory=dict, compare=False, hash=False,
-                                                         repr=False)
+    measurements: Mapping[str, dict] = dataclasses.field(default_factory=dict, compare=False, hash=False, repr=False)
 
-    def __init__(self, choices: Union[Mapping[str, str], Sequence[Tuple[str, str]]],
-                 measurements: Optional[Mapping[str, dict]] = None):
+    def __init__(
+        self,
+        choices: Union[Mapping[str, str], Sequence[Tuple[str, str]]],
+        measurements: Optional[Mapping[str, dict]] = None,
+    ):
         pairs = tuple(sorted(dict(choices).items()))
         for key, strategy in pairs:
             if strategy not in STRATEGIES:
@@ -113,8 +135,12 @@ class Plan:
 
     def to_json(self) -> str:
         """The plan as JSON text: its format tag and one line per problem."""
-        entries = [json.dumps({"problem": json.loads(key), "strategy": strategy, **self.measurements.get(key, {})},
-                              sort_keys=True) for key, strategy in self.choices]
+        entries = [
+            json.dumps(
+                {"problem": json.loads(key), "strategy": strategy, **self.measurements.get(key, {})}, sort_keys=True
+            )
+            for key, strategy in self.choices
+        ]
         return '{"format": "%s", "entries": [\n%s\n]}' % (FORMAT, ",\n".join(entries))
 
     @classmethod
@@ -155,8 +181,11 @@ def warn_missing(key: str, rule: str) -> None:
     """Warn once per problem that a plan does not hold it (the rules' choice runs)."""
     if key not in _warned:
         _warned.add(key)
-        warnings.warn(f"dynconv: the strategy plan has no entry for the problem {key}; running the rules' "
-                      f"choice {rule!r} (tune the function that meets it to add one)", stacklevel=4)
+        warnings.warn(
+            f"dynconv: the strategy plan has no entry for the problem {key}; running the rules' "
+            f"choice {rule!r} (tune the function that meets it to add one)",
+            stacklevel=4,
+        )
 
 
 # --------------------------------------------------------------------------- recording (autotune.tune)

@@ -28,6 +28,7 @@ per-layer count over the layers the model actually calls (recorded with
 ``count_macs(..., padded_taps=False)``; XLA also counts the element-wise work, so it sits a
 little above.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -51,9 +52,9 @@ DYNAMIC_LAYERS = (CondConv, DynamicConv, ODConv, KWConv)
 class MacCount:
     """Multiply-adds of one forward pass, split by where they are spent."""
 
-    conv: int = 0          # convolutions and the classifier (static, or the per-sample dynamic conv)
-    attention: int = 0     # GAP, attention FCs and BN, channel / filter attention products
-    aggregation: int = 0   # per-sample kernel (and expert-bias) aggregation
+    conv: int = 0  # convolutions and the classifier (static, or the per-sample dynamic conv)
+    attention: int = 0  # GAP, attention FCs and BN, channel / filter attention products
+    aggregation: int = 0  # per-sample kernel (and expert-bias) aggregation
 
     @property
     def total(self) -> int:
@@ -93,8 +94,10 @@ def _conv_macs(module: nn.Module, x_shape: Tuple[int, ...], y_shape: Tuple[int, 
     if isinstance(padding, str):
         window = [(k - 1) * d + 1 for k, d in zip(kernel_size, dilation)]
         padding = lax.padtype_to_pads(x_shape[1:-1], window, strides, padding)
-    taps = math.prod(_taps(i, o, k, s, p[0], d) for i, o, k, s, p, d in
-                     zip(x_shape[1:-1], y_shape[1:-1], kernel_size, strides, padding, dilation))
+    taps = math.prod(
+        _taps(i, o, k, s, p[0], d)
+        for i, o, k, s, p, d in zip(x_shape[1:-1], y_shape[1:-1], kernel_size, strides, padding, dilation)
+    )
     return y_shape[0] * y_shape[-1] * in_per_group * taps
 
 
@@ -104,8 +107,14 @@ def _subtree(tree: Mapping, path: Sequence[str]) -> Mapping:
     return tree
 
 
-def _dynamic_layer_macs(module: nn.Module, params: Mapping, x_shape: Tuple[int, ...], y_shape: Tuple[int, ...],
-                        padded_taps: bool, cell_attention: Optional[Tuple[int, ...]] = None) -> MacCount:
+def _dynamic_layer_macs(
+    module: nn.Module,
+    params: Mapping,
+    x_shape: Tuple[int, ...],
+    y_shape: Tuple[int, ...],
+    padded_taps: bool,
+    cell_attention: Optional[Tuple[int, ...]] = None,
+) -> MacCount:
     """MACs of one CondConv / DynamicConv / ODConv / KernelWarehouse call (see the module docstring for the
     rules; ``cell_attention``: the shape of a KernelWarehouse layer's sown ``[B, M, N]`` cell weights)."""
     batch = x_shape[0]
@@ -137,8 +146,15 @@ def _dynamic_layer_macs(module: nn.Module, params: Mapping, x_shape: Tuple[int, 
     return count
 
 
-def count_macs(model: nn.Module, variables: Mapping[str, Any], x_shape: Sequence[int], dtype=jnp.float32, *,
-               padded_taps: bool = True, **apply_kwargs) -> MacCount:
+def count_macs(
+    model: nn.Module,
+    variables: Mapping[str, Any],
+    x_shape: Sequence[int],
+    dtype=jnp.float32,
+    *,
+    padded_taps: bool = True,
+    **apply_kwargs,
+) -> MacCount:
     """Analytic MACs of ``model.apply(variables, x, **apply_kwargs)`` for an input of ``x_shape``.
 
     ``variables`` may be the ``jax.eval_shape`` of ``model.init``; nothing is computed.
@@ -165,14 +181,18 @@ def count_macs(model: nn.Module, variables: Mapping[str, Any], x_shape: Sequence
         if isinstance(module, KWConv) and "attention" not in params:  # a static position of the warehouse plan
             total.conv += _conv_macs(module, x_in, y_out, padded_taps)
         elif isinstance(module, DYNAMIC_LAYERS):
-            cells = _subtree(state.get("intermediates", {}), path).get("cell_attention") if isinstance(
-                module, KWConv) else None
-            part = _dynamic_layer_macs(module, params, x_in, y_out, padded_taps,
-                                       None if cells is None else tuple(cells[0].shape))
+            cells = (
+                _subtree(state.get("intermediates", {}), path).get("cell_attention")
+                if isinstance(module, KWConv)
+                else None
+            )
+            part = _dynamic_layer_macs(
+                module, params, x_in, y_out, padded_taps, None if cells is None else tuple(cells[0].shape)
+            )
             total.conv += part.conv
             total.attention += part.attention
             total.aggregation += part.aggregation
-        elif any(path[:len(p)] == p for p in dynamic_paths):
+        elif any(path[: len(p)] == p for p in dynamic_paths):
             continue  # a submodule of a dynamic layer: counted from that layer's params above
         elif isinstance(module, nn.Conv):
             total.conv += _conv_macs(module, x_in, y_out, padded_taps)
@@ -211,8 +231,15 @@ def build(model_name: str, conv: str, num_experts: int, stem: str, num_classes: 
     return models.create_model(model_name, conv=conv, num_experts=num_experts, stem=stem, num_classes=num_classes)
 
 
-def measure(model_name: str, conv: str, *, num_experts: int = 4, stem: str = "imagenet", resolution: int = 224,
-            num_classes: int = 1000) -> Row:
+def measure(
+    model_name: str,
+    conv: str,
+    *,
+    num_experts: int = 4,
+    stem: str = "imagenet",
+    resolution: int = 224,
+    num_classes: int = 1000,
+) -> Row:
     """Parameters and analytic MACs of one model for a single ``resolution``² RGB image."""
     model = build(model_name, conv, num_experts, stem, num_classes)
     x_shape = (1, resolution, resolution, 3)
@@ -223,41 +250,70 @@ def measure(model_name: str, conv: str, *, num_experts: int = 4, stem: str = "im
 def format_table(rows: Sequence[Row]) -> str:
     """A Markdown table; ratios are to the static row of the same model and resolution."""
     static = {(r.model, r.resolution): r for r in rows if r.conv == "static"}
-    lines = ["| model | input | conv | params | × static | MACs | × static | attention MACs | aggregation MACs |",
-             "|---|---|---|---:|---:|---:|---:|---:|---:|"]
+    lines = [
+        "| model | input | conv | params | × static | MACs | × static | attention MACs | aggregation MACs |",
+        "|---|---|---|---:|---:|---:|---:|---:|---:|",
+    ]
     for r in rows:
         base = static.get((r.model, r.resolution))
         p_ratio = f"{r.params / base.params:.2f}" if base else "–"
         m_ratio = f"{r.macs.total / base.macs.total:.3f}" if base else "–"
-        lines.append(f"| {r.model} | {r.resolution}² | {r.conv} | {r.params / 1e6:.2f} M | {p_ratio} | "
-                     f"{r.macs.total / 1e6:.1f} M | {m_ratio} | {r.macs.attention / 1e6:.2f} M | "
-                     f"{r.macs.aggregation / 1e6:.2f} M |")
+        lines.append(
+            f"| {r.model} | {r.resolution}² | {r.conv} | {r.params / 1e6:.2f} M | {p_ratio} | "
+            f"{r.macs.total / 1e6:.1f} M | {m_ratio} | {r.macs.attention / 1e6:.2f} M | "
+            f"{r.macs.aggregation / 1e6:.2f} M |"
+        )
     return "\n".join(lines)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m dynconv_jax.summary", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--models", nargs="+", default=["resnet18", "resnet50", "mobilenet_v2"], choices=MODEL_NAMES,
-                        metavar="MODEL", help="models to count (default: resnet18 resnet50 mobilenet_v2)")
-    parser.add_argument("--convs", nargs="+", default=list(models.CONV_TYPES), choices=models.CONV_TYPES,
-                        metavar="CONV", help=f"conv types to count (default: all of {' '.join(models.CONV_TYPES)})")
+    parser.add_argument(
+        "--models",
+        nargs="+",
+        default=["resnet18", "resnet50", "mobilenet_v2"],
+        choices=MODEL_NAMES,
+        metavar="MODEL",
+        help="models to count (default: resnet18 resnet50 mobilenet_v2)",
+    )
+    parser.add_argument(
+        "--convs",
+        nargs="+",
+        default=list(models.CONV_TYPES),
+        choices=models.CONV_TYPES,
+        metavar="CONV",
+        help=f"conv types to count (default: all of {' '.join(models.CONV_TYPES)})",
+    )
     parser.add_argument("--num-experts", type=int, default=4, help="experts K of the dynamic convs (default: 4)")
     parser.add_argument("--no-cifar", action="store_true", help="skip the CIFAR (32×32, 10 classes) variants")
-    parser.add_argument("--xla-check", metavar="MODEL", choices=MODEL_NAMES, help="cross-check the analytic MACs of "
-                        "MODEL (static and every --convs type, ImageNet 224²) against XLA's cost analysis (compiles; "
-                        "slow on CPU)")
+    parser.add_argument(
+        "--xla-check",
+        metavar="MODEL",
+        choices=MODEL_NAMES,
+        help="cross-check the analytic MACs of "
+        "MODEL (static and every --convs type, ImageNet 224²) against XLA's cost analysis (compiles; "
+        "slow on CPU)",
+    )
     args = parser.parse_args(argv)
     if args.num_experts < 1:
         parser.error(f"--num-experts {args.num_experts}: must be >= 1")  # exit 2, before any model is built
     settings = [("imagenet", 224, 1000)] + ([] if args.no_cifar else [("cifar", 32, 10)])
-    rows = [measure(m, c, num_experts=args.num_experts, stem=stem, resolution=res, num_classes=classes)
-            for stem, res, classes in settings for m in args.models for c in args.convs]
-    print(f"Parameters and multiply-adds (MACs) for one image, num_experts={args.num_experts} "
-          "(CIFAR rows: stem='cifar', 10 classes).\n")
+    rows = [
+        measure(m, c, num_experts=args.num_experts, stem=stem, resolution=res, num_classes=classes)
+        for stem, res, classes in settings
+        for m in args.models
+        for c in args.convs
+    ]
+    print(
+        f"Parameters and multiply-adds (MACs) for one image, num_experts={args.num_experts} "
+        "(CIFAR rows: stem='cifar', 10 classes).\n"
+    )
     print(format_table(rows))
     if args.xla_check:
-        print(f"\nAnalytic vs XLA cost analysis ({args.xla_check}, 224², batch 1). Both leave out kernel taps on "
-              "zero padding here (padded_taps=False); XLA also counts element-wise work.\n")
+        print(
+            f"\nAnalytic vs XLA cost analysis ({args.xla_check}, 224², batch 1). Both leave out kernel taps on "
+            "zero padding here (padded_taps=False); XLA also counts element-wise work.\n"
+        )
         print("| conv | analytic MACs (no padding taps) | XLA flops / 2 | XLA / analytic |\n|---|---:|---:|---:|")
         for conv in args.convs:
             model = build(args.xla_check, conv, args.num_experts, "imagenet", 1000)

@@ -5,6 +5,7 @@ The NNX modules of :mod:`dynconv_jax.nnx` have the Linen modules' parameter path
 ``params`` collection is ``nnx.state(model, nnx.Param)`` as a plain nested dict and
 ``batch_stats`` is ``nnx.state(model, nnx.BatchStat)``.
 """
+
 from __future__ import annotations
 
 from typing import Any, Dict, Mapping, Tuple

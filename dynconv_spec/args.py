@@ -3,6 +3,7 @@
 Every check raises ``ValueError`` naming the model (``where``) and the argument, before any
 layer is built, so a bad ``conv=`` or ``conv_options=`` fails the same way in PyTorch and JAX.
 """
+
 from __future__ import annotations
 
 import math
@@ -14,17 +15,45 @@ REDUCTION_TYPES = ("dynamic", "odconv", "kernelwarehouse")
 """Conv types with an attention reduction ratio (``reduction=``)."""
 STEMS = ("imagenet", "cifar")
 """``stem='imagenet'`` (stride-4 stem of the ImageNet nets) or ``'cifar'`` (stride 1, for 32×32 inputs)."""
-RESERVED_CONV_OPTIONS = frozenset({
-    "in_channels", "out_channels", "in_planes", "out_planes", "features", "in_features", "out_features",
-    "kernel_size", "stride", "strides", "padding", "dilation", "kernel_dilation", "groups", "feature_group_count",
-    "num_experts", "kernel_num", "reduction", "external_routing", "strategy", "dtype", "param_dtype", "precision",
-    "name", "parent", "rngs",
-})
+RESERVED_CONV_OPTIONS = frozenset(
+    {
+        "in_channels",
+        "out_channels",
+        "in_planes",
+        "out_planes",
+        "features",
+        "in_features",
+        "out_features",
+        "kernel_size",
+        "stride",
+        "strides",
+        "padding",
+        "dilation",
+        "kernel_dilation",
+        "groups",
+        "feature_group_count",
+        "num_experts",
+        "kernel_num",
+        "reduction",
+        "external_routing",
+        "strategy",
+        "dtype",
+        "param_dtype",
+        "precision",
+        "name",
+        "parent",
+        "rngs",
+    }
+)
 """Layer arguments a model sets itself, in either framework's spelling: ``conv_options`` may not set them (shapes,
 the expert count, the reduction, how the layer computes; ``external_routing`` because a ResNet or MobileNetV2
 block has no routing to feed the layer)."""
-OFFICIAL_ODCONV_SPELLINGS = {"in_planes": "in_channels", "out_planes": "out_channels", "kernel_num": "num_experts",
-                             "min_channel": "min_channels"}
+OFFICIAL_ODCONV_SPELLINGS = {
+    "in_planes": "in_channels",
+    "out_planes": "out_channels",
+    "kernel_num": "num_experts",
+    "min_channel": "min_channels",
+}
 """The official OSVAI/ODConv spelling of an argument -> this library's spelling (``nn.Conv2d``'s and timm's),
 the one of every generic API (layers, models, ``conv_options``, tools) in both frameworks. The official
 spellings are taken only where the official code is mirrored: ``dynconv_torch.ODConv2d`` and the
@@ -86,16 +115,23 @@ def one_spelling(where: str, official: str, official_value: Any, value: Any, def
     """
     name = OFFICIAL_ODCONV_SPELLINGS[official]
     if official_value is not None and value is not None:
-        raise ValueError(f"{where}: {official}={official_value!r} and {name}={value!r} are two spellings of one "
-                         f"argument ({official} is the official ODConv name, {name} this library's); give one")
+        raise ValueError(
+            f"{where}: {official}={official_value!r} and {name}={value!r} are two spellings of one "
+            f"argument ({official} is the official ODConv name, {name} this library's); give one"
+        )
     if official_value is not None:
         return official_value
     return default if value is None else value
 
 
-def check_conv_args(conv: str, num_experts: int, reduction: Optional[float],
-                    conv_options: Optional[Mapping[str, Any]], where: str,
-                    accepted: Optional[Mapping[str, Collection[str]]] = None) -> Dict[str, Any]:
+def check_conv_args(
+    conv: str,
+    num_experts: int,
+    reduction: Optional[float],
+    conv_options: Optional[Mapping[str, Any]],
+    where: str,
+    accepted: Optional[Mapping[str, Collection[str]]] = None,
+) -> Dict[str, Any]:
     """Validate the conv-type arguments of a model; returns ``conv_options`` as a new dict.
 
     Args:
@@ -124,7 +160,9 @@ def check_conv_args(conv: str, num_experts: int, reduction: Optional[float],
         raise ValueError(f"{where}: num_experts={num_experts!r} must be a positive int")
     if reduction is not None:
         if conv not in REDUCTION_TYPES:
-            raise ValueError(f"{where}: reduction={reduction!r} applies to conv in {REDUCTION_TYPES}, not conv={conv!r}")
+            raise ValueError(
+                f"{where}: reduction={reduction!r} applies to conv in {REDUCTION_TYPES}, not conv={conv!r}"
+            )
         if isinstance(reduction, bool) or not isinstance(reduction, (int, float)) or not 0.0 < reduction <= 1.0:
             raise ValueError(f"{where}: reduction={reduction!r} must be a number in (0, 1]")
     if conv_options is not None and not isinstance(conv_options, Mapping):
@@ -134,25 +172,39 @@ def check_conv_args(conv: str, num_experts: int, reduction: Optional[float],
         raise ValueError(f"{where}: conv_options={options} given with conv='static' (they are dynamic-layer options)")
     reserved = sorted(RESERVED_CONV_OPTIONS & set(options))
     if reserved:
-        raise ValueError(f"{where}: conv_options may not set {reserved}; the model sets them "
-                         "(use num_experts=, reduction= and the model's own arguments)")
+        raise ValueError(
+            f"{where}: conv_options may not set {reserved}; the model sets them "
+            "(use num_experts=, reduction= and the model's own arguments)"
+        )
     official = sorted(set(options) & set(OFFICIAL_ODCONV_SPELLINGS))
     if official:
         generic = [OFFICIAL_ODCONV_SPELLINGS[name] for name in official]
-        raise ValueError(f"{where}: conv_options {official} use the official ODConv spelling, which only ODConv2d "
-                         f"and the od_* entry points take; the models take {generic}")
+        raise ValueError(
+            f"{where}: conv_options {official} use the official ODConv spelling, which only ODConv2d "
+            f"and the od_* entry points take; the models take {generic}"
+        )
     if accepted is not None and conv != "static":
         unknown = sorted(set(options) - set(accepted[conv]))
         if unknown:
             allowed = sorted(set(accepted[conv]) - RESERVED_CONV_OPTIONS)
-            raise ValueError(f"{where}: conv_options {unknown} are not options of the conv={conv!r} layer; "
-                             f"expected some of {allowed}")
+            raise ValueError(
+                f"{where}: conv_options {unknown} are not options of the conv={conv!r} layer; "
+                f"expected some of {allowed}"
+            )
     return options
 
 
-def check_model_args(where: str, conv: str, num_experts: int, reduction: Optional[float],
-                     conv_options: Optional[Mapping[str, Any]], stem: str, dropout: float, num_classes: int,
-                     accepted: Optional[Mapping[str, Collection[str]]] = None) -> Dict[str, Any]:
+def check_model_args(
+    where: str,
+    conv: str,
+    num_experts: int,
+    reduction: Optional[float],
+    conv_options: Optional[Mapping[str, Any]],
+    stem: str,
+    dropout: float,
+    num_classes: int,
+    accepted: Optional[Mapping[str, Collection[str]]] = None,
+) -> Dict[str, Any]:
     """Validate the arguments every conv-selectable model (ResNet, MobileNetV2) shares; returns ``conv_options``.
 
     Examples:
@@ -217,8 +269,10 @@ def check_attention_norm(where: str, norm: str, bn_init: float) -> None:
     if norm not in ATTENTION_NORMS:
         raise ValueError(f"{where}: attention_norm={norm!r}: expected one of {ATTENTION_NORMS}")
     if isinstance(bn_init, bool) or not (isinstance(bn_init, (int, float)) and 0 < bn_init < math.inf):
-        raise ValueError(f"{where}: attention_bn_init={bn_init!r} must be a finite number > 0 "
-                         "(the initial normalisation scale; 0 blocks every gradient through the relu)")
+        raise ValueError(
+            f"{where}: attention_bn_init={bn_init!r} must be a finite number > 0 "
+            "(the initial normalisation scale; 0 blocks every gradient through the relu)"
+        )
 
 
 # --------------------------------------------------------------------------- layer arguments
@@ -249,22 +303,25 @@ def check_temperature(temperature: Any, where: str) -> float:
     """
     dtype = str(getattr(temperature, "dtype", ""))  # NumPy, JAX and torch scalars have one
     if isinstance(temperature, bool) or dtype.endswith("bool"):
-        raise ValueError(f"{where}: temperature={temperature!r} is a bool; pass a positive number (T = 1 is the "
-                         f"default)")
+        raise ValueError(
+            f"{where}: temperature={temperature!r} is a bool; pass a positive number (T = 1 is the default)"
+        )
     try:
         if "complex" in dtype or isinstance(temperature, complex):
             raise TypeError
         value = float(temperature)
     except (TypeError, ValueError):
-        raise ValueError(f"{where}: temperature={temperature!r} must be a positive number (a Python, NumPy "
-                         f"or framework scalar)") from None
+        raise ValueError(
+            f"{where}: temperature={temperature!r} must be a positive number (a Python, NumPy or framework scalar)"
+        ) from None
     if not (math.isfinite(value) and value > 0):
         raise ValueError(f"{where}: temperature={temperature!r} must be finite and > 0")
     if value < TEMPERATURE_FLOOR * (1 - 2**-8):  # the floor rounded to float32 or bfloat16 passes
         raise ValueError(
             f"{where}: temperature={temperature!r} is below {TEMPERATURE_FLOOR:g}, the smallest temperature the "
             f"layers support (dynconv_spec.TEMPERATURE_FLOOR): the attention is already hard routing there, and "
-            f"a smaller T rounds to 0 or overflows logits / T in float32")
+            f"a smaller T rounds to 0 or overflows logits / T in float32"
+        )
     return value
 
 
@@ -286,4 +343,5 @@ def check_expert_bank(where: str, shape: Sequence[int]) -> None:
         raise ValueError(
             f"{where}: the expert bank {list(shape)} (num_experts={shape[0]}) would hold {count:.3g} parameters, "
             f"{count * 4 / 2**30:.3g} GiB in float32; one layer may hold at most 2**31 - 1 "
-            f"(dynconv_spec.MAX_EXPERT_BANK_PARAMETERS). Is num_experts or a channel count a typo?")
+            f"(dynconv_spec.MAX_EXPERT_BANK_PARAMETERS). Is num_experts or a channel count a typo?"
+        )

@@ -1,6 +1,7 @@
 """EfficientNet-CondConv (Yang et al., NeurIPS 2019; timm ``_gen_efficientnet_condconv``): the stage
 table, the per-block resolution, the variants and their evaluation preprocessing, shared by
 ``dynconv_torch.models.efficientnet_cc`` and ``dynconv_jax.models.efficientnet_cc``."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -93,9 +94,14 @@ DEFAULT_CFGS: Dict[str, Dict[str, Any]] = {
 }
 
 
-def block_specs(stem_chs: int = 32, depth_multiplier: float = 1.0, channel_multiplier: float = 1.0,
-                experts_multiplier: int = 1, drop_path_rate: float = 0.0,
-                stages: Tuple[StageSpec, ...] = CONDCONV_B0_STAGES) -> List[List[BlockSpec]]:
+def block_specs(
+    stem_chs: int = 32,
+    depth_multiplier: float = 1.0,
+    channel_multiplier: float = 1.0,
+    experts_multiplier: int = 1,
+    drop_path_rate: float = 0.0,
+    stages: Tuple[StageSpec, ...] = CONDCONV_B0_STAGES,
+) -> List[List[BlockSpec]]:
     """Resolve the stage table into per-block specs, stage by stage.
 
     Depth scaling is EfficientNet's: ``ceil(repeats * depth_multiplier)`` blocks per stage; only
@@ -111,9 +117,19 @@ def block_specs(stem_chs: int = 32, depth_multiplier: float = 1.0, channel_multi
         out_chs = make_divisible(stage.out_chs * channel_multiplier)
         blocks = []
         for j in range(count):
-            blocks.append(BlockSpec(stage.block, in_chs, out_chs, stage.kernel_size, stage.stride if j == 0 else 1,
-                                    stage.exp_ratio, stage.se_ratio, stage.num_experts * experts_multiplier,
-                                    drop_path_rate * index / total))
+            blocks.append(
+                BlockSpec(
+                    stage.block,
+                    in_chs,
+                    out_chs,
+                    stage.kernel_size,
+                    stage.stride if j == 0 else 1,
+                    stage.exp_ratio,
+                    stage.se_ratio,
+                    stage.num_experts * experts_multiplier,
+                    drop_path_rate * index / total,
+                )
+            )
             in_chs, index = out_chs, index + 1
         out.append(blocks)
     return out
@@ -149,17 +165,24 @@ def variant_entry_point(name: str, build: Callable[..., Any]) -> Callable[..., A
     weights = "timm's ported TF weights convert into it" if tf_port else "no public weights"
 
     def entry_point(num_classes: int = 1000, drop_rate: float = 0.0, drop_path_rate: float = 0.0, **kwargs):
-        return build(**resolve_variant(name), num_classes=num_classes, drop_rate=drop_rate,
-                     drop_path_rate=drop_path_rate, **kwargs)
+        return build(
+            **resolve_variant(name),
+            num_classes=num_classes,
+            drop_rate=drop_rate,
+            drop_path_rate=drop_path_rate,
+            **kwargs,
+        )
 
     entry_point.__name__ = entry_point.__qualname__ = name
-    entry_point.__doc__ = (f"EfficientNet-CondConv-{size.upper()}, {experts[:-1]} experts per CondConv layer, "
-                           f"{'TF port (BN eps 1e-3, TF SAME padding)' if tf_port else 'PyTorch padding and eps'}; "
-                           f"{weights} (docs/efficientnet_cc.md).\n\n"
-                           "    ``kwargs``: further ``EfficientNetCondConv`` arguments.\n\n"
-                           "    Examples:\n"
-                           f"      >>> from {build.__module__} import {name}\n"
-                           f"      >>> model = {name}(num_classes=10)\n"
-                           "      >>> model.num_classes\n"
-                           "      10\n")
+    entry_point.__doc__ = (
+        f"EfficientNet-CondConv-{size.upper()}, {experts[:-1]} experts per CondConv layer, "
+        f"{'TF port (BN eps 1e-3, TF SAME padding)' if tf_port else 'PyTorch padding and eps'}; "
+        f"{weights} (docs/efficientnet_cc.md).\n\n"
+        "    ``kwargs``: further ``EfficientNetCondConv`` arguments.\n\n"
+        "    Examples:\n"
+        f"      >>> from {build.__module__} import {name}\n"
+        f"      >>> model = {name}(num_classes=10)\n"
+        "      >>> model.num_classes\n"
+        "      10\n"
+    )
     return entry_point

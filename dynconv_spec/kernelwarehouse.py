@@ -11,6 +11,7 @@ and sizes (``store``), and each layer's cells, attention sizes and warm-up assig
 :func:`mobilenetv2_convs`), their configs (:data:`OFFICIAL_CONFIGS`) and the warm-up schedule
 (:func:`warmup_temperature`) are here too. Plain Python: no jax, no torch, no numpy.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -33,8 +34,14 @@ TEMP_EPOCH = 20
 """The official default of the warm-up length (``main.py --temp_epoch``); the MobileNetV2 configs use 15."""
 TEMP_INIT_VALUE = 1.0
 """The official start value of the warm-up (``main.py --temp_init_value``)."""
-KW_OPTIONS = ("cell_num_ratio", "cell_inplane_ratio", "cell_outplane_ratio", "sharing_range",
-              "nonlocal_basis_ratio", "spatial_partition")
+KW_OPTIONS = (
+    "cell_num_ratio",
+    "cell_inplane_ratio",
+    "cell_outplane_ratio",
+    "sharing_range",
+    "nonlocal_basis_ratio",
+    "spatial_partition",
+)
 """Warehouse-level options of a KernelWarehouse model (``conv_options`` of ``conv='kernelwarehouse'``; ``reduction``
 is the models' own argument)."""
 
@@ -75,8 +82,14 @@ class KWOptions:
     spatial_partition: Union[bool, Tuple[bool, ...]] = True
 
     def __post_init__(self):
-        for name in ("reduction", "cell_num_ratio", "cell_inplane_ratio", "cell_outplane_ratio", "spatial_partition",
-                     "sharing_range"):
+        for name in (
+            "reduction",
+            "cell_num_ratio",
+            "cell_inplane_ratio",
+            "cell_outplane_ratio",
+            "spatial_partition",
+            "sharing_range",
+        ):
             value = getattr(self, name)
             if isinstance(value, list):
                 object.__setattr__(self, name, tuple(value))
@@ -86,17 +99,23 @@ class KWOptions:
         for name in ("reduction", "cell_num_ratio", "cell_inplane_ratio", "cell_outplane_ratio"):
             for v in _values(getattr(self, name)):
                 if not _is_number(v) or not 0 < v < math.inf:
-                    raise ValueError(f"{where}: {name}={getattr(self, name)!r} must be a number > 0 or a "
-                                     f"sequence of them (one per warehouse)")
+                    raise ValueError(
+                        f"{where}: {name}={getattr(self, name)!r} must be a number > 0 or a "
+                        f"sequence of them (one per warehouse)"
+                    )
         if not _is_number(self.nonlocal_basis_ratio) or not 0 < self.nonlocal_basis_ratio < math.inf:
             raise ValueError(f"{where}: nonlocal_basis_ratio={self.nonlocal_basis_ratio!r} must be a number > 0")
         if not all(isinstance(v, bool) for v in _values(self.spatial_partition)):
-            raise ValueError(f"{where}: spatial_partition={self.spatial_partition!r} must be a bool or a sequence "
-                             f"of bools (one per warehouse)")
+            raise ValueError(
+                f"{where}: spatial_partition={self.spatial_partition!r} must be a bool or a sequence "
+                f"of bools (one per warehouse)"
+            )
         sharing = self.sharing_range
         if not isinstance(sharing, (str, tuple)) or not all(isinstance(s, str) for s in sharing):
-            raise ValueError(f"{where}: sharing_range={sharing!r} must be a sequence of name parts (e.g. "
-                             f"('layer', 'conv')) or a string")
+            raise ValueError(
+                f"{where}: sharing_range={sharing!r} must be a sequence of name parts (e.g. "
+                f"('layer', 'conv')) or a string"
+            )
 
     def per_warehouse(self, name: str, count: int, where: str) -> tuple:
         """The official ``parse``: option ``name`` as ``count`` values (one value repeated, or exactly ``count``)."""
@@ -105,8 +124,10 @@ class KWOptions:
         if len(values) == 1:
             return values * count
         if len(values) != count:
-            raise ValueError(f"{where}: {name}={value!r} gives {len(values)} values for {count} warehouses "
-                             f"(give one value, or one per warehouse)")
+            raise ValueError(
+                f"{where}: {name}={value!r} gives {len(values)} values for {count} warehouses "
+                f"(give one value, or one per warehouse)"
+            )
         return values
 
 
@@ -257,8 +278,9 @@ class WarehousePlan:
         for spec in self.convs:
             if spec.path == path:
                 return spec, dict(self.layers).get(path)
-        raise ValueError(f"{where}: no convolution {path!r} in the warehouse plan; it has "
-                         f"{[s.path for s in self.convs]}")
+        raise ValueError(
+            f"{where}: no convolution {path!r} in the warehouse plan; it has {[s.path for s in self.convs]}"
+        )
 
     def queue(self, order: str) -> "ConvQueue":
         """The convolutions in ``'reserve'`` or ``'module'`` order, for a model that builds them in that order."""
@@ -275,30 +297,40 @@ class ConvQueue:
         self._paths = list(paths)
         self._next = 0
 
-    def take(self, in_channels: int, out_channels: int, kernel_size: Sequence[int], groups: int,
-             where: str) -> Tuple[ConvSpec, Optional[KWLayer]]:
+    def take(
+        self, in_channels: int, out_channels: int, kernel_size: Sequence[int], groups: int, where: str
+    ) -> Tuple[ConvSpec, Optional[KWLayer]]:
         """The next convolution, which must have this geometry."""
         if self._next >= len(self._paths):
-            raise ValueError(f"{where}: the model builds more convolutions than its warehouse plan holds "
-                             f"({len(self._paths)})")
+            raise ValueError(
+                f"{where}: the model builds more convolutions than its warehouse plan holds ({len(self._paths)})"
+            )
         spec, layer = self.plan.entry(self._paths[self._next], where)
         self._next += 1
         got = (in_channels, out_channels, tuple(kernel_size), groups)
         want = (spec.in_channels, spec.out_channels, tuple(spec.kernel_size), spec.groups)
         if got != want:
-            raise ValueError(f"{where}: the convolution built as {spec.path!r} has (in, out, kernel, groups) "
-                             f"{got}, the warehouse plan {want}")
+            raise ValueError(
+                f"{where}: the convolution built as {spec.path!r} has (in, out, kernel, groups) "
+                f"{got}, the warehouse plan {want}"
+            )
         return spec, layer
 
     def finish(self, where: str) -> None:
         """Raise unless every convolution of the plan was handed out."""
         if self._next != len(self._paths):
-            raise ValueError(f"{where}: {len(self._paths) - self._next} convolutions of the warehouse plan were "
-                             f"never built (from {self._paths[self._next]!r})")
+            raise ValueError(
+                f"{where}: {len(self._paths) - self._next} convolutions of the warehouse plan were "
+                f"never built (from {self._paths[self._next]!r})"
+            )
 
 
-def plan_warehouses(convs: Sequence[ConvSpec], options: KWOptions = KWOptions(),
-                    module_order: Optional[Sequence[str]] = None, where: str = "KernelWarehouse") -> WarehousePlan:
+def plan_warehouses(
+    convs: Sequence[ConvSpec],
+    options: KWOptions = KWOptions(),
+    module_order: Optional[Sequence[str]] = None,
+    where: str = "KernelWarehouse",
+) -> WarehousePlan:
     """The official ``reserve`` / ``store`` / ``allocate`` of ``convs`` (in reservation order; cells
     are allocated in ``module_order``, by default the same)."""
     options.check(where)
@@ -321,9 +353,11 @@ def plan_warehouses(convs: Sequence[ConvSpec], options: KWOptions = KWOptions(),
         layers.append((path, layer))
     for end, warehouse in zip(ends, warehouses):
         if end != warehouse.num_cells:
-            raise ValueError(f"{where}: warehouse {warehouse.name!r} has {warehouse.num_cells} cells but its layers "
-                             f"are allocated {end} (cell_num_ratio={warehouse.cell_num_ratio} does not divide the "
-                             f"layers' mixtures evenly; the official code asserts the same)")
+            raise ValueError(
+                f"{where}: warehouse {warehouse.name!r} has {warehouse.num_cells} cells but its layers "
+                f"are allocated {end} (cell_num_ratio={warehouse.cell_num_ratio} does not divide the "
+                f"layers' mixtures evenly; the official code asserts the same)"
+            )
     return WarehousePlan(options, warehouses, convs, module_order, tuple(layers))
 
 
@@ -332,8 +366,10 @@ def _check_spec(spec: ConvSpec, where: str) -> None:
     if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in ints) or not spec.kernel_size:
         raise ValueError(f"{where}: convolution {spec.path!r} has a bad geometry {spec}")
     if spec.in_channels % spec.groups or spec.out_channels % spec.groups:
-        raise ValueError(f"{where}: convolution {spec.path!r}: groups={spec.groups} must divide "
-                         f"{spec.in_channels} input and {spec.out_channels} output channels")
+        raise ValueError(
+            f"{where}: convolution {spec.path!r}: groups={spec.groups} must divide "
+            f"{spec.in_channels} input and {spec.out_channels} output channels"
+        )
 
 
 def store_warehouses(convs: Sequence[ConvSpec], options: KWOptions, where: str) -> Tuple[Warehouse, ...]:
@@ -345,16 +381,20 @@ def store_warehouses(convs: Sequence[ConvSpec], options: KWOptions, where: str) 
         if spec.warehouse_name is not None:
             groups.setdefault(fuse_warehouse_name(spec.warehouse_name, options.sharing_range), []).append(spec)
     count = len(groups)
-    per = {name: options.per_warehouse(name, count, where) for name in
-           ("reduction", "cell_num_ratio", "cell_inplane_ratio", "cell_outplane_ratio", "spatial_partition")}
+    per = {
+        name: options.per_warehouse(name, count, where)
+        for name in ("reduction", "cell_num_ratio", "cell_inplane_ratio", "cell_outplane_ratio", "spatial_partition")
+    }
     out = []
     for i, (name, specs) in enumerate(groups.items()):
         kernel = specs[0].kernel_size
         if any(len(s.kernel_size) != len(kernel) for s in specs):
             raise ValueError(f"{where}: warehouse {name!r} mixes convolutions of different spatial ranks")
         if not per["spatial_partition"][i] and any(s.kernel_size != kernel for s in specs):
-            raise ValueError(f"{where}: warehouse {name!r} without spatial_partition needs one kernel size, got "
-                             f"{sorted({s.kernel_size for s in specs})}")
+            raise ValueError(
+                f"{where}: warehouse {name!r} without spatial_partition needs one kernel size, got "
+                f"{sorted({s.kernel_size for s in specs})}"
+            )
         out_gcd = math.gcd(*(s.out_channels for s in specs))
         in_gcd = math.gcd(*(s.in_channels // s.groups for s in specs))
         cell_in = max(int(in_gcd * per["cell_inplane_ratio"][i]), 1)
@@ -367,13 +407,13 @@ def store_warehouses(convs: Sequence[ConvSpec], options: KWOptions, where: str) 
                 spatial = int(spatial * k // kc)
             mixtures += spatial * int(s.out_channels // cell_out * (s.in_channels // s.groups) // cell_in)
         size = max(int(mixtures * per["cell_num_ratio"][i]), 1)
-        out.append(Warehouse(name, size, (cell_out, cell_in, *cell_kernel), per["reduction"][i],
-                             per["cell_num_ratio"][i]))
+        out.append(
+            Warehouse(name, size, (cell_out, cell_in, *cell_kernel), per["reduction"][i], per["cell_num_ratio"][i])
+        )
     return tuple(out)
 
 
-def _allocate(spec: ConvSpec, index: int, warehouse: Warehouse, start: int, options: KWOptions,
-              where: str) -> KWLayer:
+def _allocate(spec: ConvSpec, index: int, warehouse: Warehouse, start: int, options: KWOptions, where: str) -> KWLayer:
     """The official ``init_attention``: the layer's mixtures, attention sizes and warm-up assignment."""
     cell_out, cell_in, *cell_kernel = warehouse.cell_shape
     groups_out = spec.out_channels // cell_out
@@ -381,20 +421,37 @@ def _allocate(spec: ConvSpec, index: int, warehouse: Warehouse, start: int, opti
     groups_spatial = 1
     for k, kc in zip(spec.kernel_size, cell_kernel):
         groups_spatial = groups_spatial * k // kc
-    if (groups_out * cell_out != spec.out_channels or groups_in * cell_in != spec.in_channels // spec.groups
-            or groups_spatial * math.prod(cell_kernel) != math.prod(spec.kernel_size)):
-        raise ValueError(f"{where}: cells {warehouse.cell_shape} of warehouse {warehouse.name!r} do not tile the "
-                         f"kernel [{spec.out_channels}, {spec.in_channels // spec.groups}, *{spec.kernel_size}] of "
-                         f"{spec.path!r} (cell_inplane_ratio / cell_outplane_ratio must give divisors)")
+    if (
+        groups_out * cell_out != spec.out_channels
+        or groups_in * cell_in != spec.in_channels // spec.groups
+        or groups_spatial * math.prod(cell_kernel) != math.prod(spec.kernel_size)
+    ):
+        raise ValueError(
+            f"{where}: cells {warehouse.cell_shape} of warehouse {warehouse.name!r} do not tile the "
+            f"kernel [{spec.out_channels}, {spec.in_channels // spec.groups}, *{spec.kernel_size}] of "
+            f"{spec.path!r} (cell_inplane_ratio / cell_outplane_ratio must give divisors)"
+        )
     mixtures = groups_spatial * groups_out * groups_in
     assigned, end = _warmup_assignment(mixtures, start, warehouse.num_cells, warehouse.cell_num_ratio)
     num_local = int(warehouse.cell_num_ratio * mixtures)
     num_basis = 0
     if options.nonlocal_basis_ratio < 1.0:
         num_basis = max(int((warehouse.num_cells - num_local) * options.nonlocal_basis_ratio), MIN_BASIS)
-    return KWLayer(spec, index, warehouse.num_cells, warehouse.cell_shape, start, end, groups_spatial, groups_out,
-                   groups_in, max(int(spec.in_channels * warehouse.reduction), MIN_HIDDEN), num_local, num_basis,
-                   tuple(assigned))
+    return KWLayer(
+        spec,
+        index,
+        warehouse.num_cells,
+        warehouse.cell_shape,
+        start,
+        end,
+        groups_spatial,
+        groups_out,
+        groups_in,
+        max(int(spec.in_channels * warehouse.reduction), MIN_HIDDEN),
+        num_local,
+        num_basis,
+        tuple(assigned),
+    )
 
 
 def _warmup_assignment(mixtures: int, start: int, num_cells: int, ratio: float) -> Tuple[List[int], int]:
@@ -421,16 +478,23 @@ def _warmup_assignment(mixtures: int, start: int, num_cells: int, ratio: float) 
     return assigned, start
 
 
-def single_layer_plan(in_channels: int, out_channels: int, kernel_size: Sequence[int], groups: int = 1,
-                      options: KWOptions = KWOptions(), where: str = "KernelWarehouse") -> WarehousePlan:
+def single_layer_plan(
+    in_channels: int,
+    out_channels: int,
+    kernel_size: Sequence[int],
+    groups: int = 1,
+    options: KWOptions = KWOptions(),
+    where: str = "KernelWarehouse",
+) -> WarehousePlan:
     """The plan of one stand-alone layer with a warehouse of its own (path ``''``)."""
     spec = ConvSpec("", in_channels, out_channels, tuple(kernel_size), groups, "layer")
     return plan_warehouses((spec,), options, where=where)
 
 
 # --------------------------------------------------------------------------- the official models
-def resnet_convs(block: str, layers: Sequence[int], base_width: int = 64, in_channels: int = 3,
-                 stem: str = "imagenet") -> Tuple[Tuple[ConvSpec, ...], Tuple[str, ...]]:
+def resnet_convs(
+    block: str, layers: Sequence[int], base_width: int = 64, in_channels: int = 3, stem: str = "imagenet"
+) -> Tuple[Tuple[ConvSpec, ...], Tuple[str, ...]]:
     """``(convs in reservation order, paths in module order)`` of the official ``KW_ResNet``.
 
     The stem is static; in each block the convolutions are KernelWarehouse layers named
@@ -450,8 +514,16 @@ def resnet_convs(block: str, layers: Sequence[int], base_width: int = 64, in_cha
             first = stage - 1 if block == "bottleneck" else max(stage - 1, 0)
             names = [f"stage{first}_layer{layer_idx}_conv0"] + [f"stage{stage}_layer0_conv{c}" for c in (1, 2)]
             if downsample:
-                reserve.append(ConvSpec(f"{prefix}.downsample.0", inplanes, planes * expansion, (1, 1), 1,
-                                        f"stage{stage - 1}_layer{layer_idx + 1}_conv0" if stride != 1 else None))
+                reserve.append(
+                    ConvSpec(
+                        f"{prefix}.downsample.0",
+                        inplanes,
+                        planes * expansion,
+                        (1, 1),
+                        1,
+                        f"stage{stage - 1}_layer{layer_idx + 1}_conv0" if stride != 1 else None,
+                    )
+                )
             static_first = first < 0
             layer_idx = 1
         else:
@@ -472,8 +544,9 @@ def resnet_convs(block: str, layers: Sequence[int], base_width: int = 64, in_cha
     return tuple(reserve), tuple(modules)
 
 
-def mobilenetv2_convs(width_mult: float = 1.0, stem: str = "imagenet",
-                      in_channels: int = 3) -> Tuple[Tuple[ConvSpec, ...], Tuple[str, ...]]:
+def mobilenetv2_convs(
+    width_mult: float = 1.0, stem: str = "imagenet", in_channels: int = 3
+) -> Tuple[Tuple[ConvSpec, ...], Tuple[str, ...]]:
     """``(convs, paths)`` of the official ``KW_MobileNetV2`` (both orders are the module order).
 
     Every convolution is a KernelWarehouse layer: the stem ``stage0_conv0``, then per block
@@ -491,17 +564,20 @@ def mobilenetv2_convs(width_mult: float = 1.0, stem: str = "imagenet",
             hidden = int(round(channels * t))
             prefix, sub = f"features.{index}.conv", 0
             if t != 1:
-                convs.append(ConvSpec(f"{prefix}.0.0", channels, hidden, (1, 1), 1,
-                                      f"stage{s}_layer{layer_idx}_pwconv0"))
+                convs.append(
+                    ConvSpec(f"{prefix}.0.0", channels, hidden, (1, 1), 1, f"stage{s}_layer{layer_idx}_pwconv0")
+                )
                 sub = 1
-            convs.append(ConvSpec(f"{prefix}.{sub}.0", hidden, hidden, (3, 3), hidden,
-                                  f"stage{s}_layer{layer_idx}_dwconv0"))
+            convs.append(
+                ConvSpec(f"{prefix}.{sub}.0", hidden, hidden, (3, 3), hidden, f"stage{s}_layer{layer_idx}_dwconv0")
+            )
             convs.append(ConvSpec(f"{prefix}.{sub + 1}", hidden, c, (1, 1), 1, f"stage{s}_layer{layer_idx}_pwconv1"))
             channels, index, layer_idx = c, index + 1, layer_idx + 1
             if handover:
                 layer_idx = 0
-    convs.append(ConvSpec(f"features.{index}.0", channels, last, (1, 1), 1,
-                          f"stage{kw_stage[-1]}_layer{layer_idx}_pwconv1"))
+    convs.append(
+        ConvSpec(f"features.{index}.0", channels, last, (1, 1), 1, f"stage{kw_stage[-1]}_layer{layer_idx}_pwconv1")
+    )
     return tuple(convs), tuple(s.path for s in convs)
 
 
@@ -510,8 +586,16 @@ DEFAULT_SHARING = {"resnet": ("layer", "conv"), "mobilenet_v2": ("layer", "pwcon
 MobileNetV2 (whose official default, None, does not run) the official 1× config's."""
 
 
-def resnet_plan(block: str, layers: Sequence[int], base_width: int, in_channels: int, stem: str,
-                reduction: Optional[float], conv_options, where: str = "ResNet") -> WarehousePlan:
+def resnet_plan(
+    block: str,
+    layers: Sequence[int],
+    base_width: int,
+    in_channels: int,
+    stem: str,
+    reduction: Optional[float],
+    conv_options,
+    where: str = "ResNet",
+) -> WarehousePlan:
     """The warehouse plan of a ResNet with ``conv='kernelwarehouse'`` (the official ``KW_ResNet``):
     :func:`resnet_convs` with the options of the model's ``reduction`` and ``conv_options``."""
     options = kw_options(where, reduction, **{"sharing_range": DEFAULT_SHARING["resnet"], **(conv_options or {})})
@@ -519,52 +603,145 @@ def resnet_plan(block: str, layers: Sequence[int], base_width: int, in_channels:
     return plan_warehouses(convs, options, order, where)
 
 
-def mobilenetv2_plan(width_mult: float, stem: str, in_channels: int, reduction: Optional[float], conv_options,
-                     where: str = "MobileNetV2") -> WarehousePlan:
+def mobilenetv2_plan(
+    width_mult: float, stem: str, in_channels: int, reduction: Optional[float], conv_options, where: str = "MobileNetV2"
+) -> WarehousePlan:
     """The warehouse plan of a MobileNetV2 with ``conv='kernelwarehouse'`` (the official ``KW_MobileNetV2``)."""
-    options = kw_options(where, reduction,
-                         **{"sharing_range": DEFAULT_SHARING["mobilenet_v2"], **(conv_options or {})})
+    options = kw_options(where, reduction, **{"sharing_range": DEFAULT_SHARING["mobilenet_v2"], **(conv_options or {})})
     convs, order = mobilenetv2_convs(width_mult, stem, in_channels)
     return plan_warehouses(convs, options, order, where)
 
 
 OFFICIAL_CONFIGS: Dict[str, Dict[str, object]] = {
-    "kw1d4x_resnet18": dict(model="kw_resnet18", reduction=0.0625, cell_num_ratio=0.25, cell_inplane_ratio=0.5,
-                            cell_outplane_ratio=0.5, sharing_range="layer_conv", drop_path=0.0, dropout=0.0,
-                            temp_epoch=TEMP_EPOCH),
-    "kw1d2x_resnet18": dict(model="kw_resnet18", reduction=0.0625, cell_num_ratio=0.5, cell_inplane_ratio=0.5,
-                            cell_outplane_ratio=0.5, sharing_range="layer_conv", drop_path=0.0, dropout=0.0,
-                            temp_epoch=TEMP_EPOCH),
-    "kw1x_resnet18": dict(model="kw_resnet18", reduction=0.0625, cell_num_ratio=1.0, cell_inplane_ratio=1.0,
-                          cell_outplane_ratio=1.0, sharing_range="layer_conv", drop_path=0.1, dropout=0.0,
-                          temp_epoch=TEMP_EPOCH),
-    "kw2x_resnet18": dict(model="kw_resnet18", reduction=0.0625, cell_num_ratio=2.0, cell_inplane_ratio=1.0,
-                          cell_outplane_ratio=1.0, sharing_range="layer_conv", drop_path=0.1, dropout=0.0,
-                          temp_epoch=TEMP_EPOCH),
-    "kw4x_resnet18": dict(model="kw_resnet18", reduction=0.0625, cell_num_ratio=4.0, cell_inplane_ratio=1.0,
-                          cell_outplane_ratio=1.0, sharing_range="layer_conv", drop_path=0.1, dropout=0.0,
-                          temp_epoch=TEMP_EPOCH),
-    "kw1d2x_resnet50": dict(model="kw_resnet50", reduction=0.0625, cell_num_ratio=0.5, cell_inplane_ratio=0.5,
-                            cell_outplane_ratio=0.5, sharing_range="layer_conv", nonlocal_basis_ratio=0.0625,
-                            drop_path=0.1, dropout=0.0, temp_epoch=TEMP_EPOCH),
-    "kw1x_resnet50": dict(model="kw_resnet50", reduction=0.0625, cell_num_ratio=1.0, cell_inplane_ratio=1.0,
-                          cell_outplane_ratio=1.0, sharing_range="layer_conv", drop_path=0.1, dropout=0.0,
-                          temp_epoch=TEMP_EPOCH),
-    "kw4x_resnet50": dict(model="kw_resnet50", reduction=0.0625, cell_num_ratio=4.0, cell_inplane_ratio=1.0,
-                          cell_outplane_ratio=1.0, sharing_range="layer_conv", drop_path=0.1, dropout=0.0,
-                          temp_epoch=TEMP_EPOCH),
-    "kw1x_mobilenetv2_050": dict(model="kw_mobilenetv2_050", cell_num_ratio=1.0, cell_inplane_ratio=1.0,
-                                 cell_outplane_ratio=1.0, sharing_range=("layer", "pwconv"), drop_path=0.0,
-                                 dropout=0.0, temp_epoch=15),
-    "kw4x_mobilenetv2_050": dict(model="kw_mobilenetv2_050", cell_num_ratio=4.0, cell_inplane_ratio=1.0,
-                                 cell_outplane_ratio=1.0, sharing_range=("layer",), drop_path=0.0, dropout=0.0,
-                                 temp_epoch=15),
-    "kw1x_mobilenetv2_100": dict(model="kw_mobilenetv2_100", cell_num_ratio=1.0, cell_inplane_ratio=1.0,
-                                 cell_outplane_ratio=1.0, sharing_range=("layer", "pwconv"), drop_path=0.0,
-                                 dropout=0.0, temp_epoch=15),
-    "kw4x_mobilenetv2_100": dict(model="kw_mobilenetv2_100", cell_num_ratio=4.0, cell_inplane_ratio=1.0,
-                                 cell_outplane_ratio=1.0, sharing_range=("layer",), drop_path=0.0, dropout=0.0,
-                                 temp_epoch=15),
+    "kw1d4x_resnet18": dict(
+        model="kw_resnet18",
+        reduction=0.0625,
+        cell_num_ratio=0.25,
+        cell_inplane_ratio=0.5,
+        cell_outplane_ratio=0.5,
+        sharing_range="layer_conv",
+        drop_path=0.0,
+        dropout=0.0,
+        temp_epoch=TEMP_EPOCH,
+    ),
+    "kw1d2x_resnet18": dict(
+        model="kw_resnet18",
+        reduction=0.0625,
+        cell_num_ratio=0.5,
+        cell_inplane_ratio=0.5,
+        cell_outplane_ratio=0.5,
+        sharing_range="layer_conv",
+        drop_path=0.0,
+        dropout=0.0,
+        temp_epoch=TEMP_EPOCH,
+    ),
+    "kw1x_resnet18": dict(
+        model="kw_resnet18",
+        reduction=0.0625,
+        cell_num_ratio=1.0,
+        cell_inplane_ratio=1.0,
+        cell_outplane_ratio=1.0,
+        sharing_range="layer_conv",
+        drop_path=0.1,
+        dropout=0.0,
+        temp_epoch=TEMP_EPOCH,
+    ),
+    "kw2x_resnet18": dict(
+        model="kw_resnet18",
+        reduction=0.0625,
+        cell_num_ratio=2.0,
+        cell_inplane_ratio=1.0,
+        cell_outplane_ratio=1.0,
+        sharing_range="layer_conv",
+        drop_path=0.1,
+        dropout=0.0,
+        temp_epoch=TEMP_EPOCH,
+    ),
+    "kw4x_resnet18": dict(
+        model="kw_resnet18",
+        reduction=0.0625,
+        cell_num_ratio=4.0,
+        cell_inplane_ratio=1.0,
+        cell_outplane_ratio=1.0,
+        sharing_range="layer_conv",
+        drop_path=0.1,
+        dropout=0.0,
+        temp_epoch=TEMP_EPOCH,
+    ),
+    "kw1d2x_resnet50": dict(
+        model="kw_resnet50",
+        reduction=0.0625,
+        cell_num_ratio=0.5,
+        cell_inplane_ratio=0.5,
+        cell_outplane_ratio=0.5,
+        sharing_range="layer_conv",
+        nonlocal_basis_ratio=0.0625,
+        drop_path=0.1,
+        dropout=0.0,
+        temp_epoch=TEMP_EPOCH,
+    ),
+    "kw1x_resnet50": dict(
+        model="kw_resnet50",
+        reduction=0.0625,
+        cell_num_ratio=1.0,
+        cell_inplane_ratio=1.0,
+        cell_outplane_ratio=1.0,
+        sharing_range="layer_conv",
+        drop_path=0.1,
+        dropout=0.0,
+        temp_epoch=TEMP_EPOCH,
+    ),
+    "kw4x_resnet50": dict(
+        model="kw_resnet50",
+        reduction=0.0625,
+        cell_num_ratio=4.0,
+        cell_inplane_ratio=1.0,
+        cell_outplane_ratio=1.0,
+        sharing_range="layer_conv",
+        drop_path=0.1,
+        dropout=0.0,
+        temp_epoch=TEMP_EPOCH,
+    ),
+    "kw1x_mobilenetv2_050": dict(
+        model="kw_mobilenetv2_050",
+        cell_num_ratio=1.0,
+        cell_inplane_ratio=1.0,
+        cell_outplane_ratio=1.0,
+        sharing_range=("layer", "pwconv"),
+        drop_path=0.0,
+        dropout=0.0,
+        temp_epoch=15,
+    ),
+    "kw4x_mobilenetv2_050": dict(
+        model="kw_mobilenetv2_050",
+        cell_num_ratio=4.0,
+        cell_inplane_ratio=1.0,
+        cell_outplane_ratio=1.0,
+        sharing_range=("layer",),
+        drop_path=0.0,
+        dropout=0.0,
+        temp_epoch=15,
+    ),
+    "kw1x_mobilenetv2_100": dict(
+        model="kw_mobilenetv2_100",
+        cell_num_ratio=1.0,
+        cell_inplane_ratio=1.0,
+        cell_outplane_ratio=1.0,
+        sharing_range=("layer", "pwconv"),
+        drop_path=0.0,
+        dropout=0.0,
+        temp_epoch=15,
+    ),
+    "kw4x_mobilenetv2_100": dict(
+        model="kw_mobilenetv2_100",
+        cell_num_ratio=4.0,
+        cell_inplane_ratio=1.0,
+        cell_outplane_ratio=1.0,
+        sharing_range=("layer",),
+        drop_path=0.0,
+        dropout=0.0,
+        temp_epoch=15,
+    ),
 }
 """The official configs (``configs/*/kw*.json`` of OSVAI/KernelWarehouse): the entry point, its KernelWarehouse
 arguments, and the training-only values ``drop_path`` (stochastic depth), ``dropout`` (``main.py``'s default 0
@@ -572,10 +749,18 @@ where a config sets none) and ``temp_epoch`` (the warm-up length; ``main.py``'s 
 none). The MobileNetV2 1/2× models are the separate ``kw1d2x_mobilenetv2_*`` entry points of the official code,
 not configs of these."""
 OFFICIAL_PARAMS: Dict[str, int] = {
-    "kw1d4x_resnet18": 4_031_768, "kw1d2x_resnet18": 7_431_044, "kw1x_resnet18": 11_932_148,
-    "kw2x_resnet18": 23_242_127, "kw4x_resnet18": 45_862_085, "kw1d2x_resnet50": 17_638_264,
-    "kw1x_resnet50": 28_052_310, "kw4x_resnet50": 102_015_144, "kw1x_mobilenetv2_050": 2_854_522,
-    "kw4x_mobilenetv2_050": 4_648_587, "kw1x_mobilenetv2_100": 5_168_146, "kw4x_mobilenetv2_100": 11_379_382,
+    "kw1d4x_resnet18": 4_031_768,
+    "kw1d2x_resnet18": 7_431_044,
+    "kw1x_resnet18": 11_932_148,
+    "kw2x_resnet18": 23_242_127,
+    "kw4x_resnet18": 45_862_085,
+    "kw1d2x_resnet50": 17_638_264,
+    "kw1x_resnet50": 28_052_310,
+    "kw4x_resnet50": 102_015_144,
+    "kw1x_mobilenetv2_050": 2_854_522,
+    "kw4x_mobilenetv2_050": 4_648_587,
+    "kw1x_mobilenetv2_100": 5_168_146,
+    "kw4x_mobilenetv2_100": 11_379_382,
 }
 """Parameters of the official models (num_classes=1000), measured from the official definitions."""
 
@@ -591,8 +776,14 @@ def config_model_args(config: str) -> Tuple[str, Dict[str, object]]:
     return model, args
 
 
-def warmup_temperature(iteration: int, epoch: int, iters_per_epoch: int, temp_epoch: int = TEMP_EPOCH,
-                       temp_init_value: float = TEMP_INIT_VALUE, temp_end: float = 0.0) -> float:
+def warmup_temperature(
+    iteration: int,
+    epoch: int,
+    iters_per_epoch: int,
+    temp_epoch: int = TEMP_EPOCH,
+    temp_init_value: float = TEMP_INIT_VALUE,
+    temp_end: float = 0.0,
+) -> float:
     """The official warm-up (``engine.get_temperature``): τ falls linearly from ``temp_init_value`` to
     ``temp_end`` over the first ``temp_epoch`` epochs; the official loop calls it with the 1-based
     ``iteration`` of the step within ``epoch``, before the step."""

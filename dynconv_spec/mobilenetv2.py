@@ -1,10 +1,18 @@
 """MobileNetV2 (Sandler et al., CVPR 2018): the stage table and the channel rounding both frameworks use."""
+
 from __future__ import annotations
 
 from typing import List, Tuple
 
-INVERTED_RESIDUAL_SETTING = ((1, 16, 1, 1), (6, 24, 2, 2), (6, 32, 3, 2), (6, 64, 4, 2), (6, 96, 3, 1),
-                             (6, 160, 3, 2), (6, 320, 1, 1))
+INVERTED_RESIDUAL_SETTING = (
+    (1, 16, 1, 1),
+    (6, 24, 2, 2),
+    (6, 32, 3, 2),
+    (6, 64, 4, 2),
+    (6, 96, 3, 1),
+    (6, 160, 3, 2),
+    (6, 320, 1, 1),
+)
 """(expansion t, channels c, repeats n, first stride s) per stage, as in the paper's Table 2."""
 
 

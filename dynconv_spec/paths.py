@@ -5,6 +5,7 @@ write permission) is a ``ValueError`` naming the argument, instead of an ``OSErr
 work (an export, a parity grid, a training sweep). Nothing is created: a folder an output needs is made
 by the writer, once the work succeeded.
 """
+
 from __future__ import annotations
 
 import os
@@ -41,8 +42,11 @@ def check_output_file(path: Any, what: str) -> str:
     folder = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(folder):
         blocker = _nearest_existing(folder)
-        reason = (f"the folder {folder!r} does not exist" if os.path.isdir(blocker)
-                  else f"{blocker!r} is a file, not a folder")
+        reason = (
+            f"the folder {folder!r} does not exist"
+            if os.path.isdir(blocker)
+            else f"{blocker!r} is a file, not a folder"
+        )
         raise ValueError(f"{what}={path!r} cannot be written: {reason}")
     if not os.access(folder, os.W_OK | os.X_OK):
         raise ValueError(f"{what}={path!r} cannot be written: the folder {folder!r} is not writable")

@@ -10,6 +10,7 @@ so ``create_model('resnet18', conv='odconv')`` builds the same architecture, wit
 parameter names, in either framework. :data:`MODEL_NAMES` is the contract: a registry accepts
 only these names and the tests check that both frameworks register all of them.
 """
+
 from __future__ import annotations
 
 import fnmatch
@@ -51,8 +52,14 @@ MODEL_NAMES = CONV_MODELS + tuple(ODCONV_MODELS) + tuple(KW_MODELS) + EFFICIENTN
 """Every registered name, in both frameworks."""
 
 
-def odconv_model_args(name: str, kernel_num: Optional[int] = None, reduction: float = 0.0625, *,
-                      num_experts: Optional[int] = None, **kwargs: Any) -> Dict[str, Any]:
+def odconv_model_args(
+    name: str,
+    kernel_num: Optional[int] = None,
+    reduction: float = 0.0625,
+    *,
+    num_experts: Optional[int] = None,
+    **kwargs: Any,
+) -> Dict[str, Any]:
     """The conv-model arguments of the official ODConv entry point ``name`` (a key of :data:`ODCONV_MODELS`).
 
     The experts: the official ``kernel_num`` or this library's ``num_experts`` (one of them; default 1, the
@@ -72,9 +79,18 @@ def odconv_model_args(name: str, kernel_num: Optional[int] = None, reduction: fl
     return dict(conv="odconv", num_experts=experts, reduction=reduction, **fixed, **kwargs)
 
 
-def kw_model_args(name: str, reduction: float = 0.0625, cell_num_ratio=1.0, cell_inplane_ratio=1.0,
-                  cell_outplane_ratio=1.0, sharing_range=None, nonlocal_basis_ratio: float = 1.0,
-                  spatial_partition=True, drop_path_rate: float = 0.0, **kwargs: Any) -> Dict[str, Any]:
+def kw_model_args(
+    name: str,
+    reduction: float = 0.0625,
+    cell_num_ratio=1.0,
+    cell_inplane_ratio=1.0,
+    cell_outplane_ratio=1.0,
+    sharing_range=None,
+    nonlocal_basis_ratio: float = 1.0,
+    spatial_partition=True,
+    drop_path_rate: float = 0.0,
+    **kwargs: Any,
+) -> Dict[str, Any]:
     """The conv-model arguments of the official KernelWarehouse entry point ``name`` (a key of :data:`KW_MODELS`).
 
     The official arguments (``reduction``, ``cell_num_ratio``, ``cell_inplane_ratio``,
@@ -93,14 +109,22 @@ def kw_model_args(name: str, reduction: float = 0.0625, cell_num_ratio=1.0, cell
     _, fixed, defaults = KW_MODELS[name]
     clash = sorted({"conv", "num_experts", "conv_options", *fixed} & set(kwargs))
     if clash:
-        raise ValueError(f"{name}: {clash} are fixed by the entry point (KernelWarehouse options are its own "
-                         f"arguments: cell_num_ratio=, sharing_range=, ...)")
+        raise ValueError(
+            f"{name}: {clash} are fixed by the entry point (KernelWarehouse options are its own "
+            f"arguments: cell_num_ratio=, sharing_range=, ...)"
+        )
     if drop_path_rate:
-        raise ValueError(f"{name}: drop_path_rate={drop_path_rate!r}: stochastic depth is not implemented; the "
-                         f"models equal the official ones at drop_path_rate=0 (and in inference at any rate)")
-    options = dict(cell_num_ratio=cell_num_ratio, cell_inplane_ratio=cell_inplane_ratio,
-                   cell_outplane_ratio=cell_outplane_ratio, nonlocal_basis_ratio=nonlocal_basis_ratio,
-                   spatial_partition=spatial_partition)
+        raise ValueError(
+            f"{name}: drop_path_rate={drop_path_rate!r}: stochastic depth is not implemented; the "
+            f"models equal the official ones at drop_path_rate=0 (and in inference at any rate)"
+        )
+    options = dict(
+        cell_num_ratio=cell_num_ratio,
+        cell_inplane_ratio=cell_inplane_ratio,
+        cell_outplane_ratio=cell_outplane_ratio,
+        nonlocal_basis_ratio=nonlocal_basis_ratio,
+        spatial_partition=spatial_partition,
+    )
     if sharing_range is not None:
         options["sharing_range"] = sharing_range
     extra = {k: v for k, v in defaults.items() if k not in kwargs}
@@ -136,8 +160,10 @@ class ModelRegistry:
         """
         name = entry_point.__name__
         if name not in MODEL_NAMES:
-            raise ValueError(f"{self.where}: {name!r} is not a model name of dynconv_spec.registry.MODEL_NAMES; "
-                             "add it there first so that both frameworks register it")
+            raise ValueError(
+                f"{self.where}: {name!r} is not a model name of dynconv_spec.registry.MODEL_NAMES; "
+                "add it there first so that both frameworks register it"
+            )
         if name in self._entry_points:
             raise ValueError(f"{self.where}: model {name!r} is registered twice")
         self._entry_points[name] = entry_point

@@ -1,5 +1,6 @@
 """ResNet-18/34/50/101 (He et al., CVPR 2016): block types, stage depths and the block order
 both frameworks build (torchvision's rule, the official OSVAI/ODConv ``od_resnet*`` too)."""
+
 from __future__ import annotations
 
 from typing import Dict, Iterator, Sequence, Tuple
@@ -15,8 +16,9 @@ RESNET_ARCHS: Dict[str, Dict[str, object]] = {
 """Entry-point name -> ``dict(block=..., layers=...)``, the architecture arguments of ``ResNet``."""
 
 
-def stage_blocks(layers: Sequence[int], base_width: int,
-                 expansion: int) -> Iterator[Tuple[int, int, int, int, int, bool]]:
+def stage_blocks(
+    layers: Sequence[int], base_width: int, expansion: int
+) -> Iterator[Tuple[int, int, int, int, int, bool]]:
     """``(stage, index, inplanes, planes, stride, downsample)`` of every block, in order.
 
     Stage ``i`` (0-based) has ``base_width * 2**i`` planes; its first block carries the stride
@@ -29,7 +31,7 @@ def stage_blocks(layers: Sequence[int], base_width: int,
     """
     inplanes = base_width
     for i, num_blocks in enumerate(layers):
-        planes = base_width * 2 ** i
+        planes = base_width * 2**i
         for j in range(num_blocks):
             stride = 2 if i > 0 and j == 0 else 1
             downsample = j == 0 and (stride != 1 or inplanes != planes * expansion)

@@ -9,6 +9,7 @@
 
 This package never imports JAX.
 """
+
 from dynconv_spec import __version__
 
 from .condconv import CondConv2d
@@ -17,5 +18,18 @@ from .kernelwarehouse import KWAttention, KWConv1d, KWConv2d, KWConv3d, KWLinear
 from .odconv import ODConv2d, ODConvAttention
 from .temperature import set_temperature
 
-__all__ = ["__version__", "CondConv2d", "DynamicConv2d", "DynamicConvAttention", "ODConv2d", "ODConvAttention",
-           "KWAttention", "KWConv1d", "KWConv2d", "KWConv3d", "KWLinear", "WarehouseManager", "set_temperature"]
+__all__ = [
+    "__version__",
+    "CondConv2d",
+    "DynamicConv2d",
+    "DynamicConvAttention",
+    "ODConv2d",
+    "ODConvAttention",
+    "KWAttention",
+    "KWConv1d",
+    "KWConv2d",
+    "KWConv3d",
+    "KWLinear",
+    "WarehouseManager",
+    "set_temperature",
+]

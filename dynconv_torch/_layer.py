@@ -4,6 +4,7 @@
 al., CVPR 2020) and ODConv2d (Li et al., ICLR 2022) one ``update_temperature`` (the official
 OSVAI/ODConv name), one ``extra_repr`` and the ``where`` prefix of their error messages.
 """
+
 from __future__ import annotations
 
 from .functional import check_temperature, conv_extra_repr
@@ -26,8 +27,9 @@ class DynamicLayerMixin:
         return f"{type(self).__name__}({self.extra_repr()})"
 
     def extra_repr(self) -> str:
-        s = conv_extra_repr(self.in_channels, self.out_channels, self.kernel_size, self.stride, self.padding,
-                            self.dilation, self.groups)
+        s = conv_extra_repr(
+            self.in_channels, self.out_channels, self.kernel_size, self.stride, self.padding, self.dilation, self.groups
+        )
         s += self._layer_repr()
         if self.temperature != 1.0:
             s += f", temperature={self.temperature}"

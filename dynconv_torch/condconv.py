@@ -5,6 +5,7 @@ The expert layout and initialisation follow timm's ``CondConv2d``
 follows timm's ``CondConvResidual`` block and the paper: ``r = sigmoid(routing_fn(GAP(x)))``,
 with dropout on the pooled vector in training.
 """
+
 from __future__ import annotations
 
 import math
@@ -15,8 +16,15 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ._layer import DynamicLayerMixin
-from .functional import (aggregate_experts, check_input, check_temperature, conv_geometry,
-                         global_avg_pool, init_experts_like_conv2d, per_sample_conv2d)
+from .functional import (
+    aggregate_experts,
+    check_input,
+    check_temperature,
+    conv_geometry,
+    global_avg_pool,
+    init_experts_like_conv2d,
+    per_sample_conv2d,
+)
 
 
 class CondConv2d(DynamicLayerMixin, nn.Module):
@@ -50,14 +58,32 @@ class CondConv2d(DynamicLayerMixin, nn.Module):
       torch.Size([2, 8, 16, 16])
     """
 
-    def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0, dilation=1,
-                 groups: int = 1, bias: bool = False, num_experts: int = 4, routing_dropout: float = 0.0,
-                 external_routing: bool = False, temperature: float = 1.0, *, device=None, dtype=None):
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size,
+        stride=1,
+        padding=0,
+        dilation=1,
+        groups: int = 1,
+        bias: bool = False,
+        num_experts: int = 4,
+        routing_dropout: float = 0.0,
+        external_routing: bool = False,
+        temperature: float = 1.0,
+        *,
+        device=None,
+        dtype=None,
+    ):
         super().__init__()
-        where = (f"CondConv2d(in_channels={in_channels!r}, out_channels={out_channels!r}, "
-                 f"kernel_size={kernel_size!r}, groups={groups!r}, num_experts={num_experts!r})")
+        where = (
+            f"CondConv2d(in_channels={in_channels!r}, out_channels={out_channels!r}, "
+            f"kernel_size={kernel_size!r}, groups={groups!r}, num_experts={num_experts!r})"
+        )
         self.kernel_size, self.stride, self.padding, self.dilation = conv_geometry(
-            where, in_channels, out_channels, kernel_size, stride, padding, dilation, groups, num_experts, dtype)
+            where, in_channels, out_channels, kernel_size, stride, padding, dilation, groups, num_experts, dtype
+        )
         if not 0.0 <= routing_dropout < 1.0:
             raise ValueError(f"{where}: routing_dropout must be in [0, 1), got {routing_dropout!r}")
         self.in_channels = in_channels
@@ -98,16 +124,22 @@ class CondConv2d(DynamicLayerMixin, nn.Module):
         batch = x.shape[0]
         if self.external_routing:
             if routing_weights is None:
-                raise ValueError(f"{self._where()}: external_routing=True, so forward(x, routing_weights) needs "
-                                 f"routing_weights of shape [B, K] = [{batch}, {self.num_experts}]")
+                raise ValueError(
+                    f"{self._where()}: external_routing=True, so forward(x, routing_weights) needs "
+                    f"routing_weights of shape [B, K] = [{batch}, {self.num_experts}]"
+                )
             if not isinstance(routing_weights, Tensor) or tuple(routing_weights.shape) != (batch, self.num_experts):
                 shape = tuple(routing_weights.shape) if isinstance(routing_weights, Tensor) else routing_weights
-                raise ValueError(f"{self._where()}: routing_weights must have shape [B, K] = "
-                                 f"[{batch}, {self.num_experts}], got {shape!r}")
+                raise ValueError(
+                    f"{self._where()}: routing_weights must have shape [B, K] = "
+                    f"[{batch}, {self.num_experts}], got {shape!r}"
+                )
             return routing_weights
         if routing_weights is not None:
-            raise ValueError(f"{self._where()}: this layer computes its own routing from x; construct it with "
-                             f"external_routing=True to pass routing_weights")
+            raise ValueError(
+                f"{self._where()}: this layer computes its own routing from x; construct it with "
+                f"external_routing=True to pass routing_weights"
+            )
         pooled = F.dropout(global_avg_pool(x), self.routing_dropout, self.training)  # [B, I]
         return torch.sigmoid(self.routing_fn(pooled) / self.temperature)  # [B, K]
 
@@ -130,8 +162,9 @@ class CondConv2d(DynamicLayerMixin, nn.Module):
         return per_sample_conv2d(x, weight, bias, self.stride, self.padding, self.dilation, self.groups)
 
 
-def _flatten_expert_weight(module: CondConv2d, state_dict, prefix, local_metadata, strict, missing_keys,
-                           unexpected_keys, error_msgs) -> None:
+def _flatten_expert_weight(
+    module: CondConv2d, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+) -> None:
     """load_state_dict pre-hook: accept expert kernels as ``[K, O, I/g, kh, kw]`` and flatten them.
 
     Any other shape is left alone, so ``load_state_dict`` reports its usual size mismatch.

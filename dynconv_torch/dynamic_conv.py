@@ -4,6 +4,7 @@ The paper publishes no official code; this follows its equations: ``pi(x) =
 softmax(fc2(relu(fc1(GAP(x)))) / T)``, kernel and bias aggregated with ``pi``, and T
 annealed from 30 to 1 during the first epochs (``update_temperature``).
 """
+
 from __future__ import annotations
 
 from typing import Dict
@@ -13,8 +14,16 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ._layer import DynamicLayerMixin
-from .functional import (aggregate_experts, check_input, check_temperature, conv_geometry,
-                         global_avg_pool, init_experts_like_conv2d, per_sample_conv2d, positive_int)
+from .functional import (
+    aggregate_experts,
+    check_input,
+    check_temperature,
+    conv_geometry,
+    global_avg_pool,
+    init_experts_like_conv2d,
+    per_sample_conv2d,
+    positive_int,
+)
 
 
 class DynamicConvAttention(nn.Module):
@@ -70,14 +79,32 @@ class DynamicConv2d(DynamicLayerMixin, nn.Module):
       torch.Size([2, 8, 16, 16])
     """
 
-    def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0, dilation=1,
-                 groups: int = 1, bias: bool = True, num_experts: int = 4, reduction: float = 0.25,
-                 min_channels: int = 4, temperature: float = 1.0, *, device=None, dtype=None):
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size,
+        stride=1,
+        padding=0,
+        dilation=1,
+        groups: int = 1,
+        bias: bool = True,
+        num_experts: int = 4,
+        reduction: float = 0.25,
+        min_channels: int = 4,
+        temperature: float = 1.0,
+        *,
+        device=None,
+        dtype=None,
+    ):
         super().__init__()
-        where = (f"DynamicConv2d(in_channels={in_channels!r}, out_channels={out_channels!r}, "
-                 f"kernel_size={kernel_size!r}, groups={groups!r}, num_experts={num_experts!r})")
+        where = (
+            f"DynamicConv2d(in_channels={in_channels!r}, out_channels={out_channels!r}, "
+            f"kernel_size={kernel_size!r}, groups={groups!r}, num_experts={num_experts!r})"
+        )
         self.kernel_size, self.stride, self.padding, self.dilation = conv_geometry(
-            where, in_channels, out_channels, kernel_size, stride, padding, dilation, groups, num_experts, dtype)
+            where, in_channels, out_channels, kernel_size, stride, padding, dilation, groups, num_experts, dtype
+        )
         if not reduction > 0:
             raise ValueError(f"{where}: reduction must be > 0, got {reduction!r}")
         positive_int(min_channels, "min_channels", where)
@@ -91,7 +118,8 @@ class DynamicConv2d(DynamicLayerMixin, nn.Module):
         self.temperature = check_temperature(temperature, where)
         factory = {"device": device, "dtype": dtype}
         self.weight = nn.Parameter(
-            torch.empty((num_experts, out_channels, in_channels // groups) + self.kernel_size, **factory))
+            torch.empty((num_experts, out_channels, in_channels // groups) + self.kernel_size, **factory)
+        )
         if bias:
             self.bias = nn.Parameter(torch.empty(num_experts, out_channels, **factory))
         else:

@@ -12,6 +12,7 @@ convolution uses the grouped-convolution trick (fold the batch into the channel
 axis and convolve once with ``groups * B`` groups), as timm's ``CondConv2d`` and the
 official OSVAI/ODConv ``ODConv2d`` do; there is no Python loop over samples.
 """
+
 from __future__ import annotations
 
 import math
@@ -68,8 +69,9 @@ def conv_padding(padding, stride: Tuple[int, ...], where: str) -> Union[str, Tup
     return int_tuple(padding, "padding", where, 0, len(stride))
 
 
-def conv_geometry(where: str, in_channels, out_channels, kernel_size, stride, padding, dilation, groups, num_experts,
-                  dtype=None):
+def conv_geometry(
+    where: str, in_channels, out_channels, kernel_size, stride, padding, dilation, groups, num_experts, dtype=None
+):
     """Validate the ``nn.Conv2d``-style arguments of a dynamic convolution, its ``dtype`` (None or a real
     floating-point dtype) and the size of its expert bank (:func:`dynconv_spec.check_expert_bank`).
 
@@ -85,8 +87,10 @@ def conv_geometry(where: str, in_channels, out_channels, kernel_size, stride, pa
     if out_channels % groups:
         raise ValueError(f"{where}: out_channels={out_channels} must be divisible by groups={groups}")
     if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
-        raise ValueError(f"{where}: dtype={dtype!r} must be a real floating-point dtype (torch.float32, "
-                         f"torch.bfloat16, torch.float16 or torch.float64)")
+        raise ValueError(
+            f"{where}: dtype={dtype!r} must be a real floating-point dtype (torch.float32, "
+            f"torch.bfloat16, torch.float16 or torch.float64)"
+        )
     kernel_size = int_pair(kernel_size, "kernel_size", where, minimum=1)
     stride = int_pair(stride, "stride", where, minimum=1)
     dilation = int_pair(dilation, "dilation", where, minimum=1)
@@ -110,17 +114,22 @@ def check_input(x, in_channels: int, where: str, dtype: Optional[torch.dtype] = 
     if not isinstance(x, Tensor):
         raise TypeError(f"{where}: expected a torch.Tensor input, got {type(x).__name__}")
     if x.dim() != rank + 2:
-        raise ValueError(f"{where}: expected a {rank + 2}-D {_LAYOUTS[rank]} input {_DIMS[rank]}, got shape "
-                         f"{tuple(x.shape)}")
+        raise ValueError(
+            f"{where}: expected a {rank + 2}-D {_LAYOUTS[rank]} input {_DIMS[rank]}, got shape {tuple(x.shape)}"
+        )
     if x.shape[1] != in_channels:
-        raise ValueError(f"{where}: expected {in_channels} input channels (dim 1 of {_LAYOUTS[rank]}), got input of "
-                         f"shape {tuple(x.shape)}")
+        raise ValueError(
+            f"{where}: expected {in_channels} input channels (dim 1 of {_LAYOUTS[rank]}), got input of "
+            f"shape {tuple(x.shape)}"
+        )
     if x.shape[0] == 0:
         raise ValueError(f"{where}: got an empty batch (input shape {tuple(x.shape)})")
     if dtype is not None and x.dtype != dtype and not torch.is_autocast_enabled(x.device.type):
         alternative = f" or the layer (layer.to({x.dtype}))" if x.is_floating_point() else ""
-        raise ValueError(f"{where}: input dtype {x.dtype} differs from the layer's parameters ({dtype}); convert "
-                         f"the input (x.to({dtype})){alternative}")
+        raise ValueError(
+            f"{where}: input dtype {x.dtype} differs from the layer's parameters ({dtype}); convert "
+            f"the input (x.to({dtype})){alternative}"
+        )
 
 
 def global_avg_pool(x: Tensor) -> Tensor:
@@ -137,8 +146,9 @@ def aggregate_experts(attention: Tensor, experts: Tensor) -> Tensor:
     return torch.matmul(attention, experts.reshape(k, -1)).reshape((attention.shape[0],) + tuple(experts.shape[1:]))
 
 
-def per_sample_conv2d(x: Tensor, weight: Tensor, bias: Optional[Tensor], stride, padding, dilation,
-                      groups: int) -> Tensor:
+def per_sample_conv2d(
+    x: Tensor, weight: Tensor, bias: Optional[Tensor], stride, padding, dilation, groups: int
+) -> Tensor:
     """Convolve sample ``b`` of ``x`` with its own kernel ``weight[b]`` (and bias ``bias[b]``).
 
     x: ``[B, C, H, W]``; weight: ``[B, O, C/groups, kh, kw]``; bias: ``[B, O]`` or None.

@@ -6,6 +6,7 @@ Returns the same structure as ``dynconv_jax.inspect.collect_attentions``,
 so the plotting functions of ``dynconv_jax.inspect`` draw either. Layer names are PyTorch's
 ``named_modules`` names (``'layer1.0.conv1'``; ``'<root>'`` for a model that is one layer).
 """
+
 from __future__ import annotations
 
 from typing import Dict
@@ -44,8 +45,10 @@ def collect_attentions(model: nn.Module, x: torch.Tensor, *args, **kwargs) -> Di
         raise ValueError(f"{type(model).__name__} has no dynamic conv layer (CondConv2d, DynamicConv2d, ODConv2d)")
     training = [name for name, m in layers if m.training]
     if training:
-        raise ValueError(f"collect_attentions: dynamic layers in training mode ({', '.join(training[:3])}"
-                         f"{', ...' if len(training) > 3 else ''}); call model.eval() first")
+        raise ValueError(
+            f"collect_attentions: dynamic layers in training mode ({', '.join(training[:3])}"
+            f"{', ...' if len(training) > 3 else ''}); call model.eval() first"
+        )
 
     recorded: Dict[str, list] = {name: [] for name, _ in layers}
 
@@ -56,6 +59,7 @@ def collect_attentions(model: nn.Module, x: torch.Tensor, *args, **kwargs) -> Di
                 recorded[name].append({"kernel_attention": weights})
             else:
                 recorded[name].append(layer.attentions(hook_args[0]))
+
         return hook
 
     handles = [m.register_forward_pre_hook(hook_for(name), with_kwargs=True) for name, m in layers]
@@ -67,6 +71,7 @@ def collect_attentions(model: nn.Module, x: torch.Tensor, *args, **kwargs) -> Di
     out = {}
     for name, calls in recorded.items():
         if calls:
-            out[name] = {key: np.concatenate([c[key].detach().cpu().numpy() for c in calls], axis=0)
-                         for key in calls[0]}
+            out[name] = {
+                key: np.concatenate([c[key].detach().cpu().numpy() for c in calls], axis=0) for key in calls[0]
+            }
     return out

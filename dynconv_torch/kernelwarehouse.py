@@ -20,6 +20,7 @@ checkpoints load with ``strict=True``. The warm-up ``tau`` is the layer's ``temp
 (``update_temperature``, :func:`dynconv_torch.set_temperature`), 0 by default as the official code
 starts; it is not in the state dict.
 """
+
 from __future__ import annotations
 
 from typing import Dict, List, Optional, Tuple
@@ -28,8 +29,16 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from dynconv_spec.kernelwarehouse import (NORMALIZATION_EPS, ConvSpec, KWLayer, KWOptions, WarehousePlan,
-                                          fuse_warehouse_name, plan_warehouses, store_warehouses)
+from dynconv_spec.kernelwarehouse import (
+    NORMALIZATION_EPS,
+    ConvSpec,
+    KWLayer,
+    KWOptions,
+    WarehousePlan,
+    fuse_warehouse_name,
+    plan_warehouses,
+    store_warehouses,
+)
 
 from .functional import check_input, conv_padding, int_tuple, positive_int
 
@@ -41,11 +50,14 @@ def check_kw_temperature(temperature, where: str) -> float:
     try:
         t = float(temperature)
     except (TypeError, ValueError):
-        raise ValueError(f"{where}: temperature (the warm-up weight tau) must be a number in [0, 1], "
-                         f"got {temperature!r}") from None
+        raise ValueError(
+            f"{where}: temperature (the warm-up weight tau) must be a number in [0, 1], got {temperature!r}"
+        ) from None
     if not 0.0 <= t <= 1.0:
-        raise ValueError(f"{where}: temperature (the warm-up weight tau) must be in [0, 1], got {temperature!r}; "
-                         f"KernelWarehouse blends (1 - tau) * attention + tau * one-hot, it does not divide by T")
+        raise ValueError(
+            f"{where}: temperature (the warm-up weight tau) must be in [0, 1], got {temperature!r}; "
+            f"KernelWarehouse blends (1 - tau) * attention + tau * one-hot, it does not divide by T"
+        )
     return t
 
 
@@ -97,7 +109,7 @@ class KWAttention(nn.Module):
         fc3, the layer's own ``L`` cells placed at its position in the warehouse, plus ``basis_bias``."""
         layer = self.layer
         x = x.reshape(-1, layer.num_local_cells + layer.num_basis + 1)
-        local, nonlocal_, zero = x[:, :layer.num_local_cells], x[:, layer.num_local_cells:-1], x[:, -1:]
+        local, nonlocal_, zero = x[:, : layer.num_local_cells], x[:, layer.num_local_cells : -1], x[:, -1:]
         nonlocal_ = self.fc3(nonlocal_)
         start = layer.start_cell
         x = torch.cat([nonlocal_[:, :start], local, nonlocal_[:, start:], zero], dim=1)
@@ -132,13 +144,28 @@ class _KWConvNd(nn.Module):
 
     dimension = 2
 
-    def __init__(self, in_planes: int, out_planes: int, kernel_size, stride=1, padding=0, dilation=1,
-                 groups: int = 1, bias: bool = False, warehouse_id: Optional[int] = None,
-                 warehouse_manager: Optional["WarehouseManager"] = None, *, temperature: float = 0.0,
-                 device=None, dtype=None, **options):
+    def __init__(
+        self,
+        in_planes: int,
+        out_planes: int,
+        kernel_size,
+        stride=1,
+        padding=0,
+        dilation=1,
+        groups: int = 1,
+        bias: bool = False,
+        warehouse_id: Optional[int] = None,
+        warehouse_manager: Optional["WarehouseManager"] = None,
+        *,
+        temperature: float = 0.0,
+        device=None,
+        dtype=None,
+        **options,
+    ):
         super().__init__()
-        where = (f"{type(self).__name__}(in_planes={in_planes!r}, out_planes={out_planes!r}, "
-                 f"kernel_size={kernel_size!r})")
+        where = (
+            f"{type(self).__name__}(in_planes={in_planes!r}, out_planes={out_planes!r}, kernel_size={kernel_size!r})"
+        )
         positive_int(in_planes, "in_planes", where)
         positive_int(out_planes, "out_planes", where)
         positive_int(groups, "groups", where)
@@ -164,8 +191,9 @@ class _KWConvNd(nn.Module):
             manager.allocate(self)
         else:
             if options:
-                raise ValueError(f"{where}: {sorted(options)} are options of the warehouse manager, not of a layer "
-                                 f"it reserves")
+                raise ValueError(
+                    f"{where}: {sorted(options)} are options of the warehouse manager, not of a layer it reserves"
+                )
             self._manager = (warehouse_manager,)  # a tuple: not registered, the model owns the manager
             self.warehouse_id = warehouse_id
 
@@ -217,21 +245,26 @@ class _KWConvNd(nn.Module):
 
     def _attention(self, x: Tensor) -> Tensor:
         if self.layer is None:
-            raise ValueError(f"{self._where()}: the layer has no attention yet; call its warehouse manager's store() "
-                             f"and allocate(model) after building the model")
+            raise ValueError(
+                f"{self._where()}: the layer has no attention yet; call its warehouse manager's store() "
+                f"and allocate(model) after building the model"
+            )
         check_input(x, self.in_planes, self._where(), self.attention.fc1.weight.dtype, rank=self.dimension)
         if self.training and x.shape[0] == 1:
-            raise ValueError(f"{self._where()}: got a batch of one sample in training mode; the attention's "
-                             f"BatchNorm1d normalises over the batch and needs more than one sample. Use a batch "
-                             f"of at least 2, or call .eval() to use the running statistics.")
+            raise ValueError(
+                f"{self._where()}: got a batch of one sample in training mode; the attention's "
+                f"BatchNorm1d normalises over the batch and needs more than one sample. Use a batch "
+                f"of at least 2, or call .eval() to use the running statistics."
+            )
         return self.attention(x, self.temperature)
 
     def assemble(self, attention: Tensor, batch: int) -> Tensor:
         """Per-sample kernels ``[B * O, I/g, *k]`` from the cell weights ``[B * M, N]`` (official order)."""
         layer = self.layer
         cells = self.manager.take_cell(self.warehouse_id).reshape(layer.num_cells, -1)
-        kernels = torch.mm(attention, cells).reshape(batch, layer.groups_spatial, layer.groups_out, layer.groups_in,
-                                                     *layer.cell_shape)
+        kernels = torch.mm(attention, cells).reshape(
+            batch, layer.groups_spatial, layer.groups_out, layer.groups_in, *layer.cell_shape
+        )
         kernels = kernels.permute(0, 2, 4, 3, 5, 1, *range(6, 6 + self.dimension))
         return kernels.reshape(-1, self.in_planes // self.groups, *self.kernel_size)
 
@@ -240,8 +273,9 @@ class _KWConvNd(nn.Module):
         batch = x.shape[0]
         kernels = self.assemble(self._attention(x), batch)
         conv = (F.conv1d, F.conv2d, F.conv3d)[self.dimension - 1]
-        out = conv(x.reshape(1, -1, *x.shape[2:]), kernels, None, self.stride, self.padding, self.dilation,
-                   self.groups * batch)
+        out = conv(
+            x.reshape(1, -1, *x.shape[2:]), kernels, None, self.stride, self.padding, self.dilation, self.groups * batch
+        )
         out = out.view(batch, self.out_planes, *out.shape[2:])
         if self.bias is not None:
             out = out + self.bias.reshape(1, -1, *([1] * self.dimension))
@@ -339,11 +373,26 @@ class WarehouseManager(nn.Module):
       torch.Size([2, 16, 6, 6])
     """
 
-    def __init__(self, reduction=0.0625, cell_num_ratio=1, cell_inplane_ratio=1, cell_outplane_ratio=1,
-                 sharing_range=(), nonlocal_basis_ratio=1, spatial_partition=True):
+    def __init__(
+        self,
+        reduction=0.0625,
+        cell_num_ratio=1,
+        cell_inplane_ratio=1,
+        cell_outplane_ratio=1,
+        sharing_range=(),
+        nonlocal_basis_ratio=1,
+        spatial_partition=True,
+    ):
         super().__init__()
-        self.options = KWOptions(reduction, cell_num_ratio, cell_inplane_ratio, cell_outplane_ratio, sharing_range,
-                                 nonlocal_basis_ratio, spatial_partition)
+        self.options = KWOptions(
+            reduction,
+            cell_num_ratio,
+            cell_inplane_ratio,
+            cell_outplane_ratio,
+            sharing_range,
+            nonlocal_basis_ratio,
+            spatial_partition,
+        )
         self.options.check("WarehouseManager")
         self._reserved: List[Tuple[nn.Module, str]] = []  # (layer, warehouse name), reservation order
         self._names: Dict[str, int] = {}  # fused warehouse name -> index
@@ -358,8 +407,20 @@ class WarehouseManager(nn.Module):
         self._reserved.append((layer, warehouse_name))
         return self._names[fused]
 
-    def reserve(self, in_planes: int, out_planes: int, kernel_size=1, stride=1, padding=0, dilation=1, groups=1,
-                bias=True, warehouse_name: str = "default", enabled: bool = True, layer_type: str = "conv2d"):
+    def reserve(
+        self,
+        in_planes: int,
+        out_planes: int,
+        kernel_size=1,
+        stride=1,
+        padding=0,
+        dilation=1,
+        groups=1,
+        bias=True,
+        warehouse_name: str = "default",
+        enabled: bool = True,
+        layer_type: str = "conv2d",
+    ):
         """A layer without weights that will mix the cells of warehouse ``warehouse_name`` (fused by
         ``sharing_range``); ``enabled=False`` gives the plain PyTorch layer instead (official semantics)."""
         if layer_type not in _LAYERS:
@@ -367,17 +428,35 @@ class WarehouseManager(nn.Module):
         if not enabled:
             if layer_type == "linear":
                 return nn.Linear(in_planes, out_planes, bias=bias)
-            return _STATIC[layer_type](in_planes, out_planes, kernel_size, stride=stride, padding=padding,
-                                       dilation=dilation, groups=groups, bias=bias)
-        layer = _LAYERS[layer_type](in_planes, out_planes, kernel_size, stride=stride, padding=padding,
-                                    dilation=dilation, groups=groups, bias=bias, warehouse_manager=self)
+            return _STATIC[layer_type](
+                in_planes,
+                out_planes,
+                kernel_size,
+                stride=stride,
+                padding=padding,
+                dilation=dilation,
+                groups=groups,
+                bias=bias,
+            )
+        layer = _LAYERS[layer_type](
+            in_planes,
+            out_planes,
+            kernel_size,
+            stride=stride,
+            padding=padding,
+            dilation=dilation,
+            groups=groups,
+            bias=bias,
+            warehouse_manager=self,
+        )
         conv = layer.conv if layer_type == "linear" else layer
         conv.warehouse_id = self.register(conv, warehouse_name)
         return layer
 
     def _specs(self, paths: Dict[int, str]) -> Tuple[ConvSpec, ...]:
-        return tuple(layer.spec(paths.get(id(layer), f"<reserved {i}>"), name)
-                     for i, (layer, name) in enumerate(self._reserved))
+        return tuple(
+            layer.spec(paths.get(id(layer), f"<reserved {i}>"), name) for i, (layer, name) in enumerate(self._reserved)
+        )
 
     def store(self, device=None, dtype=None) -> None:
         """Create the warehouses (``torch.randn``, re-initialised per layer by :meth:`allocate`)."""
@@ -385,7 +464,8 @@ class WarehouseManager(nn.Module):
             raise ValueError("WarehouseManager.store: no layer was reserved")
         warehouses = store_warehouses(self._specs({}), self.options, "WarehouseManager.store")
         self.weights = nn.ParameterList(
-            [nn.Parameter(torch.randn(w.num_cells, *w.cell_shape, device=device, dtype=dtype)) for w in warehouses])
+            [nn.Parameter(torch.randn(w.num_cells, *w.cell_shape, device=device, dtype=dtype)) for w in warehouses]
+        )
 
     @torch.no_grad()
     def allocate(self, network: nn.Module) -> None:
@@ -405,7 +485,7 @@ class WarehouseManager(nn.Module):
             if id(m) in reserved:
                 layer = layers[name]
                 m.init_attention(layer)
-                cells = self.weights[layer.warehouse][layer.start_cell:layer.end_cell]
+                cells = self.weights[layer.warehouse][layer.start_cell : layer.end_cell]
                 nn.init.kaiming_normal_(cells.view(-1, *cells.shape[2:]), mode="fan_out", nonlinearity="relu")
         self.plan = plan
 

@@ -9,6 +9,7 @@ default: the attention BatchNorm's weight (γ) starts at ``attention_bn_init=0.1
 the official 1.0 makes the initial gradient explode at temperature 1 (docs/training.md);
 ``attention_bn_init=1.0`` is the official initialisation exactly.
 """
+
 from __future__ import annotations
 
 from typing import Dict, Optional, Tuple
@@ -20,8 +21,15 @@ from torch import Tensor, nn
 from dynconv_spec import check_attention_norm, one_spelling
 
 from ._layer import DynamicLayerMixin
-from .functional import (aggregate_experts, check_input, check_temperature, conv_geometry,
-                         global_avg_pool, per_sample_conv2d, positive_int)
+from .functional import (
+    aggregate_experts,
+    check_input,
+    check_temperature,
+    conv_geometry,
+    global_avg_pool,
+    per_sample_conv2d,
+    positive_int,
+)
 
 
 class ODConvAttention(nn.Module):
@@ -41,9 +49,20 @@ class ODConvAttention(nn.Module):
       (torch.Size([2, 4]), True)
     """
 
-    def __init__(self, in_planes: int, out_planes: int, kernel_size: Tuple[int, int], groups: int,
-                 attention_channels: int, kernel_num: int, *, norm: str = "batch", bn_init: float = 0.1,
-                 device=None, dtype=None):
+    def __init__(
+        self,
+        in_planes: int,
+        out_planes: int,
+        kernel_size: Tuple[int, int],
+        groups: int,
+        attention_channels: int,
+        kernel_num: int,
+        *,
+        norm: str = "batch",
+        bn_init: float = 0.1,
+        device=None,
+        dtype=None,
+    ):
         super().__init__()
         factory = {"device": device, "dtype": dtype}
         self.kernel_size = kernel_size
@@ -59,8 +78,7 @@ class ODConvAttention(nn.Module):
         self.filter_fc = None if depthwise else nn.Conv2d(attention_channels, out_planes, 1, bias=True, **factory)
         taps = kernel_size[0] * kernel_size[1]
         self.spatial_fc = None if taps == 1 else nn.Conv2d(attention_channels, taps, 1, bias=True, **factory)
-        self.kernel_fc = None if kernel_num == 1 else nn.Conv2d(attention_channels, kernel_num, 1, bias=True,
-                                                                **factory)
+        self.kernel_fc = None if kernel_num == 1 else nn.Conv2d(attention_channels, kernel_num, 1, bias=True, **factory)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -93,10 +111,12 @@ class ODConvAttention(nn.Module):
         filt = head(self.filter_fc)
         spatial = head(self.spatial_fc)
         kernel = head(self.kernel_fc)
-        return (channel,
-                None if filt is None else torch.sigmoid(filt),
-                None if spatial is None else torch.sigmoid(spatial).reshape((batch,) + self.kernel_size),
-                None if kernel is None else torch.softmax(kernel, dim=1))
+        return (
+            channel,
+            None if filt is None else torch.sigmoid(filt),
+            None if spatial is None else torch.sigmoid(spatial).reshape((batch,) + self.kernel_size),
+            None if kernel is None else torch.softmax(kernel, dim=1),
+        )
 
 
 class ODConv2d(DynamicLayerMixin, nn.Module):
@@ -152,23 +172,43 @@ class ODConv2d(DynamicLayerMixin, nn.Module):
       torch.Size([2, 32, 8, 8])
     """
 
-    def __init__(self, in_planes: Optional[int] = None, out_planes: Optional[int] = None, kernel_size=None,
-                 stride=1, padding=0, dilation=1, groups: int = 1, reduction: float = 0.0625,
-                 kernel_num: Optional[int] = None, min_channel: Optional[int] = None, temperature: float = 1.0, *,
-                 in_channels: Optional[int] = None, out_channels: Optional[int] = None,
-                 num_experts: Optional[int] = None, min_channels: Optional[int] = None, attention_bn_init: float = 0.1,
-                 attention_norm: str = "batch", device=None, dtype=None):
+    def __init__(
+        self,
+        in_planes: Optional[int] = None,
+        out_planes: Optional[int] = None,
+        kernel_size=None,
+        stride=1,
+        padding=0,
+        dilation=1,
+        groups: int = 1,
+        reduction: float = 0.0625,
+        kernel_num: Optional[int] = None,
+        min_channel: Optional[int] = None,
+        temperature: float = 1.0,
+        *,
+        in_channels: Optional[int] = None,
+        out_channels: Optional[int] = None,
+        num_experts: Optional[int] = None,
+        min_channels: Optional[int] = None,
+        attention_bn_init: float = 0.1,
+        attention_norm: str = "batch",
+        device=None,
+        dtype=None,
+    ):
         super().__init__()
         in_planes = one_spelling("ODConv2d", "in_planes", in_planes, in_channels)
         out_planes = one_spelling("ODConv2d", "out_planes", out_planes, out_channels)
         kernel_num = one_spelling("ODConv2d", "kernel_num", kernel_num, num_experts, default=4)
         min_channel = one_spelling("ODConv2d", "min_channel", min_channel, min_channels, default=16)
-        where = (f"ODConv2d(in_planes={in_planes!r}, out_planes={out_planes!r}, kernel_size={kernel_size!r}, "
-                 f"groups={groups!r}, kernel_num={kernel_num!r})")
+        where = (
+            f"ODConv2d(in_planes={in_planes!r}, out_planes={out_planes!r}, kernel_size={kernel_size!r}, "
+            f"groups={groups!r}, kernel_num={kernel_num!r})"
+        )
         if kernel_size is None:
             raise ValueError(f"{where}: kernel_size is required")
         self.kernel_size, self.stride, self.padding, self.dilation = conv_geometry(
-            where, in_planes, out_planes, kernel_size, stride, padding, dilation, groups, kernel_num, dtype)
+            where, in_planes, out_planes, kernel_size, stride, padding, dilation, groups, kernel_num, dtype
+        )
         if not reduction > 0:
             raise ValueError(f"{where}: reduction must be > 0, got {reduction!r}")
         positive_int(min_channel, "min_channel", where)
@@ -182,13 +222,22 @@ class ODConv2d(DynamicLayerMixin, nn.Module):
         self.attention_channels = max(int(in_planes * reduction), min_channel)
         self.temperature = check_temperature(temperature, where)
         factory = {"device": device, "dtype": dtype}
-        self.attention = ODConvAttention(in_planes, out_planes, self.kernel_size, groups, self.attention_channels,
-                                         kernel_num, norm=attention_norm, bn_init=float(attention_bn_init),
-                                         **factory)
+        self.attention = ODConvAttention(
+            in_planes,
+            out_planes,
+            self.kernel_size,
+            groups,
+            self.attention_channels,
+            kernel_num,
+            norm=attention_norm,
+            bn_init=float(attention_bn_init),
+            **factory,
+        )
         # Drawn with randn before the kaiming init, as the official code does: the same seed then
         # gives the same initial parameters as the official layer (the random streams line up).
         self.weight = nn.Parameter(
-            torch.randn((kernel_num, out_planes, in_planes // groups) + self.kernel_size, **factory))
+            torch.randn((kernel_num, out_planes, in_planes // groups) + self.kernel_size, **factory)
+        )
         self._initialize_experts()
 
     # This library's names (nn.Conv2d's), for code that treats the three layers alike.
@@ -220,9 +269,11 @@ class ODConv2d(DynamicLayerMixin, nn.Module):
         self._initialize_experts()
 
     def _layer_repr(self) -> str:
-        return (f", kernel_num={self.kernel_num}, attention_channels={self.attention_channels}, "
-                f"attention_bn_init={self.attention.bn_init}"
-                + ("" if self.attention.norm == "batch" else f", attention_norm={self.attention.norm!r}"))
+        return (
+            f", kernel_num={self.kernel_num}, attention_channels={self.attention_channels}, "
+            f"attention_bn_init={self.attention.bn_init}"
+            + ("" if self.attention.norm == "batch" else f", attention_norm={self.attention.norm!r}")
+        )
 
     def _attention(self, x: Tensor):
         check_input(x, self.in_planes, self._where(), self.weight.dtype)
@@ -230,7 +281,8 @@ class ODConv2d(DynamicLayerMixin, nn.Module):
             raise ValueError(
                 f"{self._where()}: got a batch of one sample in training mode; the attention's BatchNorm "
                 f"normalises each channel over the batch and needs more than one sample. Use a batch of "
-                f"at least 2, or call .eval() to use the running statistics.")
+                f"at least 2, or call .eval() to use the running statistics."
+            )
         return self.attention(x, self.temperature)
 
     def attentions(self, x: Tensor) -> Dict[str, Tensor]:
@@ -241,8 +293,10 @@ class ODConv2d(DynamicLayerMixin, nn.Module):
         In training mode this updates the BatchNorm running statistics, like ``forward``.
         """
         channel, filt, spatial, kernel = self._attention(x)
-        out = {"kernel_attention": kernel if kernel is not None else x.new_ones(x.shape[0], 1),
-               "channel_attention": channel}
+        out = {
+            "kernel_attention": kernel if kernel is not None else x.new_ones(x.shape[0], 1),
+            "channel_attention": channel,
+        }
         if filt is not None:
             out["filter_attention"] = filt
         if spatial is not None:

@@ -4,6 +4,7 @@ DY-CNN (Chen et al., CVPR 2020) and ODConv (Li et al., ICLR 2022) anneal the sof
 temperature T from 30 to 1 over the first epochs; the layers expose ``update_temperature(t)``
 (the official OSVAI/ODConv name) and this walks a model to call it everywhere.
 """
+
 from __future__ import annotations
 
 from torch import nn

@@ -24,6 +24,7 @@ The Flax module is called as ``apply(variables, x, train=..., temperature=...)``
 ``temperature`` is only passed when the case sets one. Importing this module imports neither
 torch model code nor Flax model code: factories run only when a case is run.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -33,8 +34,7 @@ from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
 
 from dynconv_spec import CONV_MODELS, CONV_TYPES, KW_CONV
 
-CHECKS = ("checkpoint", "forward_eval", "forward_train", "running_stats", "grad_input", "grad_params", "sgd",
-          "adamw")
+CHECKS = ("checkpoint", "forward_eval", "forward_train", "running_stats", "grad_input", "grad_params", "sgd", "adamw")
 #: The checks a case runs unless it names its own (``adamw`` runs where a case asks for it).
 CASE_CHECKS = tuple(c for c in CHECKS if c != "adamw")
 
@@ -98,14 +98,20 @@ def register(case: Case) -> Case:
     return case
 
 
-def select(families: Optional[Iterable[str]] = None, quick: bool = False, match: Optional[str] = None,
-           full: bool = True) -> List[Case]:
+def select(
+    families: Optional[Iterable[str]] = None, quick: bool = False, match: Optional[str] = None, full: bool = True
+) -> List[Case]:
     """Registered cases, filtered by family, the quick flag, a substring of the name and, unless
     ``full``, by being part of the default run (a non-empty ``default``)."""
     families = None if families is None else set(families)
-    return [c for c in CASES.values()
-            if (families is None or c.family in families) and (c.quick or not quick) and (full or c.default)
-            and (match is None or match in c.name)]
+    return [
+        c
+        for c in CASES.values()
+        if (families is None or c.family in families)
+        and (c.quick or not quick)
+        and (full or c.default)
+        and (match is None or match in c.name)
+    ]
 
 
 # ----------------------------------------------------------------------------- layers
@@ -118,9 +124,27 @@ def _flax_padding(padding):
     return padding.upper() if isinstance(padding, str) else padding
 
 
-def layer_case(family: str, in_ch: int, out_ch: int, k: int, *, stride=1, padding=0, dilation=1, groups=1,
-               experts=4, bias=None, temperature=None, strategy="auto", size=7, batch=3, quick=False,
-               attention_norm="batch", tag="", default=("float64", "float32")) -> Case:
+def layer_case(
+    family: str,
+    in_ch: int,
+    out_ch: int,
+    k: int,
+    *,
+    stride=1,
+    padding=0,
+    dilation=1,
+    groups=1,
+    experts=4,
+    bias=None,
+    temperature=None,
+    strategy="auto",
+    size=7,
+    batch=3,
+    quick=False,
+    attention_norm="batch",
+    tag="",
+    default=("float64", "float32"),
+) -> Case:
     """A CondConv / DynamicConv / ODConv layer case: ``dynconv_torch`` layer vs ``dynconv_jax`` layer
     (``attention_norm``: ODConv's, see :class:`dynconv_jax.ODConv`)."""
     if attention_norm != "batch" and family != "odconv":
@@ -139,9 +163,19 @@ def layer_case(family: str, in_ch: int, out_ch: int, k: int, *, stride=1, paddin
     def make_flax(dtype, precision):
         import dynconv_jax as dj
 
-        kw = dict(features=out_ch, kernel_size=(k, k), strides=stride, padding=_flax_padding(padding),
-                  kernel_dilation=dilation, feature_group_count=groups, num_experts=experts, strategy=strategy,
-                  dtype=dtype, param_dtype=dtype, precision=precision)
+        kw = dict(
+            features=out_ch,
+            kernel_size=(k, k),
+            strides=stride,
+            padding=_flax_padding(padding),
+            kernel_dilation=dilation,
+            feature_group_count=groups,
+            num_experts=experts,
+            strategy=strategy,
+            dtype=dtype,
+            param_dtype=dtype,
+            precision=precision,
+        )
         if family == "condconv":
             return dj.CondConv(use_bias=bool(bias), routing_dropout=0.0, **kw)
         if family == "dynamic":
@@ -159,8 +193,16 @@ def layer_case(family: str, in_ch: int, out_ch: int, k: int, *, stride=1, paddin
         desc += f"-{attention_norm}norm"
     if batch != 3:
         desc += f"-B{batch}"
-    return Case(name=f"{family}/{desc}{tag}", family=family, make_torch=make_torch, make_flax=make_flax,
-                input_shape=(batch, in_ch, size, size), temperature=temperature, quick=quick, default=tuple(default))
+    return Case(
+        name=f"{family}/{desc}{tag}",
+        family=family,
+        make_torch=make_torch,
+        make_flax=make_flax,
+        input_shape=(batch, in_ch, size, size),
+        temperature=temperature,
+        quick=quick,
+        default=tuple(default),
+    )
 
 
 #: ``Case.default`` values: both dtypes, float64 only, only with ``--full``.
@@ -173,18 +215,34 @@ LAYER_GRID = (
     (dict(in_ch=8, out_ch=16, k=3, padding=1), True, BOTH),
     (dict(in_ch=8, out_ch=12, k=3, stride=2, padding=1, groups=2, temperature=3.0), True, BOTH),
     (dict(in_ch=8, out_ch=8, k=3, padding=1, groups=8), True, BOTH),  # depthwise (ODConv: no filter attention)
-    (dict(in_ch=6, out_ch=10, k=1), False, FULL_ONLY),                 # 1x1 (ODConv: no spatial attention)
+    (dict(in_ch=6, out_ch=10, k=1), False, FULL_ONLY),  # 1x1 (ODConv: no spatial attention)
     (dict(in_ch=8, out_ch=8, k=3, padding=2, dilation=2, experts=1), False, FULL_ONLY),
     (dict(in_ch=5, out_ch=7, k=3, padding="same", experts=2), False, FULL_ONLY),
     (dict(in_ch=8, out_ch=16, k=5, stride=2, padding="valid", experts=3), False, FULL_ONLY),
-    (dict(in_ch=4, out_ch=6, k=1, experts=1), False, FULL_ONLY),        # ODConv's plain-conv fast path
+    (dict(in_ch=4, out_ch=6, k=1, experts=1), False, FULL_ONLY),  # ODConv's plain-conv fast path
     (dict(in_ch=6, out_ch=8, k=4, padding="same", experts=2), False, FLOAT64),  # even kernel: 'same' pads (1, 2)
 )
 
 
-def kw_layer_case(in_ch: int, out_ch: int, k: int, *, stride=1, padding=0, dilation=1, groups=1, bias=False,
-                  temperature=None, strategy="auto", rank=2, size=7, batch=3, quick=False,
-                  default=("float64", "float32"), **options) -> Case:
+def kw_layer_case(
+    in_ch: int,
+    out_ch: int,
+    k: int,
+    *,
+    stride=1,
+    padding=0,
+    dilation=1,
+    groups=1,
+    bias=False,
+    temperature=None,
+    strategy="auto",
+    rank=2,
+    size=7,
+    batch=3,
+    quick=False,
+    default=("float64", "float32"),
+    **options,
+) -> Case:
     """A KernelWarehouse layer case: ``dynconv_torch.KWConv{rank}d`` (a warehouse of its own, ``options`` of
     :class:`dynconv_spec.kernelwarehouse.KWOptions`) vs ``dynconv_jax.KWConv``; ``temperature`` is the
     warm-up weight tau."""
@@ -198,22 +256,42 @@ def kw_layer_case(in_ch: int, out_ch: int, k: int, *, stride=1, padding=0, dilat
     def make_flax(dtype, precision):
         import dynconv_jax as dj
 
-        return dj.KWConv(out_ch, (k,) * rank, strides=stride, padding=_flax_padding(padding), kernel_dilation=dilation,
-                         feature_group_count=groups, use_bias=bias, strategy=strategy, dtype=dtype, param_dtype=dtype,
-                         precision=precision, **options)
+        return dj.KWConv(
+            out_ch,
+            (k,) * rank,
+            strides=stride,
+            padding=_flax_padding(padding),
+            kernel_dilation=dilation,
+            feature_group_count=groups,
+            use_bias=bias,
+            strategy=strategy,
+            dtype=dtype,
+            param_dtype=dtype,
+            precision=precision,
+            **options,
+        )
 
     desc = f"i{in_ch}o{out_ch}k{k}s{stride}p{padding}d{dilation}g{groups}" + (f"-{rank}d" if rank != 2 else "")
-    desc += "".join(f"-{name}{value:g}" if not isinstance(value, bool) else f"-{name}{int(value)}"
-                    for name, value in sorted(options.items()))
+    desc += "".join(
+        f"-{name}{value:g}" if not isinstance(value, bool) else f"-{name}{int(value)}"
+        for name, value in sorted(options.items())
+    )
     if bias:
         desc += "-bias1"
     if temperature is not None:
         desc += f"-T{temperature:g}"
     if strategy != "auto":
         desc += f"-{strategy}"
-    return Case(name=f"{KW_CONV}/{desc}", family=KW_CONV, make_torch=make_torch, make_flax=make_flax,
-                input_shape=(batch, in_ch, *(size,) * rank), temperature=temperature, quick=quick,
-                default=tuple(default))
+    return Case(
+        name=f"{KW_CONV}/{desc}",
+        family=KW_CONV,
+        make_torch=make_torch,
+        make_flax=make_flax,
+        input_shape=(batch, in_ch, *(size,) * rank),
+        temperature=temperature,
+        quick=quick,
+        default=tuple(default),
+    )
 
 
 #: The KernelWarehouse layer grid: (kwargs, quick, default). Budgets 1×, 4×, 1/2× (the diagonal warm-up
@@ -221,16 +299,25 @@ def kw_layer_case(in_ch: int, out_ch: int, k: int, *, stride=1, padding=0, dilat
 #: tau 0.3 (the warm-up blend, where swapped weights would differ), 1-D, 3-D, whole-kernel cells
 #: (spatial_partition=False) and a bias; every strategy with --full.
 KW_LAYER_GRID = (
-    (dict(in_ch=8, out_ch=8, k=3, padding=1, cell_inplane_ratio=0.5, cell_outplane_ratio=0.5, temperature=0.3),
-     True, BOTH),
+    (
+        dict(in_ch=8, out_ch=8, k=3, padding=1, cell_inplane_ratio=0.5, cell_outplane_ratio=0.5, temperature=0.3),
+        True,
+        BOTH,
+    ),
     (dict(in_ch=8, out_ch=12, k=3, stride=2, padding=1, groups=2, cell_num_ratio=4.0, temperature=0.7), True, BOTH),
-    (dict(in_ch=8, out_ch=8, k=3, padding=1, groups=8, cell_num_ratio=0.5, cell_outplane_ratio=0.5, bias=True),
-     True, BOTH),
+    (
+        dict(in_ch=8, out_ch=8, k=3, padding=1, groups=8, cell_num_ratio=0.5, cell_outplane_ratio=0.5, bias=True),
+        True,
+        BOTH,
+    ),
     (dict(in_ch=6, out_ch=10, k=1, cell_num_ratio=2.0), False, FULL_ONLY),
     (dict(in_ch=8, out_ch=8, k=3, padding=2, dilation=2, spatial_partition=False, temperature=0.5), False, FULL_ONLY),
     (dict(in_ch=6, out_ch=8, k=3, padding=1, rank=1, size=9, temperature=0.5), False, FLOAT64),
-    (dict(in_ch=4, out_ch=8, k=3, stride=2, padding=1, rank=3, size=5, cell_num_ratio=2.0, temperature=0.5), False,
-     FLOAT64),
+    (
+        dict(in_ch=4, out_ch=8, k=3, stride=2, padding=1, rank=3, size=5, cell_num_ratio=2.0, temperature=0.5),
+        False,
+        FLOAT64,
+    ),
 )
 
 
@@ -241,8 +328,19 @@ def _register_kw_layers(strategies):
         if strategy == "pointwise":
             register(kw_layer_case(6, 10, 1, stride=2, strategy=strategy, temperature=0.5, default=FULL_ONLY))
         elif strategy != "vmap":  # 'mix' needs an ungrouped layer
-            register(kw_layer_case(8, 16, 3, stride=2, padding=1, groups=1 if strategy == "mix" else 2,
-                                   strategy=strategy, temperature=0.5, default=FULL_ONLY))
+            register(
+                kw_layer_case(
+                    8,
+                    16,
+                    3,
+                    stride=2,
+                    padding=1,
+                    groups=1 if strategy == "mix" else 2,
+                    strategy=strategy,
+                    temperature=0.5,
+                    default=FULL_ONLY,
+                )
+            )
 
 
 def _register_layers():
@@ -254,8 +352,21 @@ def _register_layers():
             register(layer_case(family, quick=quick, default=default, **kwargs))
         if family == "odconv":  # the attention LayerNorm / no normalisation, on a training batch of one
             for norm in ("layer", "none"):
-                register(layer_case(family, 8, 12, 3, stride=2, padding=1, groups=2, temperature=3.0, batch=1,
-                                    attention_norm=norm, default=FLOAT64))
+                register(
+                    layer_case(
+                        family,
+                        8,
+                        12,
+                        3,
+                        stride=2,
+                        padding=1,
+                        groups=2,
+                        temperature=3.0,
+                        batch=1,
+                        attention_norm=norm,
+                        default=FLOAT64,
+                    )
+                )
         bias = {"condconv": True, "dynamic": False}.get(family)
         if bias is not None:
             register(layer_case(family, 8, 16, 3, padding=1, bias=bias, default=FULL_ONLY))
@@ -263,8 +374,9 @@ def _register_layers():
             if strategy == "pointwise":  # 1x1 kernels only
                 register(layer_case(family, 6, 10, 1, stride=2, strategy=strategy, default=FULL_ONLY))
             elif strategy != "vmap":
-                register(layer_case(family, 8, 16, 3, stride=2, padding=1, groups=2, strategy=strategy,
-                                    default=FULL_ONLY))
+                register(
+                    layer_case(family, 8, 16, 3, stride=2, padding=1, groups=2, strategy=strategy, default=FULL_ONLY)
+                )
 
 
 # ----------------------------------------------------------------------------- models
@@ -276,8 +388,10 @@ MODEL_FAMILIES = tuple(name for name in CONV_MODELS if name != "resnet101")
 #: network of train-mode BatchNorms (and ODConv's attention BatchNorm over the batch only)
 #: amplifies rounding; these bounds are a small multiple of the worst measured torch-vs-JAX error
 #: (docs/conversion_parity.md). float32 rows also pass below FLOAT32_NOISE_FACTOR x their noise floor.
-MODEL_TOLERANCES = {"float64": {"forward": 1e-11, "grad": 1e-9, "train": 1e-9},
-                    "float32": {"forward": 1e-4, "grad": 2e-3, "train": 2e-2}}
+MODEL_TOLERANCES = {
+    "float64": {"forward": 1e-11, "grad": 1e-9, "train": 1e-9},
+    "float32": {"forward": 1e-4, "grad": 2e-3, "train": 2e-2},
+}
 #: Whole training runs (docs/conversion_parity.md, "Whole training runs"): 100 steps of SGD
 #: (momentum 0.9, weight decay 1e-2) at lr 1e-4 on one fixed batch (full-batch training, which
 #: converges). With a fresh random batch every step, or at lr 1e-3, the tiny full-depth models train
@@ -291,16 +405,39 @@ MODEL_TRAIN = dict(sgd_lr=1e-4, train_steps=100, train_batches=1)
 #: weight tau in [0, 1]: 0.3 mixes the attention and the one-hot warm-up target.
 MODEL_TEMPERATURE = {"static": None, "condconv": 2.0, "dynamic": 2.0, "odconv": 30.0, KW_CONV: 0.3}
 #: Tiny sizes: the full depth of each architecture, narrow channels, CIFAR stem, 16x16 inputs.
-MODEL_SIZE = {"resnet18": dict(base_width=8), "resnet34": dict(base_width=8), "resnet50": dict(base_width=8),
-              "mobilenet_v2": dict(width_mult=0.25)}
+MODEL_SIZE = {
+    "resnet18": dict(base_width=8),
+    "resnet34": dict(base_width=8),
+    "resnet50": dict(base_width=8),
+    "mobilenet_v2": dict(width_mult=0.25),
+}
 
 
-def model_case(family: str, conv: str, *, num_experts=4, stem="cifar", temperature=None, size=16, batch=8,
-               quick=False, default=("float64", "float32"), checks=CASE_CHECKS, train=None, **extra) -> Case:
+def model_case(
+    family: str,
+    conv: str,
+    *,
+    num_experts=4,
+    stem="cifar",
+    temperature=None,
+    size=16,
+    batch=8,
+    quick=False,
+    default=("float64", "float32"),
+    checks=CASE_CHECKS,
+    train=None,
+    **extra,
+) -> Case:
     """A whole-model case: ``dynconv_torch.models.<family>`` vs ``dynconv_jax.models.<family>``
     (dropout 0, 10 classes), trained as ``train`` (default :data:`MODEL_TRAIN`)."""
-    kwargs = dict(conv=conv, num_experts=num_experts, num_classes=10, stem=stem, dropout=0.0,
-                  **{**MODEL_SIZE.get(family, {}), **extra})
+    kwargs = dict(
+        conv=conv,
+        num_experts=num_experts,
+        num_classes=10,
+        stem=stem,
+        dropout=0.0,
+        **{**MODEL_SIZE.get(family, {}), **extra},
+    )
 
     def make_torch():
         import dynconv_torch.models as tm
@@ -316,11 +453,24 @@ def model_case(family: str, conv: str, *, num_experts=4, stem="cifar", temperatu
     named.update(named.pop("conv_options", {}))
     desc = "-".join(f"{k}{v}" for k, v in sorted(named.items()))
     experts = "" if conv == KW_CONV else f"-K{num_experts}"  # KernelWarehouse has no experts
-    name = f"{family}/{conv}{experts}-{stem}" + (f"-{desc}" if desc else "") + (
-        f"-T{temperature:g}" if temperature is not None else "")
-    return Case(name=name, family=family, make_torch=make_torch, make_flax=make_flax,
-                input_shape=(batch, 3, size, size), temperature=temperature, quick=quick,
-                default=tuple(default), checks=tuple(checks), tolerances=MODEL_TOLERANCES, **(MODEL_TRAIN if train is None else train))
+    name = (
+        f"{family}/{conv}{experts}-{stem}"
+        + (f"-{desc}" if desc else "")
+        + (f"-T{temperature:g}" if temperature is not None else "")
+    )
+    return Case(
+        name=name,
+        family=family,
+        make_torch=make_torch,
+        make_flax=make_flax,
+        input_shape=(batch, 3, size, size),
+        temperature=temperature,
+        quick=quick,
+        default=tuple(default),
+        checks=tuple(checks),
+        tolerances=MODEL_TOLERANCES,
+        **(MODEL_TRAIN if train is None else train),
+    )
 
 
 #: The model case of the default run (float64: 100 SGD and 100 AdamW steps); its float32 rows and every
@@ -333,16 +483,34 @@ def _register_models():
     for family in MODEL_FAMILIES:
         for conv in CONV_TYPES:
             flagship = (family, conv) == DEFAULT_MODEL
-            register(model_case(family, conv, quick=family in ("resnet18", "mobilenet_v2"),
-                                temperature=MODEL_TEMPERATURE[conv], checks=CHECKS if flagship else CASE_CHECKS,
-                                default=FLOAT64 if flagship else FULL_ONLY))
+            register(
+                model_case(
+                    family,
+                    conv,
+                    quick=family in ("resnet18", "mobilenet_v2"),
+                    temperature=MODEL_TEMPERATURE[conv],
+                    checks=CHECKS if flagship else CASE_CHECKS,
+                    default=FLOAT64 if flagship else FULL_ONLY,
+                )
+            )
     # the ImageNet stem (7x7/2 conv + max-pool) once, with ODConv as the official models
-    register(model_case("resnet18", "odconv", stem="imagenet", size=32, temperature=MODEL_TEMPERATURE["odconv"],
-                        default=FULL_ONLY))
+    register(
+        model_case(
+            "resnet18", "odconv", stem="imagenet", size=32, temperature=MODEL_TEMPERATURE["odconv"], default=FULL_ONLY
+        )
+    )
     # KernelWarehouse at the official ResNet-50 1/2x config's options: split cells, the basis map
-    register(model_case("resnet50", KW_CONV, temperature=MODEL_TEMPERATURE[KW_CONV], default=FULL_ONLY,
-                        conv_options=dict(cell_num_ratio=0.5, cell_inplane_ratio=0.5, cell_outplane_ratio=0.5,
-                                          nonlocal_basis_ratio=0.0625)))
+    register(
+        model_case(
+            "resnet50",
+            KW_CONV,
+            temperature=MODEL_TEMPERATURE[KW_CONV],
+            default=FULL_ONLY,
+            conv_options=dict(
+                cell_num_ratio=0.5, cell_inplane_ratio=0.5, cell_outplane_ratio=0.5, nonlocal_basis_ratio=0.0625
+            ),
+        )
+    )
 
 
 _register_layers()

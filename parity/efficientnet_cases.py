@@ -11,6 +11,7 @@ this module and registers the cases under the family ``efficientnet_cc``.
 They run with ``python -m parity --full`` (both dtypes), not in the default run: one tiny unit took
 more than 100 s of CPU to compile and run (docs/conversion_parity.md, "What the default run proves").
 """
+
 from __future__ import annotations
 
 from parity.cases import Case, register
@@ -25,8 +26,9 @@ TINY = dict(channel_multiplier=0.25, depth_multiplier=0.5, num_classes=10)
 FORWARD_CHECKS = ("forward_eval", "forward_train", "running_stats")
 
 
-def efficientnet_case(tag: str, model_kwargs: dict, input_shape, *, temperature=None, quick=False,
-                      checks=None, default=()) -> Case:
+def efficientnet_case(
+    tag: str, model_kwargs: dict, input_shape, *, temperature=None, quick=False, checks=None, default=()
+) -> Case:
     """``EfficientNetCondConv(**model_kwargs)`` in both frameworks (dropout and drop path 0)."""
 
     def make_torch():
@@ -40,16 +42,26 @@ def efficientnet_case(tag: str, model_kwargs: dict, input_shape, *, temperature=
         return EfficientNetCondConv(dtype=dtype, param_dtype=dtype, precision=precision, **model_kwargs)
 
     extra = {} if checks is None else {"checks": tuple(checks)}
-    return Case(name=f"{FAMILY}/{tag}", family=FAMILY, make_torch=make_torch, make_flax=make_flax,
-                input_shape=tuple(input_shape), temperature=temperature, quick=quick, default=tuple(default),
-                **extra)
+    return Case(
+        name=f"{FAMILY}/{tag}",
+        family=FAMILY,
+        make_torch=make_torch,
+        make_flax=make_flax,
+        input_shape=tuple(input_shape),
+        temperature=temperature,
+        quick=quick,
+        default=tuple(default),
+        **extra,
+    )
 
 
 CASES = (
-    efficientnet_case("tiny-tf-K4-T2", dict(TINY, tf_port=True), (2, 3, 33, 35), temperature=2.0, quick=True,
-                      checks=FORWARD_CHECKS),
-    efficientnet_case("tiny-torchpad-K8", dict(TINY, experts_multiplier=2), (2, 3, 32, 32),
-                      checks=("forward_eval", "forward_train")),  # float32 running var: 1.9e-5 measured
+    efficientnet_case(
+        "tiny-tf-K4-T2", dict(TINY, tf_port=True), (2, 3, 33, 35), temperature=2.0, quick=True, checks=FORWARD_CHECKS
+    ),
+    efficientnet_case(
+        "tiny-torchpad-K8", dict(TINY, experts_multiplier=2), (2, 3, 32, 32), checks=("forward_eval", "forward_train")
+    ),  # float32 running var: 1.9e-5 measured
     efficientnet_case("tf_efficientnet_cc_b0_4e", dict(tf_port=True), (2, 3, 64, 64), checks=("forward_eval",)),
 )
 for _case in CASES:

@@ -31,6 +31,7 @@ than a small multiple of the reference's own float32 error is rounding, not a co
 (docs/conversion_parity.md measures the factor). The floor comes from the reference alone, so a
 bug that makes only the Flax side less accurate cannot widen it.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -51,8 +52,15 @@ TOLERANCES = {
     "float64": {"forward": 1e-12, "grad": 1e-12, "train": 1e-9},
     "float32": {"forward": 1e-5, "grad": 2e-5, "train": 5e-5},
 }
-TOLERANCE_KIND = {"forward_eval": "forward", "forward_train": "forward", "running_stats": "forward",
-                  "grad_input": "grad", "grad_params": "grad", "sgd": "train", "adamw": "train"}
+TOLERANCE_KIND = {
+    "forward_eval": "forward",
+    "forward_train": "forward",
+    "running_stats": "forward",
+    "grad_input": "grad",
+    "grad_params": "grad",
+    "sgd": "train",
+    "adamw": "train",
+}
 #: A float32 row passes when its error is at most this multiple of its noise floor (the reference's
 #: own float32 error; module docstring). The largest ratio measured on a correct build over the
 #: whole grid is recorded in docs/conversion_parity.md; this factor leaves a margin above it.
@@ -109,12 +117,18 @@ def compare(a, b) -> Tuple[float, float]:
 
 
 def _tree_scale(tree) -> float:
-    return max([_tree_scale(v) if isinstance(v, dict) else float(np.max(np.abs(np.asarray(v, np.float64)), initial=0.0))
-                for v in tree.values()], default=0.0)
+    return max(
+        [
+            _tree_scale(v) if isinstance(v, dict) else float(np.max(np.abs(np.asarray(v, np.float64)), initial=0.0))
+            for v in tree.values()
+        ],
+        default=0.0,
+    )
 
 
-def compare_trees(flax_tree: Dict, torch_tree: Dict, prefix: str = "", floor: Optional[float] = None
-                  ) -> Tuple[float, float, str]:
+def compare_trees(
+    flax_tree: Dict, torch_tree: Dict, prefix: str = "", floor: Optional[float] = None
+) -> Tuple[float, float, str]:
     """Worst ``(max_abs, max_rel, path)`` over the leaves of two nested dicts with equal structure.
 
     Per leaf ``max|a-b| / max(max|b|, floor)`` with ``floor = 1e-3 * max|b|`` over the whole tree:
@@ -198,8 +212,14 @@ class FlaxSide:
         import jax.numpy as jnp
 
         def loss_fn(params, batch_stats, x, target):
-            y, state = self.module.apply({"params": params, "batch_stats": batch_stats}, x, train=True,
-                                         mutable=["batch_stats"], rngs={"dropout": jax.random.PRNGKey(0)}, **self.kwargs)
+            y, state = self.module.apply(
+                {"params": params, "batch_stats": batch_stats},
+                x,
+                train=True,
+                mutable=["batch_stats"],
+                rngs={"dropout": jax.random.PRNGKey(0)},
+                **self.kwargs,
+            )
             return jnp.sum((y - target) ** 2) / (2 * y.shape[0]), (y, state.get("batch_stats", {}))
 
         if not grads:
@@ -208,7 +228,8 @@ class FlaxSide:
         @jax.jit
         def step(params, batch_stats, x, target):
             (_, (y, new_stats)), (g_params, g_x) = jax.value_and_grad(loss_fn, argnums=(0, 2), has_aux=True)(
-                params, batch_stats, x, target)
+                params, batch_stats, x, target
+            )
             return y, new_stats, g_params, g_x
 
         return step
@@ -282,12 +303,14 @@ def _optimizers(check: str, sgd: SGDConfig):
 
     if check == "sgd":
         tx = optax.chain(optax.add_decayed_weights(sgd.weight_decay), optax.sgd(sgd.lr, momentum=sgd.momentum))
-        return tx, lambda params: torch.optim.SGD(params, lr=sgd.lr, momentum=sgd.momentum,
-                                                  weight_decay=sgd.weight_decay)
+        return tx, lambda params: torch.optim.SGD(
+            params, lr=sgd.lr, momentum=sgd.momentum, weight_decay=sgd.weight_decay
+        )
     a = ADAMW
     tx = optax.adamw(a["lr"], b1=a["b1"], b2=a["b2"], eps=a["eps"], weight_decay=a["weight_decay"])
-    return tx, lambda params: torch.optim.AdamW(params, lr=a["lr"], betas=(a["b1"], a["b2"]), eps=a["eps"],
-                                                weight_decay=a["weight_decay"])
+    return tx, lambda params: torch.optim.AdamW(
+        params, lr=a["lr"], betas=(a["b1"], a["b2"]), eps=a["eps"], weight_decay=a["weight_decay"]
+    )
 
 
 def _training_row(pair: _Pair, check: str, train_fn, sgd: SGDConfig, steps: int, target_shape) -> Row:
@@ -326,8 +349,9 @@ def _training_row(pair: _Pair, check: str, train_fn, sgd: SGDConfig, steps: int,
         if pair.noise:
             _torch_train_step(m64, x.astype(np.float64), t.astype(np.float64))
             opt64.step()
-            floor = compare_trees(pair.to_flax(m.state_dict(), reference=True),
-                                  pair.to_flax(m64.state_dict(), reference=True))[1]
+            floor = compare_trees(
+                pair.to_flax(m.state_dict(), reference=True), pair.to_flax(m64.state_dict(), reference=True)
+            )[1]
         limit = pair.limit(check, floor)
         ratio = res[1] / limit if limit > 0 else (0.0 if res[1] == 0 else float("inf"))
         if worst is None or not ratio <= worst[0]:
@@ -336,8 +360,18 @@ def _training_row(pair: _Pair, check: str, train_fn, sgd: SGDConfig, steps: int,
     lr = sgd.lr if check == "sgd" else ADAMW["lr"]
     batches_note = f", {case.train_batches} batches cycled" if case.train_batches else ", fresh data each step"
     _, max_abs, max_rel, floor, limit, where = worst
-    return Row(case.name, check, dtype, max_abs, max_rel, tolerance(case, dtype, check), max_rel <= limit,
-               f"{where} ({steps} steps, lr {lr:g}{batches_note}; params moved {moved[1]:.1e} rel.)", floor, limit)
+    return Row(
+        case.name,
+        check,
+        dtype,
+        max_abs,
+        max_rel,
+        tolerance(case, dtype, check),
+        max_rel <= limit,
+        f"{where} ({steps} steps, lr {lr:g}{batches_note}; params moved {moved[1]:.1e} rel.)",
+        floor,
+        limit,
+    )
 
 
 def _checkpoint_row(pair: _Pair) -> Row:
@@ -354,19 +388,49 @@ def _checkpoint_row(pair: _Pair) -> Row:
         try:
             loaded = torch_to_flax(path, pair.template)
         except ConversionError as e:
-            return Row(pair.case.name, "checkpoint", pair.dtype, float("inf"), float("inf"), 0.0, False,
-                       f"ConversionError: {str(e).splitlines()[0]}", None, 0.0)
+            return Row(
+                pair.case.name,
+                "checkpoint",
+                pair.dtype,
+                float("inf"),
+                float("inf"),
+                0.0,
+                False,
+                f"ConversionError: {str(e).splitlines()[0]}",
+                None,
+                0.0,
+            )
     max_abs, max_rel, where = compare_trees(loaded, pair.variables)
-    return Row(pair.case.name, "checkpoint", pair.dtype, max_abs, max_rel, 0.0, max_abs == 0.0,
-               f"{where or 'every leaf'} (DataParallel .pt vs in-memory state_dict)", None, 0.0)
+    return Row(
+        pair.case.name,
+        "checkpoint",
+        pair.dtype,
+        max_abs,
+        max_rel,
+        0.0,
+        max_abs == 0.0,
+        f"{where or 'every leaf'} (DataParallel .pt vs in-memory state_dict)",
+        None,
+        0.0,
+    )
 
 
 def _row(pair: _Pair, check: str, result: Tuple[float, float, str], floor: Optional[float] = None) -> Row:
     """The row of ``check`` from ``(max_abs, max_rel, detail)``, judged against the pair's limit."""
     max_abs, max_rel, detail = result
     limit = pair.limit(check, floor)
-    return Row(pair.case.name, check, pair.dtype, max_abs, max_rel, tolerance(pair.case, pair.dtype, check),
-               bool(max_rel <= limit), detail, floor, limit)
+    return Row(
+        pair.case.name,
+        check,
+        pair.dtype,
+        max_abs,
+        max_rel,
+        tolerance(pair.case, pair.dtype, check),
+        bool(max_rel <= limit),
+        detail,
+        floor,
+        limit,
+    )
 
 
 def _forward_eval_row(pair: _Pair) -> Row:
@@ -389,11 +453,11 @@ def _train_floors(pair: _Pair, checks, m, target: np.ndarray, y_t: np.ndarray, g
     y_64, gx_64 = _torch_train_step(m64, pair.x0.astype(np.float64), target.astype(np.float64))
     floors = {"forward_train": compare(y_t, y_64)[1], "grad_input": compare(gx_t, gx_64)[1]}
     if "running_stats" in checks and pair.variables["batch_stats"]:
-        floors["running_stats"] = compare_trees(pair.to_flax(m.state_dict(), True)["batch_stats"],
-                                                pair.to_flax(m64.state_dict(), True)["batch_stats"])[1]
+        floors["running_stats"] = compare_trees(
+            pair.to_flax(m.state_dict(), True)["batch_stats"], pair.to_flax(m64.state_dict(), True)["batch_stats"]
+        )[1]
     if "grad_params" in checks:
-        floors["grad_params"] = compare_trees(pair.torch_grads_to_flax(m, True),
-                                              pair.torch_grads_to_flax(m64, True))[1]
+        floors["grad_params"] = compare_trees(pair.torch_grads_to_flax(m, True), pair.torch_grads_to_flax(m64, True))[1]
     return floors
 
 
@@ -411,18 +475,31 @@ def _train_rows(pair: _Pair, checks, train_checks, sgd: SGDConfig, steps: int) -
     floors = _train_floors(pair, checks, m, target, y_t, gx_t) if pair.noise else {}
     rows = []
     if "forward_train" in checks:
-        rows.append(_row(pair, "forward_train", (*compare(_nchw(np.asarray(y_f)), y_t), "output"),
-                         floors.get("forward_train")))
+        rows.append(
+            _row(pair, "forward_train", (*compare(_nchw(np.asarray(y_f)), y_t), "output"), floors.get("forward_train"))
+        )
     if "running_stats" in checks and stats:
-        rows.append(_row(pair, "running_stats", compare_trees(jax.device_get(stats_f),
-                                                              pair.to_flax(m.state_dict())["batch_stats"]),
-                         floors.get("running_stats")))
+        rows.append(
+            _row(
+                pair,
+                "running_stats",
+                compare_trees(jax.device_get(stats_f), pair.to_flax(m.state_dict())["batch_stats"]),
+                floors.get("running_stats"),
+            )
+        )
     if "grad_input" in checks:
-        rows.append(_row(pair, "grad_input", (*compare(_nchw(np.asarray(gx_f)), gx_t), "input"),
-                         floors.get("grad_input")))
+        rows.append(
+            _row(pair, "grad_input", (*compare(_nchw(np.asarray(gx_f)), gx_t), "input"), floors.get("grad_input"))
+        )
     if "grad_params" in checks:
-        rows.append(_row(pair, "grad_params", compare_trees(jax.device_get(g_f), pair.torch_grads_to_flax(m)),
-                         floors.get("grad_params")))
+        rows.append(
+            _row(
+                pair,
+                "grad_params",
+                compare_trees(jax.device_get(g_f), pair.torch_grads_to_flax(m)),
+                floors.get("grad_params"),
+            )
+        )
     for check in ("sgd", "adamw"):
         if check in checks and steps > 0:
             rows.append(_training_row(pair, check, train_fn, sgd, steps, target.shape))
@@ -441,8 +518,9 @@ def _rows_for(pair: _Pair, checks, sgd: SGDConfig, steps: int) -> List[Row]:
     return rows
 
 
-def run_case(case: Case, dtype: str, checks=None, sgd: SGDConfig = SGDConfig(), seed: int = 0,
-             flax_side=FlaxSide) -> List[Row]:
+def run_case(
+    case: Case, dtype: str, checks=None, sgd: SGDConfig = SGDConfig(), seed: int = 0, flax_side=FlaxSide
+) -> List[Row]:
     """All requested checks of ``case`` at ``dtype`` ('float64' runs inside ``jax.enable_x64``).
 
     Training steps: ``sgd.steps`` if set, else the case's ``train_steps``, capped per dtype by
@@ -463,8 +541,18 @@ def run_case(case: Case, dtype: str, checks=None, sgd: SGDConfig = SGDConfig(), 
         except Exception as e:  # reported as a failing row, with the traceback's last line
             tb = traceback.format_exc().strip().splitlines()
             where = next((ln.strip() for ln in reversed(tb) if ln.strip().startswith("File")), "")
-            return [Row(case.name, "error", dtype, float("nan"), float("nan"), 0.0, False,
-                        f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''} ({where})")]
+            return [
+                Row(
+                    case.name,
+                    "error",
+                    dtype,
+                    float("nan"),
+                    float("nan"),
+                    0.0,
+                    False,
+                    f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''} ({where})",
+                )
+            ]
 
 
 def run_unit(unit) -> Tuple[List[Row], float]:
@@ -497,9 +585,20 @@ def format_table(rows: List[Row], markdown: bool = False) -> str:
     """The result table (plain text or Markdown): ``bound`` is the bound applied (``limit``), ``floor``
     the float32 noise floor."""
     header = ("case", "check", "dtype", "max abs", "max rel", "floor", "bound", "result", "worst")
-    body = [(r.case, r.check, r.dtype, f"{r.max_abs:.2e}", f"{r.max_rel:.2e}",
-             "–" if r.floor is None else f"{r.floor:.1e}", f"{r.tol if r.limit is None else r.limit:.1e}",
-             "pass" if r.passed else "FAIL", r.detail) for r in rows]
+    body = [
+        (
+            r.case,
+            r.check,
+            r.dtype,
+            f"{r.max_abs:.2e}",
+            f"{r.max_rel:.2e}",
+            "–" if r.floor is None else f"{r.floor:.1e}",
+            f"{r.tol if r.limit is None else r.limit:.1e}",
+            "pass" if r.passed else "FAIL",
+            r.detail,
+        )
+        for r in rows
+    ]
     if markdown:
         lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
         lines += ["| " + " | ".join(str(c).replace("|", "\\|") for c in row) + " |" for row in body]

@@ -8,6 +8,7 @@ For ``--api nnx`` each case's Linen module is replaced by :class:`LinenStyle`, w
 makes, so every check (forward eval/train, running statistics, gradients, SGD) and tolerance is
 the Linen one and the numbers come from the NNX modules.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -63,8 +64,6 @@ def nnx_case(case):
     return dataclasses.replace(case, make_flax=lambda dtype, precision: LinenStyle(make_flax(dtype, precision)))
 
 
-
-
 def _rel(a, b) -> float:
     """``max|a - b| / max|b|`` (absolute where ``b`` is all zeros, e.g. a dead ReLU's gradient)."""
     a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
@@ -95,8 +94,9 @@ def compare_with_linen(linen_module, variables, x, temperature=None) -> Dict[str
     @jax.jit
     def linen_side(variables, x):
         def loss(params, x):
-            y, upd = linen_module.apply({**variables, "params": params}, x, train=True, mutable=["batch_stats"],
-                                        **kwargs)
+            y, upd = linen_module.apply(
+                {**variables, "params": params}, x, train=True, mutable=["batch_stats"], **kwargs
+            )
             return jnp.sum(jnp.sin(y)), (y, upd.get("batch_stats", {}))
 
         (_, (y, stats)), grads = jax.value_and_grad(loss, argnums=(0, 1), has_aux=True)(variables["params"], x)
@@ -117,9 +117,14 @@ def compare_with_linen(linen_module, variables, x, temperature=None) -> Dict[str
 
     y_eval, y, stats, (g_params, g_x) = linen_side(variables, x)
     n_eval, n_y, (n_params, n_x) = nnx_side(model, x)
-    return {"tree": 0.0, "forward_eval": _rel(n_eval, y_eval), "forward_train": _rel(n_y, y),
-            "running_stats": _tree_rel(linen_variables(model)["batch_stats"], stats),
-            "grad_input": _rel(n_x, g_x), "grad_params": _tree_rel(nnx.to_pure_dict(n_params), g_params)}
+    return {
+        "tree": 0.0,
+        "forward_eval": _rel(n_eval, y_eval),
+        "forward_train": _rel(n_y, y),
+        "running_stats": _tree_rel(linen_variables(model)["batch_stats"], stats),
+        "grad_input": _rel(n_x, g_x),
+        "grad_params": _tree_rel(nnx.to_pure_dict(n_params), g_params),
+    }
 
 
 def main(argv=None) -> int:
@@ -147,8 +152,12 @@ def main(argv=None) -> int:
         failed += bool(bad)
         for k, v in errs.items():
             worst[k] = max(worst.get(k, 0.0), v)
-        print(f"[{time.time() - start:6.1f}s] {case.name}: " + ", ".join(f"{k} {v:.1e}" for k, v in errs.items())
-              + (f"  FAIL {bad}" if bad else ""), flush=True)
+        print(
+            f"[{time.time() - start:6.1f}s] {case.name}: "
+            + ", ".join(f"{k} {v:.1e}" for k, v in errs.items())
+            + (f"  FAIL {bad}" if bad else ""),
+            flush=True,
+        )
     print("worst: " + ", ".join(f"{k} {v:.1e}" for k, v in worst.items()) + f"; {failed} failed")
     return 1 if failed else 0
 

@@ -8,6 +8,7 @@ like this one. ``python -m parity.sensitivity`` shows the configuration the mode
 (full-batch training at lr 1e-4) next to the chaotic one of earlier versions (a fresh random batch
 every step, lr 1e-3). Numbers: docs/conversion_parity.md, "Whole training runs".
 """
+
 from __future__ import annotations
 
 import argparse
@@ -65,24 +66,31 @@ def divergence(case_name: str, lr: float, batches: Optional[int], steps: int, se
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m parity.sensitivity", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--match", default="resnet50/static",
-                   help="model cases whose name contains this (default resnet50/static)")
+    p = argparse.ArgumentParser(
+        prog="python -m parity.sensitivity", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument(
+        "--match", default="resnet50/static", help="model cases whose name contains this (default resnet50/static)"
+    )
     p.add_argument("--steps", type=int, default=100, help="training steps of each of the two runs (default: 100)")
     args = p.parse_args(argv)
     names = [n for n, c in registry.CASES.items() if c.family in registry.MODEL_FAMILIES and args.match in n]
     if not names:
-        p.error(f"--match {args.match!r} selects no model case; model cases: {', '.join(n for n, c in registry.CASES.items() if c.family in registry.MODEL_FAMILIES)}")
+        p.error(
+            f"--match {args.match!r} selects no model case; model cases: {', '.join(n for n, c in registry.CASES.items() if c.family in registry.MODEL_FAMILIES)}"
+        )
     if args.steps < 1:
         p.error(f"--steps {args.steps}: must be >= 1")
     import torch
 
     torch.set_num_threads(1)
-    configs = (("parity cases: one fixed batch, lr 1e-4", registry.MODEL_TRAIN["sgd_lr"], 1),
-               ("chaotic: fresh batch every step, lr 1e-3", 1e-3, None))
-    print(f"relative parameter difference after N steps, from a {PERTURBATION:g} relative weight change "
-          "(PyTorch float64)")
+    configs = (
+        ("parity cases: one fixed batch, lr 1e-4", registry.MODEL_TRAIN["sgd_lr"], 1),
+        ("chaotic: fresh batch every step, lr 1e-3", 1e-3, None),
+    )
+    print(
+        f"relative parameter difference after N steps, from a {PERTURBATION:g} relative weight change (PyTorch float64)"
+    )
     for name in names:
         for label, lr, batches in configs:
             res = divergence(name, lr, batches, args.steps)

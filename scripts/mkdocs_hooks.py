@@ -5,6 +5,7 @@ files; the site has no page outside ``docs/``. These hooks add every ``benchmark
 ``results/NAME.md`` and point those links at it. A link to a result that does not exist is left alone, so
 the strict build still fails on it.
 """
+
 from __future__ import annotations
 
 import re

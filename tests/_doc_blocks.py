@@ -22,6 +22,7 @@ Languages: ``python`` runs in the test process (or as a script), ``bash`` runs w
 ``console`` runs each ``$ command`` and compares the lines after it with doctest's ``...`` ellipsis;
 ``text`` (output, file contents) is not run. A fence without one of these languages is an error.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -45,10 +46,10 @@ def doc_files() -> List[Path]:
 @dataclasses.dataclass
 class Block:
     path: Path
-    line: int                      # line of the opening fence (1-based)
+    line: int  # line of the opening fence (1-based)
     language: str
     source: str
-    source_line: int               # line of the first source line
+    source_line: int  # line of the first source line
     chained: bool = False
     skip: Optional[str] = None
     needs: Tuple[str, ...] = ()
@@ -100,8 +101,10 @@ def _apply(block: Block, arguments: str, where: str) -> None:
     elif word == "needs" and rest:
         block.needs += tuple(n.strip() for n in rest.split(",") if n.strip())
     else:
-        raise DirectiveError(f"{where}: unknown directive <!-- docs: {arguments.strip()} --> "
-                             "(expected continue, slow, script, skip REASON or needs FILE, ...)")
+        raise DirectiveError(
+            f"{where}: unknown directive <!-- docs: {arguments.strip()} --> "
+            "(expected continue, slow, script, skip REASON or needs FILE, ...)"
+        )
 
 
 def _line(text: str, offset: int) -> int:
@@ -123,23 +126,29 @@ def parse(path: Path) -> List[Block]:
         line = _line(text, region.start)
         where = f"{path.relative_to(ROOT)}:{line}"
         if language not in LANGUAGES:
-            raise DirectiveError(f"{where}: fence language {language!r}; give every fence one of "
-                                 f"{', '.join(LANGUAGES)} (text: shown, not run)")
+            raise DirectiveError(
+                f"{where}: fence language {language!r}; give every fence one of "
+                f"{', '.join(LANGUAGES)} (text: shown, not run)"
+            )
         source = region.lexemes["source"]
         block = Block(path, line, language, str(source), _line(text, region.start + source.offset))
         for directive in pending:
-            between = re.sub(r"^\s*--+>", "", text[directive.end:region.start])  # the region ends before -->
+            between = re.sub(r"^\s*--+>", "", text[directive.end : region.start])  # the region ends before -->
             if between.strip() and not re.fullmatch(r"(\s*<!--.*?-->\s*)*", between, re.S):
-                raise DirectiveError(f"{path.relative_to(ROOT)}:{_line(text, directive.start)}: a "
-                                     "<!-- docs: ... --> directive must stand just before a fence")
+                raise DirectiveError(
+                    f"{path.relative_to(ROOT)}:{_line(text, directive.start)}: a "
+                    "<!-- docs: ... --> directive must stand just before a fence"
+                )
             _apply(block, directive.lexemes["arguments"], where)
         pending = []
         if block.language == "text" and (block.chained or block.skip or block.needs or block.slow):
             raise DirectiveError(f"{where}: a text block is never run; it takes no directive")
         blocks.append(block)
     if pending:
-        raise DirectiveError(f"{path.relative_to(ROOT)}:{_line(text, pending[0].start)}: "
-                             "a <!-- docs: ... --> directive after the last fence")
+        raise DirectiveError(
+            f"{path.relative_to(ROOT)}:{_line(text, pending[0].start)}: "
+            "a <!-- docs: ... --> directive after the last fence"
+        )
     return blocks
 
 

@@ -1,4 +1,5 @@
 """Test helpers shared by several test files (import as ``from _helpers import ...``)."""
+
 from __future__ import annotations
 
 import math
@@ -31,8 +32,15 @@ def naive_dynamic_conv(x, experts, a, s, c, f, bias, *, strides, padding, dilati
         if s is not None:
             w = w * s[b][..., None, None]
         xb = x[b] if c is None else x[b] * c[b]
-        yb = lax.conv_general_dilated(xb[None], w, window_strides=strides, padding=padding, rhs_dilation=dilation,
-                                      dimension_numbers=DIMENSION_NUMBERS[x.ndim - 2], feature_group_count=groups)[0]
+        yb = lax.conv_general_dilated(
+            xb[None],
+            w,
+            window_strides=strides,
+            padding=padding,
+            rhs_dilation=dilation,
+            dimension_numbers=DIMENSION_NUMBERS[x.ndim - 2],
+            feature_group_count=groups,
+        )[0]
         if f is not None:
             yb = yb * f[b]
         if bias is not None:
@@ -59,14 +67,20 @@ def skip_without_private_tmpfs(mount, size: str) -> None:
     namespace (``unshare -rm``): how the disk-full tests get a real full disk without privileges."""
     if shutil.which("unshare") is None:
         pytest.skip("unshare is not installed")
-    probe = subprocess.run(["unshare", "-rm", "sh", "-c", f"mount -t tmpfs -o size={size} tmpfs {mount}"],
-                           capture_output=True, text=True)
+    probe = subprocess.run(
+        ["unshare", "-rm", "sh", "-c", f"mount -t tmpfs -o size={size} tmpfs {mount}"], capture_output=True, text=True
+    )
     if probe.returncode != 0:
         pytest.skip(f"cannot mount a tmpfs here ({probe.stderr.strip()})")
+
+
 def flax_leaf_counts(variables) -> dict:
     """``{(collection, *module path, leaf): elements}`` over params and batch_stats."""
-    return {(col,) + path: math.prod(leaf.shape)
-            for col in ("params", "batch_stats") for path, leaf in flatten_dict(variables.get(col, {})).items()}
+    return {
+        (col,) + path: math.prod(leaf.shape)
+        for col in ("params", "batch_stats")
+        for path, leaf in flatten_dict(variables.get(col, {})).items()
+    }
 
 
 def torch_to_flax_names(shapes: dict) -> dict:

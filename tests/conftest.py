@@ -1,5 +1,6 @@
 """Suite-wide settings, applied before any test module imports JAX (and inherited by the subprocesses
 the tests start)."""
+
 import atexit
 import os
 import shutil
@@ -43,8 +44,11 @@ def pytest_runtest_logreport(report):
 
 def pytest_terminal_summary(terminalreporter):
     if any(_DOC_BLOCKS.values()):
-        terminalreporter.write_line("docs blocks: {run} run, {skipped} skipped with a reason (-ra lists them), "
-                                    "{failed} failed".format(**_DOC_BLOCKS))
+        terminalreporter.write_line(
+            "docs blocks: {run} run, {skipped} skipped with a reason (-ra lists them), {failed} failed".format(
+                **_DOC_BLOCKS
+            )
+        )
 
 
 @pytest.fixture

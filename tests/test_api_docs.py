@@ -7,6 +7,7 @@ flax convention), run here with doctest in a fresh namespace (so each example im
 public method of such a class has a docstring; a public constant has one too (a string right after its
 assignment, which mkdocstrings shows), but no example: its value is its example.
 """
+
 from __future__ import annotations
 
 import doctest
@@ -41,8 +42,13 @@ def public_objects():
         module = importlib.import_module(module_name)
         names = getattr(module, "__all__", None)
         if names is None:
-            names = [n for n, v in vars(module).items() if not n.startswith("_")
-                     and (inspect.isclass(v) or inspect.isfunction(v)) and v.__module__ == module_name]
+            names = [
+                n
+                for n, v in vars(module).items()
+                if not n.startswith("_")
+                and (inspect.isclass(v) or inspect.isfunction(v))
+                and v.__module__ == module_name
+            ]
         for name in names:
             obj = getattr(module, name)
             key = id(obj) if inspect.isclass(obj) or inspect.isroutine(obj) else (module_name, name)
@@ -87,8 +93,12 @@ def test_public_methods_and_constants_have_docstrings():
         if inspect.isclass(obj) and _ours(obj):
             fields = getattr(obj, "__dataclass_fields__", {})  # a Linen field's default (an initializer)
             for attr, value in vars(obj).items():
-                if (not attr.startswith("_") and attr not in fields and inspect.isfunction(value)
-                        and not inspect.getdoc(value)):
+                if (
+                    not attr.startswith("_")
+                    and attr not in fields
+                    and inspect.isfunction(value)
+                    and not inspect.getdoc(value)
+                ):
                     missing.append(f"{name}.{attr}")
         elif not (inspect.isroutine(obj) or inspect.ismodule(obj)):
             member = loader.modules_collection[name]
@@ -103,9 +113,24 @@ def test_reference_site_builds_in_strict_mode(tmp_path):
     """mkdocs.yml in strict mode: a broken link, anchor or cross-reference, or a docstring griffe cannot parse,
     fails the build (mkdocs exits 1 and names it)."""
     env = dict(os.environ, NO_MKDOCS_2_WARNING="1")
-    result = subprocess.run([sys.executable, "-m", "mkdocs", "build", "--strict", "--config-file",
-                             str(ROOT / "mkdocs.yml"), "--site-dir", str(tmp_path / "site")],
-                            cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "mkdocs",
+            "build",
+            "--strict",
+            "--config-file",
+            str(ROOT / "mkdocs.yml"),
+            "--site-dir",
+            str(tmp_path / "site"),
+        ],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert result.returncode == 0, result.stdout + result.stderr
     assert "WARNING" not in result.stderr, result.stderr
     for page in sorted((ROOT / "docs" / "reference").glob("*.md")):

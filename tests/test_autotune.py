@@ -1,5 +1,6 @@
 """strategy='auto' follows fixed rules and measures nothing; measuring is explicit (dynconv_jax.autotune.tune)
 and gives a plan (dynconv_jax.plan.Plan) that layers run with strategy=plan."""
+
 from __future__ import annotations
 
 import json
@@ -24,9 +25,11 @@ def ran(monkeypatch):
     """The strategies the traced code ran (each call of a strategy implementation, in order)."""
     calls = []
     for name, impl in dict(ops._IMPLS).items():
+
         def spy(*args, _name=name, _impl=impl, **kwargs):
             calls.append(_name)
             return _impl(*args, **kwargs)
+
         monkeypatch.setitem(ops._IMPLS, name, spy)
     return calls
 
@@ -43,8 +46,16 @@ def _layer_and_input(strategy="auto"):
 
 
 def _key(x_shape=(4, 6, 6, 8)):
-    return problem_key(x_shape, (4, 3, 3, 8, 8), dtype=("float32", "float32"), strides=(1, 1), padding="SAME",
-                       dilation=(1, 1), groups=1, attentions=["kernel_attention", "expert_bias"])
+    return problem_key(
+        x_shape,
+        (4, 3, 3, 8, 8),
+        dtype=("float32", "float32"),
+        strides=(1, 1),
+        padding="SAME",
+        dilation=(1, 1),
+        groups=1,
+        attentions=["kernel_attention", "expert_bias"],
+    )
 
 
 def test_auto_runs_the_rule_and_measures_nothing(ran, no_measuring, tmp_path, monkeypatch):
@@ -54,8 +65,9 @@ def test_auto_runs_the_rule_and_measures_nothing(ran, no_measuring, tmp_path, mo
         (tmp_path / var).mkdir()
         monkeypatch.setenv(var, str(tmp_path / var))
     layer, x, variables = _layer_and_input()
-    rule = ops.choose_strategy(x.shape, (4, 3, 3, 8, 8), strides=(1, 1), dilation=(1, 1), groups=1,
-                               spatial_attention=False)
+    rule = ops.choose_strategy(
+        x.shape, (4, 3, 3, 8, 8), strides=(1, 1), dilation=(1, 1), groups=1, spatial_attention=False
+    )
     ran.clear()
     jax.jit(layer.apply)(variables, x)
     jax.jit(jax.grad(lambda v: jnp.sum(layer.apply(v, x))))(variables)
@@ -64,8 +76,10 @@ def test_auto_runs_the_rule_and_measures_nothing(ran, no_measuring, tmp_path, mo
 
 
 # Two model families, narrow (tracing, not size, is what this test is about).
-TRACED_MODELS = (("resnet18", {"conv": "odconv", "base_width": 8}),
-                 ("mobilenet_v2", {"conv": "condconv", "width_mult": 0.25}))
+TRACED_MODELS = (
+    ("resnet18", {"conv": "odconv", "base_width": 8}),
+    ("mobilenet_v2", {"conv": "condconv", "width_mult": 0.25}),
+)
 
 
 @pytest.mark.slow  # traces two whole models: seconds on CPU
@@ -76,7 +90,8 @@ def test_eval_shape_of_a_model_compiles_nothing(no_measuring):
     events = []
     compiling = {"on": True}
     jax.monitoring.register_event_duration_secs_listener(
-        lambda event, seconds, **kw: events.append(event) if compiling["on"] and "compile" in event else None)
+        lambda event, seconds, **kw: events.append(event) if compiling["on"] and "compile" in event else None
+    )
     x = jax.ShapeDtypeStruct((2, 16, 16, 3), jnp.float32)
     try:
         for name, kwargs in TRACED_MODELS:
@@ -84,8 +99,9 @@ def test_eval_shape_of_a_model_compiles_nothing(no_measuring):
             variables = jax.eval_shape(model.init, jax.random.key(0), x)
 
             def loss(params, rest, x, model=model):
-                out, _ = model.apply({"params": params, **rest}, x, train=True, mutable=list(rest),
-                                     rngs={"dropout": jax.random.key(1)})
+                out, _ = model.apply(
+                    {"params": params, **rest}, x, train=True, mutable=list(rest), rngs={"dropout": jax.random.key(1)}
+                )
                 return jnp.sum(out)
 
             rest = {c: v for c, v in variables.items() if c != "params"}
@@ -132,8 +148,11 @@ def test_a_problem_missing_from_the_plan_runs_the_rule_with_a_warning(ran, no_me
     other = jnp.ones((3, 6, 6, 8))
     with pytest.warns(UserWarning, match="plan has no entry"):
         jax.jit(layer.apply)(variables, other)
-    assert ran == [ops.choose_strategy(other.shape, (4, 3, 3, 8, 8), strides=(1, 1), dilation=(1, 1), groups=1,
-                                       spatial_attention=False)]
+    assert ran == [
+        ops.choose_strategy(
+            other.shape, (4, 3, 3, 8, 8), strides=(1, 1), dilation=(1, 1), groups=1, spatial_attention=False
+        )
+    ]
 
 
 def test_tune_sees_inside_an_already_traced_jit_function():
@@ -167,8 +186,12 @@ def test_plan_json_round_trip_and_bad_plans(tmp_path):
 
 def test_the_retired_switch_is_not_read():
     """``DYNCONV_AUTOTUNE`` (which once turned measuring off) is read nowhere: no value changes what 'auto' runs."""
-    sources = [p for d in ("dynconv_jax", "train", "parity", "benchmarks", "scripts", "tests")
-               for p in (ROOT / d).rglob("*") if p.suffix in (".py", ".sh") and p != Path(__file__)]
+    sources = [
+        p
+        for d in ("dynconv_jax", "train", "parity", "benchmarks", "scripts", "tests")
+        for p in (ROOT / d).rglob("*")
+        if p.suffix in (".py", ".sh") and p != Path(__file__)
+    ]
     assert [str(p) for p in sources if "DYNCONV_AUTOTUNE" in p.read_text()] == []
 
 
@@ -234,10 +257,18 @@ def test_two_fresh_processes_give_the_same_bits_and_write_nothing(tmp_path):
     cache, home = tmp_path / "cache", tmp_path / "home"
     cache.mkdir()
     home.mkdir()
-    env = {"PATH": os.environ.get("PATH", ""), "HOME": str(home), "XDG_CACHE_HOME": str(cache),
-           "PYTHONPATH": str(ROOT)}
-    procs = [subprocess.Popen([sys.executable, "-c", _FIRST_STEPS], cwd=tmp_path, env=env, text=True,
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT) for _ in range(2)]
+    env = {"PATH": os.environ.get("PATH", ""), "HOME": str(home), "XDG_CACHE_HOME": str(cache), "PYTHONPATH": str(ROOT)}
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", _FIRST_STEPS],
+            cwd=tmp_path,
+            env=env,
+            text=True,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+        )
+        for _ in range(2)
+    ]
     outs = [p.communicate(timeout=600)[0] for p in procs]
     digests = []
     for p, out in zip(procs, outs):

@@ -1,5 +1,6 @@
 """The GPU benchmark suite (``python -m benchmarks gpu``): its dry run on CPU writes every table, and without a
 GPU the real run refuses with exit status 2."""
+
 from __future__ import annotations
 
 import json
@@ -21,7 +22,8 @@ def test_gpu_suite_dry_run_writes_every_table(tmp_path):
     main(["gpu", "--dry-run", "--out", str(tmp_path)])
     tables = ("layers", "models", "serving", "memory")
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
-        f"{t}_gpu-dry-run.{ext}" for t in tables for ext in ("json", "md"))
+        f"{t}_gpu-dry-run.{ext}" for t in tables for ext in ("json", "md")
+    )
     models = json.loads((tmp_path / "models_gpu-dry-run.json").read_text())
     assert models["environment"]["device"] and models["environment"]["suite_seconds"] > 0
     records = models["records"]

@@ -7,6 +7,7 @@ The fault tests inject faults inside Orbax through its private modules
 removal): Orbax has no public hook at those points. Library and tool code use Orbax's public API only
 (tests/test_compat.py greps for it).
 """
+
 from __future__ import annotations
 
 import concurrent.futures
@@ -23,7 +24,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-
 from _helpers import skip_without_private_tmpfs
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -44,6 +44,7 @@ def _target(width=3):
 
 def _saved(workdir, steps=(1, 2)):
     from train.checkpoint import Checkpointer
+
     ckpt = Checkpointer(str(workdir), 3)
     for s in steps:
         ckpt.save(s, _state(s), {"running": {"count": s}})
@@ -67,14 +68,22 @@ def _damage_arrays(step_dir):
 def test_restore_normalises_dtypes_under_x64(tmp_path):
     """Saved without x64 (step int32), restored with JAX_ENABLE_X64=1 (template int64): intact, nothing moved."""
     _saved(tmp_path)
-    code = ("import jax.numpy as jnp, numpy as np, sys\n"
-            "from train.checkpoint import Checkpointer\n"
-            "c = Checkpointer(sys.argv[1], 3)\n"
-            "step, state, meta = c.restore_latest({'step': jnp.asarray(0), 'params': {'w': jnp.zeros((2, 3))},"
-            " 'batch_stats': {}})\n"
-            "print(step, state['step'].dtype, state['params']['w'].dtype, float(state['params']['w'][0, 0]))\n")
-    out = subprocess.run([sys.executable, "-c", code, str(tmp_path)], cwd=ROOT, capture_output=True, text=True,
-                         env={**os.environ, "JAX_ENABLE_X64": "1"}, timeout=120)
+    code = (
+        "import jax.numpy as jnp, numpy as np, sys\n"
+        "from train.checkpoint import Checkpointer\n"
+        "c = Checkpointer(sys.argv[1], 3)\n"
+        "step, state, meta = c.restore_latest({'step': jnp.asarray(0), 'params': {'w': jnp.zeros((2, 3))},"
+        " 'batch_stats': {}})\n"
+        "print(step, state['step'].dtype, state['params']['w'].dtype, float(state['params']['w'][0, 0]))\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code, str(tmp_path)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "JAX_ENABLE_X64": "1"},
+        timeout=120,
+    )
     assert out.returncode == 0, out.stderr
     assert out.stdout.split() == ["2", "int64", "float64", "2.0"], out.stdout + out.stderr
     assert "WARNING" not in out.stderr and not (tmp_path / "corrupt_checkpoints").exists()
@@ -83,13 +92,17 @@ def test_restore_normalises_dtypes_under_x64(tmp_path):
 
 def test_structure_mismatch_names_keys_and_moves_nothing(tmp_path):
     from train.checkpoint import Checkpointer, CheckpointMismatch
+
     _saved(tmp_path)
     ckpt = Checkpointer(str(tmp_path), 3)
     target = {"step": 0, "params": {"w": jnp.zeros((2, 4)), "b": jnp.zeros(2)}, "batch_stats": {}}
-    with pytest.raises(CheckpointMismatch, match=r"step 2 .* is intact but does not fit(.|\n)*every checkpoint was "
-                                                 r"left in place(.|\n)*differs: \['params'\]\['w'\] stored "
-                                                 r"float32\[2, 3\], current float32\[2, 4\](.|\n)*missing in the "
-                                                 r"checkpoint: \['params'\]\['b'\]"):
+    with pytest.raises(
+        CheckpointMismatch,
+        match=r"step 2 .* is intact but does not fit(.|\n)*every checkpoint was "
+        r"left in place(.|\n)*differs: \['params'\]\['w'\] stored "
+        r"float32\[2, 3\], current float32\[2, 4\](.|\n)*missing in the "
+        r"checkpoint: \['params'\]\['b'\]",
+    ):
         ckpt.restore_latest(target)
     ckpt.close()
     assert sorted(os.listdir(tmp_path / "checkpoints")) == ["1", "2"]
@@ -98,6 +111,7 @@ def test_structure_mismatch_names_keys_and_moves_nothing(tmp_path):
 
 def test_damaged_checkpoint_is_moved_and_the_previous_restored(tmp_path, capfd):
     from train.checkpoint import Checkpointer
+
     _saved(tmp_path)
     _damage_arrays(tmp_path / "checkpoints" / "2")
     ckpt = Checkpointer(str(tmp_path), 3)
@@ -110,6 +124,7 @@ def test_damaged_checkpoint_is_moved_and_the_previous_restored(tmp_path, capfd):
 
 def test_read_only_checkpointer_moves_and_creates_nothing(tmp_path, capfd):
     from train.checkpoint import Checkpointer
+
     ckpt = Checkpointer(str(tmp_path / "empty"), 3, read_only=True)
     assert ckpt.all_steps() == [] and ckpt.restore_latest(_target()) is None
     ckpt.close()
@@ -125,6 +140,7 @@ def test_read_only_checkpointer_moves_and_creates_nothing(tmp_path, capfd):
 
 def test_environment_error_is_not_corruption(tmp_path, monkeypatch):
     from train.checkpoint import Checkpointer, CheckpointError
+
     _saved(tmp_path)
     ckpt = Checkpointer(str(tmp_path), 3)
 
@@ -132,8 +148,11 @@ def test_environment_error_is_not_corruption(tmp_path, monkeypatch):
         raise PermissionError(errno.EACCES, "Permission denied", str(tmp_path / "checkpoints" / "2"))
 
     monkeypatch.setattr(ckpt.manager, "restore", denied)
-    with pytest.raises(CheckpointError, match=r"cannot read the metadata of checkpoint step 2 .*Permission denied.*"
-                                              r"left in place"):
+    with pytest.raises(
+        CheckpointError,
+        match=r"cannot read the metadata of checkpoint step 2 .*Permission denied.*"
+        r"left in place",
+    ):
         ckpt.restore_latest(_target())
     ckpt.close()
     assert sorted(os.listdir(tmp_path / "checkpoints")) == ["1", "2"]
@@ -145,18 +164,23 @@ def test_quarantine_with_several_processes(tmp_path, monkeypatch, process_index)
     """Every process waits for process 0's removal of unfinished writes (none here) when it opens the run; then
     every process checks, waits at a barrier, process 0 alone moves, all wait again, then go on."""
     from train import checkpoint as ckpt_lib
+
     _saved(tmp_path)
     _damage_arrays(tmp_path / "checkpoints" / "2")
     barriers = []
-    monkeypatch.setattr(ckpt_lib, "_sync", lambda name: barriers.append(
-        (name, sorted(os.listdir(tmp_path / "checkpoints")))))
+    monkeypatch.setattr(
+        ckpt_lib, "_sync", lambda name: barriers.append((name, sorted(os.listdir(tmp_path / "checkpoints"))))
+    )
     monkeypatch.setattr(jax, "process_index", lambda: process_index)
     ckpt = ckpt_lib.Checkpointer(str(tmp_path), 3)
     assert ckpt.restore_latest(_target())[0] == 1
     ckpt.close()
     moved_by_me = ["1"] if process_index == 0 else ["1", "2"]
-    assert barriers == [("dynconv-remove-unfinished-writes", ["1", "2"]), ("dynconv-quarantine-2-checked", ["1", "2"]),
-                        ("dynconv-quarantine-2-moved", moved_by_me)]
+    assert barriers == [
+        ("dynconv-remove-unfinished-writes", ["1", "2"]),
+        ("dynconv-quarantine-2-checked", ["1", "2"]),
+        ("dynconv-quarantine-2-moved", moved_by_me),
+    ]
 
 
 @pytest.mark.parametrize("asynchronous", [False, True])
@@ -166,6 +190,7 @@ def test_write_failure_keeps_the_previous_checkpoint(tmp_path, monkeypatch, asyn
     from orbax.checkpoint._src.path import atomicity
 
     from train.checkpoint import Checkpointer, CheckpointWriteError
+
     _saved(tmp_path, steps=(1,))
 
     async def disk_full(self):
@@ -173,8 +198,11 @@ def test_write_failure_keeps_the_previous_checkpoint(tmp_path, monkeypatch, asyn
 
     monkeypatch.setattr(atomicity.AtomicRenameTemporaryPath, "finalize", disk_full)
     ckpt = Checkpointer(str(tmp_path), 3, asynchronous=asynchronous)
-    with pytest.raises(CheckpointWriteError, match=r"could not write the checkpoint of step 2 .*\(disk full\).*No space "
-                                                   r"left on device.*the earlier checkpoints \(\[1\]\) are untouched"):
+    with pytest.raises(
+        CheckpointWriteError,
+        match=r"could not write the checkpoint of step 2 .*\(disk full\).*No space "
+        r"left on device.*the earlier checkpoints \(\[1\]\) are untouched",
+    ):
         ckpt.save(2, _state(2), {"running": {}})
         ckpt.wait()  # asynchronous: the background failure is raised here
     if asynchronous:  # or described by the loop's error messages ("Last good checkpoint: ...")
@@ -217,11 +245,19 @@ def test_disk_full_on_a_small_tmpfs(tmp_path):
     mount.mkdir()
     skip_without_private_tmpfs(mount, "256k")
     script = f'mount -t tmpfs -o size=256k tmpfs "$1" && exec "{sys.executable}" -c "$2" "$1/run"'
-    out = subprocess.run(["unshare", "-rm", "sh", "-c", script, "sh", str(mount), _DISK_FULL], cwd=ROOT,
-                         capture_output=True, text=True, timeout=180)
+    out = subprocess.run(
+        ["unshare", "-rm", "sh", "-c", script, "sh", str(mount), _DISK_FULL],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
     assert out.returncode == 0, out.stdout + out.stderr
-    assert re.search(r"WRITE ERROR could not write the checkpoint of step 2 to .* \(disk full\) .*No space left on "
-                     r"device.*earlier checkpoints \(\[1\]\) are untouched", out.stdout), out.stdout + out.stderr
+    assert re.search(
+        r"WRITE ERROR could not write the checkpoint of step 2 to .* \(disk full\) .*No space left on "
+        r"device.*earlier checkpoints \(\[1\]\) are untouched",
+        out.stdout,
+    ), out.stdout + out.stderr
     assert "LEFT ['1']" in out.stdout and "RESTORED 1 True" in out.stdout, out.stdout + out.stderr
 
 
@@ -250,8 +286,14 @@ def test_sigkill_during_a_checkpoint_write(tmp_path, mode):
     """SIGKILL while step 2 is written (as soon as its temporary directory appears), or just before its
     commit: step 1 stays intact and restores, the temporary is cleaned up when the run is reopened."""
     from train.checkpoint import Checkpointer
-    proc = subprocess.Popen([sys.executable, "-c", _KILLED_WRITER, mode, str(tmp_path)], cwd=ROOT,
-                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _KILLED_WRITER, mode, str(tmp_path)],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    )
     wait_for = "COMMITTING" if mode == "commit" else "SAVING 2"
     for line in proc.stdout:
         if line.startswith(wait_for):
@@ -280,6 +322,7 @@ def test_reopening_a_run_removes_unfinished_writes_before_it_returns(tmp_path, m
     from orbax.checkpoint._src.path import async_path
 
     from train.checkpoint import Checkpointer
+
     _saved(tmp_path, steps=(1,))
     shutil.copytree(tmp_path / "checkpoints" / "1", tmp_path / "checkpoints" / "2.orbax-checkpoint-tmp")
     remove = async_path.rmtree
@@ -319,8 +362,18 @@ def test_resume_after_every_checkpoint_was_quarantined(tmp_path, capfd, monkeypa
     monkeypatch.setattr(loop.metrics_lib, "MetricsWriter", started)
     monkeypatch.setattr(loop, "_compile_ahead", stand_in)
     work = tmp_path / "run"
-    args = ["--base_width=2", "--conv=static", "--batch_size=32", "--export=false", "--tensorboard=false",
-            "--progress=false", f"--workdir={work}", "--num_steps=2", "--checkpoint_every_steps=2", "--resume"]
+    args = [
+        "--base_width=2",
+        "--conv=static",
+        "--batch_size=32",
+        "--export=false",
+        "--tensorboard=false",
+        "--progress=false",
+        f"--workdir={work}",
+        "--num_steps=2",
+        "--checkpoint_every_steps=2",
+        "--resume",
+    ]
     work.mkdir()
     (work / "config.json").write_text(parse_args(args).to_json())
     ckpt = Checkpointer(str(work), 3)
@@ -330,8 +383,11 @@ def test_resume_after_every_checkpoint_was_quarantined(tmp_path, capfd, monkeypa
     for path in meta_dir.iterdir():
         if path.is_file():
             path.write_text("{damaged")
-    with pytest.raises(NoIntactCheckpoint, match=r"checkpoint step 2 .* is damaged: its metadata cannot be read"
-                                                 r"(.|\n)*pass --allow_restart"):
+    with pytest.raises(
+        NoIntactCheckpoint,
+        match=r"checkpoint step 2 .* is damaged: its metadata cannot be read"
+        r"(.|\n)*pass --allow_restart",
+    ):
         train_and_evaluate(parse_args(args))
     assert os.listdir(work / "corrupt_checkpoints") == ["2"]
     with pytest.raises(CheckpointError, match=r"steps \['2'\] failed their integrity check .*pass --allow_restart"):
@@ -369,8 +425,16 @@ def test_a_run_that_stops_with_an_error_closes_what_it_opened(tmp_path, monkeypa
         return init, step, step
 
     monkeypatch.setattr(loop, "_compile_ahead", stand_in)
-    args = ["--base_width=2", "--conv=static", "--batch_size=32", "--export=false", "--tensorboard=false",
-            "--progress=false", "--num_steps=2", "--data_workers=1"]
+    args = [
+        "--base_width=2",
+        "--conv=static",
+        "--batch_size=32",
+        "--export=false",
+        "--tensorboard=false",
+        "--progress=false",
+        "--num_steps=2",
+        "--data_workers=1",
+    ]
 
     def failing_writer(*args, **kwargs):
         raise OSError("disk full")

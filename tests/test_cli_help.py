@@ -1,4 +1,5 @@
 """The command lines explain themselves: ``--help`` describes every option, typos get the closest name."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -53,8 +54,11 @@ def test_train_help_describes_every_option_with_its_default_in_its_group(capsys)
 def test_unknown_option_names_the_closest_and_exits_2(capsys):
     assert train_main.main(["--epochs=2"]) == 2
     assert "unknown option --epochs; did you mean --num_epochs?" in capsys.readouterr().err
-    for typo, closest in [("--num_epoch=3", "--num_epochs"), ("--learning-rte=0.1", "--learning_rate"),
-                          ("--confg=odconv_resnet18_cifar10", "--config")]:
+    for typo, closest in [
+        ("--num_epoch=3", "--num_epochs"),
+        ("--learning-rte=0.1", "--learning_rate"),
+        ("--confg=odconv_resnet18_cifar10", "--config"),
+    ]:
         with pytest.raises(UsageError, match=f"did you mean {closest}\\?"):
             parse_args([typo])
     with pytest.raises(UsageError, match="unknown option --zzz; python -m train --help"):
@@ -62,10 +66,26 @@ def test_unknown_option_names_the_closest_and_exits_2(capsys):
 
 
 def test_key_value_forms():
-    config = parse_args(["--num_epochs", "3", "--resume", "--nesterov=false", "--batch-size=8", "--dropout=none",
-                         "--decay_epochs=2,4", "--schedule=step"])
-    assert (config.num_epochs, config.resume, config.nesterov, config.batch_size, config.dropout,
-            config.decay_epochs) == (3, True, False, 8, None, (2.0, 4.0))
+    config = parse_args(
+        [
+            "--num_epochs",
+            "3",
+            "--resume",
+            "--nesterov=false",
+            "--batch-size=8",
+            "--dropout=none",
+            "--decay_epochs=2,4",
+            "--schedule=step",
+        ]
+    )
+    assert (
+        config.num_epochs,
+        config.resume,
+        config.nesterov,
+        config.batch_size,
+        config.dropout,
+        config.decay_epochs,
+    ) == (3, True, False, 8, None, (2.0, 4.0))
     assert parse_args([]) == Config()
     with pytest.raises(UsageError, match="--config given 2 times"):
         parse_args(["--config=odconv_resnet18_cifar10", "--config", "odconv_resnet18_cifar10"])
@@ -73,8 +93,18 @@ def test_key_value_forms():
 
 
 # Each tool's main(["--help"]) prints its options; every one must say what it does.
-TOOLS = ["train.evaluate", "train.export", "train.plot_attention", "train.make_imagefolder", "train.make_digits",
-         "parity.__main__", "parity.sensitivity", "parity.mutants", "benchmarks.__main__", "dynconv_jax.summary"]
+TOOLS = [
+    "train.evaluate",
+    "train.export",
+    "train.plot_attention",
+    "train.make_imagefolder",
+    "train.make_digits",
+    "parity.__main__",
+    "parity.sensitivity",
+    "parity.mutants",
+    "benchmarks.__main__",
+    "dynconv_jax.summary",
+]
 
 
 @pytest.mark.parametrize("module", TOOLS)

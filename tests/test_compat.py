@@ -6,6 +6,7 @@ exception per package lives in its compat module (``dynconv_jax/_compat.py``; ``
 this module checks each of its details against the installed version, failing when a release changes it
 (the version-range test runs this module under the oldest supported versions too).
 """
+
 from __future__ import annotations
 
 import ast
@@ -28,14 +29,50 @@ EXEMPT = COMPAT_MODULES
 #: Underscored names that are public: Python's data model and module attributes (``object.__setattr__`` is how
 #: a frozen dataclass sets its own fields, as the dataclasses docs show), and ``os._exit`` (documented: exit
 #: without cleanup, for a forked child).
-PUBLIC_UNDERSCORED = frozenset({
-    "__future__", "__version__", "__name__", "__qualname__", "__module__", "__doc__", "__dict__", "__class__", "__file__",
-    "__path__", "__all__", "__spec__", "__wrapped__", "__self__", "__func__", "__code__", "__annotations__",
-    "__array__", "__call__", "__init__", "__post_init__", "__enter__", "__exit__", "__iter__", "__next__",
-    "__getitem__", "__len__", "__bases__", "__mro__", "__dataclass_fields__", "__cause__", "__context__",
-    "__traceback__", "__slots__", "__defaults__", "__kwdefaults__", "__globals__", "__signature__", "__setattr__",
-    "_exit",
-})
+PUBLIC_UNDERSCORED = frozenset(
+    {
+        "__future__",
+        "__version__",
+        "__name__",
+        "__qualname__",
+        "__module__",
+        "__doc__",
+        "__dict__",
+        "__class__",
+        "__file__",
+        "__path__",
+        "__all__",
+        "__spec__",
+        "__wrapped__",
+        "__self__",
+        "__func__",
+        "__code__",
+        "__annotations__",
+        "__array__",
+        "__call__",
+        "__init__",
+        "__post_init__",
+        "__enter__",
+        "__exit__",
+        "__iter__",
+        "__next__",
+        "__getitem__",
+        "__len__",
+        "__bases__",
+        "__mro__",
+        "__dataclass_fields__",
+        "__cause__",
+        "__context__",
+        "__traceback__",
+        "__slots__",
+        "__defaults__",
+        "__kwdefaults__",
+        "__globals__",
+        "__signature__",
+        "__setattr__",
+        "_exit",
+    }
+)
 
 
 # --------------------------------------------------------------------------- the compat module's details
@@ -79,7 +116,8 @@ def test_nnx_layers_sow_only_under_capture():
     assert not any(isinstance(v, nnx.Intermediate) for v in vars(layer).values())
     _, intermediates = nnx.capture(layer, nnx.Intermediate)(x)
     assert {"kernel_attention", "channel_attention", "filter_attention", "spatial_attention"} <= set(
-        nnx.to_pure_dict(intermediates))
+        nnx.to_pure_dict(intermediates)
+    )
 
 
 # --------------------------------------------------------------------------- the grep
@@ -88,8 +126,9 @@ def _module_aliases(tree: ast.AST) -> set:
     names = set()
     for node in ast.walk(tree):
         if isinstance(node, ast.Import):
-            names.update((a.asname or a.name).split(".")[0] for a in node.names
-                         if a.name.split(".")[0] not in OWN_ROOTS)
+            names.update(
+                (a.asname or a.name).split(".")[0] for a in node.names if a.name.split(".")[0] not in OWN_ROOTS
+            )
         elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module.split(".")[0] not in OWN_ROOTS:
             names.update(a.asname or a.name for a in node.names)
     return names
@@ -126,8 +165,11 @@ def _import_violations(node: ast.AST) -> list:
         modules = [node.module] + [f"{node.module}.{a.name}" for a in node.names]
     else:
         return []
-    return [f"import of {m}" for m in modules
-            if m.split(".")[0] not in OWN_ROOTS and any(_is_private(part) for part in m.split("."))]
+    return [
+        f"import of {m}"
+        for m in modules
+        if m.split(".")[0] not in OWN_ROOTS and any(_is_private(part) for part in m.split("."))
+    ]
 
 
 def _attribute_violations(node: ast.AST, aliases: set, defined: set) -> list:
@@ -139,10 +181,16 @@ def _attribute_violations(node: ast.AST, aliases: set, defined: set) -> list:
         on_library = isinstance(base, ast.Name) and base.id in aliases
         if on_library or node.attr not in defined:
             return [f"attribute .{node.attr}"]
-    if (isinstance(node, ast.Call) and isinstance(node.func, ast.Name)
-            and node.func.id in ("getattr", "hasattr", "setattr", "delattr") and len(node.args) >= 2
-            and isinstance(node.args[1], ast.Constant) and isinstance(node.args[1].value, str)
-            and _is_private(node.args[1].value) and node.args[1].value not in defined):
+    if (
+        isinstance(node, ast.Call)
+        and isinstance(node.func, ast.Name)
+        and node.func.id in ("getattr", "hasattr", "setattr", "delattr")
+        and len(node.args) >= 2
+        and isinstance(node.args[1], ast.Constant)
+        and isinstance(node.args[1].value, str)
+        and _is_private(node.args[1].value)
+        and node.args[1].value not in defined
+    ):
         return [f"{node.func.id}(..., {node.args[1].value!r})"]
     return []
 
@@ -172,19 +220,24 @@ def test_library_and_tools_use_no_private_api_outside_the_compat_modules():
     assert not found, "private APIs outside the compat modules:\n" + "\n".join(found)
 
 
-@pytest.mark.parametrize("snippet,what", [
-    ("from jax._src import distributed", "import of jax._src"),
-    ("import orbax.checkpoint._src.path.async_path as p", "import of orbax.checkpoint._src"),
-    ("from torch.nn.modules.batchnorm import _BatchNorm", "import of torch.nn.modules.batchnorm._BatchNorm"),
-    ("import torch\nx = torch.nn.modules.batchnorm._BatchNorm", "attribute ._BatchNorm"),
-    ("def f(manager):\n    manager._maybe_await_cleanup_tmp_directory()", "attribute ._maybe_await_cleanup"),
-    ("def f(module):\n    return hasattr(module, '__captures__')", "hasattr(..., '__captures__')"),
-])
+@pytest.mark.parametrize(
+    "snippet,what",
+    [
+        ("from jax._src import distributed", "import of jax._src"),
+        ("import orbax.checkpoint._src.path.async_path as p", "import of orbax.checkpoint._src"),
+        ("from torch.nn.modules.batchnorm import _BatchNorm", "import of torch.nn.modules.batchnorm._BatchNorm"),
+        ("import torch\nx = torch.nn.modules.batchnorm._BatchNorm", "attribute ._BatchNorm"),
+        ("def f(manager):\n    manager._maybe_await_cleanup_tmp_directory()", "attribute ._maybe_await_cleanup"),
+        ("def f(module):\n    return hasattr(module, '__captures__')", "hasattr(..., '__captures__')"),
+    ],
+)
 def test_the_check_finds_each_kind_of_private_use(snippet, what):
     assert any(what in use for use in private_api_uses({"lib/mod.py": snippet}))
 
 
 def test_the_check_leaves_our_own_private_names_and_public_dunders_alone():
-    snippet = ("import os, jax\nfrom .models import _conv\nclass A:\n    def __init__(self):\n        self._n = 1\n"
-               "    def f(self, other):\n        return other._n, _conv.x, jax.__version__, os._exit\n")
+    snippet = (
+        "import os, jax\nfrom .models import _conv\nclass A:\n    def __init__(self):\n        self._n = 1\n"
+        "    def f(self, other):\n        return other._n, _conv.x, jax.__version__, os._exit\n"
+    )
     assert private_api_uses({"lib/mod.py": snippet}) == []

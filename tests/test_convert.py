@@ -4,6 +4,7 @@ The layouts are checked functionally (a torch layer and the Flax layer built fro
 weights compute the same output), not only by round trips, so a wrong-but-invertible
 layout would fail.
 """
+
 import os
 import pickle
 
@@ -69,7 +70,9 @@ class Experts(nn.Module):
 
     @nn.compact
     def __call__(self, x):
-        k = self.param("kernel", nn.initializers.normal(), (self.num_experts, *self.kernel_size, self.in_features, self.features))
+        k = self.param(
+            "kernel", nn.initializers.normal(), (self.num_experts, *self.kernel_size, self.in_features, self.features)
+        )
         if self.routing:
             self.param("bias", nn.initializers.normal(), (self.num_experts, self.features))
             nn.Dense(self.num_experts, name="routing_fn")(x.mean(tuple(range(1, x.ndim - 1))))
@@ -89,8 +92,11 @@ def _randomize(module: torch.nn.Module, seed=0):
 
 def _inputs(dtype=np.float32):
     rng = np.random.default_rng(0)
-    return (rng.normal(size=(2, 3, 9)).astype(dtype), rng.normal(size=(2, 3, 8, 6)).astype(dtype),
-            rng.normal(size=(2, 2, 3, 4, 5)).astype(dtype))
+    return (
+        rng.normal(size=(2, 3, 9)).astype(dtype),
+        rng.normal(size=(2, 3, 8, 6)).astype(dtype),
+        rng.normal(size=(2, 2, 3, 4, 5)).astype(dtype),
+    )
 
 
 def _template(dtype=jnp.float32):
@@ -102,13 +108,16 @@ def _template(dtype=jnp.float32):
 # ----------------------------------------------------------------------------- names
 
 
-@pytest.mark.parametrize("torch_key,flax_path", [
-    ("layer1.0.conv1", ("layer1_0", "conv1")),
-    ("downsample.1", ("downsample_1",)),
-    ("features.3.conv.0.0", ("features_3", "conv_0_0")),
-    ("attention.kernel_fc", ("attention", "kernel_fc")),
-    ("", ()),
-])
+@pytest.mark.parametrize(
+    "torch_key,flax_path",
+    [
+        ("layer1.0.conv1", ("layer1_0", "conv1")),
+        ("downsample.1", ("downsample_1",)),
+        ("features.3.conv.0.0", ("features_3", "conv_0_0")),
+        ("attention.kernel_fc", ("attention", "kernel_fc")),
+        ("", ()),
+    ],
+)
 def test_names_both_ways(torch_key, flax_path):
     assert torch_module_to_flax(torch_key) == flax_path
     assert flax_module_to_torch(flax_path) == torch_key
@@ -135,7 +144,8 @@ def test_layouts_compute_the_same_function():
     f2 = nn.Conv(5, (3, 2), padding="VALID").apply({"params": p["conv"]}, np.moveaxis(x2, 1, -1))
     f3 = nn.Conv(3, (1, 2, 3), padding="VALID").apply({"params": p["conv3d"]}, np.moveaxis(x3, 1, -1))
     fb = nn.BatchNorm(use_running_average=True, epsilon=1e-5).apply(
-        {"params": p["bn"], "batch_stats": v["batch_stats"]["bn"]}, h)
+        {"params": p["bn"], "batch_stats": v["batch_stats"]["bn"]}, h
+    )
     np.testing.assert_allclose(np.moveaxis(np.asarray(f1), -1, 1), y1, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(np.moveaxis(np.asarray(f2), -1, 1), y2, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(np.moveaxis(np.asarray(f3), -1, 1), y3, rtol=1e-5, atol=1e-5)
@@ -153,7 +163,8 @@ def test_layouts_compute_the_same_function():
     # nested Sequential: Linear then BatchNorm1d
     hn = nn.Dense(6).apply({"params": p["nested_0_0"]}, xn.numpy())
     fn = nn.BatchNorm(use_running_average=True, epsilon=1e-5).apply(
-        {"params": p["nested_0_1"], "batch_stats": v["batch_stats"]["nested_0_1"]}, hn)
+        {"params": p["nested_0_1"], "batch_stats": v["batch_stats"]["nested_0_1"]}, hn
+    )
     np.testing.assert_allclose(np.asarray(fn), yn, rtol=1e-5, atol=1e-5)
 
 
@@ -199,8 +210,13 @@ def test_ambiguous_expert_shapes_use_module_evidence():
         template = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, jnp.float64), template)
         sd = {"weight": w}
         if routing:
-            sd.update({"bias": torch.zeros(n, n, dtype=torch.float64), "routing_fn.weight": torch.zeros(n, n, dtype=torch.float64),
-                       "routing_fn.bias": torch.zeros(n, dtype=torch.float64)})
+            sd.update(
+                {
+                    "bias": torch.zeros(n, n, dtype=torch.float64),
+                    "routing_fn.weight": torch.zeros(n, n, dtype=torch.float64),
+                    "routing_fn.bias": torch.zeros(n, dtype=torch.float64),
+                }
+            )
         v = torch_to_flax(sd, template)
         np.testing.assert_array_equal(v["params"]["kernel"], expected)
         assert torch.equal(flax_to_torch(v)["weight"], w)
@@ -233,7 +249,9 @@ def test_torch_flax_torch_is_bit_exact():
     assert torch.equal(flax_to_torch(v, like=tnet)["blocks.1.weight"], sd["blocks.1.weight"])
     shapes = {k: tuple(t.shape) for k, t in sd.items()}
     by_shape = flax_to_torch(v, like=shapes)
-    assert int(by_shape["bn.num_batches_tracked"]) == 0 and torch.equal(by_shape["blocks.1.weight"], sd["blocks.1.weight"])
+    assert int(by_shape["bn.num_batches_tracked"]) == 0 and torch.equal(
+        by_shape["blocks.1.weight"], sd["blocks.1.weight"]
+    )
 
 
 def test_flax_torch_flax_is_bit_exact():
@@ -291,9 +309,9 @@ def test_bfloat16_is_bit_exact():
 
 def test_every_problem_is_reported_at_once():
     sd = dict(TorchNet().state_dict())
-    sd.pop("fc.bias")                                  # missing
-    sd["extra.weight"] = torch.zeros(3)                # unexpected
-    sd["conv.weight"] = torch.zeros(5, 3, 2, 2)        # wrong shape
+    sd.pop("fc.bias")  # missing
+    sd["extra.weight"] = torch.zeros(3)  # unexpected
+    sd["conv.weight"] = torch.zeros(5, 3, 2, 2)  # wrong shape
     sd["bn.weight"] = torch.zeros(5, dtype=torch.int64)  # wrong dtype
     with pytest.raises(ConversionError) as info:
         torch_to_flax(sd, _template())
@@ -301,7 +319,9 @@ def test_every_problem_is_reported_at_once():
     assert "1 missing, 1 unexpected, 1 wrong shape, 1 wrong dtype" in msg
     assert "params:fc/bias [7]" in msg and "'fc.bias'" in msg
     assert "'extra.weight'" in msg
-    assert "[5, 3, 2, 2]" in msg and "[3, 2, 3, 5]" in msg and "[5, 3, 3, 2]" in msg  # both shapes + expected torch shape
+    assert (
+        "[5, 3, 2, 2]" in msg and "[3, 2, 3, 5]" in msg and "[5, 3, 3, 2]" in msg
+    )  # both shapes + expected torch shape
     assert "int64 cannot become float32" in msg
     assert len(info.value.problems) == 4
 
@@ -311,8 +331,11 @@ def test_odconv_attention_norm_layer_converts_and_refuses_an_official_checkpoint
     from dynconv_jax import ODConv
     from dynconv_torch import ODConv2d
 
-    template = jax.eval_shape(lambda: ODConv(6, (3, 3), num_experts=2, attention_norm="layer").init(
-        jax.random.key(0), jnp.zeros((2, 5, 5, 4))))
+    template = jax.eval_shape(
+        lambda: ODConv(6, (3, 3), num_experts=2, attention_norm="layer").init(
+            jax.random.key(0), jnp.zeros((2, 5, 5, 4))
+        )
+    )
     layer_sd = ODConv2d(4, 6, 3, kernel_num=2, attention_norm="layer").state_dict()
     flax_vars = torch_to_flax(layer_sd, template)
     np.testing.assert_array_equal(flax_vars["params"]["attention"]["ln"]["scale"], layer_sd["attention.ln.weight"])
@@ -461,8 +484,16 @@ def _wrapped(sd, form):
     }[form]
 
 
-@pytest.mark.parametrize("form", ["DataParallel of DataParallel", "torch.compile of DataParallel",
-                                  "tensor epoch beside the state_dict", "timm EMA only", "torchvision model and EMA"])
+@pytest.mark.parametrize(
+    "form",
+    [
+        "DataParallel of DataParallel",
+        "torch.compile of DataParallel",
+        "tensor epoch beside the state_dict",
+        "timm EMA only",
+        "torchvision model and EMA",
+    ],
+)
 def test_common_wrappers_are_unwrapped(form):
     """Nested wrapper prefixes (310 missing + 310 unexpected before) and a tensor beside the state_dict
     ('state_dict entries that are not tensors' before); the EMA copy is used only when it is the only one."""
@@ -473,8 +504,11 @@ def test_common_wrappers_are_unwrapped(form):
 
 def test_an_unknown_common_prefix_is_named_in_the_error():
     sd = _randomize(TorchNet()).state_dict()
-    with pytest.raises(ConversionError, match=r"21 missing, 21 unexpected; every checkpoint key starts with 'model\.', "
-                                              r"which is no module of the Flax model"):
+    with pytest.raises(
+        ConversionError,
+        match=r"21 missing, 21 unexpected; every checkpoint key starts with 'model\.', "
+        r"which is no module of the Flax model",
+    ):
         torch_to_flax({f"model.{k}": v for k, v in sd.items()}, _template())
 
 
@@ -498,6 +532,7 @@ def _odd_file(path, kind, sd):
         np.savez(path, **{k: v.numpy() for k, v in sd.items()})
     elif kind in ("safetensors", "truncated safetensors"):
         from safetensors.torch import save_file
+
         save_file(sd, str(path))
         data = path.read_bytes()
         assert data[0] == 0x80  # the header length's first byte is a pickle's first byte
@@ -507,16 +542,27 @@ def _odd_file(path, kind, sd):
             np.savez(f, a=np.array([object()], dtype=object))
 
 
-@pytest.mark.parametrize("kind,name,match", [
-    ("text", "model.pt", r"'.*model.pt' is not a checkpoint file: neither a PyTorch file \(zip or pickle\), a "
-                         r"safetensors file nor an .npz; it starts with b'hello world\\n'"),
-    ("empty", "model.pt", r"model.pt' is empty \(0 bytes\)"),
-    ("truncated safetensors", "pytorch_model.bin", r"is a truncated safetensors file: its header declares \d+ bytes "
-                                                   r"of JSON, the file holds 92 after the 8-byte length"),
-    ("npz with objects", "weights.npz", r"cannot read the .npz file .*arrays only, no pickled objects"),
-    ("npz", "weights.npz", None),  # an .npz of arrays converts
-    ("safetensors", "pytorch_model.bin", None),  # was read as a pickle: 1 in 256 header lengths start with 0x80
-])
+@pytest.mark.parametrize(
+    "kind,name,match",
+    [
+        (
+            "text",
+            "model.pt",
+            r"'.*model.pt' is not a checkpoint file: neither a PyTorch file \(zip or pickle\), a "
+            r"safetensors file nor an .npz; it starts with b'hello world\\n'",
+        ),
+        ("empty", "model.pt", r"model.pt' is empty \(0 bytes\)"),
+        (
+            "truncated safetensors",
+            "pytorch_model.bin",
+            r"is a truncated safetensors file: its header declares \d+ bytes "
+            r"of JSON, the file holds 92 after the 8-byte length",
+        ),
+        ("npz with objects", "weights.npz", r"cannot read the .npz file .*arrays only, no pickled objects"),
+        ("npz", "weights.npz", None),  # an .npz of arrays converts
+        ("safetensors", "pytorch_model.bin", None),  # was read as a pickle: 1 in 256 header lengths start with 0x80
+    ],
+)
 def test_files_that_are_not_checkpoints(tmp_path, kind, name, match):
     """A text file named .pt was 'KeyError: 101', a truncated safetensors header named .bin 'refused ... objects
     other than tensors', an .npz a torch zip error."""
@@ -530,14 +576,17 @@ def test_files_that_are_not_checkpoints(tmp_path, kind, name, match):
             torch_to_flax(path, _template())
 
 
-@pytest.mark.parametrize("target,metadata,match", [
-    ("dir", None, r"save_safetensors: path='.*' is a directory"),
-    ("missing/model.safetensors", None, r"cannot be written: the folder '.*missing' does not exist"),
-    ("file/model.safetensors", None, r"cannot be written: '.*file' is a file, not a folder"),
-    ("model.safetensors", {"epoch": 3}, r"metadata keys and values must be strings .*'epoch': 3"),
-    ("model.safetensors", {3: "x"}, r"metadata keys and values must be strings .*3: 'x'"),
-    ("model.safetensors", "epoch=3", r"metadata must be a mapping of str to str, got str"),
-])
+@pytest.mark.parametrize(
+    "target,metadata,match",
+    [
+        ("dir", None, r"save_safetensors: path='.*' is a directory"),
+        ("missing/model.safetensors", None, r"cannot be written: the folder '.*missing' does not exist"),
+        ("file/model.safetensors", None, r"cannot be written: '.*file' is a file, not a folder"),
+        ("model.safetensors", {"epoch": 3}, r"metadata keys and values must be strings .*'epoch': 3"),
+        ("model.safetensors", {3: "x"}, r"metadata keys and values must be strings .*3: 'x'"),
+        ("model.safetensors", "epoch=3", r"metadata must be a mapping of str to str, got str"),
+    ],
+)
 def test_save_safetensors_checks_path_and_metadata_before_converting(tmp_path, target, metadata, match):
     (tmp_path / "dir").mkdir()
     (tmp_path / "file").write_text("x")
@@ -555,8 +604,11 @@ def test_nonfinite_weights_are_refused_both_ways(tmp_path):
     variables["batch_stats"]["bn"]["var"][1] = np.inf
     path = tmp_path / "model.safetensors"
     for write in (lambda: flax_to_torch(variables), lambda: save_safetensors(variables, path)):
-        with pytest.raises(ConversionError, match=r"the Flax variables hold NaN/Inf \(2 of 21; .*\n  - "
-                                                  r"params:fc/kernel \[6, 7\]\n  - batch_stats:bn/var \[5\]"):
+        with pytest.raises(
+            ConversionError,
+            match=r"the Flax variables hold NaN/Inf \(2 of 21; .*\n  - "
+            r"params:fc/kernel \[6, 7\]\n  - batch_stats:bn/var \[5\]",
+        ):
             write()
     assert not path.exists()
     save_safetensors(variables, path, allow_nonfinite=True)
@@ -572,15 +624,16 @@ def test_nonfinite_weights_are_refused_both_ways(tmp_path):
 _X = jnp.asarray(np.random.default_rng(0).normal(size=(2, 5, 5, 3)), jnp.float32)
 
 
-
 def _dynamic_variables():
     """Random variables of a 3x3 DynamicConv with 4 features for ``_X`` (NumPy draws, no init compiled)."""
     from dynconv_jax import DynamicConv
+
     return random_variables(DynamicConv(features=4, kernel_size=(3, 3)), _X)
 
 
 def test_safetensors_renamed_bin_loads(tmp_path):
     from dynconv_jax.convert import save_safetensors, torch_to_flax
+
     variables = _dynamic_variables()
     save_safetensors(variables, tmp_path / "m.safetensors")
     os.rename(tmp_path / "m.safetensors", tmp_path / "pytorch_model.bin")
@@ -590,6 +643,7 @@ def test_safetensors_renamed_bin_loads(tmp_path):
 
 def test_nonfinite_weights_are_refused_with_their_keys(tmp_path):
     from dynconv_jax.convert import ConversionError, flax_to_torch, save_safetensors, torch_to_flax
+
     variables = _dynamic_variables()
     state = flax_to_torch(variables)
     state["weight"][0, 0, 0, 0, 0] = float("nan")
@@ -612,6 +666,7 @@ def test_nonfinite_weights_are_refused_with_their_keys(tmp_path):
 def test_flax_to_torch_on_a_shape_only_template():
     from dynconv_jax import DynamicConv
     from dynconv_jax.convert import ConversionError, flax_to_torch
+
     template = jax.eval_shape(lambda: DynamicConv(4, (3, 3)).init(jax.random.key(0), _X))
     with pytest.raises(ConversionError, match=r"6 leaves without values(.|\n)*params:kernel"):
         flax_to_torch(template)

@@ -2,6 +2,7 @@
 function of (seed, step) for any number of grain workers and processes, the sources (digits, image folder,
 TFDS), preprocessing, unreadable images, the errors of bad data options, and the presets (train/presets.py)
 running 2 steps."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -11,17 +12,16 @@ import numpy as np
 import pytest
 
 from train import data, preprocess
-from train.pipeline import Pipeline
 from train.config import UsageError, parse_args
 from train.make_imagefolder import write_image_folder
+from train.pipeline import Pipeline
 
 TINY = ["--base_width=2", "--export=false", "--tensorboard=false", "--progress=false", "--warmup_epochs=0"]
 
 
 def folder(tmp_path, train=24, test=10, classes=3, **kwargs):
     root = str(tmp_path / "folder")
-    write_image_folder(root, {"train": train, "test": test}, num_classes=classes, min_size=20, max_size=48,
-                       **kwargs)
+    write_image_folder(root, {"train": train, "test": test}, num_classes=classes, min_size=20, max_size=48, **kwargs)
     return root
 
 
@@ -74,6 +74,7 @@ def test_folder_source_workers_processes_and_unreadable_images(tmp_path, capfd):
     # Every colour layout (gray, RGBA, palette, CMYK JPEG) becomes RGB.
     modes = {}
     from PIL import Image
+
     for index, path in enumerate(ds.train.paths):
         if path != bad:
             with Image.open(path) as img:
@@ -106,8 +107,9 @@ def test_folder_source_workers_processes_and_unreadable_images(tmp_path, capfd):
 
 
 def test_imagenet_preprocessing():
-    p = preprocess.Preprocess("imagenet", 32, 3, crop=True, flip=True, padding=0, mean=preprocess.IMAGENET_MEAN,
-                        std=preprocess.IMAGENET_STD)
+    p = preprocess.Preprocess(
+        "imagenet", 32, 3, crop=True, flip=True, padding=0, mean=preprocess.IMAGENET_MEAN, std=preprocess.IMAGENET_STD
+    )
     rng = np.random.default_rng(0)
     image = rng.integers(0, 256, size=(50, 80, 3), dtype=np.uint8)
     for _ in range(50):  # random-resized-crop boxes: inside the image, 8-100 % of the area, aspect 3/4-4/3
@@ -125,9 +127,10 @@ def test_imagenet_preprocessing():
     assert np.allclose(x[0, 0, 0], (255 - np.array(preprocess.IMAGENET_MEAN)) / np.array(preprocess.IMAGENET_STD))
     # The loop normalises inside its jitted steps: the same bits as on the host (every uint8 value).
     import jax
+
     every_value = np.arange(256, dtype=np.uint8).reshape(1, 16, 16, 1).repeat(3, -1)
     for q in (p, data.load_dataset(parse_args([])).preprocess):  # ImageNet's and the digits' statistics
-        x = every_value[..., :q.channels]
+        x = every_value[..., : q.channels]
         assert np.array_equal(np.asarray(jax.jit(q.normalize)(x)), q.normalize(x))
 
 
@@ -142,14 +145,16 @@ def test_bad_data_options_name_the_path_or_flag(tmp_path):
 
     assert "no such directory" in error("--dataset=imagefolder", f"--data_dir={tmp_path / 'nope'}")
     assert "needs --data_dir" in error("--dataset=imagefolder")
-    assert os.path.join(root, "validation") in error("--dataset=imagefolder", f"--data_dir={root}",
-                                                     "--eval_split=validation")
+    assert os.path.join(root, "validation") in error(
+        "--dataset=imagefolder", f"--data_dir={root}", "--eval_split=validation"
+    )
     assert "--data_workers=-1" in error("--data_workers=-1")
     # The digits: options that do not apply are errors, not silently ignored.
     assert "--data_dir" in error(f"--data_dir={root}")
     assert "--eval_split='validation'" in error("--eval_split=validation")
     # --image_size: too small for the model; changing the native size of cifar-style preprocessing.
     from train import steps
+
     config = parse_args(["--dataset=imagefolder", f"--data_dir={root}", "--image_size=16", "--stem=imagenet"])
     with pytest.raises(UsageError, match="--image_size.*total stride \\(32\\)"):
         steps.check_image_size(config, data.load_dataset(config).image_shape)
@@ -158,8 +163,9 @@ def test_bad_data_options_name_the_path_or_flag(tmp_path):
     os.makedirs(os.path.join(root, "test", "class_zzz"))
     assert os.path.join(root, "test", "class_zzz") in error("--dataset=imagefolder", f"--data_dir={root}")
     os.makedirs(os.path.join(root, "train", "class_zzz"))
-    assert "no images" in error("--dataset=imagefolder", f"--data_dir={root}") and "class_zzz" in \
-        error("--dataset=imagefolder", f"--data_dir={root}")
+    assert "no images" in error("--dataset=imagefolder", f"--data_dir={root}") and "class_zzz" in error(
+        "--dataset=imagefolder", f"--data_dir={root}"
+    )
     os.makedirs(os.path.join(root, "empty"))
     assert "no class folders in" in error("--dataset=imagefolder", f"--data_dir={root}", "--eval_split=empty")
     # One class: every prediction would be right ('accuracy 1.0000' said nothing).
@@ -175,7 +181,8 @@ def test_bad_data_options_name_the_path_or_flag(tmp_path):
     for path in data.load_dataset(parse_args(["--dataset=imagefolder", f"--data_dir={broken}"])).eval.paths:
         corrupt(path)
     assert error("--dataset=imagefolder", f"--data_dir={broken}").startswith(
-        f"no image of the eval split 'test' ({os.path.join(broken, 'test')}) can be read (3 record(s) tried)")
+        f"no image of the eval split 'test' ({os.path.join(broken, 'test')}) can be read (3 record(s) tried)"
+    )
     # TFDS: an empty name, a --data_dir that does not exist (was: 'already prepared ... in TFRECORD format'),
     # an unknown name (was: TFDS's whole registry, 4,000 characters).
     assert "--dataset='': name a data set" in error("--dataset=")
@@ -191,7 +198,7 @@ def test_image_folder_links_are_followed_once_and_loops_not_at_all(tmp_path, cap
     already, would list its files twice. Each real folder is listed once, the links skipped are named."""
     root = folder(tmp_path, train=6, test=3)
     train = os.path.join(root, "train")
-    os.symlink("..", os.path.join(train, "class_000", "loop"))           # the split folder: holds every class
+    os.symlink("..", os.path.join(train, "class_000", "loop"))  # the split folder: holds every class
     os.symlink(".", os.path.join(train, "class_001", "self"))
     first = os.path.join(train, "class_002", sorted(os.listdir(os.path.join(train, "class_002")))[0])
     with open(first, "rb") as f:
@@ -200,10 +207,10 @@ def test_image_folder_links_are_followed_once_and_loops_not_at_all(tmp_path, cap
     os.makedirs(extra)
     with open(os.path.join(extra, "extra.jpg"), "wb") as f:
         f.write(image)
-    os.symlink("more", os.path.join(train, "class_002", "more_again"))   # a folder listed already
+    os.symlink("more", os.path.join(train, "class_002", "more_again"))  # a folder listed already
     os.symlink(os.path.join(tmp_path, "elsewhere"), os.path.join(train, "class_001", "outside"))
     os.makedirs(tmp_path / "elsewhere")
-    with open(tmp_path / "elsewhere" / "linked.jpg", "wb") as f:        # a link out of the tree is followed
+    with open(tmp_path / "elsewhere" / "linked.jpg", "wb") as f:  # a link out of the tree is followed
         f.write(image)
     ds = data.load_dataset(parse_args(["--dataset=imagefolder", f"--data_dir={root}", "--image_size=16"]))
     names = [os.path.relpath(p, train) for p in ds.train.paths]
@@ -221,7 +228,9 @@ def test_sixteen_bit_and_oversized_images(tmp_path, monkeypatch):
     over PIL's decompression-bomb limit is an unreadable image like any other (skipped and named), not an
     error that stops the run."""
     import io
+
     from PIL import Image
+
     gradient = np.arange(256 * 256, dtype=np.uint32).reshape(256, 256).astype(np.uint16)
     png = io.BytesIO()
     Image.fromarray(gradient).save(png, format="PNG")
@@ -231,8 +240,9 @@ def test_sixteen_bit_and_oversized_images(tmp_path, monkeypatch):
         decoded = preprocess.decode(png.getvalue(), channels)
         assert decoded.shape == (256, 256, channels) and np.array_equal(decoded[..., 0], expected)
     assert np.array_equal(preprocess.decode(gradient, 1)[..., 0], expected)  # a 16-bit array (TFDS)
-    p = preprocess.Preprocess("imagenet", 32, 3, crop=True, flip=False, padding=0, mean=preprocess.IMAGENET_MEAN,
-                              std=preprocess.IMAGENET_STD)
+    p = preprocess.Preprocess(
+        "imagenet", 32, 3, crop=True, flip=False, padding=0, mean=preprocess.IMAGENET_MEAN, std=preprocess.IMAGENET_STD
+    )
     assert p.eval(png.getvalue()).mean() < 200  # resized from the scaled image, not from a white one
     # A decompression bomb (PIL's limit lowered, so that a small file is one): unreadable, skipped, named.
     root = folder(tmp_path, train=6, test=3)
@@ -250,6 +260,7 @@ def test_sixteen_bit_and_oversized_images(tmp_path, monkeypatch):
 
 def test_tfds_sources_mock_data(tmp_path):
     import tensorflow_datasets as tfds
+
     with tfds.testing.mock_data(num_examples=8):
         ds = data.load_dataset(parse_args(["--dataset=cifar10"]))
         assert ds.preprocess.kind == "cifar" and ds.image_shape == (32, 32, 3) and ds.preprocess.flip
@@ -291,24 +302,44 @@ def test_presets_run_two_steps(tmp_path):
     import json
     import subprocess
     import sys
+
     from train.presets import PRESETS
+
     runs = []
     for name in sorted(PRESETS):
         size = "--image_size=32" if "imagenet" in name else "--image_size=none"
-        args = [f"--config={name}", *TINY, "--num_steps=2", "--batch_size=4", "--data_workers=0", "--width_mult=0.1",
-                size, "--conv=static", f"--workdir={tmp_path / name}"]
+        args = [
+            f"--config={name}",
+            *TINY,
+            "--num_steps=2",
+            "--batch_size=4",
+            "--data_workers=0",
+            "--width_mult=0.1",
+            size,
+            "--conv=static",
+            f"--workdir={tmp_path / name}",
+        ]
         preset = parse_args([f"--config={name}"])
         if preset.conv == "kernelwarehouse":  # its --kw_* options would not apply to --conv=static
-            args += [f"--{f.name}={'none' if f.default is None else f.default}" for f in dataclasses.fields(preset)
-                     if f.metadata["group"] == "kernelwarehouse"]
+            args += [
+                f"--{f.name}={'none' if f.default is None else f.default}"
+                for f in dataclasses.fields(preset)
+                if f.metadata["group"] == "kernelwarehouse"
+            ]
         config = parse_args(args)
         assert config.model in name.replace("mobilenetv2", "mobilenet_v2") and config.base_width == 2
         family = {"dycnn": "dynamic", "kw": "kernelwarehouse"}.get(name.split("_")[0], "odconv")
         assert preset.conv == family and (family == "kernelwarehouse" or preset.num_experts == 4)
         runs.append(args)
     env = {**os.environ, "XLA_FLAGS": os.environ.get("XLA_FLAGS", "") + " --xla_backend_optimization_level=0"}
-    out = subprocess.run([sys.executable, "-c", _PRESET_RUNS, json.dumps(runs)], env=env, capture_output=True,
-                         text=True, timeout=1200, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    out = subprocess.run(
+        [sys.executable, "-c", _PRESET_RUNS, json.dumps(runs)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=1200,
+        cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+    )
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     results = json.loads(out.stdout.strip().splitlines()[-1])
     assert sorted(results) == [f"--config={name}" for name in sorted(PRESETS)]
@@ -317,12 +348,16 @@ def test_presets_run_two_steps(tmp_path):
 
 def test_step_schedule_and_preset_overrides():
     from train import steps
+
     config = parse_args(["--warmup_epochs=0", "--config=odconv_resnet18_imagenet", "--learning_rate=0.2"])
-    assert (config.learning_rate, config.decay_epochs, config.schedule, config.dropout) == \
-        (0.2, (30.0, 60.0, 90.0), "step", 0.2)
+    assert (config.learning_rate, config.decay_epochs, config.schedule, config.dropout) == (
+        0.2,
+        (30.0, 60.0, 90.0),
+        "step",
+        0.2,
+    )
     schedule = steps.learning_rate_schedule(config, 10, 1000)
-    assert [round(float(schedule(s)), 6) for s in (0, 299, 300, 599, 600, 900)] == [0.2, 0.2, 0.02, 0.02, 0.002,
-                                                                                    0.0002]
+    assert [round(float(schedule(s)), 6) for s in (0, 299, 300, 599, 600, 900)] == [0.2, 0.2, 0.02, 0.02, 0.002, 0.0002]
     with pytest.raises(UsageError, match="unknown preset"):
         parse_args(["--config=nope"])
     with pytest.raises(UsageError, match="--schedule=step needs --decay_epochs"):
@@ -334,16 +369,32 @@ def test_input_benchmark_measures_and_reports_on_a_tiny_folder(tmp_path, monkeyp
     and 1 worker, and the report's rows and ratios. The rates are only checked to be measured: speed is
     the benchmark's job, not a test's."""
     from benchmarks import input as bench
+
     monkeypatch.setattr(bench, "DATA_ROOT", str(tmp_path))
     monkeypatch.setattr(bench, "WORKERS", (0, 1))
     root = bench.make_folder(64, (40, 60), num_test=10)
-    rounds = {"raw": [bench.raw_rate(root, 32)], "raw_at_once": [bench.parallel_raw_rate(root, 16, 1)],
-              0: [bench.pipeline_rate(root, 0, 2)], 1: [bench.pipeline_rate(root, 1, 2)]}
+    rounds = {
+        "raw": [bench.raw_rate(root, 32)],
+        "raw_at_once": [bench.parallel_raw_rate(root, 16, 1)],
+        0: [bench.pipeline_rate(root, 0, 2)],
+        1: [bench.pipeline_rate(root, 1, 2)],
+    }
     assert all(rates[0] > 0 for rates in rounds.values()), rounds
     run = {"main_mib": 300.0, "largest_child_mib": 200.0}
-    rss = {n: {"pipeline": dict(run, images_per_s=900.0),
-               "train": dict(run, seconds=20.0, data_wait_fraction=0.0002, host_data_wait_fraction=0.04,
-                             first_batch_seconds=0.7, images_per_s=150.0)} for n in (64, 640)}
+    rss = {
+        n: {
+            "pipeline": dict(run, images_per_s=900.0),
+            "train": dict(
+                run,
+                seconds=20.0,
+                data_wait_fraction=0.0002,
+                host_data_wait_fraction=0.04,
+                first_batch_seconds=0.7,
+                images_per_s=150.0,
+            ),
+        }
+        for n in (64, 640)
+    }
     payload, markdown = bench.report(rounds, 2, rss, (0.0,) * 3, (0.0,) * 3)
     # The most workers (1 here) are compared with raw decoding by as many processes at once.
     ratios = rounds[1][0] / rounds["raw"][0], rounds[1][0] / rounds["raw_at_once"][0]
@@ -364,7 +415,9 @@ def test_dead_child_is_read_without_reaping_it():
     import subprocess
     import sys
     import time
+
     from train import worker_watchdog as watchdog
+
     before = watchdog.child_processes()
     failed = subprocess.Popen([sys.executable, "-c", "import os; os._exit(3)"])
     killed = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
@@ -394,18 +447,21 @@ def _dead(watchdog, exclude):
 
 def _spawned_workers(pids):
     """The ``multiprocessing`` spawn workers among ``pids`` (their command line runs ``spawn_main``)."""
+
     def command(pid):
         try:
             with open(f"/proc/{pid}/cmdline", "rb") as f:
                 return f.read()
         except OSError:
             return b""
+
     return {pid for pid in pids if b"spawn_main" in command(pid)}
 
 
 def _next_within(iterator, seconds):
     """``next(iterator)`` in a thread: its batch or its exception, or TimeoutError if it hangs."""
     import concurrent.futures
+
     pool = concurrent.futures.ThreadPoolExecutor(1)
     try:
         return pool.submit(next, iterator).result(timeout=seconds)
@@ -419,7 +475,9 @@ def test_a_killed_worker_ends_the_pipeline_with_a_clear_error(monkeypatch):
     the signal and the likely cause, and close() returns. grain's own check finds this death (the watchdog's
     scan is held off here); a death while the worker starts is the script test below."""
     import signal
+
     from train import worker_watchdog as watchdog
+
     monkeypatch.setattr(watchdog, "POLL_SECONDS", 120.0)
     pipeline = Pipeline(data.load_dataset(parse_args([])), 64, seed=0, workers=1)
     before = watchdog.child_processes()
@@ -457,11 +515,18 @@ def test_a_script_without_main_guard_fails_instead_of_hanging(tmp_path):
     the worker's pipe: without the watchdog the script waits forever."""
     import subprocess
     import sys
+
     script = tmp_path / "no_guard.py"
     script.write_text(_NO_MAIN_GUARD)
     repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300,
-                         env={**os.environ, "PYTHONPATH": repo}, cwd=str(tmp_path))
+    out = subprocess.run(
+        [sys.executable, str(script)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "PYTHONPATH": repo},
+        cwd=str(tmp_path),
+    )
     assert out.returncode != 0 and "all batches" not in out.stdout
     last = out.stderr.strip().splitlines()
     died = [line for line in last if line.startswith("train.worker_watchdog.WorkerDied: ")]

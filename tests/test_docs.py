@@ -7,6 +7,7 @@ commands run there with the checkout's tools importable and ``.venv`` / ``python
 interpreter's. Blocks that need ImageNet, a GPU or minutes of work are skipped with their reason
 (listed by ``-ra`` and counted in the docs summary line, tests/conftest.py).
 """
+
 from __future__ import annotations
 
 import doctest
@@ -35,6 +36,7 @@ def _chain_params():
 
 # ----------------------------------------------------------------------------- fixtures: the files blocks name
 
+
 def _od_resnet18_4x(path: Path) -> None:
     """The official OSVAI/ODConv release layout: ``{'state_dict': ...}`` of ``od_resnet18(kernel_num=4)``."""
     import torch
@@ -58,11 +60,22 @@ def _efficientnet_safetensors(path: Path) -> None:
 
 def _digits_run(path: Path) -> None:
     """A finished two-step ``python -m train`` run of an ODConv ResNet on the digits (``runs/digits``)."""
-    command = [sys.executable, "-m", "train", "--conv=odconv", "--num_steps=2", "--base_width=4",
-               "--batch_size=16", "--progress=false", "--tensorboard=false", "--export=false",
-               f"--workdir={path}"]
-    subprocess.run(command, cwd=path.parent, env=_command_env(), check=True, capture_output=True,
-                   timeout=COMMAND_TIMEOUT_S)
+    command = [
+        sys.executable,
+        "-m",
+        "train",
+        "--conv=odconv",
+        "--num_steps=2",
+        "--base_width=4",
+        "--batch_size=16",
+        "--progress=false",
+        "--tensorboard=false",
+        "--export=false",
+        f"--workdir={path}",
+    ]
+    subprocess.run(
+        command, cwd=path.parent, env=_command_env(), check=True, capture_output=True, timeout=COMMAND_TIMEOUT_S
+    )
 
 
 FIXTURES: Dict[str, Callable[[Path], None]] = {
@@ -97,6 +110,7 @@ def fixture_files(tmp_path_factory):
 
 # ----------------------------------------------------------------------------- running blocks
 
+
 def _command_env() -> Dict[str, str]:
     """This interpreter as ``python``, the checkout's tools (train, parity, benchmarks) importable."""
     env = dict(os.environ)
@@ -107,8 +121,14 @@ def _command_env() -> Dict[str, str]:
 
 def _run_command(command: str, cwd: Path, where: str) -> subprocess.CompletedProcess:
     try:
-        return subprocess.run(["bash", "-e", "-o", "pipefail", "-c", command], cwd=cwd, env=_command_env(),
-                              capture_output=True, text=True, timeout=COMMAND_TIMEOUT_S)
+        return subprocess.run(
+            ["bash", "-e", "-o", "pipefail", "-c", command],
+            cwd=cwd,
+            env=_command_env(),
+            capture_output=True,
+            text=True,
+            timeout=COMMAND_TIMEOUT_S,
+        )
     except subprocess.TimeoutExpired as error:
         pytest.fail(f"{where}: still running after {COMMAND_TIMEOUT_S} s: {command}\n{error.output or ''}")
 
@@ -160,4 +180,3 @@ def test_doc_block(chain: Chain, tmp_path, monkeypatch, fixture_files):
             _run_bash(block, tmp_path)
         else:
             _run_console(block, tmp_path)
-

@@ -1,5 +1,6 @@
 """EfficientNet-CondConv (Yang et al., NeurIPS 2019): timm-identical PyTorch model, Flax twin,
 conversion, parity and the evaluation entry point."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -21,9 +22,14 @@ with open(MANIFEST_PATH) as _f:
     MANIFEST = json.load(_f)  # measured from timm 1.0.31 (see its "source")
 
 # Measured from timm's definitions (timm.create_model(name), 1000 classes, timm 1.0.31).
-TIMM_PARAMS = {"tf_efficientnet_cc_b0_4e": 13_314_116, "tf_efficientnet_cc_b0_8e": 24_013_284,
-               "tf_efficientnet_cc_b1_8e": 39_715_968, "efficientnet_cc_b0_4e": 13_314_116,
-               "efficientnet_cc_b0_8e": 24_013_284, "efficientnet_cc_b1_8e": 39_715_968}
+TIMM_PARAMS = {
+    "tf_efficientnet_cc_b0_4e": 13_314_116,
+    "tf_efficientnet_cc_b0_8e": 24_013_284,
+    "tf_efficientnet_cc_b1_8e": 39_715_968,
+    "efficientnet_cc_b0_4e": 13_314_116,
+    "efficientnet_cc_b0_8e": 24_013_284,
+    "efficientnet_cc_b1_8e": 39_715_968,
+}
 
 
 def _randomized(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
@@ -64,11 +70,15 @@ def test_flax_param_count_and_cfg(name):
 def test_block_specs_agree_between_frameworks():
     for depth, experts in ((1.0, 1), (1.1, 2), (0.5, 3)):
         for chan in (1.0, 0.25):
-            a = T.block_specs(depth_multiplier=depth, channel_multiplier=chan, experts_multiplier=experts,
-                              drop_path_rate=0.2)
-            b = J.block_specs(depth_multiplier=depth, channel_multiplier=chan, experts_multiplier=experts,
-                              drop_path_rate=0.2)
-            assert [[dataclasses.astuple(s) for s in st] for st in a] == [[dataclasses.astuple(s) for s in st] for st in b]
+            a = T.block_specs(
+                depth_multiplier=depth, channel_multiplier=chan, experts_multiplier=experts, drop_path_rate=0.2
+            )
+            b = J.block_specs(
+                depth_multiplier=depth, channel_multiplier=chan, experts_multiplier=experts, drop_path_rate=0.2
+            )
+            assert [[dataclasses.astuple(s) for s in st] for st in a] == [
+                [dataclasses.astuple(s) for s in st] for st in b
+            ]
 
 
 def test_tf_same_padding_puts_the_odd_pixel_bottom_right():
@@ -84,8 +94,9 @@ def _parity(name, dtype, shape=(2, 3, 67, 61)):
     x = np.random.default_rng(0).standard_normal(shape).astype(dtype)
     with torch.no_grad():
         ref = tm(torch.from_numpy(x)).numpy()
-    jm = getattr(J, name)(param_dtype=getattr(jnp, dtype), dtype=getattr(jnp, dtype),
-                          precision=jax.lax.Precision.HIGHEST)
+    jm = getattr(J, name)(
+        param_dtype=getattr(jnp, dtype), dtype=getattr(jnp, dtype), precision=jax.lax.Precision.HIGHEST
+    )
     variables = J.convert_torch_checkpoint(jm, tm.state_dict())
     out = np.asarray(jax.jit(jm.apply)(variables, jnp.asarray(x.transpose(0, 2, 3, 1))))
     assert out.dtype == np.dtype(dtype) and out.shape == ref.shape
@@ -127,8 +138,11 @@ def test_routing_is_shared_and_temperature_applies():
     _, state = jm.apply(v, xi, temperature=2.0, mutable=["intermediates"])
     inter = state["intermediates"]
     assert {k for k in inter if "routing_weights" in inter[k]} == {
-        f"blocks_{i}_{j}" for i, st in enumerate(T.block_specs(T.make_divisible(8), 0.5, 0.25)) for j, s in
-        enumerate(st) if s.num_experts}
+        f"blocks_{i}_{j}"
+        for i, st in enumerate(T.block_specs(T.make_divisible(8), 0.5, 0.25))
+        for j, s in enumerate(st)
+        if s.num_experts
+    }
 
 
 def test_bad_arguments_raise():
@@ -166,12 +180,28 @@ def test_evaluate_on_mock_imagenet(tmp_path):
     path = str(tmp_path / "pytorch_model.pth")
     torch.save({"state_dict": tm.state_dict()}, path)
     with tfds.testing.mock_data(num_examples=6):
-        result = ev.evaluate("tf_efficientnet_cc_b0_4e", path, "imagenet2012", "validation", batch_size=4,
-                             input_size=48, workers=2)
+        result = ev.evaluate(
+            "tf_efficientnet_cc_b0_4e", path, "imagenet2012", "validation", batch_size=4, input_size=48, workers=2
+        )
         src = tfds.data_source("imagenet2012", split="validation")
         records = [src[i] for i in range(6)]
-        assert ev.main(["--model", "tf_efficientnet_cc_b0_4e", "--checkpoint", path, "--input_size", "48",
-                        "--batch_size", "6", "--num_examples", "3"]) == 0
+        assert (
+            ev.main(
+                [
+                    "--model",
+                    "tf_efficientnet_cc_b0_4e",
+                    "--checkpoint",
+                    path,
+                    "--input_size",
+                    "48",
+                    "--batch_size",
+                    "6",
+                    "--num_examples",
+                    "3",
+                ]
+            )
+            == 0
+        )
     cfg = J.DEFAULT_CFGS["tf_efficientnet_cc_b0_4e"]
     x = np.stack([ev.preprocess(r["image"], 48, cfg["crop_pct"], cfg["mean"], cfg["std"]) for r in records])
     assert x.shape == (6, 48, 48, 3)

@@ -1,6 +1,7 @@
 """Tests of the serving exports: BatchNorm folding (both frameworks), StableHLO with a symbolic
 batch, ONNX with a dynamic batch run in ONNX Runtime, the ``python -m train.export`` CLI, and
 the errors on bad input."""
+
 from __future__ import annotations
 
 import importlib.util
@@ -21,7 +22,6 @@ from dynconv_torch import CondConv2d, DynamicConv2d, ODConv2d
 from dynconv_torch import export as texport
 from dynconv_torch.models import mobilenet_v2, tf_efficientnet_cc_b0_4e
 from dynconv_torch.models.resnet import ResNet as TorchResNet
-
 from tests.test_tools import randomize, rel_err
 
 ROOT = __file__.rsplit("/tests/", 1)[0]
@@ -43,12 +43,14 @@ class ConvBNChain(nn.Module):
 
 def jax_chain():
     """One of each conv type (with groups, strides, padding, biases), 8 channels throughout."""
-    return ConvBNChain((
-        nn.Conv(8, (3, 3), feature_group_count=2, use_bias=False, param_dtype=jnp.float64),
-        CondConv(8, (3, 3), strides=2, feature_group_count=2, use_bias=True, param_dtype=jnp.float64),
-        DynamicConv(8, (3, 3), padding=((1, 0), (2, 1)), param_dtype=jnp.float64),
-        ODConv(8, (3, 3), feature_group_count=2, min_channels=4, param_dtype=jnp.float64),
-    ))
+    return ConvBNChain(
+        (
+            nn.Conv(8, (3, 3), feature_group_count=2, use_bias=False, param_dtype=jnp.float64),
+            CondConv(8, (3, 3), strides=2, feature_group_count=2, use_bias=True, param_dtype=jnp.float64),
+            DynamicConv(8, (3, 3), padding=((1, 0), (2, 1)), param_dtype=jnp.float64),
+            ODConv(8, (3, 3), feature_group_count=2, min_channels=4, param_dtype=jnp.float64),
+        )
+    )
 
 
 def randomize_torch(model: torch.nn.Module, seed: int = 0, scale: float = 0.3) -> torch.nn.Module:
@@ -100,8 +102,15 @@ def test_fuse_batchnorm_flax_layers_exact(float64):
 
 @pytest.mark.slow
 def test_fuse_batchnorm_flax_model_exact(float64):
-    model = JaxResNet(block="basic", layers=(1, 1, 1, 1), conv="odconv", base_width=4, num_classes=5,
-                      stem="cifar", param_dtype=jnp.float64)
+    model = JaxResNet(
+        block="basic",
+        layers=(1, 1, 1, 1),
+        conv="odconv",
+        base_width=4,
+        num_classes=5,
+        stem="cifar",
+        param_dtype=jnp.float64,
+    )
     x = jax.random.normal(jax.random.key(0), (3, 8, 8, 3), jnp.float64)
     variables = randomize(jax.jit(model.init)(jax.random.key(1), x), jax.random.key(2), scale=0.2)
     pairs = jexport.conv_batchnorm_pairs(model, variables)
@@ -128,14 +137,15 @@ def test_train_export_jax_logits_batches_with_a_padded_last_batch(float64):
 @pytest.mark.parametrize("kind", sorted(torch_layers()))
 def test_fuse_bn_torch_layer_exact(kind):
     torch.manual_seed(0)
-    model = randomize_torch(torch.nn.Sequential(torch_layers()[kind], torch.nn.BatchNorm2d(12 if "depthwise"
-                                                                                           not in kind else 8))).double()
+    model = randomize_torch(
+        torch.nn.Sequential(torch_layers()[kind], torch.nn.BatchNorm2d(12 if "depthwise" not in kind else 8))
+    ).double()
     x = torch.randn(5, 8, 7, 6, dtype=torch.float64)
     fused = texport.fuse_bn(model)
     with torch.no_grad():
         assert rel_err(fused(x), model(x)) <= 1e-12
     assert isinstance(model[1], torch.nn.BatchNorm2d)  # the original is untouched
-    kept = (texport.ChannelBias if kind.startswith("odconv") or kind == "condconv" else torch.nn.Identity)
+    kept = texport.ChannelBias if kind.startswith("odconv") or kind == "condconv" else torch.nn.Identity
     assert isinstance(fused[1], kept)
     if kind in ("static", "dynamic"):  # a bias was added where the layer had none
         assert fused[0].bias is not None and model[0].bias is None
@@ -145,14 +155,19 @@ def test_fuse_bn_torch_layer_exact(kind):
 def test_fuse_bn_torch_models_exact():
     torch.manual_seed(0)
     x = torch.randn(3, 3, 16, 16, dtype=torch.float64)
-    for model in (tiny_torch_resnet("condconv"), tiny_torch_resnet("dynamic"),
-                  mobilenet_v2(width_mult=0.25, conv="odconv", num_classes=5, stem="cifar"),
-                  tf_efficientnet_cc_b0_4e(num_classes=5)):
+    for model in (
+        tiny_torch_resnet("condconv"),
+        tiny_torch_resnet("dynamic"),
+        mobilenet_v2(width_mult=0.25, conv="odconv", num_classes=5, stem="cifar"),
+        tf_efficientnet_cc_b0_4e(num_classes=5),
+    ):
         # Milder weights than for the layers: 0.3 made the 16-block EfficientNet amplify float64 rounding to 8e-12.
         model = randomize_torch(model, scale=0.1).double()
         fused = texport.fuse_bn(model)
-        assert not any(isinstance(m, torch.nn.BatchNorm2d) and name.split(".")[-1] != "bn"  # ODConv attention BN
-                       for name, m in fused.named_modules())
+        assert not any(
+            isinstance(m, torch.nn.BatchNorm2d) and name.split(".")[-1] != "bn"  # ODConv attention BN
+            for name, m in fused.named_modules()
+        )
         with torch.no_grad():
             assert rel_err(fused(x), model(x)) <= 1e-12, type(model).__name__
 
@@ -188,8 +203,19 @@ def test_stablehlo_symbolic_batch_serves_every_batch(tmp_path):
 
     from dynconv_jax.nnx import load_linen_variables
     from dynconv_jax.nnx.models.resnet import ResNet as NnxResNet
-    nnx_model = load_linen_variables(NnxResNet(block="basic", layers=(1, 1, 1, 1), conv="odconv", base_width=4,
-                                               num_classes=5, stem="cifar", rngs=nnx.Rngs(0)), variables)
+
+    nnx_model = load_linen_variables(
+        NnxResNet(
+            block="basic",
+            layers=(1, 1, 1, 1),
+            conv="odconv",
+            base_width=4,
+            num_classes=5,
+            stem="cifar",
+            rngs=nnx.Rngs(0),
+        ),
+        variables,
+    )
     served_nnx = jexport.load_stablehlo(jexport.to_stablehlo(model, nnx_model, (None, 8, 8, 3), temperature=2.0))
     np.testing.assert_array_equal(served_nnx(x[:3]), served(x[:3]))
     with pytest.raises(TypeError, match="Linen twin"):
@@ -219,29 +245,38 @@ def test_stablehlo_single_layer_fixed_and_symbolic_batch():
     assert rel_err(fixed(x), layer.apply(variables, x)) <= 1e-6
 
     # Variables that do not fit name the parameter; an input the model cannot take names input_shape.
-    with pytest.raises(ValueError, match=r"do not fit together in CondConv: params/bias has shape "
-                                         r"\(4, 6\) in variables, \(4, 7\) for this input"):
+    with pytest.raises(
+        ValueError,
+        match=r"do not fit together in CondConv: params/bias has shape "
+        r"\(4, 6\) in variables, \(4, 7\) for this input",
+    ):
         jexport.to_stablehlo(CondConv(7, (3, 3), strides=2, use_bias=True), variables, (None, 9, 9, 4))
     params = dict(variables["params"])
     del params["bias"]
     with pytest.raises(ValueError, match="params/bias is missing from variables"):
         jexport.to_stablehlo(layer, {"params": params}, (None, 9, 9, 4))
-    with pytest.raises(ValueError, match=r"input_shape=\(None, 9, 4\) does not fit CondConv: .* has rank 3, expected 4"):
+    with pytest.raises(
+        ValueError, match=r"input_shape=\(None, 9, 4\) does not fit CondConv: .* has rank 3, expected 4"
+    ):
         jexport.to_stablehlo(layer, variables, (None, 9, 4))
     with pytest.raises(ValueError):
         fixed(x[:2])  # a fixed-batch export rejects another batch size
 
 
-@pytest.mark.parametrize("option, value, message", [
-    ("temperature", "hot", "temperature='hot' must be a positive number"),   # was blamed on input_shape
-    ("temperature", np.ones(3), "temperature must be a scalar, got shape (3,)"),
-    ("temperature", [1.0, 2.0], "temperature must be a scalar, got shape (2,)"),
-    ("temperature", 0.0, "temperature=0.0 must be finite and > 0"),
-    ("temperature", True, "temperature=True is a bool"),
-    ("platforms", ("bogus",), "platforms=('bogus',) has unknown ['bogus']"),  # was a file that failed when called
-    ("platforms", "cpu", "platforms='cpu'; expected a non-empty tuple"),
-    ("platforms", (), "platforms=(); expected a non-empty tuple"),
-    ("platforms", ("cpu", "cpu"), "has a name twice")])
+@pytest.mark.parametrize(
+    "option, value, message",
+    [
+        ("temperature", "hot", "temperature='hot' must be a positive number"),  # was blamed on input_shape
+        ("temperature", np.ones(3), "temperature must be a scalar, got shape (3,)"),
+        ("temperature", [1.0, 2.0], "temperature must be a scalar, got shape (2,)"),
+        ("temperature", 0.0, "temperature=0.0 must be finite and > 0"),
+        ("temperature", True, "temperature=True is a bool"),
+        ("platforms", ("bogus",), "platforms=('bogus',) has unknown ['bogus']"),  # was a file that failed when called
+        ("platforms", "cpu", "platforms='cpu'; expected a non-empty tuple"),
+        ("platforms", (), "platforms=(); expected a non-empty tuple"),
+        ("platforms", ("cpu", "cpu"), "has a name twice"),
+    ],
+)
 def test_stablehlo_bad_options_are_named_before_tracing(monkeypatch, option, value, message):
     layer = CondConv(6, (3, 3))
     variables = layer.init(jax.random.key(1), jnp.ones((1, 9, 9, 4)))
@@ -254,8 +289,10 @@ def test_stablehlo_bad_options_are_named_before_tracing(monkeypatch, option, val
 
 # --------------------------------------------------------------------------- ONNX
 # Skipped only where the [export] extra is absent; scripts/setup.sh (and so CI) installs it.
-needs_onnx = pytest.mark.skipif(importlib.util.find_spec("onnxruntime") is None or importlib.util.find_spec("onnx") is None,
-                                reason="the [export] extra (onnx, onnxruntime) is not installed")
+needs_onnx = pytest.mark.skipif(
+    importlib.util.find_spec("onnxruntime") is None or importlib.util.find_spec("onnx") is None,
+    reason="the [export] extra (onnx, onnxruntime) is not installed",
+)
 
 
 def check_onnx_batches(model, path, shape, batches=(1, 2, 7, 32)):
@@ -290,8 +327,10 @@ def test_onnx_model_dynamic_batch(name, tmp_path):
     torch.manual_seed(0)
     model, shape = {
         "resnet_odconv": (lambda: tiny_torch_resnet("odconv"), (3, 16, 16)),
-        "mobilenet_condconv": (lambda: mobilenet_v2(width_mult=0.25, conv="condconv", num_classes=5, stem="cifar"),
-                               (3, 16, 16)),
+        "mobilenet_condconv": (
+            lambda: mobilenet_v2(width_mult=0.25, conv="condconv", num_classes=5, stem="cifar"),
+            (3, 16, 16),
+        ),
         "efficientnet_cc": (lambda: tf_efficientnet_cc_b0_4e(num_classes=5), (3, 32, 32)),
     }[name]
     # Perturbations of 0.1 (not 0.3): at 0.3 the float32 MobileNetV2-CondConv is ill-conditioned, its own float32
@@ -329,6 +368,7 @@ def test_onnx_paths_and_train_mode_checks_come_first(tmp_path, monkeypatch):
     """to_onnx checks its path before the tracing (a directory, a missing folder); check_onnx refuses a model in
     training mode, which reported a false error of 0.86 on a ResNet and updated its BatchNorm running statistics."""
     from dynconv_torch.export import onnx as onnx_export
+
     layer = ODConv2d(8, 12, 3, padding=1, min_channel=4).eval()
     with monkeypatch.context() as patch:
         patch.setattr(onnx_export, "portable", None)  # the export's work: never reached
@@ -364,6 +404,20 @@ def test_train_export_cli(tmp_path, capsys):
         line = [l for l in capsys.readouterr().out.splitlines() if l.startswith("export:")][-1]
         diff = float(line.split("max relative logit diff ")[1].split(",")[0])
         assert diff <= 1e-5, line  # (predictions of a 2-step model may tie, so agreement is not asserted)
-    done = subprocess.run([sys.executable, "-m", "train.export", "--workdir", str(tmp_path / "nothing"), "--format",
-                           "onnx", "--out", str(tmp_path / "x.onnx")], cwd=ROOT, capture_output=True, text=True)
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "train.export",
+            "--workdir",
+            str(tmp_path / "nothing"),
+            "--format",
+            "onnx",
+            "--out",
+            str(tmp_path / "x.onnx"),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
     assert done.returncode == 1 and "config.json" in done.stderr

@@ -5,6 +5,7 @@ The reference for every layer is a naive per-sample loop written here in plain j
 aggregation expert by expert, one single-sample convolution per sample. Relative error is
 ``max|a - b| / max|b|``.
 """
+
 from __future__ import annotations
 
 import math
@@ -16,10 +17,10 @@ import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 import pytest
+from _helpers import DIMENSION_NUMBERS, naive_dynamic_conv
 from jax import lax
 from jax.test_util import check_grads
 
-from _helpers import DIMENSION_NUMBERS, naive_dynamic_conv
 from dynconv_jax import BatchNorm, CondConv, DynamicConv, ODConv
 
 LAYERS = {"condconv": CondConv, "dynamic": DynamicConv, "odconv": ODConv}
@@ -78,13 +79,31 @@ def naive_layer(kind, variables, x, cfg, temperature=1.0, train=False):
     """The naive per-sample loop: for each b, aggregate the kernel, convolve that one sample."""
     params = variables["params"]
     a, s, c, f = naive_attentions(kind, params, variables.get("batch_stats"), x, temperature, train)
-    return naive_dynamic_conv(x, params["kernel"], a, s, c, f, params.get("bias"), strides=cfg["strides"],
-                              padding=cfg["padding"], dilation=cfg["dilation"], groups=cfg["groups"])
+    return naive_dynamic_conv(
+        x,
+        params["kernel"],
+        a,
+        s,
+        c,
+        f,
+        params.get("bias"),
+        strides=cfg["strides"],
+        padding=cfg["padding"],
+        dilation=cfg["dilation"],
+        groups=cfg["groups"],
+    )
 
 
 def make_layer(kind, cfg, **extra):
-    kwargs = dict(features=cfg["cout"], kernel_size=cfg["kernel"], strides=cfg["strides"], padding=cfg["padding"],
-                  kernel_dilation=cfg["dilation"], feature_group_count=cfg["groups"], num_experts=cfg["K"])
+    kwargs = dict(
+        features=cfg["cout"],
+        kernel_size=cfg["kernel"],
+        strides=cfg["strides"],
+        padding=cfg["padding"],
+        kernel_dilation=cfg["dilation"],
+        feature_group_count=cfg["groups"],
+        num_experts=cfg["K"],
+    )
     if kind != "odconv":
         kwargs["use_bias"] = cfg["bias"]
     if kind == "odconv":
@@ -108,9 +127,20 @@ def random_config(rng: random.Random, rank: int):
     padding = pad_kind if pad_kind != "explicit" else tuple((rng.randint(0, 2), rng.randint(0, 2)) for _ in range(rank))
     extent = [(k - 1) * d + 1 for k, d in zip(kernel, dilation)]
     spatial = tuple(max(e, rng.choice((3, 5, 7) if rank < 3 else (3, 5))) for e in extent)
-    return dict(rank=rank, kernel=kernel, strides=strides, dilation=dilation, groups=groups, cin=cin, cout=cout,
-                padding=padding, spatial=spatial, K=rng.choice((1, 4)), bias=rng.random() < 0.5,
-                batch=rng.choice((1, 2, 3)))
+    return dict(
+        rank=rank,
+        kernel=kernel,
+        strides=strides,
+        dilation=dilation,
+        groups=groups,
+        cin=cin,
+        cout=cout,
+        padding=padding,
+        spatial=spatial,
+        K=rng.choice((1, 4)),
+        bias=rng.random() < 0.5,
+        batch=rng.choice((1, 2, 3)),
+    )
 
 
 def config_grid():
@@ -118,14 +148,82 @@ def config_grid():
     cases = []
     for kind in LAYERS:
         # hand-picked corners: depthwise 5x5 stride 2, pointwise K=1 batch 1, 1-D dilated VALID, 3-D grouped
-        cases.append((kind, dict(rank=2, kernel=(5, 5), strides=(2, 2), dilation=(1, 1), groups=4, cin=4, cout=4,
-                                 padding="SAME", spatial=(7, 9), K=4, bias=True, batch=2)))
-        cases.append((kind, dict(rank=2, kernel=(1, 1), strides=(1, 1), dilation=(1, 1), groups=1, cin=3, cout=5,
-                                 padding="VALID", spatial=(5, 3), K=1, bias=False, batch=1)))
-        cases.append((kind, dict(rank=1, kernel=(3,), strides=(2,), dilation=(2,), groups=2, cin=4, cout=6,
-                                 padding=((2, 1),), spatial=(9,), K=4, bias=True, batch=3)))
-        cases.append((kind, dict(rank=3, kernel=(3, 1, 3), strides=(1, 2, 1), dilation=(1, 1, 2), groups=2, cin=2,
-                                 cout=4, padding="VALID", spatial=(3, 4, 5), K=4, bias=False, batch=2)))
+        cases.append(
+            (
+                kind,
+                dict(
+                    rank=2,
+                    kernel=(5, 5),
+                    strides=(2, 2),
+                    dilation=(1, 1),
+                    groups=4,
+                    cin=4,
+                    cout=4,
+                    padding="SAME",
+                    spatial=(7, 9),
+                    K=4,
+                    bias=True,
+                    batch=2,
+                ),
+            )
+        )
+        cases.append(
+            (
+                kind,
+                dict(
+                    rank=2,
+                    kernel=(1, 1),
+                    strides=(1, 1),
+                    dilation=(1, 1),
+                    groups=1,
+                    cin=3,
+                    cout=5,
+                    padding="VALID",
+                    spatial=(5, 3),
+                    K=1,
+                    bias=False,
+                    batch=1,
+                ),
+            )
+        )
+        cases.append(
+            (
+                kind,
+                dict(
+                    rank=1,
+                    kernel=(3,),
+                    strides=(2,),
+                    dilation=(2,),
+                    groups=2,
+                    cin=4,
+                    cout=6,
+                    padding=((2, 1),),
+                    spatial=(9,),
+                    K=4,
+                    bias=True,
+                    batch=3,
+                ),
+            )
+        )
+        cases.append(
+            (
+                kind,
+                dict(
+                    rank=3,
+                    kernel=(3, 1, 3),
+                    strides=(1, 2, 1),
+                    dilation=(1, 1, 2),
+                    groups=2,
+                    cin=2,
+                    cout=4,
+                    padding="VALID",
+                    spatial=(3, 4, 5),
+                    K=4,
+                    bias=False,
+                    batch=2,
+                ),
+            )
+        )
         for rank in (1, 2, 3):
             cases.append((kind, random_config(rng, rank)))
     return cases
@@ -164,8 +262,20 @@ def test_layer_equals_naive_per_sample_loop_float64(case, float64):
 
 
 # --------------------------------------------------------------------------- gradients
-TINY = dict(rank=2, kernel=(3, 3), strides=(1, 1), dilation=(1, 1), groups=1, cin=2, cout=3, padding="SAME",
-            spatial=(4, 3), K=2, bias=True, batch=2)
+TINY = dict(
+    rank=2,
+    kernel=(3, 3),
+    strides=(1, 1),
+    dilation=(1, 1),
+    groups=1,
+    cin=2,
+    cout=3,
+    padding="SAME",
+    spatial=(4, 3),
+    K=2,
+    bias=True,
+    batch=2,
+)
 
 
 @pytest.mark.parametrize("kind,train", [("condconv", False), ("dynamic", False), ("odconv", False), ("odconv", True)])
@@ -176,21 +286,64 @@ def test_gradients_match_finite_differences_float64(kind, train, strategy, modes
     x = jax.random.normal(jax.random.key(3), (2, 4, 3, 2), jnp.float64)
     variables = randomize(layer.init(jax.random.key(0), x), seed=4)
     stats = {k: v for k, v in variables.items() if k != "params"}
+
     def f(params, x, temperature):
-        y = layer.apply({"params": params, **stats}, x, train=train, temperature=temperature,
-                        mutable=["batch_stats"] if train else False)
+        y = layer.apply(
+            {"params": params, **stats},
+            x,
+            train=train,
+            temperature=temperature,
+            mutable=["batch_stats"] if train else False,
+        )
         return y[0] if train else y
+
     check_grads(f, (variables["params"], x, jnp.float64(1.3)), order=1, modes=modes)
 
 
 # --------------------------------------------------------------------------- K=1, neutral attention == nn.Conv
 NEUTRAL = [
-    dict(rank=2, kernel=(3, 3), strides=(2, 1), dilation=(1, 2), groups=2, cin=4, cout=6, padding=((1, 0), (2, 1)),
-         spatial=(7, 8), K=1, bias=True, batch=3),
-    dict(rank=3, kernel=(1, 1, 1), strides=(1, 1, 1), dilation=(1, 1, 1), groups=1, cin=3, cout=2, padding="SAME",
-         spatial=(3, 2, 3), K=1, bias=False, batch=2),
-    dict(rank=1, kernel=(5,), strides=(1,), dilation=(1,), groups=4, cin=4, cout=4, padding="VALID",
-         spatial=(9,), K=1, bias=True, batch=2),
+    dict(
+        rank=2,
+        kernel=(3, 3),
+        strides=(2, 1),
+        dilation=(1, 2),
+        groups=2,
+        cin=4,
+        cout=6,
+        padding=((1, 0), (2, 1)),
+        spatial=(7, 8),
+        K=1,
+        bias=True,
+        batch=3,
+    ),
+    dict(
+        rank=3,
+        kernel=(1, 1, 1),
+        strides=(1, 1, 1),
+        dilation=(1, 1, 1),
+        groups=1,
+        cin=3,
+        cout=2,
+        padding="SAME",
+        spatial=(3, 2, 3),
+        K=1,
+        bias=False,
+        batch=2,
+    ),
+    dict(
+        rank=1,
+        kernel=(5,),
+        strides=(1,),
+        dilation=(1,),
+        groups=4,
+        cin=4,
+        cout=4,
+        padding="VALID",
+        spatial=(9,),
+        K=1,
+        bias=True,
+        batch=2,
+    ),
 ]
 
 
@@ -225,17 +378,23 @@ def neutral_variables(kind, variables, weight, bias):
 @pytest.mark.parametrize("kind", list(LAYERS))
 @pytest.mark.parametrize("cfg", NEUTRAL, ids=["2d-grouped", "3d-pointwise", "1d-depthwise"])
 def test_k1_neutral_attention_equals_flax_conv(kind, cfg, float64):
-    conv = nn.Conv(cfg["cout"], cfg["kernel"], strides=cfg["strides"], padding=cfg["padding"],
-                   kernel_dilation=cfg["dilation"], feature_group_count=cfg["groups"],
-                   use_bias=cfg["bias"] and kind != "odconv", param_dtype=jnp.float64)
+    conv = nn.Conv(
+        cfg["cout"],
+        cfg["kernel"],
+        strides=cfg["strides"],
+        padding=cfg["padding"],
+        kernel_dilation=cfg["dilation"],
+        feature_group_count=cfg["groups"],
+        use_bias=cfg["bias"] and kind != "odconv",
+        param_dtype=jnp.float64,
+    )
     x = jax.random.normal(jax.random.key(5), (cfg["batch"], *cfg["spatial"], cfg["cin"]), jnp.float64)
     conv_vars = randomize(conv.init(jax.random.key(6), x), seed=7)
     expected = conv.apply(conv_vars, x)
     for strategy in ("vmap", "auto"):
         layer = make_layer(kind, cfg, param_dtype=jnp.float64, strategy=strategy)
         variables = randomize(layer.init(jax.random.key(0), x), seed=8)
-        variables = neutral_variables(kind, variables, conv_vars["params"]["kernel"],
-                                      conv_vars["params"].get("bias"))
+        variables = neutral_variables(kind, variables, conv_vars["params"]["kernel"], conv_vars["params"].get("bias"))
         y, state = layer.apply(variables, x, temperature=3.0, mutable=["intermediates"])
         if strategy == "vmap":  # the same single convolution per sample: bit-identical
             np.testing.assert_array_equal(np.asarray(y), np.asarray(expected))
@@ -247,8 +406,20 @@ def test_k1_neutral_attention_equals_flax_conv(kind, cfg, float64):
 
 
 # --------------------------------------------------------------------------- jit, temperature, grad, bfloat16
-SMALL = dict(rank=2, kernel=(3, 3), strides=(1, 1), dilation=(1, 1), groups=1, cin=4, cout=4, padding="SAME",
-             spatial=(5, 5), K=4, bias=True, batch=2)
+SMALL = dict(
+    rank=2,
+    kernel=(3, 3),
+    strides=(1, 1),
+    dilation=(1, 1),
+    groups=1,
+    cin=4,
+    cout=4,
+    padding="SAME",
+    spatial=(5, 5),
+    K=4,
+    bias=True,
+    batch=2,
+)
 
 
 @pytest.mark.parametrize("kind", list(LAYERS))
@@ -287,10 +458,11 @@ def test_grad_under_jit_reaches_every_parameter(kind):
     @jax.jit
     def grads(params, x):
         def loss(params):
-            y = layer.apply({**variables, "params": params}, x, train=train,
-                            mutable=["batch_stats"] if train else False)
+            y = layer.apply(
+                {**variables, "params": params}, x, train=train, mutable=["batch_stats"] if train else False
+            )
             y = y[0] if train else y
-            return jnp.sum(y ** 2)
+            return jnp.sum(y**2)
 
         return jax.grad(loss)(params)
 
@@ -319,19 +491,43 @@ def test_bfloat16_dtype(kind):
 
 
 # --------------------------------------------------------------------------- intermediates, routing, dropout
-@pytest.mark.parametrize("kind,cfg,expected", [
-    ("condconv", SMALL, {"kernel_attention": (2, 4)}),
-    ("dynamic", SMALL, {"kernel_attention": (2, 4)}),
-    ("odconv", SMALL, {"kernel_attention": (2, 4), "channel_attention": (2, 4), "filter_attention": (2, 4),
-                       "spatial_attention": (2, 3, 3)}),
-    ("odconv", dict(SMALL, rank=3, kernel=(3, 1, 2), strides=1, dilation=1, cin=3, cout=5, groups=1, spatial=(3, 3, 4)),
-     {"kernel_attention": (2, 4), "channel_attention": (2, 3), "filter_attention": (2, 5),
-      "spatial_attention": (2, 3, 1, 2)}),
-    ("odconv", dict(SMALL, groups=4, K=1), {"kernel_attention": (2, 1), "channel_attention": (2, 4),
-                                            "spatial_attention": (2, 3, 3)}),  # depthwise: no filter attention
-    ("odconv", dict(SMALL, kernel=(1, 1)), {"kernel_attention": (2, 4), "channel_attention": (2, 4),
-                                            "filter_attention": (2, 4)}),  # 1x1: no spatial attention
-])
+@pytest.mark.parametrize(
+    "kind,cfg,expected",
+    [
+        ("condconv", SMALL, {"kernel_attention": (2, 4)}),
+        ("dynamic", SMALL, {"kernel_attention": (2, 4)}),
+        (
+            "odconv",
+            SMALL,
+            {
+                "kernel_attention": (2, 4),
+                "channel_attention": (2, 4),
+                "filter_attention": (2, 4),
+                "spatial_attention": (2, 3, 3),
+            },
+        ),
+        (
+            "odconv",
+            dict(SMALL, rank=3, kernel=(3, 1, 2), strides=1, dilation=1, cin=3, cout=5, groups=1, spatial=(3, 3, 4)),
+            {
+                "kernel_attention": (2, 4),
+                "channel_attention": (2, 3),
+                "filter_attention": (2, 5),
+                "spatial_attention": (2, 3, 1, 2),
+            },
+        ),
+        (
+            "odconv",
+            dict(SMALL, groups=4, K=1),
+            {"kernel_attention": (2, 1), "channel_attention": (2, 4), "spatial_attention": (2, 3, 3)},
+        ),  # depthwise: no filter attention
+        (
+            "odconv",
+            dict(SMALL, kernel=(1, 1)),
+            {"kernel_attention": (2, 4), "channel_attention": (2, 4), "filter_attention": (2, 4)},
+        ),  # 1x1: no spatial attention
+    ],
+)
 def test_sown_intermediates(kind, cfg, expected):
     layer = make_layer(kind, cfg)
     x = jax.random.normal(jax.random.key(0), (2, *cfg["spatial"], cfg["cin"]))
@@ -355,20 +551,33 @@ def test_sown_intermediates(kind, cfg, expected):
 def test_param_tree_names_and_shapes():
     x = jnp.zeros((2, 5, 5, 8))
     shapes = lambda m: jax.tree.map(jnp.shape, m.init(jax.random.key(0), x))  # noqa: E731
-    assert shapes(CondConv(6, (3, 3), feature_group_count=2, use_bias=True)) == {"params": {
-        "kernel": (4, 3, 3, 4, 6), "bias": (4, 6), "routing_fn": {"kernel": (8, 4), "bias": (4,)}}}
+    assert shapes(CondConv(6, (3, 3), feature_group_count=2, use_bias=True)) == {
+        "params": {"kernel": (4, 3, 3, 4, 6), "bias": (4, 6), "routing_fn": {"kernel": (8, 4), "bias": (4,)}}
+    }
     ext = CondConv(6, (3, 3), external_routing=True).init(jax.random.key(0), x, routing_weights=jnp.ones((2, 4)))
     assert jax.tree.map(jnp.shape, ext) == {"params": {"kernel": (4, 3, 3, 8, 6)}}
-    assert shapes(DynamicConv(6, (3, 3), num_experts=3)) == {"params": {
-        "kernel": (3, 3, 3, 8, 6), "bias": (3, 6),
-        "attention": {"fc1": {"kernel": (8, 4), "bias": (4,)}, "fc2": {"kernel": (4, 3), "bias": (3,)}}}}
+    assert shapes(DynamicConv(6, (3, 3), num_experts=3)) == {
+        "params": {
+            "kernel": (3, 3, 3, 8, 6),
+            "bias": (3, 6),
+            "attention": {"fc1": {"kernel": (8, 4), "bias": (4,)}, "fc2": {"kernel": (4, 3), "bias": (3,)}},
+        }
+    }
     a = 16  # max(int(8 / 16), 16)
     assert shapes(ODConv(6, (3, 3))) == {
-        "params": {"kernel": (4, 3, 3, 8, 6), "attention": {
-            "fc": {"kernel": (8, a)}, "bn": {"scale": (a,), "bias": (a,)},
-            "channel_fc": {"kernel": (a, 8), "bias": (8,)}, "filter_fc": {"kernel": (a, 6), "bias": (6,)},
-            "spatial_fc": {"kernel": (a, 9), "bias": (9,)}, "kernel_fc": {"kernel": (a, 4), "bias": (4,)}}},
-        "batch_stats": {"attention": {"bn": {"mean": (a,), "var": (a,)}}}}
+        "params": {
+            "kernel": (4, 3, 3, 8, 6),
+            "attention": {
+                "fc": {"kernel": (8, a)},
+                "bn": {"scale": (a,), "bias": (a,)},
+                "channel_fc": {"kernel": (a, 8), "bias": (8,)},
+                "filter_fc": {"kernel": (a, 6), "bias": (6,)},
+                "spatial_fc": {"kernel": (a, 9), "bias": (9,)},
+                "kernel_fc": {"kernel": (a, 4), "bias": (4,)},
+            },
+        },
+        "batch_stats": {"attention": {"bn": {"mean": (a,), "var": (a,)}}},
+    }
 
 
 def test_default_initializers_match_the_pytorch_references():
@@ -399,8 +608,10 @@ def test_condconv_routing_dropout_and_external_routing():
     x = jax.random.normal(jax.random.key(0), (4, 5, 5, 6))
     variables = layer.init(jax.random.key(1), x)
     y_eval = layer.apply(variables, x)
-    assert np.array_equal(layer.apply(variables, x, train=True, rngs={"dropout": jax.random.key(9)}),
-                          layer.apply(variables, x, train=True, rngs={"dropout": jax.random.key(9)}))
+    assert np.array_equal(
+        layer.apply(variables, x, train=True, rngs={"dropout": jax.random.key(9)}),
+        layer.apply(variables, x, train=True, rngs={"dropout": jax.random.key(9)}),
+    )
     y_a = layer.apply(variables, x, train=True, rngs={"dropout": jax.random.key(2)})
     y_b = layer.apply(variables, x, train=True, rngs={"dropout": jax.random.key(3)})
     assert not np.allclose(y_a, y_eval) and not np.allclose(y_a, y_b)
@@ -415,9 +626,13 @@ def test_condconv_routing_dropout_and_external_routing():
     y, state = ext.apply(ev, x, routing_weights=weights, mutable=["intermediates"])
     np.testing.assert_array_equal(state["intermediates"]["kernel_attention"][0], weights)
     w = [sum(weights[b, k] * ev["params"]["kernel"][k] for k in range(4)) for b in range(4)]
-    ref = jnp.stack([lax.conv_general_dilated(x[b:b + 1], w[b], (1, 1), "SAME",
-                                              dimension_numbers=DIMENSION_NUMBERS[2])[0]
-                     + weights[b] @ ev["params"]["bias"] for b in range(4)])
+    ref = jnp.stack(
+        [
+            lax.conv_general_dilated(x[b : b + 1], w[b], (1, 1), "SAME", dimension_numbers=DIMENSION_NUMBERS[2])[0]
+            + weights[b] @ ev["params"]["bias"]
+            for b in range(4)
+        ]
+    )
     assert rel_err(y, ref) <= 1e-5
 
 
@@ -428,8 +643,10 @@ def test_batchnorm_matches_torch_batchnorm_float64(float64):
     x0 = np.random.default_rng(0).normal(size=(3, 4, 5, 6))
     variables = bn.init(jax.random.key(0), jnp.asarray(x0), use_running_average=False)
     scale, bias = np.linspace(0.5, 1.5, 6), np.linspace(-1, 1, 6)
-    variables = {"params": {"scale": jnp.asarray(scale), "bias": jnp.asarray(bias)},
-                 "batch_stats": variables["batch_stats"]}
+    variables = {
+        "params": {"scale": jnp.asarray(scale), "bias": jnp.asarray(bias)},
+        "batch_stats": variables["batch_stats"],
+    }
     tbn = torch.nn.BatchNorm2d(6).double()
     with torch.no_grad():
         tbn.weight.copy_(torch.from_numpy(scale))
@@ -462,8 +679,9 @@ def test_batchnorm_one_value_per_channel_raises():
 def test_batchnorm_refuses_momentum_and_torch_momentum_is_one_minus_flax_momentum():
     """``momentum`` means the decay in flax and the new batch's weight in PyTorch: both front ends refuse it,
     naming ``torch_momentum``; ``torch_momentum=1 - m`` gives flax's ``momentum=m`` running mean."""
-    from dynconv_jax import nnx as dnnx
     from flax import linen, nnx
+
+    from dynconv_jax import nnx as dnnx
 
     for build in (lambda: BatchNorm(momentum=0.9), lambda: dnnx.BatchNorm(3, momentum=0.9, rngs=nnx.Rngs(0))):
         with pytest.raises(TypeError, match=r"momentum=0.9 is not an argument.*decay.*torch_momentum=1 - m"):
@@ -473,8 +691,10 @@ def test_batchnorm_refuses_momentum_and_torch_momentum_is_one_minus_flax_momentu
     x = jnp.asarray(np.random.default_rng(0).normal(loc=5.0, size=(8, 3)), jnp.float32)
     ours = BatchNorm(use_running_average=False, torch_momentum=0.1)
     flax_bn = linen.BatchNorm(use_running_average=False, momentum=0.9)
-    means = [bn.apply(bn.init(jax.random.key(0), x), x, mutable=["batch_stats"])[1]["batch_stats"]["mean"]
-             for bn in (ours, flax_bn)]
+    means = [
+        bn.apply(bn.init(jax.random.key(0), x), x, mutable=["batch_stats"])[1]["batch_stats"]["mean"]
+        for bn in (ours, flax_bn)
+    ]
     np.testing.assert_allclose(means[0], means[1], rtol=1e-6)
     nnx_bn = dnnx.BatchNorm(3, torch_momentum=0.1, rngs=nnx.Rngs(0))
     nnx_bn(x)
@@ -580,8 +800,11 @@ BAD_CONFIGS = [  # (layer arguments, the message after the layer's name); refuse
     (dict(dtype="nope"), r"dtype='nope' must be a real floating-point dtype"),
     (dict(num_experts=True), r"num_experts=True must be an int >= 1"),
     (dict(feature_group_count=True), r"feature_group_count=True must be a positive int"),
-    (dict(num_experts=10**9), r"the expert bank \[1000000000, 3, 3, 4, 4\] \(num_experts=1000000000\) would hold "
-                              r"1.44e\+11 parameters, 536 GiB in float32; one layer may hold at most 2\*\*31 - 1"),
+    (
+        dict(num_experts=10**9),
+        r"the expert bank \[1000000000, 3, 3, 4, 4\] \(num_experts=1000000000\) would hold "
+        r"1.44e\+11 parameters, 536 GiB in float32; one layer may hold at most 2\*\*31 - 1",
+    ),
 ]
 
 
@@ -610,8 +833,12 @@ def test_concrete_temperature_is_checked_inside_a_trace(kind):
         static.lower(shapes, x, 0.0)
     with pytest.raises(ValueError, match=rf"^{name} .*temperature=np.float32\(nan\) must be finite"):
         static.lower(shapes, x, np.float32("nan"))
-    for bad, match in ((True, r"temperature=True is a bool"), (np.bool_(True), r"is a bool"), (1j, r"positive number"),
-                       (1e-300, r"temperature=1e-300 is below 1e-06, the smallest temperature the layers support")):
+    for bad, match in (
+        (True, r"temperature=True is a bool"),
+        (np.bool_(True), r"is a bool"),
+        (1j, r"positive number"),
+        (1e-300, r"temperature=1e-300 is below 1e-06, the smallest temperature the layers support"),
+    ):
         with pytest.raises(ValueError, match=rf"^{name} .*{match}"):
             jax.eval_shape(lambda v: layer.apply(v, x, temperature=bad), shapes)  # noqa: B023
     with pytest.raises(ValueError, match=rf"^{name} .*traced temperature of dtype bool"):

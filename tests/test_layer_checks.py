@@ -1,6 +1,7 @@
 """Bad layer arguments and inputs, in both frameworks: each gets a ValueError naming the layer
 (docs/reliability.md); a property test over layer configurations (valid or not) checks that every one
 either equals the naive per-sample loop or raises such an error."""
+
 from __future__ import annotations
 
 import functools
@@ -17,11 +18,11 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def _layers():
     from dynconv_jax import CondConv, DynamicConv, ODConv
+
     return (CondConv, DynamicConv, ODConv)
 
 
 X = jnp.asarray(np.random.default_rng(0).normal(size=(2, 5, 5, 3)), jnp.float32)
-
 
 
 @functools.lru_cache(maxsize=None)
@@ -49,6 +50,7 @@ def test_bad_temperature_names_the_layer():
 def test_traced_temperature_is_floored_under_jit():
     """A traced T <= 0 or NaN is clamped to TEMPERATURE_FLOOR (no NaN output); +inf gives uniform attention."""
     from dynconv_jax.attention import TEMPERATURE_FLOOR
+
     for cls in _layers():
         layer, variables = _initialised(cls)
         run = jax.jit(lambda v, x, t: layer.apply(v, x, temperature=t, mutable=["intermediates"]))
@@ -73,32 +75,38 @@ def test_empty_batch_names_the_layer():
             layer.apply(variables, X[:0])
 
 
-
-
-
-
 def test_torch_layers_name_themselves_for_a_wrong_input_dtype():
     import torch
 
     from dynconv_torch import CondConv2d, DynamicConv2d, ODConv2d
+
     for layer in (CondConv2d(3, 4, 3), DynamicConv2d(3, 4, 3), ODConv2d(3, 4, 3)):
         for dtype in (torch.int64, torch.float64):
-            with pytest.raises(ValueError, match=rf"^{type(layer).__name__}\(.*input dtype {dtype} differs from the "
-                                                 r"layer's parameters \(torch.float32\)"):
+            with pytest.raises(
+                ValueError,
+                match=rf"^{type(layer).__name__}\(.*input dtype {dtype} differs from the "
+                r"layer's parameters \(torch.float32\)",
+            ):
                 layer(torch.ones(2, 3, 5, 5, dtype=dtype))
 
 
-
-
-
-def _check_config(cls_name, rank, kernel, strides, dilation, padding, groups, in_ch, feat, experts, batch, spatial,
-                  seed):
+def _check_config(
+    cls_name, rank, kernel, strides, dilation, padding, groups, in_ch, feat, experts, batch, spatial, seed
+):
     """Run one configuration; returns 'ok' or 'error'. Asserts the invariants of the property."""
     from dynconv_jax import CondConv, DynamicConv, ODConv
+
     cls = {"CondConv": CondConv, "DynamicConv": DynamicConv, "ODConv": ODConv}[cls_name]
     x = jnp.asarray(np.random.default_rng(seed).normal(size=(batch, *spatial, in_ch)), jnp.float32)
-    layer = cls(features=feat, kernel_size=kernel, strides=strides, kernel_dilation=dilation, padding=padding,
-                feature_group_count=groups, num_experts=experts)
+    layer = cls(
+        features=feat,
+        kernel_size=kernel,
+        strides=strides,
+        kernel_dilation=dilation,
+        padding=padding,
+        feature_group_count=groups,
+        num_experts=experts,
+    )
     try:
         variables = random_variables(layer, x, seed)
         y, sown = layer.apply(variables, x, mutable=["intermediates"])
@@ -109,9 +117,19 @@ def _check_config(cls_name, rank, kernel, strides, dilation, padding, groups, in
     att = {k: v[0] for k, v in sown["intermediates"].items()}
     params = variables["params"]
     lax_padding = padding if isinstance(padding, str) else [tuple(p) for p in padding]
-    ref = naive_dynamic_conv(x, params["kernel"], att["kernel_attention"], att.get("spatial_attention"),
-                             att.get("channel_attention"), att.get("filter_attention"), params.get("bias"),
-                             strides=strides, padding=lax_padding, dilation=dilation, groups=groups)
+    ref = naive_dynamic_conv(
+        x,
+        params["kernel"],
+        att["kernel_attention"],
+        att.get("spatial_attention"),
+        att.get("channel_attention"),
+        att.get("filter_attention"),
+        params.get("bias"),
+        strides=strides,
+        padding=lax_padding,
+        dilation=dilation,
+        groups=groups,
+    )
     np.testing.assert_allclose(y, ref, rtol=2e-4, atol=2e-5)
     return "ok"
 
@@ -129,26 +147,42 @@ def test_layer_configs_run_exactly_or_raise_a_named_value_error():
         rank = draw(st.sampled_from([1, 2]))
         groups = draw(st.sampled_from([1, 1, 2, 3]))
         config = dict(
-            cls_name=draw(st.sampled_from(["CondConv", "DynamicConv", "ODConv"])), rank=rank,
+            cls_name=draw(st.sampled_from(["CondConv", "DynamicConv", "ODConv"])),
+            rank=rank,
             kernel=tuple(draw(st.integers(1, 3)) for _ in range(rank)),
             strides=tuple(draw(st.integers(1, 2)) for _ in range(rank)),
             dilation=tuple(draw(st.integers(1, 2)) for _ in range(rank)),
-            padding=draw(st.one_of(st.sampled_from(["SAME", "VALID"]),
-                                   st.tuples(*[st.tuples(st.integers(0, 2), st.integers(0, 2))] * rank))),
-            groups=groups, in_ch=groups * draw(st.integers(1, 3)), feat=groups * draw(st.integers(1, 2)),
-            experts=draw(st.integers(1, 3)), batch=draw(st.integers(1, 2)),
-            spatial=tuple(draw(st.integers(1, 6)) for _ in range(rank)), seed=draw(st.integers(0, 2 ** 16)))
+            padding=draw(
+                st.one_of(
+                    st.sampled_from(["SAME", "VALID"]),
+                    st.tuples(*[st.tuples(st.integers(0, 2), st.integers(0, 2))] * rank),
+                )
+            ),
+            groups=groups,
+            in_ch=groups * draw(st.integers(1, 3)),
+            feat=groups * draw(st.integers(1, 2)),
+            experts=draw(st.integers(1, 3)),
+            batch=draw(st.integers(1, 2)),
+            spatial=tuple(draw(st.integers(1, 6)) for _ in range(rank)),
+            seed=draw(st.integers(0, 2**16)),
+        )
         # About one in three configurations gets one bad value (too small inputs come on their own).
         bad = draw(st.sampled_from([None] * 9 + ["kernel", "groups", "in_ch", "experts", "batch"]))
         if bad == "kernel":
             config["kernel"] = (draw(st.sampled_from([0, -1, 2.5, 1.0, "3", None])),) + config["kernel"][1:]
         elif bad is not None:
-            config[bad] = draw(st.sampled_from({"groups": [0, -2, 4], "in_ch": [5, 7], "experts": [0, -1],
-                                                "batch": [0]}[bad]))
+            config[bad] = draw(
+                st.sampled_from({"groups": [0, -2, 4], "in_ch": [5, 7], "experts": [0, -1], "batch": [0]}[bad])
+            )
         return config
 
-    @hypothesis.settings(max_examples=30, deadline=None, derandomize=True, database=None,
-                         suppress_health_check=list(hypothesis.HealthCheck))
+    @hypothesis.settings(
+        max_examples=30,
+        deadline=None,
+        derandomize=True,
+        database=None,
+        suppress_health_check=list(hypothesis.HealthCheck),
+    )
     @hypothesis.given(configs())
     def check(config):
         outcomes.append(_check_config(**config))

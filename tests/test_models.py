@@ -6,6 +6,7 @@ were measured by constructing OSVAI/ODConv's own ``models/od_resnet.py``, ``mode
 torch 2.13.0, num_classes=1000 and reduction=0.0625 (od_resnet18 with kernel_num=4: 44,901,640
 parameters).
 """
+
 from __future__ import annotations
 
 import gzip
@@ -17,20 +18,21 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
+from _helpers import flax_leaf_counts, torch_to_flax_names, weight_names
 from flax import linen as nn
 from flax.traverse_util import flatten_dict
 
 from dynconv_jax import CondConv, DynamicConv, ODConv, summary
 from dynconv_jax import models as jm
 from dynconv_jax.convert import torch_to_flax
-from dynconv_torch import CondConv2d, DynamicConv2d, KWConv2d, ODConv2d
 from dynconv_spec import CONV_TYPES
+from dynconv_torch import CondConv2d, DynamicConv2d, KWConv2d, ODConv2d
 from dynconv_torch import models as tm
-from _helpers import flax_leaf_counts, torch_to_flax_names, weight_names
 
 CONVS = CONV_TYPES
-MANIFEST = json.loads(gzip.decompress((pathlib.Path(__file__).parent / "data" / "official_odconv_models.json.gz")
-                                      .read_bytes()))
+MANIFEST = json.loads(
+    gzip.decompress((pathlib.Path(__file__).parent / "data" / "official_odconv_models.json.gz").read_bytes())
+)
 OFFICIAL = MANIFEST["models"]
 
 
@@ -63,8 +65,17 @@ def test_torch_state_dict_equals_official(name):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", ["od_resnet18_k4", "od_resnet50_k1", "od_mobilenetv2_050_k4",
-                                  "od_mobilenetv2_100_k1", "resnet34", "mobilenetv2_075"])
+@pytest.mark.parametrize(
+    "name",
+    [
+        "od_resnet18_k4",
+        "od_resnet50_k1",
+        "od_mobilenetv2_050_k4",
+        "od_mobilenetv2_100_k1",
+        "resnet34",
+        "mobilenetv2_075",
+    ],
+)
 def test_flax_variables_match_official_checkpoint(name):
     """The Flax model holds exactly the leaves an official checkpoint converts to, with the same sizes."""
     variables = _init_shapes(_official_build(name, jm), (1, 32, 32, 3))
@@ -74,8 +85,12 @@ def test_flax_variables_match_official_checkpoint(name):
 
 
 # --------------------------------------------------------------------------- torch ↔ flax correspondence
-SMALL = [("resnet18", {"base_width": 8}), ("resnet34", {"base_width": 4}), ("resnet50", {"base_width": 4}),
-         ("mobilenet_v2", {"width_mult": 0.25})]
+SMALL = [
+    ("resnet18", {"base_width": 8}),
+    ("resnet34", {"base_width": 4}),
+    ("resnet50", {"base_width": 4}),
+    ("mobilenet_v2", {"width_mult": 0.25}),
+]
 
 
 @pytest.mark.parametrize("conv", CONVS)
@@ -105,11 +120,14 @@ def _randomize_batch_norms(model: torch.nn.Module, seed: int) -> None:
             m.bias.data.copy_(0.1 * torch.randn(n, generator=g))
 
 
-@pytest.mark.parametrize("arch,conv,extra", [
-    ("resnet18", "odconv", {"base_width": 8}),
-    ("resnet50", "condconv", {"base_width": 4}),
-    ("mobilenet_v2", "dynamic", {"width_mult": 0.25}),
-])
+@pytest.mark.parametrize(
+    "arch,conv,extra",
+    [
+        ("resnet18", "odconv", {"base_width": 8}),
+        ("resnet50", "condconv", {"base_width": 4}),
+        ("mobilenet_v2", "dynamic", {"width_mult": 0.25}),
+    ],
+)
 def test_converted_model_gives_same_logits(arch, conv, extra):
     """A torch model converted with torch_to_flax gives the same eval logits, at a non-default temperature."""
     torch.manual_seed(0)
@@ -130,12 +148,15 @@ def test_converted_model_gives_same_logits(arch, conv, extra):
 
 
 # --------------------------------------------------------------------------- shapes, training, temperature
-@pytest.mark.parametrize("arch,stem,size,extra,expected_hw", [
-    ("resnet18", "imagenet", 64, {"base_width": 4}, 2),   # /32
-    ("resnet18", "cifar", 16, {"base_width": 4}, 2),      # /8
-    ("mobilenet_v2", "imagenet", 64, {"width_mult": 0.25}, 2),
-    ("mobilenet_v2", "cifar", 16, {"width_mult": 0.25}, 2),
-])
+@pytest.mark.parametrize(
+    "arch,stem,size,extra,expected_hw",
+    [
+        ("resnet18", "imagenet", 64, {"base_width": 4}, 2),  # /32
+        ("resnet18", "cifar", 16, {"base_width": 4}, 2),  # /8
+        ("mobilenet_v2", "imagenet", 64, {"width_mult": 0.25}, 2),
+        ("mobilenet_v2", "cifar", 16, {"width_mult": 0.25}, 2),
+    ],
+)
 def test_stems_downsample_as_documented(arch, stem, size, extra, expected_hw):
     """ImageNet stems reduce by 32, CIFAR stems by 8; torch and flax agree on the feature-map size."""
     flax_model = getattr(jm, arch)(stem=stem, num_classes=3, **extra)
@@ -152,8 +173,9 @@ def test_stems_downsample_as_documented(arch, stem, size, extra, expected_hw):
 
 def test_flax_training_step_updates_batch_stats_and_uses_dropout():
     """The call the training loop makes: train=True, temperature, mutable batch_stats, dropout rng."""
-    model = jm.resnet18(conv="odconv", num_experts=4, num_classes=10, stem="cifar", base_width=4, in_channels=1,
-                        dropout=0.5)
+    model = jm.resnet18(
+        conv="odconv", num_experts=4, num_classes=10, stem="cifar", base_width=4, in_channels=1, dropout=0.5
+    )
     x = jnp.asarray(np.random.RandomState(0).randn(4, 8, 8, 1), jnp.float32)
     variables = model.init(jax.random.key(0), x)
 
@@ -184,8 +206,9 @@ def test_flax_temperature_reaches_every_dynamic_layer(conv):
 
     with nn.intercept_methods(record):
         y_hot = jax.jit(lambda v: model.apply(v, x, temperature=7.0))(variables)  # records while tracing
-    num_layers = sum(1 for path, leaf in flatten_dict(variables["params"]).items()
-                     if path[-1] == "kernel" and leaf.ndim == 5)  # expert banks [K, kh, kw, I/g, O]
+    num_layers = sum(
+        1 for path, leaf in flatten_dict(variables["params"]).items() if path[-1] == "kernel" and leaf.ndim == 5
+    )  # expert banks [K, kh, kw, I/g, O]
     assert num_layers == 16 and seen == [7.0] * num_layers  # 8 basic blocks × 2 convs
     y_cold = jax.jit(lambda v: model.apply(v, x))(variables)
     assert not np.allclose(y_hot, y_cold, rtol=1e-4, atol=0.0)
@@ -206,15 +229,18 @@ def test_torch_set_temperature_reaches_every_dynamic_layer(conv):
 
 # --------------------------------------------------------------------------- bad arguments
 @pytest.mark.parametrize("framework", [tm, jm], ids=["torch", "flax"])
-@pytest.mark.parametrize("kwargs,match", [
-    ({"conv": "dynconv"}, "conv='dynconv' is not a conv type"),
-    ({"stem": "tiny"}, "stem='tiny'"),
-    ({"conv": "condconv", "reduction": 0.5}, "reduction=0.5 applies to conv in"),
-    ({"conv_options": {"bias": True}}, "given with conv='static'"),
-    ({"conv": "odconv", "conv_options": {"num_experts": 2}}, "may not set"),
-    ({"num_experts": 0, "conv": "odconv"}, "num_experts=0"),
-    ({"dropout": 1.0}, "dropout=1.0"),
-])
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        ({"conv": "dynconv"}, "conv='dynconv' is not a conv type"),
+        ({"stem": "tiny"}, "stem='tiny'"),
+        ({"conv": "condconv", "reduction": 0.5}, "reduction=0.5 applies to conv in"),
+        ({"conv_options": {"bias": True}}, "given with conv='static'"),
+        ({"conv": "odconv", "conv_options": {"num_experts": 2}}, "may not set"),
+        ({"num_experts": 0, "conv": "odconv"}, "num_experts=0"),
+        ({"dropout": 1.0}, "dropout=1.0"),
+    ],
+)
 def test_bad_arguments_raise_clear_errors(framework, kwargs, match):
     for build in (framework.resnet18, framework.mobilenet_v2):
         with pytest.raises(ValueError, match=match):
@@ -261,6 +287,7 @@ def test_summary_cli_prints_table(capsys):
 def test_models_refuse_num_classes_zero():
     from dynconv_jax import models as jax_models
     from dynconv_torch import models as torch_models
+
     for name in ("resnet18", "mobilenet_v2"):
         for bad in (0, -1, 2.0, True):
             with pytest.raises(ValueError, match=r"num_classes=.* must be an int >= 1"):

@@ -8,6 +8,7 @@ Also: same parameter tree, the same errors, nnx.jit / nnx.grad / value_and_grad,
 ``nnx.capture``, train()/eval(), bfloat16, conversion to and from PyTorch, the official ODConv
 checkpoints' keys, and the NNX training example on the digits.
 """
+
 from __future__ import annotations
 
 import gzip
@@ -20,6 +21,7 @@ import numpy as np
 import optax
 import pytest
 from flax import nnx
+from test_jax_layers import GRID, randomize, rel_err
 
 import dynconv_jax as linen_layers
 from dynconv_jax import models as linen_models
@@ -27,9 +29,6 @@ from dynconv_jax import nnx as dnnx
 from dynconv_jax.convert import ConversionError, flax_to_torch, torch_to_flax
 from dynconv_jax.nnx import models as nnx_models
 from parity.nnx_api import compare_with_linen
-from test_jax_layers import GRID, randomize, rel_err
-
-
 
 # float64 throughout (the conftest fixture: switched on and off around each test, not for the worker process).
 pytestmark = pytest.mark.usefixtures("float64")
@@ -42,9 +41,16 @@ NNX = {"condconv": dnnx.CondConv, "dynamic": dnnx.DynamicConv, "odconv": dnnx.OD
 
 def layer_pair(kind, cfg, param_dtype=jnp.float64, **extra):
     """The Linen layer and the NNX layer of one config of the Linen test grid."""
-    common = dict(kernel_size=cfg["kernel"], strides=cfg["strides"], padding=cfg["padding"],
-                  kernel_dilation=cfg["dilation"], feature_group_count=cfg["groups"], num_experts=cfg["K"],
-                  param_dtype=param_dtype, **extra)
+    common = dict(
+        kernel_size=cfg["kernel"],
+        strides=cfg["strides"],
+        padding=cfg["padding"],
+        kernel_dilation=cfg["dilation"],
+        feature_group_count=cfg["groups"],
+        num_experts=cfg["K"],
+        param_dtype=param_dtype,
+        **extra,
+    )
     if kind != "odconv":
         common["use_bias"] = cfg["bias"]
     else:
@@ -90,9 +96,13 @@ def test_nnx_odconv_attention_norm_equals_linen_on_a_batch_of_one(norm):
 
 def test_nnx_parameter_tree_and_defaults_match_linen():
     x = jnp.zeros((2, 5, 5, 8))
-    for kind, extra in [("condconv", dict(use_bias=True, feature_group_count=2)), ("dynamic", {}), ("odconv", {}),
-                        ("odconv", dict(feature_group_count=8, num_experts=1)),
-                        ("condconv", dict(external_routing=True))]:
+    for kind, extra in [
+        ("condconv", dict(use_bias=True, feature_group_count=2)),
+        ("dynamic", {}),
+        ("odconv", {}),
+        ("odconv", dict(feature_group_count=8, num_experts=1)),
+        ("condconv", dict(external_routing=True)),
+    ]:
         linen_kw = {k: v for k, v in extra.items()}
         linen = LINEN[kind](8, (3, 3), **linen_kw)
         args = {"routing_weights": jnp.ones((2, extra.get("num_experts", 4)))} if extra.get("external_routing") else {}
@@ -140,9 +150,10 @@ def test_nnx_errors_match_linen():
     with pytest.raises(ValueError, match=r"routing_weights shape \(2, 3\)"):
         ext(jnp.zeros((2, 5, 5, 4)), routing_weights=jnp.ones((2, 3)))
     with pytest.raises(ValueError, match="wrong shape: params:kernel"):
-        dnnx.load_linen_variables(dnnx.CondConv(4, 4, (3, 3), rngs=rngs),
-                                  {"params": {"kernel": jnp.zeros((4, 3, 3, 4, 5)),
-                                              "routing_fn": dnnx.linen_variables(ext)["params"]}})
+        dnnx.load_linen_variables(
+            dnnx.CondConv(4, 4, (3, 3), rngs=rngs),
+            {"params": {"kernel": jnp.zeros((4, 3, 3, 4, 5)), "routing_fn": dnnx.linen_variables(ext)["params"]}},
+        )
 
 
 @pytest.mark.parametrize("kind", list(NNX))
@@ -218,8 +229,7 @@ def test_nnx_jit_grad_value_and_grad_and_optimizer():
 
 @pytest.mark.parametrize("kind", KINDS)
 def test_nnx_bfloat16(kind):
-    cfg = dict(kernel=(3, 3), strides=(1, 1), padding="SAME", dilation=(1, 1), groups=1, K=4, cin=4, cout=4,
-               bias=True)
+    cfg = dict(kernel=(3, 3), strides=(1, 1), padding="SAME", dilation=(1, 1), groups=1, K=4, cin=4, cout=4, bias=True)
     x = jax.random.normal(jax.random.key(0), (2, 5, 5, 4), jnp.float32)
     linen16, layer16 = layer_pair(kind, cfg, param_dtype=jnp.float32, dtype=jnp.bfloat16)
     variables = shared_variables(linen16, x)
@@ -255,29 +265,40 @@ def test_torch_to_flax_and_back_with_an_nnx_template():
         torch_to_flax({"weight": ref.weight}, nnx.state(layer))
 
 
-MANIFEST = json.loads(gzip.decompress((pathlib.Path(__file__).parent / "data" / "official_odconv_models.json.gz")
-                                      .read_bytes()))["models"]
+MANIFEST = json.loads(
+    gzip.decompress((pathlib.Path(__file__).parent / "data" / "official_odconv_models.json.gz").read_bytes())
+)["models"]
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name,build", [
-    ("od_resnet18_k4", lambda rngs: nnx_models.create_model("od_resnet18", kernel_num=4, rngs=rngs)),
-    ("od_resnet50_k1", lambda rngs: nnx_models.create_model("od_resnet50", kernel_num=1, rngs=rngs)),
-    ("od_mobilenetv2_050_k4", lambda rngs: nnx_models.create_model("od_mobilenetv2_050", kernel_num=4, rngs=rngs)),
-])
+@pytest.mark.parametrize(
+    "name,build",
+    [
+        ("od_resnet18_k4", lambda rngs: nnx_models.create_model("od_resnet18", kernel_num=4, rngs=rngs)),
+        ("od_resnet50_k1", lambda rngs: nnx_models.create_model("od_resnet50", kernel_num=1, rngs=rngs)),
+        ("od_mobilenetv2_050_k4", lambda rngs: nnx_models.create_model("od_mobilenetv2_050", kernel_num=4, rngs=rngs)),
+    ],
+)
 def test_official_odconv_checkpoint_keys_convert_into_nnx_models(name, build):
     """Every key of an official checkpoint (shapes from the manifest) converts into the NNX model."""
     model = nnx.eval_shape(lambda: build(nnx.Rngs(0)))  # abstract: shapes only, no parameters allocated
-    state_dict = {k: np.zeros(shape, np.int64 if k.endswith("num_batches_tracked") else np.float32)
-                  for k, shape in MANIFEST[name]["state_dict"].items()}
+    state_dict = {
+        k: np.zeros(shape, np.int64 if k.endswith("num_batches_tracked") else np.float32)
+        for k, shape in MANIFEST[name]["state_dict"].items()
+    }
     converted = torch_to_flax(state_dict, model)
     shapes = lambda tree: jax.tree.map(lambda a: tuple(a.shape), tree)  # noqa: E731
     assert shapes(converted) == shapes(dnnx.linen_variables(model))
 
 
 # --------------------------------------------------------------------------- models: NNX == Linen
-ARCHS = {"resnet18": dict(base_width=4), "resnet34": dict(base_width=2), "resnet50": dict(base_width=2),
-         "resnet101": dict(base_width=2), "mobilenet_v2": dict(width_mult=0.1)}
+ARCHS = {
+    "resnet18": dict(base_width=4),
+    "resnet34": dict(base_width=2),
+    "resnet50": dict(base_width=2),
+    "resnet101": dict(base_width=2),
+    "mobilenet_v2": dict(width_mult=0.1),
+}
 CONVS = ("static", "condconv", "dynamic", "odconv", "kernelwarehouse")
 
 
@@ -298,7 +319,8 @@ def test_every_nnx_model_has_the_linen_parameter_tree():
             variables = jax.eval_shape(linen.init, jax.random.key(0), x)
             model = nnx.eval_shape(lambda: build(nnx.Rngs(0)))
             assert shapes(dnnx.linen_variables(model)) == shapes(
-                {"params": variables["params"], "batch_stats": variables["batch_stats"]}), (arch, conv)
+                {"params": variables["params"], "batch_stats": variables["batch_stats"]}
+            ), (arch, conv)
 
 
 @pytest.mark.slow
@@ -311,8 +333,16 @@ def test_nnx_model_equals_linen_float64(block, conv):
     if block == "mobilenet_v2":
         linen, _ = model_pair("mobilenet_v2", conv)
     else:
-        linen = linen_models.ResNet(block=block, layers=(1, 1, 1, 1), conv=conv, num_classes=5, stem="cifar",
-                                    dropout=0.0, base_width=4 if block == "basic" else 2, param_dtype=jnp.float64)
+        linen = linen_models.ResNet(
+            block=block,
+            layers=(1, 1, 1, 1),
+            conv=conv,
+            num_classes=5,
+            stem="cifar",
+            dropout=0.0,
+            base_width=4 if block == "basic" else 2,
+            param_dtype=jnp.float64,
+        )
     x = jax.random.normal(jax.random.key(0), (2, 8, 8, 3), jnp.float64)
     errs = compare_with_linen(linen, shared_variables(linen, x), x, temperature=2.0)
     assert max(errs.values()) <= 1e-12, errs
@@ -333,7 +363,25 @@ def test_parity_cli_runs_torch_against_nnx(capsys):
     pytest.importorskip("torch")
     from parity.__main__ import main
 
-    assert main(["--api", "nnx", "--layers", "dynamic", "--models", "none", "--quick", "--dtypes", "float64",
-                 "--checks", "forward_eval,forward_train,grad_params", "--match", "g8"]) == 0
+    assert (
+        main(
+            [
+                "--api",
+                "nnx",
+                "--layers",
+                "dynamic",
+                "--models",
+                "none",
+                "--quick",
+                "--dtypes",
+                "float64",
+                "--checks",
+                "forward_eval,forward_train,grad_params",
+                "--match",
+                "g8",
+            ]
+        )
+        == 0
+    )
     out = capsys.readouterr().out
     assert "dynamic/i8o8k3s1p1d1g8K4" in out and "0 failed" in out

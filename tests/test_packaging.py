@@ -10,6 +10,7 @@ checkpoints and the grain pipeline. The newest end of the range is ``constraints
 whole suite runs in. pip installs from the package index and its cache (nothing else is downloaded).
 The core dependencies are exactly the libraries the three packages import (a quick test).
 """
+
 from __future__ import annotations
 
 import ast
@@ -53,8 +54,22 @@ def _run(args, **kwargs) -> subprocess.CompletedProcess:
 
 def _pip_install(python: str, *requirements: str) -> None:
     """Install into the venv of ``python`` with this venv's pip, pinned by constraints-oldest.txt."""
-    _run([sys.executable, "-m", "pip", "--python", python, "install", "-q", "--disable-pip-version-check",
-          "--no-compile", "-c", os.path.join(ROOT, "constraints-oldest.txt"), *requirements])
+    _run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "--python",
+            python,
+            "install",
+            "-q",
+            "--disable-pip-version-check",
+            "--no-compile",
+            "-c",
+            os.path.join(ROOT, "constraints-oldest.txt"),
+            *requirements,
+        ]
+    )
 
 
 @pytest.fixture(scope="module")
@@ -64,8 +79,7 @@ def dist(tmp_path_factory):
     for name in ("pyproject.toml", "README.md", "MANIFEST.in"):
         shutil.copy(os.path.join(ROOT, name), source)
     for package in PACKAGES:
-        shutil.copytree(os.path.join(ROOT, package), source / package,
-                        ignore=shutil.ignore_patterns("__pycache__"))
+        shutil.copytree(os.path.join(ROOT, package), source / package, ignore=shutil.ignore_patterns("__pycache__"))
     _run([sys.executable, "-m", "build", "--no-isolation", "--outdir", str(out), str(source)])
     return {"wheel": str(next(out.glob("*.whl"))), "sdist": str(next(out.glob("*.tar.gz")))}
 
@@ -100,8 +114,7 @@ def test_core_dependencies_are_what_the_libraries_import():
     imported = _imported_libraries()
     assert core == imported - set(OPTIONAL_IMPORTS) - THROUGH_JAX
     for module, extra in OPTIONAL_IMPORTS.items():
-        assert module in imported and module in {_requirement_name(r)
-                                                 for r in project["optional-dependencies"][extra]}
+        assert module in imported and module in {_requirement_name(r) for r in project["optional-dependencies"][extra]}
 
 
 def _version() -> str:
@@ -130,10 +143,12 @@ def _check_the_wheel_alone(python: str, cwd) -> None:
     checkout, so the installed wheel is what is imported)."""
     example = _readme_first_python_example()
     assert "from dynconv_jax import" in example
-    check = ("import importlib.util, os, dynconv_jax, dynconv_spec\n"
-             "assert importlib.util.find_spec('torch') is None\n"
-             "assert 'site-packages' in dynconv_jax.__file__, dynconv_jax.__file__\n"
-             "print(dynconv_jax.__version__, dynconv_spec.__version__)\n")
+    check = (
+        "import importlib.util, os, dynconv_jax, dynconv_spec\n"
+        "assert importlib.util.find_spec('torch') is None\n"
+        "assert 'site-packages' in dynconv_jax.__file__, dynconv_jax.__file__\n"
+        "print(dynconv_jax.__version__, dynconv_spec.__version__)\n"
+    )
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     result = _run([python, "-c", check + example], cwd=cwd, env=env)
     assert result.stdout.split()[:2] == [_version(), _version()]
@@ -142,8 +157,14 @@ def _check_the_wheel_alone(python: str, cwd) -> None:
 def _check_the_oldest_versions(python: str) -> None:
     """Each lower bound of pyproject.toml is the version installed, and pinned in constraints-oldest.txt."""
     bounds = ("jax", "flax", "numpy", "safetensors", "optax", "orbax-checkpoint", "grain")
-    installed = _run([python, "-c", "import sys; from importlib.metadata import version; "
-                      "print(*(version(name) for name in sys.argv[1:]))", *bounds]).stdout.split()
+    installed = _run(
+        [
+            python,
+            "-c",
+            "import sys; from importlib.metadata import version; print(*(version(name) for name in sys.argv[1:]))",
+            *bounds,
+        ]
+    ).stdout.split()
     with open(os.path.join(ROOT, "constraints-oldest.txt")) as f:
         pins = dict(line.strip().split("==") for line in f if "==" in line and not line.startswith("#"))
     project = _project()
@@ -164,3 +185,10 @@ def test_the_wheel_in_a_new_venv_at_the_oldest_supported_versions(tmp_path, dist
     _pip_install(python, f"{dist['wheel']}[train,dev]")
     _check_the_oldest_versions(python)
     _run([python, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "no:xdist", *SMOKE], cwd=ROOT)
+
+
+def test_pre_commit_runs_the_ruff_that_ci_pins():
+    """.pre-commit-config.yaml's ruff is constraints.txt's: a contributor's hook and CI's check agree."""
+    pin = re.search(r"^ruff==(\S+)$", pathlib.Path(ROOT, "constraints.txt").read_text(), re.M)
+    assert pin, "constraints.txt pins no ruff"
+    assert f"rev: v{pin.group(1)}" in pathlib.Path(ROOT, ".pre-commit-config.yaml").read_text()

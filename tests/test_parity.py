@@ -31,9 +31,15 @@ def _assert_rows(rows):
     assert not bad, "\n" + format_table(bad)
 
 
-@pytest.mark.parametrize("name", ["condconv/i8o12k3s2p1d1g2K4-T3", "dynamic/i8o12k3s2p1d1g2K4-T3",
-                                  "odconv/i8o12k3s2p1d1g2K4-T3",
-                                  "kernelwarehouse/i8o12k3s2p1d1g2-cell_num_ratio4-T0.7"])
+@pytest.mark.parametrize(
+    "name",
+    [
+        "condconv/i8o12k3s2p1d1g2K4-T3",
+        "dynamic/i8o12k3s2p1d1g2K4-T3",
+        "odconv/i8o12k3s2p1d1g2K4-T3",
+        "kernelwarehouse/i8o12k3s2p1d1g2-cell_num_ratio4-T0.7",
+    ],
+)
 @pytest.mark.parametrize("dtype", ["float64", "float32"])
 def test_layer_grid_subset(name, dtype):
     rows = run_case(CASES[name], dtype, sgd=SGD)
@@ -52,24 +58,52 @@ def test_layer_grid_subset(name, dtype):
 def test_odconv_attention_layer_norm_float64_on_a_batch_of_one():
     """ODConv's attention LayerNorm equals the PyTorch reference, training on one sample (``python -m parity``
     also runs ``attention_norm='none'``, ``odconv/i8o12k3s2p1d1g2K4-T3-nonenorm-B1``)."""
-    rows = run_case(CASES["odconv/i8o12k3s2p1d1g2K4-T3-layernorm-B1"], "float64",
-                    checks=("forward_train", "grad_input", "grad_params"), sgd=SGDConfig(steps=0))
+    rows = run_case(
+        CASES["odconv/i8o12k3s2p1d1g2K4-T3-layernorm-B1"],
+        "float64",
+        checks=("forward_train", "grad_input", "grad_params"),
+        sgd=SGDConfig(steps=0),
+    )
     _assert_rows(rows)
     assert {r.check for r in rows} == {"forward_train", "grad_input", "grad_params"}
 
 
 @pytest.mark.slow
 @settings(max_examples=3, deadline=None)
-@given(family=st.sampled_from(["condconv", "dynamic", "odconv"]), k=st.sampled_from([1, 3]),
-       stride=st.sampled_from([1, 2]), groups=st.sampled_from([1, 2]), experts=st.integers(1, 3),
-       out_mult=st.integers(1, 2), dilation=st.sampled_from([1, 2]), size=st.integers(4, 7))
+@given(
+    family=st.sampled_from(["condconv", "dynamic", "odconv"]),
+    k=st.sampled_from([1, 3]),
+    stride=st.sampled_from([1, 2]),
+    groups=st.sampled_from([1, 2]),
+    experts=st.integers(1, 3),
+    out_mult=st.integers(1, 2),
+    dilation=st.sampled_from([1, 2]),
+    size=st.integers(4, 7),
+)
 def test_random_layer_configs(family, k, stride, groups, experts, out_mult, dilation, size):
     in_ch = 2 * groups
-    case = layer_case(family, in_ch, in_ch * out_mult, k, stride=stride, padding=dilation * (k // 2),
-                      dilation=dilation, groups=groups, experts=experts, size=size,
-                      temperature=1.5, tag="-hypothesis")
-    _assert_rows(run_case(case, "float64", checks=("forward_eval", "forward_train", "grad_input", "grad_params"),
-                          sgd=SGDConfig(steps=0)))
+    case = layer_case(
+        family,
+        in_ch,
+        in_ch * out_mult,
+        k,
+        stride=stride,
+        padding=dilation * (k // 2),
+        dilation=dilation,
+        groups=groups,
+        experts=experts,
+        size=size,
+        temperature=1.5,
+        tag="-hypothesis",
+    )
+    _assert_rows(
+        run_case(
+            case,
+            "float64",
+            checks=("forward_eval", "forward_train", "grad_input", "grad_params"),
+            sgd=SGDConfig(steps=0),
+        )
+    )
 
 
 MODEL_CASES = [name for name, case in CASES.items() if case.family in MODEL_FAMILIES]
@@ -107,11 +141,24 @@ FORWARD_CHECKS = ("forward_eval", "forward_train", "running_stats")
 #: tests/test_kernelwarehouse.py the KernelWarehouse trees against PyTorch and the official code). float32,
 #: whose verdict the layer cases already test: ResNet-18 with every conv type but KernelWarehouse (its layer
 #: cases run in float32 above) and the deep ODConv ResNet-50.
-SUITE_MODEL_CASES = [(n, "float64") for n in MODEL_CASES if not n.startswith(
-    ("resnet34/", "resnet50/condconv", "resnet50/dynamic", "resnet50/kernelwarehouse", "mobilenet_v2/dynamic",
-     "mobilenet_v2/kernelwarehouse"))] + [
-    (n, "float32") for n in MODEL_CASES if n.startswith(("resnet18/", "resnet50/odconv")) and "imagenet" not in n
-    and "kernelwarehouse" not in n]
+SUITE_MODEL_CASES = [
+    (n, "float64")
+    for n in MODEL_CASES
+    if not n.startswith(
+        (
+            "resnet34/",
+            "resnet50/condconv",
+            "resnet50/dynamic",
+            "resnet50/kernelwarehouse",
+            "mobilenet_v2/dynamic",
+            "mobilenet_v2/kernelwarehouse",
+        )
+    )
+] + [
+    (n, "float32")
+    for n in MODEL_CASES
+    if n.startswith(("resnet18/", "resnet50/odconv")) and "imagenet" not in n and "kernelwarehouse" not in n
+]
 
 
 @pytest.mark.slow
@@ -170,14 +217,12 @@ def test_optax_chain_is_torch_sgd_and_order_matters(float64):
             p = optax.apply_updates(p, u)
         return np.asarray(p)
 
-
     for g in grads:
         pt.grad = torch.tensor(g)
         opt.step()
     ref = pt.detach().numpy()
     ours = run(optax.chain(optax.add_decayed_weights(wd), optax.sgd(lr, momentum=mom)))
-    decay_after_momentum = run(optax.chain(optax.trace(decay=mom), optax.add_decayed_weights(wd),
-                                           optax.scale(-lr)))
+    decay_after_momentum = run(optax.chain(optax.trace(decay=mom), optax.add_decayed_weights(wd), optax.scale(-lr)))
     assert compare(ours, ref)[1] < 1e-15
     assert compare(decay_after_momentum, ref)[1] > 1e-4
 
@@ -199,15 +244,18 @@ def test_whole_training_run_float64():
     assert len(rows) == 1 and rows[0].tol <= 1e-9 and "100 steps" in rows[0].detail
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["--match", "resnet50/odconvv"], "--match 'resnet50/odconvv' selects none of the"),
-    (["--steps", "-3"], "--steps -3: must be >= 1"),
-    (["--dtypes", "float16,float64"], "--dtypes: unknown ['float16']; choose from float64,float32"),
-    (["--checks", "grads"], "--checks: unknown ['grads']; choose from checkpoint,forward_eval,"),
-    (["--dtypes", "none"], "--dtypes is empty"),
-    (["--models", "resnet19"], "unknown families ['resnet19']"),
-    (["--layers", "condconv", "--models", "none", "--checks", "adamw"], "no selected case runs these checks"),
-])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--match", "resnet50/odconvv"], "--match 'resnet50/odconvv' selects none of the"),
+        (["--steps", "-3"], "--steps -3: must be >= 1"),
+        (["--dtypes", "float16,float64"], "--dtypes: unknown ['float16']; choose from float64,float32"),
+        (["--checks", "grads"], "--checks: unknown ['grads']; choose from checkpoint,forward_eval,"),
+        (["--dtypes", "none"], "--dtypes is empty"),
+        (["--models", "resnet19"], "unknown families ['resnet19']"),
+        (["--layers", "condconv", "--models", "none", "--checks", "adamw"], "no selected case runs these checks"),
+    ],
+)
 def test_cli_refuses_invalid_or_empty_selections(argv, message, capsys):
     with pytest.raises(SystemExit) as exc:
         parity_main(argv)
@@ -220,8 +268,23 @@ def test_cli_close_names_and_empty_result(capsys):
         parity_main(["--match", "resnet50/odconvv"])
     assert "close names: resnet50/odconv-K4-cifar-T30," in capsys.readouterr().err
     # a selection whose checks yield no row (CondConv has no BatchNorm) is an error, not a green run
-    assert parity_main(["--layers", "condconv", "--models", "none", "--match", "condconv/i8o16k3s1p1d1g1K4",
-                        "--checks", "running_stats", "--dtypes", "float64"]) == 2
+    assert (
+        parity_main(
+            [
+                "--layers",
+                "condconv",
+                "--models",
+                "none",
+                "--match",
+                "condconv/i8o16k3s1p1d1g1K4",
+                "--checks",
+                "running_stats",
+                "--dtypes",
+                "float64",
+            ]
+        )
+        == 2
+    )
 
 
 def test_every_mutant_applies_to_the_current_source(tmp_path):
@@ -234,8 +297,12 @@ def test_every_mutant_applies_to_the_current_source(tmp_path):
 #: The fast subset of the mutation test (the whole kill table: ``python -m parity.mutants``,
 #: recorded in docs/conversion_parity.md): one converter bug, one layer bug, one BatchNorm bug and the
 #: float32-only bug that the noise-aware verdict must still catch.
-FAST_MUTANTS = ("module-prefix-half-stripped", "temperature-twice", "bn-biased-running-var",
-                "float32-attention-in-bfloat16")
+FAST_MUTANTS = (
+    "module-prefix-half-stripped",
+    "temperature-twice",
+    "bn-biased-running-var",
+    "float32-attention-in-bfloat16",
+)
 
 
 @pytest.mark.slow
@@ -250,7 +317,8 @@ def test_parity_fails_on_a_wrong_build(name):
 @pytest.mark.slow
 def test_mutant_runner_passes_an_unmodified_copy():
     """The control: the same runner on an unmodified copy exits 0 (so a kill is the bug's doing)."""
-    mutant = mutants.Mutant("control", "none", "__init__.py", "", "", "dynamic/i8o12k3s2p1d1g2K4-T3",
-                            ("--checks", "forward_eval"), "")
+    mutant = mutants.Mutant(
+        "control", "none", "__init__.py", "", "", "dynamic/i8o12k3s2p1d1g2K4-T3", ("--checks", "forward_eval"), ""
+    )
     result = mutants.run_mutant(mutant)
     assert result.status == "passes" and result.exit_code == 0, result

@@ -5,6 +5,7 @@ Import rules (DESIGN.md): ``dynconv_spec`` imports neither framework, ``dynconv_
 ``dynconv_jax.models`` (and ``dynconv_jax.nnx.models``) hold the spec's names, and every name builds
 the same architecture (same parameter count) in each.
 """
+
 from __future__ import annotations
 
 import ast
@@ -39,12 +40,29 @@ def _imported_roots(package: str) -> set:
     return roots
 
 
-@pytest.mark.parametrize("package,forbidden", [
-    ("dynconv_spec", {"jax", "jaxlib", "flax", "optax", "torch", "numpy", "dynconv_jax", "dynconv_torch", "train",
-                      "parity", "benchmarks"}),
-    ("dynconv_jax", {"dynconv_torch", "train", "parity", "benchmarks"}),
-    ("dynconv_torch", {"jax", "jaxlib", "flax", "optax", "dynconv_jax", "train", "parity", "benchmarks"}),
-])
+@pytest.mark.parametrize(
+    "package,forbidden",
+    [
+        (
+            "dynconv_spec",
+            {
+                "jax",
+                "jaxlib",
+                "flax",
+                "optax",
+                "torch",
+                "numpy",
+                "dynconv_jax",
+                "dynconv_torch",
+                "train",
+                "parity",
+                "benchmarks",
+            },
+        ),
+        ("dynconv_jax", {"dynconv_torch", "train", "parity", "benchmarks"}),
+        ("dynconv_torch", {"jax", "jaxlib", "flax", "optax", "dynconv_jax", "train", "parity", "benchmarks"}),
+    ],
+)
 def test_packages_import_one_way(package, forbidden):
     assert not _imported_roots(package) & forbidden
 
@@ -60,9 +78,11 @@ def test_installed_import_names_are_the_libraries_own():
     find = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]["find"]
     shipped = set(find_packages(str(ROOT), include=find["include"], exclude=find.get("exclude", ())))
     assert {name.split(".")[0] for name in shipped} == {"dynconv_spec", "dynconv_jax", "dynconv_torch"}
-    library_packages = {".".join(path.parent.relative_to(ROOT).parts)
-                        for package in ("dynconv_spec", "dynconv_jax", "dynconv_torch")
-                        for path in (ROOT / package).rglob("__init__.py")}
+    library_packages = {
+        ".".join(path.parent.relative_to(ROOT).parts)
+        for package in ("dynconv_spec", "dynconv_jax", "dynconv_torch")
+        for path in (ROOT / package).rglob("__init__.py")
+    }
     assert shipped == library_packages
 
 
@@ -70,25 +90,34 @@ def test_installed_import_names_are_the_libraries_own():
 ACCEPTED = {"condconv": {"routing_dropout", "use_bias"}, "dynamic": {"min_channels"}, "odconv": {"attention_bn_init"}}
 
 
-@pytest.mark.parametrize("args,match", [
-    (("depthwise", 4, None, None), "conv='depthwise' is not a conv type"),
-    (("odconv", 0, None, None), "num_experts=0 must be a positive int"),
-    (("odconv", True, None, None), "num_experts=True must be a positive int"),
-    (("odconv", 2.0, None, None), "num_experts=2.0 must be a positive int"),
-    (("condconv", 4, 0.25, None), r"reduction=0.25 applies to conv in \('dynamic', 'odconv', 'kernelwarehouse'\)"),
-    (("dynamic", 4, 0.0, None), r"reduction=0.0 must be a number in \(0, 1\]"),
-    (("odconv", 4, 2, None), r"reduction=2 must be a number in \(0, 1\]"),
-    (("static", 4, None, {"use_bias": True}), "given with conv='static'"),
-    (("odconv", 4, None, [("attention_bn_init", 1.0)]), "conv_options=.* must be a mapping"),
-    # reserved in either framework's spelling: the torch name in a JAX model and the other way round
-    (("odconv", 4, None, {"kernel_num": 2}), r"may not set \['kernel_num'\]"),
-    (("dynamic", 4, None, {"strides": 2, "groups": 2}), r"may not set \['groups', 'strides'\]"),
-    (("condconv", 4, None, {"external_routing": True}), r"may not set \['external_routing'\]"),
-    (("condconv", 4, None, {"bias": True}), r"conv_options \['bias'\] are not options of the conv='condconv' layer"),
-    # the official ODConv spelling only where the official code is mirrored (ODConv2d, od_*), not in the models
-    (("odconv", 4, None, {"min_channel": 4}), r"conv_options \['min_channel'\] use the official ODConv spelling.*"
-                                              r"the models take \['min_channels'\]"),
-])
+@pytest.mark.parametrize(
+    "args,match",
+    [
+        (("depthwise", 4, None, None), "conv='depthwise' is not a conv type"),
+        (("odconv", 0, None, None), "num_experts=0 must be a positive int"),
+        (("odconv", True, None, None), "num_experts=True must be a positive int"),
+        (("odconv", 2.0, None, None), "num_experts=2.0 must be a positive int"),
+        (("condconv", 4, 0.25, None), r"reduction=0.25 applies to conv in \('dynamic', 'odconv', 'kernelwarehouse'\)"),
+        (("dynamic", 4, 0.0, None), r"reduction=0.0 must be a number in \(0, 1\]"),
+        (("odconv", 4, 2, None), r"reduction=2 must be a number in \(0, 1\]"),
+        (("static", 4, None, {"use_bias": True}), "given with conv='static'"),
+        (("odconv", 4, None, [("attention_bn_init", 1.0)]), "conv_options=.* must be a mapping"),
+        # reserved in either framework's spelling: the torch name in a JAX model and the other way round
+        (("odconv", 4, None, {"kernel_num": 2}), r"may not set \['kernel_num'\]"),
+        (("dynamic", 4, None, {"strides": 2, "groups": 2}), r"may not set \['groups', 'strides'\]"),
+        (("condconv", 4, None, {"external_routing": True}), r"may not set \['external_routing'\]"),
+        (
+            ("condconv", 4, None, {"bias": True}),
+            r"conv_options \['bias'\] are not options of the conv='condconv' layer",
+        ),
+        # the official ODConv spelling only where the official code is mirrored (ODConv2d, od_*), not in the models
+        (
+            ("odconv", 4, None, {"min_channel": 4}),
+            r"conv_options \['min_channel'\] use the official ODConv spelling.*"
+            r"the models take \['min_channels'\]",
+        ),
+    ],
+)
 def test_check_conv_args_rejects_by_name(args, match):
     with pytest.raises(ValueError, match=match):
         check_conv_args(*args, "Net", ACCEPTED)
@@ -132,7 +161,8 @@ def test_make_divisible_follows_the_tf_slim_rule():
 def test_both_registries_list_the_spec_names():
     assert tm.list_models() == jm.list_models() == sorted(dynconv_spec.MODEL_NAMES)
     assert set(nm.list_models()) == set(dynconv_spec.CONV_MODELS) | set(dynconv_spec.ODCONV_MODELS) | set(
-        dynconv_spec.KW_MODELS)
+        dynconv_spec.KW_MODELS
+    )
     assert jm.list_models("od_*") == sorted(dynconv_spec.ODCONV_MODELS)
 
 

@@ -1,6 +1,7 @@
 """The code's shape, checked on the source: no function longer than :data:`MAX_FUNCTION_LINES` lines in the
 libraries, ``train/`` and ``parity/``, and no import cycle among the project's modules (the imports inside
 functions included, which is where cycles hide)."""
+
 from __future__ import annotations
 
 import ast
@@ -44,7 +45,7 @@ def _imports(name: str, path: pathlib.Path, modules: Dict[str, pathlib.Path]) ->
         elif isinstance(node, ast.ImportFrom):
             base = node.module or ""
             if node.level:
-                parent = package.split(".")[:len(package.split(".")) - node.level + 1]
+                parent = package.split(".")[: len(package.split(".")) - node.level + 1]
                 base = ".".join(parent + ([base] if base else []))
             targets = [f"{base}.{alias.name}" if f"{base}.{alias.name}" in modules else base for alias in node.names]
         else:
@@ -74,8 +75,8 @@ def _cycles(graph: Dict[str, Set[str]]) -> List[List[str]]:
             elif succ in stack:
                 low[node] = min(low[node], index[succ])
         if low[node] == index[node]:
-            component = stack[stack.index(node):]
-            del stack[stack.index(node):]
+            component = stack[stack.index(node) :]
+            del stack[stack.index(node) :]
             if len(component) > 1:
                 components.append(sorted(component))
 

@@ -1,4 +1,5 @@
 """Tests of the user tools: exact static export, average-routing export, attention plots, ablation runner."""
+
 from __future__ import annotations
 
 import csv
@@ -60,15 +61,29 @@ def randomize(variables, key, scale=0.5):
     out = {"params": jax.tree_util.tree_map(lambda leaf: leaf + scale * draw(leaf, rng.standard_normal), params)}
     if "batch_stats" in variables:
         out["batch_stats"] = jax.tree_util.tree_map_with_path(
-            lambda path, v: (draw(v, lambda shape: rng.uniform(0.5, 2.0, shape)) if "var" in str(path[-1])
-                             else 0.3 * draw(v, rng.standard_normal)), variables["batch_stats"])
+            lambda path, v: (
+                draw(v, lambda shape: rng.uniform(0.5, 2.0, shape))
+                if "var" in str(path[-1])
+                else 0.3 * draw(v, rng.standard_normal)
+            ),
+            variables["batch_stats"],
+        )
     return out
 
 
 def make_jax_layer(kind, geometry, num_experts=4, **extra):
     cin, cout, k, s, g, d, p = geometry
-    module = JAX_LAYERS[kind](features=cout, kernel_size=k, strides=s, feature_group_count=g, kernel_dilation=d,
-                              padding=p, num_experts=num_experts, param_dtype=jnp.float64, **extra)
+    module = JAX_LAYERS[kind](
+        features=cout,
+        kernel_size=k,
+        strides=s,
+        feature_group_count=g,
+        kernel_dilation=d,
+        padding=p,
+        num_experts=num_experts,
+        param_dtype=jnp.float64,
+        **extra,
+    )
     x = jax.random.normal(jax.random.key(0), (4, 7, 6, cin), jnp.float64)
     variables = randomize(module.init(jax.random.key(1), x), jax.random.key(2))
     return module, variables, x
@@ -78,7 +93,9 @@ pytestmark = pytest.mark.usefixtures("float64")
 
 
 @pytest.mark.parametrize("kind", list(JAX_LAYERS))
-@pytest.mark.parametrize("geometry", [GEOMETRIES[i] for i in (1, 2, 3, 5)], ids=lambda g: f"{g[0]}-{g[1]}-k{g[2]}-s{g[3]}-g{g[4]}-d{g[5]}")
+@pytest.mark.parametrize(
+    "geometry", [GEOMETRIES[i] for i in (1, 2, 3, 5)], ids=lambda g: f"{g[0]}-{g[1]}-k{g[2]}-s{g[3]}-g{g[4]}-d{g[5]}"
+)
 def test_jax_static_export_exact(kind, geometry):
     module, variables, x = make_jax_layer(kind, geometry)
     export = jexport.export_static(module, variables, x[1])
@@ -95,7 +112,9 @@ def test_jax_static_export_temperature_single_expert_1d_and_external_routing():
     # Temperature is part of the folded routing.
     module, variables, x = make_jax_layer("odconv", GEOMETRIES[1])
     export = jexport.export_static(module, variables, x[:1], temperature=3.0)
-    assert rel_err(export.module.apply(export.variables, x[:1]), module.apply(variables, x[:1], temperature=3.0)) <= 1e-12
+    assert (
+        rel_err(export.module.apply(export.variables, x[:1]), module.apply(variables, x[:1], temperature=3.0)) <= 1e-12
+    )
     assert rel_err(export.module.apply(export.variables, x[:1]), module.apply(variables, x[:1])) > 1e-6
     # ODConv with K == 1 and a 1x1 kernel (the official fast path): kernel and spatial attention skipped.
     module, variables, x = make_jax_layer("odconv", GEOMETRIES[4], num_experts=1)
@@ -113,7 +132,9 @@ def test_jax_static_export_temperature_single_expert_1d_and_external_routing():
     routing = jnp.array([[0.2, 0.9, 0.1, 0.5]], jnp.float64)
     variables = randomize(module.init(jax.random.key(7), x, routing_weights=routing), jax.random.key(8))
     export = jexport.export_static(module, variables, x, routing_weights=routing)
-    assert rel_err(export.module.apply(export.variables, x), module.apply(variables, x, routing_weights=routing)) <= 1e-12
+    assert (
+        rel_err(export.module.apply(export.variables, x), module.apply(variables, x, routing_weights=routing)) <= 1e-12
+    )
 
 
 def test_jax_export_errors():
@@ -132,8 +153,9 @@ def test_jax_average_export_error_is_measured(kind):
     calibration = jax.random.normal(jax.random.key(9), (7, 7, 6, 8), jnp.float64)
     by_attention = jexport.export_average(module, variables, calibration, batch_size=3)
     # The reported error, recomputed in one full batch.
-    recomputed = rel_err(by_attention.module.apply(by_attention.variables, calibration),
-                         module.apply(variables, calibration))
+    recomputed = rel_err(
+        by_attention.module.apply(by_attention.variables, calibration), module.apply(variables, calibration)
+    )
     assert by_attention.relative_error == pytest.approx(recomputed, rel=1e-12)
     assert by_attention.relative_error > 1e-6  # an approximation, not exact
     # The folded attentions are the means of what the layer sowed.
@@ -144,8 +166,9 @@ def test_jax_average_export_error_is_measured(kind):
     if kind == "odconv":  # the attentions multiply: averaging them is not averaging the kernels
         assert rel_err(by_kernel.variables["params"]["kernel"], by_attention.variables["params"]["kernel"]) > 1e-6
     else:  # linear in the kernel attention: both reductions agree
-        np.testing.assert_allclose(by_kernel.variables["params"]["kernel"], by_attention.variables["params"]["kernel"],
-                                   rtol=1e-10, atol=1e-14)
+        np.testing.assert_allclose(
+            by_kernel.variables["params"]["kernel"], by_attention.variables["params"]["kernel"], rtol=1e-10, atol=1e-14
+        )
     # With a single calibration sample the average export is the exact export.
     one = jexport.export_average(module, variables, calibration[:1])
     assert one.relative_error <= 1e-12
@@ -171,8 +194,9 @@ TORCH_GEOMETRIES = [
 def make_torch_layer(kind, geometry, num_experts=4):
     cin, cout, k, s, g, d, p = geometry
     torch.manual_seed(0)
-    layer = TORCH_LAYERS[kind](cin, cout, k, stride=s, groups=g, dilation=d, padding=p,
-                               num_experts=num_experts).double()
+    layer = TORCH_LAYERS[kind](
+        cin, cout, k, stride=s, groups=g, dilation=d, padding=p, num_experts=num_experts
+    ).double()
     with torch.no_grad():
         for param in layer.parameters():
             param.add_(0.5 * torch.randn_like(param))
@@ -233,24 +257,37 @@ def test_jax_and_torch_exports_agree():
     """The same ODConv weights exported in both frameworks give the same static kernel."""
     layer, x = make_torch_layer("odconv", TORCH_GEOMETRIES[1])
     conv = texport.export_static(layer, x[0])
-    module = ODConv(features=12, kernel_size=(3, 3), strides=2, feature_group_count=2, padding=((1, 1), (0, 0)),
-                    min_channels=4, param_dtype=jnp.float64)
+    module = ODConv(
+        features=12,
+        kernel_size=(3, 3),
+        strides=2,
+        feature_group_count=2,
+        padding=((1, 1), (0, 0)),
+        min_channels=4,
+        param_dtype=jnp.float64,
+    )
     sd = {k: v.detach().numpy() for k, v in layer.state_dict().items()}
 
     def dense(name):
         return {"kernel": sd[f"attention.{name}.weight"][:, :, 0, 0].T, "bias": sd[f"attention.{name}.bias"]}
 
     variables = {
-        "params": {"kernel": sd["weight"].transpose(0, 3, 4, 2, 1),
-                   "attention": {"fc": {"kernel": sd["attention.fc.weight"][:, :, 0, 0].T},
-                                 "bn": {"scale": sd["attention.bn.weight"], "bias": sd["attention.bn.bias"]},
-                                 **{n: dense(n) for n in ("channel_fc", "filter_fc", "spatial_fc", "kernel_fc")}}},
-        "batch_stats": {"attention": {"bn": {"mean": sd["attention.bn.running_mean"],
-                                             "var": sd["attention.bn.running_var"]}}},
+        "params": {
+            "kernel": sd["weight"].transpose(0, 3, 4, 2, 1),
+            "attention": {
+                "fc": {"kernel": sd["attention.fc.weight"][:, :, 0, 0].T},
+                "bn": {"scale": sd["attention.bn.weight"], "bias": sd["attention.bn.bias"]},
+                **{n: dense(n) for n in ("channel_fc", "filter_fc", "spatial_fc", "kernel_fc")},
+            },
+        },
+        "batch_stats": {
+            "attention": {"bn": {"mean": sd["attention.bn.running_mean"], "var": sd["attention.bn.running_var"]}}
+        },
     }
     export = jexport.export_static(module, variables, jnp.asarray(x[0].numpy().transpose(1, 2, 0)))
-    np.testing.assert_allclose(export.variables["params"]["kernel"], conv.weight.detach().numpy().transpose(2, 3, 1, 0),
-                               rtol=1e-12, atol=1e-14)
+    np.testing.assert_allclose(
+        export.variables["params"]["kernel"], conv.weight.detach().numpy().transpose(2, 3, 1, 0), rtol=1e-12, atol=1e-14
+    )
 
 
 # ---------------------------------------------------------------------------------------------- inspection
@@ -272,13 +309,16 @@ def test_collect_and_plot_attentions(tmp_path):
     attentions = jinspect.collect_attentions(model, variables, x)
     assert list(attentions) == ["od", "cc"]
     od = attentions["od"]
-    assert {k: v.shape for k, v in od.items()} == {"kernel_attention": (6, 3), "channel_attention": (6, 3),
-                                                   "filter_attention": (6, 6), "spatial_attention": (6, 3, 3)}
+    assert {k: v.shape for k, v in od.items()} == {
+        "kernel_attention": (6, 3),
+        "channel_attention": (6, 3),
+        "filter_attention": (6, 6),
+        "spatial_attention": (6, 3, 3),
+    }
     np.testing.assert_allclose(od["kernel_attention"].sum(axis=1), 1.0, rtol=1e-6)
     assert attentions["cc"]["kernel_attention"].shape == (6, 4)
     # Entropy: 1 for uniform routing, 0 for one expert.
-    np.testing.assert_allclose(jinspect.routing_entropy(np.array([[0.25] * 4, [1.0, 0, 0, 0]])), [1.0, 0.0],
-                               atol=1e-12)
+    np.testing.assert_allclose(jinspect.routing_entropy(np.array([[0.25] * 4, [1.0, 0, 0, 0]])), [1.0, 0.0], atol=1e-12)
     paths = jinspect.plot_all(attentions, str(tmp_path / "plots"))
     names = sorted(p.rsplit("/", 1)[-1] for p in paths)
     assert names == ["kernel_attention.png", "odconv_od.png", "routing_entropy.png"]
@@ -289,8 +329,9 @@ def test_collect_and_plot_attentions(tmp_path):
 
 def test_torch_hooks_collect_what_the_layers_use():
     torch.manual_seed(0)
-    model = torch.nn.Sequential(ODConv2d(3, 6, 3, padding=1, kernel_num=3, min_channel=4), torch.nn.ReLU(),
-                                DynamicConv2d(6, 5, 3, stride=2)).eval()
+    model = torch.nn.Sequential(
+        ODConv2d(3, 6, 3, padding=1, kernel_num=3, min_channel=4), torch.nn.ReLU(), DynamicConv2d(6, 5, 3, stride=2)
+    ).eval()
     x = torch.randn(5, 3, 8, 8)
     attentions = tinspect.collect_attentions(model, x)
     assert list(attentions) == ["0", "2"]
@@ -308,8 +349,21 @@ def test_ablation_runner_tiny_digits(tmp_path):
     from train import ablate
 
     out = tmp_path / "ablate"
-    argv = ["--dataset", "digits", "--ks", "1,2", "--out", str(out), "--conv=dynamic", "--num_steps=2",
-            "--batch_size=16", "--base_width=4", "--progress=false", "--tensorboard=false", "--export=false"]
+    argv = [
+        "--dataset",
+        "digits",
+        "--ks",
+        "1,2",
+        "--out",
+        str(out),
+        "--conv=dynamic",
+        "--num_steps=2",
+        "--batch_size=16",
+        "--base_width=4",
+        "--progress=false",
+        "--tensorboard=false",
+        "--export=false",
+    ]
     assert ablate.main(argv) == 0
     with open(out / "ablation.csv") as f:
         rows = list(csv.DictReader(f))
@@ -325,8 +379,9 @@ def test_ablation_runner_tiny_digits(tmp_path):
     assert ablate.main(argv + ["--resume"]) == 0
     with open(out / "ablation.csv") as f:
         again = list(csv.DictReader(f))
-    assert [{k: r[k] for k in ("eval_accuracy", "params", "macs")} for r in again] == \
-        [{k: r[k] for k in ("eval_accuracy", "params", "macs")} for r in rows]
+    assert [{k: r[k] for k in ("eval_accuracy", "params", "macs")} for r in again] == [
+        {k: r[k] for k in ("eval_accuracy", "params", "macs")} for r in rows
+    ]
     assert ablate.main(["--ks", "1,x"]) == 2
 
 
@@ -336,23 +391,35 @@ def test_ablation_grid_of_conv_types_and_seeds(tmp_path):
     from train import ablate
     from train.config import parse_args
 
-    grid, out, rest = ablate._split_args(["--vary", "conv=static,odconv", "--seeds", "0,1", "--out", str(tmp_path),
-                                          "--num_epochs", "3"])
+    grid, out, rest = ablate._split_args(
+        ["--vary", "conv=static,odconv", "--seeds", "0,1", "--out", str(tmp_path), "--num_epochs", "3"]
+    )
     assert grid == [("conv", ["static", "odconv"]), ("seed", [0, 1])] and rest == ["--num_epochs=3"]
     base = parse_args(rest)
     runs = ablate.grid_configs(grid, base, out)
     assert [(c.conv, c.seed, c.num_epochs, os.path.basename(c.workdir)) for _, c in runs] == [
-        ("static", 0, 3, "conv-static_seed-0"), ("static", 1, 3, "conv-static_seed-1"),
-        ("odconv", 0, 3, "conv-odconv_seed-0"), ("odconv", 1, 3, "conv-odconv_seed-1")]
-    rows = [{**setting, "eval_accuracy": acc, "eval_loss": 0.1, "params": 10, "macs": 20, "train_seconds": 1.0}
-            for (setting, _), acc in zip(runs, (0.99, 0.98, 0.97))]  # the last run not finished yet
+        ("static", 0, 3, "conv-static_seed-0"),
+        ("static", 1, 3, "conv-static_seed-1"),
+        ("odconv", 0, 3, "conv-odconv_seed-0"),
+        ("odconv", 1, 3, "conv-odconv_seed-1"),
+    ]
+    rows = [
+        {**setting, "eval_accuracy": acc, "eval_loss": 0.1, "params": 10, "macs": 20, "train_seconds": 1.0}
+        for (setting, _), acc in zip(runs, (0.99, 0.98, 0.97))
+    ]  # the last run not finished yet
     ablate.write_outputs(rows, grid, base, out)
     table = (tmp_path / "ablation.md").read_text()
     assert "| static | 99.0 % | 98.0 % | 98.5 % | 98.0 % |" in table
     assert "| odconv | 97.0 % | – | 97.0 % | 97.0 % |" in table
     assert (tmp_path / "ablation.png").read_bytes()[:8] == PNG_MAGIC
-    for bad in (["--vary", "colour=red"], ["--vary", "conv"], ["--vary", "seed=1,1"], ["--seeds", "x"],
-                ["--vary", "conv=static", "--attention_bn_init=1.0"], ["--vary", "workdir=a,b"]):
+    for bad in (
+        ["--vary", "colour=red"],
+        ["--vary", "conv"],
+        ["--vary", "seed=1,1"],
+        ["--seeds", "x"],
+        ["--vary", "conv=static", "--attention_bn_init=1.0"],
+        ["--vary", "workdir=a,b"],
+    ):
         assert ablate.main(bad + ["--out", str(tmp_path / "bad")]) == 2, bad
     assert not (tmp_path / "bad").exists()
 
@@ -361,17 +428,29 @@ def test_ablation_grid_of_conv_types_and_seeds(tmp_path):
 CLI_USAGE_ERRORS = [  # (module, argv; {tmp}: an empty folder, {file}: a file in it), the one line on stderr
     ("train.export", ["--format", "onnx", "--out", "{tmp}/m.onnx", "--batch", "0"], r"error: --batch 0: must be >= 1"),
     ("train.export", ["--format", "onnx", "--out", "{tmp}"], r"error: --out='.*' is a directory"),
-    ("train.export", ["--format", "stablehlo", "--out", "{file}/m.bin"],
-     r"error: --out='.*file/m.bin' cannot be written: '.*file' is a file, not a folder"),
-    ("train.export", ["--format", "stablehlo", "--out", "{tmp}/missing/m.bin"],
-     r"error: --out='.*' cannot be written: the folder '.*missing' does not exist"),
+    (
+        "train.export",
+        ["--format", "stablehlo", "--out", "{file}/m.bin"],
+        r"error: --out='.*file/m.bin' cannot be written: '.*file' is a file, not a folder",
+    ),
+    (
+        "train.export",
+        ["--format", "stablehlo", "--out", "{tmp}/missing/m.bin"],
+        r"error: --out='.*' cannot be written: the folder '.*missing' does not exist",
+    ),
     ("train.plot_attention", ["--out", "{tmp}/plots", "--num_samples", "0"], r"error: --num_samples=0: need at least"),
     ("train.plot_attention", ["--out", "{file}/plots"], r"error: --out='.*' cannot be created: '.*file' is a file"),
     ("train.ablate", ["--out", "{file}", "--num_steps=1"], r"error: --out='.*file' is a file, not a folder"),
-    ("parity", ["--layers", "condconv", "--models", "none", "--quick", "--report", "{file}/report"],
-     r"error: --report='.*report' cannot be created: '.*file' is a file"),
-    ("train.evaluate", ["--model", "tf_efficientnet_cc_b0_4e", "--checkpoint", "{tmp}/nope.bin"],
-     r"error: checkpoint file '.*nope.bin' does not exist"),
+    (
+        "parity",
+        ["--layers", "condconv", "--models", "none", "--quick", "--report", "{file}/report"],
+        r"error: --report='.*report' cannot be created: '.*file' is a file",
+    ),
+    (
+        "train.evaluate",
+        ["--model", "tf_efficientnet_cc_b0_4e", "--checkpoint", "{tmp}/nope.bin"],
+        r"error: checkpoint file '.*nope.bin' does not exist",
+    ),
     ("dynconv_jax.summary", ["--num-experts", "0"], r"error: --num-experts 0: must be >= 1"),
     ("benchmarks", ["serving", "--models", "bogus"], r"error: --models: unknown \['bogus'\]; choose from resnet18"),
     ("benchmarks", ["layers", "--repeats", "0"], r"error: --repeats 0: must be >= 1"),
@@ -379,8 +458,9 @@ CLI_USAGE_ERRORS = [  # (module, argv; {tmp}: an empty folder, {file}: a file in
 ]
 
 
-@pytest.mark.parametrize("module,argv,match", CLI_USAGE_ERRORS, ids=[f"{m} {' '.join(a[-2:])}"
-                                                                     for m, a, _ in CLI_USAGE_ERRORS])
+@pytest.mark.parametrize(
+    "module,argv,match", CLI_USAGE_ERRORS, ids=[f"{m} {' '.join(a[-2:])}" for m, a, _ in CLI_USAGE_ERRORS]
+)
 def test_cli_usage_errors_exit_2_before_any_work(tmp_path, monkeypatch, capsys, module, argv, match):
     """Issue 35: each usage error exits 2 with one line naming the flag (not 1, not a traceback, a given value
     never replaced by the default), before the work starts (output paths were checked only after it) and
@@ -390,9 +470,16 @@ def test_cli_usage_errors_exit_2_before_any_work(tmp_path, monkeypatch, capsys, 
     def work(*args, **kwargs):
         raise AssertionError("the work started before the arguments were checked")
 
-    for target in ("train.plot_attention.load_run", "train.ablate.run_grid", "parity.__main__.run_units",
-                   "benchmarks.layers.run", "benchmarks.models.run", "benchmarks.serving.run",
-                   "dynconv_jax.summary.measure", "train.evaluate.preprocess"):
+    for target in (
+        "train.plot_attention.load_run",
+        "train.ablate.run_grid",
+        "parity.__main__.run_units",
+        "benchmarks.layers.run",
+        "benchmarks.models.run",
+        "benchmarks.serving.run",
+        "dynconv_jax.summary.measure",
+        "train.evaluate.preprocess",
+    ):
         monkeypatch.setattr(target, work)
     (tmp_path / "file").write_text("not a folder")
     argv = [a.format(tmp=tmp_path, file=tmp_path / "file") for a in argv]

@@ -6,6 +6,7 @@ one sample, in float64, to <= 1e-12 relative (max|a - b| / max|b|), over a seede
 the geometry grid in eval and train mode. The attentions of the reference are recomputed here
 from the layers' parameters (not taken from the layers).
 """
+
 from __future__ import annotations
 
 import itertools
@@ -47,8 +48,7 @@ def randomize_(layer: nn.Module, seed: int) -> nn.Module:
 # --------------------------------------------------------------------------- naive reference
 
 
-def naive_conv(x, experts, a, *, stride, padding, dilation, groups, spatial=None, channel=None, filt=None,
-               bias=None):
+def naive_conv(x, experts, a, *, stride, padding, dilation, groups, spatial=None, channel=None, filt=None, bias=None):
     """Loop over samples and experts: ``y_b = conv(x_b, W_b) + sum_k a_bk bias_k`` with
     ``W_b[o, i] = f_b[o] * c_b[in(o, i)] * s_b * sum_k a_bk W_k[o, i]``.
 
@@ -68,7 +68,7 @@ def naive_conv(x, experts, a, *, stride, padding, dilation, groups, spatial=None
         if filt is not None:
             w = w * filt[b][:, None, None, None]
         bb = None if bias is None else sum(a[b, k] * bias[k] for k in range(k_num))
-        outs.append(F.conv2d(x[b:b + 1], w, bb, stride=stride, padding=padding, dilation=dilation, groups=groups))
+        outs.append(F.conv2d(x[b : b + 1], w, bb, stride=stride, padding=padding, dilation=dilation, groups=groups))
     return torch.cat(outs)
 
 
@@ -84,8 +84,16 @@ def ref_condconv(layer: CondConv2d, x, dropout_seed=None):
         p = F.dropout(p, layer.routing_dropout, True)
     r = torch.sigmoid((p @ layer.routing_fn.weight.T + layer.routing_fn.bias) / layer.temperature)
     experts = layer.weight.reshape((layer.num_experts,) + layer.weight_shape)  # timm: rows are OIHW kernels
-    return naive_conv(x, experts, r, stride=layer.stride, padding=layer.padding, dilation=layer.dilation,
-                      groups=layer.groups, bias=layer.bias)
+    return naive_conv(
+        x,
+        experts,
+        r,
+        stride=layer.stride,
+        padding=layer.padding,
+        dilation=layer.dilation,
+        groups=layer.groups,
+        bias=layer.bias,
+    )
 
 
 def ref_dynamic(layer: DynamicConv2d, x):
@@ -93,8 +101,16 @@ def ref_dynamic(layer: DynamicConv2d, x):
     z = torch.relu(pooled(x) @ fc1.weight.T + fc1.bias) @ fc2.weight.T + fc2.bias
     pi = torch.exp(z / layer.temperature)
     pi = pi / pi.sum(dim=1, keepdim=True)
-    return naive_conv(x, layer.weight, pi, stride=layer.stride, padding=layer.padding, dilation=layer.dilation,
-                      groups=layer.groups, bias=layer.bias)
+    return naive_conv(
+        x,
+        layer.weight,
+        pi,
+        stride=layer.stride,
+        padding=layer.padding,
+        dilation=layer.dilation,
+        groups=layer.groups,
+        bias=layer.bias,
+    )
 
 
 def ref_odconv_attention(layer: ODConv2d, x, training: bool):
@@ -114,16 +130,29 @@ def ref_odconv_attention(layer: ODConv2d, x, training: bool):
     spatial = sig(head(att.spatial_fc))
     kz = head(att.kernel_fc)
     kernel = torch.ones(x.shape[0], 1, dtype=x.dtype) if kz is None else torch.exp(kz) / torch.exp(kz).sum(1, True)
-    return dict(channel=sig(head(att.channel_fc)), filt=sig(head(att.filter_fc)),
-                spatial=None if spatial is None else spatial.reshape((x.shape[0],) + layer.kernel_size),
-                kernel=kernel, h_pre_bn=pooled(x) @ att.fc.weight[:, :, 0, 0].T)
+    return dict(
+        channel=sig(head(att.channel_fc)),
+        filt=sig(head(att.filter_fc)),
+        spatial=None if spatial is None else spatial.reshape((x.shape[0],) + layer.kernel_size),
+        kernel=kernel,
+        h_pre_bn=pooled(x) @ att.fc.weight[:, :, 0, 0].T,
+    )
 
 
 def ref_odconv(layer: ODConv2d, x, training: bool):
     a = ref_odconv_attention(layer, x, training)
-    return naive_conv(x, layer.weight, a["kernel"], stride=layer.stride, padding=layer.padding,
-                      dilation=layer.dilation, groups=layer.groups, spatial=a["spatial"], channel=a["channel"],
-                      filt=a["filt"])
+    return naive_conv(
+        x,
+        layer.weight,
+        a["kernel"],
+        stride=layer.stride,
+        padding=layer.padding,
+        dilation=layer.dilation,
+        groups=layer.groups,
+        spatial=a["spatial"],
+        channel=a["channel"],
+        filt=a["filt"],
+    )
 
 
 # --------------------------------------------------------------------------- the randomized grid
@@ -135,8 +164,11 @@ N_PER_LAYER = 48
 
 def grid_sample(seed: int):
     """A seeded random sample of the full geometry product ('same' only with stride 1)."""
-    full = [c for c in itertools.product(KERNELS, STRIDES, PADDINGS, DILATIONS, GROUPS, BIASES, EXPERTS, BATCHES)
-            if not (c[2] == "same" and c[1] != 1)]
+    full = [
+        c
+        for c in itertools.product(KERNELS, STRIDES, PADDINGS, DILATIONS, GROUPS, BIASES, EXPERTS, BATCHES)
+        if not (c[2] == "same" and c[1] != 1)
+    ]
     rng = random.Random(seed)
     out = []
     for i, (k, s, pad, d, g, bias, n_exp, batch) in enumerate(rng.sample(full, N_PER_LAYER)):
@@ -149,36 +181,136 @@ def grid_sample(seed: int):
         h = max(rng.choice((7, 9, 11)), extent)  # mostly odd; big enough for 'valid'
         w = max(rng.choice((5, 9, 13)), extent)
         temperature = rng.choice((1.0, 3.7))
-        out.append(dict(cin=cin, cout=cout, kernel_size=k, stride=s, padding=padding, dilation=d, groups=groups,
-                        bias=bias, num_experts=n_exp, batch=batch, hw=(h, w), temperature=temperature, seed=i))
+        out.append(
+            dict(
+                cin=cin,
+                cout=cout,
+                kernel_size=k,
+                stride=s,
+                padding=padding,
+                dilation=d,
+                groups=groups,
+                bias=bias,
+                num_experts=n_exp,
+                batch=batch,
+                hw=(h, w),
+                temperature=temperature,
+                seed=i,
+            )
+        )
     return out
 
 
 EDGE_CASES = [  # beyond the sample: channel multiplier, pairs, asymmetric geometry, even sizes, 'same' with dilation
-    dict(cin=4, cout=8, kernel_size=3, stride=1, padding=1, dilation=1, groups=4, bias=True, num_experts=4,
-         batch=3, hw=(8, 6), temperature=1.0, seed=100),
-    dict(cin=4, cout=6, kernel_size=(3, 1), stride=(2, 1), padding=(1, 0), dilation=(1, 2), groups=2, bias=True,
-         num_experts=4, batch=2, hw=(7, 5), temperature=2.0, seed=101),
-    dict(cin=4, cout=6, kernel_size=5, stride=1, padding="same", dilation=2, groups=1, bias=False, num_experts=4,
-         batch=1, hw=(3, 4), temperature=1.0, seed=102),
-    dict(cin=6, cout=6, kernel_size=1, stride=2, padding=0, dilation=1, groups=6, bias=True, num_experts=1,
-         batch=3, hw=(9, 9), temperature=1.0, seed=103),
-    dict(cin=4, cout=6, kernel_size=(2, 4), stride=1, padding="same", dilation=1, groups=2, bias=True,
-         num_experts=4, batch=2, hw=(5, 7), temperature=1.0, seed=104),
+    dict(
+        cin=4,
+        cout=8,
+        kernel_size=3,
+        stride=1,
+        padding=1,
+        dilation=1,
+        groups=4,
+        bias=True,
+        num_experts=4,
+        batch=3,
+        hw=(8, 6),
+        temperature=1.0,
+        seed=100,
+    ),
+    dict(
+        cin=4,
+        cout=6,
+        kernel_size=(3, 1),
+        stride=(2, 1),
+        padding=(1, 0),
+        dilation=(1, 2),
+        groups=2,
+        bias=True,
+        num_experts=4,
+        batch=2,
+        hw=(7, 5),
+        temperature=2.0,
+        seed=101,
+    ),
+    dict(
+        cin=4,
+        cout=6,
+        kernel_size=5,
+        stride=1,
+        padding="same",
+        dilation=2,
+        groups=1,
+        bias=False,
+        num_experts=4,
+        batch=1,
+        hw=(3, 4),
+        temperature=1.0,
+        seed=102,
+    ),
+    dict(
+        cin=6,
+        cout=6,
+        kernel_size=1,
+        stride=2,
+        padding=0,
+        dilation=1,
+        groups=6,
+        bias=True,
+        num_experts=1,
+        batch=3,
+        hw=(9, 9),
+        temperature=1.0,
+        seed=103,
+    ),
+    dict(
+        cin=4,
+        cout=6,
+        kernel_size=(2, 4),
+        stride=1,
+        padding="same",
+        dilation=1,
+        groups=2,
+        bias=True,
+        num_experts=4,
+        batch=2,
+        hw=(5, 7),
+        temperature=1.0,
+        seed=104,
+    ),
 ]
 
 CASES = {name: grid_sample(seed) + EDGE_CASES for name, seed in (("condconv", 1), ("dynamic", 2), ("odconv", 3))}
 
 
 def build(name: str, cfg: dict, **extra) -> nn.Module:
-    geo = dict(stride=cfg["stride"], padding=cfg["padding"], dilation=cfg["dilation"], groups=cfg["groups"],
-               temperature=cfg["temperature"], dtype=DT)
+    geo = dict(
+        stride=cfg["stride"],
+        padding=cfg["padding"],
+        dilation=cfg["dilation"],
+        groups=cfg["groups"],
+        temperature=cfg["temperature"],
+        dtype=DT,
+    )
     if name == "condconv":
-        layer = CondConv2d(cfg["cin"], cfg["cout"], cfg["kernel_size"], bias=cfg["bias"],
-                           num_experts=cfg["num_experts"], **geo, **extra)
+        layer = CondConv2d(
+            cfg["cin"],
+            cfg["cout"],
+            cfg["kernel_size"],
+            bias=cfg["bias"],
+            num_experts=cfg["num_experts"],
+            **geo,
+            **extra,
+        )
     elif name == "dynamic":
-        layer = DynamicConv2d(cfg["cin"], cfg["cout"], cfg["kernel_size"], bias=cfg["bias"],
-                              num_experts=cfg["num_experts"], **geo, **extra)
+        layer = DynamicConv2d(
+            cfg["cin"],
+            cfg["cout"],
+            cfg["kernel_size"],
+            bias=cfg["bias"],
+            num_experts=cfg["num_experts"],
+            **geo,
+            **extra,
+        )
     else:  # ODConv has no bias
         layer = ODConv2d(cfg["cin"], cfg["cout"], cfg["kernel_size"], kernel_num=cfg["num_experts"], **geo, **extra)
     return randomize_(layer, cfg["seed"])
@@ -190,8 +322,11 @@ def make_input(cfg: dict, batch: int) -> torch.Tensor:
 
 
 def _ids(cases):
-    return [f"k{c['kernel_size']}-s{c['stride']}-p{c['padding']}-d{c['dilation']}-g{c['groups']}-b{int(c['bias'])}"
-            f"-K{c['num_experts']}-B{c['batch']}" for c in cases]
+    return [
+        f"k{c['kernel_size']}-s{c['stride']}-p{c['padding']}-d{c['dilation']}-g{c['groups']}-b{int(c['bias'])}"
+        f"-K{c['num_experts']}-B{c['batch']}"
+        for c in cases
+    ]
 
 
 @pytest.mark.parametrize("train", [False, True], ids=["eval", "train"])
@@ -233,8 +368,16 @@ def test_condconv_external_routing_matches_naive_loop():
     layer = build("condconv", cfg, external_routing=True)
     x = make_input(cfg, 3)
     r = torch.rand(3, 4, dtype=DT)
-    expected = naive_conv(x, layer.weight.reshape((4,) + layer.weight_shape), r, stride=layer.stride,
-                          padding=layer.padding, dilation=layer.dilation, groups=layer.groups, bias=layer.bias)
+    expected = naive_conv(
+        x,
+        layer.weight.reshape((4,) + layer.weight_shape),
+        r,
+        stride=layer.stride,
+        padding=layer.padding,
+        dilation=layer.dilation,
+        groups=layer.groups,
+        bias=layer.bias,
+    )
     assert rel_err(layer(x, r), expected) <= TOL
 
 
@@ -273,7 +416,7 @@ def _gradcheck(layer: nn.Module, x: torch.Tensor, *extra_inputs):
     extra = [e.detach().clone().requires_grad_(True) for e in extra_inputs]
 
     def f(x, *rest):
-        ps, ex = rest[:len(params)], rest[len(params):]
+        ps, ex = rest[: len(params)], rest[len(params) :]
         return functional_call(layer, dict(zip(names, ps)), (x, *ex))
 
     assert torch.autograd.gradcheck(f, (x, *params, *extra), eps=1e-6, atol=1e-7, rtol=1e-5, fast_mode=True)
@@ -281,31 +424,38 @@ def _gradcheck(layer: nn.Module, x: torch.Tensor, *extra_inputs):
 
 @pytest.mark.parametrize("train", [False, True], ids=["eval", "train"])
 def test_gradcheck_condconv(train):
-    layer = randomize_(CondConv2d(4, 4, 3, padding=1, groups=2, bias=True, num_experts=3, temperature=2.0, dtype=DT),
-                       0).train(train)
+    layer = randomize_(
+        CondConv2d(4, 4, 3, padding=1, groups=2, bias=True, num_experts=3, temperature=2.0, dtype=DT), 0
+    ).train(train)
     _gradcheck(layer, torch.randn(2, 4, 5, 5, dtype=DT))  # routing_dropout=0: deterministic in training
 
 
 def test_gradcheck_condconv_external_routing():
-    layer = randomize_(CondConv2d(4, 4, 3, stride=2, padding="valid", bias=True, num_experts=3,
-                                  external_routing=True, dtype=DT), 1)
+    layer = randomize_(
+        CondConv2d(4, 4, 3, stride=2, padding="valid", bias=True, num_experts=3, external_routing=True, dtype=DT), 1
+    )
     _gradcheck(layer, torch.randn(2, 4, 6, 5, dtype=DT), torch.rand(2, 3, dtype=DT))
 
 
 @pytest.mark.parametrize("train", [False, True], ids=["eval", "train"])
 def test_gradcheck_dynamic_conv(train):
-    layer = randomize_(DynamicConv2d(4, 4, 3, padding="same", dilation=2, groups=2, num_experts=3, temperature=3.0,
-                                     dtype=DT), 2).train(train)
+    layer = randomize_(
+        DynamicConv2d(4, 4, 3, padding="same", dilation=2, groups=2, num_experts=3, temperature=3.0, dtype=DT), 2
+    ).train(train)
     _gradcheck(layer, torch.randn(2, 4, 5, 5, dtype=DT))
 
 
 @pytest.mark.parametrize("train", [False, True], ids=["eval", "train"])
-@pytest.mark.parametrize("shape", [(4, 4, 3, 1, 2, 3), (4, 4, 3, 4, 4, 2), (4, 6, 1, 1, 1, 1)],
-                         ids=["3x3-g1-K3", "depthwise-K2", "1x1-K1-fastpath"])
+@pytest.mark.parametrize(
+    "shape",
+    [(4, 4, 3, 1, 2, 3), (4, 4, 3, 4, 4, 2), (4, 6, 1, 1, 1, 1)],
+    ids=["3x3-g1-K3", "depthwise-K2", "1x1-K1-fastpath"],
+)
 def test_gradcheck_odconv(shape, train):
     cin, cout, k, groups, _, n_exp = shape
-    layer = randomize_(ODConv2d(cin, cout, k, padding=k // 2, groups=groups, kernel_num=n_exp, temperature=2.0,
-                                dtype=DT), 3).train(train)
+    layer = randomize_(
+        ODConv2d(cin, cout, k, padding=k // 2, groups=groups, kernel_num=n_exp, temperature=2.0, dtype=DT), 3
+    ).train(train)
     _gradcheck(layer, torch.randn(2, cin, 4, 5, dtype=DT))
 
 
@@ -313,8 +463,12 @@ def test_gradcheck_odconv(shape, train):
 
 
 GEOMETRIES = [  # (cin, cout, kernel_size, stride, padding, dilation, groups)
-    (4, 6, 3, 1, 1, 1, 1), (4, 6, 3, 2, "valid", 1, 2), (4, 4, 5, 1, "same", 2, 4), (4, 8, 1, 2, 0, 1, 1),
-    (6, 6, 1, 1, 0, 1, 6), (4, 6, (3, 1), 1, (1, 0), 1, 2),
+    (4, 6, 3, 1, 1, 1, 1),
+    (4, 6, 3, 2, "valid", 1, 2),
+    (4, 4, 5, 1, "same", 2, 4),
+    (4, 8, 1, 2, 0, 1, 1),
+    (6, 6, 1, 1, 0, 1, 6),
+    (4, 6, (3, 1), 1, (1, 0), 1, 2),
 ]
 
 
@@ -337,8 +491,7 @@ def test_k1_neutral_reduces_to_conv2d(geo):
     assert rel_err(dyn(x), _static(*geo, dyn.weight[0], dyn.bias[0])(x)) <= TOL
 
     # CondConv: routing weight exactly 1 — from outside, or sigmoid(40) (== 1.0 in float64) inside.
-    ext = randomize_(CondConv2d(cin, cout, k, s, p, d, g, bias=True, num_experts=1, external_routing=True,
-                                dtype=DT), 1)
+    ext = randomize_(CondConv2d(cin, cout, k, s, p, d, g, bias=True, num_experts=1, external_routing=True, dtype=DT), 1)
     ref = _static(*geo, ext.weight.view((1,) + ext.weight_shape)[0], ext.bias[0])
     assert rel_err(ext(x, torch.ones(3, 1, dtype=DT)), ref(x)) <= TOL
     cc = randomize_(CondConv2d(cin, cout, k, s, p, d, g, bias=True, num_experts=1, dtype=DT), 2).eval()
@@ -370,10 +523,17 @@ def test_odconv_attentions_and_skips():
     att = full.attentions(x)
     ref = ref_odconv_attention(full, x, False)
     assert {k: tuple(v.shape) for k, v in att.items()} == {
-        "kernel_attention": (2, 4), "channel_attention": (2, 4), "filter_attention": (2, 6),
-        "spatial_attention": (2, 3, 3)}
-    for key, rkey in (("kernel_attention", "kernel"), ("channel_attention", "channel"),
-                      ("filter_attention", "filt"), ("spatial_attention", "spatial")):
+        "kernel_attention": (2, 4),
+        "channel_attention": (2, 4),
+        "filter_attention": (2, 6),
+        "spatial_attention": (2, 3, 3),
+    }
+    for key, rkey in (
+        ("kernel_attention", "kernel"),
+        ("channel_attention", "channel"),
+        ("filter_attention", "filt"),
+        ("spatial_attention", "spatial"),
+    ):
         assert rel_err(att[key], ref[rkey]) <= TOL
     assert torch.allclose(att["kernel_attention"].sum(1), torch.ones(2, dtype=DT), atol=1e-15, rtol=0)
     skipped = ODConv2d(4, 4, 1, groups=4, kernel_num=1, dtype=DT)  # depthwise, 1x1, K = 1
@@ -387,43 +547,89 @@ def test_odconv_attentions_and_skips():
 # Measured by running the official OSVAI/ODConv modules/odconv.py (commit acb771c) with torch 2.13.0:
 # ODConv2d(in_planes, out_planes, kernel_size, stride, padding, dilation, groups, reduction, kernel_num).state_dict()
 # -> {key: shape}. Our layer must produce exactly these keys and shapes.
-_BN = lambda a: {"attention.bn.weight": (a,), "attention.bn.bias": (a,), "attention.bn.running_mean": (a,),  # noqa
-                 "attention.bn.running_var": (a,), "attention.bn.num_batches_tracked": ()}
+_BN = lambda a: {
+    "attention.bn.weight": (a,),
+    "attention.bn.bias": (a,),
+    "attention.bn.running_mean": (a,),  # noqa
+    "attention.bn.running_var": (a,),
+    "attention.bn.num_batches_tracked": (),
+}
 OFFICIAL_ODCONV_STATE = {
     (64, 64, 3, 1, 1, 1, 1, 0.0625, 4): {
-        "weight": (4, 64, 64, 3, 3), "attention.fc.weight": (16, 64, 1, 1), **_BN(16),
-        "attention.channel_fc.weight": (64, 16, 1, 1), "attention.channel_fc.bias": (64,),
-        "attention.filter_fc.weight": (64, 16, 1, 1), "attention.filter_fc.bias": (64,),
-        "attention.spatial_fc.weight": (9, 16, 1, 1), "attention.spatial_fc.bias": (9,),
-        "attention.kernel_fc.weight": (4, 16, 1, 1), "attention.kernel_fc.bias": (4,)},
+        "weight": (4, 64, 64, 3, 3),
+        "attention.fc.weight": (16, 64, 1, 1),
+        **_BN(16),
+        "attention.channel_fc.weight": (64, 16, 1, 1),
+        "attention.channel_fc.bias": (64,),
+        "attention.filter_fc.weight": (64, 16, 1, 1),
+        "attention.filter_fc.bias": (64,),
+        "attention.spatial_fc.weight": (9, 16, 1, 1),
+        "attention.spatial_fc.bias": (9,),
+        "attention.kernel_fc.weight": (4, 16, 1, 1),
+        "attention.kernel_fc.bias": (4,),
+    },
     (32, 32, 3, 1, 1, 1, 32, 0.0625, 4): {  # depthwise: no filter_fc
-        "weight": (4, 32, 1, 3, 3), "attention.fc.weight": (16, 32, 1, 1), **_BN(16),
-        "attention.channel_fc.weight": (32, 16, 1, 1), "attention.channel_fc.bias": (32,),
-        "attention.spatial_fc.weight": (9, 16, 1, 1), "attention.spatial_fc.bias": (9,),
-        "attention.kernel_fc.weight": (4, 16, 1, 1), "attention.kernel_fc.bias": (4,)},
+        "weight": (4, 32, 1, 3, 3),
+        "attention.fc.weight": (16, 32, 1, 1),
+        **_BN(16),
+        "attention.channel_fc.weight": (32, 16, 1, 1),
+        "attention.channel_fc.bias": (32,),
+        "attention.spatial_fc.weight": (9, 16, 1, 1),
+        "attention.spatial_fc.bias": (9,),
+        "attention.kernel_fc.weight": (4, 16, 1, 1),
+        "attention.kernel_fc.bias": (4,),
+    },
     (16, 32, 1, 1, 0, 1, 1, 0.0625, 1): {  # 1x1, K = 1: no spatial_fc, no kernel_fc
-        "weight": (1, 32, 16, 1, 1), "attention.fc.weight": (16, 16, 1, 1), **_BN(16),
-        "attention.channel_fc.weight": (16, 16, 1, 1), "attention.channel_fc.bias": (16,),
-        "attention.filter_fc.weight": (32, 16, 1, 1), "attention.filter_fc.bias": (32,)},
+        "weight": (1, 32, 16, 1, 1),
+        "attention.fc.weight": (16, 16, 1, 1),
+        **_BN(16),
+        "attention.channel_fc.weight": (16, 16, 1, 1),
+        "attention.channel_fc.bias": (16,),
+        "attention.filter_fc.weight": (32, 16, 1, 1),
+        "attention.filter_fc.bias": (32,),
+    },
     (24, 48, 1, 2, 0, 1, 1, 0.0625, 4): {
-        "weight": (4, 48, 24, 1, 1), "attention.fc.weight": (16, 24, 1, 1), **_BN(16),
-        "attention.channel_fc.weight": (24, 16, 1, 1), "attention.channel_fc.bias": (24,),
-        "attention.filter_fc.weight": (48, 16, 1, 1), "attention.filter_fc.bias": (48,),
-        "attention.kernel_fc.weight": (4, 16, 1, 1), "attention.kernel_fc.bias": (4,)},
+        "weight": (4, 48, 24, 1, 1),
+        "attention.fc.weight": (16, 24, 1, 1),
+        **_BN(16),
+        "attention.channel_fc.weight": (24, 16, 1, 1),
+        "attention.channel_fc.bias": (24,),
+        "attention.filter_fc.weight": (48, 16, 1, 1),
+        "attention.filter_fc.bias": (48,),
+        "attention.kernel_fc.weight": (4, 16, 1, 1),
+        "attention.kernel_fc.bias": (4,),
+    },
     (512, 256, 3, 2, 1, 1, 1, 0.0625, 2): {  # A = int(512 / 16) = 32 > min_channel
-        "weight": (2, 256, 512, 3, 3), "attention.fc.weight": (32, 512, 1, 1), **_BN(32),
-        "attention.channel_fc.weight": (512, 32, 1, 1), "attention.channel_fc.bias": (512,),
-        "attention.filter_fc.weight": (256, 32, 1, 1), "attention.filter_fc.bias": (256,),
-        "attention.spatial_fc.weight": (9, 32, 1, 1), "attention.spatial_fc.bias": (9,),
-        "attention.kernel_fc.weight": (2, 32, 1, 1), "attention.kernel_fc.bias": (2,)},
+        "weight": (2, 256, 512, 3, 3),
+        "attention.fc.weight": (32, 512, 1, 1),
+        **_BN(32),
+        "attention.channel_fc.weight": (512, 32, 1, 1),
+        "attention.channel_fc.bias": (512,),
+        "attention.filter_fc.weight": (256, 32, 1, 1),
+        "attention.filter_fc.bias": (256,),
+        "attention.spatial_fc.weight": (9, 32, 1, 1),
+        "attention.spatial_fc.bias": (9,),
+        "attention.kernel_fc.weight": (2, 32, 1, 1),
+        "attention.kernel_fc.bias": (2,),
+    },
     (8, 8, 5, 1, 4, 2, 2, 0.25, 1): {
-        "weight": (1, 8, 4, 5, 5), "attention.fc.weight": (16, 8, 1, 1), **_BN(16),
-        "attention.channel_fc.weight": (8, 16, 1, 1), "attention.channel_fc.bias": (8,),
-        "attention.filter_fc.weight": (8, 16, 1, 1), "attention.filter_fc.bias": (8,),
-        "attention.spatial_fc.weight": (25, 16, 1, 1), "attention.spatial_fc.bias": (25,)},
+        "weight": (1, 8, 4, 5, 5),
+        "attention.fc.weight": (16, 8, 1, 1),
+        **_BN(16),
+        "attention.channel_fc.weight": (8, 16, 1, 1),
+        "attention.channel_fc.bias": (8,),
+        "attention.filter_fc.weight": (8, 16, 1, 1),
+        "attention.filter_fc.bias": (8,),
+        "attention.spatial_fc.weight": (25, 16, 1, 1),
+        "attention.spatial_fc.bias": (25,),
+    },
     (16, 16, 1, 1, 0, 1, 16, 0.0625, 1): {  # depthwise 1x1 K = 1: only fc, bn, channel_fc
-        "weight": (1, 16, 1, 1, 1), "attention.fc.weight": (16, 16, 1, 1), **_BN(16),
-        "attention.channel_fc.weight": (16, 16, 1, 1), "attention.channel_fc.bias": (16,)},
+        "weight": (1, 16, 1, 1, 1),
+        "attention.fc.weight": (16, 16, 1, 1),
+        **_BN(16),
+        "attention.channel_fc.weight": (16, 16, 1, 1),
+        "attention.channel_fc.bias": (16,),
+    },
 }
 
 
@@ -437,7 +643,9 @@ def test_odconv_state_dict_equals_official(args):
     assert _shapes(layer) == OFFICIAL_ODCONV_STATE[args]
     # an official-layout state dict loads with strict=True and lands where it should
     g = torch.Generator().manual_seed(0)
-    sd = {k: (torch.tensor(5) if s == () else torch.randn(s, generator=g)) for k, s in OFFICIAL_ODCONV_STATE[args].items()}
+    sd = {
+        k: (torch.tensor(5) if s == () else torch.randn(s, generator=g)) for k, s in OFFICIAL_ODCONV_STATE[args].items()
+    }
     layer.load_state_dict(sd, strict=True)
     assert all(torch.equal(v, sd[k]) for k, v in layer.state_dict().items())
 
@@ -450,8 +658,11 @@ def test_odconv_takes_the_official_and_the_library_spellings_but_not_both():
     assert _shapes(a) == _shapes(b)
     for official, generic in OFFICIAL_ODCONV_SPELLINGS.items():  # both given, even equal: which one was meant?
         args = {"in_planes": 8, "out_planes": 16, "kernel_size": 3, official: 4, generic: 4}
-        with pytest.raises(ValueError, match=rf"ODConv2d: {official}=4 and {generic}=4 are two spellings of one "
-                                             rf"argument \({official} is the official ODConv name"):
+        with pytest.raises(
+            ValueError,
+            match=rf"ODConv2d: {official}=4 and {generic}=4 are two spellings of one "
+            rf"argument \({official} is the official ODConv name",
+        ):
             ODConv2d(**args)
 
 
@@ -470,8 +681,11 @@ def test_condconv_state_dict_matches_timm(args):
     ext = CondConv2d(*args, external_routing=True)
     assert _shapes(ext) == TIMM_CONDCONV_STATE[args]
     own = CondConv2d(*args)
-    assert _shapes(own) == {**TIMM_CONDCONV_STATE[args], "routing_fn.weight": (n_exp, in_ch),
-                            "routing_fn.bias": (n_exp,)}
+    assert _shapes(own) == {
+        **TIMM_CONDCONV_STATE[args],
+        "routing_fn.weight": (n_exp, in_ch),
+        "routing_fn.bias": (n_exp,),
+    }
     sd = {k: torch.randn(s) for k, s in TIMM_CONDCONV_STATE[args].items()}
     ext.load_state_dict(sd, strict=True)
     assert all(torch.equal(v, sd[k]) for k, v in ext.state_dict().items())
@@ -571,8 +785,12 @@ def test_odconv_attention_norm_layer_and_none_train_with_a_batch_of_one():
 
 def test_temperature():
     x = torch.randn(2, 4, 6, 6, dtype=DT)
-    model = nn.Sequential(CondConv2d(4, 4, 3, padding=1, dtype=DT), nn.ReLU(), DynamicConv2d(4, 4, 3, padding=1, dtype=DT),
-                          ODConv2d(4, 4, 3, padding=1, dtype=DT))
+    model = nn.Sequential(
+        CondConv2d(4, 4, 3, padding=1, dtype=DT),
+        nn.ReLU(),
+        DynamicConv2d(4, 4, 3, padding=1, dtype=DT),
+        ODConv2d(4, 4, 3, padding=1, dtype=DT),
+    )
     model.eval()
     before = model(x)
     assert set_temperature(model, 30.0) == 3
@@ -604,28 +822,35 @@ LAYERS = {
 
 
 @pytest.mark.parametrize("name", list(LAYERS))
-@pytest.mark.parametrize("args,kwargs,match", [
-    ((6, 4, 3), dict(groups=4), r"in_channels=6 must be divisible by groups=4"),
-    ((4, 6, 3), dict(groups=4), r"out_channels=6 must be divisible by groups=4"),
-    ((4, 6, 3), dict(num_experts=0), r"number of experts K must be an int >= 1, got 0"),
-    ((4, 6, 3), dict(padding="full"), r"invalid padding string 'full', should be one of"),
-    ((4, 6, 3), dict(padding="SAME"), r"invalid padding string 'SAME'"),
-    ((4, 6, 3), dict(padding="same", stride=2), r"padding='same' is not supported for strided convolutions"),
-    ((4, 6, 3), dict(padding=-1), r"padding must be an int or a pair of ints >= 0"),
-    ((4, 6, 0), {}, r"kernel_size must be an int or a pair of ints >= 1"),
-    ((4, 6, (3, 3, 3)), {}, r"kernel_size must be an int or a pair"),
-    ((4, 6, 3), dict(stride=0), r"stride must be"),
-    ((4, 6, 3), dict(dilation=(1, 0)), r"dilation must be"),
-    ((0, 6, 3), {}, r"in_channels must be an int >= 1"),
-    ((4, 6, 3), dict(temperature=0.0), r"temperature=0.0 must be finite and > 0"),
-    # issue 35: the Flax layers' rules (dynconv_spec), before anything is allocated
-    ((4, 6, 3), dict(temperature=True), r"temperature=True is a bool"),
-    ((4, 6, 3), dict(temperature=1e-300), r"temperature=1e-300 is below 1e-06, the smallest temperature"),
-    ((4, 6, 3), dict(dtype=torch.int32), r"dtype=torch.int32 must be a real floating-point dtype"),
-    ((4, 6, 3), dict(dtype=torch.complex64), r"dtype=torch.complex64 must be a real floating-point dtype"),
-    ((4, 6, 3), dict(num_experts=10**9), r"expert bank \[1000000000, 6, 4, 3, 3\] \(num_experts=1000000000\) would "
-                                          r"hold 2.16e\+11 parameters"),
-])
+@pytest.mark.parametrize(
+    "args,kwargs,match",
+    [
+        ((6, 4, 3), dict(groups=4), r"in_channels=6 must be divisible by groups=4"),
+        ((4, 6, 3), dict(groups=4), r"out_channels=6 must be divisible by groups=4"),
+        ((4, 6, 3), dict(num_experts=0), r"number of experts K must be an int >= 1, got 0"),
+        ((4, 6, 3), dict(padding="full"), r"invalid padding string 'full', should be one of"),
+        ((4, 6, 3), dict(padding="SAME"), r"invalid padding string 'SAME'"),
+        ((4, 6, 3), dict(padding="same", stride=2), r"padding='same' is not supported for strided convolutions"),
+        ((4, 6, 3), dict(padding=-1), r"padding must be an int or a pair of ints >= 0"),
+        ((4, 6, 0), {}, r"kernel_size must be an int or a pair of ints >= 1"),
+        ((4, 6, (3, 3, 3)), {}, r"kernel_size must be an int or a pair"),
+        ((4, 6, 3), dict(stride=0), r"stride must be"),
+        ((4, 6, 3), dict(dilation=(1, 0)), r"dilation must be"),
+        ((0, 6, 3), {}, r"in_channels must be an int >= 1"),
+        ((4, 6, 3), dict(temperature=0.0), r"temperature=0.0 must be finite and > 0"),
+        # issue 35: the Flax layers' rules (dynconv_spec), before anything is allocated
+        ((4, 6, 3), dict(temperature=True), r"temperature=True is a bool"),
+        ((4, 6, 3), dict(temperature=1e-300), r"temperature=1e-300 is below 1e-06, the smallest temperature"),
+        ((4, 6, 3), dict(dtype=torch.int32), r"dtype=torch.int32 must be a real floating-point dtype"),
+        ((4, 6, 3), dict(dtype=torch.complex64), r"dtype=torch.complex64 must be a real floating-point dtype"),
+        (
+            (4, 6, 3),
+            dict(num_experts=10**9),
+            r"expert bank \[1000000000, 6, 4, 3, 3\] \(num_experts=1000000000\) would "
+            r"hold 2.16e\+11 parameters",
+        ),
+    ],
+)
 def test_constructor_errors(name, args, kwargs, match):
     with pytest.raises(ValueError, match=match) as info:
         LAYERS[name](*args, **kwargs)
@@ -655,8 +880,11 @@ def test_forward_input_errors(name):
     with pytest.raises(ValueError, match=r"expected a 4-D NCHW input \[B, C, H, W\], got shape \(4, 5, 5\)") as e:
         layer(torch.randn(4, 5, 5))
     assert str(e.value).startswith(where)
-    with pytest.raises(ValueError, match=r"expected 4 input channels \(dim 1 of NCHW\), got input of shape "
-                                         r"\(2, 3, 5, 5\)") as e:
+    with pytest.raises(
+        ValueError,
+        match=r"expected 4 input channels \(dim 1 of NCHW\), got input of shape "
+        r"\(2, 3, 5, 5\)",
+    ) as e:
         layer(torch.randn(2, 3, 5, 5))
     assert str(e.value).startswith(where)
     with pytest.raises(ValueError, match="empty batch"):
@@ -670,8 +898,11 @@ def test_forward_input_errors(name):
 def test_odconv_training_batch_of_one():
     layer = ODConv2d(4, 6, 3, padding=1)
     x = torch.randn(1, 4, 5, 5)
-    with pytest.raises(ValueError, match=r"^ODConv2d\(4, 6, kernel_size=\(3, 3\).*batch of one sample in training "
-                                         r"mode.*BatchNorm.*more than one sample"):
+    with pytest.raises(
+        ValueError,
+        match=r"^ODConv2d\(4, 6, kernel_size=\(3, 3\).*batch of one sample in training "
+        r"mode.*BatchNorm.*more than one sample",
+    ):
         layer.train()(x)
     with pytest.raises(ValueError, match="batch of one sample"):
         layer.attentions(x)
@@ -681,8 +912,11 @@ def test_odconv_training_batch_of_one():
 def test_condconv_routing_errors():
     ext = CondConv2d(4, 6, 3, num_experts=3, external_routing=True)
     x = torch.randn(2, 4, 5, 5)
-    with pytest.raises(ValueError, match=r"^CondConv2d\(.*external_routing=True, so forward\(x, routing_weights\) "
-                                         r"needs routing_weights of shape \[B, K\] = \[2, 3\]"):
+    with pytest.raises(
+        ValueError,
+        match=r"^CondConv2d\(.*external_routing=True, so forward\(x, routing_weights\) "
+        r"needs routing_weights of shape \[B, K\] = \[2, 3\]",
+    ):
         ext(x)
     with pytest.raises(ValueError, match=r"routing_weights must have shape \[B, K\] = \[2, 3\], got \(2, 4\)"):
         ext(x, torch.rand(2, 4))

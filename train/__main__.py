@@ -1,4 +1,5 @@
 """``python -m train [--key=value ...]``: train, evaluate, checkpoint and export (docs/training.md)."""
+
 from __future__ import annotations
 
 import logging
@@ -22,8 +23,8 @@ def main(argv=None) -> int:
     from train.checkpoint import CheckpointError
     from train.loop import TrainingDiverged, train_and_evaluate
     from train.preemption import EXIT_CODE, Preempted
-    from train.worker_watchdog import WorkerDied
     from train.workdir import WorkdirError
+    from train.worker_watchdog import WorkerDied
 
     logging.getLogger("absl").addFilter(_orbax_failure_reports)
     try:

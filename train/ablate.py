@@ -16,6 +16,7 @@ Parameters are counted from the variables, MACs with :func:`dynconv_jax.summary.
 Each run's workdir is ``DIR/<name>``: ``K4`` for the number of experts, ``conv-odconv_seed-1``
 etc. Every configuration is validated before the first run starts.
 """
+
 from __future__ import annotations
 
 import csv
@@ -55,8 +56,9 @@ def _parse_grid(specs: Sequence[Tuple[str, str]]) -> Grid:
     return grid
 
 
-def _split_args(argv: Sequence[str], default_grid: Sequence[Tuple[str, str]] = (("num_experts", "1,2,4,8"),)
-                ) -> Tuple[Grid, Optional[str], List[str]]:
+def _split_args(
+    argv: Sequence[str], default_grid: Sequence[Tuple[str, str]] = (("num_experts", "1,2,4,8"),)
+) -> Tuple[Grid, Optional[str], List[str]]:
     """Pull out ``--vary``/``--ks``/``--seeds`` (``default_grid`` when none is given) and ``--out``;
     join ``--key value`` pairs into ``--key=value`` for the train options."""
     types = _field_types()
@@ -106,8 +108,9 @@ def grid_configs(grid: Grid, base, out_dir: str) -> List[Tuple[Dict[str, object]
     return runs
 
 
-def run_grid(runs: Sequence[Tuple[Dict[str, object], object]],
-             on_row: Optional[Callable[[List[Dict[str, object]]], None]] = None) -> List[Dict[str, object]]:
+def run_grid(
+    runs: Sequence[Tuple[Dict[str, object], object]], on_row: Optional[Callable[[List[Dict[str, object]]], None]] = None
+) -> List[Dict[str, object]]:
     """Train the :func:`grid_configs` runs one after the other; one row per run (the varied
     options and :data:`METRICS`). ``on_row(rows so far)`` is called after each run."""
     # Here: JAX and the models load when a grid runs, not for --help or a usage error.
@@ -123,12 +126,19 @@ def run_grid(runs: Sequence[Tuple[Dict[str, object], object]],
         result = train_and_evaluate(config)  # with --resume, a complete run gives its saved summary (no state)
         dataset = data_lib.load_dataset(config)
         model = steps.create_model(config, dataset.num_classes, dataset.image_shape)
-        variables = jax.eval_shape(steps.init_variables_fn(model, dataset.image_shape),
-                                   jax.random.key(0, impl="rbg"))  # the counts need the shapes only
-        rows.append({**setting, "eval_accuracy": result["eval_accuracy"], "eval_loss": result["eval_loss"],
-                     "params": count_params(variables),
-                     "macs": count_macs(model, variables, (1,) + tuple(dataset.image_shape)).total,
-                     "train_seconds": round(result["seconds"], 1)})
+        variables = jax.eval_shape(
+            steps.init_variables_fn(model, dataset.image_shape), jax.random.key(0, impl="rbg")
+        )  # the counts need the shapes only
+        rows.append(
+            {
+                **setting,
+                "eval_accuracy": result["eval_accuracy"],
+                "eval_loss": result["eval_loss"],
+                "params": count_params(variables),
+                "macs": count_macs(model, variables, (1,) + tuple(dataset.image_shape)).total,
+                "train_seconds": round(result["seconds"], 1),
+            }
+        )
         if on_row is not None:
             on_row(rows)
     return rows
@@ -148,28 +158,44 @@ def markdown(rows: Sequence[Dict[str, object]], grid: Grid, base) -> str:
     budget = f"{base.num_steps} steps" if base.num_steps else f"{base.num_epochs} epochs"
     stated = {"model", "dataset", "num_epochs", "num_steps", "batch_size", "seed", "workdir", "progress"} | set(keys)
     default = Config()
-    fixed = "".join(f"{f.name}={getattr(base, f.name)}, " for f in dataclasses.fields(base)
-                    if f.name not in stated and getattr(base, f.name) != getattr(default, f.name))
-    lines = [f"Ablation over {', '.join(keys)}: {base.model} {fixed}on {base.dataset}, {budget} each, batch "
-             f"{base.batch_size}, every other option as `python -m train`'s"
-             + ("" if "seed" in keys else f" (seed {base.seed})") + ".", "",
-             "| " + " | ".join(keys) + " | eval accuracy | eval loss | params | MACs (1 image) | train s |",
-             "|" + "---|" * (len(keys) + 5)]
+    fixed = "".join(
+        f"{f.name}={getattr(base, f.name)}, "
+        for f in dataclasses.fields(base)
+        if f.name not in stated and getattr(base, f.name) != getattr(default, f.name)
+    )
+    lines = [
+        f"Ablation over {', '.join(keys)}: {base.model} {fixed}on {base.dataset}, {budget} each, batch "
+        f"{base.batch_size}, every other option as `python -m train`'s"
+        + ("" if "seed" in keys else f" (seed {base.seed})")
+        + ".",
+        "",
+        "| " + " | ".join(keys) + " | eval accuracy | eval loss | params | MACs (1 image) | train s |",
+        "|" + "---|" * (len(keys) + 5),
+    ]
     for r in rows:
-        lines.append("| " + " | ".join(str(r[k]) for k in keys) + f" | {r['eval_accuracy']:.4f} | "
-                     f"{r['eval_loss']:.4f} | {r['params']:,} | {r['macs']:,} | {r['train_seconds']} |")
+        lines.append(
+            "| " + " | ".join(str(r[k]) for k in keys) + f" | {r['eval_accuracy']:.4f} | "
+            f"{r['eval_loss']:.4f} | {r['params']:,} | {r['macs']:,} | {r['train_seconds']} |"
+        )
     if "seed" in keys:
         seeds = dict(grid)["seed"]
         others = [k for k in keys if k != "seed"]
-        lines += ["", "Test accuracy per setting and seed:", "",
-                  "| " + " | ".join(others + [f"seed {s}" for s in seeds]) + " | mean | min |",
-                  "|" + "---|" * (len(others) + len(seeds) + 2)]
+        lines += [
+            "",
+            "Test accuracy per setting and seed:",
+            "",
+            "| " + " | ".join(others + [f"seed {s}" for s in seeds]) + " | mean | min |",
+            "|" + "---|" * (len(others) + len(seeds) + 2),
+        ]
         for values, group in _settings(rows, others):
             accuracy = {r["seed"]: r["eval_accuracy"] for r in group}
             cells = [f"{100 * accuracy[s]:.1f} %" if s in accuracy else "–" for s in seeds]  # – : not run yet
             mean = sum(accuracy.values()) / len(accuracy)
-            lines.append("| " + " | ".join([str(v) for v in values] + cells) +
-                         f" | {100 * mean:.1f} % | {100 * min(accuracy.values()):.1f} % |")
+            lines.append(
+                "| "
+                + " | ".join([str(v) for v in values] + cells)
+                + f" | {100 * mean:.1f} % | {100 * min(accuracy.values()):.1f} % |"
+            )
     return "\n".join(lines) + "\n"
 
 
@@ -227,8 +253,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         grid, out_dir, rest = _split_args(argv)
         base = parse_args(rest)
-        out_dir = check_output_dir(out_dir or os.path.join("runs", f"ablate-{base.dataset}-{base.model}-" +
-                                                           "-".join(k for k, _ in grid)), "--out")
+        out_dir = check_output_dir(
+            out_dir or os.path.join("runs", f"ablate-{base.dataset}-{base.model}-" + "-".join(k for k, _ in grid)),
+            "--out",
+        )
         runs = grid_configs(grid, base, out_dir)  # every configuration checked before the first run
     except (UsageError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)

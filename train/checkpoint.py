@@ -35,6 +35,7 @@ A state with NaN/Inf is refused at save time. With several processes, every proc
 the same checkpoint, process 0 alone moves a corrupt one while the others wait at a barrier,
 then all go on to the next older one (the workdir must be on a file system they share).
 """
+
 from __future__ import annotations
 
 import errno
@@ -83,7 +84,7 @@ def _is_environment_error(error: BaseException) -> bool:
 
 def _shorten(text: str, limit: int = 400) -> str:
     """``text`` cut in the middle: tensorstore puts the OS error (e.g. "No space left on device") at the end."""
-    return text if len(text) <= limit else f"{text[:limit // 3]} ... {text[-(2 * limit) // 3:]}"
+    return text if len(text) <= limit else f"{text[: limit // 3]} ... {text[-(2 * limit) // 3 :]}"
 
 
 def tree_checksum(tree) -> str:
@@ -121,6 +122,7 @@ def _leaf_specs(tree) -> Dict[str, Tuple[np.dtype, Tuple[int, ...]]]:
 def _same_kind(a: np.dtype, b: np.dtype) -> bool:
     def kind(d):
         return "f" if np.issubdtype(d, np.floating) or d.name == "bfloat16" else d.kind
+
     return kind(a) == kind(b)
 
 
@@ -153,8 +155,11 @@ def committed_steps(workdir: str) -> List[int]:
     directory = os.path.join(workdir, "checkpoints")
     if not os.path.isdir(directory):
         return []
-    return sorted(int(name) for name in os.listdir(directory)
-                  if name.isdigit() and not ocp.utils.is_tmp_checkpoint(os.path.join(directory, name)))
+    return sorted(
+        int(name)
+        for name in os.listdir(directory)
+        if name.isdigit() and not ocp.utils.is_tmp_checkpoint(os.path.join(directory, name))
+    )
 
 
 class Checkpointer:
@@ -172,18 +177,22 @@ class Checkpointer:
         self.manager = None
         self._pending: Optional[int] = None  # the step whose write may still run in the background
         # Handlers registered up front: a fresh manager then also reads the array metadata.
-        handlers = {"state": ocp.StandardCheckpointHandler(), "meta": ocp.JsonCheckpointHandler(),
-                    "data": grain.checkpoint.CheckpointHandler()}
+        handlers = {
+            "state": ocp.StandardCheckpointHandler(),
+            "meta": ocp.JsonCheckpointHandler(),
+            "data": grain.checkpoint.CheckpointHandler(),
+        }
         if read_only:
             if os.path.isdir(self.directory):
-                options = ocp.CheckpointManagerOptions(read_only=True, create=False, save_interval_steps=0,
-                                                       max_to_keep=None, cleanup_tmp_directories=False)
+                options = ocp.CheckpointManagerOptions(
+                    read_only=True, create=False, save_interval_steps=0, max_to_keep=None, cleanup_tmp_directories=False
+                )
                 self.manager = ocp.CheckpointManager(self.directory, options=options, item_handlers=handlers)
         else:
             _remove_unfinished_writes(self.directory)
-            options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
-                                                   enable_async_checkpointing=asynchronous,
-                                                   cleanup_tmp_directories=False)
+            options = ocp.CheckpointManagerOptions(
+                max_to_keep=keep, create=True, enable_async_checkpointing=asynchronous, cleanup_tmp_directories=False
+            )
             self.manager = ocp.CheckpointManager(self.directory, options=options, item_handlers=handlers)
 
     def all_steps(self) -> List[int]:
@@ -193,8 +202,9 @@ class Checkpointer:
         """Names of the checkpoints moved to ``corrupt_checkpoints/`` (``'6'``, ``'6.1'``, ...)."""
         if not os.path.isdir(self.corrupt_directory):
             return []
-        return sorted(os.listdir(self.corrupt_directory), key=lambda n: tuple(int(p) for p in n.split(".")
-                                                                             if p.isdigit()))
+        return sorted(
+            os.listdir(self.corrupt_directory), key=lambda n: tuple(int(p) for p in n.split(".") if p.isdigit())
+        )
 
     def save(self, step: int, state, meta: Dict[str, Any], data_iterator=None) -> None:
         """Write ``state`` (a flax struct / pytree) and the state of ``data_iterator`` (a grain
@@ -213,8 +223,10 @@ class Checkpointer:
         host_state = jax.tree.map(lambda x: np.array(x, copy=True), jax.device_get(serialization.to_state_dict(state)))
         bad = nonfinite_leaves(host_state)
         if bad:
-            raise CheckpointError(f"refusing to save the state of step {step}: NaN/Inf in {', '.join(bad[:5])}"
-                                  f"{' ...' if len(bad) > 5 else ''}")
+            raise CheckpointError(
+                f"refusing to save the state of step {step}: NaN/Inf in {', '.join(bad[:5])}"
+                f"{' ...' if len(bad) > 5 else ''}"
+            )
         meta = dict(meta, step=int(step), checksum=tree_checksum(host_state))
         items = dict(state=ocp.args.StandardSave(host_state), meta=ocp.args.JsonSave(meta))
         if data_iterator is not None:
@@ -264,7 +276,8 @@ class Checkpointer:
         raise CheckpointWriteError(
             f"could not write the checkpoint of step {step} to {self.directory}"
             f"{' (disk full)' if disk_full else ''} ({type(error).__name__}: {_shorten(str(error))}); the earlier "
-            f"checkpoints ({earlier or 'none'}) are untouched") from error
+            f"checkpoints ({earlier or 'none'}) are untouched"
+        ) from error
 
     def _remove_partial(self, step: int) -> None:
         """Delete what a failed save of ``step`` left: Orbax temporaries (never a committed checkpoint)."""
@@ -285,29 +298,42 @@ class Checkpointer:
                 return read()
             except Exception as error:
                 if _is_environment_error(error) or _is_environment_error(error.__cause__ or error):
-                    raise CheckpointError(f"cannot read the {what} of checkpoint step {step} at {path} "
-                                          f"({type(error).__name__}: {error}); left in place") from error
+                    raise CheckpointError(
+                        f"cannot read the {what} of checkpoint step {step} at {path} "
+                        f"({type(error).__name__}: {error}); left in place"
+                    ) from error
                 raise _IntegrityFailure(
-                    f"its {what} cannot be read ({type(error).__name__}: {_shorten(str(error))})") from error
+                    f"its {what} cannot be read ({type(error).__name__}: {_shorten(str(error))})"
+                ) from error
 
-        meta = attempt("metadata", lambda: dict(self.manager.restore(
-            step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]))
+        meta = attempt(
+            "metadata",
+            lambda: dict(self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]),
+        )
         if meta.get("step") != step or not isinstance(meta.get("checksum"), str):
-            raise _IntegrityFailure(f"its metadata records step {meta.get('step')!r}, checksum "
-                                    f"{str(meta.get('checksum'))[:12]!r}")
+            raise _IntegrityFailure(
+                f"its metadata records step {meta.get('step')!r}, checksum {str(meta.get('checksum'))[:12]!r}"
+            )
         stored_tree = attempt("array metadata", lambda: self.manager.item_metadata(step)["state"].tree)
         stored = _leaf_specs(stored_tree)
         self._check_structure(step, path, stored, expected)
         # Read every array in the dtype it was stored with (the checksum covers those bytes).
         abstract = jax.tree_util.tree_map_with_path(
-            lambda p, _: np.zeros(stored[jax.tree_util.keystr(p)][1], stored[jax.tree_util.keystr(p)][0]), template)
-        restored = attempt("arrays", lambda: self.manager.restore(
-            step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract)))["state"])
+            lambda p, _: np.zeros(stored[jax.tree_util.keystr(p)][1], stored[jax.tree_util.keystr(p)][0]), template
+        )
+        restored = attempt(
+            "arrays",
+            lambda: self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract)))[
+                "state"
+            ],
+        )
         host_state = jax.tree.map(np.asarray, restored)
         checksum = tree_checksum(host_state)
         if checksum != meta["checksum"]:
-            raise _IntegrityFailure(f"array checksum {checksum[:12]}... differs from the recorded "
-                                    f"{meta['checksum'][:12]}... (the data was altered after saving)")
+            raise _IntegrityFailure(
+                f"array checksum {checksum[:12]}... differs from the recorded "
+                f"{meta['checksum'][:12]}... (the data was altered after saving)"
+            )
         host_state = self._normalise(step, host_state, expected)
         return serialization.from_state_dict(target, host_state), meta
 
@@ -318,25 +344,31 @@ class Checkpointer:
         for k in expected.keys() & stored.keys():
             (e_dtype, e_shape), (s_dtype, s_shape) = expected[k], stored[k]
             if e_shape != s_shape or not _same_kind(e_dtype, s_dtype):
-                problems.append(f"differs: {k} stored {s_dtype.name}{list(s_shape)}, current "
-                                f"{e_dtype.name}{list(e_shape)}")
+                problems.append(
+                    f"differs: {k} stored {s_dtype.name}{list(s_shape)}, current {e_dtype.name}{list(e_shape)}"
+                )
         if problems:
             raise CheckpointMismatch(
                 f"checkpoint step {step} at {path} is intact but does not fit the state this code builds "
                 f"({len(problems)} difference(s); was the code or the configuration changed?); every checkpoint "
-                f"was left in place:\n  " + "\n  ".join(sorted(problems)[:20])
-                + ("\n  ..." if len(problems) > 20 else ""))
+                f"was left in place:\n  "
+                + "\n  ".join(sorted(problems)[:20])
+                + ("\n  ..." if len(problems) > 20 else "")
+            )
 
     @staticmethod
     def _normalise(step: int, host_state, expected):
         """Cast every leaf to the dtype of the target (int32 <-> int64 under jax_enable_x64, ...)."""
+
         def cast(path, leaf):
             dtype = expected[jax.tree_util.keystr(path)][0]
             out = leaf.astype(dtype)
             if np.issubdtype(dtype, np.integer) and not np.array_equal(out.astype(leaf.dtype), leaf):
-                raise CheckpointMismatch(f"checkpoint step {step}: {jax.tree_util.keystr(path)} ({leaf.dtype}) "
-                                         f"does not fit in {dtype}")
+                raise CheckpointMismatch(
+                    f"checkpoint step {step}: {jax.tree_util.keystr(path)} ({leaf.dtype}) does not fit in {dtype}"
+                )
             return out
+
         return jax.tree_util.tree_map_with_path(cast, host_state)
 
     def restore_latest(self, target) -> Optional[Tuple[int, Any, Dict[str, Any]]]:
@@ -355,8 +387,10 @@ class Checkpointer:
             except _IntegrityFailure as failure:
                 path = os.path.join(self.directory, str(step))
                 where = "left it in place (read-only)" if self.read_only else f"moved it to {self._quarantine(step)}"
-                message = (f"checkpoint step {step} at {path} is damaged: {failure}; {where} "
-                           f"and falling back to the previous checkpoint")
+                message = (
+                    f"checkpoint step {step} at {path} is damaged: {failure}; {where} "
+                    f"and falling back to the previous checkpoint"
+                )
                 print(f"WARNING: {message}", file=sys.stderr, flush=True)
                 failures.append(message)
         if failures:
@@ -369,8 +403,12 @@ class Checkpointer:
         try:
             self.manager.restore(step, args=ocp.args.Composite(data=grain.checkpoint.CheckpointRestore(data_iterator)))
         except Exception as error:  # absent item, missing per-process file, state of another iterator layout
-            print(f"data iterator state of checkpoint step {step} not restored ({type(error).__name__}: "
-                  f"{str(error)[:200]}); restarting the data at step {step}", file=sys.stderr, flush=True)
+            print(
+                f"data iterator state of checkpoint step {step} not restored ({type(error).__name__}: "
+                f"{str(error)[:200]}); restarting the data at step {step}",
+                file=sys.stderr,
+                flush=True,
+            )
             return False
         return True
 

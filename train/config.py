@@ -5,6 +5,7 @@ Override any field from the command line with ``--key=value`` (see :func:`parse_
 help group and line, in its ``metadata``, make ``python -m train --help``);
 :meth:`Config.validate` rejects bad values with a message that names the field.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -28,8 +29,17 @@ STEMS = ("auto", "imagenet", "cifar")
 DTYPES = ("float32", "bfloat16", "float64")
 MAX_SEED = 2**63 - 1
 # The options that take one of a few names: checked by Config.validate, listed by --help.
-CHOICES = {"model": MODELS, "conv": CONVS, "optimizer": OPTIMIZERS, "schedule": SCHEDULES, "augment": AUGMENTS,
-           "stem": STEMS, "preprocess": PREPROCESSES, "dtype": DTYPES, "attention_norm": ATTENTION_NORMS}
+CHOICES = {
+    "model": MODELS,
+    "conv": CONVS,
+    "optimizer": OPTIMIZERS,
+    "schedule": SCHEDULES,
+    "augment": AUGMENTS,
+    "stem": STEMS,
+    "preprocess": PREPROCESSES,
+    "dtype": DTYPES,
+    "attention_norm": ATTENTION_NORMS,
+}
 
 
 class UsageError(ValueError):
@@ -52,13 +62,16 @@ GROUPS = {
 
 def _option_of(group: str):
     """A field maker for one help group: ``name: type = data("default", "one line of help")``."""
+
     def option(default, help: str):
         return dataclasses.field(default=default, metadata={"group": group, "help": help})
+
     return option
 
 
 _data, _model, _optimisation, _temperature, _kernelwarehouse, _numerics, _checkpointing, _logging, _parallelism = map(
-    _option_of, GROUPS)
+    _option_of, GROUPS
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -68,31 +81,38 @@ class Config:
     Each field's group and one-line help (its ``metadata``) make ``python -m train --help``.
     """
 
-    dataset: str = _data("digits", "'digits' (embedded), 'imagefolder' or a TFDS name with 'image' and 'label' "
-                                   "features")
+    dataset: str = _data(
+        "digits", "'digits' (embedded), 'imagefolder' or a TFDS name with 'image' and 'label' features"
+    )
     data_dir: Optional[str] = _data(None, "imagefolder: ROOT of ROOT/<split>/<class>/*.jpg; TFDS: its data_dir")
     train_split: str = _data("train", "split to train on")
     eval_split: str = _data("test", "split to evaluate on after every epoch")
-    preprocess: str = _data("auto", "cifar: native size; imagenet: resize and crop to --image_size; auto: cifar "
-                                    "for the digits and small fixed-size TFDS images")
-    image_size: Optional[int] = _data(None, "imagenet preprocessing: output side (none: 224); the others keep "
-                                            "the native size")
+    preprocess: str = _data(
+        "auto",
+        "cifar: native size; imagenet: resize and crop to --image_size; auto: cifar "
+        "for the digits and small fixed-size TFDS images",
+    )
+    image_size: Optional[int] = _data(
+        None, "imagenet preprocessing: output side (none: 224); the others keep the native size"
+    )
     augment: str = _data("auto", "training augmentation; auto: crop for the digits, crop_flip otherwise")
-    crop_padding: Optional[int] = _data(None, "cifar preprocessing: padding of the random crops (none: 1 pixel "
-                                              "for the digits, 4 otherwise)")
+    crop_padding: Optional[int] = _data(
+        None, "cifar preprocessing: padding of the random crops (none: 1 pixel for the digits, 4 otherwise)"
+    )
     data_workers: int = _data(0, "grain worker processes decoding and augmenting (0: in the training process)")
     model: str = _model("resnet18", "network (dynconv_jax.models)")
     conv: str = _model("dynamic", "convolution in the blocks (dynamic: DY-CNN)")
     num_experts: int = _model(4, "experts (kernels) K of each dynamic convolution")
-    stem: str = _model("auto", "cifar: a 3x3 conv; imagenet: a 7x7/2 conv and max pooling; auto: cifar for "
-                               "images up to 64 px")
+    stem: str = _model(
+        "auto", "cifar: a 3x3 conv; imagenet: a 7x7/2 conv and max pooling; auto: cifar for images up to 64 px"
+    )
     base_width: int = _model(16, "ResNet: channels of the first stage (64 in the papers)")
     width_mult: float = _model(1.0, "MobileNetV2 width multiplier")
     dropout: Optional[float] = _model(None, "dropout before the classifier (none: the model's default)")
-    attention_bn_init: Optional[float] = _model(None, "odconv: initial attention-BatchNorm scale (none: the "
-                                                      "layer's 0.1; the official code: 1.0)")
-    attention_norm: str = _model("batch", "odconv: normalisation in the attention (batch: the official "
-                                          "BatchNorm)")
+    attention_bn_init: Optional[float] = _model(
+        None, "odconv: initial attention-BatchNorm scale (none: the layer's 0.1; the official code: 1.0)"
+    )
+    attention_norm: str = _model("batch", "odconv: normalisation in the attention (batch: the official BatchNorm)")
     batch_size: int = _optimisation(64, "global batch, split over all devices of all processes")
     num_epochs: int = _optimisation(15, "epochs to train")
     num_steps: Optional[int] = _optimisation(None, "steps to train; when set, overrides --num_epochs")
@@ -102,8 +122,9 @@ class Config:
     nesterov: bool = _optimisation(True, "SGD: Nesterov momentum")
     beta2: float = _optimisation(0.999, "AdamW beta2")
     weight_decay: float = _optimisation(5e-4, "weight decay; not applied to BatchNorm parameters and biases")
-    schedule: str = _optimisation("cosine", "learning-rate decay after the warmup (step: x --decay_factor at "
-                                            "each of --decay_epochs)")
+    schedule: str = _optimisation(
+        "cosine", "learning-rate decay after the warmup (step: x --decay_factor at each of --decay_epochs)"
+    )
     decay_epochs: Tuple[float, ...] = _optimisation((), "step schedule: the epochs of the decays, E1,E2,...")
     decay_factor: float = _optimisation(0.1, "step schedule: learning-rate factor at each decay")
     warmup_epochs: float = _optimisation(1.0, "epochs of linear warmup from 0 to --learning_rate")
@@ -112,29 +133,41 @@ class Config:
     temp_init: float = _temperature(30.0, "temperature at step 0")
     temp_final: float = _temperature(1.0, "temperature at the end of the annealing and after it")
     temp_epochs: float = _temperature(5.0, "epochs of linear annealing from --temp_init to --temp_final")
-    kw_ratio: float = _kernelwarehouse(1.0, "cell_num_ratio: each warehouse holds this many times its layers' cells "
-                                            "(the parameter budget: 0.25, 0.5, 1, 2, 4 = KW 1/4x ... 4x)")
-    kw_inplane_ratio: float = _kernelwarehouse(1.0, "cell_inplane_ratio: a cell's input channels, as a fraction "
-                                                    "of the layers' common divisor (the 1/2x, 1/4x configs: 0.5)")
+    kw_ratio: float = _kernelwarehouse(
+        1.0,
+        "cell_num_ratio: each warehouse holds this many times its layers' cells "
+        "(the parameter budget: 0.25, 0.5, 1, 2, 4 = KW 1/4x ... 4x)",
+    )
+    kw_inplane_ratio: float = _kernelwarehouse(
+        1.0,
+        "cell_inplane_ratio: a cell's input channels, as a fraction "
+        "of the layers' common divisor (the 1/2x, 1/4x configs: 0.5)",
+    )
     kw_outplane_ratio: float = _kernelwarehouse(1.0, "cell_outplane_ratio: a cell's output channels, likewise")
-    kw_sharing_range: Optional[str] = _kernelwarehouse(None, "which layers share a warehouse: names such as "
-                                                             "layer,conv (or the official layer_conv); none: "
-                                                             "the model's default")
-    kw_basis_ratio: float = _kernelwarehouse(1.0, "nonlocal_basis_ratio: below 1, the other layers' cells go "
-                                                  "through a smaller basis")
+    kw_sharing_range: Optional[str] = _kernelwarehouse(
+        None,
+        "which layers share a warehouse: names such as "
+        "layer,conv (or the official layer_conv); none: "
+        "the model's default",
+    )
+    kw_basis_ratio: float = _kernelwarehouse(
+        1.0, "nonlocal_basis_ratio: below 1, the other layers' cells go through a smaller basis"
+    )
     kw_temp_init: float = _kernelwarehouse(1.0, "tau at step 0, in [0, 1] (official --temp_init_value)")
-    kw_temp_epochs: Optional[float] = _kernelwarehouse(None, "epochs of the linear warm-up of tau to 0 (official "
-                                                             "--temp_epoch, 20 on ImageNet; none: --temp_epochs)")
-    dtype: str = _numerics("float32", "bfloat16: bf16 compute, float32 parameters; float64: enables jax "
-                                      "x64")
+    kw_temp_epochs: Optional[float] = _kernelwarehouse(
+        None, "epochs of the linear warm-up of tau to 0 (official --temp_epoch, 20 on ImageNet; none: --temp_epochs)"
+    )
+    dtype: str = _numerics("float32", "bfloat16: bf16 compute, float32 parameters; float64: enables jax x64")
     seed: int = _numerics(0, "seed of the initialisation, the data order and the augmentation")
-    workdir: Optional[str] = _checkpointing(None, "folder of the run's checkpoints, metrics and export (none: "
-                                                  "runs/<dataset>-<model>-<conv>-<timestamp>)")
+    workdir: Optional[str] = _checkpointing(
+        None, "folder of the run's checkpoints, metrics and export (none: runs/<dataset>-<model>-<conv>-<timestamp>)"
+    )
     checkpoint_every_steps: int = _checkpointing(200, "save an Orbax checkpoint every N steps (and at the end)")
     keep_checkpoints: int = _checkpointing(3, "newest checkpoints to keep")
     resume: bool = _checkpointing(False, "continue the run in --workdir from its newest checkpoint")
-    allow_restart: bool = _checkpointing(False, "--resume may start from step 0 after every checkpoint was "
-                                                "quarantined as damaged")
+    allow_restart: bool = _checkpointing(
+        False, "--resume may start from step 0 after every checkpoint was quarantined as damaged"
+    )
     log_every_steps: int = _logging(50, "training metrics every N steps (and at epoch ends)")
     progress: bool = _logging(True, "a tqdm progress bar (false: plain log lines)")
     tensorboard: bool = _logging(True, "TensorBoard events in --workdir/tensorboard")
@@ -143,6 +176,7 @@ class Config:
 
     def validate(self) -> "Config":
         """Raise :class:`UsageError` naming the field for any value the run cannot use."""
+
         def choice(name, allowed):
             if getattr(self, name) not in allowed:
                 raise UsageError(f"--{name}={getattr(self, name)!r}: expected one of {', '.join(allowed)}")
@@ -161,32 +195,53 @@ class Config:
         if not 0 <= self.seed <= MAX_SEED:  # NumPy's generators take no negative seed, JAX's key no larger one
             raise UsageError(f"--seed={self.seed}: must be an integer from 0 to 2**63 - 1")
         if not self.dataset.strip():
-            raise UsageError(f"--dataset={self.dataset!r}: name a data set: 'digits' (embedded), 'imagefolder' "
-                             f"(with --data_dir) or a TFDS name such as 'cifar10'")
+            raise UsageError(
+                f"--dataset={self.dataset!r}: name a data set: 'digits' (embedded), 'imagefolder' "
+                f"(with --data_dir) or a TFDS name such as 'cifar10'"
+            )
         for name, allowed in CHOICES.items():
             if name != "attention_norm":  # checked after the numbers (its message reads better there)
                 choice(name, allowed)
-        for name in ("num_experts", "base_width", "width_mult", "batch_size", "num_epochs", "num_steps",
-                     "learning_rate", "checkpoint_every_steps", "keep_checkpoints", "log_every_steps",
-                     "temp_init", "temp_final", "grad_clip_norm", "image_size", "decay_factor",
-                     "attention_bn_init"):
+        for name in (
+            "num_experts",
+            "base_width",
+            "width_mult",
+            "batch_size",
+            "num_epochs",
+            "num_steps",
+            "learning_rate",
+            "checkpoint_every_steps",
+            "keep_checkpoints",
+            "log_every_steps",
+            "temp_init",
+            "temp_final",
+            "grad_clip_norm",
+            "image_size",
+            "decay_factor",
+            "attention_bn_init",
+        ):
             positive(name)
         for name in ("weight_decay", "warmup_epochs", "temp_epochs", "crop_padding", "data_workers"):
             positive(name, allow_zero=True)
         choice("attention_norm", ATTENTION_NORMS)
         self._validate_kernelwarehouse()
         if self.schedule == "step" and not self.decay_epochs:
-            raise UsageError("--schedule=step needs --decay_epochs=E1,E2,... (epochs at which the learning rate "
-                             "is multiplied by --decay_factor)")
+            raise UsageError(
+                "--schedule=step needs --decay_epochs=E1,E2,... (epochs at which the learning rate "
+                "is multiplied by --decay_factor)"
+            )
         if list(self.decay_epochs) != sorted(self.decay_epochs) or any(e <= 0 for e in self.decay_epochs):
             raise UsageError(f"--decay_epochs={','.join(map(str, self.decay_epochs))}: must be increasing and > 0")
         for name, unset in (("attention_bn_init", None), ("attention_norm", "batch")):
             if getattr(self, name) != unset and self.conv != "odconv":
-                raise UsageError(f"--{name}={getattr(self, name)!r} applies to --conv=odconv only, "
-                                 f"not --conv={self.conv}")
+                raise UsageError(
+                    f"--{name}={getattr(self, name)!r} applies to --conv=odconv only, not --conv={self.conv}"
+                )
         if self.attention_norm == "none" and self.attention_bn_init is not None:
-            raise UsageError(f"--attention_bn_init={self.attention_bn_init!r} sets the initial scale of the "
-                             "attention normalisation; --attention_norm=none has none")
+            raise UsageError(
+                f"--attention_bn_init={self.attention_bn_init!r} sets the initial scale of the "
+                "attention normalisation; --attention_norm=none has none"
+            )
         if self.dropout is not None and not 0.0 <= self.dropout < 1.0:
             raise UsageError(f"--dropout={self.dropout!r}: must be in [0, 1)")
         if not 0.0 <= self.label_smoothing < 1.0:
@@ -199,17 +254,24 @@ class Config:
         """The --kw_* options apply to --conv=kernelwarehouse only; --temp_init/--temp_final to the other convs."""
         defaults = {f.name: f.default for f in dataclasses.fields(self)}
         if self.conv != KW_CONV:
-            changed = [f.name for f in dataclasses.fields(self) if f.metadata["group"] == "kernelwarehouse"
-                       and getattr(self, f.name) != defaults[f.name]]
+            changed = [
+                f.name
+                for f in dataclasses.fields(self)
+                if f.metadata["group"] == "kernelwarehouse" and getattr(self, f.name) != defaults[f.name]
+            ]
             if changed:
-                raise UsageError(f"--{changed[0]}={getattr(self, changed[0])!r} applies to --conv={KW_CONV} only, "
-                                 f"not --conv={self.conv}")
+                raise UsageError(
+                    f"--{changed[0]}={getattr(self, changed[0])!r} applies to --conv={KW_CONV} only, "
+                    f"not --conv={self.conv}"
+                )
             return
         for name in ("temp_init", "temp_final"):
             if getattr(self, name) != defaults[name]:
-                raise UsageError(f"--{name}={getattr(self, name)!r}: --conv={KW_CONV} has no softmax temperature; "
-                                 f"its warm-up blends (1 - tau) * attention + tau * one-hot, tau going from "
-                                 f"--kw_temp_init to 0 over --kw_temp_epochs")
+                raise UsageError(
+                    f"--{name}={getattr(self, name)!r}: --conv={KW_CONV} has no softmax temperature; "
+                    f"its warm-up blends (1 - tau) * attention + tau * one-hot, tau going from "
+                    f"--kw_temp_init to 0 over --kw_temp_epochs"
+                )
         for name in ("kw_ratio", "kw_inplane_ratio", "kw_outplane_ratio", "kw_basis_ratio"):
             if not getattr(self, name) > 0:
                 raise UsageError(f"--{name}={getattr(self, name)!r}: must be > 0")
@@ -250,7 +312,8 @@ def _parse_value(name: str, text: str, annotation):
         return text
     except ValueError:
         kind = {bool: "true/false", int: "an integer", float: "a number"}.get(
-            base, "comma-separated numbers" if typing.get_origin(base) is tuple else "a string")
+            base, "comma-separated numbers" if typing.get_origin(base) is tuple else "a string"
+        )
         extra = " or none" if optional else ""
         raise UsageError(f"--{name}={text!r}: expected {kind}{extra}") from None
 
@@ -294,8 +357,10 @@ def _preset_line(fields: dict) -> str:
     if schedule == "step":
         schedule += " x" + _shown(c["decay_factor"]) + " at " + ",".join(f"{e:g}" for e in c["decay_epochs"])
     size = conv_size(c["conv"], c["num_experts"], c["kw_ratio"])
-    return (f"{c['model']} {c['conv']} {size}, {c['dataset']}, {c['num_epochs']} epochs, "
-            f"batch {c['batch_size']}, {c['optimizer']} lr {c['learning_rate']:g} {schedule}")
+    return (
+        f"{c['model']} {c['conv']} {size}, {c['dataset']}, {c['num_epochs']} epochs, "
+        f"batch {c['batch_size']}, {c['optimizer']} lr {c['learning_rate']:g} {schedule}"
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -303,14 +368,19 @@ def build_parser() -> argparse.ArgumentParser:
     width = max(map(len, PRESETS))
     presets = "\n".join(f"  {name:<{width}}  {_preset_line(fields)}" for name, fields in sorted(PRESETS.items()))
     parser = _Parser(
-        prog="python -m train", usage="python -m train [--config=PRESET] [--key=value ...]", add_help=False, allow_abbrev=False, argument_default=argparse.SUPPRESS,
+        prog="python -m train",
+        usage="python -m train [--config=PRESET] [--key=value ...]",
+        add_help=False,
+        allow_abbrev=False,
+        argument_default=argparse.SUPPRESS,
         formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Train a dynconv_jax model with optax on the embedded digits (default), an image folder or a "
-                    "TFDS data set;\nevaluate every epoch, checkpoint, and export to PyTorch at the end. "
-                    "Options: --key=value (or --key value);\na bare --flag sets a boolean option, 'none' "
-                    "clears an optional one.",
+        "TFDS data set;\nevaluate every epoch, checkpoint, and export to PyTorch at the end. "
+        "Options: --key=value (or --key value);\na bare --flag sets a boolean option, 'none' "
+        "clears an optional one.",
         epilog=f"presets (--config=NAME; the options given with it override it):\n{presets}\n\n"
-               "Recipes, outputs, resuming and multi-process runs: docs/training.md")
+        "Recipes, outputs, resuming and multi-process runs: docs/training.md",
+    )
     parser.add_argument("-h", "--help", action="store_true", help="show this help and exit")
     parser.add_argument("--config", metavar="PRESET", help="start from a preset (listed below)")
     groups = {key: parser.add_argument_group(title) for key, title in GROUPS.items()}
@@ -318,8 +388,9 @@ def build_parser() -> argparse.ArgumentParser:
     for f in dataclasses.fields(Config):
         help = f"{f.metadata['help']} (default: {_shown(f.default)})".replace("%", "%%")
         options = dict(nargs="?", const="true") if types[f.name] is bool else {}
-        groups[f.metadata["group"]].add_argument(f"--{f.name}", metavar=_metavar(f.name, types[f.name]), help=help,
-                                                 **options)
+        groups[f.metadata["group"]].add_argument(
+            f"--{f.name}", metavar=_metavar(f.name, types[f.name]), help=help, **options
+        )
     return parser
 
 
@@ -329,7 +400,7 @@ def _check_option_names(argv: Sequence[str], known: Sequence[str]) -> None:
         key = arg[2:].partition("=")[0] if arg.startswith("--") else None
         if key is not None and key not in known:
             close = difflib.get_close_matches(key, known, n=3, cutoff=0.6)
-            close += [k for k in known if key in k.split("_") and k not in close][:3 - len(close)]
+            close += [k for k in known if key in k.split("_") and k not in close][: 3 - len(close)]
             hint = f"; did you mean --{close[0]}?" if close else ""
             also = f" (also close: {', '.join('--' + k for k in close[1:])})" if close[1:] else ""
             raise UsageError(f"unknown option --{key}{hint}{also}; python -m train --help lists every option")
@@ -343,8 +414,12 @@ def parse_args(argv: Sequence[str], base: Optional[Config] = None) -> Config:
     it). Unknown options (with the closest names), malformed values and unusable combinations raise
     :class:`UsageError` naming the option.
     """
-    argv = [("--" + arg[2:].partition("=")[0].replace("-", "_") + arg[2:].partition("=")[1]
-             + arg[2:].partition("=")[2]) if arg.startswith("--") else arg for arg in argv]
+    argv = [
+        ("--" + arg[2:].partition("=")[0].replace("-", "_") + arg[2:].partition("=")[1] + arg[2:].partition("=")[2])
+        if arg.startswith("--")
+        else arg
+        for arg in argv
+    ]
     types = _field_types()
     _check_option_names(argv, [*types, "config", "help"])
     presets = [arg for arg in argv if arg == "--config" or arg.startswith("--config=")]
@@ -385,8 +460,9 @@ def from_json(text: str, source: str = "config.json") -> Config:
     try:
         fields = json.loads(text)
     except json.JSONDecodeError as error:
-        raise UsageError(f"{source} is not valid JSON ({error}); it is not the configuration a "
-                         f"`python -m train` run writes") from None
+        raise UsageError(
+            f"{source} is not valid JSON ({error}); it is not the configuration a `python -m train` run writes"
+        ) from None
     if not isinstance(fields, dict):
         raise UsageError(f"{source} holds a JSON {type(fields).__name__}, expected an object of options")
     types = _field_types()

@@ -2,6 +2,7 @@
 preprocessing (:mod:`train.preprocess`), as :func:`load_dataset` chooses them; batches of it come from
 :class:`train.pipeline.Pipeline`. See docs/training.md, "Input pipeline".
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -14,7 +15,7 @@ from train.config import UsageError
 from train.preprocess import DECODE_ERRORS, IMAGENET_MEAN, IMAGENET_STD, Preprocess, decode
 from train.sources import MAX_CONSECUTIVE_BAD, FolderSource, TfdsSource, load_digits_npz, open_folder
 
-STATS_RECORDS = 10_000       # 'cifar'/'none' normalisation: channel statistics of at most this many records
+STATS_RECORDS = 10_000  # 'cifar'/'none' normalisation: channel statistics of at most this many records
 
 
 @dataclasses.dataclass(frozen=True)
@@ -77,8 +78,11 @@ def _channel_stats(source, channels: int) -> Tuple[Tuple[float, ...], Tuple[floa
 def _first_image_shape(source) -> Tuple[int, ...]:
     for index in range(min(len(source), MAX_CONSECUTIVE_BAD)):
         try:
-            return decode(source[index]["image"], 3).shape if isinstance(source, FolderSource) \
+            return (
+                decode(source[index]["image"], 3).shape
+                if isinstance(source, FolderSource)
                 else np.shape(source[index]["image"])
+            )
         except DECODE_ERRORS:
             continue
     raise UsageError(f"no readable image among the first records of {source.describe(0)}")
@@ -95,21 +99,27 @@ def check_readable(source, transform, what: str) -> None:
         except DECODE_ERRORS:
             continue
     where = f" ({os.path.join(source.root, source.split)})" if isinstance(source, FolderSource) else ""
-    raise UsageError(f"no image of the {what} split {source.split!r}{where} can be read ({len(source)} record(s) "
-                     f"tried); choose another --{what}_split or repair the files")
+    raise UsageError(
+        f"no image of the {what} split {source.split!r}{where} can be read ({len(source)} record(s) "
+        f"tried); choose another --{what}_split or repair the files"
+    )
 
 
 def load_dataset(config) -> Dataset:
     """The sources and preprocessing named by ``config`` (``dataset``, ``data_dir``, splits, ``preprocess``,
     ``image_size``, ``augment``, ``crop_padding``)."""
     if config.dataset == "digits":
-        ignored = [f"--{name}={getattr(config, name)!r}" for name, default in
-                   (("train_split", "train"), ("eval_split", "test"), ("data_dir", None))
-                   if getattr(config, name) != default]
+        ignored = [
+            f"--{name}={getattr(config, name)!r}"
+            for name, default in (("train_split", "train"), ("eval_split", "test"), ("data_dir", None))
+            if getattr(config, name) != default
+        ]
         if ignored:  # the embedded digits have one fixed train/test split and no files to point at
-            raise UsageError(f"--dataset=digits has only its embedded 'train' and 'test' splits and reads no "
-                             f"--data_dir: {', '.join(ignored)} would be ignored; leave them out or choose "
-                             f"--dataset=imagefolder or a TFDS --dataset")
+            raise UsageError(
+                f"--dataset=digits has only its embedded 'train' and 'test' splits and reads no "
+                f"--data_dir: {', '.join(ignored)} would be ignored; leave them out or choose "
+                f"--dataset=imagefolder or a TFDS --dataset"
+            )
         train, evaluation = load_digits_npz()
         num_classes, channels, native = 10, 1, 8
         kind = "cifar"
@@ -133,11 +143,15 @@ def load_dataset(config) -> Dataset:
         mean, std = IMAGENET_MEAN, IMAGENET_STD
     else:
         if native is None:
-            raise UsageError(f"--preprocess={kind} needs fixed-size images; {config.dataset!r} has variable-size "
-                             f"images: use --preprocess=imagenet")
+            raise UsageError(
+                f"--preprocess={kind} needs fixed-size images; {config.dataset!r} has variable-size "
+                f"images: use --preprocess=imagenet"
+            )
         if config.image_size is not None and config.image_size != native:
-            raise UsageError(f"--image_size={config.image_size}: --preprocess={kind} keeps the native size {native}; "
-                             f"use --preprocess=imagenet to resize")
+            raise UsageError(
+                f"--image_size={config.image_size}: --preprocess={kind} keeps the native size {native}; "
+                f"use --preprocess=imagenet to resize"
+            )
         image_size = native
         mean, std = _channel_stats(train, channels)
     augment = config.augment
@@ -146,7 +160,15 @@ def load_dataset(config) -> Dataset:
     padding = config.crop_padding
     if padding is None:
         padding = 1 if config.dataset == "digits" else 4
-    preprocess = Preprocess(kind=kind, image_size=image_size, channels=channels, crop=augment != "none" and
-                            kind != "none", flip=augment == "crop_flip", padding=padding, mean=mean, std=std)
+    preprocess = Preprocess(
+        kind=kind,
+        image_size=image_size,
+        channels=channels,
+        crop=augment != "none" and kind != "none",
+        flip=augment == "crop_flip",
+        padding=padding,
+        mean=mean,
+        std=std,
+    )
     check_readable(evaluation, preprocess.eval, "eval")
     return Dataset(config.dataset, train, evaluation, num_classes, preprocess)

@@ -17,6 +17,7 @@ bicubic, center crop, its mean/std); the other models as the official ODConv and
 (``Resize(256)`` bilinear, ``CenterCrop(224)``, ImageNet mean/std). ``--run`` evaluates a run's newest
 checkpoint with the run's own preprocessing, on its evaluation split or ``--split``. Prints top-1 / top-5.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -35,14 +36,16 @@ from train.config import UsageError
 # JAX, TFDS, PIL and the models are imported in the functions that use them: --help and a usage error
 # answer without loading them.
 
-IMAGENET_EVAL = dict(input_size=224, crop_pct=0.875, mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225),
-                     interpolation="bilinear")
+IMAGENET_EVAL = dict(
+    input_size=224, crop_pct=0.875, mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225), interpolation="bilinear"
+)
 """The evaluation transform of the official ODConv and KernelWarehouse code (``Resize(256)``, bilinear;
 ``CenterCrop(224)``; ImageNet mean/std on [0, 1] pixels), used for every model but EfficientNet-CondConv."""
 
 
-def preprocess(image, input_size: int, crop_pct: float, mean: Sequence[float], std: Sequence[float],
-               interpolation: str = "bicubic"):
+def preprocess(
+    image, input_size: int, crop_pct: float, mean: Sequence[float], std: Sequence[float], interpolation: str = "bicubic"
+):
     """uint8 ``[H, W, C]`` or encoded bytes -> float32 ``[input_size, input_size, 3]`` (the center-crop eval
     transform of timm and torchvision: ``interpolation`` 'bicubic' or 'bilinear')."""
     from PIL import Image
@@ -50,8 +53,9 @@ def preprocess(image, input_size: int, crop_pct: float, mean: Sequence[float], s
     if isinstance(image, bytes):
         img = Image.open(io.BytesIO(image)).convert("RGB")
     else:
-        img = Image.fromarray(np.asarray(image).squeeze(-1) if np.ndim(image) == 3 and np.shape(image)[-1] == 1
-                              else np.asarray(image)).convert("RGB")
+        img = Image.fromarray(
+            np.asarray(image).squeeze(-1) if np.ndim(image) == 3 and np.shape(image)[-1] == 1 else np.asarray(image)
+        ).convert("RGB")
     resample = {"bicubic": Image.BICUBIC, "bilinear": Image.BILINEAR}[interpolation]
     scale = math.floor(input_size / crop_pct)
     w, h = img.size
@@ -71,10 +75,9 @@ def preprocess(image, input_size: int, crop_pct: float, mean: Sequence[float], s
     return (x - np.asarray(mean, np.float32)) / np.asarray(std, np.float32)
 
 
-
-
-def _check_numbers(batch_size: int, num_examples: Optional[int], input_size: Optional[int] = None,
-                   crop_pct: Optional[float] = None) -> None:
+def _check_numbers(
+    batch_size: int, num_examples: Optional[int], input_size: Optional[int] = None, crop_pct: Optional[float] = None
+) -> None:
     for flag, value in (("--batch_size", batch_size), ("--num_examples", num_examples), ("--input_size", input_size)):
         if value is not None and value < 1:
             raise UsageError(f"{flag} {value} must be >= 1")
@@ -92,19 +95,24 @@ def open_split(dataset: str, split: str, data_dir: Optional[str]):
 
         split_dir = os.path.join(data_dir or "", split)
         if not data_dir or not os.path.isdir(split_dir):
-            raise UsageError(f"--dataset imagefolder needs --data_dir ROOT with ROOT/{split}/<class>/<image>; "
-                             f"{split_dir!r} is not a directory")
-        classes = sorted(d for d in os.listdir(split_dir)
-                         if os.path.isdir(os.path.join(split_dir, d)) and not d.startswith("."))
+            raise UsageError(
+                f"--dataset imagefolder needs --data_dir ROOT with ROOT/{split}/<class>/<image>; "
+                f"{split_dir!r} is not a directory"
+            )
+        classes = sorted(
+            d for d in os.listdir(split_dir) if os.path.isdir(os.path.join(split_dir, d)) and not d.startswith(".")
+        )
         return FolderSource(data_dir, split, classes), len(classes)
     import tensorflow_datasets as tfds
 
     try:
         source = tfds.data_source(dataset, split=split, data_dir=data_dir, download=False)
     except Exception as error:  # TFDS raises several unrelated types for "not prepared"
-        raise UsageError(f"could not open TFDS dataset {dataset!r} split {split!r} in data_dir={data_dir!r} "
-                         f"({type(error).__name__}: {error}). Prepare it first, e.g. `tfds build {dataset} "
-                         f"--manual_dir=... --data_dir=DIR --file_format=array_record`") from error
+        raise UsageError(
+            f"could not open TFDS dataset {dataset!r} split {split!r} in data_dir={data_dir!r} "
+            f"({type(error).__name__}: {error}). Prepare it first, e.g. `tfds build {dataset} "
+            f"--manual_dir=... --data_dir=DIR --file_format=array_record`"
+        ) from error
     return source, int(source.dataset_info.features["label"].num_classes)
 
 
@@ -122,12 +130,17 @@ def build_model(name: str, model_args: Dict[str, Any], num_classes: int):
     elif name in MODEL_NAMES:
         entry, args = name, dict(model_args)
     else:
-        raise UsageError(f"--model {name!r}: expected a registered model ({', '.join(MODEL_NAMES)}) or an "
-                         f"official KernelWarehouse config ({', '.join(OFFICIAL_CONFIGS)})")
+        raise UsageError(
+            f"--model {name!r}: expected a registered model ({', '.join(MODEL_NAMES)}) or an "
+            f"official KernelWarehouse config ({', '.join(OFFICIAL_CONFIGS)})"
+        )
     try:
         if entry in effnet.VARIANTS:
-            return effnet.efficientnet_cc(entry, num_classes=num_classes, **args), entry, {
-                "interpolation": "bicubic", **effnet.DEFAULT_CFGS[entry]}
+            return (
+                effnet.efficientnet_cc(entry, num_classes=num_classes, **args),
+                entry,
+                {"interpolation": "bicubic", **effnet.DEFAULT_CFGS[entry]},
+            )
         return models.create_model(entry, num_classes=num_classes, **args), entry, dict(IMAGENET_EVAL)
     except (TypeError, ValueError) as error:
         raise UsageError(f"--model {name} --model_args {json.dumps(model_args)}: {error}") from error
@@ -148,8 +161,14 @@ def convert_checkpoint(model, entry: str, state_dict, input_size: int, allow_non
     return torch_to_flax(state_dict, template, allow_nonfinite=allow_nonfinite)
 
 
-def top_k_accuracy(apply: Callable, source, prepare: Callable, num_examples: Optional[int] = None,
-                   batch_size: int = 64, workers: int = 8) -> Dict[str, float]:
+def top_k_accuracy(
+    apply: Callable,
+    source,
+    prepare: Callable,
+    num_examples: Optional[int] = None,
+    batch_size: int = 64,
+    workers: int = 8,
+) -> Dict[str, float]:
     """Top-1 / top-5 of ``apply(images) -> logits`` on the first ``num_examples`` records of ``source``,
     ``prepare(list of raw images, pool) -> float32 [n, H, W, C]`` preprocessing each batch."""
     n = len(source) if num_examples is None else min(num_examples, len(source))
@@ -165,10 +184,20 @@ def top_k_accuracy(apply: Callable, source, prepare: Callable, num_examples: Opt
     return {"top1": correct1 / max(n, 1), "top5": correct5 / max(n, 1), "num_examples": n}
 
 
-def evaluate(model_name: str, checkpoint, dataset: str = "imagenet2012", split: str = "validation",
-             data_dir: Optional[str] = None, batch_size: int = 64, num_examples: Optional[int] = None,
-             input_size: Optional[int] = None, crop_pct: Optional[float] = None, workers: int = 8,
-             allow_nonfinite: bool = False, model_args: Optional[Dict[str, Any]] = None) -> Dict[str, float]:
+def evaluate(
+    model_name: str,
+    checkpoint,
+    dataset: str = "imagenet2012",
+    split: str = "validation",
+    data_dir: Optional[str] = None,
+    batch_size: int = 64,
+    num_examples: Optional[int] = None,
+    input_size: Optional[int] = None,
+    crop_pct: Optional[float] = None,
+    workers: int = 8,
+    allow_nonfinite: bool = False,
+    model_args: Optional[Dict[str, Any]] = None,
+) -> Dict[str, float]:
     """Top-1 / top-5 accuracy (fractions) of ``model_name`` (see the module docstring; ``model_args``: further
     arguments of its entry point) with weights from ``checkpoint`` (a PyTorch state_dict file or object) on
     a TFDS or image-folder split, at the model's official evaluation preprocessing (``input_size`` and
@@ -190,14 +219,28 @@ def evaluate(model_name: str, checkpoint, dataset: str = "imagenet2012", split: 
     apply = jax.jit(lambda v, x: model.apply(v, x, train=False))
 
     def prepare(images, pool):
-        return np.stack(list(pool.map(lambda image: preprocess(image, cfg["input_size"], cfg["crop_pct"], cfg["mean"],
-                                                               cfg["std"], cfg["interpolation"]), images)))
+        return np.stack(
+            list(
+                pool.map(
+                    lambda image: preprocess(
+                        image, cfg["input_size"], cfg["crop_pct"], cfg["mean"], cfg["std"], cfg["interpolation"]
+                    ),
+                    images,
+                )
+            )
+        )
 
     return top_k_accuracy(lambda x: apply(variables, x), source, prepare, num_examples, batch_size, workers)
 
 
-def evaluate_run(workdir: str, split: Optional[str] = None, data_dir: Optional[str] = None, batch_size: int = 64,
-                 num_examples: Optional[int] = None, workers: int = 8) -> Dict[str, float]:
+def evaluate_run(
+    workdir: str,
+    split: Optional[str] = None,
+    data_dir: Optional[str] = None,
+    batch_size: int = 64,
+    num_examples: Optional[int] = None,
+    workers: int = 8,
+) -> Dict[str, float]:
     """Top-1 / top-5 of the newest checkpoint of the ``python -m train`` run in ``workdir`` with the run's own
     data set and preprocessing, on its evaluation split (or ``split``; ``data_dir`` replaces the run's), at
     the temperature the run's schedule gives that step."""
@@ -209,8 +252,9 @@ def evaluate_run(workdir: str, split: Optional[str] = None, data_dir: Optional[s
     _check_numbers(batch_size, num_examples)
     config, model, variables, dataset, temperature, _ = load_run(workdir)
     if split is not None or data_dir is not None:
-        config = dataclasses.replace(config, eval_split=split or config.eval_split,
-                                     data_dir=data_dir or config.data_dir)
+        config = dataclasses.replace(
+            config, eval_split=split or config.eval_split, data_dir=data_dir or config.data_dir
+        )
         dataset = data_lib.load_dataset(config)
     apply = jax.jit(lambda v, x: model.apply(v, x, train=False, temperature=temperature))
 
@@ -221,20 +265,30 @@ def evaluate_run(workdir: str, split: Optional[str] = None, data_dir: Optional[s
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m train.evaluate", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", help="a registered model (e.g. od_resnet18, kw_resnet18, tf_efficientnet_cc_b0_4e) or "
-                                   "an official KernelWarehouse config (e.g. kw4x_resnet18)")
-    p.add_argument("--model_args", default="{}", help='further arguments of the entry point, as JSON '
-                                                      '(e.g. \'{"kernel_num": 4}\'; default: none)')
+    p = argparse.ArgumentParser(
+        prog="python -m train.evaluate", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument(
+        "--model",
+        help="a registered model (e.g. od_resnet18, kw_resnet18, tf_efficientnet_cc_b0_4e) or "
+        "an official KernelWarehouse config (e.g. kw4x_resnet18)",
+    )
+    p.add_argument(
+        "--model_args",
+        default="{}",
+        help='further arguments of the entry point, as JSON (e.g. \'{"kernel_num": 4}\'; default: none)',
+    )
     p.add_argument("--checkpoint", help="PyTorch checkpoint of --model: .bin/.pth/.pt/.safetensors")
     p.add_argument("--run", metavar="DIR", help="instead of --model: a python -m train run directory")
-    p.add_argument("--dataset", default=None, help="TFDS data set or 'imagefolder' (default: imagenet2012; --run: "
-                                                   "the run's)")
-    p.add_argument("--split", default=None, help="split to evaluate (default: validation; --run: the run's "
-                                                 "evaluation split)")
-    p.add_argument("--data_dir", default=None, help="TFDS data_dir, or the image folder's ROOT (default: TFDS's; "
-                                                    "--run: the run's)")
+    p.add_argument(
+        "--dataset", default=None, help="TFDS data set or 'imagefolder' (default: imagenet2012; --run: the run's)"
+    )
+    p.add_argument(
+        "--split", default=None, help="split to evaluate (default: validation; --run: the run's evaluation split)"
+    )
+    p.add_argument(
+        "--data_dir", default=None, help="TFDS data_dir, or the image folder's ROOT (default: TFDS's; --run: the run's)"
+    )
     p.add_argument("--batch_size", type=int, default=64, help="images per evaluation batch (default: 64)")
     p.add_argument("--num_examples", type=int, default=None, help="evaluate only the first N examples")
     p.add_argument("--input_size", type=int, default=None, help="override the model's input size")
@@ -248,11 +302,15 @@ def _run(args) -> Dict[str, float]:
     if (args.model is None) == (args.run is None):
         raise UsageError("give --model NAME --checkpoint FILE, or --run DIR (one of them)")
     if args.run is not None:
-        given = [f"--{k}" for k in ("dataset", "model_args", "checkpoint", "input_size", "crop_pct")
-                 if getattr(args, k) not in (None, "{}")]
+        given = [
+            f"--{k}"
+            for k in ("dataset", "model_args", "checkpoint", "input_size", "crop_pct")
+            if getattr(args, k) not in (None, "{}")
+        ]
         if given:
-            raise UsageError(f"--run evaluates with the run's own model and preprocessing: {', '.join(given)} "
-                             f"would be ignored")
+            raise UsageError(
+                f"--run evaluates with the run's own model and preprocessing: {', '.join(given)} would be ignored"
+            )
         return evaluate_run(args.run, args.split, args.data_dir, args.batch_size, args.num_examples, args.workers)
     if args.checkpoint is None:
         raise UsageError("--model needs --checkpoint FILE (a PyTorch state_dict)")
@@ -262,9 +320,20 @@ def _run(args) -> Dict[str, float]:
         raise UsageError(f"--model_args {args.model_args!r}: not JSON ({error})") from None
     if not isinstance(model_args, dict):
         raise UsageError(f"--model_args {args.model_args!r}: expected a JSON object, e.g. '{{\"kernel_num\": 4}}'")
-    return evaluate(args.model, args.checkpoint, args.dataset or "imagenet2012", args.split or "validation",
-                    args.data_dir, args.batch_size, args.num_examples, args.input_size, args.crop_pct, args.workers,
-                    args.allow_nonfinite, model_args)
+    return evaluate(
+        args.model,
+        args.checkpoint,
+        args.dataset or "imagenet2012",
+        args.split or "validation",
+        args.data_dir,
+        args.batch_size,
+        args.num_examples,
+        args.input_size,
+        args.crop_pct,
+        args.workers,
+        args.allow_nonfinite,
+        model_args,
+    )
 
 
 def main(argv=None) -> int:
@@ -280,8 +349,10 @@ def main(argv=None) -> int:
         where = f"{args.run} on {'its evaluation split' if args.split is None else 'split ' + args.split}"
     else:
         where = f"{args.model} on {args.dataset or 'imagenet2012'}/{args.split or 'validation'}"
-    print(f"{where} ({result['num_examples']} images): "
-          f"top-1 {100 * result['top1']:.2f}%  top-5 {100 * result['top5']:.2f}%")
+    print(
+        f"{where} ({result['num_examples']} images): "
+        f"top-1 {100 * result['top1']:.2f}%  top-5 {100 * result['top5']:.2f}%"
+    )
     return 0
 
 

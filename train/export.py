@@ -8,6 +8,7 @@
   ``dynconv_torch`` twin), both with a dynamic batch axis unless ``--batch`` fixes it, checked
   on evaluation images against the Flax model (loaded StableHLO, or ONNX Runtime).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -32,9 +33,9 @@ def jax_logits(model, variables, images: np.ndarray, temperature: float, batch_s
     batch_size = min(batch_size, len(images))
     out = []
     for i in range(0, len(images), batch_size):
-        chunk = images[i:i + batch_size]
+        chunk = images[i : i + batch_size]
         padded = np.concatenate([chunk, np.repeat(chunk[-1:], batch_size - len(chunk), axis=0)])
-        out.append(np.asarray(apply(variables, padded), np.float32)[:len(chunk)])
+        out.append(np.asarray(apply(variables, padded), np.float32)[: len(chunk)])
     return np.concatenate(out)
 
 
@@ -45,7 +46,7 @@ def torch_logits(torch_model, images: np.ndarray, batch_size: int = 256) -> np.n
     out = []
     with torch.no_grad():
         for i in range(0, len(images), batch_size):
-            x = torch.from_numpy(np.ascontiguousarray(images[i:i + batch_size].transpose(0, 3, 1, 2)))
+            x = torch.from_numpy(np.ascontiguousarray(images[i : i + batch_size].transpose(0, 3, 1, 2)))
             out.append(torch_model(x).float().numpy())
     return np.concatenate(out)
 
@@ -59,15 +60,20 @@ def torch_twin(config, variables, num_classes: int, image_shape, temperature: fl
 
     kwargs = model_kwargs(config, num_classes, image_shape)
     torch_model = torch_models.create_model(config.model, **kwargs)
-    save_safetensors(variables, path, like=torch_model.state_dict(),
-                     metadata={"model": config.model, **{k: str(v) for k, v in kwargs.items()}})
+    save_safetensors(
+        variables,
+        path,
+        like=torch_model.state_dict(),
+        metadata={"model": config.model, **{k: str(v) for k, v in kwargs.items()}},
+    )
     torch_model.load_state_dict(load_file(path), strict=True)
     torch_models.set_temperature(torch_model, float(temperature))
     return torch_model.eval()
 
 
-def export_and_verify(config, model, variables, images: np.ndarray, num_classes: int, temperature: float,
-                      path: str) -> Optional[Dict[str, Any]]:
+def export_and_verify(
+    config, model, variables, images: np.ndarray, num_classes: int, temperature: float, path: str
+) -> Optional[Dict[str, Any]]:
     """Write ``variables`` as a PyTorch state_dict to ``path`` (safetensors) and compare the
     predictions of ``dynconv_torch.models.<config.model>(same arguments)`` loaded from it with
     the Flax model's on ``images`` (normalised NHWC float32).
@@ -80,19 +86,28 @@ def export_and_verify(config, model, variables, images: np.ndarray, num_classes:
         import torch  # noqa: F401  (only to know whether the check can run)
     except ImportError:
         save_safetensors(variables, path)
-        print(f"export: wrote {path}; skipped the PyTorch check (torch is not installed; "
-              "pip install 'dynconv[torch]')", flush=True)
+        print(
+            f"export: wrote {path}; skipped the PyTorch check (torch is not installed; pip install 'dynconv[torch]')",
+            flush=True,
+        )
         return None
     torch_model = torch_twin(config, variables, num_classes, images.shape[1:], temperature, path)
     expected = jax_logits(model, variables, images, temperature)
     actual = torch_logits(torch_model, images)
     diff = float(np.max(np.abs(expected - actual)))
     agreement = float(np.mean(expected.argmax(-1) == actual.argmax(-1)))
-    result = {"path": os.path.abspath(path), "agreement": agreement, "max_abs_logit_diff": diff,
-              "max_abs_logit": float(np.max(np.abs(expected)))}
-    print(f"export: {path}; dynconv_torch.models.{config.model} agrees with Flax on "
-          f"{agreement * 100:.2f}% of {len(images)} eval predictions, max |logit diff| {diff:.3g} "
-          f"(max |logit| {result['max_abs_logit']:.3g})", flush=True)
+    result = {
+        "path": os.path.abspath(path),
+        "agreement": agreement,
+        "max_abs_logit_diff": diff,
+        "max_abs_logit": float(np.max(np.abs(expected))),
+    }
+    print(
+        f"export: {path}; dynconv_torch.models.{config.model} agrees with Flax on "
+        f"{agreement * 100:.2f}% of {len(images)} eval predictions, max |logit diff| {diff:.3g} "
+        f"(max |logit| {result['max_abs_logit']:.3g})",
+        flush=True,
+    )
     return result
 
 
@@ -146,32 +161,54 @@ def export_run(workdir: str, fmt: str, out: str, batch: Optional[int] = None, ch
         from dynconv_torch.export import onnx_session, to_onnx
 
         with tempfile.TemporaryDirectory() as tmp:
-            torch_model = torch_twin(config, jax.device_get(variables), dataset.num_classes, image_shape, temperature,
-                                     os.path.join(tmp, "model.safetensors"))
+            torch_model = torch_twin(
+                config,
+                jax.device_get(variables),
+                dataset.num_classes,
+                image_shape,
+                temperature,
+                os.path.join(tmp, "model.safetensors"),
+            )
         h, w, c = image_shape
         to_onnx(torch_model, out, (batch, c, h, w))
         session = onnx_session(out)
         actual = [session.run(None, {"input": np.ascontiguousarray(x.transpose(0, 3, 1, 2))})[0] for x in groups]
-    diff = max(_relative(expected[:len(x)], y) for x, y in zip(groups, actual))
+    diff = max(_relative(expected[: len(x)], y) for x, y in zip(groups, actual))
     agreement = float(np.mean(expected.argmax(-1) == actual[-1].argmax(-1)))
-    result = {"path": os.path.abspath(out), "format": fmt, "batch": batch, "images": len(images),
-              "max_rel_diff": diff, "agreement": agreement, "step": int(step), "temperature": temperature}
+    result = {
+        "path": os.path.abspath(out),
+        "format": fmt,
+        "batch": batch,
+        "images": len(images),
+        "max_rel_diff": diff,
+        "agreement": agreement,
+        "step": int(step),
+        "temperature": temperature,
+    }
     sizes = ", ".join(str(len(x)) for x in groups)
-    print(f"export: {out} ({fmt}, batch {'dynamic' if batch is None else batch}, {os.path.getsize(out)} bytes) from "
-          f"{config.model} conv={config.conv} step {step}, T={temperature:.3g}; against the live Flax model on "
-          f"{len(images)} {config.eval_split} images (batches of {sizes}): max relative logit diff {diff:.3g}, "
-          f"{agreement * 100:.2f}% same predictions", flush=True)
+    print(
+        f"export: {out} ({fmt}, batch {'dynamic' if batch is None else batch}, {os.path.getsize(out)} bytes) from "
+        f"{config.model} conv={config.conv} step {step}, T={temperature:.3g}; against the live Flax model on "
+        f"{len(images)} {config.eval_split} images (batches of {sizes}): max relative logit diff {diff:.3g}, "
+        f"{agreement * 100:.2f}% same predictions",
+        flush=True,
+    )
     return result
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m train.export",
-                                     description="Export a `python -m train` run for serving and check it.")
+    parser = argparse.ArgumentParser(
+        prog="python -m train.export", description="Export a `python -m train` run for serving and check it."
+    )
     parser.add_argument("--workdir", required=True, help="directory of a `python -m train` run")
     parser.add_argument("--format", required=True, choices=["stablehlo", "onnx"], help="export format")
     parser.add_argument("--out", required=True, help="file to write")
-    parser.add_argument("--batch", type=int, default=None,
-                        help="fix the batch size of the export (default: dynamic) and check on N images")
+    parser.add_argument(
+        "--batch",
+        type=int,
+        default=None,
+        help="fix the batch size of the export (default: dynamic) and check on N images",
+    )
     args = parser.parse_args(argv)
     try:
         check_export_args(args.format, args.out, args.batch)

@@ -21,6 +21,7 @@ docs/training.md, e.g.::
     python -m train.grad_norms --conv=odconv --seeds 0,1,2 --vary attention_bn_init=1.0,0.1 \
         --temperatures=30,10,5,3,2,1 --trace_epochs=5 --out runs/grad-norms
 """
+
 from __future__ import annotations
 
 import csv
@@ -94,20 +95,25 @@ def _jitted(config, tx) -> Tuple[Callable, Callable]:
 
     key = repr(dataclasses.replace(config, seed=0, workdir=None))
     if key not in _JITTED:
+
         def norms(state, images, labels, dropout_key, temperature):
             grads = steps.loss_and_grads(state, images, labels, dropout_key, temperature, config.label_smoothing)[3]
             return stage_norms(grads)
 
         def step(state, images, labels, dropout_key, temperature):
-            loss, _, updates, grads = steps.loss_and_grads(state, images, labels, dropout_key, temperature,
-                                                           config.label_smoothing)
+            loss, _, updates, grads = steps.loss_and_grads(
+                state, images, labels, dropout_key, temperature, config.label_smoothing
+            )
             new_state = state.replace(tx=tx).apply_gradients(
-                grads=grads, batch_stats=updates.get("batch_stats", state.batch_stats))
+                grads=grads, batch_stats=updates.get("batch_stats", state.batch_stats)
+            )
             return new_state.replace(tx=None), {"loss": loss, **stage_norms(grads)}
 
         mesh = parallel.make_mesh()
-        _JITTED[key] = (parallel.under_mesh(mesh, jax.jit(norms)),
-                        parallel.under_mesh(mesh, jax.jit(step, donate_argnums=0)))
+        _JITTED[key] = (
+            parallel.under_mesh(mesh, jax.jit(norms)),
+            parallel.under_mesh(mesh, jax.jit(step, donate_argnums=0)),
+        )
     return _JITTED[key]
 
 
@@ -117,8 +123,10 @@ def at_init(config, temperatures: Sequence[float]) -> List[Dict[str, float]]:
     images, labels = pipeline.train_batch(0)
     norms, _ = _jitted(config, state.tx)
     state = state.replace(tx=None)
-    return [{"temperature": t, **{k: float(v) for k, v in norms(state, images, labels, dropout_key,
-                                                                  np.float32(t)).items()}} for t in temperatures]
+    return [
+        {"temperature": t, **{k: float(v) for k, v in norms(state, images, labels, dropout_key, np.float32(t)).items()}}
+        for t in temperatures
+    ]
 
 
 def trace(config, epochs: float) -> List[Dict[str, float]]:
@@ -134,8 +142,14 @@ def trace(config, epochs: float) -> List[Dict[str, float]]:
         images, labels = pipeline.train_batch(step)
         temperature = np.float32(temperature_fn(step))  # the schedule at the step count before this update
         state, metrics = step_fn(state, images, labels, dropout_key, temperature)
-        rows.append({"step": step + 1, "epoch": step // pipeline.steps_per_epoch + 1,
-                     "temperature": float(temperature), **{k: float(v) for k, v in jax.device_get(metrics).items()}})
+        rows.append(
+            {
+                "step": step + 1,
+                "epoch": step // pipeline.steps_per_epoch + 1,
+                "temperature": float(temperature),
+                **{k: float(v) for k, v in jax.device_get(metrics).items()},
+            }
+        )
     return rows
 
 
@@ -159,22 +173,32 @@ def over_seeds(init_rows, trace_rows, keys: Sequence[str]) -> str:
     if init_rows:
         temps = sorted({r["temperature"] for r in init_rows}, reverse=True)
         stages = [k for k in init_rows[0] if k not in set(keys) | {"temperature"}]
-        lines += ["Over the seeds: first-step gradient norm per stage against the temperature "
-                  "(smallest–largest over the seeds):", "",
-                  "| setting | stage | " + " | ".join(f"T={t:g}" for t in temps) + " |",
-                  "|---|---|" + "---|" * len(temps)]
+        lines += [
+            "Over the seeds: first-step gradient norm per stage against the temperature "
+            "(smallest–largest over the seeds):",
+            "",
+            "| setting | stage | " + " | ".join(f"T={t:g}" for t in temps) + " |",
+            "|---|---|" + "---|" * len(temps),
+        ]
         for setting in dict.fromkeys(label(r) for r in init_rows):
             rows = [r for r in init_rows if label(r) == setting]
             for stage in stages:
-                lines.append(f"| {setting} | {stage} | " + " | ".join(
-                    _span([r[stage] for r in rows if r["temperature"] == t]) for t in temps) + " |")
+                lines.append(
+                    f"| {setting} | {stage} | "
+                    + " | ".join(_span([r[stage] for r in rows if r["temperature"] == t]) for t in temps)
+                    + " |"
+                )
     if trace_rows:
         stages = [k for k in trace_rows[0] if k not in set(keys) | {"step", "epoch", "loss", "temperature", "global"}]
-        lines += ["", "Over the seeds, training: per epoch, the temperature, the median and the largest global "
-                  "gradient norm of each seed's steps (smallest–largest over the seeds) and each stage's largest "
-                  "norm over the steps and seeds:", "",
-                  "| setting | epoch | T | median | max | " + " | ".join(stages) + " |",
-                  "|---|---|---|---|---|" + "---|" * len(stages)]
+        lines += [
+            "",
+            "Over the seeds, training: per epoch, the temperature, the median and the largest global "
+            "gradient norm of each seed's steps (smallest–largest over the seeds) and each stage's largest "
+            "norm over the steps and seeds:",
+            "",
+            "| setting | epoch | T | median | max | " + " | ".join(stages) + " |",
+            "|---|---|---|---|---|" + "---|" * len(stages),
+        ]
         finite = lambda v: v if math.isfinite(v) else math.inf  # noqa: E731
         for setting in dict.fromkeys(label(r) for r in trace_rows):
             rows = [r for r in trace_rows if label(r) == setting]
@@ -182,9 +206,12 @@ def over_seeds(init_rows, trace_rows, keys: Sequence[str]) -> str:
                 in_epoch = [r for r in rows if r["epoch"] == epoch]
                 seeds = sorted({r["seed"] for r in in_epoch})
                 per_seed = [[finite(r["global"]) for r in in_epoch if r["seed"] == s] for s in seeds]
-                lines.append(f"| {setting} | {epoch} | {_span([r['temperature'] for r in in_epoch])} | "
-                             f"{_span([float(np.median(g)) for g in per_seed])} | {_span([max(g) for g in per_seed])} | "
-                             + " | ".join(_fmt(max(finite(r[s]) for r in in_epoch)) for s in stages) + " |")
+                lines.append(
+                    f"| {setting} | {epoch} | {_span([r['temperature'] for r in in_epoch])} | "
+                    f"{_span([float(np.median(g)) for g in per_seed])} | {_span([max(g) for g in per_seed])} | "
+                    + " | ".join(_fmt(max(finite(r[s]) for r in in_epoch)) for s in stages)
+                    + " |"
+                )
     return "\n".join(lines) + "\n"
 
 
@@ -197,30 +224,45 @@ def markdown(init_rows, trace_rows, keys: Sequence[str]) -> str:
     temps = sorted({r["temperature"] for r in init_rows}, reverse=True)
     stages = [k for k in init_rows[0] if k not in set(keys) | {"temperature", "global"}] if init_rows else []
     if init_rows:
-        lines += ["Global gradient norm of the first step, against the temperature:", "",
-                  "| setting | " + " | ".join(f"T={t:g}" for t in temps) + " |", "|---|" + "---|" * len(temps)]
+        lines += [
+            "Global gradient norm of the first step, against the temperature:",
+            "",
+            "| setting | " + " | ".join(f"T={t:g}" for t in temps) + " |",
+            "|---|" + "---|" * len(temps),
+        ]
         for setting in dict.fromkeys(label(r) for r in init_rows):
             norms = {r["temperature"]: r["global"] for r in init_rows if label(r) == setting}
             lines.append(f"| {setting} | " + " | ".join(_fmt(norms[t]) for t in temps) + " |")
-        lines += ["", f"Per stage, first step, at T={temps[-1]:g} and T={temps[0]:g}:", "",
-                  "| setting | T | " + " | ".join(stages) + " |", "|---|---|" + "---|" * len(stages)]
+        lines += [
+            "",
+            f"Per stage, first step, at T={temps[-1]:g} and T={temps[0]:g}:",
+            "",
+            "| setting | T | " + " | ".join(stages) + " |",
+            "|---|---|" + "---|" * len(stages),
+        ]
         for r in init_rows:
             if r["temperature"] in (temps[0], temps[-1]):
                 lines.append(f"| {label(r)} | {r['temperature']:g} | " + " | ".join(_fmt(r[s]) for s in stages) + " |")
     if trace_rows:
         stages = [k for k in trace_rows[0] if k not in set(keys) | {"step", "epoch", "loss", "temperature", "global"}]
-        lines += ["", "Training: per epoch, the step with the largest global gradient norm (its temperature and "
-                  "stage norms) and the median global norm of the epoch:", "",
-                  "| setting | epoch | T | median | max | " + " | ".join(stages) + " |",
-                  "|---|---|---|---|---|" + "---|" * len(stages)]
+        lines += [
+            "",
+            "Training: per epoch, the step with the largest global gradient norm (its temperature and "
+            "stage norms) and the median global norm of the epoch:",
+            "",
+            "| setting | epoch | T | median | max | " + " | ".join(stages) + " |",
+            "|---|---|---|---|---|" + "---|" * len(stages),
+        ]
         for setting in dict.fromkeys(label(r) for r in trace_rows):
             rows = [r for r in trace_rows if label(r) == setting]
             for epoch in sorted({r["epoch"] for r in rows}):
                 in_epoch = [r for r in rows if r["epoch"] == epoch]
                 top = max(in_epoch, key=lambda r: r["global"] if math.isfinite(r["global"]) else math.inf)
                 median = float(np.median([r["global"] for r in in_epoch]))
-                lines.append(f"| {setting} | {epoch} | {top['temperature']:.2f} | {_fmt(median)} | "
-                             f"{_fmt(top['global'])} | " + " | ".join(_fmt(top[s]) for s in stages) + " |")
+                lines.append(
+                    f"| {setting} | {epoch} | {top['temperature']:.2f} | {_fmt(median)} | "
+                    f"{_fmt(top['global'])} | " + " | ".join(_fmt(top[s]) for s in stages) + " |"
+                )
     return "\n".join(lines) + "\n"
 
 
@@ -250,8 +292,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             temperatures = [float(t) for t in own["temperatures"].split(",") if t.strip()]
             trace_epochs = float(own["trace_epochs"])
         except ValueError:
-            raise UsageError(f"--temperatures={own['temperatures']!r} / --trace_epochs={own['trace_epochs']!r}: "
-                             "expected numbers, e.g. --temperatures=30,3,1 --trace_epochs=7") from None
+            raise UsageError(
+                f"--temperatures={own['temperatures']!r} / --trace_epochs={own['trace_epochs']!r}: "
+                "expected numbers, e.g. --temperatures=30,3,1 --trace_epochs=7"
+            ) from None
         if not temperatures or min(temperatures) <= 0 or trace_epochs < 0:
             raise UsageError("--temperatures must be positive numbers and --trace_epochs >= 0")
         grid, out_dir, rest = _split_args(rest, default_grid=())  # nothing varied: one run of the given options
@@ -266,13 +310,18 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     init_rows, trace_rows = [], []
     for setting, config in runs:
         init_rows += [{**setting, **r} for r in at_init(config, temperatures)]
-        print(f"{setting}: init global norms " + ", ".join(
-            f"T={r['temperature']:g}: {_fmt(r['global'])}" for r in init_rows[-len(temperatures):]), flush=True)
+        print(
+            f"{setting}: init global norms "
+            + ", ".join(f"T={r['temperature']:g}: {_fmt(r['global'])}" for r in init_rows[-len(temperatures) :]),
+            flush=True,
+        )
         if trace_epochs:
             rows = trace(config, trace_epochs)
             trace_rows += [{**setting, **r} for r in rows]
-            print(f"{setting}: traced {len(rows)} steps, max global norm {_fmt(max(r['global'] for r in rows))}",
-                  flush=True)
+            print(
+                f"{setting}: traced {len(rows)} steps, max global norm {_fmt(max(r['global'] for r in rows))}",
+                flush=True,
+            )
         # rewritten after every setting: a long grid stopped early keeps what it measured
         _write_csv(os.path.join(out_dir, "init.csv"), init_rows)
         if trace_rows:

@@ -8,6 +8,7 @@ and eval programs, compiled at once); :func:`restore_checkpoint` (the state and 
 preemption notice it fetches the metrics, :func:`check_finite`, logs, :func:`end_epoch` evaluates and
 :func:`save_checkpoint` saves); :func:`finish` (the summary and the export).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -27,9 +28,8 @@ from safetensors import SafetensorError
 from train import checkpoint as ckpt_lib
 from train import data as data_lib
 from train import metrics as metrics_lib
-from train import parallel
+from train import parallel, steps
 from train import pipeline as pipeline_lib
-from train import steps
 from train import workdir as workdir_lib
 from train.config import Config, UsageError, conv_size
 from train.export import export_and_verify
@@ -68,16 +68,24 @@ def evaluate(p_eval_step, state, pipeline: pipeline_lib.Pipeline, sharding, temp
     for batch in pipeline.eval_batches():
         for index in batch["bad"][batch["bad"] >= 0]:
             unreadable += 1
-            print(f"WARNING: left out unreadable eval image {pipeline.dataset.eval.describe(int(index))}",
-                  file=sys.stderr, flush=True)
-        sums = jax.device_get(p_eval_step(state, *parallel.global_batch(
-            sharding, batch["image"], batch["label"], batch["mask"]), temperature))
+            print(
+                f"WARNING: left out unreadable eval image {pipeline.dataset.eval.describe(int(index))}",
+                file=sys.stderr,
+                flush=True,
+            )
+        sums = jax.device_get(
+            p_eval_step(
+                state, *parallel.global_batch(sharding, batch["image"], batch["label"], batch["mask"]), temperature
+            )
+        )
         for key in totals:
             totals[key] += float(sums[key])
     if totals["count"] == 0:  # (this process's unreadable count; the sums are global)
         dataset = pipeline.dataset
-        raise UsageError(f"no image of the eval split {dataset.eval.split!r} of {dataset.name} could be read "
-                         f"({unreadable} unreadable here): nothing to evaluate on")
+        raise UsageError(
+            f"no image of the eval split {dataset.eval.split!r} of {dataset.name} could be read "
+            f"({unreadable} unreadable here): nothing to evaluate on"
+        )
     return {"loss": totals["loss"] / totals["count"], "accuracy": totals["correct"] / totals["count"]}
 
 
@@ -92,15 +100,25 @@ def _compile_ahead(mesh, pipeline: pipeline_lib.Pipeline, model, tx, init_key, d
     compiler = ThreadPoolExecutor(max_workers=3, thread_name_prefix="compile")
     init = jax.jit(steps.init_variables_fn(model, pipeline.dataset.image_shape)).lower(init_key)
     compiled_init = compiler.submit(init.compile)
-    state = parallel.abstract(jax.eval_shape(
-        functools.partial(steps.train_state_from_variables, model=model, tx=tx), init.out_info))
-    inputs = {train: [jax.ShapeDtypeStruct(shape, dtype) for shape, dtype in pipeline.model_inputs(train)]
-              for train in (True, False)}
+    state = parallel.abstract(
+        jax.eval_shape(functools.partial(steps.train_state_from_variables, model=model, tx=tx), init.out_info)
+    )
+    inputs = {
+        train: [jax.ShapeDtypeStruct(shape, dtype) for shape, dtype in pipeline.model_inputs(train)]
+        for train in (True, False)
+    }
     compiled_train_step = parallel.compile_ahead(
-        compiler, mesh, train_step, state, parallel.abstract(jax.eval_shape(steps.zero_metric_sums)),
-        *inputs[True], parallel.abstract(dropout_key))
+        compiler,
+        mesh,
+        train_step,
+        state,
+        parallel.abstract(jax.eval_shape(steps.zero_metric_sums)),
+        *inputs[True],
+        parallel.abstract(dropout_key),
+    )
     compiled_eval_step = parallel.compile_ahead(
-        compiler, mesh, eval_step, state, *inputs[False], jax.ShapeDtypeStruct((), np.float32))
+        compiler, mesh, eval_step, state, *inputs[False], jax.ShapeDtypeStruct((), np.float32)
+    )
     compiler.shutdown(wait=False)  # the compiles run on; nothing more is submitted
     return compiled_init, compiled_train_step, compiled_eval_step
 
@@ -160,8 +178,7 @@ class Progress:
     running: Dict[str, float]
     skipped: int = 0
     restored: bool = False
-    eval_metrics: Dict[str, float] = dataclasses.field(
-        default_factory=lambda: {"loss": math.nan, "accuracy": math.nan})
+    eval_metrics: Dict[str, float] = dataclasses.field(default_factory=lambda: {"loss": math.nan, "accuracy": math.nan})
     train_start: float = 0.0  # time.time() when the first step started (the programs compiled)
     epoch_start: float = 0.0
 
@@ -187,19 +204,29 @@ def set_up(config: Config) -> Run:
         raise workdir_lib.WorkdirError(f"could not create --workdir={workdir!r}: {error.strerror}") from None
 
     dataset = data_lib.load_dataset(config)
-    pipeline = pipeline_lib.Pipeline(dataset, config.batch_size, config.seed, config.data_workers,
-                                     jax.process_index(), jax.process_count())
+    pipeline = pipeline_lib.Pipeline(
+        dataset, config.batch_size, config.seed, config.data_workers, jax.process_index(), jax.process_count()
+    )
     mesh = parallel.make_mesh()
     if config.batch_size % mesh.size:
-        raise UsageError(f"--batch_size={config.batch_size} must be divisible by the number of devices "
-                         f"({mesh.size})")
+        raise UsageError(f"--batch_size={config.batch_size} must be divisible by the number of devices ({mesh.size})")
     steps.check_image_size(config, dataset.image_shape)
     spe = pipeline.steps_per_epoch
     total_steps = config.num_steps or config.num_epochs * spe
     model = steps.create_model(config, dataset.num_classes, dataset.image_shape)
     tx, lr_schedule = steps.create_optimizer(config, spe, total_steps)
-    return Run(config, jax.process_index() == 0, dataset, pipeline, mesh, total_steps, model, tx, lr_schedule,
-               steps.temperature_schedule(config, spe))
+    return Run(
+        config,
+        jax.process_index() == 0,
+        dataset,
+        pipeline,
+        mesh,
+        total_steps,
+        model,
+        tx,
+        lr_schedule,
+        steps.temperature_schedule(config, spe),
+    )
 
 
 def lock_workdir(run: Run, cleanup: contextlib.ExitStack) -> None:
@@ -214,8 +241,9 @@ def lock_workdir(run: Run, cleanup: contextlib.ExitStack) -> None:
         except (UsageError, workdir_lib.WorkdirError) as failure:
             error = failure
     if jax.process_count() > 1 and parallel.any_process_failed(error is not None) and error is None:
-        raise UsageError(f"--workdir={run.config.workdir!r}: process 0 could not lock the run folder (its output "
-                         f"says why)")
+        raise UsageError(
+            f"--workdir={run.config.workdir!r}: process 0 could not lock the run folder (its output says why)"
+        )
     if error is not None:
         raise error
 
@@ -233,8 +261,10 @@ def open_checkpointer(run: Run, cleanup: contextlib.ExitStack) -> ckpt_lib.Check
     cleanup.callback(run.pipeline.close)  # the eval iterator's worker processes
     existing = checkpointer.all_steps()
     if existing and not config.resume:
-        raise UsageError(f"{workdir} already has checkpoints (steps {existing}); pass --resume to continue "
-                         f"that run or choose another --workdir")
+        raise UsageError(
+            f"{workdir} already has checkpoints (steps {existing}); pass --resume to continue "
+            f"that run or choose another --workdir"
+        )
     if config.resume:
         workdir_lib.check_resumable(workdir, config)
     if run.primary and not existing:
@@ -254,14 +284,22 @@ def compile_steps(run: Run) -> Programs:
     # The step adds its metrics to on-device sums: the host waits for the device only when it fetches
     # them (every --log_every_steps, at epoch ends and before each checkpoint), not every step.
     train_step = jax.jit(
-        functools.partial(steps.accumulating_train_step, temperature_fn=run.temperature_fn,
-                          label_smoothing=config.label_smoothing, learning_rate_fn=run.learning_rate_fn,
-                          normalize=pipeline.normalize),
-        in_shardings=(repl, repl, data_sharding, data_sharding, repl), out_shardings=(repl, repl),
-        donate_argnums=(0, 1))
+        functools.partial(
+            steps.accumulating_train_step,
+            temperature_fn=run.temperature_fn,
+            label_smoothing=config.label_smoothing,
+            learning_rate_fn=run.learning_rate_fn,
+            normalize=pipeline.normalize,
+        ),
+        in_shardings=(repl, repl, data_sharding, data_sharding, repl),
+        out_shardings=(repl, repl),
+        donate_argnums=(0, 1),
+    )
     eval_step = jax.jit(
         functools.partial(steps.eval_step, normalize=pipeline.normalize),
-        in_shardings=(repl, data_sharding, data_sharding, data_sharding, repl), out_shardings=repl)
+        in_shardings=(repl, data_sharding, data_sharding, data_sharding, repl),
+        out_shardings=repl,
+    )
     compiled = _compile_ahead(run.mesh, pipeline, run.model, run.tx, init_key, dropout_key, train_step, eval_step)
     return Programs(*compiled, init_key, dropout_key, repl, data_sharding)
 
@@ -275,20 +313,21 @@ def _restore_latest(checkpointer: ckpt_lib.Checkpointer, state, config: Config):
         return checkpointer.restore_latest(state)
     except ckpt_lib.NoIntactCheckpoint as error:
         if not config.allow_restart:
-            raise ckpt_lib.NoIntactCheckpoint(f"{error}\n--resume refuses to train from step 0 instead: pass "
-                                              f"--allow_restart to do that") from None
+            raise ckpt_lib.NoIntactCheckpoint(
+                f"{error}\n--resume refuses to train from step 0 instead: pass --allow_restart to do that"
+            ) from None
         print(f"--resume --allow_restart: {error}\nstarting from step 0", file=sys.stderr, flush=True)
         return None
 
 
-def restore_checkpoint(run: Run, checkpointer: ckpt_lib.Checkpointer, state,
-                       cleanup: contextlib.ExitStack) -> Progress:
+def restore_checkpoint(run: Run, checkpointer: ckpt_lib.Checkpointer, state, cleanup: contextlib.ExitStack) -> Progress:
     """Where to start: the newest intact checkpoint's state, metrics and data iterator with ``--resume``,
     else ``state`` at step 0 (the iterator in use when the run stops is closed by ``cleanup``)."""
     config = run.config
     restored = _restore_latest(checkpointer, state, config)
-    progress = Progress(0, state, run.pipeline.train_iterator(run.total_steps),
-                        {"loss": 0.0, "accuracy": 0.0, "count": 0})
+    progress = Progress(
+        0, state, run.pipeline.train_iterator(run.total_steps), {"loss": 0.0, "accuracy": 0.0, "count": 0}
+    )
     cleanup.callback(lambda: _close_iterator(progress.batches))
     if restored is not None:
         progress.step, progress.state, meta = restored
@@ -298,8 +337,10 @@ def restore_checkpoint(run: Run, checkpointer: ckpt_lib.Checkpointer, state,
             # function of (seed, step), so starting the dataset at the step is the same.
             _close_iterator(progress.batches)
             progress.batches = run.pipeline.train_iterator(run.total_steps, progress.step)
-        print(f"resumed from {checkpointer.directory}/{progress.step} (step {progress.step}/{run.total_steps})",
-              flush=True)
+        print(
+            f"resumed from {checkpointer.directory}/{progress.step} (step {progress.step}/{run.total_steps})",
+            flush=True,
+        )
     elif config.resume:
         quarantined = checkpointer.quarantined_steps()
         if quarantined and not config.allow_restart and not checkpointer.all_steps():
@@ -307,7 +348,8 @@ def restore_checkpoint(run: Run, checkpointer: ckpt_lib.Checkpointer, state,
                 f"--resume: no intact checkpoint in {checkpointer.directory}; the checkpoints of steps "
                 f"{quarantined} failed their integrity check and are in {checkpointer.corrupt_directory}. "
                 f"Restarting would train from step 0: pass --allow_restart to do that, or restore a checkpoint "
-                f"by hand")
+                f"by hand"
+            )
         print(f"--resume: no checkpoint in {checkpointer.directory}; starting from step 0", flush=True)
     return progress
 
@@ -315,11 +357,14 @@ def restore_checkpoint(run: Run, checkpointer: ckpt_lib.Checkpointer, state,
 def _announce(run: Run) -> None:
     config, dataset = run.config, run.dataset
     size = conv_size(config.conv, config.num_experts, config.kw_ratio)
-    print(f"{config.model} conv={config.conv} {size} on {dataset.name} "
-          f"{dataset.image_shape} ({len(dataset.train)} train / {len(dataset.eval)} eval), "
-          f"{jax.process_count()} process(es), {jax.device_count()} device(s) [{jax.devices()[0].platform}], "
-          f"batch {config.batch_size}, {config.data_workers} data worker(s), "
-          f"{run.total_steps} steps ({run.pipeline.steps_per_epoch}/epoch); workdir {config.workdir}", flush=True)
+    print(
+        f"{config.model} conv={config.conv} {size} on {dataset.name} "
+        f"{dataset.image_shape} ({len(dataset.train)} train / {len(dataset.eval)} eval), "
+        f"{jax.process_count()} process(es), {jax.device_count()} device(s) [{jax.devices()[0].platform}], "
+        f"batch {config.batch_size}, {config.data_workers} data worker(s), "
+        f"{run.total_steps} steps ({run.pipeline.steps_per_epoch}/epoch); workdir {config.workdir}",
+        flush=True,
+    )
 
 
 def _progress_bar(run: Run, start_step: int, cleanup: contextlib.ExitStack):
@@ -338,30 +383,45 @@ def _next_batch(run: Run, progress: Progress, step: int, log) -> Dict[str, np.nd
     """This process's batch of ``step``; its replaced unreadable images are counted and named."""
     batch = next(progress.batches)
     if int(batch["step"][0]) != step:
-        raise RuntimeError(f"data iterator out of step: got the batch of step {int(batch['step'][0])} "
-                           f"at step {step}")
+        raise RuntimeError(f"data iterator out of step: got the batch of step {int(batch['step'][0])} at step {step}")
     for index in batch["bad"][batch["bad"] >= 0]:
         progress.skipped += 1
-        log(f"WARNING: step {step + 1}: skipped unreadable image {run.dataset.train.describe(int(index))} "
-            f"({progress.skipped} so far)")
+        log(
+            f"WARNING: step {step + 1}: skipped unreadable image {run.dataset.train.describe(int(index))} "
+            f"({progress.skipped} so far)"
+        )
     return batch
 
 
-def evaluate_state(run: Run, programs: Programs, progress: Progress, p_eval_step,
-                   checkpointer: ckpt_lib.Checkpointer) -> float:
+def evaluate_state(
+    run: Run, programs: Programs, progress: Progress, p_eval_step, checkpointer: ckpt_lib.Checkpointer
+) -> float:
     """Evaluate ``progress.state`` at the temperature of ``progress.step`` into ``progress.eval_metrics``;
     returns that temperature. An eval split with no readable image stops the run, naming the last checkpoint."""
     temperature = run.temperature_fn(progress.step)
     try:
-        progress.eval_metrics = evaluate(p_eval_step, progress.state, run.pipeline, programs.data_sharding,
-                                         parallel.replicate(np.float32(temperature), programs.replicated))
+        progress.eval_metrics = evaluate(
+            p_eval_step,
+            progress.state,
+            run.pipeline,
+            programs.data_sharding,
+            parallel.replicate(np.float32(temperature), programs.replicated),
+        )
     except UsageError as error:
         raise UsageError(f"step {progress.step}: {error}. Last good checkpoint: {checkpointer.last_good()}") from None
     return temperature
 
 
-def train_steps(run: Run, programs: Programs, progress: Progress, checkpointer: ckpt_lib.Checkpointer,
-                writer: metrics_lib.MetricsWriter, bar, log, notice: PreemptionNotice) -> Dict[str, float]:
+def train_steps(
+    run: Run,
+    programs: Programs,
+    progress: Progress,
+    checkpointer: ckpt_lib.Checkpointer,
+    writer: metrics_lib.MetricsWriter,
+    bar,
+    log,
+    notice: PreemptionNotice,
+) -> Dict[str, float]:
     """Train from ``progress.step`` to the end, updating ``progress``. The host fetches the metric sums
     every ``--log_every_steps``, at epoch ends and before each checkpoint (and waits for the devices only
     then); there it checks them, logs, evaluates at epoch ends and saves. After a preemption ``notice`` it
@@ -406,8 +466,10 @@ def train_steps(run: Run, programs: Programs, progress: Progress, checkpointer: 
             wait_for_checkpoints(checkpointer)
             raise Preempted(done, run.total_steps, checkpointer.directory)
     if progress.step == run.total_steps and not progress.evaluated:  # a finished run resumed for its summary
-        log(f"--resume: step {progress.step}/{run.total_steps} was trained already, but the run left no summary: "
-            f"evaluating its last checkpoint")
+        log(
+            f"--resume: step {progress.step}/{run.total_steps} was trained already, but the run left no summary: "
+            f"evaluating its last checkpoint"
+        )
         evaluate_state(run, programs, progress, p_eval_step, checkpointer)
     return clock.summary()
 
@@ -427,42 +489,65 @@ def check_finite(run: Run, window: Dict[str, float], done: int, checkpointer: ck
         f"{window['nonfinite_grad_norm']}, lr {float(run.learning_rate_fn(bad)):.4g}); found at the check after "
         f"step {done} (steps {done - int(window['steps']) + 1}-{done} checked together: every "
         f"--log_every_steps, at epoch ends and before checkpoints); stopped. Last good checkpoint: "
-        f"{checkpointer.last_good()}")
+        f"{checkpointer.last_good()}"
+    )
 
 
 def _log_train(run: Run, window: Dict[str, float], done: int, writer: metrics_lib.MetricsWriter, bar, log) -> None:
     """The mean loss and accuracy of the steps since the last fetch, to the metrics and the bar (or a line)."""
     lr = window["learning_rate"]
     mean = {k: window[k] / window["steps"] for k in ("loss", "accuracy")}
-    writer.scalars(done, {**mean, "grad_norm": window["last_grad_norm"], "learning_rate": lr,
-                          "temperature": window["temperature"]}, "train")
+    writer.scalars(
+        done,
+        {**mean, "grad_norm": window["last_grad_norm"], "learning_rate": lr, "temperature": window["temperature"]},
+        "train",
+    )
     if bar is not None:
         bar.set_postfix(loss=f"{mean['loss']:.4f}", lr=f"{lr:.4g}", T=f"{window['temperature']:.2f}", refresh=False)
     else:
-        log(f"step {done}/{run.total_steps} loss {mean['loss']:.4f} acc {mean['accuracy']:.4f} "
-            f"lr {lr:.4g} T {window['temperature']:.3f}")
+        log(
+            f"step {done}/{run.total_steps} loss {mean['loss']:.4f} acc {mean['accuracy']:.4f} "
+            f"lr {lr:.4g} T {window['temperature']:.3f}"
+        )
 
 
-def end_epoch(run: Run, progress: Progress, window: Dict[str, float], temperature,
-              checkpointer: ckpt_lib.Checkpointer, writer: metrics_lib.MetricsWriter, log,
-              clock: metrics_lib.DataWaitClock) -> None:
+def end_epoch(
+    run: Run,
+    progress: Progress,
+    window: Dict[str, float],
+    temperature,
+    checkpointer: ckpt_lib.Checkpointer,
+    writer: metrics_lib.MetricsWriter,
+    log,
+    clock: metrics_lib.DataWaitClock,
+) -> None:
     """After the epoch's evaluation (``progress.eval_metrics``): refuse a NaN/Inf eval loss, write and log the
     epoch's row and start the next epoch's sums."""
     config, done, eval_metrics = run.config, progress.step, progress.eval_metrics
     if not math.isfinite(eval_metrics["loss"]):
-        raise TrainingDiverged(f"step {done}: eval loss (cross-entropy on {config.eval_split}) is "
-                               f"{eval_metrics['loss']}; stopped. Last good checkpoint: {checkpointer.last_good()}")
+        raise TrainingDiverged(
+            f"step {done}: eval loss (cross-entropy on {config.eval_split}) is "
+            f"{eval_metrics['loss']}; stopped. Last good checkpoint: {checkpointer.last_good()}"
+        )
     running, lr = progress.running, window["learning_rate"]
-    row = {"epoch": math.ceil(done / run.pipeline.steps_per_epoch), "step": done,
-           "train_loss": running["loss"] / running["count"], "train_accuracy": running["accuracy"] / running["count"],
-           "eval_loss": eval_metrics["loss"], "eval_accuracy": eval_metrics["accuracy"],
-           "learning_rate": lr, "temperature": float(temperature),
-           "seconds": round(time.time() - progress.epoch_start, 2)}
+    row = {
+        "epoch": math.ceil(done / run.pipeline.steps_per_epoch),
+        "step": done,
+        "train_loss": running["loss"] / running["count"],
+        "train_accuracy": running["accuracy"] / running["count"],
+        "eval_loss": eval_metrics["loss"],
+        "eval_accuracy": eval_metrics["accuracy"],
+        "learning_rate": lr,
+        "temperature": float(temperature),
+        "seconds": round(time.time() - progress.epoch_start, 2),
+    }
     writer.epoch(row)
-    log(f"epoch {row['epoch']:>3} step {done}: train loss {row['train_loss']:.4f} "
+    log(
+        f"epoch {row['epoch']:>3} step {done}: train loss {row['train_loss']:.4f} "
         f"acc {row['train_accuracy']:.4f} | {config.eval_split} loss {row['eval_loss']:.4f} "
         f"acc {row['eval_accuracy']:.4f} | lr {lr:.4g} T {row['temperature']:.3f} "
-        f"| {row['seconds']:.1f}s, data wait {100 * clock.epoch_fraction():.0f}%")
+        f"| {row['seconds']:.1f}s, data wait {100 * clock.epoch_fraction():.0f}%"
+    )
     progress.running = {"loss": 0.0, "accuracy": 0.0, "count": 0}
     progress.epoch_start = time.time()
 
@@ -470,8 +555,12 @@ def end_epoch(run: Run, progress: Progress, window: Dict[str, float], temperatur
 def save_checkpoint(checkpointer: ckpt_lib.Checkpointer, progress: Progress) -> None:
     """Start saving the state, the epoch's metric sums and the data iterator at ``progress.step``."""
     try:
-        checkpointer.save(progress.step, progress.state,
-                          {"running": progress.running, "skipped_images": progress.skipped}, progress.batches)
+        checkpointer.save(
+            progress.step,
+            progress.state,
+            {"running": progress.running, "skipped_images": progress.skipped},
+            progress.batches,
+        )
     except ckpt_lib.CheckpointError as error:
         raise _checkpoint_failure(error, checkpointer) from None
 
@@ -494,15 +583,21 @@ def finished_run(run: Run) -> Optional[Dict[str, Any]]:
         return None  # without the saved configuration, only a restore can tell whether the checkpoints fit
     workdir_lib.check_resumable(config.workdir, config)
     summary = workdir_lib.read_summary(config.workdir)
-    if (summary is None or summary.get("steps") != run.total_steps
-            or not isinstance(summary.get("eval_accuracy"), (int, float))
-            or (config.export and isinstance(summary.get("export"), dict) and "error" in summary["export"])
-            or ckpt_lib.committed_steps(config.workdir)[-1:] != [run.total_steps]):
+    if (
+        summary is None
+        or summary.get("steps") != run.total_steps
+        or not isinstance(summary.get("eval_accuracy"), (int, float))
+        or (config.export and isinstance(summary.get("export"), dict) and "error" in summary["export"])
+        or ckpt_lib.committed_steps(config.workdir)[-1:] != [run.total_steps]
+    ):
         return None
     if run.primary:
-        print(f"--resume: {config.workdir} is already complete (step {run.total_steps}/{run.total_steps}); its "
-              f"summary is unchanged: {config.eval_split} accuracy {summary['eval_accuracy']:.4f}, "
-              f"{os.path.join(config.workdir, 'summary.json')}", flush=True)
+        print(
+            f"--resume: {config.workdir} is already complete (step {run.total_steps}/{run.total_steps}); its "
+            f"summary is unchanged: {config.eval_split} accuracy {summary['eval_accuracy']:.4f}, "
+            f"{os.path.join(config.workdir, 'summary.json')}",
+            flush=True,
+        )
     return dict(summary, already_complete=True)
 
 
@@ -537,8 +632,9 @@ def train(run: Run):
         start_step = progress.step
         progress.state, dropout_key = parallel.replicate((progress.state, programs.dropout_key), programs.replicated)
         programs = dataclasses.replace(programs, dropout_key=dropout_key)
-        writer = metrics_lib.MetricsWriter(run.config.workdir, start_step if progress.restored else None,
-                                           run.config.tensorboard, run.primary)
+        writer = metrics_lib.MetricsWriter(
+            run.config.workdir, start_step if progress.restored else None, run.config.tensorboard, run.primary
+        )
         cleanup.callback(writer.close)
         if run.primary:
             _announce(run)
@@ -555,31 +651,56 @@ def _export(run: Run, progress: Progress) -> Dict[str, Any]:
     path = os.path.join(config.workdir, "model.safetensors")
     variables = {"params": progress.state.params, "batch_stats": progress.state.batch_stats}
     try:
-        return export_and_verify(config, run.model, variables, run.dataset.eval_examples(EXPORT_EXAMPLES),
-                                 run.dataset.num_classes, float(run.temperature_fn(run.total_steps)), path)
+        return export_and_verify(
+            config,
+            run.model,
+            variables,
+            run.dataset.eval_examples(EXPORT_EXAMPLES),
+            run.dataset.num_classes,
+            float(run.temperature_fn(run.total_steps)),
+            path,
+        )
     except (OSError, SafetensorError) as error:
-        return {"error": f"the export to {path} failed ({getattr(error, 'strerror', None) or error}); summary.json "
-                         f"is written and the checkpoints are intact: make room and run the same command with "
-                         f"--resume to export again"}
+        return {
+            "error": f"the export to {path} failed ({getattr(error, 'strerror', None) or error}); summary.json "
+            f"is written and the checkpoints are intact: make room and run the same command with "
+            f"--resume to export again"
+        }
 
 
-def finish(run: Run, progress: Progress, checkpointer: ckpt_lib.Checkpointer, data_timing: Dict[str, float],
-           start_step: int, elapsed: float, log) -> Dict[str, Any]:
+def finish(
+    run: Run,
+    progress: Progress,
+    checkpointer: ckpt_lib.Checkpointer,
+    data_timing: Dict[str, float],
+    start_step: int,
+    elapsed: float,
+    log,
+) -> Dict[str, Any]:
     """The run's result (metrics, state, paths, data-wait timing); on process 0 also the export (with
     ``--export``) and ``summary.json`` (strict JSON). A failed export raises
     :class:`~train.workdir.WorkdirError` after the summary is written."""
     config, total_steps, eval_metrics = run.config, run.total_steps, progress.eval_metrics
-    result = {"workdir": config.workdir, "steps": total_steps, "eval_loss": eval_metrics["loss"],
-              "eval_accuracy": eval_metrics["accuracy"], "seconds": elapsed, "state": progress.state,
-              "checkpoint_dir": checkpointer.directory, "skipped_images": progress.skipped,
-              **{k: data_timing[k] for k in ("data_wait_fraction", "host_data_wait_fraction", "first_batch_seconds")},
-              "step_seconds": data_timing["steady_seconds"] / max(total_steps - start_step - 1, 1)}
+    result = {
+        "workdir": config.workdir,
+        "steps": total_steps,
+        "eval_loss": eval_metrics["loss"],
+        "eval_accuracy": eval_metrics["accuracy"],
+        "seconds": elapsed,
+        "state": progress.state,
+        "checkpoint_dir": checkpointer.directory,
+        "skipped_images": progress.skipped,
+        **{k: data_timing[k] for k in ("data_wait_fraction", "host_data_wait_fraction", "first_batch_seconds")},
+        "step_seconds": data_timing["steady_seconds"] / max(total_steps - start_step - 1, 1),
+    }
     if config.export and run.primary:
         result["export"] = _export(run, progress)
     if run.primary:
-        log(f"done: {total_steps} steps in {elapsed:.1f}s; {config.eval_split} accuracy "
+        log(
+            f"done: {total_steps} steps in {elapsed:.1f}s; {config.eval_split} accuracy "
             f"{eval_metrics['accuracy']:.4f}, loss {eval_metrics['loss']:.4f}"
-            + (f"; skipped {progress.skipped} unreadable training image(s)" if progress.skipped else ""))
+            + (f"; skipped {progress.skipped} unreadable training image(s)" if progress.skipped else "")
+        )
         workdir_lib.write_summary(config.workdir, {k: v for k, v in result.items() if k != "state"})
     if isinstance(result.get("export"), dict) and "error" in result["export"]:
         raise workdir_lib.WorkdirError(result["export"]["error"])

@@ -7,6 +7,7 @@ training and 360 test images (``train_test_split(..., test_size=360, stratify=y,
 random_state=0)``). Run ``python -m train.make_digits`` to rebuild it; the output is
 byte-for-byte reproducible for a given scikit-learn version.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -27,7 +28,8 @@ def build(path: str = PATH) -> None:
     images = digits.images.astype(np.uint8)[..., None]  # [1797, 8, 8, 1], values 0..16
     labels = digits.target.astype(np.int32)
     x_train, x_test, y_train, y_test = train_test_split(
-        images, labels, test_size=TEST_SIZE, stratify=labels, random_state=0)
+        images, labels, test_size=TEST_SIZE, stratify=labels, random_state=0
+    )
     np.savez_compressed(path, train_image=x_train, train_label=y_train, test_image=x_test, test_label=y_test)
 
 

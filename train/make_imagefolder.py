@@ -7,6 +7,7 @@ something), of random size between ``min_size`` and ``max_size`` pixels per side
 cycles through PIL modes and formats, so every colour layout the loader must convert to RGB
 (grayscale, RGBA, palette, CMYK JPEG) appears.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -16,8 +17,15 @@ from typing import Dict, Sequence, Tuple
 import numpy as np
 
 # (PIL mode, file extension) cycled over the images of a folder.
-ALL_MODES: Tuple[Tuple[str, str], ...] = (("RGB", ".jpg"), ("L", ".png"), ("RGBA", ".png"), ("P", ".png"),
-                                          ("CMYK", ".jpg"), ("L", ".jpg"), ("RGB", ".png"))
+ALL_MODES: Tuple[Tuple[str, str], ...] = (
+    ("RGB", ".jpg"),
+    ("L", ".png"),
+    ("RGBA", ".png"),
+    ("P", ".png"),
+    ("CMYK", ".jpg"),
+    ("L", ".jpg"),
+    ("RGB", ".png"),
+)
 
 
 def synthetic_image(rng: np.random.Generator, label: int, num_classes: int, height: int, width: int) -> np.ndarray:
@@ -32,9 +40,16 @@ def synthetic_image(rng: np.random.Generator, label: int, num_classes: int, heig
     return np.clip(0.5 * noise + 0.5 * ramp, 0, 255).astype(np.uint8)
 
 
-def write_image_folder(root: str, split_sizes: Dict[str, int], num_classes: int = 10, min_size: int = 64,
-                       max_size: int = 400, seed: int = 0, modes: Sequence[Tuple[str, str]] = ALL_MODES,
-                       quality: int = 90) -> Dict[str, int]:
+def write_image_folder(
+    root: str,
+    split_sizes: Dict[str, int],
+    num_classes: int = 10,
+    min_size: int = 64,
+    max_size: int = 400,
+    seed: int = 0,
+    modes: Sequence[Tuple[str, str]] = ALL_MODES,
+    quality: int = 90,
+) -> Dict[str, int]:
     """Write ``split_sizes[split]`` images per split, classes round-robin (files that exist are kept: the
     same seed gives the same files, so an interrupted run can be continued); returns the counts."""
     from PIL import Image
@@ -58,8 +73,11 @@ def write_image_folder(root: str, split_sizes: Dict[str, int], num_classes: int 
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m train.make_imagefolder", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m train.make_imagefolder",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--out", required=True, help="ROOT folder to write (ROOT/<split>/<class>/...)")
     parser.add_argument("--train", type=int, default=2000, help="training images (default: 2000)")
     parser.add_argument("--test", type=int, default=200, help="test images (default: 200)")
@@ -68,8 +86,9 @@ def main(argv=None) -> int:
     parser.add_argument("--max_size", type=int, default=400, help="largest image side in pixels (default: 400)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the images and their sizes (default: 0)")
     args = parser.parse_args(argv)
-    counts = write_image_folder(args.out, {"train": args.train, "test": args.test}, args.classes, args.min_size,
-                                args.max_size, args.seed)
+    counts = write_image_folder(
+        args.out, {"train": args.train, "test": args.test}, args.classes, args.min_size, args.max_size, args.seed
+    )
     print(f"wrote {counts} images of {args.classes} classes to {args.out}")
     return 0
 

@@ -1,5 +1,6 @@
 """Per-epoch metrics: ``metrics.csv`` in the workdir and TensorBoard event files (tensorboardX); the
 share of the training steps' time the loop waits for data (:class:`DataWaitClock`)."""
+
 from __future__ import annotations
 
 import contextlib
@@ -9,8 +10,17 @@ import sys
 import time
 from typing import Dict, List, Optional
 
-COLUMNS = ("epoch", "step", "train_loss", "train_accuracy", "eval_loss", "eval_accuracy",
-           "learning_rate", "temperature", "seconds")
+COLUMNS = (
+    "epoch",
+    "step",
+    "train_loss",
+    "train_accuracy",
+    "eval_loss",
+    "eval_accuracy",
+    "learning_rate",
+    "temperature",
+    "seconds",
+)
 
 
 class MetricsWriter:
@@ -71,8 +81,12 @@ def _rows_until(path: str, step: int) -> List[Dict[str, str]]:
         except csv.Error:  # not CSV from here on (e.g. a line of binary garbage)
             dropped.append(f"{reader.line_num}-end")
     if dropped:
-        print(f"WARNING: {path}: left out {len(dropped)} line(s) that are not metrics rows (line(s) "
-              f"{', '.join(dropped)})", file=sys.stderr, flush=True)
+        print(
+            f"WARNING: {path}: left out {len(dropped)} line(s) that are not metrics rows (line(s) "
+            f"{', '.join(dropped)})",
+            file=sys.stderr,
+            flush=True,
+        )
     return rows
 
 
@@ -132,9 +146,12 @@ class DataWaitClock:
         ``host_data_wait_fraction`` (every wait of the host / the same), ``first_batch_seconds`` and
         ``steady_seconds``, all taken at one instant."""
         steady = self.steady_seconds()
-        return {"data_wait_fraction": self.starved_seconds / max(steady, 1e-9),
-                "host_data_wait_fraction": self.wait_seconds / max(steady, 1e-9),
-                "first_batch_seconds": self.first_batch_seconds, "steady_seconds": steady}
+        return {
+            "data_wait_fraction": self.starved_seconds / max(steady, 1e-9),
+            "host_data_wait_fraction": self.wait_seconds / max(steady, 1e-9),
+            "first_batch_seconds": self.first_batch_seconds,
+            "steady_seconds": steady,
+        }
 
     def epoch_fraction(self) -> float:
         """``data_wait_fraction`` since the last call (the first call: since the first step)."""

@@ -7,6 +7,7 @@ recompilation), ``model.train()`` / ``model.eval()`` for BatchNorm and dropout, 
 
     python -m train.nnx_example --conv=odconv --epochs=8
 """
+
 from __future__ import annotations
 
 import argparse
@@ -66,8 +67,9 @@ def predict(model, images):
 
 
 def build_model(config: ExampleConfig, in_channels: int, num_classes: int):
-    kwargs = dict(conv=config.conv, num_classes=num_classes, stem="cifar", in_channels=in_channels,
-                  rngs=nnx.Rngs(config.seed))
+    kwargs = dict(
+        conv=config.conv, num_classes=num_classes, stem="cifar", in_channels=in_channels, rngs=nnx.Rngs(config.seed)
+    )
     if config.conv != "static":
         kwargs["num_experts"] = config.num_experts
     if config.model.startswith("resnet"):
@@ -85,8 +87,10 @@ def run(config: ExampleConfig = ExampleConfig(), log=print) -> float:
     total = steps_per_epoch * config.epochs
     learning_rate = optax.cosine_decay_schedule(config.learning_rate, total)
     temperature = optax.linear_schedule(config.temp_init, 1.0, max(int(config.temp_epochs * steps_per_epoch), 1))
-    tx = optax.chain(optax.add_decayed_weights(config.weight_decay),
-                     optax.sgd(learning_rate, momentum=config.momentum, nesterov=True))
+    tx = optax.chain(
+        optax.add_decayed_weights(config.weight_decay),
+        optax.sgd(learning_rate, momentum=config.momentum, nesterov=True),
+    )
     optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
     rng = np.random.default_rng(config.seed)
     step = 0
@@ -94,13 +98,15 @@ def run(config: ExampleConfig = ExampleConfig(), log=print) -> float:
         model.train()
         order = rng.permutation(len(train_x))
         for i in range(steps_per_epoch):
-            idx = order[i * config.batch_size:(i + 1) * config.batch_size]
+            idx = order[i * config.batch_size : (i + 1) * config.batch_size]
             metrics = train_step(model, optimizer, train_x[idx], train_y[idx], jnp.float32(temperature(step)))
             step += 1
         model.eval()
         accuracy = float(np.mean(np.asarray(predict(model, normalize(data.eval.images))) == data.eval.labels))
-        log(f"epoch {epoch + 1}: loss {float(metrics['loss']):.4f}  T {float(temperature(step)):.2f}  "
-            f"test accuracy {accuracy:.4f}")
+        log(
+            f"epoch {epoch + 1}: loss {float(metrics['loss']):.4f}  T {float(temperature(step)):.2f}  "
+            f"test accuracy {accuracy:.4f}"
+        )
     return accuracy
 
 

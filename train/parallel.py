@@ -5,16 +5,18 @@ Under ``jax.jit`` with these shardings, reductions over the batch (the loss mean
 batch mean and variance) are global: XLA inserts the cross-device all-reduces, so the result
 equals single-device training on the same global batch up to float summation order.
 """
+
 from __future__ import annotations
 
 import os
 from concurrent.futures import Executor, Future
 
-import numpy as np
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.experimental import multihost_utils
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 
 def initialize(distributed: bool) -> None:
@@ -33,8 +35,7 @@ def initialize(distributed: bool) -> None:
             try:
                 kwargs[name] = int(text)
             except ValueError:
-                raise ValueError(f"--distributed: environment variable {variable}={text!r} is not an integer") \
-                    from None
+                raise ValueError(f"--distributed: environment variable {variable}={text!r} is not an integer") from None
     jax.distributed.initialize(**kwargs)
 
 
@@ -54,9 +55,11 @@ def under_mesh(mesh: Mesh, fn):
     """``fn`` called (and so traced) with ``mesh`` set (``jax.set_mesh``): what lets per-sample code see
     the mesh, e.g. ``dynconv_jax.ops``' 'map' strategy, which then maps each device over its own
     samples instead of gathering the batch (see docs/performance.md)."""
+
     def call(*args, **kwargs):
         with jax.set_mesh(mesh):
             return fn(*args, **kwargs)
+
     return call
 
 
@@ -83,6 +86,7 @@ def replicate(tree, sharding: NamedSharding):
 
     ``jax.device_put`` refuses a sharding over devices of other processes for an array already on a
     device, so each leaf is rebuilt from its host copy (PRNG keys through their key data)."""
+
     def put(leaf):
         if isinstance(leaf, jax.Array) and jax.dtypes.issubdtype(leaf.dtype, jax.dtypes.prng_key):
             return jax.random.wrap_key_data(put(jax.random.key_data(leaf)), impl=jax.random.key_impl(leaf))

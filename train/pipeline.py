@@ -16,6 +16,7 @@ batches are the same for any number of workers and of processes, a resumed run s
 batches of the uninterrupted run, and the iterator's grain state is saved in the checkpoints.
 An unreadable image is replaced by the next readable record, counted and reported by path.
 """
+
 from __future__ import annotations
 
 from typing import Dict, Iterator, Optional, Tuple
@@ -55,14 +56,23 @@ class _TrainBatch:
 
     def __call__(self, step: int) -> Dict[str, np.ndarray]:
         epoch, i = divmod(int(step), self.steps_per_epoch)
-        indices = self.epoch_order(epoch)[i * self.global_batch:(i + 1) * self.global_batch][self.local_slice]
+        indices = self.epoch_order(epoch)[i * self.global_batch : (i + 1) * self.global_batch][self.local_slice]
         # The whole global batch's draws (a fixed amount per step), of which this process uses its rows.
-        draws = self.preprocess.draws(np.random.default_rng([self.seed, _AUGMENT_STREAM, step]),
-                                      self.global_batch)[self.local_slice]
-        images, labels, bad = zip(*(_read(self.source, int(index), lambda x, d=d: self.preprocess.train(x, d))
-                                    for index, d in zip(indices, draws)))
-        return {"image": np.stack(images), "label": np.asarray(labels, BATCH_DTYPES["label"]),
-                "bad": np.asarray(bad, np.int64), "step": np.full(len(labels), step, np.int64)}
+        draws = self.preprocess.draws(np.random.default_rng([self.seed, _AUGMENT_STREAM, step]), self.global_batch)[
+            self.local_slice
+        ]
+        images, labels, bad = zip(
+            *(
+                _read(self.source, int(index), lambda x, d=d: self.preprocess.train(x, d))
+                for index, d in zip(indices, draws)
+            )
+        )
+        return {
+            "image": np.stack(images),
+            "label": np.asarray(labels, BATCH_DTYPES["label"]),
+            "bad": np.asarray(bad, np.int64),
+            "step": np.full(len(labels), step, np.int64),
+        }
 
 
 def _read(source, index: int, transform):
@@ -95,8 +105,10 @@ class _EvalBatch:
     def __call__(self, batch: int) -> Dict[str, np.ndarray]:
         p = self.preprocess
         positions = np.arange(batch * self.global_batch, (batch + 1) * self.global_batch)[self.local_slice]
-        out = {key: np.zeros(shape, BATCH_DTYPES[key])
-               for key, shape in _batch_shapes(len(positions), self.image_shape).items()}
+        out = {
+            key: np.zeros(shape, BATCH_DTYPES[key])
+            for key, shape in _batch_shapes(len(positions), self.image_shape).items()
+        }
         out["bad"] = np.full(len(positions), -1, np.int64)
         for row, position in enumerate(positions):
             if position >= len(self.source):
@@ -119,14 +131,22 @@ class Pipeline:
     into the model's float32 input.
     """
 
-    def __init__(self, dataset: Dataset, global_batch: int, seed: int, workers: int = 0,
-                 process_index: int = 0, process_count: int = 1):
+    def __init__(
+        self,
+        dataset: Dataset,
+        global_batch: int,
+        seed: int,
+        workers: int = 0,
+        process_index: int = 0,
+        process_count: int = 1,
+    ):
         n = len(dataset.train)
         if global_batch > n:
             raise UsageError(f"--batch_size={global_batch} is larger than the training split ({n} images)")
         if global_batch % process_count:
-            raise UsageError(f"--batch_size={global_batch} must be divisible by the number of processes "
-                             f"({process_count})")
+            raise UsageError(
+                f"--batch_size={global_batch} must be divisible by the number of processes ({process_count})"
+            )
         if workers < 0:
             raise UsageError(f"--data_workers={workers}: must be >= 0")
         self.dataset, self.global_batch, self.seed, self.workers = dataset, global_batch, seed, workers
@@ -152,15 +172,16 @@ class Pipeline:
             return iter(iterator)
         if not flags.FLAGS.is_parsed():  # grain reads its absl flags when it starts workers
             flags.FLAGS.mark_as_parsed()
-        iterator = iterator.mp_prefetch(grain.MultiprocessingOptions(num_workers=self.workers,
-                                                                     per_worker_buffer_size=2),
-                                        worker_init_fn=worker_init)
+        iterator = iterator.mp_prefetch(
+            grain.MultiprocessingOptions(num_workers=self.workers, per_worker_buffer_size=2), worker_init_fn=worker_init
+        )
         return WatchedIterator(iter(iterator), what)
 
     def train_dataset(self, total_steps: int):
         """grain ``MapDataset`` whose element ``s`` is this process's part of global batch ``s``."""
         return grain.MapDataset.range(total_steps).map(
-            _TrainBatch(self.dataset, self.global_batch, self.local_slice, self.steps_per_epoch, self.seed))
+            _TrainBatch(self.dataset, self.global_batch, self.local_slice, self.steps_per_epoch, self.seed)
+        )
 
     def train_iterator(self, total_steps: int, start_step: int = 0):
         """grain iterator (``get_state``/``set_state``) over the batches of steps ``start_step .. total_steps-1``."""
@@ -178,8 +199,11 @@ class Pipeline:
         reads the next pass over the split."""
         num_batches = -(-len(self.dataset.eval) // self.global_batch)
         if self._eval_iterator is None:
-            dataset = grain.MapDataset.range(num_batches).repeat(None).map(
-                _EvalBatch(self.dataset, self.global_batch, self.local_slice))
+            dataset = (
+                grain.MapDataset.range(num_batches)
+                .repeat(None)
+                .map(_EvalBatch(self.dataset, self.global_batch, self.local_slice))
+            )
             self._eval_iterator = self._iterate(dataset, "eval")
         for _ in range(num_batches):
             yield next(self._eval_iterator)

@@ -5,6 +5,7 @@ and ``RUN_DIR/checkpoints``), runs the model in inference mode at the run's fina
 temperature on the first N evaluation images and writes the attention plots of
 :func:`dynconv_jax.inspect.plot_all` into DIR (see docs/tools.md).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -74,8 +75,10 @@ def plot_run(workdir: str, out_dir: str, num_samples: int = 32) -> Tuple[List[st
     images = dataset.eval_examples(num_samples)
     attentions = collect_attentions(model, variables, images, temperature=temperature)
     paths = plot_all(attentions, out_dir)
-    summary = (f"{config.model} conv={config.conv} K={config.num_experts}, checkpoint step {step}, T={temperature:.3g}, "
-               f"{len(images)} {config.eval_split} images, {len(attentions)} dynamic layers")
+    summary = (
+        f"{config.model} conv={config.conv} K={config.num_experts}, checkpoint step {step}, T={temperature:.3g}, "
+        f"{len(images)} {config.eval_split} images, {len(attentions)} dynamic layers"
+    )
     return paths, summary
 
 

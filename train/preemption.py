@@ -11,6 +11,7 @@ what Orbax's ``CheckpointManager.reached_preemption`` calls); every process asks
 workers ignore SIGTERM (:func:`train.worker_watchdog.worker_init`): a notice sent to every process of the job
 must not take the batches away before the checkpoint is written.
 """
+
 from __future__ import annotations
 
 import signal
@@ -26,8 +27,10 @@ class Preempted(Exception):
     """The run stopped at a step boundary after a preemption notice; its checkpoint at that step is on disk."""
 
     def __init__(self, step: int, total_steps: int, checkpoint_dir: str):
-        super().__init__(f"preempted (SIGTERM) at step {step}/{total_steps}: the checkpoint of step {step} is in "
-                         f"{checkpoint_dir}; run the same command with --resume to continue from there")
+        super().__init__(
+            f"preempted (SIGTERM) at step {step}/{total_steps}: the checkpoint of step {step} is in "
+            f"{checkpoint_dir}; run the same command with --resume to continue from there"
+        )
         self.step = step
 
 
@@ -44,8 +47,7 @@ class PreemptionNotice:
 
     def _note(self, signum, frame) -> None:
         if not self.received:
-            print("SIGTERM: saving a checkpoint at the end of this step, then stopping", file=sys.stderr,
-                  flush=True)
+            print("SIGTERM: saving a checkpoint at the end of this step, then stopping", file=sys.stderr, flush=True)
         self.received = True
 
     def reached(self, step: int) -> bool:

@@ -4,6 +4,7 @@ batch, :meth:`Preprocess.draws`), the eval transform and the per-channel normali
 The per-image transforms run in the grain worker processes; :meth:`Preprocess.normalize` runs in the
 training process (inside the jitted steps).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -21,7 +22,7 @@ from train.config import UsageError
 # ImageNet channel statistics in 8-bit pixel units (torchvision's 0.485/0.456/0.406, 0.229/0.224/0.225).
 IMAGENET_MEAN = (123.675, 116.28, 103.53)
 IMAGENET_STD = (58.395, 57.12, 57.375)
-EVAL_CROP_FRACTION = 0.875   # ImageNet eval: resize the shorter side to image_size / 0.875, centre crop
+EVAL_CROP_FRACTION = 0.875  # ImageNet eval: resize the shorter side to image_size / 0.875, centre crop
 RESIZED_CROP_AREA = (0.08, 1.0)
 RESIZED_CROP_RATIO = (3 / 4, 4 / 3)
 RESIZED_CROP_TRIES = 10
@@ -72,9 +73,9 @@ def decode(image, channels: int) -> np.ndarray:
         array = array[..., None]
     if array.shape[-1] == channels:
         return array.astype(np.uint8, copy=False)
-    if channels == 3 and array.shape[-1] in (1, 2):      # gray (+ alpha)
+    if channels == 3 and array.shape[-1] in (1, 2):  # gray (+ alpha)
         return np.repeat(array[..., :1], 3, axis=-1).astype(np.uint8)
-    if channels == 3 and array.shape[-1] == 4:           # RGBA array: drop alpha
+    if channels == 3 and array.shape[-1] == 4:  # RGBA array: drop alpha
         return array[..., :3].astype(np.uint8)
     raise ValueError(f"cannot convert an image with {array.shape[-1]} channels to {channels}")
 
@@ -115,9 +116,11 @@ class Preprocess:
 
     def _check_size(self, array: np.ndarray) -> np.ndarray:
         if array.shape[:2] != (self.image_size, self.image_size):
-            raise UsageError(f"--preprocess={self.kind} needs {self.image_size}x{self.image_size} images, got "
-                             f"{array.shape[0]}x{array.shape[1]}; use --preprocess=imagenet to resize variable-size "
-                             f"images")
+            raise UsageError(
+                f"--preprocess={self.kind} needs {self.image_size}x{self.image_size} images, got "
+                f"{array.shape[0]}x{array.shape[1]}; use --preprocess=imagenet to resize variable-size "
+                f"images"
+            )
         return array
 
     def draws(self, rng: np.random.Generator, n: int) -> np.ndarray:
@@ -130,7 +133,7 @@ class Preprocess:
         out[:, _CROP_Y] = rng.integers(0, 2 * self.padding + 1, size=n)
         out[:, _CROP_X] = rng.integers(0, 2 * self.padding + 1, size=n)
         out[:, _FLIP] = rng.random(n)
-        out[:, :4 * RESIZED_CROP_TRIES] = rng.random((n, 4 * RESIZED_CROP_TRIES))
+        out[:, : 4 * RESIZED_CROP_TRIES] = rng.random((n, 4 * RESIZED_CROP_TRIES))
         return out
 
     def train(self, image, draws: np.ndarray) -> np.ndarray:
@@ -150,8 +153,8 @@ class Preprocess:
                 p = self.padding
                 dy, dx = int(draws[_CROP_Y]), int(draws[_CROP_X])
                 padded = np.zeros((self.image_size + 2 * p, self.image_size + 2 * p, out.shape[-1]), np.uint8)
-                padded[p:p + self.image_size, p:p + self.image_size] = out
-                out = padded[dy:dy + self.image_size, dx:dx + self.image_size]
+                padded[p : p + self.image_size, p : p + self.image_size] = out
+                out = padded[dy : dy + self.image_size, dx : dx + self.image_size]
         return np.ascontiguousarray(out[:, ::-1] if flip else out)
 
     def eval(self, image) -> np.ndarray:
@@ -176,14 +179,14 @@ class Preprocess:
         size = (short, int(short * h / w)) if w <= h else (int(short * w / h), short)  # (width, height)
         top, left = int(round((size[1] - self.image_size) / 2.0)), int(round((size[0] - self.image_size) / 2.0))
         resized = _array(img.resize(size, Image.BILINEAR))
-        return np.ascontiguousarray(resized[top:top + self.image_size, left:left + self.image_size])
+        return np.ascontiguousarray(resized[top : top + self.image_size, left : left + self.image_size])
 
     @staticmethod
     def _resized_crop_box(h: int, w: int, draws: np.ndarray) -> Tuple[int, int, int, int]:
         """``(left, top, right, bottom)`` of a random crop covering 8-100 % of the area with aspect
         ratio 3/4-4/3 (10 tries, then the largest centred crop of clamped aspect; torchvision's rule)."""
         (a0, a1), (r0, r1) = RESIZED_CROP_AREA, (math.log(RESIZED_CROP_RATIO[0]), math.log(RESIZED_CROP_RATIO[1]))
-        for u_area, u_ratio, u_top, u_left in draws[:4 * RESIZED_CROP_TRIES].reshape(RESIZED_CROP_TRIES, 4):
+        for u_area, u_ratio, u_top, u_left in draws[: 4 * RESIZED_CROP_TRIES].reshape(RESIZED_CROP_TRIES, 4):
             target = h * w * (a0 + (a1 - a0) * u_area)
             ratio = math.exp(r0 + (r1 - r0) * u_ratio)
             cw, ch = int(round(math.sqrt(target * ratio))), int(round(math.sqrt(target / ratio)))

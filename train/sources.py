@@ -7,6 +7,7 @@ prepared as ArrayRecord (``tfds.data_source``, no TensorFlow). A folder's record
 bytes: images are decoded by the preprocessing (:mod:`train.preprocess`), per record, so memory does not
 grow with the data set.
 """
+
 from __future__ import annotations
 
 import difflib
@@ -20,7 +21,7 @@ from train.config import UsageError
 
 DIGITS_PATH = os.path.join(os.path.dirname(__file__), "data", "digits.npz")
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
-MAX_CONSECUTIVE_BAD = 16     # a run of unreadable records this long stops the run
+MAX_CONSECUTIVE_BAD = 16  # a run of unreadable records this long stops the run
 
 
 class ArraySource:
@@ -52,8 +53,10 @@ class FolderSource:
         for label, name in enumerate(self.classes):
             class_dir = os.path.join(root, split, name)
             if not os.path.isdir(class_dir):
-                raise UsageError(f"imagefolder: class {name!r} has no folder {class_dir} in split {split!r} "
-                                 f"(every class must be present in every split)")
+                raise UsageError(
+                    f"imagefolder: class {name!r} has no folder {class_dir} in split {split!r} "
+                    f"(every class must be present in every split)"
+                )
             found = list_images(class_dir)
             if not found:
                 raise UsageError(f"imagefolder: no images ({', '.join(IMAGE_EXTENSIONS)}) in {class_dir}")
@@ -86,8 +89,9 @@ def list_images(class_dir: str) -> List[str]:
         holds_top = folder != class_dir and (top + os.sep).startswith(real.rstrip(os.sep) + os.sep)
         if real in seen or holds_top:
             why = "a folder listed already" if real in seen else "a folder that holds the class folder (a loop)"
-            print(f"WARNING: imagefolder: not following {folder}: it leads to {real}, {why}", file=sys.stderr,
-                  flush=True)
+            print(
+                f"WARNING: imagefolder: not following {folder}: it leads to {real}, {why}", file=sys.stderr, flush=True
+            )
             subfolders.clear()
             continue
         seen.add(real)
@@ -110,8 +114,10 @@ class TfdsSource:
             raise UsageError(_tfds_failure(tfds, name, split, data_dir, error)) from error
         features = self.source.dataset_info.features
         if "image" not in features or "label" not in features:
-            raise UsageError(f"TFDS dataset {name!r} has features {sorted(features.keys())}; the training loop "
-                             f"needs 'image' and 'label'")
+            raise UsageError(
+                f"TFDS dataset {name!r} has features {sorted(features.keys())}; the training loop "
+                f"needs 'image' and 'label'"
+            )
         self.num_classes = int(getattr(features["label"], "num_classes", 0) or 0)
         if self.num_classes <= 0:
             raise UsageError(f"TFDS dataset {name!r}: feature 'label' is not a ClassLabel")
@@ -136,19 +142,25 @@ def _tfds_failure(tfds, name: str, split: str, data_dir: Optional[str], error: E
     if base not in builders:
         close = difflib.get_close_matches(base, builders + ["digits", "imagefolder"], n=3)
         hint = f" (did you mean {', '.join(close)}?)" if close else ""
-        return (f"--dataset={name!r}: no TFDS dataset of that name{hint}; --dataset is 'digits', 'imagefolder' or "
-                f"a TFDS name (tfds.list_builders())")
+        return (
+            f"--dataset={name!r}: no TFDS dataset of that name{hint}; --dataset is 'digits', 'imagefolder' or "
+            f"a TFDS name (tfds.list_builders())"
+        )
     first_line = (str(error).strip().splitlines() or [""])[0][:300]
-    return (f"could not open TFDS dataset {name!r} split {split!r} in data_dir={data_dir!r} "
-            f"({type(error).__name__}: {first_line}). Prepare it on a machine with internet: "
-            f"`tfds build {name} --data_dir=DIR --file_format=array_record`, then pass --data_dir=DIR")
+    return (
+        f"could not open TFDS dataset {name!r} split {split!r} in data_dir={data_dir!r} "
+        f"({type(error).__name__}: {first_line}). Prepare it on a machine with internet: "
+        f"`tfds build {name} --data_dir=DIR --file_format=array_record`, then pass --data_dir=DIR"
+    )
 
 
 def load_digits_npz(path: str = DIGITS_PATH) -> Tuple[ArraySource, ArraySource]:
     """The embedded digits: 1,437 train / 360 test 8x8x1 images with values 0..16."""
     with np.load(path) as data:
-        return (ArraySource("digits", "train", data["train_image"], data["train_label"]),
-                ArraySource("digits", "test", data["test_image"], data["test_label"]))
+        return (
+            ArraySource("digits", "train", data["train_image"], data["train_label"]),
+            ArraySource("digits", "test", data["test_image"], data["test_label"]),
+        )
 
 
 def open_folder(root: Optional[str], train_split: str, eval_split: str) -> Tuple[FolderSource, FolderSource]:
@@ -162,19 +174,26 @@ def open_folder(root: Optional[str], train_split: str, eval_split: str) -> Tuple
         split_dir = os.path.join(root, split)
         if not os.path.isdir(split_dir):
             present = sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)))
-            raise UsageError(f"imagefolder: split folder {split_dir} does not exist (present: {present or 'none'}); "
-                             f"see --train_split / --eval_split")
-        splits[split] = sorted(d for d in os.listdir(split_dir)
-                               if os.path.isdir(os.path.join(split_dir, d)) and not d.startswith("."))
+            raise UsageError(
+                f"imagefolder: split folder {split_dir} does not exist (present: {present or 'none'}); "
+                f"see --train_split / --eval_split"
+            )
+        splits[split] = sorted(
+            d for d in os.listdir(split_dir) if os.path.isdir(os.path.join(split_dir, d)) and not d.startswith(".")
+        )
         if not splits[split]:
             raise UsageError(f"imagefolder: no class folders in {split_dir}")
         if len(splits[split]) == 1:  # every prediction would be right: 'accuracy 1.0000' says nothing
-            raise UsageError(f"imagefolder: one class folder in {split_dir} ({splits[split][0]!r}); a classifier "
-                             f"needs at least 2 classes (ROOT/<split>/<class>/<image>)")
+            raise UsageError(
+                f"imagefolder: one class folder in {split_dir} ({splits[split][0]!r}); a classifier "
+                f"needs at least 2 classes (ROOT/<split>/<class>/<image>)"
+            )
     only = sorted(set(splits[train_split]) ^ set(splits[eval_split]))
     if only:
         where = {c: (train_split if c in splits[train_split] else eval_split) for c in only}
-        raise UsageError(f"imagefolder {root}: class folder(s) present in one split only: "
-                         + ", ".join(f"{os.path.join(root, s, c)}" for c, s in where.items()))
+        raise UsageError(
+            f"imagefolder {root}: class folder(s) present in one split only: "
+            + ", ".join(f"{os.path.join(root, s, c)}" for c, s in where.items())
+        )
     classes = splits[train_split]
     return FolderSource(root, train_split, classes), FolderSource(root, eval_split, classes)

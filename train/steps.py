@@ -11,6 +11,7 @@ scripts (evaluation, ablations) can build the same model and state from a
     state, sums = accumulating_train_step(state, sums, images, labels, dropout_key, ...)  # what the loop runs
     sums = eval_step(state, images, labels, mask, temperature)
 """
+
 from __future__ import annotations
 
 from typing import Any, Callable, Dict, Optional, Tuple
@@ -38,8 +39,9 @@ def model_kwargs(config, num_classes: int, image_shape) -> Dict[str, Any]:
     """Keyword arguments of ``dynconv_jax.models.<config.model>`` (and of the identical
     ``dynconv_torch.models`` constructor, minus ``dtype``); ``image_shape`` is ``(H, W, C)``."""
     image_size, in_channels = image_shape[0], image_shape[-1]
-    kwargs: Dict[str, Any] = dict(conv=config.conv, num_experts=config.num_experts, num_classes=num_classes,
-                                  in_channels=in_channels)
+    kwargs: Dict[str, Any] = dict(
+        conv=config.conv, num_experts=config.num_experts, num_classes=num_classes, in_channels=in_channels
+    )
     if config.dropout is not None:
         kwargs["dropout"] = config.dropout
     options = {} if config.attention_bn_init is None else {"attention_bn_init": config.attention_bn_init}
@@ -62,9 +64,12 @@ def model_kwargs(config, num_classes: int, image_shape) -> Dict[str, Any]:
 def kw_conv_options(config) -> Dict[str, Any]:
     """The warehouse options (``conv_options`` of ``conv='kernelwarehouse'``) of the ``--kw_*`` flags;
     ``--kw_sharing_range=layer,conv`` is ``('layer', 'conv')``, the official ``layer_conv`` passes as is."""
-    options: Dict[str, Any] = dict(cell_num_ratio=config.kw_ratio, cell_inplane_ratio=config.kw_inplane_ratio,
-                                   cell_outplane_ratio=config.kw_outplane_ratio,
-                                   nonlocal_basis_ratio=config.kw_basis_ratio)
+    options: Dict[str, Any] = dict(
+        cell_num_ratio=config.kw_ratio,
+        cell_inplane_ratio=config.kw_inplane_ratio,
+        cell_outplane_ratio=config.kw_outplane_ratio,
+        nonlocal_basis_ratio=config.kw_basis_ratio,
+    )
     if config.kw_sharing_range is not None:
         text = config.kw_sharing_range
         options["sharing_range"] = tuple(p.strip() for p in text.split(",") if p.strip()) if "," in text else text
@@ -77,8 +82,10 @@ def check_image_size(config, image_shape) -> None:
     stem = model_kwargs(config, 1, image_shape).get("stem", "imagenet")
     stride = 8 if stem == "cifar" else 32
     if min(image_shape[:2]) < stride:
-        raise UsageError(f"--image_size: {image_shape[0]}x{image_shape[1]} inputs are smaller than the total stride "
-                         f"({stride}) of {config.model} with the {stem!r} stem; use --image_size >= {stride}")
+        raise UsageError(
+            f"--image_size: {image_shape[0]}x{image_shape[1]} inputs are smaller than the total stride "
+            f"({stride}) of {config.model} with the {stem!r} stem; use --image_size >= {stride}"
+        )
 
 
 def create_model(config, num_classes: int, image_shape):
@@ -141,8 +148,9 @@ def decay_mask(params) -> Any:
     return flax.traverse_util.unflatten_dict({path: path[-1] == "kernel" for path in flat})
 
 
-def create_optimizer(config, steps_per_epoch: int, total_steps: int) -> Tuple[optax.GradientTransformation,
-                                                                               optax.Schedule]:
+def create_optimizer(
+    config, steps_per_epoch: int, total_steps: int
+) -> Tuple[optax.GradientTransformation, optax.Schedule]:
     """SGD (+momentum, Nesterov; coupled L2 decay as in PyTorch's SGD) or AdamW (decoupled
     decay), optional global-norm clipping first. Returns ``(tx, learning_rate_schedule)``."""
     schedule = learning_rate_schedule(config, steps_per_epoch, total_steps)
@@ -154,14 +162,18 @@ def create_optimizer(config, steps_per_epoch: int, total_steps: int) -> Tuple[op
             parts.append(optax.add_decayed_weights(config.weight_decay, mask=decay_mask))
         parts.append(optax.sgd(schedule, momentum=config.momentum or None, nesterov=config.nesterov))
     else:
-        parts.append(optax.adamw(schedule, b1=config.momentum, b2=config.beta2,
-                                 weight_decay=config.weight_decay, mask=decay_mask))
+        parts.append(
+            optax.adamw(
+                schedule, b1=config.momentum, b2=config.beta2, weight_decay=config.weight_decay, mask=decay_mask
+            )
+        )
     return optax.chain(*parts), schedule
 
 
 def init_variables_fn(model, image_shape) -> Callable[[Array], Dict[str, Any]]:
     """``rng -> variables``: ``model.init`` in eval mode on a ``[1, *image_shape]`` zero input, its
     'params' and 'dropout' streams split from ``rng``. Pure: ``jax.jit`` it, or lower it ahead of time."""
+
     def init(rng: Array) -> Dict[str, Any]:
         params_key, dropout_key = jax.random.split(rng)
         dummy = jnp.zeros((1,) + tuple(image_shape), jnp.float32)
@@ -172,8 +184,9 @@ def init_variables_fn(model, image_shape) -> Callable[[Array], Dict[str, Any]]:
 
 def train_state_from_variables(variables: Dict[str, Any], model, tx) -> TrainState:
     """Step 0 of training ``variables`` (``params`` and, if any, ``batch_stats``) with ``tx``."""
-    return TrainState.create(apply_fn=model.apply, params=variables["params"],
-                             batch_stats=variables.get("batch_stats", {}), tx=tx)
+    return TrainState.create(
+        apply_fn=model.apply, params=variables["params"], batch_stats=variables.get("batch_stats", {}), tx=tx
+    )
 
 
 def create_train_state(rng: Array, model, image_shape, tx) -> TrainState:
@@ -196,16 +209,22 @@ def cross_entropy(logits: Array, labels: Array, num_classes: int, label_smoothin
     return optax.softmax_cross_entropy(logits.astype(jnp.float32), targets)
 
 
-def loss_and_grads(state: TrainState, images: Array, labels: Array, dropout_key: Array, temperature,
-                   label_smoothing: float) -> Tuple[Array, Array, Dict[str, Any], Any]:
+def loss_and_grads(
+    state: TrainState, images: Array, labels: Array, dropout_key: Array, temperature, label_smoothing: float
+) -> Tuple[Array, Array, Dict[str, Any], Any]:
     """The training objective at ``state``'s parameters on one batch (training mode, dropout key
     ``fold_in(dropout_key, step)``) and its gradient: ``(loss, logits, batch-stat updates, grads)``."""
     key = jax.random.fold_in(dropout_key, state.step)
 
     def loss_fn(params):
         logits, updates = state.apply_fn(
-            _variables(state, params), images, train=True, temperature=temperature,
-            mutable=["batch_stats"], rngs={"dropout": key})
+            _variables(state, params),
+            images,
+            train=True,
+            temperature=temperature,
+            mutable=["batch_stats"],
+            rngs={"dropout": key},
+        )
         loss = cross_entropy(logits, labels, logits.shape[-1], label_smoothing).mean()
         return loss, (logits, updates)
 
@@ -213,9 +232,17 @@ def loss_and_grads(state: TrainState, images: Array, labels: Array, dropout_key:
     return loss, logits, updates, grads
 
 
-def train_step(state: TrainState, images: Array, labels: Array, dropout_key: Array, *,
-               temperature_fn: Callable, label_smoothing: float, learning_rate_fn: Optional[Callable] = None,
-               normalize: Optional[Callable] = None) -> Tuple[TrainState, Dict[str, Array]]:
+def train_step(
+    state: TrainState,
+    images: Array,
+    labels: Array,
+    dropout_key: Array,
+    *,
+    temperature_fn: Callable,
+    label_smoothing: float,
+    learning_rate_fn: Optional[Callable] = None,
+    normalize: Optional[Callable] = None,
+) -> Tuple[TrainState, Dict[str, Array]]:
     """One optimisation step on a (possibly sharded) global batch.
 
     images ``[B, H, W, C]`` float32, or raw (e.g. the input pipeline's uint8) turned into the model's
@@ -243,10 +270,19 @@ def train_step(state: TrainState, images: Array, labels: Array, dropout_key: Arr
 
 def zero_metric_sums() -> Dict[str, Array]:
     """What :func:`accumulate_metrics` starts from: nothing summed, no non-finite step seen (-1)."""
-    return {"loss": jnp.float32(0), "accuracy": jnp.float32(0), "steps": jnp.int32(0),
-            "first_nonfinite_step": jnp.int32(-1), "nonfinite_loss": jnp.float32(0),
-            "nonfinite_grad_norm": jnp.float32(0), "last_loss": jnp.float32(0), "last_accuracy": jnp.float32(0),
-            "last_grad_norm": jnp.float32(0), "learning_rate": jnp.float32(0), "temperature": jnp.float32(0)}
+    return {
+        "loss": jnp.float32(0),
+        "accuracy": jnp.float32(0),
+        "steps": jnp.int32(0),
+        "first_nonfinite_step": jnp.int32(-1),
+        "nonfinite_loss": jnp.float32(0),
+        "nonfinite_grad_norm": jnp.float32(0),
+        "last_loss": jnp.float32(0),
+        "last_accuracy": jnp.float32(0),
+        "last_grad_norm": jnp.float32(0),
+        "learning_rate": jnp.float32(0),
+        "temperature": jnp.float32(0),
+    }
 
 
 def accumulate_metrics(sums: Dict[str, Array], metrics: Dict[str, Array], step: Array) -> Dict[str, Array]:
@@ -267,23 +303,33 @@ def accumulate_metrics(sums: Dict[str, Array], metrics: Dict[str, Array], step: 
         "first_nonfinite_step": jnp.where(first_bad, step.astype(jnp.int32), sums["first_nonfinite_step"]),
         "nonfinite_loss": jnp.where(first_bad, metrics["loss"], sums["nonfinite_loss"]),
         "nonfinite_grad_norm": jnp.where(first_bad, metrics["grad_norm"], sums["nonfinite_grad_norm"]),
-        "last_loss": metrics["loss"], "last_accuracy": metrics["accuracy"], "last_grad_norm": metrics["grad_norm"],
+        "last_loss": metrics["loss"],
+        "last_accuracy": metrics["accuracy"],
+        "last_grad_norm": metrics["grad_norm"],
         "learning_rate": metrics.get("learning_rate", sums["learning_rate"]),
         "temperature": metrics["temperature"],
     }
     return {key: value.astype(sums[key].dtype) for key, value in new_sums.items()}
 
 
-def accumulating_train_step(state: TrainState, sums: Dict[str, Array], images: Array, labels: Array,
-                            dropout_key: Array, **train_step_kwargs) -> Tuple[TrainState, Dict[str, Array]]:
+def accumulating_train_step(
+    state: TrainState, sums: Dict[str, Array], images: Array, labels: Array, dropout_key: Array, **train_step_kwargs
+) -> Tuple[TrainState, Dict[str, Array]]:
     """:func:`train_step`, its metrics added to ``sums`` on the device (:func:`accumulate_metrics`)."""
     step = state.step
     state, metrics = train_step(state, images, labels, dropout_key, **train_step_kwargs)
     return state, accumulate_metrics(sums, metrics, step)
 
 
-def eval_step(state: TrainState, images: Array, labels: Array, mask: Array, temperature: Optional[Array] = None, *,
-              normalize: Optional[Callable] = None) -> Dict[str, Array]:
+def eval_step(
+    state: TrainState,
+    images: Array,
+    labels: Array,
+    mask: Array,
+    temperature: Optional[Array] = None,
+    *,
+    normalize: Optional[Callable] = None,
+) -> Dict[str, Array]:
     """Sums over the real (``mask == 1``) examples of a padded batch: cross-entropy (no label
     smoothing), number correct and count. ``normalize``: as in :func:`train_step`."""
     if normalize is not None:

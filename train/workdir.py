@@ -12,6 +12,7 @@ files replaced in one step.
   old one; a failed write (a full disk) removes the temporary, leaves the old file as it was and raises
   :class:`WorkdirError` in one line. ``summary.json`` is strict JSON: a value that is not finite is ``null``.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -29,8 +30,20 @@ from train.config import Config, UsageError, from_json
 
 LOCK_NAME = ".lock"
 # Fields that may differ between a run and its resumption (they do not change the maths).
-RUNTIME_FIELDS = ("resume", "workdir", "progress", "log_every_steps", "tensorboard", "export", "distributed",
-                  "checkpoint_every_steps", "keep_checkpoints", "data_dir", "data_workers", "allow_restart")
+RUNTIME_FIELDS = (
+    "resume",
+    "workdir",
+    "progress",
+    "log_every_steps",
+    "tensorboard",
+    "export",
+    "distributed",
+    "checkpoint_every_steps",
+    "keep_checkpoints",
+    "data_dir",
+    "data_workers",
+    "allow_restart",
+)
 # What flock raises on a file system that has no locks.
 _NO_LOCKS = (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOTSUP, errno.ENOSYS, errno.EINVAL)
 
@@ -80,13 +93,18 @@ class WorkdirLock:
             raise UsageError(
                 f"--workdir={os.path.dirname(self.path)!r} is in use by another run ({holder}): two runs writing one "
                 f"folder mix their checkpoints and metrics. Wait for it to end, stop it, or choose another "
-                f"--workdir") from None
+                f"--workdir"
+            ) from None
         except OSError as error:
             if error.errno not in _NO_LOCKS:
                 os.close(fd)
                 raise _os_failure(self.path, error) from None
-            print(f"WARNING: {self.path}: this file system has no locks ({error.strerror}); make sure that no "
-                  f"other run writes this folder", file=sys.stderr, flush=True)
+            print(
+                f"WARNING: {self.path}: this file system has no locks ({error.strerror}); make sure that no "
+                f"other run writes this folder",
+                file=sys.stderr,
+                flush=True,
+            )
         self._fd = fd
         self._record_holder(fd)
 
@@ -94,8 +112,10 @@ class WorkdirLock:
     def _holder(fd: int) -> str:
         try:
             holder = json.loads(os.pread(fd, 4096, 0).decode() or "{}")
-            return (f"pid {holder['pid']} on host {holder['host']}, since "
-                    f"{time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(holder['since']))}")
+            return (
+                f"pid {holder['pid']} on host {holder['host']}, since "
+                f"{time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(holder['since']))}"
+            )
         except (OSError, ValueError, KeyError, TypeError):
             return "its lock file names no holder"
 
@@ -140,12 +160,16 @@ def check_resumable(workdir: str, config: Config) -> None:
         return
     with open(path) as f:
         saved = from_json(f.read(), path)
-    diff = [f"{f.name}: {getattr(saved, f.name)!r} -> {getattr(config, f.name)!r}"
-            for f in dataclasses.fields(Config)
-            if f.name not in RUNTIME_FIELDS and getattr(saved, f.name) != getattr(config, f.name)]
+    diff = [
+        f"{f.name}: {getattr(saved, f.name)!r} -> {getattr(config, f.name)!r}"
+        for f in dataclasses.fields(Config)
+        if f.name not in RUNTIME_FIELDS and getattr(saved, f.name) != getattr(config, f.name)
+    ]
     if diff:
-        raise UsageError(f"--resume: the configuration differs from the one saved in {path} "
-                         f"({'; '.join(diff)}); an exact resume needs the same configuration")
+        raise UsageError(
+            f"--resume: the configuration differs from the one saved in {path} "
+            f"({'; '.join(diff)}); an exact resume needs the same configuration"
+        )
 
 
 def write_config(workdir: str, config: Config) -> None:

@@ -15,6 +15,7 @@ leaves the training process waiting.
   ``WNOWAIT`` reads its status and leaves it to ``multiprocessing``). This needs Linux's ``/proc``; elsewhere
   only grain's own check remains.
 """
+
 from __future__ import annotations
 
 import os
@@ -34,7 +35,8 @@ MAIN_GUARD_HINT = (
     "A script that starts data workers (--data_workers > 0, Pipeline(workers=...)) must run its code under "
     "`if __name__ == '__main__':`: each worker starts by importing the main module again, and one that runs the "
     "pipeline at import stops with 'An attempt has been made to start a new process before the current process "
-    "has finished its bootstrapping phase'")
+    "has finished its bootstrapping phase'"
+)
 
 
 class WorkerDied(RuntimeError):
@@ -156,8 +158,10 @@ class WatchedIterator(grain.DatasetIterator):
 
     def _died(self, pid: Optional[int], returncode: int) -> WorkerDied:
         process = "a grain data worker process" + (f" (pid {pid})" if pid is not None else "")
-        message = (f"{process} of the {self._what} batches {how_it_ended(returncode)} after {self._delivered} "
-                   f"batch(es) had been delivered")
+        message = (
+            f"{process} of the {self._what} batches {how_it_ended(returncode)} after {self._delivered} "
+            f"batch(es) had been delivered"
+        )
         if returncode == -signal.SIGKILL:
             message += "; SIGKILL comes from the kernel's out-of-memory killer (see `dmesg`) or from a kill -9"
         elif self._delivered == 0 and returncode > 0:  # it stopped as it started: its traceback is above

@@ -10,11 +10,28 @@
 
 The PyTorch twin, :mod:`dynconv_torch.export`, is split the same way.
 """
+
 from dynconv_jax.export.batchnorm import conv_batchnorm_pairs, fuse_batchnorm
 from dynconv_jax.export.stablehlo import STABLEHLO_MAGIC, load_stablehlo, to_stablehlo
-from dynconv_jax.export.static import (AverageExport, StaticExport, export_average, export_static, fold_attentions,
-                                       layer_attentions)
+from dynconv_jax.export.static import (
+    AverageExport,
+    StaticExport,
+    export_average,
+    export_static,
+    fold_attentions,
+    layer_attentions,
+)
 
-__all__ = ["AverageExport", "STABLEHLO_MAGIC", "StaticExport", "conv_batchnorm_pairs", "export_average",
-           "export_static", "fold_attentions", "fuse_batchnorm", "layer_attentions", "load_stablehlo",
-           "to_stablehlo"]
+__all__ = [
+    "AverageExport",
+    "STABLEHLO_MAGIC",
+    "StaticExport",
+    "conv_batchnorm_pairs",
+    "export_average",
+    "export_static",
+    "fold_attentions",
+    "fuse_batchnorm",
+    "layer_attentions",
+    "load_stablehlo",
+    "to_stablehlo",
+]

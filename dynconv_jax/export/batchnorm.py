@@ -9,6 +9,7 @@ The constant ``t`` cannot go into the experts in general (CondConv's sigmoid rou
 not sum to 1), so the BatchNorm stays as a pure shift (scale 1, mean 0, variance
 ``1 - eps``).
 """
+
 from __future__ import annotations
 
 from typing import Any, Dict, Optional, Sequence, Tuple
@@ -37,8 +38,9 @@ def _default_input_shape(model, input_shape, where: str) -> Tuple[int, ...]:
     return (1, 32, 32, in_channels)
 
 
-def conv_batchnorm_pairs(model: nn.Module, variables, input_shape: Optional[Sequence[int]] = None,
-                         **apply_kwargs) -> Tuple[Tuple[Tuple[str, ...], Tuple[str, ...], float], ...]:
+def conv_batchnorm_pairs(
+    model: nn.Module, variables, input_shape: Optional[Sequence[int]] = None, **apply_kwargs
+) -> Tuple[Tuple[Tuple[str, ...], Tuple[str, ...], float], ...]:
     """``((conv_path, bn_path, epsilon), ...)``: every BatchNorm whose input is a conv's output.
 
     Found by tracing ``model.apply(variables, x, train=False)`` abstractly (``jax.eval_shape``,
@@ -78,8 +80,9 @@ def conv_batchnorm_pairs(model: nn.Module, variables, input_shape: Optional[Sequ
     params_dtype = jax.tree_util.tree_leaves(variables["params"])[0].dtype
     apply_kwargs = {"train": False, **apply_kwargs}
     with nn.intercept_methods(record):
-        jax.eval_shape(lambda v, x: model.apply(v, x, **apply_kwargs), variables,
-                       jax.ShapeDtypeStruct(shape, params_dtype))
+        jax.eval_shape(
+            lambda v, x: model.apply(v, x, **apply_kwargs), variables, jax.ShapeDtypeStruct(shape, params_dtype)
+        )
     pairs = []
     for conv, _, out in calls:
         if not isinstance(conv, convs) or isinstance(conv, KWConv):
@@ -151,9 +154,11 @@ def fuse_batchnorm(model: nn.Module, variables, input_shape: Optional[Sequence[i
     try:
         pairs = conv_batchnorm_pairs(model, variables, input_shape)
     except flax.errors.ScopeCollectionNotFound as error:  # e.g. {'params'} alone: the BatchNorms need more
-        raise ValueError(f"fuse_batchnorm: variables hold the collections {sorted(variables)}, and the model "
-                         f"reads one more: {error}. Pass all of model.init's variables (with 'batch_stats': "
-                         f"the running statistics the folding uses)") from None
+        raise ValueError(
+            f"fuse_batchnorm: variables hold the collections {sorted(variables)}, and the model "
+            f"reads one more: {error}. Pass all of model.init's variables (with 'batch_stats': "
+            f"the running statistics the folding uses)"
+        ) from None
     params, stats = variables["params"], variables.get("batch_stats", {})
     for conv_path, bn_path, eps in pairs:
         conv, bn = _subtree(params, conv_path), _subtree(params, bn_path)
@@ -163,13 +168,18 @@ def fuse_batchnorm(model: nn.Module, variables, input_shape: Optional[Sequence[i
         mean, var = np.asarray(running["mean"], np.float64), np.asarray(running["var"], np.float64)
         s = np.asarray(bn["scale"], np.float64) / np.sqrt(var + eps)
         t = np.asarray(bn["bias"], np.float64) - mean * s
-        scaled = {name: jnp.asarray(np.asarray(conv[name], np.float64) * s, conv[name].dtype)
-                  for name in ("kernel", "bias") if name in conv}
+        scaled = {
+            name: jnp.asarray(np.asarray(conv[name], np.float64) * s, conv[name].dtype)
+            for name in ("kernel", "bias")
+            if name in conv
+        }
         params = _replace(params, conv_path, scaled)
-        params = _replace(params, bn_path, {"scale": jnp.ones_like(bn["scale"]),
-                                            "bias": jnp.asarray(t, bn["bias"].dtype)})
-        stats = _replace(stats, bn_path, {"mean": jnp.zeros_like(running["mean"]),
-                                          "var": jnp.full_like(running["var"], 1.0 - eps)})
+        params = _replace(
+            params, bn_path, {"scale": jnp.ones_like(bn["scale"]), "bias": jnp.asarray(t, bn["bias"].dtype)}
+        )
+        stats = _replace(
+            stats, bn_path, {"mean": jnp.zeros_like(running["mean"]), "var": jnp.full_like(running["var"], 1.0 - eps)}
+        )
     fused = dict(variables)
     fused["params"] = params
     if "batch_stats" in variables:
@@ -181,7 +191,9 @@ def as_linen_variables(model, variables, where: str):
     """``variables`` as a Linen variables dict: an NNX module or ``nnx.State`` of the same parameter tree
     (:mod:`dynconv_jax.nnx`) is read with :func:`dynconv_jax.nnx.linen_variables`; ``model`` must be Linen."""
     if is_nnx(model):
-        raise TypeError(f"{where}: model is an NNX module ({type(model).__name__}); pass its Linen twin as model "
-                        f"(same arguments, e.g. dynconv_jax.models.resnet18 for dynconv_jax.nnx.models.resnet18) "
-                        f"and the NNX module or its nnx.state as variables")
+        raise TypeError(
+            f"{where}: model is an NNX module ({type(model).__name__}); pass its Linen twin as model "
+            f"(same arguments, e.g. dynconv_jax.models.resnet18 for dynconv_jax.nnx.models.resnet18) "
+            f"and the NNX module or its nnx.state as variables"
+        )
     return linen_variables(variables) if is_nnx(variables) else variables

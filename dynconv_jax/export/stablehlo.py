@@ -1,5 +1,6 @@
 """StableHLO serving: :func:`to_stablehlo` serialises the inference function with ``jax.export``
 and a symbolic batch size; :func:`load_stablehlo` runs it without the model's Python code."""
+
 from __future__ import annotations
 
 import hashlib
@@ -13,7 +14,6 @@ import jax.numpy as jnp
 import numpy as np
 
 import dynconv_spec
-
 from dynconv_jax.export.batchnorm import as_linen_variables, fuse_batchnorm
 
 # What a model raises when its variables or its input do not fit it (flax's scope errors are FlaxErrors).
@@ -34,9 +34,11 @@ def _variables_mismatch(model, variables, x_spec) -> Optional[str]:
     if not isinstance(variables, Mapping):
         return f"variables are a {type(variables).__name__}, not a variables dict"
     want = flax.traverse_util.flatten_dict(expected, sep="/")
-    have = {path: tuple(np.shape(leaf))
-            for path, leaf in flax.traverse_util.flatten_dict(flax.core.unfreeze(dict(variables)), sep="/").items()
-            if path.split("/")[0] in expected}
+    have = {
+        path: tuple(np.shape(leaf))
+        for path, leaf in flax.traverse_util.flatten_dict(flax.core.unfreeze(dict(variables)), sep="/").items()
+        if path.split("/")[0] in expected
+    }
     for path, leaf in want.items():
         if path not in have:
             return f"{path} is missing from variables"
@@ -50,10 +52,16 @@ def _variables_mismatch(model, variables, x_spec) -> Optional[str]:
 
 def _check_serving_shape(input_shape, where: str) -> Tuple[Optional[int], ...]:
     shape = tuple(input_shape) if isinstance(input_shape, (tuple, list)) else None
-    if (shape is None or len(shape) < 2 or not (shape[0] is None or (isinstance(shape[0], int) and shape[0] > 0))
-            or not all(isinstance(d, int) and not isinstance(d, bool) and d > 0 for d in shape[1:])):
-        raise ValueError(f"{where}: input_shape={input_shape!r}; expected (None or batch, *spatial, channels) "
-                         "with positive ints after the batch, e.g. (None, 32, 32, 3)")
+    if (
+        shape is None
+        or len(shape) < 2
+        or not (shape[0] is None or (isinstance(shape[0], int) and shape[0] > 0))
+        or not all(isinstance(d, int) and not isinstance(d, bool) and d > 0 for d in shape[1:])
+    ):
+        raise ValueError(
+            f"{where}: input_shape={input_shape!r}; expected (None or batch, *spatial, channels) "
+            "with positive ints after the batch, e.g. (None, 32, 32, 3)"
+        )
     return shape
 
 
@@ -68,18 +76,28 @@ def _check_serving_options(temperature, platforms) -> None:
     if platforms is None:
         return
     if isinstance(platforms, str) or not isinstance(platforms, (tuple, list)) or not platforms:
-        raise ValueError(f"to_stablehlo: platforms={platforms!r}; expected a non-empty tuple of names from "
-                         f"{SERVING_PLATFORMS}, e.g. ('cpu', 'cuda')")
+        raise ValueError(
+            f"to_stablehlo: platforms={platforms!r}; expected a non-empty tuple of names from "
+            f"{SERVING_PLATFORMS}, e.g. ('cpu', 'cuda')"
+        )
     unknown = [p for p in platforms if p not in SERVING_PLATFORMS]
     if unknown or len(set(platforms)) != len(platforms):
         what = f"unknown {unknown}" if unknown else "a name twice"
-        raise ValueError(f"to_stablehlo: platforms={tuple(platforms)!r} has {what}; jax.export lowers for "
-                         f"{SERVING_PLATFORMS}")
+        raise ValueError(
+            f"to_stablehlo: platforms={tuple(platforms)!r} has {what}; jax.export lowers for {SERVING_PLATFORMS}"
+        )
 
 
-def to_stablehlo(model: nn.Module, variables, input_shape: Sequence[Optional[int]],
-                 temperature: Optional[float] = None, *, fuse_bn: bool = True, dtype=jnp.float32,
-                 platforms: Optional[Sequence[str]] = None) -> bytes:
+def to_stablehlo(
+    model: nn.Module,
+    variables,
+    input_shape: Sequence[Optional[int]],
+    temperature: Optional[float] = None,
+    *,
+    fuse_bn: bool = True,
+    dtype=jnp.float32,
+    platforms: Optional[Sequence[str]] = None,
+) -> bytes:
     """Serialise ``model.apply(variables, x, train=False, temperature=temperature)`` for serving.
 
     Uses ``jax.export``: the result is a StableHLO module with the weights embedded as
@@ -120,10 +138,13 @@ def to_stablehlo(model: nn.Module, variables, input_shape: Sequence[Optional[int
     except _MODEL_FIT_ERRORS as error:
         mismatch = _variables_mismatch(model, variables, one_sample)
         if mismatch:
-            raise ValueError(f"to_stablehlo: variables and input_shape={tuple(input_shape)!r} do not fit together "
-                             f"in {type(model).__name__}: {mismatch}") from error
-        raise ValueError(f"to_stablehlo: input_shape={tuple(input_shape)!r} does not fit "
-                         f"{type(model).__name__}: {error}") from error
+            raise ValueError(
+                f"to_stablehlo: variables and input_shape={tuple(input_shape)!r} do not fit together "
+                f"in {type(model).__name__}: {mismatch}"
+            ) from error
+        raise ValueError(
+            f"to_stablehlo: input_shape={tuple(input_shape)!r} does not fit {type(model).__name__}: {error}"
+        ) from error
     if fuse_bn:
         variables = fuse_batchnorm(model, variables, concrete)
     batch = jax.export.symbolic_shape("batch") if shape[0] is None else (shape[0],)
@@ -172,15 +193,20 @@ def load_stablehlo(blob: Union[bytes, bytearray, str, os.PathLike]) -> Callable[
         raise TypeError(f"load_stablehlo: expected bytes or a path, got {type(blob).__name__}")
     header = len(STABLEHLO_MAGIC)
     if bytes(blob[:header]) != STABLEHLO_MAGIC:
-        raise ValueError(f"load_stablehlo: {source} is not a dynconv StableHLO export (it does not start with "
-                         f"{STABLEHLO_MAGIC!r}); write one with dynconv_jax.export.to_stablehlo")
-    digest, payload = bytes(blob[header:header + 32]), bytes(blob[header + 32:])
+        raise ValueError(
+            f"load_stablehlo: {source} is not a dynconv StableHLO export (it does not start with "
+            f"{STABLEHLO_MAGIC!r}); write one with dynconv_jax.export.to_stablehlo"
+        )
+    digest, payload = bytes(blob[header : header + 32]), bytes(blob[header + 32 :])
     if hashlib.sha256(payload).digest() != digest:
-        raise ValueError(f"load_stablehlo: {source} is corrupted (its SHA-256 checksum does not match; "
-                         f"{len(blob)} bytes)")
+        raise ValueError(
+            f"load_stablehlo: {source} is corrupted (its SHA-256 checksum does not match; {len(blob)} bytes)"
+        )
     try:
         exported = jax.export.deserialize(bytearray(payload))
     except Exception as error:  # flatbuffers / MLIR raise assorted types on corrupt input
-        raise ValueError(f"load_stablehlo: {source} is not a serialised jax.export module "
-                         f"(corrupt or another format): {type(error).__name__}: {error}") from error
+        raise ValueError(
+            f"load_stablehlo: {source} is not a serialised jax.export module "
+            f"(corrupt or another format): {type(error).__name__}: {error}"
+        ) from error
     return jax.jit(exported.call)

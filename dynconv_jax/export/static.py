@@ -24,6 +24,7 @@ equals the dynamic layer's on *that* input up to float rounding (the tests check
 ≤ 1e-12 relative in float64). :func:`export_average` folds attentions averaged over a
 calibration set: an *approximation* for every input, whose error it measures.
 """
+
 from __future__ import annotations
 
 from typing import Any, Dict, Mapping, NamedTuple, Optional
@@ -98,15 +99,25 @@ def _export_kernelwarehouse(module: KWConv, variables, x, temperature) -> Static
     """A stand-alone :class:`~dynconv_jax.KWConv` for one sample: its kernel assembled from the warehouse
     cells with the cell attention of ``x`` (the layer's own maths, :func:`dynconv_jax.cells.assemble_kernels`)."""
     if module.warehouse_manager is not None:
-        raise ValueError("export_static: a KWConv of a model's WarehouseManager shares its warehouse with other "
-                         "layers; export the stand-alone layer, or the whole model with to_stablehlo (exact at "
-                         "any batch)")
+        raise ValueError(
+            "export_static: a KWConv of a model's WarehouseManager shares its warehouse with other "
+            "layers; export the stand-alone layer, or the whole model with to_stablehlo (exact at "
+            "any batch)"
+        )
     geometry = validate_conv_config(
-        "export_static", features=module.features, kernel_size=module.kernel_size, strides=module.strides,
-        padding=module.padding, kernel_dilation=module.kernel_dilation,
-        feature_group_count=module.feature_group_count, num_experts=1, strategy=module.strategy)
-    plan = single_layer_plan(x.shape[-1], module.features, geometry.kernel_size, geometry.groups,
-                             module._options(), "export_static")
+        "export_static",
+        features=module.features,
+        kernel_size=module.kernel_size,
+        strides=module.strides,
+        padding=module.padding,
+        kernel_dilation=module.kernel_dilation,
+        feature_group_count=module.feature_group_count,
+        num_experts=1,
+        strategy=module.strategy,
+    )
+    plan = single_layer_plan(
+        x.shape[-1], module.features, geometry.kernel_size, geometry.groups, module._options(), "export_static"
+    )
     _, layer = plan.entry("", "export_static")
     _, state = module.apply(variables, x, train=False, temperature=temperature, mutable=["intermediates"])
     cell_attention = state["intermediates"]["cell_attention"][0]
@@ -177,8 +188,14 @@ def fold_attentions(experts, attentions: Mapping[str, jax.Array], *, groups: int
         value = attentions.get(name)
         return None if value is None else value[None].astype(experts.dtype)
 
-    kernel = ops.aggregate_kernels(experts, a[None].astype(experts.dtype), batched("spatial_attention"),
-                                   batched("channel_attention"), batched("filter_attention"), groups=groups)[0]
+    kernel = ops.aggregate_kernels(
+        experts,
+        a[None].astype(experts.dtype),
+        batched("spatial_attention"),
+        batched("channel_attention"),
+        batched("filter_attention"),
+        groups=groups,
+    )[0]
     bias = None if expert_bias is None else a.astype(expert_bias.dtype) @ expert_bias
     return kernel, bias
 
@@ -267,13 +284,22 @@ def export_static(module, variables, x, *, temperature: Optional[float] = None, 
     experts = variables["params"]["kernel"]
     _, attentions = _apply_for_attentions(module, variables, x, temperature, routing_weights)
     one = {name: value[0] for name, value in attentions.items()}
-    kernel, bias = fold_attentions(experts, one, groups=module.feature_group_count,
-                                   expert_bias=variables["params"].get("bias"))
+    kernel, bias = fold_attentions(
+        experts, one, groups=module.feature_group_count, expert_bias=variables["params"].get("bias")
+    )
     return _make_export(module, experts, kernel, bias)
 
 
-def export_average(module, variables, calibration_x, *, reduce: str = "attention", batch_size: int = 128,
-                   temperature: Optional[float] = None, routing_weights=None) -> AverageExport:
+def export_average(
+    module,
+    variables,
+    calibration_x,
+    *,
+    reduce: str = "attention",
+    batch_size: int = 128,
+    temperature: Optional[float] = None,
+    routing_weights=None,
+) -> AverageExport:
     """APPROXIMATE static export from the routing averaged over a calibration set.
 
     Runs the layer on every calibration sample (inference mode), averages over the
@@ -322,8 +348,7 @@ def export_average(module, variables, calibration_x, *, reduce: str = "attention
     outputs, means = _mean_routing(module, variables, calibration_x, batches, reduce, temperature, routing_weights)
     export = _fold_means(module, variables, means, reduce)
     relative_error = _relative_error(export, calibration_x, batches, outputs)
-    return AverageExport(export.module, export.variables, relative_error,
-                         means if reduce == "attention" else None)
+    return AverageExport(export.module, export.variables, relative_error, means if reduce == "attention" else None)
 
 
 def _check_calibration(variables, calibration_x, reduce: str) -> None:
@@ -370,8 +395,9 @@ def _fold_means(module, variables, means: Dict[str, jax.Array], reduce: str) -> 
     experts = variables["params"]["kernel"]
     if reduce == "kernel":
         return _make_export(module, experts, means["kernel"], means.get("bias"))
-    kernel, bias = fold_attentions(experts, means, groups=module.feature_group_count,
-                                   expert_bias=variables["params"].get("bias"))
+    kernel, bias = fold_attentions(
+        experts, means, groups=module.feature_group_count, expert_bias=variables["params"].get("bias")
+    )
     return _make_export(module, experts, kernel, bias)
 
 

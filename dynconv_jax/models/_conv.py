@@ -9,6 +9,7 @@ shortcuts and classifiers stay static. Padding is explicit and symmetric (``(k -
 PyTorch pads, so outputs and checkpoints carry over (flax's 'SAME' pads stride-2 convolutions
 asymmetrically).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -31,25 +32,36 @@ ModuleDef = Any
 
 DYNAMIC_LAYERS = {"condconv": CondConv, "dynamic": DynamicConv, "odconv": ODConv}
 #: The fields each dynamic layer takes (what ``conv_options`` may name, less the reserved ones).
-LAYER_OPTIONS = {**{conv: frozenset(f.name for f in dataclasses.fields(layer) if f.init)
-                    for conv, layer in DYNAMIC_LAYERS.items()},
-                 KW_CONV: frozenset(KW_OPTIONS)}  # KernelWarehouse: the warehouse options of the model's plan
+LAYER_OPTIONS = {
+    **{conv: frozenset(f.name for f in dataclasses.fields(layer) if f.init) for conv, layer in DYNAMIC_LAYERS.items()},
+    KW_CONV: frozenset(KW_OPTIONS),
+}  # KernelWarehouse: the warehouse options of the model's plan
 
 
-def check_args(where: str, conv: str, num_experts: int, reduction: Optional[float],
-               conv_options: Optional[Mapping[str, Any]], stem: str, dropout: float,
-               num_classes: int) -> Dict[str, Any]:
+def check_args(
+    where: str,
+    conv: str,
+    num_experts: int,
+    reduction: Optional[float],
+    conv_options: Optional[Mapping[str, Any]],
+    stem: str,
+    dropout: float,
+    num_classes: int,
+) -> Dict[str, Any]:
     """:func:`dynconv_spec.check_model_args` against the Flax layers' fields (both Flax APIs);
     returns ``conv_options``."""
-    return check_model_args(where, conv, num_experts, reduction, conv_options, stem, dropout, num_classes,
-                            LAYER_OPTIONS)
+    return check_model_args(
+        where, conv, num_experts, reduction, conv_options, stem, dropout, num_classes, LAYER_OPTIONS
+    )
 
 
 def check_input(x, in_channels: int, where: str) -> None:
     """``x`` must be ``[B, H, W, in_channels]`` floating point (channels-last)."""
     if x.ndim != 4 or x.shape[-1] != in_channels:
-        raise ValueError(f"{where}: input shape {tuple(x.shape)} must be [batch, height, width, {in_channels}] "
-                         f"(channels-last, in_channels={in_channels})")
+        raise ValueError(
+            f"{where}: input shape {tuple(x.shape)} must be [batch, height, width, {in_channels}] "
+            f"(channels-last, in_channels={in_channels})"
+        )
     if not jnp.issubdtype(x.dtype, jnp.floating):
         raise ValueError(f"{where}: input dtype {x.dtype} must be floating point")
 
@@ -146,14 +158,32 @@ class DynamicNet(nn.Module):
     precision: PrecisionLike = None
 
     def __post_init__(self):
-        check_args(type(self).__name__, self.conv, self.num_experts, self.reduction, self.conv_options, self.stem,
-                   self.dropout, self.num_classes)
+        check_args(
+            type(self).__name__,
+            self.conv,
+            self.num_experts,
+            self.reduction,
+            self.conv_options,
+            self.stem,
+            self.dropout,
+            self.num_classes,
+        )
         super().__post_init__()
 
     def module_defs(self, train: bool) -> ModuleDefs:
         """The module definitions of this model's layers; ``train`` selects BatchNorm's statistics."""
-        options = dict(check_args(type(self).__name__, self.conv, self.num_experts, self.reduction,
-                                  self.conv_options, self.stem, self.dropout, self.num_classes))
+        options = dict(
+            check_args(
+                type(self).__name__,
+                self.conv,
+                self.num_experts,
+                self.reduction,
+                self.conv_options,
+                self.stem,
+                self.dropout,
+                self.num_classes,
+            )
+        )
         numerics = dict(dtype=self.dtype, param_dtype=self.param_dtype, precision=self.precision)
         static_conv = functools.partial(nn.Conv, use_bias=False, kernel_init=kaiming_fan_out_normal, **numerics)
         if self.conv == "static":
@@ -163,10 +193,12 @@ class DynamicNet(nn.Module):
         else:
             if self.reduction is not None:
                 options["reduction"] = self.reduction
-            conv = functools.partial(DYNAMIC_LAYERS[self.conv], num_experts=self.num_experts, strategy=self.strategy,
-                                     **numerics, **options)
-        norm = functools.partial(BatchNorm, use_running_average=not train, dtype=self.dtype,
-                                 param_dtype=self.param_dtype)
+            conv = functools.partial(
+                DYNAMIC_LAYERS[self.conv], num_experts=self.num_experts, strategy=self.strategy, **numerics, **options
+            )
+        norm = functools.partial(
+            BatchNorm, use_running_average=not train, dtype=self.dtype, param_dtype=self.param_dtype
+        )
         classifier = functools.partial(nn.Dense, kernel_init=classifier_init, **numerics)
         return ModuleDefs(conv=conv, static_conv=static_conv, norm=norm, classifier=classifier)
 

@@ -15,6 +15,7 @@ pointwise expansion, depthwise and projection. ``tf_*`` variants use TF 'SAME' p
 'SAME' is TensorFlow's: for stride 2 the odd pixel goes to the bottom/right) and BatchNorm eps
 1e-3; the others symmetric PyTorch padding and eps 1e-5.
 """
+
 from __future__ import annotations
 
 import functools
@@ -30,17 +31,35 @@ from dynconv_jax import CondConv, attention
 from dynconv_jax.conv_base import layer_name
 from dynconv_jax.initializers import uniform_init
 from dynconv_jax.norm import BatchNorm
-from dynconv_spec.efficientnet_cc import (BN_EPS_TF, BN_EPS_TORCH, DEFAULT_CFGS, VARIANTS, BlockSpec, block_specs,
-                                          check_efficientnet_args, resolve_variant, variant_entry_point)
+from dynconv_spec.efficientnet_cc import (
+    BN_EPS_TF,
+    BN_EPS_TORCH,
+    DEFAULT_CFGS,
+    VARIANTS,
+    BlockSpec,
+    block_specs,
+    check_efficientnet_args,
+    resolve_variant,
+    variant_entry_point,
+)
 from dynconv_spec.mobilenetv2 import make_divisible
 
 from ._conv import ModuleDef
 from ._registry import register_model
 
 __all__ = [
-    "EfficientNetCondConv", "efficientnet_cc", "block_specs", "convert_torch_checkpoint", "VARIANTS", "DEFAULT_CFGS",
-    "tf_efficientnet_cc_b0_4e", "tf_efficientnet_cc_b0_8e", "tf_efficientnet_cc_b1_8e",
-    "efficientnet_cc_b0_4e", "efficientnet_cc_b0_8e", "efficientnet_cc_b1_8e",
+    "EfficientNetCondConv",
+    "efficientnet_cc",
+    "block_specs",
+    "convert_torch_checkpoint",
+    "VARIANTS",
+    "DEFAULT_CFGS",
+    "tf_efficientnet_cc_b0_4e",
+    "tf_efficientnet_cc_b0_8e",
+    "tf_efficientnet_cc_b1_8e",
+    "efficientnet_cc_b0_4e",
+    "efficientnet_cc_b0_8e",
+    "efficientnet_cc_b1_8e",
 ]
 
 
@@ -58,13 +77,17 @@ def _conv_init(kernel_size: int, features: int, groups: int) -> Initializer:
     return nn.initializers.normal(math.sqrt(2.0 / (kernel_size * kernel_size * features // groups)))
 
 
-def conv_args(features: int, kernel_size: int, stride: int = 1, groups: int = 1, *,
-              tf_padding: bool) -> Dict[str, Any]:
+def conv_args(features: int, kernel_size: int, stride: int = 1, groups: int = 1, *, tf_padding: bool) -> Dict[str, Any]:
     """The keyword arguments of one of timm's ``create_conv2d`` convolutions (static or CondConv): its
     shape, TF or PyTorch padding and the TF init."""
-    return dict(features=features, kernel_size=(kernel_size, kernel_size), strides=stride,
-                padding=_padding(kernel_size, stride, tf_padding), feature_group_count=groups,
-                kernel_init=_conv_init(kernel_size, features, groups))
+    return dict(
+        features=features,
+        kernel_size=(kernel_size, kernel_size),
+        strides=stride,
+        padding=_padding(kernel_size, stride, tf_padding),
+        feature_group_count=groups,
+        kernel_init=_conv_init(kernel_size, features, groups),
+    )
 
 
 class SqueezeExcite(nn.Module):
@@ -84,8 +107,9 @@ class SqueezeExcite(nn.Module):
 
     @nn.compact
     def __call__(self, x):
-        conv = functools.partial(nn.Conv, kernel_size=(1, 1), dtype=self.dtype, param_dtype=self.param_dtype,
-                                 precision=self.precision)
+        conv = functools.partial(
+            nn.Conv, kernel_size=(1, 1), dtype=self.dtype, param_dtype=self.param_dtype, precision=self.precision
+        )
         s = jnp.mean(x, axis=(1, 2), keepdims=True)  # [B, 1, 1, C]
         s = nn.silu(conv(self.se_chs, kernel_init=_conv_init(1, self.se_chs, 1), name="conv_reduce")(s))
         expand = conv(x.shape[-1], kernel_init=_conv_init(1, x.shape[-1], 1), name="conv_expand")
@@ -160,12 +184,18 @@ class InvertedResidual(nn.Module):
         routing_weights = None
         if s.num_experts:
             routing_dtype = attention.attention_dtype(nn.dtypes.canonicalize_dtype(x, dtype=self.dtype))
-            routing_fn = nn.Dense(s.num_experts, dtype=routing_dtype, param_dtype=self.param_dtype,
-                                  precision=self.precision,
-                                  kernel_init=uniform_init(1.0 / math.sqrt(s.in_chs + s.num_experts)), name="routing_fn")
+            routing_fn = nn.Dense(
+                s.num_experts,
+                dtype=routing_dtype,
+                param_dtype=self.param_dtype,
+                precision=self.precision,
+                kernel_init=uniform_init(1.0 / math.sqrt(s.in_chs + s.num_experts)),
+                name="routing_fn",
+            )
             temperature = attention.temperature_scalar(temperature, layer_name(self), routing_dtype)
             routing_weights = attention.sigmoid_attention(
-                routing_fn(attention.global_avg_pool(x, routing_dtype)), temperature)  # [B, K]
+                routing_fn(attention.global_avg_pool(x, routing_dtype)), temperature
+            )  # [B, K]
             self.sow("intermediates", "routing_weights", routing_weights)
 
         def conv(h, name: str, features: int, kernel_size: int, stride: int = 1, groups: int = 1):
@@ -234,31 +264,43 @@ class EfficientNetCondConv(nn.Module):
         where = type(self).__name__
         check_efficientnet_args(where, self.num_classes, self.drop_rate, self.drop_path_rate)
         if x.ndim != 4 or not jnp.issubdtype(x.dtype, jnp.floating):
-            raise ValueError(f"{where}: input must be a floating-point [batch, height, width, channels] array "
-                             f"(channels-last), got shape {tuple(x.shape)} dtype {x.dtype}")
+            raise ValueError(
+                f"{where}: input must be a floating-point [batch, height, width, channels] array "
+                f"(channels-last), got shape {tuple(x.shape)} dtype {x.dtype}"
+            )
         numerics = dict(dtype=self.dtype, param_dtype=self.param_dtype, precision=self.precision)
         bn_eps = (BN_EPS_TF if self.tf_port else BN_EPS_TORCH) if self.bn_eps is None else self.bn_eps
         conv = functools.partial(nn.Conv, use_bias=False, **numerics)
         condconv = functools.partial(CondConv, external_routing=True, strategy=self.strategy, **numerics)
-        norm = functools.partial(BatchNorm, use_running_average=not train, epsilon=bn_eps, dtype=self.dtype,
-                                 param_dtype=self.param_dtype)
+        norm = functools.partial(
+            BatchNorm, use_running_average=not train, epsilon=bn_eps, dtype=self.dtype, param_dtype=self.param_dtype
+        )
         se = functools.partial(SqueezeExcite, **numerics)
         tf_padding = self.tf_port
 
         stem_chs = make_divisible(32 * self.channel_multiplier)
         x = conv(**conv_args(stem_chs, 3, 2, tf_padding=tf_padding), name="conv_stem")(x)
         x = nn.silu(norm(name="bn1")(x))
-        specs = block_specs(stem_chs, self.depth_multiplier, self.channel_multiplier, self.experts_multiplier,
-                            self.drop_path_rate)
+        specs = block_specs(
+            stem_chs, self.depth_multiplier, self.channel_multiplier, self.experts_multiplier, self.drop_path_rate
+        )
         for i, stage in enumerate(specs):
             for j, spec in enumerate(stage):
                 if spec.block == "ds":
-                    x = DepthwiseSeparable(spec=spec, conv=conv, norm=norm, se=se, tf_padding=tf_padding,
-                                           name=f"blocks_{i}_{j}")(x, train=train)
+                    x = DepthwiseSeparable(
+                        spec=spec, conv=conv, norm=norm, se=se, tf_padding=tf_padding, name=f"blocks_{i}_{j}"
+                    )(x, train=train)
                 else:
-                    x = InvertedResidual(spec=spec, conv=conv, condconv=condconv, norm=norm, se=se,
-                                         tf_padding=tf_padding, **numerics, name=f"blocks_{i}_{j}")(
-                        x, train=train, temperature=temperature)
+                    x = InvertedResidual(
+                        spec=spec,
+                        conv=conv,
+                        condconv=condconv,
+                        norm=norm,
+                        se=se,
+                        tf_padding=tf_padding,
+                        **numerics,
+                        name=f"blocks_{i}_{j}",
+                    )(x, train=train, temperature=temperature)
         head_chs = make_divisible(1280 * self.channel_multiplier)
         x = conv(**conv_args(head_chs, 1, tf_padding=tf_padding), name="conv_head")(x)
         x = nn.silu(norm(name="bn2")(x))
@@ -266,8 +308,9 @@ class EfficientNetCondConv(nn.Module):
         x = nn.Dropout(self.drop_rate, deterministic=not train)(x)
         if not self.num_classes:
             return x
-        return nn.Dense(self.num_classes, kernel_init=uniform_init(1.0 / math.sqrt(self.num_classes)), **numerics,
-                        name="classifier")(x)
+        return nn.Dense(
+            self.num_classes, kernel_init=uniform_init(1.0 / math.sqrt(self.num_classes)), **numerics, name="classifier"
+        )(x)
 
 
 def efficientnet_cc(name: str, **kwargs) -> EfficientNetCondConv:
@@ -283,8 +326,9 @@ efficientnet_cc_b0_8e = register_model(variant_entry_point("efficientnet_cc_b0_8
 efficientnet_cc_b1_8e = register_model(variant_entry_point("efficientnet_cc_b1_8e", EfficientNetCondConv))
 
 
-def convert_torch_checkpoint(model: EfficientNetCondConv, source, image_size: int = 64,
-                             allow_nonfinite: bool = False) -> Dict[str, Any]:
+def convert_torch_checkpoint(
+    model: EfficientNetCondConv, source, image_size: int = 64, allow_nonfinite: bool = False
+) -> Dict[str, Any]:
     """Flax variables ``{'params', 'batch_stats'}`` for ``model`` from a PyTorch checkpoint of its timm twin.
 
     ``source``: a path to timm's ``pytorch_model.bin`` / ``.pth`` / ``.safetensors`` (also wrapped in

@@ -9,6 +9,7 @@ Flax twin of ``dynconv_torch.models.mobilenetv2`` with the same names: PyTorch's
 2024): every convolution, the stem's too, is a KernelWarehouse layer of ``warehouse_manager``, and the
 classifier is ``classifier`` (PyTorch's bare ``Linear``), not ``classifier_1``.
 """
+
 from __future__ import annotations
 
 import jax.numpy as jnp
@@ -22,12 +23,29 @@ from ._conv import DynamicNet, ModuleDef, apply_conv, check_input
 from ._registry import register_model
 
 
-def conv_bn_relu6(conv: ModuleDef, norm: ModuleDef, x, prefix: str, features: int, kernel_size: int, stride: int = 1,
-                  groups: int = 1, *, train: bool, temperature=None):
+def conv_bn_relu6(
+    conv: ModuleDef,
+    norm: ModuleDef,
+    x,
+    prefix: str,
+    features: int,
+    kernel_size: int,
+    stride: int = 1,
+    groups: int = 1,
+    *,
+    train: bool,
+    temperature=None,
+):
     """PyTorch's ``ConvBNReLU`` Sequential in the calling module: conv ``{prefix}_0`` (made from the
     definition ``conv``), BatchNorm ``{prefix}_1``, ReLU6."""
-    layer = conv(features=features, kernel_size=(kernel_size, kernel_size), strides=stride,
-                 padding=(kernel_size - 1) // 2, feature_group_count=groups, name=f"{prefix}_0")
+    layer = conv(
+        features=features,
+        kernel_size=(kernel_size, kernel_size),
+        strides=stride,
+        padding=(kernel_size - 1) // 2,
+        feature_group_count=groups,
+        name=f"{prefix}_0",
+    )
     x = apply_conv(layer, x, train=train, temperature=temperature)
     return nn.relu6(norm(name=f"{prefix}_1")(x))
 
@@ -59,8 +77,18 @@ class InvertedResidual(nn.Module):
         if self.expand_ratio != 1:
             h = conv_bn_relu6(self.conv, self.norm, h, "conv_0", hidden, 1, train=train, temperature=temperature)
             i = 1
-        h = conv_bn_relu6(self.conv, self.norm, h, f"conv_{i}", hidden, 3, self.stride, groups=hidden, train=train,
-                          temperature=temperature)
+        h = conv_bn_relu6(
+            self.conv,
+            self.norm,
+            h,
+            f"conv_{i}",
+            hidden,
+            3,
+            self.stride,
+            groups=hidden,
+            train=train,
+            temperature=temperature,
+        )
         project = self.conv(features=self.oup, kernel_size=(1, 1), padding=0, name=f"conv_{i + 1}")
         h = self.norm(name=f"conv_{i + 2}")(apply_conv(project, h, train=train, temperature=temperature))
         return x + h if self.stride == 1 and self.inp == self.oup else h
@@ -101,17 +129,26 @@ class MobileNetV2(DynamicNet):
         check_input(x, self.in_channels, type(self).__name__)
         defs = self.module_defs(train)
         channels, stem_stride, stages, last_channel = stage_settings(self.width_mult, self.stem)
-        x = conv_bn_relu6(defs.static_conv, defs.norm, x, "features_0", channels, 3, stem_stride, train=train,
-                          temperature=temperature)
+        x = conv_bn_relu6(
+            defs.static_conv, defs.norm, x, "features_0", channels, 3, stem_stride, train=train, temperature=temperature
+        )
         index = 1
         for t, out, n, s in stages:
             for j in range(n):
-                x = InvertedResidual(inp=channels, oup=out, stride=s if j == 0 else 1, expand_ratio=t, conv=defs.conv,
-                                     norm=defs.norm, name=f"features_{index}")(x, train=train, temperature=temperature)
+                x = InvertedResidual(
+                    inp=channels,
+                    oup=out,
+                    stride=s if j == 0 else 1,
+                    expand_ratio=t,
+                    conv=defs.conv,
+                    norm=defs.norm,
+                    name=f"features_{index}",
+                )(x, train=train, temperature=temperature)
                 channels = out
                 index += 1
-        x = conv_bn_relu6(defs.conv, defs.norm, x, f"features_{index}", last_channel, 1, train=train,
-                          temperature=temperature)
+        x = conv_bn_relu6(
+            defs.conv, defs.norm, x, f"features_{index}", last_channel, 1, train=train, temperature=temperature
+        )
         x = jnp.mean(x, axis=(1, 2))  # [B, C]
         x = nn.Dropout(self.dropout, deterministic=not train)(x)
         head = "classifier" if self.conv == KW_CONV else "classifier_1"  # the official models' names

@@ -11,6 +11,7 @@ KernelWarehouse block convolutions and strided shortcuts sharing the warehouses 
 ``model.apply(variables, x [B, H, W, C], train=False, temperature=None)``; training needs
 ``mutable=['batch_stats']`` and, with dropout, ``rngs={'dropout': key}``.
 """
+
 from __future__ import annotations
 
 from typing import ClassVar, Sequence
@@ -51,8 +52,13 @@ class ResidualBlock(nn.Module):
         BatchNorm."""
         if not self.downsample:
             return x
-        layer = self.static_conv(features=self.planes * self.expansion, kernel_size=(1, 1), strides=self.stride,
-                                 padding=0, name="downsample_0")
+        layer = self.static_conv(
+            features=self.planes * self.expansion,
+            kernel_size=(1, 1),
+            strides=self.stride,
+            padding=0,
+            name="downsample_0",
+        )
         return self.norm(name="downsample_1")(apply_conv(layer, x, train=train, temperature=temperature))
 
 
@@ -136,17 +142,24 @@ class ResNet(DynamicNet):
             x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
         block_cls = BLOCKS[self.block]
         for i, j, _, planes, stride, downsample in stage_blocks(self.layers, self.base_width, block_cls.expansion):
-            x = block_cls(planes=planes, stride=stride, downsample=downsample, conv=defs.conv,
-                          static_conv=defs.static_conv, norm=defs.norm, name=f"layer{i + 1}_{j}")(
-                x, train=train, temperature=temperature)
+            x = block_cls(
+                planes=planes,
+                stride=stride,
+                downsample=downsample,
+                conv=defs.conv,
+                static_conv=defs.static_conv,
+                norm=defs.norm,
+                name=f"layer{i + 1}_{j}",
+            )(x, train=train, temperature=temperature)
         x = jnp.mean(x, axis=(1, 2))  # [B, C]
         x = nn.Dropout(self.dropout, deterministic=not train)(x)
         return defs.classifier(features=self.num_classes, name="fc")(x)
 
     def kw_plan(self) -> WarehousePlan:
         """The warehouse plan of the official ``KW_ResNet`` of this depth and width (``conv='kernelwarehouse'``)."""
-        return resnet_plan(self.block, self.layers, self.base_width, self.in_channels, self.stem, self.reduction,
-                           self.conv_options)
+        return resnet_plan(
+            self.block, self.layers, self.base_width, self.in_channels, self.stem, self.reduction, self.conv_options
+        )
 
 
 @register_model

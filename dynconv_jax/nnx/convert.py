@@ -5,6 +5,7 @@ The other way, an NNX model's state as a Linen variables dict, is :func:`dynconv
 (also ``dynconv_jax.nnx.linen_variables``), which :func:`dynconv_jax.convert.torch_to_flax` and
 :func:`~dynconv_jax.convert.flax_to_torch` use wherever they take Linen variables.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -56,8 +57,10 @@ def load_linen_variables(model: nnx.Module, variables: Mapping[str, Any]) -> nnx
         if want != got:
             problems.append(f"wrong shape: {key[0]}:{'/'.join(key[1])} {list(got)}, the model has {list(want)}")
     if problems:
-        raise ValueError(f"load_linen_variables: the variables do not match the {type(model).__name__} model "
-                         f"({len(problems)} problems):\n  " + "\n  ".join(problems))
+        raise ValueError(
+            f"load_linen_variables: the variables do not match the {type(model).__name__} model "
+            f"({len(problems)} problems):\n  " + "\n  ".join(problems)
+        )
     state = nnx.state(model)
     for path, var in nnx.to_flat_state(state):
         for collection, var_type in COLLECTIONS.items():
@@ -110,8 +113,9 @@ def from_linen(module, in_features: int, *, rngs: nnx.Rngs) -> nnx.Module:
         return getattr(layers, name)(in_features, features, rngs=rngs, **fields)
     if name == "KWConv":
         if fields.pop("warehouse_manager") is not None:
-            raise ValueError("from_linen: a KWConv of a model's WarehouseManager has no stand-alone twin; convert "
-                             "the model")
+            raise ValueError(
+                "from_linen: a KWConv of a model's WarehouseManager has no stand-alone twin; convert the model"
+            )
         features = fields.pop("features")
         return kernelwarehouse.KWConv(in_features, features, rngs=rngs, **fields)
     if name == "BatchNorm":
@@ -120,5 +124,7 @@ def from_linen(module, in_features: int, *, rngs: nnx.Rngs) -> nnx.Module:
         if fields["in_channels"] != in_features:
             raise ValueError(f"from_linen: {name} has in_channels={fields['in_channels']}, in_features={in_features}")
         return getattr(models, name)(rngs=rngs, **fields)
-    raise TypeError(f"from_linen: no NNX twin of {name} (layers CondConv, DynamicConv, ODConv, KWConv, BatchNorm; "
-                    f"models ResNet, MobileNetV2)")
+    raise TypeError(
+        f"from_linen: no NNX twin of {name} (layers CondConv, DynamicConv, ODConv, KWConv, BatchNorm; "
+        f"models ResNet, MobileNetV2)"
+    )

@@ -9,6 +9,7 @@ warehouses under the first layer's path instead of the manager's, which the Line
 state_dict and the converter name ``warehouse_manager.weights.{i}``. A :class:`KWConv` built without a
 plan place has a manager, and a warehouse, of its own.
 """
+
 from __future__ import annotations
 
 import functools
@@ -42,9 +43,12 @@ class WarehouseManager(nnx.Module):
 
     def __init__(self, plan: WarehousePlan, *, param_dtype: Dtype = jnp.float32, rngs: nnx.Rngs):
         self.plan = plan
-        self.weights = nnx.List([nnx.Param(cells.warehouse_init(plan, i)(rngs.params(), (w.num_cells, *w.cell_shape),
-                                                                         param_dtype))
-                                 for i, w in enumerate(plan.warehouses)])
+        self.weights = nnx.List(
+            [
+                nnx.Param(cells.warehouse_init(plan, i)(rngs.params(), (w.num_cells, *w.cell_shape), param_dtype))
+                for i, w in enumerate(plan.warehouses)
+            ]
+        )
 
     def __call__(self, index: int):
         return self.weights[index][...]
@@ -54,12 +58,21 @@ class KWAttention(nnx.Module):
     """``pooled [B, I] -> [B, M, N]`` cell weights: ``fc1`` (no bias), ``norm1``, ``fc2`` and, with a basis
     map, ``fc3`` and ``basis_bias`` (the Linen :class:`dynconv_jax.kernelwarehouse.KWAttention`)."""
 
-    def __init__(self, layer: KWLayer, *, dtype: Optional[Dtype], param_dtype: Dtype, precision: PrecisionLike,
-                 rngs: nnx.Rngs):
+    def __init__(
+        self, layer: KWLayer, *, dtype: Optional[Dtype], param_dtype: Dtype, precision: PrecisionLike, rngs: nnx.Rngs
+    ):
         def linear(n_in, n_out, use_bias=True):
-            return _linear(n_in, n_out, use_bias=use_bias, dtype=dtype, param_dtype=param_dtype, precision=precision,
-                           kernel_init=allow_empty(kaiming_fan_out_dense_init), bias_init=nnx.initializers.zeros,
-                           rngs=rngs)
+            return _linear(
+                n_in,
+                n_out,
+                use_bias=use_bias,
+                dtype=dtype,
+                param_dtype=param_dtype,
+                precision=precision,
+                kernel_init=allow_empty(kaiming_fan_out_dense_init),
+                bias_init=nnx.initializers.zeros,
+                rngs=rngs,
+            )
 
         self.layer = layer
         self.fc1 = linear(layer.spec.in_channels, layer.hidden, use_bias=False)
@@ -76,11 +89,25 @@ class KWAttention(nnx.Module):
         layer = self.layer
         map_to_cell = None
         if layer.num_basis:
-            map_to_cell = functools.partial(attention.kw_map_to_cell, fc3=self.fc3, basis_bias=self.basis_bias[...],
-                                            num_local_cells=layer.num_local_cells, num_basis=layer.num_basis,
-                                            start_cell=layer.start_cell)
-        return attention.kw_attention(pooled, self.fc1, self.norm1, self.fc2, map_to_cell,
-                                      jnp.asarray(layer.temp_bias()), tau, layer.num_mixtures, NORMALIZATION_EPS)
+            map_to_cell = functools.partial(
+                attention.kw_map_to_cell,
+                fc3=self.fc3,
+                basis_bias=self.basis_bias[...],
+                num_local_cells=layer.num_local_cells,
+                num_basis=layer.num_basis,
+                start_cell=layer.start_cell,
+            )
+        return attention.kw_attention(
+            pooled,
+            self.fc1,
+            self.norm1,
+            self.fc2,
+            map_to_cell,
+            jnp.asarray(layer.temp_bias()),
+            tau,
+            layer.num_mixtures,
+            NORMALIZATION_EPS,
+        )
 
 
 class KWConv(nnx.Module):
@@ -106,50 +133,92 @@ class KWConv(nnx.Module):
       (2, 8, 8, 16)
     """
 
-    def __init__(self, in_features: int, out_features: int, kernel_size: Union[int, Sequence[int]],
-                 strides: Union[int, Sequence[int]] = 1, *, padding: ops.PaddingLike = "SAME",
-                 kernel_dilation: Union[int, Sequence[int]] = 1, feature_group_count: int = 1, use_bias: bool = False,
-                 dtype: Optional[Dtype] = None, param_dtype: Dtype = jnp.float32, precision: PrecisionLike = None,
-                 strategy: str = "auto", reduction: float = 0.0625, cell_num_ratio: float = 1.0,
-                 cell_inplane_ratio: float = 1.0, cell_outplane_ratio: float = 1.0, nonlocal_basis_ratio: float = 1.0,
-                 spatial_partition: bool = True, layer: Optional[KWLayer] = None, rngs: nnx.Rngs):
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        kernel_size: Union[int, Sequence[int]],
+        strides: Union[int, Sequence[int]] = 1,
+        *,
+        padding: ops.PaddingLike = "SAME",
+        kernel_dilation: Union[int, Sequence[int]] = 1,
+        feature_group_count: int = 1,
+        use_bias: bool = False,
+        dtype: Optional[Dtype] = None,
+        param_dtype: Dtype = jnp.float32,
+        precision: PrecisionLike = None,
+        strategy: str = "auto",
+        reduction: float = 0.0625,
+        cell_num_ratio: float = 1.0,
+        cell_inplane_ratio: float = 1.0,
+        cell_outplane_ratio: float = 1.0,
+        nonlocal_basis_ratio: float = 1.0,
+        spatial_partition: bool = True,
+        layer: Optional[KWLayer] = None,
+        rngs: nnx.Rngs,
+    ):
         where = f"KWConv(in_features={in_features!r}, out_features={out_features!r}, kernel_size={kernel_size!r})"
         geometry = conv_base.validate_conv_config(
-            where, features=out_features, kernel_size=kernel_size, strides=strides, padding=padding,
-            kernel_dilation=kernel_dilation, feature_group_count=feature_group_count, num_experts=1, strategy=strategy,
-            features_arg="out_features")
-        options = KWOptions(reduction, cell_num_ratio, cell_inplane_ratio, cell_outplane_ratio, (),
-                            nonlocal_basis_ratio, spatial_partition)
+            where,
+            features=out_features,
+            kernel_size=kernel_size,
+            strides=strides,
+            padding=padding,
+            kernel_dilation=kernel_dilation,
+            feature_group_count=feature_group_count,
+            num_experts=1,
+            strategy=strategy,
+            features_arg="out_features",
+        )
+        options = KWOptions(
+            reduction,
+            cell_num_ratio,
+            cell_inplane_ratio,
+            cell_outplane_ratio,
+            (),
+            nonlocal_basis_ratio,
+            spatial_partition,
+        )
         if layer is None:
-            plan = single_layer_plan(in_features, out_features, geometry.kernel_size, feature_group_count, options,
-                                     where)
+            plan = single_layer_plan(
+                in_features, out_features, geometry.kernel_size, feature_group_count, options, where
+            )
             self.warehouse_manager = WarehouseManager(plan, param_dtype=param_dtype, rngs=rngs)
             layer = dict(plan.layers)[""]
         else:
             if options != KWOptions():
                 raise ValueError(f"{where}: warehouse options given to a layer of a model's plan; the plan holds them")
             self.warehouse_manager = nnx.data(None)
-        cells.check_layer_geometry(where, layer.spec, in_features, out_features, geometry.kernel_size,
-                                   feature_group_count)
+        cells.check_layer_geometry(
+            where, layer.spec, in_features, out_features, geometry.kernel_size, feature_group_count
+        )
         self.where, self.geometry, self.layer = where, geometry, layer
         self.in_features, self.out_features, self.use_bias = in_features, out_features, use_bias
         self.strategy, self.dtype, self.precision = strategy, dtype, precision
-        self.attention = KWAttention(layer, dtype=_attention_dtype(dtype), param_dtype=param_dtype,
-                                     precision=precision, rngs=rngs)
+        self.attention = KWAttention(
+            layer, dtype=_attention_dtype(dtype), param_dtype=param_dtype, precision=precision, rngs=rngs
+        )
         self.bias = nnx.Param(jnp.zeros((out_features,), param_dtype)) if use_bias else nnx.data(None)
 
     def __call__(self, x, temperature=None, warehouse_manager: Optional[WarehouseManager] = None):
         """``x [B, *S, I] -> [B, *S_out, O]``; ``temperature``: the warm-up weight tau in [0, 1] (None = 0);
         ``warehouse_manager``: the model's (required iff the layer was built with a plan place)."""
         if (warehouse_manager is None) == (self.warehouse_manager is None):
-            raise ValueError(f"{self.where}: " + ("a layer with a warehouse of its own takes no warehouse_manager"
-                                                  if warehouse_manager is not None else
-                                                  "a layer of a model's plan needs the model's warehouse_manager"))
+            raise ValueError(
+                f"{self.where}: "
+                + (
+                    "a layer with a warehouse of its own takes no warehouse_manager"
+                    if warehouse_manager is not None
+                    else "a layer of a model's plan needs the model's warehouse_manager"
+                )
+            )
         manager = warehouse_manager if warehouse_manager is not None else self.warehouse_manager
         in_channels = conv_base.check_input(self.where, x, self.geometry)
         if in_channels != self.in_features:
-            raise ValueError(f"{self.where}: input shape {tuple(x.shape)} has {in_channels} channels, but the layer "
-                             f"was built with in_features={self.in_features}")
+            raise ValueError(
+                f"{self.where}: input shape {tuple(x.shape)} has {in_channels} channels, but the layer "
+                f"was built with in_features={self.in_features}"
+            )
         warehouse = manager(self.layer.warehouse)
         cells.check_cells(self.where, warehouse, self.layer)
         dtype = conv_base.compute_dtype(x, warehouse, self.dtype)
@@ -159,6 +228,7 @@ class KWConv(nnx.Module):
         tau = attention.kw_warmup_scalar(temperature, self.where, attn_dtype)
         weights = self.attention(attention.global_avg_pool(x, attn_dtype), tau)
         _sow(self, "cell_attention", weights)
-        y = cells.convolve(x, weights, warehouse, self.layer, self.geometry, dtype, strategy=self.strategy,
-                           precision=self.precision)
+        y = cells.convolve(
+            x, weights, warehouse, self.layer, self.geometry, dtype, strategy=self.strategy, precision=self.precision
+        )
         return y if self.bias is None else y + self.bias[...].astype(y.dtype)

@@ -14,6 +14,7 @@ training mode. Attentions are sown as ``nnx.Intermediate`` while the call runs u
 ``nnx.capture(..., nnx.Intermediate)`` (the NNX counterpart of Linen's ``mutable=['intermediates']``);
 a plain call records nothing.
 """
+
 from __future__ import annotations
 
 import math
@@ -26,8 +27,14 @@ from flax.typing import Dtype, Initializer, PrecisionLike
 
 from dynconv_jax import attention, conv_base, ops
 from dynconv_jax._compat import nnx_capturing
-from dynconv_jax.initializers import (expert_bias_init, kaiming_fan_out_dense_init, kaiming_fan_out_expert_init,
-                                      torch_default_bias_init, torch_default_dense_init, torch_default_expert_init)
+from dynconv_jax.initializers import (
+    expert_bias_init,
+    kaiming_fan_out_dense_init,
+    kaiming_fan_out_expert_init,
+    torch_default_bias_init,
+    torch_default_dense_init,
+    torch_default_expert_init,
+)
 from dynconv_jax.norm import TORCH_BATCH_NORM_MOMENTUM, batch_norm, check_batch_norm_args, layer_norm
 from dynconv_spec import check_attention_norm, check_expert_bank
 
@@ -82,11 +89,23 @@ class BatchNorm(nnx.Module):
       Array([1.5666666, 1.5666666], dtype=float32)
     """
 
-    def __init__(self, num_features: int, *, use_running_average: bool = False, axis: int = -1,
-                 torch_momentum: float = TORCH_BATCH_NORM_MOMENTUM, epsilon: float = 1e-5,
-                 dtype: Optional[Dtype] = None, param_dtype: Dtype = jnp.float32, use_bias: bool = True,
-                 use_scale: bool = True, bias_init: Initializer = jax.nn.initializers.zeros,
-                 scale_init: Initializer = jax.nn.initializers.ones, rngs: nnx.Rngs, momentum: None = None):
+    def __init__(
+        self,
+        num_features: int,
+        *,
+        use_running_average: bool = False,
+        axis: int = -1,
+        torch_momentum: float = TORCH_BATCH_NORM_MOMENTUM,
+        epsilon: float = 1e-5,
+        dtype: Optional[Dtype] = None,
+        param_dtype: Dtype = jnp.float32,
+        use_bias: bool = True,
+        use_scale: bool = True,
+        bias_init: Initializer = jax.nn.initializers.zeros,
+        scale_init: Initializer = jax.nn.initializers.ones,
+        rngs: nnx.Rngs,
+        momentum: None = None,
+    ):
         check_batch_norm_args("BatchNorm", torch_momentum, momentum)  # momentum= is refused, with the reason
         shape = (num_features,)
         self.mean = nnx.BatchStat(jnp.zeros(shape, param_dtype))
@@ -110,9 +129,18 @@ class BatchNorm(nnx.Module):
         """Normalise ``x``; in training, update the running statistics."""
         use_running_average = self.use_running_average if use_running_average is None else use_running_average
         y, new_mean, new_var = batch_norm(
-            x, None if self.scale is None else self.scale[...], None if self.bias is None else self.bias[...],
-            self.mean[...], self.var[...], use_running_average=use_running_average, axis=self.axis,
-            torch_momentum=self.torch_momentum, epsilon=self.epsilon, dtype=self.dtype, layer="BatchNorm")
+            x,
+            None if self.scale is None else self.scale[...],
+            None if self.bias is None else self.bias[...],
+            self.mean[...],
+            self.var[...],
+            use_running_average=use_running_average,
+            axis=self.axis,
+            torch_momentum=self.torch_momentum,
+            epsilon=self.epsilon,
+            dtype=self.dtype,
+            layer="BatchNorm",
+        )
         if new_mean is not None:
             self.mean[...], self.var[...] = new_mean, new_var
         return y
@@ -129,9 +157,16 @@ class LayerNorm(nnx.Module):
       dtype: output dtype (default: promoted from input and params).
     """
 
-    def __init__(self, num_features: int, *, epsilon: float = 1e-5, dtype: Optional[Dtype] = None,
-                 param_dtype: Dtype = jnp.float32, scale_init: Initializer = jax.nn.initializers.ones,
-                 rngs: nnx.Rngs):
+    def __init__(
+        self,
+        num_features: int,
+        *,
+        epsilon: float = 1e-5,
+        dtype: Optional[Dtype] = None,
+        param_dtype: Dtype = jnp.float32,
+        scale_init: Initializer = jax.nn.initializers.ones,
+        rngs: nnx.Rngs,
+    ):
         shape = (num_features,)
         self.scale = nnx.Param(scale_init(rngs.params(), shape, param_dtype))
         self.bias = nnx.Param(jnp.zeros(shape, param_dtype))
@@ -143,11 +178,29 @@ class LayerNorm(nnx.Module):
         return layer_norm(x, self.scale[...], self.bias[...], epsilon=self.epsilon, dtype=self.dtype)
 
 
-def _linear(in_features: int, out_features: int, *, dtype: Optional[Dtype], param_dtype: Dtype,
-            precision: PrecisionLike, kernel_init: Initializer, bias_init: Initializer, rngs: nnx.Rngs,
-            use_bias: bool = True) -> nnx.Linear:
-    return nnx.Linear(in_features, out_features, use_bias=use_bias, dtype=dtype, param_dtype=param_dtype,
-                      precision=precision, kernel_init=kernel_init, bias_init=bias_init, rngs=rngs)
+def _linear(
+    in_features: int,
+    out_features: int,
+    *,
+    dtype: Optional[Dtype],
+    param_dtype: Dtype,
+    precision: PrecisionLike,
+    kernel_init: Initializer,
+    bias_init: Initializer,
+    rngs: nnx.Rngs,
+    use_bias: bool = True,
+) -> nnx.Linear:
+    return nnx.Linear(
+        in_features,
+        out_features,
+        use_bias=use_bias,
+        dtype=dtype,
+        param_dtype=param_dtype,
+        precision=precision,
+        kernel_init=kernel_init,
+        bias_init=bias_init,
+        rngs=rngs,
+    )
 
 
 def _attention_dtype(dtype):
@@ -159,23 +212,50 @@ def _attention_dtype(dtype):
 class DynamicConvBase(nnx.Module):
     """Constructor fields and plumbing shared by the three NNX layers (``flax.nnx.Conv``'s fields)."""
 
-    def __init__(self, in_features: int, out_features: int, kernel_size: Union[int, Sequence[int]],
-                 strides: Union[int, Sequence[int]] = 1, *, padding: ops.PaddingLike = "SAME",
-                 kernel_dilation: Union[int, Sequence[int]] = 1, feature_group_count: int = 1,
-                 use_bias: bool, dtype: Optional[Dtype] = None, param_dtype: Dtype = jnp.float32,
-                 precision: PrecisionLike = None, kernel_init: Initializer, bias_init: Optional[Initializer],
-                 num_experts: int = 4, strategy: str = "auto", rngs: nnx.Rngs):
-        layer = f"{type(self).__name__}(in_features={in_features!r}, out_features={out_features!r}, " \
-                f"kernel_size={kernel_size!r})"
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        kernel_size: Union[int, Sequence[int]],
+        strides: Union[int, Sequence[int]] = 1,
+        *,
+        padding: ops.PaddingLike = "SAME",
+        kernel_dilation: Union[int, Sequence[int]] = 1,
+        feature_group_count: int = 1,
+        use_bias: bool,
+        dtype: Optional[Dtype] = None,
+        param_dtype: Dtype = jnp.float32,
+        precision: PrecisionLike = None,
+        kernel_init: Initializer,
+        bias_init: Optional[Initializer],
+        num_experts: int = 4,
+        strategy: str = "auto",
+        rngs: nnx.Rngs,
+    ):
+        layer = (
+            f"{type(self).__name__}(in_features={in_features!r}, out_features={out_features!r}, "
+            f"kernel_size={kernel_size!r})"
+        )
         geometry = conv_base.validate_conv_config(
-            layer, features=out_features, kernel_size=kernel_size, strides=strides, padding=padding,
-            kernel_dilation=kernel_dilation, feature_group_count=feature_group_count, num_experts=num_experts,
-            strategy=strategy, dtype=dtype, param_dtype=param_dtype, features_arg="out_features")
+            layer,
+            features=out_features,
+            kernel_size=kernel_size,
+            strides=strides,
+            padding=padding,
+            kernel_dilation=kernel_dilation,
+            feature_group_count=feature_group_count,
+            num_experts=num_experts,
+            strategy=strategy,
+            dtype=dtype,
+            param_dtype=param_dtype,
+            features_arg="out_features",
+        )
         if not (isinstance(in_features, int) and not isinstance(in_features, bool) and in_features >= 1):
             raise ValueError(f"{layer}: in_features={in_features!r} must be a positive int")
         if in_features % feature_group_count:
-            raise ValueError(f"{layer}: feature_group_count={feature_group_count} does not divide "
-                             f"in_features={in_features}")
+            raise ValueError(
+                f"{layer}: feature_group_count={feature_group_count} does not divide in_features={in_features}"
+            )
         self.layer = layer
         self.geometry = geometry
         self.in_features = in_features
@@ -203,16 +283,27 @@ class DynamicConvBase(nnx.Module):
         """Validate the input ``[B, *S, in_features]``; returns ``(experts, compute dtype, attention dtype)``."""
         in_channels = conv_base.check_input(self.layer, x, self.geometry)
         if in_channels != self.in_features:
-            raise ValueError(f"{self.layer}: input shape {tuple(x.shape)} has {in_channels} channels, but the layer "
-                             f"was built with in_features={self.in_features}")
+            raise ValueError(
+                f"{self.layer}: input shape {tuple(x.shape)} has {in_channels} channels, but the layer "
+                f"was built with in_features={self.in_features}"
+            )
         experts = self.kernel[...]
         dtype = conv_base.compute_dtype(x, experts, self.dtype)
         return experts, dtype, attention.attention_dtype(dtype)
 
     def _convolve(self, x, experts, dtype, kernel_attention, **attentions):
         bias = None if self.bias is None else self.bias[...]
-        return conv_base.convolve(x, experts, self.geometry, dtype, kernel_attention, expert_bias=bias,
-                                strategy=self.strategy, precision=self.precision, **attentions)
+        return conv_base.convolve(
+            x,
+            experts,
+            self.geometry,
+            dtype,
+            kernel_attention,
+            expert_bias=bias,
+            strategy=self.strategy,
+            precision=self.precision,
+            **attentions,
+        )
 
 
 class CondConv(DynamicConvBase):
@@ -240,17 +331,46 @@ class CondConv(DynamicConvBase):
       (2, 8, 8, 8)
     """
 
-    def __init__(self, in_features: int, out_features: int, kernel_size: Union[int, Sequence[int]],
-                 strides: Union[int, Sequence[int]] = 1, *, padding: ops.PaddingLike = "SAME",
-                 kernel_dilation: Union[int, Sequence[int]] = 1, feature_group_count: int = 1,
-                 use_bias: bool = False, dtype: Optional[Dtype] = None, param_dtype: Dtype = jnp.float32,
-                 precision: PrecisionLike = None, kernel_init: Initializer = torch_default_expert_init,
-                 bias_init: Optional[Initializer] = None, num_experts: int = 4, strategy: str = "auto",
-                 routing_dropout: float = 0.0, external_routing: bool = False, rngs: nnx.Rngs):
-        super().__init__(in_features, out_features, kernel_size, strides, padding=padding,
-                         kernel_dilation=kernel_dilation, feature_group_count=feature_group_count, use_bias=use_bias,
-                         dtype=dtype, param_dtype=param_dtype, precision=precision, kernel_init=kernel_init,
-                         bias_init=bias_init, num_experts=num_experts, strategy=strategy, rngs=rngs)
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        kernel_size: Union[int, Sequence[int]],
+        strides: Union[int, Sequence[int]] = 1,
+        *,
+        padding: ops.PaddingLike = "SAME",
+        kernel_dilation: Union[int, Sequence[int]] = 1,
+        feature_group_count: int = 1,
+        use_bias: bool = False,
+        dtype: Optional[Dtype] = None,
+        param_dtype: Dtype = jnp.float32,
+        precision: PrecisionLike = None,
+        kernel_init: Initializer = torch_default_expert_init,
+        bias_init: Optional[Initializer] = None,
+        num_experts: int = 4,
+        strategy: str = "auto",
+        routing_dropout: float = 0.0,
+        external_routing: bool = False,
+        rngs: nnx.Rngs,
+    ):
+        super().__init__(
+            in_features,
+            out_features,
+            kernel_size,
+            strides,
+            padding=padding,
+            kernel_dilation=kernel_dilation,
+            feature_group_count=feature_group_count,
+            use_bias=use_bias,
+            dtype=dtype,
+            param_dtype=param_dtype,
+            precision=precision,
+            kernel_init=kernel_init,
+            bias_init=bias_init,
+            num_experts=num_experts,
+            strategy=strategy,
+            rngs=rngs,
+        )
         attention.check_routing_dropout(self.layer, routing_dropout)
         self.routing_dropout = routing_dropout
         self.external_routing = external_routing
@@ -258,8 +378,15 @@ class CondConv(DynamicConvBase):
             self.routing_fn = nnx.data(None)
         else:
             self.routing_fn = _linear(
-                in_features, num_experts, dtype=_attention_dtype(dtype), param_dtype=param_dtype, precision=precision,
-                kernel_init=torch_default_dense_init, bias_init=torch_default_bias_init(in_features), rngs=rngs)
+                in_features,
+                num_experts,
+                dtype=_attention_dtype(dtype),
+                param_dtype=param_dtype,
+                precision=precision,
+                kernel_init=torch_default_dense_init,
+                bias_init=torch_default_bias_init(in_features),
+                rngs=rngs,
+            )
         self.dropout = nnx.Dropout(routing_dropout, rngs=rngs if routing_dropout > 0 else None)
 
     def __call__(self, x, temperature=None, routing_weights=None):
@@ -268,8 +395,9 @@ class CondConv(DynamicConvBase):
         ``routing_weights [B, K]`` is required iff ``external_routing`` (then ``temperature`` is unused).
         """
         experts, dtype, attn_dtype = self._check(x)
-        weights = attention.external_routing_weights(self.layer, self.external_routing, routing_weights, x.shape[0],
-                                                   self.num_experts, attn_dtype)
+        weights = attention.external_routing_weights(
+            self.layer, self.external_routing, routing_weights, x.shape[0], self.num_experts, attn_dtype
+        )
         if weights is None:
             temperature = attention.temperature_scalar(temperature, self.layer, attn_dtype)
             pooled = attention.global_avg_pool(x, attn_dtype)  # [B, I]
@@ -281,11 +409,28 @@ class CondConv(DynamicConvBase):
 class DynamicConvAttention(nnx.Module):
     """``[B, I] -> [B, K]``: softmax(fc2(relu(fc1(.))) / T) with PyTorch ``nn.Linear`` init."""
 
-    def __init__(self, in_features: int, hidden: int, num_experts: int, *, dtype: Optional[Dtype],
-                 param_dtype: Dtype, precision: PrecisionLike, rngs: nnx.Rngs):
+    def __init__(
+        self,
+        in_features: int,
+        hidden: int,
+        num_experts: int,
+        *,
+        dtype: Optional[Dtype],
+        param_dtype: Dtype,
+        precision: PrecisionLike,
+        rngs: nnx.Rngs,
+    ):
         def linear(n_in, n_out):
-            return _linear(n_in, n_out, dtype=dtype, param_dtype=param_dtype, precision=precision,
-                           kernel_init=torch_default_dense_init, bias_init=torch_default_bias_init(n_in), rngs=rngs)
+            return _linear(
+                n_in,
+                n_out,
+                dtype=dtype,
+                param_dtype=param_dtype,
+                precision=precision,
+                kernel_init=torch_default_dense_init,
+                bias_init=torch_default_bias_init(n_in),
+                rngs=rngs,
+            )
 
         self.fc1 = linear(in_features, hidden)
         self.fc2 = linear(hidden, num_experts)
@@ -316,22 +461,58 @@ class DynamicConv(DynamicConvBase):
       (2, 8, 8, 8)
     """
 
-    def __init__(self, in_features: int, out_features: int, kernel_size: Union[int, Sequence[int]],
-                 strides: Union[int, Sequence[int]] = 1, *, padding: ops.PaddingLike = "SAME",
-                 kernel_dilation: Union[int, Sequence[int]] = 1, feature_group_count: int = 1,
-                 use_bias: bool = True, dtype: Optional[Dtype] = None, param_dtype: Dtype = jnp.float32,
-                 precision: PrecisionLike = None, kernel_init: Initializer = torch_default_expert_init,
-                 bias_init: Optional[Initializer] = None, num_experts: int = 4, strategy: str = "auto",
-                 reduction: float = 0.25, min_channels: int = 4, rngs: nnx.Rngs):
-        super().__init__(in_features, out_features, kernel_size, strides, padding=padding,
-                         kernel_dilation=kernel_dilation, feature_group_count=feature_group_count, use_bias=use_bias,
-                         dtype=dtype, param_dtype=param_dtype, precision=precision, kernel_init=kernel_init,
-                         bias_init=bias_init, num_experts=num_experts, strategy=strategy, rngs=rngs)
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        kernel_size: Union[int, Sequence[int]],
+        strides: Union[int, Sequence[int]] = 1,
+        *,
+        padding: ops.PaddingLike = "SAME",
+        kernel_dilation: Union[int, Sequence[int]] = 1,
+        feature_group_count: int = 1,
+        use_bias: bool = True,
+        dtype: Optional[Dtype] = None,
+        param_dtype: Dtype = jnp.float32,
+        precision: PrecisionLike = None,
+        kernel_init: Initializer = torch_default_expert_init,
+        bias_init: Optional[Initializer] = None,
+        num_experts: int = 4,
+        strategy: str = "auto",
+        reduction: float = 0.25,
+        min_channels: int = 4,
+        rngs: nnx.Rngs,
+    ):
+        super().__init__(
+            in_features,
+            out_features,
+            kernel_size,
+            strides,
+            padding=padding,
+            kernel_dilation=kernel_dilation,
+            feature_group_count=feature_group_count,
+            use_bias=use_bias,
+            dtype=dtype,
+            param_dtype=param_dtype,
+            precision=precision,
+            kernel_init=kernel_init,
+            bias_init=bias_init,
+            num_experts=num_experts,
+            strategy=strategy,
+            rngs=rngs,
+        )
         self.reduction = reduction
         self.min_channels = min_channels
         hidden = attention.attention_width(in_features, reduction, min_channels, self.layer)
-        self.attention = DynamicConvAttention(in_features, hidden, num_experts, dtype=_attention_dtype(dtype),
-                                           param_dtype=param_dtype, precision=precision, rngs=rngs)
+        self.attention = DynamicConvAttention(
+            in_features,
+            hidden,
+            num_experts,
+            dtype=_attention_dtype(dtype),
+            param_dtype=param_dtype,
+            precision=precision,
+            rngs=rngs,
+        )
 
     def __call__(self, x, temperature=None):
         """``x [B, *S, I] -> [B, *S_out, O]``; ``temperature`` scalar (may be traced), None = 1."""
@@ -346,13 +527,34 @@ class DynamicConv(DynamicConvBase):
 class ODConvAttention(nnx.Module):
     """``pooled [B, I] -> (channel [B, I], filter [B, O] | None, spatial [B, *k] | None, kernel [B, K])``."""
 
-    def __init__(self, in_features: int, out_features: int, kernel_size: Sequence[int], groups: int,
-                 num_experts: int, width: int, norm: str, bn_init: float, *, dtype: Optional[Dtype],
-                 param_dtype: Dtype, precision: PrecisionLike, rngs: nnx.Rngs):
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        kernel_size: Sequence[int],
+        groups: int,
+        num_experts: int,
+        width: int,
+        norm: str,
+        bn_init: float,
+        *,
+        dtype: Optional[Dtype],
+        param_dtype: Dtype,
+        precision: PrecisionLike,
+        rngs: nnx.Rngs,
+    ):
         def linear(n_in, n_out, use_bias=True):
-            return _linear(n_in, n_out, use_bias=use_bias, dtype=dtype, param_dtype=param_dtype, precision=precision,
-                           kernel_init=kaiming_fan_out_dense_init, bias_init=jax.nn.initializers.zeros,
-                           rngs=rngs)
+            return _linear(
+                n_in,
+                n_out,
+                use_bias=use_bias,
+                dtype=dtype,
+                param_dtype=param_dtype,
+                precision=precision,
+                kernel_init=kaiming_fan_out_dense_init,
+                bias_init=jax.nn.initializers.zeros,
+                rngs=rngs,
+            )
 
         heads = attention.odconv_heads(in_features, out_features, groups, kernel_size, num_experts)
         self.kernel_size = tuple(kernel_size)
@@ -370,8 +572,17 @@ class ODConvAttention(nnx.Module):
 
     def __call__(self, pooled, temperature):
         norm = None if self.norm is None else getattr(self, self.norm)
-        return attention.odconv_attention(pooled, self.fc, norm, self.channel_fc, self.filter_fc, self.spatial_fc,
-                                        self.kernel_fc, self.kernel_size, temperature)
+        return attention.odconv_attention(
+            pooled,
+            self.fc,
+            norm,
+            self.channel_fc,
+            self.filter_fc,
+            self.spatial_fc,
+            self.kernel_fc,
+            self.kernel_size,
+            temperature,
+        )
 
 
 class ODConv(DynamicConvBase):
@@ -409,26 +620,66 @@ class ODConv(DynamicConvBase):
       (2, 3)
     """
 
-    def __init__(self, in_features: int, out_features: int, kernel_size: Union[int, Sequence[int]],
-                 strides: Union[int, Sequence[int]] = 1, *, padding: ops.PaddingLike = "SAME",
-                 kernel_dilation: Union[int, Sequence[int]] = 1, feature_group_count: int = 1,
-                 dtype: Optional[Dtype] = None, param_dtype: Dtype = jnp.float32, precision: PrecisionLike = None,
-                 kernel_init: Initializer = kaiming_fan_out_expert_init, num_experts: int = 4,
-                 strategy: str = "auto", reduction: float = 0.0625, min_channels: int = 16,
-                 attention_norm: str = "batch", attention_bn_init: float = 0.1, rngs: nnx.Rngs):
-        super().__init__(in_features, out_features, kernel_size, strides, padding=padding,
-                         kernel_dilation=kernel_dilation, feature_group_count=feature_group_count, use_bias=False,
-                         dtype=dtype, param_dtype=param_dtype, precision=precision, kernel_init=kernel_init,
-                         bias_init=None, num_experts=num_experts, strategy=strategy, rngs=rngs)
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        kernel_size: Union[int, Sequence[int]],
+        strides: Union[int, Sequence[int]] = 1,
+        *,
+        padding: ops.PaddingLike = "SAME",
+        kernel_dilation: Union[int, Sequence[int]] = 1,
+        feature_group_count: int = 1,
+        dtype: Optional[Dtype] = None,
+        param_dtype: Dtype = jnp.float32,
+        precision: PrecisionLike = None,
+        kernel_init: Initializer = kaiming_fan_out_expert_init,
+        num_experts: int = 4,
+        strategy: str = "auto",
+        reduction: float = 0.0625,
+        min_channels: int = 16,
+        attention_norm: str = "batch",
+        attention_bn_init: float = 0.1,
+        rngs: nnx.Rngs,
+    ):
+        super().__init__(
+            in_features,
+            out_features,
+            kernel_size,
+            strides,
+            padding=padding,
+            kernel_dilation=kernel_dilation,
+            feature_group_count=feature_group_count,
+            use_bias=False,
+            dtype=dtype,
+            param_dtype=param_dtype,
+            precision=precision,
+            kernel_init=kernel_init,
+            bias_init=None,
+            num_experts=num_experts,
+            strategy=strategy,
+            rngs=rngs,
+        )
         self.reduction = reduction
         self.min_channels = min_channels
         check_attention_norm(self.layer, attention_norm, attention_bn_init)
         self.attention_norm = attention_norm
         self.attention_bn_init = attention_bn_init
         width = attention.attention_width(in_features, reduction, min_channels, self.layer)
-        self.attention = ODConvAttention(in_features, out_features, self.kernel_size, feature_group_count,
-                                          num_experts, width, attention_norm, attention_bn_init, dtype=_attention_dtype(dtype), param_dtype=param_dtype,
-                                          precision=precision, rngs=rngs)
+        self.attention = ODConvAttention(
+            in_features,
+            out_features,
+            self.kernel_size,
+            feature_group_count,
+            num_experts,
+            width,
+            attention_norm,
+            attention_bn_init,
+            dtype=_attention_dtype(dtype),
+            param_dtype=param_dtype,
+            precision=precision,
+            rngs=rngs,
+        )
 
     def __call__(self, x, temperature=None):
         """``x [B, *S, I] -> [B, *S_out, O]``; ``temperature`` scalar (may be traced), None = 1."""
@@ -444,5 +695,6 @@ class ODConv(DynamicConvBase):
             _sow(self, "filter_attention", filter_)
         if spatial is not None:
             _sow(self, "spatial_attention", spatial)
-        return self._convolve(x, experts, dtype, kernel, spatial_attention=spatial, channel_attention=channel,
-                              filter_attention=filter_)
+        return self._convolve(
+            x, experts, dtype, kernel, spatial_attention=spatial, channel_attention=channel, filter_attention=filter_
+        )

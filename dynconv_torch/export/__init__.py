@@ -9,12 +9,29 @@
   batch-independent operations (:class:`PortableDynamicConv`) and the ONNX graph with a dynamic batch axis
   built from them (:func:`to_onnx`), run in ONNX Runtime (:func:`onnx_session`, :func:`check_onnx`).
 """
+
 from ._common import DYNAMIC_LAYERS, experts_oihw
 from .batchnorm import ChannelBias, conv_batchnorm_pairs, fuse_bn
 from .onnx import ONNX_OPSETS, check_onnx, onnx_session, to_onnx
 from .portable import FORMULATIONS, PortableDynamicConv, batched_conv2d, portable
 from .static import AverageExport, export_average, export_static, fold_attentions
 
-__all__ = ["AverageExport", "ChannelBias", "DYNAMIC_LAYERS", "FORMULATIONS", "ONNX_OPSETS", "PortableDynamicConv",
-           "batched_conv2d", "check_onnx", "conv_batchnorm_pairs", "experts_oihw", "export_average", "export_static",
-           "fold_attentions", "fuse_bn", "onnx_session", "portable", "to_onnx"]
+__all__ = [
+    "AverageExport",
+    "ChannelBias",
+    "DYNAMIC_LAYERS",
+    "FORMULATIONS",
+    "ONNX_OPSETS",
+    "PortableDynamicConv",
+    "batched_conv2d",
+    "check_onnx",
+    "conv_batchnorm_pairs",
+    "experts_oihw",
+    "export_average",
+    "export_static",
+    "fold_attentions",
+    "fuse_bn",
+    "onnx_session",
+    "portable",
+    "to_onnx",
+]

@@ -1,4 +1,5 @@
 """What the export modules share about the dynamic layers and the models that hold them."""
+
 from __future__ import annotations
 
 from typing import Dict, Optional
@@ -18,27 +19,34 @@ KW_LAYERS = (KWConv1d, KWConv2d, KWConv3d)
 
 def check_layer(layer: nn.Module, what: str) -> None:
     if not isinstance(layer, DYNAMIC_LAYERS):
-        raise TypeError(f"{what} expects a dynconv_torch CondConv2d, DynamicConv2d or ODConv2d, "
-                        f"got {type(layer).__name__}")
+        raise TypeError(
+            f"{what} expects a dynconv_torch CondConv2d, DynamicConv2d or ODConv2d, got {type(layer).__name__}"
+        )
     if layer.training:
-        raise ValueError(f"{what}: {type(layer).__name__} is in training mode; call .eval() first (the export "
-                         "folds inference-mode attentions: no routing dropout, BatchNorm running statistics)")
+        raise ValueError(
+            f"{what}: {type(layer).__name__} is in training mode; call .eval() first (the export "
+            "folds inference-mode attentions: no routing dropout, BatchNorm running statistics)"
+        )
 
 
 def refuse_kernelwarehouse(model: nn.Module, what: str) -> None:
     """A clear error for KernelWarehouse layers, which the batch-independent ONNX form does not support."""
     if any(isinstance(m, KW_LAYERS) for m in model.modules()):
-        raise ValueError(f"{what}: the model has KernelWarehouse layers (KWConv*d), which have no batch-independent "
-                         f"ONNX form here (their per-sample kernels are mixed from warehouse cells shared across "
-                         f"layers, run as one grouped conv over the batch); export the dynconv_jax model with "
-                         f"dynconv_jax.export.to_stablehlo (exact at any batch) instead")
+        raise ValueError(
+            f"{what}: the model has KernelWarehouse layers (KWConv*d), which have no batch-independent "
+            f"ONNX form here (their per-sample kernels are mixed from warehouse cells shared across "
+            f"layers, run as one grouped conv over the batch); export the dynconv_jax model with "
+            f"dynconv_jax.export.to_stablehlo (exact at any batch) instead"
+        )
 
 
 def check_eval(model: nn.Module, what: str) -> None:
     training = [name or type(model).__name__ for name, m in model.named_modules() if m.training]
     if training:
-        raise ValueError(f"{what}: the model is in training mode ({len(training)} module(s), e.g. {training[0]!r}); "
-                         "call model.eval() first (inference BatchNorm statistics, no dropout)")
+        raise ValueError(
+            f"{what}: the model is in training mode ({len(training)} module(s), e.g. {training[0]!r}); "
+            "call model.eval() first (inference BatchNorm statistics, no dropout)"
+        )
 
 
 def experts_oihw(layer: nn.Module) -> Tensor:
@@ -67,8 +75,10 @@ def routed_attentions(layer: nn.Module, x: Tensor, routing_weights: Optional[Ten
         expected = (x.shape[0], layer.num_experts)
         if routing_weights is None or tuple(routing_weights.shape) != expected:
             got = None if routing_weights is None else tuple(routing_weights.shape)
-            raise ValueError(f"CondConv2d with external_routing: routing_weights of shape [B, K] = {list(expected)} "
-                             f"needed, got {got}")
+            raise ValueError(
+                f"CondConv2d with external_routing: routing_weights of shape [B, K] = {list(expected)} "
+                f"needed, got {got}"
+            )
         return {"kernel_attention": routing_weights}
     if routing_weights is not None:
         raise ValueError(f"{type(layer).__name__}: routing_weights are only for a CondConv2d with external_routing")

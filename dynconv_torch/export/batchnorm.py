@@ -10,6 +10,7 @@ attention sums to 1, so ``sum_k a_k (b_k + t) = sum_k a_k b_k + t``). CondConv's
 routing does not sum to 1 and ODConv has no bias, so there ``t`` stays as a
 :class:`ChannelBias` in the BatchNorm's place.
 """
+
 from __future__ import annotations
 
 import copy
@@ -45,8 +46,9 @@ class _LeafTracer(torch.fx.Tracer):
     call_module node."""
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        return (isinstance(m, (nn.Conv2d, nn.BatchNorm2d) + DYNAMIC_LAYERS + KW_LAYERS)
-                or super().is_leaf_module(m, qualname))
+        return isinstance(m, (nn.Conv2d, nn.BatchNorm2d) + DYNAMIC_LAYERS + KW_LAYERS) or super().is_leaf_module(
+            m, qualname
+        )
 
 
 def conv_batchnorm_pairs(model: nn.Module) -> Tuple[Tuple[str, str], ...]:
@@ -70,16 +72,22 @@ def conv_batchnorm_pairs(model: nn.Module) -> Tuple[Tuple[str, str], ...]:
     try:
         graph = _LeafTracer().trace(model)
     except Exception as error:  # fx raises assorted types on untraceable Python
-        raise ValueError(f"fuse_bn: torch.fx could not trace {type(model).__name__} to find conv -> BatchNorm pairs "
-                         f"({type(error).__name__}: {error})") from error
+        raise ValueError(
+            f"fuse_bn: torch.fx could not trace {type(model).__name__} to find conv -> BatchNorm pairs "
+            f"({type(error).__name__}: {error})"
+        ) from error
     modules = dict(model.named_modules())
     pairs = []
     for node in graph.nodes:
         if node.op != "call_module" or not isinstance(modules[node.target], nn.BatchNorm2d):
             continue
         source = node.args[0]
-        if (isinstance(source, torch.fx.Node) and source.op == "call_module" and len(source.users) == 1
-                and isinstance(modules[source.target], (nn.Conv2d,) + DYNAMIC_LAYERS)):
+        if (
+            isinstance(source, torch.fx.Node)
+            and source.op == "call_module"
+            and len(source.users) == 1
+            and isinstance(modules[source.target], (nn.Conv2d,) + DYNAMIC_LAYERS)
+        ):
             pairs.append((source.target, node.target))
     return tuple(pairs)
 
@@ -124,8 +132,11 @@ def fuse_bn(model: nn.Module) -> nn.Module:
                 bias.copy_(bias.to(dtype) * s)
             if isinstance(conv, DynamicConv2d):  # softmax attention: the shift goes into the expert bias
                 if bias is None:
-                    conv.bias = nn.Parameter(torch.zeros(conv.num_experts, conv.out_channels, dtype=conv.weight.dtype,
-                                                         device=conv.weight.device))
+                    conv.bias = nn.Parameter(
+                        torch.zeros(
+                            conv.num_experts, conv.out_channels, dtype=conv.weight.dtype, device=conv.weight.device
+                        )
+                    )
                 conv.bias.copy_(conv.bias.to(dtype) + t)
                 replacement = nn.Identity()
             else:
@@ -133,8 +144,9 @@ def fuse_bn(model: nn.Module) -> nn.Module:
         else:
             conv.weight.copy_(conv.weight.to(dtype) * s[:, None, None, None])
             if conv.bias is None:
-                conv.bias = nn.Parameter(torch.zeros(conv.out_channels, dtype=conv.weight.dtype,
-                                                     device=conv.weight.device))
+                conv.bias = nn.Parameter(
+                    torch.zeros(conv.out_channels, dtype=conv.weight.dtype, device=conv.weight.device)
+                )
             conv.bias.copy_(conv.bias.to(dtype) * s + t)
             replacement = nn.Identity()
         set_submodule(fused, bn_name, replacement)

@@ -1,6 +1,7 @@
 """ONNX serving: :func:`to_onnx` writes an ONNX graph with a dynamic batch axis (BatchNorms folded,
 every dynamic layer as a :class:`~dynconv_torch.export.portable.PortableDynamicConv`);
 :func:`onnx_session` and :func:`check_onnx` run and check it in ONNX Runtime."""
+
 from __future__ import annotations
 
 import os
@@ -17,7 +18,6 @@ from ._common import check_eval, refuse_kernelwarehouse
 from .batchnorm import fuse_bn
 from .portable import portable
 
-
 # Opsets the export is tested with (torch's exporter, onnxruntime); the default is the newest.
 ONNX_OPSETS = tuple(range(17, 21))
 """The ONNX opsets :func:`~dynconv_torch.export.to_onnx` accepts (tested with onnxruntime)."""
@@ -25,15 +25,28 @@ ONNX_OPSETS = tuple(range(17, 21))
 
 def _check_input_shape(input_shape, what: str) -> Tuple[Optional[int], int, int, int]:
     shape = tuple(input_shape) if isinstance(input_shape, (tuple, list)) else None
-    if (shape is None or len(shape) != 4 or not (shape[0] is None or (isinstance(shape[0], int) and shape[0] > 0))
-            or not all(isinstance(d, int) and not isinstance(d, bool) and d > 0 for d in shape[1:])):
-        raise ValueError(f"{what}: input_shape={input_shape!r}; expected a 4-D NCHW shape (None or batch, C, H, W) "
-                         "with positive ints, e.g. (None, 3, 32, 32)")
+    if (
+        shape is None
+        or len(shape) != 4
+        or not (shape[0] is None or (isinstance(shape[0], int) and shape[0] > 0))
+        or not all(isinstance(d, int) and not isinstance(d, bool) and d > 0 for d in shape[1:])
+    ):
+        raise ValueError(
+            f"{what}: input_shape={input_shape!r}; expected a 4-D NCHW shape (None or batch, C, H, W) "
+            "with positive ints, e.g. (None, 3, 32, 32)"
+        )
     return shape
 
 
-def to_onnx(model: nn.Module, path: Union[str, os.PathLike], input_shape: Sequence[Optional[int]],
-            opset: Optional[int] = None, *, fuse: bool = True, formulation: str = "matmul") -> str:
+def to_onnx(
+    model: nn.Module,
+    path: Union[str, os.PathLike],
+    input_shape: Sequence[Optional[int]],
+    opset: Optional[int] = None,
+    *,
+    fuse: bool = True,
+    formulation: str = "matmul",
+) -> str:
     """Write the eval-mode ``model`` (or a single dynamic layer) as ONNX with a dynamic batch axis.
 
     The graph folds BatchNorms first (:func:`fuse_bn`, unless ``fuse=False``) and computes
@@ -74,21 +87,32 @@ def to_onnx(model: nn.Module, path: Union[str, os.PathLike], input_shape: Sequen
     if opset not in ONNX_OPSETS:
         raise ValueError(f"to_onnx: opset={opset!r} is not supported; expected one of {ONNX_OPSETS}")
     if isinstance(model, CondConv2d) and model.external_routing:
-        raise ValueError("to_onnx: a CondConv2d with external_routing needs routing weights from outside; export "
-                         "the model that computes them")
+        raise ValueError(
+            "to_onnx: a CondConv2d with external_routing needs routing weights from outside; export "
+            "the model that computes them"
+        )
     served = portable(fuse_bn(model) if fuse else model, formulation)
     example = torch.randn((2,) + tuple(shape[1:]), dtype=torch.float32)
     with torch.no_grad():
         try:
             served(example)
         except (ValueError, RuntimeError) as error:
-            raise ValueError(f"to_onnx: input_shape={tuple(input_shape)!r} does not fit "
-                             f"{type(model).__name__}: {error}") from error
+            raise ValueError(
+                f"to_onnx: input_shape={tuple(input_shape)!r} does not fit {type(model).__name__}: {error}"
+            ) from error
     # The TorchScript exporter: the dynamo one measured several times slower (docs/tools.md).
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        torch.onnx.export(served, (example,), path, dynamo=False, opset_version=opset, input_names=["input"],
-                          output_names=["output"], dynamic_axes={"input": {0: "batch"}, "output": {0: "batch"}})
+        torch.onnx.export(
+            served,
+            (example,),
+            path,
+            dynamo=False,
+            opset_version=opset,
+            input_names=["input"],
+            output_names=["output"],
+            dynamic_axes={"input": {0: "batch"}, "output": {0: "batch"}},
+        )
     return path
 
 
@@ -118,8 +142,10 @@ def onnx_session(path: Union[str, os.PathLike], threads: Optional[int] = None):
     try:
         return ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
     except Exception as error:  # onnxruntime raises its own Fail / InvalidProtobuf types
-        raise ValueError(f"onnx_session: {path!r} is not a valid ONNX model (corrupt or another format): "
-                         f"{type(error).__name__}: {error}") from error
+        raise ValueError(
+            f"onnx_session: {path!r} is not a valid ONNX model (corrupt or another format): "
+            f"{type(error).__name__}: {error}"
+        ) from error
 
 
 @torch.no_grad()

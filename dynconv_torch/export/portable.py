@@ -5,6 +5,7 @@ which bakes the batch size into a traced graph; :class:`PortableDynamicConv` com
 maths with operations whose attributes do not depend on the batch, and :func:`portable` swaps
 every dynamic layer of a model for one.
 """
+
 from __future__ import annotations
 
 import copy
@@ -16,10 +17,16 @@ from torch import Tensor, nn
 
 from ..models.efficientnet_cc import _pad_tf_same
 from ..odconv import ODConv2d
-from ._common import (DYNAMIC_LAYERS, check_layer, expert_bias_of, experts_oihw, refuse_kernelwarehouse,
-                      routed_attentions, set_submodule)
+from ._common import (
+    DYNAMIC_LAYERS,
+    check_layer,
+    expert_bias_of,
+    experts_oihw,
+    refuse_kernelwarehouse,
+    routed_attentions,
+    set_submodule,
+)
 from .static import fold_attentions
-
 
 FORMULATIONS = ("matmul", "experts")
 """How a :class:`PortableDynamicConv` computes: ``'matmul'`` (per-sample kernels, batched matmuls over im2col
@@ -45,8 +52,11 @@ def _patches(x: Tensor, kernel_size, stride, dilation) -> Tuple[Tensor, int, int
     (kh, kw), (sh, sw), (dh, dw) = kernel_size, stride, dilation
     height, width = x.shape[-2], x.shape[-1]
     out_h, out_w = (height - dh * (kh - 1) - 1) // sh + 1, (width - dw * (kw - 1) - 1) // sw + 1
-    taps = [x[:, :, i * dh: i * dh + sh * (out_h - 1) + 1: sh, j * dw: j * dw + sw * (out_w - 1) + 1: sw]
-            for i in range(kh) for j in range(kw)]
+    taps = [
+        x[:, :, i * dh : i * dh + sh * (out_h - 1) + 1 : sh, j * dw : j * dw + sw * (out_w - 1) + 1 : sw]
+        for i in range(kh)
+        for j in range(kw)
+    ]
     patches = torch.stack(taps, dim=2)  # [B, I, T, H', W']
     return patches.reshape(patches.shape[0], patches.shape[1], kh * kw, out_h * out_w), out_h, out_w
 
@@ -123,8 +133,9 @@ class PortableDynamicConv(nn.Module):
             k, o = experts.shape[:2]
             g = layer.groups
             stacked = experts.reshape((k, g, o // g) + tuple(experts.shape[2:])).transpose(0, 1)  # [g, K, O/g, ...]
-            self.register_buffer("stacked_experts", stacked.reshape((g * k * (o // g),) + tuple(experts.shape[2:])),
-                                 persistent=False)
+            self.register_buffer(
+                "stacked_experts", stacked.reshape((g * k * (o // g),) + tuple(experts.shape[2:])), persistent=False
+            )
 
     def forward(self, x: Tensor, routing_weights: Optional[Tensor] = None) -> Tensor:
         layer = self.layer
@@ -143,8 +154,11 @@ class PortableDynamicConv(nn.Module):
         out = F.conv2d(x, self.stacked_experts, None, layer.stride, 0, layer.dilation, layer.groups)
         g, k = layer.groups, a.shape[1]
         out = out.reshape(-1, g, k, layer.out_channels // g, out.shape[-2], out.shape[-1])
-        out = (out * a[:, None, :, None, None, None]).sum(dim=2).reshape(-1, layer.out_channels, out.shape[-2],
-                                                                          out.shape[-1])
+        out = (
+            (out * a[:, None, :, None, None, None])
+            .sum(dim=2)
+            .reshape(-1, layer.out_channels, out.shape[-2], out.shape[-1])
+        )
         f = attentions.get("filter_attention")
         if f is not None:
             out = out * f[:, :, None, None]

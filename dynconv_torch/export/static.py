@@ -17,6 +17,7 @@ ODConv (Li et al., ICLR 2022).
 folds attentions averaged over a calibration set and is an approximation, with its error
 measured on that set.
 """
+
 from __future__ import annotations
 
 from typing import Dict, NamedTuple, Optional
@@ -91,9 +92,18 @@ def fold_attentions(experts: Tensor, attentions: Dict[str, Tensor], groups: int,
 
 def _static_conv(layer: nn.Module, weight: Tensor, bias: Optional[Tensor]) -> nn.Conv2d:
     """An ``nn.Conv2d`` with the layer's geometry holding ``weight [O, I/g, kh, kw]`` and ``bias [O]``."""
-    conv = nn.Conv2d(layer.in_channels, layer.out_channels, layer.kernel_size, stride=layer.stride,
-                     padding=layer.padding, dilation=layer.dilation, groups=layer.groups, bias=bias is not None,
-                     device=weight.device, dtype=weight.dtype)
+    conv = nn.Conv2d(
+        layer.in_channels,
+        layer.out_channels,
+        layer.kernel_size,
+        stride=layer.stride,
+        padding=layer.padding,
+        dilation=layer.dilation,
+        groups=layer.groups,
+        bias=bias is not None,
+        device=weight.device,
+        dtype=weight.dtype,
+    )
     with torch.no_grad():
         conv.weight.copy_(weight)
         if bias is not None:
@@ -131,16 +141,25 @@ def export_static(layer: nn.Module, x: Tensor, routing_weights: Optional[Tensor]
     if x.dim() == 3:
         x = x[None]
     if x.dim() != 4 or x.shape[0] != 1:
-        raise ValueError(f"export_static: x has shape {tuple(x.shape)}; expected one sample [1, I, H, W] or "
-                         "[I, H, W] (use export_average for a calibration set)")
-    weight, bias = fold_attentions(experts_oihw(layer), routed_attentions(layer, x, routing_weights), layer.groups,
-                                   expert_bias_of(layer))
+        raise ValueError(
+            f"export_static: x has shape {tuple(x.shape)}; expected one sample [1, I, H, W] or "
+            "[I, H, W] (use export_average for a calibration set)"
+        )
+    weight, bias = fold_attentions(
+        experts_oihw(layer), routed_attentions(layer, x, routing_weights), layer.groups, expert_bias_of(layer)
+    )
     return _static_conv(layer, weight[0], None if bias is None else bias[0])
 
 
 @torch.no_grad()
-def export_average(layer: nn.Module, calibration_x: Tensor, *, reduce: str = "attention", batch_size: int = 128,
-                   routing_weights: Optional[Tensor] = None) -> AverageExport:
+def export_average(
+    layer: nn.Module,
+    calibration_x: Tensor,
+    *,
+    reduce: str = "attention",
+    batch_size: int = 128,
+    routing_weights: Optional[Tensor] = None,
+) -> AverageExport:
     """APPROXIMATE static export from the routing averaged over a calibration set.
 
     ``reduce='attention'`` averages each attention over the set, then folds;
@@ -177,8 +196,9 @@ def _check_calibration(calibration_x: Tensor, reduce: str) -> None:
     if reduce not in ("attention", "kernel"):
         raise ValueError(f"export_average: reduce={reduce!r}; expected 'attention' or 'kernel'")
     if calibration_x.dim() != 4 or calibration_x.shape[0] == 0:
-        raise ValueError(f"export_average: calibration_x has shape {tuple(calibration_x.shape)}; expected "
-                         "[N, I, H, W] with N >= 1")
+        raise ValueError(
+            f"export_average: calibration_x has shape {tuple(calibration_x.shape)}; expected [N, I, H, W] with N >= 1"
+        )
 
 
 def _batch_sums(layer: nn.Module, attentions: Dict[str, Tensor], reduce: str) -> Dict[str, Tensor]:
@@ -210,8 +230,9 @@ def _mean_routing(layer: nn.Module, calibration_x: Tensor, batches, reduce: str,
 def _fold_means(layer: nn.Module, means: Dict[str, Tensor], reduce: str) -> nn.Conv2d:
     if reduce == "kernel":
         return _static_conv(layer, means["weight"], means.get("bias"))
-    weight, bias = fold_attentions(experts_oihw(layer), {name: value[None] for name, value in means.items()},
-                                   layer.groups, expert_bias_of(layer))
+    weight, bias = fold_attentions(
+        experts_oihw(layer), {name: value[None] for name, value in means.items()}, layer.groups, expert_bias_of(layer)
+    )
     return _static_conv(layer, weight[0], None if bias is None else bias[0])
 
 

@@ -7,6 +7,7 @@ CVPR 2020) or ODConv (Li et al., ICLR 2022) version. The stem, the downsample
 shortcut and the classifier stay static (:func:`static_conv`), as in the official
 OSVAI/ODConv models.
 """
+
 from __future__ import annotations
 
 import inspect
@@ -22,19 +23,31 @@ from dynconv_torch.kernelwarehouse import WarehouseManager
 DYNAMIC_LAYERS = {"condconv": CondConv2d, "dynamic": DynamicConv2d, "odconv": ODConv2d}
 #: The keyword arguments each dynamic layer takes (what ``conv_options`` may name, less the reserved ones);
 #: KernelWarehouse's are its warehouse options, which the model's manager takes.
-LAYER_OPTIONS = {**{conv: frozenset(inspect.signature(layer).parameters) for conv, layer in DYNAMIC_LAYERS.items()},
-                 KW_CONV: frozenset(KW_OPTIONS)}
+LAYER_OPTIONS = {
+    **{conv: frozenset(inspect.signature(layer).parameters) for conv, layer in DYNAMIC_LAYERS.items()},
+    KW_CONV: frozenset(KW_OPTIONS),
+}
 
 
-def check_args(where: str, conv: str, num_experts: int, reduction: Optional[float],
-               conv_options: Optional[Mapping[str, Any]], stem: str, dropout: float, num_classes: int) -> dict:
+def check_args(
+    where: str,
+    conv: str,
+    num_experts: int,
+    reduction: Optional[float],
+    conv_options: Optional[Mapping[str, Any]],
+    stem: str,
+    dropout: float,
+    num_classes: int,
+) -> dict:
     """:func:`dynconv_spec.check_model_args` against the PyTorch layers' options; returns ``conv_options``."""
-    return check_model_args(where, conv, num_experts, reduction, conv_options, stem, dropout, num_classes,
-                            LAYER_OPTIONS)
+    return check_model_args(
+        where, conv, num_experts, reduction, conv_options, stem, dropout, num_classes, LAYER_OPTIONS
+    )
 
 
-def static_conv(in_channels: int, out_channels: int, kernel_size: int, stride: int = 1, padding: int = 0,
-                groups: int = 1) -> nn.Conv2d:
+def static_conv(
+    in_channels: int, out_channels: int, kernel_size: int, stride: int = 1, padding: int = 0, groups: int = 1
+) -> nn.Conv2d:
     """A bias-free ``nn.Conv2d`` with the He (fan-out) normal init of torchvision and the official models.
 
     Examples:
@@ -48,9 +61,19 @@ def static_conv(in_channels: int, out_channels: int, kernel_size: int, stride: i
     return layer
 
 
-def make_conv(conv: str, in_channels: int, out_channels: int, kernel_size: int, stride: int = 1, padding: int = 0,
-              groups: int = 1, *, num_experts: int = 4, reduction: Optional[float] = None,
-              conv_options: Optional[Mapping[str, Any]] = None) -> nn.Module:
+def make_conv(
+    conv: str,
+    in_channels: int,
+    out_channels: int,
+    kernel_size: int,
+    stride: int = 1,
+    padding: int = 0,
+    groups: int = 1,
+    *,
+    num_experts: int = 4,
+    reduction: Optional[float] = None,
+    conv_options: Optional[Mapping[str, Any]] = None,
+) -> nn.Module:
     """One convolution of the requested type (no bias unless the layer's default or ``conv_options`` adds one).
 
     ``conv_options`` are extra keyword arguments of the dynamic layer (e.g. ``routing_dropout``
@@ -71,13 +94,15 @@ def make_conv(conv: str, in_channels: int, out_channels: int, kernel_size: int, 
     if conv == "static":
         return static_conv(in_channels, out_channels, kernel_size, stride, padding, groups)
     if conv == KW_CONV:
-        raise ValueError("make_conv: KernelWarehouse layers share their model's warehouses; a model builds them "
-                         "with KWBuilder")
+        raise ValueError(
+            "make_conv: KernelWarehouse layers share their model's warehouses; a model builds them with KWBuilder"
+        )
     if conv not in DYNAMIC_LAYERS:
         raise ValueError(f"make_conv: conv={conv!r} is not a conv type; expected one of {CONV_TYPES}")
     # ODConv2d takes num_experts as a keyword alias of the official kernel_num.
-    return DYNAMIC_LAYERS[conv](in_channels, out_channels, kernel_size, stride, padding, groups=groups,
-                                num_experts=num_experts, **options)
+    return DYNAMIC_LAYERS[conv](
+        in_channels, out_channels, kernel_size, stride, padding, groups=groups, num_experts=num_experts, **options
+    )
 
 
 class KWBuilder:
@@ -90,14 +115,23 @@ class KWBuilder:
         self.manager = WarehouseManager(**vars(plan.options))
         self._queue = plan.queue("reserve")
 
-    def conv(self, in_channels: int, out_channels: int, kernel_size: int, stride: int = 1, padding: int = 0,
-             groups: int = 1) -> nn.Module:
+    def conv(
+        self, in_channels: int, out_channels: int, kernel_size: int, stride: int = 1, padding: int = 0, groups: int = 1
+    ) -> nn.Module:
         """The next convolution of the plan (``make_conv``'s arguments); static ones as :func:`static_conv`."""
         spec, _ = self._queue.take(in_channels, out_channels, (kernel_size, kernel_size), groups, self.where)
         if spec.warehouse_name is None:
             return static_conv(in_channels, out_channels, kernel_size, stride, padding, groups)
-        return self.manager.reserve(in_channels, out_channels, kernel_size, stride, padding, groups=groups, bias=False,
-                                    warehouse_name=spec.warehouse_name)
+        return self.manager.reserve(
+            in_channels,
+            out_channels,
+            kernel_size,
+            stride,
+            padding,
+            groups=groups,
+            bias=False,
+            warehouse_name=spec.warehouse_name,
+        )
 
     def finish(self, model: nn.Module) -> None:
         """After the model is built: every planned conv built, warehouses stored, cells allocated."""

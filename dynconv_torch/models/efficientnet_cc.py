@@ -21,6 +21,7 @@ BN + swish, global average pool, dropout, linear classifier.
 strided conv the odd pixel of padding goes to the bottom/right, computed from the input size);
 the others use eps 1e-5 and symmetric PyTorch padding.
 """
+
 from __future__ import annotations
 
 import math
@@ -31,9 +32,17 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from dynconv_spec.efficientnet_cc import (BN_EPS_TF, BN_EPS_TORCH, VARIANTS, BlockSpec, block_specs,
-                                          check_efficientnet_args, resolve_variant, tf_same_padding,
-                                          variant_entry_point)
+from dynconv_spec.efficientnet_cc import (
+    BN_EPS_TF,
+    BN_EPS_TORCH,
+    VARIANTS,
+    BlockSpec,
+    block_specs,
+    check_efficientnet_args,
+    resolve_variant,
+    tf_same_padding,
+    variant_entry_point,
+)
 from dynconv_spec.mobilenetv2 import make_divisible
 
 from ..condconv import CondConv2d
@@ -41,9 +50,16 @@ from ..functional import check_temperature, global_avg_pool
 from ._registry import register_model
 
 __all__ = [
-    "EfficientNetCondConv", "efficientnet_cc", "block_specs", "VARIANTS",
-    "tf_efficientnet_cc_b0_4e", "tf_efficientnet_cc_b0_8e", "tf_efficientnet_cc_b1_8e",
-    "efficientnet_cc_b0_4e", "efficientnet_cc_b0_8e", "efficientnet_cc_b1_8e",
+    "EfficientNetCondConv",
+    "efficientnet_cc",
+    "block_specs",
+    "VARIANTS",
+    "tf_efficientnet_cc_b0_4e",
+    "tf_efficientnet_cc_b0_8e",
+    "tf_efficientnet_cc_b1_8e",
+    "efficientnet_cc_b0_4e",
+    "efficientnet_cc_b0_8e",
+    "efficientnet_cc_b1_8e",
 ]
 
 
@@ -71,8 +87,16 @@ def _pad_tf_same(x: Tensor, kernel_size: int, stride: int) -> Tensor:
 class Conv2dPad(nn.Conv2d):
     """Bias-free ``nn.Conv2d`` with timm's padding: PyTorch symmetric, or TF 'SAME' (``tf_same``)."""
 
-    def __init__(self, in_chs: int, out_chs: int, kernel_size: int, stride: int = 1, groups: int = 1,
-                 bias: bool = False, tf_same: bool = False):
+    def __init__(
+        self,
+        in_chs: int,
+        out_chs: int,
+        kernel_size: int,
+        stride: int = 1,
+        groups: int = 1,
+        bias: bool = False,
+        tf_same: bool = False,
+    ):
         padding, self.dynamic_pad = _static_padding(kernel_size, stride, tf_same)
         super().__init__(in_chs, out_chs, kernel_size, stride, padding, groups=groups, bias=bias)
 
@@ -85,11 +109,28 @@ class Conv2dPad(nn.Conv2d):
 class CondConv2dPad(CondConv2d):
     """:class:`CondConv2d` with external routing and timm's padding (see :class:`Conv2dPad`)."""
 
-    def __init__(self, in_chs: int, out_chs: int, kernel_size: int, stride: int = 1, groups: int = 1,
-                 num_experts: int = 4, tf_same: bool = False):
+    def __init__(
+        self,
+        in_chs: int,
+        out_chs: int,
+        kernel_size: int,
+        stride: int = 1,
+        groups: int = 1,
+        num_experts: int = 4,
+        tf_same: bool = False,
+    ):
         padding, self.dynamic_pad = _static_padding(kernel_size, stride, tf_same)
-        super().__init__(in_chs, out_chs, kernel_size, stride, padding, groups=groups, bias=False,
-                         num_experts=num_experts, external_routing=True)
+        super().__init__(
+            in_chs,
+            out_chs,
+            kernel_size,
+            stride,
+            padding,
+            groups=groups,
+            bias=False,
+            num_experts=num_experts,
+            external_routing=True,
+        )
 
     def forward(self, x: Tensor, routing_weights: Tensor) -> Tensor:
         if self.dynamic_pad:
@@ -150,8 +191,11 @@ class InvertedResidual(nn.Module):
         super().__init__()
         self.spec = spec
         mid, experts = spec.mid_chs, spec.num_experts
-        conv = (partial(CondConv2dPad, num_experts=experts, tf_same=tf_same) if experts
-                else partial(Conv2dPad, tf_same=tf_same))
+        conv = (
+            partial(CondConv2dPad, num_experts=experts, tf_same=tf_same)
+            if experts
+            else partial(Conv2dPad, tf_same=tf_same)
+        )
         self.conv_pw = conv(spec.in_chs, mid, 1)
         self.bn1 = nn.BatchNorm2d(mid, eps=bn_eps)
         self.conv_dw = conv(mid, mid, spec.kernel_size, spec.stride, groups=mid)
@@ -209,9 +253,18 @@ class EfficientNetCondConv(nn.Module):
       torch.Size([2, 10])
     """
 
-    def __init__(self, depth_multiplier: float = 1.0, experts_multiplier: int = 1, tf_port: bool = False,
-                 num_classes: int = 1000, drop_rate: float = 0.0, drop_path_rate: float = 0.0, in_chans: int = 3,
-                 channel_multiplier: float = 1.0, bn_eps: float = None):
+    def __init__(
+        self,
+        depth_multiplier: float = 1.0,
+        experts_multiplier: int = 1,
+        tf_port: bool = False,
+        num_classes: int = 1000,
+        drop_rate: float = 0.0,
+        drop_path_rate: float = 0.0,
+        in_chans: int = 3,
+        channel_multiplier: float = 1.0,
+        bn_eps: float = None,
+    ):
         super().__init__()
         check_efficientnet_args(type(self).__name__, num_classes, drop_rate, drop_path_rate)
         bn_eps = (BN_EPS_TF if tf_port else BN_EPS_TORCH) if bn_eps is None else bn_eps
@@ -221,8 +274,9 @@ class EfficientNetCondConv(nn.Module):
         self.bn1 = nn.BatchNorm2d(stem_chs, eps=bn_eps)
         self.specs = block_specs(stem_chs, depth_multiplier, channel_multiplier, experts_multiplier, drop_path_rate)
         block_cls = {"ds": DepthwiseSeparable, "ir": InvertedResidual}
-        self.blocks = nn.Sequential(*[nn.Sequential(*[block_cls[s.block](s, bn_eps, tf_port) for s in stage])
-                                      for stage in self.specs])
+        self.blocks = nn.Sequential(
+            *[nn.Sequential(*[block_cls[s.block](s, bn_eps, tf_port) for s in stage]) for stage in self.specs]
+        )
         self.num_features = make_divisible(1280 * channel_multiplier)
         self.conv_head = Conv2dPad(self.specs[-1][-1].out_chs, self.num_features, 1, tf_same=tf_port)
         self.bn2 = nn.BatchNorm2d(self.num_features, eps=bn_eps)

@@ -11,6 +11,7 @@ torchvision's keys), so the released checkpoints load strictly. The Flax twin in
 layer of ``warehouse_manager``, and the classifier is a bare ``Linear`` ``classifier`` after
 ``dropout`` (the official layout).
 """
+
 from __future__ import annotations
 
 from functools import partial
@@ -30,11 +31,14 @@ from ._registry import register_model
 class ConvBNReLU(nn.Sequential):
     """``conv → BatchNorm → ReLU6`` (children ``0``, ``1``, ``2``), padding ``(k - 1) // 2``."""
 
-    def __init__(self, conv_layer, in_channels: int, out_channels: int, kernel_size: int = 3, stride: int = 1,
-                 groups: int = 1):
-        super().__init__(conv_layer(in_channels, out_channels, kernel_size, stride, (kernel_size - 1) // 2,
-                                    groups=groups),
-                         nn.BatchNorm2d(out_channels), nn.ReLU6(inplace=True))
+    def __init__(
+        self, conv_layer, in_channels: int, out_channels: int, kernel_size: int = 3, stride: int = 1, groups: int = 1
+    ):
+        super().__init__(
+            conv_layer(in_channels, out_channels, kernel_size, stride, (kernel_size - 1) // 2, groups=groups),
+            nn.BatchNorm2d(out_channels),
+            nn.ReLU6(inplace=True),
+        )
 
 
 class InvertedResidual(nn.Module):
@@ -46,8 +50,11 @@ class InvertedResidual(nn.Module):
         hidden = int(round(inp * expand_ratio))
         self.use_res_connect = stride == 1 and inp == oup
         layers = [ConvBNReLU(conv_layer, inp, hidden, 1)] if expand_ratio != 1 else []
-        layers += [ConvBNReLU(conv_layer, hidden, hidden, 3, stride, groups=hidden),
-                   conv_layer(hidden, oup, 1, 1, 0), nn.BatchNorm2d(oup)]
+        layers += [
+            ConvBNReLU(conv_layer, hidden, hidden, 3, stride, groups=hidden),
+            conv_layer(hidden, oup, 1, 1, 0),
+            nn.BatchNorm2d(oup),
+        ]
         self.conv = nn.Sequential(*layers)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -78,9 +85,18 @@ class MobileNetV2(nn.Module):
       torch.Size([2, 10])
     """
 
-    def __init__(self, width_mult: float = 1.0, conv: str = "static", num_experts: int = 4, num_classes: int = 1000,
-                 stem: str = "imagenet", dropout: float = 0.2, reduction: Optional[float] = None,
-                 in_channels: int = 3, conv_options: Optional[Mapping[str, Any]] = None):
+    def __init__(
+        self,
+        width_mult: float = 1.0,
+        conv: str = "static",
+        num_experts: int = 4,
+        num_classes: int = 1000,
+        stem: str = "imagenet",
+        dropout: float = 0.2,
+        reduction: Optional[float] = None,
+        in_channels: int = 3,
+        conv_options: Optional[Mapping[str, Any]] = None,
+    ):
         super().__init__()
         check_width_mult(width_mult)
         options = check_args("MobileNetV2", conv, num_experts, reduction, conv_options, stem, dropout, num_classes)

@@ -12,6 +12,7 @@ stride-1 shortcut stay static), sharing the warehouses of ``warehouse_manager``.
 ``dynconv_jax.models.resnet`` uses the same attribute names (``layer1.0.conv1`` ↔
 ``layer1_0/conv1``).
 """
+
 from __future__ import annotations
 
 from functools import partial
@@ -33,8 +34,14 @@ class BasicBlock(nn.Module):
 
     expansion = 1
 
-    def __init__(self, inplanes: int, planes: int, stride: int = 1, downsample: Optional[nn.Module] = None,
-                 conv_layer=partial(make_conv, "static")):
+    def __init__(
+        self,
+        inplanes: int,
+        planes: int,
+        stride: int = 1,
+        downsample: Optional[nn.Module] = None,
+        conv_layer=partial(make_conv, "static"),
+    ):
         super().__init__()
         self.conv1 = conv_layer(inplanes, planes, 3, stride, 1)
         self.bn1 = nn.BatchNorm2d(planes)
@@ -56,8 +63,14 @@ class Bottleneck(nn.Module):
 
     expansion = 4
 
-    def __init__(self, inplanes: int, planes: int, stride: int = 1, downsample: Optional[nn.Module] = None,
-                 conv_layer=partial(make_conv, "static")):
+    def __init__(
+        self,
+        inplanes: int,
+        planes: int,
+        stride: int = 1,
+        downsample: Optional[nn.Module] = None,
+        conv_layer=partial(make_conv, "static"),
+    ):
         super().__init__()
         self.conv1 = conv_layer(inplanes, planes, 1, 1, 0)
         self.bn1 = nn.BatchNorm2d(planes)
@@ -105,10 +118,20 @@ class ResNet(nn.Module):
       torch.Size([2, 10])
     """
 
-    def __init__(self, block: str, layers: Sequence[int], conv: str = "static", num_experts: int = 4,
-                 num_classes: int = 1000, stem: str = "imagenet", base_width: int = 64, dropout: float = 0.1,
-                 reduction: Optional[float] = None, in_channels: int = 3,
-                 conv_options: Optional[Mapping[str, Any]] = None):
+    def __init__(
+        self,
+        block: str,
+        layers: Sequence[int],
+        conv: str = "static",
+        num_experts: int = 4,
+        num_classes: int = 1000,
+        stem: str = "imagenet",
+        base_width: int = 64,
+        dropout: float = 0.1,
+        reduction: Optional[float] = None,
+        in_channels: int = 3,
+        conv_options: Optional[Mapping[str, Any]] = None,
+    ):
         super().__init__()
         check_resnet_args(block, layers, base_width)
         options = check_args("ResNet", conv, num_experts, reduction, conv_options, stem, dropout, num_classes)
@@ -134,8 +157,10 @@ class ResNet(nn.Module):
         for stage, _, inplanes, planes, stride, downsample in stage_blocks(layers, base_width, block_cls.expansion):
             shortcut = None
             if downsample:
-                shortcut = nn.Sequential(shortcut_conv(inplanes, planes * block_cls.expansion, 1, stride, 0),
-                                         nn.BatchNorm2d(planes * block_cls.expansion))
+                shortcut = nn.Sequential(
+                    shortcut_conv(inplanes, planes * block_cls.expansion, 1, stride, 0),
+                    nn.BatchNorm2d(planes * block_cls.expansion),
+                )
             stages[stage].append(block_cls(inplanes, planes, stride, shortcut, conv_layer))
         for i, blocks in enumerate(stages):
             setattr(self, f"layer{i + 1}", nn.Sequential(*blocks))

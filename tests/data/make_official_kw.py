@@ -18,6 +18,7 @@ replaced by a stand-in for ``DropPath`` and ``register_model`` when it is not in
 ``--verify-full`` also compares the full official configs with ``dynconv_torch``'s entry points
 the same way, single-threaded (slow), and records the worst relative error of each.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -37,24 +38,41 @@ OUT = HERE / "official_kw_models.json.gz"
 TAUS = (1.0, 0.5, 0.0)
 #: The golden models: (official class, its arguments) and the same model in dynconv_torch.
 GOLDEN = {
-    "resnet_basic_2111_1d2x": dict(arch="resnet", block="basic", layers=[2, 1, 1, 1],
-                                   kw=dict(cell_num_ratio=0.5, cell_inplane_ratio=0.5, cell_outplane_ratio=0.5,
-                                           sharing_range="layer_conv")),
-    "resnet_basic_2111_1x": dict(arch="resnet", block="basic", layers=[2, 1, 1, 1],
-                                 kw=dict(cell_num_ratio=1.0, sharing_range="layer_conv")),
-    "resnet_basic_1111_4x": dict(arch="resnet", block="basic", layers=[1, 1, 1, 1],
-                                 kw=dict(cell_num_ratio=4.0, sharing_range="layer_conv")),
-    "resnet_bottleneck_1111_1d2x_basis": dict(arch="resnet", block="bottleneck", layers=[1, 1, 1, 1],
-                                              kw=dict(cell_num_ratio=0.5, cell_inplane_ratio=0.5,
-                                                      cell_outplane_ratio=0.5, sharing_range="layer_conv",
-                                                      nonlocal_basis_ratio=0.0625)),
-    "mobilenetv2_025_1x": dict(arch="mobilenet_v2", width_mult=0.25,
-                               kw=dict(cell_num_ratio=1.0, sharing_range=["layer", "pwconv"])),
-    "mobilenetv2_025_4x": dict(arch="mobilenet_v2", width_mult=0.25,
-                               kw=dict(cell_num_ratio=4.0, sharing_range=["layer"])),
-    "mobilenetv2_025_1d2x": dict(arch="mobilenet_v2", width_mult=0.25,
-                                 kw=dict(cell_num_ratio=0.5, cell_inplane_ratio=0.5, cell_outplane_ratio=0.5,
-                                         sharing_range=["layer"])),
+    "resnet_basic_2111_1d2x": dict(
+        arch="resnet",
+        block="basic",
+        layers=[2, 1, 1, 1],
+        kw=dict(cell_num_ratio=0.5, cell_inplane_ratio=0.5, cell_outplane_ratio=0.5, sharing_range="layer_conv"),
+    ),
+    "resnet_basic_2111_1x": dict(
+        arch="resnet", block="basic", layers=[2, 1, 1, 1], kw=dict(cell_num_ratio=1.0, sharing_range="layer_conv")
+    ),
+    "resnet_basic_1111_4x": dict(
+        arch="resnet", block="basic", layers=[1, 1, 1, 1], kw=dict(cell_num_ratio=4.0, sharing_range="layer_conv")
+    ),
+    "resnet_bottleneck_1111_1d2x_basis": dict(
+        arch="resnet",
+        block="bottleneck",
+        layers=[1, 1, 1, 1],
+        kw=dict(
+            cell_num_ratio=0.5,
+            cell_inplane_ratio=0.5,
+            cell_outplane_ratio=0.5,
+            sharing_range="layer_conv",
+            nonlocal_basis_ratio=0.0625,
+        ),
+    ),
+    "mobilenetv2_025_1x": dict(
+        arch="mobilenet_v2", width_mult=0.25, kw=dict(cell_num_ratio=1.0, sharing_range=["layer", "pwconv"])
+    ),
+    "mobilenetv2_025_4x": dict(
+        arch="mobilenet_v2", width_mult=0.25, kw=dict(cell_num_ratio=4.0, sharing_range=["layer"])
+    ),
+    "mobilenetv2_025_1d2x": dict(
+        arch="mobilenet_v2",
+        width_mult=0.25,
+        kw=dict(cell_num_ratio=0.5, cell_inplane_ratio=0.5, cell_outplane_ratio=0.5, sharing_range=["layer"]),
+    ),
 }
 NUM_CLASSES = 10
 INPUT_SHAPE = (8, 3, 32, 32)
@@ -111,8 +129,11 @@ def run_golden(model: nn.Module, set_tau, seed: int = SEED) -> dict:
             for mode in ("eval", "train"):
                 getattr(model, mode)()
                 logits[f"{mode}_tau{tau:g}"] = model(x).tolist()
-    stats = {name: [m.running_mean.sum().item(), m.running_var.sum().item()]
-             for name, m in model.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)}
+    stats = {
+        name: [m.running_mean.sum().item(), m.running_var.sum().item()]
+        for name, m in model.named_modules()
+        if isinstance(m, nn.modules.batchnorm._BatchNorm)
+    }
     return {"logits": logits, "running_stat_sums": stats}
 
 
@@ -134,8 +155,9 @@ def golden_with_floors(build, set_tau) -> dict:
         runs.append(run_golden(build().double(), set_tau))
     reference, other = runs
     floors = {key: relative_error(other["logits"][key], value) for key, value in reference["logits"].items()}
-    floors["running_stat_sums"] = relative_error(list(other["running_stat_sums"].values()),
-                                                 list(reference["running_stat_sums"].values()))
+    floors["running_stat_sums"] = relative_error(
+        list(other["running_stat_sums"].values()), list(reference["running_stat_sums"].values())
+    )
     return {**reference, "floors": floors}
 
 
@@ -149,8 +171,9 @@ def load_official(checkout: str) -> dict:
         layers.DropPath = lambda p=0.0: nn.Identity()
         registry.register_model = lambda f: f
         timm.models, models.layers, models.registry = models, layers, registry
-        sys.modules.update({"timm": timm, "timm.models": models, "timm.models.layers": layers,
-                            "timm.models.registry": registry})
+        sys.modules.update(
+            {"timm": timm, "timm.models": models, "timm.models.layers": layers, "timm.models.registry": registry}
+        )
     sys.path.insert(0, checkout)
     package = types.ModuleType("models")
     package.__path__ = [str(pathlib.Path(checkout) / "models")]
@@ -163,8 +186,9 @@ def official_golden_model(official: dict, spec: dict) -> nn.Module:
         module = official["kw_resnet"]
         block = {"basic": module.BasicBlock, "bottleneck": module.Bottleneck}[spec["block"]]
         return module.KW_ResNet(block, spec["layers"], num_classes=NUM_CLASSES, dropout=0.0, **spec["kw"])
-    return official["kw_mobilenetv2"].KW_MobileNetV2(num_classes=NUM_CLASSES, width_mult=spec["width_mult"],
-                                                     **spec["kw"])
+    return official["kw_mobilenetv2"].KW_MobileNetV2(
+        num_classes=NUM_CLASSES, width_mult=spec["width_mult"], **spec["kw"]
+    )
 
 
 def official_set_tau(model: nn.Module, tau: float) -> None:
@@ -174,8 +198,12 @@ def official_set_tau(model: nn.Module, tau: float) -> None:
 def official_entry_points(official: dict) -> dict:
     """The official registered entry points by name."""
     resnet, mobilenet = official["kw_resnet"], official["kw_mobilenetv2"]
-    return {"kw_resnet18": resnet.kw_resnet18, "kw_resnet50": resnet.kw_resnet50,
-            "kw_mobilenetv2_050": mobilenet.kw_mobilenetv2_050, "kw_mobilenetv2_100": mobilenet.kw_mobilenetv2_100}
+    return {
+        "kw_resnet18": resnet.kw_resnet18,
+        "kw_resnet50": resnet.kw_resnet50,
+        "kw_mobilenetv2_050": mobilenet.kw_mobilenetv2_050,
+        "kw_mobilenetv2_100": mobilenet.kw_mobilenetv2_100,
+    }
 
 
 def manifests(official: dict) -> dict:
@@ -186,8 +214,12 @@ def manifests(official: dict) -> dict:
     for config in OFFICIAL_CONFIGS:
         name, args = config_model_args(config)
         model = entry[name](**args)
-        out[config] = {"model": name, "args": args, "num_params": sum(p.numel() for p in model.parameters()),
-                       "state_dict": {k: list(v.shape) for k, v in model.state_dict().items()}}
+        out[config] = {
+            "model": name,
+            "args": args,
+            "num_params": sum(p.numel() for p in model.parameters()),
+            "state_dict": {k: list(v.shape) for k, v in model.state_dict().items()},
+        }
     return out
 
 
@@ -202,8 +234,9 @@ def verify_full(official: dict) -> dict:
         name, args = config_model_args(config)
         torch.set_num_threads(1)
         theirs = run_golden(entry[name](**args, num_classes=NUM_CLASSES, dropout=0.0).double(), official_set_tau)
-        ours = run_golden(models.create_model(name, **args, num_classes=NUM_CLASSES, dropout=0.0).double(),
-                          set_temperature)
+        ours = run_golden(
+            models.create_model(name, **args, num_classes=NUM_CLASSES, dropout=0.0).double(), set_temperature
+        )
         worst = max(relative_error(ours["logits"][key], ref) for key, ref in theirs["logits"].items())
         out[config] = worst
         print(f"{config}: worst relative logit error {worst:.1e}", file=sys.stderr)
@@ -215,17 +248,28 @@ def main(argv=None) -> int:
     parser.add_argument("checkout", help="path of an OSVAI/KernelWarehouse checkout")
     parser.add_argument("--verify-full", action="store_true", help="also compare the full official configs (slow)")
     args = parser.parse_args(argv)
-    commit = subprocess.run(["git", "-C", args.checkout, "rev-parse", "HEAD"], capture_output=True, text=True,
-                            check=True).stdout.strip()
+    commit = subprocess.run(
+        ["git", "-C", args.checkout, "rev-parse", "HEAD"], capture_output=True, text=True, check=True
+    ).stdout.strip()
     official = load_official(args.checkout)
-    data = {"source": f"OSVAI/KernelWarehouse commit {commit}, models/kw_resnet.py, models/kw_mobilenetv2.py, "
-                      f"modules/kernel_warehouse.py, run with torch {torch.__version__}",
-            "golden_procedure": {"num_classes": NUM_CLASSES, "input_shape": list(INPUT_SHAPE), "seed": SEED,
-                                 "taus": list(TAUS), "dtype": "float64"},
-            "manifests": manifests(official), "golden": {}}
+    data = {
+        "source": f"OSVAI/KernelWarehouse commit {commit}, models/kw_resnet.py, models/kw_mobilenetv2.py, "
+        f"modules/kernel_warehouse.py, run with torch {torch.__version__}",
+        "golden_procedure": {
+            "num_classes": NUM_CLASSES,
+            "input_shape": list(INPUT_SHAPE),
+            "seed": SEED,
+            "taus": list(TAUS),
+            "dtype": "float64",
+        },
+        "manifests": manifests(official),
+        "golden": {},
+    }
     for name, spec in GOLDEN.items():
-        data["golden"][name] = {"spec": spec, **golden_with_floors(lambda: official_golden_model(official, spec),
-                                                                   official_set_tau)}
+        data["golden"][name] = {
+            "spec": spec,
+            **golden_with_floors(lambda: official_golden_model(official, spec), official_set_tau),
+        }
         print(f"{name}: floors {data['golden'][name]['floors']}", file=sys.stderr)
     if args.verify_full:
         data["verified_full_configs"] = verify_full(official)

@@ -9,6 +9,7 @@ each definition is completed with its input width: ``conv(in_features=, out_feat
 strides=, padding=, feature_group_count=)``, ``norm(num_features)``, ``classifier(in_features,
 out_features)``.
 """
+
 from __future__ import annotations
 
 import functools
@@ -37,13 +38,15 @@ class KWConvs:
         self.manager = WarehouseManager(plan, param_dtype=numerics["param_dtype"], rngs=numerics["rngs"])
         self._queue = plan.queue("module")
 
-    def __call__(self, *, in_features: int, out_features: int, kernel_size, strides=1, padding=0,
-                 feature_group_count: int = 1):
+    def __call__(
+        self, *, in_features: int, out_features: int, kernel_size, strides=1, padding=0, feature_group_count: int = 1
+    ):
         _, layer = self._queue.take(in_features, out_features, kernel_size, feature_group_count, self.where)
         conv = dict(strides=strides, padding=padding, feature_group_count=feature_group_count, **self.numerics)
         if layer is None:
-            return nnx.Conv(in_features, out_features, kernel_size, use_bias=False, kernel_init=kaiming_fan_out_normal,
-                            **conv)
+            return nnx.Conv(
+                in_features, out_features, kernel_size, use_bias=False, kernel_init=kaiming_fan_out_normal, **conv
+            )
         return KWConv(in_features, out_features, kernel_size, layer=layer, strategy=self.strategy, **conv)
 
     def finish(self) -> None:
@@ -51,10 +54,23 @@ class KWConvs:
         self._queue.finish(self.where)
 
 
-def module_defs(where: str, *, conv: str, num_experts: int, reduction: Optional[float],
-                conv_options: Optional[Mapping[str, Any]], stem: str, dropout: float, num_classes: int,
-                strategy: str, dtype: Optional[Dtype], param_dtype: Dtype, precision: PrecisionLike,
-                rngs: nnx.Rngs, kw_plan=None) -> ModuleDefs:
+def module_defs(
+    where: str,
+    *,
+    conv: str,
+    num_experts: int,
+    reduction: Optional[float],
+    conv_options: Optional[Mapping[str, Any]],
+    stem: str,
+    dropout: float,
+    num_classes: int,
+    strategy: str,
+    dtype: Optional[Dtype],
+    param_dtype: Dtype,
+    precision: PrecisionLike,
+    rngs: nnx.Rngs,
+    kw_plan=None,
+) -> ModuleDefs:
     """Check a model's arguments (as the Linen :class:`~dynconv_jax.models._conv.DynamicNet`, ``where``
     names the model) and return the module definitions of its layers. ``kw_plan``: ``() -> WarehousePlan``
     of the model, called with ``conv='kernelwarehouse'`` (then ``conv`` and ``static_conv`` are one
@@ -69,11 +85,15 @@ def module_defs(where: str, *, conv: str, num_experts: int, reduction: Optional[
     else:
         if reduction is not None:
             options["reduction"] = reduction
-        block_conv = functools.partial(DYNAMIC_LAYERS[conv], num_experts=num_experts, strategy=strategy, **numerics,
-                                       **options)
-    return ModuleDefs(conv=block_conv, static_conv=static_conv,
-                      norm=functools.partial(BatchNorm, dtype=dtype, param_dtype=param_dtype, rngs=rngs),
-                      classifier=functools.partial(nnx.Linear, kernel_init=classifier_init, **numerics))
+        block_conv = functools.partial(
+            DYNAMIC_LAYERS[conv], num_experts=num_experts, strategy=strategy, **numerics, **options
+        )
+    return ModuleDefs(
+        conv=block_conv,
+        static_conv=static_conv,
+        norm=functools.partial(BatchNorm, dtype=dtype, param_dtype=param_dtype, rngs=rngs),
+        classifier=functools.partial(nnx.Linear, kernel_init=classifier_init, **numerics),
+    )
 
 
 def apply_conv(layer: nnx.Module, x, temperature, warehouse_manager: Optional[WarehouseManager] = None):

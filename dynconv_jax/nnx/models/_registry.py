@@ -1,6 +1,7 @@
 """The model registry of ``dynconv_jax.nnx.models``: entry points register themselves with ``@register_model``
 under the names of :data:`dynconv_spec.MODEL_NAMES`; ``create_model(name, **kwargs)`` builds one
 (``ValueError`` listing the known names for an unknown one), ``list_models(pattern=None)`` names them."""
+
 from dynconv_spec import ModelRegistry
 
 _REGISTRY = ModelRegistry("dynconv_jax.nnx.models")

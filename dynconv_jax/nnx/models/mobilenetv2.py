@@ -5,6 +5,7 @@ parameter paths (``features_0_0``, ``features_1/conv_0_0``, ``classifier_1``; ``
 ``warehouse_manager`` with KernelWarehouse), so Linen variables, PyTorch and the official OSVAI/ODConv
 ``od_mobilenetv2_*`` and OSVAI/KernelWarehouse ``kw_mobilenetv2_*`` checkpoints load into it.
 """
+
 from __future__ import annotations
 
 from typing import Any, Mapping, Optional
@@ -21,12 +22,30 @@ from dynconv_spec.kernelwarehouse import mobilenetv2_plan
 from dynconv_spec.registry import kw_model_args, odconv_model_args
 
 
-def _add_conv_bn(module: nnx.Module, prefix: str, conv: ModuleDef, norm: ModuleDef, in_features: int,
-                 features: int, kernel_size: int, stride: int = 1, groups: int = 1) -> None:
+def _add_conv_bn(
+    module: nnx.Module,
+    prefix: str,
+    conv: ModuleDef,
+    norm: ModuleDef,
+    in_features: int,
+    features: int,
+    kernel_size: int,
+    stride: int = 1,
+    groups: int = 1,
+) -> None:
     """Attach a ``ConvBNReLU``'s conv and BatchNorm as ``{prefix}_0`` and ``{prefix}_1`` (the Linen paths)."""
-    setattr(module, f"{prefix}_0", conv(in_features=in_features, out_features=features,
-                                        kernel_size=(kernel_size, kernel_size), strides=stride,
-                                        padding=(kernel_size - 1) // 2, feature_group_count=groups))
+    setattr(
+        module,
+        f"{prefix}_0",
+        conv(
+            in_features=in_features,
+            out_features=features,
+            kernel_size=(kernel_size, kernel_size),
+            strides=stride,
+            padding=(kernel_size - 1) // 2,
+            feature_group_count=groups,
+        ),
+    )
     setattr(module, f"{prefix}_1", norm(features))
 
 
@@ -74,25 +93,52 @@ class MobileNetV2(nnx.Module):
       ((3, 3, 3, 8), (1280, 10))
     """
 
-    def __init__(self, width_mult: float = 1.0, *, conv: str = "static", num_experts: int = 4,
-                 num_classes: int = 1000, stem: str = "imagenet", dropout: float = 0.2,
-                 reduction: Optional[float] = None, in_channels: int = 3,
-                 conv_options: Optional[Mapping[str, Any]] = None, strategy: str = "auto",
-                 dtype: Optional[Dtype] = None, param_dtype: Dtype = jnp.float32, precision: PrecisionLike = None,
-                 rngs: nnx.Rngs):
+    def __init__(
+        self,
+        width_mult: float = 1.0,
+        *,
+        conv: str = "static",
+        num_experts: int = 4,
+        num_classes: int = 1000,
+        stem: str = "imagenet",
+        dropout: float = 0.2,
+        reduction: Optional[float] = None,
+        in_channels: int = 3,
+        conv_options: Optional[Mapping[str, Any]] = None,
+        strategy: str = "auto",
+        dtype: Optional[Dtype] = None,
+        param_dtype: Dtype = jnp.float32,
+        precision: PrecisionLike = None,
+        rngs: nnx.Rngs,
+    ):
         check_width_mult(width_mult)
-        defs = module_defs("MobileNetV2", conv=conv, num_experts=num_experts, reduction=reduction,
-                           conv_options=conv_options, stem=stem, dropout=dropout, num_classes=num_classes,
-                           strategy=strategy, dtype=dtype, param_dtype=param_dtype, precision=precision, rngs=rngs,
-                           kw_plan=lambda: mobilenetv2_plan(width_mult, stem, in_channels, reduction, conv_options))
+        defs = module_defs(
+            "MobileNetV2",
+            conv=conv,
+            num_experts=num_experts,
+            reduction=reduction,
+            conv_options=conv_options,
+            stem=stem,
+            dropout=dropout,
+            num_classes=num_classes,
+            strategy=strategy,
+            dtype=dtype,
+            param_dtype=param_dtype,
+            precision=precision,
+            rngs=rngs,
+            kw_plan=lambda: mobilenetv2_plan(width_mult, stem, in_channels, reduction, conv_options),
+        )
         self.in_channels = in_channels
         channels, stem_stride, stages, last_channel = stage_settings(width_mult, stem)
         _add_conv_bn(self, "features_0", defs.static_conv, defs.norm, in_channels, channels, 3, stem_stride)
         index = 1
         for t, out, n, s in stages:
             for j in range(n):
-                setattr(self, f"features_{index}",
-                        InvertedResidual(channels, out, s if j == 0 else 1, t, conv=defs.conv, norm=defs.norm))
+                setattr(
+                    self,
+                    f"features_{index}",
+                    InvertedResidual(channels, out, s if j == 0 else 1, t, conv=defs.conv, norm=defs.norm),
+                )
                 channels = out
                 index += 1
         self.num_blocks = index - 1

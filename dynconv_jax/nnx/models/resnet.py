@@ -5,6 +5,7 @@ paths (``layer1_0/conv1``, ``downsample_0``, ``fc``), so Linen variables, PyTorc
 OSVAI/ODConv checkpoints load into it. ``model(x [B, H, W, C], temperature=None)``; training vs
 inference by ``model.train()`` / ``model.eval()`` (a new model is in training mode, as NNX's).
 """
+
 from __future__ import annotations
 
 from typing import Any, ClassVar, Mapping, Optional, Sequence
@@ -27,14 +28,16 @@ class ResidualBlock(nnx.Module):
 
     expansion: ClassVar[int] = 1
 
-    def init_shortcut(self, inplanes: int, planes: int, stride: int, downsample: bool, *, static_conv: ModuleDef,
-                      norm: ModuleDef) -> None:
+    def init_shortcut(
+        self, inplanes: int, planes: int, stride: int, downsample: bool, *, static_conv: ModuleDef, norm: ModuleDef
+    ) -> None:
         """Create the shortcut (after the block's convolutions, the Linen and PyTorch order)."""
         self.has_downsample = downsample
         if downsample:
             features = planes * self.expansion
-            self.downsample_0 = static_conv(in_features=inplanes, out_features=features, kernel_size=(1, 1),
-                                            strides=stride, padding=0)
+            self.downsample_0 = static_conv(
+                in_features=inplanes, out_features=features, kernel_size=(1, 1), strides=stride, padding=0
+            )
             self.downsample_1 = norm(features)
 
     def shortcut(self, x, temperature, warehouse_manager):
@@ -52,8 +55,17 @@ class BasicBlock(ResidualBlock):
 
     expansion: ClassVar[int] = 1
 
-    def __init__(self, inplanes: int, planes: int, stride: int, downsample: bool, *, conv: ModuleDef,
-                 static_conv: ModuleDef, norm: ModuleDef):
+    def __init__(
+        self,
+        inplanes: int,
+        planes: int,
+        stride: int,
+        downsample: bool,
+        *,
+        conv: ModuleDef,
+        static_conv: ModuleDef,
+        norm: ModuleDef,
+    ):
         self.conv1 = conv(in_features=inplanes, out_features=planes, kernel_size=(3, 3), strides=stride, padding=1)
         self.bn1 = norm(planes)
         self.conv2 = conv(in_features=planes, out_features=planes, kernel_size=(3, 3), padding=1)
@@ -72,8 +84,17 @@ class Bottleneck(ResidualBlock):
 
     expansion: ClassVar[int] = 4
 
-    def __init__(self, inplanes: int, planes: int, stride: int, downsample: bool, *, conv: ModuleDef,
-                 static_conv: ModuleDef, norm: ModuleDef):
+    def __init__(
+        self,
+        inplanes: int,
+        planes: int,
+        stride: int,
+        downsample: bool,
+        *,
+        conv: ModuleDef,
+        static_conv: ModuleDef,
+        norm: ModuleDef,
+    ):
         self.conv1 = conv(in_features=inplanes, out_features=planes, kernel_size=(1, 1), padding=0)
         self.bn1 = norm(planes)
         self.conv2 = conv(in_features=planes, out_features=planes, kernel_size=(3, 3), strides=stride, padding=1)
@@ -107,33 +128,65 @@ class ResNet(nnx.Module):
       (2, 10)
     """
 
-    def __init__(self, block: str = "basic", layers: Sequence[int] = (2, 2, 2, 2), *, conv: str = "static",
-                 num_experts: int = 4, num_classes: int = 1000, stem: str = "imagenet", base_width: int = 64,
-                 dropout: float = 0.1, reduction: Optional[float] = None, in_channels: int = 3,
-                 conv_options: Optional[Mapping[str, Any]] = None, strategy: str = "auto",
-                 dtype: Optional[Dtype] = None, param_dtype: Dtype = jnp.float32, precision: PrecisionLike = None,
-                 rngs: nnx.Rngs):
+    def __init__(
+        self,
+        block: str = "basic",
+        layers: Sequence[int] = (2, 2, 2, 2),
+        *,
+        conv: str = "static",
+        num_experts: int = 4,
+        num_classes: int = 1000,
+        stem: str = "imagenet",
+        base_width: int = 64,
+        dropout: float = 0.1,
+        reduction: Optional[float] = None,
+        in_channels: int = 3,
+        conv_options: Optional[Mapping[str, Any]] = None,
+        strategy: str = "auto",
+        dtype: Optional[Dtype] = None,
+        param_dtype: Dtype = jnp.float32,
+        precision: PrecisionLike = None,
+        rngs: nnx.Rngs,
+    ):
         check_resnet_args(block, layers, base_width)
-        defs = module_defs("ResNet", conv=conv, num_experts=num_experts, reduction=reduction,
-                           conv_options=conv_options, stem=stem, dropout=dropout, num_classes=num_classes,
-                           strategy=strategy, dtype=dtype, param_dtype=param_dtype, precision=precision, rngs=rngs,
-                           kw_plan=lambda: resnet_plan(block, layers, base_width, in_channels, stem, reduction,
-                                                       conv_options))
+        defs = module_defs(
+            "ResNet",
+            conv=conv,
+            num_experts=num_experts,
+            reduction=reduction,
+            conv_options=conv_options,
+            stem=stem,
+            dropout=dropout,
+            num_classes=num_classes,
+            strategy=strategy,
+            dtype=dtype,
+            param_dtype=param_dtype,
+            precision=precision,
+            rngs=rngs,
+            kw_plan=lambda: resnet_plan(block, layers, base_width, in_channels, stem, reduction, conv_options),
+        )
         self.in_channels = in_channels
         self.stem = stem
         if stem == "imagenet":
-            self.conv1 = defs.static_conv(in_features=in_channels, out_features=base_width, kernel_size=(7, 7),
-                                          strides=2, padding=3)
+            self.conv1 = defs.static_conv(
+                in_features=in_channels, out_features=base_width, kernel_size=(7, 7), strides=2, padding=3
+            )
         else:
-            self.conv1 = defs.static_conv(in_features=in_channels, out_features=base_width, kernel_size=(3, 3),
-                                          padding=1)
+            self.conv1 = defs.static_conv(
+                in_features=in_channels, out_features=base_width, kernel_size=(3, 3), padding=1
+            )
         self.bn1 = defs.norm(base_width)
         block_cls = BLOCKS[block]
         self.block_names = []
         for i, j, inplanes, planes, stride, downsample in stage_blocks(layers, base_width, block_cls.expansion):
             name = f"layer{i + 1}_{j}"
-            setattr(self, name, block_cls(inplanes, planes, stride, downsample, conv=defs.conv,
-                                          static_conv=defs.static_conv, norm=defs.norm))
+            setattr(
+                self,
+                name,
+                block_cls(
+                    inplanes, planes, stride, downsample, conv=defs.conv, static_conv=defs.static_conv, norm=defs.norm
+                ),
+            )
             self.block_names.append(name)
         self.block_names = tuple(self.block_names)
         self.dropout = nnx.Dropout(dropout, rngs=rngs if dropout > 0 else None)
