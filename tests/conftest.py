@@ -12,7 +12,8 @@ import pytest
 # JAX's partitionable threefry (the default since 0.5) compiles each random draw of a new shape for
 # seconds on XLA:CPU, the non-partitionable one (the earlier default) in a fraction of that. Random
 # streams differ; no test depends on a particular stream. (XLA's LLVM level 0 would save more but changes
-# the rounding of some convolutions, which a bit-identity test caught: not used.)
+# the rounding of some convolutions, which a bit-identity test of this process caught: only the subprocesses
+# that train or export, compared with runs of the same flag, use it: _helpers.quick_compile_env.)
 os.environ.setdefault("JAX_THREEFRY_PARTITIONABLE", "0")
 
 # JAX's persistent compilation cache in a folder of this session, removed at its end: a program compiled

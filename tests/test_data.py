@@ -10,6 +10,7 @@ import os
 
 import numpy as np
 import pytest
+from _helpers import quick_compile_env
 
 from train import data, preprocess
 from train.config import UsageError, parse_args
@@ -296,9 +297,8 @@ def test_presets_run_two_steps(tmp_path):
     model architecture, optimiser and schedules, at a tiny width (base width 2, width multiplier 0.1, 32-px
     crops) and with static convolutions: compiling the dynamic layers of 5 networks costs minutes of CPU
     (the dynamic layers are trained by test_train.py and the models' tests). All presets run in one
-    subprocess whose XLA:CPU backend compiles at LLVM optimisation level 0: compiling the 5 networks is
-    nearly all of this test's time, and what it proves (each recipe runs and gives a finite loss) does not
-    depend on the rounding of the generated code."""
+    subprocess compiling at LLVM optimisation level 0 (``quick_compile_env``): what it proves (each recipe runs
+    and gives a finite loss) does not depend on the rounding of the generated code."""
     import json
     import subprocess
     import sys
@@ -331,10 +331,9 @@ def test_presets_run_two_steps(tmp_path):
         family = {"dycnn": "dynamic", "kw": "kernelwarehouse"}.get(name.split("_")[0], "odconv")
         assert preset.conv == family and (family == "kernelwarehouse" or preset.num_experts == 4)
         runs.append(args)
-    env = {**os.environ, "XLA_FLAGS": os.environ.get("XLA_FLAGS", "") + " --xla_backend_optimization_level=0"}
     out = subprocess.run(
         [sys.executable, "-c", _PRESET_RUNS, json.dumps(runs)],
-        env=env,
+        env=quick_compile_env(),
         capture_output=True,
         text=True,
         timeout=1200,

@@ -13,6 +13,7 @@ import sys
 
 import numpy as np
 import pytest
+from _helpers import quick_compile_env
 
 from train.make_imagefolder import write_image_folder
 
@@ -49,12 +50,14 @@ def train(args, processes: int, devices: int, cache_dir, timeout: int = 1200):
     Compiled programs go to the persistent cache ``cache_dir`` (a resumed run compiles nothing new)."""
     from test_train import compile_cache_env
 
-    env = {
-        **os.environ,
-        "JAX_PLATFORMS": "cpu",
-        "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}",
-        **compile_cache_env(cache_dir),
-    }
+    env = quick_compile_env(  # the runs compared bit for bit all compile at LLVM level 0
+        {
+            **os.environ,
+            "JAX_PLATFORMS": "cpu",
+            "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}",
+            **compile_cache_env(cache_dir),
+        }
+    )
     if processes > 1:
         env.update(JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{free_port()}", JAX_NUM_PROCESSES=str(processes))
         args = args + ["--distributed"]

@@ -12,6 +12,7 @@ import sys
 
 import numpy as np
 import pytest
+from _helpers import quick_compile_env
 
 from train.config import Config, UsageError, parse_args
 
@@ -45,13 +46,15 @@ def compile_cache_env(directory) -> dict:
 
 
 def run_cli(args, env=None, **kwargs):
+    """``python -m train`` in a subprocess compiling at LLVM level 0 (``quick_compile_env``): the runs a test
+    compares bit for bit all run so."""
     return subprocess.Popen(
         [sys.executable, "-m", "train", *args],
         cwd=ROOT,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
-        env={**os.environ, **(env or {})},
+        env=quick_compile_env({**os.environ, **(env or {})}),
         **kwargs,
     )
 
@@ -246,8 +249,13 @@ def test_data_wait_clock_keeps_the_first_step_and_pauses_apart(monkeypatch):
 def test_nan_guard_keeps_last_good_checkpoint(tmp_path):
     from train.loop import TrainingDiverged, train_and_evaluate
 
-    config = tiny(
-        tmp_path / "run", "--num_steps=12", "--checkpoint_every_steps=1", "--learning_rate=1e12", "--weight_decay=0"
+    config = tiny(  # static convolutions: the guard does not depend on the conv type, and they compile in a third
+        tmp_path / "run",
+        "--conv=static",
+        "--num_steps=12",
+        "--checkpoint_every_steps=1",
+        "--learning_rate=1e12",
+        "--weight_decay=0",
     )
     with pytest.raises(
         TrainingDiverged,
@@ -266,7 +274,7 @@ def test_corrupt_checkpoint_falls_back(tmp_path, capfd):
     from train.loop import train_and_evaluate
 
     work = tmp_path / "run"
-    args = ("--num_steps=6", "--checkpoint_every_steps=2")
+    args = ("--conv=static", "--num_steps=6", "--checkpoint_every_steps=2")  # static: checkpoints are conv-agnostic
     train_and_evaluate(tiny(work, *args))
     # Step 6: every file truncated (unreadable). Step 4: readable, but its recorded checksum
     # no longer matches the arrays (as if the array data had been altered after saving).
@@ -384,7 +392,9 @@ def test_eight_devices_equal_one(tmp_path):
     rounding amplified by training, so the exact check is done in float64."""
     runs = {}
     for n in (1, 8):
-        env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={n}", "JAX_ENABLE_X64": "1"}
+        env = quick_compile_env(
+            {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={n}", "JAX_ENABLE_X64": "1"}
+        )
         out = subprocess.run(
             [sys.executable, "-c", _DEVICE_RUN, str(tmp_path / f"{n}.npz"), "4"],
             cwd=ROOT,
@@ -614,7 +624,9 @@ def test_sigterm_saves_a_checkpoint_and_resume_finishes_the_run(tmp_path, monkey
     so and changes nothing (it printed 'accuracy nan' and wrote NaN into summary.json); a finished run without its
     summary is evaluated again; a --resume that fails keeps config.json as it was."""
     total, work = 40, tmp_path / "run"
-    args = TINY + [f"--num_steps={total}", "--checkpoint_every_steps=1000", "--data_workers=1", f"--workdir={work}"]
+    # Static convolutions: preemption does not depend on the conv type (kill-and-resume above runs a dynamic one).
+    args = TINY + ["--conv=static", f"--num_steps={total}", "--checkpoint_every_steps=1000", "--data_workers=1"]
+    args += [f"--workdir={work}"]
     proc = run_cli(args, start_new_session=True)  # the suite's compilation cache
     for line in proc.stdout:
         if line.startswith("step 3/"):
