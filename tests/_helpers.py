@@ -6,7 +6,7 @@ import math
 import os
 import shutil
 import subprocess
-from typing import Dict, Optional
+from typing import Dict
 
 import jax
 import jax.numpy as jnp
@@ -51,14 +51,16 @@ def naive_dynamic_conv(x, experts, a, s, c, f, bias, *, strides, padding, dilati
     return jnp.stack(outs)
 
 
-def quick_compile_env(env: Optional[Dict[str, str]] = None) -> Dict[str, str]:
-    """``env`` (default: this process's environment) with XLA:CPU compiling at LLVM optimisation level 0, for
-    subprocesses that train or export a model: compiling is nearly all of their time and level 0 saves about a
-    third of it. Their results are compared only with runs under the same flag (never bit for bit with this
-    process, whose convolutions level 0 would round differently), so what they prove does not change."""
-    env = dict(os.environ if env is None else env)
-    env["XLA_FLAGS"] = f"{env.get('XLA_FLAGS', '')} --xla_backend_optimization_level=0".strip()
-    return env
+def quick_compile() -> bool:
+    """Whether this process compiles at XLA:CPU's LLVM optimisation level 0 (the suite's level: tests/conftest.py)."""
+    return "--xla_backend_optimization_level=0" in os.environ.get("XLA_FLAGS", "").split()
+
+
+def with_session_xla_level(env: Dict[str, str]) -> Dict[str, str]:
+    """``env``, whose own ``XLA_FLAGS`` (a device count) replace the session's, with the session's LLVM
+    optimisation level added back (level 0 unless ``--xla-default-optimisation``: tests/conftest.py)."""
+    level = [f for f in os.environ.get("XLA_FLAGS", "").split() if f.startswith("--xla_backend_optimization_level=")]
+    return {**env, "XLA_FLAGS": " ".join([env.get("XLA_FLAGS", ""), *level]).strip()}
 
 
 def random_variables(layer, x, seed=0):

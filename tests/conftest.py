@@ -11,10 +11,35 @@ import pytest
 # Compilation, not computation, is most of the suite's time on CPU (docs/performance.md, "Compile time"):
 # JAX's partitionable threefry (the default since 0.5) compiles each random draw of a new shape for
 # seconds on XLA:CPU, the non-partitionable one (the earlier default) in a fraction of that. Random
-# streams differ; no test depends on a particular stream. (XLA's LLVM level 0 would save more but changes
-# the rounding of some convolutions, which a bit-identity test of this process caught: only the subprocesses
-# that train or export, compared with runs of the same flag, use it: _helpers.quick_compile_env.)
+# streams differ; no test depends on a particular stream.
 os.environ.setdefault("JAX_THREEFRY_PARTITIONABLE", "0")
+
+# XLA:CPU compiles at LLVM optimisation level 0 (set in pytest_configure, before any backend starts, so the
+# xdist workers and every subprocess a test starts inherit it): about a third less compile time, nearly all of
+# the suite's. Results keep every tolerance; runs compared bit for bit all compile so. What depends on the
+# default level's rounding (a per-sample convolution bit-identical to the batched one, marked
+# `xla_default_bits`) runs again at the default level: tests/test_structure.py::test_default_level_bits.
+# `--xla-default-optimisation` runs a session at the default level (as the main command, `python -m parity`
+# and the benchmarks compile).
+QUICK_COMPILE_FLAG = "--xla_backend_optimization_level=0"
+
+
+def pytest_addoption(parser):
+    parser.addoption(
+        "--xla-default-optimisation",
+        action="store_true",
+        help="compile at XLA:CPU's default LLVM optimisation level (the suite uses level 0: tests/conftest.py)",
+    )
+
+
+def pytest_configure(config):
+    flags = os.environ.get("XLA_FLAGS", "")
+    if config.getoption("--xla-default-optimisation"):
+        if "--xla_backend_optimization_level" in flags:
+            raise pytest.UsageError(f"--xla-default-optimisation, but XLA_FLAGS sets a level: {flags!r}")
+    elif QUICK_COMPILE_FLAG not in flags:
+        os.environ["XLA_FLAGS"] = f"{flags} {QUICK_COMPILE_FLAG}".strip()
+
 
 # JAX's persistent compilation cache in a folder of this session, removed at its end: a program compiled
 # once (by one xdist worker, or the train step of a model that several subprocess runs train) is loaded,

@@ -55,6 +55,7 @@ def test_state_dict_and_param_count_match_timm(name):
     assert sorted(eps) == MANIFEST["models"][name]["bn_eps"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(J.VARIANTS))
 def test_flax_param_count_and_cfg(name):
     model = getattr(J, name)()
@@ -122,6 +123,7 @@ def test_parity_float32():
     assert _parity("efficientnet_cc_b0_4e", "float32", shape=(2, 3, 64, 64)) <= 1e-5
 
 
+@pytest.mark.slow
 def test_routing_is_shared_and_temperature_applies():
     tm = _randomized(T.EfficientNetCondConv(num_classes=10, channel_multiplier=0.25, depth_multiplier=0.5))
     block = tm.blocks[5][0]

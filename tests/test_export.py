@@ -121,6 +121,7 @@ def test_fuse_batchnorm_flax_model_exact(float64):
     assert rel_err(apply(fused, x), apply(variables, x)) <= 1e-12
 
 
+@pytest.mark.slow
 def test_train_export_jax_logits_batches_with_a_padded_last_batch(float64):
     from train.export import jax_logits
 
@@ -363,6 +364,7 @@ def test_onnx_errors(tmp_path):
         texport.onnx_session(tmp_path / "truncated.onnx")
 
 
+@pytest.mark.slow
 @needs_onnx
 def test_onnx_paths_and_train_mode_checks_come_first(tmp_path, monkeypatch):
     """to_onnx checks its path before the tracing (a directory, a missing folder); check_onnx refuses a model in

@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 import pytest
-from _helpers import DIMENSION_NUMBERS, naive_dynamic_conv
+from _helpers import DIMENSION_NUMBERS, naive_dynamic_conv, quick_compile
 from jax import lax
 from jax.test_util import check_grads
 
@@ -375,6 +375,7 @@ def neutral_variables(kind, variables, weight, bias):
     return {**variables, "params": params}
 
 
+@pytest.mark.xla_default_bits
 @pytest.mark.parametrize("kind", list(LAYERS))
 @pytest.mark.parametrize("cfg", NEUTRAL, ids=["2d-grouped", "3d-pointwise", "1d-depthwise"])
 def test_k1_neutral_attention_equals_flax_conv(kind, cfg, float64):
@@ -396,9 +397,9 @@ def test_k1_neutral_attention_equals_flax_conv(kind, cfg, float64):
         variables = randomize(layer.init(jax.random.key(0), x), seed=8)
         variables = neutral_variables(kind, variables, conv_vars["params"]["kernel"], conv_vars["params"].get("bias"))
         y, state = layer.apply(variables, x, temperature=3.0, mutable=["intermediates"])
-        if strategy == "vmap":  # the same single convolution per sample: bit-identical
+        if strategy == "vmap" and not quick_compile():  # the same single convolution per sample: bit-identical
             np.testing.assert_array_equal(np.asarray(y), np.asarray(expected))
-        else:  # other exact strategies sum in another order
+        else:  # other exact strategies sum in another order (as XLA's level 0 does for vmap's grouped convolution)
             assert rel_err(y, expected) <= 1e-14
         for name, value in state["intermediates"].items():
             if name != "kernel_attention" or kind == "condconv":

@@ -285,6 +285,7 @@ def test_flax_layers_equal_torch_reference(layer_cls, shape, options):
         np.testing.assert_allclose(stats["var"], layer.attention.norm1.running_var.numpy(), rtol=1e-12)
 
 
+@pytest.mark.slow
 def test_every_strategy_is_exact_and_traced_temperature_jit_grad_vmap():
     """vmap/shifted/patches/map/mix give the same outputs; tau stays traced under jit (no recompilation),
     gradients reach the warehouse, and the layer vmaps."""
@@ -320,6 +321,7 @@ def test_every_strategy_is_exact_and_traced_temperature_jit_grad_vmap():
 
 
 # --------------------------------------------------------------------------- models: trees, conversion
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "name,kwargs",
     [

@@ -120,6 +120,7 @@ def _randomize_batch_norms(model: torch.nn.Module, seed: int) -> None:
             m.bias.data.copy_(0.1 * torch.randn(n, generator=g))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "arch,conv,extra",
     [
@@ -171,6 +172,7 @@ def test_stems_downsample_as_documented(arch, stem, size, extra, expected_hw):
     assert out.shape == (1, 3)
 
 
+@pytest.mark.slow
 def test_flax_training_step_updates_batch_stats_and_uses_dropout():
     """The call the training loop makes: train=True, temperature, mutable batch_stats, dropout rng."""
     model = jm.resnet18(
@@ -192,6 +194,7 @@ def test_flax_training_step_updates_batch_stats_and_uses_dropout():
     assert all(not np.allclose(old[k], new[k]) for k in new if k[-1] == "mean")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("conv", ["condconv", "dynamic", "odconv"])
 def test_flax_temperature_reaches_every_dynamic_layer(conv):
     model = jm.resnet18(conv=conv, num_classes=4, stem="cifar", base_width=4)
@@ -254,6 +257,7 @@ def test_flax_wrong_input_channels():
 
 
 # --------------------------------------------------------------------------- summary (params / MACs)
+@pytest.mark.slow
 def test_summary_analytic_macs_agree_with_xla():
     """The analytic count against XLA's cost analysis of the compiled model (flops / 2).
 

@@ -13,7 +13,7 @@ import sys
 
 import numpy as np
 import pytest
-from _helpers import quick_compile_env
+from _helpers import with_session_xla_level
 
 from train.make_imagefolder import write_image_folder
 
@@ -50,7 +50,7 @@ def train(args, processes: int, devices: int, cache_dir, timeout: int = 1200):
     Compiled programs go to the persistent cache ``cache_dir`` (a resumed run compiles nothing new)."""
     from test_train import compile_cache_env
 
-    env = quick_compile_env(  # the runs compared bit for bit all compile at LLVM level 0
+    env = with_session_xla_level(
         {
             **os.environ,
             "JAX_PLATFORMS": "cpu",

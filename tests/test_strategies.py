@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from _helpers import naive_dynamic_conv
+from _helpers import naive_dynamic_conv, with_session_xla_level
 
 from dynconv_jax import ops
 
@@ -197,7 +197,10 @@ def _random_configs(n, seed=0):
 
 
 @pytest.mark.parametrize(
-    "config", list(_random_configs(8)), ids=lambda c: "rank{rank}-k{kernel}-s{stride}-d{dilation}-g{groups}".format(**c)
+    "config",
+    # Three configurations in the fast loop, the other five with the slow tests.
+    [c if i < 3 else pytest.param(c, marks=pytest.mark.slow) for i, c in enumerate(_random_configs(8))],
+    ids=lambda c: "rank{rank}-k{kernel}-s{stride}-d{dilation}-g{groups}".format(**c),
 )
 def test_strategies_match_naive_loop_random(config, float64):
     rng = np.random.default_rng(zlib.crc32(str(sorted(config.items())).encode()))
@@ -248,6 +251,7 @@ def test_inapplicable_strategies_raise_clear_errors():
         )
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("strategy", ["map", "lean"])
 def test_custom_vjp_strategies_second_order_gradients_equal_vmap(strategy, float64):
     """'map' and 'lean' have a custom VJP made of differentiable ops, so grad-of-grad (gradient penalties,
@@ -395,7 +399,9 @@ for strategy in ("map", "lean"):
 def test_map_and_lean_strategies_keep_a_sharded_batch_on_its_devices():
     """Under jax.set_mesh (as train/ runs its steps) 'map' and 'lean' map (scan) each device over its own
     samples: exact, and the compiled program gathers nothing (one lax.map over the global batch all-gathers)."""
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_ENABLE_X64": "1"}
+    env = with_session_xla_level(
+        {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_ENABLE_X64": "1"}
+    )
     out = subprocess.run(
         [sys.executable, "-c", _SHARDED_MAP_RUN],
         env=env,

@@ -1,12 +1,18 @@
 """The code's shape, checked on the source: no function longer than :data:`MAX_FUNCTION_LINES` lines in the
 libraries, ``train/`` and ``parity/``, and no import cycle among the project's modules (the imports inside
-functions included, which is where cycles hide)."""
+functions included, which is where cycles hide). And the suite's own setting: what it compiles at LLVM level 0
+is checked at XLA's default level where bits depend on it."""
 
 from __future__ import annotations
 
 import ast
+import os
 import pathlib
+import subprocess
+import sys
 from typing import Dict, Iterator, List, Sequence, Set
+
+import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 PACKAGES = ("dynconv_spec", "dynconv_jax", "dynconv_torch", "train", "parity", "benchmarks")
@@ -113,3 +119,26 @@ def test_the_checks_find_a_long_function_and_a_cycle_through_a_function_local_im
     graph = _import_graph(tmp_path, ["pkg"])
     assert graph["pkg.a"] == {"pkg.sub.b"} and graph["pkg.sub.b"] == {"pkg.a"} and graph["pkg.c"] == {"pkg.sub.b"}
     assert _cycles(graph) == [["pkg.a", "pkg.sub.b"]]
+
+
+@pytest.mark.slow
+def test_default_level_bits():
+    """The tests marked ``xla_default_bits`` (bits of XLA:CPU's default optimisation level, which the suite's
+    level 0 rounds otherwise: tests/conftest.py) pass again in a session at the default level."""
+    files = sorted(
+        str(p.relative_to(ROOT))
+        for p in (ROOT / "tests").glob("test_*.py")
+        if "@pytest.mark.xla_default_bits" in p.read_text()
+    )
+    assert files, "no test is marked xla_default_bits"
+    flags = [f for f in os.environ.get("XLA_FLAGS", "").split() if not f.startswith("--xla_backend_optimization")]
+    out = subprocess.run(
+        [sys.executable, "-m", "pytest", "-p", "no:xdist", "-p", "no:cacheprovider", "-q", "-m", "xla_default_bits"]
+        + ["--xla-default-optimisation", *files],
+        cwd=ROOT,
+        env={**os.environ, "XLA_FLAGS": " ".join(flags)},
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert out.returncode == 0 and " passed" in out.stdout, out.stdout[-3000:] + out.stderr[-3000:]

@@ -108,6 +108,7 @@ def test_jax_static_export_exact(kind, geometry):
     assert rel_err(export.module.apply(export.variables, x[2:3]), module.apply(variables, x[2:3])) > 1e-6
 
 
+@pytest.mark.slow
 def test_jax_static_export_temperature_single_expert_1d_and_external_routing():
     # Temperature is part of the folded routing.
     module, variables, x = make_jax_layer("odconv", GEOMETRIES[1])
@@ -147,6 +148,7 @@ def test_jax_export_errors():
         jexport.export_average(module, variables, x, reduce="median")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", list(JAX_LAYERS))
 def test_jax_average_export_error_is_measured(kind):
     module, variables, x = make_jax_layer(kind, GEOMETRIES[1])

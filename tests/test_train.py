@@ -12,7 +12,7 @@ import sys
 
 import numpy as np
 import pytest
-from _helpers import quick_compile_env
+from _helpers import with_session_xla_level
 
 from train.config import Config, UsageError, parse_args
 
@@ -46,15 +46,13 @@ def compile_cache_env(directory) -> dict:
 
 
 def run_cli(args, env=None, **kwargs):
-    """``python -m train`` in a subprocess compiling at LLVM level 0 (``quick_compile_env``): the runs a test
-    compares bit for bit all run so."""
     return subprocess.Popen(
         [sys.executable, "-m", "train", *args],
         cwd=ROOT,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
-        env=quick_compile_env({**os.environ, **(env or {})}),
+        env={**os.environ, **(env or {})},
         **kwargs,
     )
 
@@ -169,6 +167,7 @@ def test_learning_happens_on_digits(tmp_path):
     assert 0 < summary["step_seconds"] < summary["seconds"]
 
 
+@pytest.mark.slow
 def test_metric_sums_keep_their_dtypes_under_x64(tmp_path, float64):
     """The compiled train step takes back the metric sums it returned (here 3 steps between fetches).
     Under ``jax_enable_x64`` (which float64 runs turn on for the process; here a float32 run inside
@@ -180,6 +179,7 @@ def test_metric_sums_keep_their_dtypes_under_x64(tmp_path, float64):
     assert result["steps"] == 3 and np.isfinite(result["eval_loss"])
 
 
+@pytest.mark.slow
 def test_config_json_is_never_seen_half_written(tmp_path):
     """A resumed multi-process run: process 0 rewrites config.json while the others check it. A reader
     racing 2,000 rewrites always finds a whole configuration (a plain rewrite truncates the file first,
@@ -392,7 +392,7 @@ def test_eight_devices_equal_one(tmp_path):
     rounding amplified by training, so the exact check is done in float64."""
     runs = {}
     for n in (1, 8):
-        env = quick_compile_env(
+        env = with_session_xla_level(
             {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={n}", "JAX_ENABLE_X64": "1"}
         )
         out = subprocess.run(
