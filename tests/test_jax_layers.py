@@ -237,7 +237,11 @@ def _grid_id(case):
     return f"{kind}-{c['rank']}d-k{c['kernel']}-s{c['strides']}-d{c['dilation']}-g{c['groups']}-K{c['K']}-B{c['batch']}"
 
 
-@pytest.mark.parametrize("case", GRID, ids=[_grid_id(c) for c in GRID])
+@pytest.mark.parametrize(
+    "case",
+    # The hand-picked corners in the fast loop, the random configurations (three per kind) with the slow tests.
+    [pytest.param(c, id=_grid_id(c), marks=[pytest.mark.slow] if i % 7 >= 4 else []) for i, c in enumerate(GRID)],
+)
 def test_layer_equals_naive_per_sample_loop_float64(case, float64):
     kind, cfg = case
     layer = make_layer(kind, cfg, param_dtype=jnp.float64)
@@ -279,7 +283,9 @@ TINY = dict(
 
 
 @pytest.mark.parametrize("kind,train", [("condconv", False), ("dynamic", False), ("odconv", False), ("odconv", True)])
-@pytest.mark.parametrize("strategy,modes", [("map", ("rev",)), ("patches", ("fwd", "rev"))])
+@pytest.mark.parametrize(
+    "strategy,modes", [("map", ("rev",)), pytest.param("patches", ("fwd", "rev"), marks=pytest.mark.slow)]
+)
 def test_gradients_match_finite_differences_float64(kind, train, strategy, modes, float64):
     """'map' (what 'auto' runs on CPU) has a custom VJP: reverse mode only; the others also forward mode."""
     layer = make_layer(kind, TINY, param_dtype=jnp.float64, strategy=strategy)

@@ -94,7 +94,9 @@ SMALL = [
 
 
 @pytest.mark.parametrize("conv", CONVS)
-@pytest.mark.parametrize("arch,extra", SMALL, ids=[a for a, _ in SMALL])
+@pytest.mark.parametrize(  # ResNet-18 in the fast loop, the other block kinds and depths with the slow tests
+    "arch,extra", [pytest.param(a, e, id=a, marks=[pytest.mark.slow] if a != "resnet18" else []) for a, e in SMALL]
+)
 def test_torch_and_flax_names_correspond(arch, extra, conv):
     kwargs = dict(conv=conv, num_classes=7, stem="cifar", **extra)
     torch_model = getattr(tm, arch)(**kwargs)

@@ -320,7 +320,10 @@ PLACEMENTS = [  # (kernel, size, stride, cin_per_group, cout_per_group) -> (fold
 ]
 
 
-@pytest.mark.parametrize("shape,expected", PLACEMENTS, ids=[str(e) for _, e in PLACEMENTS])
+@pytest.mark.parametrize(  # the first placement in the fast loop, the other three with the slow tests
+    "shape,expected",
+    [pytest.param(*p, id=str(p[1]), marks=[pytest.mark.slow] if i else []) for i, p in enumerate(PLACEMENTS)],
+)
 def test_channel_and_filter_attention_placements(shape, expected, float64):
     kernel, size, stride, cin_per_group, cout_per_group = shape
     rng = np.random.default_rng(zlib.crc32(str(shape).encode()))

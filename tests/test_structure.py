@@ -121,6 +121,16 @@ def test_the_checks_find_a_long_function_and_a_cycle_through_a_function_local_im
     assert _cycles(graph) == [["pkg.a", "pkg.sub.b"]]
 
 
+def test_every_module_imports():
+    """Every module of the libraries and tools imports (the fast loop's tests exercise nearly all of them; this
+    catches a broken import in the few that only the slow tests and the command lines reach)."""
+    import importlib
+
+    for name in _modules(ROOT, PACKAGES):
+        if not name.endswith("__main__"):
+            importlib.import_module(name)
+
+
 @pytest.mark.slow
 def test_default_level_bits():
     """The tests marked ``xla_default_bits`` (bits of XLA:CPU's default optimisation level, which the suite's

@@ -93,8 +93,10 @@ pytestmark = pytest.mark.usefixtures("float64")
 
 
 @pytest.mark.parametrize("kind", list(JAX_LAYERS))
-@pytest.mark.parametrize(
-    "geometry", [GEOMETRIES[i] for i in (1, 2, 3, 5)], ids=lambda g: f"{g[0]}-{g[1]}-k{g[2]}-s{g[3]}-g{g[4]}-d{g[5]}"
+@pytest.mark.parametrize(  # the first geometry in the fast loop, the other three with the slow tests
+    "geometry",
+    [pytest.param(GEOMETRIES[i], marks=[pytest.mark.slow] if i != 1 else []) for i in (1, 2, 3, 5)],
+    ids=lambda g: f"{g[0]}-{g[1]}-k{g[2]}-s{g[3]}-g{g[4]}-d{g[5]}",
 )
 def test_jax_static_export_exact(kind, geometry):
     module, variables, x = make_jax_layer(kind, geometry)
