@@ -13,7 +13,7 @@ Directives (one HTML comment each, on the lines just before the fence; several m
     <!-- docs: continue -->            this block runs after the previous block of the page, in its
                                        namespace and folder (an explicit chain; nothing else is shared)
     <!-- docs: skip REASON -->         documented, not run; REASON is printed with the skip
-    <!-- docs: needs FILE[, FILE] -->  the test creates these files (tests/test_docs.py, FIXTURES)
+    <!-- docs: needs FILE[, FILE] -->  the test makes these files (tests/_shared_files.py)
     <!-- docs: slow -->                the chain is a @pytest.mark.slow test
     <!-- docs: script -->              python: run as a script in a fresh interpreter (what a user does
                                        with a saved file), not in the test process

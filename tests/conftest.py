@@ -52,6 +52,12 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
     atexit.register(shutil.rmtree, _COMPILATION_CACHE, ignore_errors=True)
 
 
+def pytest_collection_modifyitems(config, items):
+    """The slow tests run first (each group in its usual order): the two xdist workers begin with the minute-long
+    tests and end with short ones, so neither waits at the end for the other's last long test."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
+
+
 # The docs summary line (tests/test_docs.py): blocks run / skipped with a reason / failed. Counted on
 # the process that writes the report, so it adds up xdist workers' results too.
 _DOC_BLOCKS = {"run": 0, "skipped": 0, "failed": 0}
@@ -75,6 +81,17 @@ def pytest_terminal_summary(terminalreporter):
                 **_DOC_BLOCKS
             )
         )
+
+
+@pytest.fixture(scope="session")
+def shared_files(tmp_path_factory):
+    """``shared_files(name)``: the path of a file of tests/_shared_files.py, made once per session. The xdist
+    workers of a session share the folder (pytest's session temp folder, the parent of each worker's)."""
+    from _shared_files import shared_file
+
+    base = tmp_path_factory.getbasetemp()
+    root = (base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base) / "shared-files"
+    return lambda name: shared_file(root, name)
 
 
 @pytest.fixture

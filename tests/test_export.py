@@ -390,15 +390,13 @@ def test_onnx_paths_and_train_mode_checks_come_first(tmp_path, monkeypatch):
 # --------------------------------------------------------------------------- CLI
 @needs_onnx
 @pytest.mark.slow
-def test_train_export_cli(tmp_path, capsys):
-    """``train.export``'s command line on a 2-step run of the loop, in this process (each ``python -m`` costs
-    its imports); the module entry point runs once, for a workdir without a run."""
-    from tests.test_train import tiny
+def test_train_export_cli(tmp_path, capsys, shared_files):
+    """``train.export``'s command line on a 2-step ODConv run of the loop (the session's ``runs/digits``, which the
+    docs' commands use too), in this process (each ``python -m`` costs its imports); the module entry point runs
+    once, for a workdir without a run."""
     from train import export as train_export
-    from train.loop import train_and_evaluate
 
-    run = tmp_path / "run"
-    train_and_evaluate(tiny(run, "--num_steps=2"))
+    run = shared_files("runs/digits")
     for fmt in ("stablehlo", "onnx"):
         out = tmp_path / f"model.{fmt}"
         capsys.readouterr()
