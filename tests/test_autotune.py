@@ -87,6 +87,7 @@ def test_eval_shape_of_a_model_compiles_nothing(no_measuring):
     """Tracing a model (jax.eval_shape of its init and of a training gradient) compiles and runs nothing."""
     from dynconv_jax.models import create_model
 
+    keys = jax.random.key(0), jax.random.key(1)  # made before listening: a process's first key compiles its seed
     events = []
     compiling = {"on": True}
     jax.monitoring.register_event_duration_secs_listener(
@@ -96,11 +97,11 @@ def test_eval_shape_of_a_model_compiles_nothing(no_measuring):
     try:
         for name, kwargs in TRACED_MODELS:
             model = create_model(name, num_classes=10, **kwargs)
-            variables = jax.eval_shape(model.init, jax.random.key(0), x)
+            variables = jax.eval_shape(model.init, keys[0], x)
 
             def loss(params, rest, x, model=model):
                 out, _ = model.apply(
-                    {"params": params, **rest}, x, train=True, mutable=list(rest), rngs={"dropout": jax.random.key(1)}
+                    {"params": params, **rest}, x, train=True, mutable=list(rest), rngs={"dropout": keys[1]}
                 )
                 return jnp.sum(out)
 
