@@ -53,9 +53,10 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
 
 
 def pytest_collection_modifyitems(config, items):
-    """The slow tests run first (each group in its usual order): the xdist workers begin with the minute-long tests
-    and end with short ones, which an idle worker steals (``--dist worksteal``, pyproject.toml), so neither waits
-    at the end for the other's last long test."""
+    """The slow tests run first (each group in its usual order), handed to the xdist workers two at a time
+    (``--maxschedchunk 2``, scripts/test.sh): the workers share the minute-long tests and end with short ones, so
+    neither waits at the end for the other's last long test (xdist's default hands out a quarter of the suite at
+    once, and its 'worksteal' splits the list in contiguous halves: either left one worker idle for minutes)."""
     items.sort(key=lambda item: item.get_closest_marker("slow") is None)
 
 
