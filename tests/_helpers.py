@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import math
-import os
 import shutil
 import subprocess
-from typing import Dict
 
 import jax
 import jax.numpy as jnp
@@ -49,18 +47,6 @@ def naive_dynamic_conv(x, experts, a, s, c, f, bias, *, strides, padding, dilati
             yb = yb + a[b] @ bias
         outs.append(yb)
     return jnp.stack(outs)
-
-
-def quick_compile() -> bool:
-    """Whether this process compiles at XLA:CPU's LLVM optimisation level 0 (the suite's level: tests/conftest.py)."""
-    return "--xla_backend_optimization_level=0" in os.environ.get("XLA_FLAGS", "").split()
-
-
-def with_session_xla_level(env: Dict[str, str]) -> Dict[str, str]:
-    """``env``, whose own ``XLA_FLAGS`` (a device count) replace the session's, with the session's LLVM
-    optimisation level added back (level 0 unless ``--xla-default-optimisation``: tests/conftest.py)."""
-    level = [f for f in os.environ.get("XLA_FLAGS", "").split() if f.startswith("--xla_backend_optimization_level=")]
-    return {**env, "XLA_FLAGS": " ".join([env.get("XLA_FLAGS", ""), *level]).strip()}
 
 
 def random_variables(layer, x, seed=0):

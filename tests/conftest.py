@@ -7,6 +7,7 @@ import shutil
 import tempfile
 
 import pytest
+from _xla_level import QUICK_COMPILE_FLAG, level_flags
 
 # Compilation, not computation, is most of the suite's time on CPU (docs/performance.md, "Compile time"):
 # JAX's partitionable threefry (the default since 0.5) compiles each random draw of a new shape for
@@ -21,7 +22,6 @@ os.environ.setdefault("JAX_THREEFRY_PARTITIONABLE", "0")
 # `xla_default_bits`) runs again at the default level: tests/test_structure.py::test_default_level_bits.
 # `--xla-default-optimisation` runs a session at the default level (as the main command, `python -m parity`
 # and the benchmarks compile).
-QUICK_COMPILE_FLAG = "--xla_backend_optimization_level=0"
 
 
 def pytest_addoption(parser):
@@ -35,7 +35,7 @@ def pytest_addoption(parser):
 def pytest_configure(config):
     flags = os.environ.get("XLA_FLAGS", "")
     if config.getoption("--xla-default-optimisation"):
-        if "--xla_backend_optimization_level" in flags:
+        if level_flags(flags):
             raise pytest.UsageError(f"--xla-default-optimisation, but XLA_FLAGS sets a level: {flags!r}")
     elif QUICK_COMPILE_FLAG not in flags:
         os.environ["XLA_FLAGS"] = f"{flags} {QUICK_COMPILE_FLAG}".strip()

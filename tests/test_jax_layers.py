@@ -17,7 +17,8 @@ import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 import pytest
-from _helpers import DIMENSION_NUMBERS, naive_dynamic_conv, quick_compile
+from _helpers import DIMENSION_NUMBERS, naive_dynamic_conv
+from _xla_level import quick_compile
 from jax import lax
 from jax.test_util import check_grads
 
@@ -144,8 +145,9 @@ def random_config(rng: random.Random, rank: int):
 
 
 def config_grid():
+    """``(hand-picked corners, random configurations)``, each a list of ``(kind, config)``."""
     rng = random.Random(20261123)
-    cases = []
+    cases, random_cases = [], []
     for kind in LAYERS:
         # hand-picked corners: depthwise 5x5 stride 2, pointwise K=1 batch 1, 1-D dilated VALID, 3-D grouped
         cases.append(
@@ -225,11 +227,11 @@ def config_grid():
             )
         )
         for rank in (1, 2, 3):
-            cases.append((kind, random_config(rng, rank)))
-    return cases
+            random_cases.append((kind, random_config(rng, rank)))
+    return cases, random_cases
 
 
-GRID = config_grid()
+CORNERS, RANDOM_CASES = config_grid()
 
 
 def _grid_id(case):
@@ -239,8 +241,9 @@ def _grid_id(case):
 
 @pytest.mark.parametrize(
     "case",
-    # The hand-picked corners in the fast loop, the random configurations (three per kind) with the slow tests.
-    [pytest.param(c, id=_grid_id(c), marks=[pytest.mark.slow] if i % 7 >= 4 else []) for i, c in enumerate(GRID)],
+    # The hand-picked corners in the fast loop, the random configurations with the slow tests.
+    [pytest.param(c, id=_grid_id(c)) for c in CORNERS]
+    + [pytest.param(c, id=_grid_id(c), marks=pytest.mark.slow) for c in RANDOM_CASES],
 )
 def test_layer_equals_naive_per_sample_loop_float64(case, float64):
     kind, cfg = case

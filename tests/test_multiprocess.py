@@ -13,7 +13,7 @@ import sys
 
 import numpy as np
 import pytest
-from _helpers import with_session_xla_level
+from _xla_level import with_session_xla_level
 
 from train.make_imagefolder import write_image_folder
 

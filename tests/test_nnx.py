@@ -21,7 +21,7 @@ import numpy as np
 import optax
 import pytest
 from flax import nnx
-from test_jax_layers import GRID, randomize, rel_err
+from test_jax_layers import CORNERS, randomize, rel_err
 
 import dynconv_jax as linen_layers
 from dynconv_jax import models as linen_models
@@ -68,7 +68,7 @@ def shared_variables(linen, x, seed=3):
 # corners of the Linen grid: CondConv depthwise 5x5/2, DynamicConv 1-D dilated with explicit padding,
 # ODConv 3-D grouped and 1x1 with K = 1 (its skips); `python -m parity.nnx_api` runs every parity case
 # and `python -m parity --api nnx` the torch <-> NNX checks.
-PARITY_CASES = [GRID[0], GRID[7 + 2], GRID[14 + 3], GRID[14 + 1]]
+PARITY_CASES = [CORNERS[0], CORNERS[4 + 2], CORNERS[8 + 3], CORNERS[8 + 1]]
 
 
 @pytest.mark.parametrize("case", PARITY_CASES, ids=[f"{k}-{c['rank']}d" for k, c in PARITY_CASES])
@@ -298,13 +298,17 @@ ARCHS = {
     "resnet50": dict(base_width=2),
     "resnet101": dict(base_width=2),
     "mobilenet_v2": dict(width_mult=0.1),
+    # ResNets of one block per stage: the resnet18..101 code with the shortest depths.
+    "basic": dict(block="basic", layers=(1, 1, 1, 1), base_width=4),
+    "bottleneck": dict(block="bottleneck", layers=(1, 1, 1, 1), base_width=2),
 }
 CONVS = ("static", "condconv", "dynamic", "odconv", "kernelwarehouse")
 
 
 def model_pair(arch, conv):
     kwargs = dict(conv=conv, num_classes=5, stem="cifar", dropout=0.0, param_dtype=jnp.float64, **ARCHS[arch])
-    return getattr(linen_models, arch)(**kwargs), lambda rngs: getattr(nnx_models, arch)(rngs=rngs, **kwargs)
+    name = "ResNet" if arch in ("basic", "bottleneck") else arch
+    return getattr(linen_models, name)(**kwargs), lambda rngs: getattr(nnx_models, name)(rngs=rngs, **kwargs)
 
 
 @pytest.mark.slow
@@ -317,13 +321,7 @@ def test_every_nnx_model_has_the_linen_parameter_tree():
     shapes = lambda tree: jax.tree.map(lambda a: (tuple(a.shape), a.dtype), tree)  # noqa: E731
     for arch in ("basic", "bottleneck", "mobilenet_v2"):
         for conv in CONVS:
-            if arch == "mobilenet_v2":
-                linen, build = model_pair(arch, conv)
-            else:
-                kwargs = dict(block=arch, layers=(1, 1, 1, 1), conv=conv, num_classes=5, stem="cifar", base_width=2)
-                kwargs.update(dropout=0.0, param_dtype=jnp.float64)
-                linen = linen_models.ResNet(**kwargs)
-                build = lambda rngs, kwargs=kwargs: nnx_models.ResNet(rngs=rngs, **kwargs)  # noqa: E731
+            linen, build = model_pair(arch, conv)
             variables = jax.eval_shape(linen.init, jax.random.key(0), x)
             model = nnx.eval_shape(lambda: build(nnx.Rngs(0)))
             assert shapes(dnnx.linen_variables(model)) == shapes(
@@ -338,19 +336,7 @@ def test_nnx_model_equals_linen_float64(block, conv):
     (the resnet18..101 code with the shortest depths) and MobileNetV2's wiring with static convs (with dynamic
     ones its float64 training step was the file's slowest compilation, docs/performance.md; the NNX layers are
     compared above, and ``python -m parity.nnx_api`` runs every registered model x conv type)."""
-    if block == "mobilenet_v2":
-        linen, _ = model_pair("mobilenet_v2", conv)
-    else:
-        linen = linen_models.ResNet(
-            block=block,
-            layers=(1, 1, 1, 1),
-            conv=conv,
-            num_classes=5,
-            stem="cifar",
-            dropout=0.0,
-            base_width=4 if block == "basic" else 2,
-            param_dtype=jnp.float64,
-        )
+    linen, _ = model_pair(block, conv)
     x = jax.random.normal(jax.random.key(0), (2, 8, 8, 3), jnp.float64)
     errs = compare_with_linen(linen, shared_variables(linen, x), x, temperature=2.0)
     assert max(errs.values()) <= 1e-12, errs

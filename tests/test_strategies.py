@@ -18,7 +18,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from _helpers import naive_dynamic_conv, with_session_xla_level
+from _helpers import naive_dynamic_conv
+from _xla_level import with_session_xla_level
 
 from dynconv_jax import ops
 

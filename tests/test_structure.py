@@ -13,6 +13,7 @@ import sys
 from typing import Dict, Iterator, List, Sequence, Set
 
 import pytest
+from _xla_level import without_xla_level
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 PACKAGES = ("dynconv_spec", "dynconv_jax", "dynconv_torch", "train", "parity", "benchmarks")
@@ -141,12 +142,11 @@ def test_default_level_bits():
         if "@pytest.mark.xla_default_bits" in p.read_text()
     )
     assert files, "no test is marked xla_default_bits"
-    flags = [f for f in os.environ.get("XLA_FLAGS", "").split() if not f.startswith("--xla_backend_optimization")]
     out = subprocess.run(
         [sys.executable, "-m", "pytest", "-p", "no:xdist", "-p", "no:cacheprovider", "-q", "-m", "xla_default_bits"]
         + ["--xla-default-optimisation", *files],
         cwd=ROOT,
-        env={**os.environ, "XLA_FLAGS": " ".join(flags)},
+        env=without_xla_level(dict(os.environ)),
         capture_output=True,
         text=True,
         timeout=600,

@@ -12,7 +12,7 @@ import sys
 
 import numpy as np
 import pytest
-from _helpers import with_session_xla_level
+from _xla_level import with_session_xla_level
 
 from train.config import Config, UsageError, parse_args
 
