@@ -7,7 +7,7 @@ import shutil
 import tempfile
 
 import pytest
-from _xla_level import QUICK_COMPILE_FLAG, level_flags
+from _xla_level import compile_flags, with_quick_compile
 
 # Compilation, not computation, is most of the suite's time on CPU (docs/performance.md, "Compile time"):
 # JAX's partitionable threefry (the default since 0.5) compiles each random draw of a new shape for
@@ -15,30 +15,30 @@ from _xla_level import QUICK_COMPILE_FLAG, level_flags
 # streams differ; no test depends on a particular stream.
 os.environ.setdefault("JAX_THREEFRY_PARTITIONABLE", "0")
 
-# XLA:CPU compiles at LLVM optimisation level 0 (set in pytest_configure, before any backend starts, so the
-# xdist workers and every subprocess a test starts inherit it): about a third less compile time, nearly all of
-# the suite's. Results keep every tolerance; runs compared bit for bit all compile so. What depends on the
-# default level's rounding (a per-sample convolution bit-identical to the batched one, marked
-# `xla_default_bits`) runs again at the default level: tests/test_structure.py::test_default_level_bits.
-# `--xla-default-optimisation` runs a session at the default level (as the main command, `python -m parity`
-# and the benchmarks compile).
+# XLA:CPU compiles quickly (tests/_xla_level.py: LLVM optimisation level 0, the classic loop emitters, one
+# code-generation thread), set in pytest_configure before any backend starts, so the xdist workers and every
+# subprocess a test starts inherit it: less than half the default compile time, nearly all of the suite's.
+# Results keep every tolerance; runs compared bit for bit all compile so. What depends on the default options'
+# rounding (a per-sample convolution bit-identical to the batched one, marked `xla_default_bits`) runs again with
+# XLA's defaults: tests/test_structure.py::test_default_level_bits. `--xla-default-optimisation` runs a session
+# with XLA's defaults (as the main command, `python -m parity` and the benchmarks compile).
 
 
 def pytest_addoption(parser):
     parser.addoption(
         "--xla-default-optimisation",
         action="store_true",
-        help="compile at XLA:CPU's default LLVM optimisation level (the suite uses level 0: tests/conftest.py)",
+        help="compile with XLA:CPU's default options (the suite compiles quickly: tests/_xla_level.py)",
     )
 
 
 def pytest_configure(config):
     flags = os.environ.get("XLA_FLAGS", "")
     if config.getoption("--xla-default-optimisation"):
-        if level_flags(flags):
-            raise pytest.UsageError(f"--xla-default-optimisation, but XLA_FLAGS sets a level: {flags!r}")
-    elif QUICK_COMPILE_FLAG not in flags:
-        os.environ["XLA_FLAGS"] = f"{flags} {QUICK_COMPILE_FLAG}".strip()
+        if compile_flags(flags):
+            raise pytest.UsageError(f"--xla-default-optimisation, but XLA_FLAGS sets compile options: {flags!r}")
+    else:
+        os.environ["XLA_FLAGS"] = with_quick_compile(flags)
 
 
 # JAX's persistent compilation cache in a folder of this session, removed at its end: a program compiled

@@ -408,7 +408,7 @@ def test_k1_neutral_attention_equals_flax_conv(kind, cfg, float64):
         y, state = layer.apply(variables, x, temperature=3.0, mutable=["intermediates"])
         if strategy == "vmap" and not quick_compile():  # the same single convolution per sample: bit-identical
             np.testing.assert_array_equal(np.asarray(y), np.asarray(expected))
-        else:  # other exact strategies sum in another order (as XLA's level 0 does for vmap's grouped convolution)
+        else:  # other exact strategies sum in another order (as the suite's quick XLA options do for vmap's)
             assert rel_err(y, expected) <= 1e-14
         for name, value in state["intermediates"].items():
             if name != "kernel_attention" or kind == "condconv":

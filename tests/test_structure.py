@@ -1,7 +1,7 @@
 """The code's shape, checked on the source: no function longer than :data:`MAX_FUNCTION_LINES` lines in the
 libraries, ``train/`` and ``parity/``, and no import cycle among the project's modules (the imports inside
-functions included, which is where cycles hide). And the suite's own setting: what it compiles at LLVM level 0
-is checked at XLA's default level where bits depend on it."""
+functions included, which is where cycles hide). And the suite's own setting: what it compiles with quick XLA
+options (LLVM level 0 among them) is checked with XLA's defaults where bits depend on them."""
 
 from __future__ import annotations
 
@@ -134,8 +134,8 @@ def test_every_module_imports():
 
 @pytest.mark.slow
 def test_default_level_bits():
-    """The tests marked ``xla_default_bits`` (bits of XLA:CPU's default optimisation level, which the suite's
-    level 0 rounds otherwise: tests/conftest.py) pass again in a session at the default level."""
+    """The tests marked ``xla_default_bits`` (bits of XLA:CPU's default options, which the suite's quick
+    compile options round otherwise: tests/_xla_level.py) pass again in a session with XLA's defaults."""
     files = sorted(
         str(p.relative_to(ROOT))
         for p in (ROOT / "tests").glob("test_*.py")
