@@ -15,6 +15,11 @@ from _xla_level import compile_flags, with_quick_compile
 # streams differ; no test depends on a particular stream.
 os.environ.setdefault("JAX_THREEFRY_PARTITIONABLE", "0")
 
+# One OpenMP thread per process (PyTorch's and NumPy's intra-op pools): the two xdist workers already keep both
+# cores busy, and a second thread spin-waiting beside the other worker only burns CPU (measured: test_export.py
+# and test_parity.py spent 7-11 % less CPU time; benchmarks/results/test_suite.md).
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
 # XLA:CPU compiles quickly (tests/_xla_level.py: LLVM optimisation level 0, the classic loop emitters, one
 # code-generation thread), set in pytest_configure before any backend starts, so the xdist workers and every
 # subprocess a test starts inherit it: less than half the default compile time, nearly all of the suite's.
