@@ -103,6 +103,17 @@ class _Warehouses(nn.Module):
         )
 
 
+def _assignment_bias_init(layer: KWLayer):
+    """The initializer of fc2's bias (with a basis: ``basis_bias``): ``layer.initial_assignment_bias()``."""
+    values = layer.initial_assignment_bias()
+
+    def init(key, shape, dtype=jnp.float32):
+        del key
+        return jnp.asarray(values, dtype).reshape(shape)
+
+    return init
+
+
 class KWAttention(nn.Module):
     """``pooled [B, I] -> [B, M, N]`` cell weights (the official ``Attention``; parameter names ``fc1`` (no
     bias), ``norm1`` (BatchNorm), ``fc2``, with a basis map ``fc3`` and ``basis_bias``).
@@ -123,7 +134,9 @@ class KWAttention(nn.Module):
     def __call__(self, pooled, train: bool, tau):
         layer = self.layer
 
-        def dense(n, name, use_bias=True):
+        assignment = _assignment_bias_init(layer)
+
+        def dense(n, name, use_bias=True, bias_init=nn.initializers.zeros):
             return nn.Dense(
                 n,
                 use_bias=use_bias,
@@ -131,7 +144,7 @@ class KWAttention(nn.Module):
                 param_dtype=self.param_dtype,
                 precision=self.precision,
                 kernel_init=allow_empty(kaiming_fan_out_dense_init),
-                bias_init=nn.initializers.zeros,
+                bias_init=bias_init,
                 name=name,
             )
 
@@ -139,7 +152,7 @@ class KWAttention(nn.Module):
         if layer.num_basis:
             fc3 = dense(layer.num_nonlocal_cells, "fc3", use_bias=False)
             basis_bias = self.param(
-                "basis_bias", nn.initializers.zeros, (layer.num_mixtures * layer.cells_per_mixture,), self.param_dtype
+                "basis_bias", assignment, (layer.num_mixtures * layer.cells_per_mixture,), self.param_dtype
             )
             map_to_cell = functools.partial(
                 attention.kw_map_to_cell,
@@ -154,7 +167,7 @@ class KWAttention(nn.Module):
             pooled,
             dense(layer.hidden, "fc1", use_bias=False),
             norm,
-            dense(layer.fc2_features, "fc2", use_bias=not layer.num_basis),
+            dense(layer.fc2_features, "fc2", use_bias=not layer.num_basis, bias_init=assignment),
             map_to_cell,
             jnp.asarray(layer.temp_bias()),
             tau,
@@ -180,8 +193,8 @@ class KWConv(nn.Module):
       use_bias: a static output bias (zero-initialised, as the official layer).
       dtype, param_dtype, precision: as ``flax.linen.Conv`` (the attention runs in at least float32).
       strategy: the per-sample convolution (:func:`dynconv_jax.ops.assembled_conv`).
-      reduction, cell_num_ratio, cell_inplane_ratio, cell_outplane_ratio, nonlocal_basis_ratio, spatial_partition: the
-        warehouse options (:class:`dynconv_spec.kernelwarehouse.KWOptions`) of a layer without a manager; with
+      reduction, cell_num_ratio, cell_inplane_ratio, cell_outplane_ratio, nonlocal_basis_ratio, spatial_partition,
+        assignment_bias_init: the warehouse options (:class:`dynconv_spec.kernelwarehouse.KWOptions`) of a layer without a manager; with
         one, the manager's plan holds them (leave these at their defaults).
       warehouse_manager: the shared :class:`WarehouseManager` (None: a warehouse of its own).
 
@@ -215,6 +228,7 @@ class KWConv(nn.Module):
     cell_outplane_ratio: float = 1.0
     nonlocal_basis_ratio: float = 1.0
     spatial_partition: bool = True
+    assignment_bias_init: float = 0.0
     warehouse_manager: Optional[WarehouseManager] = None
 
     def _options(self) -> KWOptions:
@@ -226,6 +240,7 @@ class KWConv(nn.Module):
             (),
             self.nonlocal_basis_ratio,
             self.spatial_partition,
+            self.assignment_bias_init,
         )
 
     def _plan_entry(self, where: str, in_channels: int, geometry):

@@ -41,6 +41,7 @@ KW_OPTIONS = (
     "sharing_range",
     "nonlocal_basis_ratio",
     "spatial_partition",
+    "assignment_bias_init",
 )
 """Warehouse-level options of a KernelWarehouse model (``conv_options`` of ``conv='kernelwarehouse'``; ``reduction``
 is the models' own argument)."""
@@ -51,7 +52,8 @@ Ratio = Union[float, Tuple[float, ...]]
 # --------------------------------------------------------------------------- options
 @dataclasses.dataclass(frozen=True)
 class KWOptions:
-    """The options of the official ``Warehouse_Manager`` (same names and defaults).
+    """The options of the official ``Warehouse_Manager`` (same names and defaults), and this project's
+    ``assignment_bias_init`` (0: the official init).
 
     ``reduction``, ``cell_num_ratio``, ``cell_inplane_ratio``, ``cell_outplane_ratio`` and
     ``spatial_partition`` take one value for every warehouse or a sequence of one value per
@@ -71,6 +73,10 @@ class KWOptions:
       nonlocal_basis_ratio: below 1, the attention maps the other layers' cells through a basis of
         ``max(int(nonlocal * ratio), 16)`` values.
       spatial_partition: split kernels into cells along the kernel positions too (1×1 cells).
+      assignment_bias_init: the initial attention logit of each mixture's warm-up cell: fc2's bias (with a
+        basis, ``basis_bias``) starts at this value times the warm-up one-hots instead of the official zeros,
+        so that as the warm-up weight tau falls to 0 the attention keeps pointing at those cells and the
+        gradient stays near its tau = 1 size (docs/training.md, "KernelWarehouse on the digits"). A number >= 0.
     """
 
     reduction: Ratio = 0.0625
@@ -80,6 +86,7 @@ class KWOptions:
     sharing_range: Union[str, Tuple[str, ...]] = ()
     nonlocal_basis_ratio: float = 1.0
     spatial_partition: Union[bool, Tuple[bool, ...]] = True
+    assignment_bias_init: float = 0.0
 
     def __post_init__(self):
         for name in (
@@ -105,6 +112,8 @@ class KWOptions:
                     )
         if not _is_number(self.nonlocal_basis_ratio) or not 0 < self.nonlocal_basis_ratio < math.inf:
             raise ValueError(f"{where}: nonlocal_basis_ratio={self.nonlocal_basis_ratio!r} must be a number > 0")
+        if not _is_number(self.assignment_bias_init) or not 0 <= self.assignment_bias_init < math.inf:
+            raise ValueError(f"{where}: assignment_bias_init={self.assignment_bias_init!r} must be a number >= 0")
         if not all(isinstance(v, bool) for v in _values(self.spatial_partition)):
             raise ValueError(
                 f"{where}: spatial_partition={self.spatial_partition!r} must be a bool or a sequence "
@@ -213,6 +222,7 @@ class KWLayer:
       num_local_cells, num_basis: with a basis map (``num_basis > 0``), fc2 gives ``num_local_cells +
         num_basis + 1`` values per mixture and fc3 maps the basis to the other layers' cells.
       assigned: per mixture, the cell (``num_cells`` = the zero cell) its warm-up one-hot selects.
+      assignment_bias_init: :attr:`KWOptions.assignment_bias_init`.
     """
 
     spec: ConvSpec
@@ -228,6 +238,7 @@ class KWLayer:
     num_local_cells: int
     num_basis: int
     assigned: Tuple[int, ...]
+    assignment_bias_init: float = 0.0
 
     @property
     def num_mixtures(self) -> int:
@@ -253,6 +264,11 @@ class KWLayer:
         for m, cell in enumerate(self.assigned):
             out[m * self.cells_per_mixture + cell] = 1.0
         return out
+
+    def initial_assignment_bias(self) -> List[float]:
+        """The initial fc2 bias (with a basis: ``basis_bias``), ``[num_mixtures * (num_cells + 1)]``:
+        :meth:`temp_bias` times ``assignment_bias_init`` (all zeros, the official init, by default)."""
+        return [self.assignment_bias_init * t for t in self.temp_bias()]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -451,6 +467,7 @@ def _allocate(spec: ConvSpec, index: int, warehouse: Warehouse, start: int, opti
         num_local,
         num_basis,
         tuple(assigned),
+        float(options.assignment_bias_init),
     )
 
 

@@ -91,7 +91,8 @@ class KWAttention(nn.Module):
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        """The official init: every Linear kaiming_normal (fan_out, relu) with zero bias; BatchNorm 1 and 0."""
+        """The official init: every Linear kaiming_normal (fan_out, relu) with zero bias (fc2: see
+        ``assignment_bias_init``); BatchNorm 1 and 0."""
         for m in self.modules():
             if isinstance(m, nn.Linear):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
@@ -101,8 +102,11 @@ class KWAttention(nn.Module):
                 m.reset_running_stats()
                 nn.init.ones_(m.weight)
                 nn.init.zeros_(m.bias)
-        if self.layer.num_basis:
-            nn.init.zeros_(self.basis_bias)
+        # fc2's bias (with a basis, basis_bias) starts at the warm-up one-hots times assignment_bias_init:
+        # zeros, the official init, unless that option is set (dynconv_spec.kernelwarehouse.KWOptions).
+        bias = self.basis_bias if self.layer.num_basis else self.fc2.bias
+        with torch.no_grad():
+            bias.copy_(torch.tensor(self.layer.initial_assignment_bias(), dtype=bias.dtype))
 
     def map_to_cell(self, x: Tensor) -> Tensor:
         """``[B, M * (L + basis + 1)] -> [B, M * (N + 1)]``: the basis mapped to the other layers' cells by
@@ -355,7 +359,7 @@ class WarehouseManager(nn.Module):
     (``weights.{i}``, ``[N, Oc, Ic, *kc]``) and allocates cells and attentions.
 
     Arguments: the options of :class:`~dynconv_spec.kernelwarehouse.KWOptions` (official names
-    and defaults; ``norm_layer`` is always ``nn.BatchNorm1d``). The sizes come from
+    and defaults, and this project's ``assignment_bias_init``; ``norm_layer`` is always ``nn.BatchNorm1d``). The sizes come from
     :func:`dynconv_spec.kernelwarehouse.plan_warehouses`; :attr:`plan` holds the result after
     :meth:`allocate`.
 
@@ -382,6 +386,7 @@ class WarehouseManager(nn.Module):
         sharing_range=(),
         nonlocal_basis_ratio=1,
         spatial_partition=True,
+        assignment_bias_init=0.0,
     ):
         super().__init__()
         self.options = KWOptions(
@@ -392,6 +397,7 @@ class WarehouseManager(nn.Module):
             sharing_range,
             nonlocal_basis_ratio,
             spatial_partition,
+            assignment_bias_init,
         )
         self.options.check("WarehouseManager")
         self._reserved: List[Tuple[nn.Module, str]] = []  # (layer, warehouse name), reservation order

@@ -164,6 +164,40 @@ def test_cell_attention_is_normalized_signed_and_warms_up_to_one_hot():
     assert torch.equal(onehot, torch.eye(9, dtype=torch.float64).expand(3, 9, 9))  # 1x: mixture m -> cell m
 
 
+@pytest.mark.parametrize("basis_ratio", [1.0, 0.5])
+def test_assignment_bias_init_points_the_attention_at_the_warm_up_cells(basis_ratio):
+    """``assignment_bias_init``: zero (the official init) by default; set, fc2's bias (with a basis,
+    ``basis_bias``) starts at it times the warm-up one-hots in PyTorch, Linen and NNX alike, and at tau = 0
+    each mixture's largest weight is then its warm-up cell's."""
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from dynconv_jax import KWConv
+    from dynconv_jax.nnx import KWConv as NNXKWConv
+
+    def initial_bias(params):
+        return np.asarray(params["basis_bias"] if basis_ratio < 1 else params["fc2"]["bias"])
+
+    options = dict(cell_num_ratio=2.0, nonlocal_basis_ratio=basis_ratio)
+    torch.manual_seed(0)
+    official = KWConv2d(4, 8, 3, padding=1, **options).attention
+    official_bias = official.basis_bias if basis_ratio < 1 else official.fc2.bias
+    assert not official_bias.detach().numpy().any()
+    layer = KWConv2d(4, 8, 3, padding=1, assignment_bias_init=10.0, **options).double().eval()
+    expected = 10.0 * np.asarray(layer.layer.temp_bias())
+    torch_bias = layer.attention.basis_bias if basis_ratio < 1 else layer.attention.fc2.bias
+    np.testing.assert_array_equal(torch_bias.detach().numpy(), expected)
+    x = jnp.ones((2, 6, 6, 4))
+    linen = KWConv(8, (3, 3), padding=1, assignment_bias_init=10.0, **options).init(jax.random.key(0), x)
+    np.testing.assert_array_equal(initial_bias(linen["params"]["attention"]), expected)
+    nnx_layer = NNXKWConv(4, 8, (3, 3), padding=1, assignment_bias_init=10.0, **options, rngs=nnx.Rngs(0))
+    nnx_params = nnx.state(nnx_layer.attention, nnx.Param).to_pure_dict()
+    np.testing.assert_array_equal(initial_bias(nnx_params), expected)
+    a = layer.cell_attention(torch.randn(3, 4, 6, 6, dtype=torch.float64))  # tau = 0
+    assert torch.equal(a.abs().argmax(-1), torch.tensor(layer.layer.assigned).expand(3, -1))
+
+
 def test_manager_reserve_store_allocate_as_official():
     """The official flow: reserve (names fused by sharing_range; enabled=False gives nn.Conv2d), store, allocate."""
     manager = WarehouseManager(sharing_range=("layer", "conv"))
@@ -187,6 +221,7 @@ def test_manager_reserve_store_allocate_as_official():
     "build,match",
     [
         (lambda: KWConv2d(4, 8, 3, cell_num_ratio=0), r"cell_num_ratio=0 must be a number > 0"),
+        (lambda: KWConv2d(4, 8, 3, assignment_bias_init=-1.0), r"assignment_bias_init=-1.0 must be a number >= 0"),
         (lambda: KWConv2d(4, 8, 3, sharing_range=3), r"sharing_range=3 must be a sequence"),
         (lambda: KWConv2d(4, 6, 3, groups=4), r"groups=4 must divide"),
         (lambda: KWConv2d(4, 8, (3, 3, 3)), r"kernel_size must be an int or a pair"),
@@ -396,6 +431,7 @@ def test_train_flags_warmup_schedule_and_preset():
         cell_inplane_ratio=0.5,
         cell_outplane_ratio=1.0,
         nonlocal_basis_ratio=1.0,
+        assignment_bias_init=10.0,
         sharing_range=("layer", "conv"),
     )
     tau = steps.temperature_schedule(config, 10)
@@ -409,12 +445,14 @@ def test_train_flags_warmup_schedule_and_preset():
         "adamw",
         300,
     )
-    assert steps.model_kwargs(official, 1000, (224, 224, 3))["conv_options"]["sharing_range"] == "layer_conv"
+    official_options = steps.model_kwargs(official, 1000, (224, 224, 3))["conv_options"]
+    assert official_options["sharing_range"] == "layer_conv" and official_options["assignment_bias_init"] == 0.0
     for argv, match in [
         (["--kw_ratio=2"], "applies to --conv=kernelwarehouse only"),
         (["--conv=kernelwarehouse", "--temp_init=10"], "has no softmax temperature"),
         (["--conv=kernelwarehouse", "--kw_temp_init=2"], r"tau must be in \[0, 1\]"),
         (["--conv=kernelwarehouse", "--kw_ratio=0"], "--kw_ratio=0.0: must be > 0"),
+        (["--conv=kernelwarehouse", "--kw_assignment_bias_init=-1"], "--kw_assignment_bias_init=-1.0: must be >= 0"),
     ]:
         with pytest.raises(UsageError, match=match):
             parse_args(argv)

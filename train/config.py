@@ -157,6 +157,11 @@ class Config:
     kw_temp_epochs: Optional[float] = _kernelwarehouse(
         None, "epochs of the linear warm-up of tau to 0 (official --temp_epoch, 20 on ImageNet; none: --temp_epochs)"
     )
+    kw_assignment_bias_init: float = _kernelwarehouse(
+        10.0,
+        "initial attention logit of each mixture's warm-up cell (assignment_bias_init; official: 0): keeps "
+        "training stable as tau reaches 0 (docs/training.md)",
+    )
     dtype: str = _numerics("float32", "bfloat16: bf16 compute, float32 parameters; float64: enables jax x64")
     seed: int = _numerics(0, "seed of the initialisation, the data order and the augmentation")
     workdir: Optional[str] = _checkpointing(
@@ -277,6 +282,8 @@ class Config:
                 raise UsageError(f"--{name}={getattr(self, name)!r}: must be > 0")
         if not 0.0 <= self.kw_temp_init <= 1.0:
             raise UsageError(f"--kw_temp_init={self.kw_temp_init!r}: tau must be in [0, 1]")
+        if not 0.0 <= self.kw_assignment_bias_init < math.inf:
+            raise UsageError(f"--kw_assignment_bias_init={self.kw_assignment_bias_init!r}: must be >= 0")
         if self.kw_temp_epochs is not None and self.kw_temp_epochs < 0:
             raise UsageError(f"--kw_temp_epochs={self.kw_temp_epochs!r}: must be >= 0")
 

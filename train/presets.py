@@ -103,6 +103,7 @@ PRESETS: Dict[str, Dict[str, Any]] = {
         kw_sharing_range="layer_conv",
         kw_temp_init=1.0,
         kw_temp_epochs=20.0,
+        kw_assignment_bias_init=0.0,  # the official init (zero fc2 bias)
         num_epochs=300,
         batch_size=4096,
         optimizer="adamw",

@@ -69,6 +69,7 @@ def kw_conv_options(config) -> Dict[str, Any]:
         cell_inplane_ratio=config.kw_inplane_ratio,
         cell_outplane_ratio=config.kw_outplane_ratio,
         nonlocal_basis_ratio=config.kw_basis_ratio,
+        assignment_bias_init=config.kw_assignment_bias_init,
     )
     if config.kw_sharing_range is not None:
         text = config.kw_sharing_range

@@ -61,6 +61,8 @@ class KWAttention(nnx.Module):
     def __init__(
         self, layer: KWLayer, *, dtype: Optional[Dtype], param_dtype: Dtype, precision: PrecisionLike, rngs: nnx.Rngs
     ):
+        assignment = jnp.asarray(layer.initial_assignment_bias(), param_dtype)
+
         def linear(n_in, n_out, use_bias=True):
             return _linear(
                 n_in,
@@ -70,7 +72,7 @@ class KWAttention(nnx.Module):
                 param_dtype=param_dtype,
                 precision=precision,
                 kernel_init=allow_empty(kaiming_fan_out_dense_init),
-                bias_init=nnx.initializers.zeros,
+                bias_init=lambda key, shape, dtype: assignment.astype(dtype).reshape(shape),
                 rngs=rngs,
             )
 
@@ -80,7 +82,7 @@ class KWAttention(nnx.Module):
         self.fc2 = linear(layer.hidden, layer.fc2_features, use_bias=not layer.num_basis)
         if layer.num_basis:
             self.fc3 = linear(layer.num_basis, layer.num_nonlocal_cells, use_bias=False)
-            self.basis_bias = nnx.Param(jnp.zeros((layer.num_mixtures * layer.cells_per_mixture,), param_dtype))
+            self.basis_bias = nnx.Param(assignment)
         else:
             self.fc3 = nnx.data(None)
             self.basis_bias = nnx.data(None)
@@ -119,8 +121,8 @@ class KWConv(nnx.Module):
     statistics and needs a batch of at least 2); ``eval()`` uses the running statistics.
 
     Attributes (beyond ``flax.nnx.Conv``'s and ``strategy``):
-      reduction, cell_num_ratio, cell_inplane_ratio, cell_outplane_ratio, nonlocal_basis_ratio, spatial_partition: the
-        warehouse options of a layer with a warehouse of its own.
+      reduction, cell_num_ratio, cell_inplane_ratio, cell_outplane_ratio, nonlocal_basis_ratio, spatial_partition,
+        assignment_bias_init: the warehouse options of a layer with a warehouse of its own.
       layer: the layer's place in a model's warehouse plan (``plan.layers``); the model then passes its
         :class:`WarehouseManager` at every call. None: a warehouse of its own.
 
@@ -154,6 +156,7 @@ class KWConv(nnx.Module):
         cell_outplane_ratio: float = 1.0,
         nonlocal_basis_ratio: float = 1.0,
         spatial_partition: bool = True,
+        assignment_bias_init: float = 0.0,
         layer: Optional[KWLayer] = None,
         rngs: nnx.Rngs,
     ):
@@ -178,6 +181,7 @@ class KWConv(nnx.Module):
             (),
             nonlocal_basis_ratio,
             spatial_partition,
+            assignment_bias_init,
         )
         if layer is None:
             plan = single_layer_plan(
