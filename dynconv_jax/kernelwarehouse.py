@@ -194,8 +194,8 @@ class KWConv(nn.Module):
       dtype, param_dtype, precision: as ``flax.linen.Conv`` (the attention runs in at least float32).
       strategy: the per-sample convolution (:func:`dynconv_jax.ops.assembled_conv`).
       reduction, cell_num_ratio, cell_inplane_ratio, cell_outplane_ratio, nonlocal_basis_ratio, spatial_partition,
-        assignment_bias_init: the warehouse options (:class:`dynconv_spec.kernelwarehouse.KWOptions`) of a layer without a manager; with
-        one, the manager's plan holds them (leave these at their defaults).
+        assignment_bias_init: the warehouse options (:class:`dynconv_spec.kernelwarehouse.KWOptions`) of a layer
+        without a manager; with one, the manager's plan holds them (leave these at their defaults).
       warehouse_manager: the shared :class:`WarehouseManager` (None: a warehouse of its own).
 
     Training (``train=True``) normalises the attention with batch statistics (a batch of at least 2)

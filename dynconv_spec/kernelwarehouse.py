@@ -76,7 +76,7 @@ class KWOptions:
       assignment_bias_init: the initial attention logit of each mixture's warm-up cell: fc2's bias (with a
         basis, ``basis_bias``) starts at this value times the warm-up one-hots instead of the official zeros,
         so that as the warm-up weight tau falls to 0 the attention keeps pointing at those cells and the
-        gradient stays near its tau = 1 size (docs/training.md, "KernelWarehouse on the digits"). A number >= 0.
+        gradient stays near its tau = 1 size (docs/training.md, "KernelWarehouse on the digits: the initial assignment"). A number >= 0.
     """
 
     reduction: Ratio = 0.0625

@@ -359,8 +359,8 @@ class WarehouseManager(nn.Module):
     (``weights.{i}``, ``[N, Oc, Ic, *kc]``) and allocates cells and attentions.
 
     Arguments: the options of :class:`~dynconv_spec.kernelwarehouse.KWOptions` (official names
-    and defaults, and this project's ``assignment_bias_init``; ``norm_layer`` is always ``nn.BatchNorm1d``). The sizes come from
-    :func:`dynconv_spec.kernelwarehouse.plan_warehouses`; :attr:`plan` holds the result after
+    and defaults, and this project's ``assignment_bias_init``; ``norm_layer`` is always ``nn.BatchNorm1d``).
+    The sizes come from :func:`dynconv_spec.kernelwarehouse.plan_warehouses`; :attr:`plan` holds the result after
     :meth:`allocate`.
 
     A network that owns the manager registers it as a submodule, as the official models do.

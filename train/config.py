@@ -160,7 +160,7 @@ class Config:
     kw_assignment_bias_init: float = _kernelwarehouse(
         10.0,
         "initial attention logit of each mixture's warm-up cell (assignment_bias_init; official: 0): keeps "
-        "training stable as tau reaches 0 (docs/training.md)",
+        "training stable as tau reaches 0 (docs/training.md, KernelWarehouse on the digits)",
     )
     dtype: str = _numerics("float32", "bfloat16: bf16 compute, float32 parameters; float64: enables jax x64")
     seed: int = _numerics(0, "seed of the initialisation, the data order and the augmentation")
