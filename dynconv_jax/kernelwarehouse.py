@@ -193,9 +193,11 @@ class KWConv(nn.Module):
       use_bias: a static output bias (zero-initialised, as the official layer).
       dtype, param_dtype, precision: as ``flax.linen.Conv`` (the attention runs in at least float32).
       strategy: the per-sample convolution (:func:`dynconv_jax.ops.assembled_conv`).
-      reduction, cell_num_ratio, cell_inplane_ratio, cell_outplane_ratio, nonlocal_basis_ratio, spatial_partition,
-        assignment_bias_init: the warehouse options (:class:`dynconv_spec.kernelwarehouse.KWOptions`) of a layer
-        without a manager; with one, the manager's plan holds them (leave these at their defaults).
+      reduction, cell_num_ratio, cell_inplane_ratio, cell_outplane_ratio, nonlocal_basis_ratio, spatial_partition: the
+        warehouse options (:class:`dynconv_spec.kernelwarehouse.KWOptions`) of a layer without a manager; with
+        one, the manager's plan holds them (leave these at their defaults).
+      assignment_bias_init: likewise, the attention's initial logit of each mixture's warm-up cell (0: the
+        official init).
       warehouse_manager: the shared :class:`WarehouseManager` (None: a warehouse of its own).
 
     Training (``train=True``) normalises the attention with batch statistics (a batch of at least 2)

@@ -121,8 +121,10 @@ class KWConv(nnx.Module):
     statistics and needs a batch of at least 2); ``eval()`` uses the running statistics.
 
     Attributes (beyond ``flax.nnx.Conv``'s and ``strategy``):
-      reduction, cell_num_ratio, cell_inplane_ratio, cell_outplane_ratio, nonlocal_basis_ratio, spatial_partition,
-        assignment_bias_init: the warehouse options of a layer with a warehouse of its own.
+      reduction, cell_num_ratio, cell_inplane_ratio, cell_outplane_ratio, nonlocal_basis_ratio, spatial_partition: the
+        warehouse options of a layer with a warehouse of its own.
+      assignment_bias_init: likewise, the attention's initial logit of each mixture's warm-up cell (0: the
+        official init).
       layer: the layer's place in a model's warehouse plan (``plan.layers``); the model then passes its
         :class:`WarehouseManager` at every call. None: a warehouse of its own.
 
