@@ -94,6 +94,18 @@ def warehouse_init(plan: WarehousePlan, index: int):
     return init
 
 
+def assignment_bias_init(layer: KWLayer):
+    """Initializer of the attention's fc2 bias (with a basis: ``basis_bias``), ``[M * (N + 1)]``:
+    ``layer.initial_assignment_bias()`` (zeros, the official init, unless ``assignment_bias_init`` is set)."""
+    values = layer.initial_assignment_bias()
+
+    def init(key, shape, dtype=jnp.float32):
+        del key
+        return jnp.asarray(values, dtype).reshape(shape)
+
+    return init
+
+
 def convolve(x, attention, cells, layer: KWLayer, geometry, dtype, *, strategy: str = "auto", precision=None):
     """``y_b = conv(x_b, assemble(attention_b, cells))`` in ``dtype`` by :func:`dynconv_jax.ops.assembled_conv`:
     the one place both front ends run a KernelWarehouse convolution. ``geometry``: the layer's

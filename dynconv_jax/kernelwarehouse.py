@@ -103,17 +103,6 @@ class _Warehouses(nn.Module):
         )
 
 
-def _assignment_bias_init(layer: KWLayer):
-    """The initializer of fc2's bias (with a basis: ``basis_bias``): ``layer.initial_assignment_bias()``."""
-    values = layer.initial_assignment_bias()
-
-    def init(key, shape, dtype=jnp.float32):
-        del key
-        return jnp.asarray(values, dtype).reshape(shape)
-
-    return init
-
-
 class KWAttention(nn.Module):
     """``pooled [B, I] -> [B, M, N]`` cell weights (the official ``Attention``; parameter names ``fc1`` (no
     bias), ``norm1`` (BatchNorm), ``fc2``, with a basis map ``fc3`` and ``basis_bias``).
@@ -134,7 +123,7 @@ class KWAttention(nn.Module):
     def __call__(self, pooled, train: bool, tau):
         layer = self.layer
 
-        assignment = _assignment_bias_init(layer)
+        assignment = cells.assignment_bias_init(layer)
 
         def dense(n, name, use_bias=True, bias_init=nn.initializers.zeros):
             return nn.Dense(

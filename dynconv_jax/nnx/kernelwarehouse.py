@@ -61,9 +61,9 @@ class KWAttention(nnx.Module):
     def __init__(
         self, layer: KWLayer, *, dtype: Optional[Dtype], param_dtype: Dtype, precision: PrecisionLike, rngs: nnx.Rngs
     ):
-        assignment = jnp.asarray(layer.initial_assignment_bias(), param_dtype)
+        assignment = cells.assignment_bias_init(layer)
 
-        def linear(n_in, n_out, use_bias=True):
+        def linear(n_in, n_out, use_bias=True, bias_init=nnx.initializers.zeros):
             return _linear(
                 n_in,
                 n_out,
@@ -72,17 +72,17 @@ class KWAttention(nnx.Module):
                 param_dtype=param_dtype,
                 precision=precision,
                 kernel_init=allow_empty(kaiming_fan_out_dense_init),
-                bias_init=lambda key, shape, dtype: assignment.astype(dtype).reshape(shape),
+                bias_init=bias_init,
                 rngs=rngs,
             )
 
         self.layer = layer
         self.fc1 = linear(layer.spec.in_channels, layer.hidden, use_bias=False)
         self.norm1 = BatchNorm(layer.hidden, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-        self.fc2 = linear(layer.hidden, layer.fc2_features, use_bias=not layer.num_basis)
+        self.fc2 = linear(layer.hidden, layer.fc2_features, use_bias=not layer.num_basis, bias_init=assignment)
         if layer.num_basis:
             self.fc3 = linear(layer.num_basis, layer.num_nonlocal_cells, use_bias=False)
-            self.basis_bias = nnx.Param(assignment)
+            self.basis_bias = nnx.Param(assignment(None, (layer.num_mixtures * layer.cells_per_mixture,), param_dtype))
         else:
             self.fc3 = nnx.data(None)
             self.basis_bias = nnx.data(None)
