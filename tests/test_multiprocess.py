@@ -13,7 +13,7 @@ import sys
 
 import numpy as np
 import pytest
-from _xla_level import with_session_xla_level
+from _xla_level import with_session_compile_flags
 
 from train.make_imagefolder import write_image_folder
 
@@ -50,7 +50,7 @@ def train(args, processes: int, devices: int, cache_dir, timeout: int = 1200):
     Compiled programs go to the persistent cache ``cache_dir`` (a resumed run compiles nothing new)."""
     from test_train import compile_cache_env
 
-    env = with_session_xla_level(
+    env = with_session_compile_flags(
         {
             **os.environ,
             "JAX_PLATFORMS": "cpu",

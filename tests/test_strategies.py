@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from _helpers import naive_dynamic_conv
-from _xla_level import with_session_xla_level
+from _xla_level import with_session_compile_flags
 
 from dynconv_jax import ops
 
@@ -403,7 +403,7 @@ for strategy in ("map", "lean"):
 def test_map_and_lean_strategies_keep_a_sharded_batch_on_its_devices():
     """Under jax.set_mesh (as train/ runs its steps) 'map' and 'lean' map (scan) each device over its own
     samples: exact, and the compiled program gathers nothing (one lax.map over the global batch all-gathers)."""
-    env = with_session_xla_level(
+    env = with_session_compile_flags(
         {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_ENABLE_X64": "1"}
     )
     out = subprocess.run(

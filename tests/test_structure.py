@@ -13,7 +13,7 @@ import sys
 from typing import Dict, Iterator, List, Sequence, Set
 
 import pytest
-from _xla_level import without_xla_level
+from _xla_level import without_compile_flags
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 PACKAGES = ("dynconv_spec", "dynconv_jax", "dynconv_torch", "train", "parity", "benchmarks")
@@ -146,7 +146,7 @@ def test_default_level_bits():
         [sys.executable, "-m", "pytest", "-p", "no:xdist", "-p", "no:cacheprovider", "-q", "-m", "xla_default_bits"]
         + ["--xla-default-optimisation", *files],
         cwd=ROOT,
-        env=without_xla_level(dict(os.environ)),
+        env=without_compile_flags(dict(os.environ)),
         capture_output=True,
         text=True,
         timeout=600,

@@ -12,7 +12,7 @@ import sys
 
 import numpy as np
 import pytest
-from _xla_level import with_session_xla_level
+from _xla_level import with_session_compile_flags
 
 from train.config import Config, UsageError, parse_args
 
@@ -392,7 +392,7 @@ def test_eight_devices_equal_one(tmp_path):
     rounding amplified by training, so the exact check is done in float64."""
     runs = {}
     for n in (1, 8):
-        env = with_session_xla_level(
+        env = with_session_compile_flags(
             {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={n}", "JAX_ENABLE_X64": "1"}
         )
         out = subprocess.run(
